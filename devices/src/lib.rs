@@ -1,0 +1,1 @@
+//! Device profiles and the fleet simulator (filled by later issues).

@@ -1,0 +1,859 @@
+//! MQTT topics and the CBOR messages that travel on them (see `docs/protocol.md`).
+//!
+//! Every payload is an envelope `{ "v": 1, "m": <message> }`. Each message type has
+//! its own size cap, checked before decoding; decoders never panic.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::{MAX_HEADER_LEN, Refusal};
+use crate::cbor::{self, DecodeError};
+use crate::ids::{Arch, DeviceId, Digest, InvalidId, ModelChannel};
+use crate::manifest::MAX_CHUNK_SIZE;
+use crate::time::UnixTime;
+
+/// Protocol version carried in every envelope.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Default topic prefix.
+pub const DEFAULT_PREFIX: &str = "edgefleet/v1";
+
+/// A message type of the protocol: its name, its cap, and its own validity rules.
+pub trait Message: Serialize + DeserializeOwned {
+    /// Name used in errors.
+    const NAME: &'static str;
+    /// Largest encoded envelope accepted.
+    const MAX_LEN: usize;
+    /// Rules beyond the types (counts, ranges). Default: none.
+    fn validate(&self) -> Result<(), DecodeError> {
+        Ok(())
+    }
+}
+
+#[derive(Serialize)]
+struct EnvelopeRef<'a, T> {
+    v: u16,
+    m: &'a T,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope<T> {
+    v: u16,
+    m: T,
+}
+
+#[derive(Deserialize)]
+struct VersionOnly {
+    v: u16,
+}
+
+/// Encodes `msg` in its versioned envelope.
+pub fn encode<T: Message>(msg: &T) -> Vec<u8> {
+    cbor::to_vec(&EnvelopeRef {
+        v: PROTOCOL_VERSION,
+        m: msg,
+    })
+}
+
+/// Decodes a versioned envelope holding a `T`, enforcing `T::MAX_LEN` first.
+pub fn decode<T: Message>(bytes: &[u8]) -> Result<T, DecodeError> {
+    match cbor::from_slice::<Envelope<T>>(T::NAME, bytes, T::MAX_LEN) {
+        Ok(env) if env.v == PROTOCOL_VERSION => {
+            env.m.validate()?;
+            Ok(env.m)
+        }
+        Ok(env) => Err(unsupported::<T>(env.v)),
+        Err(e @ DecodeError::Malformed { .. }) => {
+            // A message of another version may not fit this version's types:
+            // report the version when it can be read, the decode error otherwise.
+            match cbor::from_slice::<VersionOnly>(T::NAME, bytes, T::MAX_LEN) {
+                Ok(VersionOnly { v }) if v != PROTOCOL_VERSION => Err(unsupported::<T>(v)),
+                _ => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn unsupported<T: Message>(found: u16) -> DecodeError {
+    DecodeError::UnsupportedVersion {
+        what: T::NAME,
+        found,
+        supported: PROTOCOL_VERSION,
+    }
+}
+
+fn invalid(what: &'static str, field: &'static str, reason: impl Into<String>) -> DecodeError {
+    DecodeError::Invalid {
+        what,
+        field,
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Topics
+// ---------------------------------------------------------------------------
+
+/// What a device topic carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceTopic {
+    /// Controller → device: [`Command`]s.
+    Commands,
+    /// Device → controller, retained: [`DeviceState`].
+    State,
+    /// Device → controller: [`Event`]s.
+    Events,
+    /// Device → controller: [`Telemetry`].
+    Telemetry,
+    /// Device → controller: [`FetchRequest`]s for bundle chunks.
+    Fetch,
+    /// Device → controller: [`SampleUpload`]s.
+    Samples,
+}
+
+impl DeviceTopic {
+    /// All device topics.
+    pub const ALL: [DeviceTopic; 6] = [
+        DeviceTopic::Commands,
+        DeviceTopic::State,
+        DeviceTopic::Events,
+        DeviceTopic::Telemetry,
+        DeviceTopic::Fetch,
+        DeviceTopic::Samples,
+    ];
+
+    /// The last topic segment.
+    pub fn segment(self) -> &'static str {
+        match self {
+            DeviceTopic::Commands => "cmd",
+            DeviceTopic::State => "state",
+            DeviceTopic::Events => "events",
+            DeviceTopic::Telemetry => "telemetry",
+            DeviceTopic::Fetch => "fetch",
+            DeviceTopic::Samples => "samples",
+        }
+    }
+
+    /// True when the device publishes on it (the others it only subscribes to).
+    pub fn device_publishes(self) -> bool {
+        !matches!(self, DeviceTopic::Commands)
+    }
+}
+
+/// A parsed topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topic {
+    /// `{prefix}/devices/{device}/{kind}`.
+    Device {
+        /// The device named in the topic.
+        device: DeviceId,
+        /// Which stream.
+        kind: DeviceTopic,
+    },
+    /// `{prefix}/bundles/{digest}/chunks`: chunks of one bundle, shared by every
+    /// device downloading it.
+    BundleChunks {
+        /// Manifest digest of the bundle.
+        bundle: Digest,
+    },
+}
+
+/// The topic scheme under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            prefix: DEFAULT_PREFIX.into(),
+        }
+    }
+}
+
+impl Topics {
+    /// A scheme rooted at `prefix`: 1-64 characters of `[A-Za-z0-9_-]` in segments
+    /// separated by single `/`, no wildcards, no leading or trailing `/`.
+    pub fn new(prefix: &str) -> Result<Topics, InvalidId> {
+        let bad = |reason| InvalidId {
+            kind: "topic prefix",
+            value: prefix.chars().take(80).collect(),
+            reason,
+        };
+        if prefix.is_empty() || prefix.len() > 64 {
+            return Err(bad("must be 1 to 64 characters"));
+        }
+        for seg in prefix.split('/') {
+            let ok = !seg.is_empty()
+                && seg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !ok {
+                return Err(bad(
+                    "segments must be non-empty and use only letters, digits, '-' and '_'",
+                ));
+            }
+        }
+        Ok(Topics {
+            prefix: prefix.into(),
+        })
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A device's topic.
+    pub fn device(&self, device: &DeviceId, kind: DeviceTopic) -> String {
+        format!("{}/devices/{device}/{}", self.prefix, kind.segment())
+    }
+
+    /// The chunk topic of a bundle.
+    pub fn bundle_chunks(&self, bundle: &Digest) -> String {
+        format!("{}/bundles/{bundle}/chunks", self.prefix)
+    }
+
+    /// Subscription filter for everything devices publish (controller side).
+    pub fn all_devices_filter(&self, kind: DeviceTopic) -> String {
+        format!("{}/devices/+/{}", self.prefix, kind.segment())
+    }
+
+    /// Parses a concrete topic under this prefix. `None` for anything else.
+    pub fn parse(&self, topic: &str) -> Option<Topic> {
+        let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        let mut parts = rest.split('/');
+        let (a, b, c) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        match a {
+            "devices" => {
+                let device = DeviceId::new(b).ok()?;
+                let kind = DeviceTopic::ALL.into_iter().find(|k| k.segment() == c)?;
+                Some(Topic::Device { device, kind })
+            }
+            "bundles" if c == "chunks" => Some(Topic::BundleChunks {
+                bundle: b.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Commands (controller → device)
+// ---------------------------------------------------------------------------
+
+/// How an installed bundle is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstallMode {
+    /// Verify, health-check, then activate.
+    Activate,
+    /// Verify and health-check into the inactive slot; activate on a later command.
+    Stage,
+    /// Like `stage`, and run beside the active model on sampled live requests.
+    Shadow,
+}
+
+/// Everything a device needs to fetch and check a bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleOffer {
+    /// Manifest digest (the bundle's identity; also the chunk topic).
+    pub digest: Digest,
+    /// The bundle's header bytes exactly as in the file (preamble, manifest,
+    /// signatures); the device verifies it before fetching any chunk.
+    #[serde(with = "serde_bytes")]
+    pub header: Vec<u8>,
+}
+
+/// A command's action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Download, verify, install into the inactive slot.
+    Install {
+        /// The bundle.
+        bundle: BundleOffer,
+        /// What to do once it is healthy.
+        mode: InstallMode,
+    },
+    /// Activate the staged bundle with this digest.
+    Activate {
+        /// Manifest digest of the staged bundle.
+        digest: Digest,
+    },
+    /// Switch back to the previous slot.
+    Revert,
+    /// Change settings at run time.
+    Configure(Settings),
+    /// Upload captured input samples for a channel.
+    RequestSamples {
+        /// Which model.
+        channel: ModelChannel,
+        /// At most this many samples.
+        max_samples: u32,
+    },
+}
+
+/// Settings a controller may change; absent fields are left as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Telemetry period in seconds (1..=86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry_interval_s: Option<u32>,
+    /// Share of live requests also run by a shadow model, in per mille (0..=1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_sample_permille: Option<u16>,
+    /// Whether to capture input samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_capture: Option<bool>,
+}
+
+/// A command to one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Command {
+    /// Controller-assigned id; events that answer it carry it.
+    pub id: u64,
+    /// When the controller issued it.
+    pub issued_at: UnixTime,
+    /// What to do.
+    pub action: Action,
+}
+
+impl Message for Command {
+    const NAME: &'static str = "command";
+    const MAX_LEN: usize = MAX_HEADER_LEN + 4096;
+    fn validate(&self) -> Result<(), DecodeError> {
+        match &self.action {
+            Action::Install { bundle, .. } if bundle.header.len() > MAX_HEADER_LEN => Err(invalid(
+                Self::NAME,
+                "action.install.bundle.header",
+                format!("is over {MAX_HEADER_LEN} bytes"),
+            )),
+            Action::Configure(s) => {
+                if s.telemetry_interval_s
+                    .is_some_and(|t| !(1..=86_400).contains(&t))
+                {
+                    return Err(invalid(
+                        Self::NAME,
+                        "action.configure.telemetry_interval_s",
+                        "must be 1..=86400",
+                    ));
+                }
+                if s.shadow_sample_permille.is_some_and(|p| p > 1000) {
+                    return Err(invalid(
+                        Self::NAME,
+                        "action.configure.shadow_sample_permille",
+                        "must be 0..=1000",
+                    ));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Device state (device → controller, retained)
+// ---------------------------------------------------------------------------
+
+/// One of the two model slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Slot {
+    /// Slot A.
+    A,
+    /// Slot B.
+    B,
+}
+
+impl Slot {
+    /// The other slot.
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+}
+
+/// Identity of an installed bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleRef {
+    /// Manifest digest.
+    pub digest: Digest,
+    /// Model channel.
+    pub channel: ModelChannel,
+    /// Semantic version.
+    pub version: String,
+    /// Release number.
+    pub release: u64,
+}
+
+/// What a slot holds and how it is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotRole {
+    /// Answers inference requests.
+    Active,
+    /// Installed and healthy, waiting for `activate`.
+    Staged,
+    /// Runs beside the active model on sampled requests.
+    Shadow,
+    /// The previously active bundle, kept for `revert`.
+    Previous,
+}
+
+/// One slot's content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotState {
+    /// Which slot.
+    pub slot: Slot,
+    /// Its bundle.
+    pub bundle: BundleRef,
+    /// Its role.
+    pub role: SlotRole,
+}
+
+/// Why an install did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "stage", rename_all = "snake_case")]
+pub enum FailureReason {
+    /// The bundle was refused by the contract's rules.
+    Refused {
+        /// The refusal.
+        refusal: Refusal,
+    },
+    /// Not enough disk or memory, found before downloading.
+    Preflight {
+        /// What was short.
+        detail: String,
+    },
+    /// The download could not complete.
+    Download {
+        /// What went wrong.
+        detail: String,
+    },
+    /// The model did not load.
+    ModelLoad {
+        /// Loader message.
+        detail: String,
+    },
+    /// A golden case failed or ran over the latency budget.
+    HealthCheck {
+        /// Which case and why.
+        detail: String,
+    },
+    /// A local error (disk, permissions).
+    Internal {
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+/// Result of the last install attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstallResult {
+    /// The bundle.
+    pub digest: Digest,
+    /// When it finished.
+    pub at: UnixTime,
+    /// `None` on success.
+    pub failure: Option<FailureReason>,
+}
+
+/// A device's state, published retained so the controller always has the latest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceState {
+    /// The device.
+    pub device: DeviceId,
+    /// When it was published.
+    pub at: UnixTime,
+    /// `false` in the broker's last-will message.
+    pub online: bool,
+    /// Agent version.
+    pub agent_version: String,
+    /// CPU architecture.
+    pub arch: Arch,
+    /// Slots in use.
+    pub slots: Vec<SlotState>,
+    /// The last install attempt.
+    pub last_install: Option<InstallResult>,
+}
+
+impl Message for DeviceState {
+    const NAME: &'static str = "device state";
+    const MAX_LEN: usize = 64 * 1024;
+    fn validate(&self) -> Result<(), DecodeError> {
+        if self.slots.len() > 2 {
+            return Err(invalid(Self::NAME, "slots", "a device has two slots"));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Events (device → controller)
+// ---------------------------------------------------------------------------
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The device accepted an install command and verified the header.
+    InstallStarted {
+        /// The bundle.
+        digest: Digest,
+    },
+    /// Download progress.
+    InstallProgress {
+        /// The bundle.
+        digest: Digest,
+        /// Chunks verified and stored.
+        chunks_done: u32,
+        /// Chunks in total.
+        chunks_total: u32,
+    },
+    /// Installed and healthy.
+    InstallSucceeded {
+        /// The bundle.
+        digest: Digest,
+        /// The slot it went into.
+        slot: Slot,
+        /// Whether it is now active.
+        activated: bool,
+    },
+    /// The install failed; the active slot is untouched.
+    InstallFailed {
+        /// The bundle.
+        digest: Digest,
+        /// Why.
+        reason: FailureReason,
+    },
+    /// A bundle became active.
+    Activated {
+        /// The bundle.
+        digest: Digest,
+        /// Its slot.
+        slot: Slot,
+    },
+    /// The device went back to the previous slot.
+    Reverted {
+        /// The bundle now active.
+        digest: Digest,
+        /// Its slot.
+        slot: Slot,
+    },
+    /// A command could not be carried out.
+    CommandRejected {
+        /// Why.
+        detail: String,
+    },
+    /// A drift score crossed its threshold.
+    DriftAlert {
+        /// The bundle.
+        digest: Digest,
+        /// Feature (or `prediction`).
+        feature: String,
+        /// Score that crossed.
+        score: f64,
+        /// Threshold.
+        threshold: f64,
+    },
+}
+
+/// An event, numbered per device so gaps are visible.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// The device.
+    pub device: DeviceId,
+    /// Per-device sequence number.
+    pub seq: u64,
+    /// When it happened.
+    pub at: UnixTime,
+    /// The command it answers, if any.
+    pub command: Option<u64>,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+impl Message for Event {
+    const NAME: &'static str = "event";
+    const MAX_LEN: usize = 64 * 1024;
+}
+
+// ---------------------------------------------------------------------------
+// Telemetry (device → controller)
+// ---------------------------------------------------------------------------
+
+/// Device health.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceMetrics {
+    /// CPU use over the period, percent of all cores.
+    pub cpu_percent: f32,
+    /// Memory used, bytes.
+    pub mem_used: u64,
+    /// Memory total, bytes.
+    pub mem_total: u64,
+    /// Free disk in the data directory's filesystem, bytes.
+    pub disk_free: u64,
+    /// Size of that filesystem, bytes.
+    pub disk_total: u64,
+    /// Temperature, when the device has a sensor.
+    pub temperature_c: Option<f32>,
+    /// Seconds since boot.
+    pub uptime_s: u64,
+}
+
+/// Agent health.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentMetrics {
+    /// Resident memory, bytes.
+    pub rss_bytes: u64,
+    /// Agent version.
+    pub version: String,
+}
+
+/// Inference counters of the active model over the period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMetrics {
+    /// The active bundle.
+    pub digest: Digest,
+    /// Requests answered.
+    pub inferences: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// Upper bounds of the latency buckets, microseconds.
+    pub latency_bounds_us: Vec<u64>,
+    /// Count per bucket (one more than bounds: the overflow bucket).
+    pub latency_counts: Vec<u64>,
+}
+
+/// A drift score for one feature or for the predictions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftScore {
+    /// Feature name, or `prediction`.
+    pub feature: String,
+    /// Population stability index.
+    pub psi: f64,
+    /// p-value of the two-sample test.
+    pub p_value: f64,
+    /// Whether it is over its threshold.
+    pub drifted: bool,
+}
+
+/// A periodic report, numbered per device so gaps are visible.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Telemetry {
+    /// The device.
+    pub device: DeviceId,
+    /// Per-device sequence number.
+    pub seq: u64,
+    /// When it was measured.
+    pub at: UnixTime,
+    /// Device health.
+    pub device_metrics: DeviceMetrics,
+    /// Agent health.
+    pub agent: AgentMetrics,
+    /// Active model counters.
+    pub model: Option<ModelMetrics>,
+    /// Drift scores of the current window.
+    pub drift: Vec<DriftScore>,
+}
+
+impl Message for Telemetry {
+    const NAME: &'static str = "telemetry";
+    const MAX_LEN: usize = 256 * 1024;
+    fn validate(&self) -> Result<(), DecodeError> {
+        if let Some(m) = &self.model
+            && (m.latency_bounds_us.len() > 64
+                || m.latency_counts.len() != m.latency_bounds_us.len() + 1)
+        {
+            return Err(invalid(
+                Self::NAME,
+                "model.latency_counts",
+                "needs one count per bound plus one, at most 64 bounds",
+            ));
+        }
+        if self.drift.len() > 1024 {
+            return Err(invalid(Self::NAME, "drift", "at most 1024 scores"));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bundle transfer
+// ---------------------------------------------------------------------------
+
+/// One chunk of a bundle's payload, on the bundle's chunk topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chunk {
+    /// Manifest digest of the bundle.
+    pub bundle: Digest,
+    /// Zero-based chunk index.
+    pub index: u32,
+    /// The chunk's bytes.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl Message for Chunk {
+    const NAME: &'static str = "chunk";
+    const MAX_LEN: usize = MAX_CHUNK_SIZE as usize + 1024;
+}
+
+/// A run of chunks: `start` and the `count` after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkRange {
+    /// First chunk index.
+    pub start: u32,
+    /// Number of chunks (1..).
+    pub count: u32,
+}
+
+/// A device asks for chunks it does not have (first request, or resume).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchRequest {
+    /// Manifest digest of the bundle.
+    pub bundle: Digest,
+    /// Missing chunks, at most 64 ranges.
+    pub ranges: Vec<ChunkRange>,
+}
+
+impl Message for FetchRequest {
+    const NAME: &'static str = "fetch request";
+    const MAX_LEN: usize = 4096;
+    fn validate(&self) -> Result<(), DecodeError> {
+        if self.ranges.is_empty() || self.ranges.len() > 64 {
+            return Err(invalid(Self::NAME, "ranges", "must hold 1 to 64 ranges"));
+        }
+        if self
+            .ranges
+            .iter()
+            .any(|r| r.count == 0 || r.start.checked_add(r.count).is_none())
+        {
+            return Err(invalid(
+                Self::NAME,
+                "ranges",
+                "each range needs a count of at least 1 and must not overflow",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One part of a sample upload (see `docs/protocol.md`, "Samples").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleUpload {
+    /// The command that requested it.
+    pub command: u64,
+    /// The bundle whose inputs were captured.
+    pub digest: Digest,
+    /// Part index (0-based).
+    pub part: u32,
+    /// Number of parts.
+    pub parts: u32,
+    /// CBOR-encoded samples of this part.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl Message for SampleUpload {
+    const NAME: &'static str = "sample upload";
+    const MAX_LEN: usize = 1024 * 1024 + 1024;
+    fn validate(&self) -> Result<(), DecodeError> {
+        if self.parts == 0 || self.part >= self.parts {
+            return Err(invalid(
+                Self::NAME,
+                "part",
+                "must be below parts (and parts above 0)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_name_the_device_and_parse_back() {
+        let t = Topics::default();
+        let dev = DeviceId::new("pi-01").ok();
+        let Some(dev) = dev else { panic!("valid id") };
+        for kind in DeviceTopic::ALL {
+            let topic = t.device(&dev, kind);
+            assert_eq!(
+                t.parse(&topic),
+                Some(Topic::Device {
+                    device: dev.clone(),
+                    kind
+                })
+            );
+        }
+        let d = Digest::of(b"x");
+        assert_eq!(
+            t.parse(&t.bundle_chunks(&d)),
+            Some(Topic::BundleChunks { bundle: d })
+        );
+        assert_eq!(t.parse("edgefleet/v1/devices/+/state"), None);
+        assert_eq!(t.parse("edgefleet/v1/devices/a/state/extra"), None);
+        assert_eq!(t.parse("other/devices/a/state"), None);
+        assert!(Topics::new("a/#").is_err());
+        assert!(Topics::new("a//b").is_err());
+        assert!(Topics::new("/a").is_err());
+    }
+
+    #[test]
+    fn a_message_of_a_future_version_is_reported_as_such() {
+        #[derive(Serialize)]
+        struct Future {
+            v: u16,
+            m: String,
+        }
+        let bytes = cbor::to_vec(&Future {
+            v: 7,
+            m: "something new".into(),
+        });
+        assert_eq!(
+            decode::<Event>(&bytes).err(),
+            Some(DecodeError::UnsupportedVersion {
+                what: "event",
+                found: 7,
+                supported: 1
+            })
+        );
+    }
+
+    #[test]
+    fn oversized_input_is_refused_before_decoding() {
+        let bytes = vec![0u8; FetchRequest::MAX_LEN + 1];
+        assert!(matches!(
+            decode::<FetchRequest>(&bytes),
+            Err(DecodeError::TooLarge { .. })
+        ));
+    }
+}
