@@ -216,14 +216,24 @@ impl FromStr for Digest {
     }
 }
 
+/// CBOR: a 32-byte byte string. Human-readable formats (the JSON of the API and
+/// `--json` output): 64 hex digits.
 impl Serialize for Digest {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0)
+        if s.is_human_readable() {
+            s.serialize_str(&self.to_hex())
+        } else {
+            s.serialize_bytes(&self.0)
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for Digest {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+            return s.parse().map_err(serde::de::Error::custom);
+        }
         Ok(Digest(crate::cbor::fixed_bytes::<D, 32>(d)?))
     }
 }

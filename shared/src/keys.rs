@@ -102,13 +102,24 @@ impl fmt::Debug for PublicKey {
 
 impl Serialize for PublicKey {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0)
+        if s.is_human_readable() {
+            s.serialize_str(&hex::encode(self.0))
+        } else {
+            s.serialize_bytes(&self.0)
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for PublicKey {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let bytes = crate::cbor::fixed_bytes::<D, 32>(d)?;
+        let bytes = if d.is_human_readable() {
+            let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(s.as_bytes(), &mut out).map_err(serde::de::Error::custom)?;
+            out
+        } else {
+            crate::cbor::fixed_bytes::<D, 32>(d)?
+        };
         PublicKey::from_bytes(bytes).map_err(serde::de::Error::custom)
     }
 }
@@ -179,11 +190,22 @@ pub struct SignatureEntry {
 }
 
 mod sig_bytes {
+    use serde::Deserialize;
     use serde::{Deserializer, Serializer};
     pub fn serialize<S: Serializer>(v: &[u8; 64], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
+        if s.is_human_readable() {
+            s.serialize_str(&hex::encode(v))
+        } else {
+            s.serialize_bytes(v)
+        }
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
+        if d.is_human_readable() {
+            let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+            let mut out = [0u8; 64];
+            hex::decode_to_slice(s.as_bytes(), &mut out).map_err(serde::de::Error::custom)?;
+            return Ok(out);
+        }
         crate::cbor::fixed_bytes::<D, 64>(d)
     }
 }

@@ -1,0 +1,339 @@
+//! Loading and running ONNX models with tract: the one runtime used on the device
+//! and, at `edgefleet bundle build` time, to prove a model before it is signed.
+//!
+//! Facts this module is built on (../shared/models/README.md): models must be
+//! optimised once at load (`into_optimized`; decluttered-only models ran 2-13x
+//! slower); exporters leave batch dimensions unnamed, so every unknown dimension
+//! gets a symbol before typing; tract's ONNX-ML support is partial, so an
+//! unsupported operator is reported by name with the usual fix.
+
+use std::sync::Arc;
+
+use edgefleet_shared::golden::{Tensor, TensorData, TensorMismatch};
+use edgefleet_shared::manifest::{Dim, ElementType, ModelSchema, TensorSpec};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::{Factoid, GenericFactoid, InferenceFact};
+
+/// Largest model file accepted for loading (1 GiB).
+pub const MAX_MODEL_LEN: usize = 1 << 30;
+
+/// Why a model cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The model uses an operator tract does not implement.
+    #[error(
+        "the model uses the ONNX operator `{op}`, which the on-device runtime (tract) does not support{hint}"
+    )]
+    UnsupportedOperator {
+        /// Operator name.
+        op: String,
+        /// How to export the model without it (starts with "; ").
+        hint: String,
+    },
+    /// An input or output has an element type the contract does not carry.
+    #[error(
+        "model {role} `{name}` has element type {dtype}, which edgefleet does not support (use f32, f64, i8, i32, i64, u8 or bool)"
+    )]
+    UnsupportedType {
+        /// `input` or `output`.
+        role: &'static str,
+        /// Tensor name.
+        name: String,
+        /// tract's name of the type.
+        dtype: String,
+    },
+    /// The file is not a model tract can load, or it fails analysis.
+    #[error("the model cannot be loaded: {0}")]
+    Invalid(String),
+}
+
+/// Why one inference call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    /// An input is missing.
+    #[error("input `{0}` is missing")]
+    MissingInput(String),
+    /// An input is given that the model does not have.
+    #[error("the model has no input `{0}`")]
+    UnknownInput(String),
+    /// An input does not match the schema.
+    #[error("input {0}")]
+    Mismatch(#[from] TensorMismatch),
+    /// The runtime failed (for example, a dimension the model cannot take).
+    #[error("the model failed to run: {0}")]
+    Runtime(String),
+}
+
+/// A model ready to run, with the schema it enforces.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    plan: Arc<TypedRunnableModel>,
+    schema: ModelSchema,
+}
+
+fn error_text(e: &TractError) -> String {
+    format!("{e:#}")
+}
+
+/// Maps tract's load errors to a [`ModelError`], naming unsupported operators.
+fn classify(e: &TractError) -> ModelError {
+    let text = format!("{e:?}");
+    if let Some(start) = text.find("Unimplemented(") {
+        let rest = &text[start + "Unimplemented(".len()..];
+        let op: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let hint = match op.as_str() {
+            "ZipMap" => {
+                "; export the scikit-learn model with skl2onnx option {'zipmap': False} so probabilities come out as a tensor"
+            }
+            "Scaler" => {
+                "; export StandardScaler as plain Sub/Div, e.g. skl2onnx options {StandardScaler: {'div': 'div'}}"
+            }
+            "TreeEnsembleRegressor" | "LabelEncoder" => {
+                "; convert tree regressors and isolation forests with hummingbird-ml (tree_trav) to standard operators"
+            }
+            "SVMClassifier" | "SVMRegressor" | "Imputer" | "OneHotEncoder" => {
+                "; do this step outside the model, or convert it to standard ONNX operators"
+            }
+            _ => "",
+        };
+        return ModelError::UnsupportedOperator {
+            op,
+            hint: hint.into(),
+        };
+    }
+    ModelError::Invalid(error_text(e))
+}
+
+fn element_type(role: &'static str, name: &str, dt: DatumType) -> Result<ElementType, ModelError> {
+    Ok(match dt {
+        DatumType::F32 => ElementType::F32,
+        DatumType::F64 => ElementType::F64,
+        DatumType::I8 => ElementType::I8,
+        DatumType::I32 => ElementType::I32,
+        DatumType::I64 => ElementType::I64,
+        DatumType::U8 => ElementType::U8,
+        DatumType::Bool => ElementType::Bool,
+        other => {
+            return Err(ModelError::UnsupportedType {
+                role,
+                name: name.into(),
+                dtype: format!("{other:?}"),
+            });
+        }
+    })
+}
+
+fn dim_of(d: &TDim) -> Dim {
+    match d {
+        TDim::Val(n) => Dim::Fixed(u64::try_from(*n).unwrap_or(0)),
+        TDim::Sym(s) => Dim::Symbol(sanitize_symbol(&s.to_string())),
+        other => Dim::Symbol(sanitize_symbol(&other.to_string())),
+    }
+}
+
+fn sanitize_symbol(s: &str) -> String {
+    let cleaned: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(32)
+        .collect();
+    if cleaned.is_empty() {
+        "N".into()
+    } else {
+        cleaned
+    }
+}
+
+fn spec_of(role: &'static str, name: &str, fact: &TypedFact) -> Result<TensorSpec, ModelError> {
+    Ok(TensorSpec {
+        name: name.into(),
+        dtype: element_type(role, name, fact.datum_type)?,
+        shape: fact.shape.iter().map(dim_of).collect(),
+    })
+}
+
+impl LoadedModel {
+    /// Loads, types and optimises an ONNX model from its bytes. CPU-heavy: call it
+    /// off the async runtime.
+    pub fn load(bytes: &[u8]) -> Result<LoadedModel, ModelError> {
+        if bytes.len() > MAX_MODEL_LEN {
+            return Err(ModelError::Invalid(format!(
+                "the model file is {} bytes, over the limit of {MAX_MODEL_LEN}",
+                bytes.len()
+            )));
+        }
+        let mut reader = bytes;
+        let mut model = tract_onnx::onnx()
+            .model_for_read(&mut reader)
+            .map_err(|e| classify(&e))?;
+        // Unnamed dimensions (skl2onnx's batch) become symbols: the first is `N`.
+        let inputs = model.input_outlets().map_err(|e| classify(&e))?.len();
+        for ix in 0..inputs {
+            let fact: InferenceFact = model.input_fact(ix).map_err(|e| classify(&e))?.clone();
+            if fact.datum_type.concretize().is_none() {
+                return Err(ModelError::Invalid(format!(
+                    "input {ix} has no declared element type"
+                )));
+            }
+            let Some(dims) = fact.shape.concretize().map(|_| ()).map_or_else(
+                || Some(fact.shape.dims().cloned().collect::<Vec<_>>()),
+                |_| None,
+            ) else {
+                continue;
+            };
+            if fact.shape.is_open() {
+                return Err(ModelError::Invalid(format!(
+                    "input {ix} has no declared rank"
+                )));
+            }
+            let named: TVec<_> = dims
+                .iter()
+                .enumerate()
+                .map(|(j, d)| match d {
+                    GenericFactoid::Only(d) => GenericFactoid::Only(d.clone()),
+                    GenericFactoid::Any => {
+                        let name = if ix == 0 && j == 0 {
+                            "N".to_string()
+                        } else {
+                            format!("d{ix}_{j}")
+                        };
+                        GenericFactoid::Only(TDim::Sym(model.symbols.sym(&name)))
+                    }
+                })
+                .collect();
+            let fact = fact.with_shape(tract_onnx::tract_hir::infer::ShapeFactoid::closed(named));
+            model.set_input_fact(ix, fact).map_err(|e| classify(&e))?;
+        }
+        let typed = model.into_typed().map_err(|e| classify(&e))?;
+        let mut schema = ModelSchema::default();
+        for (ix, outlet) in typed
+            .input_outlets()
+            .map_err(|e| classify(&e))?
+            .iter()
+            .enumerate()
+        {
+            let name = typed.node(outlet.node).name.clone();
+            let fact = typed.input_fact(ix).map_err(|e| classify(&e))?;
+            schema.inputs.push(spec_of("input", &name, fact)?);
+        }
+        for (ix, outlet) in typed
+            .output_outlets()
+            .map_err(|e| classify(&e))?
+            .iter()
+            .enumerate()
+        {
+            let name = typed
+                .outlet_label(*outlet)
+                .map(str::to_owned)
+                .unwrap_or_else(|| typed.node(outlet.node).name.clone());
+            let fact = typed.output_fact(ix).map_err(|e| classify(&e))?;
+            schema.outputs.push(spec_of("output", &name, fact)?);
+        }
+        let plan = typed
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| classify(&e))?;
+        Ok(LoadedModel { plan, schema })
+    }
+
+    /// The model's interface.
+    pub fn schema(&self) -> &ModelSchema {
+        &self.schema
+    }
+
+    /// Runs the model. Inputs are matched to the schema by name and checked
+    /// (element type, rank, fixed dimensions, element count) before running.
+    pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferenceError> {
+        for t in inputs {
+            if !self.schema.inputs.iter().any(|s| s.name == t.name) {
+                return Err(InferenceError::UnknownInput(t.name.clone()));
+            }
+        }
+        let mut values: TVec<TValue> = TVec::new();
+        for spec in &self.schema.inputs {
+            let t = inputs
+                .iter()
+                .find(|t| t.name == spec.name)
+                .ok_or_else(|| InferenceError::MissingInput(spec.name.clone()))?;
+            t.check_against(spec)?;
+            values.push(
+                to_tract(t)
+                    .map_err(|e| InferenceError::Runtime(error_text(&e)))?
+                    .into(),
+            );
+        }
+        let outputs = self
+            .plan
+            .run(values)
+            .map_err(|e| InferenceError::Runtime(error_text(&e)))?;
+        outputs
+            .iter()
+            .zip(&self.schema.outputs)
+            .map(|(v, spec)| {
+                from_tract(&spec.name, v).map_err(|e| InferenceError::Runtime(error_text(&e)))
+            })
+            .collect()
+    }
+}
+
+fn to_tract(t: &Tensor) -> TractResult<tract_onnx::prelude::Tensor> {
+    let shape: Vec<usize> = t
+        .shape
+        .iter()
+        .map(|d| usize::try_from(*d).unwrap_or(usize::MAX))
+        .collect();
+    fn arr<T: Clone + Datum>(shape: &[usize], v: &[T]) -> TractResult<tract_onnx::prelude::Tensor> {
+        Ok(tract_ndarray::ArrayD::from_shape_vec(shape, v.to_vec())?.into_tensor())
+    }
+    match &t.data {
+        TensorData::F32(v) => arr(&shape, v),
+        TensorData::F64(v) => arr(&shape, v),
+        TensorData::I8(v) => arr(&shape, v),
+        TensorData::I32(v) => arr(&shape, v),
+        TensorData::I64(v) => arr(&shape, v),
+        TensorData::U8(v) => arr(&shape, v),
+        TensorData::Bool(v) => arr(&shape, v),
+    }
+}
+
+fn from_tract(name: &str, v: &TValue) -> TractResult<Tensor> {
+    let shape = v.shape().iter().map(|d| *d as u64).collect();
+    let data = match v.datum_type() {
+        DatumType::F32 => {
+            TensorData::F32(v.to_plain_array_view::<f32>()?.iter().cloned().collect())
+        }
+        DatumType::F64 => {
+            TensorData::F64(v.to_plain_array_view::<f64>()?.iter().cloned().collect())
+        }
+        DatumType::I8 => TensorData::I8(v.to_plain_array_view::<i8>()?.iter().cloned().collect()),
+        DatumType::I32 => {
+            TensorData::I32(v.to_plain_array_view::<i32>()?.iter().cloned().collect())
+        }
+        DatumType::I64 => {
+            TensorData::I64(v.to_plain_array_view::<i64>()?.iter().cloned().collect())
+        }
+        DatumType::U8 => TensorData::U8(v.to_plain_array_view::<u8>()?.iter().cloned().collect()),
+        DatumType::Bool => {
+            TensorData::Bool(v.to_plain_array_view::<bool>()?.iter().cloned().collect())
+        }
+        other => {
+            return Err(tract_onnx::prelude::TractError::msg(format!(
+                "output `{name}` has unsupported element type {other:?}"
+            )));
+        }
+    };
+    Ok(Tensor {
+        name: name.into(),
+        shape,
+        data,
+    })
+}

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Generates the small ONNX models the repository ships, and their expected outputs.
+
+Run once after changing it (outputs are committed, so a fresh clone needs nothing):
+
+    python3 -m venv /tmp/genvenv && /tmp/genvenv/bin/pip install onnx==1.23.2 numpy
+    /tmp/genvenv/bin/python models/generate.py
+
+Models:
+- iris_logreg.onnx: a multinomial logistic regression over the four iris features
+  (standardise, MatMul, Add, Softmax, ArgMax), input `features` f32 [N, 4], outputs
+  `label` i64 [N] and `probabilities` f32 [N, 3]. Weights are fitted here by plain
+  gradient descent on a fixed synthetic iris-like sample (no download).
+- iris_logreg_v2_broken.onnx: the same graph with the class weights rotated, so it
+  answers wrongly: used to show a health check (golden cases) catching a bad model.
+- iris_zipmap.onnx: scikit-learn's default export shape (ONNX-ML Scaler and ZipMap),
+  which tract cannot run; `edgefleet bundle build` must refuse it by name.
+"""
+import json
+import os
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+rng = np.random.default_rng(20261129)
+
+# Iris-like classes: means and spreads of the real data set (cm).
+MEANS = np.array([[5.0, 3.4, 1.5, 0.2], [5.9, 2.8, 4.3, 1.3], [6.6, 3.0, 5.6, 2.0]], np.float32)
+STDS = np.array([[0.35, 0.38, 0.17, 0.10], [0.52, 0.31, 0.47, 0.20], [0.64, 0.32, 0.55, 0.27]], np.float32)
+
+
+def sample(n_per_class):
+    xs, ys = [], []
+    for c in range(3):
+        xs.append(rng.normal(MEANS[c], STDS[c], size=(n_per_class, 4)))
+        ys.append(np.full(n_per_class, c))
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
+
+
+def fit(x, y, steps=3000, lr=0.5):
+    mu, sigma = x.mean(0), x.std(0)
+    z = (x - mu) / sigma
+    w = np.zeros((4, 3), np.float64)
+    b = np.zeros(3, np.float64)
+    onehot = np.eye(3)[y]
+    for _ in range(steps):
+        logits = z @ w + b
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        g = (p - onehot) / len(x)
+        w -= lr * (z.T @ g + 1e-3 * w)
+        b -= lr * g.sum(0)
+    return mu.astype(np.float32), sigma.astype(np.float32), w.astype(np.float32), b.astype(np.float32)
+
+
+def logreg_graph(name, mu, sigma, w, b):
+    n = "N"
+    inputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, [n, 4])]
+    outputs = [
+        helper.make_tensor_value_info("label", TensorProto.INT64, [n]),
+        helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [n, 3]),
+    ]
+    inits = [
+        numpy_helper.from_array(mu, "mean"),
+        numpy_helper.from_array(sigma, "scale"),
+        numpy_helper.from_array(w, "weights"),
+        numpy_helper.from_array(b, "bias"),
+    ]
+    nodes = [
+        helper.make_node("Sub", ["features", "mean"], ["centred"]),
+        helper.make_node("Div", ["centred", "scale"], ["standard"]),
+        helper.make_node("MatMul", ["standard", "weights"], ["scores"]),
+        helper.make_node("Add", ["scores", "bias"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(nodes, name, inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgefleet-generate")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def reference(x, mu, sigma, w, b):
+    logits = ((x - mu) / sigma) @ w + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return logits.argmax(1).astype(np.int64), p.astype(np.float32)
+
+
+def zipmap_graph():
+    inputs = [helper.make_tensor_value_info("float_input", TensorProto.FLOAT, [None, 4])]
+    seq_map = helper.make_sequence_type_proto(helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    outputs = [
+        helper.make_tensor_value_info("output_label", TensorProto.INT64, [None]),
+        helper.make_value_info("output_probability", seq_map),
+    ]
+    nodes = [
+        helper.make_node("Scaler", ["float_input"], ["scaled"], domain="ai.onnx.ml", offset=[5.8, 3.0, 3.7, 1.2], scale=[1.2, 2.3, 0.56, 1.3]),
+        helper.make_node(
+            "LinearClassifier", ["scaled"], ["output_label", "probs"], domain="ai.onnx.ml",
+            classlabels_ints=[0, 1, 2], coefficients=[float(v) for v in rng.normal(size=12)],
+            intercepts=[0.1, 0.2, 0.3], multi_class=1, post_transform="SOFTMAX",
+        ),
+        helper.make_node("ZipMap", ["probs"], ["output_probability"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]),
+    ]
+    graph = helper.make_graph(nodes, "iris_zipmap", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def main():
+    x, y = sample(50)
+    mu, sigma, w, b = fit(x, y)
+    good = logreg_graph("iris_logreg", mu, sigma, w, b)
+    onnx.save(good, os.path.join(HERE, "iris_logreg.onnx"))
+    broken = logreg_graph("iris_logreg_v2_broken", mu, sigma, np.roll(w, 1, axis=1), np.roll(b, 1))
+    onnx.save(broken, os.path.join(HERE, "iris_logreg_v2_broken.onnx"))
+    onnx.save(zipmap_graph(), os.path.join(HERE, "iris_zipmap.onnx"))
+
+    # Test inputs and expected outputs (numpy reference), for the agent's tests.
+    tx, ty = sample(4)
+    label, probs = reference(tx, mu, sigma, w, b)
+    accuracy = float((reference(x, mu, sigma, w, b)[0] == y).mean())
+    with open(os.path.join(HERE, "iris_logreg.expected.json"), "w") as f:
+        json.dump({
+            "features": tx.round(4).tolist(),
+            "label": label.tolist(),
+            "probabilities": probs.tolist(),
+            "train_accuracy": accuracy,
+        }, f, indent=1)
+    # A reference data set (CSV) as an operator would pass to --reference.
+    rx, _ = sample(100)
+    with open(os.path.join(HERE, "iris_reference.csv"), "w") as f:
+        f.write("sepal_length,sepal_width,petal_length,petal_width\n")
+        for row in rx:
+            f.write(",".join(f"{v:.2f}" for v in row) + "\n")
+    # Golden inputs as an operator writes them for --golden (outputs filled in at build).
+    with open(os.path.join(HERE, "iris_golden.json"), "w") as f:
+        json.dump({"cases": [{"inputs": {"features": tx[:2].round(2).tolist()}}, {"inputs": {"features": tx[2:].round(2).tolist()}}]}, f, indent=1)
+    print(f"train accuracy {accuracy:.3f}; wrote models to {HERE}")
+
+
+if __name__ == "__main__":
+    main()

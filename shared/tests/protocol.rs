@@ -1,0 +1,346 @@
+//! Property tests of the wire codec: every message round-trips, and decoders reject
+//! malformed or oversized input with an error, never a panic.
+
+use edgefleet_shared::bundle::Refusal;
+use edgefleet_shared::cbor::DecodeError;
+use edgefleet_shared::protocol::*;
+use edgefleet_shared::{Arch, DeviceId, Digest, ModelChannel, SignedTrustRoot, UnixTime};
+use proptest::prelude::*;
+
+fn digest() -> impl Strategy<Value = Digest> {
+    any::<[u8; 32]>().prop_map(Digest)
+}
+
+fn device() -> impl Strategy<Value = DeviceId> {
+    "[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+        .prop_map(|s| DeviceId::new(&s).expect("regex matches the rule"))
+}
+
+fn channel() -> impl Strategy<Value = ModelChannel> {
+    "[a-z0-9][a-z0-9_-]{0,20}".prop_map(|s| ModelChannel::new(&s).expect("regex matches the rule"))
+}
+
+fn time() -> impl Strategy<Value = UnixTime> {
+    any::<i64>().prop_map(UnixTime)
+}
+
+fn refusal() -> impl Strategy<Value = Refusal> {
+    prop_oneof![
+        Just(Refusal::BadMagic),
+        Just(Refusal::TrailingBytes),
+        digest().prop_map(|key| Refusal::InvalidSignature { key }),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(valid, threshold)| Refusal::TooFewSignatures { valid, threshold }),
+        (channel(), any::<u64>(), any::<u64>()).prop_map(|(channel, release, installed)| {
+            Refusal::Rollback {
+                channel,
+                release,
+                installed,
+            }
+        }),
+        any::<u32>().prop_map(|index| Refusal::ChunkDigestMismatch { index }),
+        ".{0,40}".prop_map(|section| Refusal::Truncated { section }),
+    ]
+}
+
+fn failure() -> impl Strategy<Value = FailureReason> {
+    prop_oneof![
+        refusal().prop_map(|refusal| FailureReason::Refused { refusal }),
+        ".{0,60}".prop_map(|detail| FailureReason::HealthCheck { detail }),
+        ".{0,60}".prop_map(|detail| FailureReason::Download { detail }),
+    ]
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        (
+            digest(),
+            proptest::collection::vec(any::<u8>(), 0..300),
+            0..3u8
+        )
+            .prop_map(|(digest, header, m)| {
+                let mode = [
+                    InstallMode::Activate,
+                    InstallMode::Stage,
+                    InstallMode::Shadow,
+                ][m as usize];
+                Action::Install {
+                    bundle: BundleOffer { digest, header },
+                    mode,
+                }
+            }),
+        digest().prop_map(|digest| Action::Activate { digest }),
+        Just(Action::Revert),
+        (
+            proptest::option::of(1u32..=86_400),
+            proptest::option::of(0u16..=1000),
+            proptest::option::of(any::<bool>())
+        )
+            .prop_map(|(t, s, c)| Action::Configure(Settings {
+                telemetry_interval_s: t,
+                shadow_sample_permille: s,
+                sample_capture: c
+            })),
+        (channel(), any::<u32>()).prop_map(|(channel, max_samples)| Action::RequestSamples {
+            channel,
+            max_samples
+        }),
+    ]
+}
+
+fn bundle_ref() -> impl Strategy<Value = BundleRef> {
+    (digest(), channel(), "[0-9]\\.[0-9]\\.[0-9]", any::<u64>()).prop_map(
+        |(digest, channel, version, release)| BundleRef {
+            digest,
+            channel,
+            version,
+            release,
+        },
+    )
+}
+
+fn state() -> impl Strategy<Value = DeviceState> {
+    (
+        device(),
+        time(),
+        any::<bool>(),
+        proptest::collection::vec((bundle_ref(), any::<bool>()), 0..=2),
+        proptest::option::of((digest(), time(), proptest::option::of(failure()))),
+    )
+        .prop_map(|(device, at, online, slots, last)| DeviceState {
+            device,
+            at,
+            online,
+            agent_version: "0.1.0".into(),
+            arch: Arch::current(),
+            slots: slots
+                .into_iter()
+                .enumerate()
+                .map(|(i, (bundle, active))| SlotState {
+                    slot: if i == 0 { Slot::A } else { Slot::B },
+                    bundle,
+                    role: if active {
+                        SlotRole::Active
+                    } else {
+                        SlotRole::Previous
+                    },
+                })
+                .collect(),
+            last_install: last.map(|(digest, at, failure)| InstallResult {
+                digest,
+                at,
+                failure,
+            }),
+        })
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    let kind = prop_oneof![
+        digest().prop_map(|digest| EventKind::InstallStarted { digest }),
+        (digest(), any::<u32>(), any::<u32>()).prop_map(|(digest, chunks_done, chunks_total)| {
+            EventKind::InstallProgress {
+                digest,
+                chunks_done,
+                chunks_total,
+            }
+        }),
+        (digest(), failure())
+            .prop_map(|(digest, reason)| EventKind::InstallFailed { digest, reason }),
+        (digest(), any::<bool>()).prop_map(|(digest, activated)| EventKind::InstallSucceeded {
+            digest,
+            slot: Slot::B,
+            activated
+        }),
+        (digest(), "[a-z]{1,10}", -1e6f64..1e6, 0f64..1.0).prop_map(
+            |(digest, feature, score, threshold)| EventKind::DriftAlert {
+                digest,
+                feature,
+                score,
+                threshold
+            }
+        ),
+    ];
+    (
+        device(),
+        any::<u64>(),
+        time(),
+        proptest::option::of(any::<u64>()),
+        kind,
+    )
+        .prop_map(|(device, seq, at, command, kind)| Event {
+            device,
+            seq,
+            at,
+            command,
+            kind,
+        })
+}
+
+fn telemetry() -> impl Strategy<Value = Telemetry> {
+    (
+        device(),
+        any::<u64>(),
+        time(),
+        any::<u64>(),
+        any::<u64>(),
+        proptest::option::of(-40f32..120.0),
+        proptest::collection::vec(any::<u64>(), 0..10),
+    )
+        .prop_map(
+            |(device, seq, at, mem_used, inferences, temperature_c, counts)| {
+                let bounds: Vec<u64> = (1..=counts.len() as u64).map(|b| b * 100).collect();
+                let mut latency_counts = counts.clone();
+                latency_counts.push(0);
+                Telemetry {
+                    device,
+                    seq,
+                    at,
+                    device_metrics: DeviceMetrics {
+                        cpu_percent: 12.5,
+                        mem_used,
+                        mem_total: u64::MAX,
+                        disk_free: 1,
+                        disk_total: 2,
+                        temperature_c,
+                        uptime_s: 3,
+                    },
+                    agent: AgentMetrics {
+                        rss_bytes: 4 << 20,
+                        version: "0.1.0".into(),
+                    },
+                    model: Some(ModelMetrics {
+                        digest: Digest::of(b"m"),
+                        inferences,
+                        errors: 0,
+                        latency_bounds_us: bounds,
+                        latency_counts,
+                    }),
+                    drift: vec![DriftScore {
+                        feature: "sepal_length".into(),
+                        psi: 0.3,
+                        p_value: 0.01,
+                        drifted: true,
+                    }],
+                }
+            },
+        )
+}
+
+fn round_trips<T: Message + PartialEq + std::fmt::Debug>(msg: &T) -> Result<(), TestCaseError> {
+    let bytes = encode(msg);
+    prop_assert!(bytes.len() <= T::MAX_LEN);
+    let back: T = decode(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert_eq!(&back, msg);
+    Ok(())
+}
+
+fn never_panics_on(bytes: &[u8]) {
+    let _ = decode::<Command>(bytes);
+    let _ = decode::<DeviceState>(bytes);
+    let _ = decode::<Event>(bytes);
+    let _ = decode::<Telemetry>(bytes);
+    let _ = decode::<Chunk>(bytes);
+    let _ = decode::<FetchRequest>(bytes);
+    let _ = decode::<SampleUpload>(bytes);
+    let _ = SignedTrustRoot::from_bytes(bytes);
+    let _ = edgefleet_shared::golden::GoldenSet::from_bytes(bytes);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, .. ProptestConfig::default() })]
+
+    #[test]
+    fn commands_round_trip(id in any::<u64>(), issued_at in time(), action in action()) {
+        round_trips(&Command { id, issued_at, action })?;
+    }
+
+    #[test]
+    fn device_states_round_trip(s in state()) {
+        round_trips(&s)?;
+    }
+
+    #[test]
+    fn events_round_trip(e in event()) {
+        round_trips(&e)?;
+    }
+
+    #[test]
+    fn telemetry_round_trips(t in telemetry()) {
+        round_trips(&t)?;
+    }
+
+    #[test]
+    fn chunks_and_fetch_requests_round_trip(
+        bundle in digest(),
+        index in any::<u32>(),
+        data in proptest::collection::vec(any::<u8>(), 0..5000),
+        ranges in proptest::collection::vec((0u32..1_000_000, 1u32..1000), 1..64),
+    ) {
+        round_trips(&Chunk { bundle, index, data: data.clone() })?;
+        let ranges = ranges.into_iter().map(|(start, count)| ChunkRange { start, count }).collect();
+        round_trips(&FetchRequest { bundle, ranges })?;
+        round_trips(&SampleUpload { command: 1, digest: bundle, part: 0, parts: 1, data })?;
+    }
+
+    #[test]
+    fn random_bytes_get_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        never_panics_on(&bytes);
+    }
+
+    #[test]
+    fn damaged_valid_messages_get_an_error_not_a_panic(e in event(), pos in any::<usize>(), xor in 1u8..=255, cut in any::<usize>()) {
+        let mut bytes = encode(&e);
+        let p = pos % bytes.len();
+        bytes[p] ^= xor;
+        never_panics_on(&bytes);
+        let c = cut % bytes.len();
+        never_panics_on(&bytes[..c]);
+    }
+}
+
+#[test]
+fn a_message_with_an_invalid_device_id_is_refused_naming_the_rule() {
+    #[derive(serde::Serialize)]
+    struct Env<'a> {
+        v: u16,
+        m: FakeFetch<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct FakeFetch<'a> {
+        bundle: &'a serde_bytes::Bytes,
+        ranges: Vec<ChunkRange>,
+    }
+    let bytes = edgefleet_shared::cbor::to_vec(&Env {
+        v: 1,
+        m: FakeFetch {
+            bundle: serde_bytes::Bytes::new(&[0; 31]),
+            ranges: vec![ChunkRange { start: 0, count: 1 }],
+        },
+    });
+    let err = decode::<FetchRequest>(&bytes).expect_err("31-byte digest");
+    assert!(matches!(err, DecodeError::Malformed { .. }), "{err}");
+    assert!(err.to_string().contains("32 bytes"), "{err}");
+
+    let ok = encode(&FetchRequest {
+        bundle: Digest::of(b""),
+        ranges: vec![ChunkRange {
+            start: u32::MAX,
+            count: 2,
+        }],
+    });
+    let err = decode::<FetchRequest>(&ok).expect_err("overflowing range");
+    assert!(err.to_string().contains("ranges"), "{err}");
+}
+
+#[test]
+fn a_huge_declared_length_does_not_allocate_or_panic() {
+    // CBOR: envelope map with "m" holding a byte string that claims 2^63 bytes.
+    let mut bytes = vec![0xa2, 0x61, b'v', 0x01, 0x61, b'm', 0x5b];
+    bytes.extend_from_slice(&(1u64 << 63).to_be_bytes());
+    bytes.extend_from_slice(&[0; 16]);
+    never_panics_on(&bytes);
+    // An array claiming 2^32 elements.
+    let mut bytes = vec![0xa2, 0x61, b'v', 0x01, 0x61, b'm', 0x9b];
+    bytes.extend_from_slice(&(1u64 << 32).to_be_bytes());
+    never_panics_on(&bytes);
+}
