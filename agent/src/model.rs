@@ -337,3 +337,118 @@ fn from_tract(name: &str, v: &TValue) -> TractResult<Tensor> {
         data,
     })
 }
+
+/// Why a model failed its golden cases.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HealthFailure {
+    /// A case did not run.
+    #[error("golden case {case} does not run: {detail}")]
+    Run {
+        /// Case index.
+        case: usize,
+        /// The error.
+        detail: String,
+    },
+    /// An expected output is missing or has another shape.
+    #[error("golden case {case}: output `{output}` {detail}")]
+    Shape {
+        /// Case index.
+        case: usize,
+        /// Output name.
+        output: String,
+        /// What differs.
+        detail: String,
+    },
+    /// An output element is out of tolerance.
+    #[error("golden case {case}: output `{output}` element {index} is {got}, expected {want}")]
+    OutOfTolerance {
+        /// Case index.
+        case: usize,
+        /// Output name.
+        output: String,
+        /// Flat element index.
+        index: usize,
+        /// Value produced.
+        got: f64,
+        /// Value expected.
+        want: f64,
+    },
+    /// A case ran over the latency budget.
+    #[error("golden case {case} took {took_ms:.1} ms, over the budget of {budget_ms} ms")]
+    TooSlow {
+        /// Case index.
+        case: usize,
+        /// Time taken.
+        took_ms: f64,
+        /// Budget.
+        budget_ms: u32,
+    },
+}
+
+/// What a passing health check measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthReport {
+    /// Cases run.
+    pub cases: usize,
+    /// Slowest case, milliseconds.
+    pub max_latency_ms: f64,
+}
+
+/// Runs every golden case and checks outputs within the policy's tolerance and
+/// each case within its latency budget (after one warm-up run of the first case,
+/// so one-time allocation is not counted).
+pub fn health_check(
+    model: &LoadedModel,
+    golden: &edgefleet_shared::golden::GoldenSet,
+    policy: &edgefleet_shared::manifest::HealthPolicy,
+) -> Result<HealthReport, HealthFailure> {
+    if let Some(first) = golden.cases.first() {
+        let _ = model.run(&first.inputs);
+    }
+    let mut max_latency_ms: f64 = 0.0;
+    for (case, c) in golden.cases.iter().enumerate() {
+        let started = std::time::Instant::now();
+        let got = model.run(&c.inputs).map_err(|e| HealthFailure::Run {
+            case,
+            detail: e.to_string(),
+        })?;
+        let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+        max_latency_ms = max_latency_ms.max(took_ms);
+        for want in &c.outputs {
+            let Some(have) = got.iter().find(|g| g.name == want.name) else {
+                return Err(HealthFailure::Shape {
+                    case,
+                    output: want.name.clone(),
+                    detail: "is not produced by the model".into(),
+                });
+            };
+            if have.shape != want.shape {
+                return Err(HealthFailure::Shape {
+                    case,
+                    output: want.name.clone(),
+                    detail: format!("has shape {:?}, expected {:?}", have.shape, want.shape),
+                });
+            }
+            edgefleet_shared::golden::within_tolerance(&have.data, &want.data, policy).map_err(
+                |e| HealthFailure::OutOfTolerance {
+                    case,
+                    output: want.name.clone(),
+                    index: e.index,
+                    got: e.got,
+                    want: e.want,
+                },
+            )?;
+        }
+        if took_ms > f64::from(policy.latency_budget_ms) {
+            return Err(HealthFailure::TooSlow {
+                case,
+                took_ms,
+                budget_ms: policy.latency_budget_ms,
+            });
+        }
+    }
+    Ok(HealthReport {
+        cases: golden.cases.len(),
+        max_latency_ms,
+    })
+}

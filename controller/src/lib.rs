@@ -1,1 +1,7 @@
-pub fn x() {}
+//! The edgefleet controller and operator CLI. This session provides the operator
+//! commands for keys, trust roots and bundles ([`operator`]) and the first part of
+//! the demo ([`demo`]); the controller service follows (issue 4).
+
+pub mod cli;
+pub mod demo;
+pub mod operator;

@@ -368,9 +368,22 @@ impl RawHeader {
     pub fn read_from<R: Read>(r: &mut R) -> Result<RawHeader, BundleError> {
         // Step 1: preamble.
         let mut pre = [0u8; PREAMBLE_LEN];
-        read_exact_or(r, &mut pre[..8], "preamble")?;
-        if pre[..8] != MAGIC {
+        // A short file that does not start like a bundle is not a bundle at all:
+        // report the wrong magic rather than a truncation.
+        let mut got = 0;
+        while got < MAGIC.len() {
+            match r.read(&mut pre[got..MAGIC.len()]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if pre[..got] != MAGIC[..got] {
             return Err(Refusal::BadMagic.into());
+        }
+        if got < MAGIC.len() {
+            return Err(Refusal::truncated("preamble").into());
         }
         read_exact_or(r, &mut pre[8..], "preamble")?;
         let version = u16::from_be_bytes([pre[8], pre[9]]);
@@ -984,7 +997,7 @@ pub fn prepare_manifest(draft: &ManifestDraft, inputs: &[ArtifactInput]) -> io::
 }
 
 /// Writes a whole bundle: header then payload, streaming the artifacts.
-pub fn write_bundle<W: Write>(
+pub fn write_bundle<W: Write + ?Sized>(
     out: &mut W,
     header: &RawHeader,
     inputs: &[ArtifactInput],

@@ -16,6 +16,7 @@ pub mod ids;
 pub mod keys;
 pub mod manifest;
 pub mod protocol;
+pub mod reference;
 pub mod time;
 pub mod trust;
 pub mod unpack;

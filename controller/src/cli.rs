@@ -1,0 +1,604 @@
+//! The `edgefleet` command line: argument definitions and the thin handlers that
+//! call [`crate::operator`] and print results. Output for people goes to stdout;
+//! errors go to stderr with a non-zero exit code (1: refused or failed).
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use edgefleet_shared::manifest::{DEFAULT_CHUNK_SIZE, HealthPolicy, Manifest};
+use edgefleet_shared::{Arch, ModelChannel, UnixTime};
+
+use crate::operator::{self, BuildOptions, KeyFile, OperatorError};
+
+/// edgefleet: deploy signed ML model bundles to fleets of edge devices.
+#[derive(Debug, Parser)]
+#[command(name = "edgefleet", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole story on this machine (today: the signed-bundle workflow).
+    Demo(DemoArgs),
+    /// Signing keys (stay with the operator, never on the controller).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Trust roots: which keys devices accept, k of n, and key rotation.
+    #[command(subcommand)]
+    Trust(TrustCommand),
+    /// Model bundles: build, sign, verify, inspect.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+}
+
+/// `edgefleet demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the demo's files in this directory (default: a temporary directory
+    /// that is removed at the end).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// `edgefleet keys ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Generate an Ed25519 key pair: <out>/<name>.key (secret, mode 0600) and .pub.
+    Generate {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// File name stem.
+        #[arg(long, default_value = "signing")]
+        name: String,
+    },
+}
+
+/// `edgefleet trust ...`.
+#[derive(Debug, Subcommand)]
+pub enum TrustCommand {
+    /// Create a trust root (version 1) listing keys; secret keys given also sign it.
+    Init {
+        /// Key files (.pub to list, .key to list and sign); repeat for k of n.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// How many distinct keys must sign a bundle (k).
+        #[arg(long)]
+        threshold: u16,
+        /// Days until the root expires.
+        #[arg(long, default_value_t = 365)]
+        expires_in_days: u32,
+        /// Where to write the root.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Create the next trust root from the current one (key rotation). It must be
+    /// signed by k keys of the current root and k of its own to be accepted.
+    Rotate {
+        /// The current trust root.
+        #[arg(long)]
+        current: PathBuf,
+        /// Key files of the new root (.key files also sign).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// Threshold of the new root.
+        #[arg(long)]
+        threshold: u16,
+        /// Secret keys of the current root that sign the new one.
+        #[arg(long = "sign-with")]
+        sign_with: Vec<PathBuf>,
+        /// Days until the new root expires.
+        #[arg(long, default_value_t = 365)]
+        expires_in_days: u32,
+        /// Where to write the new root.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add signatures to a trust root file (for keys held by other people).
+    Sign {
+        /// The trust root file.
+        file: PathBuf,
+        /// Secret keys to sign with.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+    },
+    /// Check a trust root: on its own, or as the successor of --current.
+    Verify {
+        /// The trust root file.
+        file: PathBuf,
+        /// The root it should succeed (rotation check).
+        #[arg(long)]
+        current: Option<PathBuf>,
+    },
+}
+
+/// `edgefleet bundle ...`.
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Build a bundle from an ONNX model: proves the model loads and runs on the
+    /// device runtime, records golden outputs, summarises reference data.
+    Build(Box<BuildArgs>),
+    /// Add signatures to a bundle (repeat --key for k of n).
+    Sign {
+        /// The bundle file.
+        file: PathBuf,
+        /// Secret key files.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+    },
+    /// Verify a bundle completely against a trust root, as a device would.
+    Verify {
+        /// The bundle file.
+        file: PathBuf,
+        /// The trust root file.
+        #[arg(long)]
+        trust: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a bundle's manifest (signatures are listed, not verified).
+    Inspect {
+        /// The bundle file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `edgefleet bundle build` arguments.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The ONNX model.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Model channel (the model's name).
+    #[arg(long)]
+    pub channel: ModelChannel,
+    /// Semantic version, e.g. 1.4.0.
+    #[arg(long)]
+    pub version: semver::Version,
+    /// Release number; must grow with every bundle of the channel.
+    #[arg(long)]
+    pub release: u64,
+    /// Reference data (CSV with a header row) for drift statistics.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Golden cases (JSON): inputs, and optionally expected outputs.
+    #[arg(long)]
+    pub golden: Option<PathBuf>,
+    /// Where to write the bundle.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Sign right away with these secret keys.
+    #[arg(long = "key")]
+    pub keys: Vec<PathBuf>,
+    /// Days until the bundle expires.
+    #[arg(long, default_value_t = 90)]
+    pub expires_in_days: u32,
+    /// Architectures allowed (comma-separated, e.g. x86_64,aarch64,arm); any if absent.
+    #[arg(long, value_delimiter = ',')]
+    pub arch: Vec<Arch>,
+    /// Lowest agent version allowed.
+    #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+    pub min_agent_version: semver::Version,
+    /// Memory the model needs, in MiB (estimated from the model size if absent).
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    /// Transfer chunk size in KiB (4 to 4096).
+    #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE / 1024)]
+    pub chunk_kib: u32,
+    /// Health check: absolute tolerance per output element.
+    #[arg(long, default_value_t = HealthPolicy::default().abs_tolerance)]
+    pub abs_tolerance: f64,
+    /// Health check: relative tolerance per output element.
+    #[arg(long, default_value_t = HealthPolicy::default().rel_tolerance)]
+    pub rel_tolerance: f64,
+    /// Health check: latency budget per golden case, milliseconds.
+    #[arg(long, default_value_t = HealthPolicy::default().latency_budget_ms)]
+    pub latency_budget_ms: u32,
+}
+
+/// Why the command failed, and its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// An operator command failed.
+    #[error(transparent)]
+    Operator(#[from] OperatorError),
+    /// Printing JSON failed.
+    #[error("cannot print JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+fn load_keys(paths: &[PathBuf]) -> Result<Vec<KeyFile>, OperatorError> {
+    paths.iter().map(|p| operator::load_key(p)).collect()
+}
+
+fn load_secrets(paths: &[PathBuf]) -> Result<Vec<edgefleet_shared::SecretKey>, OperatorError> {
+    paths.iter().map(|p| operator::load_secret_key(p)).collect()
+}
+
+fn bytes_text(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+/// Human description of a manifest (shared by `inspect`, `verify` and the demo).
+pub fn describe_manifest(m: &Manifest, digest: &edgefleet_shared::Digest) -> String {
+    let mut s = String::new();
+    let line = |s: &mut String, k: &str, v: String| s.push_str(&format!("  {k:<12} {v}\n"));
+    line(
+        &mut s,
+        "bundle",
+        format!("{} {} (release {})", m.channel, m.version, m.release),
+    );
+    line(&mut s, "digest", digest.to_hex());
+    line(&mut s, "created", m.created_at.to_string());
+    line(&mut s, "expires", m.expires_at.to_string());
+    for a in &m.artifacts {
+        line(
+            &mut s,
+            "artifact",
+            format!(
+                "{} ({}, {}, sha256 {})",
+                a.name,
+                format!("{:?}", a.kind).to_lowercase(),
+                bytes_text(a.size),
+                a.sha256.short()
+            ),
+        );
+    }
+    for t in &m.schema.inputs {
+        line(
+            &mut s,
+            "input",
+            format!("{} {} {}", t.name, t.dtype, t.shape_text()),
+        );
+    }
+    for t in &m.schema.outputs {
+        line(
+            &mut s,
+            "output",
+            format!("{} {} {}", t.name, t.dtype, t.shape_text()),
+        );
+    }
+    let archs = if m.constraints.architectures.is_empty() {
+        "any".to_string()
+    } else {
+        m.constraints
+            .architectures
+            .iter()
+            .map(|a| a.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    line(
+        &mut s,
+        "requires",
+        format!(
+            "architecture {archs}; agent >= {}; memory {}",
+            m.constraints.min_agent_version,
+            bytes_text(m.constraints.memory_bytes)
+        ),
+    );
+    line(
+        &mut s,
+        "health",
+        format!(
+            "outputs within abs {} + rel {}; {} ms per case",
+            m.health.abs_tolerance, m.health.rel_tolerance, m.health.latency_budget_ms
+        ),
+    );
+    line(
+        &mut s,
+        "payload",
+        format!(
+            "{} in {} chunk(s) of {}",
+            bytes_text(m.payload.size),
+            m.payload.chunks.len(),
+            bytes_text(m.payload.chunk_size.into())
+        ),
+    );
+    s
+}
+
+/// Runs one command; returns the process exit code.
+pub fn run(cli: Cli) -> Result<i32, CliError> {
+    let now = UnixTime::now();
+    match cli.command {
+        Command::Demo(args) => Ok(crate::demo::run(args.dir.as_deref())?),
+        Command::Keys(KeysCommand::Generate { out, name }) => {
+            let (secret, public, key) = operator::generate_key(&out, &name)?;
+            println!("generated key {}", key.public().id());
+            println!(
+                "  secret  {} (mode 0600; keep it off the controller)",
+                secret.display()
+            );
+            println!("  public  {}", public.display());
+            Ok(0)
+        }
+        Command::Trust(cmd) => trust(cmd, now),
+        Command::Bundle(cmd) => bundle(cmd, now),
+    }
+}
+
+fn trust(cmd: TrustCommand, now: UnixTime) -> Result<i32, CliError> {
+    match cmd {
+        TrustCommand::Init {
+            keys,
+            threshold,
+            expires_in_days,
+            out,
+        } => {
+            let keys = load_keys(&keys)?;
+            let expires = now.plus_days(i64::from(expires_in_days));
+            let root = operator::new_trust_root(&keys, threshold, 1, expires, &[])?;
+            operator::save_trust_root(&out, &root)?;
+            report_root(&out, &root, now);
+            Ok(0)
+        }
+        TrustCommand::Rotate {
+            current,
+            keys,
+            threshold,
+            sign_with,
+            expires_in_days,
+            out,
+        } => {
+            let current_file = operator::load_trust_file(&current)?;
+            let current_root = current_file
+                .decode()
+                .map_err(|source| OperatorError::Trust {
+                    path: current.clone(),
+                    source,
+                })?;
+            let keys = load_keys(&keys)?;
+            let old_signers = load_secrets(&sign_with)?;
+            let expires = now.plus_days(i64::from(expires_in_days));
+            let next = operator::new_trust_root(
+                &keys,
+                threshold,
+                current_root.version + 1,
+                expires,
+                &old_signers,
+            )?;
+            operator::save_trust_root(&out, &next)?;
+            println!(
+                "wrote trust root version {} to {}",
+                current_root.version + 1,
+                out.display()
+            );
+            match current_root.accept_rotation(&next, now) {
+                Ok(_) => println!(
+                    "  devices on version {} will accept it",
+                    current_root.version
+                ),
+                Err(e) => println!(
+                    "  not yet acceptable: {e}\n  add signatures with `edgefleet trust sign {} --key ...`",
+                    out.display()
+                ),
+            }
+            Ok(0)
+        }
+        TrustCommand::Sign { file, keys } => {
+            let mut root = operator::load_trust_file(&file)?;
+            for k in load_secrets(&keys)? {
+                root.sign(&k);
+            }
+            operator::save_trust_root(&file, &root)?;
+            report_root(&file, &root, now);
+            Ok(0)
+        }
+        TrustCommand::Verify { file, current } => {
+            let root = operator::load_trust_file(&file)?;
+            let result = match current {
+                Some(cur) => operator::load_trust_root(&cur, now)
+                    .map(|_| ())
+                    .and_then(|_| {
+                        let cur_root =
+                            operator::load_trust_file(&cur)?
+                                .decode()
+                                .map_err(|source| OperatorError::Trust {
+                                    path: cur.clone(),
+                                    source,
+                                })?;
+                        cur_root
+                            .accept_rotation(&root, now)
+                            .map(|_| ())
+                            .map_err(|source| OperatorError::Trust {
+                                path: file.clone(),
+                                source,
+                            })
+                    }),
+                None => root
+                    .verify_self(now)
+                    .map(|_| ())
+                    .map_err(|source| OperatorError::Trust {
+                        path: file.clone(),
+                        source,
+                    }),
+            };
+            match result {
+                Ok(()) => {
+                    println!("OK: {} is a valid trust root", file.display());
+                    Ok(0)
+                }
+                Err(e) => {
+                    println!("REFUSED: {e}");
+                    Ok(1)
+                }
+            }
+        }
+    }
+}
+
+fn report_root(path: &Path, root: &edgefleet_shared::SignedTrustRoot, now: UnixTime) {
+    match root.decode() {
+        Ok(doc) => {
+            println!(
+                "trust root version {} at {}: {} key(s), threshold {}, expires {}",
+                doc.version,
+                path.display(),
+                doc.keys.len(),
+                doc.threshold,
+                doc.expires_at
+            );
+            for k in &doc.keys {
+                let signed = root.signatures.iter().any(|s| s.key == k.id());
+                println!(
+                    "  key {} {}",
+                    k.id(),
+                    if signed { "signed" } else { "not signed yet" }
+                );
+            }
+            match root.verify_self(now) {
+                Ok(_) => println!("  complete: devices can pin it"),
+                Err(e) => println!(
+                    "  incomplete: {e}\n  add signatures with `edgefleet trust sign {} --key ...`",
+                    path.display()
+                ),
+            }
+        }
+        Err(e) => println!("{}: {e}", path.display()),
+    }
+}
+
+fn bundle(cmd: BundleCommand, now: UnixTime) -> Result<i32, CliError> {
+    match cmd {
+        BundleCommand::Build(args) => {
+            let opts = BuildOptions {
+                model: args.model,
+                channel: args.channel,
+                version: args.version,
+                release: args.release,
+                reference: args.reference,
+                golden: args.golden,
+                now,
+                expires_in_days: args.expires_in_days,
+                architectures: args.arch,
+                min_agent_version: args.min_agent_version,
+                memory_bytes: args.memory_mib.map(|m| m << 20),
+                chunk_size: args.chunk_kib.saturating_mul(1024),
+                health: HealthPolicy {
+                    abs_tolerance: args.abs_tolerance,
+                    rel_tolerance: args.rel_tolerance,
+                    latency_budget_ms: args.latency_budget_ms,
+                },
+                signers: load_secrets(&args.keys)?,
+            };
+            let report = operator::build_bundle(&opts, &args.out)?;
+            println!("built {}", args.out.display());
+            print!("{}", describe_manifest(&report.manifest, &report.digest));
+            println!(
+                "  golden       {} case(s), {}",
+                report.golden_cases,
+                if report.golden_from_file {
+                    "outputs checked against the file"
+                } else {
+                    "generated input, outputs recorded from the model"
+                }
+            );
+            match report.reference_rows {
+                Some(rows) => println!("  reference    {rows} rows summarised"),
+                None => {
+                    println!("  reference    none (no drift statistics; pass --reference data.csv)")
+                }
+            }
+            if report.signatures == 0 {
+                println!(
+                    "  unsigned: sign it with `edgefleet bundle sign {} --key KEY`",
+                    args.out.display()
+                );
+            } else {
+                println!("  signatures   {}", report.signatures);
+            }
+            Ok(0)
+        }
+        BundleCommand::Sign { file, keys } => {
+            let header = operator::sign_bundle(&file, &load_secrets(&keys)?)?;
+            println!(
+                "signed {} ({} signature(s))",
+                file.display(),
+                header.signatures.len()
+            );
+            for s in &header.signatures {
+                println!("  key {}", s.key);
+            }
+            Ok(0)
+        }
+        BundleCommand::Verify { file, trust, json } => {
+            let root = operator::load_trust_root(&trust, now)?;
+            match operator::verify_bundle(&file, &root, now) {
+                Ok(v) => {
+                    if json {
+                        let out = serde_json::json!({
+                            "ok": true,
+                            "digest": v.digest,
+                            "channel": v.manifest.channel,
+                            "version": v.manifest.version,
+                            "release": v.manifest.release,
+                            "signed_by": v.signed_by,
+                        });
+                        println!("{}", serde_json::to_string_pretty(&out)?);
+                    } else {
+                        println!("OK: {} verified", file.display());
+                        print!("{}", describe_manifest(&v.manifest, &v.digest));
+                        for k in &v.signed_by {
+                            println!("  signed by    {k}");
+                        }
+                    }
+                    Ok(0)
+                }
+                Err(OperatorError::Bundle {
+                    source: edgefleet_shared::BundleError::Refused(r),
+                    ..
+                }) => {
+                    if json {
+                        let out = serde_json::json!({ "ok": false, "code": r.code(), "reason": r, "message": r.to_string() });
+                        println!("{}", serde_json::to_string_pretty(&out)?);
+                    } else {
+                        println!("REFUSED ({}): {r}", r.code());
+                    }
+                    Ok(1)
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        BundleCommand::Inspect { file, json } => {
+            let header = operator::read_header(&file)?;
+            let digest = header.digest();
+            let manifest = header
+                .decode_unverified()
+                .map_err(|e| OperatorError::Input {
+                    what: file.display().to_string(),
+                    detail: format!("manifest cannot be read: {e}"),
+                })?;
+            if json {
+                let out = serde_json::json!({
+                    "digest": digest,
+                    "manifest": manifest,
+                    "signatures": header.signatures.iter().map(|s| s.key).collect::<Vec<_>>(),
+                    "verified": false,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print!("{}", describe_manifest(&manifest, &digest));
+                for s in &header.signatures {
+                    println!("  signature    key {}", s.key);
+                }
+                println!(
+                    "  (signatures listed, not verified: use `edgefleet bundle verify --trust ROOT`)"
+                );
+            }
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! The operator CLI as a user runs it: the real `edgefleet` binary on real files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
+
+fn ef(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edgefleet"))
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LIB_BACKTRACE", "0")
+        .output()
+        .expect("edgefleet runs")
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = ef(dir, args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "edgefleet {args:?} failed:\n{text}");
+    text
+}
+
+fn fails(dir: &Path, args: &[&str]) -> String {
+    let out = ef(dir, args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "edgefleet {args:?} should fail with 1:\n{text}"
+    );
+    text
+}
+
+fn model(name: &str) -> String {
+    format!("{MODELS}/{name}")
+}
+
+/// Keys alice, bob, carol and a 2-of-3 trust root signed by alice and bob.
+fn setup(dir: &Path) {
+    for name in ["alice", "bob", "carol"] {
+        ok(dir, &["keys", "generate", "--out", "keys", "--name", name]);
+    }
+    let out = ok(
+        dir,
+        &[
+            "trust",
+            "init",
+            "--key",
+            "keys/alice.key",
+            "--key",
+            "keys/bob.key",
+            "--key",
+            "keys/carol.pub",
+            "--threshold",
+            "2",
+            "--out",
+            "root.cbor",
+        ],
+    );
+    assert!(out.contains("complete: devices can pin it"), "{out}");
+}
+
+fn build(dir: &Path, out: &str, release: &str) -> String {
+    ok(
+        dir,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &model("iris_logreg.onnx"),
+            "--channel",
+            "iris",
+            "--version",
+            "1.0.0",
+            "--release",
+            release,
+            "--reference",
+            &model("iris_reference.csv"),
+            "--golden",
+            &model("iris_golden.json"),
+            "--out",
+            out,
+        ],
+    )
+}
+
+#[test]
+fn keys_are_pem_and_the_secret_one_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    ok(
+        dir.path(),
+        &["keys", "generate", "--out", "k", "--name", "ops"],
+    );
+    let secret = dir.path().join("k/ops.key");
+    let mode = std::fs::metadata(&secret)
+        .expect("key")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(
+        std::fs::read_to_string(&secret)
+            .expect("pem")
+            .starts_with("-----BEGIN PRIVATE KEY-----")
+    );
+    assert!(
+        std::fs::read_to_string(dir.path().join("k/ops.pub"))
+            .expect("pem")
+            .starts_with("-----BEGIN PUBLIC KEY-----")
+    );
+    let again = fails(
+        dir.path(),
+        &["keys", "generate", "--out", "k", "--name", "ops"],
+    );
+    assert!(again.contains("refusing to overwrite"), "{again}");
+}
+
+#[test]
+fn build_sign_verify_inspect_round_trip_and_a_tampered_copy_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    setup(d);
+    let built = build(d, "iris.efb", "1");
+    assert!(
+        built.contains("features f32 [N, 4]") && built.contains("unsigned"),
+        "{built}"
+    );
+    // Unsigned: refused with the reason and exit code 1.
+    let refused = fails(d, &["bundle", "verify", "iris.efb", "--trust", "root.cbor"]);
+    assert!(refused.contains("too_few_signatures"), "{refused}");
+    // One signature is not enough for 2 of 3; two are.
+    ok(
+        d,
+        &["bundle", "sign", "iris.efb", "--key", "keys/alice.key"],
+    );
+    let refused = fails(
+        d,
+        &[
+            "bundle",
+            "verify",
+            "iris.efb",
+            "--trust",
+            "root.cbor",
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&refused).expect("json");
+    assert_eq!(v["code"], "too_few_signatures");
+    assert_eq!(v["reason"]["valid"], 1);
+    ok(d, &["bundle", "sign", "iris.efb", "--key", "keys/bob.key"]);
+    let verified = ok(
+        d,
+        &[
+            "bundle",
+            "verify",
+            "iris.efb",
+            "--trust",
+            "root.cbor",
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&verified).expect("json");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["release"], 1);
+    assert_eq!(v["signed_by"].as_array().map(|a| a.len()), Some(2));
+
+    let inspect = ok(d, &["bundle", "inspect", "iris.efb", "--json"]);
+    let i: serde_json::Value = serde_json::from_str(&inspect).expect("json");
+    assert_eq!(i["digest"], v["digest"]);
+    assert_eq!(i["manifest"]["channel"], "iris");
+    assert_eq!(
+        i["manifest"]["artifacts"].as_array().map(|a| a.len()),
+        Some(3)
+    );
+    assert_eq!(i["verified"], false);
+
+    // Flip one byte near the end (inside an artifact): refused, original unharmed.
+    let mut bytes = std::fs::read(d.join("iris.efb")).expect("bundle");
+    let at = bytes.len() - 10;
+    bytes[at] ^= 1;
+    std::fs::write(d.join("bad.efb"), &bytes).expect("write");
+    let refused = fails(d, &["bundle", "verify", "bad.efb", "--trust", "root.cbor"]);
+    assert!(
+        refused.contains("REFUSED (chunk_digest_mismatch)")
+            || refused.contains("REFUSED (artifact_digest_mismatch)"),
+        "{refused}"
+    );
+    ok(d, &["bundle", "verify", "iris.efb", "--trust", "root.cbor"]);
+}
+
+#[test]
+fn a_model_tract_cannot_run_is_refused_at_build_naming_the_operator_and_nothing_is_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let out = fails(
+        d,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &model("iris_zipmap.onnx"),
+            "--channel",
+            "iris",
+            "--version",
+            "1.0.0",
+            "--release",
+            "1",
+            "--out",
+            "x.efb",
+        ],
+    );
+    assert!(
+        out.contains("ONNX operator `Scaler`") || out.contains("ONNX operator `ZipMap`"),
+        "{out}"
+    );
+    assert!(!d.join("x.efb").exists());
+    let leftovers: Vec<PathBuf> = std::fs::read_dir(d)
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+}
+
+#[test]
+fn bad_inputs_get_errors_that_name_the_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // Golden outputs the model does not produce.
+    std::fs::write(
+        d.join("g.json"),
+        r#"{"cases":[{"inputs":{"features":[[5.0,3.4,1.5,0.2]]},"outputs":{"label":[2]}}]}"#,
+    )
+    .expect("w");
+    let out = fails(
+        d,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &model("iris_logreg.onnx"),
+            "--channel",
+            "iris",
+            "--version",
+            "1.0.0",
+            "--release",
+            "1",
+            "--golden",
+            "g.json",
+            "--out",
+            "x.efb",
+        ],
+    );
+    assert!(
+        out.contains("golden case 0 output `label`") && out.contains("the file says 2"),
+        "{out}"
+    );
+    // Wrong input width in golden inputs.
+    std::fs::write(
+        d.join("g.json"),
+        r#"{"cases":[{"inputs":{"features":[[5.0,3.4,1.5]]}}]}"#,
+    )
+    .expect("w");
+    let out = fails(
+        d,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &model("iris_logreg.onnx"),
+            "--channel",
+            "iris",
+            "--version",
+            "1.0.0",
+            "--release",
+            "1",
+            "--golden",
+            "g.json",
+            "--out",
+            "x.efb",
+        ],
+    );
+    assert!(
+        out.contains("input `features`") && out.contains("[N, 4]"),
+        "{out}"
+    );
+    // Non-numeric reference data names the line and column.
+    std::fs::write(d.join("r.csv"), "a,b,c,d\n1,2,3,4\n1,x,3,4\n").expect("w");
+    let out = fails(
+        d,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &model("iris_logreg.onnx"),
+            "--channel",
+            "iris",
+            "--version",
+            "1.0.0",
+            "--release",
+            "1",
+            "--reference",
+            "r.csv",
+            "--out",
+            "x.efb",
+        ],
+    );
+    assert!(out.contains("line 3") && out.contains("`b`"), "{out}");
+    // Invalid channel name: rejected by argument parsing (exit 2) naming the rule.
+    let bad = ef(
+        d,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            "m",
+            "--channel",
+            "../etc",
+            "--version",
+            "1.0.0",
+            "--release",
+            "1",
+            "--out",
+            "x",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("model channel"));
+    // A file that is not a bundle.
+    std::fs::write(d.join("junk.efb"), b"hello").expect("w");
+    let out = fails(d, &["bundle", "inspect", "junk.efb"]);
+    assert!(out.contains("wrong magic"), "{out}");
+    assert!(!d.join("x.efb").exists());
+}
+
+#[test]
+fn key_rotation_needs_both_the_old_and_the_new_threshold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    setup(d);
+    ok(d, &["keys", "generate", "--out", "keys", "--name", "dave"]);
+    ok(d, &["keys", "generate", "--out", "keys", "--name", "erin"]);
+    // Signed by the new keys and only one old key: not acceptable yet.
+    let out = ok(
+        d,
+        &[
+            "trust",
+            "rotate",
+            "--current",
+            "root.cbor",
+            "--key",
+            "keys/dave.key",
+            "--key",
+            "keys/erin.key",
+            "--threshold",
+            "2",
+            "--sign-with",
+            "keys/alice.key",
+            "--out",
+            "root2.cbor",
+        ],
+    );
+    assert!(out.contains("not yet acceptable"), "{out}");
+    let out = fails(
+        d,
+        &["trust", "verify", "root2.cbor", "--current", "root.cbor"],
+    );
+    assert!(out.contains("current root"), "{out}");
+    ok(d, &["trust", "sign", "root2.cbor", "--key", "keys/bob.key"]);
+    let out = ok(
+        d,
+        &["trust", "verify", "root2.cbor", "--current", "root.cbor"],
+    );
+    assert!(out.contains("OK"), "{out}");
+    // A bundle signed by the retired keys is refused under the new root.
+    build(d, "iris.efb", "1");
+    ok(
+        d,
+        &[
+            "bundle",
+            "sign",
+            "iris.efb",
+            "--key",
+            "keys/alice.key",
+            "--key",
+            "keys/bob.key",
+        ],
+    );
+    let out = fails(
+        d,
+        &["bundle", "verify", "iris.efb", "--trust", "root2.cbor"],
+    );
+    assert!(out.contains("unknown_key"), "{out}");
+    ok(
+        d,
+        &[
+            "bundle",
+            "sign",
+            "iris.efb",
+            "--key",
+            "keys/dave.key",
+            "--key",
+            "keys/erin.key",
+        ],
+    );
+    ok(
+        d,
+        &["bundle", "verify", "iris.efb", "--trust", "root2.cbor"],
+    );
+}
+
+#[test]
+fn the_demo_runs_to_a_successful_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = ok(dir.path(), &["demo", "--dir", "demo"]);
+    assert!(out.contains("all attacks were refused"), "{out}");
+    assert!(out.contains("REFUSED at build time"), "{out}");
+    assert!(dir.path().join("demo/iris-1.1.0.efb").exists());
+}
