@@ -114,19 +114,30 @@ fn describe(e: ciborium::de::Error<std::io::Error>) -> String {
     }
 }
 
-/// Deserialises a CBOR byte string of exactly `N` bytes.
-pub(crate) fn fixed_bytes<'de, D: Deserializer<'de>, const N: usize>(
+/// Deserialises `N` bytes given either as a byte string (CBOR) or as hex text
+/// (JSON). Both are accepted whatever the format claims, because serde's
+/// buffering of internally tagged enums reports every format as human-readable.
+pub(crate) fn hex_or_bytes<'de, D: Deserializer<'de>, const N: usize>(
     d: D,
 ) -> Result<[u8; N], D::Error> {
     struct V<const N: usize>;
     impl<const N: usize> serde::de::Visitor<'_> for V<N> {
         type Value = [u8; N];
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "a byte string of {N} bytes")
+            write!(f, "a byte string of {N} bytes or {} hex digits", 2 * N)
         }
         fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
             v.try_into().map_err(|_| E::invalid_length(v.len(), &self))
         }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            let mut out = [0u8; N];
+            if v.len() != 2 * N || v.chars().any(|c| c.is_ascii_uppercase()) {
+                return Err(E::invalid_value(serde::de::Unexpected::Str(v), &self));
+            }
+            hex::decode_to_slice(v, &mut out)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))?;
+            Ok(out)
+        }
     }
-    d.deserialize_bytes(V::<N>)
+    d.deserialize_any(V::<N>)
 }

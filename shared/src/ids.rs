@@ -230,11 +230,7 @@ impl Serialize for Digest {
 
 impl<'de> Deserialize<'de> for Digest {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        if d.is_human_readable() {
-            let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-            return s.parse().map_err(serde::de::Error::custom);
-        }
-        Ok(Digest(crate::cbor::fixed_bytes::<D, 32>(d)?))
+        Ok(Digest(crate::cbor::hex_or_bytes::<D, 32>(d)?))
     }
 }
 

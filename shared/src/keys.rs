@@ -112,14 +112,7 @@ impl Serialize for PublicKey {
 
 impl<'de> Deserialize<'de> for PublicKey {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let bytes = if d.is_human_readable() {
-            let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-            let mut out = [0u8; 32];
-            hex::decode_to_slice(s.as_bytes(), &mut out).map_err(serde::de::Error::custom)?;
-            out
-        } else {
-            crate::cbor::fixed_bytes::<D, 32>(d)?
-        };
+        let bytes = crate::cbor::hex_or_bytes::<D, 32>(d)?;
         PublicKey::from_bytes(bytes).map_err(serde::de::Error::custom)
     }
 }
@@ -190,7 +183,6 @@ pub struct SignatureEntry {
 }
 
 mod sig_bytes {
-    use serde::Deserialize;
     use serde::{Deserializer, Serializer};
     pub fn serialize<S: Serializer>(v: &[u8; 64], s: S) -> Result<S::Ok, S::Error> {
         if s.is_human_readable() {
@@ -200,13 +192,7 @@ mod sig_bytes {
         }
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
-        if d.is_human_readable() {
-            let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-            let mut out = [0u8; 64];
-            hex::decode_to_slice(s.as_bytes(), &mut out).map_err(serde::de::Error::custom)?;
-            return Ok(out);
-        }
-        crate::cbor::fixed_bytes::<D, 64>(d)
+        crate::cbor::hex_or_bytes::<D, 64>(d)
     }
 }
 
