@@ -452,6 +452,34 @@ fn every_attack_is_refused_with_its_exact_reason() {
 }
 
 #[test]
+fn chunks_arriving_over_the_wire_are_checked_against_the_signed_table() {
+    use edgefleet_shared::bundle::verify_chunk;
+    let g = good();
+    let m = good_manifest(3, 0);
+    let payload = &g[payload_start(&g)..];
+    for i in 0..m.payload.chunks.len() as u32 {
+        let (start, end) = m.payload.chunk_range(i).expect("chunk exists");
+        let chunk = &payload[start as usize..end as usize];
+        assert_eq!(verify_chunk(&m.payload, i, chunk), Ok(()));
+        let mut bad = chunk.to_vec();
+        bad[0] ^= 1;
+        assert_eq!(
+            verify_chunk(&m.payload, i, &bad),
+            Err(Refusal::ChunkDigestMismatch { index: i })
+        );
+        assert!(
+            verify_chunk(&m.payload, i, &chunk[1..]).is_err(),
+            "short chunk {i} accepted"
+        );
+    }
+    let last = m.payload.chunks.len() as u32;
+    assert_eq!(
+        verify_chunk(&m.payload, last, b""),
+        Err(Refusal::ChunkDigestMismatch { index: last })
+    );
+}
+
+#[test]
 fn each_refusal_has_a_stable_snake_case_code() {
     assert_eq!(Refusal::BadMagic.code(), "bad_magic");
     assert_eq!(Refusal::TrailingBytes.code(), "trailing_bytes");
