@@ -1,5 +1,12 @@
-//! The edgefleet device agent. This session provides the model runtime
-//! ([`model`]), which `edgefleet bundle build` also uses to prove a model before it
-//! is signed; the install path, MQTT link and local API follow (issue 3).
+//! The edgefleet device agent.
+//!
+//! Present: the model runtime ([`model`]), the A/B slot state machine ([`slots`]),
+//! the data directory and install path ([`store`]), OIP v2 tensors ([`oip`]) and the
+//! local commands (`install`, `status`, `revert`, `activate`, `infer`). Not yet: the
+//! MQTT link, the local HTTP API, telemetry, configuration file (issue 3).
 
+pub mod cli;
 pub mod model;
+pub mod oip;
+pub mod slots;
+pub mod store;

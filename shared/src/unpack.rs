@@ -12,6 +12,16 @@ use std::path::{Path, PathBuf};
 use crate::bundle::{ArtifactSink, BundleError, Policy, VerifiedHeader, verify_stream};
 use crate::manifest::ArtifactEntry;
 
+/// File name of the manifest copy in an unpacked bundle directory.
+pub const MANIFEST_FILE: &str = ".manifest.cbor";
+
+/// Reads the manifest copy of an unpacked bundle directory.
+pub fn read_manifest(dir: &Path) -> io::Result<crate::manifest::Manifest> {
+    let bytes = fs::read(dir.join(MANIFEST_FILE))?;
+    crate::cbor::from_slice("manifest", &bytes, crate::bundle::MAX_MANIFEST_LEN as usize)
+        .map_err(io::Error::other)
+}
+
 /// Writes each artifact to `<dir>/<artifact name>`.
 #[derive(Debug)]
 pub struct DirSink {
@@ -91,6 +101,11 @@ pub fn unpack_to_dir<R: Read>(
     let result = verify_stream(reader, policy, &mut DirSink::new(&staging));
     match result {
         Ok(header) => {
+            // The decoded manifest, for local reading only (the verified bytes were
+            // checked above). Artifact names cannot start with a dot: no clash.
+            let mut f = File::create_new(staging.join(MANIFEST_FILE))?;
+            f.write_all(&crate::cbor::to_vec(&header.manifest))?;
+            f.sync_all()?;
             sync_dir(&staging)?;
             fs::rename(&staging, target)?;
             sync_dir(parent)?;

@@ -1,0 +1,258 @@
+//! The `edgefleet-agent` command line (local commands; `run` comes with the MQTT
+//! link). Thin: parses, calls [`crate::store`], prints.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use edgefleet_shared::bundle::DeviceFacts;
+use edgefleet_shared::protocol::InstallMode;
+use edgefleet_shared::{Arch, Digest, SignedTrustRoot, UnixTime};
+
+use crate::oip::{InferRequest, InferResponse, MAX_REQUEST_LEN, from_tensor, to_tensor};
+use crate::slots::SlotEvent;
+use crate::store::{self, Store};
+
+/// edgefleet-agent: installs signed model bundles and serves them on this device.
+#[derive(Debug, Parser)]
+#[command(name = "edgefleet-agent", version, about)]
+pub struct Cli {
+    /// Data directory (slots, state).
+    #[arg(long, global = true, default_value = "/var/lib/edgefleet")]
+    pub data_dir: PathBuf,
+    /// The pinned trust root.
+    #[arg(long, global = true, default_value = "/etc/edgefleet/trust-root.cbor")]
+    pub trust: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Local commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Verify, health-check and activate a bundle file (sideloading, no network).
+    Install {
+        /// The bundle file.
+        file: PathBuf,
+        /// Install into the inactive slot without activating it.
+        #[arg(long)]
+        stage: bool,
+    },
+    /// Show the slots, the active bundle and the last install result.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch back to the previous bundle instantly.
+    Revert,
+    /// Activate the staged bundle with this digest.
+    Activate {
+        /// Bundle digest (64 hex digits).
+        digest: Digest,
+    },
+    /// Run the active model once on an OIP v2 JSON request file ("-" for stdin).
+    Infer {
+        /// Request file: {"inputs": [{"name", "shape", "datatype", "data"}]}.
+        #[arg(long)]
+        input: PathBuf,
+    },
+}
+
+/// Command failures, each naming what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The data directory.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// An install or slot change.
+    #[error(transparent)]
+    Install(#[from] store::InstallError),
+    /// The trust root.
+    #[error("trust root {path}: {detail}")]
+    Trust {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The inference request.
+    #[error("{0}")]
+    Request(String),
+}
+
+fn memory_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kib| kib * 1024)
+}
+
+/// This device's facts for the constraints check.
+pub fn device_facts() -> DeviceFacts {
+    DeviceFacts {
+        arch: Arch::current(),
+        agent_version: semver::Version::parse(env!("CARGO_PKG_VERSION"))
+            .unwrap_or(semver::Version::new(0, 0, 0)),
+        memory_available: memory_available(),
+    }
+}
+
+fn print_state(state: &crate::slots::SlotsState) {
+    match state.active_entry() {
+        Some(e) => println!(
+            "active    {} {} (release {}) in slot {:?}, digest {}",
+            e.bundle.channel,
+            e.bundle.version,
+            e.bundle.release,
+            state.active.unwrap_or(edgefleet_shared::protocol::Slot::A),
+            e.bundle.digest.short()
+        ),
+        None => println!("active    none (no model installed)"),
+    }
+    for s in state.slot_states() {
+        println!(
+            "slot {:?}    {} {} (release {}), {:?}",
+            s.slot, s.bundle.channel, s.bundle.version, s.bundle.release, s.role
+        );
+    }
+    if let Some(r) = &state.last_install {
+        match &r.failure {
+            None => println!(
+                "last      install of {} succeeded at {}",
+                r.digest.short(),
+                r.at
+            ),
+            Some(f) => println!(
+                "last      install of {} FAILED at {}: {}",
+                r.digest.short(),
+                r.at,
+                serde_json::to_string(f).unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// Runs one command; returns the exit code.
+pub fn run(cli: Cli) -> Result<i32, CliError> {
+    let store = Store::open(&cli.data_dir)?;
+    let now = UnixTime::now();
+    match cli.command {
+        Command::Install { file, stage } => {
+            let bytes = std::fs::read(&cli.trust).map_err(|e| CliError::Trust {
+                path: cli.trust.clone(),
+                detail: e.to_string(),
+            })?;
+            let root = SignedTrustRoot::from_bytes(&bytes)
+                .and_then(|r| r.verify_self(now))
+                .map_err(|e| CliError::Trust {
+                    path: cli.trust.clone(),
+                    detail: e.to_string(),
+                })?;
+            let mode = if stage {
+                InstallMode::Stage
+            } else {
+                InstallMode::Activate
+            };
+            match store::install_file(&store, &root, &device_facts(), &file, mode, now) {
+                Ok(done) => {
+                    println!(
+                        "installed {} {} (release {}): {} golden case(s) passed, slowest {:.2} ms{}",
+                        done.bundle.channel,
+                        done.bundle.version,
+                        done.bundle.release,
+                        done.health.cases,
+                        done.health.max_latency_ms,
+                        if stage {
+                            "; staged, not active"
+                        } else {
+                            "; now active"
+                        }
+                    );
+                    Ok(0)
+                }
+                Err(e) => {
+                    println!("install FAILED, active model unchanged: {e}");
+                    Ok(1)
+                }
+            }
+        }
+        Command::Status { json } => {
+            let state = store.load()?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "agent_version": env!("CARGO_PKG_VERSION"),
+                        "arch": std::env::consts::ARCH,
+                        "data_dir": store.dir(),
+                        "active": state.active_entry().map(|e| &e.bundle),
+                        "slots": state.slot_states(),
+                        "releases": state.releases,
+                        "last_install": state.last_install,
+                    }))
+                    .unwrap_or_default()
+                );
+            } else {
+                print_state(&state);
+            }
+            Ok(0)
+        }
+        Command::Revert => {
+            let state = store::change_slots(&store, SlotEvent::Revert)?;
+            print_state(&state);
+            Ok(0)
+        }
+        Command::Activate { digest } => {
+            let state = store::change_slots(&store, SlotEvent::Activate { digest })?;
+            print_state(&state);
+            Ok(0)
+        }
+        Command::Infer { input } => {
+            let body = if input.as_os_str() == "-" {
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(std::io::stdin(), MAX_REQUEST_LEN as u64 + 1),
+                    &mut v,
+                )
+                .map_err(|e| CliError::Request(format!("stdin: {e}")))?;
+                v
+            } else {
+                std::fs::read(&input)
+                    .map_err(|e| CliError::Request(format!("{}: {e}", input.display())))?
+            };
+            if body.len() > MAX_REQUEST_LEN {
+                return Err(CliError::Request(format!(
+                    "request is over {MAX_REQUEST_LEN} bytes"
+                )));
+            }
+            let request: InferRequest = serde_json::from_slice(&body)
+                .map_err(|e| CliError::Request(format!("request is not OIP v2 JSON: {e}")))?;
+            let Some((bundle, model)) = store::load_active(&store)? else {
+                return Err(CliError::Request(
+                    "no model is installed; run `edgefleet-agent install BUNDLE` first".into(),
+                ));
+            };
+            let inputs = request
+                .inputs
+                .iter()
+                .map(to_tensor)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(CliError::Request)?;
+            let outputs = model
+                .run(&inputs)
+                .map_err(|e| CliError::Request(e.to_string()))?;
+            let response = InferResponse {
+                model_name: bundle.channel.to_string(),
+                model_version: bundle.version,
+                outputs: outputs.iter().map(from_tensor).collect(),
+            };
+            println!("{}", serde_json::to_string(&response).unwrap_or_default());
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The agent's data directory and the install path that changes it.
+//!
+//! ```text
+//! <data>/state.json           the slot state (one file, temp + fsync + rename)
+//! <data>/bundles/<digest>/    an unpacked, verified bundle (appears atomically)
+//! ```
+//!
+//! Crash safety: a bundle directory appears complete or not at all (unpack renames a
+//! staging directory); the state file is replaced atomically and only names
+//! directories that are complete and healthy. After a crash at any instant the agent
+//! finds either the old state or the new one, each pointing at whole bundles; stray
+//! directories are removed by `gc`.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use edgefleet_shared::bundle::{DeviceFacts, InstalledRelease};
+use edgefleet_shared::golden::GoldenSet;
+use edgefleet_shared::manifest::ArtifactKind;
+use edgefleet_shared::protocol::{BundleRef, FailureReason, InstallMode};
+use edgefleet_shared::unpack::{sync_dir, unpack_to_dir};
+use edgefleet_shared::{
+    BundleError, Digest, Limits, Policy, RawHeader, Refusal, TrustRoot, UnixTime,
+};
+
+use crate::model::{HealthFailure, HealthReport, LoadedModel, ModelError, health_check};
+use crate::slots::{SlotError, SlotEvent, SlotsState};
+
+/// Largest state file read.
+const MAX_STATE_LEN: u64 = 1024 * 1024;
+
+/// Problems with the data directory itself.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The state file exists but cannot be read as state.
+    #[error("{path} is not a valid agent state file: {detail}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The agent's data directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// Opens (and creates) the data directory.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Store, StoreError> {
+        let dir = dir.into();
+        let bundles = dir.join("bundles");
+        fs::create_dir_all(&bundles).map_err(io_at(&bundles))?;
+        Ok(Store { dir })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    /// Where a bundle is unpacked.
+    pub fn bundle_dir(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("bundles").join(digest.to_hex())
+    }
+
+    /// Reads the state; a missing file is the empty state.
+    pub fn load(&self) -> Result<SlotsState, StoreError> {
+        let path = self.state_path();
+        let bytes = match fs::File::open(&path) {
+            Ok(f) => {
+                let mut out = Vec::new();
+                io::Read::read_to_end(&mut io::Read::take(f, MAX_STATE_LEN + 1), &mut out)
+                    .map_err(io_at(&path))?;
+                if out.len() as u64 > MAX_STATE_LEN {
+                    return Err(StoreError::Corrupt {
+                        path,
+                        detail: format!("over {MAX_STATE_LEN} bytes"),
+                    });
+                }
+                out
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(SlotsState::default()),
+            Err(e) => return Err(StoreError::Io { path, source: e }),
+        };
+        let state: SlotsState =
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+        if state.format != crate::slots::STATE_FORMAT {
+            return Err(StoreError::Corrupt {
+                path,
+                detail: format!("format {} is not supported", state.format),
+            });
+        }
+        Ok(state)
+    }
+
+    /// Replaces the state in one atomic step (temp file, fsync, rename, fsync dir).
+    pub fn save(&self, state: &SlotsState) -> Result<(), StoreError> {
+        let path = self.state_path();
+        let tmp = self.dir.join(".state.json.tmp");
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let mut f = fs::File::create(&tmp).map_err(io_at(&tmp))?;
+        f.write_all(&bytes).map_err(io_at(&tmp))?;
+        f.sync_all().map_err(io_at(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io_at(&path))?;
+        sync_dir(&self.dir).map_err(io_at(&self.dir))
+    }
+
+    /// Removes bundle directories and staging leftovers the state does not name.
+    pub fn gc(&self, state: &SlotsState) -> Result<(), StoreError> {
+        let keep: Vec<String> = state.referenced().iter().map(Digest::to_hex).collect();
+        let bundles = self.dir.join("bundles");
+        for entry in fs::read_dir(&bundles).map_err(io_at(&bundles))? {
+            let entry = entry.map_err(io_at(&bundles))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name) {
+                fs::remove_dir_all(entry.path()).map_err(io_at(&entry.path()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why an install did not complete. The active slot is untouched in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The bundle is refused by the contract's rules.
+    #[error("refused ({code}): {refusal}", code = .0.code(), refusal = .0)]
+    Refused(Refusal),
+    /// The model does not load.
+    #[error("the model does not load: {0}")]
+    Model(#[from] ModelError),
+    /// A golden case failed.
+    #[error("health check failed: {0}")]
+    Health(#[from] HealthFailure),
+    /// The slot transition is not allowed (e.g. already active).
+    #[error("{0}")]
+    Slot(#[from] SlotError),
+    /// The data directory failed.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+impl InstallError {
+    /// The reason as the protocol reports it.
+    pub fn reason(&self) -> FailureReason {
+        match self {
+            InstallError::Refused(refusal) => FailureReason::Refused {
+                refusal: refusal.clone(),
+            },
+            InstallError::Model(e) => FailureReason::ModelLoad {
+                detail: e.to_string(),
+            },
+            InstallError::Health(e) => FailureReason::HealthCheck {
+                detail: e.to_string(),
+            },
+            InstallError::Slot(e) => FailureReason::Internal {
+                detail: e.to_string(),
+            },
+            InstallError::Store(e) => FailureReason::Internal {
+                detail: e.to_string(),
+            },
+        }
+    }
+}
+
+fn bundle_error(path: &Path, e: BundleError) -> InstallError {
+    match e {
+        BundleError::Refused(r) => InstallError::Refused(r),
+        BundleError::Io(source) => InstallError::Store(StoreError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// A successful install.
+#[derive(Debug)]
+pub struct Installed {
+    /// The new state.
+    pub state: SlotsState,
+    /// The bundle.
+    pub bundle: BundleRef,
+    /// What the health check measured.
+    pub health: HealthReport,
+}
+
+/// Loads the model of an unpacked bundle and runs its golden cases.
+pub fn prove_bundle(
+    dir: &Path,
+    manifest: &edgefleet_shared::manifest::Manifest,
+) -> Result<(LoadedModel, HealthReport), InstallError> {
+    let read = |name: &str| -> Result<Vec<u8>, InstallError> {
+        let p = dir.join(name);
+        fs::read(&p).map_err(|source| InstallError::Store(StoreError::Io { path: p, source }))
+    };
+    let model_entry = manifest.model().ok_or_else(|| {
+        InstallError::Refused(Refusal::InvalidManifest {
+            detail: "no model artifact".into(),
+        })
+    })?;
+    let model = LoadedModel::load(&read(model_entry.name.as_str())?)?;
+    if model.schema() != &manifest.schema {
+        return Err(InstallError::Model(ModelError::Invalid(
+            "the model's inputs/outputs differ from the schema in the manifest".into(),
+        )));
+    }
+    let golden = match manifest.artifact(ArtifactKind::Golden) {
+        Some(g) => GoldenSet::from_bytes(&read(g.name.as_str())?).map_err(|e| {
+            InstallError::Health(HealthFailure::Run {
+                case: 0,
+                detail: e.to_string(),
+            })
+        })?,
+        None => {
+            return Err(InstallError::Health(HealthFailure::Run {
+                case: 0,
+                detail: "the bundle has no golden cases".into(),
+            }));
+        }
+    };
+    let report = health_check(&model, &golden, &manifest.health)?;
+    Ok((model, report))
+}
+
+/// Installs a bundle file (sideloading, or a completed download): verify against
+/// the trust root and the channel's installed release, unpack into its own
+/// directory, prove the model, then switch slots in one atomic state write. On
+/// failure the failure is recorded and the active slot stays as it was.
+pub fn install_file(
+    store: &Store,
+    trust: &TrustRoot,
+    device: &DeviceFacts,
+    path: &Path,
+    mode: InstallMode,
+    now: UnixTime,
+) -> Result<Installed, InstallError> {
+    let state = store.load()?;
+    let open = || {
+        fs::File::open(path).map_err(|source| {
+            InstallError::Store(StoreError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        })
+    };
+    // The channel is read from the unverified manifest only to look up its
+    // installed release; verification below checks the same bytes.
+    let header = RawHeader::read_from(&mut io::BufReader::new(open()?))
+        .map_err(|e| bundle_error(path, e))?;
+    let digest = header.digest();
+    let installed: Option<InstalledRelease> = header
+        .decode_unverified()
+        .ok()
+        .and_then(|m| state.installed_release(&m.channel).cloned());
+    let policy = Policy {
+        trust,
+        now,
+        limits: Limits::default(),
+        installed: installed.as_ref(),
+        device: Some(device),
+    };
+    let result = (|| {
+        let verified = header.verify(&policy).map_err(InstallError::Refused)?;
+        if state
+            .active_entry()
+            .is_some_and(|e| e.bundle.digest == digest)
+        {
+            return Err(InstallError::Slot(SlotError::AlreadyActive(digest)));
+        }
+        let dir = store.bundle_dir(&digest);
+        if dir.exists() {
+            // A leftover of an interrupted install, or the inactive slot's copy:
+            // unpack again from scratch rather than trust it.
+            if state.referenced().contains(&digest) {
+                let next = state.clone().apply(SlotEvent::Installed {
+                    bundle: bundle_ref(&verified),
+                    mode,
+                    at: now,
+                })?;
+                let (_, health) = prove_bundle(&dir, &verified.manifest)?;
+                return Ok((next, bundle_ref(&verified), health));
+            }
+            fs::remove_dir_all(&dir).map_err(|source| {
+                InstallError::Store(StoreError::Io {
+                    path: dir.clone(),
+                    source,
+                })
+            })?;
+        }
+        let verified = unpack_to_dir(
+            io::BufReader::with_capacity(256 * 1024, open()?),
+            &policy,
+            &dir,
+        )
+        .map_err(|e| bundle_error(path, e))?;
+        let (_, health) = prove_bundle(&dir, &verified.manifest)?;
+        let bundle = bundle_ref(&verified);
+        let next = state.clone().apply(SlotEvent::Installed {
+            bundle: bundle.clone(),
+            mode,
+            at: now,
+        })?;
+        Ok((next, bundle, health))
+    })();
+    match result {
+        Ok((next, bundle, health)) => {
+            store.save(&next)?;
+            store.gc(&next)?;
+            Ok(Installed {
+                state: next,
+                bundle,
+                health,
+            })
+        }
+        Err(e) => {
+            let failed = state.apply(SlotEvent::InstallFailed {
+                digest,
+                reason: e.reason(),
+                at: now,
+            })?;
+            store.save(&failed)?;
+            store.gc(&failed)?;
+            Err(e)
+        }
+    }
+}
+
+fn bundle_ref(v: &edgefleet_shared::VerifiedHeader) -> BundleRef {
+    BundleRef {
+        digest: v.digest,
+        channel: v.manifest.channel.clone(),
+        version: v.manifest.version.clone(),
+        release: v.manifest.release,
+    }
+}
+
+/// Applies a local slot command (`revert`, `activate`) and persists it.
+pub fn change_slots(store: &Store, event: SlotEvent) -> Result<SlotsState, InstallError> {
+    let next = store.load()?.apply(event)?;
+    store.save(&next)?;
+    Ok(next)
+}
+
+/// Loads the active model, if any, with its manifest.
+pub fn load_active(store: &Store) -> Result<Option<(BundleRef, LoadedModel)>, InstallError> {
+    let state = store.load()?;
+    let Some(entry) = state.active_entry() else {
+        return Ok(None);
+    };
+    let dir = store.bundle_dir(&entry.bundle.digest);
+    let manifest = edgefleet_shared::unpack::read_manifest(&dir).map_err(|source| {
+        InstallError::Store(StoreError::Io {
+            path: dir.clone(),
+            source,
+        })
+    })?;
+    let name = manifest
+        .model()
+        .map(|m| m.name.to_string())
+        .unwrap_or_default();
+    let path = dir.join(name);
+    let bytes =
+        fs::read(&path).map_err(|source| InstallError::Store(StoreError::Io { path, source }))?;
+    Ok(Some((entry.bundle.clone(), LoadedModel::load(&bytes)?)))
+}

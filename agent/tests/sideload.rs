@@ -1,0 +1,339 @@
+//! The agent's local commands as a device operator runs them: the real
+//! `edgefleet-agent` binary, real bundles and real ONNX models, a temp data dir.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use edgefleet_agent::model::LoadedModel;
+use edgefleet_shared::bundle::{
+    ArtifactInput, ArtifactSource, ManifestDraft, manifest_bytes, prepare_manifest, write_bundle,
+};
+use edgefleet_shared::golden::{GoldenCase, GoldenSet, Tensor, TensorData};
+use edgefleet_shared::manifest::{ArtifactKind, Constraints, HealthPolicy};
+use edgefleet_shared::{ArtifactName, ModelChannel, RawHeader, SecretKey, TrustRoot, UnixTime};
+
+const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
+
+fn key() -> SecretKey {
+    SecretKey::from_seed([5; 32])
+}
+
+fn features() -> Tensor {
+    Tensor {
+        name: "features".into(),
+        shape: vec![2, 4],
+        data: TensorData::F32(vec![5.0, 3.4, 1.5, 0.2, 6.6, 3.0, 5.6, 2.0]),
+    }
+}
+
+/// A bundle of `model_file` whose golden outputs come from `golden_from`.
+fn bundle(
+    dir: &Path,
+    name: &str,
+    model_file: &str,
+    golden_from: &str,
+    release: u64,
+    created: i64,
+) -> PathBuf {
+    let reference =
+        LoadedModel::load(&std::fs::read(format!("{MODELS}/{golden_from}")).expect("model"))
+            .expect("loads");
+    let outputs = reference.run(&[features()]).expect("runs");
+    let golden = GoldenSet {
+        cases: vec![GoldenCase {
+            inputs: vec![features()],
+            outputs,
+        }],
+    };
+    let inputs = vec![
+        ArtifactInput {
+            name: ArtifactName::new("model.onnx").expect("n"),
+            kind: ArtifactKind::Model,
+            source: ArtifactSource::File(format!("{MODELS}/{model_file}").into()),
+        },
+        ArtifactInput {
+            name: ArtifactName::new("golden.cbor").expect("n"),
+            kind: ArtifactKind::Golden,
+            source: ArtifactSource::Bytes(golden.to_bytes()),
+        },
+    ];
+    let now = UnixTime::now();
+    let draft = ManifestDraft {
+        channel: ModelChannel::new("iris").expect("c"),
+        version: semver::Version::new(1, release, 0),
+        release,
+        created_at: UnixTime(now.0 - 1000 + created),
+        expires_at: now.plus_days(30),
+        schema: reference.schema().clone(),
+        constraints: Constraints {
+            architectures: vec![],
+            min_agent_version: "0.1.0".into(),
+            memory_bytes: 1 << 20,
+        },
+        health: HealthPolicy::default(),
+        chunk_size: 4096,
+    };
+    let manifest = prepare_manifest(&draft, &inputs).expect("hash");
+    let mut header = RawHeader {
+        manifest_bytes: manifest_bytes(&manifest),
+        signatures: vec![],
+    };
+    header.sign(&key());
+    let path = dir.join(name);
+    let mut out = Vec::new();
+    write_bundle(&mut out, &header, &inputs).expect("write");
+    std::fs::write(&path, out).expect("write file");
+    path
+}
+
+struct Device {
+    dir: tempfile::TempDir,
+}
+
+impl Device {
+    fn new() -> Device {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut root = TrustRoot::new(1, UnixTime::now().plus_days(365), 1, vec![key().public()])
+            .to_unsigned();
+        root.sign(&key());
+        std::fs::write(dir.path().join("root.cbor"), root.to_bytes()).expect("root");
+        Device { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn agent(&self, args: &[&str]) -> Output {
+        let data = self.path().join("data");
+        let root = self.path().join("root.cbor");
+        Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--trust")
+            .arg(&root)
+            .args(args)
+            .output()
+            .expect("agent runs")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.agent(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "edgefleet-agent {args:?}:\n{text}");
+        text
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.agent(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "edgefleet-agent {args:?} should fail:\n{text}"
+        );
+        text
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status json")
+    }
+
+    fn active_release(&self) -> Option<u64> {
+        self.status()["active"]["release"].as_u64()
+    }
+
+    fn bundle_dirs(&self) -> usize {
+        std::fs::read_dir(self.path().join("data/bundles"))
+            .expect("ls")
+            .count()
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn sideloaded_bundles_install_serve_inference_and_revert_without_a_network() {
+    let dev = Device::new();
+    let v1 = bundle(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    let v2 = bundle(
+        dev.path(),
+        "v2.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        2,
+        1,
+    );
+    assert!(dev.ok(&["status"]).contains("no model installed"));
+    let out = dev.ok(&["install", s(&v1)]);
+    assert!(out.contains("now active"), "{out}");
+    assert_eq!(dev.active_release(), Some(1));
+
+    std::fs::write(
+        dev.path().join("req.json"),
+        r#"{"inputs":[{"name":"features","shape":[2,4],"datatype":"FP32","data":[5.0,3.4,1.5,0.2,6.6,3.0,5.6,2.0]}]}"#,
+    )
+    .expect("request");
+    let resp: serde_json::Value =
+        serde_json::from_str(&dev.ok(&["infer", "--input", s(&dev.path().join("req.json"))]))
+            .expect("json");
+    assert_eq!(resp["model_name"], "iris");
+    assert_eq!(resp["outputs"][0]["name"], "label");
+    assert_eq!(resp["outputs"][0]["datatype"], "INT64");
+    assert_eq!(resp["outputs"][0]["data"], serde_json::json!([0, 2]));
+
+    dev.ok(&["install", s(&v2)]);
+    assert_eq!(dev.active_release(), Some(2));
+    assert_eq!(dev.bundle_dirs(), 2);
+    dev.ok(&["revert"]);
+    assert_eq!(dev.active_release(), Some(1));
+    dev.ok(&["revert"]);
+    assert_eq!(dev.active_release(), Some(2));
+}
+
+#[test]
+fn a_model_failing_its_golden_cases_is_not_activated_and_leaves_nothing_behind() {
+    let dev = Device::new();
+    let v1 = bundle(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    let broken = bundle(
+        dev.path(),
+        "v2.efb",
+        "iris_logreg_v2_broken.onnx",
+        "iris_logreg.onnx",
+        2,
+        0,
+    );
+    dev.ok(&["install", s(&v1)]);
+    let out = dev.fails(&["install", s(&broken)]);
+    assert!(
+        out.contains("health check failed") && out.contains("active model unchanged"),
+        "{out}"
+    );
+    let st = dev.status();
+    assert_eq!(st["active"]["release"], 1);
+    assert_eq!(st["last_install"]["failure"]["stage"], "health_check");
+    assert_eq!(
+        dev.bundle_dirs(),
+        1,
+        "the broken bundle's directory was left behind"
+    );
+}
+
+#[test]
+fn rollbacks_and_tampered_files_are_refused_with_the_reason_and_change_nothing() {
+    let dev = Device::new();
+    let v2 = bundle(
+        dev.path(),
+        "v2.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        2,
+        0,
+    );
+    let v1 = bundle(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    let v2_other = bundle(
+        dev.path(),
+        "v2b.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        2,
+        7,
+    );
+    dev.ok(&["install", s(&v2)]);
+    let out = dev.fails(&["install", s(&v1)]);
+    assert!(out.contains("rollback"), "{out}");
+    assert_eq!(
+        dev.status()["last_install"]["failure"]["refusal"]["code"],
+        "rollback"
+    );
+    let out = dev.fails(&["install", s(&v2_other)]);
+    assert!(out.contains("release_reused"), "{out}");
+
+    let v3 = bundle(
+        dev.path(),
+        "v3.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        3,
+        0,
+    );
+    let mut bytes = std::fs::read(&v3).expect("read");
+    let at = bytes.len() - 30;
+    bytes[at] ^= 4;
+    let tampered = dev.path().join("tampered.efb");
+    std::fs::write(&tampered, bytes).expect("write");
+    let out = dev.fails(&["install", s(&tampered)]);
+    assert!(
+        out.contains("refused (chunk_digest_mismatch)")
+            || out.contains("refused (artifact_digest_mismatch)"),
+        "{out}"
+    );
+    assert_eq!(dev.active_release(), Some(2));
+    assert_eq!(dev.bundle_dirs(), 1);
+    let out = dev.fails(&["install", s(&v2)]);
+    assert!(out.contains("already active"), "{out}");
+}
+
+#[test]
+fn inference_requests_that_do_not_fit_get_errors_naming_the_input() {
+    let dev = Device::new();
+    std::fs::write(
+        dev.path().join("req.json"),
+        r#"{"inputs":[{"name":"features","shape":[1,3],"datatype":"FP32","data":[1,2,3]}]}"#,
+    )
+    .expect("w");
+    let out = dev.fails(&["infer", "--input", s(&dev.path().join("req.json"))]);
+    assert!(out.contains("no model is installed"), "{out}");
+    let v1 = bundle(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    dev.ok(&["install", s(&v1)]);
+    let out = dev.fails(&["infer", "--input", s(&dev.path().join("req.json"))]);
+    assert!(
+        out.contains("`features`") && out.contains("[N, 4]"),
+        "{out}"
+    );
+    std::fs::write(
+        dev.path().join("req.json"),
+        r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,"x",3,4]}]}"#,
+    )
+    .expect("w");
+    let out = dev.fails(&["infer", "--input", s(&dev.path().join("req.json"))]);
+    assert!(out.contains("element 1"), "{out}");
+}
