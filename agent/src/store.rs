@@ -27,6 +27,16 @@ use edgefleet_shared::{
 use crate::model::{HealthFailure, HealthReport, LoadedModel, ModelError, health_check};
 use crate::slots::{SlotError, SlotEvent, SlotsState};
 
+/// Test hook for crash tests: when `EDGEFLEET_CRASH_AT` names this point, the
+/// process aborts on the spot (no destructors, no flushing), as a power cut or
+/// SIGKILL would stop it. Points: `after-unpack`, `after-health-check`,
+/// `before-state-rename`, `after-state-save`.
+pub fn crash_point(name: &str) {
+    if std::env::var_os("EDGEFLEET_CRASH_AT").is_some_and(|v| v == name) {
+        std::process::abort();
+    }
+}
+
 /// Largest state file read.
 const MAX_STATE_LEN: u64 = 1024 * 1024;
 
@@ -131,6 +141,7 @@ impl Store {
         let mut f = fs::File::create(&tmp).map_err(io_at(&tmp))?;
         f.write_all(&bytes).map_err(io_at(&tmp))?;
         f.sync_all().map_err(io_at(&tmp))?;
+        crash_point("before-state-rename");
         fs::rename(&tmp, &path).map_err(io_at(&path))?;
         sync_dir(&self.dir).map_err(io_at(&self.dir))
     }
@@ -323,7 +334,9 @@ pub fn install_file(
             &dir,
         )
         .map_err(|e| bundle_error(path, e))?;
+        crash_point("after-unpack");
         let (_, health) = prove_bundle(&dir, &verified.manifest)?;
+        crash_point("after-health-check");
         let bundle = bundle_ref(&verified);
         let next = state.clone().apply(SlotEvent::Installed {
             bundle: bundle.clone(),
@@ -335,6 +348,7 @@ pub fn install_file(
     match result {
         Ok((next, bundle, health)) => {
             store.save(&next)?;
+            crash_point("after-state-save");
             store.gc(&next)?;
             Ok(Installed {
                 state: next,

@@ -105,10 +105,17 @@ impl Device {
     }
 
     fn agent(&self, args: &[&str]) -> Output {
+        self.agent_env(args, None)
+    }
+
+    fn agent_env(&self, args: &[&str], crash_at: Option<&str>) -> Output {
         let data = self.path().join("data");
         let root = self.path().join("root.cbor");
-        Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
-            .arg("--data-dir")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"));
+        if let Some(point) = crash_at {
+            cmd.env("EDGEFLEET_CRASH_AT", point);
+        }
+        cmd.arg("--data-dir")
             .arg(&data)
             .arg("--trust")
             .arg(&root)
@@ -336,4 +343,33 @@ fn inference_requests_that_do_not_fit_get_errors_naming_the_input() {
     .expect("w");
     let out = dev.fails(&["infer", "--input", s(&dev.path().join("req.json"))]);
     assert!(out.contains("element 1"), "{out}");
+}
+
+#[test]
+fn a_crash_at_any_point_of_an_install_leaves_a_valid_active_model() {
+    for point in ["after-unpack", "after-health-check", "before-state-rename", "after-state-save"] {
+        let dev = Device::new();
+        let v1 = bundle(dev.path(), "v1.efb", "iris_logreg.onnx", "iris_logreg.onnx", 1, 0);
+        let v2 = bundle(dev.path(), "v2.efb", "iris_logreg.onnx", "iris_logreg.onnx", 2, 0);
+        dev.ok(&["install", s(&v1)]);
+        let crashed = dev.agent_env(&["install", s(&v2)], Some(point));
+        assert!(!crashed.status.success(), "{point}: the crash hook did not fire: {}", String::from_utf8_lossy(&crashed.stdout));
+        // Whatever the point, the device serves either release 1 or release 2, whole.
+        let release = dev.active_release();
+        let expected = if point == "after-state-save" { Some(2) } else { Some(1) };
+        assert_eq!(release, expected, "{point}");
+        std::fs::write(
+            dev.path().join("req.json"),
+            r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[5.0,3.4,1.5,0.2]}]}"#,
+        )
+        .expect("request");
+        let resp = dev.ok(&["infer", "--input", s(&dev.path().join("req.json"))]);
+        assert!(resp.contains("\"label\""), "{point}: {resp}");
+        // And the interrupted install can simply be run again.
+        if expected == Some(1) {
+            dev.ok(&["install", s(&v2)]);
+            assert_eq!(dev.active_release(), Some(2), "{point}");
+        }
+        assert_eq!(dev.bundle_dirs(), 2, "{point}: leftovers in bundles/");
+    }
 }
