@@ -51,6 +51,13 @@ pub enum Command {
         /// Bundle digest (64 hex digits).
         digest: Digest,
     },
+    /// Serve the active model on the local OIP v2 API until stopped (SIGINT/SIGTERM).
+    /// The controller link (MQTT) is not part of this build yet.
+    Run {
+        /// Loopback address of the local inference API (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8008")]
+        http: std::net::SocketAddr,
+    },
     /// Run the active model once on an OIP v2 JSON request file ("-" for stdin).
     Infer {
         /// Request file: {"inputs": [{"name", "shape", "datatype", "data"}]}.
@@ -212,6 +219,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             print_state(&state);
             Ok(0)
         }
+        Command::Run { http } => serve(&store, http),
         Command::Infer { input } => {
             let body = if input.as_os_str() == "-" {
                 let mut v = Vec::new();
@@ -255,4 +263,53 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             Ok(0)
         }
     }
+}
+
+fn serve(store: &Store, http: std::net::SocketAddr) -> Result<i32, CliError> {
+    if !http.ip().is_loopback() {
+        return Err(CliError::Request(format!(
+            "--http {http}: the local API has no authentication and binds loopback only (127.0.0.1 or ::1)"
+        )));
+    }
+    let active = store::load_active(store)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Request(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(http)
+            .await
+            .map_err(|e| CliError::Request(format!("cannot listen on {http}: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| CliError::Request(e.to_string()))?;
+        match &active {
+            Some((b, _)) => println!(
+                "serving {} {} (release {})",
+                b.channel, b.version, b.release
+            ),
+            None => println!("no model installed: /v2/health/ready answers 503 until one is"),
+        }
+        // Readiness line: scripts and tests wait for it.
+        println!("local API listening on http://{addr}");
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        crate::api::serve(listener, crate::api::Served { active }, shutdown)
+            .await
+            .map_err(|e| CliError::Request(format!("local API failed: {e}")))?;
+        // stdout may be gone by now (a supervisor closed the pipe): not an error.
+        let _ = writeln!(std::io::stdout(), "stopped");
+        Ok(0)
+    })
 }

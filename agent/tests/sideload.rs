@@ -347,16 +347,43 @@ fn inference_requests_that_do_not_fit_get_errors_naming_the_input() {
 
 #[test]
 fn a_crash_at_any_point_of_an_install_leaves_a_valid_active_model() {
-    for point in ["after-unpack", "after-health-check", "before-state-rename", "after-state-save"] {
+    for point in [
+        "after-unpack",
+        "after-health-check",
+        "before-state-rename",
+        "after-state-save",
+    ] {
         let dev = Device::new();
-        let v1 = bundle(dev.path(), "v1.efb", "iris_logreg.onnx", "iris_logreg.onnx", 1, 0);
-        let v2 = bundle(dev.path(), "v2.efb", "iris_logreg.onnx", "iris_logreg.onnx", 2, 0);
+        let v1 = bundle(
+            dev.path(),
+            "v1.efb",
+            "iris_logreg.onnx",
+            "iris_logreg.onnx",
+            1,
+            0,
+        );
+        let v2 = bundle(
+            dev.path(),
+            "v2.efb",
+            "iris_logreg.onnx",
+            "iris_logreg.onnx",
+            2,
+            0,
+        );
         dev.ok(&["install", s(&v1)]);
         let crashed = dev.agent_env(&["install", s(&v2)], Some(point));
-        assert!(!crashed.status.success(), "{point}: the crash hook did not fire: {}", String::from_utf8_lossy(&crashed.stdout));
+        assert!(
+            !crashed.status.success(),
+            "{point}: the crash hook did not fire: {}",
+            String::from_utf8_lossy(&crashed.stdout)
+        );
         // Whatever the point, the device serves either release 1 or release 2, whole.
         let release = dev.active_release();
-        let expected = if point == "after-state-save" { Some(2) } else { Some(1) };
+        let expected = if point == "after-state-save" {
+            Some(2)
+        } else {
+            Some(1)
+        };
         assert_eq!(release, expected, "{point}");
         std::fs::write(
             dev.path().join("req.json"),
@@ -372,4 +399,132 @@ fn a_crash_at_any_point_of_an_install_leaves_a_valid_active_model() {
         }
         assert_eq!(dev.bundle_dirs(), 2, "{point}: leftovers in bundles/");
     }
+}
+
+/// One HTTP/1.1 request over a fresh connection; returns status and body.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}
+
+/// Runs `edgefleet-agent run` and waits for its readiness line.
+fn start_api(dev: &Device) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .arg("--data-dir")
+        .arg(dev.path().join("data"))
+        .arg("--trust")
+        .arg(dev.path().join("root.cbor"))
+        .args(["run", "--http", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("agent starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("agent printed its address")
+            .expect("line");
+        if let Some(a) = line.strip_prefix("local API listening on http://") {
+            break a.to_string();
+        }
+    };
+    (child, addr)
+}
+
+#[test]
+fn the_local_api_speaks_oip_v2_and_rejects_bad_inputs_with_400_naming_the_input() {
+    let dev = Device::new();
+    // No model yet: live but not ready.
+    let (mut child, addr) = start_api(&dev);
+    assert_eq!(http(&addr, "GET", "/v2/health/live", "").0, 200);
+    assert_eq!(http(&addr, "GET", "/v2/health/ready", "").0, 503);
+    child.kill().expect("kill");
+    let _ = child.wait();
+
+    let v1 = bundle(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    dev.ok(&["install", s(&v1)]);
+    let (mut child, addr) = start_api(&dev);
+    assert_eq!(http(&addr, "GET", "/v2/health/ready", "").0, 200);
+    let (code, body) = http(&addr, "GET", "/v2/models/iris", "");
+    assert_eq!(code, 200, "{body}");
+    let meta: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        meta["inputs"][0],
+        serde_json::json!({"name": "features", "datatype": "FP32", "shape": [-1, 4]})
+    );
+    assert_eq!(http(&addr, "GET", "/v2/models/other", "").0, 404);
+
+    let good = r#"{"inputs":[{"name":"features","shape":[2,4],"datatype":"FP32","data":[5.0,3.4,1.5,0.2,6.6,3.0,5.6,2.0]}]}"#;
+    let (code, body) = http(&addr, "POST", "/v2/models/iris/infer", good);
+    assert_eq!(code, 200, "{body}");
+    let resp: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(resp["outputs"][0]["data"], serde_json::json!([0, 2]));
+    assert_eq!(resp["outputs"][1]["shape"], serde_json::json!([2, 3]));
+
+    let narrow =
+        r#"{"inputs":[{"name":"features","shape":[1,3],"datatype":"FP32","data":[1,2,3]}]}"#;
+    let (code, body) = http(&addr, "POST", "/v2/models/iris/infer", narrow);
+    assert_eq!(code, 400);
+    assert!(
+        body.contains("`features`") && body.contains("[N, 4]"),
+        "{body}"
+    );
+    let (code, body) = http(&addr, "POST", "/v2/models/iris/infer", "{not json");
+    assert_eq!(code, 400);
+    assert!(body.contains("not an OIP v2 inference request"), "{body}");
+    let (code, body) = http(
+        &addr,
+        "POST",
+        "/v2/models/iris/infer",
+        r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"STRING","data":[1,2,3,4]}]}"#,
+    );
+    assert_eq!(code, 400);
+    assert!(body.contains("datatype"), "{body}");
+    // Graceful stop on SIGTERM.
+    let pid = child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let exit = child.wait().expect("agent exits");
+    assert!(exit.success(), "{exit:?}");
+}
+
+#[test]
+fn the_local_api_refuses_to_bind_outside_loopback() {
+    let dev = Device::new();
+    let out = dev.fails(&["run", "--http", "0.0.0.0:0"]);
+    assert!(out.contains("loopback"), "{out}");
 }
