@@ -7,11 +7,11 @@
 use std::path::Path;
 use std::time::Instant;
 
-use edgefleet_agent::model::{LoadedModel, health_check};
+use edgefleet_agent::store::{Store, install_file, load_active};
 use edgefleet_shared::bundle::{DeviceFacts, InstalledRelease};
 use edgefleet_shared::golden::GoldenSet;
-use edgefleet_shared::manifest::{ArtifactKind, HealthPolicy};
-use edgefleet_shared::unpack::unpack_to_dir;
+use edgefleet_shared::manifest::HealthPolicy;
+use edgefleet_shared::protocol::InstallMode;
 use edgefleet_shared::{Arch, Limits, ModelChannel, Policy, RawHeader, UnixTime};
 
 use crate::operator::{self, BuildOptions, KeyFile, OperatorError};
@@ -55,10 +55,9 @@ pub fn run(dir: Option<&Path>) -> Result<i32, OperatorError> {
         "edgefleet demo: signed model bundles, from the operator's laptop to the device's checks"
     );
     println!("working in {}", dir.display());
-    println!(
-        "(this release covers the bundle contract; the controller, simulated fleet and staged"
-    );
-    println!(" rollout are not built yet and are not shown)");
+    println!("(this release covers the bundle contract and the agent's local install path; the");
+    println!(" controller, the simulated fleet and the staged rollout are not built yet and are");
+    println!(" not shown)");
 
     step(
         1,
@@ -160,7 +159,7 @@ pub fn run(dir: Option<&Path>) -> Result<i32, OperatorError> {
     step(
         5,
         STEPS,
-        "device side: unpack into slot B, load the model, pass the golden cases",
+        "device side: the agent's install path puts it into a slot, proves it, activates it",
     );
     let device = DeviceFacts {
         arch: Arch::current(),
@@ -174,48 +173,37 @@ pub fn run(dir: Option<&Path>) -> Result<i32, OperatorError> {
         installed: None,
         device: Some(&device),
     };
-    let slot = dir.join("device").join("slot-b");
-    std::fs::create_dir_all(dir.join("device")).map_err(|source| OperatorError::Io {
-        path: dir.join("device"),
-        source,
-    })?;
-    let file = std::fs::File::open(&v1_path).map_err(|source| OperatorError::Io {
-        path: v1_path.clone(),
-        source,
-    })?;
-    let header =
-        unpack_to_dir(std::io::BufReader::new(file), &policy, &slot).map_err(|source| {
-            OperatorError::Bundle {
-                path: v1_path.clone(),
-                source,
-            }
-        })?;
-    let model_file = slot.join("model.onnx");
-    let model_bytes = operator::read_capped(&model_file, 1 << 30)?;
-    let model = LoadedModel::load(&model_bytes).map_err(|source| OperatorError::Model {
-        path: model_file.clone(),
-        source,
-    })?;
-    let golden_name = header
-        .manifest
-        .artifact(ArtifactKind::Golden)
-        .map(|a| a.name.to_string())
-        .unwrap_or_default();
-    let golden = GoldenSet::from_bytes(&operator::read_capped(&slot.join(&golden_name), 16 << 20)?)
-        .map_err(|e| OperatorError::Input {
-            what: golden_name.clone(),
-            detail: e.to_string(),
-        })?;
-    match health_check(&model, &golden, &header.manifest.health) {
-        Ok(h) => println!(
-            "  healthy: {} golden case(s) within tolerance, slowest {:.2} ms (budget {} ms)",
-            h.cases, h.max_latency_ms, header.manifest.health.latency_budget_ms
-        ),
+    let agent_err = |e: &dyn std::fmt::Display| OperatorError::Input {
+        what: "device".into(),
+        detail: e.to_string(),
+    };
+    let store = Store::open(dir.join("device")).map_err(|e| agent_err(&e))?;
+    let installed = match install_file(&store, &root, &device, &v1_path, InstallMode::Activate, now)
+    {
+        Ok(i) => i,
         Err(e) => {
-            println!("  UNEXPECTED: the good model failed its health check: {e}");
+            println!("  UNEXPECTED: the device refused the good bundle: {e}");
             return Ok(1);
         }
-    }
+    };
+    println!(
+        "  active in slot {:?}: {} golden case(s) within tolerance, slowest {:.2} ms (budget {} ms)",
+        installed
+            .state
+            .active
+            .unwrap_or(edgefleet_shared::protocol::Slot::A),
+        installed.health.cases,
+        installed.health.max_latency_ms,
+        report.manifest.health.latency_budget_ms
+    );
+    let slot = store.bundle_dir(&installed.bundle.digest);
+    let golden =
+        GoldenSet::from_bytes(&operator::read_capped(&slot.join("golden.cbor"), 16 << 20)?)
+            .map_err(|e| agent_err(&e))?;
+    let Some((_, model)) = load_active(&store).map_err(|e| agent_err(&e))? else {
+        println!("  UNEXPECTED: no active model after install");
+        return Ok(1);
+    };
     let first = &golden.cases[0];
     let out = model.run(&first.inputs).map_err(|e| OperatorError::Input {
         what: "inference".into(),
