@@ -172,6 +172,9 @@ pub struct BuildArgs {
     /// Golden cases (JSON): inputs, and optionally expected outputs.
     #[arg(long)]
     pub golden: Option<PathBuf>,
+    /// Extra metadata file to carry (repeatable; e.g. labels.json, preprocessing.json).
+    #[arg(long)]
+    pub metadata: Vec<PathBuf>,
     /// Where to write the bundle.
     #[arg(long)]
     pub out: PathBuf,
@@ -481,6 +484,7 @@ fn bundle(cmd: BundleCommand, now: UnixTime) -> Result<i32, CliError> {
                 release: args.release,
                 reference: args.reference,
                 golden: args.golden,
+                metadata: args.metadata,
                 now,
                 expires_in_days: args.expires_in_days,
                 architectures: args.arch,

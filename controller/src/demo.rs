@@ -119,6 +119,7 @@ pub fn run(dir: Option<&Path>) -> Result<i32, OperatorError> {
         release,
         reference: Some(reference_path.clone()),
         golden: Some(golden_path.clone()),
+        metadata: vec![],
         now,
         expires_in_days: 90,
         architectures: vec![],

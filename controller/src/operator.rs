@@ -339,6 +339,9 @@ pub struct BuildOptions {
     pub reference: Option<PathBuf>,
     /// Golden cases (JSON).
     pub golden: Option<PathBuf>,
+    /// Extra metadata files (pre/post-processing notes, label maps), opaque to the
+    /// contract; each becomes a `metadata` artifact named after the file.
+    pub metadata: Vec<PathBuf>,
     /// Build time.
     pub now: UnixTime,
     /// Validity in days.
@@ -863,6 +866,30 @@ pub fn build_bundle(opts: &BuildOptions, out: &Path) -> Result<BuildReport, Oper
             ArtifactKind::Reference,
             ArtifactSource::Bytes(stats.to_bytes()),
         ));
+    }
+    for path in &opts.metadata {
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        let name = ArtifactName::new(&file_name).map_err(|e| {
+            input_err(
+                format!("--metadata {}", path.display()),
+                format!("its file name becomes the artifact name: {e}"),
+            )
+        })?;
+        if inputs.iter().any(|i| i.name == name) {
+            return Err(input_err(
+                format!("--metadata {}", path.display()),
+                format!("an artifact named {name} already exists"),
+            ));
+        }
+        fs::metadata(path).map_err(io_err(path))?;
+        inputs.push(ArtifactInput {
+            name,
+            kind: ArtifactKind::Metadata,
+            source: ArtifactSource::File(path.clone()),
+        });
     }
     let draft = ManifestDraft {
         channel: opts.channel.clone(),

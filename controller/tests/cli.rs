@@ -174,6 +174,46 @@ fn build_sign_verify_inspect_round_trip_and_a_tampered_copy_is_refused() {
     assert_eq!(v["release"], 1);
     assert_eq!(v["signed_by"].as_array().map(|a| a.len()), Some(2));
 
+    // A bundle can carry metadata files (label maps, preprocessing notes).
+    std::fs::write(
+        d.join("labels.json"),
+        r#"["setosa","versicolor","virginica"]"#,
+    )
+    .expect("w");
+    ok(
+        d,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &model("iris_logreg.onnx"),
+            "--channel",
+            "iris",
+            "--version",
+            "1.0.0",
+            "--release",
+            "1",
+            "--metadata",
+            "labels.json",
+            "--key",
+            "keys/alice.key",
+            "--key",
+            "keys/bob.key",
+            "--out",
+            "meta.efb",
+        ],
+    );
+    let meta: serde_json::Value =
+        serde_json::from_str(&ok(d, &["bundle", "inspect", "meta.efb", "--json"])).expect("json");
+    let kinds: Vec<&str> = meta["manifest"]["artifacts"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|a| a["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, ["model", "golden", "metadata"]);
+    ok(d, &["bundle", "verify", "meta.efb", "--trust", "root.cbor"]);
+
     let inspect = ok(d, &["bundle", "inspect", "iris.efb", "--json"]);
     let i: serde_json::Value = serde_json::from_str(&inspect).expect("json");
     assert_eq!(i["digest"], v["digest"]);
