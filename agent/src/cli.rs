@@ -16,12 +16,15 @@ use crate::store::{self, Store};
 #[derive(Debug, Parser)]
 #[command(name = "edgefleet-agent", version, about)]
 pub struct Cli {
-    /// Data directory (slots, state).
-    #[arg(long, global = true, default_value = "/var/lib/edgefleet")]
-    pub data_dir: PathBuf,
-    /// The pinned trust root.
-    #[arg(long, global = true, default_value = "/etc/edgefleet/trust-root.cbor")]
-    pub trust: PathBuf,
+    /// Config file (default /etc/edgefleet/agent.toml when it exists).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Data directory (slots, state); overrides the config's `data_dir`.
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// The pinned trust root; overrides the config's `trust_root`.
+    #[arg(long, global = true)]
+    pub trust: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -38,6 +41,9 @@ pub enum Command {
         #[arg(long)]
         stage: bool,
     },
+    /// Check or print the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Show the slots, the active bundle and the last install result.
     Status {
         /// Print JSON.
@@ -54,9 +60,10 @@ pub enum Command {
     /// Serve the active model on the local OIP v2 API until stopped (SIGINT/SIGTERM).
     /// The controller link (MQTT) is not part of this build yet.
     Run {
-        /// Loopback address of the local inference API (port 0: any free port).
-        #[arg(long, default_value = "127.0.0.1:8008")]
-        http: std::net::SocketAddr,
+        /// Loopback address of the local inference API (port 0: any free port);
+        /// overrides the config's `api_listen`.
+        #[arg(long)]
+        http: Option<std::net::SocketAddr>,
     },
     /// Run the active model once on an OIP v2 JSON request file ("-" for stdin).
     Infer {
@@ -64,6 +71,15 @@ pub enum Command {
         #[arg(long)]
         input: PathBuf,
     },
+}
+
+/// `edgefleet-agent config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the config file; exit 1 naming the field if it is wrong.
+    Check,
+    /// Print the default config, commented.
+    PrintDefault,
 }
 
 /// Command failures, each naming what to fix.
@@ -86,6 +102,9 @@ pub enum CliError {
     /// The inference request.
     #[error("{0}")]
     Request(String),
+    /// The config file.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 fn memory_available() -> u64 {
@@ -146,18 +165,48 @@ fn print_state(state: &crate::slots::SlotsState) {
 
 /// Runs one command; returns the exit code.
 pub fn run(cli: Cli) -> Result<i32, CliError> {
-    let store = Store::open(&cli.data_dir)?;
+    use crate::config::{AgentConfig, DEFAULT_PATH};
+    let config_path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
+    match &cli.command {
+        Command::Config(ConfigCommand::PrintDefault) => {
+            print!("{}", AgentConfig::default_toml());
+            return Ok(0);
+        }
+        Command::Config(ConfigCommand::Check) => {
+            let config = AgentConfig::load(&config_path)?;
+            println!(
+                "OK: {} is valid (device {}, broker {})",
+                config_path.display(),
+                config.device_id,
+                config.broker.url
+            );
+            return Ok(0);
+        }
+        _ => {}
+    }
+    // An explicit --config must load; the default path is used when it exists.
+    let config = if cli.config.is_some() || config_path.exists() {
+        AgentConfig::load(&config_path)?
+    } else {
+        AgentConfig::default()
+    };
+    let data_dir = cli.data_dir.clone().unwrap_or(config.data_dir.clone());
+    let trust = cli.trust.clone().unwrap_or(config.trust_root.clone());
+    let store = Store::open(&data_dir)?;
     let now = UnixTime::now();
     match cli.command {
         Command::Install { file, stage } => {
-            let bytes = std::fs::read(&cli.trust).map_err(|e| CliError::Trust {
-                path: cli.trust.clone(),
+            let bytes = std::fs::read(&trust).map_err(|e| CliError::Trust {
+                path: trust.clone(),
                 detail: e.to_string(),
             })?;
             let root = SignedTrustRoot::from_bytes(&bytes)
                 .and_then(|r| r.verify_self(now))
                 .map_err(|e| CliError::Trust {
-                    path: cli.trust.clone(),
+                    path: trust.clone(),
                     detail: e.to_string(),
                 })?;
             let mode = if stage {
@@ -219,7 +268,8 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             print_state(&state);
             Ok(0)
         }
-        Command::Run { http } => serve(&store, http),
+        Command::Run { http } => serve(&store, http.unwrap_or(config.api_listen)),
+        Command::Config(_) => Ok(0),
         Command::Infer { input } => {
             let body = if input.as_os_str() == "-" {
                 let mut v = Vec::new();

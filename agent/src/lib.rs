@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod config;
 pub mod model;
 pub mod oip;
 pub mod slots;

@@ -528,3 +528,40 @@ fn the_local_api_refuses_to_bind_outside_loopback() {
     let out = dev.fails(&["run", "--http", "0.0.0.0:0"]);
     assert!(out.contains("loopback"), "{out}");
 }
+
+#[test]
+fn config_check_accepts_the_printed_default_and_names_a_bad_field() {
+    let dev = Device::new();
+    let default = dev.ok(&["config", "print-default"]);
+    let path = dev.path().join("agent.toml");
+    // Point the data dir at the test's directory, then use the file for a command.
+    let custom = default.replace("/var/lib/edgefleet", s(&dev.path().join("from-config")));
+    std::fs::write(&path, custom).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .args(["--config", s(&path), "config", "check"])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .args(["--config", s(&path), "status"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    assert!(
+        dev.path().join("from-config/bundles").is_dir(),
+        "data_dir from the config was not used"
+    );
+
+    std::fs::write(&path, "device_id = \"pi 4\"\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .args(["--config", s(&path), "config", "check"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`device_id`"), "{err}");
+}

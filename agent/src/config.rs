@@ -1,0 +1,290 @@
+//! The agent's configuration (`/etc/edgefleet/agent.toml`): a typed struct with a
+//! `Default`, and one validating function whose errors name the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use edgefleet_shared::DeviceId;
+use edgefleet_shared::protocol::Topics;
+use serde::{Deserialize, Serialize};
+
+/// Default location of the config file.
+pub const DEFAULT_PATH: &str = "/etc/edgefleet/agent.toml";
+/// Largest config file read.
+const MAX_CONFIG_LEN: u64 = 64 * 1024;
+
+/// Connection to the broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// `mqtts://host:port` (mutual TLS) or `mqtt://host:port` (development only).
+    pub url: String,
+    /// CA certificate that signed the broker's certificate (PEM).
+    pub ca: Option<PathBuf>,
+    /// This device's certificate (PEM).
+    pub cert: Option<PathBuf>,
+    /// This device's private key (PEM, mode 0600).
+    pub key: Option<PathBuf>,
+    /// Topic prefix.
+    pub topic_prefix: String,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            url: "mqtts://localhost:8883".into(),
+            ca: Some("/etc/edgefleet/ca.pem".into()),
+            cert: Some("/etc/edgefleet/device.pem".into()),
+            key: Some("/etc/edgefleet/device.key".into()),
+            topic_prefix: edgefleet_shared::protocol::DEFAULT_PREFIX.into(),
+        }
+    }
+}
+
+/// Telemetry settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Seconds between reports (1..=86400).
+    pub interval_s: u32,
+    /// Bytes of telemetry kept on disk while offline.
+    pub spool_max_bytes: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            interval_s: 60,
+            spool_max_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Size limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest bundle accepted, bytes.
+    pub max_bundle_bytes: u64,
+    /// Free disk that an install must leave, bytes.
+    pub disk_reserve_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_bundle_bytes: 2 << 30,
+            disk_reserve_bytes: 256 << 20,
+        }
+    }
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// This device's id (the CN of its certificate).
+    pub device_id: String,
+    /// Slots and state.
+    pub data_dir: PathBuf,
+    /// The pinned trust root.
+    pub trust_root: PathBuf,
+    /// Local inference API address (loopback only).
+    pub api_listen: SocketAddr,
+    /// Broker connection.
+    pub broker: BrokerConfig,
+    /// Telemetry.
+    pub telemetry: TelemetryConfig,
+    /// Limits.
+    pub limits: LimitsConfig,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            device_id: "device-01".into(),
+            data_dir: "/var/lib/edgefleet".into(),
+            trust_root: "/etc/edgefleet/trust-root.cbor".into(),
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 8008)),
+            broker: BrokerConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+/// A config problem, naming the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{path}: {detail}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// The TOML is malformed or has an unknown field.
+    #[error("{path}: {detail}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        detail: String,
+    },
+    /// A field breaks a rule.
+    #[error("{path}: `{field}` {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The field.
+        field: &'static str,
+        /// The rule.
+        reason: String,
+    },
+}
+
+impl AgentConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let read_err = |detail: String| ConfigError::Read {
+            path: path.to_owned(),
+            detail,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| read_err(e.to_string()))?;
+        if meta.len() > MAX_CONFIG_LEN {
+            return Err(read_err(format!(
+                "{} bytes, over the limit of {MAX_CONFIG_LEN}",
+                meta.len()
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| read_err(e.to_string()))?;
+        let config: AgentConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// The one validating function.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            reason,
+        };
+        DeviceId::new(&self.device_id).map_err(|e| invalid("device_id", e.reason.into()))?;
+        if !self.api_listen.ip().is_loopback() {
+            return Err(invalid(
+                "api_listen",
+                "must be a loopback address (the local API has no authentication)".into(),
+            ));
+        }
+        let (scheme, rest) = self
+            .broker
+            .url
+            .split_once("://")
+            .ok_or_else(|| invalid("broker.url", "must look like mqtts://host:port".into()))?;
+        let tls = match scheme {
+            "mqtts" => true,
+            "mqtt" => false,
+            other => {
+                return Err(invalid(
+                    "broker.url",
+                    format!("scheme {other:?} is not mqtt or mqtts"),
+                ));
+            }
+        };
+        let port_ok = rest.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !port_ok {
+            return Err(invalid(
+                "broker.url",
+                "needs a host and a port, e.g. mqtts://controller.local:8883".into(),
+            ));
+        }
+        if tls {
+            for (field, value) in [
+                ("broker.ca", &self.broker.ca),
+                ("broker.cert", &self.broker.cert),
+                ("broker.key", &self.broker.key),
+            ] {
+                if value.is_none() {
+                    return Err(invalid(field, "is required with mqtts (mutual TLS)".into()));
+                }
+            }
+        }
+        Topics::new(&self.broker.topic_prefix)
+            .map_err(|e| invalid("broker.topic_prefix", e.reason.into()))?;
+        if !(1..=86_400).contains(&self.telemetry.interval_s) {
+            return Err(invalid(
+                "telemetry.interval_s",
+                "must be between 1 and 86400".into(),
+            ));
+        }
+        if self.limits.max_bundle_bytes < 4096 {
+            return Err(invalid(
+                "limits.max_bundle_bytes",
+                "must be at least 4096".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The default config as commented TOML, for `config print-default`.
+    pub fn default_toml() -> String {
+        let body = toml::to_string_pretty(&AgentConfig::default()).unwrap_or_default();
+        format!(
+            "# edgefleet-agent configuration ({DEFAULT_PATH}).\n\
+             # device_id: this device's id, the CN of its certificate ([A-Za-z0-9_-], 1-64).\n\
+             # data_dir: slots and state; trust_root: the pinned trust root (from flashing).\n\
+             # api_listen: local OIP v2 inference API, loopback only.\n\
+             # broker.url: mqtts://host:port with broker.ca/cert/key (mutual TLS), or\n\
+             #   mqtt://host:port for development. telemetry.interval_s: 1..86400.\n\
+             # limits: largest bundle accepted, free disk an install must leave (bytes).\n\n{body}"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(toml_text: &str) -> Result<AgentConfig, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, toml_text).expect("write");
+        AgentConfig::load(&path)
+    }
+
+    #[test]
+    fn the_printed_default_loads_and_validates() {
+        let config = check(&AgentConfig::default_toml()).expect("default is valid");
+        assert_eq!(config, AgentConfig::default());
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        for (text, field) in [
+            ("device_id = \"../x\"", "device_id"),
+            ("api_listen = \"0.0.0.0:8008\"", "api_listen"),
+            ("[broker]\nurl = \"http://x:1\"", "broker.url"),
+            ("[broker]\nurl = \"mqtts://x\"", "broker.url"),
+            ("[telemetry]\ninterval_s = 0", "telemetry.interval_s"),
+            ("[broker]\ntopic_prefix = \"a/#\"", "broker.topic_prefix"),
+        ] {
+            let err = check(text).expect_err(text).to_string();
+            assert!(err.contains(&format!("`{field}`")), "{text}: {err}");
+        }
+        let err = check("colour = \"blue\"")
+            .expect_err("unknown field")
+            .to_string();
+        assert!(err.contains("colour"), "{err}");
+        let partial =
+            check("[broker]\nurl = \"mqtts://x:8883\"\ncert = \"/c.pem\"").expect("others default");
+        assert_eq!(partial.broker.cert, Some("/c.pem".into()));
+        assert!(partial.broker.key.is_some());
+    }
+}
