@@ -385,6 +385,43 @@ pub enum HealthFailure {
     },
 }
 
+/// Checks that every expected output of golden case `case` is produced with the
+/// same shape and within the policy's tolerance. Used on the device (health check)
+/// and at build time (outputs given by the operator).
+pub fn check_outputs(
+    case: usize,
+    got: &[edgefleet_shared::golden::Tensor],
+    expected: &[edgefleet_shared::golden::Tensor],
+    policy: &edgefleet_shared::manifest::HealthPolicy,
+) -> Result<(), HealthFailure> {
+    for want in expected {
+        let Some(have) = got.iter().find(|g| g.name == want.name) else {
+            return Err(HealthFailure::Shape {
+                case,
+                output: want.name.clone(),
+                detail: "is not produced by the model".into(),
+            });
+        };
+        if have.shape != want.shape {
+            return Err(HealthFailure::Shape {
+                case,
+                output: want.name.clone(),
+                detail: format!("has shape {:?}, expected {:?}", have.shape, want.shape),
+            });
+        }
+        edgefleet_shared::golden::within_tolerance(&have.data, &want.data, policy).map_err(
+            |e| HealthFailure::OutOfTolerance {
+                case,
+                output: want.name.clone(),
+                index: e.index,
+                got: e.got,
+                want: e.want,
+            },
+        )?;
+    }
+    Ok(())
+}
+
 /// What a passing health check measured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthReport {
@@ -414,31 +451,7 @@ pub fn health_check(
         })?;
         let took_ms = started.elapsed().as_secs_f64() * 1000.0;
         max_latency_ms = max_latency_ms.max(took_ms);
-        for want in &c.outputs {
-            let Some(have) = got.iter().find(|g| g.name == want.name) else {
-                return Err(HealthFailure::Shape {
-                    case,
-                    output: want.name.clone(),
-                    detail: "is not produced by the model".into(),
-                });
-            };
-            if have.shape != want.shape {
-                return Err(HealthFailure::Shape {
-                    case,
-                    output: want.name.clone(),
-                    detail: format!("has shape {:?}, expected {:?}", have.shape, want.shape),
-                });
-            }
-            edgefleet_shared::golden::within_tolerance(&have.data, &want.data, policy).map_err(
-                |e| HealthFailure::OutOfTolerance {
-                    case,
-                    output: want.name.clone(),
-                    index: e.index,
-                    got: e.got,
-                    want: e.want,
-                },
-            )?;
-        }
+        check_outputs(case, &got, &c.outputs, policy)?;
         if took_ms > f64::from(policy.latency_budget_ms) {
             return Err(HealthFailure::TooSlow {
                 case,

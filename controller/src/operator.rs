@@ -8,12 +8,12 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use edgefleet_agent::model::{LoadedModel, ModelError};
+use edgefleet_agent::model::{HealthFailure, LoadedModel, ModelError, check_outputs};
 use edgefleet_shared::bundle::{
     ArtifactInput, ArtifactSource, BundleError, DiscardSink, ManifestDraft, manifest_bytes,
     prepare_manifest, verify_stream, write_bundle,
 };
-use edgefleet_shared::golden::{GoldenCase, GoldenSet, Tensor, TensorData, within_tolerance};
+use edgefleet_shared::golden::{GoldenCase, GoldenSet, Tensor, TensorData};
 use edgefleet_shared::keys::KeyError;
 use edgefleet_shared::manifest::{
     ArtifactKind, Constraints, Dim, ElementType, HealthPolicy, Manifest, TensorSpec,
@@ -820,26 +820,19 @@ pub fn build_bundle(opts: &BuildOptions, out: &Path) -> Result<BuildReport, Oper
             path: opts.model.clone(),
             source: ModelError::Invalid(format!("golden case {i} does not run: {e}")),
         })?;
-        for want in &expected {
-            let Some(have) = got.iter().find(|g| g.name == want.name) else {
-                continue;
-            };
-            if have.shape != want.shape {
-                return Err(input_err(
-                    format!("golden case {i} output `{}`", want.name),
-                    format!(
-                        "the model gives shape {:?}, the file says {:?}",
-                        have.shape, want.shape
-                    ),
-                ));
+        check_outputs(i, &got, &expected, &opts.health).map_err(|failure| match failure {
+            HealthFailure::OutOfTolerance { case, output, index, got, want } => input_err(
+                format!("golden case {case} output `{output}`"),
+                format!(
+                    "element {index}: the model gives {got}, the file says {want} (tolerance abs {} rel {})",
+                    opts.health.abs_tolerance, opts.health.rel_tolerance
+                ),
+            ),
+            HealthFailure::Shape { case, output, detail } => {
+                input_err(format!("golden case {case} output `{output}`"), format!("the model's output {detail}"))
             }
-            within_tolerance(&have.data, &want.data, &opts.health).map_err(|e| {
-                input_err(
-                    format!("golden case {i} output `{}`", want.name),
-                    format!("element {}: the model gives {}, the file says {} (tolerance abs {} rel {})", e.index, e.got, e.want, opts.health.abs_tolerance, opts.health.rel_tolerance),
-                )
-            })?;
-        }
+            other => input_err("golden cases", other.to_string()),
+        })?;
         cases.push(GoldenCase {
             inputs,
             outputs: got,
