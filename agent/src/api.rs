@@ -6,7 +6,8 @@
 //! runtime.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
@@ -17,17 +18,57 @@ use edgefleet_shared::manifest::Dim;
 use edgefleet_shared::protocol::BundleRef;
 use serde_json::json;
 
+use crate::metrics::ModelStats;
 use crate::model::LoadedModel;
 use crate::oip::{InferRequest, InferResponse, MAX_REQUEST_LEN, from_tensor, to_tensor};
 
-/// The model being served, if any.
+/// The model being served, if any, swappable while the server runs (after an
+/// install, activate or revert), with its counters.
 #[derive(Debug, Clone, Default)]
 pub struct Served {
-    /// The active bundle and its loaded model.
-    pub active: Option<(BundleRef, LoadedModel)>,
+    active: Arc<RwLock<Option<(BundleRef, LoadedModel)>>>,
+    stats: Arc<ModelStats>,
 }
 
-type Shared = Arc<Served>;
+impl Served {
+    /// Serving `active` (or nothing).
+    pub fn new(active: Option<(BundleRef, LoadedModel)>) -> Served {
+        Served {
+            active: Arc::new(RwLock::new(active)),
+            stats: Arc::new(ModelStats::default()),
+        }
+    }
+
+    /// The model now (a cheap clone: the plan is shared).
+    pub fn current(&self) -> Option<(BundleRef, LoadedModel)> {
+        self.active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The served bundle now.
+    pub fn bundle(&self) -> Option<BundleRef> {
+        self.current().map(|(b, _)| b)
+    }
+
+    /// Serves another model from the next request on; in-flight requests finish
+    /// on the old one. Counters restart when the bundle changes.
+    pub fn replace(&self, next: Option<(BundleRef, LoadedModel)>) {
+        let changed = self.bundle().map(|b| b.digest) != next.as_ref().map(|(b, _)| b.digest);
+        *self.active.write().unwrap_or_else(|p| p.into_inner()) = next;
+        if changed {
+            self.stats.reset();
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &ModelStats {
+        &self.stats
+    }
+}
+
+type Shared = Served;
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
@@ -38,7 +79,7 @@ async fn live() -> Json<serde_json::Value> {
 }
 
 async fn ready(State(s): State<Shared>) -> Response {
-    match &s.active {
+    match s.current() {
         Some(_) => Json(json!({ "ready": true })).into_response(),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -49,8 +90,8 @@ async fn ready(State(s): State<Shared>) -> Response {
 }
 
 /// The served model called `name`, or the 404 message.
-fn find<'a>(s: &'a Served, name: &str) -> Result<&'a (BundleRef, LoadedModel), String> {
-    match &s.active {
+fn find(s: &Served, name: &str) -> Result<(BundleRef, LoadedModel), String> {
+    match s.current() {
         Some(m) if m.0.channel.as_str() == name => Ok(m),
         Some(m) => Err(format!(
             "no model `{name}`; this device serves `{}`",
@@ -91,9 +132,10 @@ async fn infer(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(msg) = find(&s, &name) {
-        return error(StatusCode::NOT_FOUND, msg);
-    }
+    let (bundle, model) = match find(&s, &name) {
+        Ok(m) => m,
+        Err(msg) => return error(StatusCode::NOT_FOUND, msg),
+    };
     let request: InferRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -110,19 +152,24 @@ async fn infer(
         .collect::<Result<Vec<_>, _>>()
     {
         Ok(i) => i,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err(e) => {
+            s.stats().record_error();
+            return error(StatusCode::BAD_REQUEST, e);
+        }
     };
-    let served = s.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let (bundle, model) = served
-            .active
-            .as_ref()
-            .ok_or(crate::model::InferenceError::Runtime("no model".into()))?;
-        model.run(&inputs).map(|out| (bundle.clone(), out))
+        let started = Instant::now();
+        model
+            .run(&inputs)
+            .map(|out| (bundle, out, started.elapsed()))
     })
     .await;
+    match &result {
+        Ok(Ok((_, _, took))) => s.stats().record(*took),
+        _ => s.stats().record_error(),
+    }
     match result {
-        Ok(Ok((bundle, outputs))) => Json(InferResponse {
+        Ok(Ok((bundle, outputs, _))) => Json(InferResponse {
             model_name: bundle.channel.to_string(),
             model_version: bundle.version,
             outputs: outputs.iter().map(from_tensor).collect(),
@@ -147,7 +194,7 @@ pub fn router(served: Served) -> Router {
         .route("/v2/models/{name}", get(metadata))
         .route("/v2/models/{name}/infer", post(infer))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_LEN))
-        .with_state(Arc::new(served))
+        .with_state(served)
 }
 
 /// Serves until `shutdown` completes, then finishes in-flight requests.

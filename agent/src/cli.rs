@@ -25,6 +25,9 @@ pub struct Cli {
     /// The pinned trust root; overrides the config's `trust_root`.
     #[arg(long, global = true)]
     pub trust: Option<PathBuf>,
+    /// Log JSON lines instead of text (stderr; level from EDGEFLEET_LOG).
+    #[arg(long, global = true)]
+    pub log_json: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -57,8 +60,9 @@ pub enum Command {
         /// Bundle digest (64 hex digits).
         digest: Digest,
     },
-    /// Serve the active model on the local OIP v2 API until stopped (SIGINT/SIGTERM).
-    /// The controller link (MQTT) is not part of this build yet.
+    /// Run the agent until stopped (SIGINT/SIGTERM): serve the active model on the
+    /// local OIP v2 API, and follow the controller over MQTT (broker.url) when the
+    /// broker is reachable, retrying in the background when it is not.
     Run {
         /// Loopback address of the local inference API (port 0: any free port);
         /// overrides the config's `api_listen`.
@@ -199,16 +203,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
     let now = UnixTime::now();
     match cli.command {
         Command::Install { file, stage } => {
-            let bytes = std::fs::read(&trust).map_err(|e| CliError::Trust {
-                path: trust.clone(),
-                detail: e.to_string(),
-            })?;
-            let root = SignedTrustRoot::from_bytes(&bytes)
-                .and_then(|r| r.verify_self(now))
-                .map_err(|e| CliError::Trust {
-                    path: trust.clone(),
-                    detail: e.to_string(),
-                })?;
+            let root = load_trust(&trust, now)?;
             let mode = if stage {
                 InstallMode::Stage
             } else {
@@ -268,7 +263,10 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             print_state(&state);
             Ok(0)
         }
-        Command::Run { http } => serve(&store, http.unwrap_or(config.api_listen)),
+        Command::Run { http } => {
+            init_logs(cli.log_json);
+            serve(&store, &config, &trust, http.unwrap_or(config.api_listen))
+        }
         Command::Config(_) => Ok(0),
         Command::Infer { input } => {
             let body = if input.as_os_str() == "-" {
@@ -315,7 +313,83 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
     }
 }
 
-fn serve(store: &Store, http: std::net::SocketAddr) -> Result<i32, CliError> {
+/// Logs to stderr: text by default, JSON lines with `--log-json`; the level
+/// comes from `EDGEFLEET_LOG` (e.g. `debug`, `edgefleet_agent=debug`), default info.
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.with_ansi(false).try_init()
+    };
+}
+
+/// Reads and checks the pinned trust root.
+fn load_trust(
+    path: &std::path::Path,
+    now: UnixTime,
+) -> Result<edgefleet_shared::TrustRoot, CliError> {
+    let bytes = std::fs::read(path).map_err(|e| CliError::Trust {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })?;
+    SignedTrustRoot::from_bytes(&bytes)
+        .and_then(|r| r.verify_self(now))
+        .map_err(|e| CliError::Trust {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })
+}
+
+/// Everything the controller link needs, or why it cannot start.
+fn link_setup(
+    config: &crate::config::AgentConfig,
+    trust: &std::path::Path,
+) -> Result<(rumqttc::MqttOptions, crate::daemon::DaemonSettings), String> {
+    use crate::link::{Endpoint, options, tls_config};
+    let device = edgefleet_shared::DeviceId::new(&config.device_id)
+        .map_err(|e| format!("device_id: {}", e.reason))?;
+    let topics = edgefleet_shared::protocol::Topics::new(&config.broker.topic_prefix)
+        .map_err(|e| format!("broker.topic_prefix: {}", e.reason))?;
+    let endpoint = Endpoint::parse(&config.broker.url).map_err(|e| format!("broker.url: {e}"))?;
+    let tls = if endpoint.tls {
+        let (Some(ca), Some(cert), Some(key)) =
+            (&config.broker.ca, &config.broker.cert, &config.broker.key)
+        else {
+            return Err("broker.ca, broker.cert and broker.key are required with mqtts".into());
+        };
+        Some(tls_config(ca, cert, key).map_err(|e| e.to_string())?)
+    } else {
+        tracing::warn!(
+            "broker.url is plain mqtt://: no encryption, no device authentication (development only)"
+        );
+        None
+    };
+    let root = load_trust(trust, UnixTime::now()).map_err(|e| e.to_string())?;
+    let settings = crate::daemon::DaemonSettings {
+        device: device.clone(),
+        topics,
+        trust: root,
+        telemetry_interval: std::time::Duration::from_secs(u64::from(config.telemetry.interval_s)),
+        spool_max_bytes: config.telemetry.spool_max_bytes,
+        max_bundle_bytes: config.limits.max_bundle_bytes,
+        disk_reserve_bytes: config.limits.disk_reserve_bytes,
+        fetch_window: 16,
+        stall_timeout: std::time::Duration::from_secs(5),
+    };
+    Ok((options(device.as_str(), &endpoint, tls), settings))
+}
+
+fn serve(
+    store: &Store,
+    config: &crate::config::AgentConfig,
+    trust: &std::path::Path,
+    http: std::net::SocketAddr,
+) -> Result<i32, CliError> {
     if !http.ip().is_loopback() {
         return Err(CliError::Request(format!(
             "--http {http}: the local API has no authentication and binds loopback only (127.0.0.1 or ::1)"
@@ -340,11 +414,64 @@ fn serve(store: &Store, http: std::net::SocketAddr) -> Result<i32, CliError> {
             ),
             None => println!("no model installed: /v2/health/ready answers 503 until one is"),
         }
+        let served = crate::api::Served::new(active);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut heartbeat = None;
+        // The controller link: without it (bad TLS files, no trust root) the agent
+        // still serves its model locally, and says why the link is down.
+        let daemon = match link_setup(config, trust) {
+            Ok((options, settings)) => {
+                let (events_tx, events_rx) = tokio::sync::mpsc::channel(64);
+                let (link, _task) = crate::link::start(options, events_tx);
+                match crate::daemon::Daemon::new(settings, store.clone(), served.clone(), link) {
+                    Ok(d) => {
+                        heartbeat = Some(d.heartbeat());
+                        println!(
+                            "controller link: {} as {}",
+                            config.broker.url, config.device_id
+                        );
+                        let mut stop = stop_rx.clone();
+                        Some(tokio::spawn(d.run(events_rx, async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        })))
+                    }
+                    Err(e) => {
+                        tracing::error!("controller link disabled: cannot open the spool: {e}");
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                println!("controller link disabled: {e}");
+                tracing::error!("controller link disabled: {e}");
+                None
+            }
+        };
         // Readiness line: scripts and tests wait for it.
         println!("local API listening on http://{addr}");
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
-        let shutdown = async {
+        crate::notify::ready();
+        if let Some(every) = crate::notify::watchdog_interval() {
+            // Petted only while the controller link's loop is alive (it ticks every
+            // second); with the link disabled, while the runtime is.
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let alive = heartbeat.as_ref().is_none_or(
+                        |h: &std::sync::Arc<std::sync::atomic::AtomicU64>| {
+                            let last = h.load(std::sync::atomic::Ordering::Relaxed);
+                            crate::daemon::now_ms().saturating_sub(last) < 10_000
+                        },
+                    );
+                    if alive {
+                        crate::notify::watchdog();
+                    }
+                }
+            });
+        }
+        let shutdown = async move {
             let mut term =
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                     Ok(t) => t,
@@ -354,10 +481,15 @@ fn serve(store: &Store, http: std::net::SocketAddr) -> Result<i32, CliError> {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
+            let _ = stop_tx.send(true);
         };
-        crate::api::serve(listener, crate::api::Served { active }, shutdown)
+        crate::api::serve(listener, served, shutdown)
             .await
             .map_err(|e| CliError::Request(format!("local API failed: {e}")))?;
+        crate::notify::stopping();
+        if let Some(d) = daemon {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(3), d).await;
+        }
         // stdout may be gone by now (a supervisor closed the pipe): not an error.
         let _ = writeln!(std::io::stdout(), "stopped");
         Ok(0)

@@ -7,9 +7,16 @@
 //! configuration file (issue 3).
 
 pub mod api;
+pub mod chunks;
 pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod link;
+pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod oip;
 pub mod slots;
+pub mod spool;
 pub mod store;
+pub mod sysinfo_probe;

@@ -1,90 +1,11 @@
 //! The agent's local commands as a device operator runs them: the real
 //! `edgefleet-agent` binary, real bundles and real ONNX models, a temp data dir.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-use edgefleet_agent::model::LoadedModel;
-use edgefleet_shared::bundle::{
-    ArtifactInput, ArtifactSource, ManifestDraft, manifest_bytes, prepare_manifest, write_bundle,
-};
-use edgefleet_shared::golden::{GoldenCase, GoldenSet, Tensor, TensorData};
-use edgefleet_shared::manifest::{ArtifactKind, Constraints, HealthPolicy};
-use edgefleet_shared::{ArtifactName, ModelChannel, RawHeader, SecretKey, TrustRoot, UnixTime};
-
-const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
-
-fn key() -> SecretKey {
-    SecretKey::from_seed([5; 32])
-}
-
-fn features() -> Tensor {
-    Tensor {
-        name: "features".into(),
-        shape: vec![2, 4],
-        data: TensorData::F32(vec![5.0, 3.4, 1.5, 0.2, 6.6, 3.0, 5.6, 2.0]),
-    }
-}
-
-/// A bundle of `model_file` whose golden outputs come from `golden_from`.
-fn bundle(
-    dir: &Path,
-    name: &str,
-    model_file: &str,
-    golden_from: &str,
-    release: u64,
-    created: i64,
-) -> PathBuf {
-    let reference =
-        LoadedModel::load(&std::fs::read(format!("{MODELS}/{golden_from}")).expect("model"))
-            .expect("loads");
-    let outputs = reference.run(&[features()]).expect("runs");
-    let golden = GoldenSet {
-        cases: vec![GoldenCase {
-            inputs: vec![features()],
-            outputs,
-        }],
-    };
-    let inputs = vec![
-        ArtifactInput {
-            name: ArtifactName::new("model.onnx").expect("n"),
-            kind: ArtifactKind::Model,
-            source: ArtifactSource::File(format!("{MODELS}/{model_file}").into()),
-        },
-        ArtifactInput {
-            name: ArtifactName::new("golden.cbor").expect("n"),
-            kind: ArtifactKind::Golden,
-            source: ArtifactSource::Bytes(golden.to_bytes()),
-        },
-    ];
-    let now = UnixTime::now();
-    let draft = ManifestDraft {
-        channel: ModelChannel::new("iris").expect("c"),
-        version: semver::Version::new(1, release, 0),
-        release,
-        created_at: UnixTime(now.0 - 1000 + created),
-        expires_at: now.plus_days(30),
-        schema: reference.schema().clone(),
-        constraints: Constraints {
-            architectures: vec![],
-            min_agent_version: "0.1.0".into(),
-            memory_bytes: 1 << 20,
-        },
-        health: HealthPolicy::default(),
-        chunk_size: 4096,
-    };
-    let manifest = prepare_manifest(&draft, &inputs).expect("hash");
-    let mut header = RawHeader {
-        manifest_bytes: manifest_bytes(&manifest),
-        signatures: vec![],
-    };
-    header.sign(&key());
-    let path = dir.join(name);
-    let mut out = Vec::new();
-    write_bundle(&mut out, &header, &inputs).expect("write");
-    std::fs::write(&path, out).expect("write file");
-    path
-}
+mod common;
+use common::{bundle, http, write_root};
 
 struct Device {
     dir: tempfile::TempDir,
@@ -93,10 +14,7 @@ struct Device {
 impl Device {
     fn new() -> Device {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut root = TrustRoot::new(1, UnixTime::now().plus_days(365), 1, vec![key().public()])
-            .to_unsigned();
-        root.sign(&key());
-        std::fs::write(dir.path().join("root.cbor"), root.to_bytes()).expect("root");
+        write_root(&dir.path().join("root.cbor"));
         Device { dir }
     }
 
@@ -402,33 +320,6 @@ fn a_crash_at_any_point_of_an_install_leaves_a_valid_active_model() {
 }
 
 /// One HTTP/1.1 request over a fresh connection; returns status and body.
-fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    (status, body)
-}
-
 /// Runs `edgefleet-agent run` and waits for its readiness line.
 fn start_api(dev: &Device) -> (std::process::Child, String) {
     use std::io::BufRead;
@@ -564,4 +455,65 @@ fn config_check_accepts_the_printed_default_and_names_a_bad_field() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`device_id`"), "{err}");
+}
+
+#[test]
+fn under_systemd_the_agent_reports_ready_and_pets_the_watchdog() {
+    let dev = Device::new();
+    let socket_path = dev.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .arg("--data-dir")
+        .arg(dev.path().join("data"))
+        .arg("--trust")
+        .arg(dev.path().join("root.cbor"))
+        .args(["run", "--http", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("agent starts");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !(got.contains(&"READY=1".to_string())
+        && got.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2)
+    {
+        let n = socket.recv(&mut buf).expect("a notification within 30 s");
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(got[0], "READY=1", "{got:?}");
+}
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    let dev = Device::new();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/edgefleet-agent.service"
+    ))
+    .expect("unit file");
+    assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
+    let unit = unit.replace(
+        "/usr/local/bin/edgefleet-agent",
+        env!("CARGO_BIN_EXE_edgefleet-agent"),
+    );
+    let path = dev.path().join("edgefleet-agent.service");
+    std::fs::write(&path, unit).expect("write");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze is installed (.ci/run installs systemd)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.trim().is_empty(), "{text}");
 }

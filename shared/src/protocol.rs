@@ -626,6 +626,8 @@ pub struct AgentMetrics {
     pub rss_bytes: u64,
     /// Agent version.
     pub version: String,
+    /// Telemetry records dropped, ever, because the offline spool was full.
+    pub spool_dropped: u64,
 }
 
 /// Inference counters of the active model over the period.

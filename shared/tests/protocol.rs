@@ -207,6 +207,7 @@ fn telemetry() -> impl Strategy<Value = Telemetry> {
                     agent: AgentMetrics {
                         rss_bytes: 4 << 20,
                         version: "0.1.0".into(),
+                        spool_dropped: 7,
                     },
                     model: Some(ModelMetrics {
                         digest: Digest::of(b"m"),

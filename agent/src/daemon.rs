@@ -1,0 +1,1021 @@
+//! `edgefleet-agent run`: the long-running agent. One task owns the state and
+//! handles, in order, what the MQTT link reports (commands, bundle chunks,
+//! connects and deliveries) and its own timers (telemetry, stalled downloads).
+//! Everything it tells the controller goes through a spool first, so nothing is
+//! lost while offline; the local API keeps serving whatever happens here.
+//!
+//! ```text
+//! <data>/downloads/<digest>/offer.cbor   the install command (header, mode, id)
+//! <data>/downloads/<digest>/bundle.part  header + payload, chunks written at their offset
+//! <data>/downloads/<digest>/chunks.bits  which chunks are on disk (after fsync)
+//! <data>/spool/events/, spool/telemetry/ see [`crate::spool`]
+//! ```
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use edgefleet_shared::bundle::InstalledRelease;
+use edgefleet_shared::manifest::Manifest;
+use edgefleet_shared::protocol::{
+    self, Action, AgentMetrics, Chunk, Command, DeviceState, DeviceTopic, Event, EventKind,
+    FailureReason, FetchRequest, InstallMode, ModelMetrics, Telemetry, Topic, Topics,
+};
+use edgefleet_shared::{
+    DeviceId, Digest, Limits, Policy, RawHeader, Refusal, TrustRoot, UnixTime, bundle, cbor,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::api::Served;
+use crate::chunks::ChunkTracker;
+use crate::link::{Link, LinkEvent, Tag};
+use crate::metrics::LATENCY_BOUNDS_US;
+use crate::slots::SlotEvent;
+use crate::spool::Spool;
+use crate::store::{self, InstallError, Store};
+use crate::sysinfo_probe::Probe;
+
+/// What the daemon needs besides its data directory.
+#[derive(Debug, Clone)]
+pub struct DaemonSettings {
+    /// This device.
+    pub device: DeviceId,
+    /// Topic names.
+    pub topics: Topics,
+    /// The pinned trust root.
+    pub trust: TrustRoot,
+    /// Time between telemetry reports.
+    pub telemetry_interval: Duration,
+    /// Bound of the telemetry spool, bytes.
+    pub spool_max_bytes: u64,
+    /// Largest bundle accepted, bytes.
+    pub max_bundle_bytes: u64,
+    /// Free disk an install must leave, bytes.
+    pub disk_reserve_bytes: u64,
+    /// Chunks requested at a time.
+    pub fetch_window: u32,
+    /// With no chunk for this long, the missing chunks are requested again.
+    pub stall_timeout: Duration,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Offer {
+    command: u64,
+    mode: InstallMode,
+    #[serde(with = "serde_bytes")]
+    header: Vec<u8>,
+}
+
+/// Largest `offer.cbor` read back.
+const MAX_OFFER_LEN: usize = 1_100_000;
+
+#[derive(Debug)]
+struct Download {
+    offer: Offer,
+    digest: Digest,
+    manifest: Manifest,
+    dir: PathBuf,
+    file: fs::File,
+    tracker: ChunkTracker,
+    header_len: u64,
+    /// Chunks below this index have been asked for.
+    requested_until: u32,
+    unsaved: u32,
+    last_chunk: Instant,
+    reported_tenth: u32,
+    /// Chunk bytes received again though already on disk.
+    duplicate_bytes: u64,
+    /// Chunks dropped because they did not match the table.
+    rejected: u32,
+}
+
+/// The long-running agent.
+#[derive(Debug)]
+pub struct Daemon {
+    settings: DaemonSettings,
+    store: Store,
+    served: Served,
+    link: Link,
+    events: Spool,
+    telemetry: Spool,
+    download: Option<Download>,
+    probe: Probe,
+    /// Spooled records handed to the link and not yet acknowledged.
+    in_flight: HashSet<Tag>,
+    pending_interval: Option<Duration>,
+    heartbeat: Arc<AtomicU64>,
+}
+
+/// Milliseconds since the Unix epoch, for the heartbeat.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn io_detail(what: &str, path: &Path, e: io::Error) -> String {
+    format!("{what} {}: {e}", path.display())
+}
+
+impl Daemon {
+    /// Opens the spools and resumes an interrupted download, if any.
+    pub fn new(
+        settings: DaemonSettings,
+        store: Store,
+        served: Served,
+        link: Link,
+    ) -> io::Result<Daemon> {
+        let events = Spool::open(store.dir().join("spool/events"), None)?;
+        let telemetry = Spool::open(
+            store.dir().join("spool/telemetry"),
+            Some(settings.spool_max_bytes),
+        )?;
+        let mut daemon = Daemon {
+            settings,
+            store,
+            served,
+            link,
+            events,
+            telemetry,
+            download: None,
+            probe: Probe::new(),
+            in_flight: HashSet::new(),
+            pending_interval: None,
+            heartbeat: Arc::new(AtomicU64::new(now_ms())),
+        };
+        daemon.resume_download();
+        daemon.update_will();
+        Ok(daemon)
+    }
+
+    /// When the main loop last ran (ms since the epoch): the systemd watchdog is
+    /// only petted while this moves, so a stuck agent gets restarted.
+    pub fn heartbeat(&self) -> Arc<AtomicU64> {
+        self.heartbeat.clone()
+    }
+
+    fn downloads_dir(&self) -> PathBuf {
+        self.store.dir().join("downloads")
+    }
+
+    /// Runs until `shutdown` resolves or the link ends.
+    pub async fn run(
+        mut self,
+        mut link_events: mpsc::Receiver<LinkEvent>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let mut telemetry_tick = tokio::time::interval(self.settings.telemetry_interval);
+        telemetry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stall_tick = tokio::time::interval(Duration::from_secs(1));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                event = link_events.recv() => match event {
+                    Some(e) => self.on_link(e).await,
+                    None => break,
+                },
+                _ = telemetry_tick.tick() => self.report_telemetry(),
+                _ = stall_tick.tick() => {
+                    self.check_stall();
+                    self.flush_spools();
+                }
+                () = &mut shutdown => break,
+            }
+            self.heartbeat.store(now_ms(), Ordering::Relaxed);
+            if let Some(interval) = self.take_new_interval() {
+                telemetry_tick = tokio::time::interval(interval);
+                telemetry_tick.reset();
+            }
+        }
+        // A clean goodbye: the broker does not send the will on a clean
+        // disconnect, so the retained offline state is published here.
+        if self.link.is_connected() {
+            let state = self.device_state(false);
+            let _ = self.link.publish(
+                &self.topic(DeviceTopic::State),
+                protocol::encode(&state),
+                true,
+                Tag::None,
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.link.disconnect().await;
+        }
+    }
+
+    fn take_new_interval(&mut self) -> Option<Duration> {
+        self.pending_interval.take()
+    }
+
+    fn topic(&self, kind: DeviceTopic) -> String {
+        self.settings.topics.device(&self.settings.device, kind)
+    }
+
+    async fn on_link(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Connected => {
+                tracing::info!("connected to the broker");
+                self.in_flight.clear();
+                let _ = self.link.subscribe(&self.topic(DeviceTopic::Commands));
+                self.publish_state();
+                if let Some(d) = &self.download {
+                    let _ = self
+                        .link
+                        .subscribe(&self.settings.topics.bundle_chunks(&d.digest));
+                    self.request_chunks(true);
+                }
+                self.flush_spools();
+            }
+            LinkEvent::Disconnected(detail) => {
+                tracing::warn!("broker connection lost or refused: {detail}");
+            }
+            LinkEvent::Delivered(Tag::Event(seq)) => {
+                self.in_flight.remove(&Tag::Event(seq));
+                if let Err(e) = self.events.ack(seq) {
+                    tracing::error!("event spool: {e}");
+                }
+            }
+            LinkEvent::Delivered(Tag::Telemetry(seq)) => {
+                self.in_flight.remove(&Tag::Telemetry(seq));
+                if let Err(e) = self.telemetry.ack(seq) {
+                    tracing::error!("telemetry spool: {e}");
+                }
+            }
+            LinkEvent::Delivered(Tag::None) => {}
+            LinkEvent::Message { topic, payload } => match self.settings.topics.parse(&topic) {
+                Some(Topic::Device { device, kind })
+                    if kind == DeviceTopic::Commands && device == self.settings.device =>
+                {
+                    match protocol::decode::<Command>(&payload) {
+                        Ok(command) => self.on_command(command).await,
+                        Err(e) => {
+                            tracing::warn!("refused a command: {e}");
+                            self.emit(
+                                None,
+                                EventKind::CommandRejected {
+                                    detail: e.to_string(),
+                                },
+                            );
+                        }
+                    }
+                }
+                Some(Topic::BundleChunks { bundle }) => {
+                    if self.download.as_ref().is_some_and(|d| d.digest == bundle) {
+                        match protocol::decode::<Chunk>(&payload) {
+                            Ok(chunk) => self.on_chunk(chunk).await,
+                            Err(e) => tracing::warn!("dropped a chunk message: {e}"),
+                        }
+                    }
+                }
+                _ => tracing::debug!("ignored a message on {topic}"),
+            },
+        }
+    }
+
+    // -- commands ------------------------------------------------------------
+
+    async fn on_command(&mut self, command: Command) {
+        tracing::info!(id = command.id, "command received");
+        match command.action {
+            Action::Install { bundle, mode } => {
+                self.start_install(command.id, bundle.digest, bundle.header, mode)
+                    .await;
+            }
+            Action::Activate { digest } => {
+                self.slot_change(command.id, SlotEvent::Activate { digest })
+                    .await;
+            }
+            Action::Revert => self.slot_change(command.id, SlotEvent::Revert).await,
+            Action::Configure(protocol::Settings {
+                telemetry_interval_s,
+                shadow_sample_permille,
+                sample_capture,
+            }) => {
+                if shadow_sample_permille.is_some() || sample_capture.is_some() {
+                    self.emit(
+                        Some(command.id),
+                        EventKind::CommandRejected {
+                            detail: "shadow sampling and sample capture are not supported by this agent version".into(),
+                        },
+                    );
+                }
+                if let Some(s) = telemetry_interval_s {
+                    self.pending_interval = Some(Duration::from_secs(u64::from(s)));
+                    tracing::info!("telemetry interval set to {s} s");
+                }
+            }
+            Action::RequestSamples { .. } => self.emit(
+                Some(command.id),
+                EventKind::CommandRejected {
+                    detail: "sample capture is not supported by this agent version".into(),
+                },
+            ),
+        }
+    }
+
+    async fn slot_change(&mut self, command: u64, event: SlotEvent) {
+        let is_revert = event == SlotEvent::Revert;
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<_, InstallError> {
+            let state = store::change_slots(&store, event)?;
+            let model = store::load_active(&store)?;
+            Ok((state, model))
+        })
+        .await;
+        match result {
+            Ok(Ok((state, model))) => {
+                let entry = state.active_entry().map(|e| e.bundle.digest);
+                let slot = state.active;
+                self.served.replace(model);
+                if let (Some(digest), Some(slot)) = (entry, slot) {
+                    let kind = if is_revert {
+                        EventKind::Reverted { digest, slot }
+                    } else {
+                        EventKind::Activated { digest, slot }
+                    };
+                    self.emit(Some(command), kind);
+                }
+                self.publish_state();
+            }
+            Ok(Err(e)) => self.emit(
+                Some(command),
+                EventKind::CommandRejected {
+                    detail: e.to_string(),
+                },
+            ),
+            Err(e) => self.emit(
+                Some(command),
+                EventKind::CommandRejected {
+                    detail: format!("internal: {e}"),
+                },
+            ),
+        }
+    }
+
+    fn fail_install(&mut self, command: u64, digest: Digest, reason: FailureReason) {
+        tracing::warn!(digest = %digest.short(), "install failed: {reason:?}");
+        let recorded = store::change_slots(
+            &self.store,
+            SlotEvent::InstallFailed {
+                digest,
+                reason: reason.clone(),
+                at: UnixTime::now(),
+            },
+        );
+        if let Err(e) = recorded {
+            tracing::error!("cannot record the failed install: {e}");
+        }
+        self.emit(Some(command), EventKind::InstallFailed { digest, reason });
+        self.publish_state();
+    }
+
+    /// Step 1 of the transfer: check the header and the disk before downloading.
+    async fn start_install(
+        &mut self,
+        command: u64,
+        digest: Digest,
+        header: Vec<u8>,
+        mode: InstallMode,
+    ) {
+        if let Some(d) = &self.download {
+            if d.digest == digest {
+                // A repeated command (controller retry): carry on.
+                self.request_chunks(true);
+                return;
+            }
+            let old = d.digest;
+            let old_command = d.offer.command;
+            self.cancel_download();
+            self.fail_install(
+                old_command,
+                old,
+                FailureReason::Download {
+                    detail: format!("superseded by command {command}"),
+                },
+            );
+        }
+        let state = match self.store.load() {
+            Ok(s) => s,
+            Err(e) => {
+                return self.fail_install(
+                    command,
+                    digest,
+                    FailureReason::Internal {
+                        detail: e.to_string(),
+                    },
+                );
+            }
+        };
+        if mode != InstallMode::Shadow
+            && state
+                .active_entry()
+                .is_some_and(|e| e.bundle.digest == digest)
+        {
+            // Already done: report success again rather than install twice.
+            let slot = state.active.unwrap_or(protocol::Slot::A);
+            self.emit(
+                Some(command),
+                EventKind::InstallSucceeded {
+                    digest,
+                    slot,
+                    activated: true,
+                },
+            );
+            self.publish_state();
+            return;
+        }
+        if mode == InstallMode::Shadow {
+            return self.fail_install(
+                command,
+                digest,
+                FailureReason::Preflight {
+                    detail: "shadow installs are not supported by this agent version".into(),
+                },
+            );
+        }
+        let verified = (|| {
+            let raw = RawHeader::parse(&header)?;
+            if raw.digest() != digest {
+                return Err(Refusal::InvalidManifest {
+                    detail: format!(
+                        "the command names bundle {} but its header is bundle {}",
+                        digest.short(),
+                        raw.digest().short()
+                    ),
+                });
+            }
+            let installed: Option<InstalledRelease> = raw
+                .decode_unverified()
+                .ok()
+                .and_then(|m| state.installed_release(&m.channel).cloned());
+            let facts = crate::cli::device_facts();
+            raw.verify(&Policy {
+                trust: &self.settings.trust,
+                now: UnixTime::now(),
+                limits: Limits::default(),
+                installed: installed.as_ref(),
+                device: Some(&facts),
+            })
+        })();
+        let verified = match verified {
+            Ok(v) => v,
+            Err(refusal) => {
+                return self.fail_install(command, digest, FailureReason::Refused { refusal });
+            }
+        };
+        let total = header.len() as u64 + verified.manifest.payload.size;
+        if let Err(detail) = self.preflight(total) {
+            return self.fail_install(command, digest, FailureReason::Preflight { detail });
+        }
+        let offer = Offer {
+            command,
+            mode,
+            header,
+        };
+        match self.create_download(offer, verified.manifest, digest) {
+            Ok(d) => {
+                tracing::info!(
+                    digest = %digest.short(),
+                    chunks = d.tracker.total(),
+                    bytes = total,
+                    "download started"
+                );
+                self.download = Some(d);
+                self.emit(Some(command), EventKind::InstallStarted { digest });
+                let _ = self
+                    .link
+                    .subscribe(&self.settings.topics.bundle_chunks(&digest));
+                self.request_chunks(true);
+                self.finish_if_complete().await;
+            }
+            Err(detail) => {
+                self.fail_install(command, digest, FailureReason::Internal { detail });
+            }
+        }
+    }
+
+    /// Refuses a download that would break the size limit or the disk reserve. The
+    /// download and the unpacked bundle each take about the bundle's size.
+    fn preflight(&self, bundle_bytes: u64) -> Result<(), String> {
+        if bundle_bytes > self.settings.max_bundle_bytes {
+            return Err(format!(
+                "bundle is {bundle_bytes} bytes, over this device's limit of {} (limits.max_bundle_bytes)",
+                self.settings.max_bundle_bytes
+            ));
+        }
+        if let Some((free, _)) = crate::sysinfo_probe::disk_space(self.store.dir()) {
+            let needed = bundle_bytes
+                .saturating_mul(2)
+                .saturating_add(self.settings.disk_reserve_bytes);
+            if free < needed {
+                return Err(format!(
+                    "not enough disk: {free} bytes free, the download and unpacked bundle need {} plus the reserve of {} (limits.disk_reserve_bytes)",
+                    bundle_bytes.saturating_mul(2),
+                    self.settings.disk_reserve_bytes
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn create_download(
+        &self,
+        offer: Offer,
+        manifest: Manifest,
+        digest: Digest,
+    ) -> Result<Download, String> {
+        let dir = self.downloads_dir().join(digest.to_hex());
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(|e| io_detail("cannot clear", &dir, e))?;
+        }
+        fs::create_dir_all(&dir).map_err(|e| io_detail("cannot create", &dir, e))?;
+        let header_len = offer.header.len() as u64;
+        let part = dir.join("bundle.part");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&part)
+            .map_err(|e| io_detail("cannot create", &part, e))?;
+        file.write_all_at(&offer.header, 0)
+            .and_then(|()| file.set_len(header_len + manifest.payload.size))
+            .and_then(|()| file.sync_all())
+            .map_err(|e| io_detail("cannot write", &part, e))?;
+        let tracker = ChunkTracker::new(manifest.payload.chunks.len() as u32);
+        write_atomic(&dir.join("chunks.bits"), tracker.to_bytes())
+            .map_err(|e| io_detail("cannot write", &dir, e))?;
+        // The offer is written last: a download directory without it is removed.
+        write_atomic(&dir.join("offer.cbor"), &cbor::to_vec(&offer))
+            .map_err(|e| io_detail("cannot write", &dir, e))?;
+        Ok(Download {
+            offer,
+            digest,
+            manifest,
+            dir,
+            file,
+            tracker,
+            header_len,
+            requested_until: 0,
+            unsaved: 0,
+            last_chunk: Instant::now(),
+            reported_tenth: 0,
+            duplicate_bytes: 0,
+            rejected: 0,
+        })
+    }
+
+    /// After a restart: pick up the download that was in progress, from the chunks
+    /// already on disk. The header is checked again (the trust root or the time
+    /// may have changed).
+    fn resume_download(&mut self) {
+        let root = self.downloads_dir();
+        let Ok(entries) = fs::read_dir(&root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            match self.load_download(&dir) {
+                Some(d) if self.download.is_none() => {
+                    tracing::info!(
+                        digest = %d.digest.short(),
+                        done = d.tracker.done(),
+                        total = d.tracker.total(),
+                        "resuming download"
+                    );
+                    self.download = Some(d);
+                }
+                _ => {
+                    let _ = fs::remove_dir_all(&dir);
+                }
+            }
+        }
+    }
+
+    fn load_download(&self, dir: &Path) -> Option<Download> {
+        let offer_bytes = fs::read(dir.join("offer.cbor")).ok()?;
+        let offer: Offer = cbor::from_slice("download offer", &offer_bytes, MAX_OFFER_LEN).ok()?;
+        let raw = RawHeader::parse(&offer.header).ok()?;
+        let state = self.store.load().ok()?;
+        let manifest = raw.decode_unverified().ok()?;
+        let installed = state.installed_release(&manifest.channel).cloned();
+        let facts = crate::cli::device_facts();
+        let verified = raw
+            .verify(&Policy {
+                trust: &self.settings.trust,
+                now: UnixTime::now(),
+                limits: Limits::default(),
+                installed: installed.as_ref(),
+                device: Some(&facts),
+            })
+            .ok()?;
+        let total = verified.manifest.payload.chunks.len() as u32;
+        let bits = fs::read(dir.join("chunks.bits")).ok()?;
+        let tracker = ChunkTracker::from_bytes(total, &bits).ok()?;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("bundle.part"))
+            .ok()?;
+        let header_len = offer.header.len() as u64;
+        if file.metadata().ok()?.len() != header_len + verified.manifest.payload.size {
+            return None;
+        }
+        Some(Download {
+            digest: verified.digest,
+            manifest: verified.manifest,
+            dir: dir.to_owned(),
+            file,
+            tracker,
+            header_len,
+            requested_until: 0,
+            unsaved: 0,
+            last_chunk: Instant::now(),
+            reported_tenth: 0,
+            duplicate_bytes: 0,
+            rejected: 0,
+            offer,
+        })
+    }
+
+    fn cancel_download(&mut self) {
+        if let Some(d) = self.download.take() {
+            let _ = self
+                .link
+                .unsubscribe(&self.settings.topics.bundle_chunks(&d.digest));
+            let _ = fs::remove_dir_all(&d.dir);
+        }
+    }
+
+    /// Asks for the next window of chunks. `again`: from the first missing chunk
+    /// (after a connect or a stall), else continuing after those already asked for.
+    fn request_chunks(&mut self, again: bool) {
+        let window = self.settings.fetch_window.max(1);
+        let Some(d) = self.download.as_mut() else {
+            return;
+        };
+        if again {
+            d.requested_until = 0;
+            d.last_chunk = Instant::now();
+        }
+        let in_flight = (0..d.requested_until.min(d.tracker.total()))
+            .filter(|i| !d.tracker.has(*i))
+            .count() as u32;
+        if in_flight > window / 2 {
+            return;
+        }
+        let mut ranges = Vec::new();
+        let mut budget = window - in_flight;
+        let mut index = d.requested_until;
+        while index < d.tracker.total() && budget > 0 && ranges.len() < 64 {
+            if !d.tracker.has(index) {
+                match ranges.last_mut() {
+                    Some(protocol::ChunkRange { start, count }) if *start + *count == index => {
+                        *count += 1;
+                    }
+                    _ => ranges.push(protocol::ChunkRange {
+                        start: index,
+                        count: 1,
+                    }),
+                }
+                budget -= 1;
+            }
+            index += 1;
+        }
+        if ranges.is_empty() {
+            return;
+        }
+        let request = FetchRequest {
+            bundle: d.digest,
+            ranges,
+        };
+        let topic = self
+            .settings
+            .topics
+            .device(&self.settings.device, DeviceTopic::Fetch);
+        if self
+            .link
+            .publish(&topic, protocol::encode(&request), false, Tag::None)
+            .is_ok()
+            && let Some(d) = self.download.as_mut()
+        {
+            d.requested_until = index;
+        }
+    }
+
+    fn check_stall(&mut self) {
+        let stalled = self
+            .download
+            .as_ref()
+            .is_some_and(|d| d.last_chunk.elapsed() >= self.settings.stall_timeout);
+        if stalled && self.link.is_connected() {
+            tracing::info!(
+                "no chunk for {:?}: asking again",
+                self.settings.stall_timeout
+            );
+            self.request_chunks(true);
+        }
+    }
+
+    async fn on_chunk(&mut self, chunk: Chunk) {
+        let Some(d) = self.download.as_mut() else {
+            return;
+        };
+        d.last_chunk = Instant::now();
+        if d.tracker.has(chunk.index) {
+            d.duplicate_bytes += chunk.data.len() as u64;
+            return;
+        }
+        if let Err(refusal) = bundle::verify_chunk(&d.manifest.payload, chunk.index, &chunk.data) {
+            // Never written; asked for again when the window comes round.
+            d.rejected += 1;
+            tracing::warn!("dropped chunk {}: {refusal}", chunk.index);
+            return;
+        }
+        let Some((start, _)) = d.manifest.payload.chunk_range(chunk.index) else {
+            return;
+        };
+        if let Err(e) = d.file.write_all_at(&chunk.data, d.header_len + start) {
+            let (command, digest) = (d.offer.command, d.digest);
+            self.cancel_download();
+            return self.fail_install(
+                command,
+                digest,
+                FailureReason::Download {
+                    detail: format!("cannot write the download: {e}"),
+                },
+            );
+        }
+        d.tracker.mark(chunk.index);
+        d.unsaved += 1;
+        if (d.unsaved >= 16 || d.tracker.complete())
+            && let Err(e) = save_progress(d)
+        {
+            tracing::error!("cannot save download progress: {e}");
+        }
+        let tenth = d.tracker.done() * 10 / d.tracker.total().max(1);
+        if tenth > d.reported_tenth && !d.tracker.complete() {
+            d.reported_tenth = tenth;
+            let kind = EventKind::InstallProgress {
+                digest: d.digest,
+                chunks_done: d.tracker.done(),
+                chunks_total: d.tracker.total(),
+            };
+            let command = d.offer.command;
+            self.emit(Some(command), kind);
+        }
+        self.request_chunks(false);
+        self.finish_if_complete().await;
+    }
+
+    /// Step 5 of the transfer: full verification, unpack, health check, switch.
+    async fn finish_if_complete(&mut self) {
+        if !self.download.as_ref().is_some_and(|d| d.tracker.complete()) {
+            return;
+        }
+        let Some(d) = self.download.take() else {
+            return;
+        };
+        let _ = self
+            .link
+            .unsubscribe(&self.settings.topics.bundle_chunks(&d.digest));
+        tracing::info!(
+            digest = %d.digest.short(),
+            duplicate_bytes = d.duplicate_bytes,
+            rejected_chunks = d.rejected,
+            "download complete, installing"
+        );
+        let (store, trust) = (self.store.clone(), self.settings.trust.clone());
+        let (path, mode, command, digest) = (
+            d.dir.join("bundle.part"),
+            d.offer.mode,
+            d.offer.command,
+            d.digest,
+        );
+        drop(d.file);
+        let result = tokio::task::spawn_blocking(move || {
+            let done = store::install_file(
+                &store,
+                &trust,
+                &crate::cli::device_facts(),
+                &path,
+                mode,
+                UnixTime::now(),
+            )?;
+            let model = store::load_active(&store)?;
+            Ok::<_, InstallError>((done, model))
+        })
+        .await;
+        let _ = fs::remove_dir_all(&d.dir);
+        match result {
+            Ok(Ok((done, model))) => {
+                let activated = mode == InstallMode::Activate;
+                let slot = if activated {
+                    done.state.active
+                } else {
+                    done.state.active.map(protocol::Slot::other)
+                }
+                .unwrap_or(protocol::Slot::A);
+                self.served.replace(model);
+                tracing::info!(
+                    digest = %digest.short(),
+                    version = %done.bundle.version,
+                    activated,
+                    "installed"
+                );
+                self.emit(
+                    Some(command),
+                    EventKind::InstallSucceeded {
+                        digest,
+                        slot,
+                        activated,
+                    },
+                );
+                self.publish_state();
+            }
+            // install_file has recorded the failure in the state already.
+            Ok(Err(e)) => {
+                tracing::warn!(digest = %digest.short(), "install failed: {e}");
+                self.emit(
+                    Some(command),
+                    EventKind::InstallFailed {
+                        digest,
+                        reason: e.reason(),
+                    },
+                );
+                self.publish_state();
+            }
+            Err(e) => self.fail_install(
+                command,
+                digest,
+                FailureReason::Internal {
+                    detail: format!("install task failed: {e}"),
+                },
+            ),
+        }
+    }
+
+    // -- reporting -----------------------------------------------------------
+
+    /// The state as retained on the broker (and, offline, as the will).
+    fn device_state(&self, online: bool) -> DeviceState {
+        let state = self.store.load().unwrap_or_default();
+        DeviceState {
+            device: self.settings.device.clone(),
+            at: UnixTime::now(),
+            online,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            arch: edgefleet_shared::Arch::current(),
+            slots: state.slot_states(),
+            last_install: state.last_install.clone(),
+        }
+    }
+
+    fn update_will(&self) {
+        let offline = self.device_state(false);
+        self.link
+            .set_will(&self.topic(DeviceTopic::State), protocol::encode(&offline));
+    }
+
+    fn publish_state(&self) {
+        let state = self.device_state(true);
+        let _ = self.link.publish(
+            &self.topic(DeviceTopic::State),
+            protocol::encode(&state),
+            true,
+            Tag::None,
+        );
+        self.update_will();
+    }
+
+    /// Spools an event and sends it if connected. Events are never dropped.
+    fn emit(&mut self, command: Option<u64>, kind: EventKind) {
+        let device = self.settings.device.clone();
+        let pushed = self.events.push(|seq| {
+            protocol::encode(&Event {
+                device,
+                seq,
+                at: UnixTime::now(),
+                command,
+                kind,
+            })
+        });
+        match pushed {
+            Ok(seq) => self.send_record(Tag::Event(seq)),
+            Err(e) => tracing::error!("cannot spool an event: {e}"),
+        }
+    }
+
+    fn report_telemetry(&mut self) {
+        let snapshot = self.served.stats().snapshot();
+        let model = self.served.bundle().map(|b| ModelMetrics {
+            digest: b.digest,
+            inferences: snapshot.inferences,
+            errors: snapshot.errors,
+            latency_bounds_us: LATENCY_BOUNDS_US.to_vec(),
+            latency_counts: snapshot.latency_counts.clone(),
+        });
+        let device_metrics = self.probe.device_metrics(self.store.dir());
+        let agent = AgentMetrics {
+            rss_bytes: self.probe.own_rss(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            spool_dropped: self.telemetry.index().dropped(),
+        };
+        let device = self.settings.device.clone();
+        let pushed = self.telemetry.push(|seq| {
+            protocol::encode(&Telemetry {
+                device,
+                seq,
+                at: UnixTime::now(),
+                device_metrics,
+                agent,
+                model,
+                drift: Vec::new(),
+            })
+        });
+        match pushed {
+            Ok(seq) => self.send_record(Tag::Telemetry(seq)),
+            Err(e) => tracing::error!("cannot spool telemetry: {e}"),
+        }
+    }
+
+    fn send_record(&mut self, tag: Tag) {
+        if self.in_flight.contains(&tag) {
+            return;
+        }
+        let (spool, kind) = match tag {
+            Tag::Event(seq) => ((&self.events, seq), DeviceTopic::Events),
+            Tag::Telemetry(seq) => ((&self.telemetry, seq), DeviceTopic::Telemetry),
+            Tag::None => return,
+        };
+        let (spool, seq) = spool;
+        match spool.read(seq) {
+            Ok(bytes) => {
+                if self
+                    .link
+                    .publish(&self.topic(kind), bytes, false, tag)
+                    .is_ok()
+                {
+                    self.in_flight.insert(tag);
+                }
+            }
+            Err(e) => tracing::error!("cannot read spooled record {seq}: {e}"),
+        }
+    }
+
+    /// Sends what waits and is not in flight, oldest first, events before
+    /// telemetry, at most 128 records per call (the rest on the next tick).
+    fn flush_spools(&mut self) {
+        if !self.link.is_connected() {
+            return;
+        }
+        let events: Vec<u64> = self
+            .events
+            .index()
+            .waiting()
+            .filter(|s| !self.in_flight.contains(&Tag::Event(*s)))
+            .take(128)
+            .collect();
+        let telemetry: Vec<u64> = self
+            .telemetry
+            .index()
+            .waiting()
+            .filter(|s| !self.in_flight.contains(&Tag::Telemetry(*s)))
+            .take(128 - events.len())
+            .collect();
+        if events.len() + telemetry.len() > 1 {
+            tracing::info!(
+                events = events.len(),
+                telemetry = telemetry.len(),
+                "sending spooled records"
+            );
+        }
+        for seq in events {
+            self.send_record(Tag::Event(seq));
+        }
+        for seq in telemetry {
+            self.send_record(Tag::Telemetry(seq));
+        }
+    }
+}
+
+fn save_progress(d: &mut Download) -> io::Result<()> {
+    d.file.sync_data()?;
+    write_atomic(&d.dir.join("chunks.bits"), d.tracker.to_bytes())?;
+    d.unsaved = 0;
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}

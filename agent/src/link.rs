@@ -1,0 +1,452 @@
+//! The MQTT link to the controller: connection options (plain TCP for development,
+//! mutual TLS with rustls and ring for production), reconnection with exponential
+//! backoff and jitter, and delivery tracking so spooled records are forgotten only
+//! once the broker has acknowledged them.
+//!
+//! Delivery tracking: every QoS 1 publish is given a [`Tag`] when it is handed to
+//! the client. rumqttc assigns packet ids in the order requests are sent, so the
+//! link task pairs each `Outgoing::Publish(pkid)` with the oldest untagged request
+//! and reports [`LinkEvent::Delivered`] when the PUBACK for that id arrives.
+//! Publishing is only allowed while connected, under the same lock that the link
+//! task takes to mark a disconnect and drain the request channel; so no request
+//! of an old connection is ever paired with an id of a new one. The session is
+//! clean on every connect: what was not acknowledged is sent again from the spool.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport};
+use tokio::sync::mpsc;
+
+/// Where the broker is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Mutual TLS (`mqtts://`) or plain TCP (`mqtt://`).
+    pub tls: bool,
+}
+
+impl Endpoint {
+    /// Parses `mqtt://host:port` or `mqtts://host:port`.
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| format!("{url:?} does not look like mqtts://host:port"))?;
+        let tls = match scheme {
+            "mqtts" => true,
+            "mqtt" => false,
+            other => return Err(format!("scheme {other:?} is not mqtt or mqtts")),
+        };
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{url:?} has no port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{url:?}: the port is not 1-65535"))?;
+        if host.is_empty() {
+            return Err(format!("{url:?} has no host"));
+        }
+        Ok(Endpoint {
+            host: host.to_owned(),
+            port,
+            tls,
+        })
+    }
+}
+
+/// Problems setting up the link (files, certificates).
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// A PEM file cannot be read or holds nothing usable.
+    #[error("{path}: {detail}")]
+    Pem {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+fn pem_err(path: &Path, detail: impl std::fmt::Display) -> LinkError {
+    LinkError::Pem {
+        path: path.display().to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+/// A rustls client configuration for mutual TLS, with the ring provider (smaller
+/// than aws-lc-rs and easier to cross-compile; see ../shared/STACK.md).
+pub fn tls_config(ca: &Path, cert: &Path, key: &Path) -> Result<rustls::ClientConfig, LinkError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs_in = |path: &Path| -> Result<Vec<CertificateDer<'static>>, LinkError> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| pem_err(path, e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err(path, e))?;
+        if certs.is_empty() {
+            return Err(pem_err(path, "no CERTIFICATE block"));
+        }
+        Ok(certs)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs_in(ca)? {
+        roots.add(c).map_err(|e| pem_err(ca, e))?;
+    }
+    let chain = certs_in(cert)?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| LinkError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key_der)
+        .map_err(|e| LinkError::Tls(e.to_string()))
+}
+
+/// Largest packet the agent accepts: a bundle chunk (4 MiB) plus its envelope.
+pub const MAX_INCOMING_PACKET: usize = 4 * 1024 * 1024 + 4096;
+/// Largest packet the agent sends: a sample upload (1 MiB) plus its envelope.
+pub const MAX_OUTGOING_PACKET: usize = 1024 * 1024 + 4096;
+
+/// MQTT options for a device: its id as client id, clean session, 30 s keep-alive,
+/// packet limits raised for bundle chunks (rumqttc's default is 10 KiB).
+pub fn options(
+    client_id: &str,
+    endpoint: &Endpoint,
+    tls: Option<rustls::ClientConfig>,
+) -> MqttOptions {
+    let mut o = MqttOptions::new(client_id, endpoint.host.clone(), endpoint.port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_clean_session(true);
+    o.set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
+    if let Some(config) = tls {
+        o.set_transport(Transport::tls_with_config(config.into()));
+    }
+    o
+}
+
+/// Exponential backoff with jitter for reconnects: 0.5 s doubling to 60 s, each
+/// delay drawn uniformly from its upper half so a fleet that lost its broker at
+/// the same instant does not come back at the same instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new(Duration::from_millis(500), Duration::from_secs(60))
+    }
+}
+
+impl Backoff {
+    /// A backoff from `base` doubling up to `max`.
+    pub fn new(base: Duration, max: Duration) -> Backoff {
+        Backoff {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The next delay; `random` is any value, scaled into the jitter.
+    pub fn next_delay(&mut self, random: u64) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = ceiling / 2;
+        let jitter_ns = u128::from(random) % (half.as_nanos().max(1));
+        half + Duration::from_nanos(u64::try_from(jitter_ns).unwrap_or(0))
+    }
+
+    /// Back to the first delay (after a successful connect).
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// What a publish is, for delivery reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tag {
+    /// Nothing to report (state, fetch requests).
+    None,
+    /// An event record with this sequence number.
+    Event(u64),
+    /// A telemetry record with this sequence number.
+    Telemetry(u64),
+}
+
+/// What the link tells the agent.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// Connected (again): subscribe, announce, resend.
+    Connected,
+    /// The connection failed or was lost; the link retries by itself.
+    Disconnected(String),
+    /// A message arrived.
+    Message {
+        /// Its topic.
+        topic: String,
+        /// Its payload.
+        payload: Vec<u8>,
+    },
+    /// The broker acknowledged a tagged publish.
+    Delivered(Tag),
+}
+
+#[derive(Debug, Default)]
+struct Tracking {
+    connected: bool,
+    untagged: VecDeque<Tag>,
+    by_pkid: HashMap<u16, Tag>,
+    will: Option<LastWill>,
+}
+
+/// The agent's handle on the link.
+#[derive(Debug, Clone)]
+pub struct Link {
+    client: AsyncClient,
+    tracking: Arc<Mutex<Tracking>>,
+}
+
+fn lock(m: &Mutex<Tracking>) -> MutexGuard<'_, Tracking> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why a publish was not handed to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotSent {
+    /// Not connected: keep it for later.
+    #[error("not connected")]
+    Offline,
+    /// The client's queue is full: try again later.
+    #[error("the outgoing queue is full")]
+    Busy,
+}
+
+impl Link {
+    /// Hands a QoS 1 publish to the client if connected.
+    pub fn publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+        tag: Tag,
+    ) -> Result<(), NotSent> {
+        let mut t = lock(&self.tracking);
+        if !t.connected {
+            return Err(NotSent::Offline);
+        }
+        self.client
+            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+            .map_err(|_| NotSent::Busy)?;
+        t.untagged.push_back(tag);
+        Ok(())
+    }
+
+    /// Subscribes at QoS 1 (if connected; subscriptions are renewed on connect).
+    pub fn subscribe(&self, filter: &str) -> Result<(), NotSent> {
+        let t = lock(&self.tracking);
+        if !t.connected {
+            return Err(NotSent::Offline);
+        }
+        self.client
+            .try_subscribe(filter, QoS::AtLeastOnce)
+            .map_err(|_| NotSent::Busy)
+    }
+
+    /// Unsubscribes (if connected).
+    pub fn unsubscribe(&self, filter: &str) -> Result<(), NotSent> {
+        let t = lock(&self.tracking);
+        if !t.connected {
+            return Err(NotSent::Offline);
+        }
+        self.client
+            .try_unsubscribe(filter)
+            .map_err(|_| NotSent::Busy)
+    }
+
+    /// The last will used from the next connect on (the retained offline state).
+    pub fn set_will(&self, topic: &str, payload: Vec<u8>) {
+        lock(&self.tracking).will = Some(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
+    }
+
+    /// Whether the link is up.
+    pub fn is_connected(&self) -> bool {
+        lock(&self.tracking).connected
+    }
+
+    /// Disconnects cleanly (the broker does not send the will).
+    pub async fn disconnect(&self) {
+        let _ = self.client.disconnect().await;
+    }
+}
+
+fn random_u64() -> u64 {
+    getrandom::u64().unwrap_or_else(|_| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos().into())
+    })
+}
+
+/// Starts the link task. It connects, reconnects with backoff for ever, and sends
+/// what happens to `events`; it ends when `events` is closed.
+pub fn start(
+    mut options: MqttOptions,
+    events: mpsc::Sender<LinkEvent>,
+) -> (Link, tokio::task::JoinHandle<()>) {
+    let tracking = Arc::new(Mutex::new(Tracking {
+        will: options.last_will(),
+        ..Tracking::default()
+    }));
+    options.set_request_channel_capacity(256);
+    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    let link = Link {
+        client,
+        tracking: tracking.clone(),
+    };
+    let task = tokio::spawn(async move {
+        let mut backoff = Backoff::default();
+        loop {
+            let sent = match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    if ack.code == rumqttc::ConnectReturnCode::Success {
+                        {
+                            let mut t = lock(&tracking);
+                            t.connected = true;
+                            t.untagged.clear();
+                            t.by_pkid.clear();
+                        }
+                        backoff.reset();
+                        events.send(LinkEvent::Connected).await
+                    } else {
+                        Ok(())
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    events
+                        .send(LinkEvent::Message {
+                            topic: p.topic,
+                            payload: p.payload.to_vec(),
+                        })
+                        .await
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    let tag = lock(&tracking).by_pkid.remove(&ack.pkid);
+                    match tag {
+                        Some(tag) if tag != Tag::None => {
+                            events.send(LinkEvent::Delivered(tag)).await
+                        }
+                        _ => Ok(()),
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    let mut t = lock(&tracking);
+                    if let Some(tag) = t.untagged.pop_front()
+                        && pkid != 0
+                    {
+                        t.by_pkid.insert(pkid, tag);
+                    }
+                    Ok(())
+                }
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    let was_connected = {
+                        let mut t = lock(&tracking);
+                        let was_connected = t.connected;
+                        t.connected = false;
+                        // Drain requests queued after the error: they belong to the
+                        // old connection and are resent from the spool instead.
+                        eventloop.clean();
+                        eventloop.pending.clear();
+                        t.untagged.clear();
+                        t.by_pkid.clear();
+                        if let Some(will) = t.will.clone() {
+                            eventloop.mqtt_options.set_last_will(will);
+                        }
+                        was_connected
+                    };
+                    let delay = backoff.next_delay(random_u64());
+                    let detail = format!("{e}; retrying in {:.1} s", delay.as_secs_f64());
+                    let sent = if was_connected || backoff.attempt <= 1 {
+                        events.send(LinkEvent::Disconnected(detail)).await
+                    } else {
+                        tracing::debug!("broker unreachable: {detail}");
+                        Ok(())
+                    };
+                    tokio::time::sleep(delay).await;
+                    sent
+                }
+            };
+            if sent.is_err() {
+                break;
+            }
+        }
+    });
+    (link, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_scheme_host_and_port() {
+        assert_eq!(
+            Endpoint::parse("mqtts://broker.local:8883"),
+            Ok(Endpoint {
+                host: "broker.local".into(),
+                port: 8883,
+                tls: true
+            })
+        );
+        assert_eq!(
+            Endpoint::parse("mqtt://[::1]:1883").map(|e| (e.host, e.tls)),
+            Ok(("::1".into(), false))
+        );
+        for bad in [
+            "broker:1883",
+            "http://x:1",
+            "mqtt://x",
+            "mqtt://:1883",
+            "mqtt://x:0",
+        ] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_in_the_upper_half_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+        let lows: Vec<Duration> = (0..6).map(|_| b.next_delay(0)).collect();
+        assert_eq!(
+            lows,
+            [500, 1000, 2000, 4000, 4000, 4000].map(Duration::from_millis)
+        );
+        b.reset();
+        for (i, ceiling) in [1u64, 2, 4, 8, 8].iter().enumerate() {
+            let d = b.next_delay(u64::MAX - i as u64);
+            assert!(d >= Duration::from_secs(*ceiling) / 2, "{d:?}");
+            assert!(d < Duration::from_secs(*ceiling), "{d:?}");
+        }
+        b.reset();
+        assert_eq!(b.next_delay(0), Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,144 @@
+//! Helpers shared by the agent's integration tests: signed bundles of the
+//! repository's models, the trust root that accepts them.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use edgefleet_agent::model::LoadedModel;
+use edgefleet_shared::bundle::{
+    ArtifactInput, ArtifactSource, ManifestDraft, manifest_bytes, prepare_manifest, write_bundle,
+};
+use edgefleet_shared::golden::{GoldenCase, GoldenSet, Tensor, TensorData};
+use edgefleet_shared::manifest::{ArtifactKind, Constraints, HealthPolicy};
+use edgefleet_shared::{ArtifactName, ModelChannel, RawHeader, SecretKey, TrustRoot, UnixTime};
+
+pub const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
+
+pub fn key() -> SecretKey {
+    SecretKey::from_seed([5; 32])
+}
+
+pub fn features() -> Tensor {
+    Tensor {
+        name: "features".into(),
+        shape: vec![2, 4],
+        data: TensorData::F32(vec![5.0, 3.4, 1.5, 0.2, 6.6, 3.0, 5.6, 2.0]),
+    }
+}
+
+/// A bundle of `model_file` whose golden outputs come from `golden_from`.
+pub fn bundle(
+    dir: &Path,
+    name: &str,
+    model_file: &str,
+    golden_from: &str,
+    release: u64,
+    created: i64,
+) -> PathBuf {
+    bundle_padded(dir, name, model_file, golden_from, release, created, 0)
+}
+
+/// The same with a metadata artifact of `padding` bytes, for bundles of many chunks.
+pub fn bundle_padded(
+    dir: &Path,
+    name: &str,
+    model_file: &str,
+    golden_from: &str,
+    release: u64,
+    created: i64,
+    padding: usize,
+) -> PathBuf {
+    let reference =
+        LoadedModel::load(&std::fs::read(format!("{MODELS}/{golden_from}")).expect("model"))
+            .expect("loads");
+    let outputs = reference.run(&[features()]).expect("runs");
+    let golden = GoldenSet {
+        cases: vec![GoldenCase {
+            inputs: vec![features()],
+            outputs,
+        }],
+    };
+    let mut inputs = vec![
+        ArtifactInput {
+            name: ArtifactName::new("model.onnx").expect("n"),
+            kind: ArtifactKind::Model,
+            source: ArtifactSource::File(format!("{MODELS}/{model_file}").into()),
+        },
+        ArtifactInput {
+            name: ArtifactName::new("golden.cbor").expect("n"),
+            kind: ArtifactKind::Golden,
+            source: ArtifactSource::Bytes(golden.to_bytes()),
+        },
+    ];
+    if padding > 0 {
+        let bytes: Vec<u8> = (0..padding).map(|i| (i * 7 % 251) as u8).collect();
+        inputs.push(ArtifactInput {
+            name: ArtifactName::new("padding.bin").expect("n"),
+            kind: ArtifactKind::Metadata,
+            source: ArtifactSource::Bytes(bytes),
+        });
+    }
+    let now = UnixTime::now();
+    let draft = ManifestDraft {
+        channel: ModelChannel::new("iris").expect("c"),
+        version: semver::Version::new(1, release, 0),
+        release,
+        created_at: UnixTime(now.0 - 1000 + created),
+        expires_at: now.plus_days(30),
+        schema: reference.schema().clone(),
+        constraints: Constraints {
+            architectures: vec![],
+            min_agent_version: "0.1.0".into(),
+            memory_bytes: 1 << 20,
+        },
+        health: HealthPolicy::default(),
+        chunk_size: 4096,
+    };
+    let manifest = prepare_manifest(&draft, &inputs).expect("hash");
+    let mut header = RawHeader {
+        manifest_bytes: manifest_bytes(&manifest),
+        signatures: vec![],
+    };
+    header.sign(&key());
+    let path = dir.join(name);
+    let mut out = Vec::new();
+    write_bundle(&mut out, &header, &inputs).expect("write");
+    std::fs::write(&path, out).expect("write file");
+    path
+}
+
+/// Writes a trust root (1 of 1, [`key`]) to `path`.
+pub fn write_root(path: &Path) {
+    let mut root =
+        TrustRoot::new(1, UnixTime::now().plus_days(365), 1, vec![key().public()]).to_unsigned();
+    root.sign(&key());
+    std::fs::write(path, root.to_bytes()).expect("root");
+}
+
+/// One HTTP/1.1 request over a plain socket; returns status and body.
+pub fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}

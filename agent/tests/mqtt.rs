@@ -1,0 +1,971 @@
+//! The agent's controller link against a real broker (Debian's Mosquitto, plain
+//! TCP and mutual TLS), with the real `edgefleet-agent` process and real bundles.
+//!
+//! The test plays the controller's part of the protocol (docs/protocol.md section
+//! 5): it sends commands and answers fetch requests with chunks from the bundle
+//! file. Until the controller exists (issue 4), this is the only peer; the
+//! end-to-end tests of issue 5 replace it with the real controller.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edgefleet_shared::protocol::{
+    self, Action, BundleOffer, Chunk, Command as Cmd, DeviceState, Event, EventKind, FetchRequest,
+    InstallMode, Telemetry,
+};
+use edgefleet_shared::{Digest, RawHeader, UnixTime};
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, Transport};
+use tokio::sync::mpsc;
+
+mod common;
+use common::{bundle, bundle_padded, http, write_root};
+
+const DEVICE: &str = "dev-1";
+const PREFIX: &str = "edgefleet/v1";
+/// Every wait in these tests is bounded by this.
+const WAIT: Duration = Duration::from_secs(60);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A Mosquitto process on a loopback port, with persistence in its directory (so
+/// a restart keeps the test peer's session and queued messages, as in production).
+struct Broker {
+    child: Option<Child>,
+    port: u16,
+    conf: PathBuf,
+}
+
+impl Broker {
+    fn start(dir: &Path, extra: &str) -> Broker {
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\nlistener {port} 127.0.0.1\npersistence true\npersistence_location {}/\nset_tcp_nodelay true\n{extra}\n",
+                s(dir)
+            ),
+        )
+        .expect("conf");
+        let mut b = Broker {
+            child: None,
+            port,
+            conf,
+        };
+        b.run();
+        b
+    }
+
+    fn run(&mut self) {
+        let log = std::fs::File::create(self.conf.with_extension("log")).expect("log");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto is installed (.ci/run installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, so Mosquitto saves its sessions, then waits.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A running `edgefleet-agent run`.
+struct Agent {
+    child: Child,
+    api: String,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(dir: &Path, config: &Path) -> Agent {
+        let log = dir.join(format!("agent-{}.log", Instant::now().elapsed().as_nanos()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+            .arg("--config")
+            .arg(config)
+            .args(["run", "--http", "127.0.0.1:0"])
+            .env("EDGEFLEET_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("agent starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let api = loop {
+            let line = lines.next().expect("readiness line").expect("line");
+            if let Some(a) = line.strip_prefix("local API listening on http://") {
+                break a.to_string();
+            }
+        };
+        // Keep draining stdout so the agent never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Agent { child, api, log }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A device directory: trust root, data dir, config.
+struct Device {
+    dir: tempfile::TempDir,
+}
+
+impl Device {
+    fn new() -> Device {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_root(&dir.path().join("root.cbor"));
+        Device { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn config(&self, broker_url: &str, tls: Option<(&Path, &Path, &Path)>) -> PathBuf {
+        let tls = match tls {
+            Some((ca, cert, key)) => format!(
+                "ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                s(ca),
+                s(cert),
+                s(key)
+            ),
+            None => String::new(),
+        };
+        let path = self.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "device_id = \"{DEVICE}\"\ndata_dir = \"{}\"\ntrust_root = \"{}\"\n\
+                 [broker]\nurl = \"{broker_url}\"\n{tls}\n[telemetry]\ninterval_s = 1\n\
+                 [limits]\ndisk_reserve_bytes = 0\n",
+                s(&self.path().join("data")),
+                s(&self.path().join("root.cbor")),
+            ),
+        )
+        .expect("config");
+        path
+    }
+}
+
+/// What the test peer does with fetch requests.
+#[derive(Debug, Default)]
+struct ChunkPolicy {
+    /// Stop serving after this many chunks in all (None: serve everything).
+    limit: Option<usize>,
+    /// Send a corrupted copy of this chunk the first time it is asked for.
+    tamper: Option<u32>,
+    /// Every chunk index sent, in order.
+    sent: Vec<u32>,
+    /// Every fetch request received.
+    requests: Vec<FetchRequest>,
+}
+
+/// A bundle file split as the controller serves it.
+struct Served {
+    header: Vec<u8>,
+    payload: Vec<u8>,
+    chunk_size: usize,
+    digest: Digest,
+}
+
+impl Served {
+    fn load(path: &Path) -> Served {
+        let bytes = std::fs::read(path).expect("bundle");
+        let mut rest = bytes.as_slice();
+        let header = RawHeader::read_from(&mut rest).expect("header");
+        let manifest = header.decode_unverified().expect("manifest");
+        Served {
+            header: header.to_bytes(),
+            payload: rest.to_vec(),
+            chunk_size: manifest.payload.chunk_size as usize,
+            digest: header.digest(),
+        }
+    }
+
+    fn chunk(&self, index: u32) -> Option<Vec<u8>> {
+        let start = index as usize * self.chunk_size;
+        (start < self.payload.len()).then(|| {
+            self.payload[start..(start + self.chunk_size).min(self.payload.len())].to_vec()
+        })
+    }
+}
+
+/// The test's stand-in for the controller: an MQTT client that records what
+/// devices publish and answers fetch requests.
+struct Peer {
+    client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    policy: Arc<Mutex<ChunkPolicy>>,
+    bundles: Arc<Mutex<BTreeMap<Digest, Arc<Served>>>>,
+    next_command: u64,
+}
+
+impl Peer {
+    fn connect(port: u16, tls: Option<rustls::ClientConfig>) -> Peer {
+        Peer::connect_as("edgefleet-controller-test", port, tls)
+    }
+
+    fn connect_as(id: &str, port: u16, tls: Option<rustls::ClientConfig>) -> Peer {
+        let mut options = MqttOptions::new(id, "localhost", port);
+        options.set_max_packet_size(8 << 20, 8 << 20);
+        options.set_clean_session(false);
+        options.set_keep_alive(Duration::from_secs(5));
+        if let Some(t) = tls {
+            options.set_transport(Transport::tls_with_config(t.into()));
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, 4096);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let policy = Arc::new(Mutex::new(ChunkPolicy::default()));
+        let bundles: Arc<Mutex<BTreeMap<Digest, Arc<Served>>>> = Arc::default();
+        let (p, b, c) = (policy.clone(), bundles.clone(), client.clone());
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                        let _ = c.try_subscribe(format!("{PREFIX}/devices/+/+"), QoS::AtLeastOnce);
+                    }
+                    Ok(MqttEvent::Incoming(Packet::Publish(m))) => {
+                        if m.topic.ends_with("/fetch") {
+                            let Ok(req) = protocol::decode::<FetchRequest>(&m.payload) else {
+                                continue;
+                            };
+                            let served = b.lock().expect("lock").get(&req.bundle).cloned();
+                            let Some(served) = served else { continue };
+                            let mut policy = p.lock().expect("lock");
+                            policy.requests.push(req.clone());
+                            for r in &req.ranges {
+                                for index in r.start..r.start + r.count {
+                                    if policy.limit.is_some_and(|l| policy.sent.len() >= l) {
+                                        continue;
+                                    }
+                                    let Some(mut data) = served.chunk(index) else {
+                                        continue;
+                                    };
+                                    if policy.tamper == Some(index) {
+                                        policy.tamper = None;
+                                        data[0] ^= 0xff;
+                                    }
+                                    policy.sent.push(index);
+                                    let chunk = Chunk {
+                                        bundle: req.bundle,
+                                        index,
+                                        data,
+                                    };
+                                    let topic = format!("{PREFIX}/bundles/{}/chunks", req.bundle);
+                                    let _ = c.try_publish(
+                                        topic,
+                                        QoS::AtLeastOnce,
+                                        false,
+                                        protocol::encode(&chunk),
+                                    );
+                                }
+                            }
+                        } else {
+                            let _ = tx.send((m.topic.clone(), m.payload.to_vec()));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        if tx.is_closed() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        Peer {
+            client,
+            rx,
+            policy,
+            bundles,
+            next_command: 1,
+        }
+    }
+
+    fn offer(&self, path: &Path) -> Arc<Served> {
+        let served = Arc::new(Served::load(path));
+        self.bundles
+            .lock()
+            .expect("lock")
+            .insert(served.digest, served.clone());
+        served
+    }
+
+    async fn command(&mut self, action: Action) -> u64 {
+        let id = self.next_command;
+        self.next_command += 1;
+        let cmd = Cmd {
+            id,
+            issued_at: UnixTime::now(),
+            action,
+        };
+        self.client
+            .publish(
+                format!("{PREFIX}/devices/{DEVICE}/cmd"),
+                QoS::AtLeastOnce,
+                false,
+                protocol::encode(&cmd),
+            )
+            .await
+            .expect("publish");
+        id
+    }
+
+    async fn install(&mut self, served: &Served, mode: InstallMode) -> u64 {
+        self.command(Action::Install {
+            bundle: BundleOffer {
+                digest: served.digest,
+                header: served.header.clone(),
+            },
+            mode,
+        })
+        .await
+    }
+
+    /// Waits for a message that `pick` accepts; panics (with `context`) after WAIT.
+    async fn wait_for<T>(
+        &mut self,
+        context: &str,
+        mut pick: impl FnMut(&str, &[u8]) -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.rx.recv()).await;
+            match next {
+                Ok(Some((topic, payload))) => {
+                    if let Some(t) = pick(&topic, &payload) {
+                        return t;
+                    }
+                }
+                _ => panic!("timed out waiting for {context}"),
+            }
+        }
+    }
+
+    async fn state(&mut self, pred: impl Fn(&DeviceState) -> bool) -> DeviceState {
+        self.wait_for("device state", |topic, payload| {
+            if !topic.ends_with("/state") {
+                return None;
+            }
+            protocol::decode::<DeviceState>(payload)
+                .ok()
+                .filter(|s| pred(s))
+        })
+        .await
+    }
+
+    /// Waits for the event that `pred` accepts, collecting every event on the way.
+    async fn event(&mut self, seen: &mut Vec<Event>, pred: impl Fn(&EventKind) -> bool) -> Event {
+        self.wait_for("event", |topic, payload| {
+            if !topic.ends_with("/events") {
+                return None;
+            }
+            let e = protocol::decode::<Event>(payload).expect("events decode");
+            seen.push(e.clone());
+            pred(&e.kind).then_some(e)
+        })
+        .await
+    }
+}
+
+fn infer_version(api: &str) -> (u16, String) {
+    let body = r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[5.0,3.4,1.5,0.2]}]}"#;
+    let (status, text) = http(api, "POST", "/v2/models/iris/infer", body);
+    let version = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["model_version"].as_str().map(str::to_owned))
+        .unwrap_or(text);
+    (status, version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_install_over_mqtt_with_a_bad_chunk_refetched_and_switch_without_a_restart() {
+    let dev = Device::new();
+    let broker = Broker::start(dev.path(), "allow_anonymous true");
+    let mut peer = Peer::connect(broker.port, None);
+    let v1 = peer.offer(&bundle_padded(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+        100_000,
+    ));
+    let v2 = peer.offer(&bundle(
+        dev.path(),
+        "v2.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        2,
+        10,
+    ));
+    let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
+    let agent = Agent::start(dev.path(), &config);
+
+    let online = peer.state(|s| s.online).await;
+    assert!(online.slots.is_empty(), "{online:?}");
+    assert_eq!(http(&agent.api, "GET", "/v2/health/ready", "").0, 503);
+
+    // Install v1 with one chunk corrupted on the wire: dropped, asked again.
+    peer.policy.lock().expect("lock").tamper = Some(3);
+    let cmd = peer.install(&v1, InstallMode::Activate).await;
+    let mut events = Vec::new();
+    let done = peer
+        .event(&mut events, |k| {
+            matches!(
+                k,
+                EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
+            )
+        })
+        .await;
+    assert!(
+        matches!(
+            done.kind,
+            EventKind::InstallSucceeded {
+                activated: true,
+                ..
+            }
+        ),
+        "{done:?}\n{}",
+        agent.log()
+    );
+    assert_eq!(done.command, Some(cmd));
+    assert!(
+        matches!(events[0].kind, EventKind::InstallStarted { .. }),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::InstallProgress { .. })),
+        "{events:?}"
+    );
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "event seqs"
+    );
+    let sent3 = peer
+        .policy
+        .lock()
+        .expect("lock")
+        .sent
+        .iter()
+        .filter(|i| **i == 3)
+        .count();
+    assert_eq!(sent3, 2, "the corrupted chunk was asked for again");
+    assert!(agent.log().contains("dropped chunk 3"), "{}", agent.log());
+
+    // Served at once by the running agent, and announced in the retained state.
+    assert_eq!(infer_version(&agent.api), (200, "1.1.0".to_string()));
+    let state = peer.state(|s| !s.slots.is_empty()).await;
+    assert_eq!(state.slots[0].bundle.digest, v1.digest);
+
+    // v2 (one chunk), then revert: the API follows each switch.
+    peer.install(&v2, InstallMode::Activate).await;
+    let done = peer
+        .event(&mut events, |k| {
+            matches!(
+                k,
+                EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
+            )
+        })
+        .await;
+    assert!(
+        matches!(done.kind, EventKind::InstallSucceeded { .. }),
+        "{done:?}"
+    );
+    assert_eq!(infer_version(&agent.api), (200, "1.2.0".to_string()));
+    let cmd = peer.command(Action::Revert).await;
+    let reverted = peer
+        .event(&mut events, |k| {
+            matches!(
+                k,
+                EventKind::Reverted { .. } | EventKind::CommandRejected { .. }
+            )
+        })
+        .await;
+    assert_eq!(reverted.command, Some(cmd));
+    assert!(
+        matches!(reverted.kind, EventKind::Reverted { digest, .. } if digest == v1.digest),
+        "{reverted:?}"
+    );
+    assert_eq!(infer_version(&agent.api), (200, "1.1.0".to_string()));
+
+    drop(broker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_resumes_from_the_first_missing_chunk_after_the_agent_is_killed() {
+    let dev = Device::new();
+    let broker = Broker::start(dev.path(), "allow_anonymous true");
+    let mut peer = Peer::connect(broker.port, None);
+    // 4 KiB chunks: about 60 of them.
+    let v1 = peer.offer(&bundle_padded(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+        240_000,
+    ));
+    let total = v1.payload.len().div_ceil(v1.chunk_size);
+    assert!(total > 50, "{total} chunks");
+    let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
+    let mut agent = Agent::start(dev.path(), &config);
+    peer.state(|s| s.online).await;
+
+    // Serve 40 chunks, then nothing: the agent waits for the rest.
+    peer.policy.lock().expect("lock").limit = Some(40);
+    peer.install(&v1, InstallMode::Activate).await;
+    let mut events = Vec::new();
+    let progress = peer
+        .event(
+            &mut events,
+            |k| matches!(k, EventKind::InstallProgress { chunks_done, .. } if *chunks_done >= 36),
+        )
+        .await;
+    // Progress is saved every 16 chunks: give the agent a moment to receive the
+    // remaining served chunks, then cut it off mid-download.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.kill();
+    let before = peer.policy.lock().expect("lock").sent.len();
+    assert_eq!(before, 40, "{progress:?}");
+
+    // Restart, serve everything: the first request starts at the first chunk
+    // not saved before the kill, and the install completes.
+    {
+        let mut p = peer.policy.lock().expect("lock");
+        p.limit = None;
+        p.requests.clear();
+    }
+    let agent = Agent::start(dev.path(), &config);
+    let done = peer
+        .event(&mut events, |k| {
+            matches!(
+                k,
+                EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
+            )
+        })
+        .await;
+    assert!(
+        matches!(done.kind, EventKind::InstallSucceeded { .. }),
+        "{done:?}\n{}",
+        agent.log()
+    );
+    let p = peer.policy.lock().expect("lock");
+    let first = p.requests.first().expect("a fetch after restart").ranges[0].start;
+    assert!((24..=40).contains(&first), "resumed at chunk {first}");
+    let resent = p.sent.len() - total;
+    // Progress is saved every 16 chunks: at most that many are fetched twice.
+    assert!(resent <= 16, "{resent} chunks sent twice");
+    println!("resume: {total} chunks, restarted at {first}, {resent} chunks re-sent");
+    assert!(agent.log().contains("resuming download"), "{}", agent.log());
+    assert_eq!(infer_version(&agent.api).0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_is_spooled_while_the_broker_is_down_and_delivered_without_a_gap() {
+    let dev = Device::new();
+    let mut broker = Broker::start(dev.path(), "allow_anonymous true");
+    let mut peer = Peer::connect(broker.port, None);
+    // Sideloaded before the agent starts: inference needs no broker.
+    let file = bundle(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .arg("--config")
+        .arg(dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None))
+        .arg("install")
+        .arg(&file)
+        .output()
+        .expect("install");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let config = dev.path().join("agent.toml");
+    let agent = Agent::start(dev.path(), &config);
+
+    let mut seqs = Vec::new();
+    let mut last = None;
+    while seqs.len() < 2 {
+        let t: Telemetry = peer
+            .wait_for("telemetry", |topic, p| {
+                topic
+                    .ends_with("/telemetry")
+                    .then(|| protocol::decode(p).expect("telemetry"))
+            })
+            .await;
+        seqs.push(t.seq);
+        last = Some(t);
+    }
+    let t = last.expect("telemetry");
+    assert!(
+        t.device_metrics.mem_total > 0 && t.agent.rss_bytes > 0,
+        "{t:?}"
+    );
+    assert_eq!(t.model.as_ref().map(|m| m.latency_counts.len()), Some(17));
+
+    // Broker down for a while: inference goes on, telemetry is spooled.
+    broker.stop();
+    for _ in 0..4 {
+        assert_eq!(
+            infer_version(&agent.api).0,
+            200,
+            "inference with the broker down"
+        );
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    broker.run();
+    let target = seqs[seqs.len() - 1] + 6;
+    while seqs.iter().max().is_some_and(|m| *m < target) {
+        let t: Telemetry = peer
+            .wait_for("telemetry after the outage", |topic, p| {
+                topic
+                    .ends_with("/telemetry")
+                    .then(|| protocol::decode(p).expect("telemetry"))
+            })
+            .await;
+        seqs.push(t.seq);
+    }
+    seqs.sort_unstable();
+    seqs.dedup();
+    let first = seqs[0];
+    assert_eq!(
+        seqs,
+        (first..first + seqs.len() as u64).collect::<Vec<_>>(),
+        "telemetry sequence has a gap\n{}",
+        agent.log()
+    );
+    // The last inference made during the outage is counted.
+    let counted = peer
+        .wait_for("telemetry with inferences", |topic, p| {
+            topic
+                .ends_with("/telemetry")
+                .then(|| protocol::decode::<Telemetry>(p).expect("telemetry"))
+                .and_then(|t| t.model)
+                .filter(|m| m.inferences >= 4)
+        })
+        .await;
+    assert!(counted.latency_counts.iter().sum::<u64>() >= 4);
+    assert!(
+        agent.log().contains("sending spooled records"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// A test CA with server and client certificates (X.509 v3, as rustls requires),
+/// made with the openssl command line.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &Path) -> Pki {
+        let pki = Pki {
+            dir: dir.join("pki"),
+        };
+        std::fs::create_dir_all(&pki.dir).expect("pki dir");
+        pki.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=edgefleet-test-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        pki.issue(
+            "server",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+        );
+        pki
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Issues `<name>.pem`/`<name>.key` with CN `name` and the given extensions.
+    fn issue(&self, name: &str, ext: &str) {
+        std::fs::write(
+            self.dir.join(format!("{name}.ext")),
+            format!("basicConstraints=CA:FALSE\n{}\n", ext.replace("\\n", "\n")),
+        )
+        .expect("ext");
+        let (key, csr, pem, extf) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        self.openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &extf,
+        ]);
+    }
+
+    fn client(&self, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+        if !self.dir.join(format!("{name}.pem")).exists() {
+            self.issue(name, "extendedKeyUsage=clientAuth");
+        }
+        (
+            self.dir.join("ca.pem"),
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        )
+    }
+
+    fn tls(&self, name: &str) -> rustls::ClientConfig {
+        let (ca, cert, key) = self.client(name);
+        edgefleet_agent::link::tls_config(&ca, &cert, &key).expect("tls config")
+    }
+}
+
+/// Mosquitto as recommended for production: mutual TLS, the certificate's CN as
+/// the user name, and an ACL that confines each device to its own topics.
+fn secure_broker(dir: &Path, pki: &Pki) -> Broker {
+    let acl = dir.join("acl");
+    std::fs::write(
+        &acl,
+        format!(
+            "pattern write {PREFIX}/devices/%u/state\npattern write {PREFIX}/devices/%u/events\n\
+             pattern write {PREFIX}/devices/%u/telemetry\npattern write {PREFIX}/devices/%u/fetch\n\
+             pattern write {PREFIX}/devices/%u/samples\npattern read {PREFIX}/devices/%u/cmd\n\
+             pattern read {PREFIX}/bundles/+/chunks\n\nuser edgefleet-controller-test\ntopic readwrite {PREFIX}/#\n"
+        ),
+    )
+    .expect("acl");
+    let d = &pki.dir;
+    Broker::start(
+        dir,
+        &format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\nacl_file {}\n",
+            s(&d.join("ca.pem")),
+            s(&d.join("server.pem")),
+            s(&d.join("server.key")),
+            s(&acl)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_mosquitto_installs_and_the_acl_confines_each_device() {
+    let dev = Device::new();
+    let pki = Pki::new(dev.path());
+    let broker = secure_broker(dev.path(), &pki);
+    let mut peer = Peer::connect(broker.port, Some(pki.tls("edgefleet-controller-test")));
+    let v1 = peer.offer(&bundle(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    ));
+    let (ca, cert, key) = pki.client(DEVICE);
+    let config = dev.config(
+        &format!("mqtts://localhost:{}", broker.port),
+        Some((&ca, &cert, &key)),
+    );
+    let agent = Agent::start(dev.path(), &config);
+    peer.state(|s| s.online).await;
+    peer.install(&v1, InstallMode::Activate).await;
+    let mut events = Vec::new();
+    let done = peer
+        .event(&mut events, |k| {
+            matches!(
+                k,
+                EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
+            )
+        })
+        .await;
+    assert!(
+        matches!(done.kind, EventKind::InstallSucceeded { .. }),
+        "{done:?}\n{}",
+        agent.log()
+    );
+    assert_eq!(infer_version(&agent.api).0, 200);
+
+    // Another enrolled device may not speak for dev-1: the broker drops its
+    // message; its own topic works. Mosquitto keeps order per connection, so
+    // receiving the second message proves the first was not forwarded.
+    let imposter = Peer::connect_as("dev-2", broker.port, Some(pki.tls("dev-2")));
+    let fake = Event {
+        device: edgefleet_shared::DeviceId::new(DEVICE).expect("id"),
+        seq: 999,
+        at: UnixTime::now(),
+        command: None,
+        kind: EventKind::CommandRejected {
+            detail: "forged".into(),
+        },
+    };
+    for topic in [
+        format!("{PREFIX}/devices/{DEVICE}/events"),
+        format!("{PREFIX}/devices/dev-2/events"),
+    ] {
+        imposter
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, protocol::encode(&fake))
+            .await
+            .expect("publish");
+    }
+    let arrived = peer
+        .wait_for("the imposter's own event", |topic, payload| {
+            topic
+                .ends_with("/events")
+                .then(|| {
+                    (
+                        topic.to_owned(),
+                        protocol::decode::<Event>(payload).expect("event"),
+                    )
+                })
+                .filter(|(_, e)| e.seq == 999)
+        })
+        .await;
+    assert_eq!(
+        arrived.0,
+        format!("{PREFIX}/devices/dev-2/events"),
+        "the forged message on dev-1's topic got through"
+    );
+
+    // No certificate, no connection.
+    let mut options = MqttOptions::new("anonymous", "localhost", broker.port);
+    let roots = {
+        let mut r = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca).expect("ca") {
+            r.add(c.expect("cert")).expect("add");
+        }
+        r
+    };
+    let no_cert = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    options.set_transport(Transport::tls_with_config(no_cert.into()));
+    let (_client, mut eventloop) = AsyncClient::new(options, 10);
+    let refused = tokio::time::timeout(WAIT, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => return false,
+                Ok(_) => {}
+                Err(_) => return true,
+            }
+        }
+    })
+    .await
+    .expect("bounded");
+    assert!(refused, "a client without a certificate connected");
+}
