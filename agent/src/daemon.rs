@@ -175,6 +175,8 @@ impl Daemon {
         telemetry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stall_tick = tokio::time::interval(Duration::from_secs(1));
         tokio::pin!(shutdown);
+        // A download completed before a restart is installed now.
+        self.finish_if_complete().await;
         loop {
             tokio::select! {
                 event = link_events.recv() => match event {
@@ -383,23 +385,6 @@ impl Daemon {
         header: Vec<u8>,
         mode: InstallMode,
     ) {
-        if let Some(d) = &self.download {
-            if d.digest == digest {
-                // A repeated command (controller retry): carry on.
-                self.request_chunks(true);
-                return;
-            }
-            let old = d.digest;
-            let old_command = d.offer.command;
-            self.cancel_download();
-            self.fail_install(
-                old_command,
-                old,
-                FailureReason::Download {
-                    detail: format!("superseded by command {command}"),
-                },
-            );
-        }
         let state = match self.store.load() {
             Ok(s) => s,
             Err(e) => {
@@ -429,6 +414,24 @@ impl Daemon {
             );
             self.publish_state();
             return;
+        }
+        if let Some(d) = &self.download {
+            if d.digest == digest {
+                // A repeated command (controller retry): carry on.
+                self.request_chunks(true);
+                self.finish_if_complete().await;
+                return;
+            }
+            let old = d.digest;
+            let old_command = d.offer.command;
+            self.cancel_download();
+            self.fail_install(
+                old_command,
+                old,
+                FailureReason::Download {
+                    detail: format!("superseded by command {command}"),
+                },
+            );
         }
         if mode == InstallMode::Shadow {
             return self.fail_install(
@@ -603,6 +606,10 @@ impl Daemon {
         let offer: Offer = cbor::from_slice("download offer", &offer_bytes, MAX_OFFER_LEN).ok()?;
         let raw = RawHeader::parse(&offer.header).ok()?;
         let state = self.store.load().ok()?;
+        if state.referenced().contains(&raw.digest()) {
+            // Installed before the crash; only the cleanup was missed.
+            return None;
+        }
         let manifest = raw.decode_unverified().ok()?;
         let installed = state.installed_release(&manifest.channel).cloned();
         let facts = crate::cli::device_facts();

@@ -403,6 +403,18 @@ impl Peer {
         .await
     }
 
+    /// Like [`Peer::event`], but gives up after `within` (None).
+    async fn try_event(
+        &mut self,
+        seen: &mut Vec<Event>,
+        within: Duration,
+        pred: impl Fn(&EventKind) -> bool,
+    ) -> Option<Event> {
+        tokio::time::timeout(within, self.event(seen, pred))
+            .await
+            .ok()
+    }
+
     /// Waits for the event that `pred` accepts, collecting every event on the way.
     async fn event(&mut self, seen: &mut Vec<Event>, pred: impl Fn(&EventKind) -> bool) -> Event {
         self.wait_for("event", |topic, payload| {
@@ -968,4 +980,195 @@ async fn mutual_tls_with_mosquitto_installs_and_the_acl_confines_each_device() {
     .await
     .expect("bounded");
     assert!(refused, "a client without a certificate connected");
+}
+
+/// `edgefleet-agent status --json` of a stopped agent: the active release.
+fn active_release(config: &Path) -> Option<u64> {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .arg("--config")
+        .arg(config)
+        .args(["status", "--json"])
+        .output()
+        .expect("status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    v["active"]["release"].as_u64()
+}
+
+fn sideload(config: &Path, file: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .arg("--config")
+        .arg(config)
+        .arg("install")
+        .arg(file)
+        .output()
+        .expect("install");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_at_any_moment_of_an_install_comes_back_on_a_whole_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let mut peer = Peer::connect(broker.port, None);
+    let v1_file = bundle(
+        dir.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    let v2 = peer.offer(&bundle_padded(
+        dir.path(),
+        "v2.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        2,
+        10,
+        400_000,
+    ));
+    let mut outcomes = Vec::new();
+    // SIGKILL at spread-out moments: before the command, mid-download, during
+    // verification and unpacking, during the health check, after the switch.
+    for delay_ms in [0u64, 15, 40, 80, 130, 200, 300, 500] {
+        let dev = Device::new();
+        let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
+        sideload(&config, &v1_file);
+        let mut agent = Agent::start(dev.path(), &config);
+        peer.state(|s| s.online && !s.slots.is_empty()).await;
+        peer.install(&v2, InstallMode::Activate).await;
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        agent.kill();
+        let release = active_release(&config);
+        assert!(
+            matches!(release, Some(1 | 2)),
+            "killed after {delay_ms} ms: active {release:?}\n{}",
+            agent.log()
+        );
+        outcomes.push((delay_ms, release));
+        // It serves that model as soon as it is back, and finishes the job when
+        // the controller repeats the command (as it does for unanswered ones).
+        let agent = Agent::start(dev.path(), &config);
+        assert_eq!(infer_version(&agent.api).0, 200, "after {delay_ms} ms");
+        peer.state(|s| s.online).await;
+        peer.install(&v2, InstallMode::Activate).await;
+        let mut events = Vec::new();
+        let done = peer
+            .try_event(&mut events, WAIT / 2, |k| {
+                matches!(
+                    k,
+                    EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
+                )
+            })
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "after {delay_ms} ms: no result; events {events:?}\n{}",
+                    agent.log()
+                )
+            });
+        assert!(
+            matches!(done.kind, EventKind::InstallSucceeded { .. }),
+            "after {delay_ms} ms: {done:?}\n{}",
+            agent.log()
+        );
+        assert_eq!(infer_version(&agent.api), (200, "1.2.0".to_string()));
+        drop(agent);
+        assert_eq!(active_release(&config), Some(2));
+        let leftovers = std::fs::read_dir(dev.path().join("data/bundles"))
+            .expect("bundles")
+            .count();
+        assert!(leftovers <= 2, "{leftovers} bundle dirs");
+    }
+    println!("kill outcomes (delay ms, active release after the kill): {outcomes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_bundles_are_reported_with_the_reason_before_any_chunk_is_fetched() {
+    let dev = Device::new();
+    let broker = Broker::start(dev.path(), "allow_anonymous true");
+    let mut peer = Peer::connect(broker.port, None);
+    let good = bundle(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    let big = peer.offer(&bundle_padded(
+        dev.path(),
+        "big.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        2,
+        0,
+        300_000,
+    ));
+    // Re-sign the good bundle's header with a key the trust root does not hold.
+    let served = Served::load(&good);
+    let mut header = RawHeader::parse(&served.header).expect("header");
+    header.signatures.clear();
+    header.sign(&edgefleet_shared::SecretKey::from_seed([9; 32]));
+    let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
+    // A device that takes bundles up to 100 kB.
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, format!("{text}max_bundle_bytes = 100000\n")).expect("config");
+    let agent = Agent::start(dev.path(), &config);
+    peer.state(|s| s.online).await;
+
+    let mut events = Vec::new();
+    peer.command(Action::Install {
+        bundle: BundleOffer {
+            digest: header.digest(),
+            header: header.to_bytes(),
+        },
+        mode: InstallMode::Activate,
+    })
+    .await;
+    let refused = peer
+        .event(&mut events, |k| {
+            matches!(k, EventKind::InstallFailed { .. })
+        })
+        .await;
+    let EventKind::InstallFailed { reason, .. } = &refused.kind else {
+        unreachable!()
+    };
+    let reason = serde_json::to_string(reason).expect("json");
+    assert!(
+        reason.contains("\"refused\"") && reason.contains("unknown_key"),
+        "{reason}"
+    );
+
+    peer.install(&big, InstallMode::Activate).await;
+    let refused = peer
+        .event(&mut events, |k| {
+            matches!(k, EventKind::InstallFailed { .. })
+        })
+        .await;
+    let EventKind::InstallFailed { reason, .. } = &refused.kind else {
+        unreachable!()
+    };
+    let reason = serde_json::to_string(reason).expect("json");
+    assert!(
+        reason.contains("\"preflight\"") && reason.contains("limits.max_bundle_bytes"),
+        "{reason}"
+    );
+    assert!(
+        peer.policy.lock().expect("lock").requests.is_empty(),
+        "nothing is fetched for a refused bundle"
+    );
+    // The failure is also in the retained state; nothing is installed.
+    let state = peer.state(|s| s.last_install.is_some()).await;
+    assert!(state.slots.is_empty(), "{state:?}");
+    assert_eq!(http(&agent.api, "GET", "/v2/health/ready", "").0, 503);
 }
