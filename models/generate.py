@@ -15,6 +15,11 @@ Models:
   answers wrongly: used to show a health check (golden cases) catching a bad model.
 - iris_zipmap.onnx: scikit-learn's default export shape (ONNX-ML Scaler and ZipMap),
   which tract cannot run; `edgefleet bundle build` must refuse it by name.
+- digits_cnn.onnx: a small image CNN (Conv 3x3 x16, Relu, MaxPool, Conv 3x3 x32, Relu,
+  MaxPool, Gemm, Softmax, ArgMax) over `image` f32 [N, 1, 28, 28], outputs `label` i64
+  [N] and `probabilities` f32 [N, 10]; fixed random weights (it is for the runtime's
+  tests and benchmarks, not for accuracy). digits_cnn.expected.json holds two inputs and
+  the outputs of a numpy reference implementation.
 """
 import json
 import os
@@ -113,6 +118,67 @@ def zipmap_graph():
     return model
 
 
+def cnn_params():
+    c1 = (rng.normal(0, 0.3, (16, 1, 3, 3))).astype(np.float32)
+    b1 = (rng.normal(0, 0.1, 16)).astype(np.float32)
+    c2 = (rng.normal(0, 0.1, (32, 16, 3, 3))).astype(np.float32)
+    b2 = (rng.normal(0, 0.1, 32)).astype(np.float32)
+    w = (rng.normal(0, 0.05, (32 * 7 * 7, 10))).astype(np.float32)
+    b = (rng.normal(0, 0.1, 10)).astype(np.float32)
+    return c1, b1, c2, b2, w, b
+
+
+def cnn_graph(c1, b1, c2, b2, w, b):
+    inits = [numpy_helper.from_array(a, n) for a, n in [(c1, "c1"), (b1, "b1"), (c2, "c2"), (b2, "b2"), (w, "w"), (b, "b"), (np.array([0, -1], np.int64), "flat")]]
+    nodes = [
+        helper.make_node("Conv", ["image", "c1", "b1"], ["x1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["x1"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "c2", "b2"], ["x2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["x2"], ["r2"]),
+        helper.make_node("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Reshape", ["p2", "flat"], ["f"]),
+        helper.make_node("Gemm", ["f", "w", "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "digits_cnn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="edgefleet-generate")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def conv_ref(x, k, bias):
+    n, c, h, w_ = x.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros((n, k.shape[0], h, w_), np.float64)
+    for i in range(3):
+        for j in range(3):
+            patch = padded[:, :, i:i + h, j:j + w_]
+            out += np.einsum("nchw,oc->nohw", patch, k[:, :, i, j])
+    return out + bias[None, :, None, None]
+
+
+def pool_ref(x):
+    n, c, h, w_ = x.shape
+    return x.reshape(n, c, h // 2, 2, w_ // 2, 2).max(axis=(3, 5))
+
+
+def cnn_reference(x, c1, b1, c2, b2, w, b):
+    x = x.astype(np.float64)
+    p1 = pool_ref(np.maximum(conv_ref(x, c1, b1), 0))
+    p2 = pool_ref(np.maximum(conv_ref(p1, c2, b2), 0))
+    logits = p2.reshape(len(x), -1) @ w + b
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return logits.argmax(axis=1), e / e.sum(axis=1, keepdims=True)
+
+
 def main():
     x, y = sample(50)
     mu, sigma, w, b = fit(x, y)
@@ -142,6 +208,13 @@ def main():
     # Golden inputs as an operator writes them for --golden (outputs filled in at build).
     with open(os.path.join(HERE, "iris_golden.json"), "w") as f:
         json.dump({"cases": [{"inputs": {"features": tx[:2].round(2).tolist()}}, {"inputs": {"features": tx[2:].round(2).tolist()}}]}, f, indent=1)
+    # The small CNN and its expected outputs.
+    params = cnn_params()
+    onnx.save(cnn_graph(*params), os.path.join(HERE, "digits_cnn.onnx"))
+    images = rng.random((2, 1, 28, 28)).astype(np.float32).round(3)
+    clabel, cprobs = cnn_reference(images, *params)
+    with open(os.path.join(HERE, "digits_cnn.expected.json"), "w") as f:
+        json.dump({"image": images.reshape(2, -1).tolist(), "label": clabel.tolist(), "probabilities": cprobs.tolist()}, f)
     print(f"train accuracy {accuracy:.3f}; wrote models to {HERE}")
 
 

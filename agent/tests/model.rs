@@ -104,3 +104,37 @@ fn bytes_that_are_not_a_model_are_refused_with_an_error() {
     ));
     assert!(LoadedModel::load(&[]).is_err());
 }
+
+#[test]
+fn the_small_cnn_matches_the_numpy_reference() {
+    let model = LoadedModel::load(&read("digits_cnn.onnx")).expect("loads");
+    assert_eq!(
+        model.schema().inputs[0].shape,
+        vec![
+            Dim::Symbol("N".into()),
+            Dim::Fixed(1),
+            Dim::Fixed(28),
+            Dim::Fixed(28)
+        ]
+    );
+    let expected: serde_json::Value =
+        serde_json::from_slice(&read("digits_cnn.expected.json")).expect("json");
+    let images: Vec<Vec<f32>> = serde_json::from_value(expected["image"].clone()).expect("images");
+    let labels: Vec<i64> = serde_json::from_value(expected["label"].clone()).expect("labels");
+    let probs: Vec<Vec<f32>> =
+        serde_json::from_value(expected["probabilities"].clone()).expect("p");
+    let input = Tensor {
+        name: "image".into(),
+        shape: vec![images.len() as u64, 1, 28, 28],
+        data: TensorData::F32(images.concat()),
+    };
+    let out = model.run(&[input]).expect("runs");
+    assert_eq!(out[0].data, TensorData::I64(labels));
+    let TensorData::F32(got) = &out[1].data else {
+        panic!("probabilities are f32")
+    };
+    assert_eq!(out[1].shape, vec![2, 10]);
+    for (g, w) in got.iter().zip(probs.concat()) {
+        assert!((g - w).abs() < 1e-4, "{g} vs {w}");
+    }
+}
