@@ -403,6 +403,37 @@ impl Peer {
         .await
     }
 
+    /// Forgets messages received so far (from agents that are gone).
+    fn drain(&mut self) {
+        while self.rx.try_recv().is_ok() {}
+    }
+
+    /// Sends `install` until the device answers (as the controller re-sends
+    /// unanswered commands: one sent before the device subscribed is lost), then
+    /// waits for its result.
+    async fn install_answered(&mut self, served: &Served, seen: &mut Vec<Event>) -> Event {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "no answer to install; events {seen:?}"
+            );
+            let id = self.install(served, InstallMode::Activate).await;
+            let answered = self.try_event(seen, Duration::from_secs(3), |_| true).await;
+            let Some(first) = answered else { continue };
+            let is_result = |k: &EventKind| {
+                matches!(
+                    k,
+                    EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
+                )
+            };
+            if is_result(&first.kind) && first.command == Some(id) {
+                return first;
+            }
+            return self.event(seen, is_result).await;
+        }
+    }
+
     /// Like [`Peer::event`], but gives up after `within` (None).
     async fn try_event(
         &mut self,
@@ -950,11 +981,20 @@ async fn mutual_tls_with_mosquitto_installs_and_the_acl_confines_each_device() {
     );
 
     // No certificate, no connection.
-    let mut options = MqttOptions::new("anonymous", "localhost", broker.port);
+    assert!(
+        !connects_without_a_certificate(broker.port, &ca).await,
+        "a client without a certificate connected"
+    );
+}
+
+/// Whether a TLS client that trusts `ca` but has no certificate of its own gets a
+/// CONNACK from the broker.
+async fn connects_without_a_certificate(port: u16, ca: &Path) -> bool {
+    let mut options = MqttOptions::new("anonymous", "localhost", port);
     let roots = {
         let mut r = rustls::RootCertStore::empty();
         use rustls::pki_types::pem::PemObject;
-        for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca).expect("ca") {
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("ca") {
             r.add(c.expect("cert")).expect("add");
         }
         r
@@ -968,18 +1008,17 @@ async fn mutual_tls_with_mosquitto_installs_and_the_acl_confines_each_device() {
     .with_no_client_auth();
     options.set_transport(Transport::tls_with_config(no_cert.into()));
     let (_client, mut eventloop) = AsyncClient::new(options, 10);
-    let refused = tokio::time::timeout(WAIT, async {
+    tokio::time::timeout(WAIT, async {
         loop {
             match eventloop.poll().await {
-                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => return false,
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => return true,
                 Ok(_) => {}
-                Err(_) => return true,
+                Err(_) => return false,
             }
         }
     })
     .await
-    .expect("bounded");
-    assert!(refused, "a client without a certificate connected");
+    .expect("bounded")
 }
 
 /// `edgefleet-agent status --json` of a stopped agent: the active release.
@@ -1037,15 +1076,27 @@ async fn an_agent_killed_at_any_moment_of_an_install_comes_back_on_a_whole_model
         400_000,
     ));
     let mut outcomes = Vec::new();
-    // SIGKILL at spread-out moments: before the command, mid-download, during
+    // SIGKILL at spread-out moments after the install began: mid-download, during
     // verification and unpacking, during the health check, after the switch.
     for delay_ms in [0u64, 15, 40, 80, 130, 200, 300, 500] {
         let dev = Device::new();
         let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
         sideload(&config, &v1_file);
+        peer.drain();
         let mut agent = Agent::start(dev.path(), &config);
-        peer.state(|s| s.online && !s.slots.is_empty()).await;
-        peer.install(&v2, InstallMode::Activate).await;
+        let mut events = Vec::new();
+        // The first install is answered (so the kill lands in the install), then
+        // the agent is killed `delay_ms` after that answer.
+        let id = loop {
+            let id = peer.install(&v2, InstallMode::Activate).await;
+            if peer
+                .try_event(&mut events, Duration::from_secs(3), |_| true)
+                .await
+                .is_some()
+            {
+                break id;
+            }
+        };
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         agent.kill();
         let release = active_release(&config);
@@ -1057,28 +1108,14 @@ async fn an_agent_killed_at_any_moment_of_an_install_comes_back_on_a_whole_model
         outcomes.push((delay_ms, release));
         // It serves that model as soon as it is back, and finishes the job when
         // the controller repeats the command (as it does for unanswered ones).
+        peer.drain();
         let agent = Agent::start(dev.path(), &config);
         assert_eq!(infer_version(&agent.api).0, 200, "after {delay_ms} ms");
-        peer.state(|s| s.online).await;
-        peer.install(&v2, InstallMode::Activate).await;
         let mut events = Vec::new();
-        let done = peer
-            .try_event(&mut events, WAIT / 2, |k| {
-                matches!(
-                    k,
-                    EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
-                )
-            })
-            .await
-            .unwrap_or_else(|| {
-                panic!(
-                    "after {delay_ms} ms: no result; events {events:?}\n{}",
-                    agent.log()
-                )
-            });
+        let done = peer.install_answered(&v2, &mut events).await;
         assert!(
             matches!(done.kind, EventKind::InstallSucceeded { .. }),
-            "after {delay_ms} ms: {done:?}\n{}",
+            "after {delay_ms} ms (command {id}): {done:?}\n{}",
             agent.log()
         );
         assert_eq!(infer_version(&agent.api), (200, "1.2.0".to_string()));
@@ -1171,4 +1208,101 @@ async fn refused_bundles_are_reported_with_the_reason_before_any_chunk_is_fetche
     let state = peer.state(|s| s.last_install.is_some()).await;
     assert!(state.slots.is_empty(), "{state:?}");
     assert_eq!(http(&agent.api, "GET", "/v2/health/ready", "").0, 503);
+}
+
+/// The controller's embedded broker (rumqttd), with mutual TLS: client certificates
+/// signed by the CA are required (`verify-client-cert`).
+fn embedded_broker(pki: &Pki) -> u16 {
+    let port = free_port();
+    let d = &pki.dir;
+    let config = format!(
+        r#"
+id = 0
+[router]
+id = 0
+max_connections = 100
+max_outgoing_packet_count = 200
+max_segment_size = 8388608
+max_segment_count = 4
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:{port}"
+next_connection_delay_ms = 1
+[v4.1.tls]
+capath = "{}"
+certpath = "{}"
+keypath = "{}"
+[v4.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = 5242880
+max_inflight_count = 100
+dynamic_filters = true
+"#,
+        s(&d.join("ca.pem")),
+        s(&d.join("server.pem")),
+        s(&d.join("server.key")),
+    );
+    let config: rumqttd::Config = toml::from_str(&config).expect("rumqttd config");
+    std::thread::spawn(move || {
+        let mut broker = rumqttd::Broker::new(config);
+        let _ = broker.start();
+    });
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "rumqttd did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_with_mutual_tls_carries_an_install() {
+    let dev = Device::new();
+    let pki = Pki::new(dev.path());
+    let port = embedded_broker(&pki);
+    let mut peer = Peer::connect(port, Some(pki.tls("edgefleet-controller-test")));
+    let v1 = peer.offer(&bundle_padded(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+        60_000,
+    ));
+    let (ca, cert, key) = pki.client(DEVICE);
+    let config = dev.config(
+        &format!("mqtts://localhost:{port}"),
+        Some((&ca, &cert, &key)),
+    );
+    let agent = Agent::start(dev.path(), &config);
+    peer.state(|s| s.online).await;
+    peer.install(&v1, InstallMode::Activate).await;
+    let mut events = Vec::new();
+    let done = peer
+        .event(&mut events, |k| {
+            matches!(
+                k,
+                EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
+            )
+        })
+        .await;
+    assert!(
+        matches!(done.kind, EventKind::InstallSucceeded { .. }),
+        "{done:?}\n{}",
+        agent.log()
+    );
+    assert_eq!(infer_version(&agent.api), (200, "1.1.0".to_string()));
+    let telemetry: Telemetry = peer
+        .wait_for("telemetry", |topic, p| {
+            topic
+                .ends_with("/telemetry")
+                .then(|| protocol::decode(p).expect("telemetry"))
+        })
+        .await;
+    assert_eq!(telemetry.device.as_str(), DEVICE);
+    assert!(
+        !connects_without_a_certificate(port, &ca).await,
+        "rumqttd let a client without a certificate connect"
+    );
 }

@@ -1,0 +1,469 @@
+//! Benchmarks of the agent (issue 3), each printed with its baseline from the same run:
+//!
+//! - model load time per shipped model;
+//! - inference through the local OIP v2 API vs calling tract in-process, same model and
+//!   input (target: overhead under 10% on the CNN, under 150 µs on the tabular model);
+//! - the check after the last chunk of a download (full verification + unpack, as the
+//!   agent does it) vs the signature check alone, on an 8 MB bundle;
+//! - tract vs onnxruntime (Python, one thread) when `EDGEFLEET_ORT_PYTHON` names a
+//!   Python with onnxruntime (`bench/ort_time.py`); otherwise says it was not run;
+//! - idle RSS of the release agent with no model and with the CNN loaded (target under
+//!   8 MB idle, loaded under model size + 10 MB), and its stripped size.
+//!
+//! Run: `cargo bench -p edgefleet-agent --bench agent`. Medians; 2 noisy cores.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edgefleet_agent::api::{Served, serve};
+use edgefleet_agent::model::LoadedModel;
+use edgefleet_shared::bundle::{
+    ArtifactInput, ArtifactSource, ManifestDraft, manifest_bytes, prepare_manifest, write_bundle,
+};
+use edgefleet_shared::golden::{GoldenCase, GoldenSet, Tensor, TensorData};
+use edgefleet_shared::manifest::{ArtifactKind, Constraints, HealthPolicy};
+use edgefleet_shared::protocol::BundleRef;
+use edgefleet_shared::{
+    ArtifactName, Digest, Limits, ModelChannel, Policy, RawHeader, SecretKey, TrustRoot, UnixTime,
+};
+
+const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time_us(runs: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..runs.div_ceil(10) {
+        f();
+    }
+    median(
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e6
+            })
+            .collect(),
+    )
+}
+
+struct Case {
+    file: &'static str,
+    channel: &'static str,
+    input: Tensor,
+    runs: usize,
+}
+
+fn cases() -> Vec<Case> {
+    let expected: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(format!("{MODELS}/digits_cnn.expected.json")).expect("cnn expected"),
+    )
+    .expect("json");
+    let image: Vec<Vec<f32>> = serde_json::from_value(expected["image"].clone()).expect("image");
+    vec![
+        Case {
+            file: "iris_logreg.onnx",
+            channel: "iris",
+            input: Tensor {
+                name: "features".into(),
+                shape: vec![1, 4],
+                data: TensorData::F32(vec![5.0, 3.4, 1.5, 0.2]),
+            },
+            runs: 3000,
+        },
+        Case {
+            file: "digits_cnn.onnx",
+            channel: "digits",
+            input: Tensor {
+                name: "image".into(),
+                shape: vec![1, 1, 28, 28],
+                data: TensorData::F32(image[0].clone()),
+            },
+            runs: 500,
+        },
+    ]
+}
+
+fn oip_body(t: &Tensor) -> String {
+    let TensorData::F32(data) = &t.data else {
+        unreachable!("f32 inputs")
+    };
+    serde_json::json!({"inputs": [{"name": t.name, "shape": t.shape, "datatype": "FP32", "data": data}]})
+        .to_string()
+}
+
+/// An HTTP/1.1 keep-alive client on one connection, as an application would hold.
+struct Client {
+    stream: BufReader<TcpStream>,
+}
+
+impl Client {
+    fn post(&mut self, path: &str, body: &str) -> u16 {
+        let s = self.stream.get_mut();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send");
+        let mut status = String::new();
+        self.stream.read_line(&mut status).expect("status");
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            self.stream.read_line(&mut line).expect("header");
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().expect("length");
+            }
+        }
+        let mut body = vec![0; len];
+        self.stream.read_exact(&mut body).expect("body");
+        status
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn api_vs_direct(case: &Case, model: &LoadedModel) {
+    let direct = time_us(case.runs, || {
+        model.run(std::slice::from_ref(&case.input)).expect("runs");
+    });
+    let bundle = BundleRef {
+        digest: Digest::of(case.file.as_bytes()),
+        channel: ModelChannel::new(case.channel).expect("channel"),
+        version: "1.0.0".into(),
+        release: 1,
+    };
+    let served = Served::new(Some((bundle, model.clone())));
+    // The agent's own runtime shape: one thread, inference on the blocking pool.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let _ = serve(listener, served, std::future::pending()).await;
+        });
+    });
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut client = Client {
+        stream: BufReader::new(stream),
+    };
+    let body = oip_body(&case.input);
+    let path = format!("/v2/models/{}/infer", case.channel);
+    let api = time_us(case.runs, || {
+        assert_eq!(client.post(&path, &body), 200);
+    });
+    println!(
+        "  {:<18} direct {:>9.1} µs   via local API {:>9.1} µs   overhead {:>7.1} µs ({:+.0}%)",
+        case.file,
+        direct,
+        api,
+        api - direct,
+        (api / direct - 1.0) * 100.0
+    );
+}
+
+fn key() -> SecretKey {
+    SecretKey::from_seed([3; 32])
+}
+
+/// A signed bundle of `model` with one golden case and `padding` extra bytes.
+fn make_bundle(dir: &Path, case: &Case, model: &LoadedModel, padding: usize) -> PathBuf {
+    let outputs = model.run(std::slice::from_ref(&case.input)).expect("runs");
+    let golden = GoldenSet {
+        cases: vec![GoldenCase {
+            inputs: vec![case.input.clone()],
+            outputs,
+        }],
+    };
+    let mut inputs = vec![
+        ArtifactInput {
+            name: ArtifactName::new("model.onnx").expect("name"),
+            kind: ArtifactKind::Model,
+            source: ArtifactSource::File(format!("{MODELS}/{}", case.file).into()),
+        },
+        ArtifactInput {
+            name: ArtifactName::new("golden.cbor").expect("name"),
+            kind: ArtifactKind::Golden,
+            source: ArtifactSource::Bytes(golden.to_bytes()),
+        },
+    ];
+    if padding > 0 {
+        let mut bytes = vec![0u8; padding];
+        getrandom::fill(&mut bytes).expect("random");
+        inputs.push(ArtifactInput {
+            name: ArtifactName::new("extra.bin").expect("name"),
+            kind: ArtifactKind::Metadata,
+            source: ArtifactSource::Bytes(bytes),
+        });
+    }
+    let now = UnixTime::now();
+    let draft = ManifestDraft {
+        channel: ModelChannel::new(case.channel).expect("channel"),
+        version: semver::Version::new(1, 0, 0),
+        release: 1,
+        created_at: now,
+        expires_at: now.plus_days(30),
+        schema: model.schema().clone(),
+        constraints: Constraints {
+            architectures: vec![],
+            min_agent_version: "0.1.0".into(),
+            memory_bytes: 1 << 20,
+        },
+        health: HealthPolicy::default(),
+        chunk_size: 256 * 1024,
+    };
+    let manifest = prepare_manifest(&draft, &inputs).expect("manifest");
+    let mut header = RawHeader {
+        manifest_bytes: manifest_bytes(&manifest),
+        signatures: vec![],
+    };
+    header.sign(&key());
+    let path = dir.join(format!("{}.efb", case.channel));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).expect("create"));
+    write_bundle(&mut out, &header, &inputs).expect("write");
+    out.flush().expect("flush");
+    path
+}
+
+fn root() -> TrustRoot {
+    TrustRoot::new(1, UnixTime::now().plus_days(365), 1, vec![key().public()])
+}
+
+fn write_root(path: &Path) {
+    let mut r = root().to_unsigned();
+    r.sign(&key());
+    std::fs::write(path, r.to_bytes()).expect("root");
+}
+
+fn post_download_check(dir: &Path, case: &Case, model: &LoadedModel) {
+    let path = make_bundle(dir, case, model, 8 << 20);
+    let size = std::fs::metadata(&path).expect("size").len() as f64;
+    let trust = root();
+    let bytes = std::fs::read(&path).expect("read");
+    let header = RawHeader::read_from(&mut bytes.as_slice()).expect("header");
+    let signature_only = time_us(200, || {
+        header
+            .verify(&Policy {
+                trust: &trust,
+                now: UnixTime::now(),
+                limits: Limits::default(),
+                installed: None,
+                device: None,
+            })
+            .expect("verifies");
+    });
+    let facts = edgefleet_agent::cli::device_facts();
+    let mut full = Vec::new();
+    for i in 0..7 {
+        let data = dir.join(format!("data-{i}"));
+        let store = edgefleet_agent::store::Store::open(&data).expect("store");
+        let t = Instant::now();
+        edgefleet_agent::store::install_file(
+            &store,
+            &trust,
+            &facts,
+            &path,
+            edgefleet_shared::protocol::InstallMode::Activate,
+            UnixTime::now(),
+        )
+        .expect("installs");
+        full.push(t.elapsed().as_secs_f64() * 1e3);
+        let _ = std::fs::remove_dir_all(&data);
+    }
+    let full = median(full);
+    println!(
+        "  {:.1} MB bundle: header check (signature + rules) {:.0} µs; the agent's check after the last chunk \
+         (full re-verification + unpack + health check) {:.1} ms = {:.0} MB/s",
+        size / 1e6,
+        signature_only,
+        full,
+        size / 1e6 / (full / 1e3)
+    );
+}
+
+fn onnxruntime(case: &Case, tract_us: f64) {
+    let Some(python) = std::env::var_os("EDGEFLEET_ORT_PYTHON") else {
+        println!(
+            "  {:<18} onnxruntime: not run (set EDGEFLEET_ORT_PYTHON to a python with onnxruntime; see docs/benchmarks.md)",
+            case.file
+        );
+        return;
+    };
+    let TensorData::F32(data) = &case.input.data else {
+        unreachable!()
+    };
+    let shape: Vec<String> = case.input.shape.iter().map(u64::to_string).collect();
+    let out = Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/ort_time.py"))
+        .arg(format!("{MODELS}/{}", case.file))
+        .arg(&case.input.name)
+        .arg(shape.join(","))
+        .arg(case.runs.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            let text: Vec<String> = data.iter().map(f32::to_string).collect();
+            c.stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.join(" ").as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("python runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.trim().parse::<f64>() {
+        Ok(ort_us) => println!(
+            "  {:<18} tract {:>9.1} µs   onnxruntime (1 thread) {:>9.1} µs   tract/ORT {:.2}x",
+            case.file,
+            tract_us,
+            ort_us,
+            tract_us / ort_us
+        ),
+        Err(_) => println!(
+            "  {:<18} onnxruntime failed: {} {}",
+            case.file,
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Starts the release agent, waits for readiness, settles, reads its RSS.
+fn agent_rss(data: &Path, trust: &Path) -> u64 {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--trust")
+        .arg(trust)
+        .args(["run", "--http", "127.0.0.1:0"])
+        .env("RUST_LIB_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        if line.expect("line").starts_with("local API listening") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let rss = rss_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    rss
+}
+
+fn idle_rss_and_size(dir: &Path, cnn: &Case, model: &LoadedModel) {
+    let trust = dir.join("root.cbor");
+    write_root(&trust);
+    let empty = agent_rss(&dir.join("rss-empty"), &trust);
+    let data = dir.join("rss-cnn");
+    let bundle = make_bundle(dir, cnn, model, 0);
+    let out = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--trust")
+        .arg(&trust)
+        .arg("install")
+        .arg(&bundle)
+        .output()
+        .expect("install");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let loaded = agent_rss(&data, &trust);
+    let model_kib = std::fs::metadata(format!("{MODELS}/{}", cnn.file))
+        .expect("model")
+        .len()
+        / 1024;
+    println!(
+        "  idle RSS, no model: {:.1} MB (target < 8 MB); with {} ({} KiB) loaded: {:.1} MB (target < model + 10 MB = {:.1} MB)",
+        empty as f64 / 1024.0,
+        cnn.file,
+        model_kib,
+        loaded as f64 / 1024.0,
+        (model_kib + 10 * 1024) as f64 / 1024.0
+    );
+    let stripped = dir.join("edgefleet-agent.stripped");
+    let status = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .status();
+    match status {
+        Ok(s) if s.success() => println!(
+            "  binary: {:.1} MB as built by this profile, {:.1} MB stripped (glibc, dynamic; static musl builds: cross/)",
+            std::fs::metadata(env!("CARGO_BIN_EXE_edgefleet-agent")).map_or(0, |m| m.len()) as f64
+                / 1e6,
+            std::fs::metadata(&stripped).map_or(0, |m| m.len()) as f64 / 1e6
+        ),
+        _ => println!("  binary size: `strip` failed"),
+    }
+}
+
+fn main() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = cases();
+    println!("model load (tract: parse, optimise, plan), median of 15:");
+    let mut models = Vec::new();
+    for case in &cases {
+        let bytes = std::fs::read(format!("{MODELS}/{}", case.file)).expect("model");
+        let ms = median(
+            (0..15)
+                .map(|_| {
+                    let t = Instant::now();
+                    LoadedModel::load(&bytes).expect("loads");
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect(),
+        );
+        println!("  {:<18} {:>8.2} ms ({} bytes)", case.file, ms, bytes.len());
+        models.push(LoadedModel::load(&bytes).expect("loads"));
+    }
+    println!("inference, batch of 1, median:");
+    for (case, model) in cases.iter().zip(&models) {
+        api_vs_direct(case, model);
+    }
+    println!("tract vs onnxruntime, same model and input, median:");
+    for (case, model) in cases.iter().zip(&models) {
+        let tract = time_us(case.runs, || {
+            model.run(std::slice::from_ref(&case.input)).expect("runs");
+        });
+        onnxruntime(case, tract);
+    }
+    println!("after the last chunk:");
+    post_download_check(dir.path(), &cases[1], &models[1]);
+    println!("release agent process:");
+    idle_rss_and_size(dir.path(), &cases[1], &models[1]);
+}
