@@ -3,7 +3,8 @@
 
 Run once after changing it (outputs are committed, so a fresh clone needs nothing):
 
-    python3 -m venv /tmp/genvenv && /tmp/genvenv/bin/pip install onnx==1.23.2 numpy
+    python3 -m venv /tmp/genvenv
+    /tmp/genvenv/bin/pip install onnx==1.23.2 numpy scikit-learn skl2onnx onnxruntime
     /tmp/genvenv/bin/python models/generate.py
 
 Models:
@@ -20,6 +21,11 @@ Models:
   [N] and `probabilities` f32 [N, 10]; fixed random weights (it is for the runtime's
   tests and benchmarks, not for accuracy). digits_cnn.expected.json holds two inputs and
   the outputs of a numpy reference implementation.
+- forest_cancer.onnx: a scikit-learn RandomForestClassifier (100 trees) on the breast
+  cancer data set that ships with scikit-learn, exported by skl2onnx without ZipMap:
+  input `features` f32 [N, 30], outputs `label` i64 [N], `probabilities` f32 [N, 2]
+  (ONNX-ML TreeEnsembleClassifier). forest_cancer.expected.json: 8 rows and
+  onnxruntime's outputs for them.
 """
 import json
 import os
@@ -215,7 +221,34 @@ def main():
     clabel, cprobs = cnn_reference(images, *params)
     with open(os.path.join(HERE, "digits_cnn.expected.json"), "w") as f:
         json.dump({"image": images.reshape(2, -1).tolist(), "label": clabel.tolist(), "probabilities": cprobs.tolist()}, f)
+    forest()
     print(f"train accuracy {accuracy:.3f}; wrote models to {HERE}")
+
+
+def forest():
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.ensemble import RandomForestClassifier
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+    import onnxruntime as ort
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = x.astype(np.float32)
+    clf = RandomForestClassifier(n_estimators=100, random_state=0).fit(x, y)
+    model = convert_sklearn(
+        clf, "forest_cancer",
+        initial_types=[("features", FloatTensorType([None, 30]))],
+        options={id(clf): {"zipmap": False}},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+    )
+    path = os.path.join(HERE, "forest_cancer.onnx")
+    onnx.save(model, path)
+    rows = x[::71][:8]
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    label, probs = session.run(None, {"features": rows})
+    with open(os.path.join(HERE, "forest_cancer.expected.json"), "w") as f:
+        json.dump({"outputs": names, "features": rows.tolist(), "label": label.tolist(), "probabilities": probs.tolist()}, f)
 
 
 if __name__ == "__main__":

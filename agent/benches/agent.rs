@@ -5,6 +5,8 @@
 //!   input (target: overhead under 10% on the CNN, under 150 µs on the tabular model);
 //! - the check after the last chunk of a download (full verification + unpack, as the
 //!   agent does it) vs the signature check alone, on an 8 MB bundle;
+//! - tree ensembles: our compact evaluator vs tract's own (target: within 2x of
+//!   onnxruntime);
 //! - tract vs onnxruntime (Python, one thread) when `EDGEFLEET_ORT_PYTHON` names a
 //!   Python with onnxruntime (`bench/ort_time.py`); otherwise says it was not run;
 //! - idle RSS of the release agent with no model and with the CNN loaded (target under
@@ -65,6 +67,11 @@ fn cases() -> Vec<Case> {
     )
     .expect("json");
     let image: Vec<Vec<f32>> = serde_json::from_value(expected["image"].clone()).expect("image");
+    let forest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(format!("{MODELS}/forest_cancer.expected.json")).expect("forest expected"),
+    )
+    .expect("json");
+    let rows: Vec<Vec<f32>> = serde_json::from_value(forest["features"].clone()).expect("rows");
     vec![
         Case {
             file: "iris_logreg.onnx",
@@ -85,6 +92,16 @@ fn cases() -> Vec<Case> {
                 data: TensorData::F32(image[0].clone()),
             },
             runs: 500,
+        },
+        Case {
+            file: "forest_cancer.onnx",
+            channel: "forest",
+            input: Tensor {
+                name: "features".into(),
+                shape: vec![1, 30],
+                data: TensorData::F32(rows[1].clone()),
+            },
+            runs: 3000,
         },
     ]
 }
@@ -461,6 +478,19 @@ fn main() {
             model.run(std::slice::from_ref(&case.input)).expect("runs");
         });
         onnxruntime(case, tract);
+        if case.file.starts_with("forest") {
+            let bytes = std::fs::read(format!("{MODELS}/{}", case.file)).expect("model");
+            let plain = LoadedModel::load_with(&bytes, false).expect("loads");
+            let own = time_us(200, || {
+                plain.run(std::slice::from_ref(&case.input)).expect("runs");
+            });
+            println!(
+                "  {:<18} tract's own tree evaluator {:>9.1} µs = {:.0}x our compact evaluator",
+                case.file,
+                own,
+                own / tract
+            );
+        }
     }
     println!("after the last chunk:");
     post_download_check(dir.path(), &cases[1], &models[1]);

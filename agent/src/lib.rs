@@ -20,3 +20,4 @@ pub mod slots;
 pub mod spool;
 pub mod store;
 pub mod sysinfo_probe;
+pub mod trees;

@@ -165,6 +165,13 @@ impl LoadedModel {
     /// Loads, types and optimises an ONNX model from its bytes. CPU-heavy: call it
     /// off the async runtime.
     pub fn load(bytes: &[u8]) -> Result<LoadedModel, ModelError> {
+        LoadedModel::load_with(bytes, true)
+    }
+
+    /// [`LoadedModel::load`] with tract's own tree-ensemble evaluator instead of
+    /// ours (`compact_trees: false`): the baseline for benchmarks and tests. The
+    /// binary-label correction applies either way.
+    pub fn load_with(bytes: &[u8], compact_trees: bool) -> Result<LoadedModel, ModelError> {
         if bytes.len() > MAX_MODEL_LEN {
             return Err(ModelError::Invalid(format!(
                 "the model file is {} bytes, over the limit of {MAX_MODEL_LEN}",
@@ -213,7 +220,13 @@ impl LoadedModel {
             let fact = fact.with_shape(tract_onnx::tract_hir::infer::ShapeFactoid::closed(named));
             model.set_input_fact(ix, fact).map_err(|e| classify(&e))?;
         }
-        let typed = model.into_typed().map_err(|e| classify(&e))?;
+        let mut typed = model.into_typed().map_err(|e| classify(&e))?;
+        // Tree ensembles run on our compact evaluator (agent/src/trees.rs).
+        if compact_trees {
+            crate::trees::accelerate(&mut typed).map_err(|e| classify(&e))?;
+        } else {
+            crate::trees::fix_binary_labels(&mut typed).map_err(|e| classify(&e))?;
+        }
         let mut schema = ModelSchema::default();
         for (ix, outlet) in typed
             .input_outlets()

@@ -138,3 +138,30 @@ fn the_small_cnn_matches_the_numpy_reference() {
         assert!((g - w).abs() < 1e-4, "{g} vs {w}");
     }
 }
+
+#[test]
+fn a_random_forest_matches_onnxruntime_through_the_compact_tree_evaluator() {
+    let model = LoadedModel::load(&read("forest_cancer.onnx")).expect("loads");
+    let expected: serde_json::Value =
+        serde_json::from_slice(&read("forest_cancer.expected.json")).expect("json");
+    let rows: Vec<Vec<f32>> = serde_json::from_value(expected["features"].clone()).expect("rows");
+    let labels: Vec<i64> = serde_json::from_value(expected["label"].clone()).expect("labels");
+    let probs: Vec<Vec<f32>> =
+        serde_json::from_value(expected["probabilities"].clone()).expect("p");
+    let input = Tensor {
+        name: "features".into(),
+        shape: vec![rows.len() as u64, 30],
+        data: TensorData::F32(rows.concat()),
+    };
+    let plain = LoadedModel::load_with(&read("forest_cancer.onnx"), false).expect("loads");
+    let baseline = plain.run(std::slice::from_ref(&input)).expect("tract runs");
+    let out = model.run(&[input]).expect("runs");
+    assert_eq!(out, baseline, "same outputs as tract's own evaluator");
+    assert_eq!(out[0].data, TensorData::I64(labels));
+    let TensorData::F32(got) = &out[1].data else {
+        panic!("probabilities are f32")
+    };
+    for (g, w) in got.iter().zip(probs.concat()) {
+        assert!((g - w).abs() < 1e-5, "{g} vs onnxruntime {w}");
+    }
+}
