@@ -362,7 +362,7 @@ fn link_setup(
         else {
             return Err("broker.ca, broker.cert and broker.key are required with mqtts".into());
         };
-        Some(tls_config(ca, cert, key).map_err(|e| e.to_string())?)
+        Some(tls_config(ca, cert, key).map_err(|e| format!("broker.ca/cert/key: {e}"))?)
     } else {
         tracing::warn!(
             "broker.url is plain mqtt://: no encryption, no device authentication (development only)"
@@ -442,8 +442,12 @@ fn serve(
                 }
             }
             Err(e) => {
-                println!("controller link disabled: {e}");
-                tracing::error!("controller link disabled: {e}");
+                // Expected on a device that is only sideloaded; an error on one that
+                // should be managed: either way the local API serves.
+                println!(
+                    "controller link disabled: {e} (set [broker] in the config, see `config print-default`; the local API works without it)"
+                );
+                tracing::warn!("controller link disabled: {e}");
                 None
             }
         };
