@@ -90,11 +90,22 @@ impl ChunkTracker {
     /// The next missing chunks to ask for, in order from the first missing one:
     /// at most `max_chunks` chunks in at most `max_ranges` ranges.
     pub fn missing_ranges(&self, max_chunks: u32, max_ranges: usize) -> Vec<ChunkRange> {
+        self.missing_ranges_from(0, max_chunks, max_ranges)
+    }
+
+    /// The same, starting at chunk `from` (chunks before it are already asked for).
+    pub fn missing_ranges_from(
+        &self,
+        from: u32,
+        max_chunks: u32,
+        max_ranges: usize,
+    ) -> Vec<ChunkRange> {
         let mut out: Vec<ChunkRange> = Vec::new();
         let mut budget = max_chunks;
-        let Some(mut index) = self.first_missing() else {
+        let Some(first) = self.first_missing() else {
             return out;
         };
+        let mut index = first.max(from);
         while index < self.total && budget > 0 {
             if self.has(index) {
                 index += 1;
@@ -150,6 +161,8 @@ mod tests {
         assert_eq!(t.missing_ranges(100, 8), vec![r(1, 1), r(4, 2), r(7, 5)]);
         assert_eq!(t.missing_ranges(100, 2), vec![r(1, 1), r(4, 2)]);
         assert_eq!(t.missing_ranges(3, 8), vec![r(1, 1), r(4, 2)]);
+        assert_eq!(t.missing_ranges_from(5, 3, 8), vec![r(5, 1), r(7, 2)]);
+        assert!(t.missing_ranges_from(12, 3, 8).is_empty());
     }
 
     #[test]

@@ -13,22 +13,19 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use edgefleet_shared::bundle::InstalledRelease;
 use edgefleet_shared::manifest::Manifest;
 use edgefleet_shared::protocol::{
     self, Action, AgentMetrics, Chunk, Command, DeviceState, DeviceTopic, Event, EventKind,
     FailureReason, FetchRequest, InstallMode, ModelMetrics, Telemetry, Topic, Topics,
 };
-use edgefleet_shared::{
-    DeviceId, Digest, Limits, Policy, RawHeader, Refusal, TrustRoot, UnixTime, bundle, cbor,
-};
+use edgefleet_shared::{DeviceId, Digest, RawHeader, Refusal, TrustRoot, UnixTime, bundle, cbor};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -38,7 +35,7 @@ use crate::link::{Link, LinkEvent, Tag};
 use crate::metrics::LATENCY_BOUNDS_US;
 use crate::slots::SlotEvent;
 use crate::spool::Spool;
-use crate::store::{self, InstallError, Store};
+use crate::store::{self, InstallError, Store, write_atomic};
 use crate::sysinfo_probe::Probe;
 
 /// What the daemon needs besides its data directory.
@@ -94,6 +91,34 @@ struct Download {
     duplicate_bytes: u64,
     /// Chunks dropped because they did not match the table.
     rejected: u32,
+}
+
+impl Download {
+    /// A download with `tracker`'s chunks on disk and nothing asked for yet.
+    fn new(
+        offer: Offer,
+        digest: Digest,
+        manifest: Manifest,
+        dir: PathBuf,
+        file: fs::File,
+        tracker: ChunkTracker,
+    ) -> Download {
+        Download {
+            header_len: offer.header.len() as u64,
+            offer,
+            digest,
+            manifest,
+            dir,
+            file,
+            tracker,
+            requested_until: 0,
+            unsaved: 0,
+            last_chunk: Instant::now(),
+            reported_tenth: 0,
+            duplicate_bytes: 0,
+            rejected: 0,
+        }
+    }
 }
 
 /// The long-running agent.
@@ -453,18 +478,7 @@ impl Daemon {
                     ),
                 });
             }
-            let installed: Option<InstalledRelease> = raw
-                .decode_unverified()
-                .ok()
-                .and_then(|m| state.installed_release(&m.channel).cloned());
-            let facts = crate::cli::device_facts();
-            raw.verify(&Policy {
-                trust: &self.settings.trust,
-                now: UnixTime::now(),
-                limits: Limits::default(),
-                installed: installed.as_ref(),
-                device: Some(&facts),
-            })
+            self.verify_header(&state, &raw)
         })();
         let verified = match verified {
             Ok(v) => v,
@@ -557,21 +571,7 @@ impl Daemon {
         // The offer is written last: a download directory without it is removed.
         write_atomic(&dir.join("offer.cbor"), &cbor::to_vec(&offer))
             .map_err(|e| io_detail("cannot write", &dir, e))?;
-        Ok(Download {
-            offer,
-            digest,
-            manifest,
-            dir,
-            file,
-            tracker,
-            header_len,
-            requested_until: 0,
-            unsaved: 0,
-            last_chunk: Instant::now(),
-            reported_tenth: 0,
-            duplicate_bytes: 0,
-            rejected: 0,
-        })
+        Ok(Download::new(offer, digest, manifest, dir, file, tracker))
     }
 
     /// After a restart: pick up the download that was in progress, from the chunks
@@ -610,18 +610,7 @@ impl Daemon {
             // Installed before the crash; only the cleanup was missed.
             return None;
         }
-        let manifest = raw.decode_unverified().ok()?;
-        let installed = state.installed_release(&manifest.channel).cloned();
-        let facts = crate::cli::device_facts();
-        let verified = raw
-            .verify(&Policy {
-                trust: &self.settings.trust,
-                now: UnixTime::now(),
-                limits: Limits::default(),
-                installed: installed.as_ref(),
-                device: Some(&facts),
-            })
-            .ok()?;
+        let verified = self.verify_header(&state, &raw).ok()?;
         let total = verified.manifest.payload.chunks.len() as u32;
         let bits = fs::read(dir.join("chunks.bits")).ok()?;
         let tracker = ChunkTracker::from_bytes(total, &bits).ok()?;
@@ -630,25 +619,32 @@ impl Daemon {
             .write(true)
             .open(dir.join("bundle.part"))
             .ok()?;
-        let header_len = offer.header.len() as u64;
-        if file.metadata().ok()?.len() != header_len + verified.manifest.payload.size {
+        let expected_len = offer.header.len() as u64 + verified.manifest.payload.size;
+        if file.metadata().ok()?.len() != expected_len {
             return None;
         }
-        Some(Download {
-            digest: verified.digest,
-            manifest: verified.manifest,
-            dir: dir.to_owned(),
+        Some(Download::new(
+            offer,
+            verified.digest,
+            verified.manifest,
+            dir.to_owned(),
             file,
             tracker,
-            header_len,
-            requested_until: 0,
-            unsaved: 0,
-            last_chunk: Instant::now(),
-            reported_tenth: 0,
-            duplicate_bytes: 0,
-            rejected: 0,
-            offer,
-        })
+        ))
+    }
+
+    fn verify_header(
+        &self,
+        state: &crate::slots::SlotsState,
+        raw: &RawHeader,
+    ) -> Result<edgefleet_shared::VerifiedHeader, Refusal> {
+        store::verify_header(
+            state,
+            &self.settings.trust,
+            &crate::cli::device_facts(),
+            raw,
+            UnixTime::now(),
+        )
     }
 
     fn cancel_download(&mut self) {
@@ -677,27 +673,12 @@ impl Daemon {
         if in_flight > window / 2 {
             return;
         }
-        let mut ranges = Vec::new();
-        let mut budget = window - in_flight;
-        let mut index = d.requested_until;
-        while index < d.tracker.total() && budget > 0 && ranges.len() < 64 {
-            if !d.tracker.has(index) {
-                match ranges.last_mut() {
-                    Some(protocol::ChunkRange { start, count }) if *start + *count == index => {
-                        *count += 1;
-                    }
-                    _ => ranges.push(protocol::ChunkRange {
-                        start: index,
-                        count: 1,
-                    }),
-                }
-                budget -= 1;
-            }
-            index += 1;
-        }
-        if ranges.is_empty() {
+        let ranges = d
+            .tracker
+            .missing_ranges_from(d.requested_until, window - in_flight, 64);
+        let Some(until) = ranges.last().map(|r| r.start + r.count) else {
             return;
-        }
+        };
         let request = FetchRequest {
             bundle: d.digest,
             ranges,
@@ -712,7 +693,7 @@ impl Daemon {
             .is_ok()
             && let Some(d) = self.download.as_mut()
         {
-            d.requested_until = index;
+            d.requested_until = until;
         }
     }
 
@@ -1017,12 +998,4 @@ fn save_progress(d: &mut Download) -> io::Result<()> {
     write_atomic(&d.dir.join("chunks.bits"), d.tracker.to_bytes())?;
     d.unsaved = 0;
     Ok(())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
 }

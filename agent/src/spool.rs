@@ -13,10 +13,12 @@
 
 use std::collections::VecDeque;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::store::write_atomic;
 
 /// The bookkeeping of a spool, without files: which records wait, how many bytes
 /// they hold, what the next sequence number is and how many were dropped.
@@ -191,11 +193,10 @@ impl Spool {
             next_seq: self.index.next_seq(),
             dropped: self.index.dropped(),
         };
-        let tmp = self.dir.join(".meta.json.tmp");
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec(&meta).map_err(io::Error::other)?)?;
-        f.sync_all()?;
-        fs::rename(&tmp, self.dir.join("meta.json"))
+        write_atomic(
+            &self.dir.join("meta.json"),
+            &serde_json::to_vec(&meta).map_err(io::Error::other)?,
+        )
     }
 
     fn delete(&self, seq: u64) -> io::Result<()> {
@@ -212,11 +213,7 @@ impl Spool {
         // The counter is saved first: a crash after this never reuses the number.
         self.save_meta()?;
         let bytes = build(seq);
-        let tmp = self.dir.join(format!(".{}.tmp", record_name(seq)));
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, self.dir.join(record_name(seq)))?;
+        write_atomic(&self.dir.join(record_name(seq)), &bytes)?;
         let evicted = self.index.insert(seq, bytes.len() as u64);
         for s in &evicted {
             self.delete(*s)?;

@@ -37,6 +37,18 @@ pub fn crash_point(name: &str) {
     }
 }
 
+/// Replaces `path` with `bytes` in one step: a temp file beside it, fsynced, then
+/// renamed over it. A crash leaves the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
 /// Largest state file read.
 const MAX_STATE_LEN: u64 = 1024 * 1024;
 
@@ -214,6 +226,44 @@ fn bundle_error(path: &Path, e: BundleError) -> InstallError {
     }
 }
 
+/// The release recorded for the header's channel. The channel is read from the
+/// unverified manifest only to look it up; verification checks the same bytes.
+pub fn installed_for(state: &SlotsState, header: &RawHeader) -> Option<InstalledRelease> {
+    header
+        .decode_unverified()
+        .ok()
+        .and_then(|m| state.installed_release(&m.channel).cloned())
+}
+
+/// The rules this device applies to a bundle: its trust root, the time, the
+/// channel's installed release (rollback) and its own constraints.
+pub fn device_policy<'a>(
+    trust: &'a TrustRoot,
+    device: &'a DeviceFacts,
+    installed: Option<&'a InstalledRelease>,
+    now: UnixTime,
+) -> Policy<'a> {
+    Policy {
+        trust,
+        now,
+        limits: Limits::default(),
+        installed,
+        device: Some(device),
+    }
+}
+
+/// Verifies a header (docs/bundle.md steps 1-10) as this device would install it.
+pub fn verify_header(
+    state: &SlotsState,
+    trust: &TrustRoot,
+    device: &DeviceFacts,
+    header: &RawHeader,
+    now: UnixTime,
+) -> Result<edgefleet_shared::VerifiedHeader, Refusal> {
+    let installed = installed_for(state, header);
+    header.verify(&device_policy(trust, device, installed.as_ref(), now))
+}
+
 /// A successful install.
 #[derive(Debug)]
 pub struct Installed {
@@ -284,22 +334,11 @@ pub fn install_file(
             })
         })
     };
-    // The channel is read from the unverified manifest only to look up its
-    // installed release; verification below checks the same bytes.
     let header = RawHeader::read_from(&mut io::BufReader::new(open()?))
         .map_err(|e| bundle_error(path, e))?;
     let digest = header.digest();
-    let installed: Option<InstalledRelease> = header
-        .decode_unverified()
-        .ok()
-        .and_then(|m| state.installed_release(&m.channel).cloned());
-    let policy = Policy {
-        trust,
-        now,
-        limits: Limits::default(),
-        installed: installed.as_ref(),
-        device: Some(device),
-    };
+    let installed = installed_for(&state, &header);
+    let policy = device_policy(trust, device, installed.as_ref(), now);
     let result = (|| {
         let verified = header.verify(&policy).map_err(InstallError::Refused)?;
         if state
