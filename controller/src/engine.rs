@@ -1,0 +1,907 @@
+//! The rollout engine: a pure state machine. No I/O, no clock: time comes in as
+//! milliseconds since the Unix epoch, device news and operator commands come in as
+//! [`Input`]s, and what must happen comes out as [`Effect`]s for the shell
+//! ([`crate::fleet`]) to carry out. The whole state serialises, so the shell
+//! persists it after every step and a restarted controller continues from it.
+//!
+//! Rules (docs/rollouts.md):
+//! - The target devices are fixed when the rollout starts; which wave each falls in
+//!   is [`assign_waves`], a function of rollout id and device id only.
+//! - A wave starts by commanding its devices, at most `rate_per_minute` per minute.
+//!   A device is *terminal* once it succeeded, failed, or stayed silent past
+//!   `install_timeout_ms` (counted as failed).
+//! - The install gate is checked as results arrive: once failures exceed
+//!   `max_failure_ratio` of the wave the gate trips at once; once every device is
+//!   terminal the success ratio must reach `min_success_ratio`.
+//! - Then the wave soaks for `soak_ms`; the shell reports the wave's health
+//!   ([`WaveHealth`]) at every tick, and a breach of the error-rate or latency bound
+//!   trips the gate. After the soak the next wave starts; after the last, the
+//!   rollout is complete.
+//! - A tripped gate pauses the rollout or halts it and reverts every device of the
+//!   rollout that switched, per [`FailurePolicy`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// How big a wave is: cumulative, as the share of the target that has been asked
+/// to install once the wave has started.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaveSize {
+    /// This many devices in total (at least 1).
+    Count(u32),
+    /// This percentage of the target in total (1-100), rounded up.
+    Percent(u8),
+}
+
+impl WaveSize {
+    /// Parses `5` (devices) or `10%`.
+    pub fn parse(text: &str) -> Result<WaveSize, String> {
+        let t = text.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            let p: u8 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("wave {t:?}: a percentage must be 1% to 100%"))?;
+            if !(1..=100).contains(&p) {
+                return Err(format!("wave {t:?}: a percentage must be 1% to 100%"));
+            }
+            Ok(WaveSize::Percent(p))
+        } else {
+            let n: u32 = t.parse().map_err(|_| {
+                format!("wave {t:?}: expected a device count (e.g. 1) or a percentage (e.g. 10%)")
+            })?;
+            if n == 0 {
+                return Err(format!("wave {t:?}: a wave needs at least 1 device"));
+            }
+            Ok(WaveSize::Count(n))
+        }
+    }
+
+    /// Cumulative devices for a target of `total`.
+    fn cumulative(self, total: usize) -> usize {
+        match self {
+            WaveSize::Count(n) => (n as usize).min(total),
+            WaveSize::Percent(p) => (total * p as usize).div_ceil(100),
+        }
+    }
+}
+
+impl std::fmt::Display for WaveSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WaveSize::Count(n) => write!(f, "{n}"),
+            WaveSize::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// The bounds each wave must meet before the next starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Gates {
+    /// Share of the wave that must install successfully (0-1).
+    pub min_success_ratio: f64,
+    /// Share of the wave whose failure trips the gate at once (0-1); a failure
+    /// ratio strictly above it trips.
+    pub max_failure_ratio: f64,
+    /// How long a complete wave must stay healthy before the next starts.
+    pub soak_ms: u64,
+    /// Highest inference error rate (errors / inferences) of the wave during soak.
+    pub max_error_rate: f64,
+    /// Highest p95 latency of the wave relative to devices still on the previous
+    /// version (1.5 = 50% slower).
+    pub max_p95_latency_ratio: f64,
+    /// A commanded device silent this long counts as failed.
+    pub install_timeout_ms: u64,
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Gates {
+            min_success_ratio: 0.9,
+            max_failure_ratio: 0.1,
+            soak_ms: 60_000,
+            max_error_rate: 0.05,
+            max_p95_latency_ratio: 1.5,
+            install_timeout_ms: 600_000,
+        }
+    }
+}
+
+impl Gates {
+    /// Checks the ranges; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let ratio = |name: &str, v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("gates.{name} must be between 0 and 1, got {v}"))
+            }
+        };
+        ratio("min_success_ratio", self.min_success_ratio)?;
+        ratio("max_failure_ratio", self.max_failure_ratio)?;
+        ratio("max_error_rate", self.max_error_rate)?;
+        if !(self.max_p95_latency_ratio.is_finite() && self.max_p95_latency_ratio >= 1.0) {
+            return Err(format!(
+                "gates.max_p95_latency_ratio must be at least 1, got {}",
+                self.max_p95_latency_ratio
+            ));
+        }
+        if self.install_timeout_ms < 1_000 {
+            return Err("gates.install_timeout_ms must be at least 1000".into());
+        }
+        if self.soak_ms > 7 * 86_400_000 {
+            return Err("gates.soak_ms must be at most 7 days".into());
+        }
+        Ok(())
+    }
+}
+
+/// What a tripped gate does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Stop commanding; the operator resumes (accepting the wave) or aborts.
+    Pause,
+    /// Stop and send `revert` to every device of the rollout that switched.
+    HaltAndRevert,
+}
+
+/// Everything an operator chooses for a rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Cumulative wave sizes; a final 100% is added when missing.
+    pub waves: Vec<WaveSize>,
+    /// The gates of every wave.
+    pub gates: Gates,
+    /// What a tripped gate does.
+    pub policy: FailurePolicy,
+    /// Install commands per minute at most (1-100000).
+    pub rate_per_minute: u32,
+    /// A commanded device with no news this long is sent the command again
+    /// (commands are idempotent on the device).
+    pub resend_after_ms: u64,
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Plan {
+            waves: vec![
+                WaveSize::Count(1),
+                WaveSize::Percent(10),
+                WaveSize::Percent(50),
+                WaveSize::Percent(100),
+            ],
+            gates: Gates::default(),
+            policy: FailurePolicy::HaltAndRevert,
+            rate_per_minute: 600,
+            resend_after_ms: 60_000,
+        }
+    }
+}
+
+impl Plan {
+    /// Checks the plan; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.waves.is_empty() || self.waves.len() > 20 {
+            return Err("waves must list 1 to 20 wave sizes".into());
+        }
+        for w in &self.waves {
+            match *w {
+                WaveSize::Count(0) => return Err("waves: a wave needs at least 1 device".into()),
+                WaveSize::Percent(p) if !(1..=100).contains(&p) => {
+                    return Err(format!("waves: {p}% is not between 1% and 100%"));
+                }
+                _ => {}
+            }
+        }
+        if !(1..=100_000).contains(&self.rate_per_minute) {
+            return Err("rate_per_minute must be 1 to 100000".into());
+        }
+        if self.resend_after_ms < 1_000 {
+            return Err("resend_after_ms must be at least 1000".into());
+        }
+        self.gates.validate()
+    }
+}
+
+/// The rank of a device in a rollout: the first 8 bytes of
+/// SHA-256(rollout id, 0, device id). Stable across restarts and machines.
+pub fn rank(rollout: &str, device: &str) -> u64 {
+    let mut h = Sha256::new();
+    h.update(rollout.as_bytes());
+    h.update([0]);
+    h.update(device.as_bytes());
+    let d = h.finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(b)
+}
+
+/// Splits `devices` into waves: devices are ordered by [`rank`] (ties by id) and
+/// cut at the cumulative wave sizes; waves that would be empty are dropped, and a
+/// final wave takes everyone left. Returns one list per wave, each ordered.
+pub fn assign_waves(rollout: &str, devices: &[String], waves: &[WaveSize]) -> Vec<Vec<String>> {
+    let mut ordered: Vec<(u64, &String)> = devices.iter().map(|d| (rank(rollout, d), d)).collect();
+    ordered.sort();
+    ordered.dedup_by(|a, b| a.1 == b.1);
+    let total = ordered.len();
+    let mut out = Vec::new();
+    let mut taken = 0;
+    for w in waves {
+        let upto = w.cumulative(total).max(taken);
+        if upto > taken {
+            out.push(
+                ordered[taken..upto]
+                    .iter()
+                    .map(|(_, d)| (*d).clone())
+                    .collect(),
+            );
+            taken = upto;
+        }
+    }
+    if taken < total {
+        out.push(ordered[taken..].iter().map(|(_, d)| (*d).clone()).collect());
+    }
+    out
+}
+
+/// Where one device is in the rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Member {
+    /// Not yet asked (its wave has not started, or the rate limit holds it).
+    Pending,
+    /// Asked to install; `heard_at` is the last sign of progress.
+    Commanded {
+        /// When it was first asked.
+        first_at: u64,
+        /// When it was last asked.
+        sent_at: u64,
+        /// Last sign of life for this install.
+        heard_at: u64,
+        /// Chunks done / total, from progress events.
+        progress: Option<(u32, u32)>,
+    },
+    /// Installed and switched to the new bundle.
+    Succeeded {
+        /// When.
+        at: u64,
+    },
+    /// Reported a failure (the reason as the device gave it), or timed out.
+    Failed {
+        /// When.
+        at: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Sent `revert` after a halt.
+    Reverting {
+        /// When.
+        sent_at: u64,
+    },
+    /// Back on its previous bundle.
+    Reverted {
+        /// When.
+        at: u64,
+    },
+}
+
+impl Member {
+    /// Short name for counts and tables.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Member::Pending => "pending",
+            Member::Commanded { progress: None, .. } => "commanded",
+            Member::Commanded { .. } => "downloading",
+            Member::Succeeded { .. } => "succeeded",
+            Member::Failed { .. } => "failed",
+            Member::Reverting { .. } => "reverting",
+            Member::Reverted { .. } => "reverted",
+        }
+    }
+
+    fn terminal(&self) -> bool {
+        !matches!(self, Member::Pending | Member::Commanded { .. })
+    }
+}
+
+/// Where the rollout as a whole is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Phase {
+    /// Commanding and waiting for the current wave's installs.
+    Installing {
+        /// Since when.
+        since: u64,
+    },
+    /// The wave passed its install gate and must stay healthy until `until`.
+    Soaking {
+        /// Soak start.
+        since: u64,
+        /// Soak end.
+        until: u64,
+    },
+    /// Stopped by the operator or by a gate (policy `pause`).
+    Paused {
+        /// Since when.
+        since: u64,
+        /// Why (operator, or the gate that tripped).
+        reason: String,
+        /// True when a gate paused it: resuming accepts the wave as it is.
+        by_gate: bool,
+        /// The phase to go back to on resume (operator pause only).
+        resume_to: Box<Phase>,
+    },
+    /// Every wave passed.
+    Completed {
+        /// When.
+        at: u64,
+    },
+    /// A gate tripped under `halt_and_revert`; switched devices were told to revert.
+    Halted {
+        /// When.
+        at: u64,
+        /// The gate that tripped.
+        reason: String,
+    },
+    /// Stopped by the operator.
+    Aborted {
+        /// When.
+        at: u64,
+        /// Whether switched devices were told to revert.
+        reverted: bool,
+    },
+}
+
+impl Phase {
+    /// Short name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Installing { .. } => "installing",
+            Phase::Soaking { .. } => "soaking",
+            Phase::Paused { .. } => "paused",
+            Phase::Completed { .. } => "completed",
+            Phase::Halted { .. } => "halted",
+            Phase::Aborted { .. } => "aborted",
+        }
+    }
+
+    /// True once the rollout will command no more installs.
+    pub fn finished(&self) -> bool {
+        matches!(
+            self,
+            Phase::Completed { .. } | Phase::Halted { .. } | Phase::Aborted { .. }
+        )
+    }
+}
+
+/// Health of the current wave over its soak so far, computed by the shell from
+/// telemetry. `None` fields are unknown (no traffic, no baseline) and pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct WaveHealth {
+    /// errors / inferences of the wave's devices on the new bundle.
+    pub error_rate: Option<f64>,
+    /// p95 latency of the wave on the new bundle / p95 of devices still on the
+    /// previous version.
+    pub p95_latency_ratio: Option<f64>,
+}
+
+/// News for the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// Download progress of a device.
+    Progress {
+        /// Device.
+        device: String,
+        /// Chunks done.
+        done: u32,
+        /// Chunks total.
+        total: u32,
+    },
+    /// The device installed and activated the rollout's bundle.
+    Succeeded {
+        /// Device.
+        device: String,
+    },
+    /// The device failed to install it.
+    Failed {
+        /// Device.
+        device: String,
+        /// Its reason.
+        reason: String,
+    },
+    /// The device switched back after our revert.
+    Reverted {
+        /// Device.
+        device: String,
+    },
+    /// Operator: stop commanding.
+    Pause,
+    /// Operator: continue (after a gate pause: accept the wave as it is).
+    Resume,
+    /// Operator: stop for good, optionally reverting switched devices.
+    Abort {
+        /// Revert the devices that switched.
+        revert: bool,
+    },
+    /// Operator: end the current soak now.
+    Promote,
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Send the rollout's install command to this device.
+    Install(String),
+    /// Send `revert` to this device.
+    Revert(String),
+    /// Something worth telling the operator (also the audit of automatic steps).
+    Note(String),
+}
+
+/// Why an operator command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {action} a rollout that is {phase}")]
+pub struct NotNow {
+    /// The command.
+    pub action: &'static str,
+    /// The phase it met.
+    pub phase: &'static str,
+}
+
+/// The state of one rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// The plan.
+    pub plan: Plan,
+    /// Device ids per wave.
+    pub waves: Vec<Vec<String>>,
+    /// Index of the current wave.
+    pub wave: usize,
+    /// Where it is.
+    pub phase: Phase,
+    /// Every target device.
+    pub members: BTreeMap<String, Member>,
+    /// Rate limiter: the earliest time the next command may go (see [`Rollout::may_send`]).
+    pub next_send_at: u64,
+}
+
+/// Counts of members by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Not yet asked.
+    pub pending: usize,
+    /// Asked, no result yet.
+    pub in_progress: usize,
+    /// Switched.
+    pub succeeded: usize,
+    /// Failed or timed out.
+    pub failed: usize,
+    /// Reverting or reverted.
+    pub reverted: usize,
+}
+
+impl Rollout {
+    /// A new rollout over `devices` (split with [`assign_waves`]), starting at `now`.
+    pub fn new(id: &str, devices: &[String], plan: Plan, now: u64) -> Result<Rollout, String> {
+        plan.validate()?;
+        if devices.is_empty() {
+            return Err("the selector matches no device".into());
+        }
+        let waves = assign_waves(id, devices, &plan.waves);
+        let members = waves
+            .iter()
+            .flatten()
+            .map(|d| (d.clone(), Member::Pending))
+            .collect();
+        Ok(Rollout {
+            plan,
+            waves,
+            wave: 0,
+            phase: Phase::Installing { since: now },
+            members,
+            next_send_at: now,
+        })
+    }
+
+    /// Counts of the members of wave `w` (all members if `None`).
+    pub fn counts(&self, w: Option<usize>) -> Counts {
+        let mut c = Counts::default();
+        let ids: Vec<&String> = match w {
+            Some(w) => self
+                .waves
+                .get(w)
+                .map(|v| v.iter().collect())
+                .unwrap_or_default(),
+            None => self.members.keys().collect(),
+        };
+        for id in ids {
+            match self.members.get(id) {
+                Some(Member::Pending) | None => c.pending += 1,
+                Some(Member::Commanded { .. }) => c.in_progress += 1,
+                Some(Member::Succeeded { .. }) => c.succeeded += 1,
+                Some(Member::Failed { .. }) => c.failed += 1,
+                Some(Member::Reverting { .. } | Member::Reverted { .. }) => c.reverted += 1,
+            }
+        }
+        c
+    }
+
+    /// Applies news or an operator command. News about devices outside the
+    /// rollout, or that no longer matters, is ignored; operator commands that do
+    /// not fit the phase are refused.
+    pub fn apply(&mut self, now: u64, input: Input) -> Result<Vec<Effect>, NotNow> {
+        let mut fx = Vec::new();
+        match input {
+            Input::Progress {
+                device,
+                done,
+                total,
+            } => {
+                if let Some(Member::Commanded {
+                    heard_at, progress, ..
+                }) = self.members.get_mut(&device)
+                {
+                    *heard_at = now;
+                    *progress = Some((done, total));
+                }
+            }
+            Input::Succeeded { device } => match self.members.get(&device) {
+                Some(Member::Commanded { .. }) | Some(Member::Failed { .. }) => {
+                    if matches!(
+                        self.phase,
+                        Phase::Halted { .. } | Phase::Aborted { reverted: true, .. }
+                    ) {
+                        // Finished after the halt: take it back too.
+                        self.members
+                            .insert(device.clone(), Member::Reverting { sent_at: now });
+                        fx.push(Effect::Revert(device));
+                    } else {
+                        self.members.insert(device, Member::Succeeded { at: now });
+                    }
+                }
+                _ => {}
+            },
+            Input::Failed { device, reason } => {
+                if let Some(Member::Commanded { .. }) = self.members.get(&device) {
+                    self.members
+                        .insert(device, Member::Failed { at: now, reason });
+                }
+            }
+            Input::Reverted { device } => {
+                if let Some(Member::Reverting { .. }) = self.members.get(&device) {
+                    self.members.insert(device, Member::Reverted { at: now });
+                }
+            }
+            Input::Pause => match &self.phase {
+                Phase::Installing { .. } | Phase::Soaking { .. } => {
+                    let resume_to = Box::new(self.phase.clone());
+                    fx.push(Effect::Note(format!(
+                        "paused by the operator in wave {}",
+                        self.wave + 1
+                    )));
+                    self.phase = Phase::Paused {
+                        since: now,
+                        reason: "paused by the operator".into(),
+                        by_gate: false,
+                        resume_to,
+                    };
+                }
+                p => return Err(not_now("pause", p)),
+            },
+            Input::Resume => match &self.phase {
+                Phase::Paused {
+                    by_gate: false,
+                    resume_to,
+                    since,
+                    ..
+                } => {
+                    // The paused time does not count against the soak.
+                    let paused_for = now.saturating_sub(*since);
+                    self.phase = match **resume_to {
+                        Phase::Soaking { since, until } => Phase::Soaking {
+                            since,
+                            until: until.saturating_add(paused_for),
+                        },
+                        ref p => p.clone(),
+                    };
+                    fx.push(Effect::Note(format!("resumed in wave {}", self.wave + 1)));
+                }
+                Phase::Paused { by_gate: true, .. } => {
+                    fx.push(Effect::Note(format!(
+                        "resumed: wave {} accepted by the operator despite its gate",
+                        self.wave + 1
+                    )));
+                    self.next_wave(now, &mut fx);
+                }
+                p => return Err(not_now("resume", p)),
+            },
+            Input::Abort { revert } => {
+                if self.phase.finished() {
+                    return Err(not_now("abort", &self.phase));
+                }
+                fx.push(Effect::Note(if revert {
+                    "aborted by the operator; switched devices are told to revert".into()
+                } else {
+                    "aborted by the operator; devices keep what they have".into()
+                }));
+                self.phase = Phase::Aborted {
+                    at: now,
+                    reverted: revert,
+                };
+                if revert {
+                    self.revert_all(now, &mut fx);
+                }
+            }
+            Input::Promote => match &self.phase {
+                Phase::Soaking { .. } => {
+                    fx.push(Effect::Note(format!(
+                        "wave {} promoted by the operator (soak skipped)",
+                        self.wave + 1
+                    )));
+                    self.next_wave(now, &mut fx);
+                }
+                p => return Err(not_now("promote", p)),
+            },
+        }
+        // News may complete a gate: evaluate now rather than at the next tick.
+        fx.extend(self.tick(now, None));
+        Ok(fx)
+    }
+
+    /// Advances time: sends due commands, times out silent devices, evaluates
+    /// the gates. `health` is the current wave's health while it soaks.
+    pub fn tick(&mut self, now: u64, health: Option<WaveHealth>) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        match self.phase.clone() {
+            Phase::Installing { .. } => {
+                self.command_wave(now, &mut fx);
+                self.time_out(now, &mut fx);
+                self.install_gate(now, &mut fx);
+            }
+            Phase::Soaking { until, .. } => {
+                if let Some(reason) = self.health_breach(health) {
+                    self.trip(now, reason, &mut fx);
+                } else if now >= until {
+                    fx.push(Effect::Note(format!(
+                        "wave {} passed its soak",
+                        self.wave + 1
+                    )));
+                    self.next_wave(now, &mut fx);
+                }
+            }
+            Phase::Halted { .. } | Phase::Aborted { reverted: true, .. } => {
+                // Revert commands are re-sent until answered.
+                for (id, m) in self.members.iter_mut() {
+                    if let Member::Reverting { sent_at } = m
+                        && now.saturating_sub(*sent_at) >= self.plan.resend_after_ms
+                    {
+                        *sent_at = now;
+                        fx.push(Effect::Revert(id.clone()));
+                    }
+                }
+            }
+            Phase::Paused { .. } | Phase::Completed { .. } | Phase::Aborted { .. } => {}
+        }
+        fx
+    }
+
+    /// True when the rate limit lets one more command go at `now`, and takes the
+    /// slot: a generic cell rate limiter (GCRA) that allows a burst of one
+    /// minute's worth and then `rate_per_minute` per minute, evenly spaced.
+    /// `next_send_at` is the theoretical arrival time of the next command.
+    fn may_send(&mut self, now: u64) -> bool {
+        let spacing = 60_000 / u64::from(self.plan.rate_per_minute.max(1));
+        let tat = self.next_send_at.max(now);
+        if tat - now > 60_000 - spacing {
+            return false;
+        }
+        self.next_send_at = tat + spacing;
+        true
+    }
+
+    fn command_wave(&mut self, now: u64, fx: &mut Vec<Effect>) {
+        let Some(ids) = self.waves.get(self.wave).cloned() else {
+            return;
+        };
+        let resend = self.plan.resend_after_ms;
+        for id in ids {
+            let due = match self.members.get(&id) {
+                Some(Member::Pending) => true,
+                Some(Member::Commanded {
+                    sent_at, heard_at, ..
+                }) => now.saturating_sub((*sent_at).max(*heard_at)) >= resend,
+                _ => false,
+            };
+            if !due || !self.may_send(now) {
+                continue;
+            }
+            let m = self.members.entry(id.clone()).or_insert(Member::Pending);
+            *m = match *m {
+                Member::Commanded {
+                    first_at,
+                    heard_at,
+                    progress,
+                    ..
+                } => Member::Commanded {
+                    first_at,
+                    sent_at: now,
+                    heard_at,
+                    progress,
+                },
+                _ => Member::Commanded {
+                    first_at: now,
+                    sent_at: now,
+                    heard_at: now,
+                    progress: None,
+                },
+            };
+            fx.push(Effect::Install(id));
+        }
+    }
+
+    fn time_out(&mut self, now: u64, fx: &mut Vec<Effect>) {
+        let limit = self.plan.gates.install_timeout_ms;
+        for id in self.waves.get(self.wave).cloned().unwrap_or_default() {
+            if let Some(Member::Commanded { first_at, .. }) = self.members.get(&id)
+                && now.saturating_sub(*first_at) >= limit
+            {
+                fx.push(Effect::Note(format!(
+                    "{id}: no result within {} s, counted as failed",
+                    limit / 1000
+                )));
+                self.members.insert(
+                    id,
+                    Member::Failed {
+                        at: now,
+                        reason: format!("timed out after {} s", limit / 1000),
+                    },
+                );
+            }
+        }
+    }
+
+    fn install_gate(&mut self, now: u64, fx: &mut Vec<Effect>) {
+        let c = self.counts(Some(self.wave));
+        let size = self.waves.get(self.wave).map_or(0, Vec::len);
+        if size == 0 {
+            return;
+        }
+        let g = &self.plan.gates;
+        let failure_ratio = c.failed as f64 / size as f64;
+        if failure_ratio > g.max_failure_ratio {
+            let reason = format!(
+                "wave {}: {} of {} devices failed ({:.0}%, more than max_failure_ratio {:.0}%)",
+                self.wave + 1,
+                c.failed,
+                size,
+                failure_ratio * 100.0,
+                g.max_failure_ratio * 100.0
+            );
+            self.trip(now, reason, fx);
+            return;
+        }
+        if c.pending + c.in_progress > 0 {
+            return;
+        }
+        let success_ratio = c.succeeded as f64 / size as f64;
+        if success_ratio < g.min_success_ratio {
+            let reason = format!(
+                "wave {}: {} of {} devices succeeded ({:.0}%, below min_success_ratio {:.0}%)",
+                self.wave + 1,
+                c.succeeded,
+                size,
+                success_ratio * 100.0,
+                g.min_success_ratio * 100.0
+            );
+            self.trip(now, reason, fx);
+            return;
+        }
+        fx.push(Effect::Note(format!(
+            "wave {}: {} of {} installed; soaking for {} s",
+            self.wave + 1,
+            c.succeeded,
+            size,
+            g.soak_ms / 1000
+        )));
+        self.phase = Phase::Soaking {
+            since: now,
+            until: now.saturating_add(g.soak_ms),
+        };
+        if g.soak_ms == 0 {
+            self.next_wave(now, fx);
+        }
+    }
+
+    fn health_breach(&self, health: Option<WaveHealth>) -> Option<String> {
+        let h = health?;
+        let g = &self.plan.gates;
+        if let Some(e) = h.error_rate
+            && e > g.max_error_rate
+        {
+            return Some(format!(
+                "wave {}: error rate {:.1}% above max_error_rate {:.1}%",
+                self.wave + 1,
+                e * 100.0,
+                g.max_error_rate * 100.0
+            ));
+        }
+        if let Some(r) = h.p95_latency_ratio
+            && r > g.max_p95_latency_ratio
+        {
+            return Some(format!(
+                "wave {}: p95 latency {:.2}x the previous version's, above max_p95_latency_ratio {:.2}x",
+                self.wave + 1,
+                r,
+                g.max_p95_latency_ratio
+            ));
+        }
+        None
+    }
+
+    fn trip(&mut self, now: u64, reason: String, fx: &mut Vec<Effect>) {
+        match self.plan.policy {
+            FailurePolicy::Pause => {
+                fx.push(Effect::Note(format!("gate tripped, pausing: {reason}")));
+                self.phase = Phase::Paused {
+                    since: now,
+                    reason,
+                    by_gate: true,
+                    resume_to: Box::new(self.phase.clone()),
+                };
+            }
+            FailurePolicy::HaltAndRevert => {
+                fx.push(Effect::Note(format!(
+                    "gate tripped, halting and reverting: {reason}"
+                )));
+                self.phase = Phase::Halted { at: now, reason };
+                self.revert_all(now, fx);
+            }
+        }
+    }
+
+    fn revert_all(&mut self, now: u64, fx: &mut Vec<Effect>) {
+        for (id, m) in self.members.iter_mut() {
+            if matches!(m, Member::Succeeded { .. }) {
+                *m = Member::Reverting { sent_at: now };
+                fx.push(Effect::Revert(id.clone()));
+            }
+        }
+    }
+
+    fn next_wave(&mut self, now: u64, fx: &mut Vec<Effect>) {
+        if self.wave + 1 >= self.waves.len() {
+            let c = self.counts(None);
+            fx.push(Effect::Note(format!(
+                "rollout complete: {} devices switched, {} failed",
+                c.succeeded, c.failed
+            )));
+            self.phase = Phase::Completed { at: now };
+            return;
+        }
+        self.wave += 1;
+        fx.push(Effect::Note(format!(
+            "wave {} of {} started ({} devices)",
+            self.wave + 1,
+            self.waves.len(),
+            self.waves[self.wave].len()
+        )));
+        self.phase = Phase::Installing { since: now };
+        self.command_wave(now, fx);
+    }
+}
+
+fn not_now(action: &'static str, phase: &Phase) -> NotNow {
+    NotNow {
+        action,
+        phase: phase.name(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
