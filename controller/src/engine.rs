@@ -304,10 +304,7 @@ impl Member {
             Member::Reverted { .. } => "reverted",
         }
     }
-
-    fn terminal(&self) -> bool {
-        !matches!(self, Member::Pending | Member::Commanded { .. })
-    }
+}
 }
 
 /// Where the rollout as a whole is.

@@ -3,6 +3,8 @@
 //! the demo ([`demo`]); the controller service follows (issue 4).
 
 pub mod cli;
+pub mod ca;
+pub mod db;
 pub mod demo;
 pub mod engine;
 pub mod operator;

@@ -1,0 +1,919 @@
+//! The controller's SQLite store (tokio-rusqlite: one connection on its own
+//! thread, so one writer). WAL mode; migrations are numbered and applied at start
+//! inside a transaction each, recorded in `PRAGMA user_version`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+use tokio_rusqlite::rusqlite::{self, OptionalExtension, params};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// SQLite said no.
+    #[error("database: {0}")]
+    Sqlite(String),
+    /// Stored data did not decode (written by another version?).
+    #[error("database holds data this version cannot read: {0}")]
+    Corrupt(String),
+}
+
+impl<E: std::fmt::Display> From<tokio_rusqlite::Error<E>> for DbError {
+    fn from(e: tokio_rusqlite::Error<E>) -> Self {
+        DbError::Sqlite(e.to_string())
+    }
+}
+
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> Self {
+        DbError::Sqlite(e.to_string())
+    }
+}
+
+type Result<T> = std::result::Result<T, DbError>;
+
+/// The migrations, in order. Never edit one that has shipped; add the next.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        tags TEXT NOT NULL DEFAULT '{}',
+        enrolled_at INTEGER,
+        cert_sha256 TEXT,
+        online INTEGER NOT NULL DEFAULT 0,
+        last_seen INTEGER,
+        agent_version TEXT,
+        arch TEXT,
+        active_digest TEXT,
+        active_channel TEXT,
+        active_version TEXT,
+        state TEXT
+    );
+    CREATE TABLE bundles (
+        digest TEXT PRIMARY KEY,
+        channel TEXT NOT NULL,
+        version TEXT NOT NULL,
+        release INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        chunks INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        uploaded_at INTEGER NOT NULL,
+        uploaded_by TEXT NOT NULL,
+        summary TEXT NOT NULL
+    );
+    CREATE TABLE rollouts (
+        id TEXT PRIMARY KEY,
+        bundle TEXT NOT NULL REFERENCES bundles(digest),
+        created_at INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        selector TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        state TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE rollout_log (
+        id INTEGER PRIMARY KEY,
+        rollout TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        note TEXT NOT NULL
+    );
+    CREATE INDEX rollout_log_by_rollout ON rollout_log(rollout, id);
+    CREATE TABLE commands (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device TEXT NOT NULL,
+        rollout TEXT,
+        action TEXT NOT NULL,
+        issued_at INTEGER NOT NULL
+    );
+    CREATE TABLE events (
+        device TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        command INTEGER,
+        kind TEXT NOT NULL,
+        digest TEXT,
+        body TEXT NOT NULL,
+        PRIMARY KEY (device, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE telemetry (
+        device TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        digest TEXT,
+        inferences INTEGER,
+        errors INTEGER,
+        latency_counts TEXT,
+        cpu_percent REAL,
+        mem_used INTEGER,
+        rss_bytes INTEGER,
+        body TEXT NOT NULL,
+        PRIMARY KEY (device, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX telemetry_by_time ON telemetry(received_at);
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        before TEXT,
+        after TEXT
+    );
+    CREATE TABLE tokens (
+        sha256 TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );",
+];
+
+/// The store.
+#[derive(Debug, Clone)]
+pub struct Db {
+    conn: tokio_rusqlite::Connection,
+}
+
+/// A device as listed by the API.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceRow {
+    /// Device id.
+    pub id: String,
+    /// Tags given at enrollment.
+    pub tags: BTreeMap<String, String>,
+    /// Enrolled by this controller (certificate issued) or only seen on the broker.
+    pub enrolled: bool,
+    /// Connected, per its retained state and will.
+    pub online: bool,
+    /// Last message of any kind, ms since the epoch.
+    pub last_seen: Option<u64>,
+    /// Agent version.
+    pub agent_version: Option<String>,
+    /// CPU architecture.
+    pub arch: Option<String>,
+    /// Digest of the active bundle.
+    pub active_digest: Option<String>,
+    /// Channel (model name) of the active bundle.
+    pub active_channel: Option<String>,
+    /// Version of the active bundle.
+    pub active_version: Option<String>,
+}
+
+/// A bundle as listed by the API.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BundleRow {
+    /// Manifest digest, hex.
+    pub digest: String,
+    /// Model channel.
+    pub channel: String,
+    /// Semantic version.
+    pub version: String,
+    /// Release number.
+    pub release: u64,
+    /// File size in bytes.
+    pub size: u64,
+    /// Number of chunks.
+    pub chunks: u32,
+    /// Creation time (s since the epoch).
+    pub created_at: u64,
+    /// Expiry time (s since the epoch).
+    pub expires_at: u64,
+    /// Upload time (ms since the epoch).
+    pub uploaded_at: u64,
+    /// Token name that uploaded it.
+    pub uploaded_by: String,
+    /// Manifest summary (schema, artifacts, signatures).
+    pub summary: serde_json::Value,
+}
+
+/// A stored rollout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutRow {
+    /// Id.
+    pub id: String,
+    /// Bundle digest, hex.
+    pub bundle: String,
+    /// Created, ms.
+    pub created_at: u64,
+    /// Token name.
+    pub created_by: String,
+    /// The selector as given (JSON).
+    pub selector: String,
+    /// Engine state (JSON of [`crate::engine::Rollout`]).
+    pub state: String,
+}
+
+/// A device event as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventRow {
+    /// Device.
+    pub device: String,
+    /// Device's sequence number.
+    pub seq: u64,
+    /// Device time, s since the epoch.
+    pub at: u64,
+    /// Command it answers.
+    pub command: Option<u64>,
+    /// Event kind (snake case).
+    pub kind: String,
+    /// Bundle digest concerned.
+    pub digest: Option<String>,
+    /// The whole event.
+    pub body: serde_json::Value,
+}
+
+/// A telemetry sample, as stored for gates and the API.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TelemetryRow {
+    /// Device.
+    pub device: String,
+    /// Sequence number.
+    pub seq: u64,
+    /// Device time, s since the epoch.
+    pub at: u64,
+    /// Receive time, ms.
+    pub received_at: u64,
+    /// Active bundle digest.
+    pub digest: Option<String>,
+    /// Inferences since the bundle became active (or the agent started).
+    pub inferences: Option<u64>,
+    /// Errors, same span.
+    pub errors: Option<u64>,
+    /// Latency histogram counts, same span.
+    pub latency_counts: Option<Vec<u64>>,
+    /// CPU use.
+    pub cpu_percent: Option<f64>,
+    /// Memory used on the device.
+    pub mem_used: Option<u64>,
+    /// Agent RSS.
+    pub rss_bytes: Option<u64>,
+}
+
+/// An audit record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditRow {
+    /// Sequence.
+    pub id: i64,
+    /// When (ms).
+    pub at: u64,
+    /// Token name, or "controller" for automatic steps.
+    pub actor: String,
+    /// What (e.g. `rollout.pause`).
+    pub action: String,
+    /// Which object.
+    pub target: String,
+    /// State before (JSON), when it had one.
+    pub before: Option<serde_json::Value>,
+    /// State after (JSON).
+    pub after: Option<serde_json::Value>,
+}
+
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn json_or_null(text: Option<String>) -> Option<serde_json::Value> {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+}
+
+impl Db {
+    /// Opens (creating) the database at `path` and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Db> {
+        let conn = tokio_rusqlite::Connection::open(path).await?;
+        conn.call(|c| -> rusqlite::Result<()> {
+            c.pragma_update(None, "journal_mode", "wal")?;
+            c.pragma_update(None, "synchronous", "normal")?;
+            c.pragma_update(None, "foreign_keys", "on")?;
+            c.busy_timeout(std::time::Duration::from_secs(5))?;
+            let version: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            for (n, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+                let tx = c.transaction()?;
+                tx.execute_batch(sql)?;
+                tx.pragma_update(None, "user_version", n as i64 + 1)?;
+                tx.commit()?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Db { conn })
+    }
+
+    /// The schema version (number of migrations applied).
+    pub async fn schema_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .call(|c| c.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0)))
+            .await?)
+    }
+
+    // ----- devices -------------------------------------------------------
+
+    /// Records an enrollment (certificate fingerprint and tags).
+    pub async fn enroll(
+        &self,
+        id: &str,
+        tags: &BTreeMap<String, String>,
+        cert_sha256: &str,
+        now: u64,
+    ) -> Result<()> {
+        let (id, tags, fp) = (
+            id.to_owned(),
+            serde_json::to_string(tags).unwrap_or_else(|_| "{}".into()),
+            cert_sha256.to_owned(),
+        );
+        self.conn
+            .call(move |c| {
+                c.execute(
+                    "INSERT INTO devices (id, tags, enrolled_at, cert_sha256) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(id) DO UPDATE SET tags = ?2, enrolled_at = ?3, cert_sha256 = ?4",
+                    params![id, tags, i(now), fp],
+                )
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Stores a device's retained state.
+    pub async fn device_state(&self, s: &edgefleet_shared::protocol::DeviceState, now: u64) -> Result<()> {
+        use edgefleet_shared::protocol::SlotRole;
+        let active = s.slots.iter().find(|x| x.role == SlotRole::Active);
+        let row = (
+            s.device.to_string(),
+            s.online,
+            s.agent_version.clone(),
+            serde_json::to_value(&s.arch)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            active.map(|a| a.bundle.digest.to_hex()),
+            active.map(|a| a.bundle.channel.to_string()),
+            active.map(|a| a.bundle.version.clone()),
+            serde_json::to_string(s).unwrap_or_default(),
+        );
+        self.conn
+            .call(move |c| {
+                c.execute(
+                    "INSERT INTO devices (id, online, last_seen, agent_version, arch, active_digest, active_channel, active_version, state)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT(id) DO UPDATE SET online = ?2, last_seen = ?3, agent_version = ?4, arch = ?5,
+                        active_digest = ?6, active_channel = ?7, active_version = ?8, state = ?9",
+                    params![row.0, row.1, i(now), row.2, row.3, row.4, row.5, row.6, row.7],
+                )
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// All devices, by id.
+    pub async fn devices(&self) -> Result<Vec<DeviceRow>> {
+        Ok(self
+            .conn
+            .call(|c| -> rusqlite::Result<Vec<DeviceRow>> {
+                let mut st = c.prepare(
+                    "SELECT id, tags, enrolled_at, online, last_seen, agent_version, arch,
+                            active_digest, active_channel, active_version
+                     FROM devices ORDER BY id",
+                )?;
+                let rows = st.query_map([], |r| {
+                    Ok(DeviceRow {
+                        id: r.get(0)?,
+                        tags: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or_default(),
+                        enrolled: r.get::<_, Option<i64>>(2)?.is_some(),
+                        online: r.get(3)?,
+                        last_seen: r.get::<_, Option<i64>>(4)?.map(u),
+                        agent_version: r.get(5)?,
+                        arch: r.get(6)?,
+                        active_digest: r.get(7)?,
+                        active_channel: r.get(8)?,
+                        active_version: r.get(9)?,
+                    })
+                })?;
+                rows.collect()
+            })
+            .await?)
+    }
+
+    /// The last retained state of a device (JSON), if any.
+    pub async fn device_state_json(&self, id: &str) -> Result<Option<serde_json::Value>> {
+        let id = id.to_owned();
+        let text: Option<Option<String>> = self
+            .conn
+            .call(move |c| {
+                c.query_row("SELECT state FROM devices WHERE id = ?1", [id], |r| r.get(0))
+                    .optional()
+            })
+            .await?;
+        Ok(json_or_null(text.flatten()))
+    }
+
+    /// Certificate fingerprints of enrolled devices.
+    pub async fn enrolled_fingerprints(&self) -> Result<BTreeMap<String, String>> {
+        Ok(self
+            .conn
+            .call(|c| -> rusqlite::Result<BTreeMap<String, String>> {
+                let mut st =
+                    c.prepare("SELECT cert_sha256, id FROM devices WHERE cert_sha256 IS NOT NULL")?;
+                let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect()
+            })
+            .await?)
+    }
+
+    // ----- events and telemetry ------------------------------------------
+
+    /// Stores an event; false if it was already stored (a redelivery).
+    pub async fn insert_event(&self, e: &edgefleet_shared::protocol::Event, now: u64) -> Result<bool> {
+        let body = serde_json::to_value(e).unwrap_or_default();
+        let kind = body
+            .get("kind")
+            .and_then(|k| match k {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Object(o) => o.keys().next().cloned(),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let digest = event_digest(&e.kind).map(|d| d.to_hex());
+        let row = (
+            e.device.to_string(),
+            i(e.seq),
+            e.at.0,
+            e.command.map(i),
+            kind,
+            digest,
+            body.to_string(),
+        );
+        Ok(self
+            .conn
+            .call(move |c| {
+                c.execute(
+                    "INSERT OR IGNORE INTO events (device, seq, at, received_at, command, kind, digest, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![row.0, row.1, row.2, i(now), row.3, row.4, row.5, row.6],
+                )
+            })
+            .await?
+            == 1)
+    }
+
+    /// The latest `limit` events of a device, newest first.
+    pub async fn events(&self, device: &str, limit: u32) -> Result<Vec<EventRow>> {
+        let device = device.to_owned();
+        Ok(self
+            .conn
+            .call(move |c| -> rusqlite::Result<Vec<EventRow>> {
+                let mut st = c.prepare(
+                    "SELECT device, seq, at, command, kind, digest, body FROM events
+                     WHERE device = ?1 ORDER BY seq DESC LIMIT ?2",
+                )?;
+                let rows = st.query_map(params![device, limit], |r| {
+                    Ok(EventRow {
+                        device: r.get(0)?,
+                        seq: u(r.get(1)?),
+                        at: u(r.get(2)?),
+                        command: r.get::<_, Option<i64>>(3)?.map(u),
+                        kind: r.get(4)?,
+                        digest: r.get(5)?,
+                        body: serde_json::from_str(&r.get::<_, String>(6)?).unwrap_or_default(),
+                    })
+                })?;
+                rows.collect()
+            })
+            .await?)
+    }
+
+    /// Stores a batch of telemetry in one transaction; redeliveries are ignored.
+    /// Returns how many were new.
+    pub async fn insert_telemetry(
+        &self,
+        batch: Vec<(edgefleet_shared::protocol::Telemetry, u64)>,
+    ) -> Result<usize> {
+        Ok(self
+            .conn
+            .call(move |c| -> rusqlite::Result<usize> {
+                let tx = c.transaction()?;
+                let mut n = 0;
+                {
+                    let mut st = tx.prepare_cached(
+                        "INSERT OR IGNORE INTO telemetry (device, seq, at, received_at, digest, inferences, errors,
+                            latency_counts, cpu_percent, mem_used, rss_bytes, body)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    )?;
+                    let mut seen = tx.prepare_cached(
+                        "UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE id = ?1",
+                    )?;
+                    for (t, received) in &batch {
+                        let m = t.model.as_ref();
+                        n += st.execute(params![
+                            t.device.as_str(),
+                            i(t.seq),
+                            t.at.0,
+                            i(*received),
+                            m.map(|m| m.digest.to_hex()),
+                            m.map(|m| i(m.inferences)),
+                            m.map(|m| i(m.errors)),
+                            m.map(|m| serde_json::to_string(&m.latency_counts).unwrap_or_default()),
+                            f64::from(t.device_metrics.cpu_percent),
+                            i(t.device_metrics.mem_used),
+                            i(t.agent.rss_bytes),
+                            serde_json::to_string(t).unwrap_or_default(),
+                        ])?;
+                        seen.execute(params![t.device.as_str(), i(*received)])?;
+                    }
+                }
+                tx.commit()?;
+                Ok(n)
+            })
+            .await?)
+    }
+
+    /// The latest telemetry sample of every device received at or after `since`.
+    pub async fn latest_telemetry(&self, since: u64) -> Result<Vec<TelemetryRow>> {
+        Ok(self
+            .conn
+            .call(move |c| -> rusqlite::Result<Vec<TelemetryRow>> {
+                let mut st = c.prepare(
+                    "SELECT t.device, t.seq, t.at, t.received_at, t.digest, t.inferences, t.errors,
+                            t.latency_counts, t.cpu_percent, t.mem_used, t.rss_bytes
+                     FROM telemetry t
+                     JOIN (SELECT device, MAX(seq) AS seq FROM telemetry WHERE received_at >= ?1
+                           GROUP BY device) l ON l.device = t.device AND l.seq = t.seq",
+                )?;
+                let rows = st.query_map([i(since)], telemetry_row)?;
+                rows.collect()
+            })
+            .await?)
+    }
+
+    /// Telemetry of one device in a time range (received), oldest first, at most `limit`.
+    pub async fn telemetry(
+        &self,
+        device: &str,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<TelemetryRow>> {
+        let device = device.to_owned();
+        Ok(self
+            .conn
+            .call(move |c| -> rusqlite::Result<Vec<TelemetryRow>> {
+                let mut st = c.prepare(
+                    "SELECT device, seq, at, received_at, digest, inferences, errors, latency_counts,
+                            cpu_percent, mem_used, rss_bytes
+                     FROM telemetry WHERE device = ?1 AND received_at BETWEEN ?2 AND ?3
+                     ORDER BY seq LIMIT ?4",
+                )?;
+                let rows = st.query_map(params![device, i(from), i(to), limit], telemetry_row)?;
+                rows.collect()
+            })
+            .await?)
+    }
+
+    /// Deletes telemetry received before `before`; returns how many rows went.
+    pub async fn prune_telemetry(&self, before: u64) -> Result<usize> {
+        Ok(self
+            .conn
+            .call(move |c| c.execute("DELETE FROM telemetry WHERE received_at < ?1", [i(before)]))
+            .await?)
+    }
+
+    // ----- bundles -------------------------------------------------------
+
+    /// Records an uploaded bundle; false if it was already there.
+    pub async fn insert_bundle(&self, b: &BundleRow) -> Result<bool> {
+        let b = b.clone();
+        Ok(self
+            .conn
+            .call(move |c| {
+                c.execute(
+                    "INSERT OR IGNORE INTO bundles (digest, channel, version, release, size, chunks, created_at,
+                        expires_at, uploaded_at, uploaded_by, summary)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                    params![
+                        b.digest,
+                        b.channel,
+                        b.version,
+                        i(b.release),
+                        i(b.size),
+                        b.chunks,
+                        i(b.created_at),
+                        i(b.expires_at),
+                        i(b.uploaded_at),
+                        b.uploaded_by,
+                        b.summary.to_string()
+                    ],
+                )
+            })
+            .await?
+            == 1)
+    }
+
+    /// All bundles, newest upload first.
+    pub async fn bundles(&self) -> Result<Vec<BundleRow>> {
+        self.bundles_where("1 = 1", String::new()).await
+    }
+
+    /// One bundle by digest (hex).
+    pub async fn bundle(&self, digest: &str) -> Result<Option<BundleRow>> {
+        Ok(self
+            .bundles_where("digest = ?1", digest.to_owned())
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn bundles_where(&self, cond: &'static str, arg: String) -> Result<Vec<BundleRow>> {
+        Ok(self
+            .conn
+            .call(move |c| -> rusqlite::Result<Vec<BundleRow>> {
+                let sql = format!(
+                    "SELECT digest, channel, version, release, size, chunks, created_at, expires_at,
+                            uploaded_at, uploaded_by, summary
+                     FROM bundles WHERE {cond} ORDER BY uploaded_at DESC, digest"
+                );
+                let mut st = c.prepare(&sql)?;
+                let map = |r: &rusqlite::Row<'_>| {
+                    Ok(BundleRow {
+                        digest: r.get(0)?,
+                        channel: r.get(1)?,
+                        version: r.get(2)?,
+                        release: u(r.get(3)?),
+                        size: u(r.get(4)?),
+                        chunks: r.get(5)?,
+                        created_at: u(r.get(6)?),
+                        expires_at: u(r.get(7)?),
+                        uploaded_at: u(r.get(8)?),
+                        uploaded_by: r.get(9)?,
+                        summary: serde_json::from_str(&r.get::<_, String>(10)?).unwrap_or_default(),
+                    })
+                };
+                let rows = if cond.contains("?1") {
+                    st.query_map([arg], map)?.collect()
+                } else {
+                    st.query_map([], map)?.collect()
+                };
+                rows
+            })
+            .await?)
+    }
+
+    // ----- rollouts and commands -------------------------------------------
+
+    /// Creates a rollout.
+    pub async fn insert_rollout(&self, r: &RolloutRow, phase: &str) -> Result<()> {
+        let (r, phase) = (r.clone(), phase.to_owned());
+        self.conn
+            .call(move |c| {
+                c.execute(
+                    "INSERT INTO rollouts (id, bundle, created_at, created_by, selector, phase, state, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?3)",
+                    params![r.id, r.bundle, i(r.created_at), r.created_by, r.selector, phase, r.state],
+                )
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Saves a rollout's engine state and the notes of the step that produced it,
+    /// in one transaction.
+    pub async fn save_rollout(
+        &self,
+        id: &str,
+        phase: &str,
+        state: String,
+        notes: Vec<String>,
+        now: u64,
+    ) -> Result<()> {
+        let (id, phase) = (id.to_owned(), phase.to_owned());
+        self.conn
+            .call(move |c| -> rusqlite::Result<()> {
+                let tx = c.transaction()?;
+                tx.execute(
+                    "UPDATE rollouts SET phase = ?2, state = ?3, updated_at = ?4 WHERE id = ?1",
+                    params![id, phase, state, i(now)],
+                )?;
+                for n in notes {
+                    tx.execute(
+                        "INSERT INTO rollout_log (rollout, at, note) VALUES (?1, ?2, ?3)",
+                        params![id, i(now), n],
+                    )?;
+                }
+                tx.commit()
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Every rollout (newest first), or only those not finished.
+    pub async fn rollouts(&self, unfinished_only: bool) -> Result<Vec<RolloutRow>> {
+        Ok(self
+            .conn
+            .call(move |c| -> rusqlite::Result<Vec<RolloutRow>> {
+                let sql = if unfinished_only {
+                    "SELECT id, bundle, created_at, created_by, selector, state FROM rollouts
+                     WHERE phase NOT IN ('completed', 'halted', 'aborted') ORDER BY created_at DESC, id"
+                } else {
+                    "SELECT id, bundle, created_at, created_by, selector, state FROM rollouts
+                     ORDER BY created_at DESC, id"
+                };
+                let mut st = c.prepare(sql)?;
+                let rows = st.query_map([], |r| {
+                    Ok(RolloutRow {
+                        id: r.get(0)?,
+                        bundle: r.get(1)?,
+                        created_at: u(r.get(2)?),
+                        created_by: r.get(3)?,
+                        selector: r.get(4)?,
+                        state: r.get(5)?,
+                    })
+                })?;
+                rows.collect()
+            })
+            .await?)
+    }
+
+    /// The log of a rollout, oldest first.
+    pub async fn rollout_log(&self, id: &str) -> Result<Vec<(u64, String)>> {
+        let id = id.to_owned();
+        Ok(self
+            .conn
+            .call(move |c| -> rusqlite::Result<Vec<(u64, String)>> {
+                let mut st =
+                    c.prepare("SELECT at, note FROM rollout_log WHERE rollout = ?1 ORDER BY id")?;
+                let rows = st.query_map([id], |r| Ok((u(r.get(0)?), r.get(1)?)))?;
+                rows.collect()
+            })
+            .await?)
+    }
+
+    /// Allocates a command id (ids are never reused, across restarts).
+    pub async fn new_command(
+        &self,
+        device: &str,
+        rollout: Option<&str>,
+        action: &str,
+        now: u64,
+    ) -> Result<u64> {
+        let (d, r, a) = (device.to_owned(), rollout.map(str::to_owned), action.to_owned());
+        Ok(self
+            .conn
+            .call(move |c| -> rusqlite::Result<u64> {
+                c.execute(
+                    "INSERT INTO commands (device, rollout, action, issued_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![d, r, a, i(now)],
+                )?;
+                Ok(u(c.last_insert_rowid()))
+            })
+            .await?)
+    }
+
+    /// Commands sent to a device: how many per action (for tests and the API).
+    pub async fn command_counts(&self, device: &str) -> Result<BTreeMap<String, u64>> {
+        let d = device.to_owned();
+        Ok(self
+            .conn
+            .call(move |c| -> rusqlite::Result<BTreeMap<String, u64>> {
+                let mut st = c.prepare(
+                    "SELECT action, COUNT(*) FROM commands WHERE device = ?1 GROUP BY action",
+                )?;
+                let rows = st.query_map([d], |r| Ok((r.get(0)?, u(r.get(1)?))))?;
+                rows.collect()
+            })
+            .await?)
+    }
+
+    // ----- audit and tokens ------------------------------------------------
+
+    /// Records a change.
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        before: Option<serde_json::Value>,
+        after: Option<serde_json::Value>,
+        now: u64,
+    ) -> Result<()> {
+        let row = (
+            actor.to_owned(),
+            action.to_owned(),
+            target.to_owned(),
+            before.map(|b| b.to_string()),
+            after.map(|a| a.to_string()),
+        );
+        self.conn
+            .call(move |c| {
+                c.execute(
+                    "INSERT INTO audit (at, actor, action, target, before, after) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![i(now), row.0, row.1, row.2, row.3, row.4],
+                )
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The latest `limit` audit records, newest first.
+    pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditRow>> {
+        Ok(self
+            .conn
+            .call(move |c| -> rusqlite::Result<Vec<AuditRow>> {
+                let mut st = c.prepare(
+                    "SELECT id, at, actor, action, target, before, after FROM audit ORDER BY id DESC LIMIT ?1",
+                )?;
+                let rows = st.query_map([limit], |r| {
+                    Ok(AuditRow {
+                        id: r.get(0)?,
+                        at: u(r.get(1)?),
+                        actor: r.get(2)?,
+                        action: r.get(3)?,
+                        target: r.get(4)?,
+                        before: json_or_null(r.get(5)?),
+                        after: json_or_null(r.get(6)?),
+                    })
+                })?;
+                rows.collect()
+            })
+            .await?)
+    }
+
+    /// Stores a token (by its SHA-256 only).
+    pub async fn insert_token(&self, sha256: &str, name: &str, role: &str, now: u64) -> Result<()> {
+        let row = (sha256.to_owned(), name.to_owned(), role.to_owned());
+        self.conn
+            .call(move |c| {
+                c.execute(
+                    "INSERT INTO tokens (sha256, name, role, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![row.0, row.1, row.2, i(now)],
+                )
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The (name, role) of the token with this SHA-256.
+    pub async fn token(&self, sha256: &str) -> Result<Option<(String, String)>> {
+        let h = sha256.to_owned();
+        Ok(self
+            .conn
+            .call(move |c| {
+                c.query_row("SELECT name, role FROM tokens WHERE sha256 = ?1", [h], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+            })
+            .await?)
+    }
+
+    /// How many tokens exist.
+    pub async fn token_count(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .call(|c| c.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get::<_, i64>(0)))
+            .await
+            .map(u)?)
+    }
+}
+
+fn telemetry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TelemetryRow> {
+    Ok(TelemetryRow {
+        device: r.get(0)?,
+        seq: u(r.get(1)?),
+        at: u(r.get(2)?),
+        received_at: u(r.get(3)?),
+        digest: r.get(4)?,
+        inferences: r.get::<_, Option<i64>>(5)?.map(u),
+        errors: r.get::<_, Option<i64>>(6)?.map(u),
+        latency_counts: r
+            .get::<_, Option<String>>(7)?
+            .and_then(|t| serde_json::from_str(&t).ok()),
+        cpu_percent: r.get(8)?,
+        mem_used: r.get::<_, Option<i64>>(9)?.map(u),
+        rss_bytes: r.get::<_, Option<i64>>(10)?.map(u),
+    })
+}
+
+/// The bundle an event is about.
+pub fn event_digest(
+    kind: &edgefleet_shared::protocol::EventKind,
+) -> Option<edgefleet_shared::Digest> {
+    use edgefleet_shared::protocol::EventKind as K;
+    match kind {
+        K::InstallStarted { digest }
+        | K::InstallProgress { digest, .. }
+        | K::InstallSucceeded { digest, .. }
+        | K::InstallFailed { digest, .. }
+        | K::Activated { digest, .. }
+        | K::Reverted { digest, .. }
+        | K::DriftAlert { digest, .. } => Some(*digest),
+        K::CommandRejected { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,199 @@
+//! The store against a real SQLite file.
+
+use super::*;
+use edgefleet_shared::protocol::{
+    AgentMetrics, BundleRef, DeviceMetrics, DeviceState, Event, EventKind, ModelMetrics, Slot,
+    SlotRole, SlotState, Telemetry,
+};
+use edgefleet_shared::{Arch, DeviceId, Digest, ModelChannel, UnixTime};
+
+fn dev(id: &str) -> DeviceId {
+    DeviceId::new(id).expect("device id")
+}
+
+fn telemetry(device: &str, seq: u64, digest: Digest, inferences: u64) -> Telemetry {
+    Telemetry {
+        device: dev(device),
+        seq,
+        at: UnixTime(1_000 + seq as i64),
+        device_metrics: DeviceMetrics::default(),
+        agent: AgentMetrics::default(),
+        model: Some(ModelMetrics {
+            digest,
+            inferences,
+            errors: 1,
+            latency_bounds_us: vec![100],
+            latency_counts: vec![inferences, 0],
+        }),
+        drift: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn migrations_apply_once_and_the_file_reopens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.db");
+    let db = Db::open(&path).await.expect("open");
+    assert_eq!(db.schema_version().await.expect("v"), MIGRATIONS.len() as i64);
+    db.insert_token("ab", "admin", "admin", 1).await.expect("token");
+    drop(db);
+    let db = Db::open(&path).await.expect("reopen");
+    assert_eq!(db.schema_version().await.expect("v"), MIGRATIONS.len() as i64);
+    assert_eq!(
+        db.token("ab").await.expect("token"),
+        Some(("admin".into(), "admin".into()))
+    );
+    assert_eq!(db.token("cd").await.expect("token"), None);
+    // Names are unique: a second token named admin is refused, the first is kept.
+    assert!(db.insert_token("ef", "admin", "viewer", 2).await.is_err());
+    assert_eq!(db.token_count().await.expect("count"), 1);
+}
+
+#[tokio::test]
+async fn devices_events_and_telemetry_round_trip() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Db::open(&dir.path().join("c.db")).await.expect("open");
+    let tags = BTreeMap::from([("site".to_string(), "north".to_string())]);
+    db.enroll("pi-01", &tags, "f00d", 5).await.expect("enroll");
+    let d = Digest::of(b"bundle");
+    let state = DeviceState {
+        device: dev("pi-01"),
+        at: UnixTime(10),
+        online: true,
+        agent_version: "0.1.0".into(),
+        arch: Arch::new("aarch64").expect("arch"),
+        slots: vec![SlotState {
+            slot: Slot::A,
+            bundle: BundleRef {
+                digest: d,
+                channel: ModelChannel::new("iris").expect("channel"),
+                version: "1.0.0".into(),
+                release: 1,
+            },
+            role: SlotRole::Active,
+        }],
+        last_install: None,
+    };
+    db.device_state(&state, 20).await.expect("state");
+    db.device_state(
+        &DeviceState {
+            device: dev("stranger"),
+            slots: Vec::new(),
+            ..state.clone()
+        },
+        21,
+    )
+    .await
+    .expect("state");
+    let devices = db.devices().await.expect("devices");
+    assert_eq!(devices.len(), 2);
+    assert_eq!(devices[0].id, "pi-01");
+    assert!(devices[0].enrolled && devices[0].online);
+    assert_eq!(devices[0].tags, tags);
+    assert_eq!(devices[0].arch.as_deref(), Some("aarch64"));
+    assert_eq!(devices[0].active_digest, Some(d.to_hex()));
+    assert_eq!(devices[0].active_version.as_deref(), Some("1.0.0"));
+    assert!(!devices[1].enrolled, "seen on the broker, never enrolled");
+    assert_eq!(
+        db.enrolled_fingerprints().await.expect("fp"),
+        BTreeMap::from([("f00d".to_string(), "pi-01".to_string())])
+    );
+
+    let event = Event {
+        device: dev("pi-01"),
+        seq: 7,
+        at: UnixTime(11),
+        command: Some(3),
+        kind: EventKind::InstallStarted { digest: d },
+    };
+    assert!(db.insert_event(&event, 30).await.expect("event"));
+    assert!(!db.insert_event(&event, 31).await.expect("again"), "a redelivery");
+    let events = db.events("pi-01", 10).await.expect("events");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, "install_started");
+    assert_eq!(events[0].digest, Some(d.to_hex()));
+    assert_eq!(events[0].command, Some(3));
+
+    let batch = vec![
+        (telemetry("pi-01", 1, d, 10), 100),
+        (telemetry("pi-01", 2, d, 20), 200),
+        (telemetry("pi-01", 2, d, 20), 201),
+        (telemetry("stranger", 1, d, 5), 150),
+    ];
+    assert_eq!(db.insert_telemetry(batch).await.expect("batch"), 3);
+    let latest = db.latest_telemetry(0).await.expect("latest");
+    assert_eq!(latest.len(), 2);
+    let pi = latest.iter().find(|t| t.device == "pi-01").expect("pi-01");
+    assert_eq!((pi.seq, pi.inferences, pi.errors), (2, Some(20), Some(1)));
+    assert_eq!(pi.latency_counts, Some(vec![20, 0]));
+    assert_eq!(db.latest_telemetry(160).await.expect("since").len(), 1);
+    assert_eq!(db.telemetry("pi-01", 0, 150, 10).await.expect("range").len(), 1);
+    assert_eq!(db.prune_telemetry(160).await.expect("prune"), 2);
+    assert_eq!(db.latest_telemetry(0).await.expect("after prune").len(), 1);
+}
+
+#[tokio::test]
+async fn rollouts_commands_and_audit_are_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Db::open(&dir.path().join("c.db")).await.expect("open");
+    let bundle = BundleRow {
+        digest: "aa".into(),
+        channel: "iris".into(),
+        version: "1.0.0".into(),
+        release: 1,
+        size: 10,
+        chunks: 1,
+        created_at: 1,
+        expires_at: 2,
+        uploaded_at: 3,
+        uploaded_by: "admin".into(),
+        summary: serde_json::json!({"k": 1}),
+    };
+    assert!(db.insert_bundle(&bundle).await.expect("bundle"));
+    assert!(!db.insert_bundle(&bundle).await.expect("again"));
+    assert_eq!(db.bundle("aa").await.expect("get"), Some(bundle.clone()));
+    assert_eq!(db.bundle("bb").await.expect("get"), None);
+    // A rollout must name a stored bundle.
+    let mut row = RolloutRow {
+        id: "r1".into(),
+        bundle: "zz".into(),
+        created_at: 5,
+        created_by: "admin".into(),
+        selector: "{}".into(),
+        state: "{}".into(),
+    };
+    assert!(db.insert_rollout(&row, "installing").await.is_err());
+    row.bundle = "aa".into();
+    db.insert_rollout(&row, "installing").await.expect("rollout");
+    assert_eq!(db.rollouts(true).await.expect("open").len(), 1);
+    db.save_rollout("r1", "completed", "{\"x\":1}".into(), vec!["done".into()], 9)
+        .await
+        .expect("save");
+    assert!(db.rollouts(true).await.expect("open").is_empty());
+    let all = db.rollouts(false).await.expect("all");
+    assert_eq!(all[0].state, "{\"x\":1}");
+    assert_eq!(db.rollout_log("r1").await.expect("log"), vec![(9, "done".to_string())]);
+
+    let a = db.new_command("pi-01", Some("r1"), "install", 1).await.expect("cmd");
+    let b = db.new_command("pi-01", Some("r1"), "install", 2).await.expect("cmd");
+    assert!(b > a);
+    assert_eq!(
+        db.command_counts("pi-01").await.expect("counts"),
+        BTreeMap::from([("install".to_string(), 2)])
+    );
+
+    db.audit(
+        "admin",
+        "rollout.pause",
+        "r1",
+        Some(serde_json::json!({"phase": "installing"})),
+        Some(serde_json::json!({"phase": "paused"})),
+        10,
+    )
+    .await
+    .expect("audit");
+    let log = db.audit_log(10).await.expect("audit log");
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].action, "rollout.pause");
+    assert_eq!(log[0].after, Some(serde_json::json!({"phase": "paused"})));
+}
