@@ -9,8 +9,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, date_time_ymd,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, date_time_ymd,
 };
 
 use crate::operator::write_atomic;
@@ -147,9 +147,7 @@ impl Ca {
                 for h in hosts {
                     params.subject_alt_names.push(match h.parse() {
                         Ok(ip) => SanType::IpAddress(ip),
-                        Err(_) => SanType::DnsName(
-                            h.clone().try_into().map_err(issue_err(name))?,
-                        ),
+                        Err(_) => SanType::DnsName(h.clone().try_into().map_err(issue_err(name))?),
                     });
                 }
             }

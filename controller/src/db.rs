@@ -341,7 +341,11 @@ impl Db {
     }
 
     /// Stores a device's retained state.
-    pub async fn device_state(&self, s: &edgefleet_shared::protocol::DeviceState, now: u64) -> Result<()> {
+    pub async fn device_state(
+        &self,
+        s: &edgefleet_shared::protocol::DeviceState,
+        now: u64,
+    ) -> Result<()> {
         use edgefleet_shared::protocol::SlotRole;
         let active = s.slots.iter().find(|x| x.role == SlotRole::Active);
         let row = (
@@ -406,8 +410,10 @@ impl Db {
         let text: Option<Option<String>> = self
             .conn
             .call(move |c| {
-                c.query_row("SELECT state FROM devices WHERE id = ?1", [id], |r| r.get(0))
-                    .optional()
+                c.query_row("SELECT state FROM devices WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .optional()
             })
             .await?;
         Ok(json_or_null(text.flatten()))
@@ -429,7 +435,11 @@ impl Db {
     // ----- events and telemetry ------------------------------------------
 
     /// Stores an event; false if it was already stored (a redelivery).
-    pub async fn insert_event(&self, e: &edgefleet_shared::protocol::Event, now: u64) -> Result<bool> {
+    pub async fn insert_event(
+        &self,
+        e: &edgefleet_shared::protocol::Event,
+        now: u64,
+    ) -> Result<bool> {
         let body = serde_json::to_value(e).unwrap_or_default();
         let kind = body
             .get("kind")
@@ -760,7 +770,11 @@ impl Db {
         action: &str,
         now: u64,
     ) -> Result<u64> {
-        let (d, r, a) = (device.to_owned(), rollout.map(str::to_owned), action.to_owned());
+        let (d, r, a) = (
+            device.to_owned(),
+            rollout.map(str::to_owned),
+            action.to_owned(),
+        );
         Ok(self
             .conn
             .call(move |c| -> rusqlite::Result<u64> {
@@ -862,9 +876,11 @@ impl Db {
         Ok(self
             .conn
             .call(move |c| {
-                c.query_row("SELECT name, role FROM tokens WHERE sha256 = ?1", [h], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
+                c.query_row(
+                    "SELECT name, role FROM tokens WHERE sha256 = ?1",
+                    [h],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .optional()
             })
             .await?)

@@ -305,7 +305,6 @@ impl Member {
         }
     }
 }
-}
 
 /// Where the rollout as a whole is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -2,8 +2,8 @@
 //! commands for keys, trust roots and bundles ([`operator`]) and the first part of
 //! the demo ([`demo`]); the controller service follows (issue 4).
 
-pub mod cli;
 pub mod ca;
+pub mod cli;
 pub mod db;
 pub mod demo;
 pub mod engine;

@@ -34,11 +34,19 @@ async fn migrations_apply_once_and_the_file_reopens() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("c.db");
     let db = Db::open(&path).await.expect("open");
-    assert_eq!(db.schema_version().await.expect("v"), MIGRATIONS.len() as i64);
-    db.insert_token("ab", "admin", "admin", 1).await.expect("token");
+    assert_eq!(
+        db.schema_version().await.expect("v"),
+        MIGRATIONS.len() as i64
+    );
+    db.insert_token("ab", "admin", "admin", 1)
+        .await
+        .expect("token");
     drop(db);
     let db = Db::open(&path).await.expect("reopen");
-    assert_eq!(db.schema_version().await.expect("v"), MIGRATIONS.len() as i64);
+    assert_eq!(
+        db.schema_version().await.expect("v"),
+        MIGRATIONS.len() as i64
+    );
     assert_eq!(
         db.token("ab").await.expect("token"),
         Some(("admin".into(), "admin".into()))
@@ -107,7 +115,10 @@ async fn devices_events_and_telemetry_round_trip() {
         kind: EventKind::InstallStarted { digest: d },
     };
     assert!(db.insert_event(&event, 30).await.expect("event"));
-    assert!(!db.insert_event(&event, 31).await.expect("again"), "a redelivery");
+    assert!(
+        !db.insert_event(&event, 31).await.expect("again"),
+        "a redelivery"
+    );
     let events = db.events("pi-01", 10).await.expect("events");
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].kind, "install_started");
@@ -127,7 +138,13 @@ async fn devices_events_and_telemetry_round_trip() {
     assert_eq!((pi.seq, pi.inferences, pi.errors), (2, Some(20), Some(1)));
     assert_eq!(pi.latency_counts, Some(vec![20, 0]));
     assert_eq!(db.latest_telemetry(160).await.expect("since").len(), 1);
-    assert_eq!(db.telemetry("pi-01", 0, 150, 10).await.expect("range").len(), 1);
+    assert_eq!(
+        db.telemetry("pi-01", 0, 150, 10)
+            .await
+            .expect("range")
+            .len(),
+        1
+    );
     assert_eq!(db.prune_telemetry(160).await.expect("prune"), 2);
     assert_eq!(db.latest_telemetry(0).await.expect("after prune").len(), 1);
 }
@@ -164,18 +181,35 @@ async fn rollouts_commands_and_audit_are_kept() {
     };
     assert!(db.insert_rollout(&row, "installing").await.is_err());
     row.bundle = "aa".into();
-    db.insert_rollout(&row, "installing").await.expect("rollout");
-    assert_eq!(db.rollouts(true).await.expect("open").len(), 1);
-    db.save_rollout("r1", "completed", "{\"x\":1}".into(), vec!["done".into()], 9)
+    db.insert_rollout(&row, "installing")
         .await
-        .expect("save");
+        .expect("rollout");
+    assert_eq!(db.rollouts(true).await.expect("open").len(), 1);
+    db.save_rollout(
+        "r1",
+        "completed",
+        "{\"x\":1}".into(),
+        vec!["done".into()],
+        9,
+    )
+    .await
+    .expect("save");
     assert!(db.rollouts(true).await.expect("open").is_empty());
     let all = db.rollouts(false).await.expect("all");
     assert_eq!(all[0].state, "{\"x\":1}");
-    assert_eq!(db.rollout_log("r1").await.expect("log"), vec![(9, "done".to_string())]);
+    assert_eq!(
+        db.rollout_log("r1").await.expect("log"),
+        vec![(9, "done".to_string())]
+    );
 
-    let a = db.new_command("pi-01", Some("r1"), "install", 1).await.expect("cmd");
-    let b = db.new_command("pi-01", Some("r1"), "install", 2).await.expect("cmd");
+    let a = db
+        .new_command("pi-01", Some("r1"), "install", 1)
+        .await
+        .expect("cmd");
+    let b = db
+        .new_command("pi-01", Some("r1"), "install", 2)
+        .await
+        .expect("cmd");
     assert!(b > a);
     assert_eq!(
         db.command_counts("pi-01").await.expect("counts"),
