@@ -33,6 +33,20 @@ pub enum Command {
     /// Model bundles: build, sign, verify, inspect.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Run the controller: HTTP API, embedded MQTT broker, SQLite store, rollouts.
+    Serve(crate::remote::ServeArgs),
+    /// The controller's configuration file.
+    #[command(subcommand)]
+    Config(crate::remote::ConfigCommand),
+    /// Devices on a controller: enroll, list, show.
+    #[command(subcommand)]
+    Devices(crate::remote::DevicesCommand),
+    /// Bundles on a controller: push, list, show.
+    #[command(subcommand)]
+    Bundles(crate::remote::BundlesCommand),
+    /// Staged rollouts on a controller.
+    #[command(subcommand)]
+    Rollout(crate::remote::RolloutCommand),
 }
 
 /// `edgefleet demo`.
@@ -213,6 +227,9 @@ pub enum CliError {
     /// An operator command failed.
     #[error(transparent)]
     Operator(#[from] OperatorError),
+    /// A controller command failed (the message says why).
+    #[error("{0}")]
+    Controller(String),
     /// Printing JSON failed.
     #[error("cannot print JSON: {0}")]
     Json(#[from] serde_json::Error),
@@ -318,6 +335,11 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
     let now = UnixTime::now();
     match cli.command {
         Command::Demo(args) => Ok(crate::demo::run(args.dir.as_deref())?),
+        Command::Serve(args) => crate::remote::serve(args).map_err(CliError::Controller),
+        Command::Config(c) => crate::remote::config(c).map_err(CliError::Controller),
+        Command::Devices(c) => crate::remote::devices(c).map_err(CliError::Controller),
+        Command::Bundles(c) => crate::remote::bundles(c).map_err(CliError::Controller),
+        Command::Rollout(c) => crate::remote::rollout(c).map_err(CliError::Controller),
         Command::Keys(KeysCommand::Generate { out, name }) => {
             let (secret, public, key) = operator::generate_key(&out, &name)?;
             println!("generated key {}", key.public().id());

@@ -2,9 +2,15 @@
 //! commands for keys, trust roots and bundles ([`operator`]) and the first part of
 //! the demo ([`demo`]); the controller service follows (issue 4).
 
+pub mod api;
+pub mod broker;
 pub mod ca;
+pub mod config;
 pub mod cli;
 pub mod db;
 pub mod demo;
 pub mod engine;
+pub mod fleet;
 pub mod operator;
+pub mod remote;
+pub mod serve;

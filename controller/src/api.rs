@@ -1,0 +1,827 @@
+//! The controller's HTTP API, `/api/v1` (docs/controller.md). Bearer tokens with
+//! roles (viewer < operator < admin); every change is written to the audit log;
+//! errors are JSON `{"error": {"code", "message"}}` with a stable code.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use edgefleet_shared::{Digest, UnixTime};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+
+use crate::ca::Ca;
+use crate::db::{BundleRow, Db};
+use crate::engine::{FailurePolicy, Gates, Input, Plan, WaveSize};
+use crate::fleet::{Fleet, FleetError, now_ms};
+
+/// Shared state of the handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The fleet (store inside).
+    pub fleet: Arc<Fleet>,
+    /// The CA, for enrollment.
+    pub ca: Arc<Ca>,
+    /// Where uploads are verified against.
+    pub trust_root: PathBuf,
+    /// Upload cap.
+    pub max_bundle_bytes: u64,
+    /// Where devices reach the broker (for enrollment bundles).
+    pub broker_url: String,
+    /// Topic prefix.
+    pub topic_prefix: String,
+}
+
+impl AppState {
+    fn db(&self) -> &Db {
+        self.fleet.db()
+    }
+}
+
+/// Roles, ordered by power.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Read only.
+    Viewer,
+    /// Bundles and rollouts.
+    Operator,
+    /// Tokens and enrollment too.
+    Admin,
+}
+
+impl Role {
+    /// Parses `viewer`, `operator`, `admin`.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// An API error: status, stable code, message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+    }
+
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+impl From<crate::db::DbError> for ApiError {
+    fn from(e: crate::db::DbError) -> Self {
+        tracing::error!(error = %e, "store error");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+}
+
+impl From<FleetError> for ApiError {
+    fn from(e: FleetError) -> Self {
+        match e {
+            FleetError::Db(e) => e.into(),
+            FleetError::Invalid(m) => ApiError::invalid(m),
+            FleetError::NotFound(m) => ApiError::not_found(m),
+            FleetError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The caller, from its bearer token.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Token name (the audit's actor).
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+}
+
+impl Caller {
+    fn require(&self, role: Role) -> ApiResult<()> {
+        if self.role >= role {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this needs the {role:?} role; token {} is {:?}", self.name, self.role)
+                    .to_lowercase(),
+            ))
+        }
+    }
+}
+
+/// SHA-256 of a token, hex: what the store keeps.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Caller> {
+        let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+        let value = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("missing Authorization: Bearer <token>"))?;
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && t.len() <= 256)
+            .ok_or_else(|| unauthorized("Authorization must be `Bearer <token>`"))?;
+        let (name, role) = state
+            .db()
+            .token(&token_hash(token))
+            .await?
+            .ok_or_else(|| unauthorized("unknown token"))?;
+        let role = Role::parse(&role).ok_or_else(|| unauthorized("token has an unknown role"))?;
+        Ok(Caller { name, role })
+    }
+}
+
+/// The router.
+pub fn router(state: AppState) -> axum::Router {
+    let upload_limit = usize::try_from(state.max_bundle_bytes).unwrap_or(usize::MAX);
+    axum::Router::new()
+        .route("/api/v1/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/api/v1/devices", get(list_devices))
+        .route("/api/v1/devices/{id}", get(device_detail))
+        .route("/api/v1/devices/{id}/enroll", post(enroll))
+        .route("/api/v1/devices/{id}/revert", post(revert_device))
+        .route(
+            "/api/v1/bundles",
+            get(list_bundles).post(upload_bundle).layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .route("/api/v1/bundles/{digest}", get(show_bundle))
+        .route("/api/v1/bundles/{digest}/file", get(download_bundle))
+        .route("/api/v1/rollouts", get(list_rollouts).post(start_rollout))
+        .route("/api/v1/rollouts/{id}", get(show_rollout))
+        .route("/api/v1/rollouts/{id}/{action}", post(operate_rollout))
+        .route("/api/v1/audit", get(audit_log))
+        .route("/api/v1/tokens", post(create_token))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(256 * 1024))
+        .with_state(state)
+}
+
+// ----- devices ------------------------------------------------------------
+
+/// Filters of `GET /api/v1/devices`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceFilter {
+    /// `key=value`; all must match (repeat as `tag=a=1,b=2`).
+    tag: Option<String>,
+    /// `online` or `offline`.
+    state: Option<String>,
+    /// Model channel of the active bundle.
+    model: Option<String>,
+    /// Seen within this many seconds.
+    seen_within_s: Option<u64>,
+}
+
+fn parse_tags(text: &str) -> ApiResult<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for pair in text.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| ApiError::invalid(format!("tag {pair:?}: expected key=value")))?;
+        out.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    Ok(out)
+}
+
+async fn list_devices(
+    State(s): State<AppState>,
+    caller: Caller,
+    Query(f): Query<DeviceFilter>,
+) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    let tags = parse_tags(f.tag.as_deref().unwrap_or(""))?;
+    let online = match f.state.as_deref() {
+        None => None,
+        Some("online") => Some(true),
+        Some("offline") => Some(false),
+        Some(o) => return Err(ApiError::invalid(format!("state {o:?}: expected online or offline"))),
+    };
+    let now = now_ms();
+    let devices: Vec<_> = s
+        .db()
+        .devices()
+        .await?
+        .into_iter()
+        .filter(|d| tags.iter().all(|(k, v)| d.tags.get(k) == Some(v)))
+        .filter(|d| online.is_none_or(|o| d.online == o))
+        .filter(|d| f.model.as_ref().is_none_or(|m| d.active_channel.as_ref() == Some(m)))
+        .filter(|d| {
+            f.seen_within_s.is_none_or(|w| {
+                d.last_seen
+                    .is_some_and(|l| now.saturating_sub(l) <= w.saturating_mul(1000))
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "devices": devices })))
+}
+
+async fn device_detail(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    let device = s
+        .db()
+        .devices()
+        .await?
+        .into_iter()
+        .find(|d| d.id == id)
+        .ok_or_else(|| ApiError::not_found(format!("no device {id}")))?;
+    let state = s.db().device_state_json(&id).await?;
+    let events = s.db().events(&id, 50).await?;
+    let now = now_ms();
+    let telemetry = s
+        .db()
+        .telemetry(&id, now.saturating_sub(3_600_000), now, 120)
+        .await?;
+    let commands = s.db().command_counts(&id).await?;
+    Ok(Json(json!({
+        "device": device,
+        "state": state,
+        "events": events,
+        "telemetry": telemetry,
+        "commands": commands,
+    })))
+}
+
+/// Body of `POST /api/v1/devices/{id}/enroll`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct EnrollBody {
+    tags: BTreeMap<String, String>,
+}
+
+async fn enroll(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Option<Json<EnrollBody>>,
+) -> ApiResult<Json<Value>> {
+    caller.require(Role::Admin)?;
+    let id = edgefleet_shared::DeviceId::new(&id)
+        .map_err(|e| ApiError::invalid(format!("device id: {e}")))?
+        .to_string();
+    let body = body.map(|b| b.0).unwrap_or_default();
+    if body.tags.len() > 32
+        || body
+            .tags
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > 64 || v.len() > 128 || k.contains(['=', ',']))
+    {
+        return Err(ApiError::invalid(
+            "tags: at most 32, keys 1-64 characters without '=' or ',', values up to 128",
+        ));
+    }
+    let dir = tempfile::tempdir().map_err(|e| ApiError::invalid(e.to_string()))?;
+    let identity = s
+        .ca
+        .issue(&id, None, dir.path(), "device")
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+    };
+    let cert = read(&identity.cert)?;
+    let key = read(&identity.key)?;
+    let fingerprint = cert_fingerprint(&cert);
+    let now = now_ms();
+    s.db().enroll(&id, &body.tags, &fingerprint, now).await?;
+    s.db()
+        .audit(
+            &caller.name,
+            "device.enroll",
+            &id,
+            None,
+            Some(json!({"tags": body.tags, "cert_sha256": fingerprint})),
+            now,
+        )
+        .await?;
+    let trust = std::fs::read(&s.trust_root).ok().map(hex::encode);
+    Ok(Json(json!({
+        "device": id,
+        "ca_pem": s.ca.cert_pem(),
+        "cert_pem": cert,
+        "key_pem": key,
+        "broker_url": s.broker_url,
+        "topic_prefix": s.topic_prefix,
+        "trust_root_hex": trust,
+    })))
+}
+
+/// SHA-256 of the DER of a PEM certificate, hex (what the gate and revocation use).
+pub fn cert_fingerprint(pem: &str) -> String {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map(|der| hex::encode(Sha256::digest(der.as_ref())))
+        .unwrap_or_default()
+}
+
+async fn revert_device(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require(Role::Operator)?;
+    let command = s
+        .fleet
+        .command(&id, edgefleet_shared::protocol::Action::Revert)
+        .await?;
+    s.db()
+        .audit(&caller.name, "device.revert", &id, None, Some(json!({"command": command})), now_ms())
+        .await?;
+    Ok(Json(json!({"command": command})))
+}
+
+// ----- bundles ------------------------------------------------------------
+
+async fn list_bundles(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(json!({"bundles": s.db().bundles().await?})))
+}
+
+fn parse_digest(text: &str) -> ApiResult<Digest> {
+    text.parse()
+        .map_err(|_| ApiError::invalid(format!("{text:?} is not a bundle digest (64 hex digits)")))
+}
+
+async fn show_bundle(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(digest): Path<String>,
+) -> ApiResult<Json<BundleRow>> {
+    caller.require(Role::Viewer)?;
+    let d = parse_digest(&digest)?;
+    s.db()
+        .bundle(&d.to_hex())
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no bundle {digest}")))
+}
+
+async fn download_bundle(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(digest): Path<String>,
+) -> ApiResult<Response> {
+    caller.require(Role::Viewer)?;
+    let d = parse_digest(&digest)?;
+    if s.db().bundle(&d.to_hex()).await?.is_none() {
+        return Err(ApiError::not_found(format!("no bundle {digest}")));
+    }
+    let file = tokio::fs::File::open(s.fleet.bundle_path(&d))
+        .await
+        .map_err(|e| ApiError::not_found(format!("bundle file: {e}")))?;
+    let stream = tokio_util_stream(file);
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// A file as a stream of 256 KiB pieces.
+fn tokio_util_stream(
+    file: tokio::fs::File,
+) -> impl futures_util::Stream<Item = std::io::Result<Vec<u8>>> {
+    use tokio::io::AsyncReadExt;
+    futures_util::stream::unfold(Some(file), |f| async move {
+        let mut f = f?;
+        let mut buf = vec![0u8; 256 * 1024];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(buf), Some(f)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+}
+
+async fn upload_bundle(
+    State(s): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    use futures_util::StreamExt;
+    use std::io::Write;
+    caller.require(Role::Operator)?;
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > s.max_bundle_bytes
+    {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("bundle is {len} bytes, over http.max_bundle_bytes {}", s.max_bundle_bytes),
+        ));
+    }
+    let trust = crate::operator::load_trust_root(&s.trust_root, UnixTime::now()).map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_trust_root",
+            format!("cannot verify uploads: {e} (copy the fleet's trust root there, or set trust_root)"),
+        )
+    })?;
+    let dir = s.fleet.bundle_path(&Digest::of(b"")).parent().map(ToOwned::to_owned).unwrap_or_default();
+    std::fs::create_dir_all(&dir).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".upload-")
+        .tempfile_in(&dir)
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    let mut stream = body.into_data_stream();
+    let mut total = 0u64;
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|e| ApiError::invalid(format!("upload interrupted: {e}")))?;
+        total += piece.len() as u64;
+        if total > s.max_bundle_bytes {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("bundle is over http.max_bundle_bytes {}", s.max_bundle_bytes),
+            ));
+        }
+        tmp.write_all(&piece).map_err(|e| ApiError::invalid(e.to_string()))?;
+    }
+    let path = tmp.path().to_owned();
+    let verified = tokio::task::spawn_blocking(move || {
+        crate::operator::verify_bundle(&path, &trust, UnixTime::now())
+    })
+    .await
+    .map_err(|e| ApiError::invalid(e.to_string()))?
+    .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bundle_refused", e.to_string()))?;
+    let m = &verified.manifest;
+    let mut summary = serde_json::to_value(m).unwrap_or_default();
+    if let Some(p) = summary.get_mut("payload").and_then(Value::as_object_mut) {
+        p.remove("chunks");
+    }
+    summary["signed_by"] = json!(verified.signed_by.iter().map(ToString::to_string).collect::<Vec<_>>());
+    let row = BundleRow {
+        digest: verified.digest.to_hex(),
+        channel: m.channel.to_string(),
+        version: m.version.clone(),
+        release: m.release,
+        size: total,
+        chunks: m.payload.chunks.len() as u32,
+        created_at: u64::try_from(m.created_at.0).unwrap_or(0),
+        expires_at: u64::try_from(m.expires_at.0).unwrap_or(0),
+        uploaded_at: now_ms(),
+        uploaded_by: caller.name.clone(),
+        summary,
+    };
+    let dest = s.fleet.bundle_path(&verified.digest);
+    tmp.persist(&dest).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let new = s.db().insert_bundle(&row).await?;
+    if !new {
+        let existing = s.db().bundle(&row.digest).await?;
+        return Ok((StatusCode::OK, Json(json!({"bundle": existing, "new": false}))));
+    }
+    s.db()
+        .audit(&caller.name, "bundle.upload", &row.digest, None, Some(json!({"channel": row.channel, "version": row.version, "release": row.release})), now_ms())
+        .await?;
+    Ok((StatusCode::CREATED, Json(json!({"bundle": row, "new": true}))))
+}
+
+// ----- rollouts -------------------------------------------------------------
+
+/// Body of `POST /api/v1/rollouts`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutBody {
+    /// Bundle digest.
+    bundle: String,
+    /// Which devices.
+    selector: Selector,
+    /// Cumulative wave sizes, e.g. ["1", "10%", "50%", "100%"].
+    #[serde(default)]
+    waves: Option<Vec<String>>,
+    /// Gate bounds (absent fields take the defaults).
+    #[serde(default)]
+    gates: Option<Gates>,
+    /// `pause` or `halt_and_revert`.
+    #[serde(default)]
+    policy: Option<FailurePolicy>,
+    /// Install commands per minute.
+    #[serde(default)]
+    rate_per_minute: Option<u32>,
+}
+
+/// Which devices a rollout targets: devices matching all `tags`, plus `devices`
+/// by id; `all: true` for the whole registry.
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct Selector {
+    tags: BTreeMap<String, String>,
+    devices: Vec<String>,
+    all: bool,
+}
+
+async fn start_rollout(
+    State(s): State<AppState>,
+    caller: Caller,
+    body: Result<Json<RolloutBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.require(Role::Operator)?;
+    let Json(body) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let digest = parse_digest(&body.bundle).map_err(|_| {
+        ApiError::invalid(format!("bundle: {:?} is not a digest (64 hex digits)", body.bundle))
+    })?;
+    let mut plan = Plan::default();
+    if let Some(w) = &body.waves {
+        plan.waves = w
+            .iter()
+            .map(|x| WaveSize::parse(x))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ApiError::invalid(format!("waves: {e}")))?;
+    }
+    if let Some(g) = body.gates {
+        plan.gates = g;
+    }
+    if let Some(p) = body.policy {
+        plan.policy = p;
+    }
+    if let Some(r) = body.rate_per_minute {
+        plan.rate_per_minute = r;
+    }
+    plan.validate().map_err(ApiError::invalid)?;
+    let sel = &body.selector;
+    if !sel.all && sel.tags.is_empty() && sel.devices.is_empty() {
+        return Err(ApiError::invalid(
+            "selector: name tags, devices, or set all: true",
+        ));
+    }
+    let registry = s.db().devices().await?;
+    for d in &sel.devices {
+        if !registry.iter().any(|r| &r.id == d) {
+            return Err(ApiError::invalid(format!("selector.devices: no device {d}")));
+        }
+    }
+    let targets: Vec<String> = registry
+        .iter()
+        .filter(|d| {
+            sel.all
+                || sel.devices.contains(&d.id)
+                || (!sel.tags.is_empty() && sel.tags.iter().all(|(k, v)| d.tags.get(k) == Some(v)))
+        })
+        .map(|d| d.id.clone())
+        .collect();
+    let selector = serde_json::to_string(&body.selector).unwrap_or_default();
+    let view = s
+        .fleet
+        .start_rollout(digest, targets, plan, selector, &caller.name)
+        .await?;
+    s.db()
+        .audit(&caller.name, "rollout.start", &view.id, None, Some(json!({"bundle": view.bundle, "devices": view.state.members.len(), "plan": view.state.plan})), now_ms())
+        .await?;
+    Ok((StatusCode::CREATED, Json(json!({"rollout": rollout_json(&view)}))))
+}
+
+fn rollout_json(v: &crate::fleet::RolloutView) -> Value {
+    let e = &v.state;
+    let waves: Vec<Value> = (0..e.waves.len())
+        .map(|w| json!({"devices": e.waves[w].len(), "counts": e.counts(Some(w))}))
+        .collect();
+    let members: BTreeMap<&String, Value> = e
+        .members
+        .iter()
+        .map(|(d, m)| (d, serde_json::to_value(m).unwrap_or_default()))
+        .collect();
+    json!({
+        "id": v.id,
+        "bundle": v.bundle,
+        "phase": e.phase.name(),
+        "phase_detail": e.phase,
+        "wave": e.wave + 1,
+        "waves": waves,
+        "counts": e.counts(None),
+        "plan": e.plan,
+        "members": members,
+    })
+}
+
+async fn list_rollouts(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    let all = s.fleet.rollouts().await?;
+    Ok(Json(json!({"rollouts": all.iter().map(rollout_json).collect::<Vec<_>>()})))
+}
+
+async fn show_rollout(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    let all = s.fleet.rollouts().await?;
+    let v = all
+        .iter()
+        .find(|r| r.id == id)
+        .ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))?;
+    let log: Vec<Value> = s
+        .db()
+        .rollout_log(&id)
+        .await?
+        .into_iter()
+        .map(|(at, note)| json!({"at": at, "note": note}))
+        .collect();
+    let mut out = rollout_json(v);
+    out["log"] = json!(log);
+    Ok(Json(json!({"rollout": out})))
+}
+
+/// Body of abort.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct AbortBody {
+    revert: bool,
+}
+
+async fn operate_rollout(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((id, action)): Path<(String, String)>,
+    body: Option<Json<AbortBody>>,
+) -> ApiResult<Json<Value>> {
+    caller.require(Role::Operator)?;
+    let input = match action.as_str() {
+        "pause" => Input::Pause,
+        "resume" => Input::Resume,
+        "promote" => Input::Promote,
+        "abort" => Input::Abort {
+            revert: body.map(|b| b.0.revert).unwrap_or(false),
+        },
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no action {other:?}: pause, resume, abort or promote"
+            )));
+        }
+    };
+    let (before, after) = s.fleet.operate(&id, input, &caller.name).await?;
+    s.db()
+        .audit(
+            &caller.name,
+            &format!("rollout.{action}"),
+            &id,
+            Some(json!({"phase": before.phase, "wave": before.wave + 1})),
+            Some(json!({"phase": after.phase, "wave": after.wave + 1})),
+            now_ms(),
+        )
+        .await?;
+    Ok(Json(json!({"phase": after.phase.name(), "wave": after.wave + 1})))
+}
+
+// ----- audit, tokens, metrics -------------------------------------------------
+
+async fn audit_log(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(json!({"audit": s.db().audit_log(500).await?})))
+}
+
+/// Body of `POST /api/v1/tokens`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    name: String,
+    role: String,
+}
+
+/// A new random token: 32 bytes, hex.
+pub fn new_token() -> Result<String, String> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| e.to_string())?;
+    Ok(format!("eft_{}", hex::encode(b)))
+}
+
+async fn create_token(
+    State(s): State<AppState>,
+    caller: Caller,
+    body: Result<Json<TokenBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.require(Role::Admin)?;
+    let Json(body) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
+    if Role::parse(&body.role).is_none() {
+        return Err(ApiError::invalid("role: expected viewer, operator or admin"));
+    }
+    if body.name.is_empty() || body.name.len() > 64 || !body.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(ApiError::invalid("name: 1-64 letters, digits, '-' or '_'"));
+    }
+    let token = new_token().map_err(ApiError::invalid)?;
+    s.db()
+        .insert_token(&token_hash(&token), &body.name, &body.role, now_ms())
+        .await
+        .map_err(|_| ApiError::new(StatusCode::CONFLICT, "conflict", format!("a token named {} exists", body.name)))?;
+    s.db()
+        .audit(&caller.name, "token.create", &body.name, None, Some(json!({"role": body.role})), now_ms())
+        .await?;
+    Ok((StatusCode::CREATED, Json(json!({"name": body.name, "role": body.role, "token": token}))))
+}
+
+async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
+    let devices = s.db().devices().await?;
+    let rollouts = s.fleet.rollouts().await?;
+    let st = &s.fleet.stats;
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, kind: &str, lines: Vec<(String, f64)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, v) in lines {
+            out.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    gauge("edgefleet_devices", "Devices in the registry.", "gauge", vec![(String::new(), devices.len() as f64)]);
+    gauge(
+        "edgefleet_devices_online",
+        "Devices whose retained state says online.",
+        "gauge",
+        vec![(String::new(), devices.iter().filter(|d| d.online).count() as f64)],
+    );
+    let mut per_version: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for d in &devices {
+        if let (Some(c), Some(v)) = (&d.active_channel, &d.active_version) {
+            *per_version.entry((c.clone(), v.clone())).or_default() += 1;
+        }
+    }
+    gauge(
+        "edgefleet_devices_by_version",
+        "Devices per active model version.",
+        "gauge",
+        per_version
+            .into_iter()
+            .map(|((c, v), n)| (format!("{{channel=\"{c}\",version=\"{v}\"}}"), n as f64))
+            .collect(),
+    );
+    let mut per_phase: BTreeMap<&str, u64> = BTreeMap::new();
+    for r in &rollouts {
+        *per_phase.entry(r.state.phase.name()).or_default() += 1;
+    }
+    gauge(
+        "edgefleet_rollouts",
+        "Rollouts per phase.",
+        "gauge",
+        per_phase.into_iter().map(|(p, n)| (format!("{{phase=\"{p}\"}}"), n as f64)).collect(),
+    );
+    for (name, help, v) in [
+        ("edgefleet_install_failures_total", "Install failures reported by devices.", &st.install_failures),
+        ("edgefleet_messages_total", "Messages received from devices.", &st.messages_in),
+        ("edgefleet_messages_refused_total", "Device messages refused.", &st.messages_refused),
+        ("edgefleet_telemetry_stored_total", "Telemetry samples stored (ingest rate: rate() of this).", &st.telemetry_stored),
+        ("edgefleet_chunk_bytes_sent_total", "Bundle chunk bytes published.", &st.chunk_bytes_sent),
+        ("edgefleet_commands_sent_total", "Commands published.", &st.commands_sent),
+    ] {
+        gauge(name, help, "counter", vec![(String::new(), v.load(Ordering::Relaxed) as f64)]);
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}

@@ -1,0 +1,340 @@
+//! The controller's configuration (`controller.toml`): a typed struct with a
+//! `Default`, one validating function whose errors name the field, and flags that
+//! override the common fields (`--data-dir`, `--http`, `--mqtt`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use edgefleet_shared::protocol::Topics;
+use serde::{Deserialize, Serialize};
+
+const MAX_CONFIG_LEN: u64 = 64 * 1024;
+
+/// Which broker the controller uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerMode {
+    /// rumqttd inside the controller, mutual TLS with the controller's CA.
+    Embedded,
+    /// Another broker (Mosquitto with its ACL is the recommended production setup).
+    External,
+}
+
+/// `[mqtt]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// `embedded` or `external`.
+    pub mode: BrokerMode,
+    /// Embedded: the address devices connect to (TLS).
+    pub listen: SocketAddr,
+    /// Embedded: names and addresses in the broker's server certificate.
+    pub hosts: Vec<String>,
+    /// External: `mqtts://host:port` (or `mqtt://` for development).
+    pub url: Option<String>,
+    /// External: CA, client certificate and key of the controller.
+    pub ca: Option<PathBuf>,
+    /// External: client certificate.
+    pub cert: Option<PathBuf>,
+    /// External: client key.
+    pub key: Option<PathBuf>,
+    /// Topic prefix shared with the agents.
+    pub topic_prefix: String,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            mode: BrokerMode::Embedded,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
+            hosts: vec!["localhost".into(), "127.0.0.1".into()],
+            url: None,
+            ca: None,
+            cert: None,
+            key: None,
+            topic_prefix: edgefleet_shared::protocol::DEFAULT_PREFIX.into(),
+        }
+    }
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// API address.
+    pub listen: SocketAddr,
+    /// Largest bundle upload accepted, bytes.
+    pub max_bundle_bytes: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_bundle_bytes: 1 << 30,
+        }
+    }
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryStoreConfig {
+    /// Telemetry older than this is deleted (hourly).
+    pub retention_days: u32,
+    /// Most samples written in one transaction.
+    pub batch_max: u32,
+    /// Longest a sample waits for its batch, ms.
+    pub batch_ms: u64,
+}
+
+impl Default for TelemetryStoreConfig {
+    fn default() -> Self {
+        TelemetryStoreConfig {
+            retention_days: 30,
+            batch_max: 1000,
+            batch_ms: 200,
+        }
+    }
+}
+
+/// `[rollouts]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutConfig {
+    /// How often rollouts are advanced, ms.
+    pub tick_ms: u64,
+    /// A chunk request waits this long for others asking for the same chunk, ms.
+    pub chunk_coalesce_ms: u64,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig {
+            tick_ms: 1000,
+            chunk_coalesce_ms: 25,
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    /// Database, CA, bundles, admin token.
+    pub data_dir: PathBuf,
+    /// SQLite file (default `<data_dir>/controller.db`).
+    pub database: Option<PathBuf>,
+    /// The fleet's trust root, to check uploads (default `<data_dir>/trust-root.cbor`).
+    pub trust_root: Option<PathBuf>,
+    /// HTTP API.
+    pub http: HttpConfig,
+    /// Broker.
+    pub mqtt: MqttConfig,
+    /// Telemetry storage.
+    pub telemetry: TelemetryStoreConfig,
+    /// Rollout engine.
+    pub rollouts: RolloutConfig,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            data_dir: "/var/lib/edgefleet-controller".into(),
+            database: None,
+            trust_root: None,
+            http: HttpConfig::default(),
+            mqtt: MqttConfig::default(),
+            telemetry: TelemetryStoreConfig::default(),
+            rollouts: RolloutConfig::default(),
+        }
+    }
+}
+
+/// A configuration problem, naming the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable or too large.
+    #[error("{path}: {detail}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// Not TOML of the expected shape.
+    #[error("{path}: {detail}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// A field has a value that cannot work.
+    #[error("{path}: `{field}` {reason}")]
+    Invalid {
+        /// File (or `flags`).
+        path: PathBuf,
+        /// Which field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl ControllerConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<ControllerConfig, ConfigError> {
+        let read_err = |detail: String| ConfigError::Read {
+            path: path.to_owned(),
+            detail,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| read_err(e.to_string()))?;
+        if meta.len() > MAX_CONFIG_LEN {
+            return Err(read_err(format!(
+                "{} bytes, over the limit of {MAX_CONFIG_LEN}",
+                meta.len()
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| read_err(e.to_string()))?;
+        let config: ControllerConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks every field; `path` names the source in errors.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            reason: reason.to_owned(),
+        };
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        Topics::new(&self.mqtt.topic_prefix)
+            .map_err(|e| invalid("mqtt.topic_prefix", e.reason))?;
+        match self.mqtt.mode {
+            BrokerMode::Embedded => {
+                if self.mqtt.hosts.is_empty() {
+                    return Err(invalid(
+                        "mqtt.hosts",
+                        "must name at least one host devices dial (it goes in the broker's certificate)",
+                    ));
+                }
+            }
+            BrokerMode::External => {
+                let url = self.mqtt.url.as_deref().unwrap_or("");
+                if !(url.starts_with("mqtts://") || url.starts_with("mqtt://")) {
+                    return Err(invalid(
+                        "mqtt.url",
+                        "an external broker needs mqtts://host:port (or mqtt:// for development)",
+                    ));
+                }
+                if url.starts_with("mqtts://")
+                    && (self.mqtt.ca.is_none() || self.mqtt.cert.is_none() || self.mqtt.key.is_none())
+                {
+                    return Err(invalid(
+                        "mqtt.cert",
+                        "mqtts:// needs mqtt.ca, mqtt.cert and mqtt.key (the controller's client certificate)",
+                    ));
+                }
+            }
+        }
+        if self.http.max_bundle_bytes == 0 {
+            return Err(invalid("http.max_bundle_bytes", "must be above 0"));
+        }
+        if !(1..=100_000).contains(&self.telemetry.batch_max) {
+            return Err(invalid("telemetry.batch_max", "must be 1 to 100000"));
+        }
+        if self.telemetry.retention_days == 0 {
+            return Err(invalid("telemetry.retention_days", "must be at least 1"));
+        }
+        if !(10..=60_000).contains(&self.rollouts.tick_ms) {
+            return Err(invalid("rollouts.tick_ms", "must be 10 to 60000"));
+        }
+        if self.rollouts.chunk_coalesce_ms > 5_000 {
+            return Err(invalid("rollouts.chunk_coalesce_ms", "must be at most 5000"));
+        }
+        Ok(())
+    }
+
+    /// The SQLite file.
+    pub fn database_path(&self) -> PathBuf {
+        self.database
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("controller.db"))
+    }
+
+    /// The trust root used to check uploads.
+    pub fn trust_root_path(&self) -> PathBuf {
+        self.trust_root
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("trust-root.cbor"))
+    }
+
+    /// A commented default configuration that loads as [`ControllerConfig::default`].
+    pub fn default_toml() -> String {
+        let body = toml::to_string_pretty(&ControllerConfig::default()).unwrap_or_default();
+        format!(
+            "# edgefleet controller configuration (edgefleet serve --config FILE).\n\
+             # data_dir: database, CA (ca/), uploaded bundles (bundles/), admin-token.\n\
+             # database: SQLite file, default <data_dir>/controller.db.\n\
+             # trust_root: the fleet's trust root; uploads are verified against it\n\
+             #   (default <data_dir>/trust-root.cbor).\n\
+             # [http] listen: API address; max_bundle_bytes: largest upload.\n\
+             # [mqtt] mode = \"embedded\" runs rumqttd on `listen` with mutual TLS (certificates\n\
+             #   from the controller's CA, server certificate for `hosts`); mode = \"external\"\n\
+             #   connects to `url` with ca/cert/key (Mosquitto: see `edgefleet broker acl`).\n\
+             # [telemetry] retention_days, batch_max, batch_ms: how samples are stored.\n\
+             # [rollouts] tick_ms: engine period; chunk_coalesce_ms: wait that merges\n\
+             #   requests for the same chunk from several devices.\n\n{body}"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<ControllerConfig, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("controller.toml");
+        std::fs::write(&path, text).expect("write");
+        ControllerConfig::load(&path)
+    }
+
+    #[test]
+    fn the_printed_default_loads_as_the_default() {
+        assert_eq!(
+            check(&ControllerConfig::default_toml()).expect("valid"),
+            ControllerConfig::default()
+        );
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        for (text, field) in [
+            ("data_dir = \"\"", "data_dir"),
+            ("[mqtt]\ntopic_prefix = \"a/+\"", "mqtt.topic_prefix"),
+            ("[mqtt]\nhosts = []", "mqtt.hosts"),
+            ("[mqtt]\nmode = \"external\"", "mqtt.url"),
+            (
+                "[mqtt]\nmode = \"external\"\nurl = \"mqtts://b:8883\"",
+                "mqtt.cert",
+            ),
+            ("[telemetry]\nbatch_max = 0", "telemetry.batch_max"),
+            ("[telemetry]\nretention_days = 0", "telemetry.retention_days"),
+            ("[rollouts]\ntick_ms = 1", "rollouts.tick_ms"),
+            ("[http]\nmax_bundle_bytes = 0", "http.max_bundle_bytes"),
+        ] {
+            let err = check(text).expect_err(text).to_string();
+            assert!(err.contains(&format!("`{field}`")), "{text}: {err}");
+        }
+        assert!(check("colour = 1").expect_err("unknown").to_string().contains("colour"));
+        assert!(check("[mqtt]\nmode = \"cloud\"").is_err());
+    }
+}

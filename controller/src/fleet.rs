@@ -1,0 +1,881 @@
+//! The controller's side of the wire and the shell around the rollout engine:
+//! ingest of device state, events and telemetry; chunk distribution; commands;
+//! the rollout ticker. The decisions are in [`crate::engine`] and
+//! [`wave_health`]; this module does the I/O.
+//!
+//! Chunks: devices downloading the same bundle all subscribe to its chunk topic, so
+//! one publish serves every device that asked. Requests wait `chunk_coalesce_ms` in
+//! a queue; requests for a chunk already queued are merged. A request is never
+//! merged with a chunk already sent (the asker may have subscribed after it went).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use edgefleet_agent::metrics::{LATENCY_BOUNDS_US, quantile_us};
+use edgefleet_shared::manifest::Manifest;
+use edgefleet_shared::protocol::{
+    self, Action, BundleOffer, Chunk, Command, DeviceState, DeviceTopic, Event, EventKind,
+    FailureReason, FetchRequest, InstallMode, Telemetry, Topic, Topics,
+};
+use edgefleet_shared::{DeviceId, Digest, RawHeader, UnixTime};
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, Transport};
+use serde::Serialize;
+use tokio::sync::{Mutex, mpsc};
+
+use crate::db::{Db, DbError, TelemetryRow};
+use crate::engine::{Effect, Input, Phase, Plan, Rollout, WaveHealth};
+
+/// Now, in ms since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Counters for `/metrics` and the benchmarks.
+#[derive(Debug, Default)]
+pub struct FleetStats {
+    /// Messages received from devices.
+    pub messages_in: AtomicU64,
+    /// Messages refused (bad payload, or a topic naming another device).
+    pub messages_refused: AtomicU64,
+    /// Telemetry samples stored.
+    pub telemetry_stored: AtomicU64,
+    /// Chunks published.
+    pub chunks_sent: AtomicU64,
+    /// Chunk payload bytes published.
+    pub chunk_bytes_sent: AtomicU64,
+    /// Chunk requests merged into one already queued.
+    pub chunk_requests_merged: AtomicU64,
+    /// Commands published.
+    pub commands_sent: AtomicU64,
+    /// Install failures reported by devices.
+    pub install_failures: AtomicU64,
+}
+
+/// A stored bundle, as the chunk server reads it.
+#[derive(Debug)]
+struct StoredBundle {
+    file: fs::File,
+    header_len: u64,
+    header: Vec<u8>,
+    manifest: Manifest,
+}
+
+impl StoredBundle {
+    fn open(path: &Path) -> Result<StoredBundle, String> {
+        let mut file = fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let raw = RawHeader::read_from(&mut file).map_err(|e| format!("{}: {e}", path.display()))?;
+        let manifest = raw
+            .decode_unverified()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let header = raw.to_bytes();
+        Ok(StoredBundle {
+            file,
+            header_len: header.len() as u64,
+            header,
+            manifest,
+        })
+    }
+
+    fn chunk(&self, index: u32) -> Option<Vec<u8>> {
+        let (start, end) = self.manifest.payload.chunk_range(index)?;
+        let mut buf = vec![0u8; usize::try_from(end - start).ok()?];
+        self.file
+            .read_exact_at(&mut buf, self.header_len + start)
+            .ok()?;
+        Some(buf)
+    }
+}
+
+/// A running rollout.
+#[derive(Debug)]
+struct Active {
+    engine: Rollout,
+    digest: Digest,
+    saved: String,
+}
+
+/// What the API asks of the fleet.
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutView {
+    /// Id.
+    pub id: String,
+    /// Bundle digest.
+    pub bundle: String,
+    /// Engine state.
+    pub state: Rollout,
+}
+
+/// Errors of fleet operations the API reports.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// Store failure.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// Bad request (the message says what).
+    #[error("{0}")]
+    Invalid(String),
+    /// Not found.
+    #[error("{0}")]
+    NotFound(String),
+    /// Conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// The shared fleet handle.
+#[derive(Debug)]
+pub struct Fleet {
+    db: Db,
+    topics: Topics,
+    client: AsyncClient,
+    bundles_dir: PathBuf,
+    bundles: Mutex<BTreeMap<Digest, Arc<StoredBundle>>>,
+    rollouts: Mutex<BTreeMap<String, Active>>,
+    queue: std::sync::Mutex<ChunkQueue>,
+    queue_wake: tokio::sync::Notify,
+    coalesce: Duration,
+    /// Counters.
+    pub stats: FleetStats,
+}
+
+#[derive(Debug, Default)]
+struct ChunkQueue {
+    order: VecDeque<(Digest, u32, u64)>,
+    queued: BTreeSet<(Digest, u32)>,
+}
+
+/// How the controller connects to the broker.
+#[derive(Debug)]
+pub struct BrokerLink {
+    /// Host to dial.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// TLS settings, if any.
+    pub tls: Option<rustls::ClientConfig>,
+}
+
+impl Fleet {
+    /// Connects to the broker and starts the fleet's tasks. Unfinished rollouts
+    /// are loaded from the store and continue.
+    pub async fn start(
+        db: Db,
+        topics: Topics,
+        link: BrokerLink,
+        bundles_dir: PathBuf,
+        tick: Duration,
+        coalesce: Duration,
+        telemetry: (usize, Duration),
+    ) -> Result<Arc<Fleet>, FleetError> {
+        let mut options =
+            MqttOptions::new(crate::ca::CONTROLLER_IDENTITY, link.host.clone(), link.port);
+        options.set_max_packet_size(crate::broker::MAX_PAYLOAD, crate::broker::MAX_PAYLOAD);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_clean_session(true);
+        if let Some(tls) = link.tls {
+            options.set_transport(Transport::tls_with_config(tls.into()));
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, 1024);
+        let fleet = Arc::new(Fleet {
+            db,
+            topics,
+            client,
+            bundles_dir,
+            bundles: Mutex::default(),
+            rollouts: Mutex::default(),
+            queue: std::sync::Mutex::default(),
+            queue_wake: tokio::sync::Notify::new(),
+            coalesce,
+            stats: FleetStats::default(),
+        });
+        fleet.load_rollouts().await?;
+
+        let (in_tx, mut in_rx) = mpsc::channel::<(String, Vec<u8>)>(4096);
+        let (tel_tx, tel_rx) = mpsc::channel::<(Telemetry, u64)>(65_536);
+        // The MQTT event loop: only moves messages to the ingest task.
+        let f = fleet.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match eventloop.poll().await {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                        backoff = Duration::from_millis(200);
+                        tracing::info!("connected to the broker");
+                        for kind in [
+                            DeviceTopic::State,
+                            DeviceTopic::Events,
+                            DeviceTopic::Telemetry,
+                            DeviceTopic::Fetch,
+                        ] {
+                            let _ = f
+                                .client
+                                .try_subscribe(f.topics.all_devices_filter(kind), QoS::AtLeastOnce);
+                        }
+                    }
+                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                        let topic = p.topic.clone();
+                        if in_tx.send((topic, p.payload.to_vec())).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "broker connection lost; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+        });
+        // Ingest.
+        let f = fleet.clone();
+        tokio::spawn(async move {
+            while let Some((topic, payload)) = in_rx.recv().await {
+                f.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+                if let Err(why) = f.ingest(&topic, &payload, &tel_tx).await {
+                    f.stats.messages_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%topic, "refused a device message: {why}");
+                }
+            }
+        });
+        // Telemetry batches.
+        let f = fleet.clone();
+        tokio::spawn(f.telemetry_writer(tel_rx, telemetry.0, telemetry.1));
+        // Chunks.
+        let f = fleet.clone();
+        tokio::spawn(async move { f.chunk_sender().await });
+        // Rollouts.
+        let f = fleet.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(tick);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                t.tick().await;
+                if let Err(e) = f.tick_rollouts(now_ms()).await {
+                    tracing::error!(error = %e, "rollout tick failed");
+                }
+            }
+        });
+        Ok(fleet)
+    }
+
+    /// The store.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Where bundle files are kept.
+    pub fn bundle_path(&self, digest: &Digest) -> PathBuf {
+        self.bundles_dir.join(format!("{}.efb", digest.to_hex()))
+    }
+
+    async fn bundle(&self, digest: &Digest) -> Option<Arc<StoredBundle>> {
+        let mut map = self.bundles.lock().await;
+        if let Some(b) = map.get(digest) {
+            return Some(b.clone());
+        }
+        let b = Arc::new(StoredBundle::open(&self.bundle_path(digest)).ok()?);
+        map.insert(*digest, b.clone());
+        Some(b)
+    }
+
+    async fn load_rollouts(&self) -> Result<(), FleetError> {
+        let rows = self.db.rollouts(true).await?;
+        let mut map = self.rollouts.lock().await;
+        for row in rows {
+            let engine: Rollout = serde_json::from_str(&row.state)
+                .map_err(|e| DbError::Corrupt(format!("rollout {}: {e}", row.id)))?;
+            let digest: Digest = row
+                .bundle
+                .parse()
+                .map_err(|_| DbError::Corrupt(format!("rollout {}: bundle digest", row.id)))?;
+            tracing::info!(rollout = %row.id, phase = engine.phase.name(), wave = engine.wave + 1, "continuing rollout");
+            map.insert(
+                row.id.clone(),
+                Active {
+                    engine,
+                    digest,
+                    saved: row.state,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    // ----- ingest ---------------------------------------------------------
+
+    async fn ingest(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        tel: &mpsc::Sender<(Telemetry, u64)>,
+    ) -> Result<(), String> {
+        let Some(Topic::Device { device, kind }) = self.topics.parse(topic) else {
+            return Err("not a device topic of this prefix".into());
+        };
+        let same = |named: &DeviceId| {
+            if *named == device {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the message names device {named} but was published on {device}'s topic"
+                ))
+            }
+        };
+        let now = now_ms();
+        match kind {
+            DeviceTopic::State => {
+                if payload.is_empty() {
+                    return Ok(()); // a cleared retained message
+                }
+                let s: DeviceState = protocol::decode(payload).map_err(|e| e.to_string())?;
+                same(&s.device)?;
+                self.db.device_state(&s, now).await.map_err(|e| e.to_string())?;
+            }
+            DeviceTopic::Events => {
+                let e: Event = protocol::decode(payload).map_err(|e| e.to_string())?;
+                same(&e.device)?;
+                let new = self.db.insert_event(&e, now).await.map_err(|e| e.to_string())?;
+                if new {
+                    self.on_event(&e, now).await.map_err(|e| e.to_string())?;
+                }
+            }
+            DeviceTopic::Telemetry => {
+                let t: Telemetry = protocol::decode(payload).map_err(|e| e.to_string())?;
+                same(&t.device)?;
+                if tel.try_send((t, now)).is_err() {
+                    return Err("telemetry queue full; sample dropped".into());
+                }
+            }
+            DeviceTopic::Fetch => {
+                let r: FetchRequest = protocol::decode(payload).map_err(|e| e.to_string())?;
+                self.enqueue_chunks(&r).await?;
+            }
+            DeviceTopic::Commands | DeviceTopic::Samples => {
+                return Err(format!("{} is not read by this controller", kind.segment()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_event(&self, e: &Event, now: u64) -> Result<(), FleetError> {
+        let device = e.device.to_string();
+        let (digest, input) = match &e.kind {
+            EventKind::InstallProgress {
+                digest,
+                chunks_done,
+                chunks_total,
+            } => (
+                Some(*digest),
+                Input::Progress {
+                    device,
+                    done: *chunks_done,
+                    total: *chunks_total,
+                },
+            ),
+            EventKind::InstallStarted { digest } => (
+                Some(*digest),
+                Input::Progress {
+                    device,
+                    done: 0,
+                    total: 0,
+                },
+            ),
+            EventKind::InstallSucceeded {
+                digest,
+                activated: true,
+                ..
+            } => (Some(*digest), Input::Succeeded { device }),
+            EventKind::InstallFailed { digest, reason } => {
+                self.stats.install_failures.fetch_add(1, Ordering::Relaxed);
+                (
+                    Some(*digest),
+                    Input::Failed {
+                        device,
+                        reason: failure_text(reason),
+                    },
+                )
+            }
+            EventKind::Reverted { .. } => (None, Input::Reverted { device }),
+            _ => return Ok(()),
+        };
+        let mut map = self.rollouts.lock().await;
+        for (id, a) in map.iter_mut() {
+            if digest.is_some_and(|d| d != a.digest) || !a.engine.members.contains_key(e.device.as_str()) {
+                continue;
+            }
+            let fx = a.engine.apply(now, input.clone()).unwrap_or_default();
+            self.carry_out(id, a, fx, now).await?;
+        }
+        Ok(())
+    }
+
+    async fn telemetry_writer(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<(Telemetry, u64)>,
+        batch_max: usize,
+        batch_wait: Duration,
+    ) {
+        let mut last_prune = 0u64;
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            let deadline = tokio::time::Instant::now() + batch_wait;
+            while batch.len() < batch_max {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(t)) => batch.push(t),
+                    _ => break,
+                }
+            }
+            match self.db.insert_telemetry(batch).await {
+                Ok(n) => {
+                    self.stats
+                        .telemetry_stored
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) => tracing::error!(error = %e, "telemetry batch not stored"),
+            }
+            let now = now_ms();
+            if now.saturating_sub(last_prune) > 3_600_000 {
+                last_prune = now;
+                let _ = self.db.prune_telemetry(now.saturating_sub(self.retention_ms())).await;
+            }
+        }
+    }
+
+    fn retention_ms(&self) -> u64 {
+        RETENTION_MS.load(Ordering::Relaxed)
+    }
+
+    // ----- chunks ---------------------------------------------------------
+
+    async fn enqueue_chunks(&self, r: &FetchRequest) -> Result<(), String> {
+        let Some(bundle) = self.bundle(&r.bundle).await else {
+            return Err(format!("fetch for unknown bundle {}", r.bundle.short()));
+        };
+        let total = bundle.manifest.payload.chunks.len() as u32;
+        let now = now_ms();
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut asked = 0u32;
+        for range in &r.ranges {
+            let end = range.start.saturating_add(range.count).min(total);
+            for index in range.start..end {
+                asked += 1;
+                if asked > 1024 {
+                    break;
+                }
+                if q.queued.insert((r.bundle, index)) {
+                    q.order.push_back((r.bundle, index, now));
+                } else {
+                    self.stats
+                        .chunk_requests_merged
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        drop(q);
+        self.queue_wake.notify_one();
+        Ok(())
+    }
+
+    async fn chunk_sender(self: Arc<Self>) {
+        loop {
+            let next = {
+                let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                q.order.front().copied()
+            };
+            let Some((digest, index, queued_at)) = next else {
+                self.queue_wake.notified().await;
+                continue;
+            };
+            let due = queued_at + self.coalesce.as_millis() as u64;
+            let now = now_ms();
+            if now < due {
+                tokio::time::sleep(Duration::from_millis(due - now)).await;
+            }
+            {
+                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                q.order.pop_front();
+                q.queued.remove(&(digest, index));
+            }
+            let Some(bundle) = self.bundle(&digest).await else {
+                continue;
+            };
+            let Some(data) = bundle.chunk(index) else {
+                continue;
+            };
+            let len = data.len() as u64;
+            let chunk = Chunk {
+                bundle: digest,
+                index,
+                data,
+            };
+            let sent = self
+                .client
+                .publish(
+                    self.topics.bundle_chunks(&digest),
+                    QoS::AtLeastOnce,
+                    false,
+                    protocol::encode(&chunk),
+                )
+                .await;
+            if sent.is_ok() {
+                self.stats.chunks_sent.fetch_add(1, Ordering::Relaxed);
+                self.stats.chunk_bytes_sent.fetch_add(len, Ordering::Relaxed);
+            }
+        }
+    }
+
+    // ----- commands and rollouts ----------------------------------------------
+
+    async fn send(&self, device: &str, rollout: Option<&str>, action: Action) -> Result<u64, FleetError> {
+        let name = match &action {
+            Action::Install { .. } => "install",
+            Action::Activate { .. } => "activate",
+            Action::Revert => "revert",
+            Action::Configure(_) => "configure",
+            Action::RequestSamples { .. } => "request_samples",
+        };
+        let now = now_ms();
+        let id = self.db.new_command(device, rollout, name, now).await?;
+        let device_id = DeviceId::new(device).map_err(|e| FleetError::Invalid(e.to_string()))?;
+        let cmd = Command {
+            id,
+            issued_at: UnixTime((now / 1000) as i64),
+            action,
+        };
+        let topic = self.topics.device(&device_id, DeviceTopic::Commands);
+        if let Err(e) = self
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, protocol::encode(&cmd))
+            .await
+        {
+            tracing::warn!(device, error = %e, "command not handed to the broker client");
+        }
+        self.stats.commands_sent.fetch_add(1, Ordering::Relaxed);
+        Ok(id)
+    }
+
+    async fn carry_out(&self, id: &str, a: &mut Active, fx: Vec<Effect>, now: u64) -> Result<(), FleetError> {
+        let mut notes = Vec::new();
+        for e in fx {
+            match e {
+                Effect::Install(device) => {
+                    let Some(bundle) = self.bundle(&a.digest).await else {
+                        notes.push(format!("bundle {} is missing from the store", a.digest.short()));
+                        continue;
+                    };
+                    let action = Action::Install {
+                        bundle: BundleOffer {
+                            digest: a.digest,
+                            header: bundle.header.clone(),
+                        },
+                        mode: InstallMode::Activate,
+                    };
+                    self.send(&device, Some(id), action).await?;
+                }
+                Effect::Revert(device) => {
+                    self.send(&device, Some(id), Action::Revert).await?;
+                }
+                Effect::Note(n) => {
+                    tracing::info!(rollout = id, "{n}");
+                    notes.push(n);
+                }
+            }
+        }
+        let state = serde_json::to_string(&a.engine).unwrap_or_default();
+        if state != a.saved || !notes.is_empty() {
+            self.db
+                .save_rollout(id, a.engine.phase.name(), state.clone(), notes, now)
+                .await?;
+            a.saved = state;
+        }
+        Ok(())
+    }
+
+    /// One engine step for every running rollout.
+    pub async fn tick_rollouts(&self, now: u64) -> Result<(), FleetError> {
+        let mut map = self.rollouts.lock().await;
+        let mut finished = Vec::new();
+        for (id, a) in map.iter_mut() {
+            let health = match a.engine.phase {
+                Phase::Soaking { since, .. } => Some(self.health_of(a, since).await?),
+                _ => None,
+            };
+            let fx = a.engine.tick(now, health);
+            self.carry_out(id, a, fx, now).await?;
+            let reverting = a
+                .engine
+                .members
+                .values()
+                .any(|m| matches!(m, crate::engine::Member::Reverting { .. }));
+            if a.engine.phase.finished() && !reverting {
+                finished.push(id.clone());
+            }
+        }
+        for id in finished {
+            map.remove(&id);
+        }
+        Ok(())
+    }
+
+    async fn health_of(&self, a: &Active, since: u64) -> Result<WaveHealth, FleetError> {
+        let latest = self.db.latest_telemetry(since).await?;
+        let wave: BTreeSet<&str> = a
+            .engine
+            .waves
+            .get(a.engine.wave)
+            .map(|w| w.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        let others: BTreeSet<&str> = a
+            .engine
+            .members
+            .keys()
+            .map(String::as_str)
+            .filter(|d| !wave.contains(d))
+            .collect();
+        Ok(wave_health(&a.digest.to_hex(), &wave, &others, &latest))
+    }
+
+    /// Starts a rollout of `bundle` to `devices` (already resolved by the API).
+    pub async fn start_rollout(
+        &self,
+        bundle: Digest,
+        devices: Vec<String>,
+        plan: Plan,
+        selector: String,
+        actor: &str,
+    ) -> Result<RolloutView, FleetError> {
+        if self.bundle(&bundle).await.is_none() {
+            return Err(FleetError::NotFound(format!(
+                "bundle {} is not stored on this controller (upload it first)",
+                bundle.to_hex()
+            )));
+        }
+        let now = now_ms();
+        let mut map = self.rollouts.lock().await;
+        for (other, a) in map.iter() {
+            if !a.engine.phase.finished()
+                && let Some(d) = devices.iter().find(|d| a.engine.members.contains_key(*d))
+            {
+                return Err(FleetError::Conflict(format!(
+                    "device {d} is already in rollout {other}, which is {}; pause or abort it first",
+                    a.engine.phase.name()
+                )));
+            }
+        }
+        let mut rnd = [0u8; 4];
+        getrandom::fill(&mut rnd).map_err(|e| FleetError::Invalid(e.to_string()))?;
+        let id = format!("ro-{}-{}", now / 1000, hex::encode(rnd));
+        let engine = Rollout::new(&id, &devices, plan, now).map_err(FleetError::Invalid)?;
+        let state = serde_json::to_string(&engine).unwrap_or_default();
+        let row = crate::db::RolloutRow {
+            id: id.clone(),
+            bundle: bundle.to_hex(),
+            created_at: now,
+            created_by: actor.to_owned(),
+            selector,
+            state: state.clone(),
+        };
+        self.db.insert_rollout(&row, engine.phase.name()).await?;
+        let mut a = Active {
+            engine,
+            digest: bundle,
+            saved: state,
+        };
+        let mut fx = vec![Effect::Note(format!(
+            "started by {actor}: {} devices in {} waves",
+            a.engine.members.len(),
+            a.engine.waves.len()
+        ))];
+        fx.extend(a.engine.tick(now, None));
+        self.carry_out(&id, &mut a, fx, now).await?;
+        let view = RolloutView {
+            id: id.clone(),
+            bundle: bundle.to_hex(),
+            state: a.engine.clone(),
+        };
+        map.insert(id, a);
+        Ok(view)
+    }
+
+    /// Applies an operator command; returns the state before and after.
+    pub async fn operate(
+        &self,
+        id: &str,
+        input: Input,
+        actor: &str,
+    ) -> Result<(Rollout, Rollout), FleetError> {
+        let now = now_ms();
+        let mut map = self.rollouts.lock().await;
+        let Some(a) = map.get_mut(id) else {
+            let exists = self.db.rollouts(false).await?.iter().any(|r| r.id == id);
+            return Err(if exists {
+                FleetError::Conflict(format!("rollout {id} is finished"))
+            } else {
+                FleetError::NotFound(format!("no rollout {id}"))
+            });
+        };
+        let before = a.engine.clone();
+        let mut fx = a
+            .engine
+            .apply(now, input)
+            .map_err(|e| FleetError::Conflict(e.to_string()))?;
+        fx.insert(0, Effect::Note(format!("operator {actor}")));
+        self.carry_out(id, a, fx, now).await?;
+        Ok((before, a.engine.clone()))
+    }
+
+    /// Every rollout with its state (running ones from memory, the rest from the store).
+    pub async fn rollouts(&self) -> Result<Vec<RolloutView>, FleetError> {
+        let rows = self.db.rollouts(false).await?;
+        let map = self.rollouts.lock().await;
+        let mut out = Vec::new();
+        for r in rows {
+            let state = match map.get(&r.id) {
+                Some(a) => a.engine.clone(),
+                None => serde_json::from_str(&r.state)
+                    .map_err(|e| DbError::Corrupt(format!("rollout {}: {e}", r.id)))?,
+            };
+            out.push(RolloutView {
+                id: r.id,
+                bundle: r.bundle,
+                state,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sends a command outside any rollout (operator action on one device).
+    pub async fn command(&self, device: &str, action: Action) -> Result<u64, FleetError> {
+        self.send(device, None, action).await
+    }
+}
+
+/// How long telemetry is kept, ms (set from the configuration at start).
+pub static RETENTION_MS: AtomicU64 = AtomicU64::new(30 * 86_400_000);
+
+fn failure_text(r: &FailureReason) -> String {
+    match r {
+        FailureReason::Refused { refusal } => format!("refused: {refusal}"),
+        FailureReason::Preflight { detail } => format!("preflight: {detail}"),
+        FailureReason::Download { detail } => format!("download: {detail}"),
+        FailureReason::ModelLoad { detail } => format!("model_load: {detail}"),
+        FailureReason::HealthCheck { detail } => format!("health_check: {detail}"),
+        FailureReason::Internal { detail } => format!("internal: {detail}"),
+    }
+}
+
+/// Fewest inferences (wave or baseline) before a rate or a latency counts.
+pub const MIN_INFERENCES: u64 = 20;
+
+/// The health of a wave from the latest telemetry of each device (counters are
+/// cumulative since the device activated its bundle): the error rate of the
+/// wave's devices running `digest`, and their p95 latency over the p95 of
+/// `others` (rollout devices not in the wave) still running another bundle.
+/// Unknown (None) without `MIN_INFERENCES` on either side.
+pub fn wave_health(
+    digest: &str,
+    wave: &BTreeSet<&str>,
+    others: &BTreeSet<&str>,
+    latest: &[TelemetryRow],
+) -> WaveHealth {
+    let n = LATENCY_BOUNDS_US.len() + 1;
+    let sum = |pick: &dyn Fn(&TelemetryRow) -> bool| {
+        let mut inf = 0u64;
+        let mut err = 0u64;
+        let mut hist = vec![0u64; n];
+        for t in latest.iter().filter(|t| pick(t)) {
+            inf += t.inferences.unwrap_or(0);
+            err += t.errors.unwrap_or(0);
+            if let Some(c) = &t.latency_counts
+                && c.len() == n
+            {
+                for (h, v) in hist.iter_mut().zip(c) {
+                    *h += v;
+                }
+            }
+        }
+        (inf, err, hist)
+    };
+    let (inf, err, hist) = sum(&|t| wave.contains(t.device.as_str()) && t.digest.as_deref() == Some(digest));
+    let (b_inf, _, b_hist) = sum(&|t| {
+        others.contains(t.device.as_str()) && t.digest.is_some() && t.digest.as_deref() != Some(digest)
+    });
+    let error_rate = (inf + err >= MIN_INFERENCES).then(|| err as f64 / (inf + err) as f64);
+    let p95_latency_ratio = if inf >= MIN_INFERENCES && b_inf >= MIN_INFERENCES {
+        match (
+            quantile_us(&LATENCY_BOUNDS_US, &hist, 0.95),
+            quantile_us(&LATENCY_BOUNDS_US, &b_hist, 0.95),
+        ) {
+            (Some(a), Some(b)) if b > 0 => Some(a as f64 / b as f64),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    WaveHealth {
+        error_rate,
+        p95_latency_ratio,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(device: &str, digest: &str, inferences: u64, errors: u64, bucket: usize) -> TelemetryRow {
+        let mut counts = vec![0u64; LATENCY_BOUNDS_US.len() + 1];
+        counts[bucket] = inferences;
+        TelemetryRow {
+            device: device.into(),
+            seq: 1,
+            at: 0,
+            received_at: 0,
+            digest: Some(digest.into()),
+            inferences: Some(inferences),
+            errors: Some(errors),
+            latency_counts: Some(counts),
+            cpu_percent: None,
+            mem_used: None,
+            rss_bytes: None,
+        }
+    }
+
+    #[test]
+    fn wave_health_compares_the_new_version_with_the_old() {
+        let wave = BTreeSet::from(["a", "b"]);
+        let others = BTreeSet::from(["c", "d"]);
+        // Wave: 100 + 100 inferences, 10 errors, all in the 500 us bucket (index 3);
+        // baseline: 200 inferences in the 200 us bucket (index 2).
+        let rows = vec![
+            row("a", "new", 100, 4, 3),
+            row("b", "new", 100, 6, 3),
+            row("c", "old", 150, 0, 2),
+            row("d", "old", 50, 0, 2),
+            row("x", "old", 10_000, 10_000, 15), // not in the rollout
+        ];
+        let h = wave_health("new", &wave, &others, &rows);
+        assert_eq!(h.error_rate, Some(10.0 / 210.0));
+        let expect = quantile_us(&LATENCY_BOUNDS_US, &rows[0].latency_counts.clone().unwrap_or_default(), 0.95)
+            .unwrap_or(0) as f64
+            / quantile_us(&LATENCY_BOUNDS_US, &rows[2].latency_counts.clone().unwrap_or_default(), 0.95)
+                .unwrap_or(1) as f64;
+        assert_eq!(h.p95_latency_ratio, Some(expect));
+        assert!(expect > 1.0);
+        // A wave device still on the old bundle counts for neither side.
+        let rows2 = vec![row("a", "old", 1000, 1000, 3), row("c", "old", 100, 0, 2)];
+        assert_eq!(wave_health("new", &wave, &others, &rows2), WaveHealth::default());
+        // Too little traffic: unknown.
+        let rows3 = vec![row("a", "new", 10, 9, 3), row("c", "old", 100, 0, 2)];
+        let h = wave_health("new", &wave, &others, &rows3);
+        assert_eq!(h.p95_latency_ratio, None);
+        assert_eq!(h.error_rate, Some(9.0 / 19.0).filter(|_| false));
+    }
+}

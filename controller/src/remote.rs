@@ -1,0 +1,632 @@
+//! The controller's commands: `serve`, `config`, and the API clients `devices`,
+//! `bundles` and `rollout`. API commands take `--controller URL` and `--token
+//! TOKEN` (defaults: `EDGEFLEET_URL`, `EDGEFLEET_TOKEN`) and `--json`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::config::ControllerConfig;
+
+/// `edgefleet serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file (defaults apply without one).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Overrides `data_dir`.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Overrides `http.listen`.
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// Overrides `mqtt.listen` (embedded broker).
+    #[arg(long)]
+    pub mqtt: Option<SocketAddr>,
+    /// Log JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// `edgefleet config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print a commented default controller configuration.
+    PrintDefault,
+    /// Check a configuration file.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+/// Where the API is and who calls it.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// Controller URL.
+    #[arg(long, env = "EDGEFLEET_URL", default_value = "http://127.0.0.1:8080")]
+    pub controller: String,
+    /// API token.
+    #[arg(long, env = "EDGEFLEET_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `edgefleet devices ...`.
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// Issue a device certificate and write what the device needs.
+    Enroll {
+        /// Device id (becomes the certificate's common name).
+        id: String,
+        /// Tags, `k=v,k2=v2`.
+        #[arg(long, default_value = "")]
+        tags: String,
+        /// Directory for ca.pem, device.pem, device.key, trust-root.cbor, agent.toml.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List devices.
+    List {
+        /// Only devices with these tags, `k=v,...`.
+        #[arg(long)]
+        tag: Option<String>,
+        /// `online` or `offline`.
+        #[arg(long)]
+        state: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// One device: slots, recent events, telemetry.
+    Show {
+        /// Device id.
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// `edgefleet bundles ...`.
+#[derive(Debug, Subcommand)]
+pub enum BundlesCommand {
+    /// Upload a signed bundle (the controller verifies it first).
+    Push {
+        /// The bundle file.
+        file: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List bundles.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// One bundle.
+    Show {
+        /// Digest.
+        digest: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// `edgefleet rollout ...`.
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Start a staged rollout.
+    Start {
+        /// Bundle digest.
+        bundle: String,
+        /// Devices with these tags, `k=v,...`.
+        #[arg(long)]
+        tags: Option<String>,
+        /// Devices by id, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<String>,
+        /// Every device.
+        #[arg(long)]
+        all: bool,
+        /// Cumulative waves, e.g. `1,10%,50%,100%`.
+        #[arg(long, value_delimiter = ',')]
+        waves: Vec<String>,
+        /// Soak per wave, seconds.
+        #[arg(long)]
+        soak_s: Option<u64>,
+        /// `pause` or `halt_and_revert`.
+        #[arg(long)]
+        policy: Option<String>,
+        /// Install commands per minute.
+        #[arg(long)]
+        rate_per_minute: Option<u32>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show a rollout (or all).
+    Status {
+        /// Rollout id.
+        id: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Follow a rollout until it ends.
+    Watch {
+        /// Rollout id.
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Stop commanding.
+    Pause {
+        /// Rollout id.
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Continue (after a gate pause: accept the wave).
+    Resume {
+        /// Rollout id.
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Skip the rest of the current soak.
+    Promote {
+        /// Rollout id.
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Stop for good.
+    Abort {
+        /// Rollout id.
+        id: String,
+        /// Tell devices that switched to revert.
+        #[arg(long)]
+        revert: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// Runs `serve` until SIGINT/SIGTERM.
+pub fn serve(args: ServeArgs) -> Result<i32, String> {
+    let mut config = match &args.config {
+        Some(p) => ControllerConfig::load(p).map_err(|e| e.to_string())?,
+        None => ControllerConfig::default(),
+    };
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(h) = args.http {
+        config.http.listen = h;
+    }
+    if let Some(m) = args.mqtt {
+        config.mqtt.listen = m;
+    }
+    config
+        .validate(Path::new("flags"))
+        .map_err(|e| e.to_string())?;
+    init_logs(args.log_json);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let (started, server) = crate::serve::start(config).await.map_err(|e| e.to_string())?;
+        println!("controller API listening on http://{}", started.http);
+        println!("devices connect to {}", started.broker_url);
+        println!("data directory {}", started.data_dir.display());
+        if let Some(p) = &started.new_admin_token {
+            println!("admin token written to {} (mode 0600)", p.display());
+        }
+        let _ = std::io::stdout().flush();
+        server.await.map_err(|e| e.to_string())?;
+        println!("controller stopped");
+        Ok(0)
+    })
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.with_ansi(false).try_init()
+    };
+}
+
+/// `config ...`.
+pub fn config(cmd: ConfigCommand) -> Result<i32, String> {
+    match cmd {
+        ConfigCommand::PrintDefault => {
+            print!("{}", ControllerConfig::default_toml());
+            Ok(0)
+        }
+        ConfigCommand::Check { file } => {
+            ControllerConfig::load(&file).map_err(|e| e.to_string())?;
+            println!("{}: ok", file.display());
+            Ok(0)
+        }
+    }
+}
+
+/// A blocking API client.
+#[derive(Debug)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client for `api`.
+    pub fn new(api: &ApiArgs) -> Client {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(300)))
+            .build()
+            .into();
+        Client {
+            base: api.controller.trim_end_matches('/').to_owned(),
+            token: api.token.clone(),
+            agent,
+        }
+    }
+
+    fn answer(&self, r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Value, String> {
+        let mut r = r.map_err(|e| format!("controller at {}: {e}", self.base))?;
+        let status = r.status();
+        let body: Value = r
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_json()
+            .unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(body)
+        } else {
+            let msg = body["error"]["message"].as_str().unwrap_or("no details");
+            let code = body["error"]["code"].as_str().unwrap_or("error");
+            Err(format!("{} {code}: {msg}", status.as_u16()))
+        }
+    }
+
+    fn auth(&self) -> String {
+        format!("Bearer {}", self.token.as_deref().unwrap_or(""))
+    }
+
+    /// GET a JSON document.
+    pub fn get(&self, path: &str) -> Result<Value, String> {
+        let r = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", self.auth())
+            .call();
+        self.answer(r)
+    }
+
+    /// POST JSON.
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
+        let r = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", self.auth())
+            .send_json(body);
+        self.answer(r)
+    }
+
+    /// POST a file.
+    pub fn upload(&self, path: &str, file: &Path) -> Result<Value, String> {
+        let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let r = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", self.auth())
+            .header("Content-Type", "application/octet-stream")
+            .send(&f);
+        self.answer(r)
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn tags_of(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("tag {pair:?}: expected key=value"))?;
+        out.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    Ok(out)
+}
+
+/// `devices ...`.
+pub fn devices(cmd: DevicesCommand) -> Result<i32, String> {
+    match cmd {
+        DevicesCommand::Enroll { id, tags, out, api } => {
+            let c = Client::new(&api);
+            let v = c.post(
+                &format!("/api/v1/devices/{id}/enroll"),
+                &json!({"tags": tags_of(&tags)?}),
+            )?;
+            write_enrollment(&v, &out)?;
+            if api.json {
+                print_json(&json!({"device": v["device"], "out": out}));
+            } else {
+                println!("enrolled {}; files for the device in {}", v["device"].as_str().unwrap_or(""), out.display());
+                println!("  ca.pem device.pem device.key (0600) agent.toml{}", if v["trust_root_hex"].is_string() { " trust-root.cbor" } else { " (no trust root on the controller: add trust-root.cbor yourself)" });
+            }
+            Ok(0)
+        }
+        DevicesCommand::List { tag, state, api } => {
+            let c = Client::new(&api);
+            let mut q = Vec::new();
+            if let Some(t) = tag {
+                q.push(format!("tag={t}"));
+            }
+            if let Some(s) = state {
+                q.push(format!("state={s}"));
+            }
+            let v = c.get(&format!("/api/v1/devices?{}", q.join("&")))?;
+            if api.json {
+                print_json(&v);
+            } else {
+                println!("{:<20} {:<8} {:<16} {:<10} tags", "device", "online", "model", "version");
+                for d in v["devices"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<20} {:<8} {:<16} {:<10} {}",
+                        d["id"].as_str().unwrap_or(""),
+                        d["online"].as_bool().unwrap_or(false),
+                        d["active_channel"].as_str().unwrap_or("-"),
+                        d["active_version"].as_str().unwrap_or("-"),
+                        d["tags"]
+                    );
+                }
+            }
+            Ok(0)
+        }
+        DevicesCommand::Show { id, api } => {
+            let v = Client::new(&api).get(&format!("/api/v1/devices/{id}"))?;
+            print_json(&v);
+            Ok(0)
+        }
+    }
+}
+
+/// Writes the files a device needs from an enrollment answer.
+pub fn write_enrollment(v: &Value, out: &Path) -> Result<(), String> {
+    let put = |name: &str, text: &[u8], mode: u32| {
+        crate::operator::write_atomic(&out.join(name), mode, |w| w.write_all(text))
+            .map_err(|e| e.to_string())
+    };
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_owned();
+    put("ca.pem", s("ca_pem").as_bytes(), 0o644)?;
+    put("device.pem", s("cert_pem").as_bytes(), 0o644)?;
+    put("device.key", s("key_pem").as_bytes(), 0o600)?;
+    if let Some(t) = v["trust_root_hex"].as_str() {
+        put("trust-root.cbor", &hex::decode(t).map_err(|e| e.to_string())?, 0o644)?;
+    }
+    let mut agent = edgefleet_agent::config::AgentConfig {
+        device_id: s("device"),
+        ..Default::default()
+    };
+    agent.broker.url = s("broker_url");
+    agent.broker.topic_prefix = s("topic_prefix");
+    let text = toml::to_string_pretty(&agent).map_err(|e| e.to_string())?;
+    put(
+        "agent.toml",
+        format!("# written by `edgefleet devices enroll`; files go to /etc/edgefleet on the device\n{text}").as_bytes(),
+        0o644,
+    )
+}
+
+/// `bundles ...`.
+pub fn bundles(cmd: BundlesCommand) -> Result<i32, String> {
+    match cmd {
+        BundlesCommand::Push { file, api } => {
+            let v = Client::new(&api).upload("/api/v1/bundles", &file)?;
+            if api.json {
+                print_json(&v);
+            } else {
+                let b = &v["bundle"];
+                println!(
+                    "{} {} {} (release {}) {}",
+                    if v["new"].as_bool().unwrap_or(false) { "uploaded" } else { "already stored:" },
+                    b["channel"].as_str().unwrap_or(""),
+                    b["version"].as_str().unwrap_or(""),
+                    b["release"],
+                    b["digest"].as_str().unwrap_or("")
+                );
+            }
+            Ok(0)
+        }
+        BundlesCommand::List { api } => {
+            let v = Client::new(&api).get("/api/v1/bundles")?;
+            if api.json {
+                print_json(&v);
+            } else {
+                for b in v["bundles"].as_array().into_iter().flatten() {
+                    println!(
+                        "{} {} {} release {} ({} bytes)",
+                        b["digest"].as_str().unwrap_or(""),
+                        b["channel"].as_str().unwrap_or(""),
+                        b["version"].as_str().unwrap_or(""),
+                        b["release"],
+                        b["size"]
+                    );
+                }
+            }
+            Ok(0)
+        }
+        BundlesCommand::Show { digest, api } => {
+            print_json(&Client::new(&api).get(&format!("/api/v1/bundles/{digest}"))?);
+            Ok(0)
+        }
+    }
+}
+
+/// One line per wave: a bar and the counts.
+pub fn rollout_text(r: &Value) -> String {
+    let mut s = format!(
+        "rollout {}  {}  wave {} of {}\n",
+        r["id"].as_str().unwrap_or(""),
+        r["phase"].as_str().unwrap_or(""),
+        r["wave"],
+        r["waves"].as_array().map_or(0, Vec::len)
+    );
+    for (i, w) in r["waves"].as_array().into_iter().flatten().enumerate() {
+        let n = w["devices"].as_u64().unwrap_or(0).max(1);
+        let c = &w["counts"];
+        let get = |k: &str| c[k].as_u64().unwrap_or(0);
+        let done = get("succeeded") + get("failed") + get("reverted");
+        let width = 20u64;
+        let filled = (done * width / n) as usize;
+        s.push_str(&format!(
+            "  wave {:<2} [{}{}] {:>3}/{:<3} pending {} installing {} installed {} failed {} reverted {}\n",
+            i + 1,
+            "#".repeat(filled),
+            ".".repeat(width as usize - filled),
+            done,
+            n,
+            get("pending"),
+            get("in_progress"),
+            get("succeeded"),
+            get("failed"),
+            get("reverted"),
+        ));
+    }
+    if let Some(reason) = r["phase_detail"]["reason"].as_str() {
+        s.push_str(&format!("  reason: {reason}\n"));
+    }
+    s
+}
+
+/// `rollout ...`.
+pub fn rollout(cmd: RolloutCommand) -> Result<i32, String> {
+    match cmd {
+        RolloutCommand::Start {
+            bundle,
+            tags,
+            devices,
+            all,
+            waves,
+            soak_s,
+            policy,
+            rate_per_minute,
+            api,
+        } => {
+            let mut body = json!({
+                "bundle": bundle,
+                "selector": {"tags": tags_of(tags.as_deref().unwrap_or(""))?, "devices": devices, "all": all},
+            });
+            if !waves.is_empty() {
+                body["waves"] = json!(waves);
+            }
+            if let Some(s) = soak_s {
+                body["gates"] = json!({"soak_ms": s * 1000});
+            }
+            if let Some(p) = policy {
+                body["policy"] = json!(p);
+            }
+            if let Some(r) = rate_per_minute {
+                body["rate_per_minute"] = json!(r);
+            }
+            let v = Client::new(&api).post("/api/v1/rollouts", &body)?;
+            if api.json {
+                print_json(&v);
+            } else {
+                print!("{}", rollout_text(&v["rollout"]));
+            }
+            Ok(0)
+        }
+        RolloutCommand::Status { id, api } => {
+            let c = Client::new(&api);
+            match id {
+                Some(id) => {
+                    let v = c.get(&format!("/api/v1/rollouts/{id}"))?;
+                    if api.json {
+                        print_json(&v);
+                    } else {
+                        print!("{}", rollout_text(&v["rollout"]));
+                        for l in v["rollout"]["log"].as_array().into_iter().flatten() {
+                            println!("  - {}", l["note"].as_str().unwrap_or(""));
+                        }
+                    }
+                }
+                None => {
+                    let v = c.get("/api/v1/rollouts")?;
+                    if api.json {
+                        print_json(&v);
+                    } else {
+                        for r in v["rollouts"].as_array().into_iter().flatten() {
+                            print!("{}", rollout_text(r));
+                        }
+                    }
+                }
+            }
+            Ok(0)
+        }
+        RolloutCommand::Watch { id, api } => {
+            let c = Client::new(&api);
+            let mut last = String::new();
+            loop {
+                let v = c.get(&format!("/api/v1/rollouts/{id}"))?;
+                let r = &v["rollout"];
+                let text = rollout_text(r);
+                if text != last {
+                    if api.json {
+                        println!("{}", serde_json::to_string(r).unwrap_or_default());
+                    } else {
+                        print!("{text}");
+                    }
+                    last = text;
+                }
+                let phase = r["phase"].as_str().unwrap_or("");
+                if matches!(phase, "completed" | "halted" | "aborted") {
+                    return Ok(if phase == "completed" { 0 } else { 1 });
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+        RolloutCommand::Pause { id, api } => operate(&id, "pause", None, &api),
+        RolloutCommand::Resume { id, api } => operate(&id, "resume", None, &api),
+        RolloutCommand::Promote { id, api } => operate(&id, "promote", None, &api),
+        RolloutCommand::Abort { id, revert, api } => {
+            operate(&id, "abort", Some(json!({"revert": revert})), &api)
+        }
+    }
+}
+
+fn operate(id: &str, action: &str, body: Option<Value>, api: &ApiArgs) -> Result<i32, String> {
+    let v = Client::new(api).post(
+        &format!("/api/v1/rollouts/{id}/{action}"),
+        &body.unwrap_or_else(|| json!({})),
+    )?;
+    if api.json {
+        print_json(&v);
+    } else {
+        println!(
+            "rollout {id}: {} (wave {})",
+            v["phase"].as_str().unwrap_or(""),
+            v["wave"]
+        );
+    }
+    Ok(0)
+}
