@@ -143,8 +143,11 @@ impl Caller {
             Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                format!("this needs the {role:?} role; token {} is {:?}", self.name, self.role)
-                    .to_lowercase(),
+                format!(
+                    "this needs the {role:?} role; token {} is {:?}",
+                    self.name, self.role
+                )
+                .to_lowercase(),
             ))
         }
     }
@@ -185,14 +188,19 @@ impl FromRequestParts<AppState> for Caller {
 pub fn router(state: AppState) -> axum::Router {
     let upload_limit = usize::try_from(state.max_bundle_bytes).unwrap_or(usize::MAX);
     axum::Router::new()
-        .route("/api/v1/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route(
+            "/api/v1/health",
+            get(|| async { Json(json!({"status": "ok"})) }),
+        )
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(device_detail))
         .route("/api/v1/devices/{id}/enroll", post(enroll))
         .route("/api/v1/devices/{id}/revert", post(revert_device))
         .route(
             "/api/v1/bundles",
-            get(list_bundles).post(upload_bundle).layer(DefaultBodyLimit::max(upload_limit)),
+            get(list_bundles)
+                .post(upload_bundle)
+                .layer(DefaultBodyLimit::max(upload_limit)),
         )
         .route("/api/v1/bundles/{digest}", get(show_bundle))
         .route("/api/v1/bundles/{digest}/file", get(download_bundle))
@@ -244,7 +252,11 @@ async fn list_devices(
         None => None,
         Some("online") => Some(true),
         Some("offline") => Some(false),
-        Some(o) => return Err(ApiError::invalid(format!("state {o:?}: expected online or offline"))),
+        Some(o) => {
+            return Err(ApiError::invalid(format!(
+                "state {o:?}: expected online or offline"
+            )));
+        }
     };
     let now = now_ms();
     let devices: Vec<_> = s
@@ -254,7 +266,11 @@ async fn list_devices(
         .into_iter()
         .filter(|d| tags.iter().all(|(k, v)| d.tags.get(k) == Some(v)))
         .filter(|d| online.is_none_or(|o| d.online == o))
-        .filter(|d| f.model.as_ref().is_none_or(|m| d.active_channel.as_ref() == Some(m)))
+        .filter(|d| {
+            f.model
+                .as_ref()
+                .is_none_or(|m| d.active_channel.as_ref() == Some(m))
+        })
         .filter(|d| {
             f.seen_within_s.is_none_or(|w| {
                 d.last_seen
@@ -329,8 +345,9 @@ async fn enroll(
         .issue(&id, None, dir.path(), "device")
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let read = |p: &std::path::Path| {
-        std::fs::read_to_string(p)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+        std::fs::read_to_string(p).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })
     };
     let cert = read(&identity.cert)?;
     let key = read(&identity.key)?;
@@ -379,7 +396,14 @@ async fn revert_device(
         .command(&id, edgefleet_shared::protocol::Action::Revert)
         .await?;
     s.db()
-        .audit(&caller.name, "device.revert", &id, None, Some(json!({"command": command})), now_ms())
+        .audit(
+            &caller.name,
+            "device.revert",
+            &id,
+            None,
+            Some(json!({"command": command})),
+            now_ms(),
+        )
         .await?;
     Ok(Json(json!({"command": command})))
 }
@@ -468,17 +492,27 @@ async fn upload_bundle(
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            format!("bundle is {len} bytes, over http.max_bundle_bytes {}", s.max_bundle_bytes),
+            format!(
+                "bundle is {len} bytes, over http.max_bundle_bytes {}",
+                s.max_bundle_bytes
+            ),
         ));
     }
     let trust = crate::operator::load_trust_root(&s.trust_root, UnixTime::now()).map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_trust_root",
-            format!("cannot verify uploads: {e} (copy the fleet's trust root there, or set trust_root)"),
+            format!(
+                "cannot verify uploads: {e} (copy the fleet's trust root there, or set trust_root)"
+            ),
         )
     })?;
-    let dir = s.fleet.bundle_path(&Digest::of(b"")).parent().map(ToOwned::to_owned).unwrap_or_default();
+    let dir = s
+        .fleet
+        .bundle_path(&Digest::of(b""))
+        .parent()
+        .map(ToOwned::to_owned)
+        .unwrap_or_default();
     std::fs::create_dir_all(&dir).map_err(|e| ApiError::invalid(e.to_string()))?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".upload-")
@@ -493,10 +527,14 @@ async fn upload_bundle(
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
-                format!("bundle is over http.max_bundle_bytes {}", s.max_bundle_bytes),
+                format!(
+                    "bundle is over http.max_bundle_bytes {}",
+                    s.max_bundle_bytes
+                ),
             ));
         }
-        tmp.write_all(&piece).map_err(|e| ApiError::invalid(e.to_string()))?;
+        tmp.write_all(&piece)
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
     }
     let path = tmp.path().to_owned();
     let verified = tokio::task::spawn_blocking(move || {
@@ -504,13 +542,25 @@ async fn upload_bundle(
     })
     .await
     .map_err(|e| ApiError::invalid(e.to_string()))?
-    .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bundle_refused", e.to_string()))?;
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bundle_refused",
+            e.to_string(),
+        )
+    })?;
     let m = &verified.manifest;
     let mut summary = serde_json::to_value(m).unwrap_or_default();
     if let Some(p) = summary.get_mut("payload").and_then(Value::as_object_mut) {
         p.remove("chunks");
     }
-    summary["signed_by"] = json!(verified.signed_by.iter().map(ToString::to_string).collect::<Vec<_>>());
+    summary["signed_by"] = json!(
+        verified
+            .signed_by
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    );
     let row = BundleRow {
         digest: verified.digest.to_hex(),
         channel: m.channel.to_string(),
@@ -525,16 +575,30 @@ async fn upload_bundle(
         summary,
     };
     let dest = s.fleet.bundle_path(&verified.digest);
-    tmp.persist(&dest).map_err(|e| ApiError::invalid(e.to_string()))?;
+    tmp.persist(&dest)
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
     let new = s.db().insert_bundle(&row).await?;
     if !new {
         let existing = s.db().bundle(&row.digest).await?;
-        return Ok((StatusCode::OK, Json(json!({"bundle": existing, "new": false}))));
+        return Ok((
+            StatusCode::OK,
+            Json(json!({"bundle": existing, "new": false})),
+        ));
     }
     s.db()
-        .audit(&caller.name, "bundle.upload", &row.digest, None, Some(json!({"channel": row.channel, "version": row.version, "release": row.release})), now_ms())
+        .audit(
+            &caller.name,
+            "bundle.upload",
+            &row.digest,
+            None,
+            Some(json!({"channel": row.channel, "version": row.version, "release": row.release})),
+            now_ms(),
+        )
         .await?;
-    Ok((StatusCode::CREATED, Json(json!({"bundle": row, "new": true}))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"bundle": row, "new": true})),
+    ))
 }
 
 // ----- rollouts -------------------------------------------------------------
@@ -579,7 +643,10 @@ async fn start_rollout(
     caller.require(Role::Operator)?;
     let Json(body) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
     let digest = parse_digest(&body.bundle).map_err(|_| {
-        ApiError::invalid(format!("bundle: {:?} is not a digest (64 hex digits)", body.bundle))
+        ApiError::invalid(format!(
+            "bundle: {:?} is not a digest (64 hex digits)",
+            body.bundle
+        ))
     })?;
     let mut plan = Plan::default();
     if let Some(w) = &body.waves {
@@ -608,7 +675,9 @@ async fn start_rollout(
     let registry = s.db().devices().await?;
     for d in &sel.devices {
         if !registry.iter().any(|r| &r.id == d) {
-            return Err(ApiError::invalid(format!("selector.devices: no device {d}")));
+            return Err(ApiError::invalid(format!(
+                "selector.devices: no device {d}"
+            )));
         }
     }
     let targets: Vec<String> = registry
@@ -628,7 +697,10 @@ async fn start_rollout(
     s.db()
         .audit(&caller.name, "rollout.start", &view.id, None, Some(json!({"bundle": view.bundle, "devices": view.state.members.len(), "plan": view.state.plan})), now_ms())
         .await?;
-    Ok((StatusCode::CREATED, Json(json!({"rollout": rollout_json(&view)}))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"rollout": rollout_json(&view)})),
+    ))
 }
 
 fn rollout_json(v: &crate::fleet::RolloutView) -> Value {
@@ -657,7 +729,9 @@ fn rollout_json(v: &crate::fleet::RolloutView) -> Value {
 async fn list_rollouts(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
     let all = s.fleet.rollouts().await?;
-    Ok(Json(json!({"rollouts": all.iter().map(rollout_json).collect::<Vec<_>>()})))
+    Ok(Json(
+        json!({"rollouts": all.iter().map(rollout_json).collect::<Vec<_>>()}),
+    ))
 }
 
 async fn show_rollout(
@@ -721,7 +795,9 @@ async fn operate_rollout(
             now_ms(),
         )
         .await?;
-    Ok(Json(json!({"phase": after.phase.name(), "wave": after.wave + 1})))
+    Ok(Json(
+        json!({"phase": after.phase.name(), "wave": after.wave + 1}),
+    ))
 }
 
 // ----- audit, tokens, metrics -------------------------------------------------
@@ -754,20 +830,44 @@ async fn create_token(
     caller.require(Role::Admin)?;
     let Json(body) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
     if Role::parse(&body.role).is_none() {
-        return Err(ApiError::invalid("role: expected viewer, operator or admin"));
+        return Err(ApiError::invalid(
+            "role: expected viewer, operator or admin",
+        ));
     }
-    if body.name.is_empty() || body.name.len() > 64 || !body.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if body.name.is_empty()
+        || body.name.len() > 64
+        || !body
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         return Err(ApiError::invalid("name: 1-64 letters, digits, '-' or '_'"));
     }
     let token = new_token().map_err(ApiError::invalid)?;
     s.db()
         .insert_token(&token_hash(&token), &body.name, &body.role, now_ms())
         .await
-        .map_err(|_| ApiError::new(StatusCode::CONFLICT, "conflict", format!("a token named {} exists", body.name)))?;
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("a token named {} exists", body.name),
+            )
+        })?;
     s.db()
-        .audit(&caller.name, "token.create", &body.name, None, Some(json!({"role": body.role})), now_ms())
+        .audit(
+            &caller.name,
+            "token.create",
+            &body.name,
+            None,
+            Some(json!({"role": body.role})),
+            now_ms(),
+        )
         .await?;
-    Ok((StatusCode::CREATED, Json(json!({"name": body.name, "role": body.role, "token": token}))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"name": body.name, "role": body.role, "token": token})),
+    ))
 }
 
 async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
@@ -781,12 +881,20 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
             out.push_str(&format!("{name}{labels} {v}\n"));
         }
     };
-    gauge("edgefleet_devices", "Devices in the registry.", "gauge", vec![(String::new(), devices.len() as f64)]);
+    gauge(
+        "edgefleet_devices",
+        "Devices in the registry.",
+        "gauge",
+        vec![(String::new(), devices.len() as f64)],
+    );
     gauge(
         "edgefleet_devices_online",
         "Devices whose retained state says online.",
         "gauge",
-        vec![(String::new(), devices.iter().filter(|d| d.online).count() as f64)],
+        vec![(
+            String::new(),
+            devices.iter().filter(|d| d.online).count() as f64,
+        )],
     );
     let mut per_version: BTreeMap<(String, String), u64> = BTreeMap::new();
     for d in &devices {
@@ -811,17 +919,49 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
         "edgefleet_rollouts",
         "Rollouts per phase.",
         "gauge",
-        per_phase.into_iter().map(|(p, n)| (format!("{{phase=\"{p}\"}}"), n as f64)).collect(),
+        per_phase
+            .into_iter()
+            .map(|(p, n)| (format!("{{phase=\"{p}\"}}"), n as f64))
+            .collect(),
     );
     for (name, help, v) in [
-        ("edgefleet_install_failures_total", "Install failures reported by devices.", &st.install_failures),
-        ("edgefleet_messages_total", "Messages received from devices.", &st.messages_in),
-        ("edgefleet_messages_refused_total", "Device messages refused.", &st.messages_refused),
-        ("edgefleet_telemetry_stored_total", "Telemetry samples stored (ingest rate: rate() of this).", &st.telemetry_stored),
-        ("edgefleet_chunk_bytes_sent_total", "Bundle chunk bytes published.", &st.chunk_bytes_sent),
-        ("edgefleet_commands_sent_total", "Commands published.", &st.commands_sent),
+        (
+            "edgefleet_install_failures_total",
+            "Install failures reported by devices.",
+            &st.install_failures,
+        ),
+        (
+            "edgefleet_messages_total",
+            "Messages received from devices.",
+            &st.messages_in,
+        ),
+        (
+            "edgefleet_messages_refused_total",
+            "Device messages refused.",
+            &st.messages_refused,
+        ),
+        (
+            "edgefleet_telemetry_stored_total",
+            "Telemetry samples stored (ingest rate: rate() of this).",
+            &st.telemetry_stored,
+        ),
+        (
+            "edgefleet_chunk_bytes_sent_total",
+            "Bundle chunk bytes published.",
+            &st.chunk_bytes_sent,
+        ),
+        (
+            "edgefleet_commands_sent_total",
+            "Commands published.",
+            &st.commands_sent,
+        ),
     ] {
-        gauge(name, help, "counter", vec![(String::new(), v.load(Ordering::Relaxed) as f64)]);
+        gauge(
+            name,
+            help,
+            "counter",
+            vec![(String::new(), v.load(Ordering::Relaxed) as f64)],
+        );
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }

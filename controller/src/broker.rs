@@ -19,14 +19,22 @@ pub const MAX_PAYLOAD: usize = (4 << 20) + 64 * 1024;
 
 /// Starts rumqttd on `listen` (port 0 picks a free port) and waits until it
 /// accepts connections. Returns the address it listens on.
-pub fn start_embedded(listen: SocketAddr, ca: &Path, server: &Identity) -> Result<SocketAddr, String> {
+pub fn start_embedded(
+    listen: SocketAddr,
+    ca: &Path,
+    server: &Identity,
+) -> Result<SocketAddr, String> {
     let addr = if listen.port() == 0 {
         let probe = TcpListener::bind(listen).map_err(|e| format!("cannot bind {listen}: {e}"))?;
         probe.local_addr().map_err(|e| e.to_string())?
     } else {
         listen
     };
-    let text = |p: &Path| p.to_string_lossy().replace('\\', "\\\\").replace('"', "\\\"");
+    let text = |p: &Path| {
+        p.to_string_lossy()
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+    };
     let config = format!(
         r#"
 id = 0

@@ -216,6 +216,10 @@ pub struct BuildArgs {
     /// Health check: relative tolerance per output element.
     #[arg(long, default_value_t = HealthPolicy::default().rel_tolerance)]
     pub rel_tolerance: f64,
+    /// Testing a fleet's canary: record the golden outputs of this other model, so
+    /// that the bundle fails its health check on every device.
+    #[arg(long)]
+    pub golden_outputs_from: Option<PathBuf>,
     /// Health check: latency budget per golden case, milliseconds.
     #[arg(long, default_value_t = HealthPolicy::default().latency_budget_ms)]
     pub latency_budget_ms: u32,
@@ -519,6 +523,7 @@ fn bundle(cmd: BundleCommand, now: UnixTime) -> Result<i32, CliError> {
                     latency_budget_ms: args.latency_budget_ms,
                 },
                 signers: load_secrets(&args.keys)?,
+                golden_outputs_from: args.golden_outputs_from.clone(),
             };
             let report = operator::build_bundle(&opts, &args.out)?;
             println!("built {}", args.out.display());

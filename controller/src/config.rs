@@ -215,8 +215,7 @@ impl ControllerConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
-        Topics::new(&self.mqtt.topic_prefix)
-            .map_err(|e| invalid("mqtt.topic_prefix", e.reason))?;
+        Topics::new(&self.mqtt.topic_prefix).map_err(|e| invalid("mqtt.topic_prefix", e.reason))?;
         match self.mqtt.mode {
             BrokerMode::Embedded => {
                 if self.mqtt.hosts.is_empty() {
@@ -235,7 +234,9 @@ impl ControllerConfig {
                     ));
                 }
                 if url.starts_with("mqtts://")
-                    && (self.mqtt.ca.is_none() || self.mqtt.cert.is_none() || self.mqtt.key.is_none())
+                    && (self.mqtt.ca.is_none()
+                        || self.mqtt.cert.is_none()
+                        || self.mqtt.key.is_none())
                 {
                     return Err(invalid(
                         "mqtt.cert",
@@ -257,7 +258,10 @@ impl ControllerConfig {
             return Err(invalid("rollouts.tick_ms", "must be 10 to 60000"));
         }
         if self.rollouts.chunk_coalesce_ms > 5_000 {
-            return Err(invalid("rollouts.chunk_coalesce_ms", "must be at most 5000"));
+            return Err(invalid(
+                "rollouts.chunk_coalesce_ms",
+                "must be at most 5000",
+            ));
         }
         Ok(())
     }
@@ -327,14 +331,22 @@ mod tests {
                 "mqtt.cert",
             ),
             ("[telemetry]\nbatch_max = 0", "telemetry.batch_max"),
-            ("[telemetry]\nretention_days = 0", "telemetry.retention_days"),
+            (
+                "[telemetry]\nretention_days = 0",
+                "telemetry.retention_days",
+            ),
             ("[rollouts]\ntick_ms = 1", "rollouts.tick_ms"),
             ("[http]\nmax_bundle_bytes = 0", "http.max_bundle_bytes"),
         ] {
             let err = check(text).expect_err(text).to_string();
             assert!(err.contains(&format!("`{field}`")), "{text}: {err}");
         }
-        assert!(check("colour = 1").expect_err("unknown").to_string().contains("colour"));
+        assert!(
+            check("colour = 1")
+                .expect_err("unknown")
+                .to_string()
+                .contains("colour")
+        );
         assert!(check("[mqtt]\nmode = \"cloud\"").is_err());
     }
 }

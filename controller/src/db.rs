@@ -663,12 +663,11 @@ impl Db {
                         summary: serde_json::from_str(&r.get::<_, String>(10)?).unwrap_or_default(),
                     })
                 };
-                let rows = if cond.contains("?1") {
+                if cond.contains("?1") {
                     st.query_map([arg], map)?.collect()
                 } else {
                     st.query_map([], map)?.collect()
-                };
-                rows
+                }
             })
             .await?)
     }

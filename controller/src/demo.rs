@@ -128,6 +128,7 @@ pub fn run(dir: Option<&Path>) -> Result<i32, OperatorError> {
         chunk_size: 4096,
         health: HealthPolicy::default(),
         signers: vec![],
+        golden_outputs_from: None,
     };
     let v1_path = dir.join("iris-1.1.0.efb");
     let report = operator::build_bundle(&options(&model_path, 1), &v1_path)?;

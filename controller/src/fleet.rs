@@ -70,7 +70,8 @@ struct StoredBundle {
 impl StoredBundle {
     fn open(path: &Path) -> Result<StoredBundle, String> {
         let mut file = fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let raw = RawHeader::read_from(&mut file).map_err(|e| format!("{}: {e}", path.display()))?;
+        let raw =
+            RawHeader::read_from(&mut file).map_err(|e| format!("{}: {e}", path.display()))?;
         let manifest = raw
             .decode_unverified()
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -337,12 +338,19 @@ impl Fleet {
                 }
                 let s: DeviceState = protocol::decode(payload).map_err(|e| e.to_string())?;
                 same(&s.device)?;
-                self.db.device_state(&s, now).await.map_err(|e| e.to_string())?;
+                self.db
+                    .device_state(&s, now)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             DeviceTopic::Events => {
                 let e: Event = protocol::decode(payload).map_err(|e| e.to_string())?;
                 same(&e.device)?;
-                let new = self.db.insert_event(&e, now).await.map_err(|e| e.to_string())?;
+                let new = self
+                    .db
+                    .insert_event(&e, now)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 if new {
                     self.on_event(&e, now).await.map_err(|e| e.to_string())?;
                 }
@@ -408,7 +416,9 @@ impl Fleet {
         };
         let mut map = self.rollouts.lock().await;
         for (id, a) in map.iter_mut() {
-            if digest.is_some_and(|d| d != a.digest) || !a.engine.members.contains_key(e.device.as_str()) {
+            if digest.is_some_and(|d| d != a.digest)
+                || !a.engine.members.contains_key(e.device.as_str())
+            {
                 continue;
             }
             let fx = a.engine.apply(now, input.clone()).unwrap_or_default();
@@ -444,7 +454,10 @@ impl Fleet {
             let now = now_ms();
             if now.saturating_sub(last_prune) > 3_600_000 {
                 last_prune = now;
-                let _ = self.db.prune_telemetry(now.saturating_sub(self.retention_ms())).await;
+                let _ = self
+                    .db
+                    .prune_telemetry(now.saturating_sub(self.retention_ms()))
+                    .await;
             }
         }
     }
@@ -527,14 +540,21 @@ impl Fleet {
                 .await;
             if sent.is_ok() {
                 self.stats.chunks_sent.fetch_add(1, Ordering::Relaxed);
-                self.stats.chunk_bytes_sent.fetch_add(len, Ordering::Relaxed);
+                self.stats
+                    .chunk_bytes_sent
+                    .fetch_add(len, Ordering::Relaxed);
             }
         }
     }
 
     // ----- commands and rollouts ----------------------------------------------
 
-    async fn send(&self, device: &str, rollout: Option<&str>, action: Action) -> Result<u64, FleetError> {
+    async fn send(
+        &self,
+        device: &str,
+        rollout: Option<&str>,
+        action: Action,
+    ) -> Result<u64, FleetError> {
         let name = match &action {
             Action::Install { .. } => "install",
             Action::Activate { .. } => "activate",
@@ -562,13 +582,22 @@ impl Fleet {
         Ok(id)
     }
 
-    async fn carry_out(&self, id: &str, a: &mut Active, fx: Vec<Effect>, now: u64) -> Result<(), FleetError> {
+    async fn carry_out(
+        &self,
+        id: &str,
+        a: &mut Active,
+        fx: Vec<Effect>,
+        now: u64,
+    ) -> Result<(), FleetError> {
         let mut notes = Vec::new();
         for e in fx {
             match e {
                 Effect::Install(device) => {
                     let Some(bundle) = self.bundle(&a.digest).await else {
-                        notes.push(format!("bundle {} is missing from the store", a.digest.short()));
+                        notes.push(format!(
+                            "bundle {} is missing from the store",
+                            a.digest.short()
+                        ));
                         continue;
                     };
                     let action = Action::Install {
@@ -804,9 +833,12 @@ pub fn wave_health(
         }
         (inf, err, hist)
     };
-    let (inf, err, hist) = sum(&|t| wave.contains(t.device.as_str()) && t.digest.as_deref() == Some(digest));
+    let (inf, err, hist) =
+        sum(&|t| wave.contains(t.device.as_str()) && t.digest.as_deref() == Some(digest));
     let (b_inf, _, b_hist) = sum(&|t| {
-        others.contains(t.device.as_str()) && t.digest.is_some() && t.digest.as_deref() != Some(digest)
+        others.contains(t.device.as_str())
+            && t.digest.is_some()
+            && t.digest.as_deref() != Some(digest)
     });
     let error_rate = (inf + err >= MIN_INFERENCES).then(|| err as f64 / (inf + err) as f64);
     let p95_latency_ratio = if inf >= MIN_INFERENCES && b_inf >= MIN_INFERENCES {
@@ -830,7 +862,13 @@ pub fn wave_health(
 mod tests {
     use super::*;
 
-    fn row(device: &str, digest: &str, inferences: u64, errors: u64, bucket: usize) -> TelemetryRow {
+    fn row(
+        device: &str,
+        digest: &str,
+        inferences: u64,
+        errors: u64,
+        bucket: usize,
+    ) -> TelemetryRow {
         let mut counts = vec![0u64; LATENCY_BOUNDS_US.len() + 1];
         counts[bucket] = inferences;
         TelemetryRow {
@@ -863,15 +901,26 @@ mod tests {
         ];
         let h = wave_health("new", &wave, &others, &rows);
         assert_eq!(h.error_rate, Some(10.0 / 210.0));
-        let expect = quantile_us(&LATENCY_BOUNDS_US, &rows[0].latency_counts.clone().unwrap_or_default(), 0.95)
-            .unwrap_or(0) as f64
-            / quantile_us(&LATENCY_BOUNDS_US, &rows[2].latency_counts.clone().unwrap_or_default(), 0.95)
-                .unwrap_or(1) as f64;
+        let expect = quantile_us(
+            &LATENCY_BOUNDS_US,
+            &rows[0].latency_counts.clone().unwrap_or_default(),
+            0.95,
+        )
+        .unwrap_or(0) as f64
+            / quantile_us(
+                &LATENCY_BOUNDS_US,
+                &rows[2].latency_counts.clone().unwrap_or_default(),
+                0.95,
+            )
+            .unwrap_or(1) as f64;
         assert_eq!(h.p95_latency_ratio, Some(expect));
         assert!(expect > 1.0);
         // A wave device still on the old bundle counts for neither side.
         let rows2 = vec![row("a", "old", 1000, 1000, 3), row("c", "old", 100, 0, 2)];
-        assert_eq!(wave_health("new", &wave, &others, &rows2), WaveHealth::default());
+        assert_eq!(
+            wave_health("new", &wave, &others, &rows2),
+            WaveHealth::default()
+        );
         // Too little traffic: unknown.
         let rows3 = vec![row("a", "new", 10, 9, 3), row("c", "old", 100, 0, 2)];
         let h = wave_health("new", &wave, &others, &rows3);

@@ -5,8 +5,8 @@
 pub mod api;
 pub mod broker;
 pub mod ca;
-pub mod config;
 pub mod cli;
+pub mod config;
 pub mod db;
 pub mod demo;
 pub mod engine;

@@ -358,6 +358,10 @@ pub struct BuildOptions {
     pub health: HealthPolicy,
     /// Keys to sign with right away (may be empty: sign later).
     pub signers: Vec<SecretKey>,
+    /// Record the golden outputs of this other model instead of the bundled
+    /// one's: a bundle that fails its health check on every device, to prove a
+    /// fleet's canary catches it (`--golden-outputs-from`). None in normal use.
+    pub golden_outputs_from: Option<PathBuf>,
 }
 
 /// What a build produced.
@@ -814,12 +818,31 @@ pub fn build_bundle(opts: &BuildOptions, out: &Path) -> Result<BuildReport, Oper
             (vec![(inputs, vec![])], false)
         }
     };
+    let recorder = match &opts.golden_outputs_from {
+        Some(path) => Some(
+            LoadedModel::load(&read_capped(
+                path,
+                edgefleet_agent::model::MAX_MODEL_LEN as u64,
+            )?)
+            .map_err(|source| OperatorError::Model {
+                path: path.clone(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
     let mut cases = Vec::new();
     for (i, (inputs, expected)) in raw_cases.into_iter().enumerate() {
-        let got = model.run(&inputs).map_err(|e| OperatorError::Model {
+        let mut got = model.run(&inputs).map_err(|e| OperatorError::Model {
             path: opts.model.clone(),
             source: ModelError::Invalid(format!("golden case {i} does not run: {e}")),
         })?;
+        if let (Some(r), Some(path)) = (&recorder, &opts.golden_outputs_from) {
+            got = r.run(&inputs).map_err(|e| OperatorError::Model {
+                path: path.clone(),
+                source: ModelError::Invalid(format!("golden case {i} does not run: {e}")),
+            })?;
+        }
         check_outputs(i, &got, &expected, &opts.health).map_err(|failure| match failure {
             HealthFailure::OutOfTolerance { case, output, index, got, want } => input_err(
                 format!("golden case {case} output `{output}`"),

@@ -221,7 +221,9 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
-        let (started, server) = crate::serve::start(config).await.map_err(|e| e.to_string())?;
+        let (started, server) = crate::serve::start(config)
+            .await
+            .map_err(|e| e.to_string())?;
         println!("controller API listening on http://{}", started.http);
         println!("devices connect to {}", started.broker_url);
         println!("data directory {}", started.data_dir.display());
@@ -286,7 +288,10 @@ impl Client {
         }
     }
 
-    fn answer(&self, r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Value, String> {
+    fn answer(
+        &self,
+        r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Value, String> {
         let mut r = r.map_err(|e| format!("controller at {}: {e}", self.base))?;
         let status = r.status();
         let body: Value = r
@@ -369,8 +374,19 @@ pub fn devices(cmd: DevicesCommand) -> Result<i32, String> {
             if api.json {
                 print_json(&json!({"device": v["device"], "out": out}));
             } else {
-                println!("enrolled {}; files for the device in {}", v["device"].as_str().unwrap_or(""), out.display());
-                println!("  ca.pem device.pem device.key (0600) agent.toml{}", if v["trust_root_hex"].is_string() { " trust-root.cbor" } else { " (no trust root on the controller: add trust-root.cbor yourself)" });
+                println!(
+                    "enrolled {}; files for the device in {}",
+                    v["device"].as_str().unwrap_or(""),
+                    out.display()
+                );
+                println!(
+                    "  ca.pem device.pem device.key (0600) agent.toml{}",
+                    if v["trust_root_hex"].is_string() {
+                        " trust-root.cbor"
+                    } else {
+                        " (no trust root on the controller: add trust-root.cbor yourself)"
+                    }
+                );
             }
             Ok(0)
         }
@@ -387,7 +403,10 @@ pub fn devices(cmd: DevicesCommand) -> Result<i32, String> {
             if api.json {
                 print_json(&v);
             } else {
-                println!("{:<20} {:<8} {:<16} {:<10} tags", "device", "online", "model", "version");
+                println!(
+                    "{:<20} {:<8} {:<16} {:<10} tags",
+                    "device", "online", "model", "version"
+                );
                 for d in v["devices"].as_array().into_iter().flatten() {
                     println!(
                         "{:<20} {:<8} {:<16} {:<10} {}",
@@ -421,7 +440,11 @@ pub fn write_enrollment(v: &Value, out: &Path) -> Result<(), String> {
     put("device.pem", s("cert_pem").as_bytes(), 0o644)?;
     put("device.key", s("key_pem").as_bytes(), 0o600)?;
     if let Some(t) = v["trust_root_hex"].as_str() {
-        put("trust-root.cbor", &hex::decode(t).map_err(|e| e.to_string())?, 0o644)?;
+        put(
+            "trust-root.cbor",
+            &hex::decode(t).map_err(|e| e.to_string())?,
+            0o644,
+        )?;
     }
     let mut agent = edgefleet_agent::config::AgentConfig {
         device_id: s("device"),
@@ -448,7 +471,11 @@ pub fn bundles(cmd: BundlesCommand) -> Result<i32, String> {
                 let b = &v["bundle"];
                 println!(
                     "{} {} {} (release {}) {}",
-                    if v["new"].as_bool().unwrap_or(false) { "uploaded" } else { "already stored:" },
+                    if v["new"].as_bool().unwrap_or(false) {
+                        "uploaded"
+                    } else {
+                        "already stored:"
+                    },
                     b["channel"].as_str().unwrap_or(""),
                     b["version"].as_str().unwrap_or(""),
                     b["release"],

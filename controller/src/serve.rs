@@ -46,13 +46,15 @@ pub async fn start(
         std::sync::atomic::Ordering::Relaxed,
     );
     let data = config.data_dir.clone();
-    std::fs::create_dir_all(&data).map_err(|e| err("data_dir")(format!("{}: {e}", data.display())))?;
+    std::fs::create_dir_all(&data)
+        .map_err(|e| err("data_dir")(format!("{}: {e}", data.display())))?;
     {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700));
     }
     let ca = Arc::new(Ca::open_or_create(&data.join("ca")).map_err(|e| err("CA")(e.to_string()))?);
-    let topics = Topics::new(&config.mqtt.topic_prefix).map_err(|e| err("mqtt.topic_prefix")(e.to_string()))?;
+    let topics = Topics::new(&config.mqtt.topic_prefix)
+        .map_err(|e| err("mqtt.topic_prefix")(e.to_string()))?;
 
     let (link, broker_url) = match config.mqtt.mode {
         BrokerMode::Embedded => {
@@ -83,7 +85,9 @@ pub async fn start(
                 let (Some(ca_path), Some(cert), Some(key)) =
                     (&config.mqtt.ca, &config.mqtt.cert, &config.mqtt.key)
                 else {
-                    return Err(ServeError("mqtt.ca/cert/key are needed for mqtts://".into()));
+                    return Err(ServeError(
+                        "mqtt.ca/cert/key are needed for mqtts://".into(),
+                    ));
                 };
                 Some(
                     edgefleet_agent::link::tls_config(ca_path, cert, key)
@@ -134,7 +138,9 @@ pub async fn start(
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .map_err(|e| err("http.listen")(format!("{}: {e}", config.http.listen)))?;
-    let http = listener.local_addr().map_err(|e| err("http.listen")(e.to_string()))?;
+    let http = listener
+        .local_addr()
+        .map_err(|e| err("http.listen")(e.to_string()))?;
     let app = api::router(state);
     let server = async move {
         axum::serve(listener, app)
@@ -169,14 +175,24 @@ async fn shutdown_signal() {
 
 /// On first start (no token at all) creates the `admin` token and writes it to
 /// `<data>/admin-token`, mode 0600. The store keeps only its SHA-256.
-async fn ensure_admin_token(db: &Db, data: &std::path::Path) -> Result<Option<PathBuf>, ServeError> {
-    if db.token_count().await.map_err(|e| err("database")(e.to_string()))? > 0 {
+async fn ensure_admin_token(
+    db: &Db,
+    data: &std::path::Path,
+) -> Result<Option<PathBuf>, ServeError> {
+    if db
+        .token_count()
+        .await
+        .map_err(|e| err("database")(e.to_string()))?
+        > 0
+    {
         return Ok(None);
     }
     let token = api::new_token().map_err(err("admin token"))?;
     let path = data.join("admin-token");
-    crate::operator::write_atomic(&path, 0o600, |w| w.write_all(format!("{token}\n").as_bytes()))
-        .map_err(|e| err("admin token")(e.to_string()))?;
+    crate::operator::write_atomic(&path, 0o600, |w| {
+        w.write_all(format!("{token}\n").as_bytes())
+    })
+    .map_err(|e| err("admin token")(e.to_string()))?;
     db.insert_token(&api::token_hash(&token), "admin", "admin", now_ms())
         .await
         .map_err(|e| err("admin token")(e.to_string()))?;

@@ -62,7 +62,7 @@ fn wave_sizes_parse_and_refuse_with_the_reason() {
     }
     assert!(
         WaveSize::parse("0")
-            .unwrap_err()
+            .expect_err("refused")
             .contains("at least 1 device")
     );
 }
@@ -481,21 +481,31 @@ fn plans_are_validated_field_by_field() {
     p.gates.min_success_ratio = 1.5;
     assert!(
         p.validate()
-            .unwrap_err()
+            .expect_err("refused")
             .contains("gates.min_success_ratio")
     );
     let mut p = Plan::default();
     p.gates.max_p95_latency_ratio = 0.5;
-    assert!(p.validate().unwrap_err().contains("max_p95_latency_ratio"));
-    let mut p = Plan::default();
-    p.rate_per_minute = 0;
-    assert!(p.validate().unwrap_err().contains("rate_per_minute"));
+    assert!(
+        p.validate()
+            .expect_err("refused")
+            .contains("max_p95_latency_ratio")
+    );
+    let p = Plan {
+        rate_per_minute: 0,
+        ..Plan::default()
+    };
+    assert!(
+        p.validate()
+            .expect_err("refused")
+            .contains("rate_per_minute")
+    );
     let mut p = Plan::default();
     p.waves.clear();
-    assert!(p.validate().unwrap_err().contains("waves"));
+    assert!(p.validate().expect_err("refused").contains("waves"));
     assert!(
         Rollout::new("x", &[], Plan::default(), 0)
-            .unwrap_err()
+            .expect_err("refused")
             .contains("matches no device")
     );
 }

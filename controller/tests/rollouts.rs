@@ -1,0 +1,479 @@
+//! Staged rollouts end to end: a real controller process (`edgefleet serve`, with
+//! its embedded broker and mutual TLS), real agent processes enrolled through the
+//! CLI, real bundles of the repository's models. Every wait polls the API against
+//! a deadline; nothing sleeps a fixed time to let things happen.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(90);
+const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
+const EDGEFLEET: &str = env!("CARGO_BIN_EXE_edgefleet");
+
+/// The agent binary, built beside ours (built on demand when this package's
+/// tests run alone).
+fn agent_bin() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let path = Path::new(EDGEFLEET).with_file_name("edgefleet-agent");
+    BUILT.call_once(|| {
+        if !path.exists() {
+            let ok = Command::new(env!("CARGO"))
+                .args(["build", "-p", "edgefleet-agent", "--bin", "edgefleet-agent"])
+                .status()
+                .expect("cargo runs");
+            assert!(ok.success(), "building edgefleet-agent failed");
+        }
+    });
+    path
+}
+
+fn run_ok(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(EDGEFLEET)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("edgefleet runs");
+    assert!(
+        out.status.success(),
+        "edgefleet {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A controller process.
+struct Controller {
+    child: Child,
+    url: String,
+    mqtt_port: u16,
+    token: String,
+    log: PathBuf,
+}
+
+impl Controller {
+    fn start(data: &Path, mqtt_port: u16) -> Controller {
+        let log = data.with_extension(format!("log-{}", mqtt_port_suffix()));
+        let mut child = Command::new(EDGEFLEET)
+            .args(["serve", "--data-dir", s(data), "--http", "127.0.0.1:0"])
+            .args(["--mqtt", &format!("127.0.0.1:{mqtt_port}")])
+            .env("EDGEFLEET_LOG", "info,rumqttd=off")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("controller starts");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let (mut url, mut port) = (None, None);
+        while url.is_none() || port.is_none() {
+            let line = lines
+                .next()
+                .expect("controller readiness lines")
+                .expect("line");
+            if let Some(u) = line.strip_prefix("controller API listening on ") {
+                url = Some(u.to_string());
+            }
+            if let Some(p) = line.strip_prefix("devices connect to mqtts://localhost:") {
+                port = Some(p.parse().expect("port"));
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        let token = std::fs::read_to_string(data.join("admin-token"))
+            .expect("admin token")
+            .trim()
+            .to_string();
+        Controller {
+            child,
+            url: url.expect("url"),
+            mqtt_port: port.expect("port"),
+            token,
+            log,
+        }
+    }
+
+    fn env(&self) -> [(&'static str, &str); 2] {
+        [
+            ("EDGEFLEET_URL", &self.url),
+            ("EDGEFLEET_TOKEN", &self.token),
+        ]
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let url = format!("{}{path}", self.url);
+        let auth = format!("Bearer {}", self.token);
+        let r = match method {
+            "GET" => agent.get(&url).header("Authorization", &auth).call(),
+            _ => agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_json(body.unwrap_or_else(|| json!({}))),
+        };
+        let mut r = r.expect("request");
+        let status = r.status().as_u16();
+        (status, r.body_mut().read_json().unwrap_or(Value::Null))
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let (status, v) = self.call("GET", path, None);
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
+    }
+
+    fn rollout(&self, id: &str) -> Value {
+        self.get(&format!("/api/v1/rollouts/{id}"))["rollout"].clone()
+    }
+
+    /// Polls a rollout until `done` holds.
+    fn wait_rollout(&self, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let r = self.rollout(id);
+            if done(&r) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rollout never {what}: {r:#}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn device(&self, id: &str) -> Value {
+        self.get(&format!("/api/v1/devices/{id}"))
+    }
+}
+
+fn mqtt_port_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An agent process enrolled on the controller.
+struct Agent {
+    child: Child,
+    id: String,
+}
+
+impl Agent {
+    fn enroll_and_start(c: &Controller, dir: &Path, id: &str, tags: &str) -> Agent {
+        let out = dir.join(id);
+        run_ok(
+            &["devices", "enroll", id, "--tags", tags, "--out", s(&out)],
+            &c.env(),
+        );
+        // The files go to /etc/edgefleet on a device; here they stay in `out`.
+        let text = std::fs::read_to_string(out.join("agent.toml")).expect("agent.toml");
+        let text = text
+            .replace("/etc/edgefleet", s(&out))
+            .replace("/var/lib/edgefleet", s(&out.join("data")))
+            .replace("interval_s = 60", "interval_s = 1");
+        let config = out.join("local.toml");
+        std::fs::write(&config, text).expect("config");
+        let log = out.join("agent.log");
+        let mut child = Command::new(agent_bin())
+            .arg("--config")
+            .arg(&config)
+            .args(["run", "--http", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("agent starts");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        loop {
+            let line = lines.next().expect("agent readiness").expect("line");
+            if line.starts_with("local API listening on") {
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Agent {
+            child,
+            id: id.into(),
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Keys, trust root on the controller, and bundles: v1 and v2 of iris, and a
+/// v3 whose model is broken (its golden outputs are the good model's).
+struct Bundles {
+    v1: PathBuf,
+    v2: PathBuf,
+    bad: PathBuf,
+}
+
+fn make_bundles(dir: &Path, controller_data: &Path) -> Bundles {
+    let keys = dir.join("keys");
+    run_ok(&["keys", "generate", "--out", s(&keys)], &[]);
+    std::fs::create_dir_all(controller_data).expect("data dir");
+    run_ok(
+        &[
+            "trust",
+            "init",
+            "--key",
+            s(&keys.join("signing.key")),
+            "--threshold",
+            "1",
+            "--out",
+            s(&controller_data.join("trust-root.cbor")),
+        ],
+        &[],
+    );
+    let build = |model: &str, version: &str, release: &str, extra: &[&str]| {
+        let out = dir.join(format!("iris-{version}.efb"));
+        let mut args = vec![
+            "bundle".to_string(),
+            "build".into(),
+            "--model".into(),
+            format!("{MODELS}/{model}"),
+            "--channel".into(),
+            "iris".into(),
+            "--version".into(),
+            version.into(),
+            "--release".into(),
+            release.into(),
+            "--golden".into(),
+            format!("{MODELS}/iris_golden.json"),
+            "--key".into(),
+            s(&keys.join("signing.key")).into(),
+            "--out".into(),
+            s(&out).into(),
+        ];
+        args.extend(extra.iter().map(|x| x.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_ok(&refs, &[]);
+        out
+    };
+    let good = format!("{MODELS}/iris_logreg.onnx");
+    Bundles {
+        v1: build("iris_logreg.onnx", "1.0.0", "1", &[]),
+        v2: build("iris_logreg.onnx", "2.0.0", "2", &[]),
+        bad: build(
+            "iris_logreg_v2_broken.onnx",
+            "3.0.0",
+            "3",
+            &["--golden-outputs-from", &good],
+        ),
+    }
+}
+
+fn push(c: &Controller, bundle: &Path) -> String {
+    let out = run_ok(&["bundles", "push", s(bundle), "--json"], &c.env());
+    let v: Value = serde_json::from_str(&out).expect("json");
+    v["bundle"]["digest"].as_str().expect("digest").to_string()
+}
+
+fn start_rollout(c: &Controller, digest: &str, extra: &[&str]) -> String {
+    let mut args = vec!["rollout", "start", digest, "--tags", "site=lab", "--json"];
+    args.extend_from_slice(extra);
+    let out = run_ok(&args, &c.env());
+    let v: Value = serde_json::from_str(&out).expect("json");
+    v["rollout"]["id"].as_str().expect("id").to_string()
+}
+
+fn versions(c: &Controller, agents: &[Agent]) -> Vec<String> {
+    agents
+        .iter()
+        .map(|a| {
+            c.device(&a.id)["device"]["active_version"]
+                .as_str()
+                .unwrap_or("-")
+                .to_string()
+        })
+        .collect()
+}
+
+fn wait_versions(c: &Controller, agents: &[Agent], want: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = versions(c, agents);
+        if v.iter().all(|x| x == want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "devices on {v:?}, want {want}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn installs(c: &Controller, device: &str) -> u64 {
+    c.device(device)["commands"]["install"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_fleet_rolls_out_in_waves_a_bad_bundle_stops_at_the_canary_and_a_restart_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("controller");
+    let bundles = make_bundles(dir.path(), &data);
+    let mut c = Controller::start(&data, 0);
+    let agents: Vec<Agent> = (1..=5)
+        .map(|i| Agent::enroll_and_start(&c, dir.path(), &format!("dev-{i:02}"), "site=lab"))
+        .collect();
+    // Everyone enrolled and online.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = c.get("/api/v1/devices?tag=site=lab&state=online");
+        if v["devices"].as_array().map_or(0, Vec::len) == 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "devices not online: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // 1. A good rollout through all waves: 1 | 40% of 5 = 2 -> 1 more | 100% -> 3.
+    let v1 = push(&c, &bundles.v1);
+    let id = start_rollout(&c, &v1, &["--waves", "1,40%,100%", "--soak-s", "1"]);
+    let r = c.wait_rollout(&id, "completed", |r| r["phase"] == "completed");
+    let sizes: Vec<u64> = r["waves"]
+        .as_array()
+        .expect("waves")
+        .iter()
+        .map(|w| w["devices"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(sizes, vec![1, 1, 3]);
+    assert_eq!(r["counts"]["succeeded"], 5);
+    wait_versions(&c, &agents, "1.0.0");
+    for a in &agents {
+        assert_eq!(installs(&c, &a.id), 1, "{} asked once", a.id);
+    }
+    // The log tells the story, wave by wave.
+    let log: Vec<String> = r["log"]
+        .as_array()
+        .expect("log")
+        .iter()
+        .map(|l| l["note"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        log.iter().any(|l| l.contains("wave 2 of 3 started")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("rollout complete: 5 devices switched")),
+        "{log:?}"
+    );
+
+    // 2. A bundle that fails its golden cases on device: the canary catches it,
+    // the rollout halts, nobody else is asked, everyone stays on 1.0.0.
+    let bad = push(&c, &bundles.bad);
+    let id = start_rollout(&c, &bad, &["--waves", "1,100%", "--soak-s", "1"]);
+    let r = c.wait_rollout(&id, "halted", |r| r["phase"] == "halted");
+    let reason = r["phase_detail"]["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("wave 1: 1 of 1 devices failed"), "{reason}");
+    assert_eq!(r["counts"]["pending"], 4, "{r:#}");
+    let canary = r["members"]
+        .as_object()
+        .expect("members")
+        .iter()
+        .find(|(_, m)| m["state"] == "failed")
+        .map(|(d, m)| (d.clone(), m["reason"].as_str().unwrap_or("").to_string()))
+        .expect("a failed canary");
+    assert!(canary.1.starts_with("health_check:"), "{canary:?}");
+    // The reason is visible on the device too.
+    let events = c.device(&canary.0)["events"].clone();
+    assert!(
+        events
+            .as_array()
+            .expect("events")
+            .iter()
+            .any(|e| e["kind"] == "install_failed"),
+        "{events:#}"
+    );
+    assert_eq!(versions(&c, &agents), vec!["1.0.0"; 5]);
+    for a in agents.iter().filter(|a| a.id != canary.0) {
+        assert_eq!(
+            installs(&c, &a.id),
+            1,
+            "{} was never asked for the bad bundle",
+            a.id
+        );
+    }
+
+    // 3. Kill the controller mid-rollout (wave 1 soaking for 4 s, the rest not
+    // asked yet), start it again: the rollout continues from its stored state.
+    let v2 = push(&c, &bundles.v2);
+    let id = start_rollout(&c, &v2, &["--waves", "1,100%", "--soak-s", "4"]);
+    c.wait_rollout(&id, "soaking", |r| r["phase"] == "soaking");
+    let port = c.mqtt_port;
+    c.kill();
+    let c = Controller::start(&data, port);
+    assert!(c.log().contains("continuing rollout"), "{}", c.log());
+    let r = c.wait_rollout(&id, "completed after the restart", |r| {
+        r["phase"] == "completed"
+    });
+    assert_eq!(r["counts"]["succeeded"], 5);
+    wait_versions(&c, &agents, "2.0.0");
+    for a in &agents {
+        // v1, v2: one install each (the canary also had the bad one).
+        let want = if a.id == canary.0 { 3 } else { 2 };
+        assert_eq!(
+            installs(&c, &a.id),
+            want,
+            "{}: nobody asked twice for v2",
+            a.id
+        );
+    }
+
+    // 4. The audit log recorded who did what.
+    let audit = c.get("/api/v1/audit");
+    let actions: Vec<&str> = audit["audit"]
+        .as_array()
+        .expect("audit")
+        .iter()
+        .filter_map(|a| a["action"].as_str())
+        .collect();
+    for want in ["device.enroll", "bundle.upload", "rollout.start"] {
+        assert!(actions.contains(&want), "{want} missing: {actions:?}");
+    }
+    // Metrics expose the fleet.
+    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+    let metrics = agent
+        .get(format!("{}/metrics", c.url))
+        .call()
+        .expect("metrics")
+        .body_mut()
+        .read_to_string()
+        .expect("text");
+    assert!(metrics.contains("edgefleet_devices 5"), "{metrics}");
+    assert!(
+        metrics.contains("edgefleet_devices_by_version{channel=\"iris\",version=\"2.0.0\"} 5"),
+        "{metrics}"
+    );
+    drop(agents);
+}
