@@ -1,0 +1,404 @@
+//! The API on its router, without a socket: authentication and roles, JSON
+//! errors with stable codes that name the field, uploads refused with the reason.
+//! The store is a real SQLite file; the broker is absent (the fleet keeps trying
+//! to connect in the background, which these requests do not need).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use edgefleet::api::{self, AppState};
+use edgefleet::ca::Ca;
+use edgefleet::db::Db;
+use edgefleet::fleet::{BrokerLink, Fleet};
+use edgefleet_shared::protocol::Topics;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+struct Api {
+    router: axum::Router,
+    db: Db,
+    _dir: tempfile::TempDir,
+}
+
+const ADMIN: &str = "admin-secret";
+
+async fn api() -> Api {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Db::open(&dir.path().join("c.db")).await.expect("db");
+    db.insert_token(&api::token_hash(ADMIN), "admin", "admin", 1)
+        .await
+        .expect("token");
+    // A port nothing listens on: the fleet's broker link just retries.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let fleet = Fleet::start(
+        db.clone(),
+        Topics::default(),
+        BrokerLink {
+            host: "127.0.0.1".into(),
+            port,
+            tls: None,
+        },
+        dir.path().join("bundles"),
+        Duration::from_secs(1),
+        Duration::from_millis(10),
+        (100, Duration::from_millis(50)),
+    )
+    .await
+    .expect("fleet");
+    let ca = Arc::new(Ca::open_or_create(&dir.path().join("ca")).expect("ca"));
+    let router = api::router(AppState {
+        fleet,
+        ca,
+        trust_root: dir.path().join("trust-root.cbor"),
+        max_bundle_bytes: 1 << 20,
+        broker_url: "mqtts://localhost:8883".into(),
+        topic_prefix: "edgefleet/v1".into(),
+    });
+    Api {
+        router,
+        db,
+        _dir: dir,
+    }
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Body,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let req = req
+            .header("Content-Type", "application/json")
+            .body(body)
+            .expect("request");
+        let resp = self.router.clone().oneshot(req).await.expect("answer");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn json(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        self.call(method, path, token, Body::from(body.to_string()))
+            .await
+    }
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+
+fn message(v: &Value) -> &str {
+    v["error"]["message"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn every_route_but_health_and_metrics_needs_a_known_token() {
+    let a = api().await;
+    let (s, _) = a.call("GET", "/api/v1/health", None, Body::empty()).await;
+    assert_eq!(s, StatusCode::OK);
+    for path in [
+        "/api/v1/devices",
+        "/api/v1/bundles",
+        "/api/v1/rollouts",
+        "/api/v1/audit",
+    ] {
+        let (s, v) = a.call("GET", path, None, Body::empty()).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(code(&v), "unauthorized");
+        let (s, v) = a.call("GET", path, Some("wrong"), Body::empty()).await;
+        assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"));
+        assert_eq!(message(&v), "unknown token");
+        let (s, _) = a.call("GET", path, Some(ADMIN), Body::empty()).await;
+        assert_eq!(s, StatusCode::OK, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn roles_limit_what_a_token_may_change_and_changes_are_audited() {
+    let a = api().await;
+    let (s, v) = a
+        .json(
+            "POST",
+            "/api/v1/tokens",
+            Some(ADMIN),
+            json!({"name": "dash", "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let viewer = v["token"].as_str().expect("token").to_string();
+    assert!(viewer.starts_with("eft_"));
+    // The store keeps only the hash.
+    assert_eq!(
+        a.db.token(&api::token_hash(&viewer)).await.expect("db"),
+        Some(("dash".into(), "viewer".into()))
+    );
+    let (s, _) = a
+        .call("GET", "/api/v1/devices", Some(&viewer), Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = a
+        .json("POST", "/api/v1/rollouts", Some(&viewer), json!({}))
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "forbidden"));
+    assert!(message(&v).contains("operator"), "{v}");
+    let (s, v) = a
+        .json(
+            "POST",
+            "/api/v1/tokens",
+            Some(&viewer),
+            json!({"name": "x", "role": "admin"}),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "forbidden"));
+    // Names are unique; roles are checked.
+    let (s, v) = a
+        .json(
+            "POST",
+            "/api/v1/tokens",
+            Some(ADMIN),
+            json!({"name": "dash", "role": "viewer"}),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "conflict"));
+    let (s, v) = a
+        .json(
+            "POST",
+            "/api/v1/tokens",
+            Some(ADMIN),
+            json!({"name": "ops", "role": "root"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(message(&v).starts_with("role"), "{v}");
+    let (_, v) = a
+        .call("GET", "/api/v1/audit", Some(ADMIN), Body::empty())
+        .await;
+    let audit = v["audit"].as_array().expect("audit");
+    assert_eq!(audit.len(), 1, "one change so far: {v}");
+    assert_eq!(audit[0]["action"], "token.create");
+    assert_eq!(audit[0]["actor"], "admin");
+    assert_eq!(audit[0]["after"]["role"], "viewer");
+}
+
+#[tokio::test]
+async fn bad_rollout_bodies_get_a_4xx_naming_the_field() {
+    let a = api().await;
+    let digest = "ab".repeat(32);
+    for (body, field) in [
+        (
+            json!({"bundle": "xyz", "selector": {"all": true}}),
+            "bundle",
+        ),
+        (json!({"bundle": digest, "selector": {}}), "selector"),
+        (
+            json!({"bundle": digest, "selector": {"all": true}, "waves": ["0"]}),
+            "waves",
+        ),
+        (
+            json!({"bundle": digest, "selector": {"all": true}, "waves": ["150%"]}),
+            "waves",
+        ),
+        (
+            json!({"bundle": digest, "selector": {"all": true}, "gates": {"min_success_ratio": 2.0}}),
+            "gates.min_success_ratio",
+        ),
+        (
+            json!({"bundle": digest, "selector": {"all": true}, "rate_per_minute": 0}),
+            "rate_per_minute",
+        ),
+        (
+            json!({"bundle": digest, "selector": {"devices": ["ghost"]}}),
+            "selector.devices",
+        ),
+        (
+            json!({"bundle": digest, "selector": {"all": true}, "colour": 1}),
+            "colour",
+        ),
+        (
+            json!({"bundle": digest, "selector": {"all": true}, "policy": "explode"}),
+            "policy",
+        ),
+    ] {
+        let (s, v) = a
+            .json("POST", "/api/v1/rollouts", Some(ADMIN), body.clone())
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {v}");
+        assert_eq!(code(&v), "invalid");
+        assert!(message(&v).contains(field), "{body}: {}", message(&v));
+    }
+    // A valid body for a bundle the controller does not hold: 404 that says so.
+    let (s, v) = a
+        .json(
+            "POST",
+            "/api/v1/rollouts",
+            Some(ADMIN),
+            json!({"bundle": digest, "selector": {"all": true}}),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"), "{v}");
+    assert!(message(&v).contains("upload it first"), "{v}");
+    // Unknown rollouts and actions.
+    let (s, _) = a
+        .call("GET", "/api/v1/rollouts/nope", Some(ADMIN), Body::empty())
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = a
+        .json(
+            "POST",
+            "/api/v1/rollouts/nope/explode",
+            Some(ADMIN),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(
+        message(&v).contains("pause, resume, abort or promote"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn uploads_are_verified_and_refused_with_the_reason() {
+    let a = api().await;
+    // No trust root configured: the controller cannot check, so it refuses.
+    let (s, v) = a
+        .call(
+            "POST",
+            "/api/v1/bundles",
+            Some(ADMIN),
+            Body::from(vec![1u8; 100]),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "no_trust_root"),
+        "{v}"
+    );
+    // With a trust root: garbage is refused with the reason, and so is too much.
+    let key = edgefleet_shared::SecretKey::from_seed([9; 32]);
+    let mut root = edgefleet_shared::TrustRoot::new(
+        1,
+        edgefleet_shared::UnixTime::now().plus_days(30),
+        1,
+        vec![key.public()],
+    )
+    .to_unsigned();
+    root.sign(&key);
+    std::fs::write(a._dir.path().join("trust-root.cbor"), root.to_bytes()).expect("root");
+    let (s, v) = a
+        .call(
+            "POST",
+            "/api/v1/bundles",
+            Some(ADMIN),
+            Body::from(vec![1u8; 100]),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "bundle_refused"),
+        "{v}"
+    );
+    assert!(message(&v).contains("bundle"), "{v}");
+    let (s, v) = a
+        .call(
+            "POST",
+            "/api/v1/bundles",
+            Some(ADMIN),
+            Body::from(vec![0u8; (1 << 20) + 1]),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+        "{v}"
+    );
+    let (_, v) = a
+        .call("GET", "/api/v1/bundles", Some(ADMIN), Body::empty())
+        .await;
+    assert_eq!(v["bundles"], json!([]), "nothing stored");
+    let leftovers = std::fs::read_dir(a._dir.path().join("bundles"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(leftovers, 0, "refused uploads leave no file behind");
+    // Enrollment validates the id and the tags.
+    let (s, v) = a
+        .json(
+            "POST",
+            "/api/v1/devices/..%2Fetc/enroll",
+            Some(ADMIN),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(message(&v).contains("device id"), "{v}");
+    let (s, v) = a
+        .json(
+            "POST",
+            "/api/v1/devices/pi-01/enroll",
+            Some(ADMIN),
+            json!({"tags": {"a=b": "c"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(message(&v).contains("tags"), "{v}");
+    let (s, v) = a
+        .json(
+            "POST",
+            "/api/v1/devices/pi-01/enroll",
+            Some(ADMIN),
+            json!({"tags": {"site": "north"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(
+        v["cert_pem"]
+            .as_str()
+            .is_some_and(|c| c.contains("BEGIN CERTIFICATE"))
+    );
+    assert!(
+        v["key_pem"]
+            .as_str()
+            .is_some_and(|c| c.contains("PRIVATE KEY"))
+    );
+    let (_, v) = a
+        .call(
+            "GET",
+            "/api/v1/devices?tag=site=north",
+            Some(ADMIN),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(v["devices"][0]["id"], "pi-01");
+    let (s, v) = a
+        .call(
+            "GET",
+            "/api/v1/devices?state=sideways",
+            Some(ADMIN),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(message(&v).contains("state"), "{v}");
+}
