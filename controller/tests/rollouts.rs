@@ -181,6 +181,7 @@ impl Drop for Controller {
 struct Agent {
     child: Child,
     id: String,
+    api: String,
 }
 
 impl Agent {
@@ -208,16 +209,18 @@ impl Agent {
             .spawn()
             .expect("agent starts");
         let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-        loop {
+        let api = loop {
             let line = lines.next().expect("agent readiness").expect("line");
-            if line.starts_with("local API listening on") {
-                break;
+            if let Some(a) = line.strip_prefix("local API listening on ") {
+                // "http://127.0.0.1:PORT"
+                break a.to_string();
             }
-        }
+        };
         std::thread::spawn(move || for _ in lines {});
         Agent {
             child,
             id: id.into(),
+            api,
         }
     }
 }
@@ -229,12 +232,14 @@ impl Drop for Agent {
     }
 }
 
-/// Keys, trust root on the controller, and bundles: v1 and v2 of iris, and a
-/// v3 whose model is broken (its golden outputs are the good model's).
+/// Keys, trust root on the controller, and bundles: v1 and v2 of iris, a v3
+/// whose model is broken (its golden outputs are the good model's), and a v4
+/// that answers correctly but is a much slower model (the small CNN).
 struct Bundles {
     v1: PathBuf,
     v2: PathBuf,
     bad: PathBuf,
+    slow: PathBuf,
 }
 
 fn make_bundles(dir: &Path, controller_data: &Path) -> Bundles {
@@ -255,6 +260,11 @@ fn make_bundles(dir: &Path, controller_data: &Path) -> Bundles {
         &[],
     );
     let build = |model: &str, version: &str, release: &str, extra: &[&str]| {
+        let golden = if model.starts_with("iris") {
+            vec!["--golden".to_string(), format!("{MODELS}/iris_golden.json")]
+        } else {
+            vec![]
+        };
         let out = dir.join(format!("iris-{version}.efb"));
         let mut args = vec![
             "bundle".to_string(),
@@ -267,13 +277,12 @@ fn make_bundles(dir: &Path, controller_data: &Path) -> Bundles {
             version.into(),
             "--release".into(),
             release.into(),
-            "--golden".into(),
-            format!("{MODELS}/iris_golden.json"),
             "--key".into(),
             s(&keys.join("signing.key")).into(),
             "--out".into(),
             s(&out).into(),
         ];
+        args.extend(golden);
         args.extend(extra.iter().map(|x| x.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         run_ok(&refs, &[]);
@@ -289,6 +298,7 @@ fn make_bundles(dir: &Path, controller_data: &Path) -> Bundles {
             "3",
             &["--golden-outputs-from", &good],
         ),
+        slow: build("digits_cnn.onnx", "4.0.0", "4", &[]),
     }
 }
 
@@ -476,4 +486,80 @@ fn a_fleet_rolls_out_in_waves_a_bad_bundle_stops_at_the_canary_and_a_restart_los
         "{metrics}"
     );
     drop(agents);
+}
+
+/// Sends inferences to every agent until `stop`: the input that fits the model
+/// each one serves (asked from its metadata), so that none is an error.
+fn traffic(apis: Vec<String>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        for api in &apis {
+            let Ok(mut meta) = agent.get(format!("{api}/v2/models/iris")).call() else {
+                continue;
+            };
+            let meta: Value = meta.body_mut().read_json().unwrap_or(Value::Null);
+            let body = if meta["inputs"][0]["name"] == "image" {
+                json!({"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": vec![0.5f32; 784]}]})
+            } else {
+                json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]})
+            };
+            for _ in 0..5 {
+                let _ = agent
+                    .post(format!("{api}/v2/models/iris/infer"))
+                    .send_json(&body);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_wave_much_slower_than_the_previous_version_trips_the_latency_gate_and_reverts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("controller");
+    let bundles = make_bundles(dir.path(), &data);
+    let c = Controller::start(&data, 0);
+    let agents: Vec<Agent> = (1..=4)
+        .map(|i| Agent::enroll_and_start(&c, dir.path(), &format!("lat-{i:02}"), "site=lab"))
+        .collect();
+    let v1 = push(&c, &bundles.v1);
+    let id = start_rollout(&c, &v1, &["--waves", "100%", "--soak-s", "0"]);
+    c.wait_rollout(&id, "completed", |r| r["phase"] == "completed");
+    wait_versions(&c, &agents, "1.0.0");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let apis = agents.iter().map(|a| a.api.clone()).collect();
+        let stop = stop.clone();
+        std::thread::spawn(move || traffic(apis, stop))
+    };
+    // Half the fleet gets the slow model; the other half is the baseline. The
+    // soak is long: only the gate can end it within the test's deadline.
+    let slow = push(&c, &bundles.slow);
+    let id = start_rollout(&c, &slow, &["--waves", "2,100%", "--soak-s", "600"]);
+    let r = c.wait_rollout(&id, "halted", |r| r["phase"] == "halted");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = load.join();
+    let reason = r["phase_detail"]["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("p95 latency") && reason.contains("above max_p95_latency_ratio 1.50x"),
+        "{reason}"
+    );
+    assert_eq!(r["counts"]["pending"], 2, "the second wave was never asked");
+    // The two that switched are told to revert and go back to 1.0.0.
+    wait_versions(&c, &agents, "1.0.0");
+    let r = c.wait_rollout(&id, "reverted", |r| r["counts"]["reverted"] == 2);
+    let reverted: Vec<&str> = r["members"]
+        .as_object()
+        .expect("members")
+        .iter()
+        .filter(|(_, m)| m["state"] == "reverted")
+        .map(|(d, _)| d.as_str())
+        .collect();
+    for d in reverted {
+        let commands = &c.device(d)["commands"];
+        assert_eq!(commands["revert"], 1, "{d}: {commands}");
+    }
 }
