@@ -38,6 +38,9 @@ pub enum Command {
     /// The controller's configuration file.
     #[command(subcommand)]
     Config(crate::remote::ConfigCommand),
+    /// Brokers: prepare Mosquitto (certificates, ACL, configuration) for the fleet.
+    #[command(subcommand)]
+    Broker(crate::remote::BrokerCommand),
     /// Devices on a controller: enroll, list, show.
     #[command(subcommand)]
     Devices(crate::remote::DevicesCommand),
@@ -341,6 +344,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Demo(args) => Ok(crate::demo::run(args.dir.as_deref())?),
         Command::Serve(args) => crate::remote::serve(args).map_err(CliError::Controller),
         Command::Config(c) => crate::remote::config(c).map_err(CliError::Controller),
+        Command::Broker(c) => crate::remote::broker(c).map_err(CliError::Controller),
         Command::Devices(c) => crate::remote::devices(c).map_err(CliError::Controller),
         Command::Bundles(c) => crate::remote::bundles(c).map_err(CliError::Controller),
         Command::Rollout(c) => crate::remote::rollout(c).map_err(CliError::Controller),

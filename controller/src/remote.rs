@@ -45,6 +45,81 @@ pub enum ConfigCommand {
     },
 }
 
+/// `edgefleet broker ...`.
+#[derive(Debug, Subcommand)]
+pub enum BrokerCommand {
+    /// Prepare Mosquitto for the fleet: certificates from the controller's CA, the
+    /// ACL that confines each device to its own topics, a mosquitto.conf, and the
+    /// controller's `[mqtt]` section to use it.
+    Mosquitto {
+        /// The controller's data directory (its CA signs the certificates).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Where to write ca.pem, server.pem/.key, controller.pem/.key, acl,
+        /// mosquitto.conf and controller-mqtt.toml.
+        #[arg(long)]
+        out: PathBuf,
+        /// The address Mosquitto listens on.
+        #[arg(long, default_value = "127.0.0.1:8883")]
+        listen: SocketAddr,
+        /// Host names and addresses devices dial (in the server certificate); the
+        /// first is used in the URL.
+        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+        hosts: Vec<String>,
+        /// Topic prefix.
+        #[arg(long, default_value = edgefleet_shared::protocol::DEFAULT_PREFIX)]
+        topic_prefix: String,
+    },
+}
+
+/// `broker mosquitto`.
+pub fn broker(cmd: BrokerCommand) -> Result<i32, String> {
+    let BrokerCommand::Mosquitto {
+        data_dir,
+        out,
+        listen,
+        hosts,
+        topic_prefix,
+    } = cmd;
+    edgefleet_shared::protocol::Topics::new(&topic_prefix).map_err(|e| e.to_string())?;
+    let host = hosts
+        .first()
+        .cloned()
+        .ok_or("--hosts: name at least one host")?;
+    let ca = crate::ca::Ca::open_or_create(&data_dir.join("ca")).map_err(|e| e.to_string())?;
+    let put = |name: &str, text: &str| {
+        crate::operator::write_atomic(&out.join(name), 0o644, |w| w.write_all(text.as_bytes()))
+            .map_err(|e| e.to_string())
+    };
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    put("ca.pem", ca.cert_pem())?;
+    ca.issue("edgefleet broker", Some(&hosts), &out, "server")
+        .map_err(|e| e.to_string())?;
+    ca.issue(crate::ca::CONTROLLER_IDENTITY, None, &out, "controller")
+        .map_err(|e| e.to_string())?;
+    put("acl", &crate::broker::mosquitto_acl(&topic_prefix))?;
+    put(
+        "mosquitto.conf",
+        &crate::broker::mosquitto_conf(listen, &out),
+    )?;
+    let abs = std::fs::canonicalize(&out).map_err(|e| e.to_string())?;
+    let snippet = format!(
+        "# edgefleet serve --config: use the Mosquitto prepared in {dir}\n\
+         [mqtt]\nmode = \"external\"\nurl = \"mqtts://{host}:{port}\"\n\
+         ca = \"{dir}/ca.pem\"\ncert = \"{dir}/controller.pem\"\nkey = \"{dir}/controller.key\"\n\
+         topic_prefix = \"{topic_prefix}\"\n",
+        dir = abs.display(),
+        port = listen.port(),
+    );
+    put("controller-mqtt.toml", &snippet)?;
+    println!("Mosquitto files in {}:", out.display());
+    println!("  mosquitto.conf  listener {listen}, mutual TLS with the controller's CA, the ACL");
+    println!("  acl             each device may publish only on its own topics");
+    println!("  controller-mqtt.toml  the [mqtt] section for the controller's config");
+    println!("run: mosquitto -c {}/mosquitto.conf", abs.display());
+    Ok(0)
+}
+
 /// Where the API is and who calls it.
 #[derive(Debug, Clone, Args)]
 pub struct ApiArgs {

@@ -61,10 +61,14 @@ struct Controller {
 
 impl Controller {
     fn start(data: &Path, mqtt_port: u16) -> Controller {
+        Controller::start_with(data, &["--mqtt", &format!("127.0.0.1:{mqtt_port}")])
+    }
+
+    fn start_with(data: &Path, extra: &[&str]) -> Controller {
         let log = data.with_extension(format!("log-{}", mqtt_port_suffix()));
         let mut child = Command::new(EDGEFLEET)
             .args(["serve", "--data-dir", s(data), "--http", "127.0.0.1:0"])
-            .args(["--mqtt", &format!("127.0.0.1:{mqtt_port}")])
+            .args(extra)
             .env("EDGEFLEET_LOG", "info,rumqttd=off")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log"))
@@ -562,4 +566,146 @@ fn a_wave_much_slower_than_the_previous_version_trips_the_latency_gate_and_rever
         let commands = &c.device(d)["commands"];
         assert_eq!(commands["revert"], 1, "{d}: {commands}");
     }
+}
+
+/// Mosquitto started on a configuration file (killed on drop).
+struct Mosquitto(Child);
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+#[test]
+fn the_controller_runs_a_fleet_through_mosquitto_whose_acl_confines_each_device() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("controller");
+    let bundles = make_bundles(dir.path(), &data);
+    let mq = dir.path().join("mosquitto");
+    let port = free_port();
+    run_ok(
+        &[
+            "broker",
+            "mosquitto",
+            "--data-dir",
+            s(&data),
+            "--out",
+            s(&mq),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+        &[],
+    );
+    // As root here, Mosquitto would switch to its own user, which cannot read
+    // the temporary directory.
+    let conf = std::fs::read_to_string(mq.join("mosquitto.conf")).expect("conf");
+    std::fs::write(mq.join("mosquitto.conf"), format!("user root\n{conf}")).expect("conf");
+    let log = std::fs::File::create(mq.join("mosquitto.log")).expect("log");
+    let _broker = Mosquitto(
+        Command::new("mosquitto")
+            .arg("-c")
+            .arg(mq.join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto is installed (.ci/run installs it)"),
+    );
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let config = dir.path().join("controller.toml");
+    let snippet = std::fs::read_to_string(mq.join("controller-mqtt.toml")).expect("snippet");
+    std::fs::write(&config, snippet).expect("config");
+    let c = Controller::start_with(&data, &["--config", s(&config)]);
+    assert_eq!(c.mqtt_port, port, "devices are sent to Mosquitto");
+    let agents: Vec<Agent> = (1..=2)
+        .map(|i| Agent::enroll_and_start(&c, dir.path(), &format!("mq-{i:02}"), "site=lab"))
+        .collect();
+    let v1 = push(&c, &bundles.v1);
+    let id = start_rollout(&c, &v1, &["--waves", "1,100%", "--soak-s", "0"]);
+    c.wait_rollout(&id, "completed", |r| r["phase"] == "completed");
+    wait_versions(&c, &agents, "1.0.0");
+
+    // mq-01 forges telemetry on mq-02's topic, then publishes a marker on its own.
+    // The ACL drops the forgery at the broker: the marker (sent after it on the
+    // same connection) arrives, the forgery never does.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let d = dir.path().join("mq-01");
+        let tls = edgefleet_agent::link::tls_config(
+            &d.join("ca.pem"),
+            &d.join("device.pem"),
+            &d.join("device.key"),
+        )
+        .expect("tls");
+        let mut o = rumqttc::MqttOptions::new("mq-01-forger", "localhost", port);
+        o.set_transport(rumqttc::Transport::tls_with_config(tls.into()));
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 10);
+        let topics = edgefleet_shared::protocol::Topics::default();
+        let telemetry = |device: &str, seq: u64| edgefleet_shared::protocol::Telemetry {
+            device: edgefleet_shared::DeviceId::new(device).expect("id"),
+            seq,
+            at: edgefleet_shared::UnixTime::now(),
+            device_metrics: Default::default(),
+            agent: Default::default(),
+            model: None,
+            drift: Vec::new(),
+        };
+        for (device, seq) in [("mq-02", 900_000u64), ("mq-01", 900_001)] {
+            let t = telemetry(device, seq);
+            let topic = topics.device(
+                &t.device,
+                edgefleet_shared::protocol::DeviceTopic::Telemetry,
+            );
+            client
+                .publish(
+                    topic,
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    edgefleet_shared::protocol::encode(&t),
+                )
+                .await
+                .expect("queued");
+        }
+        let mut acked = 0;
+        while acked < 2 {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) =
+                tokio::time::timeout(WAIT, eventloop.poll())
+                    .await
+                    .expect("broker answers")
+            {
+                acked += 1;
+            }
+        }
+    });
+    let seqs = |device: &str| -> Vec<u64> {
+        c.device(device)["telemetry"]
+            .as_array()
+            .expect("telemetry")
+            .iter()
+            .filter_map(|t| t["seq"].as_u64())
+            .collect()
+    };
+    let deadline = Instant::now() + WAIT;
+    while !seqs("mq-01").contains(&900_001) {
+        assert!(Instant::now() < deadline, "the marker never arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !seqs("mq-02").contains(&900_000),
+        "the forged telemetry reached the controller"
+    );
 }
