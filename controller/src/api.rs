@@ -207,6 +207,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/api/v1/rollouts", get(list_rollouts).post(start_rollout))
         .route("/api/v1/rollouts/{id}", get(show_rollout))
         .route("/api/v1/rollouts/{id}/{action}", post(operate_rollout))
+        .route("/api/v1/telemetry/summary", get(telemetry_summary))
         .route("/api/v1/audit", get(audit_log))
         .route("/api/v1/tokens", post(create_token))
         .route("/metrics", get(metrics))
@@ -797,6 +798,89 @@ async fn operate_rollout(
         .await?;
     Ok(Json(
         json!({"phase": after.phase.name(), "wave": after.wave + 1}),
+    ))
+}
+
+// ----- telemetry ------------------------------------------------------------
+
+/// Query of `GET /api/v1/telemetry/summary`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SummaryQuery {
+    /// `version` (default: per bundle digest, over the whole fleet) or `wave`
+    /// (per wave of `rollout`).
+    group: Option<String>,
+    /// The rollout, for `group=wave` (and to restrict `group=version` to its devices).
+    rollout: Option<String>,
+    /// Start of the range, ms since the epoch (default: an hour ago).
+    from_ms: Option<u64>,
+    /// End of the range (default: now).
+    to_ms: Option<u64>,
+}
+
+async fn telemetry_summary(
+    State(s): State<AppState>,
+    caller: Caller,
+    Query(q): Query<SummaryQuery>,
+) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    let now = now_ms();
+    let to = q.to_ms.unwrap_or(now);
+    let from = q.from_ms.unwrap_or(to.saturating_sub(3_600_000));
+    if from > to {
+        return Err(ApiError::invalid("from_ms: must not be after to_ms"));
+    }
+    let rollout = match &q.rollout {
+        Some(id) => Some(
+            s.fleet
+                .rollouts()
+                .await?
+                .into_iter()
+                .find(|r| &r.id == id)
+                .ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))?,
+        ),
+        None => None,
+    };
+    let rows = s.db().latest_telemetry_between(from, to).await?;
+    let in_rollout = |d: &str| {
+        rollout
+            .as_ref()
+            .is_none_or(|r| r.state.members.contains_key(d))
+    };
+    let groups: Vec<Value> = match q.group.as_deref().unwrap_or("version") {
+        "version" => {
+            let mut by: BTreeMap<String, Vec<&crate::db::TelemetryRow>> = BTreeMap::new();
+            for r in rows.iter().filter(|r| in_rollout(&r.device)) {
+                by.entry(r.digest.clone().unwrap_or_else(|| "none".into()))
+                    .or_default()
+                    .push(r);
+            }
+            by.into_iter()
+                .map(|(digest, rs)| json!({"bundle": digest, "summary": crate::fleet::summarise(rs)}))
+                .collect()
+        }
+        "wave" => {
+            let r = rollout
+                .as_ref()
+                .ok_or_else(|| ApiError::invalid("rollout: group=wave needs a rollout"))?;
+            r.state
+                .waves
+                .iter()
+                .enumerate()
+                .map(|(w, ids)| {
+                    let rs = rows.iter().filter(|t| ids.contains(&t.device));
+                    json!({"wave": w + 1, "devices": ids.len(), "summary": crate::fleet::summarise(rs)})
+                })
+                .collect()
+        }
+        other => {
+            return Err(ApiError::invalid(format!(
+                "group: {other:?} is not version or wave"
+            )));
+        }
+    };
+    Ok(Json(
+        json!({"from_ms": from, "to_ms": to, "groups": groups}),
     ))
 }
 

@@ -561,6 +561,25 @@ impl Db {
             .await?)
     }
 
+    /// The latest telemetry sample of every device received in `[from, to]`.
+    pub async fn latest_telemetry_between(&self, from: u64, to: u64) -> Result<Vec<TelemetryRow>> {
+        Ok(self
+            .conn
+            .call(move |c| -> rusqlite::Result<Vec<TelemetryRow>> {
+                let mut st = c.prepare(
+                    "SELECT t.device, t.seq, t.at, t.received_at, t.digest, t.inferences, t.errors,
+                            t.latency_counts, t.cpu_percent, t.mem_used, t.rss_bytes
+                     FROM telemetry t
+                     JOIN (SELECT device, MAX(seq) AS seq FROM telemetry
+                           WHERE received_at BETWEEN ?1 AND ?2 GROUP BY device) l
+                       ON l.device = t.device AND l.seq = t.seq",
+                )?;
+                let rows = st.query_map([i(from), i(to)], telemetry_row)?;
+                rows.collect()
+            })
+            .await?)
+    }
+
     /// Telemetry of one device in a time range (received), oldest first, at most `limit`.
     pub async fn telemetry(
         &self,

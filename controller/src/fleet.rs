@@ -858,6 +858,66 @@ pub fn wave_health(
     }
 }
 
+/// Telemetry of a group of devices, from the latest sample of each (counters are
+/// cumulative since the device activated its bundle).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TelemetrySummary {
+    /// Devices with a sample.
+    pub devices: usize,
+    /// Inferences.
+    pub inferences: u64,
+    /// Errors.
+    pub errors: u64,
+    /// errors / (inferences + errors), when there was traffic.
+    pub error_rate: Option<f64>,
+    /// Latency quantiles from the summed histograms (bucket upper bounds, us).
+    pub p50_us: Option<u64>,
+    /// p95.
+    pub p95_us: Option<u64>,
+    /// p99.
+    pub p99_us: Option<u64>,
+    /// Mean CPU use of the devices, %.
+    pub cpu_percent_mean: Option<f64>,
+    /// Mean agent RSS, bytes.
+    pub rss_bytes_mean: Option<f64>,
+}
+
+/// Sums the latest samples of a group of devices.
+pub fn summarise<'a>(rows: impl IntoIterator<Item = &'a TelemetryRow>) -> TelemetrySummary {
+    let n = LATENCY_BOUNDS_US.len() + 1;
+    let mut s = TelemetrySummary::default();
+    let mut hist = vec![0u64; n];
+    let (mut cpu, mut cpu_n, mut rss, mut rss_n) = (0.0, 0usize, 0.0, 0usize);
+    for t in rows {
+        s.devices += 1;
+        s.inferences += t.inferences.unwrap_or(0);
+        s.errors += t.errors.unwrap_or(0);
+        if let Some(c) = &t.latency_counts
+            && c.len() == n
+        {
+            for (h, v) in hist.iter_mut().zip(c) {
+                *h += v;
+            }
+        }
+        if let Some(c) = t.cpu_percent {
+            cpu += c;
+            cpu_n += 1;
+        }
+        if let Some(r) = t.rss_bytes {
+            rss += r as f64;
+            rss_n += 1;
+        }
+    }
+    let total = s.inferences + s.errors;
+    s.error_rate = (total > 0).then(|| s.errors as f64 / total as f64);
+    s.p50_us = quantile_us(&LATENCY_BOUNDS_US, &hist, 0.5);
+    s.p95_us = quantile_us(&LATENCY_BOUNDS_US, &hist, 0.95);
+    s.p99_us = quantile_us(&LATENCY_BOUNDS_US, &hist, 0.99);
+    s.cpu_percent_mean = (cpu_n > 0).then(|| cpu / cpu_n as f64);
+    s.rss_bytes_mean = (rss_n > 0).then(|| rss / rss_n as f64);
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -884,6 +944,31 @@ mod tests {
             mem_used: None,
             rss_bytes: None,
         }
+    }
+
+    #[test]
+    fn summaries_add_counters_and_histograms_of_the_group() {
+        let rows = [row("a", "x", 100, 10, 3), row("b", "x", 300, 0, 2)];
+        let s = summarise(&rows);
+        assert_eq!((s.devices, s.inferences, s.errors), (2, 400, 10));
+        assert_eq!(s.error_rate, Some(10.0 / 410.0));
+        // 300 of 400 in the 200 us bucket, 100 in the 500 us bucket.
+        assert_eq!(
+            s.p50_us,
+            quantile_us(
+                &LATENCY_BOUNDS_US,
+                &{
+                    let mut h = vec![0; 17];
+                    h[2] = 300;
+                    h[3] = 100;
+                    h
+                },
+                0.5
+            )
+        );
+        assert!(s.p95_us >= s.p50_us);
+        let empty = summarise(&[]);
+        assert_eq!(empty, TelemetrySummary::default());
     }
 
     #[test]

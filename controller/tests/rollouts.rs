@@ -546,6 +546,28 @@ fn a_wave_much_slower_than_the_previous_version_trips_the_latency_gate_and_rever
     let r = c.wait_rollout(&id, "halted", |r| r["phase"] == "halted");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = load.join();
+    // The API shows the same story: per version and per wave.
+    let by_version = c.get(&format!(
+        "/api/v1/telemetry/summary?group=version&rollout={id}"
+    ));
+    let p95 = |digest: &str| {
+        by_version["groups"]
+            .as_array()
+            .expect("groups")
+            .iter()
+            .find(|g| g["bundle"] == digest)
+            .and_then(|g| g["summary"]["p95_us"].as_u64())
+    };
+    let (new_p95, old_p95) = (p95(&slow), p95(&v1));
+    assert!(
+        new_p95.zip(old_p95).is_some_and(|(n, o)| n > o),
+        "{by_version:#}"
+    );
+    let by_wave = c.get(&format!(
+        "/api/v1/telemetry/summary?group=wave&rollout={id}"
+    ));
+    assert_eq!(by_wave["groups"][0]["devices"], 2, "{by_wave:#}");
+    assert!(by_wave["groups"][0]["summary"]["inferences"].as_u64() > Some(0));
     let reason = r["phase_detail"]["reason"].as_str().unwrap_or("");
     assert!(
         reason.contains("p95 latency") && reason.contains("above max_p95_latency_ratio 1.50x"),
