@@ -211,6 +211,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/api/v1/audit", get(audit_log))
         .route("/api/v1/tokens", post(create_token))
         .route("/metrics", get(metrics))
+        .route("/api/v1/openapi.json", get(|| async { Json(openapi()) }))
         .layer(DefaultBodyLimit::max(256 * 1024))
         .with_state(state)
 }
@@ -218,8 +219,9 @@ pub fn router(state: AppState) -> axum::Router {
 // ----- devices ------------------------------------------------------------
 
 /// Filters of `GET /api/v1/devices`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DeviceFilter {
     /// `key=value`; all must match (repeat as `tag=a=1,b=2`).
     tag: Option<String>,
@@ -242,6 +244,9 @@ fn parse_tags(text: &str) -> ApiResult<BTreeMap<String, String>> {
     Ok(out)
 }
 
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", params(DeviceFilter),
+    responses((status = 200, description = "devices", body = DeviceList), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn list_devices(
     State(s): State<AppState>,
     caller: Caller,
@@ -282,6 +287,9 @@ async fn list_devices(
     Ok(Json(json!({ "devices": devices })))
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "device id")),
+    responses((status = 200, description = "device, retained state, recent events and telemetry, commands", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn device_detail(
     State(s): State<AppState>,
     caller: Caller,
@@ -313,12 +321,16 @@ async fn device_detail(
 }
 
 /// Body of `POST /api/v1/devices/{id}/enroll`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 struct EnrollBody {
     tags: BTreeMap<String, String>,
 }
 
+#[utoipa::path(post, path = "/api/v1/devices/{id}/enroll", tag = "devices", params(("id" = String, Path, description = "device id")),
+    request_body(content = EnrollBody, content_type = "application/json"),
+    responses((status = 200, description = "certificate, key, CA, trust root (hex), broker URL", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn enroll(
     State(s): State<AppState>,
     caller: Caller,
@@ -386,6 +398,9 @@ pub fn cert_fingerprint(pem: &str) -> String {
         .unwrap_or_default()
 }
 
+#[utoipa::path(post, path = "/api/v1/devices/{id}/revert", tag = "devices", params(("id" = String, Path, description = "device id")),
+    responses((status = 200, description = "the command id", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn revert_device(
     State(s): State<AppState>,
     caller: Caller,
@@ -411,6 +426,9 @@ async fn revert_device(
 
 // ----- bundles ------------------------------------------------------------
 
+#[utoipa::path(get, path = "/api/v1/bundles", tag = "bundles",
+    responses((status = 200, description = "bundles", body = BundleList), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn list_bundles(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
     Ok(Json(json!({"bundles": s.db().bundles().await?})))
@@ -421,6 +439,9 @@ fn parse_digest(text: &str) -> ApiResult<Digest> {
         .map_err(|_| ApiError::invalid(format!("{text:?} is not a bundle digest (64 hex digits)")))
 }
 
+#[utoipa::path(get, path = "/api/v1/bundles/{digest}", tag = "bundles", params(("digest" = String, Path, description = "manifest digest, 64 hex digits")),
+    responses((status = 200, body = BundleRow), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn show_bundle(
     State(s): State<AppState>,
     caller: Caller,
@@ -435,6 +456,9 @@ async fn show_bundle(
         .ok_or_else(|| ApiError::not_found(format!("no bundle {digest}")))
 }
 
+#[utoipa::path(get, path = "/api/v1/bundles/{digest}/file", tag = "bundles", params(("digest" = String, Path, description = "manifest digest")),
+    responses((status = 200, description = "the bundle file", content_type = "application/octet-stream", body = Vec<u8>), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn download_bundle(
     State(s): State<AppState>,
     caller: Caller,
@@ -475,6 +499,11 @@ fn tokio_util_stream(
     })
 }
 
+#[utoipa::path(post, path = "/api/v1/bundles", tag = "bundles",
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "a signed bundle file"),
+    responses((status = 201, description = "stored", body = Object), (status = 200, description = "already stored", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 422, description = "refused, with the reason", body = ErrorBody), (status = 503, description = "no trust root", body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn upload_bundle(
     State(s): State<AppState>,
     caller: Caller,
@@ -605,7 +634,7 @@ async fn upload_bundle(
 // ----- rollouts -------------------------------------------------------------
 
 /// Body of `POST /api/v1/rollouts`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RolloutBody {
     /// Bundle digest.
@@ -628,7 +657,7 @@ struct RolloutBody {
 
 /// Which devices a rollout targets: devices matching all `tags`, plus `devices`
 /// by id; `all: true` for the whole registry.
-#[derive(Debug, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Default, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 struct Selector {
     tags: BTreeMap<String, String>,
@@ -636,6 +665,10 @@ struct Selector {
     all: bool,
 }
 
+#[utoipa::path(post, path = "/api/v1/rollouts", tag = "rollouts",
+    request_body(content = RolloutBody, content_type = "application/json"),
+    responses((status = 201, description = "the rollout", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn start_rollout(
     State(s): State<AppState>,
     caller: Caller,
@@ -727,6 +760,9 @@ fn rollout_json(v: &crate::fleet::RolloutView) -> Value {
     })
 }
 
+#[utoipa::path(get, path = "/api/v1/rollouts", tag = "rollouts",
+    responses((status = 200, description = "rollouts with waves, counts and members", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn list_rollouts(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
     let all = s.fleet.rollouts().await?;
@@ -735,6 +771,9 @@ async fn list_rollouts(State(s): State<AppState>, caller: Caller) -> ApiResult<J
     ))
 }
 
+#[utoipa::path(get, path = "/api/v1/rollouts/{id}", tag = "rollouts", params(("id" = String, Path, description = "rollout id")),
+    responses((status = 200, description = "the rollout and its log", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn show_rollout(
     State(s): State<AppState>,
     caller: Caller,
@@ -759,12 +798,17 @@ async fn show_rollout(
 }
 
 /// Body of abort.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 struct AbortBody {
     revert: bool,
 }
 
+#[utoipa::path(post, path = "/api/v1/rollouts/{id}/{action}", tag = "rollouts",
+    params(("id" = String, Path, description = "rollout id"), ("action" = String, Path, description = "pause, resume, promote or abort")),
+    request_body(content = AbortBody, content_type = "application/json", description = "abort only"),
+    responses((status = 200, description = "phase and wave after", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn operate_rollout(
     State(s): State<AppState>,
     caller: Caller,
@@ -804,8 +848,9 @@ async fn operate_rollout(
 // ----- telemetry ------------------------------------------------------------
 
 /// Query of `GET /api/v1/telemetry/summary`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct SummaryQuery {
     /// `version` (default: per bundle digest, over the whole fleet) or `wave`
     /// (per wave of `rollout`).
@@ -818,6 +863,9 @@ struct SummaryQuery {
     to_ms: Option<u64>,
 }
 
+#[utoipa::path(get, path = "/api/v1/telemetry/summary", tag = "telemetry", params(SummaryQuery),
+    responses((status = 200, description = "groups with a TelemetrySummary each", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn telemetry_summary(
     State(s): State<AppState>,
     caller: Caller,
@@ -886,13 +934,16 @@ async fn telemetry_summary(
 
 // ----- audit, tokens, metrics -------------------------------------------------
 
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit",
+    responses((status = 200, description = "latest 500 changes, newest first", body = AuditList), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn audit_log(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
     Ok(Json(json!({"audit": s.db().audit_log(500).await?})))
 }
 
 /// Body of `POST /api/v1/tokens`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TokenBody {
     name: String,
@@ -906,6 +957,10 @@ pub fn new_token() -> Result<String, String> {
     Ok(format!("eft_{}", hex::encode(b)))
 }
 
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens",
+    request_body(content = TokenBody, content_type = "application/json"),
+    responses((status = 201, description = "the token, shown once", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn create_token(
     State(s): State<AppState>,
     caller: Caller,
@@ -954,6 +1009,8 @@ async fn create_token(
     ))
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "metrics",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String)))]
 async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
     let devices = s.db().devices().await?;
     let rollouts = s.fleet.rollouts().await?;
@@ -1048,4 +1105,84 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
         );
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+// ----- the OpenAPI document -------------------------------------------------------
+
+/// Error body of every 4xx/5xx.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// `{"code": stable code, "message": what was wrong}`.
+    pub error: ErrorDetail,
+}
+
+/// The error itself.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable code: unauthorized, forbidden, invalid, not_found, conflict, too_large,
+    /// bundle_refused, no_trust_root, internal.
+    pub code: String,
+    /// For people; names the field when a body fails validation.
+    pub message: String,
+}
+
+/// `{"devices": [...]}`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct DeviceList {
+    /// Devices.
+    pub devices: Vec<crate::db::DeviceRow>,
+}
+
+/// `{"bundles": [...]}`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct BundleList {
+    /// Bundles.
+    pub bundles: Vec<BundleRow>,
+}
+
+/// `{"audit": [...]}`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct AuditList {
+    /// Records, newest first.
+    pub audit: Vec<crate::db::AuditRow>,
+}
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "edgefleet controller API", description = "Devices, bundles, staged rollouts, telemetry, audit. See docs/controller.md."),
+    paths(
+        list_devices, device_detail, enroll, revert_device,
+        list_bundles, upload_bundle, show_bundle, download_bundle,
+        list_rollouts, start_rollout, show_rollout, operate_rollout,
+        telemetry_summary, audit_log, create_token, metrics
+    ),
+    components(schemas(
+        ErrorBody, ErrorDetail, DeviceList, BundleList, AuditList,
+        crate::db::DeviceRow, BundleRow, crate::db::EventRow, crate::db::TelemetryRow, crate::db::AuditRow,
+        crate::fleet::TelemetrySummary, RolloutBody, Selector, EnrollBody, AbortBody, TokenBody,
+        Gates, FailurePolicy
+    )),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+/// The OpenAPI 3.1 document of this API, generated from the handlers' annotations
+/// and the types they take and return (served at `/api/v1/openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = <ApiDoc as utoipa::OpenApi>::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").into();
+    doc
 }

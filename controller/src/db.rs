@@ -129,16 +129,47 @@ const MIGRATIONS: &[&str] = &[
         role TEXT NOT NULL,
         created_at INTEGER NOT NULL
     );",
+    // 2: telemetry as a rowid table. Its rows (about 1 KiB with the JSON body) are
+    // too large for a WITHOUT ROWID table, which stores them in the key B-tree:
+    // inserts ran at about 3,000 rows/s, batched or not (docs/benchmarks.md).
+    "CREATE TABLE telemetry_new (
+        id INTEGER PRIMARY KEY,
+        device TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        digest TEXT,
+        inferences INTEGER,
+        errors INTEGER,
+        latency_counts TEXT,
+        cpu_percent REAL,
+        mem_used INTEGER,
+        rss_bytes INTEGER,
+        body TEXT NOT NULL,
+        UNIQUE (device, seq)
+    );
+    INSERT INTO telemetry_new (device, seq, at, received_at, digest, inferences, errors,
+        latency_counts, cpu_percent, mem_used, rss_bytes, body)
+    SELECT device, seq, at, received_at, digest, inferences, errors, latency_counts,
+        cpu_percent, mem_used, rss_bytes, body FROM telemetry ORDER BY received_at;
+    DROP TABLE telemetry;
+    ALTER TABLE telemetry_new RENAME TO telemetry;
+    CREATE INDEX telemetry_by_time ON telemetry(received_at);",
 ];
 
 /// The store.
 #[derive(Debug, Clone)]
 pub struct Db {
+    /// The one writer.
     conn: tokio_rusqlite::Connection,
+    /// Reads, on their own connection: with WAL they see every committed write
+    /// and never wait behind the writer's batches (the API stays quick while
+    /// telemetry pours in).
+    read: tokio_rusqlite::Connection,
 }
 
 /// A device as listed by the API.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct DeviceRow {
     /// Device id.
     pub id: String,
@@ -163,7 +194,7 @@ pub struct DeviceRow {
 }
 
 /// A bundle as listed by the API.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct BundleRow {
     /// Manifest digest, hex.
     pub digest: String,
@@ -207,7 +238,7 @@ pub struct RolloutRow {
 }
 
 /// A device event as stored.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct EventRow {
     /// Device.
     pub device: String,
@@ -226,7 +257,7 @@ pub struct EventRow {
 }
 
 /// A telemetry sample, as stored for gates and the API.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct TelemetryRow {
     /// Device.
     pub device: String,
@@ -253,7 +284,7 @@ pub struct TelemetryRow {
 }
 
 /// An audit record.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct AuditRow {
     /// Sequence.
     pub id: i64,
@@ -302,13 +333,20 @@ impl Db {
             Ok(())
         })
         .await?;
-        Ok(Db { conn })
+        let read = tokio_rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .await?;
+        read.call(|c| c.busy_timeout(std::time::Duration::from_secs(5)))
+            .await?;
+        Ok(Db { conn, read })
     }
 
     /// The schema version (number of migrations applied).
     pub async fn schema_version(&self) -> Result<i64> {
         Ok(self
-            .conn
+            .read
             .call(|c| c.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0)))
             .await?)
     }
@@ -378,7 +416,7 @@ impl Db {
     /// All devices, by id.
     pub async fn devices(&self) -> Result<Vec<DeviceRow>> {
         Ok(self
-            .conn
+            .read
             .call(|c| -> rusqlite::Result<Vec<DeviceRow>> {
                 let mut st = c.prepare(
                     "SELECT id, tags, enrolled_at, online, last_seen, agent_version, arch,
@@ -408,7 +446,7 @@ impl Db {
     pub async fn device_state_json(&self, id: &str) -> Result<Option<serde_json::Value>> {
         let id = id.to_owned();
         let text: Option<Option<String>> = self
-            .conn
+            .read
             .call(move |c| {
                 c.query_row("SELECT state FROM devices WHERE id = ?1", [id], |r| {
                     r.get(0)
@@ -422,7 +460,7 @@ impl Db {
     /// Certificate fingerprints of enrolled devices.
     pub async fn enrolled_fingerprints(&self) -> Result<BTreeMap<String, String>> {
         Ok(self
-            .conn
+            .read
             .call(|c| -> rusqlite::Result<BTreeMap<String, String>> {
                 let mut st =
                     c.prepare("SELECT cert_sha256, id FROM devices WHERE cert_sha256 IS NOT NULL")?;
@@ -476,7 +514,7 @@ impl Db {
     pub async fn events(&self, device: &str, limit: u32) -> Result<Vec<EventRow>> {
         let device = device.to_owned();
         Ok(self
-            .conn
+            .read
             .call(move |c| -> rusqlite::Result<Vec<EventRow>> {
                 let mut st = c.prepare(
                     "SELECT device, seq, at, command, kind, digest, body FROM events
@@ -518,6 +556,7 @@ impl Db {
                     let mut seen = tx.prepare_cached(
                         "UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE id = ?1",
                     )?;
+                    let mut latest: BTreeMap<&str, u64> = BTreeMap::new();
                     for (t, received) in &batch {
                         let m = t.model.as_ref();
                         n += st.execute(params![
@@ -534,7 +573,12 @@ impl Db {
                             i(t.agent.rss_bytes),
                             serde_json::to_string(t).unwrap_or_default(),
                         ])?;
-                        seen.execute(params![t.device.as_str(), i(*received)])?;
+                        let last = latest.entry(t.device.as_str()).or_insert(0);
+                        *last = (*last).max(*received);
+                    }
+                    // One update per device and batch, not per sample.
+                    for (device, at) in latest {
+                        seen.execute(params![device, i(at)])?;
                     }
                 }
                 tx.commit()?;
@@ -546,7 +590,7 @@ impl Db {
     /// The latest telemetry sample of every device received at or after `since`.
     pub async fn latest_telemetry(&self, since: u64) -> Result<Vec<TelemetryRow>> {
         Ok(self
-            .conn
+            .read
             .call(move |c| -> rusqlite::Result<Vec<TelemetryRow>> {
                 let mut st = c.prepare(
                     "SELECT t.device, t.seq, t.at, t.received_at, t.digest, t.inferences, t.errors,
@@ -564,7 +608,7 @@ impl Db {
     /// The latest telemetry sample of every device received in `[from, to]`.
     pub async fn latest_telemetry_between(&self, from: u64, to: u64) -> Result<Vec<TelemetryRow>> {
         Ok(self
-            .conn
+            .read
             .call(move |c| -> rusqlite::Result<Vec<TelemetryRow>> {
                 let mut st = c.prepare(
                     "SELECT t.device, t.seq, t.at, t.received_at, t.digest, t.inferences, t.errors,
@@ -590,7 +634,7 @@ impl Db {
     ) -> Result<Vec<TelemetryRow>> {
         let device = device.to_owned();
         Ok(self
-            .conn
+            .read
             .call(move |c| -> rusqlite::Result<Vec<TelemetryRow>> {
                 let mut st = c.prepare(
                     "SELECT device, seq, at, received_at, digest, inferences, errors, latency_counts,
@@ -659,7 +703,7 @@ impl Db {
 
     async fn bundles_where(&self, cond: &'static str, arg: String) -> Result<Vec<BundleRow>> {
         Ok(self
-            .conn
+            .read
             .call(move |c| -> rusqlite::Result<Vec<BundleRow>> {
                 let sql = format!(
                     "SELECT digest, channel, version, release, size, chunks, created_at, expires_at,
@@ -741,7 +785,7 @@ impl Db {
     /// Every rollout (newest first), or only those not finished.
     pub async fn rollouts(&self, unfinished_only: bool) -> Result<Vec<RolloutRow>> {
         Ok(self
-            .conn
+            .read
             .call(move |c| -> rusqlite::Result<Vec<RolloutRow>> {
                 let sql = if unfinished_only {
                     "SELECT id, bundle, created_at, created_by, selector, state FROM rollouts
@@ -770,7 +814,7 @@ impl Db {
     pub async fn rollout_log(&self, id: &str) -> Result<Vec<(u64, String)>> {
         let id = id.to_owned();
         Ok(self
-            .conn
+            .read
             .call(move |c| -> rusqlite::Result<Vec<(u64, String)>> {
                 let mut st =
                     c.prepare("SELECT at, note FROM rollout_log WHERE rollout = ?1 ORDER BY id")?;
@@ -809,7 +853,7 @@ impl Db {
     pub async fn command_counts(&self, device: &str) -> Result<BTreeMap<String, u64>> {
         let d = device.to_owned();
         Ok(self
-            .conn
+            .read
             .call(move |c| -> rusqlite::Result<BTreeMap<String, u64>> {
                 let mut st = c.prepare(
                     "SELECT action, COUNT(*) FROM commands WHERE device = ?1 GROUP BY action",
@@ -853,7 +897,7 @@ impl Db {
     /// The latest `limit` audit records, newest first.
     pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditRow>> {
         Ok(self
-            .conn
+            .read
             .call(move |c| -> rusqlite::Result<Vec<AuditRow>> {
                 let mut st = c.prepare(
                     "SELECT id, at, actor, action, target, before, after FROM audit ORDER BY id DESC LIMIT ?1",
@@ -892,7 +936,7 @@ impl Db {
     pub async fn token(&self, sha256: &str) -> Result<Option<(String, String)>> {
         let h = sha256.to_owned();
         Ok(self
-            .conn
+            .read
             .call(move |c| {
                 c.query_row(
                     "SELECT name, role FROM tokens WHERE sha256 = ?1",
@@ -907,7 +951,7 @@ impl Db {
     /// How many tokens exist.
     pub async fn token_count(&self) -> Result<u64> {
         Ok(self
-            .conn
+            .read
             .call(|c| c.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get::<_, i64>(0)))
             .await
             .map(u)?)

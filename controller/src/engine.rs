@@ -79,7 +79,7 @@ impl std::fmt::Display for WaveSize {
 }
 
 /// The bounds each wave must meet before the next starts.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Gates {
     /// Share of the wave that must install successfully (0-1).
@@ -141,7 +141,7 @@ impl Gates {
 }
 
 /// What a tripped gate does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FailurePolicy {
     /// Stop commanding; the operator resumes (accepting the wave) or aborts.

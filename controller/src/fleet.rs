@@ -860,7 +860,7 @@ pub fn wave_health(
 
 /// Telemetry of a group of devices, from the latest sample of each (counters are
 /// cumulative since the device activated its bundle).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct TelemetrySummary {
     /// Devices with a sample.
     pub devices: usize,

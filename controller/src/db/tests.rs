@@ -231,3 +231,35 @@ async fn rollouts_commands_and_audit_are_kept() {
     assert_eq!(log[0].action, "rollout.pause");
     assert_eq!(log[0].after, Some(serde_json::json!({"phase": "paused"})));
 }
+
+#[tokio::test]
+async fn a_database_of_schema_1_is_migrated_without_losing_telemetry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.db");
+    {
+        let c = rusqlite::Connection::open(&path).expect("open");
+        c.execute_batch(MIGRATIONS[0]).expect("schema 1");
+        c.pragma_update(None, "user_version", 1).expect("version");
+        c.execute(
+            "INSERT INTO telemetry (device, seq, at, received_at, digest, inferences, errors, body)
+             VALUES ('pi-01', 4, 10, 500, 'ab', 7, 1, '{}')",
+            [],
+        )
+        .expect("old row");
+    }
+    let db = Db::open(&path).await.expect("migrate");
+    assert_eq!(
+        db.schema_version().await.expect("v"),
+        MIGRATIONS.len() as i64
+    );
+    let rows = db.latest_telemetry(0).await.expect("rows");
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].seq, rows[0].inferences), (4, Some(7)));
+    // Still keyed by (device, seq): a redelivery is ignored.
+    let mut t = telemetry("pi-01", 4, Digest::of(b"x"), 1);
+    t.seq = 4;
+    assert_eq!(
+        db.insert_telemetry(vec![(t, 600)]).await.expect("insert"),
+        0
+    );
+}
