@@ -100,6 +100,8 @@ struct Active {
     engine: Rollout,
     digest: Digest,
     saved: String,
+    /// Phase and wave as last stored, to audit the engine's own changes.
+    audited: (&'static str, usize),
 }
 
 /// What the API asks of the fleet.
@@ -301,6 +303,7 @@ impl Fleet {
             map.insert(
                 row.id.clone(),
                 Active {
+                    audited: (engine.phase.name(), engine.wave),
                     engine,
                     digest,
                     saved: row.state,
@@ -620,10 +623,27 @@ impl Fleet {
         }
         let state = serde_json::to_string(&a.engine).unwrap_or_default();
         if state != a.saved || !notes.is_empty() {
+            let reason = notes.last().cloned();
             self.db
                 .save_rollout(id, a.engine.phase.name(), state.clone(), notes, now)
                 .await?;
             a.saved = state;
+            let now_at = (a.engine.phase.name(), a.engine.wave);
+            if now_at != a.audited {
+                // The engine's own steps (next wave, halt, completion) are changes
+                // too: audited with the controller as the actor.
+                self.db
+                    .audit(
+                        "controller",
+                        "rollout.step",
+                        id,
+                        Some(serde_json::json!({"phase": a.audited.0, "wave": a.audited.1 + 1})),
+                        Some(serde_json::json!({"phase": now_at.0, "wave": now_at.1 + 1, "note": reason})),
+                        now,
+                    )
+                    .await?;
+                a.audited = now_at;
+            }
         }
         Ok(())
     }
@@ -714,6 +734,7 @@ impl Fleet {
         };
         self.db.insert_rollout(&row, engine.phase.name()).await?;
         let mut a = Active {
+            audited: (engine.phase.name(), engine.wave),
             engine,
             digest: bundle,
             saved: state,

@@ -472,7 +472,12 @@ fn a_fleet_rolls_out_in_waves_a_bad_bundle_stops_at_the_canary_and_a_restart_los
         .iter()
         .filter_map(|a| a["action"].as_str())
         .collect();
-    for want in ["device.enroll", "bundle.upload", "rollout.start"] {
+    for want in [
+        "device.enroll",
+        "bundle.upload",
+        "rollout.start",
+        "rollout.step",
+    ] {
         assert!(actions.contains(&want), "{want} missing: {actions:?}");
     }
     // Metrics expose the fleet.
