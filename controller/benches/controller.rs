@@ -2,8 +2,8 @@
 //! printed with its baseline from the same run:
 //! 1. telemetry into SQLite: batched (the controller's writer) vs one sample per
 //!    transaction;
-//! 2. telemetry end to end: MQTT publishers with client certificates -> embedded
-//!    broker (mutual TLS) -> ingest -> batched SQLite writes, messages per second;
+//! 2. telemetry end to end: enrolled MQTT publishers -> the embedded broker's gate
+//!    (mutual TLS, topic checks) -> rumqttd -> ingest -> batched SQLite writes;
 //! 3. API latency (p50/p99 of `GET /api/v1/devices/{id}`) idle vs while (2) runs.
 //!
 //! Medians of several runs; this machine has 2 cores and is noisy.
@@ -25,8 +25,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn sample(device: usize, seq: u64) -> Telemetry {
+    sample_of(&format!("dev-{device:05}"), seq)
+}
+
+fn sample_of(device: &str, seq: u64) -> Telemetry {
     Telemetry {
-        device: DeviceId::new(&format!("dev-{device:05}")).expect("id"),
+        device: DeviceId::new(device).expect("id"),
         seq,
         at: UnixTime(1_800_000_000 + seq as i64),
         device_metrics: DeviceMetrics {
@@ -86,7 +90,7 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * q).round() as usize]
 }
 
-/// Latencies (ms) of `GET /api/v1/devices/dev-00001` until `stop` (at least `min` calls).
+/// Latencies (ms) of `GET /api/v1/devices/bench-0` until `stop` (at least `min` calls).
 fn api_latencies(url: String, token: String, stop: Arc<AtomicBool>, min: usize) -> Vec<f64> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -96,7 +100,7 @@ fn api_latencies(url: String, token: String, stop: Arc<AtomicBool>, min: usize) 
     while out.len() < min || !stop.load(Ordering::Relaxed) {
         let t = Instant::now();
         let r = agent
-            .get(format!("{url}/api/v1/devices/dev-00001"))
+            .get(format!("{url}/api/v1/devices/bench-0"))
             .header("Authorization", format!("Bearer {token}"))
             .call();
         if let Ok(mut r) = r {
@@ -144,7 +148,6 @@ async fn end_to_end(messages: u64, publishers: usize) -> (f64, Vec<f64>, Vec<f64
         .next()
         .and_then(|p| p.parse().ok())
         .expect("port");
-    let ca = edgefleet::ca::Ca::open_or_create(&started.data_dir.join("ca")).expect("ca");
 
     // Idle API baseline.
     let idle = {
@@ -159,16 +162,27 @@ async fn end_to_end(messages: u64, publishers: usize) -> (f64, Vec<f64>, Vec<f64
     let topics = Topics::default();
     let mut clients = Vec::new();
     for p in 0..publishers {
-        let id = ca
-            .issue(
-                &format!("bench-{p}"),
-                None,
-                dir.path(),
-                &format!("bench-{p}"),
-            )
-            .expect("cert");
-        let tls =
-            edgefleet_agent::link::tls_config(&ca.cert_path(), &id.cert, &id.key).expect("tls");
+        // Enrolled like any device: the gate admits only enrolled certificates, and
+        // each publisher sends its own telemetry, as devices do.
+        let name = format!("bench-{p}");
+        let answer: serde_json::Value = ureq::Agent::config_builder()
+            .build()
+            .new_agent()
+            .post(format!("{url}/api/v1/devices/{name}/enroll"))
+            .header("Authorization", format!("Bearer {token}"))
+            .send_json(serde_json::json!({}))
+            .expect("enroll")
+            .body_mut()
+            .read_json()
+            .expect("json");
+        let out = dir.path().join(&name);
+        edgefleet::remote::write_enrollment(&answer, &out).expect("files");
+        let tls = edgefleet_agent::link::tls_config(
+            &out.join("ca.pem"),
+            &out.join("device.pem"),
+            &out.join("device.key"),
+        )
+        .expect("tls");
         let mut o = MqttOptions::new(format!("bench-{p}"), "localhost", port);
         o.set_transport(Transport::tls_with_config(tls.into()));
         o.set_max_packet_size(1 << 20, 1 << 20);
@@ -189,8 +203,7 @@ async fn end_to_end(messages: u64, publishers: usize) -> (f64, Vec<f64>, Vec<f64
         let topics = topics.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..per {
-                let device = p * 250 + (i % 250) as usize;
-                let t = sample(device, i / 250 + 1);
+                let t = sample_of(&format!("bench-{p}"), i + 1);
                 let topic = topics.device(&t.device, DeviceTopic::Telemetry);
                 client
                     .publish(topic, QoS::AtLeastOnce, false, protocol::encode(&t))
@@ -247,7 +260,7 @@ fn main() {
             busy_all.extend(busy);
         }
         println!(
-            "telemetry end to end (4 TLS publishers -> embedded broker -> SQLite): median {:.0} msg/s (runs {:?}); target 20000",
+            "telemetry end to end (4 enrolled TLS publishers -> gate -> embedded broker -> SQLite): median {:.0} msg/s (runs {:?}); target 20000",
             median(rates.clone()),
             rates.iter().map(|r| r.round()).collect::<Vec<_>>()
         );

@@ -39,6 +39,10 @@ pub struct AppState {
     pub broker_url: String,
     /// Topic prefix.
     pub topic_prefix: String,
+    /// The embedded broker's gate: enrolled certificates (None with an external broker).
+    pub gate: Option<crate::gate::Identities>,
+    /// The gate's counters.
+    pub gate_stats: Arc<crate::gate::GateStats>,
 }
 
 impl AppState {
@@ -367,6 +371,15 @@ async fn enroll(
     let fingerprint = cert_fingerprint(&cert);
     let now = now_ms();
     s.db().enroll(&id, &body.tags, &fingerprint, now).await?;
+    if let Some(gate) = &s.gate {
+        // Re-enrolling replaces the device's certificate: the old one stops working.
+        let mut map = gate.write().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, who| *who != crate::gate::Identity::Device(id.clone()));
+        map.insert(
+            fingerprint.clone(),
+            crate::gate::Identity::Device(id.clone()),
+        );
+    }
     s.db()
         .audit(
             &caller.name,
@@ -1095,6 +1108,16 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
             "edgefleet_commands_sent_total",
             "Commands published.",
             &st.commands_sent,
+        ),
+        (
+            "edgefleet_gate_connections_total",
+            "Device connections relayed by the embedded broker's gate.",
+            &s.gate_stats.connections,
+        ),
+        (
+            "edgefleet_gate_refused_total",
+            "Connections the gate closed (unknown certificate, or a topic outside the device's own).",
+            &s.gate_stats.refused,
         ),
     ] {
         gauge(

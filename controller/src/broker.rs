@@ -1,11 +1,9 @@
-//! The embedded broker: rumqttd 0.20 on its own thread, mutual TLS only. Clients
-//! must present a certificate signed by the controller's CA (`verify-client-cert`).
-//!
-//! What it cannot enforce (docs/controller.md): rumqttd has no per-topic ACL, so a
-//! device holding a valid certificate could publish on another device's topics or
-//! subscribe to them. The controller checks that the device named in a topic is
-//! the device named in the message, and refuses other messages; Mosquitto with the
-//! generated ACL is the production setup that confines each device at the broker.
+//! The embedded broker: rumqttd 0.20 on its own thread. Devices never reach it
+//! directly: it listens on a loopback port without TLS, behind the gate
+//! ([`crate::gate`]), which terminates mutual TLS with the controller's CA and
+//! confines each device to its own topics (rumqttd has no per-topic ACL). The
+//! loopback listener is reachable by processes on the controller's host: that host
+//! is trusted (docs/controller.md).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -21,8 +19,7 @@ pub const MAX_PAYLOAD: usize = (4 << 20) + 64 * 1024;
 /// accepts connections. Returns the address it listens on.
 pub fn start_embedded(
     listen: SocketAddr,
-    ca: &Path,
-    server: &Identity,
+    tls: Option<(&Path, &Identity)>,
 ) -> Result<SocketAddr, String> {
     let addr = if listen.port() == 0 {
         let probe = TcpListener::bind(listen).map_err(|e| format!("cannot bind {listen}: {e}"))?;
@@ -48,19 +45,19 @@ max_segment_count = 4
 name = "devices"
 listen = "{addr}"
 next_connection_delay_ms = 1
-[v4.1.tls]
-capath = "{}"
-certpath = "{}"
-keypath = "{}"
+{tls}
 [v4.1.connections]
 connection_timeout_ms = 60000
 max_payload_size = {MAX_PAYLOAD}
 max_inflight_count = 100
 dynamic_filters = true
 "#,
-        text(ca),
-        text(&server.cert),
-        text(&server.key),
+        tls = tls.map_or(String::new(), |(ca, server)| format!(
+            "[v4.1.tls]\ncapath = \"{}\"\ncertpath = \"{}\"\nkeypath = \"{}\"",
+            text(ca),
+            text(&server.cert),
+            text(&server.key)
+        )),
     );
     let config: rumqttd::Config =
         toml::from_str(&config).map_err(|e| format!("embedded broker configuration: {e}"))?;

@@ -11,6 +11,7 @@ pub mod db;
 pub mod demo;
 pub mod engine;
 pub mod fleet;
+pub mod gate;
 pub mod operator;
 pub mod remote;
 pub mod serve;

@@ -56,24 +56,51 @@ pub async fn start(
     let topics = Topics::new(&config.mqtt.topic_prefix)
         .map_err(|e| err("mqtt.topic_prefix")(e.to_string()))?;
 
+    let gate_stats = std::sync::Arc::new(crate::gate::GateStats::default());
+    let mut gate: Option<crate::gate::Identities> = None;
     let (link, broker_url) = match config.mqtt.mode {
         BrokerMode::Embedded => {
             let server = ca
                 .server_identity(&config.mqtt.hosts)
                 .map_err(|e| err("broker certificate")(e.to_string()))?;
-            let addr = crate::broker::start_embedded(config.mqtt.listen, &ca.cert_path(), &server)
+            // rumqttd on loopback, devices through the gate.
+            let internal = crate::broker::start_embedded(([127, 0, 0, 1], 0).into(), None)
                 .map_err(err("embedded broker"))?;
             let me = ca
                 .controller_identity()
                 .map_err(|e| err("controller certificate")(e.to_string()))?;
-            let tls = edgefleet_agent::link::tls_config(&ca.cert_path(), &me.cert, &me.key)
-                .map_err(|e| err("controller TLS")(e.to_string()))?;
+            let identities: crate::gate::Identities = Default::default();
+            let controller_pem = std::fs::read_to_string(&me.cert)
+                .map_err(|e| err("controller certificate")(e.to_string()))?;
+            identities
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    api::cert_fingerprint(&controller_pem),
+                    crate::gate::Identity::Controller,
+                );
+            let tls = gate_tls(&ca.cert_path(), &server).map_err(err("gate TLS"))?;
+            let listener = tokio::net::TcpListener::bind(config.mqtt.listen)
+                .await
+                .map_err(|e| err("mqtt.listen")(format!("{}: {e}", config.mqtt.listen)))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| err("mqtt.listen")(e.to_string()))?;
+            tokio::spawn(crate::gate::serve(
+                listener,
+                tls,
+                internal,
+                identities.clone(),
+                topics.clone(),
+                gate_stats.clone(),
+            ));
+            gate = Some(identities);
             let host = config.mqtt.hosts[0].clone();
             (
                 BrokerLink {
-                    host: host.clone(),
-                    port: addr.port(),
-                    tls: Some(tls),
+                    host: "127.0.0.1".into(),
+                    port: internal.port(),
+                    tls: None,
                 },
                 format!("mqtts://{host}:{}", addr.port()),
             )
@@ -112,6 +139,16 @@ pub async fn start(
         .await
         .map_err(|e| err("database")(format!("{}: {e}", config.database_path().display())))?;
     let new_admin_token = ensure_admin_token(&db, &data).await?;
+    if let Some(ids) = &gate {
+        let enrolled = db
+            .enrolled_fingerprints()
+            .await
+            .map_err(|e| err("database")(e.to_string()))?;
+        let mut map = ids.write().unwrap_or_else(|p| p.into_inner());
+        for (fp, device) in enrolled {
+            map.insert(fp, crate::gate::Identity::Device(device));
+        }
+    }
     let fleet = Fleet::start(
         db,
         topics,
@@ -134,6 +171,8 @@ pub async fn start(
         max_bundle_bytes: config.http.max_bundle_bytes,
         broker_url: broker_url.clone(),
         topic_prefix: config.mqtt.topic_prefix.clone(),
+        gate,
+        gate_stats,
     };
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -197,4 +236,40 @@ async fn ensure_admin_token(
         .await
         .map_err(|e| err("admin token")(e.to_string()))?;
     Ok(Some(path))
+}
+
+/// The gate's TLS: the broker's server certificate, client certificates required
+/// and checked against the controller's CA.
+fn gate_tls(
+    ca: &std::path::Path,
+    server: &crate::ca::Identity,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
+        roots
+            .add(c.map_err(|e| format!("{}: {e}", ca.display()))?)
+            .map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    let certs = CertificateDer::pem_file_iter(&server.cert)
+        .map_err(|e| format!("{}: {e}", server.cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", server.cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&server.key)
+        .map_err(|e| format!("{}: {e}", server.key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(config))
 }

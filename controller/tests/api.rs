@@ -58,6 +58,8 @@ async fn api() -> Api {
         max_bundle_bytes: 1 << 20,
         broker_url: "mqtts://localhost:8883".into(),
         topic_prefix: "edgefleet/v1".into(),
+        gate: None,
+        gate_stats: Default::default(),
     });
     Api {
         router,

@@ -736,3 +736,107 @@ fn the_controller_runs_a_fleet_through_mosquitto_whose_acl_confines_each_device(
         "the forged telemetry reached the controller"
     );
 }
+
+#[test]
+fn the_embedded_broker_gate_closes_a_device_that_publishes_on_another_devices_topic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("controller");
+    let bundles = make_bundles(dir.path(), &data);
+    let c = Controller::start(&data, 0);
+    let agents: Vec<Agent> = (1..=2)
+        .map(|i| Agent::enroll_and_start(&c, dir.path(), &format!("gt-{i:02}"), "site=lab"))
+        .collect();
+    // Devices work through the gate.
+    let v1 = push(&c, &bundles.v1);
+    let id = start_rollout(&c, &v1, &["--waves", "100%", "--soak-s", "0"]);
+    c.wait_rollout(&id, "completed", |r| r["phase"] == "completed");
+    wait_versions(&c, &agents, "1.0.0");
+
+    // An enrolled device with no agent running (a second connection with a running
+    // device's id would take over its session, as MQTT says): its own client id,
+    // telemetry on gt-02's topic.
+    let d = dir.path().join("gt-03");
+    run_ok(&["devices", "enroll", "gt-03", "--out", s(&d)], &c.env());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let closed = rt.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = edgefleet_agent::link::tls_config(
+            &d.join("ca.pem"),
+            &d.join("device.pem"),
+            &d.join("device.key"),
+        )
+        .expect("tls");
+        let mut o = rumqttc::MqttOptions::new("gt-03", "localhost", c.mqtt_port);
+        o.set_transport(rumqttc::Transport::tls_with_config(tls.into()));
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 10);
+        let t = edgefleet_shared::protocol::Telemetry {
+            device: edgefleet_shared::DeviceId::new("gt-02").expect("id"),
+            seq: 900_000,
+            at: edgefleet_shared::UnixTime::now(),
+            device_metrics: Default::default(),
+            agent: Default::default(),
+            model: None,
+            drift: Vec::new(),
+        };
+        let topic = edgefleet_shared::protocol::Topics::default().device(
+            &t.device,
+            edgefleet_shared::protocol::DeviceTopic::Telemetry,
+        );
+        client
+            .publish(
+                topic,
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                edgefleet_shared::protocol::encode(&t),
+            )
+            .await
+            .expect("queued");
+        // Connected first (the gate let CONNECT through), then closed on the publish.
+        let mut connected = false;
+        loop {
+            match tokio::time::timeout(WAIT, eventloop.poll())
+                .await
+                .expect("the gate answers")
+            {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => connected = true,
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => return false,
+                Ok(_) => {}
+                Err(_) => return connected,
+            }
+        }
+    });
+    assert!(
+        closed,
+        "the gate must accept the connection and close it on the forged publish"
+    );
+    // The gate judges before it forwards: the forgery never reached the broker.
+    let telemetry = c.device("gt-02")["telemetry"].clone();
+    assert!(
+        !telemetry
+            .as_array()
+            .expect("telemetry")
+            .iter()
+            .any(|t| t["seq"] == 900_000),
+        "{telemetry}"
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+    let metrics = agent
+        .get(format!("{}/metrics", c.url))
+        .call()
+        .expect("metrics")
+        .body_mut()
+        .read_to_string()
+        .expect("text");
+    assert!(
+        metrics.contains("edgefleet_gate_refused_total 1"),
+        "{metrics}"
+    );
+    // gt-01 and gt-02 are unaffected.
+    let devices = c.get("/api/v1/devices?state=online");
+    assert_eq!(
+        devices["devices"].as_array().map_or(0, Vec::len),
+        2,
+        "{devices}"
+    );
+}
