@@ -200,6 +200,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/api/v1/devices/{id}", get(device_detail))
         .route("/api/v1/devices/{id}/enroll", post(enroll))
         .route("/api/v1/devices/{id}/revert", post(revert_device))
+        .route("/api/v1/devices/{id}/revoke", post(revoke_device))
         .route(
             "/api/v1/bundles",
             get(list_bundles)
@@ -409,6 +410,31 @@ pub fn cert_fingerprint(pem: &str) -> String {
     CertificateDer::from_pem_slice(pem.as_bytes())
         .map(|der| hex::encode(Sha256::digest(der.as_ref())))
         .unwrap_or_default()
+}
+
+#[utoipa::path(post, path = "/api/v1/devices/{id}/revoke", tag = "devices", params(("id" = String, Path, description = "device id")),
+    responses((status = 200, description = "the certificate is no longer admitted", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn revoke_device(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require(Role::Admin)?;
+    if !s.db().revoke(&id).await? {
+        return Err(ApiError::not_found(format!(
+            "device {id} has no enrolled certificate"
+        )));
+    }
+    if let Some(gate) = &s.gate {
+        gate.write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, who| *who != crate::gate::Identity::Device(id.clone()));
+    }
+    s.db()
+        .audit(&caller.name, "device.revoke", &id, None, None, now_ms())
+        .await?;
+    Ok(Json(json!({"device": id, "revoked": true})))
 }
 
 #[utoipa::path(post, path = "/api/v1/devices/{id}/revert", tag = "devices", params(("id" = String, Path, description = "device id")),
@@ -1187,7 +1213,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "edgefleet controller API", description = "Devices, bundles, staged rollouts, telemetry, audit. See docs/controller.md."),
     paths(
-        list_devices, device_detail, enroll, revert_device,
+        list_devices, device_detail, enroll, revert_device, revoke_device,
         list_bundles, upload_bundle, show_bundle, download_bundle,
         list_rollouts, start_rollout, show_rollout, operate_rollout,
         telemetry_summary, audit_log, create_token, metrics

@@ -378,6 +378,21 @@ impl Db {
         Ok(())
     }
 
+    /// Forgets a device's certificate (revocation); false if it had none.
+    pub async fn revoke(&self, id: &str) -> Result<bool> {
+        let id = id.to_owned();
+        Ok(self
+            .conn
+            .call(move |c| {
+                c.execute(
+                    "UPDATE devices SET cert_sha256 = NULL WHERE id = ?1 AND cert_sha256 IS NOT NULL",
+                    [id],
+                )
+            })
+            .await?
+            == 1)
+    }
+
     /// Stores a device's retained state.
     pub async fn device_state(
         &self,

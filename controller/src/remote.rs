@@ -150,6 +150,14 @@ pub enum DevicesCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Revoke a device's certificate: the gate no longer admits it (at its next
+    /// connection); enroll again to give it a new one.
+    Revoke {
+        /// Device id.
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// List devices.
     List {
         /// Only devices with these tags, `k=v,...`.
@@ -492,6 +500,15 @@ pub fn devices(cmd: DevicesCommand) -> Result<i32, String> {
                         d["tags"]
                     );
                 }
+            }
+            Ok(0)
+        }
+        DevicesCommand::Revoke { id, api } => {
+            let v = Client::new(&api).post(&format!("/api/v1/devices/{id}/revoke"), &json!({}))?;
+            if api.json {
+                print_json(&v);
+            } else {
+                println!("revoked the certificate of {id}");
             }
             Ok(0)
         }

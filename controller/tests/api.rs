@@ -19,6 +19,7 @@ use tower::ServiceExt;
 struct Api {
     router: axum::Router,
     db: Db,
+    gate: edgefleet::gate::Identities,
     _dir: tempfile::TempDir,
 }
 
@@ -51,6 +52,7 @@ async fn api() -> Api {
     .await
     .expect("fleet");
     let ca = Arc::new(Ca::open_or_create(&dir.path().join("ca")).expect("ca"));
+    let gate: edgefleet::gate::Identities = Default::default();
     let router = api::router(AppState {
         fleet,
         ca,
@@ -58,12 +60,13 @@ async fn api() -> Api {
         max_bundle_bytes: 1 << 20,
         broker_url: "mqtts://localhost:8883".into(),
         topic_prefix: "edgefleet/v1".into(),
-        gate: None,
+        gate: Some(gate.clone()),
         gate_stats: Default::default(),
     });
     Api {
         router,
         db,
+        gate,
         _dir: dir,
     }
 }
@@ -422,6 +425,7 @@ async fn the_openapi_document_is_generated_and_lists_every_route() {
         ("/api/v1/devices/{id}", "get"),
         ("/api/v1/devices/{id}/enroll", "post"),
         ("/api/v1/devices/{id}/revert", "post"),
+        ("/api/v1/devices/{id}/revoke", "post"),
         ("/api/v1/bundles", "get"),
         ("/api/v1/bundles", "post"),
         ("/api/v1/bundles/{digest}", "get"),
@@ -474,4 +478,83 @@ async fn the_openapi_document_is_generated_and_lists_every_route() {
         "{}",
         schemas["Gates"]
     );
+}
+
+#[tokio::test]
+async fn enrollment_admits_a_certificate_to_the_gate_and_revocation_removes_it() {
+    let a = api().await;
+    let device = edgefleet::gate::Identity::Device("pi-07".into());
+    let admitted = |a: &Api| {
+        a.gate
+            .read()
+            .map(|m| m.values().filter(|w| **w == device).count())
+            .unwrap_or(0)
+    };
+    let (s, first) = a
+        .json(
+            "POST",
+            "/api/v1/devices/pi-07/enroll",
+            Some(ADMIN),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(admitted(&a), 1);
+    // Re-enrolling replaces the certificate: still one admitted, a different one.
+    let (_, second) = a
+        .json(
+            "POST",
+            "/api/v1/devices/pi-07/enroll",
+            Some(ADMIN),
+            json!({}),
+        )
+        .await;
+    assert_ne!(first["cert_pem"], second["cert_pem"]);
+    assert_eq!(admitted(&a), 1);
+    let fp = api::cert_fingerprint(second["cert_pem"].as_str().expect("pem"));
+    assert!(a.gate.read().map(|m| m.contains_key(&fp)).unwrap_or(false));
+    // Operators cannot revoke; admins can, once.
+    let (s, v) = a
+        .json(
+            "POST",
+            "/api/v1/tokens",
+            Some(ADMIN),
+            json!({"name": "ops", "role": "operator"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let ops = v["token"].as_str().expect("token").to_string();
+    let (s, _) = a
+        .json(
+            "POST",
+            "/api/v1/devices/pi-07/revoke",
+            Some(&ops),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, v) = a
+        .json(
+            "POST",
+            "/api/v1/devices/pi-07/revoke",
+            Some(ADMIN),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(admitted(&a), 0);
+    assert!(a.db.enrolled_fingerprints().await.expect("db").is_empty());
+    let (s, _) = a
+        .json(
+            "POST",
+            "/api/v1/devices/pi-07/revoke",
+            Some(ADMIN),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, v) = a
+        .call("GET", "/api/v1/audit", Some(ADMIN), Body::empty())
+        .await;
+    assert_eq!(v["audit"][0]["action"], "device.revoke");
 }
