@@ -264,7 +264,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             Ok(0)
         }
         Command::Run { http } => {
-            init_logs(cli.log_json);
+            init_logs(cli.log_json, "info");
             serve(&store, &config, &trust, http.unwrap_or(config.api_listen))
         }
         Command::Config(_) => Ok(0),
@@ -314,10 +314,11 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
 }
 
 /// Logs to stderr: text by default, JSON lines with `--log-json`; the level
-/// comes from `EDGEFLEET_LOG` (e.g. `debug`, `edgefleet_agent=debug`), default info.
-fn init_logs(json: bool) {
+/// comes from `EDGEFLEET_LOG` (e.g. `debug`, `edgefleet_agent=debug`), else
+/// `default_filter`. Shared with the controller.
+pub fn init_logs(json: bool, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -144,25 +144,31 @@ pub enum ConfigError {
     },
 }
 
+/// Reads a TOML configuration file of at most 64 KiB into `T` (shared with the
+/// controller's configuration); errors name the file.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let read_err = |detail: String| ConfigError::Read {
+        path: path.to_owned(),
+        detail,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| read_err(e.to_string()))?;
+    if meta.len() > MAX_CONFIG_LEN {
+        return Err(read_err(format!(
+            "{} bytes, over the limit of {MAX_CONFIG_LEN}",
+            meta.len()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| read_err(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
 impl AgentConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let read_err = |detail: String| ConfigError::Read {
-            path: path.to_owned(),
-            detail,
-        };
-        let meta = std::fs::metadata(path).map_err(|e| read_err(e.to_string()))?;
-        if meta.len() > MAX_CONFIG_LEN {
-            return Err(read_err(format!(
-                "{} bytes, over the limit of {MAX_CONFIG_LEN}",
-                meta.len()
-            )));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| read_err(e.to_string()))?;
-        let config: AgentConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            detail: e.to_string(),
-        })?;
+        let config: AgentConfig = read_toml(path)?;
         config.validate(path)?;
         Ok(config)
     }

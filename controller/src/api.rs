@@ -408,7 +408,7 @@ pub fn cert_fingerprint(pem: &str) -> String {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     CertificateDer::from_pem_slice(pem.as_bytes())
-        .map(|der| hex::encode(Sha256::digest(der.as_ref())))
+        .map(|der| crate::gate::fingerprint(der.as_ref()))
         .unwrap_or_default()
 }
 

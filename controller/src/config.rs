@@ -8,8 +8,6 @@ use std::path::{Path, PathBuf};
 use edgefleet_shared::protocol::Topics;
 use serde::{Deserialize, Serialize};
 
-const MAX_CONFIG_LEN: u64 = 64 * 1024;
-
 /// Which broker the controller uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -151,56 +149,14 @@ impl Default for ControllerConfig {
     }
 }
 
-/// A configuration problem, naming the file and the field.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// Unreadable or too large.
-    #[error("{path}: {detail}")]
-    Read {
-        /// File.
-        path: PathBuf,
-        /// Why.
-        detail: String,
-    },
-    /// Not TOML of the expected shape.
-    #[error("{path}: {detail}")]
-    Parse {
-        /// File.
-        path: PathBuf,
-        /// Why.
-        detail: String,
-    },
-    /// A field has a value that cannot work.
-    #[error("{path}: `{field}` {reason}")]
-    Invalid {
-        /// File (or `flags`).
-        path: PathBuf,
-        /// Which field.
-        field: &'static str,
-        /// Why.
-        reason: String,
-    },
-}
+/// A configuration problem, naming the file and the field (the agent's type: one
+/// format of configuration errors for both programs).
+pub use edgefleet_agent::config::ConfigError;
 
 impl ControllerConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<ControllerConfig, ConfigError> {
-        let read_err = |detail: String| ConfigError::Read {
-            path: path.to_owned(),
-            detail,
-        };
-        let meta = std::fs::metadata(path).map_err(|e| read_err(e.to_string()))?;
-        if meta.len() > MAX_CONFIG_LEN {
-            return Err(read_err(format!(
-                "{} bytes, over the limit of {MAX_CONFIG_LEN}",
-                meta.len()
-            )));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| read_err(e.to_string()))?;
-        let config: ControllerConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            detail: e.to_string(),
-        })?;
+        let config: ControllerConfig = edgefleet_agent::config::read_toml(path)?;
         config.validate(path)?;
         Ok(config)
     }

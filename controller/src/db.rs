@@ -604,20 +604,7 @@ impl Db {
 
     /// The latest telemetry sample of every device received at or after `since`.
     pub async fn latest_telemetry(&self, since: u64) -> Result<Vec<TelemetryRow>> {
-        Ok(self
-            .read
-            .call(move |c| -> rusqlite::Result<Vec<TelemetryRow>> {
-                let mut st = c.prepare(
-                    "SELECT t.device, t.seq, t.at, t.received_at, t.digest, t.inferences, t.errors,
-                            t.latency_counts, t.cpu_percent, t.mem_used, t.rss_bytes
-                     FROM telemetry t
-                     JOIN (SELECT device, MAX(seq) AS seq FROM telemetry WHERE received_at >= ?1
-                           GROUP BY device) l ON l.device = t.device AND l.seq = t.seq",
-                )?;
-                let rows = st.query_map([i(since)], telemetry_row)?;
-                rows.collect()
-            })
-            .await?)
+        self.latest_telemetry_between(since, u64::MAX).await
     }
 
     /// The latest telemetry sample of every device received in `[from, to]`.

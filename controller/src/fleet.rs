@@ -30,12 +30,8 @@ use tokio::sync::{Mutex, mpsc};
 use crate::db::{Db, DbError, TelemetryRow};
 use crate::engine::{Effect, Input, Phase, Plan, Rollout, WaveHealth};
 
-/// Now, in ms since the epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+/// Now, in ms since the epoch (the agent's clock reading).
+pub use edgefleet_agent::daemon::now_ms;
 
 /// Counters for `/metrics` and the benchmarks.
 #[derive(Debug, Default)]

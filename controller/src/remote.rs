@@ -298,7 +298,8 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     config
         .validate(Path::new("flags"))
         .map_err(|e| e.to_string())?;
-    init_logs(args.log_json);
+    // rumqttd logs an ERROR for every abrupt client disconnect: off by default.
+    edgefleet_agent::cli::init_logs(args.log_json, "info,rumqttd=off");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -318,19 +319,6 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
         println!("controller stopped");
         Ok(0)
     })
-}
-
-fn init_logs(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.with_ansi(false).try_init()
-    };
 }
 
 /// `config ...`.

@@ -669,44 +669,10 @@ fn the_controller_runs_a_fleet_through_mosquitto_whose_acl_confines_each_device(
     // same connection) arrives, the forgery never does.
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let d = dir.path().join("mq-01");
-        let tls = edgefleet_agent::link::tls_config(
-            &d.join("ca.pem"),
-            &d.join("device.pem"),
-            &d.join("device.key"),
-        )
-        .expect("tls");
-        let mut o = rumqttc::MqttOptions::new("mq-01-forger", "localhost", port);
-        o.set_transport(rumqttc::Transport::tls_with_config(tls.into()));
-        o.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 10);
-        let topics = edgefleet_shared::protocol::Topics::default();
-        let telemetry = |device: &str, seq: u64| edgefleet_shared::protocol::Telemetry {
-            device: edgefleet_shared::DeviceId::new(device).expect("id"),
-            seq,
-            at: edgefleet_shared::UnixTime::now(),
-            device_metrics: Default::default(),
-            agent: Default::default(),
-            model: None,
-            drift: Vec::new(),
-        };
-        for (device, seq) in [("mq-02", 900_000u64), ("mq-01", 900_001)] {
-            let t = telemetry(device, seq);
-            let topic = topics.device(
-                &t.device,
-                edgefleet_shared::protocol::DeviceTopic::Telemetry,
-            );
-            client
-                .publish(
-                    topic,
-                    rumqttc::QoS::AtLeastOnce,
-                    false,
-                    edgefleet_shared::protocol::encode(&t),
-                )
-                .await
-                .expect("queued");
-        }
+        let (client, mut eventloop) =
+            device_client(&dir.path().join("mq-01"), "mq-01-forger", port);
+        publish_telemetry(&client, "mq-02", 900_000).await;
+        publish_telemetry(&client, "mq-01", 900_001).await;
         let mut acked = 0;
         while acked < 2 {
             if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) =
@@ -718,14 +684,7 @@ fn the_controller_runs_a_fleet_through_mosquitto_whose_acl_confines_each_device(
             }
         }
     });
-    let seqs = |device: &str| -> Vec<u64> {
-        c.device(device)["telemetry"]
-            .as_array()
-            .expect("telemetry")
-            .iter()
-            .filter_map(|t| t["seq"].as_u64())
-            .collect()
-    };
+    let seqs = |device: &str| telemetry_seqs(&c, device);
     let deadline = Instant::now() + WAIT;
     while !seqs("mq-01").contains(&900_001) {
         assert!(Instant::now() < deadline, "the marker never arrived");
@@ -759,39 +718,8 @@ fn the_embedded_broker_gate_closes_a_device_that_publishes_on_another_devices_to
     run_ok(&["devices", "enroll", "gt-03", "--out", s(&d)], &c.env());
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let closed = rt.block_on(async {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let tls = edgefleet_agent::link::tls_config(
-            &d.join("ca.pem"),
-            &d.join("device.pem"),
-            &d.join("device.key"),
-        )
-        .expect("tls");
-        let mut o = rumqttc::MqttOptions::new("gt-03", "localhost", c.mqtt_port);
-        o.set_transport(rumqttc::Transport::tls_with_config(tls.into()));
-        o.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 10);
-        let t = edgefleet_shared::protocol::Telemetry {
-            device: edgefleet_shared::DeviceId::new("gt-02").expect("id"),
-            seq: 900_000,
-            at: edgefleet_shared::UnixTime::now(),
-            device_metrics: Default::default(),
-            agent: Default::default(),
-            model: None,
-            drift: Vec::new(),
-        };
-        let topic = edgefleet_shared::protocol::Topics::default().device(
-            &t.device,
-            edgefleet_shared::protocol::DeviceTopic::Telemetry,
-        );
-        client
-            .publish(
-                topic,
-                rumqttc::QoS::AtLeastOnce,
-                false,
-                edgefleet_shared::protocol::encode(&t),
-            )
-            .await
-            .expect("queued");
+        let (client, mut eventloop) = device_client(&d, "gt-03", c.mqtt_port);
+        publish_telemetry(&client, "gt-02", 900_000).await;
         // Connected first (the gate let CONNECT through), then closed on the publish.
         let mut connected = false;
         loop {
@@ -811,15 +739,8 @@ fn the_embedded_broker_gate_closes_a_device_that_publishes_on_another_devices_to
         "the gate must accept the connection and close it on the forged publish"
     );
     // The gate judges before it forwards: the forgery never reached the broker.
-    let telemetry = c.device("gt-02")["telemetry"].clone();
-    assert!(
-        !telemetry
-            .as_array()
-            .expect("telemetry")
-            .iter()
-            .any(|t| t["seq"] == 900_000),
-        "{telemetry}"
-    );
+    let forged = telemetry_seqs(&c, "gt-02");
+    assert!(!forged.contains(&900_000), "{forged:?}");
     let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
     let metrics = agent
         .get(format!("{}/metrics", c.url))
@@ -839,4 +760,60 @@ fn the_embedded_broker_gate_closes_a_device_that_publishes_on_another_devices_to
         2,
         "{devices}"
     );
+}
+
+/// An MQTT client with the certificate of the device whose enrollment files are in
+/// `dir` (to forge messages from a real identity).
+fn device_client(
+    dir: &Path,
+    client_id: &str,
+    port: u16,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = edgefleet_agent::link::tls_config(
+        &dir.join("ca.pem"),
+        &dir.join("device.pem"),
+        &dir.join("device.key"),
+    )
+    .expect("tls");
+    let mut o = rumqttc::MqttOptions::new(client_id, "localhost", port);
+    o.set_transport(rumqttc::Transport::tls_with_config(tls.into()));
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    rumqttc::AsyncClient::new(o, 10)
+}
+
+/// Publishes an empty telemetry sample of `device` with `seq` on `device`'s topic.
+async fn publish_telemetry(client: &rumqttc::AsyncClient, device: &str, seq: u64) {
+    let t = edgefleet_shared::protocol::Telemetry {
+        device: edgefleet_shared::DeviceId::new(device).expect("id"),
+        seq,
+        at: edgefleet_shared::UnixTime::now(),
+        device_metrics: Default::default(),
+        agent: Default::default(),
+        model: None,
+        drift: Vec::new(),
+    };
+    let topic = edgefleet_shared::protocol::Topics::default().device(
+        &t.device,
+        edgefleet_shared::protocol::DeviceTopic::Telemetry,
+    );
+    client
+        .publish(
+            topic,
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            edgefleet_shared::protocol::encode(&t),
+        )
+        .await
+        .expect("queued");
+}
+
+/// Sequence numbers of the telemetry the controller stored for `device`.
+fn telemetry_seqs(c: &Controller, device: &str) -> Vec<u64> {
+    c.device(device)["telemetry"]
+        .as_array()
+        .expect("telemetry")
+        .iter()
+        .filter_map(|t| t["seq"].as_u64())
+        .collect()
 }
