@@ -347,7 +347,9 @@ fn load_trust(
 }
 
 /// Everything the controller link needs, or why it cannot start.
-fn link_setup(
+/// The MQTT options and daemon settings a config describes (the controller
+/// link); the error names the field.
+pub fn link_setup(
     config: &crate::config::AgentConfig,
     trust: &std::path::Path,
 ) -> Result<(rumqttc::MqttOptions, crate::daemon::DaemonSettings), String> {
@@ -381,6 +383,7 @@ fn link_setup(
         disk_reserve_bytes: config.limits.disk_reserve_bytes,
         fetch_window: 16,
         stall_timeout: std::time::Duration::from_secs(5),
+        facts: device_facts(),
     };
     Ok((options(device.as_str(), &endpoint, tls), settings))
 }

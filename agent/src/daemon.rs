@@ -59,6 +59,8 @@ pub struct DaemonSettings {
     pub fetch_window: u32,
     /// With no chunk for this long, the missing chunks are requested again.
     pub stall_timeout: Duration,
+    /// What this device is, for the bundles' constraints.
+    pub facts: edgefleet_shared::bundle::DeviceFacts,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -177,6 +179,7 @@ impl Daemon {
         };
         daemon.resume_download();
         daemon.update_will();
+        daemon.link.connect();
         Ok(daemon)
     }
 
@@ -641,7 +644,7 @@ impl Daemon {
         store::verify_header(
             state,
             &self.settings.trust,
-            &crate::cli::device_facts(),
+            &self.settings.facts,
             raw,
             UnixTime::now(),
         )
@@ -779,7 +782,11 @@ impl Daemon {
             rejected_chunks = d.rejected,
             "download complete, installing"
         );
-        let (store, trust) = (self.store.clone(), self.settings.trust.clone());
+        let (store, trust, facts) = (
+            self.store.clone(),
+            self.settings.trust.clone(),
+            self.settings.facts.clone(),
+        );
         let (path, mode, command, digest) = (
             d.dir.join("bundle.part"),
             d.offer.mode,
@@ -788,18 +795,17 @@ impl Daemon {
         );
         drop(d.file);
         let result = tokio::task::spawn_blocking(move || {
-            let done = store::install_file(
-                &store,
-                &trust,
-                &crate::cli::device_facts(),
-                &path,
-                mode,
-                UnixTime::now(),
-            )?;
+            let done = store::install_file(&store, &trust, &facts, &path, mode, UnixTime::now())?;
             let model = store::load_active(&store)?;
             Ok::<_, InstallError>((done, model))
         })
         .await;
+        // A simulated crash (the fleet simulator's fault) stops this device here,
+        // with its download still on disk, as a power cut would.
+        let result = match result {
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            other => other,
+        };
         let _ = fs::remove_dir_all(&d.dir);
         match result {
             Ok(Ok((done, model))) => {

@@ -223,6 +223,7 @@ struct Tracking {
 pub struct Link {
     client: AsyncClient,
     tracking: Arc<Mutex<Tracking>>,
+    go: Arc<tokio::sync::Notify>,
 }
 
 fn lock(m: &Mutex<Tracking>) -> MutexGuard<'_, Tracking> {
@@ -292,6 +293,13 @@ impl Link {
         lock(&self.tracking).connected
     }
 
+    /// Lets the link connect: it waits for this so that the first connection
+    /// already carries the will set with [`Link::set_will`] (without it, a
+    /// device that lost its first connection would never be marked offline).
+    pub fn connect(&self) {
+        self.go.notify_one();
+    }
+
     /// Disconnects cleanly (the broker does not send the will).
     pub async fn disconnect(&self) {
         let _ = self.client.disconnect().await;
@@ -306,8 +314,9 @@ fn random_u64() -> u64 {
     })
 }
 
-/// Starts the link task. It connects, reconnects with backoff for ever, and sends
-/// what happens to `events`; it ends when `events` is closed.
+/// Starts the link task. Once [`Link::connect`] is called it connects,
+/// reconnects with backoff for ever, and sends what happens to `events`; it ends
+/// when `events` is closed.
 pub fn start(
     mut options: MqttOptions,
     events: mpsc::Sender<LinkEvent>,
@@ -318,11 +327,17 @@ pub fn start(
     }));
     options.set_request_channel_capacity(256);
     let (client, mut eventloop) = AsyncClient::new(options, 256);
+    let go = Arc::new(tokio::sync::Notify::new());
     let link = Link {
         client,
         tracking: tracking.clone(),
+        go: go.clone(),
     };
     let task = tokio::spawn(async move {
+        go.notified().await;
+        if let Some(will) = lock(&tracking).will.clone() {
+            eventloop.mqtt_options.set_last_will(will);
+        }
         let mut backoff = Backoff::default();
         loop {
             let sent = match eventloop.poll().await {

@@ -7,7 +7,7 @@
 //! gets a symbol before typing; tract's ONNX-ML support is partial, so an
 //! unsupported operator is reported by name with the usual fix.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use edgefleet_shared::golden::{Tensor, TensorData, TensorMismatch};
 use edgefleet_shared::manifest::{Dim, ElementType, ModelSchema, TensorSpec};
@@ -164,8 +164,35 @@ fn spec_of(role: &'static str, name: &str, fact: &TypedFact) -> Result<TensorSpe
 impl LoadedModel {
     /// Loads, types and optimises an ONNX model from its bytes. CPU-heavy: call it
     /// off the async runtime.
+    ///
+    /// Models are shared by content within a process: loading bytes whose
+    /// SHA-256 matches a model still in use returns that model (the fleet
+    /// simulator runs many devices in one process, each loading the same model).
     pub fn load(bytes: &[u8]) -> Result<LoadedModel, ModelError> {
-        LoadedModel::load_with(bytes, true)
+        type Cache = std::sync::Mutex<
+            std::collections::HashMap<
+                edgefleet_shared::Digest,
+                (Weak<TypedRunnableModel>, ModelSchema),
+            >,
+        >;
+        static SHARED: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+        let key = edgefleet_shared::Digest::of(bytes);
+        let cache = SHARED.get_or_init(Cache::default);
+        let lock = || cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((plan, schema)) = lock().get(&key)
+            && let Some(plan) = plan.upgrade()
+        {
+            return Ok(LoadedModel {
+                plan,
+                schema: schema.clone(),
+            });
+        }
+        // Loaded outside the lock: two threads may both load a new model once.
+        let model = LoadedModel::load_with(bytes, true)?;
+        let mut cache = lock();
+        cache.retain(|_, (plan, _)| plan.strong_count() > 0);
+        cache.insert(key, (Arc::downgrade(&model.plan), model.schema.clone()));
+        Ok(model)
     }
 
     /// [`LoadedModel::load`] with tract's own tree-ensemble evaluator instead of

@@ -14,6 +14,7 @@
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use edgefleet_shared::bundle::{DeviceFacts, InstalledRelease};
 use edgefleet_shared::golden::GoldenSet;
@@ -31,11 +32,51 @@ use crate::slots::{SlotError, SlotEvent, SlotsState};
 /// process aborts on the spot (no destructors, no flushing), as a power cut or
 /// SIGKILL would stop it. Points: `after-unpack`, `after-health-check`,
 /// `before-state-rename`, `after-state-save`.
-pub fn crash_point(name: &str) {
+fn crash_point_env(name: &str) {
     if std::env::var_os("EDGEFLEET_CRASH_AT").is_some_and(|v| v == name) {
         std::process::abort();
     }
 }
+
+/// Faults the fleet simulator (`devices/`) injects into one simulated device,
+/// which shares its process with the others: a real agent has none. A crash
+/// point here panics the install (the simulator restarts the device from its
+/// directory, as after a power cut); it fires once.
+#[derive(Debug, Default)]
+pub struct Faults {
+    crash_at: std::sync::Mutex<Option<String>>,
+    fail_health: std::sync::atomic::AtomicBool,
+}
+
+impl Faults {
+    /// Crash once at the named point: `after-unpack`, `after-health-check`,
+    /// `before-state-rename` or `after-state-save`.
+    pub fn crash_once_at(&self, point: &str) {
+        *self.crash_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(point.to_owned());
+    }
+
+    /// Make every health check fail (or pass again).
+    pub fn set_fail_health(&self, fail: bool) {
+        self.fail_health
+            .store(fail, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn fails_health(&self) -> bool {
+        self.fail_health.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn take_crash(&self, name: &str) -> bool {
+        let mut at = self.crash_at.lock().unwrap_or_else(|e| e.into_inner());
+        if at.as_deref() == Some(name) {
+            *at = None;
+            return true;
+        }
+        false
+    }
+}
+
+/// The panic message of a simulated crash (see [`Faults`]).
+pub const SIMULATED_CRASH: &str = "simulated crash (fleet simulator fault)";
 
 /// Replaces `path` with `bytes` in one step: a temp file beside it, fsynced, then
 /// renamed over it. A crash leaves the old file or the new one.
@@ -84,6 +125,7 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
+    faults: Arc<Faults>,
 }
 
 impl Store {
@@ -92,7 +134,23 @@ impl Store {
         let dir = dir.into();
         let bundles = dir.join("bundles");
         fs::create_dir_all(&bundles).map_err(io_at(&bundles))?;
-        Ok(Store { dir })
+        Ok(Store {
+            dir,
+            faults: Arc::default(),
+        })
+    }
+
+    /// This store with simulated faults (the fleet simulator's devices).
+    pub fn with_faults(mut self, faults: Arc<Faults>) -> Store {
+        self.faults = faults;
+        self
+    }
+
+    fn crash_point(&self, name: &str) {
+        crash_point_env(name);
+        if self.faults.take_crash(name) {
+            std::panic::panic_any(SIMULATED_CRASH);
+        }
     }
 
     /// The data directory.
@@ -153,7 +211,7 @@ impl Store {
         let mut f = fs::File::create(&tmp).map_err(io_at(&tmp))?;
         f.write_all(&bytes).map_err(io_at(&tmp))?;
         f.sync_all().map_err(io_at(&tmp))?;
-        crash_point("before-state-rename");
+        self.crash_point("before-state-rename");
         fs::rename(&tmp, &path).map_err(io_at(&path))?;
         sync_dir(&self.dir).map_err(io_at(&self.dir))
     }
@@ -313,6 +371,22 @@ pub fn prove_bundle(
     Ok((model, report))
 }
 
+/// [`prove_bundle`] on this device (with its simulated faults, if any).
+fn prove_on_device(
+    store: &Store,
+    dir: &Path,
+    manifest: &edgefleet_shared::manifest::Manifest,
+) -> Result<HealthReport, InstallError> {
+    let (_, health) = prove_bundle(dir, manifest)?;
+    if store.faults.fails_health() {
+        return Err(InstallError::Health(HealthFailure::Run {
+            case: 0,
+            detail: "simulated health-check failure (fleet simulator fault)".into(),
+        }));
+    }
+    Ok(health)
+}
+
 /// Installs a bundle file (sideloading, or a completed download): verify against
 /// the trust root and the channel's installed release, unpack into its own
 /// directory, prove the model, then switch slots in one atomic state write. On
@@ -357,7 +431,7 @@ pub fn install_file(
                     mode,
                     at: now,
                 })?;
-                let (_, health) = prove_bundle(&dir, &verified.manifest)?;
+                let health = prove_on_device(store, &dir, &verified.manifest)?;
                 return Ok((next, bundle_ref(&verified), health));
             }
             fs::remove_dir_all(&dir).map_err(|source| {
@@ -373,9 +447,9 @@ pub fn install_file(
             &dir,
         )
         .map_err(|e| bundle_error(path, e))?;
-        crash_point("after-unpack");
-        let (_, health) = prove_bundle(&dir, &verified.manifest)?;
-        crash_point("after-health-check");
+        store.crash_point("after-unpack");
+        let health = prove_on_device(store, &dir, &verified.manifest)?;
+        store.crash_point("after-health-check");
         let bundle = bundle_ref(&verified);
         let next = state.clone().apply(SlotEvent::Installed {
             bundle: bundle.clone(),
@@ -387,7 +461,7 @@ pub fn install_file(
     match result {
         Ok((next, bundle, health)) => {
             store.save(&next)?;
-            crash_point("after-state-save");
+            store.crash_point("after-state-save");
             store.gc(&next)?;
             Ok(Installed {
                 state: next,

@@ -59,6 +59,12 @@ pub struct DemoArgs {
     /// that is removed at the end).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Simulated devices in the fleet.
+    #[arg(long, default_value_t = 20)]
+    pub devices: usize,
+    /// Keep the controller and the fleet running at the end (Ctrl-C stops them).
+    #[arg(long)]
+    pub keep_running: bool,
 }
 
 /// `edgefleet keys ...`.
@@ -341,7 +347,12 @@ pub fn describe_manifest(m: &Manifest, digest: &edgefleet_shared::Digest) -> Str
 pub fn run(cli: Cli) -> Result<i32, CliError> {
     let now = UnixTime::now();
     match cli.command {
-        Command::Demo(args) => Ok(crate::demo::run(args.dir.as_deref())?),
+        Command::Demo(args) => crate::demo::run(&crate::demo::DemoOptions {
+            dir: args.dir,
+            devices: args.devices,
+            keep_running: args.keep_running,
+        })
+        .map_err(CliError::Controller),
         Command::Serve(args) => crate::remote::serve(args).map_err(CliError::Controller),
         Command::Config(c) => crate::remote::config(c).map_err(CliError::Controller),
         Command::Broker(c) => crate::remote::broker(c).map_err(CliError::Controller),

@@ -1,73 +1,132 @@
-//! `edgefleet demo`: the story on one machine with no setup.
+//! `edgefleet demo`: the whole story on one machine with no setup. A controller
+//! (embedded broker with mutual TLS, SQLite) and a simulated fleet of real agent
+//! instances run in this process, in a temporary directory; the operator's steps
+//! go through the controller's HTTP API as `edgefleet` CLI calls would.
 //!
-//! Today it shows the part that exists: the signed-bundle workflow an operator
-//! runs and the checks a device applies before a model may run. The controller,
-//! simulated fleet and staged rollout join it with issues 3-5 of the tracker.
+//! 1. keys and a 2-of-3 trust root; 2. a good and a bad bundle of the iris model
+//!    shipped in `models/`; 3. the controller; 4. enrolled devices; 5. a staged
+//!    rollout of the good bundle; 6. the bad one, caught at the canary; 7. local
+//!    inference with the network cut; 8. telemetry per version.
 
-use std::path::Path;
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use edgefleet_agent::store::{Store, install_file, load_active};
-use edgefleet_shared::bundle::{DeviceFacts, InstalledRelease};
-use edgefleet_shared::golden::GoldenSet;
+use edgefleet_devices::Profile;
+use edgefleet_devices::sim::{DeviceSpec, FaultPlan, FleetSettings, SimFleet, TlsFiles, Traffic};
 use edgefleet_shared::manifest::HealthPolicy;
-use edgefleet_shared::protocol::InstallMode;
-use edgefleet_shared::{Arch, Limits, ModelChannel, Policy, RawHeader, UnixTime};
+use edgefleet_shared::{ModelChannel, UnixTime};
+use serde_json::{Value, json};
 
-use crate::operator::{self, BuildOptions, KeyFile, OperatorError};
+use crate::config::ControllerConfig;
+use crate::operator::{self, BuildOptions, KeyFile};
+use crate::remote::{ApiArgs, Client, rollout_text, write_enrollment};
 
 const IRIS_MODEL: &[u8] = include_bytes!("../../models/iris_logreg.onnx");
 const IRIS_BROKEN: &[u8] = include_bytes!("../../models/iris_logreg_v2_broken.onnx");
-const IRIS_REFERENCE: &[u8] = include_bytes!("../../models/iris_reference.csv");
+const IRIS_REFERENCE: &str = include_str!("../../models/iris_reference.csv");
 const IRIS_GOLDEN: &[u8] = include_bytes!("../../models/iris_golden.json");
 
-fn step(n: u32, total: u32, text: &str) {
-    println!("\n[{n}/{total}] {text}");
+/// How long any one wait of the demo may take before it gives up.
+const WAIT: Duration = Duration::from_secs(120);
+const STEPS: u32 = 8;
+
+/// What `edgefleet demo` was asked for.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Keep the files here (default: a temporary directory, removed at the end).
+    pub dir: Option<PathBuf>,
+    /// Simulated devices.
+    pub devices: usize,
+    /// Keep the controller and the fleet running at the end, until Ctrl-C.
+    pub keep_running: bool,
 }
 
-fn write(path: &Path, bytes: &[u8]) -> Result<(), OperatorError> {
-    operator::write_atomic(path, 0o644, |w| w.write_all(bytes))
+fn step(n: u32, text: &str) {
+    println!("\n[{n}/{STEPS}] {text}");
 }
 
-/// Runs the demo in `dir` (or a temporary directory). Returns the exit code.
-pub fn run(dir: Option<&Path>) -> Result<i32, OperatorError> {
+fn text_err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Runs the demo. Returns the exit code (0: every step did what it should).
+pub fn run(opts: &DemoOptions) -> Result<i32, String> {
+    if !(1..=500).contains(&opts.devices) {
+        return Err(format!(
+            "--devices {}: must be 1 to 500 (one process runs them all)",
+            opts.devices
+        ));
+    }
     let temp;
-    let is_temp = dir.is_none();
-    let dir = match dir {
+    let dir = match &opts.dir {
         Some(d) => {
-            std::fs::create_dir_all(d).map_err(|source| OperatorError::Io {
-                path: d.to_owned(),
-                source,
-            })?;
-            d.to_owned()
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+            d.clone()
         }
         None => {
-            temp = tempfile::tempdir().map_err(|source| OperatorError::Io {
-                path: std::env::temp_dir(),
-                source,
-            })?;
+            temp = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
             temp.path().to_owned()
         }
     };
-    let now = UnixTime::now();
-    const STEPS: u32 = 7;
-    println!(
-        "edgefleet demo: signed model bundles, from the operator's laptop to the device's checks"
-    );
-    println!("working in {}", dir.display());
-    println!("(this release covers the bundle contract and the agent's local install path; the");
-    println!(" controller, the simulated fleet and the staged rollout are not built yet and are");
-    println!(" not shown)");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let started = Instant::now();
+    let result = story(&runtime, &dir, opts);
+    let code = match result {
+        Ok(Story { ok, fleet }) => {
+            let code = if ok { 0 } else { 1 };
+            runtime.block_on(fleet.stop());
+            println!(
+                "\ndemo {} in {:.1} s",
+                if ok {
+                    "finished"
+                } else {
+                    "FINISHED WITH FAILURES"
+                },
+                started.elapsed().as_secs_f64()
+            );
+            code
+        }
+        Err(e) => {
+            println!("\ndemo FAILED: {e}");
+            1
+        }
+    };
+    // Everything ran in this process: shutting the runtime down stops the
+    // controller, the broker's gate and every simulated device.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    if opts.dir.is_none() {
+        println!(
+            "(the demo's files were in a temporary directory, now removed; `--dir DIR` keeps them)"
+        );
+    }
+    Ok(code)
+}
 
+struct Story {
+    ok: bool,
+    fleet: SimFleet,
+}
+
+/// A bundle built for the demo.
+struct Built {
+    path: PathBuf,
+    version: String,
+}
+
+fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Built, Built), String> {
     step(
         1,
-        STEPS,
-        "operator creates three signing keys (they never leave the operator)",
+        "operator: three signing keys, and a trust root that needs any 2 of them",
     );
     let keys_dir = dir.join("keys");
     let mut secrets = Vec::new();
     for name in ["alice", "bob", "carol"] {
-        let (secret, _, key) = operator::generate_key(&keys_dir, name)?;
+        let (secret, _, key) = operator::generate_key(&keys_dir, name).map_err(text_err)?;
         println!(
             "  {name:<6} key {}  {}",
             key.public().id().short(),
@@ -75,50 +134,40 @@ pub fn run(dir: Option<&Path>) -> Result<i32, OperatorError> {
         );
         secrets.push(key);
     }
-
-    step(
-        2,
-        STEPS,
-        "trust root: any 2 of the 3 keys must sign; devices pin it at flash time",
-    );
-    let key_files: Vec<KeyFile> = secrets
+    let publics: Vec<KeyFile> = secrets
         .iter()
         .map(|k| KeyFile::Public(k.public()))
         .collect();
-    let root_file = operator::new_trust_root(&key_files, 2, 1, now.plus_days(365), &secrets[..2])?;
+    let root = operator::new_trust_root(&publics, 2, 1, now.plus_days(365), &secrets[..2])
+        .map_err(text_err)?;
     let root_path = dir.join("trust-root.cbor");
-    operator::save_trust_root(&root_path, &root_file)?;
-    let root = operator::load_trust_root(&root_path, now)?;
+    operator::save_trust_root(&root_path, &root).map_err(text_err)?;
     println!(
-        "  {} (version {}, threshold {} of {}, signed by alice and bob)",
-        root_path.display(),
-        root.version,
-        root.threshold,
-        root.keys.len()
+        "  {} (devices pin it; the controller checks uploads against it)",
+        root_path.display()
     );
 
     step(
-        3,
-        STEPS,
-        "build the iris classifier bundle: tract loads and runs the model first",
+        2,
+        "build and sign two bundles of the iris classifier (models/, no download)",
     );
-    let model_path = dir.join("iris_logreg.onnx");
-    write(&model_path, IRIS_MODEL)?;
-    let reference_path = dir.join("iris_reference.csv");
-    write(&reference_path, IRIS_REFERENCE)?;
-    let golden_path = dir.join("iris_golden.json");
-    write(&golden_path, IRIS_GOLDEN)?;
-    let channel = ModelChannel::new("iris").map_err(|e| OperatorError::Input {
-        what: "channel".into(),
-        detail: e.to_string(),
-    })?;
-    let options = |model: &Path, release: u64| BuildOptions {
+    let write = |name: &str, bytes: &[u8]| -> Result<PathBuf, String> {
+        let p = dir.join(name);
+        operator::write_atomic(&p, 0o644, |w| w.write_all(bytes)).map_err(text_err)?;
+        Ok(p)
+    };
+    let good_model = write("iris_logreg.onnx", IRIS_MODEL)?;
+    let bad_model = write("iris_logreg_v2_broken.onnx", IRIS_BROKEN)?;
+    let reference = write("iris_reference.csv", IRIS_REFERENCE.as_bytes())?;
+    let golden = write("iris_golden.json", IRIS_GOLDEN)?;
+    let channel = ModelChannel::new("iris").map_err(text_err)?;
+    let options = |model: &Path, version: semver::Version, release: u64| BuildOptions {
         model: model.to_owned(),
         channel: channel.clone(),
-        version: semver::Version::new(1, release, 0),
+        version,
         release,
-        reference: Some(reference_path.clone()),
-        golden: Some(golden_path.clone()),
+        reference: Some(reference.clone()),
+        golden: Some(golden.clone()),
         metadata: vec![],
         now,
         expires_in_days: 90,
@@ -130,249 +179,459 @@ pub fn run(dir: Option<&Path>) -> Result<i32, OperatorError> {
         signers: vec![],
         golden_outputs_from: None,
     };
-    let v1_path = dir.join("iris-1.1.0.efb");
-    let report = operator::build_bundle(&options(&model_path, 1), &v1_path)?;
-    print!(
-        "{}",
-        crate::cli::describe_manifest(&report.manifest, &report.digest)
-    );
+    let good = Built {
+        path: dir.join("iris-1.0.0.efb"),
+        version: "1.0.0".into(),
+    };
+    let report = operator::build_bundle(
+        &options(&good_model, semver::Version::new(1, 0, 0), 1),
+        &good.path,
+    )
+    .map_err(text_err)?;
+    operator::sign_bundle(&good.path, &secrets[..2]).map_err(text_err)?;
     println!(
-        "  golden cases {}, reference rows {}",
-        report.golden_cases,
-        report.reference_rows.unwrap_or(0)
+        "  iris 1.0.0  release 1  {} bytes in {} chunks, {} golden cases, signed by alice and bob",
+        report.manifest.payload.size,
+        report.manifest.payload.chunks.len(),
+        report.golden_cases
     );
+    // The broken model with golden outputs recorded from the good one: what a
+    // regression that slipped past the build looks like. Devices catch it.
+    let bad = Built {
+        path: dir.join("iris-2.0.0.efb"),
+        version: "2.0.0".into(),
+    };
+    let mut bad_options = options(&bad_model, semver::Version::new(2, 0, 0), 2);
+    bad_options.golden_outputs_from = Some(good_model.clone());
+    operator::build_bundle(&bad_options, &bad.path).map_err(text_err)?;
+    operator::sign_bundle(&bad.path, &secrets[..2]).map_err(text_err)?;
+    println!(
+        "  iris 2.0.0  release 2  a regressed model: its answers differ from its golden cases"
+    );
+    Ok((root_path, good, bad))
+}
+
+/// Polls `check` until it returns Some, or fails after [`WAIT`].
+fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T, String> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("timed out after {WAIT:?} waiting for {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn story(
+    runtime: &tokio::runtime::Runtime,
+    dir: &Path,
+    opts: &DemoOptions,
+) -> Result<Story, String> {
+    // The fleet spawns its tasks from this thread.
+    let _runtime = runtime.enter();
+    let now = UnixTime::now();
+    println!(
+        "edgefleet demo: a controller, {} simulated devices, a staged rollout, a bad bundle caught",
+        opts.devices
+    );
+    println!("working in {}", dir.display());
+    let (root_path, good, bad) = keys_and_bundles(dir, now)?;
+
+    step(
+        3,
+        "start the controller: HTTP API, embedded MQTT broker (mutual TLS), SQLite",
+    );
+    let data = dir.join("controller");
+    let mut config = ControllerConfig {
+        data_dir: data.clone(),
+        trust_root: Some(root_path.clone()),
+        ..ControllerConfig::default()
+    };
+    config.http.listen = ([127, 0, 0, 1], 0).into();
+    config.mqtt.listen = ([127, 0, 0, 1], 0).into();
+    config.rollouts.tick_ms = 200;
+    let (started, server) = runtime
+        .block_on(crate::serve::start(config))
+        .map_err(text_err)?;
+    runtime.spawn(server);
+    let url = format!("http://{}", started.http);
+    let token = std::fs::read_to_string(data.join("admin-token"))
+        .map_err(|e| format!("admin token: {e}"))?
+        .trim()
+        .to_owned();
+    let api = Client::new(&ApiArgs {
+        controller: url.clone(),
+        token: Some(token),
+        json: false,
+    });
+    println!("  API     {url}/api/v1  (OpenAPI at /api/v1/openapi.json, metrics at /metrics)");
+    println!("  broker  {}", started.broker_url);
+    println!("  data    {}", data.display());
+    let broker_port: u16 = started
+        .broker_url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("broker URL {}", started.broker_url))?;
 
     step(
         4,
-        STEPS,
-        "sign with alice and bob, then verify every byte as a device would",
+        &format!(
+            "enroll {} devices (a certificate each) and start them: real agents, one process",
+            opts.devices
+        ),
     );
-    operator::sign_bundle(&v1_path, &secrets[..2])?;
-    let started = Instant::now();
-    let verified = operator::verify_bundle(&v1_path, &root, now)?;
-    println!(
-        "  OK in {:.1} ms: signed by {} trusted keys, {} chunks and {} artifacts match",
-        started.elapsed().as_secs_f64() * 1000.0,
-        verified.signed_by.len(),
-        verified.manifest.payload.chunks.len(),
-        verified.manifest.artifacts.len()
-    );
+    let profiles = Profile::all();
+    let mut specs = Vec::new();
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..opts.devices {
+        let id = format!("dev-{:03}", i + 1);
+        let profile = profiles[i % profiles.len()].clone();
+        let identity = dir.join("devices").join(&id).join("identity");
+        let v = api.post(
+            &format!("/api/v1/devices/{id}/enroll"),
+            &json!({"tags": {"site": if i % 2 == 0 { "north" } else { "south" }, "board": profile.name}}),
+        )?;
+        write_enrollment(&v, &identity)?;
+        *kinds.entry(profile.name.clone()).or_insert(0) += 1;
+        specs.push(DeviceSpec {
+            id,
+            profile,
+            tls: Some(TlsFiles {
+                ca: identity.join("ca.pem"),
+                cert: identity.join("device.pem"),
+                key: identity.join("device.key"),
+            }),
+            faults: FaultPlan::default(),
+        });
+    }
+    let settings = FleetSettings {
+        broker: ([127, 0, 0, 1], broker_port).into(),
+        tls: true,
+        topic_prefix: crate::config::ControllerConfig::default().mqtt.topic_prefix,
+        trust_root: root_path.clone(),
+        dir: dir.join("devices"),
+        telemetry_interval: Duration::from_secs(1),
+    };
+    let mut fleet = runtime
+        .block_on(SimFleet::start(&settings, specs))
+        .map_err(text_err)?;
+    for (kind, n) in &kinds {
+        println!("  {n:>3} x {kind}");
+    }
+    let online = wait_for("every device to connect", || {
+        let v = api.get("/api/v1/devices").ok()?;
+        let n = v["devices"]
+            .as_array()?
+            .iter()
+            .filter(|d| d["online"] == json!(true))
+            .count();
+        (n == opts.devices).then_some(n)
+    })?;
+    println!("  {online} devices online, none has a model yet");
+    let bodies: Vec<String> = IRIS_REFERENCE
+        .lines()
+        .skip(1)
+        .take(50)
+        .filter_map(|l| {
+            let row: Vec<f32> = l.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+            (row.len() == 4).then(|| {
+                json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": row}]})
+                    .to_string()
+            })
+        })
+        .collect();
+    fleet.set_traffic(Some(Traffic {
+        model: "iris".into(),
+        bodies,
+        every: Duration::from_millis(200),
+    }));
+    println!("  each device gets 5 local inference requests a second from its \"application\"");
 
     step(
         5,
-        STEPS,
-        "device side: the agent's install path puts it into a slot, proves it, activates it",
+        "upload iris 1.0.0 and roll it out in waves: 1 device, 10%, 50%, 100%",
     );
-    let device = DeviceFacts {
-        arch: Arch::current(),
-        agent_version: semver::Version::new(0, 1, 0),
-        memory_available: 256 << 20,
-    };
-    let policy = Policy {
-        trust: &root,
-        now,
-        limits: Limits::default(),
-        installed: None,
-        device: Some(&device),
-    };
-    let agent_err = |e: &dyn std::fmt::Display| OperatorError::Input {
-        what: "device".into(),
-        detail: e.to_string(),
-    };
-    let store = Store::open(dir.join("device")).map_err(|e| agent_err(&e))?;
-    let installed = match install_file(&store, &root, &device, &v1_path, InstallMode::Activate, now)
-    {
-        Ok(i) => i,
-        Err(e) => {
-            println!("  UNEXPECTED: the device refused the good bundle: {e}");
-            return Ok(1);
-        }
-    };
-    println!(
-        "  active in slot {:?}: {} golden case(s) within tolerance, slowest {:.2} ms (budget {} ms)",
-        installed
-            .state
-            .active
-            .unwrap_or(edgefleet_shared::protocol::Slot::A),
-        installed.health.cases,
-        installed.health.max_latency_ms,
-        report.manifest.health.latency_budget_ms
-    );
-    let slot = store.bundle_dir(&installed.bundle.digest);
-    let golden =
-        GoldenSet::from_bytes(&operator::read_capped(&slot.join("golden.cbor"), 16 << 20)?)
-            .map_err(|e| agent_err(&e))?;
-    let Some((_, model)) = load_active(&store).map_err(|e| agent_err(&e))? else {
-        println!("  UNEXPECTED: no active model after install");
-        return Ok(1);
-    };
-    let first = &golden.cases[0];
-    let out = model.run(&first.inputs).map_err(|e| OperatorError::Input {
-        what: "inference".into(),
-        detail: e.to_string(),
-    })?;
-    println!(
-        "  inference: features {} -> label {} probabilities {}",
-        tensor_json(&first.inputs[0]),
-        tensor_json(&out[0]),
-        tensor_json(&out[1])
-    );
+    let mut ok = true;
+    let good_digest = upload(&api, &good)?;
+    let rollout = start_rollout(&api, &good_digest)?;
+    let phase = watch(&api, &fleet, &rollout)?;
+    let versions = fleet.versions();
+    println!("  fleet now: {}", versions_text(&versions));
+    if phase != "completed" || versions.get("1.0.0") != Some(&opts.devices) {
+        println!("  UNEXPECTED: the good rollout did not complete on every device");
+        ok = false;
+    }
 
-    step(6, STEPS, "attacks a device refuses, each with its reason");
-    let good = operator::read_capped(&v1_path, 64 << 20)?;
-    let installed = InstalledRelease {
-        release: 2,
-        manifest_digest: edgefleet_shared::Digest::of(b"release 2"),
-    };
-    let stranger =
-        edgefleet_shared::SecretKey::generate().map_err(|source| OperatorError::Key {
-            path: keys_dir.clone(),
-            source,
-        })?;
-    let mut tampered = good.clone();
-    let in_model = RawHeader::read_from(&mut good.as_slice())
-        .map(|h| h.to_bytes().len())
-        .unwrap_or(0)
-        + 8
-        + 100;
-    tampered[in_model] ^= 0x20;
-    let mut one_sig =
-        RawHeader::read_from(&mut good.as_slice()).map_err(|source| OperatorError::Bundle {
-            path: v1_path.clone(),
-            source,
-        })?;
-    let header_len = one_sig.to_bytes().len();
-    one_sig.signatures.truncate(1);
-    let one_sig_bundle = [one_sig.to_bytes(), good[header_len..].to_vec()].concat();
-    let mut unknown = one_sig.clone();
-    unknown.signatures.clear();
-    unknown.sign(&stranger);
-    let unknown_bundle = [unknown.to_bytes(), good[header_len..].to_vec()].concat();
-    let small_device = DeviceFacts {
-        memory_available: 8 << 20,
-        ..device.clone()
-    };
-    let attacks: Vec<(&str, Vec<u8>, Policy<'_>)> = vec![
-        ("one byte of the model altered in transit", tampered, policy),
-        ("signed by one key only", one_sig_bundle, policy),
-        (
-            "signed by a key the device does not trust",
-            unknown_bundle,
-            policy,
-        ),
-        (
-            "release 1 offered to a device on release 2",
-            good.clone(),
-            Policy {
-                installed: Some(&installed),
-                ..policy
-            },
-        ),
-        (
-            "installed 91 days later (expired)",
-            good.clone(),
-            Policy {
-                now: now.plus_days(91),
-                ..policy
-            },
-        ),
-        (
-            "on a device with 8 MiB of free memory",
-            good.clone(),
-            Policy {
-                device: Some(&small_device),
-                ..policy
-            },
-        ),
-    ];
-    let mut all_refused = true;
-    for (what, bytes, p) in attacks {
-        let sink = &mut edgefleet_shared::bundle::DiscardSink;
-        match edgefleet_shared::bundle::verify_stream(bytes.as_slice(), &p, sink) {
-            Err(e) => println!(
-                "  {what:<45} REFUSED {}",
-                e.refusal()
-                    .map(|r| format!("({}): {r}", r.code()))
-                    .unwrap_or_else(|| e.to_string())
-            ),
-            Ok(_) => {
-                all_refused = false;
-                println!("  {what:<45} ACCEPTED (this is a bug)");
-            }
-        }
+    step(
+        6,
+        "upload iris 2.0.0 (regressed) and roll it out the same way: the canary must stop it",
+    );
+    let bad_digest = upload(&api, &bad)?;
+    let rollout = start_rollout(&api, &bad_digest)?;
+    let phase = watch(&api, &fleet, &rollout)?;
+    let versions = fleet.versions();
+    println!("  fleet now: {}", versions_text(&versions));
+    if phase != "halted" || versions.get("1.0.0") != Some(&opts.devices) {
+        println!("  UNEXPECTED: the bad bundle was not stopped at the canary");
+        ok = false;
+    } else {
+        println!("  the canary refused to switch; no other device was asked; nobody runs 2.0.0");
     }
 
     step(
         7,
-        STEPS,
-        "a broken v2 model: the build refuses it because its answers differ from the golden cases",
+        "cut one device's network: its application keeps getting answers locally",
     );
-    let broken_path = dir.join("iris_logreg_v2_broken.onnx");
-    write(&broken_path, IRIS_BROKEN)?;
-    // Golden cases with v1's expected outputs, as the team keeps them for every release.
-    let with_outputs = serde_json::json!({
-        "cases": golden.cases.iter().map(|c| serde_json::json!({
-            "inputs": { c.inputs[0].name.clone(): tensor_json(&c.inputs[0]) },
-            "outputs": { c.outputs[0].name.clone(): tensor_json(&c.outputs[0]) },
-        })).collect::<Vec<_>>()
-    });
-    let strict_golden = dir.join("iris_golden_with_outputs.json");
-    write(&strict_golden, with_outputs.to_string().as_bytes())?;
-    let mut v2 = options(&broken_path, 2);
-    v2.golden = Some(strict_golden);
-    match operator::build_bundle(&v2, &dir.join("iris-1.2.0.efb")) {
-        Err(e) => println!("  REFUSED at build time: {e}"),
-        Ok(_) => {
-            all_refused = false;
-            println!("  the broken model was accepted (this is a bug)");
+    let device = &fleet.devices()[0];
+    let seqs = |api: &Client| -> Vec<u64> {
+        api.get(&format!("/api/v1/devices/{}", device.id()))
+            .ok()
+            .and_then(|v| {
+                v["telemetry"]
+                    .as_array()
+                    .map(|t| t.iter().filter_map(|t| t["seq"].as_u64()).collect())
+            })
+            .unwrap_or_default()
+    };
+    let before = seqs(&api).into_iter().max().unwrap_or(0);
+    device.set_network(false);
+    wait_for("the controller to see the device offline", || {
+        let v = api.get(&format!("/api/v1/devices/{}", device.id())).ok()?;
+        (v["device"]["online"] == json!(false)).then_some(())
+    })?;
+    println!(
+        "  {} is offline for the controller (its broker connection dropped; last telemetry seq {before})",
+        device.id()
+    );
+    let request = json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [6.3, 3.3, 6.0, 2.5]}]});
+    let answer = local_infer(&device.api_url(), &request);
+    match &answer {
+        Ok(v) => println!(
+            "  POST {}/v2/models/iris/infer {} -> {}",
+            device.api_url(),
+            request["inputs"][0]["data"],
+            outputs_text(v)
+        ),
+        Err(e) => {
+            println!("  UNEXPECTED: local inference failed offline: {e}");
+            ok = false;
         }
     }
+    // Offline for a few telemetry periods: the agent spools its reports.
+    std::thread::sleep(Duration::from_secs(3));
+    device.set_network(true);
+    wait_for("the device to reconnect", || {
+        let v = api.get(&format!("/api/v1/devices/{}", device.id())).ok()?;
+        (v["device"]["online"] == json!(true)).then_some(())
+    })?;
+    let delivered = wait_for("the spooled telemetry to arrive", || {
+        let got = seqs(&api);
+        let newest = got.iter().copied().max()?;
+        let whole = (before + 1..=newest).all(|s| got.contains(&s));
+        (newest >= before + 3 && whole).then_some(newest)
+    })?;
+    println!(
+        "  network back: reports {}..{delivered} (those made offline included) reached the controller with no gap in sequence numbers",
+        before + 1
+    );
+
+    step(8, "telemetry per model version, as the soak gates read it");
+    let summary = api.get("/api/v1/telemetry/summary?group=version")?;
+    for g in summary["groups"].as_array().into_iter().flatten() {
+        let digest = g["bundle"].as_str().unwrap_or("");
+        let version = if digest == good_digest {
+            "1.0.0"
+        } else if digest == bad_digest {
+            "2.0.0"
+        } else {
+            "none"
+        };
+        let s = &g["summary"];
+        println!(
+            "  iris {version:<6} {:>3} devices  {:>6} inferences  error rate {}  p95 {} us",
+            s["devices"],
+            s["inferences"],
+            s["error_rate"]
+                .as_f64()
+                .map_or("-".into(), |r| format!("{r:.3}")),
+            s["p95_us"]
+        );
+    }
+    println!("  drift (input distribution vs the bundle's reference) is not reported yet: issue 7");
 
     println!("\nsummary");
     println!(
-        "  a signed bundle was built, verified and health-checked; {} attacks were refused",
-        if all_refused { "all" } else { "NOT all" }
+        "  1.0.0 rolled out to {} devices in 4 waves; 2.0.0 stopped at its canary; local inference kept working offline",
+        opts.devices
     );
-    if is_temp {
-        println!(
-            "  files were in a temporary directory, now removed; run `edgefleet demo --dir DIR` to keep them"
-        );
-    } else {
-        println!(
-            "  try it by hand: `edgefleet bundle inspect {}`",
-            v1_path.display()
-        );
-        println!(
-            "                  `edgefleet bundle verify {} --trust {}`",
-            v1_path.display(),
-            root_path.display()
-        );
+    let metrics = api
+        .get_text("/metrics")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.starts_with("edgefleet_chunk_bytes_sent_total ")
+                || l.starts_with("edgefleet_devices_online ")
+        })
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if !metrics.is_empty() {
+        println!("{metrics}");
     }
-    println!("  next: the formats are in docs/bundle.md and docs/protocol.md");
-    Ok(if all_refused { 0 } else { 1 })
+    println!(
+        "  look next: docs/controller.md (API), docs/rollouts.md (gates), docs/agent.md (device)"
+    );
+    if opts.keep_running {
+        println!("\nkept running (Ctrl-C to stop):");
+        println!("  export EDGEFLEET_URL={url}");
+        println!(
+            "  export EDGEFLEET_TOKEN=$(cat {})",
+            data.join("admin-token").display()
+        );
+        println!("  edgefleet devices list; edgefleet rollout status");
+        for d in fleet.devices().iter().take(3) {
+            println!("  curl {}/v2/models/iris", d.api_url());
+        }
+        runtime.block_on(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+    }
+    Ok(Story { ok, fleet })
 }
 
-/// A tensor as nested JSON arrays (integers stay integers; floats rounded to 4
-/// decimals for reading).
-fn tensor_json(t: &edgefleet_shared::golden::Tensor) -> serde_json::Value {
-    use edgefleet_shared::golden::TensorData;
-    let flat: Vec<serde_json::Value> = match &t.data {
-        TensorData::I64(v) => v.iter().map(|x| serde_json::json!(x)).collect(),
-        TensorData::I32(v) => v.iter().map(|x| serde_json::json!(x)).collect(),
-        other => other
-            .to_f64()
-            .iter()
-            .map(|x| serde_json::json!((x * 1e4).round() / 1e4))
-            .collect(),
-    };
-    fn nest(flat: &[serde_json::Value], shape: &[u64]) -> serde_json::Value {
-        match shape {
-            [] | [_] => serde_json::Value::Array(flat.to_vec()),
-            [_, rest @ ..] => {
-                let width = rest.iter().product::<u64>().max(1) as usize;
-                serde_json::Value::Array(flat.chunks(width).map(|c| nest(c, rest)).collect())
-            }
+fn upload(api: &Client, b: &Built) -> Result<String, String> {
+    let v = api.upload("/api/v1/bundles", &b.path)?;
+    let digest = v["bundle"]["digest"]
+        .as_str()
+        .ok_or("the upload answer has no digest")?
+        .to_owned();
+    println!(
+        "  uploaded iris {}: verified against the trust root, digest {}",
+        b.version,
+        &digest[..12]
+    );
+    Ok(digest)
+}
+
+fn start_rollout(api: &Client, digest: &str) -> Result<String, String> {
+    let v = api.post(
+        "/api/v1/rollouts",
+        &json!({
+            "bundle": digest,
+            "selector": {"all": true},
+            "waves": ["1", "10%", "50%", "100%"],
+            "gates": {"soak_ms": 3000, "install_timeout_ms": 60000},
+            "policy": "halt_and_revert",
+        }),
+    )?;
+    let id = v["rollout"]["id"]
+        .as_str()
+        .ok_or("the rollout answer has no id")?
+        .to_owned();
+    let sizes: Vec<String> = v["rollout"]["waves"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| w["devices"].to_string())
+        .collect();
+    println!(
+        "  rollout {id}: waves of {} devices; gates: install success >= 90%, failures <= 10%, soak 3 s with error rate <= 5% and p95 <= 1.5x the previous version",
+        sizes.join(", ")
+    );
+    Ok(id)
+}
+
+/// Follows a rollout until it ends, printing the engine's decisions and each
+/// device's change; returns the final phase.
+fn watch(api: &Client, fleet: &SimFleet, id: &str) -> Result<String, String> {
+    let mut seen_notes = 0usize;
+    let mut members: BTreeMap<String, String> = BTreeMap::new();
+    let mut last_wave = String::new();
+    wait_for("the rollout to end", || {
+        let v = api.get(&format!("/api/v1/rollouts/{id}")).ok()?;
+        let r = &v["rollout"];
+        let wave = format!("{}", r["wave"]);
+        if wave != last_wave {
+            last_wave = wave;
         }
+        for (device, m) in r["members"].as_object().into_iter().flatten() {
+            let state = m["state"].as_str().unwrap_or("").to_owned();
+            if members.get(device) == Some(&state) || state == "pending" {
+                continue;
+            }
+            members.insert(device.clone(), state.clone());
+            let board = fleet
+                .device(device)
+                .map_or(String::new(), |d| d.profile().name.clone());
+            let detail = match state.as_str() {
+                "commanded" => "told to install".to_owned(),
+                "succeeded" => format!(
+                    "installed, verified, health-checked, switched: serves {}",
+                    fleet
+                        .device(device)
+                        .and_then(|d| d.serving())
+                        .map_or("?".into(), |b| b.version.to_string())
+                ),
+                "failed" => format!("FAILED: {}", m["reason"].as_str().unwrap_or("")),
+                "reverting" => "told to revert".into(),
+                "reverted" => "back on its previous bundle".into(),
+                other => other.to_owned(),
+            };
+            println!("    {device} ({board}): {detail}");
+        }
+        let log = r["log"].as_array().cloned().unwrap_or_default();
+        for l in log.iter().skip(seen_notes) {
+            println!("  * {}", l["note"].as_str().unwrap_or(""));
+        }
+        seen_notes = log.len();
+        let phase = r["phase"].as_str().unwrap_or("").to_owned();
+        if matches!(phase.as_str(), "completed" | "halted" | "aborted") {
+            print!("{}", indent(&rollout_text(r)));
+            return Some(phase);
+        }
+        None
+    })
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+fn versions_text(v: &std::collections::HashMap<String, usize>) -> String {
+    let mut parts: Vec<String> = v.iter().map(|(k, n)| format!("{n} on {k}")).collect();
+    parts.sort();
+    parts.join(", ")
+}
+
+fn local_infer(base: &str, request: &Value) -> Result<Value, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let mut r = agent
+        .post(format!("{base}/v2/models/iris/infer"))
+        .send_json(request)
+        .map_err(text_err)?;
+    let status = r.status();
+    let v: Value = r.body_mut().read_json().map_err(text_err)?;
+    if status.is_success() {
+        Ok(v)
+    } else {
+        Err(format!("{status}: {v}"))
     }
-    nest(&flat, &t.shape)
+}
+
+fn outputs_text(v: &Value) -> String {
+    v["outputs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|o| format!("{} {}", o["name"].as_str().unwrap_or(""), o["data"]))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -394,6 +394,24 @@ impl Client {
         self.answer(r)
     }
 
+    /// GET a text document (`/metrics`).
+    pub fn get_text(&self, path: &str) -> Result<String, String> {
+        let mut r = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", self.auth())
+            .call()
+            .map_err(|e| format!("controller at {}: {e}", self.base))?;
+        if !r.status().is_success() {
+            return Err(format!("{path}: {}", r.status()));
+        }
+        r.body_mut()
+            .with_config()
+            .limit(16 << 20)
+            .read_to_string()
+            .map_err(|e| e.to_string())
+    }
+
     /// POST JSON.
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
         let r = self

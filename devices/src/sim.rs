@@ -1,0 +1,603 @@
+//! The fleet simulator: many devices in one process, each a real agent
+//! (`edgefleet_agent`'s daemon, link, store and local API) with its own
+//! identity, MQTT connection and data directory. Models are shared by content
+//! between devices ([`LoadedModel::load`](edgefleet_agent::model::LoadedModel::load)).
+//!
+//! Each device reaches the broker through its own TCP relay (a "network
+//! switch"), so a test or the demo can cut one device's network, or all, and
+//! restore it: the agent sees a real connection loss, keeps serving inference
+//! locally, spools telemetry and reconnects by itself.
+//!
+//! Faults per device ([`FaultPlan`]): a slow link (every message from the broker
+//! delayed), a disconnect after some chunks of a download, a crash at a step of
+//! the install (the device restarts from its directory, as after a power cut),
+//! a failing health check.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use edgefleet_agent::api::Served;
+use edgefleet_agent::config::AgentConfig;
+use edgefleet_agent::daemon::Daemon;
+use edgefleet_agent::link::LinkEvent;
+use edgefleet_agent::slots::SlotsState;
+use edgefleet_agent::store::{self, Faults, Store};
+use edgefleet_shared::protocol::{BundleRef, Topic, Topics};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::Profile;
+
+/// A device's TLS identity, as `edgefleet devices enroll` writes it.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA that signed the broker's certificate.
+    pub ca: PathBuf,
+    /// The device's certificate.
+    pub cert: PathBuf,
+    /// The device's key.
+    pub key: PathBuf,
+}
+
+/// Faults injected into one device.
+#[derive(Debug, Clone, Default)]
+pub struct FaultPlan {
+    /// Every message from the broker reaches the agent this much later.
+    pub slow_link: Option<Duration>,
+    /// After this many chunk messages, the device's connection drops (once); the
+    /// agent reconnects and resumes from the first missing chunk.
+    pub disconnect_after_chunks: Option<u64>,
+    /// The device crashes once at this install step (`after-unpack`,
+    /// `after-health-check`, `before-state-rename`, `after-state-save`).
+    pub crash_at: Option<String>,
+    /// Every health check on the device fails.
+    pub fail_health: bool,
+}
+
+/// One simulated device to start.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    /// Device id (the certificate's name).
+    pub id: String,
+    /// What kind of device it is.
+    pub profile: Profile,
+    /// Its identity; `None` for plain `mqtt://` brokers.
+    pub tls: Option<TlsFiles>,
+    /// Its faults.
+    pub faults: FaultPlan,
+}
+
+/// What every device shares.
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    /// Where the broker listens (the devices connect through their relays).
+    pub broker: SocketAddr,
+    /// `true` for mutual TLS (`mqtts://`), `false` for plain MQTT.
+    pub tls: bool,
+    /// Topic prefix.
+    pub topic_prefix: String,
+    /// The pinned trust root file.
+    pub trust_root: PathBuf,
+    /// Root of the devices' data directories (`<dir>/<id>/`).
+    pub dir: PathBuf,
+    /// Time between telemetry reports.
+    pub telemetry_interval: Duration,
+}
+
+/// Counters of one device, for tests and benchmarks.
+#[derive(Debug, Default)]
+pub struct DeviceStats {
+    /// Chunk messages that reached the agent.
+    pub chunk_messages: AtomicU64,
+    /// Their payload bytes (the encoded messages).
+    pub chunk_bytes: AtomicU64,
+    /// Times the agent's link connected.
+    pub connects: AtomicU64,
+    /// Simulated crashes.
+    pub crashes: AtomicU64,
+    /// Connections dropped by the disconnect fault.
+    pub dropped: AtomicU64,
+    /// Inference requests the traffic generator sent, and those that failed.
+    pub requests: AtomicU64,
+    /// Failed inference requests.
+    pub request_errors: AtomicU64,
+}
+
+/// Why the fleet could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("simulated device {device}: {detail}")]
+pub struct SimError {
+    /// The device.
+    pub device: String,
+    /// What failed.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Network {
+    up: bool,
+    /// Bumped to drop the open connections.
+    epoch: u64,
+}
+
+/// A running simulated device.
+#[derive(Debug)]
+pub struct SimDevice {
+    id: String,
+    profile: Profile,
+    dir: PathBuf,
+    api: SocketAddr,
+    served: Served,
+    stats: Arc<DeviceStats>,
+    network: watch::Sender<Network>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl SimDevice {
+    /// Its id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Its profile.
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
+    /// Its data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Its local inference API (`http://127.0.0.1:port`).
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.api)
+    }
+
+    /// The bundle it serves now.
+    pub fn serving(&self) -> Option<BundleRef> {
+        self.served.bundle()
+    }
+
+    /// Its slots as stored on its disk.
+    pub fn state(&self) -> SlotsState {
+        Store::open(&self.dir)
+            .and_then(|s| s.load())
+            .unwrap_or_default()
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> &DeviceStats {
+        &self.stats
+    }
+
+    /// Cuts (`false`) or restores (`true`) the device's network: open
+    /// connections to the broker are dropped and new ones refused while down.
+    pub fn set_network(&self, up: bool) {
+        self.network.send_modify(|n| {
+            n.up = up;
+            if !up {
+                n.epoch += 1;
+            }
+        });
+    }
+}
+
+/// A running simulated fleet.
+#[derive(Debug)]
+pub struct SimFleet {
+    devices: Vec<SimDevice>,
+    traffic: Option<JoinHandle<()>>,
+}
+
+/// Inference traffic sent to every device's local API.
+#[derive(Debug, Clone)]
+pub struct Traffic {
+    /// The model name (the bundle's channel).
+    pub model: String,
+    /// The OIP v2 JSON request bodies, used in turn.
+    pub bodies: Vec<String>,
+    /// Time between two rounds (one request per device per round).
+    pub every: Duration,
+}
+
+impl SimFleet {
+    /// Starts every device; returns once each has its local API listening. The
+    /// agents connect to the broker in the background.
+    pub async fn start(
+        settings: &FleetSettings,
+        specs: Vec<DeviceSpec>,
+    ) -> Result<SimFleet, SimError> {
+        let mut devices = Vec::with_capacity(specs.len());
+        for spec in specs {
+            devices.push(start_device(settings, spec).await?);
+        }
+        Ok(SimFleet {
+            devices,
+            traffic: None,
+        })
+    }
+
+    /// The devices, in the order they were given.
+    pub fn devices(&self) -> &[SimDevice] {
+        &self.devices
+    }
+
+    /// A device by id.
+    pub fn device(&self, id: &str) -> Option<&SimDevice> {
+        self.devices.iter().find(|d| d.id == id)
+    }
+
+    /// Cuts or restores every device's network.
+    pub fn set_network(&self, up: bool) {
+        for d in &self.devices {
+            d.set_network(up);
+        }
+    }
+
+    /// How many devices serve each bundle (by version).
+    pub fn versions(&self) -> HashMap<String, usize> {
+        let mut out = HashMap::new();
+        for d in &self.devices {
+            let v = d
+                .serving()
+                .map_or_else(|| "none".to_owned(), |b| b.version.to_string());
+            *out.entry(v).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// Starts (or replaces) inference traffic to every device that serves a
+    /// model; requests run on the blocking pool through real HTTP.
+    pub fn set_traffic(&mut self, traffic: Option<Traffic>) {
+        if let Some(t) = self.traffic.take() {
+            t.abort();
+        }
+        let Some(traffic) = traffic else { return };
+        let targets: Vec<(String, Arc<DeviceStats>)> = self
+            .devices
+            .iter()
+            .map(|d| {
+                (
+                    format!("{}/v2/models/{}/infer", d.api_url(), traffic.model),
+                    d.stats.clone(),
+                )
+            })
+            .collect();
+        self.traffic = Some(tokio::spawn(async move {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(5)))
+                .build()
+                .into();
+            let mut tick = tokio::time::interval(traffic.every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut round = 0usize;
+            loop {
+                tick.tick().await;
+                let body = traffic.bodies[round % traffic.bodies.len().max(1)].clone();
+                round += 1;
+                let (agent, targets) = (agent.clone(), targets.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    for (url, stats) in &targets {
+                        stats.requests.fetch_add(1, Ordering::Relaxed);
+                        let ok = agent
+                            .post(url)
+                            .header("content-type", "application/json")
+                            .send(body.as_bytes())
+                            .is_ok_and(|r| r.status().is_success());
+                        if !ok {
+                            stats.request_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+                .await;
+            }
+        }));
+    }
+
+    /// Stops every device (each says goodbye to the broker) and waits for them.
+    pub async fn stop(mut self) {
+        self.set_traffic(None);
+        for d in &self.devices {
+            let _ = d.stop.send(true);
+        }
+        for d in self.devices.drain(..) {
+            for t in d.tasks {
+                let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+            }
+        }
+    }
+}
+
+impl Drop for SimFleet {
+    fn drop(&mut self) {
+        if let Some(t) = self.traffic.take() {
+            t.abort();
+        }
+        for d in &self.devices {
+            for t in &d.tasks {
+                t.abort();
+            }
+        }
+    }
+}
+
+fn sim_error(device: &str) -> impl Fn(String) -> SimError + '_ {
+    move |detail| SimError {
+        device: device.to_owned(),
+        detail,
+    }
+}
+
+async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimDevice, SimError> {
+    let fail = sim_error(&spec.id);
+    let dir = settings.dir.join(&spec.id);
+    let faults = Arc::new(Faults::default());
+    if let Some(point) = &spec.faults.crash_at {
+        faults.crash_once_at(point);
+    }
+    faults.set_fail_health(spec.faults.fail_health);
+    let store = Store::open(&dir)
+        .map_err(|e| fail(e.to_string()))?
+        .with_faults(faults);
+
+    // The network switch: a relay between the agent and the broker.
+    let relay = TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(|e| fail(format!("relay: {e}")))?;
+    let relay_port = relay.local_addr().map_err(|e| fail(e.to_string()))?.port();
+    let (network, network_rx) = watch::channel(Network { up: true, epoch: 0 });
+
+    let mut config = AgentConfig {
+        device_id: spec.id.clone(),
+        data_dir: dir.clone(),
+        trust_root: settings.trust_root.clone(),
+        ..AgentConfig::default()
+    };
+    config.broker.topic_prefix = settings.topic_prefix.clone();
+    match (&spec.tls, settings.tls) {
+        (Some(tls), true) => {
+            config.broker.url = format!("mqtts://localhost:{relay_port}");
+            config.broker.ca = Some(tls.ca.clone());
+            config.broker.cert = Some(tls.cert.clone());
+            config.broker.key = Some(tls.key.clone());
+        }
+        (_, false) => config.broker.url = format!("mqtt://127.0.0.1:{relay_port}"),
+        (None, true) => return Err(fail("a TLS broker needs the device's certificate".into())),
+    }
+    // Checked now so that a bad identity fails the start, not a background task.
+    edgefleet_agent::cli::link_setup(&config, &settings.trust_root).map_err(&fail)?;
+
+    let active = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store::load_active(&store))
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| fail(e.to_string()))?
+    };
+    let served = Served::new(active);
+    let api = TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(|e| fail(format!("local API: {e}")))?;
+    let api_addr = api.local_addr().map_err(|e| fail(e.to_string()))?;
+    let (stop, stop_rx) = watch::channel(false);
+    let stats = Arc::new(DeviceStats::default());
+
+    let mut tasks = Vec::new();
+    {
+        let served = served.clone();
+        let mut stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = edgefleet_agent::api::serve(api, served, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        }));
+    }
+    tasks.push(tokio::spawn(switch(
+        relay,
+        settings.broker,
+        network_rx,
+        stop_rx.clone(),
+    )));
+    let agent = Agent {
+        config,
+        topics: Topics::new(&settings.topic_prefix).map_err(|e| fail(e.reason.to_string()))?,
+        telemetry_interval: settings.telemetry_interval,
+        profile: spec.profile.clone(),
+        faults: spec.faults,
+        store,
+        served: served.clone(),
+        stats: stats.clone(),
+        network: network.clone(),
+    };
+    tasks.push(tokio::spawn(agent.supervise(stop_rx)));
+    Ok(SimDevice {
+        id: spec.id.clone(),
+        profile: spec.profile,
+        dir,
+        api: api_addr,
+        served,
+        stats,
+        network,
+        stop,
+        tasks,
+    })
+}
+
+/// The relay: forwards each connection to the broker while the network is up.
+async fn switch(
+    listener: TcpListener,
+    broker: SocketAddr,
+    network: watch::Receiver<Network>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let inbound = tokio::select! {
+            a = listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(_) => continue,
+            },
+            () = stopped(&mut stop) => return,
+        };
+        let at = *network.borrow();
+        if !at.up {
+            drop(inbound);
+            continue;
+        }
+        let mut network = network.clone();
+        tokio::spawn(async move {
+            let Ok(mut outbound) = TcpStream::connect(broker).await else {
+                return;
+            };
+            let mut inbound = inbound;
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                _ = network.wait_for(|n| n.epoch != at.epoch) => {}
+            }
+        });
+    }
+}
+
+/// Resolves once `stop` says so (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// One device's agent, restarted after a simulated crash.
+struct Agent {
+    config: AgentConfig,
+    topics: Topics,
+    telemetry_interval: Duration,
+    profile: Profile,
+    faults: FaultPlan,
+    store: Store,
+    served: Served,
+    stats: Arc<DeviceStats>,
+    network: watch::Sender<Network>,
+}
+
+enum End {
+    Stopped,
+    Crashed,
+    Ended,
+}
+
+impl Agent {
+    async fn supervise(mut self, mut stop: watch::Receiver<bool>) {
+        let mut drop_after = self.faults.disconnect_after_chunks;
+        loop {
+            match self.run_once(&mut stop, &mut drop_after).await {
+                End::Stopped => return,
+                End::Crashed => {
+                    self.stats.crashes.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(device = %self.config.device_id, "simulated crash: restarting the agent");
+                    // Back up as after a power cut: the served model is whatever
+                    // the disk says is active.
+                    let store = self.store.clone();
+                    if let Ok(Ok(active)) =
+                        tokio::task::spawn_blocking(move || store::load_active(&store)).await
+                    {
+                        self.served.replace(active);
+                    }
+                }
+                End::Ended => {}
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                () = stopped(&mut stop) => return,
+            }
+        }
+    }
+
+    async fn run_once(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+        drop_after: &mut Option<u64>,
+    ) -> End {
+        let (options, mut settings) =
+            match edgefleet_agent::cli::link_setup(&self.config, &self.config.trust_root) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(device = %self.config.device_id, "cannot start: {e}");
+                    stopped(stop).await;
+                    return End::Stopped;
+                }
+            };
+        settings.telemetry_interval = self.telemetry_interval;
+        settings.facts = self.profile.facts();
+        settings.stall_timeout = Duration::from_secs(2);
+        let (link_tx, mut link_rx) = mpsc::channel(64);
+        let (link, link_task) = edgefleet_agent::link::start(options, link_tx);
+        let daemon = match Daemon::new(settings, self.store.clone(), self.served.clone(), link) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(device = %self.config.device_id, "cannot open the spool: {e}");
+                link_task.abort();
+                stopped(stop).await;
+                return End::Stopped;
+            }
+        };
+        let (daemon_tx, daemon_rx) = mpsc::channel(64);
+        let (bye_tx, bye_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut daemon_task = tokio::spawn(daemon.run(daemon_rx, async move {
+            let _ = bye_rx.await;
+        }));
+        let mut chunks_here = 0u64;
+        let end = loop {
+            tokio::select! {
+                r = &mut daemon_task => {
+                    break match r {
+                        Err(e) if e.is_panic() => End::Crashed,
+                        _ => End::Ended,
+                    };
+                }
+                event = link_rx.recv() => {
+                    let Some(event) = event else { break End::Ended };
+                    match &event {
+                        LinkEvent::Connected => {
+                            self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        LinkEvent::Message { topic, payload }
+                            if matches!(self.topics.parse(topic), Some(Topic::BundleChunks { .. })) =>
+                        {
+                            self.stats.chunk_messages.fetch_add(1, Ordering::Relaxed);
+                            self.stats
+                                .chunk_bytes
+                                .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                            chunks_here += 1;
+                            if drop_after.is_some_and(|n| chunks_here >= n) {
+                                *drop_after = None;
+                                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(device = %self.config.device_id, "simulated disconnect mid-download");
+                                self.network.send_modify(|n| n.epoch += 1);
+                            }
+                        }
+                        _ => {}
+                    }
+                    if let Some(delay) = self.faults.slow_link {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if daemon_tx.send(event).await.is_err() {
+                        continue;
+                    }
+                }
+                () = stopped(stop) => {
+                    let _ = bye_tx.send(());
+                    let _ = tokio::time::timeout(Duration::from_secs(3), &mut daemon_task).await;
+                    break End::Stopped;
+                }
+            }
+        };
+        daemon_task.abort();
+        link_task.abort();
+        end
+    }
+}
