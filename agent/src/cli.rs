@@ -384,6 +384,7 @@ pub fn link_setup(
         fetch_window: 16,
         stall_timeout: std::time::Duration::from_secs(5),
         facts: device_facts(),
+        clock_skew_s: 0,
     };
     Ok((options(device.as_str(), &endpoint, tls), settings))
 }

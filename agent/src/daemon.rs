@@ -61,6 +61,9 @@ pub struct DaemonSettings {
     pub stall_timeout: Duration,
     /// What this device is, for the bundles' constraints.
     pub facts: edgefleet_shared::bundle::DeviceFacts,
+    /// Seconds added to the system clock: 0 on a real device; the fleet
+    /// simulator sets it to play a device whose clock is wrong.
+    pub clock_skew_s: i64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -71,6 +74,9 @@ struct Offer {
     #[serde(with = "serde_bytes")]
     header: Vec<u8>,
 }
+
+/// A chunk that fails its digest this many times in a row fails the install.
+const MAX_CHUNK_FAILURES: u32 = 3;
 
 /// Largest `offer.cbor` read back.
 const MAX_OFFER_LEN: usize = 1_100_000;
@@ -93,6 +99,8 @@ struct Download {
     duplicate_bytes: u64,
     /// Chunks dropped because they did not match the table.
     rejected: u32,
+    /// Index of the chunk that failed last, and how many times in a row.
+    failing: Option<(u32, u32)>,
 }
 
 impl Download {
@@ -119,6 +127,7 @@ impl Download {
             reported_tenth: 0,
             duplicate_bytes: 0,
             rejected: 0,
+            failing: None,
         }
     }
 }
@@ -237,6 +246,11 @@ impl Daemon {
             tokio::time::sleep(Duration::from_millis(200)).await;
             self.link.disconnect().await;
         }
+    }
+
+    /// The device's idea of the time.
+    fn now(&self) -> UnixTime {
+        UnixTime::now().plus_secs(self.settings.clock_skew_s)
     }
 
     fn take_new_interval(&mut self) -> Option<Duration> {
@@ -395,7 +409,7 @@ impl Daemon {
             SlotEvent::InstallFailed {
                 digest,
                 reason: reason.clone(),
-                at: UnixTime::now(),
+                at: self.now(),
             },
         );
         if let Err(e) = recorded {
@@ -646,7 +660,7 @@ impl Daemon {
             &self.settings.trust,
             &self.settings.facts,
             raw,
-            UnixTime::now(),
+            self.now(),
         )
     }
 
@@ -724,9 +738,21 @@ impl Daemon {
             return;
         }
         if let Err(refusal) = bundle::verify_chunk(&d.manifest.payload, chunk.index, &chunk.data) {
-            // Never written; asked for again when the window comes round.
+            // Never written; asked for again when the window comes round. The
+            // same chunk failing again and again is not a transfer error but a
+            // bad copy at the source: the install fails with the reason.
             d.rejected += 1;
-            tracing::warn!("dropped chunk {}: {refusal}", chunk.index);
+            let times = match d.failing {
+                Some((index, n)) if index == chunk.index => n + 1,
+                _ => 1,
+            };
+            d.failing = Some((chunk.index, times));
+            tracing::warn!("dropped chunk {} ({times} time(s)): {refusal}", chunk.index);
+            if times >= MAX_CHUNK_FAILURES {
+                let (command, digest) = (d.offer.command, d.digest);
+                self.cancel_download();
+                return self.fail_install(command, digest, FailureReason::Refused { refusal });
+            }
             return;
         }
         let Some((start, _)) = d.manifest.payload.chunk_range(chunk.index) else {
@@ -782,6 +808,7 @@ impl Daemon {
             rejected_chunks = d.rejected,
             "download complete, installing"
         );
+        let now = self.now();
         let (store, trust, facts) = (
             self.store.clone(),
             self.settings.trust.clone(),
@@ -795,7 +822,7 @@ impl Daemon {
         );
         drop(d.file);
         let result = tokio::task::spawn_blocking(move || {
-            let done = store::install_file(&store, &trust, &facts, &path, mode, UnixTime::now())?;
+            let done = store::install_file(&store, &trust, &facts, &path, mode, now)?;
             let model = store::load_active(&store)?;
             Ok::<_, InstallError>((done, model))
         })
@@ -862,7 +889,7 @@ impl Daemon {
         let state = self.store.load().unwrap_or_default();
         DeviceState {
             device: self.settings.device.clone(),
-            at: UnixTime::now(),
+            at: self.now(),
             online,
             agent_version: env!("CARGO_PKG_VERSION").into(),
             arch: edgefleet_shared::Arch::current(),
@@ -891,11 +918,12 @@ impl Daemon {
     /// Spools an event and sends it if connected. Events are never dropped.
     fn emit(&mut self, command: Option<u64>, kind: EventKind) {
         let device = self.settings.device.clone();
+        let at = self.now();
         let pushed = self.events.push(|seq| {
             protocol::encode(&Event {
                 device,
                 seq,
-                at: UnixTime::now(),
+                at,
                 command,
                 kind,
             })
@@ -922,11 +950,12 @@ impl Daemon {
             spool_dropped: self.telemetry.index().dropped(),
         };
         let device = self.settings.device.clone();
+        let at = self.now();
         let pushed = self.telemetry.push(|seq| {
             protocol::encode(&Telemetry {
                 device,
                 seq,
-                at: UnixTime::now(),
+                at,
                 device_metrics,
                 agent,
                 model,

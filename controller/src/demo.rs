@@ -306,6 +306,7 @@ fn story(
                 key: identity.join("device.key"),
             }),
             faults: FaultPlan::default(),
+            trust_root: None,
         });
     }
     let settings = FleetSettings {

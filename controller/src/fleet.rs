@@ -809,7 +809,7 @@ pub static RETENTION_MS: AtomicU64 = AtomicU64::new(30 * 86_400_000);
 
 fn failure_text(r: &FailureReason) -> String {
     match r {
-        FailureReason::Refused { refusal } => format!("refused: {refusal}"),
+        FailureReason::Refused { refusal } => format!("refused ({}): {refusal}", refusal.code()),
         FailureReason::Preflight { detail } => format!("preflight: {detail}"),
         FailureReason::Download { detail } => format!("download: {detail}"),
         FailureReason::ModelLoad { detail } => format!("model_load: {detail}"),

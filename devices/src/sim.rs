@@ -57,6 +57,8 @@ pub struct FaultPlan {
     pub crash_at: Option<String>,
     /// Every health check on the device fails.
     pub fail_health: bool,
+    /// The device's clock is this many seconds ahead (negative: behind).
+    pub clock_skew_s: i64,
 }
 
 /// One simulated device to start.
@@ -70,6 +72,8 @@ pub struct DeviceSpec {
     pub tls: Option<TlsFiles>,
     /// Its faults.
     pub faults: FaultPlan,
+    /// A trust root of its own (default: the fleet's), e.g. one not yet rotated.
+    pub trust_root: Option<PathBuf>,
 }
 
 /// What every device shares.
@@ -358,7 +362,10 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
     let mut config = AgentConfig {
         device_id: spec.id.clone(),
         data_dir: dir.clone(),
-        trust_root: settings.trust_root.clone(),
+        trust_root: spec
+            .trust_root
+            .clone()
+            .unwrap_or_else(|| settings.trust_root.clone()),
         ..AgentConfig::default()
     };
     config.broker.topic_prefix = settings.topic_prefix.clone();
@@ -373,7 +380,7 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
         (None, true) => return Err(fail("a TLS broker needs the device's certificate".into())),
     }
     // Checked now so that a bad identity fails the start, not a background task.
-    edgefleet_agent::cli::link_setup(&config, &settings.trust_root).map_err(&fail)?;
+    edgefleet_agent::cli::link_setup(&config, &config.trust_root).map_err(&fail)?;
 
     let active = {
         let store = store.clone();
@@ -534,6 +541,7 @@ impl Agent {
         settings.telemetry_interval = self.telemetry_interval;
         settings.facts = self.profile.facts();
         settings.stall_timeout = Duration::from_secs(2);
+        settings.clock_skew_s = self.faults.clock_skew_s;
         let (link_tx, mut link_rx) = mpsc::channel(64);
         let (link, link_task) = edgefleet_agent::link::start(options, link_tx);
         let daemon = match Daemon::new(settings, self.store.clone(), self.served.clone(), link) {

@@ -1,1 +1,298 @@
-//! End-to-end tests that start real processes (filled by later issues).
+//! End-to-end harness: a real controller (`edgefleet serve`'s code, with its
+//! embedded broker behind the mutual-TLS gate and its SQLite file) in this
+//! process, operator keys and signed bundles of the repository's models, and
+//! simulated fleets of real agents (`edgefleet-devices`). Tests and the fleet
+//! benchmark drive it through the controller's HTTP API, as operators do.
+//!
+//! Every wait polls against a deadline; nothing sleeps a fixed time to let
+//! things happen.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use edgefleet::config::ControllerConfig;
+use edgefleet::operator::{self, BuildOptions, KeyFile};
+use edgefleet::remote::{ApiArgs, Client, write_enrollment};
+use edgefleet_devices::Profile;
+use edgefleet_devices::sim::{DeviceSpec, FaultPlan, FleetSettings, SimFleet, TlsFiles};
+use edgefleet_shared::manifest::HealthPolicy;
+use edgefleet_shared::{ModelChannel, SecretKey, UnixTime};
+use serde_json::Value;
+
+/// The repository's models.
+pub const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
+
+/// Longest any one wait may take.
+pub const WAIT: Duration = Duration::from_secs(120);
+
+/// A controller and what it takes to drive it.
+#[derive(Debug)]
+pub struct Harness {
+    /// Runs the controller and the fleets.
+    pub runtime: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+    /// The API, as the admin.
+    pub api: Client,
+    /// Its base URL.
+    pub url: String,
+    /// Where devices reach the broker (the gate).
+    pub broker: SocketAddr,
+    /// The fleet's trust root file.
+    pub trust_root: PathBuf,
+    /// Signing keys: the trust root holds the first two (threshold 1).
+    pub keys: Vec<SecretKey>,
+    /// The controller's data directory.
+    pub data: PathBuf,
+}
+
+/// One bundle to build.
+#[derive(Debug, Clone)]
+pub struct BundleSpec {
+    /// A model file in `models/`.
+    pub model: &'static str,
+    /// Version.
+    pub version: semver::Version,
+    /// Release number.
+    pub release: u64,
+    /// Payload chunk size.
+    pub chunk_size: u32,
+    /// Index into [`Harness::keys`] of the signing key.
+    pub signer: usize,
+    /// Record golden outputs from this other model (a bundle that fails its
+    /// health check on device).
+    pub golden_outputs_from: Option<&'static str>,
+}
+
+impl BundleSpec {
+    /// A bundle of `model` at `version`/`release`, 4 KiB chunks, signed by key 0.
+    pub fn new(model: &'static str, version: (u64, u64, u64), release: u64) -> BundleSpec {
+        BundleSpec {
+            model,
+            version: semver::Version::new(version.0, version.1, version.2),
+            release,
+            chunk_size: 4096,
+            signer: 0,
+            golden_outputs_from: None,
+        }
+    }
+}
+
+/// Polls `check` until it returns Some, or panics naming `what` after [`WAIT`].
+pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Harness {
+    /// Keys, a trust root and a controller on free ports in a temporary
+    /// directory; `tweak` adjusts the controller's config.
+    pub fn start(tweak: impl FnOnce(&mut ControllerConfig)) -> Harness {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut keys = Vec::new();
+        for name in ["alice", "bob", "mallory"] {
+            let (_, _, key) = operator::generate_key(&dir.path().join("keys"), name).expect("key");
+            keys.push(key);
+        }
+        let trust_root = dir.path().join("trust-root.cbor");
+        let root = operator::new_trust_root(
+            &[
+                KeyFile::Public(keys[0].public()),
+                KeyFile::Public(keys[1].public()),
+            ],
+            1,
+            1,
+            UnixTime::now().plus_days(365),
+            &keys[..1],
+        )
+        .expect("trust root");
+        operator::save_trust_root(&trust_root, &root).expect("save trust root");
+        let data = dir.path().join("controller");
+        let mut config = ControllerConfig {
+            data_dir: data.clone(),
+            trust_root: Some(trust_root.clone()),
+            ..ControllerConfig::default()
+        };
+        config.http.listen = ([127, 0, 0, 1], 0).into();
+        config.mqtt.listen = ([127, 0, 0, 1], 0).into();
+        config.rollouts.tick_ms = 100;
+        tweak(&mut config);
+        let (started, server) = runtime
+            .block_on(edgefleet::serve::start(config))
+            .expect("controller starts");
+        runtime.spawn(server);
+        let url = format!("http://{}", started.http);
+        let token = std::fs::read_to_string(data.join("admin-token"))
+            .expect("admin token")
+            .trim()
+            .to_owned();
+        let port: u16 = started
+            .broker_url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("broker port");
+        Harness {
+            runtime,
+            api: Client::new(&ApiArgs {
+                controller: url.clone(),
+                token: Some(token),
+                json: false,
+            }),
+            url,
+            broker: ([127, 0, 0, 1], port).into(),
+            trust_root,
+            keys,
+            data,
+            dir,
+        }
+    }
+
+    /// The harness's temporary directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Enrolls `id` through the API and returns its identity files.
+    pub fn enroll(&self, id: &str) -> TlsFiles {
+        let out = self.dir().join("identities").join(id);
+        let v = self
+            .api
+            .post(
+                &format!("/api/v1/devices/{id}/enroll"),
+                &serde_json::json!({"tags": {}}),
+            )
+            .expect("enroll");
+        write_enrollment(&v, &out).expect("enrollment files");
+        TlsFiles {
+            ca: out.join("ca.pem"),
+            cert: out.join("device.pem"),
+            key: out.join("device.key"),
+        }
+    }
+
+    /// An enrolled device of the x86-64 gateway profile with these faults.
+    pub fn device(&self, id: &str, faults: FaultPlan) -> DeviceSpec {
+        DeviceSpec {
+            id: id.to_owned(),
+            profile: Profile::builtin("x86-64-gateway").expect("profile"),
+            tls: Some(self.enroll(id)),
+            faults,
+            trust_root: None,
+        }
+    }
+
+    /// Starts a fleet and waits until the controller sees every device online.
+    pub fn fleet(&self, specs: Vec<DeviceSpec>) -> SimFleet {
+        let _enter = self.runtime.enter();
+        let ids: Vec<String> = specs.iter().map(|s| s.id.clone()).collect();
+        let settings = FleetSettings {
+            broker: self.broker,
+            tls: true,
+            topic_prefix: ControllerConfig::default().mqtt.topic_prefix,
+            trust_root: self.trust_root.clone(),
+            dir: self.dir().join("devices"),
+            telemetry_interval: Duration::from_secs(1),
+        };
+        let fleet = self
+            .runtime
+            .block_on(SimFleet::start(&settings, specs))
+            .expect("fleet starts");
+        for id in &ids {
+            wait_for(&format!("{id} online"), || {
+                let v = self.api.get(&format!("/api/v1/devices/{id}")).ok()?;
+                (v["device"]["online"] == Value::Bool(true)).then_some(())
+            });
+        }
+        fleet
+    }
+
+    /// Builds and signs a bundle of a model in `models/`; returns its file.
+    pub fn build(&self, b: &BundleSpec) -> PathBuf {
+        let out = self.dir().join(format!("{}-{}.efb", b.model, b.version));
+        let options = BuildOptions {
+            model: Path::new(MODELS).join(b.model),
+            channel: ModelChannel::new("model").expect("channel"),
+            version: b.version.clone(),
+            release: b.release,
+            reference: None,
+            golden: None,
+            metadata: vec![],
+            now: UnixTime::now(),
+            expires_in_days: 90,
+            architectures: vec![],
+            min_agent_version: semver::Version::new(0, 1, 0),
+            memory_bytes: None,
+            chunk_size: b.chunk_size,
+            health: HealthPolicy::default(),
+            signers: vec![],
+            golden_outputs_from: b.golden_outputs_from.map(|m| Path::new(MODELS).join(m)),
+        };
+        operator::build_bundle(&options, &out).expect("bundle builds");
+        operator::sign_bundle(&out, std::slice::from_ref(&self.keys[b.signer])).expect("signs");
+        out
+    }
+
+    /// Uploads a bundle file; returns its digest.
+    pub fn upload(&self, file: &Path) -> String {
+        let v = self.api.upload("/api/v1/bundles", file).expect("upload");
+        v["bundle"]["digest"].as_str().expect("digest").to_owned()
+    }
+
+    /// Where the controller keeps an uploaded bundle.
+    pub fn stored_bundle(&self, digest: &str) -> PathBuf {
+        let dir = self.data.join("bundles");
+        std::fs::read_dir(&dir)
+            .expect("bundles dir")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().contains(digest))
+            .expect("stored bundle")
+    }
+
+    /// Starts a rollout; returns its id.
+    pub fn rollout(&self, body: &Value) -> String {
+        let v = self.api.post("/api/v1/rollouts", body).expect("rollout");
+        v["rollout"]["id"].as_str().expect("id").to_owned()
+    }
+
+    /// The rollout as the API shows it.
+    pub fn rollout_view(&self, id: &str) -> Value {
+        self.api
+            .get(&format!("/api/v1/rollouts/{id}"))
+            .expect("rollout")["rollout"]
+            .clone()
+    }
+
+    /// Waits until the rollout's phase is one of `phases`; returns the view.
+    pub fn wait_phase(&self, id: &str, phases: &[&str]) -> Value {
+        wait_for(&format!("rollout {id} to reach {phases:?}"), || {
+            let r = self.rollout_view(id);
+            phases
+                .contains(&r["phase"].as_str().unwrap_or(""))
+                .then_some(r)
+        })
+    }
+
+    /// A counter from `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = self.api.get_text("/metrics").expect("metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
