@@ -383,6 +383,7 @@ pub fn link_setup(
         disk_reserve_bytes: config.limits.disk_reserve_bytes,
         fetch_window: 16,
         stall_timeout: std::time::Duration::from_secs(5),
+        fetch_listen: std::time::Duration::from_secs(2),
         facts: device_facts(),
         clock_skew_s: 0,
     };

@@ -59,6 +59,12 @@ pub struct DaemonSettings {
     pub fetch_window: u32,
     /// With no chunk for this long, the missing chunks are requested again.
     pub stall_timeout: Duration,
+    /// A new download first listens on the bundle's shared chunk topic for a
+    /// random time between half this and this before asking for chunks itself:
+    /// devices of a wave start within about half of it, and the chunks the first
+    /// one asks for reach them all, so a wave costs the controller about one copy
+    /// of the bundle rather than one per device.
+    pub fetch_listen: Duration,
     /// What this device is, for the bundles' constraints.
     pub facts: edgefleet_shared::bundle::DeviceFacts,
     /// Seconds added to the system clock: 0 on a real device; the fleet
@@ -101,6 +107,8 @@ struct Download {
     rejected: u32,
     /// Index of the chunk that failed last, and how many times in a row.
     failing: Option<(u32, u32)>,
+    /// Until then, only listen (see [`DaemonSettings::fetch_listen`]).
+    listen_until: Option<Instant>,
 }
 
 impl Download {
@@ -128,6 +136,7 @@ impl Download {
             duplicate_bytes: 0,
             rejected: 0,
             failing: None,
+            listen_until: None,
         }
     }
 }
@@ -224,6 +233,9 @@ impl Daemon {
                 _ = stall_tick.tick() => {
                     self.check_stall();
                     self.flush_spools();
+                }
+                () = sleep_until(self.download.as_ref().and_then(|d| d.listen_until)) => {
+                    self.request_chunks(true);
                 }
                 () = &mut shutdown => break,
             }
@@ -520,7 +532,14 @@ impl Daemon {
                     bytes = total,
                     "download started"
                 );
-                self.download = Some(d);
+                let listen = self
+                    .settings
+                    .fetch_listen
+                    .mul_f64(0.5 + (crate::link::random_u64() % 1000) as f64 / 2000.0);
+                self.download = Some(Download {
+                    listen_until: Some(Instant::now() + listen),
+                    ..d
+                });
                 self.emit(Some(command), EventKind::InstallStarted { digest });
                 let _ = self
                     .link
@@ -680,6 +699,10 @@ impl Daemon {
         let Some(d) = self.download.as_mut() else {
             return;
         };
+        if d.listen_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        d.listen_until = None;
         if again {
             d.requested_until = 0;
             d.last_chunk = Instant::now();
@@ -1025,6 +1048,14 @@ impl Daemon {
         for seq in telemetry {
             self.send_record(Tag::Telemetry(seq));
         }
+    }
+}
+
+/// Sleeps until `at`, or for ever without it.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

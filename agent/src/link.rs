@@ -306,7 +306,8 @@ impl Link {
     }
 }
 
-fn random_u64() -> u64 {
+/// A random number (the OS generator; the clock if it fails).
+pub fn random_u64() -> u64 {
     getrandom::u64().unwrap_or_else(|_| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

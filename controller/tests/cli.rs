@@ -461,8 +461,29 @@ fn key_rotation_needs_both_the_old_and_the_new_threshold() {
 #[test]
 fn the_demo_runs_to_a_successful_end() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = ok(dir.path(), &["demo", "--dir", "demo"]);
-    assert!(out.contains("all attacks were refused"), "{out}");
-    assert!(out.contains("REFUSED at build time"), "{out}");
-    assert!(dir.path().join("demo/iris-1.1.0.efb").exists());
+    let out = ok(dir.path(), &["demo", "--dir", "demo", "--devices", "6"]);
+    for expected in [
+        "6 devices online",
+        "rollout complete: 6 devices switched, 0 failed",
+        "fleet now: 6 on 1.0.0",
+        "FAILED: health_check",
+        "gate tripped, halting",
+        "is offline for the controller",
+        "-> label [2]",
+        "with no gap in sequence numbers",
+        "demo finished in",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
+    }
+    assert!(!out.contains("UNEXPECTED"), "{out}");
+    assert!(dir.path().join("demo/iris-1.0.0.efb").exists());
+    assert!(dir.path().join("demo/controller/admin-token").exists());
+    assert!(dir.path().join("demo/devices/dev-001/state.json").exists());
+}
+
+#[test]
+fn the_demo_refuses_a_fleet_size_it_cannot_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = fails(dir.path(), &["demo", "--devices", "0"]);
+    assert!(out.contains("--devices 0: must be 1 to 500"), "{out}");
 }

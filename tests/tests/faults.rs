@@ -237,3 +237,78 @@ fn bundles_a_device_must_refuse_are_refused_with_the_reason_visible_in_the_api()
     });
     h.runtime.block_on(fleet.stop());
 }
+
+#[test]
+fn with_the_network_down_devices_keep_serving_and_deliver_their_telemetry_without_a_gap() {
+    let h = Harness::start(|_| {});
+    let ids = ["n1", "n2", "n3"];
+    let fleet = h.fleet(
+        ids.iter()
+            .map(|id| h.device(id, FaultPlan::default()))
+            .collect(),
+    );
+    let digest = h.upload(&h.build(&BundleSpec::new("iris_logreg.onnx", (1, 0, 0), 1)));
+    let id = h.rollout(&json!({
+        "bundle": digest,
+        "selector": {"all": true},
+        "waves": ["100%"],
+        "gates": {"soak_ms": 0},
+    }));
+    assert_eq!(
+        h.wait_phase(&id, &["completed", "halted"])["phase"],
+        "completed"
+    );
+    let seqs = |device: &str| -> Vec<u64> {
+        h.api
+            .get(&format!("/api/v1/devices/{device}"))
+            .expect("device")["telemetry"]
+            .as_array()
+            .expect("telemetry")
+            .iter()
+            .filter_map(|t| t["seq"].as_u64())
+            .collect()
+    };
+    let before: Vec<u64> = ids
+        .iter()
+        .map(|d| seqs(d).into_iter().max().unwrap_or(0))
+        .collect();
+
+    fleet.set_network(false);
+    for d in ids {
+        wait_for(&format!("{d} offline"), || {
+            let v = h.api.get(&format!("/api/v1/devices/{d}")).ok()?;
+            (v["device"]["online"] == Value::Bool(false)).then_some(())
+        });
+    }
+    // Offline for at least 3 telemetry periods, answering inference meanwhile.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let request = json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]});
+    let offline_since = std::time::Instant::now();
+    let mut answered = 0;
+    while offline_since.elapsed() < Duration::from_secs(3) {
+        for d in fleet.devices() {
+            let r = agent
+                .post(format!("{}/v2/models/model/infer", d.api_url()))
+                .send_json(&request)
+                .expect("local API answers");
+            assert_eq!(r.status().as_u16(), 200, "{} offline", d.id());
+            answered += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(answered >= 30, "{answered} answers");
+
+    fleet.set_network(true);
+    for (d, before) in ids.iter().zip(before) {
+        wait_for(&format!("{d}'s spooled telemetry"), || {
+            let got = seqs(d);
+            let newest = got.iter().copied().max()?;
+            let whole = (before + 1..=newest).all(|s| got.contains(&s));
+            (newest >= before + 3 && whole).then_some(())
+        });
+    }
+    h.runtime.block_on(fleet.stop());
+}
