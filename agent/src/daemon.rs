@@ -81,6 +81,9 @@ struct Offer {
     header: Vec<u8>,
 }
 
+/// A listening download asks for chunks only once no chunk came for this long.
+const LISTEN_QUIET: Duration = Duration::from_millis(300);
+
 /// A chunk that fails its digest this many times in a row fails the install.
 const MAX_CHUNK_FAILURES: u32 = 3;
 
@@ -794,6 +797,11 @@ impl Daemon {
         }
         d.tracker.mark(chunk.index);
         d.unsaved += 1;
+        // Still listening and another device's chunks flow: keep listening
+        // until they stop, then ask only for what did not come.
+        if let Some(until) = d.listen_until {
+            d.listen_until = Some(until.max(Instant::now() + LISTEN_QUIET));
+        }
         if (d.unsaved >= 16 || d.tracker.complete())
             && let Err(e) = save_progress(d)
         {
