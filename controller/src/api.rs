@@ -380,6 +380,8 @@ async fn enroll(
             fingerprint.clone(),
             crate::gate::Identity::Device(id.clone()),
         );
+        drop(map);
+        s.gate_stats.identities_changed();
     }
     s.db()
         .audit(
@@ -430,6 +432,7 @@ async fn revoke_device(
         gate.write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, who| *who != crate::gate::Identity::Device(id.clone()));
+        s.gate_stats.identities_changed();
     }
     s.db()
         .audit(&caller.name, "device.revoke", &id, None, None, now_ms())
@@ -1144,6 +1147,11 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
             "edgefleet_gate_refused_total",
             "Connections the gate closed (unknown certificate, or a topic outside the device's own).",
             &s.gate_stats.refused,
+        ),
+        (
+            "edgefleet_gate_revoked_total",
+            "Open connections the gate closed because their certificate was revoked or replaced.",
+            &s.gate_stats.revoked,
         ),
     ] {
         gauge(

@@ -881,11 +881,12 @@ impl Rollout {
             return;
         }
         self.wave += 1;
+        let n = self.waves[self.wave].len();
         fx.push(Effect::Note(format!(
-            "wave {} of {} started ({} devices)",
+            "wave {} of {} started ({n} device{})",
             self.wave + 1,
             self.waves.len(),
-            self.waves[self.wave].len()
+            if n == 1 { "" } else { "s" }
         )));
         self.phase = Phase::Installing { since: now };
         self.command_wave(now, fx);

@@ -36,13 +36,24 @@ pub enum Identity {
 /// enrollment.
 pub type Identities = Arc<RwLock<HashMap<String, Identity>>>;
 
-/// Counters.
+/// Counters, and the signal that the enrolled certificates changed.
 #[derive(Debug, Default)]
 pub struct GateStats {
     /// Connections accepted and relayed.
     pub connections: AtomicU64,
     /// Connections closed for breaking the rules (or unknown certificates).
     pub refused: AtomicU64,
+    /// Connections closed because their certificate was revoked or replaced.
+    pub revoked: AtomicU64,
+    /// Bumped after certificates are removed: open connections re-check theirs.
+    pub identities_changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl GateStats {
+    /// Tells open connections that certificates were revoked or replaced.
+    pub fn identities_changed(&self) {
+        self.identities_changed.send_modify(|n| *n += 1);
+    }
 }
 
 /// What the gate decided about one packet.
@@ -210,12 +221,18 @@ async fn relay(
         .and_then(|c| c.first())
         .map(|c| c.as_ref().to_vec())
         .ok_or("no client certificate")?;
-    let who = identities
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&fingerprint(&der))
-        .cloned()
-        .ok_or("certificate not enrolled on this controller (or revoked)")?;
+    let print = fingerprint(&der);
+    // Subscribed before the check, so a revocation right after it is not missed.
+    let mut changes = stats.identities_changed.subscribe();
+    let admitted = |identities: &Identities| {
+        identities
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&print)
+            .cloned()
+    };
+    let who =
+        admitted(&identities).ok_or("certificate not enrolled on this controller (or revoked)")?;
     let broker = TcpStream::connect(upstream)
         .await
         .map_err(|e| format!("broker: {e}"))?;
@@ -227,12 +244,32 @@ async fn relay(
         let _ = tokio::io::copy(&mut broker_r, &mut client_w).await;
         let _ = client_w.shutdown().await;
     });
-    let result = match who {
-        Identity::Controller => tokio::io::copy(&mut client_r, &mut broker_w)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-        Identity::Device(device) => up(&mut client_r, &mut broker_w, &topics, &device).await,
+    let relayed = async {
+        match who {
+            Identity::Controller => tokio::io::copy(&mut client_r, &mut broker_w)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Identity::Device(device) => up(&mut client_r, &mut broker_w, &topics, &device).await,
+        }
+    };
+    // A revoked (or replaced) certificate loses its open connection at once.
+    let revoked = async {
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if admitted(&identities).is_none() {
+                return;
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = relayed => r,
+        () = revoked => {
+            stats.revoked.fetch_add(1, Ordering::Relaxed);
+            Err("certificate revoked or replaced: connection closed".into())
+        }
     };
     down.abort();
     result

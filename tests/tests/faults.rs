@@ -312,3 +312,41 @@ fn with_the_network_down_devices_keep_serving_and_deliver_their_telemetry_withou
     }
     h.runtime.block_on(fleet.stop());
 }
+
+#[test]
+fn a_revoked_device_loses_its_open_connection_at_once_and_cannot_come_back() {
+    let h = Harness::start(|_| {});
+    let fleet = h.fleet(vec![
+        h.device("keep", FaultPlan::default()),
+        h.device("stolen", FaultPlan::default()),
+    ]);
+    let online = |d: &str| {
+        h.api.get(&format!("/api/v1/devices/{d}")).expect("device")["device"]["online"]
+            == Value::Bool(true)
+    };
+    assert!(online("stolen"));
+    h.api
+        .post("/api/v1/devices/stolen/revoke", &json!({}))
+        .expect("revoke");
+    // Its broker connection is closed by the gate (the broker then publishes its
+    // will), and its reconnections are refused.
+    wait_for("the revoked device offline", || {
+        (!online("stolen")).then_some(())
+    });
+    assert_eq!(h.metric("edgefleet_gate_revoked_total"), 1);
+    let stolen = fleet.device("stolen").expect("device");
+    let connects = stolen.stats().connects.load(Ordering::Relaxed);
+    wait_for("a refused reconnection", || {
+        (h.metric("edgefleet_gate_refused_total") >= 2).then_some(())
+    });
+    assert_eq!(
+        stolen.stats().connects.load(Ordering::Relaxed),
+        connects,
+        "the revoked certificate got a connection again"
+    );
+    assert!(!online("stolen"));
+    // The other device is untouched.
+    assert!(online("keep"));
+    assert_eq!(h.metric("edgefleet_gate_revoked_total"), 1);
+    h.runtime.block_on(fleet.stop());
+}
