@@ -14,6 +14,8 @@ use serde::Deserialize;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstallPaths {
+    /// Install prefix (the binary goes under `<prefix>/bin`).
+    pub prefix: PathBuf,
     /// The agent binary.
     pub binary: PathBuf,
     /// Its config file.
@@ -34,6 +36,18 @@ pub struct Resources {
     pub memory_mb: u64,
     /// Storage, MiB.
     pub disk_mb: u64,
+    /// Storage an install must leave free, MiB.
+    pub disk_reserve_mb: u64,
+}
+
+/// Agent settings this board gets by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentDefaults {
+    /// Seconds between telemetry reports.
+    pub telemetry_interval_s: u32,
+    /// Largest bundle accepted, MiB.
+    pub max_bundle_mb: u64,
 }
 
 /// A kind of device: a board and the OS image it usually runs.
@@ -48,15 +62,21 @@ pub struct Profile {
     pub arch: String,
     /// Rust target triple of the agent built for it.
     pub target: String,
+    /// How the agent runs as a service (`systemd`, the only one supported).
+    pub service_manager: String,
     /// Install paths.
     pub install: InstallPaths,
     /// Resources.
     pub resources: Resources,
+    /// Agent settings.
+    pub agent: AgentDefaults,
 }
 
 /// The profiles shipped in `devices/`, by file.
 const BUILTIN: &[(&str, &str)] = &[
     ("raspberry-pi-4", include_str!("../raspberry-pi-4.toml")),
+    ("raspberry-pi-5", include_str!("../raspberry-pi-5.toml")),
+    ("raspberry-pi-3", include_str!("../raspberry-pi-3.toml")),
     (
         "raspberry-pi-zero-2w",
         include_str!("../raspberry-pi-zero-2w.toml"),
@@ -107,6 +127,36 @@ impl Profile {
                 "resources: cpus, memory_mb and disk_mb must be positive".into(),
             ));
         }
+        if p.resources.disk_reserve_mb >= p.resources.disk_mb {
+            return Err(invalid(format!(
+                "resources.disk_reserve_mb: {} leaves nothing of disk_mb {}",
+                p.resources.disk_reserve_mb, p.resources.disk_mb
+            )));
+        }
+        if p.service_manager != "systemd" {
+            return Err(invalid(format!(
+                "service_manager: `{}` is not supported (systemd)",
+                p.service_manager
+            )));
+        }
+        for (field, path) in [
+            ("install.prefix", &p.install.prefix),
+            ("install.binary", &p.install.binary),
+            ("install.config", &p.install.config),
+            ("install.data_dir", &p.install.data_dir),
+            ("install.unit", &p.install.unit),
+        ] {
+            if !path.is_absolute() {
+                return Err(invalid(format!(
+                    "{field}: {} is not absolute",
+                    path.display()
+                )));
+            }
+        }
+        // The defaults must make a valid agent config.
+        p.agent_config("device-01")
+            .validate(std::path::Path::new(name))
+            .map_err(|e| invalid(e.to_string()))?;
         Ok(p)
     }
 
@@ -145,6 +195,31 @@ impl Profile {
     }
 }
 
+impl Profile {
+    /// The agent config a device of this kind gets: its paths, the identity
+    /// files beside the config, and this board's limits.
+    pub fn agent_config(&self, device_id: &str) -> edgefleet_agent::config::AgentConfig {
+        let etc = self
+            .install
+            .config
+            .parent()
+            .map_or_else(|| PathBuf::from("/etc/edgefleet"), PathBuf::from);
+        let mut c = edgefleet_agent::config::AgentConfig {
+            device_id: device_id.to_owned(),
+            data_dir: self.install.data_dir.clone(),
+            trust_root: etc.join("trust-root.cbor"),
+            ..Default::default()
+        };
+        c.broker.ca = Some(etc.join("ca.pem"));
+        c.broker.cert = Some(etc.join("device.pem"));
+        c.broker.key = Some(etc.join("device.key"));
+        c.telemetry.interval_s = self.agent.telemetry_interval_s;
+        c.limits.max_bundle_bytes = self.agent.max_bundle_mb << 20;
+        c.limits.disk_reserve_bytes = self.resources.disk_reserve_mb << 20;
+        c
+    }
+}
+
 fn edgefleet_agent_version() -> semver::Version {
     edgefleet_agent::cli::device_facts().agent_version
 }
@@ -172,5 +247,37 @@ mod tests {
         assert!(e.to_string().contains("arhc"), "{e}");
         let e = Profile::builtin("pdp-11").expect_err("unknown");
         assert!(e.to_string().contains("raspberry-pi-4"), "{e}");
+        let text = include_str!("../raspberry-pi-4.toml").replace("\"systemd\"", "\"openrc\"");
+        let e = Profile::parse("x", &text).expect_err("openrc");
+        assert!(e.to_string().contains("service_manager"), "{e}");
+        let text = include_str!("../raspberry-pi-4.toml")
+            .replace("telemetry_interval_s = 60", "telemetry_interval_s = 0");
+        let e = Profile::parse("x", &text).expect_err("interval");
+        assert!(e.to_string().contains("telemetry.interval_s"), "{e}");
+        let text = include_str!("../raspberry-pi-4.toml").replace(
+            "data_dir = \"/var/lib/edgefleet\"",
+            "data_dir = \"var/lib\"",
+        );
+        let e = Profile::parse("x", &text).expect_err("relative");
+        assert!(e.to_string().contains("install.data_dir"), "{e}");
+    }
+
+    #[test]
+    fn the_profiles_cover_the_boards_named_by_the_issues() {
+        let all = Profile::all();
+        let arch_of = |n: &str| all.iter().find(|p| p.name == n).map(|p| p.arch.clone());
+        assert_eq!(arch_of("raspberry-pi-4").as_deref(), Some("aarch64"));
+        assert_eq!(arch_of("raspberry-pi-5").as_deref(), Some("aarch64"));
+        assert_eq!(arch_of("raspberry-pi-3").as_deref(), Some("arm"));
+        assert_eq!(arch_of("raspberry-pi-zero-2w").as_deref(), Some("arm"));
+        assert_eq!(arch_of("jetson-orin-nano").as_deref(), Some("aarch64"));
+        assert_eq!(arch_of("x86-64-gateway").as_deref(), Some("x86_64"));
+        let zero = Profile::builtin("raspberry-pi-zero-2w").expect("profile");
+        let c = zero.agent_config("pi-7");
+        assert_eq!(c.limits.max_bundle_bytes, 64 << 20);
+        assert_eq!(
+            c.broker.key.as_deref(),
+            Some(std::path::Path::new("/etc/edgefleet/device.key"))
+        );
     }
 }

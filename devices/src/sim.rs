@@ -369,6 +369,8 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
         ..AgentConfig::default()
     };
     config.broker.topic_prefix = settings.topic_prefix.clone();
+    // The board's limits (bundle size, disk reserve).
+    config.limits = spec.profile.agent_config(&spec.id).limits;
     match (&spec.tls, settings.tls) {
         (Some(tls), true) => {
             config.broker.url = format!("mqtts://localhost:{relay_port}");
