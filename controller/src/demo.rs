@@ -551,14 +551,15 @@ fn start_rollout(api: &Client, digest: &str) -> Result<String, String> {
 fn watch(api: &Client, fleet: &SimFleet, id: &str) -> Result<String, String> {
     let mut seen_notes = 0usize;
     let mut members: BTreeMap<String, String> = BTreeMap::new();
-    let mut last_wave = String::new();
     wait_for("the rollout to end", || {
         let v = api.get(&format!("/api/v1/rollouts/{id}")).ok()?;
         let r = &v["rollout"];
-        let wave = format!("{}", r["wave"]);
-        if wave != last_wave {
-            last_wave = wave;
+        // The engine's decisions first, then what each device did since.
+        let log = r["log"].as_array().cloned().unwrap_or_default();
+        for l in log.iter().skip(seen_notes) {
+            println!("  * {}", l["note"].as_str().unwrap_or(""));
         }
+        seen_notes = log.len();
         for (device, m) in r["members"].as_object().into_iter().flatten() {
             let state = m["state"].as_str().unwrap_or("").to_owned();
             if members.get(device) == Some(&state) || state == "pending" {
@@ -584,11 +585,6 @@ fn watch(api: &Client, fleet: &SimFleet, id: &str) -> Result<String, String> {
             };
             println!("    {device} ({board}): {detail}");
         }
-        let log = r["log"].as_array().cloned().unwrap_or_default();
-        for l in log.iter().skip(seen_notes) {
-            println!("  * {}", l["note"].as_str().unwrap_or(""));
-        }
-        seen_notes = log.len();
         let phase = r["phase"].as_str().unwrap_or("").to_owned();
         if matches!(phase.as_str(), "completed" | "halted" | "aborted") {
             print!("{}", indent(&rollout_text(r)));
