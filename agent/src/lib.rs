@@ -11,6 +11,7 @@ pub mod chunks;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod drift;
 pub mod link;
 pub mod metrics;
 pub mod model;

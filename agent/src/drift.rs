@@ -1,0 +1,269 @@
+//! Drift statistics, the pure core (issue 7 groundwork): how far a window of live
+//! inputs or outputs has moved from the bundle's reference statistics
+//! (`edgefleet_shared::reference`). No I/O, no clock: distributions in, numbers out.
+//!
+//! A numeric feature is compared bin by bin on the reference's quantile bins; a
+//! categorical one category by category. Each function takes the reference as
+//! shares (summing to 1) and the current window as counts over the same bins.
+//! Cross-checked against scipy on generated cases (`models/drift_cases.json`,
+//! written by `models/drift_reference.py`).
+
+/// Share given to an empty bin in PSI, so its logarithm stays finite (the value
+/// Evidently uses).
+pub const PSI_EPSILON: f64 = 1e-4;
+
+/// A statistical test's outcome.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TestResult {
+    /// The statistic.
+    pub statistic: f64,
+    /// The probability of a statistic at least this large with no drift.
+    pub p_value: f64,
+}
+
+fn shares(counts: &[u64]) -> Option<Vec<f64>> {
+    let n: u64 = counts.iter().sum();
+    (n > 0).then(|| counts.iter().map(|c| *c as f64 / n as f64).collect())
+}
+
+fn same_len(reference: &[f64], current: &[u64]) -> bool {
+    !reference.is_empty() && reference.len() == current.len()
+}
+
+/// Population stability index: the sum over bins of
+/// `(current - reference) * ln(current / reference)`, empty bins counted as
+/// [`PSI_EPSILON`]. Rule of thumb: below 0.1 stable, 0.1-0.25 moderate, above
+/// 0.25 significant. `None` for an empty window or mismatched bins.
+pub fn psi(reference: &[f64], current: &[u64]) -> Option<f64> {
+    if !same_len(reference, current) {
+        return None;
+    }
+    let cur = shares(current)?;
+    Some(
+        reference
+            .iter()
+            .zip(&cur)
+            .map(|(r, c)| {
+                let (r, c) = (r.max(PSI_EPSILON), c.max(PSI_EPSILON));
+                (c - r) * (c / r).ln()
+            })
+            .sum(),
+    )
+}
+
+/// Jensen-Shannon distance (the square root of the divergence, natural
+/// logarithm, as `scipy.spatial.distance.jensenshannon`), between 0 and
+/// sqrt(ln 2).
+pub fn jensen_shannon(reference: &[f64], current: &[u64]) -> Option<f64> {
+    if !same_len(reference, current) {
+        return None;
+    }
+    let q = shares(current)?;
+    let total: f64 = reference.iter().sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let p: Vec<f64> = reference.iter().map(|r| r / total).collect();
+    let kl = |a: &[f64], m: &[f64]| -> f64 {
+        a.iter()
+            .zip(m)
+            .filter(|(x, _)| **x > 0.0)
+            .map(|(x, y)| x * (x / y).ln())
+            .sum()
+    };
+    let m: Vec<f64> = p.iter().zip(&q).map(|(a, b)| (a + b) / 2.0).collect();
+    let divergence = (kl(&p, &m) + kl(&q, &m)) / 2.0;
+    Some(divergence.max(0.0).sqrt())
+}
+
+/// Two-sample Kolmogorov-Smirnov test on binned data: the largest difference
+/// between the two cumulative distributions at the bin edges, and its p-value
+/// from the asymptotic Kolmogorov distribution with the effective sample size
+/// `n m / (n + m)` (`reference_count` values behind the reference shares).
+pub fn kolmogorov_smirnov(
+    reference: &[f64],
+    reference_count: u64,
+    current: &[u64],
+) -> Option<TestResult> {
+    if !same_len(reference, current) || reference_count == 0 {
+        return None;
+    }
+    let cur = shares(current)?;
+    let m: u64 = current.iter().sum();
+    let (mut fr, mut fc, mut d) = (0.0f64, 0.0f64, 0.0f64);
+    for (r, c) in reference.iter().zip(&cur) {
+        fr += r;
+        fc += c;
+        d = d.max((fr - fc).abs());
+    }
+    let (n, m) = (reference_count as f64, m as f64);
+    let en = n * m / (n + m);
+    Some(TestResult {
+        statistic: d,
+        p_value: kolmogorov_sf(d * en.sqrt()),
+    })
+}
+
+/// Survival function of the Kolmogorov distribution (`scipy.stats.kstwobign.sf`).
+pub fn kolmogorov_sf(x: f64) -> f64 {
+    if x <= 0.0 {
+        return 1.0;
+    }
+    if x < 1.18 {
+        // Small x: the Jacobi theta form converges fast.
+        let y = -std::f64::consts::PI.powi(2) / (8.0 * x * x);
+        let w = (2.0 * std::f64::consts::PI).sqrt() / x;
+        let s: f64 = (0..20)
+            .map(|k| {
+                let j = (2 * k + 1) as f64;
+                (y * j * j).exp()
+            })
+            .sum();
+        return (1.0 - w * s).clamp(0.0, 1.0);
+    }
+    let s: f64 = (1..=100)
+        .map(|k| {
+            let k = k as f64;
+            let sign = if k as u64 % 2 == 1 { 1.0 } else { -1.0 };
+            sign * (-2.0 * k * k * x * x).exp()
+        })
+        .sum();
+    (2.0 * s).clamp(0.0, 1.0)
+}
+
+/// Pearson's chi-square test of the current counts against the reference
+/// shares (`scipy.stats.chisquare` with `f_exp = reference * n`), `k - 1`
+/// degrees of freedom. Categories absent from the reference get
+/// [`PSI_EPSILON`] of it, so a new category counts as drift instead of dividing
+/// by zero.
+pub fn chi_square(reference: &[f64], current: &[u64]) -> Option<TestResult> {
+    if !same_len(reference, current) || reference.len() < 2 {
+        return None;
+    }
+    let n: u64 = current.iter().sum();
+    if n == 0 {
+        return None;
+    }
+    let floored: Vec<f64> = reference.iter().map(|r| r.max(PSI_EPSILON)).collect();
+    let total: f64 = floored.iter().sum();
+    let statistic: f64 = floored
+        .iter()
+        .zip(current)
+        .map(|(r, c)| {
+            let expected = r / total * n as f64;
+            (*c as f64 - expected).powi(2) / expected
+        })
+        .sum();
+    let df = (reference.len() - 1) as f64;
+    Some(TestResult {
+        statistic,
+        p_value: gamma_q(df / 2.0, statistic / 2.0),
+    })
+}
+
+/// Representative value of each bin of a numeric feature: the middle of the
+/// bin, the outer bins closed by the reference's minimum and maximum.
+pub fn bin_points(edges: &[f64], min: f64, max: f64) -> Vec<f64> {
+    let mut bounds = Vec::with_capacity(edges.len() + 2);
+    bounds.push(min.min(edges.first().copied().unwrap_or(min)));
+    bounds.extend_from_slice(edges);
+    bounds.push(max.max(edges.last().copied().unwrap_or(max)));
+    bounds.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect()
+}
+
+/// Wasserstein-1 distance between the reference and current distributions,
+/// both placed on the same increasing `points` (`scipy.stats.wasserstein_distance`
+/// with weights). Divide by the reference's standard deviation for the
+/// normalised distance.
+pub fn wasserstein(points: &[f64], reference: &[f64], current: &[u64]) -> Option<f64> {
+    if !same_len(reference, current) || points.len() != reference.len() {
+        return None;
+    }
+    let cur = shares(current)?;
+    let total: f64 = reference.iter().sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let (mut fr, mut fc, mut w) = (0.0f64, 0.0f64, 0.0f64);
+    for i in 0..points.len() - 1 {
+        fr += reference[i] / total;
+        fc += cur[i];
+        w += (fr - fc).abs() * (points[i + 1] - points[i]);
+    }
+    Some(w)
+}
+
+/// Regularised upper incomplete gamma function Q(a, x) (series below a + 1,
+/// continued fraction above; Numerical Recipes 6.2).
+pub fn gamma_q(a: f64, x: f64) -> f64 {
+    if x <= 0.0 || a <= 0.0 {
+        return 1.0;
+    }
+    let gln = ln_gamma(a);
+    if x < a + 1.0 {
+        let (mut sum, mut del, mut ap) = (1.0 / a, 1.0 / a, a);
+        for _ in 0..1000 {
+            ap += 1.0;
+            del *= x / ap;
+            sum += del;
+            if del.abs() < sum.abs() * 1e-15 {
+                break;
+            }
+        }
+        (1.0 - sum * (-x + a * x.ln() - gln).exp()).clamp(0.0, 1.0)
+    } else {
+        let tiny = 1e-300;
+        let mut b = x + 1.0 - a;
+        let mut c = 1.0 / tiny;
+        let mut d = 1.0 / b;
+        let mut h = d;
+        for i in 1..1000 {
+            let an = -(i as f64) * (i as f64 - a);
+            b += 2.0;
+            d = an * d + b;
+            if d.abs() < tiny {
+                d = tiny;
+            }
+            c = b + an / c;
+            if c.abs() < tiny {
+                c = tiny;
+            }
+            d = 1.0 / d;
+            let del = d * c;
+            h *= del;
+            if (del - 1.0).abs() < 1e-15 {
+                break;
+            }
+        }
+        ((-x + a * x.ln() - gln).exp() * h).clamp(0.0, 1.0)
+    }
+}
+
+/// ln Γ(x) for x > 0 (Lanczos, g = 7, n = 9).
+fn ln_gamma(x: f64) -> f64 {
+    const G: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        let pi = std::f64::consts::PI;
+        return (pi / (pi * x).sin()).ln() - ln_gamma(1.0 - x);
+    }
+    let x = x - 1.0;
+    let mut a = G[0];
+    let t = x + 7.5;
+    for (i, g) in G.iter().enumerate().skip(1) {
+        a += g / (x + i as f64);
+    }
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + a.ln()
+}
+
+#[cfg(test)]
+mod tests;
