@@ -193,6 +193,194 @@ pub fn wasserstein(points: &[f64], reference: &[f64], current: &[u64]) -> Option
     Some(w)
 }
 
+/// When a feature counts as drifted (defaults and their sources in docs/drift.md).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    /// PSI at or above this is drift (0.25: the "significant" rule of thumb).
+    pub psi: f64,
+    /// A KS or chi-square p-value below this is drift.
+    pub p_value: f64,
+    /// Share of drifted input features at which the whole window counts as drifted.
+    pub drifted_share: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            psi: 0.25,
+            p_value: 0.05,
+            drifted_share: 0.5,
+        }
+    }
+}
+
+/// One feature's drift in a window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureDrift {
+    /// Feature name.
+    pub name: String,
+    /// Values in the window.
+    pub count: u64,
+    /// PSI.
+    pub psi: f64,
+    /// KS (numeric) or chi-square (categorical).
+    pub test: TestResult,
+    /// Wasserstein-1 over the reference's standard deviation (numeric only).
+    pub wasserstein_normed: Option<f64>,
+    /// Whether PSI or the test crossed its threshold.
+    pub drifted: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Counter {
+    Numeric {
+        stats: edgefleet_shared::reference::NumericStats,
+        counts: Vec<u64>,
+    },
+    Categorical {
+        /// Reference categories, then one bin for values the reference never saw.
+        categories: Vec<i64>,
+        reference: Vec<f64>,
+        counts: Vec<u64>,
+    },
+}
+
+/// A window of live values per feature, against the reference: one counter per
+/// bin or category, so its memory is fixed by the reference, not by the traffic.
+#[derive(Debug, Clone)]
+pub struct Window {
+    names: Vec<String>,
+    counters: Vec<Counter>,
+    reference_count: Vec<u64>,
+}
+
+impl Window {
+    /// An empty window over `features` (the reference's inputs or outputs).
+    pub fn new(features: &[edgefleet_shared::reference::FeatureStats]) -> Window {
+        use edgefleet_shared::reference::Distribution;
+        let mut w = Window {
+            names: Vec::new(),
+            counters: Vec::new(),
+            reference_count: Vec::new(),
+        };
+        for f in features {
+            w.names.push(f.name.clone());
+            match &f.distribution {
+                Distribution::Numeric(n) => {
+                    w.reference_count.push(n.count);
+                    w.counters.push(Counter::Numeric {
+                        counts: vec![0; n.frequencies.len()],
+                        stats: n.clone(),
+                    });
+                }
+                Distribution::Categorical(c) => {
+                    w.reference_count.push(c.count);
+                    let mut reference: Vec<f64> = c.categories.iter().map(|(_, s)| *s).collect();
+                    reference.push(0.0);
+                    w.counters.push(Counter::Categorical {
+                        categories: c.categories.iter().map(|(k, _)| *k).collect(),
+                        counts: vec![0; reference.len()],
+                        reference,
+                    });
+                }
+            }
+        }
+        w
+    }
+
+    /// Counts `value` for feature `index` (categories as their integer code).
+    /// Non-finite values and unknown features are ignored.
+    pub fn add(&mut self, index: usize, value: f64) {
+        if !value.is_finite() {
+            return;
+        }
+        match self.counters.get_mut(index) {
+            Some(Counter::Numeric { stats, counts }) => {
+                let bin = edgefleet_shared::reference::bin_of(&stats.edges, value);
+                if let Some(c) = counts.get_mut(bin) {
+                    *c += 1;
+                }
+            }
+            Some(Counter::Categorical {
+                categories, counts, ..
+            }) => {
+                let code = value.round() as i64;
+                let bin = categories.binary_search(&code).unwrap_or(categories.len());
+                if let Some(c) = counts.get_mut(bin) {
+                    *c += 1;
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Values counted for feature `index`.
+    pub fn count(&self, index: usize) -> u64 {
+        match self.counters.get(index) {
+            Some(Counter::Numeric { counts, .. } | Counter::Categorical { counts, .. }) => {
+                counts.iter().sum()
+            }
+            None => 0,
+        }
+    }
+
+    /// Starts a new window.
+    pub fn clear(&mut self) {
+        for c in &mut self.counters {
+            match c {
+                Counter::Numeric { counts, .. } | Counter::Categorical { counts, .. } => {
+                    counts.iter_mut().for_each(|x| *x = 0);
+                }
+            }
+        }
+    }
+
+    /// Each feature's drift (features with no value in the window are left out),
+    /// and whether the share of drifted features reaches the threshold.
+    pub fn scores(&self, thresholds: &Thresholds) -> (Vec<FeatureDrift>, bool) {
+        let mut out = Vec::new();
+        for (i, counter) in self.counters.iter().enumerate() {
+            let (reference, counts, test, wasserstein_normed) = match counter {
+                Counter::Numeric { stats, counts } => {
+                    let Some(test) =
+                        kolmogorov_smirnov(&stats.frequencies, self.reference_count[i], counts)
+                    else {
+                        continue;
+                    };
+                    let points = bin_points(&stats.edges, stats.min, stats.max);
+                    let w = wasserstein(&points, &stats.frequencies, counts)
+                        .filter(|_| stats.std > 0.0)
+                        .map(|w| w / stats.std);
+                    (&stats.frequencies, counts, test, w)
+                }
+                Counter::Categorical {
+                    reference, counts, ..
+                } => {
+                    let Some(test) = chi_square(reference, counts) else {
+                        continue;
+                    };
+                    (reference, counts, test, None)
+                }
+            };
+            let Some(psi) = psi(reference, counts) else {
+                continue;
+            };
+            out.push(FeatureDrift {
+                name: self.names[i].clone(),
+                count: counts.iter().sum(),
+                psi,
+                test,
+                wasserstein_normed,
+                drifted: psi >= thresholds.psi || test.p_value < thresholds.p_value,
+            });
+        }
+        let drifted = out.iter().filter(|f| f.drifted).count();
+        let dataset =
+            !out.is_empty() && drifted as f64 / out.len() as f64 >= thresholds.drifted_share;
+        (out, dataset)
+    }
+}
+
 /// Regularised upper incomplete gamma function Q(a, x) (series below a + 1,
 /// continued fraction above; Numerical Recipes 6.2).
 pub fn gamma_q(a: f64, x: f64) -> f64 {

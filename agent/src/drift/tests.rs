@@ -146,6 +146,92 @@ fn a_shift_to_one_bin_is_significant_drift() {
     assert!(chi.p_value < 0.05, "{chi:?}");
 }
 
+fn normal_like(seed: u64, n: usize, shift: f64) -> Vec<f64> {
+    // A deterministic bell-shaped sample (sum of uniforms), no RNG crate needed.
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            let mut s = 0.0;
+            for _ in 0..12 {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                s += (x >> 11) as f64 / (1u64 << 53) as f64;
+            }
+            s - 6.0 + shift
+        })
+        .collect()
+}
+
+fn reference_of(features: &[(&str, Vec<f64>)]) -> Vec<edgefleet_shared::reference::FeatureStats> {
+    features
+        .iter()
+        .map(|(name, values)| edgefleet_shared::reference::FeatureStats {
+            name: (*name).to_owned(),
+            distribution: edgefleet_shared::reference::Distribution::Numeric(
+                edgefleet_shared::reference::numeric(values, 30).expect("stats"),
+            ),
+        })
+        .collect()
+}
+
+#[test]
+fn a_window_flags_exactly_the_shifted_features() {
+    let reference = reference_of(&[
+        ("steady", normal_like(1, 5000, 0.0)),
+        ("moved", normal_like(2, 5000, 0.0)),
+        ("also_steady", normal_like(3, 5000, 0.0)),
+    ]);
+    let mut w = Window::new(&reference);
+    for (i, shift) in [(0, 0.0), (1, 1.0), (2, 0.0)] {
+        for v in normal_like(10 + i as u64, 1000, shift) {
+            w.add(i, v);
+        }
+    }
+    let (scores, dataset) = w.scores(&Thresholds::default());
+    let flagged: Vec<&str> = scores
+        .iter()
+        .filter(|f| f.drifted)
+        .map(|f| f.name.as_str())
+        .collect();
+    assert_eq!(flagged, ["moved"], "{scores:?}");
+    assert!(!dataset, "one feature of three is under the 50% share");
+    let moved = &scores[1];
+    assert!(moved.psi > 0.25 && moved.test.p_value < 1e-6, "{moved:?}");
+    assert!(moved.wasserstein_normed.expect("w") > 0.5, "{moved:?}");
+    // Memory is one counter per bin, however many values came.
+    assert_eq!(w.count(1), 1000);
+    w.clear();
+    assert_eq!(w.count(1), 0);
+    assert!(w.scores(&Thresholds::default()).0.is_empty());
+}
+
+#[test]
+fn new_categories_count_as_drift_and_odd_values_are_ignored() {
+    let reference = vec![edgefleet_shared::reference::FeatureStats {
+        name: "class".into(),
+        distribution: edgefleet_shared::reference::Distribution::Categorical(
+            edgefleet_shared::reference::categorical(&[0, 0, 1, 1, 2, 2]).expect("stats"),
+        ),
+    }];
+    let mut w = Window::new(&reference);
+    for v in [0.0, 1.0, 2.0, 0.0, 1.0, 2.0] {
+        w.add(0, v);
+    }
+    w.add(0, f64::NAN);
+    w.add(7, 1.0);
+    assert_eq!(w.count(0), 6);
+    let (scores, _) = w.scores(&Thresholds::default());
+    assert!(!scores[0].drifted, "{scores:?}");
+    for _ in 0..20 {
+        w.add(0, 9.0);
+    }
+    let (scores, dataset) = w.scores(&Thresholds::default());
+    assert!(scores[0].drifted && dataset, "{scores:?}");
+}
+
 fn distribution() -> impl Strategy<Value = (Vec<f64>, Vec<u64>)> {
     (2usize..40).prop_flat_map(|k| {
         (
