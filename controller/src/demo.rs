@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use edgefleet_devices::Profile;
 use edgefleet_devices::sim::{DeviceSpec, FaultPlan, FleetSettings, SimFleet, TlsFiles, Traffic};
-use edgefleet_shared::manifest::HealthPolicy;
 use edgefleet_shared::{ModelChannel, UnixTime};
 use serde_json::{Value, json};
 
@@ -162,22 +161,9 @@ fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Built, Built)
     let golden = write("iris_golden.json", IRIS_GOLDEN)?;
     let channel = ModelChannel::new("iris").map_err(text_err)?;
     let options = |model: &Path, version: semver::Version, release: u64| BuildOptions {
-        model: model.to_owned(),
-        channel: channel.clone(),
-        version,
-        release,
         reference: Some(reference.clone()),
         golden: Some(golden.clone()),
-        metadata: vec![],
-        now,
-        expires_in_days: 90,
-        architectures: vec![],
-        min_agent_version: semver::Version::new(0, 1, 0),
-        memory_bytes: None,
-        chunk_size: 4096,
-        health: HealthPolicy::default(),
-        signers: vec![],
-        golden_outputs_from: None,
+        ..BuildOptions::new(model.to_owned(), channel.clone(), version, release, now)
     };
     let good = Built {
         path: dir.join("iris-1.0.0.efb"),
@@ -270,11 +256,8 @@ fn story(
     println!("  API     {url}/api/v1  (OpenAPI at /api/v1/openapi.json, metrics at /metrics)");
     println!("  broker  {}", started.broker_url);
     println!("  data    {}", data.display());
-    let broker_port: u16 = started
-        .broker_url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
+    let broker_port = started
+        .broker_port()
         .ok_or_else(|| format!("broker URL {}", started.broker_url))?;
 
     step(
@@ -400,10 +383,7 @@ fn story(
     };
     let before = seqs(&api).into_iter().max().unwrap_or(0);
     device.set_network(false);
-    wait_for("the controller to see the device offline", || {
-        let v = api.get(&format!("/api/v1/devices/{}", device.id())).ok()?;
-        (v["device"]["online"] == json!(false)).then_some(())
-    })?;
+    wait_online(&api, device.id(), false)?;
     println!(
         "  {} is offline for the controller (its broker connection dropped; last telemetry seq {before})",
         device.id()
@@ -425,10 +405,7 @@ fn story(
     // Offline for a few telemetry periods: the agent spools its reports.
     std::thread::sleep(Duration::from_secs(3));
     device.set_network(true);
-    wait_for("the device to reconnect", || {
-        let v = api.get(&format!("/api/v1/devices/{}", device.id())).ok()?;
-        (v["device"]["online"] == json!(true)).then_some(())
-    })?;
+    wait_online(&api, device.id(), true)?;
     let delivered = wait_for("the spooled telemetry to arrive", || {
         let got = seqs(&api);
         let newest = got.iter().copied().max()?;
@@ -502,6 +479,15 @@ fn story(
         });
     }
     Ok(Story { ok, fleet })
+}
+
+/// Waits until the controller shows `device` online (or offline).
+fn wait_online(api: &Client, device: &str, online: bool) -> Result<(), String> {
+    let what = format!("{device} {}", if online { "online" } else { "offline" });
+    wait_for(&what, || {
+        let v = api.get(&format!("/api/v1/devices/{device}")).ok()?;
+        (v["device"]["online"] == json!(online)).then_some(())
+    })
 }
 
 fn upload(api: &Client, b: &Built) -> Result<String, String> {

@@ -364,6 +364,39 @@ pub struct BuildOptions {
     pub golden_outputs_from: Option<PathBuf>,
 }
 
+impl BuildOptions {
+    /// A build of `model` with the defaults of `edgefleet bundle build`: no
+    /// reference data or golden file (golden cases are generated), valid 90 days,
+    /// any architecture, agents from 0.1.0, 4 KiB chunks, the default health
+    /// policy, unsigned.
+    pub fn new(
+        model: PathBuf,
+        channel: ModelChannel,
+        version: semver::Version,
+        release: u64,
+        now: UnixTime,
+    ) -> BuildOptions {
+        BuildOptions {
+            model,
+            channel,
+            version,
+            release,
+            reference: None,
+            golden: None,
+            metadata: vec![],
+            now,
+            expires_in_days: 90,
+            architectures: vec![],
+            min_agent_version: semver::Version::new(0, 1, 0),
+            memory_bytes: None,
+            chunk_size: 4096,
+            health: HealthPolicy::default(),
+            signers: vec![],
+            golden_outputs_from: None,
+        }
+    }
+}
+
 /// What a build produced.
 #[derive(Debug)]
 pub struct BuildReport {

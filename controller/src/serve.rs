@@ -27,6 +27,13 @@ pub struct Started {
     pub data_dir: PathBuf,
 }
 
+impl Started {
+    /// The port devices connect to, from [`Started::broker_url`].
+    pub fn broker_port(&self) -> Option<u16> {
+        self.broker_url.rsplit(':').next()?.parse().ok()
+    }
+}
+
 /// Why the controller could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

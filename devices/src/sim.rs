@@ -359,18 +359,16 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
     let relay_port = relay.local_addr().map_err(|e| fail(e.to_string()))?.port();
     let (network, network_rx) = watch::channel(Network { up: true, epoch: 0 });
 
+    // The board's agent settings (limits, telemetry), in this device's directory.
     let mut config = AgentConfig {
-        device_id: spec.id.clone(),
         data_dir: dir.clone(),
         trust_root: spec
             .trust_root
             .clone()
             .unwrap_or_else(|| settings.trust_root.clone()),
-        ..AgentConfig::default()
+        ..spec.profile.agent_config(&spec.id)
     };
     config.broker.topic_prefix = settings.topic_prefix.clone();
-    // The board's limits (bundle size, disk reserve).
-    config.limits = spec.profile.agent_config(&spec.id).limits;
     match (&spec.tls, settings.tls) {
         (Some(tls), true) => {
             config.broker.url = format!("mqtts://localhost:{relay_port}");

@@ -16,7 +16,6 @@ use edgefleet::operator::{self, BuildOptions, KeyFile};
 use edgefleet::remote::{ApiArgs, Client, write_enrollment};
 use edgefleet_devices::Profile;
 use edgefleet_devices::sim::{DeviceSpec, FaultPlan, FleetSettings, SimFleet, TlsFiles};
-use edgefleet_shared::manifest::HealthPolicy;
 use edgefleet_shared::{ModelChannel, SecretKey, UnixTime};
 use serde_json::Value;
 
@@ -140,12 +139,7 @@ impl Harness {
             .expect("admin token")
             .trim()
             .to_owned();
-        let port: u16 = started
-            .broker_url
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("broker port");
+        let port = started.broker_port().expect("broker port");
         Harness {
             runtime,
             api: Client::new(&ApiArgs {
@@ -225,22 +219,15 @@ impl Harness {
     pub fn build(&self, b: &BundleSpec) -> PathBuf {
         let out = self.dir().join(format!("{}-{}.efb", b.model, b.version));
         let options = BuildOptions {
-            model: Path::new(MODELS).join(b.model),
-            channel: ModelChannel::new("model").expect("channel"),
-            version: b.version.clone(),
-            release: b.release,
-            reference: None,
-            golden: None,
-            metadata: vec![],
-            now: UnixTime::now(),
-            expires_in_days: 90,
-            architectures: vec![],
-            min_agent_version: semver::Version::new(0, 1, 0),
-            memory_bytes: None,
             chunk_size: b.chunk_size,
-            health: HealthPolicy::default(),
-            signers: vec![],
             golden_outputs_from: b.golden_outputs_from.map(|m| Path::new(MODELS).join(m)),
+            ..BuildOptions::new(
+                Path::new(MODELS).join(b.model),
+                ModelChannel::new("model").expect("channel"),
+                b.version.clone(),
+                b.release,
+                UnixTime::now(),
+            )
         };
         operator::build_bundle(&options, &out).expect("bundle builds");
         operator::sign_bundle(&out, std::slice::from_ref(&self.keys[b.signer])).expect("signs");

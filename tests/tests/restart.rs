@@ -158,22 +158,15 @@ fn a_controller_killed_mid_rollout_carries_on_after_a_restart() {
 
     let bundle = dir.path().join("v1.efb");
     let options = edgefleet::operator::BuildOptions {
-        model: Path::new(MODELS).join("iris_logreg.onnx"),
-        channel: edgefleet_shared::ModelChannel::new("iris").expect("channel"),
-        version: semver::Version::new(1, 0, 0),
-        release: 1,
-        reference: None,
         golden: Some(Path::new(MODELS).join("iris_golden.json")),
-        metadata: vec![],
-        now,
         expires_in_days: 30,
-        architectures: vec![],
-        min_agent_version: semver::Version::new(0, 1, 0),
-        memory_bytes: None,
-        chunk_size: 4096,
-        health: Default::default(),
-        signers: vec![],
-        golden_outputs_from: None,
+        ..edgefleet::operator::BuildOptions::new(
+            Path::new(MODELS).join("iris_logreg.onnx"),
+            edgefleet_shared::ModelChannel::new("iris").expect("channel"),
+            semver::Version::new(1, 0, 0),
+            1,
+            now,
+        )
     };
     edgefleet::operator::build_bundle(&options, &bundle).expect("build");
     edgefleet::operator::sign_bundle(&bundle, std::slice::from_ref(&key)).expect("sign");
