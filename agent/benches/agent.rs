@@ -5,6 +5,9 @@
 //!   input (target: overhead under 10% on the CNN, under 150 µs on the tabular model);
 //! - the check after the last chunk of a download (full verification + unpack, as the
 //!   agent does it) vs the signature check alone, on an 8 MB bundle;
+//! - drift tracking on the tabular model: inference with and without the window
+//!   update, and API requests with tracking on and off (target: under 5%), and the
+//!   tracker's memory;
 //! - tree ensembles: our compact evaluator vs tract's own (target: within 2x of
 //!   onnxruntime);
 //! - tract vs onnxruntime (Python, one thread) when `EDGEFLEET_ORT_PYTHON` names a
@@ -22,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use edgefleet_agent::api::{Served, serve};
 use edgefleet_agent::model::LoadedModel;
+use edgefleet_agent::store::ActiveModel;
 use edgefleet_shared::bundle::{
     ArtifactInput, ArtifactSource, ManifestDraft, manifest_bytes, prepare_manifest, write_bundle,
 };
@@ -151,18 +155,18 @@ impl Client {
     }
 }
 
-fn api_vs_direct(case: &Case, model: &LoadedModel) {
-    let direct = time_us(case.runs, || {
-        model.run(std::slice::from_ref(&case.input)).expect("runs");
-    });
-    let bundle = BundleRef {
+fn bundle_ref(case: &Case) -> BundleRef {
+    BundleRef {
         digest: Digest::of(case.file.as_bytes()),
         channel: ModelChannel::new(case.channel).expect("channel"),
         version: "1.0.0".into(),
         release: 1,
-    };
-    let served = Served::new(Some((bundle, model.clone())));
-    // The agent's own runtime shape: one thread, inference on the blocking pool.
+    }
+}
+
+/// Serves `served` on a loopback port from its own thread, in the agent's own
+/// runtime shape (one thread, inference on the blocking pool); returns a client.
+fn start_api(served: Served) -> Client {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     listener.set_nonblocking(true).expect("nonblocking");
@@ -178,9 +182,20 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
     });
     let stream = TcpStream::connect(addr).expect("connect");
     stream.set_nodelay(true).expect("nodelay");
-    let mut client = Client {
+    Client {
         stream: BufReader::new(stream),
-    };
+    }
+}
+
+fn api_vs_direct(case: &Case, model: &LoadedModel) {
+    let direct = time_us(case.runs, || {
+        model.run(std::slice::from_ref(&case.input)).expect("runs");
+    });
+    let mut client = start_api(Served::new(Some(ActiveModel {
+        bundle: bundle_ref(case),
+        model: model.clone(),
+        reference: None,
+    })));
     let body = oip_body(&case.input);
     let path = format!("/v2/models/{}/infer", case.channel);
     let api = time_us(case.runs, || {
@@ -193,6 +208,86 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
         api,
         api - direct,
         (api / direct - 1.0) * 100.0
+    );
+}
+
+/// The iris reference data shipped in models/ (header row, then numbers).
+fn iris_reference() -> (Vec<String>, Vec<Vec<f64>>) {
+    let text = std::fs::read_to_string(format!("{MODELS}/iris_reference.csv")).expect("csv");
+    let mut lines = text.lines();
+    let headers = lines
+        .next()
+        .expect("header")
+        .split(',')
+        .map(|h| h.trim().to_owned())
+        .collect();
+    let rows = lines
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            l.split(',')
+                .map(|v| v.trim().parse().expect("number"))
+                .collect()
+        })
+        .collect();
+    (headers, rows)
+}
+
+/// Drift tracking's cost on the tabular model: inference alone vs inference plus
+/// the per-request window update (as the API does it, through the lock), and the
+/// whole API request with tracking on vs off. Interleaved rounds; medians.
+fn drift_overhead(case: &Case, model: &LoadedModel) {
+    let (headers, rows) = iris_reference();
+    let reference = std::sync::Arc::new(
+        edgefleet_agent::drift::summarise(model, &headers, &rows).expect("reference"),
+    );
+    let active = |reference: Option<std::sync::Arc<_>>| ActiveModel {
+        bundle: bundle_ref(case),
+        model: model.clone(),
+        reference,
+    };
+    let tracked = Served::new(Some(active(Some(reference.clone()))));
+    let digest = bundle_ref(case).digest;
+    let input = std::slice::from_ref(&case.input);
+    let (mut plain, mut with) = (Vec::new(), Vec::new());
+    for _ in 0..7 {
+        plain.push(time_us(case.runs, || {
+            model.run(input).expect("runs");
+        }));
+        with.push(time_us(case.runs, || {
+            let out = model.run(input).expect("runs");
+            tracked.observe(&digest, input, &out);
+        }));
+    }
+    let (plain, with) = (median(plain), median(with));
+    let memory = tracked
+        .with_tracker(|t| t.memory_bytes())
+        .expect("tracking");
+    println!(
+        "  in-process   inference {plain:>7.2} µs   + drift update {with:>7.2} µs   ({:+.1}%; target < 5%)",
+        (with / plain - 1.0) * 100.0
+    );
+    let mut on = start_api(tracked);
+    let mut off = start_api(Served::new(Some(active(None))));
+    let body = oip_body(&case.input);
+    let path = format!("/v2/models/{}/infer", case.channel);
+    let (mut api_off, mut api_on) = (Vec::new(), Vec::new());
+    for _ in 0..7 {
+        api_off.push(time_us(case.runs / 3, || {
+            assert_eq!(off.post(&path, &body), 200);
+        }));
+        api_on.push(time_us(case.runs / 3, || {
+            assert_eq!(on.post(&path, &body), 200);
+        }));
+    }
+    let (api_off, api_on) = (median(api_off), median(api_on));
+    println!(
+        "  local API    drift off {api_off:>7.1} µs   drift on {api_on:>7.1} µs   ({:+.1}%)",
+        (api_on / api_off - 1.0) * 100.0
+    );
+    println!(
+        "  tracker memory {memory} bytes ({} features, {} outputs; fixed by the reference)",
+        reference.features.len(),
+        reference.outputs.len()
     );
 }
 
@@ -472,6 +567,11 @@ fn main() {
     for (case, model) in cases.iter().zip(&models) {
         api_vs_direct(case, model);
     }
+    println!(
+        "drift tracking on {}, median of 7 interleaved rounds:",
+        cases[0].file
+    );
+    drift_overhead(&cases[0], &models[0]);
     println!("tract vs onnxruntime, same model and input, median:");
     for (case, model) in cases.iter().zip(&models) {
         let tract = time_us(case.runs, || {

@@ -6,7 +6,7 @@
 //! runtime.
 
 use std::future::Future;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -14,29 +14,51 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use edgefleet_shared::golden::Tensor;
 use edgefleet_shared::manifest::Dim;
 use edgefleet_shared::protocol::BundleRef;
+use edgefleet_shared::{Digest, UnixTime};
 use serde_json::json;
 
+use crate::drift::tracker::{DriftStatus, Tracker, WindowSettings};
 use crate::metrics::ModelStats;
 use crate::model::LoadedModel;
 use crate::oip::{InferRequest, InferResponse, MAX_REQUEST_LEN, from_tensor, to_tensor};
+use crate::store::ActiveModel;
 
 /// The model being served, if any, swappable while the server runs (after an
-/// install, activate or revert), with its counters.
+/// install, activate or revert), with its counters and its drift tracker.
 #[derive(Debug, Clone, Default)]
 pub struct Served {
     active: Arc<RwLock<Option<(BundleRef, LoadedModel)>>>,
     stats: Arc<ModelStats>,
+    drift: Arc<Mutex<Option<Tracker>>>,
+    /// Window sizes; `None` turns drift tracking off.
+    drift_settings: Option<WindowSettings>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Served {
-    /// Serving `active` (or nothing).
-    pub fn new(active: Option<(BundleRef, LoadedModel)>) -> Served {
-        Served {
-            active: Arc::new(RwLock::new(active)),
-            stats: Arc::new(ModelStats::default()),
-        }
+    /// Serving `active` (or nothing), with drift tracking at the default
+    /// window sizes.
+    pub fn new(active: Option<ActiveModel>) -> Served {
+        Served::with_drift(
+            active,
+            Some(WindowSettings::from(&crate::config::DriftConfig::default())),
+        )
+    }
+
+    /// Serving `active`, tracking drift with `settings` (`None`: off).
+    pub fn with_drift(active: Option<ActiveModel>, settings: Option<WindowSettings>) -> Served {
+        let served = Served {
+            drift_settings: settings,
+            ..Served::default()
+        };
+        served.replace(active);
+        served
     }
 
     /// The model now (a cheap clone: the plan is shared).
@@ -53,10 +75,21 @@ impl Served {
     }
 
     /// Serves another model from the next request on; in-flight requests finish
-    /// on the old one. Counters restart when the bundle changes.
-    pub fn replace(&self, next: Option<(BundleRef, LoadedModel)>) {
-        let changed = self.bundle().map(|b| b.digest) != next.as_ref().map(|(b, _)| b.digest);
-        *self.active.write().unwrap_or_else(|p| p.into_inner()) = next;
+    /// on the old one. Counters and the drift window restart when the bundle
+    /// changes.
+    pub fn replace(&self, next: Option<ActiveModel>) {
+        let changed = self.bundle().map(|b| b.digest) != next.as_ref().map(|a| a.bundle.digest);
+        if changed {
+            *lock(&self.drift) = next.as_ref().and_then(|a| {
+                let reference = a.reference.as_ref()?;
+                Some(Tracker::new(
+                    a.bundle.digest,
+                    reference,
+                    self.drift_settings?,
+                ))
+            });
+        }
+        *self.active.write().unwrap_or_else(|p| p.into_inner()) = next.map(|a| (a.bundle, a.model));
         if changed {
             self.stats.reset();
         }
@@ -66,6 +99,52 @@ impl Served {
     pub fn stats(&self) -> &ModelStats {
         &self.stats
     }
+
+    /// Feeds one answered request of `bundle` to the drift window (ignored when
+    /// the tracker belongs to another bundle: a swap raced the request).
+    pub fn observe(&self, bundle: &Digest, inputs: &[Tensor], outputs: &[Tensor]) {
+        if let Some(t) = lock(&self.drift).as_mut()
+            && t.digest() == *bundle
+        {
+            t.observe(inputs, outputs, UnixTime::now());
+        }
+    }
+
+    /// The periodic drift step (at each telemetry tick): closes a window that
+    /// is old enough, and returns the status for `status --json`, the report
+    /// for telemetry, and an alert if the drifted features changed.
+    pub fn drift_checkpoint(&self, now: UnixTime) -> Option<DriftCheckpoint> {
+        self.with_tracker(|t| {
+            t.tick(now);
+            DriftCheckpoint {
+                status: t.status(now),
+                report: t.report(),
+                alert: t.alert(),
+            }
+        })
+    }
+
+    /// Runs `f` on the drift tracker, if the served bundle has one.
+    pub fn with_tracker<R>(&self, f: impl FnOnce(&mut Tracker) -> R) -> Option<R> {
+        lock(&self.drift).as_mut().map(f)
+    }
+}
+
+/// What [`Served::drift_checkpoint`] returns.
+#[derive(Debug, Clone)]
+pub struct DriftCheckpoint {
+    /// For `drift.json` (see `status --json`).
+    pub status: DriftStatus,
+    /// For telemetry: the latest window with enough rows.
+    pub report: Option<edgefleet_shared::protocol::DriftReport>,
+    /// A drift event to send.
+    pub alert: Option<edgefleet_shared::protocol::EventKind>,
+}
+
+/// Writes the drift status to `drift.json` in `dir` (temp file, fsync, rename).
+pub fn save_drift_status(dir: &std::path::Path, status: &DriftStatus) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
+    crate::store::write_atomic(&dir.join(crate::drift::tracker::STATUS_FILE), &bytes)
 }
 
 type Shared = Served;
@@ -157,11 +236,18 @@ async fn infer(
             return error(StatusCode::BAD_REQUEST, e);
         }
     };
+    let tracked = s.clone();
     let result = tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        model
+        let result = model
             .run(&inputs)
-            .map(|out| (bundle, out, started.elapsed()))
+            .map(|out| (bundle, out, started.elapsed()));
+        // Counted after the answer is computed (not in its latency), before it
+        // is sent: a few counter increments per row (docs/benchmarks.md).
+        if let Ok((bundle, out, _)) = &result {
+            tracked.observe(&bundle.digest, &inputs, out);
+        }
+        result
     })
     .await;
     match &result {

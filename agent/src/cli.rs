@@ -8,6 +8,7 @@ use edgefleet_shared::bundle::DeviceFacts;
 use edgefleet_shared::protocol::InstallMode;
 use edgefleet_shared::{Arch, Digest, SignedTrustRoot, UnixTime};
 
+use crate::drift::tracker::DriftStatus;
 use crate::oip::{InferRequest, InferResponse, MAX_REQUEST_LEN, from_tensor, to_tensor};
 use crate::slots::SlotEvent;
 use crate::store::{self, Store};
@@ -167,6 +168,49 @@ fn print_state(state: &crate::slots::SlotsState) {
     }
 }
 
+/// The drift status the running agent last wrote, when it is about the active
+/// bundle (a stale file from a previous bundle is not shown).
+fn drift_status(store: &Store, state: &crate::slots::SlotsState) -> Option<DriftStatus> {
+    let path = store.dir().join(crate::drift::tracker::STATUS_FILE);
+    let meta = std::fs::metadata(&path).ok()?;
+    if meta.len() > 4 << 20 {
+        return None;
+    }
+    let status: DriftStatus = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+    (Some(status.digest) == state.active_entry().map(|e| e.bundle.digest)).then_some(status)
+}
+
+fn print_drift(status: &Option<DriftStatus>) {
+    let Some(s) = status else {
+        println!(
+            "drift     not tracked (no reference statistics in the bundle, or the agent has not run yet)"
+        );
+        return;
+    };
+    let show = |label: &str, r: &edgefleet_shared::protocol::DriftReport| {
+        println!(
+            "drift     {label} window {}: {} rows, {:.0}% of inputs drifted{}",
+            r.window,
+            r.rows,
+            r.drifted_share * 100.0,
+            if r.drifted { " -> DRIFTED" } else { "" }
+        );
+        for f in r.inputs.iter().chain(&r.outputs) {
+            println!(
+                "          {:<24} psi {:>7.3}  p {:>8.2e}{}",
+                f.feature,
+                f.psi,
+                f.p_value,
+                if f.drifted { "  over threshold" } else { "" }
+            );
+        }
+    };
+    show("current", &s.current);
+    if let Some(last) = &s.last_closed {
+        show("last", last);
+    }
+}
+
 /// Runs one command; returns the exit code.
 pub fn run(cli: Cli) -> Result<i32, CliError> {
     use crate::config::{AgentConfig, DEFAULT_PATH};
@@ -245,11 +289,13 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
                         "slots": state.slot_states(),
                         "releases": state.releases,
                         "last_install": state.last_install,
+                        "drift": drift_status(&store, &state),
                     }))
                     .unwrap_or_default()
                 );
             } else {
                 print_state(&state);
+                print_drift(&drift_status(&store, &state));
             }
             Ok(0)
         }
@@ -288,7 +334,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             }
             let request: InferRequest = serde_json::from_slice(&body)
                 .map_err(|e| CliError::Request(format!("request is not OIP v2 JSON: {e}")))?;
-            let Some((bundle, model)) = store::load_active(&store)? else {
+            let Some(store::ActiveModel { bundle, model, .. }) = store::load_active(&store)? else {
                 return Err(CliError::Request(
                     "no model is installed; run `edgefleet-agent install BUNDLE` first".into(),
                 ));
@@ -414,13 +460,19 @@ fn serve(
             .local_addr()
             .map_err(|e| CliError::Request(e.to_string()))?;
         match &active {
-            Some((b, _)) => println!(
+            Some(a) => println!(
                 "serving {} {} (release {})",
-                b.channel, b.version, b.release
+                a.bundle.channel, a.bundle.version, a.bundle.release
             ),
             None => println!("no model installed: /v2/health/ready answers 503 until one is"),
         }
-        let served = crate::api::Served::new(active);
+        let served = crate::api::Served::with_drift(
+            active,
+            config
+                .drift
+                .enabled
+                .then(|| crate::drift::tracker::WindowSettings::from(&config.drift)),
+        );
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut heartbeat = None;
         // The controller link: without it (bad TLS files, no trust root) the agent
@@ -457,6 +509,25 @@ fn serve(
                 None
             }
         };
+        if daemon.is_none() {
+            // No controller link: drift is still tracked and shown by `status`.
+            let served = served.clone();
+            let dir = store.dir().to_owned();
+            let every = std::time::Duration::from_secs(u64::from(config.telemetry.interval_s));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    if let Some(c) = served.drift_checkpoint(UnixTime::now()) {
+                        let dir = dir.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            crate::api::save_drift_status(&dir, &c.status)
+                        })
+                        .await;
+                    }
+                }
+            });
+        }
         // Readiness line: scripts and tests wait for it.
         println!("local API listening on http://{addr}");
         use std::io::Write as _;

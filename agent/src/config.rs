@@ -79,6 +79,32 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Drift tracking over served requests (see `docs/drift.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DriftConfig {
+    /// Track drift when the active bundle carries reference statistics.
+    pub enabled: bool,
+    /// A window closes after this many rows (100..=1_000_000).
+    pub window_rows: u64,
+    /// ... or after this many seconds, if it has `min_rows` (60..=604800).
+    pub window_max_s: u64,
+    /// Fewest rows before a window is judged (PSI over 30 bins is biased
+    /// upward by about 29 / rows; 200 keeps that under 0.15).
+    pub min_rows: u64,
+}
+
+impl Default for DriftConfig {
+    fn default() -> Self {
+        DriftConfig {
+            enabled: true,
+            window_rows: 1000,
+            window_max_s: 3600,
+            min_rows: 200,
+        }
+    }
+}
+
 /// The whole agent configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -97,6 +123,8 @@ pub struct AgentConfig {
     pub telemetry: TelemetryConfig,
     /// Limits.
     pub limits: LimitsConfig,
+    /// Drift tracking.
+    pub drift: DriftConfig,
 }
 
 impl Default for AgentConfig {
@@ -109,6 +137,7 @@ impl Default for AgentConfig {
             broker: BrokerConfig::default(),
             telemetry: TelemetryConfig::default(),
             limits: LimitsConfig::default(),
+            drift: DriftConfig::default(),
         }
     }
 }
@@ -230,6 +259,24 @@ impl AgentConfig {
                 "must be between 1 and 86400".into(),
             ));
         }
+        if !(100..=1_000_000).contains(&self.drift.window_rows) {
+            return Err(invalid(
+                "drift.window_rows",
+                "must be between 100 and 1000000".into(),
+            ));
+        }
+        if !(60..=604_800).contains(&self.drift.window_max_s) {
+            return Err(invalid(
+                "drift.window_max_s",
+                "must be between 60 and 604800".into(),
+            ));
+        }
+        if self.drift.min_rows == 0 || self.drift.min_rows > self.drift.window_rows {
+            return Err(invalid(
+                "drift.min_rows",
+                "must be at least 1 and at most drift.window_rows".into(),
+            ));
+        }
         if self.limits.max_bundle_bytes < 4096 {
             return Err(invalid(
                 "limits.max_bundle_bytes",
@@ -249,7 +296,9 @@ impl AgentConfig {
              # api_listen: local OIP v2 inference API, loopback only.\n\
              # broker.url: mqtts://host:port with broker.ca/cert/key (mutual TLS), or\n\
              #   mqtt://host:port for development. telemetry.interval_s: 1..86400.\n\
-             # limits: largest bundle accepted, free disk an install must leave (bytes).\n\n{body}"
+             # limits: largest bundle accepted, free disk an install must leave (bytes).\n\
+             # drift: windows of served rows compared with the bundle's reference; a window\n\
+             #   closes at window_rows rows, or after window_max_s with at least min_rows.\n\n{body}"
         )
     }
 }
@@ -280,6 +329,8 @@ mod tests {
             ("[broker]\nurl = \"mqtts://x\"", "broker.url"),
             ("[telemetry]\ninterval_s = 0", "telemetry.interval_s"),
             ("[broker]\ntopic_prefix = \"a/#\"", "broker.topic_prefix"),
+            ("[drift]\nwindow_rows = 5", "drift.window_rows"),
+            ("[drift]\nmin_rows = 5000", "drift.min_rows"),
         ] {
             let err = check(text).expect_err(text).to_string();
             assert!(err.contains(&format!("`{field}`")), "{text}: {err}");

@@ -966,6 +966,23 @@ impl Daemon {
     }
 
     fn report_telemetry(&mut self) {
+        let checkpoint = self.served.drift_checkpoint(self.now());
+        let drift = match checkpoint {
+            Some(c) => {
+                if let Some(alert) = c.alert {
+                    self.emit(None, alert);
+                }
+                let dir = self.store.dir().to_owned();
+                let status = c.status;
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = crate::api::save_drift_status(&dir, &status) {
+                        tracing::warn!("cannot write the drift status: {e}");
+                    }
+                });
+                c.report
+            }
+            None => None,
+        };
         let snapshot = self.served.stats().snapshot();
         let model = self.served.bundle().map(|b| ModelMetrics {
             digest: b.digest,
@@ -990,7 +1007,7 @@ impl Daemon {
                 device_metrics,
                 agent,
                 model,
-                drift: Vec::new(),
+                drift,
             })
         });
         match pushed {

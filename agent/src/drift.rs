@@ -1,4 +1,4 @@
-//! Drift statistics, the pure core (issue 7 groundwork): how far a window of live
+//! Drift statistics, the pure core: how far a window of live
 //! inputs or outputs has moved from the bundle's reference statistics
 //! (`edgefleet_shared::reference`). No I/O, no clock: distributions in, numbers out.
 //!
@@ -7,6 +7,15 @@
 //! shares (summing to 1) and the current window as counts over the same bins.
 //! Cross-checked against scipy on generated cases (`models/drift_cases.json`,
 //! written by `models/drift_reference.py`).
+
+use edgefleet_shared::golden::{Tensor, TensorData};
+use edgefleet_shared::manifest::{Dim, ElementType};
+use edgefleet_shared::protocol::{DriftScore, DriftTest};
+use edgefleet_shared::reference::{self, Distribution, FeatureStats, ReferenceStats};
+
+use crate::model::LoadedModel;
+
+pub mod tracker;
 
 /// Share given to an empty bin in PSI, so its logarithm stays finite (the value
 /// Evidently uses).
@@ -193,43 +202,7 @@ pub fn wasserstein(points: &[f64], reference: &[f64], current: &[u64]) -> Option
     Some(w)
 }
 
-/// When a feature counts as drifted (defaults and their sources in docs/drift.md).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Thresholds {
-    /// PSI at or above this is drift (0.25: the "significant" rule of thumb).
-    pub psi: f64,
-    /// A KS or chi-square p-value below this is drift.
-    pub p_value: f64,
-    /// Share of drifted input features at which the whole window counts as drifted.
-    pub drifted_share: f64,
-}
-
-impl Default for Thresholds {
-    fn default() -> Self {
-        Thresholds {
-            psi: 0.25,
-            p_value: 0.05,
-            drifted_share: 0.5,
-        }
-    }
-}
-
-/// One feature's drift in a window.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FeatureDrift {
-    /// Feature name.
-    pub name: String,
-    /// Values in the window.
-    pub count: u64,
-    /// PSI.
-    pub psi: f64,
-    /// KS (numeric) or chi-square (categorical).
-    pub test: TestResult,
-    /// Wasserstein-1 over the reference's standard deviation (numeric only).
-    pub wasserstein_normed: Option<f64>,
-    /// Whether PSI or the test crossed its threshold.
-    pub drifted: bool,
-}
+pub use edgefleet_shared::reference::Thresholds;
 
 #[derive(Debug, Clone)]
 enum Counter {
@@ -252,16 +225,29 @@ pub struct Window {
     names: Vec<String>,
     counters: Vec<Counter>,
     reference_count: Vec<u64>,
+    /// Outputs also get the Jensen-Shannon distance.
+    outputs: bool,
 }
 
 impl Window {
-    /// An empty window over `features` (the reference's inputs or outputs).
+    /// An empty window over input `features` (the reference's inputs).
     pub fn new(features: &[edgefleet_shared::reference::FeatureStats]) -> Window {
+        Window::build(features, false)
+    }
+
+    /// An empty window over the reference's outputs (scores also carry the
+    /// Jensen-Shannon distance).
+    pub fn for_outputs(features: &[edgefleet_shared::reference::FeatureStats]) -> Window {
+        Window::build(features, true)
+    }
+
+    fn build(features: &[edgefleet_shared::reference::FeatureStats], outputs: bool) -> Window {
         use edgefleet_shared::reference::Distribution;
         let mut w = Window {
             names: Vec::new(),
             counters: Vec::new(),
             reference_count: Vec::new(),
+            outputs,
         };
         for f in features {
             w.names.push(f.name.clone());
@@ -335,12 +321,31 @@ impl Window {
         }
     }
 
+    /// Bytes held by the counters and the reference copy (fixed at creation).
+    pub fn memory_bytes(&self) -> usize {
+        let mut n = std::mem::size_of::<Window>();
+        for (name, c) in self.names.iter().zip(&self.counters) {
+            n += name.len() + std::mem::size_of::<Counter>() + 8;
+            n += match c {
+                Counter::Numeric { stats, counts } => {
+                    (stats.edges.len() + stats.frequencies.len() + counts.len()) * 8
+                }
+                Counter::Categorical {
+                    categories,
+                    reference,
+                    counts,
+                } => (categories.len() + reference.len() + counts.len()) * 8,
+            };
+        }
+        n
+    }
+
     /// Each feature's drift (features with no value in the window are left out),
     /// and whether the share of drifted features reaches the threshold.
-    pub fn scores(&self, thresholds: &Thresholds) -> (Vec<FeatureDrift>, bool) {
+    pub fn scores(&self, thresholds: &Thresholds) -> (Vec<DriftScore>, bool) {
         let mut out = Vec::new();
         for (i, counter) in self.counters.iter().enumerate() {
-            let (reference, counts, test, wasserstein_normed) = match counter {
+            let (reference, counts, kind, test, wasserstein_normed) = match counter {
                 Counter::Numeric { stats, counts } => {
                     let Some(test) =
                         kolmogorov_smirnov(&stats.frequencies, self.reference_count[i], counts)
@@ -351,7 +356,13 @@ impl Window {
                     let w = wasserstein(&points, &stats.frequencies, counts)
                         .filter(|_| stats.std > 0.0)
                         .map(|w| w / stats.std);
-                    (&stats.frequencies, counts, test, w)
+                    (
+                        &stats.frequencies,
+                        counts,
+                        DriftTest::KolmogorovSmirnov,
+                        test,
+                        w,
+                    )
                 }
                 Counter::Categorical {
                     reference, counts, ..
@@ -359,18 +370,25 @@ impl Window {
                     let Some(test) = chi_square(reference, counts) else {
                         continue;
                     };
-                    (reference, counts, test, None)
+                    (reference, counts, DriftTest::ChiSquare, test, None)
                 }
             };
             let Some(psi) = psi(reference, counts) else {
                 continue;
             };
-            out.push(FeatureDrift {
-                name: self.names[i].clone(),
+            out.push(DriftScore {
+                feature: self.names[i].clone(),
                 count: counts.iter().sum(),
                 psi,
-                test,
-                wasserstein_normed,
+                test: kind,
+                statistic: test.statistic,
+                p_value: test.p_value,
+                wasserstein: wasserstein_normed,
+                jensen_shannon: if self.outputs {
+                    jensen_shannon(reference, counts)
+                } else {
+                    None
+                },
                 drifted: psi >= thresholds.psi || test.p_value < thresholds.p_value,
             });
         }
@@ -379,6 +397,129 @@ impl Window {
             !out.is_empty() && drifted as f64 / out.len() as f64 >= thresholds.drifted_share;
         (out, dataset)
     }
+}
+
+/// Reference statistics of `rows` (one value per column of `headers`) for a
+/// model with one float input `[N, columns]`: quantile bins per input column,
+/// and for the outputs, by running the model over the rows 512 at a time,
+/// category shares (integer outputs) or quantile bins (per column of float
+/// outputs, named `out[k]`). The error says what does not fit.
+pub fn summarise(
+    model: &LoadedModel,
+    headers: &[String],
+    rows: &[Vec<f64>],
+) -> Result<ReferenceStats, String> {
+    if rows.is_empty() || rows.iter().any(|r| r.len() != headers.len()) {
+        return Err(format!(
+            "needs at least one row of {} values (one per column)",
+            headers.len()
+        ));
+    }
+    let schema = model.schema();
+    let fits = schema.inputs.len() == 1
+        && schema.inputs[0].shape.len() == 2
+        && matches!(schema.inputs[0].dtype, ElementType::F32 | ElementType::F64)
+        && match &schema.inputs[0].shape[1] {
+            Dim::Fixed(n) => *n as usize == headers.len(),
+            Dim::Symbol(_) => true,
+        };
+    if !fits {
+        let spec = &schema.inputs[0];
+        return Err(format!(
+            "has {} columns; --reference needs a model with one float input of shape [N, {}], this model's first input `{}` is {} {}",
+            headers.len(),
+            headers.len(),
+            spec.name,
+            spec.dtype,
+            spec.shape_text()
+        ));
+    }
+    let mut features = Vec::new();
+    for (j, name) in headers.iter().enumerate() {
+        let column: Vec<f64> = rows.iter().map(|r| r[j]).collect();
+        let stats = reference::numeric(&column, reference::DEFAULT_BINS)
+            .ok_or_else(|| format!("column `{name}` has no finite values"))?;
+        features.push(FeatureStats {
+            name: name.clone(),
+            distribution: Distribution::Numeric(stats),
+        });
+    }
+    // Outputs: run the model over the reference data, 512 rows at a time.
+    let spec = &schema.inputs[0];
+    let mut per_output: Vec<(Vec<f64>, Vec<i64>, u64)> =
+        schema.outputs.iter().map(|_| (vec![], vec![], 1)).collect();
+    let mut usable = vec![true; schema.outputs.len()];
+    for batch in rows.chunks(512) {
+        let flat: Vec<f64> = batch.concat();
+        let data = match spec.dtype {
+            ElementType::F64 => TensorData::F64(flat),
+            _ => TensorData::F32(flat.iter().map(|v| *v as f32).collect()),
+        };
+        let input = Tensor {
+            name: spec.name.clone(),
+            shape: vec![batch.len() as u64, headers.len() as u64],
+            data,
+        };
+        let outputs = model
+            .run(&[input])
+            .map_err(|e| format!("the model fails on the reference data: {e}"))?;
+        for (k, out) in outputs.iter().enumerate() {
+            let width = match out.shape.as_slice() {
+                [n] if *n as usize == batch.len() => 1,
+                [n, w] if *n as usize == batch.len() => *w,
+                _ => {
+                    usable[k] = false;
+                    continue;
+                }
+            };
+            per_output[k].2 = width;
+            match &out.data {
+                TensorData::I64(v) => per_output[k].1.extend(v),
+                TensorData::I32(v) => per_output[k].1.extend(v.iter().map(|x| i64::from(*x))),
+                other => per_output[k].0.extend(other.to_f64()),
+            }
+        }
+    }
+    let mut outputs = Vec::new();
+    for (k, (floats, ints, width)) in per_output.into_iter().enumerate() {
+        if !usable[k] {
+            continue;
+        }
+        let out_name = &schema.outputs[k].name;
+        for col in 0..width as usize {
+            let name = if width == 1 {
+                out_name.clone()
+            } else {
+                format!("{out_name}[{col}]")
+            };
+            let distribution = if !ints.is_empty() {
+                let column: Vec<i64> = ints
+                    .iter()
+                    .skip(col)
+                    .step_by(width as usize)
+                    .copied()
+                    .collect();
+                reference::categorical(&column).map(Distribution::Categorical)
+            } else {
+                let column: Vec<f64> = floats
+                    .iter()
+                    .skip(col)
+                    .step_by(width as usize)
+                    .copied()
+                    .collect();
+                reference::numeric(&column, reference::DEFAULT_BINS).map(Distribution::Numeric)
+            };
+            if let Some(distribution) = distribution {
+                outputs.push(FeatureStats { name, distribution });
+            }
+        }
+    }
+    Ok(ReferenceStats {
+        rows: rows.len() as u64,
+        features,
+        outputs,
+        thresholds: None,
+    })
 }
 
 /// Regularised upper incomplete gamma function Q(a, x) (series below a + 1,

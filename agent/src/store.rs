@@ -498,8 +498,21 @@ pub fn change_slots(store: &Store, event: SlotEvent) -> Result<SlotsState, Insta
     Ok(next)
 }
 
-/// Loads the active model, if any, with its manifest.
-pub fn load_active(store: &Store) -> Result<Option<(BundleRef, LoadedModel)>, InstallError> {
+/// The active bundle, loaded: what the local API serves.
+#[derive(Debug, Clone)]
+pub struct ActiveModel {
+    /// The bundle.
+    pub bundle: BundleRef,
+    /// Its model, ready to run.
+    pub model: LoadedModel,
+    /// Its reference statistics for drift, when it carries them.
+    pub reference: Option<std::sync::Arc<edgefleet_shared::reference::ReferenceStats>>,
+}
+
+/// Loads the active model, if any, with its reference statistics. A reference
+/// that does not decode (it was verified at install, so this means a damaged
+/// disk) is logged and drift is off for the bundle; the model still serves.
+pub fn load_active(store: &Store) -> Result<Option<ActiveModel>, InstallError> {
     let state = store.load()?;
     let Some(entry) = state.active_entry() else {
         return Ok(None);
@@ -518,5 +531,26 @@ pub fn load_active(store: &Store) -> Result<Option<(BundleRef, LoadedModel)>, In
     let path = dir.join(name);
     let bytes =
         fs::read(&path).map_err(|source| InstallError::Store(StoreError::Io { path, source }))?;
-    Ok(Some((entry.bundle.clone(), LoadedModel::load(&bytes)?)))
+    let model = LoadedModel::load(&bytes)?;
+    let reference = manifest
+        .artifact(edgefleet_shared::manifest::ArtifactKind::Reference)
+        .and_then(|a| {
+            let path = dir.join(a.name.as_str());
+            let decoded = fs::read(&path).map_err(|e| e.to_string()).and_then(|b| {
+                edgefleet_shared::reference::ReferenceStats::from_bytes(&b)
+                    .map_err(|e| e.to_string())
+            });
+            match decoded {
+                Ok(r) => Some(std::sync::Arc::new(r)),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), "drift off for this bundle: {e}");
+                    None
+                }
+            }
+        });
+    Ok(Some(ActiveModel {
+        bundle: entry.bundle.clone(),
+        model,
+        reference,
+    }))
 }

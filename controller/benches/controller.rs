@@ -54,7 +54,7 @@ fn sample_of(device: &str, seq: u64) -> Telemetry {
             latency_bounds_us: edgefleet_agent::metrics::LATENCY_BOUNDS_US.to_vec(),
             latency_counts: vec![seq; 17],
         }),
-        drift: Vec::new(),
+        drift: None,
     }
 }
 

@@ -192,6 +192,15 @@ pub struct BuildArgs {
     /// Reference data (CSV with a header row) for drift statistics.
     #[arg(long)]
     pub reference: Option<PathBuf>,
+    /// Drift: PSI at or above this flags a feature (with --reference).
+    #[arg(long, default_value_t = edgefleet_shared::reference::Thresholds::default().psi)]
+    pub drift_psi: f64,
+    /// Drift: a KS or chi-square p-value below this flags a feature.
+    #[arg(long, default_value_t = edgefleet_shared::reference::Thresholds::default().p_value)]
+    pub drift_p_value: f64,
+    /// Drift: share of drifted input features that flags the whole window.
+    #[arg(long, default_value_t = edgefleet_shared::reference::Thresholds::default().drifted_share)]
+    pub drift_share: f64,
     /// Golden cases (JSON): inputs, and optionally expected outputs.
     #[arg(long)]
     pub golden: Option<PathBuf>,
@@ -524,6 +533,11 @@ fn bundle(cmd: BundleCommand, now: UnixTime) -> Result<i32, CliError> {
                 version: args.version,
                 release: args.release,
                 reference: args.reference,
+                drift_thresholds: edgefleet_shared::reference::Thresholds {
+                    psi: args.drift_psi,
+                    p_value: args.drift_p_value,
+                    drifted_share: args.drift_share,
+                },
                 golden: args.golden,
                 metadata: args.metadata,
                 now,

@@ -18,7 +18,7 @@ use edgefleet_shared::keys::KeyError;
 use edgefleet_shared::manifest::{
     ArtifactKind, Constraints, Dim, ElementType, HealthPolicy, Manifest, TensorSpec,
 };
-use edgefleet_shared::reference::{self, Distribution, FeatureStats, ReferenceStats};
+use edgefleet_shared::reference::ReferenceStats;
 use edgefleet_shared::trust::TrustError;
 use edgefleet_shared::{
     Arch, ArtifactName, Limits, ModelChannel, Policy, PublicKey, RawHeader, SecretKey,
@@ -337,6 +337,8 @@ pub struct BuildOptions {
     pub release: u64,
     /// Reference data (CSV with a header row).
     pub reference: Option<PathBuf>,
+    /// Drift thresholds carried with the reference statistics.
+    pub drift_thresholds: edgefleet_shared::reference::Thresholds,
     /// Golden cases (JSON).
     pub golden: Option<PathBuf>,
     /// Extra metadata files (pre/post-processing notes, label maps), opaque to the
@@ -382,6 +384,7 @@ impl BuildOptions {
             version,
             release,
             reference: None,
+            drift_thresholds: Default::default(),
             golden: None,
             metadata: vec![],
             now,
@@ -689,124 +692,16 @@ fn read_reference_csv(path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>), Opera
 }
 
 /// Computes reference statistics for the inputs, and for the outputs by running
-/// the model over the rows in batches.
+/// the model over the rows (`edgefleet_agent::drift::summarise`).
 fn reference_stats(
     path: &Path,
     model: &LoadedModel,
 ) -> Result<(ReferenceStats, Vec<f64>), OperatorError> {
     let (headers, rows) = read_reference_csv(path)?;
     let what = path.display().to_string();
-    let schema = model.schema();
-    let fits = schema.inputs.len() == 1
-        && schema.inputs[0].shape.len() == 2
-        && matches!(schema.inputs[0].dtype, ElementType::F32 | ElementType::F64)
-        && match &schema.inputs[0].shape[1] {
-            Dim::Fixed(n) => *n as usize == headers.len(),
-            Dim::Symbol(_) => true,
-        };
-    if !fits {
-        let spec = &schema.inputs[0];
-        return Err(input_err(
-            &what,
-            format!(
-                "has {} columns; --reference needs a model with one float input of shape [N, {}], this model's first input `{}` is {} {}",
-                headers.len(),
-                headers.len(),
-                spec.name,
-                spec.dtype,
-                spec.shape_text()
-            ),
-        ));
-    }
-    let mut features = Vec::new();
-    for (j, name) in headers.iter().enumerate() {
-        let column: Vec<f64> = rows.iter().map(|r| r[j]).collect();
-        let stats = reference::numeric(&column, reference::DEFAULT_BINS)
-            .ok_or_else(|| input_err(&what, format!("column `{name}` has no finite values")))?;
-        features.push(FeatureStats {
-            name: name.clone(),
-            distribution: Distribution::Numeric(stats),
-        });
-    }
-    // Outputs: run the model over the reference data, 512 rows at a time.
-    let spec = &schema.inputs[0];
-    let mut per_output: Vec<(Vec<f64>, Vec<i64>, u64)> =
-        schema.outputs.iter().map(|_| (vec![], vec![], 1)).collect();
-    let mut usable = vec![true; schema.outputs.len()];
-    for batch in rows.chunks(512) {
-        let flat: Vec<f64> = batch.concat();
-        let data = match spec.dtype {
-            ElementType::F64 => TensorData::F64(flat),
-            _ => TensorData::F32(flat.iter().map(|v| *v as f32).collect()),
-        };
-        let input = Tensor {
-            name: spec.name.clone(),
-            shape: vec![batch.len() as u64, headers.len() as u64],
-            data,
-        };
-        let outputs = model
-            .run(&[input])
-            .map_err(|e| input_err(&what, format!("the model fails on the reference data: {e}")))?;
-        for (k, out) in outputs.iter().enumerate() {
-            let width = match out.shape.as_slice() {
-                [n] if *n as usize == batch.len() => 1,
-                [n, w] if *n as usize == batch.len() => *w,
-                _ => {
-                    usable[k] = false;
-                    continue;
-                }
-            };
-            per_output[k].2 = width;
-            match &out.data {
-                TensorData::I64(v) => per_output[k].1.extend(v),
-                TensorData::I32(v) => per_output[k].1.extend(v.iter().map(|x| i64::from(*x))),
-                other => per_output[k].0.extend(other.to_f64()),
-            }
-        }
-    }
-    let mut outputs = Vec::new();
-    for (k, (floats, ints, width)) in per_output.into_iter().enumerate() {
-        if !usable[k] {
-            continue;
-        }
-        let out_name = &schema.outputs[k].name;
-        for col in 0..width as usize {
-            let name = if width == 1 {
-                out_name.clone()
-            } else {
-                format!("{out_name}[{col}]")
-            };
-            let distribution = if !ints.is_empty() {
-                let column: Vec<i64> = ints
-                    .iter()
-                    .skip(col)
-                    .step_by(width as usize)
-                    .copied()
-                    .collect();
-                reference::categorical(&column).map(Distribution::Categorical)
-            } else {
-                let column: Vec<f64> = floats
-                    .iter()
-                    .skip(col)
-                    .step_by(width as usize)
-                    .copied()
-                    .collect();
-                reference::numeric(&column, reference::DEFAULT_BINS).map(Distribution::Numeric)
-            };
-            if let Some(distribution) = distribution {
-                outputs.push(FeatureStats { name, distribution });
-            }
-        }
-    }
-    let first_row = rows[0].clone();
-    Ok((
-        ReferenceStats {
-            rows: rows.len() as u64,
-            features,
-            outputs,
-        },
-        first_row,
-    ))
+    let stats = edgefleet_agent::drift::summarise(model, &headers, &rows)
+        .map_err(|e| input_err(&what, e))?;
+    Ok((stats, rows[0].clone()))
 }
 
 fn artifact(name: &str, kind: ArtifactKind, source: ArtifactSource) -> ArtifactInput {
@@ -832,7 +727,14 @@ pub fn build_bundle(opts: &BuildOptions, out: &Path) -> Result<BuildReport, Oper
 
     let (reference, first_row) = match &opts.reference {
         Some(path) => {
-            let (stats, row) = reference_stats(path, &model)?;
+            opts.drift_thresholds.validate().map_err(|e| {
+                input_err(
+                    path.display().to_string(),
+                    format!("drift thresholds: {e}"),
+                )
+            })?;
+            let (mut stats, row) = reference_stats(path, &model)?;
+            stats.thresholds = Some(opts.drift_thresholds);
             (Some(stats), Some(row))
         }
         None => (None, None),

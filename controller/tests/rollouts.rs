@@ -805,7 +805,7 @@ async fn publish_telemetry(client: &rumqttc::AsyncClient, device: &str, seq: u64
         device_metrics: Default::default(),
         agent: Default::default(),
         model: None,
-        drift: Vec::new(),
+        drift: None,
     };
     let topic = edgefleet_shared::protocol::Topics::default().device(
         &t.device,

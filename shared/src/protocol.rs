@@ -560,16 +560,20 @@ pub enum EventKind {
         /// Why.
         detail: String,
     },
-    /// A drift score crossed its threshold.
+    /// The set of drifted features of the active bundle's window changed (a
+    /// feature crossed its threshold, either way). An empty `features` list
+    /// means the drift cleared.
     DriftAlert {
         /// The bundle.
         digest: Digest,
-        /// Feature (or `prediction`).
-        feature: String,
-        /// Score that crossed.
-        score: f64,
-        /// Threshold.
-        threshold: f64,
+        /// Rows in the window.
+        rows: u64,
+        /// Drifted inputs and outputs, by name (at most 64 listed).
+        features: Vec<String>,
+        /// Share of drifted input features.
+        drifted_share: f64,
+        /// Whether the window counts as drifted (see [`DriftReport::drifted`]).
+        drifted: bool,
     },
 }
 
@@ -592,6 +596,30 @@ pub struct Event {
 impl Message for Event {
     const NAME: &'static str = "event";
     const MAX_LEN: usize = 64 * 1024;
+    fn validate(&self) -> Result<(), DecodeError> {
+        if let EventKind::DriftAlert {
+            features,
+            drifted_share,
+            ..
+        } = &self.kind
+        {
+            if features.len() > 64 || features.iter().any(|f| f.is_empty() || f.len() > 128) {
+                return Err(invalid(
+                    Self::NAME,
+                    "kind.features",
+                    "at most 64 names of 1 to 128 bytes",
+                ));
+            }
+            if !(0.0..=1.0).contains(drifted_share) {
+                return Err(invalid(
+                    Self::NAME,
+                    "kind.drifted_share",
+                    "must be in [0, 1]",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -646,18 +674,93 @@ pub struct ModelMetrics {
     pub latency_counts: Vec<u64>,
 }
 
-/// A drift score for one feature or for the predictions.
+/// The two-sample test behind a drift score's p-value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftTest {
+    /// Kolmogorov-Smirnov (numeric features).
+    KolmogorovSmirnov,
+    /// Pearson's chi-square (categorical features, predicted classes).
+    ChiSquare,
+}
+
+/// Drift of one input feature or output against the bundle's reference.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriftScore {
-    /// Feature name, or `prediction`.
+    /// Feature name (a reference column, or an output such as `probabilities[1]`).
     pub feature: String,
+    /// Values in the window.
+    pub count: u64,
     /// Population stability index.
     pub psi: f64,
-    /// p-value of the two-sample test.
+    /// The two-sample test.
+    pub test: DriftTest,
+    /// Its statistic (KS D, or chi-square).
+    pub statistic: f64,
+    /// Its p-value.
     pub p_value: f64,
-    /// Whether it is over its threshold.
+    /// Wasserstein-1 over the reference's standard deviation (numeric only).
+    pub wasserstein: Option<f64>,
+    /// Jensen-Shannon distance (outputs only).
+    pub jensen_shannon: Option<f64>,
+    /// Whether PSI or the test crossed the bundle's threshold.
     pub drifted: bool,
+}
+
+/// Drift of one window of served requests on the active bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftReport {
+    /// The bundle whose reference the window is compared with.
+    pub digest: Digest,
+    /// Window number since the bundle became active (0 first).
+    pub window: u64,
+    /// Device time of the window's first row.
+    pub started: UnixTime,
+    /// Rows (one per input row of each request) in the window.
+    pub rows: u64,
+    /// Whether the window is complete (else it is still filling).
+    pub closed: bool,
+    /// Per input feature.
+    pub inputs: Vec<DriftScore>,
+    /// Per output.
+    pub outputs: Vec<DriftScore>,
+    /// Share of drifted input features.
+    pub drifted_share: f64,
+    /// The window counts as drifted: the share of drifted inputs reached the
+    /// bundle's threshold, or an output drifted.
+    pub drifted: bool,
+}
+
+impl DriftReport {
+    /// Most scores in one report.
+    pub const MAX_SCORES: usize = 1024;
+
+    fn validate(&self, what: &'static str) -> Result<(), DecodeError> {
+        if self.inputs.len() + self.outputs.len() > Self::MAX_SCORES {
+            return Err(invalid(what, "drift", "at most 1024 scores"));
+        }
+        if !(0.0..=1.0).contains(&self.drifted_share) {
+            return Err(invalid(what, "drift.drifted_share", "must be in [0, 1]"));
+        }
+        for s in self.inputs.iter().chain(&self.outputs) {
+            if s.feature.is_empty() || s.feature.len() > 128 {
+                return Err(invalid(what, "drift.feature", "1 to 128 bytes"));
+            }
+            if !(s.psi.is_finite() && s.statistic.is_finite() && (0.0..=1.0).contains(&s.p_value)) {
+                return Err(invalid(
+                    what,
+                    "drift.psi",
+                    format!(
+                        "`{}`: psi and statistic finite, p-value in [0, 1]",
+                        s.feature
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A periodic report, numbered per device so gaps are visible.
@@ -676,8 +779,8 @@ pub struct Telemetry {
     pub agent: AgentMetrics,
     /// Active model counters.
     pub model: Option<ModelMetrics>,
-    /// Drift scores of the current window.
-    pub drift: Vec<DriftScore>,
+    /// Drift of the active bundle's latest window with enough rows to judge.
+    pub drift: Option<DriftReport>,
 }
 
 impl Message for Telemetry {
@@ -694,8 +797,8 @@ impl Message for Telemetry {
                 "needs one count per bound plus one, at most 64 bounds",
             ));
         }
-        if self.drift.len() > 1024 {
-            return Err(invalid(Self::NAME, "drift", "at most 1024 scores"));
+        if let Some(d) = &self.drift {
+            d.validate(Self::NAME)?;
         }
         Ok(())
     }

@@ -65,6 +65,59 @@ pub struct FeatureStats {
     pub distribution: Distribution,
 }
 
+/// Most features (inputs plus outputs) in one reference.
+pub const MAX_FEATURES: usize = 1024;
+/// Longest feature name.
+pub const MAX_NAME_LEN: usize = 128;
+/// Most bins per numeric feature.
+pub const MAX_BINS: usize = 1000;
+
+/// When a feature, and a whole window, counts as drifted. Carried by the bundle
+/// (`edgefleet bundle build --drift-psi ...`); the defaults and their sources are
+/// in `docs/drift.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Thresholds {
+    /// PSI at or above this is drift (0.25: the "significant" rule of thumb).
+    pub psi: f64,
+    /// A KS or chi-square p-value below this is drift.
+    pub p_value: f64,
+    /// Share of drifted input features at which the whole window counts as drifted.
+    pub drifted_share: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            psi: 0.25,
+            p_value: 0.05,
+            drifted_share: 0.5,
+        }
+    }
+}
+
+impl Thresholds {
+    /// Checks the ranges; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.psi.is_finite() && self.psi > 0.0) {
+            return Err(format!("psi must be a positive number, got {}", self.psi));
+        }
+        if !(self.p_value > 0.0 && self.p_value < 1.0) {
+            return Err(format!(
+                "p_value must be between 0 and 1, got {}",
+                self.p_value
+            ));
+        }
+        if !(self.drifted_share > 0.0 && self.drifted_share <= 1.0) {
+            return Err(format!(
+                "drifted_share must be above 0 and at most 1, got {}",
+                self.drifted_share
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The reference artifact.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +128,9 @@ pub struct ReferenceStats {
     pub features: Vec<FeatureStats>,
     /// Per model output (element).
     pub outputs: Vec<FeatureStats>,
+    /// Drift thresholds for this bundle; the defaults when absent.
+    #[serde(default)]
+    pub thresholds: Option<Thresholds>,
 }
 
 impl ReferenceStats {
@@ -83,9 +139,110 @@ impl ReferenceStats {
         cbor::to_vec(self)
     }
 
-    /// Decodes the artifact, capped at [`MAX_REFERENCE_LEN`].
+    /// Decodes the artifact, capped at [`MAX_REFERENCE_LEN`], and checks that
+    /// every distribution is usable (see [`ReferenceStats::validate`]).
     pub fn from_bytes(bytes: &[u8]) -> Result<ReferenceStats, DecodeError> {
-        cbor::from_slice("reference statistics", bytes, MAX_REFERENCE_LEN)
+        let stats: ReferenceStats =
+            cbor::from_slice("reference statistics", bytes, MAX_REFERENCE_LEN)?;
+        stats
+            .validate()
+            .map_err(|(field, reason)| DecodeError::Invalid {
+                what: "reference statistics",
+                field,
+                reason,
+            })?;
+        Ok(stats)
+    }
+
+    /// The thresholds in force: the bundle's, or the defaults.
+    pub fn thresholds(&self) -> Thresholds {
+        self.thresholds.unwrap_or_default()
+    }
+
+    /// Checks what the agent relies on: bins and shares that line up, strictly
+    /// increasing finite edges, shares that sum to 1, sorted distinct
+    /// categories, bounded counts and names. The error names the field and the
+    /// feature.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.features.len() + self.outputs.len() > MAX_FEATURES {
+            return Err((
+                "features",
+                format!("at most {MAX_FEATURES} features and outputs in all"),
+            ));
+        }
+        if let Some(t) = &self.thresholds {
+            t.validate().map_err(|e| ("thresholds", e))?;
+        }
+        for (field, list) in [("features", &self.features), ("outputs", &self.outputs)] {
+            for f in list {
+                f.validate()
+                    .map_err(|e| (field, format!("`{}`: {e}", f.name)))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FeatureStats {
+    fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.len() > MAX_NAME_LEN {
+            return Err(format!("name must have 1 to {MAX_NAME_LEN} bytes"));
+        }
+        let shares_ok = |shares: &mut dyn Iterator<Item = f64>| {
+            let mut sum = 0.0;
+            for s in shares {
+                if !(0.0..=1.0).contains(&s) {
+                    return false;
+                }
+                sum += s;
+            }
+            (sum - 1.0).abs() < 1e-6
+        };
+        match &self.distribution {
+            Distribution::Numeric(n) => {
+                if n.count == 0 {
+                    return Err("count is 0".into());
+                }
+                if n.edges.len() + 1 != n.frequencies.len() || n.frequencies.len() > MAX_BINS {
+                    return Err(format!(
+                        "needs one frequency per bin (edges + 1, at most {MAX_BINS}): {} edges, {} frequencies",
+                        n.edges.len(),
+                        n.frequencies.len()
+                    ));
+                }
+                if !n.edges.iter().all(|e| e.is_finite())
+                    || !n.edges.windows(2).all(|w| w[0] < w[1])
+                {
+                    return Err("edges must be finite and strictly increasing".into());
+                }
+                if ![n.mean, n.std, n.min, n.max].iter().all(|v| v.is_finite())
+                    || n.std < 0.0
+                    || n.min > n.max
+                {
+                    return Err(
+                        "mean, std, min and max must be finite, std >= 0, min <= max".into(),
+                    );
+                }
+                if !shares_ok(&mut n.frequencies.iter().copied()) {
+                    return Err("frequencies must be shares in [0, 1] summing to 1".into());
+                }
+            }
+            Distribution::Categorical(c) => {
+                if c.count == 0 || c.categories.is_empty() {
+                    return Err("no categories".into());
+                }
+                if c.categories.len() > MAX_CATEGORIES {
+                    return Err(format!("more than {MAX_CATEGORIES} categories"));
+                }
+                if !c.categories.windows(2).all(|w| w[0].0 < w[1].0) {
+                    return Err("categories must be sorted and distinct".into());
+                }
+                if !shares_ok(&mut c.categories.iter().map(|(_, s)| *s)) {
+                    return Err("category shares must be in [0, 1] summing to 1".into());
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -183,6 +340,87 @@ mod tests {
     fn categories_are_shares_sorted_by_label() {
         let s = categorical(&[2, 0, 2, 2]).expect("values");
         assert_eq!(s.categories, vec![(0, 0.25), (2, 0.75)]);
+    }
+
+    fn sample() -> ReferenceStats {
+        ReferenceStats {
+            rows: 8,
+            features: vec![FeatureStats {
+                name: "x".into(),
+                distribution: Distribution::Numeric(
+                    numeric(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], 4).expect("values"),
+                ),
+            }],
+            outputs: vec![FeatureStats {
+                name: "label".into(),
+                distribution: Distribution::Categorical(categorical(&[0, 1]).expect("values")),
+            }],
+            thresholds: Some(Thresholds::default()),
+        }
+    }
+
+    #[test]
+    fn a_reference_round_trips_and_broken_ones_are_refused_with_the_field() {
+        let good = sample();
+        assert_eq!(
+            ReferenceStats::from_bytes(&good.to_bytes()),
+            Ok(good.clone())
+        );
+        let numeric_of = |r: &mut ReferenceStats| match &mut r.features[0].distribution {
+            Distribution::Numeric(n) => n.clone(),
+            Distribution::Categorical(_) => unreachable!("numeric"),
+        };
+        let mut cases: Vec<(ReferenceStats, &str)> = Vec::new();
+        let mut r = good.clone();
+        let mut n = numeric_of(&mut r);
+        n.frequencies.pop();
+        r.features[0].distribution = Distribution::Numeric(n);
+        cases.push((r, "one frequency per bin"));
+        let mut r = good.clone();
+        let mut n = numeric_of(&mut r);
+        n.edges.reverse();
+        r.features[0].distribution = Distribution::Numeric(n);
+        cases.push((r, "strictly increasing"));
+        let mut r = good.clone();
+        let mut n = numeric_of(&mut r);
+        n.frequencies[0] = 0.9;
+        r.features[0].distribution = Distribution::Numeric(n);
+        cases.push((r, "summing to 1"));
+        let mut r = good.clone();
+        r.outputs[0].distribution = Distribution::Categorical(CategoricalStats {
+            count: 2,
+            categories: vec![(1, 0.5), (0, 0.5)],
+        });
+        cases.push((r, "sorted and distinct"));
+        let mut r = good.clone();
+        r.thresholds = Some(Thresholds {
+            p_value: 1.5,
+            ..Thresholds::default()
+        });
+        cases.push((r, "p_value"));
+        let mut r = good.clone();
+        r.features[0].name = String::new();
+        cases.push((r, "name"));
+        for (r, expect) in cases {
+            let err = ReferenceStats::from_bytes(&r.to_bytes())
+                .expect_err(expect)
+                .to_string();
+            assert!(err.contains(expect), "{expect}: {err}");
+        }
+        // An artifact from before thresholds existed still decodes (defaults).
+        #[derive(Serialize)]
+        struct Old {
+            rows: u64,
+            features: Vec<FeatureStats>,
+            outputs: Vec<FeatureStats>,
+        }
+        let old = cbor::to_vec(&Old {
+            rows: 8,
+            features: good.features.clone(),
+            outputs: vec![],
+        });
+        let decoded = ReferenceStats::from_bytes(&old).expect("old artifact");
+        assert_eq!(decoded.thresholds(), Thresholds::default());
     }
 
     proptest! {

@@ -151,14 +151,22 @@ fn event() -> impl Strategy<Value = Event> {
             slot: Slot::B,
             activated
         }),
-        (digest(), "[a-z]{1,10}", -1e6f64..1e6, 0f64..1.0).prop_map(
-            |(digest, feature, score, threshold)| EventKind::DriftAlert {
-                digest,
-                feature,
-                score,
-                threshold
-            }
-        ),
+        (
+            digest(),
+            any::<u64>(),
+            proptest::collection::vec("[a-z]{1,10}", 0..5),
+            0f64..=1.0,
+            any::<bool>()
+        )
+            .prop_map(|(digest, rows, features, drifted_share, drifted)| {
+                EventKind::DriftAlert {
+                    digest,
+                    rows,
+                    features,
+                    drifted_share,
+                    drifted,
+                }
+            }),
     ];
     (
         device(),
@@ -216,12 +224,37 @@ fn telemetry() -> impl Strategy<Value = Telemetry> {
                         latency_bounds_us: bounds,
                         latency_counts,
                     }),
-                    drift: vec![DriftScore {
-                        feature: "sepal_length".into(),
-                        psi: 0.3,
-                        p_value: 0.01,
+                    drift: Some(DriftReport {
+                        digest: Digest::of(b"m"),
+                        window: 2,
+                        started: at,
+                        rows: 500,
+                        closed: false,
+                        inputs: vec![DriftScore {
+                            feature: "sepal_length".into(),
+                            count: 500,
+                            psi: 0.3,
+                            test: DriftTest::KolmogorovSmirnov,
+                            statistic: 0.2,
+                            p_value: 0.01,
+                            wasserstein: Some(0.4),
+                            jensen_shannon: None,
+                            drifted: true,
+                        }],
+                        outputs: vec![DriftScore {
+                            feature: "label".into(),
+                            count: 500,
+                            psi: 0.01,
+                            test: DriftTest::ChiSquare,
+                            statistic: 1.5,
+                            p_value: 0.4,
+                            wasserstein: None,
+                            jensen_shannon: Some(0.02),
+                            drifted: false,
+                        }],
+                        drifted_share: 1.0,
                         drifted: true,
-                    }],
+                    }),
                 }
             },
         )

@@ -194,13 +194,13 @@ fn a_window_flags_exactly_the_shifted_features() {
     let flagged: Vec<&str> = scores
         .iter()
         .filter(|f| f.drifted)
-        .map(|f| f.name.as_str())
+        .map(|f| f.feature.as_str())
         .collect();
     assert_eq!(flagged, ["moved"], "{scores:?}");
     assert!(!dataset, "one feature of three is under the 50% share");
     let moved = &scores[1];
-    assert!(moved.psi > 0.25 && moved.test.p_value < 1e-6, "{moved:?}");
-    assert!(moved.wasserstein_normed.expect("w") > 0.5, "{moved:?}");
+    assert!(moved.psi > 0.25 && moved.p_value < 1e-6, "{moved:?}");
+    assert!(moved.wasserstein.expect("w") > 0.5, "{moved:?}");
     // Memory is one counter per bin, however many values came.
     assert_eq!(w.count(1), 1000);
     w.clear();

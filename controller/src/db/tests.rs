@@ -25,7 +25,7 @@ fn telemetry(device: &str, seq: u64, digest: Digest, inferences: u64) -> Telemet
             latency_bounds_us: vec![100],
             latency_counts: vec![inferences, 0],
         }),
-        drift: Vec::new(),
+        drift: None,
     }
 }
 
