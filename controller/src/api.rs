@@ -201,6 +201,8 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/api/v1/devices/{id}/enroll", post(enroll))
         .route("/api/v1/devices/{id}/revert", post(revert_device))
         .route("/api/v1/devices/{id}/revoke", post(revoke_device))
+        .route("/api/v1/devices/{id}/drift", get(device_drift))
+        .route("/api/v1/drift", get(fleet_drift))
         .route(
             "/api/v1/bundles",
             get(list_bundles)
@@ -323,6 +325,108 @@ async fn device_detail(
         "telemetry": telemetry,
         "commands": commands,
     })))
+}
+
+/// Query of the drift views.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct DriftQuery {
+    /// Start of the range, ms since the epoch (default: an hour ago).
+    from_ms: Option<u64>,
+    /// End of the range (default: now).
+    to_ms: Option<u64>,
+    /// Most reports returned, newest kept (default 100, at most 1000).
+    limit: Option<u32>,
+}
+
+impl DriftQuery {
+    fn range(&self) -> ApiResult<(u64, u64)> {
+        let to = self.to_ms.unwrap_or_else(now_ms);
+        let from = self.from_ms.unwrap_or(to.saturating_sub(3_600_000));
+        if from > to {
+            return Err(ApiError::invalid("from_ms: must not be after to_ms"));
+        }
+        Ok((from, to))
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/devices/{id}/drift", tag = "drift", params(("id" = String, Path, description = "device id"), DriftQuery),
+    responses((status = 200, description = "the device's drift reports over time (each: device time `at`, `received_at` ms, and the whole report: window, rows, per-feature and per-output scores)", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn device_drift(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<DriftQuery>,
+) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    let (from, to) = q.range()?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit: must be between 1 and 1000"));
+    }
+    if !s.db().devices().await?.iter().any(|d| d.id == id) {
+        return Err(ApiError::not_found(format!("no device {id}")));
+    }
+    let reports: Vec<Value> = s
+        .db()
+        .drift_reports(&id, from, to, limit)
+        .await?
+        .into_iter()
+        .map(|(at, received_at, report)| json!({"at": at, "received_at": received_at, "report": report}))
+        .collect();
+    Ok(Json(json!({ "device": id, "reports": reports })))
+}
+
+#[utoipa::path(get, path = "/api/v1/drift", tag = "drift", params(DriftQuery),
+    responses((status = 200, description = "per bundle, from each device's latest report in the range: devices reporting, the drifted ones by id, and drifted features with how many devices flag each", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn fleet_drift(
+    State(s): State<AppState>,
+    caller: Caller,
+    Query(q): Query<DriftQuery>,
+) -> ApiResult<Json<Value>> {
+    caller.require(Role::Viewer)?;
+    let (from, to) = q.range()?;
+    let bundles: BTreeMap<String, BundleRow> = s
+        .db()
+        .bundles()
+        .await?
+        .into_iter()
+        .map(|b| (b.digest.clone(), b))
+        .collect();
+    let mut by: BTreeMap<String, Vec<crate::db::TelemetryRow>> = BTreeMap::new();
+    for r in s.db().latest_telemetry_between(from, to).await? {
+        if let (Some(d), Some(_)) = (&r.digest, &r.drift) {
+            by.entry(d.clone()).or_default().push(r);
+        }
+    }
+    let groups: Vec<Value> = by
+        .into_iter()
+        .map(|(digest, rows)| {
+            let summary = crate::fleet::summarise(&rows);
+            let mut drifted: Vec<&str> = rows
+                .iter()
+                .filter(|r| r.drift.as_ref().is_some_and(|d| d.drifted))
+                .map(|r| r.device.as_str())
+                .collect();
+            drifted.sort_unstable();
+            let b = bundles.get(&digest);
+            json!({
+                "bundle": digest,
+                "channel": b.map(|b| &b.channel),
+                "version": b.map(|b| &b.version),
+                "devices": summary.drift_devices,
+                "drifted_devices": drifted,
+                "drifted_share": summary.drifted_devices as f64 / summary.drift_devices.max(1) as f64,
+                "drifted_features": summary.drifted_features,
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({ "from_ms": from, "to_ms": to, "bundles": groups }),
+    ))
 }
 
 /// Body of `POST /api/v1/devices/{id}/enroll`.
@@ -1094,6 +1198,47 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
             .map(|((c, v), n)| (format!("{{channel=\"{c}\",version=\"{v}\"}}"), n as f64))
             .collect(),
     );
+    // Drift per model version, from each device's latest report of the last hour.
+    let bundles: BTreeMap<String, BundleRow> = s
+        .db()
+        .bundles()
+        .await?
+        .into_iter()
+        .map(|b| (b.digest.clone(), b))
+        .collect();
+    let mut drift: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    for t in s
+        .db()
+        .latest_telemetry(now_ms().saturating_sub(3_600_000))
+        .await?
+    {
+        if let (Some(d), Some(b)) = (&t.drift, t.digest.as_ref().and_then(|d| bundles.get(d))) {
+            let e = drift
+                .entry((b.channel.clone(), b.version.clone()))
+                .or_default();
+            e.0 += 1;
+            e.1 += u64::from(d.drifted);
+        }
+    }
+    let label = |(c, v): &(String, String)| format!("{{channel=\"{c}\",version=\"{v}\"}}");
+    gauge(
+        "edgefleet_drift_devices",
+        "Devices reporting drift windows per model version (latest report of the last hour).",
+        "gauge",
+        drift
+            .iter()
+            .map(|(k, (n, _))| (label(k), *n as f64))
+            .collect(),
+    );
+    gauge(
+        "edgefleet_drift_drifted_devices",
+        "Of those, devices whose latest window is drifted.",
+        "gauge",
+        drift
+            .iter()
+            .map(|(k, (_, n))| (label(k), *n as f64))
+            .collect(),
+    );
     let mut per_phase: BTreeMap<&str, u64> = BTreeMap::new();
     for r in &rollouts {
         *per_phase.entry(r.state.phase.name()).or_default() += 1;
@@ -1221,7 +1366,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "edgefleet controller API", description = "Devices, bundles, staged rollouts, telemetry, audit. See docs/controller.md."),
     paths(
-        list_devices, device_detail, enroll, revert_device, revoke_device,
+        list_devices, device_detail, enroll, revert_device, revoke_device, device_drift, fleet_drift,
         list_bundles, upload_bundle, show_bundle, download_bundle,
         list_rollouts, start_rollout, show_rollout, operate_rollout,
         telemetry_summary, audit_log, create_token, metrics

@@ -155,6 +155,11 @@ const MIGRATIONS: &[&str] = &[
     DROP TABLE telemetry;
     ALTER TABLE telemetry_new RENAME TO telemetry;
     CREATE INDEX telemetry_by_time ON telemetry(received_at);",
+    // 3: the drift summary of each sample (the whole report stays in `body`).
+    "ALTER TABLE telemetry ADD COLUMN drift_rows INTEGER;
+    ALTER TABLE telemetry ADD COLUMN drift_share REAL;
+    ALTER TABLE telemetry ADD COLUMN drifted INTEGER;
+    ALTER TABLE telemetry ADD COLUMN drift_features TEXT;",
 ];
 
 /// The store.
@@ -281,6 +286,39 @@ pub struct TelemetryRow {
     pub mem_used: Option<u64>,
     /// Agent RSS.
     pub rss_bytes: Option<u64>,
+    /// Drift of the active bundle's latest judged window, when it has a reference.
+    pub drift: Option<DriftSummary>,
+}
+
+/// The part of a drift report that gates and views use.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct DriftSummary {
+    /// Rows in the window.
+    pub rows: u64,
+    /// Share of drifted input features.
+    pub drifted_share: f64,
+    /// Whether the window counts as drifted.
+    pub drifted: bool,
+    /// The drifted inputs and outputs.
+    pub features: Vec<String>,
+}
+
+impl DriftSummary {
+    /// The summary of a device's report.
+    pub fn of(r: &edgefleet_shared::protocol::DriftReport) -> DriftSummary {
+        DriftSummary {
+            rows: r.rows,
+            drifted_share: r.drifted_share,
+            drifted: r.drifted,
+            features: r
+                .inputs
+                .iter()
+                .chain(&r.outputs)
+                .filter(|f| f.drifted)
+                .map(|f| f.feature.clone())
+                .collect(),
+        }
+    }
 }
 
 /// An audit record.
@@ -565,8 +603,9 @@ impl Db {
                 {
                     let mut st = tx.prepare_cached(
                         "INSERT OR IGNORE INTO telemetry (device, seq, at, received_at, digest, inferences, errors,
-                            latency_counts, cpu_percent, mem_used, rss_bytes, body)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                            latency_counts, cpu_percent, mem_used, rss_bytes, body,
+                            drift_rows, drift_share, drifted, drift_features)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
                     )?;
                     let mut seen = tx.prepare_cached(
                         "UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE id = ?1",
@@ -574,6 +613,7 @@ impl Db {
                     let mut latest: BTreeMap<&str, u64> = BTreeMap::new();
                     for (t, received) in &batch {
                         let m = t.model.as_ref();
+                        let d = t.drift.as_ref().map(DriftSummary::of);
                         n += st.execute(params![
                             t.device.as_str(),
                             i(t.seq),
@@ -587,6 +627,11 @@ impl Db {
                             i(t.device_metrics.mem_used),
                             i(t.agent.rss_bytes),
                             serde_json::to_string(t).unwrap_or_default(),
+                            d.as_ref().map(|d| i(d.rows)),
+                            d.as_ref().map(|d| d.drifted_share),
+                            d.as_ref().map(|d| d.drifted),
+                            d.as_ref()
+                                .map(|d| serde_json::to_string(&d.features).unwrap_or_default()),
                         ])?;
                         let last = latest.entry(t.device.as_str()).or_insert(0);
                         *last = (*last).max(*received);
@@ -614,7 +659,8 @@ impl Db {
             .call(move |c| -> rusqlite::Result<Vec<TelemetryRow>> {
                 let mut st = c.prepare(
                     "SELECT t.device, t.seq, t.at, t.received_at, t.digest, t.inferences, t.errors,
-                            t.latency_counts, t.cpu_percent, t.mem_used, t.rss_bytes
+                            t.latency_counts, t.cpu_percent, t.mem_used, t.rss_bytes,
+                            t.drift_rows, t.drift_share, t.drifted, t.drift_features
                      FROM telemetry t
                      JOIN (SELECT device, MAX(seq) AS seq FROM telemetry
                            WHERE received_at BETWEEN ?1 AND ?2 GROUP BY device) l
@@ -640,13 +686,49 @@ impl Db {
             .call(move |c| -> rusqlite::Result<Vec<TelemetryRow>> {
                 let mut st = c.prepare(
                     "SELECT device, seq, at, received_at, digest, inferences, errors, latency_counts,
-                            cpu_percent, mem_used, rss_bytes
+                            cpu_percent, mem_used, rss_bytes,
+                            drift_rows, drift_share, drifted, drift_features
                      FROM telemetry WHERE device = ?1 AND received_at BETWEEN ?2 AND ?3
                      ORDER BY seq LIMIT ?4",
                 )?;
                 let rows = st.query_map(params![device, i(from), i(to), limit], telemetry_row)?;
                 rows.collect()
             })
+            .await?)
+    }
+
+    /// The drift reports of one device received in `[from, to]`, oldest first, at
+    /// most `limit`: (device time, receive time, the whole report).
+    pub async fn drift_reports(
+        &self,
+        device: &str,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, u64, serde_json::Value)>> {
+        let device = device.to_owned();
+        Ok(self
+            .read
+            .call(
+                move |c| -> rusqlite::Result<Vec<(u64, u64, serde_json::Value)>> {
+                    let mut st = c.prepare(
+                        "SELECT at, received_at, json_extract(body, '$.drift') FROM telemetry
+                     WHERE device = ?1 AND received_at BETWEEN ?2 AND ?3 AND drift_rows IS NOT NULL
+                     ORDER BY seq DESC LIMIT ?4",
+                    )?;
+                    let rows = st.query_map(params![device, i(from), i(to), limit], |r| {
+                        let text: String = r.get(2)?;
+                        Ok((
+                            u(r.get(0)?),
+                            u(r.get(1)?),
+                            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+                        ))
+                    })?;
+                    let mut out: Vec<_> = rows.collect::<rusqlite::Result<_>>()?;
+                    out.reverse();
+                    Ok(out)
+                },
+            )
             .await?)
     }
 
@@ -975,6 +1057,22 @@ fn telemetry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TelemetryRow> {
         cpu_percent: r.get(8)?,
         mem_used: r.get::<_, Option<i64>>(9)?.map(u),
         rss_bytes: r.get::<_, Option<i64>>(10)?.map(u),
+        drift: match (
+            r.get::<_, Option<i64>>(11)?,
+            r.get::<_, Option<f64>>(12)?,
+            r.get::<_, Option<bool>>(13)?,
+        ) {
+            (Some(rows), Some(drifted_share), Some(drifted)) => Some(DriftSummary {
+                rows: u(rows),
+                drifted_share,
+                drifted,
+                features: r
+                    .get::<_, Option<String>>(14)?
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or_default(),
+            }),
+            _ => None,
+        },
     })
 }
 

@@ -28,7 +28,7 @@ const IRIS_GOLDEN: &[u8] = include_bytes!("../../models/iris_golden.json");
 
 /// How long any one wait of the demo may take before it gives up.
 const WAIT: Duration = Duration::from_secs(120);
-const STEPS: u32 = 8;
+const STEPS: u32 = 9;
 
 /// What `edgefleet demo` was asked for.
 #[derive(Debug, Clone)]
@@ -316,16 +316,25 @@ fn story(
         (n == opts.devices).then_some(n)
     })?;
     println!("  {online} devices online, none has a model yet");
-    let bodies: Vec<String> = IRIS_REFERENCE
+    // The application's requests: the reference rows (sorted by class in the
+    // file), taken 7 apart so that any run of them mixes the classes as the
+    // reference does: the demo's normal traffic shows no drift.
+    let reference_rows: Vec<Vec<f32>> = IRIS_REFERENCE
         .lines()
         .skip(1)
-        .take(50)
-        .filter_map(|l| {
-            let row: Vec<f32> = l.split(',').filter_map(|x| x.trim().parse().ok()).collect();
-            (row.len() == 4).then(|| {
-                json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": row}]})
-                    .to_string()
-            })
+        .map(|l| {
+            l.split(',')
+                .filter_map(|x| x.trim().parse().ok())
+                .collect::<Vec<f32>>()
+        })
+        .filter(|r| r.len() == 4)
+        .collect();
+    let n = reference_rows.len();
+    let bodies: Vec<String> = (0..n)
+        .map(|i| {
+            let row = &reference_rows[(i * 7) % n];
+            json!({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": row}]})
+                .to_string()
         })
         .collect();
     fleet.set_traffic(Some(Traffic {
@@ -417,7 +426,95 @@ fn story(
         before + 1
     );
 
-    step(8, "telemetry per model version, as the soak gates read it");
+    step(
+        8,
+        "the input distribution shifts on some devices: drift against the bundle's reference",
+    );
+    let rows: Vec<Vec<f64>> = IRIS_REFERENCE
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .filter_map(|x| x.trim().parse().ok())
+                .collect::<Vec<f64>>()
+        })
+        .filter(|r| r.len() == 4)
+        .collect();
+    let batch = |shift: f64| {
+        let data: Vec<f64> = rows.iter().flatten().map(|v| v + shift).collect();
+        json!({"inputs": [{"name": "features", "shape": [rows.len(), 4], "datatype": "FP32", "data": data}]})
+    };
+    let mut shifted: Vec<String> = fleet
+        .devices()
+        .iter()
+        .skip(1)
+        .step_by(4)
+        .take(3)
+        .map(|d| d.id().to_owned())
+        .collect();
+    shifted.sort();
+    for d in fleet.devices() {
+        let moved = shifted.iter().any(|s| s == d.id());
+        if let Err(e) = local_infer(&d.api_url(), &batch(if moved { 1.5 } else { 0.0 })) {
+            println!("  UNEXPECTED: a batch request to {} failed: {e}", d.id());
+            ok = false;
+        }
+    }
+    println!(
+        "  every device's application sends {} rows; on {} they are shifted by +1.5 cm",
+        rows.len(),
+        shifted.join(", ")
+    );
+    let drift = wait_for("drift reports from every device", || {
+        let v = api.get("/api/v1/drift").ok()?;
+        let b = v["bundles"]
+            .as_array()?
+            .iter()
+            .find(|b| b["bundle"] == json!(good_digest))?
+            .clone();
+        (b["devices"] == json!(opts.devices)).then_some(b)
+    })?;
+    let flagged: Vec<String> = drift["drifted_devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.as_str().map(str::to_owned))
+        .collect();
+    println!(
+        "  GET /api/v1/drift: {} devices report, drifted: {}",
+        drift["devices"],
+        if flagged.is_empty() {
+            "none".to_owned()
+        } else {
+            flagged.join(", ")
+        }
+    );
+    if let Some(first) = shifted.first()
+        && let Ok(v) = api.get(&format!("/api/v1/devices/{first}/drift"))
+        && let Some(last) = v["reports"].as_array().and_then(|r| r.last())
+    {
+        for f in last["report"]["inputs"].as_array().into_iter().flatten() {
+            println!(
+                "    {first} {:<13} psi {:>6.2}  KS p {:>8.1e}{}",
+                f["feature"].as_str().unwrap_or(""),
+                f["psi"].as_f64().unwrap_or(0.0),
+                f["p_value"].as_f64().unwrap_or(1.0),
+                if f["drifted"] == json!(true) {
+                    "  drifted"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    if flagged != shifted {
+        println!("  UNEXPECTED: the drifted devices are not exactly the shifted ones");
+        ok = false;
+    } else {
+        println!("  exactly the shifted devices are flagged (each also sent a drift_alert event)");
+    }
+
+    step(9, "telemetry per model version, as the soak gates read it");
     let summary = api.get("/api/v1/telemetry/summary?group=version")?;
     for g in summary["groups"].as_array().into_iter().flatten() {
         let digest = g["bundle"].as_str().unwrap_or("");
@@ -430,20 +527,21 @@ fn story(
         };
         let s = &g["summary"];
         println!(
-            "  iris {version:<6} {:>3} devices  {:>6} inferences  error rate {}  p95 {} us",
+            "  iris {version:<6} {:>3} devices  {:>6} inferences  error rate {}  p95 {} us  drifted {}/{}",
             s["devices"],
             s["inferences"],
             s["error_rate"]
                 .as_f64()
                 .map_or("-".into(), |r| format!("{r:.3}")),
-            s["p95_us"]
+            s["p95_us"],
+            s["drifted_devices"],
+            s["drift_devices"]
         );
     }
-    println!("  drift (input distribution vs the bundle's reference) is not reported yet: issue 7");
 
     println!("\nsummary");
     println!(
-        "  1.0.0 rolled out to {} devices in 4 waves; 2.0.0 stopped at its canary; local inference kept working offline",
+        "  1.0.0 rolled out to {} devices in 4 waves; 2.0.0 stopped at its canary; local inference kept working offline; shifted inputs flagged as drift on exactly the devices that got them",
         opts.devices
     );
     let metrics = api

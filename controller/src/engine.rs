@@ -94,6 +94,9 @@ pub struct Gates {
     /// Highest p95 latency of the wave relative to devices still on the previous
     /// version (1.5 = 50% slower).
     pub max_p95_latency_ratio: f64,
+    /// Highest share of the wave's devices reporting drift above the share among
+    /// devices still on the previous version (0-1; 1 turns the gate off).
+    pub max_drift_increase: f64,
     /// A commanded device silent this long counts as failed.
     pub install_timeout_ms: u64,
 }
@@ -106,6 +109,7 @@ impl Default for Gates {
             soak_ms: 60_000,
             max_error_rate: 0.05,
             max_p95_latency_ratio: 1.5,
+            max_drift_increase: 0.25,
             install_timeout_ms: 600_000,
         }
     }
@@ -124,6 +128,7 @@ impl Gates {
         ratio("min_success_ratio", self.min_success_ratio)?;
         ratio("max_failure_ratio", self.max_failure_ratio)?;
         ratio("max_error_rate", self.max_error_rate)?;
+        ratio("max_drift_increase", self.max_drift_increase)?;
         if !(self.max_p95_latency_ratio.is_finite() && self.max_p95_latency_ratio >= 1.0) {
             return Err(format!(
                 "gates.max_p95_latency_ratio must be at least 1, got {}",
@@ -385,6 +390,10 @@ pub struct WaveHealth {
     /// p95 latency of the wave on the new bundle / p95 of devices still on the
     /// previous version.
     pub p95_latency_ratio: Option<f64>,
+    /// Share of the wave's devices whose drift window is drifted, minus the same
+    /// share among devices still on the previous version.
+    #[serde(default)]
+    pub drift_increase: Option<f64>,
 }
 
 /// News for the engine.
@@ -825,6 +834,16 @@ impl Rollout {
                 self.wave + 1,
                 e * 100.0,
                 g.max_error_rate * 100.0
+            ));
+        }
+        if let Some(d) = h.drift_increase
+            && d > g.max_drift_increase
+        {
+            return Some(format!(
+                "wave {}: {:.0}% more of its devices report drift than on the previous version, above max_drift_increase {:.0}%",
+                self.wave + 1,
+                d * 100.0,
+                g.max_drift_increase * 100.0
             ));
         }
         if let Some(r) = h.p95_latency_ratio

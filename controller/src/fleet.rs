@@ -869,9 +869,28 @@ pub fn wave_health(
     } else {
         None
     };
+    // Drift: share of devices whose judged window is drifted, the wave on the new
+    // bundle against the others on another one (0 when none of them reports).
+    let drifted_share = |pick: &dyn Fn(&TelemetryRow) -> bool| {
+        let reports: Vec<bool> = latest
+            .iter()
+            .filter(|t| pick(t))
+            .filter_map(|t| t.drift.as_ref().map(|d| d.drifted))
+            .collect();
+        (!reports.is_empty())
+            .then(|| reports.iter().filter(|d| **d).count() as f64 / reports.len() as f64)
+    };
+    let wave_drift =
+        drifted_share(&|t| wave.contains(t.device.as_str()) && t.digest.as_deref() == Some(digest));
+    let base_drift = drifted_share(&|t| {
+        others.contains(t.device.as_str())
+            && t.digest.is_some()
+            && t.digest.as_deref() != Some(digest)
+    });
     WaveHealth {
         error_rate,
         p95_latency_ratio,
+        drift_increase: wave_drift.map(|w| w - base_drift.unwrap_or(0.0)),
     }
 }
 
@@ -897,6 +916,13 @@ pub struct TelemetrySummary {
     pub cpu_percent_mean: Option<f64>,
     /// Mean agent RSS, bytes.
     pub rss_bytes_mean: Option<f64>,
+    /// Devices reporting drift (their bundle has a reference, the window has
+    /// enough rows).
+    pub drift_devices: usize,
+    /// Of those, devices whose window is drifted.
+    pub drifted_devices: usize,
+    /// Drifted feature -> devices flagging it.
+    pub drifted_features: BTreeMap<String, usize>,
 }
 
 /// Sums the latest samples of a group of devices.
@@ -923,6 +949,13 @@ pub fn summarise<'a>(rows: impl IntoIterator<Item = &'a TelemetryRow>) -> Teleme
         if let Some(r) = t.rss_bytes {
             rss += r as f64;
             rss_n += 1;
+        }
+        if let Some(d) = &t.drift {
+            s.drift_devices += 1;
+            s.drifted_devices += usize::from(d.drifted);
+            for f in &d.features {
+                *s.drifted_features.entry(f.clone()).or_default() += 1;
+            }
         }
     }
     let total = s.inferences + s.errors;
@@ -960,7 +993,57 @@ mod tests {
             cpu_percent: None,
             mem_used: None,
             rss_bytes: None,
+            drift: None,
         }
+    }
+
+    fn drifting(mut r: TelemetryRow, drifted: bool) -> TelemetryRow {
+        r.drift = Some(crate::db::DriftSummary {
+            rows: 500,
+            drifted_share: if drifted { 1.0 } else { 0.0 },
+            drifted,
+            features: if drifted { vec!["x".into()] } else { vec![] },
+        });
+        r
+    }
+
+    #[test]
+    fn drift_of_the_wave_is_measured_against_the_devices_still_on_the_old_bundle() {
+        let wave = BTreeSet::from(["a", "b"]);
+        let others = BTreeSet::from(["c", "d", "e", "f"]);
+        let rows = vec![
+            drifting(row("a", "new", 100, 0, 3), true),
+            drifting(row("b", "new", 100, 0, 3), true),
+            drifting(row("c", "old", 100, 0, 3), true),
+            drifting(row("d", "old", 100, 0, 3), false),
+            drifting(row("e", "old", 100, 0, 3), false),
+            drifting(row("f", "old", 100, 0, 3), false),
+        ];
+        let h = wave_health("new", &wave, &others, &rows);
+        assert_eq!(h.drift_increase, Some(1.0 - 0.25));
+        // The whole fleet sees the same shift: no increase, the new model is not to blame.
+        let all: Vec<TelemetryRow> = rows.iter().map(|r| drifting(r.clone(), true)).collect();
+        assert_eq!(
+            wave_health("new", &wave, &others, &all).drift_increase,
+            Some(0.0)
+        );
+        // No baseline reports (the old bundle had no reference): against zero.
+        let mut alone = rows.clone();
+        for r in &mut alone[2..] {
+            r.drift = None;
+        }
+        assert_eq!(
+            wave_health("new", &wave, &others, &alone).drift_increase,
+            Some(1.0)
+        );
+        // No wave reports: unknown, passes.
+        let mut none = rows;
+        none[0].drift = None;
+        none[1].drift = None;
+        assert_eq!(
+            wave_health("new", &wave, &others, &none).drift_increase,
+            None
+        );
     }
 
     #[test]

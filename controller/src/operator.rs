@@ -728,10 +728,7 @@ pub fn build_bundle(opts: &BuildOptions, out: &Path) -> Result<BuildReport, Oper
     let (reference, first_row) = match &opts.reference {
         Some(path) => {
             opts.drift_thresholds.validate().map_err(|e| {
-                input_err(
-                    path.display().to_string(),
-                    format!("drift thresholds: {e}"),
-                )
+                input_err(path.display().to_string(), format!("drift thresholds: {e}"))
             })?;
             let (mut stats, row) = reference_stats(path, &model)?;
             stats.thresholds = Some(opts.drift_thresholds);

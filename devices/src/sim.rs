@@ -389,7 +389,13 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
             .map_err(|e| fail(e.to_string()))?
             .map_err(|e| fail(e.to_string()))?
     };
-    let served = Served::new(active);
+    let served = Served::with_drift(
+        active,
+        config
+            .drift
+            .enabled
+            .then(|| edgefleet_agent::drift::tracker::WindowSettings::from(&config.drift)),
+    );
     let api = TcpListener::bind(("127.0.0.1", 0))
         .await
         .map_err(|e| fail(format!("local API: {e}")))?;

@@ -728,8 +728,8 @@ pub struct DriftReport {
     pub outputs: Vec<DriftScore>,
     /// Share of drifted input features.
     pub drifted_share: f64,
-    /// The window counts as drifted: the share of drifted inputs reached the
-    /// bundle's threshold, or an output drifted.
+    /// The window counts as drifted: the share of drifted inputs, or of drifted
+    /// outputs, reached the bundle's `drifted_share` threshold.
     pub drifted: bool,
 }
 

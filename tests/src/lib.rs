@@ -61,6 +61,8 @@ pub struct BundleSpec {
     /// Record golden outputs from this other model (a bundle that fails its
     /// health check on device).
     pub golden_outputs_from: Option<&'static str>,
+    /// Reference data for drift statistics (CSV).
+    pub reference: Option<PathBuf>,
 }
 
 impl BundleSpec {
@@ -73,6 +75,7 @@ impl BundleSpec {
             chunk_size: 4096,
             signer: 0,
             golden_outputs_from: None,
+            reference: None,
         }
     }
 }
@@ -221,6 +224,7 @@ impl Harness {
         let options = BuildOptions {
             chunk_size: b.chunk_size,
             golden_outputs_from: b.golden_outputs_from.map(|m| Path::new(MODELS).join(m)),
+            reference: b.reference.clone(),
             ..BuildOptions::new(
                 Path::new(MODELS).join(b.model),
                 ModelChannel::new("model").expect("channel"),

@@ -157,6 +157,7 @@ fn a_good_rollout_goes_through_every_wave_and_commands_only_the_current_one() {
         let healthy = Some(WaveHealth {
             error_rate: Some(0.0),
             p95_latency_ratio: Some(1.0),
+            drift_increase: Some(0.0),
         });
         assert!(installs(&r.tick(now + 9_999, healthy)).is_empty());
         assert_eq!(r.phase.name(), "soaking");
@@ -338,6 +339,7 @@ fn health_bounds_trip_the_soak_and_equal_values_pass() {
     let at_bounds = WaveHealth {
         error_rate: Some(0.05),
         p95_latency_ratio: Some(1.5),
+        drift_increase: Some(0.25),
     };
     let mut r = mk();
     r.tick(5, Some(at_bounds));
@@ -347,7 +349,7 @@ fn health_bounds_trip_the_soak_and_equal_values_pass() {
         5,
         Some(WaveHealth {
             error_rate: Some(0.0501),
-            p95_latency_ratio: None,
+            ..WaveHealth::default()
         }),
     );
     assert!(
@@ -359,8 +361,8 @@ fn health_bounds_trip_the_soak_and_equal_values_pass() {
     let fx = r.tick(
         5,
         Some(WaveHealth {
-            error_rate: None,
             p95_latency_ratio: Some(2.0),
+            ..WaveHealth::default()
         }),
     );
     assert!(
@@ -369,6 +371,20 @@ fn health_bounds_trip_the_soak_and_equal_values_pass() {
         r.phase
     );
     assert_eq!(reverts(&fx).len(), 1, "the canary switched and goes back");
+    let mut r = mk();
+    let fx = r.tick(
+        5,
+        Some(WaveHealth {
+            drift_increase: Some(0.26),
+            ..WaveHealth::default()
+        }),
+    );
+    assert!(
+        matches!(&r.phase, Phase::Halted { reason, .. } if reason.contains("report drift") && reason.contains("max_drift_increase")),
+        "{:?}",
+        r.phase
+    );
+    assert_eq!(reverts(&fx).len(), 1, "a drifting canary goes back too");
     // Unknown health passes.
     let mut r = mk();
     r.tick(5, Some(WaveHealth::default()));
@@ -570,6 +586,7 @@ proptest! {
                 Step::Health(e, l) => r.tick(now, Some(WaveHealth {
                     error_rate: Some(f64::from(e) / 100.0),
                     p95_latency_ratio: Some(1.0 + f64::from(l) / 20.0),
+                    drift_increase: None,
                 })),
                 Step::Succeed(i) => r.apply(now, Input::Succeeded { device: devices[i % n].clone() }).expect("news"),
                 Step::Fail(i) => r.apply(now, Input::Failed { device: devices[i % n].clone(), reason: "x".into() }).expect("news"),
