@@ -414,6 +414,85 @@ fn the_local_api_speaks_oip_v2_and_rejects_bad_inputs_with_400_naming_the_input(
 }
 
 #[test]
+fn with_no_controller_drift_of_served_requests_shows_in_status() {
+    let dev = Device::new();
+    let v1 = bundle(
+        dev.path(),
+        "v1-with-reference.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    dev.ok(&["install", s(&v1)]);
+    // No broker configured: the link is off, drift is still tracked each second.
+    let config = dev.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\ntrust_root = {:?}\n[telemetry]\ninterval_s = 1\n",
+            dev.path().join("data"),
+            dev.path().join("root.cbor")
+        ),
+    )
+    .expect("config");
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .arg("--config")
+        .arg(&config)
+        .args(["run", "--http", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("agent starts");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let addr = loop {
+        let line = lines.next().expect("readiness line").expect("line");
+        if let Some(a) = line.strip_prefix("local API listening on http://") {
+            break a.to_string();
+        }
+    };
+    // 300 rows, petal length moved by +3 cm.
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/iris_reference.csv"
+    ))
+    .expect("csv");
+    let mut data = Vec::new();
+    for l in text.lines().skip(1) {
+        let mut row: Vec<f64> = l.split(',').map(|v| v.parse().expect("n")).collect();
+        row[2] += 3.0;
+        data.extend(row);
+    }
+    let body = serde_json::json!({"inputs": [{"name": "features", "shape": [data.len() / 4, 4], "datatype": "FP32", "data": data}]});
+    let (code, answer) = http(&addr, "POST", "/v2/models/iris/infer", &body.to_string());
+    assert_eq!(code, 200, "{answer}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let drift = loop {
+        let status = dev.status();
+        if status["drift"]["current"]["rows"] == 300 {
+            break status["drift"].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no drift in status: {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let petal = &drift["current"]["inputs"][2];
+    assert_eq!(petal["feature"], "petal_length");
+    assert_eq!(petal["drifted"], true, "{drift}");
+    assert_eq!(drift["current"]["inputs"][1]["drifted"], false, "{drift}");
+    assert!(drift["memory_bytes"].as_u64().expect("memory") < 64 * 1024);
+    let text = dev.ok(&["status"]);
+    assert!(
+        text.contains("petal_length") && text.contains("over threshold"),
+        "{text}"
+    );
+    child.kill().expect("kill");
+    let _ = child.wait();
+}
+
+#[test]
 fn the_local_api_refuses_to_bind_outside_loopback() {
     let dev = Device::new();
     let out = dev.fails(&["run", "--http", "0.0.0.0:0"]);

@@ -39,6 +39,8 @@ pub fn bundle(
 }
 
 /// The same with a metadata artifact of `padding` bytes, for bundles of many chunks.
+/// A `name` containing `with-reference` also carries reference statistics of
+/// `models/iris_reference.csv` (drift).
 pub fn bundle_padded(
     dir: &Path,
     name: &str,
@@ -76,6 +78,27 @@ pub fn bundle_padded(
             name: ArtifactName::new("padding.bin").expect("n"),
             kind: ArtifactKind::Metadata,
             source: ArtifactSource::Bytes(bytes),
+        });
+    }
+    if name.contains("with-reference") {
+        // Reference statistics of the shipped iris reference data.
+        let text = std::fs::read_to_string(format!("{MODELS}/iris_reference.csv")).expect("csv");
+        let mut lines = text.lines();
+        let headers: Vec<String> = lines
+            .next()
+            .expect("header")
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        let rows: Vec<Vec<f64>> = lines
+            .map(|l| l.split(',').map(|v| v.parse().expect("number")).collect())
+            .collect();
+        let stats =
+            edgefleet_agent::drift::summarise(&reference, &headers, &rows).expect("reference");
+        inputs.push(ArtifactInput {
+            name: ArtifactName::new("reference.cbor").expect("n"),
+            kind: ArtifactKind::Reference,
+            source: ArtifactSource::Bytes(stats.to_bytes()),
         });
     }
     let now = UnixTime::now();
