@@ -6,6 +6,7 @@
 //! runtime.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -24,6 +25,7 @@ use crate::drift::tracker::{DriftStatus, Tracker, WindowSettings};
 use crate::metrics::ModelStats;
 use crate::model::LoadedModel;
 use crate::oip::{InferRequest, InferResponse, MAX_REQUEST_LEN, from_tensor, to_tensor};
+use crate::shadow::Shadow;
 use crate::store::ActiveModel;
 
 /// The model being served, if any, swappable while the server runs (after an
@@ -35,6 +37,11 @@ pub struct Served {
     drift: Arc<Mutex<Option<Tracker>>>,
     /// Window sizes; `None` turns drift tracking off.
     drift_settings: Option<WindowSettings>,
+    shadow: Arc<RwLock<Option<Shadow>>>,
+    /// Share of requests also run by the shadow, per mille.
+    shadow_permille: Arc<AtomicU16>,
+    /// Request counter for the (deterministic, evenly spread) shadow sampling.
+    sampled: Arc<AtomicU64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -55,6 +62,7 @@ impl Served {
     pub fn with_drift(active: Option<ActiveModel>, settings: Option<WindowSettings>) -> Served {
         let served = Served {
             drift_settings: settings,
+            shadow_permille: Arc::new(AtomicU16::new(crate::shadow::DEFAULT_PERMILLE)),
             ..Served::default()
         };
         served.replace(active);
@@ -122,6 +130,49 @@ impl Served {
                 alert: t.alert(),
             }
         })
+    }
+
+    /// Serves what the slots hold now: the active model and the shadow.
+    pub fn replace_all(&self, (active, shadow): crate::store::LoadedSlots) {
+        self.replace(active);
+        self.set_shadow(shadow);
+    }
+
+    /// Runs `next` as the shadow model from the next request on (or none).
+    /// Its counters and the sampled share restart when the bundle changes.
+    pub fn set_shadow(&self, next: Option<Shadow>) {
+        let mut slot = self.shadow.write().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().map(|s| s.bundle.digest) != next.as_ref().map(|s| s.bundle.digest) {
+            // A new shadow samples at the default share again (a controller
+            // that stopped the previous one set it to 0).
+            self.shadow_permille
+                .store(crate::shadow::DEFAULT_PERMILLE, Ordering::Relaxed);
+            *slot = next;
+        }
+    }
+
+    /// The shadow model now.
+    pub fn shadow(&self) -> Option<Shadow> {
+        self.shadow
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets the share of requests the shadow runs on (per mille, capped at 1000).
+    pub fn set_shadow_permille(&self, permille: u16) {
+        self.shadow_permille
+            .store(permille.min(1000), Ordering::Relaxed);
+    }
+
+    /// The shadow to run this request on, if it is sampled.
+    fn shadow_for_request(&self) -> Option<Shadow> {
+        let shadow = self.shadow()?;
+        let permille = u64::from(self.shadow_permille.load(Ordering::Relaxed));
+        let n = self.sampled.fetch_add(1, Ordering::Relaxed);
+        // Request n is sampled when the running share crosses a new per mille
+        // step: evenly spread, e.g. 250 per mille takes every fourth request.
+        ((n + 1) * permille / 1000 > n * permille / 1000).then_some(shadow)
     }
 
     /// Runs `f` on the drift tracker, if the served bundle has one.
@@ -237,6 +288,7 @@ async fn infer(
         }
     };
     let tracked = s.clone();
+    let shadow = s.shadow_for_request();
     let result = tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         let result = model
@@ -244,8 +296,21 @@ async fn infer(
             .map(|out| (bundle, out, started.elapsed()));
         // Counted after the answer is computed (not in its latency), before it
         // is sent: a few counter increments per row (docs/benchmarks.md).
-        if let Ok((bundle, out, _)) = &result {
+        if let Ok((bundle, out, took)) = &result {
             tracked.observe(&bundle.digest, &inputs, out);
+            // The shadow runs on its own blocking task, after this one
+            // returned the answer; one at a time, else the request is skipped.
+            if let Some(shadow) = shadow {
+                if shadow.busy.swap(true, Ordering::AcqRel) {
+                    shadow.stats.record_skipped();
+                } else {
+                    let (answer, took) = (out.clone(), *took);
+                    tokio::task::spawn_blocking(move || {
+                        shadow.run(&inputs, &answer, took);
+                        shadow.busy.store(false, Ordering::Release);
+                    });
+                }
+            }
         }
         result
     })

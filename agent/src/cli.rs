@@ -447,7 +447,7 @@ fn serve(
             "--http {http}: the local API has no authentication and binds loopback only (127.0.0.1 or ::1)"
         )));
     }
-    let active = store::load_active(store)?;
+    let (active, shadow) = store::load_served(store)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -473,6 +473,7 @@ fn serve(
                 .enabled
                 .then(|| crate::drift::tracker::WindowSettings::from(&config.drift)),
         );
+        served.set_shadow(shadow);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut heartbeat = None;
         // The controller link: without it (bad TLS files, no trust root) the agent

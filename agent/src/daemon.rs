@@ -356,13 +356,17 @@ impl Daemon {
                 shadow_sample_permille,
                 sample_capture,
             }) => {
-                if shadow_sample_permille.is_some() || sample_capture.is_some() {
+                if sample_capture.is_some() {
                     self.emit(
                         Some(command.id),
                         EventKind::CommandRejected {
-                            detail: "shadow sampling and sample capture are not supported by this agent version".into(),
+                            detail: "sample capture is not supported by this agent version".into(),
                         },
                     );
+                }
+                if let Some(p) = shadow_sample_permille {
+                    self.served.set_shadow_permille(p);
+                    tracing::info!("shadow sampling set to {p} per mille");
                 }
                 if let Some(s) = telemetry_interval_s {
                     self.pending_interval = Some(Duration::from_secs(u64::from(s)));
@@ -378,12 +382,52 @@ impl Daemon {
         }
     }
 
+    /// Activates a bundle already in the inactive slot, answering an install
+    /// command as if it had been installed now.
+    async fn activate_installed(&mut self, command: u64, digest: Digest) {
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<_, InstallError> {
+            let state = store::change_slots(&store, SlotEvent::Activate { digest })?;
+            Ok((state, store::load_served(&store)?))
+        })
+        .await;
+        match result {
+            Ok(Ok((state, model))) => {
+                self.served.replace_all(model);
+                tracing::info!(digest = %digest.short(), "activated the installed bundle");
+                self.emit(
+                    Some(command),
+                    EventKind::InstallSucceeded {
+                        digest,
+                        slot: state.active.unwrap_or(protocol::Slot::A),
+                        activated: true,
+                    },
+                );
+                self.publish_state();
+            }
+            Ok(Err(e)) => self.fail_install(
+                command,
+                digest,
+                FailureReason::Internal {
+                    detail: e.to_string(),
+                },
+            ),
+            Err(e) => self.fail_install(
+                command,
+                digest,
+                FailureReason::Internal {
+                    detail: format!("internal: {e}"),
+                },
+            ),
+        }
+    }
+
     async fn slot_change(&mut self, command: u64, event: SlotEvent) {
         let is_revert = event == SlotEvent::Revert;
         let store = self.store.clone();
         let result = tokio::task::spawn_blocking(move || -> Result<_, InstallError> {
             let state = store::change_slots(&store, event)?;
-            let model = store::load_active(&store)?;
+            let model = store::load_served(&store)?;
             Ok((state, model))
         })
         .await;
@@ -391,7 +435,7 @@ impl Daemon {
             Ok(Ok((state, model))) => {
                 let entry = state.active_entry().map(|e| e.bundle.digest);
                 let slot = state.active;
-                self.served.replace(model);
+                self.served.replace_all(model);
                 if let (Some(digest), Some(slot)) = (entry, slot) {
                     let kind = if is_revert {
                         EventKind::Reverted { digest, slot }
@@ -454,10 +498,30 @@ impl Daemon {
                 );
             }
         };
-        if mode != InstallMode::Shadow
-            && state
-                .active_entry()
-                .is_some_and(|e| e.bundle.digest == digest)
+        let in_target = state
+            .get(state.target_slot())
+            .filter(|e| e.bundle.digest == digest);
+        if let Some(e) = in_target
+            && matches!(
+                (mode, e.role),
+                (InstallMode::Stage, protocol::SlotRole::Staged)
+                    | (InstallMode::Shadow, protocol::SlotRole::Shadow)
+            )
+        {
+            // Already there in the role asked for.
+            self.emit(
+                Some(command),
+                EventKind::InstallSucceeded {
+                    digest,
+                    slot: state.target_slot(),
+                    activated: false,
+                },
+            );
+            return;
+        }
+        if state
+            .active_entry()
+            .is_some_and(|e| e.bundle.digest == digest)
         {
             // Already done: report success again rather than install twice.
             let slot = state.active.unwrap_or(protocol::Slot::A);
@@ -471,6 +535,19 @@ impl Daemon {
             );
             self.publish_state();
             return;
+        }
+        if mode == InstallMode::Activate
+            && state.get(state.target_slot()).is_some_and(|e| {
+                e.bundle.digest == digest
+                    && matches!(
+                        e.role,
+                        protocol::SlotRole::Staged | protocol::SlotRole::Shadow
+                    )
+            })
+        {
+            // Already installed and health-checked (staged, or run in shadow):
+            // switching is all that is left, no second download.
+            return self.activate_installed(command, digest).await;
         }
         if let Some(d) = &self.download {
             if d.digest == digest {
@@ -487,15 +564,6 @@ impl Daemon {
                 old,
                 FailureReason::Download {
                     detail: format!("superseded by command {command}"),
-                },
-            );
-        }
-        if mode == InstallMode::Shadow {
-            return self.fail_install(
-                command,
-                digest,
-                FailureReason::Preflight {
-                    detail: "shadow installs are not supported by this agent version".into(),
                 },
             );
         }
@@ -854,7 +922,7 @@ impl Daemon {
         drop(d.file);
         let result = tokio::task::spawn_blocking(move || {
             let done = store::install_file(&store, &trust, &facts, &path, mode, now)?;
-            let model = store::load_active(&store)?;
+            let model = store::load_served(&store)?;
             Ok::<_, InstallError>((done, model))
         })
         .await;
@@ -874,7 +942,7 @@ impl Daemon {
                     done.state.active.map(protocol::Slot::other)
                 }
                 .unwrap_or(protocol::Slot::A);
-                self.served.replace(model);
+                self.served.replace_all(model);
                 tracing::info!(
                     digest = %digest.short(),
                     version = %done.bundle.version,
@@ -991,6 +1059,10 @@ impl Daemon {
             latency_bounds_us: LATENCY_BOUNDS_US.to_vec(),
             latency_counts: snapshot.latency_counts.clone(),
         });
+        let shadow = self
+            .served
+            .shadow()
+            .map(|sh| sh.stats.snapshot(sh.bundle.digest));
         let device_metrics = self.probe.device_metrics(self.store.dir());
         let agent = AgentMetrics {
             rss_bytes: self.probe.own_rss(),
@@ -1008,6 +1080,7 @@ impl Daemon {
                 agent,
                 model,
                 drift,
+                shadow,
             })
         });
         match pushed {

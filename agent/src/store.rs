@@ -517,7 +517,41 @@ pub fn load_active(store: &Store) -> Result<Option<ActiveModel>, InstallError> {
     let Some(entry) = state.active_entry() else {
         return Ok(None);
     };
-    let dir = store.bundle_dir(&entry.bundle.digest);
+    Ok(Some(load_bundle(store, &entry.bundle)?.0))
+}
+
+/// The active model and the shadow model, as the local API serves them.
+pub type LoadedSlots = (Option<ActiveModel>, Option<crate::shadow::Shadow>);
+
+/// Loads the active model and the shadow model (see [`load_active`] and
+/// [`load_shadow`]).
+pub fn load_served(store: &Store) -> Result<LoadedSlots, InstallError> {
+    let active = load_active(store)?;
+    let shadow = load_shadow(store)?
+        .map(|(m, policy)| crate::shadow::Shadow::new(m.bundle, m.model, policy));
+    Ok((active, shadow))
+}
+
+/// Loads the shadow model (the inactive slot's bundle installed in shadow mode),
+/// if any, with the health policy its answers are compared under.
+pub fn load_shadow(
+    store: &Store,
+) -> Result<Option<(ActiveModel, edgefleet_shared::manifest::HealthPolicy)>, InstallError> {
+    let state = store.load()?;
+    let Some(entry) = state
+        .get(state.target_slot())
+        .filter(|e| e.role == edgefleet_shared::protocol::SlotRole::Shadow)
+    else {
+        return Ok(None);
+    };
+    load_bundle(store, &entry.bundle).map(Some)
+}
+
+fn load_bundle(
+    store: &Store,
+    bundle: &BundleRef,
+) -> Result<(ActiveModel, edgefleet_shared::manifest::HealthPolicy), InstallError> {
+    let dir = store.bundle_dir(&bundle.digest);
     let manifest = edgefleet_shared::unpack::read_manifest(&dir).map_err(|source| {
         InstallError::Store(StoreError::Io {
             path: dir.clone(),
@@ -548,9 +582,12 @@ pub fn load_active(store: &Store) -> Result<Option<ActiveModel>, InstallError> {
                 }
             }
         });
-    Ok(Some(ActiveModel {
-        bundle: entry.bundle.clone(),
-        model,
-        reference,
-    }))
+    Ok((
+        ActiveModel {
+            bundle: bundle.clone(),
+            model,
+            reference,
+        },
+        manifest.health.clone(),
+    ))
 }

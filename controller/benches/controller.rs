@@ -55,6 +55,7 @@ fn sample_of(device: &str, seq: u64) -> Telemetry {
             latency_counts: vec![seq; 17],
         }),
         drift: None,
+        shadow: None,
     }
 }
 

@@ -799,6 +799,10 @@ struct RolloutBody {
     /// Install commands per minute.
     #[serde(default)]
     rate_per_minute: Option<u32>,
+    /// The first this many waves run the bundle in shadow (beside the active
+    /// model, gated on agreement) before activating it.
+    #[serde(default)]
+    shadow_waves: Option<u32>,
 }
 
 /// Which devices a rollout targets: devices matching all `tags`, plus `devices`
@@ -841,6 +845,9 @@ async fn start_rollout(
     }
     if let Some(p) = body.policy {
         plan.policy = p;
+    }
+    if let Some(n) = body.shadow_waves {
+        plan.shadow_waves = n;
     }
     if let Some(r) = body.rate_per_minute {
         plan.rate_per_minute = r;

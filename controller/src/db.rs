@@ -160,6 +160,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE telemetry ADD COLUMN drift_share REAL;
     ALTER TABLE telemetry ADD COLUMN drifted INTEGER;
     ALTER TABLE telemetry ADD COLUMN drift_features TEXT;",
+    // 4: the shadow model's counters of each sample (JSON), for the shadow gate.
+    "ALTER TABLE telemetry ADD COLUMN shadow TEXT;",
 ];
 
 /// The store.
@@ -288,6 +290,9 @@ pub struct TelemetryRow {
     pub rss_bytes: Option<u64>,
     /// Drift of the active bundle's latest judged window, when it has a reference.
     pub drift: Option<DriftSummary>,
+    /// The shadow model's counters, when one runs.
+    #[schema(value_type = Option<Object>)]
+    pub shadow: Option<edgefleet_shared::protocol::ShadowMetrics>,
 }
 
 /// The part of a drift report that gates and views use.
@@ -604,8 +609,8 @@ impl Db {
                     let mut st = tx.prepare_cached(
                         "INSERT OR IGNORE INTO telemetry (device, seq, at, received_at, digest, inferences, errors,
                             latency_counts, cpu_percent, mem_used, rss_bytes, body,
-                            drift_rows, drift_share, drifted, drift_features)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                            drift_rows, drift_share, drifted, drift_features, shadow)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
                     )?;
                     let mut seen = tx.prepare_cached(
                         "UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE id = ?1",
@@ -632,6 +637,9 @@ impl Db {
                             d.as_ref().map(|d| d.drifted),
                             d.as_ref()
                                 .map(|d| serde_json::to_string(&d.features).unwrap_or_default()),
+                            t.shadow
+                                .as_ref()
+                                .map(|s| serde_json::to_string(s).unwrap_or_default()),
                         ])?;
                         let last = latest.entry(t.device.as_str()).or_insert(0);
                         *last = (*last).max(*received);
@@ -660,7 +668,7 @@ impl Db {
                 let mut st = c.prepare(
                     "SELECT t.device, t.seq, t.at, t.received_at, t.digest, t.inferences, t.errors,
                             t.latency_counts, t.cpu_percent, t.mem_used, t.rss_bytes,
-                            t.drift_rows, t.drift_share, t.drifted, t.drift_features
+                            t.drift_rows, t.drift_share, t.drifted, t.drift_features, t.shadow
                      FROM telemetry t
                      JOIN (SELECT device, MAX(seq) AS seq FROM telemetry
                            WHERE received_at BETWEEN ?1 AND ?2 GROUP BY device) l
@@ -687,7 +695,7 @@ impl Db {
                 let mut st = c.prepare(
                     "SELECT device, seq, at, received_at, digest, inferences, errors, latency_counts,
                             cpu_percent, mem_used, rss_bytes,
-                            drift_rows, drift_share, drifted, drift_features
+                            drift_rows, drift_share, drifted, drift_features, shadow
                      FROM telemetry WHERE device = ?1 AND received_at BETWEEN ?2 AND ?3
                      ORDER BY seq LIMIT ?4",
                 )?;
@@ -1073,6 +1081,9 @@ fn telemetry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TelemetryRow> {
             }),
             _ => None,
         },
+        shadow: r
+            .get::<_, Option<String>>(15)?
+            .and_then(|t| serde_json::from_str(&t).ok()),
     })
 }
 

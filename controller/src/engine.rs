@@ -97,6 +97,9 @@ pub struct Gates {
     /// Highest share of the wave's devices reporting drift above the share among
     /// devices still on the previous version (0-1; 1 turns the gate off).
     pub max_drift_increase: f64,
+    /// In a shadow stage: lowest share of sampled requests on which the new
+    /// bundle, run in shadow, agreed with the active one (0-1).
+    pub min_shadow_agreement: f64,
     /// A commanded device silent this long counts as failed.
     pub install_timeout_ms: u64,
 }
@@ -110,6 +113,7 @@ impl Default for Gates {
             max_error_rate: 0.05,
             max_p95_latency_ratio: 1.5,
             max_drift_increase: 0.25,
+            min_shadow_agreement: 0.9,
             install_timeout_ms: 600_000,
         }
     }
@@ -129,6 +133,7 @@ impl Gates {
         ratio("max_failure_ratio", self.max_failure_ratio)?;
         ratio("max_error_rate", self.max_error_rate)?;
         ratio("max_drift_increase", self.max_drift_increase)?;
+        ratio("min_shadow_agreement", self.min_shadow_agreement)?;
         if !(self.max_p95_latency_ratio.is_finite() && self.max_p95_latency_ratio >= 1.0) {
             return Err(format!(
                 "gates.max_p95_latency_ratio must be at least 1, got {}",
@@ -170,6 +175,11 @@ pub struct Plan {
     /// A commanded device with no news this long is sent the command again
     /// (commands are idempotent on the device).
     pub resend_after_ms: u64,
+    /// The first this many waves install the bundle in shadow first: it runs
+    /// beside the active model on live requests through a soak gated on
+    /// agreement, and only then is the wave told to activate it.
+    #[serde(default)]
+    pub shadow_waves: u32,
 }
 
 impl Default for Plan {
@@ -185,6 +195,7 @@ impl Default for Plan {
             policy: FailurePolicy::HaltAndRevert,
             rate_per_minute: 600,
             resend_after_ms: 60_000,
+            shadow_waves: 0,
         }
     }
 }
@@ -209,6 +220,13 @@ impl Plan {
         }
         if self.resend_after_ms < 1_000 {
             return Err("resend_after_ms must be at least 1000".into());
+        }
+        if self.shadow_waves as usize > self.waves.len() {
+            return Err(format!(
+                "shadow_waves ({}) must not exceed the number of waves ({})",
+                self.shadow_waves,
+                self.waves.len()
+            ));
         }
         self.gates.validate()
     }
@@ -394,6 +412,13 @@ pub struct WaveHealth {
     /// share among devices still on the previous version.
     #[serde(default)]
     pub drift_increase: Option<f64>,
+    /// In a shadow stage: agreed / runs of the new bundle in shadow on the wave.
+    #[serde(default)]
+    pub shadow_agreement: Option<f64>,
+    /// In a shadow stage: p95 latency of the shadow over the active model's on
+    /// the same requests.
+    #[serde(default)]
+    pub shadow_p95_latency_ratio: Option<f64>,
 }
 
 /// News for the engine.
@@ -443,6 +468,10 @@ pub enum Input {
 pub enum Effect {
     /// Send the rollout's install command to this device.
     Install(String),
+    /// Send the install command in shadow mode to this device.
+    InstallShadow(String),
+    /// Tell this device to stop running its shadow (a halted shadow stage).
+    StopShadow(String),
     /// Send `revert` to this device.
     Revert(String),
     /// Something worth telling the operator (also the audit of automatic steps).
@@ -474,6 +503,9 @@ pub struct Rollout {
     pub members: BTreeMap<String, Member>,
     /// Rate limiter: the earliest time the next command may go (see [`Rollout::may_send`]).
     pub next_send_at: u64,
+    /// The current wave runs the bundle in shadow (its first stage).
+    #[serde(default)]
+    pub shadow_stage: bool,
 }
 
 /// Counts of members by state.
@@ -505,6 +537,7 @@ impl Rollout {
             .map(|d| (d.clone(), Member::Pending))
             .collect();
         Ok(Rollout {
+            shadow_stage: plan.shadow_waves > 0,
             plan,
             waves,
             wave: 0,
@@ -563,9 +596,15 @@ impl Rollout {
                         Phase::Halted { .. } | Phase::Aborted { reverted: true, .. }
                     ) {
                         // Finished after the halt: take it back too.
-                        self.members
-                            .insert(device.clone(), Member::Reverting { sent_at: now });
-                        fx.push(Effect::Revert(device));
+                        if self.in_shadow(&device) {
+                            self.members
+                                .insert(device.clone(), Member::Reverted { at: now });
+                            fx.push(Effect::StopShadow(device));
+                        } else {
+                            self.members
+                                .insert(device.clone(), Member::Reverting { sent_at: now });
+                            fx.push(Effect::Revert(device));
+                        }
                     } else {
                         self.members.insert(device, Member::Succeeded { at: now });
                     }
@@ -746,8 +785,22 @@ impl Rollout {
                     progress: None,
                 },
             };
-            fx.push(Effect::Install(id));
+            fx.push(if self.shadow_stage {
+                Effect::InstallShadow(id)
+            } else {
+                Effect::Install(id)
+            });
         }
+    }
+
+    /// Whether `device` runs the bundle in shadow only (its wave is in its
+    /// shadow stage): it never switched, so there is nothing to revert.
+    fn in_shadow(&self, device: &str) -> bool {
+        self.shadow_stage
+            && self
+                .waves
+                .get(self.wave)
+                .is_some_and(|w| w.iter().any(|d| d == device))
     }
 
     fn time_out(&mut self, now: u64, fx: &mut Vec<Effect>) {
@@ -808,10 +861,15 @@ impl Rollout {
             return;
         }
         fx.push(Effect::Note(format!(
-            "wave {}: {} of {} installed; soaking for {} s",
+            "wave {}: {} of {} installed{}; soaking for {} s",
             self.wave + 1,
             c.succeeded,
             size,
+            if self.shadow_stage {
+                " in shadow (running beside the active model)"
+            } else {
+                ""
+            },
             g.soak_ms / 1000
         )));
         self.phase = Phase::Soaking {
@@ -826,6 +884,28 @@ impl Rollout {
     fn health_breach(&self, health: Option<WaveHealth>) -> Option<String> {
         let h = health?;
         let g = &self.plan.gates;
+        if self.shadow_stage {
+            if let Some(a) = h.shadow_agreement
+                && a < g.min_shadow_agreement
+            {
+                return Some(format!(
+                    "wave {} (shadow): the new bundle agreed with the active one on {:.1}% of requests, below min_shadow_agreement {:.1}%",
+                    self.wave + 1,
+                    a * 100.0,
+                    g.min_shadow_agreement * 100.0
+                ));
+            }
+            if let Some(r) = h.shadow_p95_latency_ratio
+                && r > g.max_p95_latency_ratio
+            {
+                return Some(format!(
+                    "wave {} (shadow): p95 latency {:.2}x the active model's, above max_p95_latency_ratio {:.2}x",
+                    self.wave + 1,
+                    r,
+                    g.max_p95_latency_ratio
+                ));
+            }
+        }
         if let Some(e) = h.error_rate
             && e > g.max_error_rate
         {
@@ -881,15 +961,42 @@ impl Rollout {
     }
 
     fn revert_all(&mut self, now: u64, fx: &mut Vec<Effect>) {
-        for (id, m) in self.members.iter_mut() {
-            if matches!(m, Member::Succeeded { .. }) {
-                *m = Member::Reverting { sent_at: now };
-                fx.push(Effect::Revert(id.clone()));
+        let ids: Vec<String> = self.members.keys().cloned().collect();
+        for id in ids {
+            if !matches!(self.members.get(&id), Some(Member::Succeeded { .. })) {
+                continue;
+            }
+            if self.in_shadow(&id) {
+                self.members
+                    .insert(id.clone(), Member::Reverted { at: now });
+                fx.push(Effect::StopShadow(id));
+            } else {
+                self.members
+                    .insert(id.clone(), Member::Reverting { sent_at: now });
+                fx.push(Effect::Revert(id));
             }
         }
     }
 
     fn next_wave(&mut self, now: u64, fx: &mut Vec<Effect>) {
+        if self.shadow_stage {
+            // The shadow stage passed: the same wave now activates the bundle
+            // (the devices have it installed already; no second download).
+            self.shadow_stage = false;
+            let ids = self.waves.get(self.wave).cloned().unwrap_or_default();
+            for id in &ids {
+                if let Some(m @ Member::Succeeded { .. }) = self.members.get_mut(id) {
+                    *m = Member::Pending;
+                }
+            }
+            fx.push(Effect::Note(format!(
+                "wave {}: shadow stage passed; activating",
+                self.wave + 1
+            )));
+            self.phase = Phase::Installing { since: now };
+            self.command_wave(now, fx);
+            return;
+        }
         if self.wave + 1 >= self.waves.len() {
             let c = self.counts(None);
             fx.push(Effect::Note(format!(
@@ -900,6 +1007,7 @@ impl Rollout {
             return;
         }
         self.wave += 1;
+        self.shadow_stage = (self.wave as u32) < self.plan.shadow_waves;
         let n = self.waves[self.wave].len();
         fx.push(Effect::Note(format!(
             "wave {} of {} started ({n} device{})",

@@ -395,11 +395,10 @@ impl Fleet {
                     total: 0,
                 },
             ),
-            EventKind::InstallSucceeded {
-                digest,
-                activated: true,
-                ..
-            } => (Some(*digest), Input::Succeeded { device }),
+            // Activated, or installed in shadow (rollouts send no other mode).
+            EventKind::InstallSucceeded { digest, .. } => {
+                (Some(*digest), Input::Succeeded { device })
+            }
             EventKind::InstallFailed { digest, reason } => {
                 self.stats.install_failures.fetch_add(1, Ordering::Relaxed);
                 (
@@ -591,7 +590,12 @@ impl Fleet {
         let mut notes = Vec::new();
         for e in fx {
             match e {
-                Effect::Install(device) => {
+                Effect::Install(ref device) | Effect::InstallShadow(ref device) => {
+                    let mode = if matches!(e, Effect::InstallShadow(_)) {
+                        InstallMode::Shadow
+                    } else {
+                        InstallMode::Activate
+                    };
                     let Some(bundle) = self.bundle(&a.digest).await else {
                         notes.push(format!(
                             "bundle {} is missing from the store",
@@ -604,8 +608,17 @@ impl Fleet {
                             digest: a.digest,
                             header: bundle.header.clone(),
                         },
-                        mode: InstallMode::Activate,
+                        mode,
                     };
+                    self.send(device, Some(id), action).await?;
+                }
+                Effect::StopShadow(device) => {
+                    // The shadow stops at once; the next shadow install samples
+                    // at the device's default again.
+                    let action = Action::Configure(edgefleet_shared::protocol::Settings {
+                        shadow_sample_permille: Some(0),
+                        ..Default::default()
+                    });
                     self.send(&device, Some(id), action).await?;
                 }
                 Effect::Revert(device) => {
@@ -887,10 +900,46 @@ pub fn wave_health(
             && t.digest.is_some()
             && t.digest.as_deref() != Some(digest)
     });
+    // Shadow: the wave's devices running `digest` in shadow.
+    let mut runs = 0u64;
+    let mut agreed = 0u64;
+    let mut shadow_hist = vec![0u64; n];
+    let mut active_hist = vec![0u64; n];
+    for t in latest.iter().filter(|t| wave.contains(t.device.as_str())) {
+        let Some(sh) = t.shadow.as_ref().filter(|s| s.digest.to_hex() == digest) else {
+            continue;
+        };
+        runs += sh.runs;
+        agreed += sh.agreed;
+        for (hist, counts) in [
+            (&mut shadow_hist, &sh.latency_counts),
+            (&mut active_hist, &sh.active_latency_counts),
+        ] {
+            if counts.len() == n {
+                for (h, v) in hist.iter_mut().zip(counts) {
+                    *h += v;
+                }
+            }
+        }
+    }
+    let shadow_agreement = (runs >= MIN_INFERENCES).then(|| agreed as f64 / runs as f64);
+    let shadow_p95_latency_ratio = if runs >= MIN_INFERENCES {
+        match (
+            quantile_us(&LATENCY_BOUNDS_US, &shadow_hist, 0.95),
+            quantile_us(&LATENCY_BOUNDS_US, &active_hist, 0.95),
+        ) {
+            (Some(a), Some(b)) if b > 0 => Some(a as f64 / b as f64),
+            _ => None,
+        }
+    } else {
+        None
+    };
     WaveHealth {
         error_rate,
         p95_latency_ratio,
         drift_increase: wave_drift.map(|w| w - base_drift.unwrap_or(0.0)),
+        shadow_agreement,
+        shadow_p95_latency_ratio,
     }
 }
 
@@ -923,6 +972,10 @@ pub struct TelemetrySummary {
     pub drifted_devices: usize,
     /// Drifted feature -> devices flagging it.
     pub drifted_features: BTreeMap<String, usize>,
+    /// Requests run by shadow models on these devices.
+    pub shadow_runs: u64,
+    /// Of those, answers that agreed with the active model's.
+    pub shadow_agreed: u64,
 }
 
 /// Sums the latest samples of a group of devices.
@@ -949,6 +1002,10 @@ pub fn summarise<'a>(rows: impl IntoIterator<Item = &'a TelemetryRow>) -> Teleme
         if let Some(r) = t.rss_bytes {
             rss += r as f64;
             rss_n += 1;
+        }
+        if let Some(sh) = &t.shadow {
+            s.shadow_runs += sh.runs;
+            s.shadow_agreed += sh.agreed;
         }
         if let Some(d) = &t.drift {
             s.drift_devices += 1;
@@ -994,6 +1051,7 @@ mod tests {
             mem_used: None,
             rss_bytes: None,
             drift: None,
+            shadow: None,
         }
     }
 

@@ -806,6 +806,7 @@ async fn publish_telemetry(client: &rumqttc::AsyncClient, device: &str, seq: u64
         agent: Default::default(),
         model: None,
         drift: None,
+        shadow: None,
     };
     let topic = edgefleet_shared::protocol::Topics::default().device(
         &t.device,

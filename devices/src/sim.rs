@@ -384,11 +384,12 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
 
     let active = {
         let store = store.clone();
-        tokio::task::spawn_blocking(move || store::load_active(&store))
+        tokio::task::spawn_blocking(move || store::load_served(&store))
             .await
             .map_err(|e| fail(e.to_string()))?
             .map_err(|e| fail(e.to_string()))?
     };
+    let (active, shadow) = active;
     let served = Served::with_drift(
         active,
         config
@@ -396,6 +397,7 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
             .enabled
             .then(|| edgefleet_agent::drift::tracker::WindowSettings::from(&config.drift)),
     );
+    served.set_shadow(shadow);
     let api = TcpListener::bind(("127.0.0.1", 0))
         .await
         .map_err(|e| fail(format!("local API: {e}")))?;
@@ -515,10 +517,10 @@ impl Agent {
                     // Back up as after a power cut: the served model is whatever
                     // the disk says is active.
                     let store = self.store.clone();
-                    if let Ok(Ok(active)) =
-                        tokio::task::spawn_blocking(move || store::load_active(&store)).await
+                    if let Ok(Ok(loaded)) =
+                        tokio::task::spawn_blocking(move || store::load_served(&store)).await
                     {
-                        self.served.replace(active);
+                        self.served.replace_all(loaded);
                     }
                 }
                 End::Ended => {}

@@ -674,6 +674,29 @@ pub struct ModelMetrics {
     pub latency_counts: Vec<u64>,
 }
 
+/// The shadow model's record over the requests it was run on (counters since it
+/// was loaded): how often it agreed with the active model, and both latencies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowMetrics {
+    /// The shadow bundle.
+    pub digest: Digest,
+    /// Requests it was run on.
+    pub runs: u64,
+    /// Of those, answers that agreed with the active model's (same class for
+    /// integer outputs, else every float output within the shadow bundle's
+    /// health-check tolerance).
+    pub agreed: u64,
+    /// Runs that failed.
+    pub errors: u64,
+    /// Sampled requests not run because a shadow run was still busy.
+    pub skipped: u64,
+    /// Shadow latency per bucket of [`ModelMetrics::latency_bounds_us`] (+1 overflow).
+    pub latency_counts: Vec<u64>,
+    /// The active model's latency on the same requests, same buckets.
+    pub active_latency_counts: Vec<u64>,
+}
+
 /// The two-sample test behind a drift score's p-value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -781,6 +804,9 @@ pub struct Telemetry {
     pub model: Option<ModelMetrics>,
     /// Drift of the active bundle's latest window with enough rows to judge.
     pub drift: Option<DriftReport>,
+    /// The shadow model, when one runs beside the active one.
+    #[serde(default)]
+    pub shadow: Option<ShadowMetrics>,
 }
 
 impl Message for Telemetry {
@@ -799,6 +825,17 @@ impl Message for Telemetry {
         }
         if let Some(d) = &self.drift {
             d.validate(Self::NAME)?;
+        }
+        if let Some(sh) = &self.shadow
+            && (sh.latency_counts.len() > 65
+                || sh.active_latency_counts.len() > 65
+                || sh.agreed > sh.runs)
+        {
+            return Err(invalid(
+                Self::NAME,
+                "shadow",
+                "at most 65 latency buckets, agreed at most runs",
+            ));
         }
         Ok(())
     }

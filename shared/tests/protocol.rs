@@ -255,6 +255,15 @@ fn telemetry() -> impl Strategy<Value = Telemetry> {
                         drifted_share: 1.0,
                         drifted: true,
                     }),
+                    shadow: Some(ShadowMetrics {
+                        digest: Digest::of(b"s"),
+                        runs: 10,
+                        agreed: 9,
+                        errors: 0,
+                        skipped: 1,
+                        latency_counts: vec![0; 17],
+                        active_latency_counts: vec![0; 17],
+                    }),
                 }
             },
         )

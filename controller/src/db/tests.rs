@@ -26,6 +26,7 @@ fn telemetry(device: &str, seq: u64, digest: Digest, inferences: u64) -> Telemet
             latency_counts: vec![inferences, 0],
         }),
         drift: None,
+        shadow: None,
     }
 }
 

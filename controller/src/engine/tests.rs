@@ -158,6 +158,7 @@ fn a_good_rollout_goes_through_every_wave_and_commands_only_the_current_one() {
             error_rate: Some(0.0),
             p95_latency_ratio: Some(1.0),
             drift_increase: Some(0.0),
+            ..WaveHealth::default()
         });
         assert!(installs(&r.tick(now + 9_999, healthy)).is_empty());
         assert_eq!(r.phase.name(), "soaking");
@@ -340,6 +341,7 @@ fn health_bounds_trip_the_soak_and_equal_values_pass() {
         error_rate: Some(0.05),
         p95_latency_ratio: Some(1.5),
         drift_increase: Some(0.25),
+        ..WaveHealth::default()
     };
     let mut r = mk();
     r.tick(5, Some(at_bounds));
@@ -389,6 +391,76 @@ fn health_bounds_trip_the_soak_and_equal_values_pass() {
     let mut r = mk();
     r.tick(5, Some(WaveHealth::default()));
     assert_eq!(r.phase.name(), "soaking");
+}
+
+#[test]
+fn a_shadow_wave_runs_in_shadow_then_activates_or_stops_shadowing_when_it_disagrees() {
+    let mut p = plan(&["1", "100%"]);
+    p.shadow_waves = 1;
+    let mk = |p: &Plan| {
+        let mut r = Rollout::new("shadow", &fleet(3), p.clone(), 0).expect("r");
+        let fx = r.tick(0, None);
+        let canary = match fx.as_slice() {
+            [Effect::InstallShadow(d)] => d.clone(),
+            other => panic!("{other:?}"),
+        };
+        r.apply(
+            1,
+            Input::Succeeded {
+                device: canary.clone(),
+            },
+        )
+        .expect("news");
+        assert_eq!(r.phase.name(), "soaking");
+        (r, canary)
+    };
+    // Agreeing: the same wave is told to install (activate) it, then soaks again.
+    let (mut r, canary) = mk(&p);
+    let good = Some(WaveHealth {
+        shadow_agreement: Some(0.95),
+        shadow_p95_latency_ratio: Some(1.2),
+        ..WaveHealth::default()
+    });
+    let fx = r.tick(10_001, good);
+    assert_eq!(installs(&fx), vec![canary.clone()], "{fx:?}");
+    assert!(!r.shadow_stage && r.wave == 0);
+    r.apply(10_002, Input::Succeeded { device: canary })
+        .expect("news");
+    let fx = r.tick(20_003, Some(WaveHealth::default()));
+    assert_eq!(
+        installs(&fx).len(),
+        2,
+        "the next wave installs normally: {fx:?}"
+    );
+    assert!(fx.iter().all(|e| !matches!(e, Effect::InstallShadow(_))));
+    // Disagreeing: halted; the canary never switched, so it is told to stop
+    // shadowing rather than to revert.
+    let (mut r, canary) = mk(&p);
+    let fx = r.tick(
+        5,
+        Some(WaveHealth {
+            shadow_agreement: Some(0.5),
+            ..WaveHealth::default()
+        }),
+    );
+    assert!(
+        matches!(&r.phase, Phase::Halted { reason, .. } if reason.contains("min_shadow_agreement")),
+        "{:?}",
+        r.phase
+    );
+    assert_eq!(
+        fx.iter()
+            .filter(|e| matches!(e, Effect::StopShadow(d) if *d == canary))
+            .count(),
+        1,
+        "{fx:?}"
+    );
+    assert!(reverts(&fx).is_empty(), "{fx:?}");
+    assert!(matches!(r.members[&canary], Member::Reverted { .. }));
+    // A plan may not shadow more waves than it has.
+    let mut bad = plan(&["1", "100%"]);
+    bad.shadow_waves = 3;
+    assert!(Rollout::new("x", &fleet(3), bad, 0).is_err());
 }
 
 #[test]
@@ -570,15 +642,18 @@ proptest! {
         n in 1usize..30,
         halt in any::<bool>(),
         rate in 1u32..20,
+        shadow_waves in 0u32..3,
         steps in proptest::collection::vec(step(), 1..120),
     ) {
         let mut p = plan(&["1", "10%", "50%", "100%"]);
         p.rate_per_minute = rate;
+        p.shadow_waves = shadow_waves;
         p.policy = if halt { FailurePolicy::HaltAndRevert } else { FailurePolicy::Pause };
         let devices = fleet(n);
         let mut r = Rollout::new("prop", &devices, p, 0).expect("r");
         let mut now = 0u64;
         let mut switched: std::collections::BTreeSet<String> = Default::default();
+        let mut shadowed: std::collections::BTreeSet<String> = Default::default();
         for s in steps {
             let before = r.clone();
             let fx = match s {
@@ -587,6 +662,8 @@ proptest! {
                     error_rate: Some(f64::from(e) / 100.0),
                     p95_latency_ratio: Some(1.0 + f64::from(l) / 20.0),
                     drift_increase: None,
+                    shadow_agreement: Some(1.0 - f64::from(e) / 50.0),
+                    shadow_p95_latency_ratio: Some(1.0 + f64::from(l) / 20.0),
                 })),
                 Step::Succeed(i) => r.apply(now, Input::Succeeded { device: devices[i % n].clone() }).expect("news"),
                 Step::Fail(i) => r.apply(now, Input::Failed { device: devices[i % n].clone(), reason: "x".into() }).expect("news"),
@@ -606,24 +683,39 @@ proptest! {
             };
             for e in &fx {
                 match e {
-                    Effect::Install(d) => {
+                    Effect::Install(d) | Effect::InstallShadow(d) => {
                         prop_assert!(!before.phase.finished(), "install after the end");
                         let w = r.waves.iter().position(|w| w.contains(d)).expect("a member");
                         prop_assert!(w <= r.wave, "{} is in wave {} but the rollout is in {}", d, w, r.wave);
+                        prop_assert_eq!(matches!(e, Effect::InstallShadow(_)), r.shadow_stage && w == r.wave,
+                            "shadow installs exactly in a shadow stage");
+                        prop_assert!(w < shadow_waves as usize || !matches!(e, Effect::InstallShadow(_)));
                         let was = &before.members[d];
-                        prop_assert!(matches!(was, Member::Pending | Member::Commanded { .. }),
+                        // After its shadow stage, a wave's devices are asked to activate.
+                        let activating = shadowed.contains(d) && matches!(e, Effect::Install(_));
+                        prop_assert!(matches!(was, Member::Pending | Member::Commanded { .. }) || activating,
                             "install to {} which was {:?}", d, was);
                     }
                     Effect::Revert(d) => {
                         prop_assert!(switched.contains(d) || matches!(before.members.get(d), Some(Member::Commanded { .. } | Member::Failed { .. } | Member::Reverting { .. })),
                             "revert to {} which never switched", d);
+                        prop_assert!(!(before.shadow_stage && before.waves[before.wave].contains(d)),
+                            "revert to {} whose wave only runs the bundle in shadow", d);
+                    }
+                    Effect::StopShadow(d) => {
+                        prop_assert!(before.shadow_stage && before.waves[before.wave].contains(d),
+                            "stop-shadow to {} outside a shadow stage", d);
                     }
                     Effect::Note(_) => {}
                 }
             }
             for (d, m) in &r.members {
                 if matches!(m, Member::Succeeded { .. }) {
-                    switched.insert(d.clone());
+                    if r.shadow_stage && r.waves[r.wave].contains(d) {
+                        shadowed.insert(d.clone());
+                    } else {
+                        switched.insert(d.clone());
+                    }
                 }
             }
             let c = r.counts(None);
