@@ -6,7 +6,7 @@
 //! runtime.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -25,6 +25,7 @@ use crate::drift::tracker::{DriftStatus, Tracker, WindowSettings};
 use crate::metrics::ModelStats;
 use crate::model::LoadedModel;
 use crate::oip::{InferRequest, InferResponse, MAX_REQUEST_LEN, from_tensor, to_tensor};
+use crate::samples::{Capture, Reservoir};
 use crate::shadow::Shadow;
 use crate::store::ActiveModel;
 
@@ -42,6 +43,29 @@ pub struct Served {
     shadow_permille: Arc<AtomicU16>,
     /// Request counter for the (deterministic, evenly spread) shadow sampling.
     sampled: Arc<AtomicU64>,
+    /// Sample capture: settings and the reservoir of the served bundle.
+    capture: Arc<Mutex<CaptureState>>,
+    /// Whether the latest judged drift window is drifted (for `capture = drift`).
+    drifting: Arc<AtomicBool>,
+}
+
+/// Sample capture settings and the reservoir of the served bundle's requests.
+#[derive(Debug, Clone)]
+struct CaptureState {
+    settings: crate::config::SamplesConfig,
+    /// The mode the config file asked for.
+    configured: Capture,
+    reservoir: Option<(Digest, Reservoir)>,
+}
+
+impl Default for CaptureState {
+    fn default() -> Self {
+        CaptureState {
+            settings: crate::config::SamplesConfig::default(),
+            configured: Capture::Off,
+            reservoir: None,
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -100,7 +124,74 @@ impl Served {
         *self.active.write().unwrap_or_else(|p| p.into_inner()) = next.map(|a| (a.bundle, a.model));
         if changed {
             self.stats.reset();
+            self.drifting.store(false, Ordering::Relaxed);
+            lock(&self.capture).reservoir = None;
         }
+    }
+
+    /// Sets the sample capture settings (from the agent config).
+    pub fn set_samples_config(&self, settings: crate::config::SamplesConfig) {
+        let mut c = lock(&self.capture);
+        c.configured = settings.capture;
+        c.settings = settings;
+    }
+
+    /// Turns capture on or off at run time (the controller's `configure
+    /// {sample_capture}`): on is the config's mode, or `drift` when the config
+    /// says off.
+    pub fn set_capture(&self, on: bool) {
+        let mut c = lock(&self.capture);
+        let capture = match (on, c.configured) {
+            (false, _) => Capture::Off,
+            (true, Capture::Off) => Capture::Drift,
+            (true, configured) => configured,
+        };
+        c.settings.capture = capture;
+        if capture == Capture::Off {
+            // Off means nothing is kept, also what was kept before.
+            c.reservoir = None;
+        }
+    }
+
+    /// The capture mode now.
+    pub fn capture_mode(&self) -> Capture {
+        lock(&self.capture).settings.capture
+    }
+
+    /// Offers an answered request of `bundle` to the reservoir when the capture
+    /// mode says so.
+    pub fn capture(&self, bundle: &Digest, inputs: &[Tensor], outputs: &[Tensor]) {
+        let mut c = lock(&self.capture);
+        let s = &c.settings;
+        let Some(reason) = crate::samples::trigger(
+            s.capture,
+            self.drifting.load(Ordering::Relaxed),
+            s.min_confidence,
+            outputs,
+        ) else {
+            return;
+        };
+        let (capacity, max_bytes) = (s.capacity, s.max_sample_bytes);
+        if c.reservoir.as_ref().is_none_or(|(d, _)| d != bundle) {
+            c.reservoir = Some((
+                *bundle,
+                Reservoir::new(capacity, max_bytes, crate::link::random_u64()),
+            ));
+        }
+        if let Some((_, r)) = c.reservoir.as_mut() {
+            r.offer(UnixTime::now(), reason, inputs, outputs);
+        }
+    }
+
+    /// Takes up to `max` kept samples of the served bundle (they leave the
+    /// device's memory).
+    pub fn take_samples(
+        &self,
+        max: usize,
+    ) -> Option<(Digest, Vec<edgefleet_shared::protocol::CapturedSample>)> {
+        let mut c = lock(&self.capture);
+        let (digest, r) = c.reservoir.as_mut()?;
+        Some((*digest, r.drain(max)))
     }
 
     /// The counters.
@@ -124,9 +215,14 @@ impl Served {
     pub fn drift_checkpoint(&self, now: UnixTime) -> Option<DriftCheckpoint> {
         self.with_tracker(|t| {
             t.tick(now);
+            let report = t.report();
+            self.drifting.store(
+                report.as_ref().is_some_and(|r| r.drifted),
+                Ordering::Relaxed,
+            );
             DriftCheckpoint {
                 status: t.status(now),
-                report: t.report(),
+                report,
                 alert: t.alert(),
             }
         })
@@ -298,6 +394,7 @@ async fn infer(
         // is sent: a few counter increments per row (docs/benchmarks.md).
         if let Ok((bundle, out, took)) = &result {
             tracked.observe(&bundle.digest, &inputs, out);
+            tracked.capture(&bundle.digest, &inputs, out);
             // The shadow runs on its own blocking task, after this one
             // returned the answer; one at a time, else the request is skipped.
             if let Some(shadow) = shadow {

@@ -474,6 +474,7 @@ fn serve(
                 .then(|| crate::drift::tracker::WindowSettings::from(&config.drift)),
         );
         served.set_shadow(shadow);
+        served.set_samples_config(config.samples.clone());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut heartbeat = None;
         // The controller link: without it (bad TLS files, no trust root) the agent

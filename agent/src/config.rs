@@ -105,8 +105,36 @@ impl Default for DriftConfig {
     }
 }
 
+/// Sample capture (see `docs/drift.md`, "Sample capture"). Off by default:
+/// captured requests are user data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplesConfig {
+    /// `off`, `drift` (while the drift window is drifted), `low_confidence`
+    /// (top class probability under `min_confidence`) or `always`.
+    pub capture: crate::samples::Capture,
+    /// For `low_confidence`.
+    pub min_confidence: f64,
+    /// Requests kept (a uniform sample of those captured), 1..=10000.
+    pub capacity: usize,
+    /// Largest request kept, bytes of tensor data (64..=1048576); larger ones
+    /// are counted and dropped. Memory is at most capacity x this.
+    pub max_sample_bytes: usize,
+}
+
+impl Default for SamplesConfig {
+    fn default() -> Self {
+        SamplesConfig {
+            capture: crate::samples::Capture::Off,
+            min_confidence: 0.6,
+            capacity: 200,
+            max_sample_bytes: 4096,
+        }
+    }
+}
+
 /// The whole agent configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// This device's id (the CN of its certificate).
@@ -125,6 +153,8 @@ pub struct AgentConfig {
     pub limits: LimitsConfig,
     /// Drift tracking.
     pub drift: DriftConfig,
+    /// Sample capture.
+    pub samples: SamplesConfig,
 }
 
 impl Default for AgentConfig {
@@ -138,6 +168,7 @@ impl Default for AgentConfig {
             telemetry: TelemetryConfig::default(),
             limits: LimitsConfig::default(),
             drift: DriftConfig::default(),
+            samples: SamplesConfig::default(),
         }
     }
 }
@@ -277,6 +308,24 @@ impl AgentConfig {
                 "must be at least 1 and at most drift.window_rows".into(),
             ));
         }
+        if !(1..=10_000).contains(&self.samples.capacity) {
+            return Err(invalid(
+                "samples.capacity",
+                "must be between 1 and 10000".into(),
+            ));
+        }
+        if !(64..=1 << 20).contains(&self.samples.max_sample_bytes) {
+            return Err(invalid(
+                "samples.max_sample_bytes",
+                "must be between 64 and 1048576".into(),
+            ));
+        }
+        if !(self.samples.min_confidence > 0.0 && self.samples.min_confidence <= 1.0) {
+            return Err(invalid(
+                "samples.min_confidence",
+                "must be above 0 and at most 1".into(),
+            ));
+        }
         if self.limits.max_bundle_bytes < 4096 {
             return Err(invalid(
                 "limits.max_bundle_bytes",
@@ -298,7 +347,10 @@ impl AgentConfig {
              #   mqtt://host:port for development. telemetry.interval_s: 1..86400.\n\
              # limits: largest bundle accepted, free disk an install must leave (bytes).\n\
              # drift: windows of served rows compared with the bundle's reference; a window\n\
-             #   closes at window_rows rows, or after window_max_s with at least min_rows.\n\n{body}"
+             #   closes at window_rows rows, or after window_max_s with at least min_rows.\n\
+             # samples: capture = off | drift | low_confidence | always (off by default:\n\
+             #   requests are user data); a uniform sample of `capacity` requests is kept\n\
+             #   in memory and uploaded when the controller asks.\n\n{body}"
         )
     }
 }
@@ -331,6 +383,8 @@ mod tests {
             ("[broker]\ntopic_prefix = \"a/#\"", "broker.topic_prefix"),
             ("[drift]\nwindow_rows = 5", "drift.window_rows"),
             ("[drift]\nmin_rows = 5000", "drift.min_rows"),
+            ("[samples]\ncapacity = 0", "samples.capacity"),
+            ("[samples]\nmin_confidence = 2.0", "samples.min_confidence"),
         ] {
             let err = check(text).expect_err(text).to_string();
             assert!(err.contains(&format!("`{field}`")), "{text}: {err}");

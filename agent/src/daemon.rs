@@ -25,7 +25,9 @@ use edgefleet_shared::protocol::{
     self, Action, AgentMetrics, Chunk, Command, DeviceState, DeviceTopic, Event, EventKind,
     FailureReason, FetchRequest, InstallMode, ModelMetrics, Telemetry, Topic, Topics,
 };
-use edgefleet_shared::{DeviceId, Digest, RawHeader, Refusal, TrustRoot, UnixTime, bundle, cbor};
+use edgefleet_shared::{
+    DeviceId, Digest, ModelChannel, RawHeader, Refusal, TrustRoot, UnixTime, bundle, cbor,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -86,6 +88,9 @@ const LISTEN_QUIET: Duration = Duration::from_millis(300);
 
 /// A chunk that fails its digest this many times in a row fails the install.
 const MAX_CHUNK_FAILURES: u32 = 3;
+
+/// Bytes of sample data per upload message (under the broker's packet limits).
+const SAMPLE_PART_LEN: usize = 60 * 1024;
 
 /// Largest `offer.cbor` read back.
 const MAX_OFFER_LEN: usize = 1_100_000;
@@ -356,13 +361,9 @@ impl Daemon {
                 shadow_sample_permille,
                 sample_capture,
             }) => {
-                if sample_capture.is_some() {
-                    self.emit(
-                        Some(command.id),
-                        EventKind::CommandRejected {
-                            detail: "sample capture is not supported by this agent version".into(),
-                        },
-                    );
+                if let Some(on) = sample_capture {
+                    self.served.set_capture(on);
+                    tracing::info!("sample capture: {:?}", self.served.capture_mode());
                 }
                 if let Some(p) = shadow_sample_permille {
                     self.served.set_shadow_permille(p);
@@ -373,13 +374,62 @@ impl Daemon {
                     tracing::info!("telemetry interval set to {s} s");
                 }
             }
-            Action::RequestSamples { .. } => self.emit(
-                Some(command.id),
-                EventKind::CommandRejected {
-                    detail: "sample capture is not supported by this agent version".into(),
-                },
-            ),
+            Action::RequestSamples {
+                channel,
+                max_samples,
+            } => self.upload_samples(command.id, &channel, max_samples),
         }
+    }
+
+    /// Sends up to `max` kept samples of the served bundle on the samples topic,
+    /// in parts of at most [`SAMPLE_PART_LEN`] bytes (docs/protocol.md, "Samples").
+    fn upload_samples(&mut self, command: u64, channel: &ModelChannel, max: u32) {
+        let reject = |detail: String| EventKind::CommandRejected { detail };
+        match self.served.bundle() {
+            Some(b) if b.channel == *channel => {}
+            Some(b) => {
+                return self.emit(
+                    Some(command),
+                    reject(format!(
+                        "no samples of `{channel}`: this device serves `{}`",
+                        b.channel
+                    )),
+                );
+            }
+            None => return self.emit(Some(command), reject("no model is served".into())),
+        }
+        if !self.link.is_connected() {
+            return self.emit(Some(command), reject("not connected".into()));
+        }
+        let Some((digest, samples)) = self.served.take_samples(max as usize) else {
+            let detail = if self.served.capture_mode() == crate::samples::Capture::Off {
+                "sample capture is off on this device (agent config [samples] capture, or configure sample_capture)"
+            } else {
+                "no sample captured yet"
+            };
+            return self.emit(Some(command), reject(detail.into()));
+        };
+        let bytes = protocol::SampleBatch { digest, samples }.to_bytes();
+        let parts: Vec<&[u8]> = bytes.chunks(SAMPLE_PART_LEN).collect();
+        let total = parts.len().max(1) as u32;
+        let topic = self.topic(DeviceTopic::Samples);
+        for (i, data) in parts.iter().enumerate() {
+            let upload = protocol::SampleUpload {
+                command,
+                digest,
+                part: i as u32,
+                parts: total,
+                data: data.to_vec(),
+            };
+            if self
+                .link
+                .publish(&topic, protocol::encode(&upload), false, Tag::None)
+                .is_err()
+            {
+                return self.emit(Some(command), reject("the upload was cut off".into()));
+            }
+        }
+        tracing::info!(bytes = bytes.len(), parts = total, "samples uploaded");
     }
 
     /// Activates a bundle already in the inactive slot, answering an install

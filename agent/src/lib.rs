@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod oip;
+pub mod samples;
 pub mod shadow;
 pub mod slots;
 pub mod spool;

@@ -202,6 +202,9 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/api/v1/devices/{id}/revert", post(revert_device))
         .route("/api/v1/devices/{id}/revoke", post(revoke_device))
         .route("/api/v1/devices/{id}/drift", get(device_drift))
+        .route("/api/v1/devices/{id}/configure", post(configure_device))
+        .route("/api/v1/devices/{id}/samples", post(request_samples))
+        .route("/api/v1/samples", get(export_samples))
         .route("/api/v1/drift", get(fleet_drift))
         .route(
             "/api/v1/bundles",
@@ -568,6 +571,205 @@ async fn revert_device(
         )
         .await?;
     Ok(Json(json!({"command": command})))
+}
+
+/// Body of `POST /api/v1/devices/{id}/configure`: the settings to change.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, default)]
+struct ConfigureBody {
+    /// Telemetry period, s (1-86400).
+    telemetry_interval_s: Option<u32>,
+    /// Share of requests the shadow model runs on, per mille (0-1000).
+    shadow_sample_permille: Option<u16>,
+    /// Sample capture on (the device config's mode, or `drift`) or off.
+    sample_capture: Option<bool>,
+}
+
+#[utoipa::path(post, path = "/api/v1/devices/{id}/configure", tag = "devices", params(("id" = String, Path, description = "device id")),
+    request_body(content = ConfigureBody, content_type = "application/json"),
+    responses((status = 200, description = "the command id", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn configure_device(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<ConfigureBody>,
+) -> ApiResult<Json<Value>> {
+    caller.require(Role::Operator)?;
+    if body
+        .telemetry_interval_s
+        .is_some_and(|t| !(1..=86_400).contains(&t))
+    {
+        return Err(ApiError::invalid(
+            "telemetry_interval_s: must be between 1 and 86400",
+        ));
+    }
+    if body.shadow_sample_permille.is_some_and(|p| p > 1000) {
+        return Err(ApiError::invalid(
+            "shadow_sample_permille: must be between 0 and 1000",
+        ));
+    }
+    if !s.db().devices().await?.iter().any(|d| d.id == id) {
+        return Err(ApiError::not_found(format!("no device {id}")));
+    }
+    let settings = edgefleet_shared::protocol::Settings {
+        telemetry_interval_s: body.telemetry_interval_s,
+        shadow_sample_permille: body.shadow_sample_permille,
+        sample_capture: body.sample_capture,
+    };
+    let after = serde_json::to_value(&settings).unwrap_or_default();
+    let command = s
+        .fleet
+        .command(&id, edgefleet_shared::protocol::Action::Configure(settings))
+        .await?;
+    s.db()
+        .audit(
+            &caller.name,
+            "device.configure",
+            &id,
+            None,
+            Some(json!({"command": command, "settings": after})),
+            now_ms(),
+        )
+        .await?;
+    Ok(Json(json!({"command": command})))
+}
+
+/// Body of `POST /api/v1/devices/{id}/samples`.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, default)]
+struct SamplesBody {
+    /// Most samples to upload (default 1000, at most 100000).
+    max_samples: Option<u32>,
+}
+
+#[utoipa::path(post, path = "/api/v1/devices/{id}/samples", tag = "samples", params(("id" = String, Path, description = "device id")),
+    request_body(content = SamplesBody, content_type = "application/json"),
+    responses((status = 200, description = "the command id; the device uploads its captured samples of the model it serves", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "the device serves no model", body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn request_samples(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<SamplesBody>,
+) -> ApiResult<Json<Value>> {
+    caller.require(Role::Operator)?;
+    let max_samples = body.max_samples.unwrap_or(1000);
+    if !(1..=100_000).contains(&max_samples) {
+        return Err(ApiError::invalid(
+            "max_samples: must be between 1 and 100000",
+        ));
+    }
+    let device = s
+        .db()
+        .devices()
+        .await?
+        .into_iter()
+        .find(|d| d.id == id)
+        .ok_or_else(|| ApiError::not_found(format!("no device {id}")))?;
+    let channel = device
+        .active_channel
+        .as_deref()
+        .and_then(|c| edgefleet_shared::ModelChannel::new(c).ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("{id} serves no model: no samples to ask for"),
+            )
+        })?;
+    let command = s
+        .fleet
+        .command(
+            &id,
+            edgefleet_shared::protocol::Action::RequestSamples {
+                channel,
+                max_samples,
+            },
+        )
+        .await?;
+    s.db()
+        .audit(
+            &caller.name,
+            "device.request_samples",
+            &id,
+            None,
+            Some(json!({"command": command, "max_samples": max_samples})),
+            now_ms(),
+        )
+        .await?;
+    Ok(Json(json!({"command": command})))
+}
+
+/// Query of `GET /api/v1/samples`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct SamplesQuery {
+    /// Only this device's samples.
+    device: Option<String>,
+    /// Only samples answered by this bundle (digest, hex).
+    bundle: Option<String>,
+    /// `json` (default: the stored samples), `csv` (one row per input row, inputs
+    /// and outputs) or `npy` (the input rows as a float64 array).
+    format: Option<String>,
+    /// Most samples read (default 10000, at most 100000).
+    limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/api/v1/samples", tag = "samples", params(SamplesQuery),
+    responses((status = 200, description = "the samples as JSON, CSV or NPY (header `x-edgefleet-skipped`: samples of another layout left out of CSV/NPY)", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn export_samples(
+    State(s): State<AppState>,
+    caller: Caller,
+    Query(q): Query<SamplesQuery>,
+) -> ApiResult<Response> {
+    // Captured requests are user data: operators only.
+    caller.require(Role::Operator)?;
+    let limit = q.limit.unwrap_or(10_000);
+    if !(1..=100_000).contains(&limit) {
+        return Err(ApiError::invalid("limit: must be between 1 and 100000"));
+    }
+    let rows = s
+        .db()
+        .samples(q.device.clone(), q.bundle.clone(), limit)
+        .await?;
+    let skipped = |t: &crate::samples::Table| t.skipped.to_string();
+    match q.format.as_deref().unwrap_or("json") {
+        "json" => Ok(Json(json!({ "samples": rows })).into_response()),
+        "csv" => {
+            let t = crate::samples::table(&rows);
+            Ok((
+                [
+                    (header::CONTENT_TYPE, "text/csv".to_owned()),
+                    (
+                        header::HeaderName::from_static("x-edgefleet-skipped"),
+                        skipped(&t),
+                    ),
+                ],
+                crate::samples::to_csv(&t),
+            )
+                .into_response())
+        }
+        "npy" => {
+            let t = crate::samples::table(&rows);
+            Ok((
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                    (
+                        header::HeaderName::from_static("x-edgefleet-skipped"),
+                        skipped(&t),
+                    ),
+                ],
+                crate::samples::inputs_to_npy(&t),
+            )
+                .into_response())
+        }
+        other => Err(ApiError::invalid(format!(
+            "format: `{other}` is not json, csv or npy"
+        ))),
+    }
 }
 
 // ----- bundles ------------------------------------------------------------
@@ -1374,6 +1576,7 @@ impl utoipa::Modify for BearerAuth {
     info(title = "edgefleet controller API", description = "Devices, bundles, staged rollouts, telemetry, audit. See docs/controller.md."),
     paths(
         list_devices, device_detail, enroll, revert_device, revoke_device, device_drift, fleet_drift,
+        configure_device, request_samples, export_samples,
         list_bundles, upload_bundle, show_bundle, download_bundle,
         list_rollouts, start_rollout, show_rollout, operate_rollout,
         telemetry_summary, audit_log, create_token, metrics
@@ -1382,6 +1585,7 @@ impl utoipa::Modify for BearerAuth {
         ErrorBody, ErrorDetail, DeviceList, BundleList, AuditList,
         crate::db::DeviceRow, BundleRow, crate::db::EventRow, crate::db::TelemetryRow, crate::db::AuditRow,
         crate::fleet::TelemetrySummary, RolloutBody, Selector, EnrollBody, AbortBody, TokenBody,
+        ConfigureBody, SamplesBody,
         Gates, FailurePolicy
     )),
     modifiers(&BearerAuth)

@@ -162,6 +162,29 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE telemetry ADD COLUMN drift_features TEXT;",
     // 4: the shadow model's counters of each sample (JSON), for the shadow gate.
     "ALTER TABLE telemetry ADD COLUMN shadow TEXT;",
+    // 5: captured samples: upload parts until complete, then one row per sample.
+    "CREATE TABLE sample_parts (
+        device TEXT NOT NULL,
+        command INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        part INTEGER NOT NULL,
+        parts INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        received_at INTEGER NOT NULL,
+        PRIMARY KEY (device, command, part)
+    );
+    CREATE TABLE samples (
+        id INTEGER PRIMARY KEY,
+        device TEXT NOT NULL,
+        command INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        body TEXT NOT NULL,
+        received_at INTEGER NOT NULL
+    );
+    CREATE INDEX samples_by_bundle ON samples(digest, device);
+    CREATE INDEX samples_by_time ON samples(received_at);",
 ];
 
 /// The store.
@@ -324,6 +347,32 @@ impl DriftSummary {
                 .collect(),
         }
     }
+}
+
+/// What storing a sample upload part led to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SampleParts {
+    /// More parts to come.
+    Waiting,
+    /// Every part is in: the joined bytes.
+    Complete(Vec<u8>),
+    /// The parts passed the size cap; the upload was dropped.
+    TooLarge,
+}
+
+/// A stored sample.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SampleRow {
+    /// Device.
+    pub device: String,
+    /// Bundle digest that answered.
+    pub digest: String,
+    /// Device time, s since the epoch.
+    pub at: i64,
+    /// Why it was kept (`always`, `drift`, `low_confidence`).
+    pub reason: String,
+    /// `{"inputs": [tensors], "outputs": [tensors]}`.
+    pub body: serde_json::Value,
 }
 
 /// An audit record.
@@ -740,6 +789,151 @@ impl Db {
             .await?)
     }
 
+    /// Stores one part of a sample upload (a redelivery is ignored). When the
+    /// upload is complete, returns the joined bytes and deletes the parts; an
+    /// upload whose parts pass `max_len` bytes is dropped.
+    pub async fn insert_sample_part(
+        &self,
+        device: &str,
+        u: &edgefleet_shared::protocol::SampleUpload,
+        max_len: usize,
+        now: u64,
+    ) -> Result<SampleParts> {
+        let (device, u) = (device.to_owned(), u.clone());
+        Ok(self
+            .conn
+            .call(move |c| -> rusqlite::Result<SampleParts> {
+                let tx = c.transaction()?;
+                tx.execute(
+                    "INSERT OR IGNORE INTO sample_parts (device, command, digest, part, parts, data, received_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![device, i(u.command), u.digest.to_hex(), u.part, u.parts, u.data, i(now)],
+                )?;
+                let (have, bytes): (i64, i64) = tx.query_row(
+                    "SELECT COUNT(*), COALESCE(SUM(length(data)), 0) FROM sample_parts
+                     WHERE device = ?1 AND command = ?2 AND parts = ?3",
+                    params![device, i(u.command), u.parts],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                if u64::try_from(bytes).unwrap_or(u64::MAX) > max_len as u64 {
+                    tx.execute(
+                        "DELETE FROM sample_parts WHERE device = ?1 AND command = ?2",
+                        params![device, i(u.command)],
+                    )?;
+                    tx.commit()?;
+                    return Ok(SampleParts::TooLarge);
+                }
+                let joined = if have == i64::from(u.parts) {
+                    let mut st = tx.prepare(
+                        "SELECT data FROM sample_parts WHERE device = ?1 AND command = ?2 ORDER BY part",
+                    )?;
+                    let parts = st.query_map(params![device, i(u.command)], |r| r.get::<_, Vec<u8>>(0))?;
+                    let mut all = Vec::new();
+                    for p in parts {
+                        all.extend(p?);
+                    }
+                    drop(st);
+                    tx.execute(
+                        "DELETE FROM sample_parts WHERE device = ?1 AND command = ?2",
+                        params![device, i(u.command)],
+                    )?;
+                    SampleParts::Complete(all)
+                } else {
+                    SampleParts::Waiting
+                };
+                tx.commit()?;
+                Ok(joined)
+            })
+            .await?)
+    }
+
+    /// Stores the samples of a complete upload.
+    pub async fn insert_samples(
+        &self,
+        device: &str,
+        command: u64,
+        batch: edgefleet_shared::protocol::SampleBatch,
+        now: u64,
+    ) -> Result<usize> {
+        let device = device.to_owned();
+        Ok(self
+            .conn
+            .call(move |c| -> rusqlite::Result<usize> {
+                let tx = c.transaction()?;
+                {
+                    let mut st = tx.prepare_cached(
+                        "INSERT INTO samples (device, command, digest, at, reason, body, received_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )?;
+                    for s in &batch.samples {
+                        let reason = serde_json::to_value(s.reason)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default();
+                        st.execute(params![
+                            device,
+                            i(command),
+                            batch.digest.to_hex(),
+                            s.at.0,
+                            reason,
+                            serde_json::to_string(&serde_json::json!({"inputs": s.inputs, "outputs": s.outputs}))
+                                .unwrap_or_default(),
+                            i(now),
+                        ])?;
+                    }
+                }
+                tx.commit()?;
+                Ok(batch.samples.len())
+            })
+            .await?)
+    }
+
+    /// Stored samples, oldest first, optionally of one device and/or bundle, at
+    /// most `limit`: (device, digest, device time, reason, {inputs, outputs}).
+    pub async fn samples(
+        &self,
+        device: Option<String>,
+        digest: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<SampleRow>> {
+        Ok(self
+            .read
+            .call(move |c| -> rusqlite::Result<Vec<SampleRow>> {
+                let mut st = c.prepare(
+                    "SELECT device, digest, at, reason, body FROM samples
+                     WHERE (?1 IS NULL OR device = ?1) AND (?2 IS NULL OR digest = ?2)
+                     ORDER BY id LIMIT ?3",
+                )?;
+                let rows = st.query_map(params![device, digest, limit], |r| {
+                    let body: String = r.get(4)?;
+                    Ok(SampleRow {
+                        device: r.get(0)?,
+                        digest: r.get(1)?,
+                        at: r.get(2)?,
+                        reason: r.get(3)?,
+                        body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+                    })
+                })?;
+                rows.collect()
+            })
+            .await?)
+    }
+
+    /// Deletes samples (and stale upload parts) received before `before`.
+    pub async fn prune_samples(&self, before: u64) -> Result<usize> {
+        Ok(self
+            .conn
+            .call(move |c| -> rusqlite::Result<usize> {
+                let n = c.execute("DELETE FROM samples WHERE received_at < ?1", [i(before)])?;
+                c.execute(
+                    "DELETE FROM sample_parts WHERE received_at < ?1",
+                    [i(before)],
+                )?;
+                Ok(n)
+            })
+            .await?)
+    }
+
     /// Deletes telemetry received before `before`; returns how many rows went.
     pub async fn prune_telemetry(&self, before: u64) -> Result<usize> {
         Ok(self
@@ -937,6 +1131,23 @@ impl Db {
                     params![d, r, a, i(now)],
                 )?;
                 Ok(u(c.last_insert_rowid()))
+            })
+            .await?)
+    }
+
+    /// The action of command `id` if it was sent to `device`.
+    pub async fn command_action(&self, device: &str, id: u64) -> Result<Option<String>> {
+        let device = device.to_owned();
+        Ok(self
+            .read
+            .call(move |c| -> rusqlite::Result<Option<String>> {
+                use rusqlite::OptionalExtension as _;
+                c.query_row(
+                    "SELECT action FROM commands WHERE id = ?1 AND device = ?2",
+                    params![i(id), device],
+                    |r| r.get(0),
+                )
+                .optional()
             })
             .await?)
     }

@@ -212,6 +212,7 @@ impl Fleet {
                             DeviceTopic::Events,
                             DeviceTopic::Telemetry,
                             DeviceTopic::Fetch,
+                            DeviceTopic::Samples,
                         ] {
                             let _ = f
                                 .client
@@ -365,7 +366,52 @@ impl Fleet {
                 let r: FetchRequest = protocol::decode(payload).map_err(|e| e.to_string())?;
                 self.enqueue_chunks(&r).await?;
             }
-            DeviceTopic::Commands | DeviceTopic::Samples => {
+            DeviceTopic::Samples => {
+                let u: protocol::SampleUpload =
+                    protocol::decode(payload).map_err(|e| e.to_string())?;
+                // Only answers to our own request, and within the batch cap.
+                let asked = self
+                    .db
+                    .command_action(device.as_str(), u.command)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if asked.as_deref() != Some("request_samples") {
+                    return Err(format!(
+                        "samples for command {}, which was not a request_samples sent to {device}",
+                        u.command
+                    ));
+                }
+                let joined = self
+                    .db
+                    .insert_sample_part(device.as_str(), &u, protocol::SampleBatch::MAX_LEN, now)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if joined == crate::db::SampleParts::TooLarge {
+                    return Err(format!(
+                        "sample upload {} is over {} bytes; dropped",
+                        u.command,
+                        protocol::SampleBatch::MAX_LEN
+                    ));
+                }
+                if let crate::db::SampleParts::Complete(bytes) = joined {
+                    let batch =
+                        protocol::SampleBatch::from_bytes(&bytes).map_err(|e| e.to_string())?;
+                    if batch.digest != u.digest {
+                        return Err(format!(
+                            "the sample batch names bundle {} but its parts name {}",
+                            batch.digest.short(),
+                            u.digest.short()
+                        ));
+                    }
+                    let n = self
+                        .db
+                        .insert_samples(device.as_str(), u.command, batch, now)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tracing::info!(device = %device, samples = n, "samples stored");
+                }
+            }
+            DeviceTopic::Commands => {
                 return Err(format!("{} is not read by this controller", kind.segment()));
             }
         }
@@ -455,6 +501,10 @@ impl Fleet {
                 let _ = self
                     .db
                     .prune_telemetry(now.saturating_sub(self.retention_ms()))
+                    .await;
+                let _ = self
+                    .db
+                    .prune_samples(now.saturating_sub(self.retention_ms()))
                     .await;
             }
         }

@@ -14,4 +14,5 @@ pub mod fleet;
 pub mod gate;
 pub mod operator;
 pub mod remote;
+pub mod samples;
 pub mod serve;

@@ -398,6 +398,7 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
             .then(|| edgefleet_agent::drift::tracker::WindowSettings::from(&config.drift)),
     );
     served.set_shadow(shadow);
+    served.set_samples_config(config.samples.clone());
     let api = TcpListener::bind(("127.0.0.1", 0))
         .await
         .map_err(|e| fail(format!("local API: {e}")))?;

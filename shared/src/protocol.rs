@@ -905,6 +905,81 @@ impl Message for FetchRequest {
     }
 }
 
+/// Why a request was kept in the sample reservoir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptureReason {
+    /// Capture of every request (a share kept by reservoir sampling).
+    Always,
+    /// The drift window was drifted when the request came.
+    Drift,
+    /// The model's top class probability was below the configured confidence.
+    LowConfidence,
+}
+
+/// One captured request: its inputs and the model's outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapturedSample {
+    /// Device time of the request.
+    pub at: UnixTime,
+    /// Why it was kept.
+    pub reason: CaptureReason,
+    /// The request's input tensors.
+    pub inputs: Vec<crate::golden::Tensor>,
+    /// The active model's answer.
+    pub outputs: Vec<crate::golden::Tensor>,
+}
+
+/// The samples of one upload: the CBOR that a [`SampleUpload`]'s parts carry,
+/// cut into byte ranges and joined again in `part` order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleBatch {
+    /// The bundle that answered.
+    pub digest: Digest,
+    /// The samples, oldest first.
+    pub samples: Vec<CapturedSample>,
+}
+
+impl SampleBatch {
+    /// Largest encoded batch accepted (all parts together).
+    pub const MAX_LEN: usize = 16 * 1024 * 1024;
+    /// Most samples in one batch.
+    pub const MAX_SAMPLES: usize = 100_000;
+
+    /// Encodes the batch.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        cbor::to_vec(self)
+    }
+
+    /// Decodes a joined batch, capped, and checks every tensor's shape matches
+    /// its data.
+    pub fn from_bytes(bytes: &[u8]) -> Result<SampleBatch, DecodeError> {
+        let b: SampleBatch = cbor::from_slice("sample batch", bytes, Self::MAX_LEN)?;
+        if b.samples.len() > Self::MAX_SAMPLES {
+            return Err(invalid("sample batch", "samples", "at most 100000"));
+        }
+        for s in &b.samples {
+            for t in s.inputs.iter().chain(&s.outputs) {
+                let n = t
+                    .shape
+                    .iter()
+                    .try_fold(1u64, |a, d| a.checked_mul(*d))
+                    .unwrap_or(u64::MAX);
+                if n != t.data.len() as u64 {
+                    return Err(invalid(
+                        "sample batch",
+                        "samples.tensor",
+                        format!("`{}`: shape {:?} does not match its data", t.name, t.shape),
+                    ));
+                }
+            }
+        }
+        Ok(b)
+    }
+}
+
 /// One part of a sample upload (see `docs/protocol.md`, "Samples").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

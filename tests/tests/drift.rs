@@ -218,3 +218,114 @@ fn a_rollout_whose_new_bundle_drifts_where_the_old_one_does_not_is_halted_and_re
     });
     fleet.set_traffic(None);
 }
+
+#[test]
+fn samples_captured_while_drifting_are_uploaded_on_request_and_exported() {
+    let h = Harness::start(|_| {});
+    let ids = vec!["c0".to_owned(), "c1".to_owned()];
+    let fleet = h.fleet(
+        ids.iter()
+            .map(|id| h.device(id, FaultPlan::default()))
+            .collect(),
+    );
+    let digest = h.upload(&h.build(&BundleSpec {
+        reference: Some(Path::new(MODELS).join("iris_reference.csv")),
+        ..BundleSpec::new("iris_logreg.onnx", (1, 0, 0), 1)
+    }));
+    let id = h.rollout(&json!({
+        "bundle": digest, "selector": {"devices": ids}, "waves": ["100%"], "gates": {"soak_ms": 0},
+    }));
+    h.wait_phase(&id, &["completed"]);
+    // Capture is off by default (user data); the operator turns it on for c0 only.
+    h.api
+        .post(
+            "/api/v1/devices/c0/configure",
+            &json!({"sample_capture": true}),
+        )
+        .expect("configure");
+    let url = |d: &str| {
+        format!(
+            "{}/v2/models/model/infer",
+            fleet.device(d).expect("d").api_url()
+        )
+    };
+    // Shifted traffic: the window drifts...
+    post(&url("c0"), &body(&reference_rows(1.5)));
+    wait_for("c0 drifted at the controller", || {
+        let v = h.api.get("/api/v1/drift").ok()?;
+        let b = v["bundles"].as_array()?.first()?.clone();
+        (b["drifted_devices"] == json!(["c0"])).then_some(())
+    });
+    // ... and requests served while it is drifted are kept.
+    let shifted = reference_rows(1.5);
+    for r in shifted.iter().take(25) {
+        post(&url("c0"), &body(std::slice::from_ref(r)));
+    }
+    let ask = h
+        .api
+        .post("/api/v1/devices/c0/samples", &json!({"max_samples": 20}))
+        .expect("request samples");
+    assert!(ask["command"].as_u64().is_some(), "{ask}");
+    let stored = wait_for("c0's samples stored", || {
+        let v = h.api.get("/api/v1/samples?device=c0").ok()?;
+        let s = v["samples"].as_array()?.clone();
+        (s.len() == 20).then_some(s)
+    });
+    assert!(
+        stored
+            .iter()
+            .all(|s| s["reason"] == "drift" && s["digest"] == json!(digest))
+    );
+    let csv = h
+        .api
+        .get_text(&format!(
+            "/api/v1/samples?device=c0&bundle={digest}&format=csv"
+        ))
+        .expect("csv");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines[0],
+        "device,bundle,at,reason,features[0],features[1],features[2],features[3],label,probabilities[0],probabilities[1],probabilities[2]"
+    );
+    assert_eq!(lines.len(), 21, "{csv}");
+    // Every exported row is one of the shifted rows that were sent.
+    for l in &lines[1..] {
+        let cells: Vec<f64> = l
+            .split(',')
+            .skip(4)
+            .take(4)
+            .map(|c| c.parse().expect("n"))
+            .collect();
+        assert!(
+            shifted
+                .iter()
+                .any(|r| r.iter().zip(&cells).all(|(a, b)| (a - b).abs() < 1e-4)),
+            "{l}"
+        );
+    }
+    // c1 never enabled capture: it says so, and nothing is stored for it.
+    h.api
+        .post("/api/v1/devices/c1/samples", &json!({}))
+        .expect("request samples");
+    wait_for("c1's refusal", || {
+        let v = h.api.get("/api/v1/devices/c1").ok()?;
+        v["events"].as_array()?.iter().find(|e| {
+            e["kind"] == "command_rejected"
+                && e["body"].to_string().contains("sample capture is off")
+        })?;
+        Some(())
+    });
+    let none = h.api.get("/api/v1/samples?device=c1").expect("samples");
+    assert_eq!(none["samples"], json!([]));
+    // Bad requests get a clear error.
+    let err = h
+        .api
+        .post("/api/v1/devices/c0/samples", &json!({"max_samples": 0}))
+        .expect_err("0 samples");
+    assert!(err.to_string().contains("max_samples"), "{err}");
+    let err = h
+        .api
+        .get_text("/api/v1/samples?format=xml")
+        .expect_err("xml");
+    assert!(err.to_string().contains("format"), "{err}");
+}

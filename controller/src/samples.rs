@@ -1,0 +1,215 @@
+//! Exports of captured samples for labelling and retraining: one table row per
+//! input row, pure functions from stored samples to CSV or NPY bytes.
+//!
+//! Layout: the first input tensor is `[rows, width]` (or one row `[width]`); its
+//! columns become `input[0]`.. (named after the tensor). Each output `[rows]`
+//! becomes one column, `[rows, k]` becomes k columns `out[0]`... The layout is
+//! taken from the first sample; samples of another layout (another model) are
+//! skipped and counted: export one bundle at a time (`bundle=`).
+
+use edgefleet_shared::golden::Tensor;
+
+use crate::db::SampleRow;
+
+/// The rows of an export.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Table {
+    /// Column names after `device,bundle,at,reason`, inputs then outputs.
+    pub columns: Vec<String>,
+    /// How many of `columns` are inputs.
+    pub inputs: usize,
+    /// (device, bundle, at, reason, values) per row.
+    pub rows: Vec<(String, String, i64, String, Vec<f64>)>,
+    /// Samples skipped: another layout, or unreadable.
+    pub skipped: usize,
+}
+
+/// Rows of one sample: `(input columns, output columns, values per row)`.
+fn sample_rows(body: &serde_json::Value) -> Option<(Vec<String>, usize, Vec<Vec<f64>>)> {
+    let inputs: Vec<Tensor> = serde_json::from_value(body.get("inputs")?.clone()).ok()?;
+    let outputs: Vec<Tensor> = serde_json::from_value(body.get("outputs")?.clone()).ok()?;
+    let x = inputs.first()?;
+    let (n, width) = match x.shape.as_slice() {
+        [n, w] => (*n as usize, *w as usize),
+        [w] => (1, *w as usize),
+        _ => return None,
+    };
+    let xs = x.data.to_f64();
+    if xs.len() != n * width {
+        return None;
+    }
+    let mut columns: Vec<String> = (0..width).map(|j| format!("{}[{j}]", x.name)).collect();
+    let mut per_output = Vec::new();
+    for o in &outputs {
+        let k = match o.shape.as_slice() {
+            [m] if *m as usize == n => 1,
+            [m, k] if *m as usize == n => *k as usize,
+            _ => continue,
+        };
+        if k == 1 {
+            columns.push(o.name.clone());
+        } else {
+            columns.extend((0..k).map(|j| format!("{}[{j}]", o.name)));
+        }
+        per_output.push((k, o.data.to_f64()));
+    }
+    let rows = (0..n)
+        .map(|r| {
+            let mut v = xs[r * width..(r + 1) * width].to_vec();
+            for (k, data) in &per_output {
+                v.extend_from_slice(&data[r * k..(r + 1) * k]);
+            }
+            v
+        })
+        .collect();
+    Some((columns, width, rows))
+}
+
+/// Flattens stored samples into one table (see the module docs).
+pub fn table(samples: &[SampleRow]) -> Table {
+    let mut t = Table::default();
+    for s in samples {
+        let Some((columns, width, rows)) = sample_rows(&s.body) else {
+            t.skipped += 1;
+            continue;
+        };
+        if t.columns.is_empty() && t.rows.is_empty() {
+            t.columns = columns.clone();
+            t.inputs = width;
+        }
+        if columns != t.columns {
+            t.skipped += 1;
+            continue;
+        }
+        for v in rows {
+            t.rows.push((
+                s.device.clone(),
+                s.digest.clone(),
+                s.at,
+                s.reason.clone(),
+                v,
+            ));
+        }
+    }
+    t
+}
+
+/// CSV with a header row: `device,bundle,at,reason,` then the columns.
+pub fn to_csv(t: &Table) -> String {
+    let mut out = String::from("device,bundle,at,reason");
+    for c in &t.columns {
+        out.push(',');
+        out.push_str(c);
+    }
+    out.push('\n');
+    for (device, bundle, at, reason, values) in &t.rows {
+        out.push_str(&format!("{device},{bundle},{at},{reason}"));
+        for v in values {
+            out.push(',');
+            out.push_str(&v.to_string());
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// NPY (format 1.0) of the input columns: little-endian float64, shape
+/// `(rows, inputs)`, C order, as `numpy.load` reads it. The format is a fixed
+/// 10-byte preamble and a Python-literal header padded to 64 bytes, written
+/// here rather than through a crate.
+pub fn inputs_to_npy(t: &Table) -> Vec<u8> {
+    let mut header = format!(
+        "{{'descr': '<f8', 'fortran_order': False, 'shape': ({}, {}), }}",
+        t.rows.len(),
+        t.inputs
+    );
+    // Preamble (10 bytes) + header + '\n' is a multiple of 64.
+    let pad = (64 - (10 + header.len() + 1) % 64) % 64;
+    header.push_str(&" ".repeat(pad));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + t.rows.len() * t.inputs * 8);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for (_, _, _, _, values) in &t.rows {
+        for v in &values[..t.inputs] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample(device: &str, x: Vec<f32>, rows: u64, labels: Vec<i64>) -> SampleRow {
+        let width = x.len() as u64 / rows;
+        let probs: Vec<f32> = labels.iter().flat_map(|_| [0.25, 0.75]).collect();
+        SampleRow {
+            device: device.into(),
+            digest: "ab".into(),
+            at: 7,
+            reason: "drift".into(),
+            body: json!({
+                "inputs": [Tensor { name: "features".into(), shape: vec![rows, width], data: edgefleet_shared::golden::TensorData::F32(x) }],
+                "outputs": [
+                    Tensor { name: "label".into(), shape: vec![rows], data: edgefleet_shared::golden::TensorData::I64(labels) },
+                    Tensor { name: "probabilities".into(), shape: vec![rows, 2], data: edgefleet_shared::golden::TensorData::F32(probs) },
+                ],
+            }),
+        }
+    }
+
+    #[test]
+    fn samples_flatten_to_one_row_per_input_row_and_other_layouts_are_skipped() {
+        let t = table(&[
+            sample("d1", vec![1.0, 2.0, 3.0, 4.0], 2, vec![0, 1]),
+            sample("d2", vec![5.0, 6.0], 1, vec![1]),
+            sample("d3", vec![1.0, 2.0, 3.0], 1, vec![1]),
+            SampleRow {
+                body: json!({"inputs": "garbage"}),
+                ..sample("d4", vec![1.0, 2.0], 1, vec![0])
+            },
+        ]);
+        assert_eq!(
+            t.columns,
+            [
+                "features[0]",
+                "features[1]",
+                "label",
+                "probabilities[0]",
+                "probabilities[1]"
+            ]
+        );
+        assert_eq!((t.inputs, t.rows.len(), t.skipped), (2, 3, 2));
+        let csv = to_csv(&t);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines[0],
+            "device,bundle,at,reason,features[0],features[1],label,probabilities[0],probabilities[1]"
+        );
+        assert_eq!(lines[2], "d1,ab,7,drift,3,4,1,0.25,0.75");
+        assert_eq!(lines[3], "d2,ab,7,drift,5,6,1,0.25,0.75");
+    }
+
+    #[test]
+    fn npy_matches_what_numpy_writes() {
+        // numpy.save of np.array([[1.0, 2.0], [3.0, 4.0]]) (numpy 2.x), byte for byte.
+        let t = table(&[sample("d1", vec![1.0, 2.0, 3.0, 4.0], 2, vec![0, 1])]);
+        let npy = inputs_to_npy(&t);
+        let header = "{'descr': '<f8', 'fortran_order': False, 'shape': (2, 2), }";
+        let mut expected = b"\x93NUMPY\x01\x00v\x00".to_vec();
+        expected.extend(header.as_bytes());
+        expected.extend(std::iter::repeat_n(b' ', 128 - 1 - expected.len()));
+        expected.push(b'\n');
+        for v in [1.0f64, 2.0, 3.0, 4.0] {
+            expected.extend(v.to_le_bytes());
+        }
+        assert_eq!(expected.len(), 160, "numpy's file is 160 bytes");
+        assert_eq!(npy.len() % 8, 0);
+        assert_eq!(&npy[..10], &expected[..10], "preamble and header length");
+        assert_eq!(npy, expected);
+    }
+}
