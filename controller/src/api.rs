@@ -405,6 +405,7 @@ async fn fleet_drift(
             by.entry(d.clone()).or_default().push(r);
         }
     }
+    let alerting = s.fleet.drift_alerting();
     let groups: Vec<Value> = by
         .into_iter()
         .map(|(digest, rows)| {
@@ -424,6 +425,7 @@ async fn fleet_drift(
                 "drifted_devices": drifted,
                 "drifted_share": summary.drifted_devices as f64 / summary.drift_devices.max(1) as f64,
                 "drifted_features": summary.drifted_features,
+                "alert": alerting.contains(&digest),
             })
         })
         .collect();
@@ -1501,6 +1503,11 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
             "edgefleet_gate_refused_total",
             "Connections the gate closed (unknown certificate, or a topic outside the device's own).",
             &s.gate_stats.refused,
+        ),
+        (
+            "edgefleet_drift_alerts_total",
+            "Fleet-level drift alerts raised (a model version with [drift] alert_percent of its devices drifted).",
+            &st.drift_alerts,
         ),
         (
             "edgefleet_gate_revoked_total",

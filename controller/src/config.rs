@@ -96,6 +96,26 @@ impl Default for TelemetryStoreConfig {
     }
 }
 
+/// `[drift]`: the fleet-level drift alert.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DriftAlertConfig {
+    /// A model version is alerting when at least this percentage of the devices
+    /// reporting drift for it are drifted (1-100).
+    pub alert_percent: u32,
+    /// ... and at least this many devices report (1 or more).
+    pub alert_min_devices: u32,
+}
+
+impl Default for DriftAlertConfig {
+    fn default() -> Self {
+        DriftAlertConfig {
+            alert_percent: 30,
+            alert_min_devices: 3,
+        }
+    }
+}
+
 /// `[rollouts]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -133,6 +153,8 @@ pub struct ControllerConfig {
     pub telemetry: TelemetryStoreConfig,
     /// Rollout engine.
     pub rollouts: RolloutConfig,
+    /// Fleet-level drift alerts.
+    pub drift: DriftAlertConfig,
 }
 
 impl Default for ControllerConfig {
@@ -144,6 +166,7 @@ impl Default for ControllerConfig {
             http: HttpConfig::default(),
             mqtt: MqttConfig::default(),
             telemetry: TelemetryStoreConfig::default(),
+            drift: DriftAlertConfig::default(),
             rollouts: RolloutConfig::default(),
         }
     }
@@ -210,6 +233,12 @@ impl ControllerConfig {
         if self.telemetry.retention_days == 0 {
             return Err(invalid("telemetry.retention_days", "must be at least 1"));
         }
+        if !(1..=100).contains(&self.drift.alert_percent) {
+            return Err(invalid("drift.alert_percent", "must be 1 to 100"));
+        }
+        if self.drift.alert_min_devices == 0 {
+            return Err(invalid("drift.alert_min_devices", "must be at least 1"));
+        }
         if !(10..=60_000).contains(&self.rollouts.tick_ms) {
             return Err(invalid("rollouts.tick_ms", "must be 10 to 60000"));
         }
@@ -251,7 +280,10 @@ impl ControllerConfig {
              #   connects to `url` with ca/cert/key (Mosquitto: see `edgefleet broker acl`).\n\
              # [telemetry] retention_days, batch_max, batch_ms: how samples are stored.\n\
              # [rollouts] tick_ms: engine period; chunk_coalesce_ms: wait that merges\n\
-             #   requests for the same chunk from several devices.\n\n{body}"
+             #   requests for the same chunk from several devices.\n\
+             # [drift] alert_percent, alert_min_devices: a model version alerts (audit\n\
+             #   drift.alert, metric edgefleet_drift_alerts_total) when that share of the\n\
+             #   devices reporting drift for it are drifted.\n\n{body}"
         )
     }
 }
@@ -292,6 +324,7 @@ mod tests {
                 "telemetry.retention_days",
             ),
             ("[rollouts]\ntick_ms = 1", "rollouts.tick_ms"),
+            ("[drift]\nalert_percent = 0", "drift.alert_percent"),
             ("[http]\nmax_bundle_bytes = 0", "http.max_bundle_bytes"),
         ] {
             let err = check(text).expect_err(text).to_string();

@@ -52,6 +52,8 @@ pub struct FleetStats {
     pub commands_sent: AtomicU64,
     /// Install failures reported by devices.
     pub install_failures: AtomicU64,
+    /// Fleet-level drift alerts raised.
+    pub drift_alerts: AtomicU64,
 }
 
 /// A stored bundle, as the chunk server reads it.
@@ -142,6 +144,15 @@ pub struct Fleet {
     coalesce: Duration,
     /// Counters.
     pub stats: FleetStats,
+    /// Fleet-level drift alert: settings and the bundles alerting now.
+    drift_alert: std::sync::Mutex<DriftAlertState>,
+}
+
+/// The fleet-level drift alert's settings and state.
+#[derive(Debug, Clone)]
+struct DriftAlertState {
+    config: crate::config::DriftAlertConfig,
+    alerting: BTreeSet<String>,
 }
 
 #[derive(Debug, Default)]
@@ -193,6 +204,10 @@ impl Fleet {
             queue_wake: tokio::sync::Notify::new(),
             coalesce,
             stats: FleetStats::default(),
+            drift_alert: std::sync::Mutex::new(DriftAlertState {
+                config: crate::config::DriftAlertConfig::default(),
+                alerting: BTreeSet::new(),
+            }),
         });
         fleet.load_rollouts().await?;
 
@@ -478,6 +493,7 @@ impl Fleet {
         batch_wait: Duration,
     ) {
         let mut last_prune = 0u64;
+        let mut last_alert_check = 0u64;
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
             let deadline = tokio::time::Instant::now() + batch_wait;
@@ -496,6 +512,12 @@ impl Fleet {
                 Err(e) => tracing::error!(error = %e, "telemetry batch not stored"),
             }
             let now = now_ms();
+            if now.saturating_sub(last_alert_check) >= 5_000 {
+                last_alert_check = now;
+                if let Err(e) = self.check_drift_alerts(now).await {
+                    tracing::error!(error = %e, "drift alert check failed");
+                }
+            }
             if now.saturating_sub(last_prune) > 3_600_000 {
                 last_prune = now;
                 let _ = self
@@ -508,6 +530,66 @@ impl Fleet {
                     .await;
             }
         }
+    }
+
+    /// Sets the fleet-level drift alert (from the `[drift]` config).
+    pub fn set_drift_alert(&self, config: crate::config::DriftAlertConfig) {
+        self.drift_alert
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config = config;
+    }
+
+    /// Bundles whose fleet-level drift alert is raised now.
+    pub fn drift_alerting(&self) -> BTreeSet<String> {
+        self.drift_alert
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .alerting
+            .clone()
+    }
+
+    /// Raises or clears each bundle's drift alert from the latest reports of the
+    /// last hour; every change is audited (actor `controller`).
+    async fn check_drift_alerts(&self, now: u64) -> Result<(), FleetError> {
+        let latest = self
+            .db
+            .latest_telemetry(now.saturating_sub(3_600_000))
+            .await?;
+        let mut groups: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for t in &latest {
+            if let (Some(digest), Some(d)) = (&t.digest, &t.drift) {
+                let g = groups.entry(digest.clone()).or_default();
+                g.0 += 1;
+                g.1 += usize::from(d.drifted);
+            }
+        }
+        let changes = {
+            let mut st = self.drift_alert.lock().unwrap_or_else(|p| p.into_inner());
+            let (next, changes) = drift_alerts(&groups, &st.alerting, &st.config);
+            st.alerting = next;
+            changes
+        };
+        for c in changes {
+            let share = c.drifted as f64 / c.devices.max(1) as f64;
+            if c.raised {
+                self.stats.drift_alerts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(bundle = %c.digest, drifted = c.drifted, devices = c.devices, "drift alert raised");
+            } else {
+                tracing::info!(bundle = %c.digest, "drift alert cleared");
+            }
+            self.db
+                .audit(
+                    "controller",
+                    if c.raised { "drift.alert" } else { "drift.cleared" },
+                    &c.digest,
+                    None,
+                    Some(serde_json::json!({"devices": c.devices, "drifted": c.drifted, "share": share})),
+                    now,
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     fn retention_ms(&self) -> u64 {
@@ -881,6 +963,58 @@ fn failure_text(r: &FailureReason) -> String {
     }
 }
 
+/// A change of a bundle's fleet-level drift alert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertChange {
+    /// The bundle.
+    pub digest: String,
+    /// Raised (true) or cleared.
+    pub raised: bool,
+    /// Devices reporting drift for it.
+    pub devices: usize,
+    /// Of those, drifted.
+    pub drifted: usize,
+}
+
+/// Which bundles alert, from `(devices reporting, drifted)` per bundle: at least
+/// `alert_min_devices` reporting and `alert_percent` of them drifted. Returns
+/// the new set and what changed against `alerting`; a bundle no longer
+/// reported clears.
+pub fn drift_alerts(
+    groups: &BTreeMap<String, (usize, usize)>,
+    alerting: &BTreeSet<String>,
+    config: &crate::config::DriftAlertConfig,
+) -> (BTreeSet<String>, Vec<AlertChange>) {
+    let mut next = BTreeSet::new();
+    for (digest, (devices, drifted)) in groups {
+        if *devices >= config.alert_min_devices as usize
+            && drifted * 100 >= config.alert_percent as usize * devices
+        {
+            next.insert(digest.clone());
+        }
+    }
+    let mut changes = Vec::new();
+    for d in next.difference(alerting) {
+        let (devices, drifted) = groups.get(d).copied().unwrap_or_default();
+        changes.push(AlertChange {
+            digest: d.clone(),
+            raised: true,
+            devices,
+            drifted,
+        });
+    }
+    for d in alerting.difference(&next) {
+        let (devices, drifted) = groups.get(d).copied().unwrap_or_default();
+        changes.push(AlertChange {
+            digest: d.clone(),
+            raised: false,
+            devices,
+            drifted,
+        });
+    }
+    (next, changes)
+}
+
 /// Fewest inferences (wave or baseline) before a rate or a latency counts.
 pub const MIN_INFERENCES: u64 = 20;
 
@@ -1113,6 +1247,42 @@ mod tests {
             features: if drifted { vec!["x".into()] } else { vec![] },
         });
         r
+    }
+
+    #[test]
+    fn a_version_alerts_when_enough_of_its_devices_drift_and_clears_after() {
+        let config = crate::config::DriftAlertConfig {
+            alert_percent: 30,
+            alert_min_devices: 3,
+        };
+        let groups = |v: &[(&str, usize, usize)]| -> BTreeMap<String, (usize, usize)> {
+            v.iter()
+                .map(|(d, n, k)| ((*d).to_owned(), (*n, *k)))
+                .collect()
+        };
+        // 3 of 10 is 30%: raised; 2 of 2 has too few devices; 2 of 10 is under.
+        let (on, changes) = drift_alerts(
+            &groups(&[("a", 10, 3), ("b", 2, 2), ("c", 10, 2)]),
+            &BTreeSet::new(),
+            &config,
+        );
+        assert_eq!(on, BTreeSet::from(["a".to_owned()]));
+        assert_eq!(
+            changes,
+            [AlertChange {
+                digest: "a".into(),
+                raised: true,
+                devices: 10,
+                drifted: 3
+            }]
+        );
+        // Unchanged: no news. Then it drops under, and clears once.
+        let (same, changes) = drift_alerts(&groups(&[("a", 10, 4)]), &on, &config);
+        assert!(changes.is_empty() && same == on);
+        let (off, changes) = drift_alerts(&groups(&[("a", 10, 1)]), &on, &config);
+        assert!(off.is_empty());
+        assert_eq!(changes.len(), 1);
+        assert!(!changes[0].raised);
     }
 
     #[test]

@@ -170,6 +170,7 @@ pub async fn start(
     )
     .await
     .map_err(|e| err("fleet")(e.to_string()))?;
+    fleet.set_drift_alert(config.drift.clone());
 
     let state = AppState {
         fleet,

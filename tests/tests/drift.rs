@@ -155,6 +155,21 @@ fn devices_fed_shifted_inputs_and_only_those_are_reported_drifted() {
         a[0]
     );
     assert!(alerts("d0").is_empty() && alerts("d2").is_empty());
+    // Two of six (33%) is over the fleet-level alert's 30%: raised and audited.
+    wait_for("the fleet-level drift alert", || {
+        let v = h.api.get("/api/v1/drift").ok()?;
+        v["bundles"]
+            .as_array()?
+            .iter()
+            .any(|b| b["bundle"] == Value::String(digest.clone()) && b["alert"] == true)
+            .then_some(())
+    });
+    let audit = h.api.get("/api/v1/audit").expect("audit");
+    assert!(
+        audit.to_string().contains("drift.alert"),
+        "an audited drift.alert: {audit}"
+    );
+    assert_eq!(h.metric("edgefleet_drift_alerts_total"), 1);
     // Prometheus.
     let metrics = h.api.get_text("/metrics").expect("metrics");
     assert!(
