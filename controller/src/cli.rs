@@ -189,7 +189,7 @@ pub struct BuildArgs {
     /// Release number; must grow with every bundle of the channel.
     #[arg(long)]
     pub release: u64,
-    /// Reference data (CSV with a header row) for drift statistics.
+    /// Reference data for drift statistics: CSV with a header row, or a .npy array.
     #[arg(long)]
     pub reference: Option<PathBuf>,
     /// Drift: PSI at or above this flags a feature (with --reference).

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod engine;
 pub mod fleet;
 pub mod gate;
+pub mod npy;
 pub mod operator;
 pub mod remote;
 pub mod samples;

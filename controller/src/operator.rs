@@ -638,7 +638,9 @@ fn generated_input(spec: &TensorSpec, first_row: Option<&[f64]>) -> Tensor {
 }
 
 /// Reads a numeric CSV with a header row.
-fn read_reference_csv(path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>), OperatorError> {
+/// Reads reference data: a `.npy` array (columns named `x0`, `x1`...) or a CSV
+/// file with a header row.
+fn read_reference(path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>), OperatorError> {
     let size = fs::metadata(path).map_err(io_err(path))?.len();
     if size > MAX_REFERENCE_CSV {
         return Err(OperatorError::TooLarge {
@@ -648,22 +650,48 @@ fn read_reference_csv(path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>), Opera
         });
     }
     let what = path.display().to_string();
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npy"))
+    {
+        let bytes = fs::read(path).map_err(io_err(path))?;
+        let rows = crate::npy::read_matrix(&bytes, MAX_REFERENCE_ROWS * 1024)
+            .map_err(|e| input_err(&what, e))?;
+        if rows.is_empty() {
+            return Err(input_err(&what, "has no rows"));
+        }
+        if rows.len() > MAX_REFERENCE_ROWS {
+            return Err(input_err(
+                &what,
+                format!("has more than {MAX_REFERENCE_ROWS} rows; sample it first"),
+            ));
+        }
+        let headers = (0..rows[0].len()).map(|j| format!("x{j}")).collect();
+        return Ok((headers, rows));
+    }
+    read_reference_csv(path, &what)
+}
+
+fn read_reference_csv(
+    path: &Path,
+    what: &str,
+) -> Result<(Vec<String>, Vec<Vec<f64>>), OperatorError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .from_path(path)
-        .map_err(|e| input_err(&what, e.to_string()))?;
+        .map_err(|e| input_err(what, e.to_string()))?;
     let headers: Vec<String> = reader
         .headers()
-        .map_err(|e| input_err(&what, e.to_string()))?
+        .map_err(|e| input_err(what, e.to_string()))?
         .iter()
         .map(str::to_owned)
         .collect();
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
-        let record = record.map_err(|e| input_err(&what, e.to_string()))?;
+        let record = record.map_err(|e| input_err(what, e.to_string()))?;
         if rows.len() >= MAX_REFERENCE_ROWS {
             return Err(input_err(
-                &what,
+                what,
                 format!("has more than {MAX_REFERENCE_ROWS} rows; sample it first"),
             ));
         }
@@ -673,7 +701,7 @@ fn read_reference_csv(path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>), Opera
             .map(|(j, field)| {
                 field.trim().parse::<f64>().map_err(|_| {
                     input_err(
-                        &what,
+                        what,
                         format!(
                             "line {}: column `{}` holds {field:?}, which is not a number",
                             i + 2,
@@ -686,7 +714,7 @@ fn read_reference_csv(path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>), Opera
         rows.push(row);
     }
     if rows.is_empty() {
-        return Err(input_err(&what, "has a header but no rows"));
+        return Err(input_err(what, "has a header but no rows"));
     }
     Ok((headers, rows))
 }
@@ -697,7 +725,7 @@ fn reference_stats(
     path: &Path,
     model: &LoadedModel,
 ) -> Result<(ReferenceStats, Vec<f64>), OperatorError> {
-    let (headers, rows) = read_reference_csv(path)?;
+    let (headers, rows) = read_reference(path)?;
     let what = path.display().to_string();
     let stats = edgefleet_agent::drift::summarise(model, &headers, &rows)
         .map_err(|e| input_err(&what, e))?;

@@ -113,30 +113,11 @@ pub fn to_csv(t: &Table) -> String {
     out
 }
 
-/// NPY (format 1.0) of the input columns: little-endian float64, shape
-/// `(rows, inputs)`, C order, as `numpy.load` reads it. The format is a fixed
-/// 10-byte preamble and a Python-literal header padded to 64 bytes, written
-/// here rather than through a crate.
+/// NPY of the input columns: float64, shape `(rows, inputs)`, as `numpy.load`
+/// reads it.
 pub fn inputs_to_npy(t: &Table) -> Vec<u8> {
-    let mut header = format!(
-        "{{'descr': '<f8', 'fortran_order': False, 'shape': ({}, {}), }}",
-        t.rows.len(),
-        t.inputs
-    );
-    // Preamble (10 bytes) + header + '\n' is a multiple of 64.
-    let pad = (64 - (10 + header.len() + 1) % 64) % 64;
-    header.push_str(&" ".repeat(pad));
-    header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + t.rows.len() * t.inputs * 8);
-    out.extend_from_slice(b"\x93NUMPY\x01\x00");
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    for (_, _, _, _, values) in &t.rows {
-        for v in &values[..t.inputs] {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-    out
+    let rows: Vec<&[f64]> = t.rows.iter().map(|r| &r.4[..t.inputs]).collect();
+    crate::npy::write_f64(&rows, t.inputs)
 }
 
 #[cfg(test)]
@@ -195,21 +176,9 @@ mod tests {
     }
 
     #[test]
-    fn npy_matches_what_numpy_writes() {
-        // numpy.save of np.array([[1.0, 2.0], [3.0, 4.0]]) (numpy 2.x), byte for byte.
+    fn the_npy_export_holds_the_input_rows() {
         let t = table(&[sample("d1", vec![1.0, 2.0, 3.0, 4.0], 2, vec![0, 1])]);
-        let npy = inputs_to_npy(&t);
-        let header = "{'descr': '<f8', 'fortran_order': False, 'shape': (2, 2), }";
-        let mut expected = b"\x93NUMPY\x01\x00v\x00".to_vec();
-        expected.extend(header.as_bytes());
-        expected.extend(std::iter::repeat_n(b' ', 128 - 1 - expected.len()));
-        expected.push(b'\n');
-        for v in [1.0f64, 2.0, 3.0, 4.0] {
-            expected.extend(v.to_le_bytes());
-        }
-        assert_eq!(expected.len(), 160, "numpy's file is 160 bytes");
-        assert_eq!(npy.len() % 8, 0);
-        assert_eq!(&npy[..10], &expected[..10], "preamble and header length");
-        assert_eq!(npy, expected);
+        let back = crate::npy::read_matrix(&inputs_to_npy(&t), 100).expect("reads");
+        assert_eq!(back, vec![vec![1.0, 2.0], vec![3.0, 4.0]]);
     }
 }

@@ -355,6 +355,66 @@ fn bad_inputs_get_errors_that_name_the_problem() {
         ],
     );
     assert!(out.contains("line 3") && out.contains("`b`"), "{out}");
+    // Out-of-range drift thresholds name the threshold.
+    let logreg = model("iris_logreg.onnx");
+    let build_with = |reference: &str, extra: &[&str]| {
+        let mut args = vec![
+            "bundle",
+            "build",
+            "--model",
+            logreg.as_str(),
+            "--channel",
+            "iris",
+            "--version",
+            "1.0.0",
+            "--release",
+            "1",
+            "--reference",
+            reference,
+            "--out",
+            "x.efb",
+        ];
+        args.extend_from_slice(extra);
+        args.iter()
+            .map(|a| (*a).to_owned())
+            .collect::<Vec<String>>()
+    };
+    let args = build_with(&model("iris_reference.csv"), &["--drift-p-value", "1.5"]);
+    let out = fails(d, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.contains("p_value"), "{out}");
+    // Reference data as .npy (a float32 array, as numpy.save writes it); a
+    // damaged one is refused with the reason.
+    let rows: Vec<Vec<f32>> = std::fs::read_to_string(model("iris_reference.csv"))
+        .expect("csv")
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(|v| v.parse().expect("n")).collect())
+        .collect();
+    let header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, 4), }}",
+        rows.len()
+    );
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    let padded = format!("{header:<117}\n");
+    npy.extend((padded.len() as u16).to_le_bytes());
+    npy.extend(padded.as_bytes());
+    for r in &rows {
+        for v in r {
+            npy.extend(v.to_le_bytes());
+        }
+    }
+    std::fs::write(d.join("ref.npy"), &npy).expect("w");
+    let args = build_with("ref.npy", &["--drift-psi", "0.2"]);
+    let out = ok(d, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        out.contains(&format!("reference    {} rows summarised", rows.len())),
+        "{out}"
+    );
+    std::fs::remove_file(d.join("x.efb")).expect("rm");
+    std::fs::write(d.join("bad.npy"), &npy[..npy.len() - 3]).expect("w");
+    let args = build_with("bad.npy", &[]);
+    let out = fails(d, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.contains("bytes of data"), "{out}");
     // Invalid channel name: rejected by argument parsing (exit 2) naming the rule.
     let bad = ef(
         d,
