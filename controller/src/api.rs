@@ -1418,11 +1418,21 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
         .map(|b| (b.digest.clone(), b))
         .collect();
     let mut drift: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    let mut shadow: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
     for t in s
         .db()
         .latest_telemetry(now_ms().saturating_sub(3_600_000))
         .await?
     {
+        if let Some(sh) = &t.shadow
+            && let Some(b) = bundles.get(&sh.digest.to_hex())
+        {
+            let e = shadow
+                .entry((b.channel.clone(), b.version.clone()))
+                .or_default();
+            e.0 += sh.runs;
+            e.1 += sh.agreed;
+        }
         if let (Some(d), Some(b)) = (&t.drift, t.digest.as_ref().and_then(|d| bundles.get(d))) {
             let e = drift
                 .entry((b.channel.clone(), b.version.clone()))
@@ -1446,6 +1456,24 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
         "Of those, devices whose latest window is drifted.",
         "gauge",
         drift
+            .iter()
+            .map(|(k, (_, n))| (label(k), *n as f64))
+            .collect(),
+    );
+    gauge(
+        "edgefleet_shadow_runs",
+        "Requests run by shadow models per shadow model version (latest counters of each device of the last hour).",
+        "gauge",
+        shadow
+            .iter()
+            .map(|(k, (n, _))| (label(k), *n as f64))
+            .collect(),
+    );
+    gauge(
+        "edgefleet_shadow_agreed",
+        "Of those, answers that agreed with the active model (agreement = agreed / runs).",
+        "gauge",
+        shadow
             .iter()
             .map(|(k, (_, n))| (label(k), *n as f64))
             .collect(),

@@ -32,13 +32,17 @@ fn traffic() -> Traffic {
     }
 }
 
+/// A rollout whose first wave runs in shadow. Latency is not what these tests
+/// are about: on a shared 2-core machine the shadow's own timing (it runs beside
+/// the next request) can land one 2x histogram bucket above the active model's,
+/// so the latency bound is opened.
 fn shadow_rollout(h: &Harness, bundle: &str, ids: &[String]) -> String {
     h.rollout(&json!({
         "bundle": bundle,
         "selector": {"devices": ids},
         "waves": ["1", "100%"],
         "shadow_waves": 1,
-        "gates": {"soak_ms": 6000},
+        "gates": {"soak_ms": 6000, "max_p95_latency_ratio": 100.0},
     }))
 }
 
@@ -111,6 +115,11 @@ fn a_disagreeing_model_in_shadow_halts_at_the_canary_and_nobody_switches() {
     assert!(
         runs >= 20 && (agreed as f64) < 0.9 * runs as f64,
         "{shadow:?}"
+    );
+    let metrics = h.api.get_text("/metrics").expect("metrics");
+    assert!(
+        metrics.contains("edgefleet_shadow_runs{channel=\"model\",version=\"2.0.0\"}"),
+        "{metrics}"
     );
     // Told to stop: its shadow runs no more requests (traffic goes on).
     let shadow_runs = || -> Option<u64> {
