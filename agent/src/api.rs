@@ -47,6 +47,8 @@ pub struct Served {
     capture: Arc<Mutex<CaptureState>>,
     /// Whether the latest judged drift window is drifted (for `capture = drift`).
     drifting: Arc<AtomicBool>,
+    /// Capture is not off (checked before taking the lock on every request).
+    capturing: Arc<AtomicBool>,
 }
 
 /// Sample capture settings and the reservoir of the served bundle's requests.
@@ -132,6 +134,8 @@ impl Served {
     /// Sets the sample capture settings (from the agent config).
     pub fn set_samples_config(&self, settings: crate::config::SamplesConfig) {
         let mut c = lock(&self.capture);
+        self.capturing
+            .store(settings.capture != Capture::Off, Ordering::Relaxed);
         c.configured = settings.capture;
         c.settings = settings;
     }
@@ -147,6 +151,8 @@ impl Served {
             (true, configured) => configured,
         };
         c.settings.capture = capture;
+        self.capturing
+            .store(capture != Capture::Off, Ordering::Relaxed);
         if capture == Capture::Off {
             // Off means nothing is kept, also what was kept before.
             c.reservoir = None;
@@ -161,6 +167,9 @@ impl Served {
     /// Offers an answered request of `bundle` to the reservoir when the capture
     /// mode says so.
     pub fn capture(&self, bundle: &Digest, inputs: &[Tensor], outputs: &[Tensor]) {
+        if !self.capturing.load(Ordering::Relaxed) {
+            return;
+        }
         let mut c = lock(&self.capture);
         let s = &c.settings;
         let Some(reason) = crate::samples::trigger(
@@ -205,7 +214,7 @@ impl Served {
         if let Some(t) = lock(&self.drift).as_mut()
             && t.digest() == *bundle
         {
-            t.observe(inputs, outputs, UnixTime::now());
+            t.observe(inputs, outputs, UnixTime::now);
         }
     }
 
