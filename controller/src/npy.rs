@@ -154,6 +154,23 @@ mod tests {
         out
     }
 
+    proptest::proptest! {
+        #[test]
+        fn damaged_files_get_an_error_not_a_panic(
+            cut in 0usize..200,
+            flips in proptest::collection::vec((0usize..200, proptest::prelude::any::<u8>()), 0..8),
+        ) {
+            let mut bytes = write_f64(&[&[1.0, 2.0], &[3.0, 4.0]], 2);
+            for (i, b) in flips {
+                if let Some(x) = bytes.get_mut(i) {
+                    *x = b;
+                }
+            }
+            bytes.truncate(cut);
+            let _ = read_matrix(&bytes, 1000);
+        }
+    }
+
     #[test]
     fn float32_one_dimensional_and_bad_files() {
         let data: Vec<u8> = [1.5f32, -2.0, 3.25]

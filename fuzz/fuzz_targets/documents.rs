@@ -1,5 +1,5 @@
-//! The other decoders of outside input: trust root files, golden cases and
-//! reference statistics artifacts.
+//! The other decoders of outside input: trust root files, golden cases,
+//! reference statistics artifacts and joined sample uploads.
 #![no_main]
 
 use edgefleet_shared::SignedTrustRoot;
@@ -15,4 +15,5 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = edgefleet_shared::golden::GoldenSet::from_bytes(data);
     let _ = edgefleet_shared::reference::ReferenceStats::from_bytes(data);
+    let _ = edgefleet_shared::protocol::SampleBatch::from_bytes(data);
 });

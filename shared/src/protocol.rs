@@ -771,12 +771,17 @@ impl DriftReport {
             if s.feature.is_empty() || s.feature.len() > 128 {
                 return Err(invalid(what, "drift.feature", "1 to 128 bytes"));
             }
-            if !(s.psi.is_finite() && s.statistic.is_finite() && (0.0..=1.0).contains(&s.p_value)) {
+            if !(s.psi.is_finite()
+                && s.statistic.is_finite()
+                && (0.0..=1.0).contains(&s.p_value)
+                && s.wasserstein.is_none_or(f64::is_finite)
+                && s.jensen_shannon.is_none_or(f64::is_finite))
+            {
                 return Err(invalid(
                     what,
                     "drift.psi",
                     format!(
-                        "`{}`: psi and statistic finite, p-value in [0, 1]",
+                        "`{}`: psi, statistic and distances finite, p-value in [0, 1]",
                         s.feature
                     ),
                 ));

@@ -287,6 +287,8 @@ fn never_panics_on(bytes: &[u8]) {
     let _ = decode::<SampleUpload>(bytes);
     let _ = SignedTrustRoot::from_bytes(bytes);
     let _ = edgefleet_shared::golden::GoldenSet::from_bytes(bytes);
+    let _ = SampleBatch::from_bytes(bytes);
+    let _ = edgefleet_shared::reference::ReferenceStats::from_bytes(bytes);
 }
 
 proptest! {
@@ -323,6 +325,32 @@ proptest! {
         let ranges = ranges.into_iter().map(|(start, count)| ChunkRange { start, count }).collect();
         round_trips(&FetchRequest { bundle, ranges })?;
         round_trips(&SampleUpload { command: 1, digest: bundle, part: 0, parts: 1, data })?;
+    }
+
+    #[test]
+    fn sample_batches_round_trip_and_a_shape_that_lies_is_refused(
+        rows in 1u64..5,
+        values in proptest::collection::vec(-1e3f32..1e3, 4..20),
+    ) {
+        let width = values.len() as u64 / rows;
+        let data = values[..(rows * width) as usize].to_vec();
+        let sample = CapturedSample {
+            at: UnixTime(5),
+            reason: CaptureReason::Drift,
+            inputs: vec![edgefleet_shared::golden::Tensor {
+                name: "x".into(),
+                shape: vec![rows, width],
+                data: edgefleet_shared::golden::TensorData::F32(data),
+            }],
+            outputs: vec![],
+        };
+        let batch = SampleBatch { digest: Digest::of(b"b"), samples: vec![sample.clone()] };
+        prop_assert_eq!(SampleBatch::from_bytes(&batch.to_bytes()).map_err(|e| TestCaseError::fail(e.to_string()))?, batch);
+        let mut lying = sample;
+        lying.inputs[0].shape = vec![rows, width + 1];
+        let bad = SampleBatch { digest: Digest::of(b"b"), samples: vec![lying] };
+        let err = SampleBatch::from_bytes(&bad.to_bytes()).expect_err("shape lies");
+        prop_assert!(err.to_string().contains("does not match its data"), "{}", err);
     }
 
     #[test]
