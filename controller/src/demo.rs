@@ -507,11 +507,25 @@ fn story(
             );
         }
     }
+    let alerted = wait_for("a drift_alert event from each shifted device", || {
+        shifted
+            .iter()
+            .all(|d| {
+                api.get(&format!("/api/v1/devices/{d}"))
+                    .ok()
+                    .and_then(|v| v["events"].as_array().cloned())
+                    .is_some_and(|e| e.iter().any(|e| e["kind"] == "drift_alert"))
+            })
+            .then_some(())
+    });
     if flagged != shifted {
         println!("  UNEXPECTED: the drifted devices are not exactly the shifted ones");
         ok = false;
+    } else if alerted.is_err() {
+        println!("  UNEXPECTED: a shifted device sent no drift_alert event");
+        ok = false;
     } else {
-        println!("  exactly the shifted devices are flagged (each also sent a drift_alert event)");
+        println!("  exactly the shifted devices are flagged, and each sent a drift_alert event");
     }
 
     step(9, "telemetry per model version, as the soak gates read it");
