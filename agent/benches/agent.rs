@@ -238,7 +238,7 @@ fn iris_reference() -> (Vec<String>, Vec<Vec<f64>>) {
 fn drift_overhead(case: &Case, model: &LoadedModel) {
     let (headers, rows) = iris_reference();
     let reference = std::sync::Arc::new(
-        edgefleet_agent::drift::summarise(model, &headers, &rows).expect("reference"),
+        edgefleet_agent::drift::summarise(model, &headers, &rows, &[]).expect("reference"),
     );
     let active = |reference: Option<std::sync::Arc<_>>| ActiveModel {
         bundle: bundle_ref(case),

@@ -408,11 +408,18 @@ pub fn summarise(
     model: &LoadedModel,
     headers: &[String],
     rows: &[Vec<f64>],
+    categorical: &[String],
 ) -> Result<ReferenceStats, String> {
     if rows.is_empty() || rows.iter().any(|r| r.len() != headers.len()) {
         return Err(format!(
             "needs at least one row of {} values (one per column)",
             headers.len()
+        ));
+    }
+    if let Some(c) = categorical.iter().find(|c| !headers.contains(c)) {
+        return Err(format!(
+            "has no column `{c}` (named as categorical); its columns are {}",
+            headers.join(", ")
         ));
     }
     let schema = model.schema();
@@ -437,11 +444,33 @@ pub fn summarise(
     let mut features = Vec::new();
     for (j, name) in headers.iter().enumerate() {
         let column: Vec<f64> = rows.iter().map(|r| r[j]).collect();
-        let stats = reference::numeric(&column, reference::DEFAULT_BINS)
-            .ok_or_else(|| format!("column `{name}` has no finite values"))?;
+        let distribution = if categorical.contains(name) {
+            // Category codes: integers, compared category by category.
+            let codes = column
+                .iter()
+                .map(|v| {
+                    (v.fract() == 0.0 && v.abs() < 9.0e15)
+                        .then_some(*v as i64)
+                        .ok_or_else(|| {
+                            format!("categorical column `{name}` holds {v}, not an integer code")
+                        })
+                })
+                .collect::<Result<Vec<i64>, String>>()?;
+            Distribution::Categorical(reference::categorical(&codes).ok_or_else(|| {
+                format!(
+                    "categorical column `{name}` has more than {} categories",
+                    reference::MAX_CATEGORIES
+                )
+            })?)
+        } else {
+            Distribution::Numeric(
+                reference::numeric(&column, reference::DEFAULT_BINS)
+                    .ok_or_else(|| format!("column `{name}` has no finite values"))?,
+            )
+        };
         features.push(FeatureStats {
             name: name.clone(),
-            distribution: Distribution::Numeric(stats),
+            distribution,
         });
     }
     // Outputs: run the model over the reference data, 512 rows at a time.

@@ -192,6 +192,10 @@ pub struct BuildArgs {
     /// Reference data for drift statistics: CSV with a header row, or a .npy array.
     #[arg(long)]
     pub reference: Option<PathBuf>,
+    /// Reference columns holding category codes (integers), compared category by
+    /// category instead of in quantile bins (repeatable, or comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub categorical: Vec<String>,
     /// Drift: PSI at or above this flags a feature (with --reference).
     #[arg(long, default_value_t = edgefleet_shared::reference::Thresholds::default().psi)]
     pub drift_psi: f64,
@@ -533,6 +537,7 @@ fn bundle(cmd: BundleCommand, now: UnixTime) -> Result<i32, CliError> {
                 version: args.version,
                 release: args.release,
                 reference: args.reference,
+                categorical: args.categorical,
                 drift_thresholds: edgefleet_shared::reference::Thresholds {
                     psi: args.drift_psi,
                     p_value: args.drift_p_value,

@@ -339,6 +339,9 @@ pub struct BuildOptions {
     pub reference: Option<PathBuf>,
     /// Drift thresholds carried with the reference statistics.
     pub drift_thresholds: edgefleet_shared::reference::Thresholds,
+    /// Reference columns that hold category codes (compared category by
+    /// category) rather than numbers (quantile bins).
+    pub categorical: Vec<String>,
     /// Golden cases (JSON).
     pub golden: Option<PathBuf>,
     /// Extra metadata files (pre/post-processing notes, label maps), opaque to the
@@ -385,6 +388,7 @@ impl BuildOptions {
             release,
             reference: None,
             drift_thresholds: Default::default(),
+            categorical: vec![],
             golden: None,
             metadata: vec![],
             now,
@@ -724,10 +728,11 @@ fn read_reference_csv(
 fn reference_stats(
     path: &Path,
     model: &LoadedModel,
+    categorical: &[String],
 ) -> Result<(ReferenceStats, Vec<f64>), OperatorError> {
     let (headers, rows) = read_reference(path)?;
     let what = path.display().to_string();
-    let stats = edgefleet_agent::drift::summarise(model, &headers, &rows)
+    let stats = edgefleet_agent::drift::summarise(model, &headers, &rows, categorical)
         .map_err(|e| input_err(&what, e))?;
     Ok((stats, rows[0].clone()))
 }
@@ -758,7 +763,7 @@ pub fn build_bundle(opts: &BuildOptions, out: &Path) -> Result<BuildReport, Oper
             opts.drift_thresholds.validate().map_err(|e| {
                 input_err(path.display().to_string(), format!("drift thresholds: {e}"))
             })?;
-            let (mut stats, row) = reference_stats(path, &model)?;
+            let (mut stats, row) = reference_stats(path, &model, &opts.categorical)?;
             stats.thresholds = Some(opts.drift_thresholds);
             (Some(stats), Some(row))
         }

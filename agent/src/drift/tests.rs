@@ -276,3 +276,55 @@ proptest! {
         prop_assert!((a - b).abs() < 1e-6, "{} vs {}", a, b);
     }
 }
+
+#[test]
+fn reference_columns_named_categorical_are_summarised_by_category() {
+    let model = crate::model::LoadedModel::load(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/iris_logreg.onnx"
+        ))
+        .expect("model"),
+    )
+    .expect("loads");
+    let headers: Vec<String> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|h| (*h).to_owned())
+        .collect();
+    let rows: Vec<Vec<f64>> = (0..60)
+        .map(|i| vec![f64::from(i % 3), 3.0 + f64::from(i % 7) / 10.0, 1.5, 0.2])
+        .collect();
+    let stats = summarise(&model, &headers, &rows, &["a".to_owned()]).expect("summarised");
+    match &stats.features[0].distribution {
+        edgefleet_shared::reference::Distribution::Categorical(c) => {
+            assert_eq!(c.categories.len(), 3);
+            assert!(
+                c.categories
+                    .iter()
+                    .all(|(_, share)| (*share - 1.0 / 3.0).abs() < 1e-12)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        stats.features[1].distribution,
+        edgefleet_shared::reference::Distribution::Numeric(_)
+    ));
+    // A live window on that column counts categories, and a new one is drift.
+    let mut w = Window::new(&stats.features);
+    for i in 0..60 {
+        w.add(0, f64::from(i % 3));
+    }
+    assert!(!w.scores(&Thresholds::default()).0[0].drifted);
+    for _ in 0..30 {
+        w.add(0, 7.0);
+    }
+    assert!(w.scores(&Thresholds::default()).0[0].drifted);
+    // Codes must be integers, and the column must exist.
+    let mut odd = rows.clone();
+    odd[5][0] = 1.5;
+    let err = summarise(&model, &headers, &odd, &["a".to_owned()]).expect_err("1.5");
+    assert!(err.contains("`a`") && err.contains("1.5"), "{err}");
+    let err = summarise(&model, &headers, &rows, &["zz".to_owned()]).expect_err("no zz");
+    assert!(err.contains("`zz`"), "{err}");
+}

@@ -94,7 +94,7 @@ pub fn bundle_padded(
             .map(|l| l.split(',').map(|v| v.parse().expect("number")).collect())
             .collect();
         let stats =
-            edgefleet_agent::drift::summarise(&reference, &headers, &rows).expect("reference");
+            edgefleet_agent::drift::summarise(&reference, &headers, &rows, &[]).expect("reference");
         inputs.push(ArtifactInput {
             name: ArtifactName::new("reference.cbor").expect("n"),
             kind: ArtifactKind::Reference,
