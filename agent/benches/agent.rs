@@ -583,7 +583,7 @@ fn main() {
         api_vs_direct(case, model);
     }
     println!(
-        "drift tracking on {}, median of 7 interleaved rounds:",
+        "drift tracking on {}, medians of interleaved rounds:",
         cases[0].file
     );
     drift_overhead(&cases[0], &models[0]);

@@ -60,6 +60,8 @@ pub struct Tracker {
     inputs: Window,
     outputs: Window,
     sources: Vec<OutputSource>,
+    /// Index of each source's output in the model's outputs (found once).
+    resolved: Vec<Option<usize>>,
     window: u64,
     started: Option<UnixTime>,
     rows: u64,
@@ -113,6 +115,7 @@ impl Tracker {
                 .iter()
                 .map(|f| parse_output_name(&f.name))
                 .collect(),
+            resolved: Vec::new(),
             window: 0,
             started: None,
             rows: 0,
@@ -200,9 +203,22 @@ impl Tracker {
                 }
             }
         }
+        // A bundle's model returns its outputs in the same order every time:
+        // find each source's output by name once, then check only the name.
+        if self.resolved.len() != self.sources.len() {
+            self.resolved = self
+                .sources
+                .iter()
+                .map(|s| outputs.iter().position(|o| o.name == s.output))
+                .collect();
+        }
         for (k, source) in self.sources.iter().enumerate() {
-            let Some(out) = outputs.iter().find(|o| o.name == source.output) else {
-                continue;
+            let out = match self.resolved[k].and_then(|i| outputs.get(i)) {
+                Some(o) if o.name == source.output => o,
+                _ => match outputs.iter().find(|o| o.name == source.output) {
+                    Some(o) => o,
+                    None => continue,
+                },
             };
             let (n, width) = match out.shape.as_slice() {
                 [n] => (*n as usize, 1),
@@ -210,12 +226,27 @@ impl Tracker {
                 _ => continue,
             };
             let column = source.column.unwrap_or(0);
-            if n != rows || column >= width {
+            if n != rows || column >= width || out.data.len() != n * width {
                 continue;
             }
-            for r in 0..rows {
-                if let Some(v) = value_at(&out.data, r * width + column) {
-                    self.outputs.add(k, v);
+            // One match per output, not per value.
+            match &out.data {
+                TensorData::F32(v) => {
+                    for r in 0..rows {
+                        self.outputs.add(k, f64::from(v[r * width + column]));
+                    }
+                }
+                TensorData::I64(v) => {
+                    for r in 0..rows {
+                        self.outputs.add(k, v[r * width + column] as f64);
+                    }
+                }
+                other => {
+                    for r in 0..rows {
+                        if let Some(v) = value_at(other, r * width + column) {
+                            self.outputs.add(k, v);
+                        }
+                    }
                 }
             }
         }
