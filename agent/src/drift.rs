@@ -208,6 +208,7 @@ pub use edgefleet_shared::reference::Thresholds;
 enum Counter {
     Numeric {
         stats: edgefleet_shared::reference::NumericStats,
+        index: BinIndex,
         counts: Vec<u64>,
     },
     Categorical {
@@ -216,6 +217,70 @@ enum Counter {
         reference: Vec<f64>,
         counts: Vec<u64>,
     },
+}
+
+/// Finds a value's quantile bin in O(1): a grid of equal cells over the edges'
+/// range, each holding how many edges lie below the cell's start; a lookup
+/// starts there and steps over the few edges inside the cell. Equal to
+/// [`edgefleet_shared::reference::bin_of`] for every value (property-tested);
+/// the binary search it replaces was most of the per-request drift cost.
+#[derive(Debug, Clone)]
+struct BinIndex {
+    lo: f64,
+    hi: f64,
+    scale: f64,
+    below: Vec<u32>,
+}
+
+impl BinIndex {
+    fn new(edges: &[f64]) -> BinIndex {
+        let (Some(&lo), Some(&hi)) = (edges.first(), edges.last()) else {
+            return BinIndex {
+                lo: 0.0,
+                hi: 0.0,
+                scale: 0.0,
+                below: Vec::new(),
+            };
+        };
+        let cells = (edges.len() * 4).max(1);
+        let scale = if hi > lo {
+            cells as f64 / (hi - lo)
+        } else {
+            0.0
+        };
+        let below = (0..cells)
+            .map(|c| {
+                let start = lo + c as f64 / scale.max(f64::MIN_POSITIVE);
+                edges.partition_point(|e| *e < start) as u32
+            })
+            .collect();
+        BinIndex {
+            lo,
+            hi,
+            scale,
+            below,
+        }
+    }
+
+    /// The number of edges below `v`: its bin (see `NumericStats::edges`).
+    fn bin(&self, edges: &[f64], v: f64) -> usize {
+        if edges.is_empty() || v <= self.lo {
+            return 0;
+        }
+        if v > self.hi {
+            return edges.len();
+        }
+        let cell = (((v - self.lo) * self.scale) as usize).min(self.below.len() - 1);
+        let mut b = self.below[cell] as usize;
+        // Rounding may put v one cell off: step back, then forward, to be exact.
+        while b > 0 && edges[b - 1] >= v {
+            b -= 1;
+        }
+        while b < edges.len() && edges[b] < v {
+            b += 1;
+        }
+        b
+    }
 }
 
 /// A window of live values per feature, against the reference: one counter per
@@ -256,6 +321,7 @@ impl Window {
                     w.reference_count.push(n.count);
                     w.counters.push(Counter::Numeric {
                         counts: vec![0; n.frequencies.len()],
+                        index: BinIndex::new(&n.edges),
                         stats: n.clone(),
                     });
                 }
@@ -281,8 +347,12 @@ impl Window {
             return;
         }
         match self.counters.get_mut(index) {
-            Some(Counter::Numeric { stats, counts }) => {
-                let bin = edgefleet_shared::reference::bin_of(&stats.edges, value);
+            Some(Counter::Numeric {
+                stats,
+                index,
+                counts,
+            }) => {
+                let bin = index.bin(&stats.edges, value);
                 if let Some(c) = counts.get_mut(bin) {
                     *c += 1;
                 }
@@ -327,7 +397,7 @@ impl Window {
         for (name, c) in self.names.iter().zip(&self.counters) {
             n += name.len() + std::mem::size_of::<Counter>() + 8;
             n += match c {
-                Counter::Numeric { stats, counts } => {
+                Counter::Numeric { stats, counts, .. } => {
                     (stats.edges.len() + stats.frequencies.len() + counts.len()) * 8
                 }
                 Counter::Categorical {
@@ -346,7 +416,7 @@ impl Window {
         let mut out = Vec::new();
         for (i, counter) in self.counters.iter().enumerate() {
             let (reference, counts, kind, test, wasserstein_normed) = match counter {
-                Counter::Numeric { stats, counts } => {
+                Counter::Numeric { stats, counts, .. } => {
                     let Some(test) =
                         kolmogorov_smirnov(&stats.frequencies, self.reference_count[i], counts)
                     else {

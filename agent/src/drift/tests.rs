@@ -328,3 +328,30 @@ fn reference_columns_named_categorical_are_summarised_by_category() {
     let err = summarise(&model, &headers, &rows, &["zz".to_owned()]).expect_err("no zz");
     assert!(err.contains("`zz`"), "{err}");
 }
+
+proptest! {
+    #[test]
+    fn the_bin_index_finds_the_same_bin_as_the_binary_search(
+        mut edges in proptest::collection::vec(-1e3f64..1e3, 0..40),
+        values in proptest::collection::vec(-1.2e3f64..1.2e3, 1..50),
+        pick in proptest::collection::vec(0usize..40, 0..10),
+    ) {
+        edges.sort_by(f64::total_cmp);
+        edges.dedup();
+        let index = BinIndex::new(&edges);
+        // Values on the edges themselves, and just beside them, are the hard cases.
+        let mut all = values;
+        for i in pick {
+            if let Some(e) = edges.get(i) {
+                all.extend([*e, e.next_up(), e.next_down()]);
+            }
+        }
+        for v in all {
+            prop_assert_eq!(
+                index.bin(&edges, v),
+                edgefleet_shared::reference::bin_of(&edges, v),
+                "value {} edges {:?}", v, edges
+            );
+        }
+    }
+}
