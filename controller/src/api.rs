@@ -330,6 +330,16 @@ async fn device_detail(
     })))
 }
 
+/// The stored bundles by digest (hex), to name versions in drift views.
+async fn bundles_by_digest(s: &AppState) -> ApiResult<BTreeMap<String, BundleRow>> {
+    Ok(s.db()
+        .bundles()
+        .await?
+        .into_iter()
+        .map(|b| (b.digest.clone(), b))
+        .collect())
+}
+
 /// Query of the drift views.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -392,13 +402,7 @@ async fn fleet_drift(
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
     let (from, to) = q.range()?;
-    let bundles: BTreeMap<String, BundleRow> = s
-        .db()
-        .bundles()
-        .await?
-        .into_iter()
-        .map(|b| (b.digest.clone(), b))
-        .collect();
+    let bundles = bundles_by_digest(&s).await?;
     let mut by: BTreeMap<String, Vec<crate::db::TelemetryRow>> = BTreeMap::new();
     for r in s.db().latest_telemetry_between(from, to).await? {
         if let (Some(d), Some(_)) = (&r.digest, &r.drift) {
@@ -737,41 +741,35 @@ async fn export_samples(
         .db()
         .samples(q.device.clone(), q.bundle.clone(), limit)
         .await?;
-    let skipped = |t: &crate::samples::Table| t.skipped.to_string();
-    match q.format.as_deref().unwrap_or("json") {
-        "json" => Ok(Json(json!({ "samples": rows })).into_response()),
-        "csv" => {
-            let t = crate::samples::table(&rows);
-            Ok((
-                [
-                    (header::CONTENT_TYPE, "text/csv".to_owned()),
-                    (
-                        header::HeaderName::from_static("x-edgefleet-skipped"),
-                        skipped(&t),
-                    ),
-                ],
-                crate::samples::to_csv(&t),
-            )
-                .into_response())
-        }
-        "npy" => {
-            let t = crate::samples::table(&rows);
-            Ok((
-                [
-                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-                    (
-                        header::HeaderName::from_static("x-edgefleet-skipped"),
-                        skipped(&t),
-                    ),
-                ],
-                crate::samples::inputs_to_npy(&t),
-            )
-                .into_response())
-        }
-        other => Err(ApiError::invalid(format!(
-            "format: `{other}` is not json, csv or npy"
-        ))),
+    let format = q.format.as_deref().unwrap_or("json");
+    if format == "json" {
+        return Ok(Json(json!({ "samples": rows })).into_response());
     }
+    let t = crate::samples::table(&rows);
+    let (content_type, body) = match format {
+        "csv" => ("text/csv", crate::samples::to_csv(&t).into_bytes()),
+        "npy" => (
+            "application/octet-stream",
+            crate::samples::inputs_to_npy(&t),
+        ),
+        other => {
+            return Err(ApiError::invalid(format!(
+                "format: `{other}` is not json, csv or npy"
+            )));
+        }
+    };
+    let skipped = t.skipped.to_string();
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type.to_owned()),
+            (
+                header::HeaderName::from_static("x-edgefleet-skipped"),
+                skipped,
+            ),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 // ----- bundles ------------------------------------------------------------
@@ -1410,13 +1408,7 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
             .collect(),
     );
     // Drift per model version, from each device's latest report of the last hour.
-    let bundles: BTreeMap<String, BundleRow> = s
-        .db()
-        .bundles()
-        .await?
-        .into_iter()
-        .map(|b| (b.digest.clone(), b))
-        .collect();
+    let bundles = bundles_by_digest(&s).await?;
     let mut drift: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
     let mut shadow: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
     for t in s

@@ -1015,6 +1015,17 @@ pub fn drift_alerts(
     (next, changes)
 }
 
+/// p95 of histogram `a` over p95 of `b` (buckets of [`LATENCY_BOUNDS_US`]).
+fn p95_ratio(a: &[u64], b: &[u64]) -> Option<f64> {
+    match (
+        quantile_us(&LATENCY_BOUNDS_US, a, 0.95),
+        quantile_us(&LATENCY_BOUNDS_US, b, 0.95),
+    ) {
+        (Some(a), Some(b)) if b > 0 => Some(a as f64 / b as f64),
+        _ => None,
+    }
+}
+
 /// Fewest inferences (wave or baseline) before a rate or a latency counts.
 pub const MIN_INFERENCES: u64 = 20;
 
@@ -1055,17 +1066,9 @@ pub fn wave_health(
             && t.digest.as_deref() != Some(digest)
     });
     let error_rate = (inf + err >= MIN_INFERENCES).then(|| err as f64 / (inf + err) as f64);
-    let p95_latency_ratio = if inf >= MIN_INFERENCES && b_inf >= MIN_INFERENCES {
-        match (
-            quantile_us(&LATENCY_BOUNDS_US, &hist, 0.95),
-            quantile_us(&LATENCY_BOUNDS_US, &b_hist, 0.95),
-        ) {
-            (Some(a), Some(b)) if b > 0 => Some(a as f64 / b as f64),
-            _ => None,
-        }
-    } else {
-        None
-    };
+    let p95_latency_ratio = (inf >= MIN_INFERENCES && b_inf >= MIN_INFERENCES)
+        .then(|| p95_ratio(&hist, &b_hist))
+        .flatten();
     // Drift: share of devices whose judged window is drifted, the wave on the new
     // bundle against the others on another one (0 when none of them reports).
     let drifted_share = |pick: &dyn Fn(&TelemetryRow) -> bool| {
@@ -1107,17 +1110,9 @@ pub fn wave_health(
         }
     }
     let shadow_agreement = (runs >= MIN_INFERENCES).then(|| agreed as f64 / runs as f64);
-    let shadow_p95_latency_ratio = if runs >= MIN_INFERENCES {
-        match (
-            quantile_us(&LATENCY_BOUNDS_US, &shadow_hist, 0.95),
-            quantile_us(&LATENCY_BOUNDS_US, &active_hist, 0.95),
-        ) {
-            (Some(a), Some(b)) if b > 0 => Some(a as f64 / b as f64),
-            _ => None,
-        }
-    } else {
-        None
-    };
+    let shadow_p95_latency_ratio = (runs >= MIN_INFERENCES)
+        .then(|| p95_ratio(&shadow_hist, &active_hist))
+        .flatten();
     WaveHealth {
         error_rate,
         p95_latency_ratio,

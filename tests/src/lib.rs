@@ -244,6 +244,20 @@ impl Harness {
         v["bundle"]["digest"].as_str().expect("digest").to_owned()
     }
 
+    /// Builds, uploads and rolls `b` out to `devices` in one wave with no soak;
+    /// returns its digest once every device runs it.
+    pub fn roll_out_everywhere(&self, b: &BundleSpec, devices: &[String]) -> String {
+        let digest = self.upload(&self.build(b));
+        let id = self.rollout(&serde_json::json!({
+            "bundle": digest,
+            "selector": {"devices": devices},
+            "waves": ["100%"],
+            "gates": {"soak_ms": 0},
+        }));
+        self.wait_phase(&id, &["completed"]);
+        digest
+    }
+
     /// Where the controller keeps an uploaded bundle.
     pub fn stored_bundle(&self, digest: &str) -> PathBuf {
         let dir = self.data.join("bundles");

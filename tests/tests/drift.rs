@@ -11,6 +11,14 @@ use edgefleet_devices::sim::{FaultPlan, Traffic};
 use edgefleet_tests::{BundleSpec, Harness, MODELS, wait_for};
 use serde_json::{Value, json};
 
+/// iris 1.0.0 with reference statistics of `models/iris_reference.csv`.
+fn iris_with_reference() -> BundleSpec {
+    BundleSpec {
+        reference: Some(Path::new(MODELS).join("iris_reference.csv")),
+        ..BundleSpec::new("iris_logreg.onnx", (1, 0, 0), 1)
+    }
+}
+
 /// The iris reference rows (header dropped), each shifted by `shift`.
 fn reference_rows(shift: f64) -> Vec<Vec<f64>> {
     let text = std::fs::read_to_string(Path::new(MODELS).join("iris_reference.csv")).expect("csv");
@@ -67,18 +75,7 @@ fn devices_fed_shifted_inputs_and_only_those_are_reported_drifted() {
             .map(|id| h.device(id, FaultPlan::default()))
             .collect(),
     );
-    let bundle = h.build(&BundleSpec {
-        reference: Some(Path::new(MODELS).join("iris_reference.csv")),
-        ..BundleSpec::new("iris_logreg.onnx", (1, 0, 0), 1)
-    });
-    let digest = h.upload(&bundle);
-    let id = h.rollout(&json!({
-        "bundle": digest,
-        "selector": {"devices": ids},
-        "waves": ["100%"],
-        "gates": {"soak_ms": 0},
-    }));
-    h.wait_phase(&id, &["completed"]);
+    let digest = h.roll_out_everywhere(&iris_with_reference(), &ids);
 
     let shifted = ["d1", "d4"];
     let (steady, moved) = (body(&reference_rows(0.0)), body(&reference_rows(1.5)));
@@ -195,14 +192,7 @@ fn a_rollout_whose_new_bundle_drifts_where_the_old_one_does_not_is_halted_and_re
             .map(|id| h.device(id, FaultPlan::default()))
             .collect(),
     );
-    let v1 = h.upload(&h.build(&BundleSpec {
-        reference: Some(Path::new(MODELS).join("iris_reference.csv")),
-        ..BundleSpec::new("iris_logreg.onnx", (1, 0, 0), 1)
-    }));
-    let first = h.rollout(&json!({
-        "bundle": v1, "selector": {"devices": ids}, "waves": ["100%"], "gates": {"soak_ms": 0},
-    }));
-    h.wait_phase(&first, &["completed"]);
+    h.roll_out_everywhere(&iris_with_reference(), &ids);
     // Field traffic looks like v1's reference; v2 was summarised on other data.
     let _enter = h.runtime.enter();
     fleet.set_traffic(Some(Traffic {
@@ -243,14 +233,7 @@ fn samples_captured_while_drifting_are_uploaded_on_request_and_exported() {
             .map(|id| h.device(id, FaultPlan::default()))
             .collect(),
     );
-    let digest = h.upload(&h.build(&BundleSpec {
-        reference: Some(Path::new(MODELS).join("iris_reference.csv")),
-        ..BundleSpec::new("iris_logreg.onnx", (1, 0, 0), 1)
-    }));
-    let id = h.rollout(&json!({
-        "bundle": digest, "selector": {"devices": ids}, "waves": ["100%"], "gates": {"soak_ms": 0},
-    }));
-    h.wait_phase(&id, &["completed"]);
+    let digest = h.roll_out_everywhere(&iris_with_reference(), &ids);
     // Capture is off by default (user data); the operator turns it on for c0 only.
     h.api
         .post(

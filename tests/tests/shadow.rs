@@ -65,11 +65,7 @@ fn a_disagreeing_model_in_shadow_halts_at_the_canary_and_nobody_switches() {
             .map(|id| h.device(id, FaultPlan::default()))
             .collect(),
     );
-    let v1 = h.upload(&h.build(&BundleSpec::new("iris_logreg.onnx", (1, 0, 0), 1)));
-    let first = h.rollout(&json!({
-        "bundle": v1, "selector": {"devices": ids}, "waves": ["100%"], "gates": {"soak_ms": 0},
-    }));
-    h.wait_phase(&first, &["completed"]);
+    h.roll_out_everywhere(&BundleSpec::new("iris_logreg.onnx", (1, 0, 0), 1), &ids);
     let _enter = h.runtime.enter();
     fleet.set_traffic(Some(traffic()));
 
@@ -147,11 +143,7 @@ fn an_agreeing_model_passes_its_shadow_stage_and_is_activated_from_the_shadow_sl
             .map(|id| h.device(id, FaultPlan::default()))
             .collect(),
     );
-    let v1 = h.upload(&h.build(&BundleSpec::new("iris_logreg.onnx", (1, 0, 0), 1)));
-    let first = h.rollout(&json!({
-        "bundle": v1, "selector": {"devices": ids}, "waves": ["100%"], "gates": {"soak_ms": 0},
-    }));
-    h.wait_phase(&first, &["completed"]);
+    h.roll_out_everywhere(&BundleSpec::new("iris_logreg.onnx", (1, 0, 0), 1), &ids);
     let _enter = h.runtime.enter();
     fleet.set_traffic(Some(traffic()));
     // The same weights as 2.0.0: a retrain that changed nothing agrees everywhere.
