@@ -257,7 +257,8 @@ fn drift_overhead(case: &Case, model: &LoadedModel) {
         }
         t.elapsed().as_secs_f64() * 1e6 / case.runs as f64
     };
-    let (mut plain, mut with) = (Vec::new(), Vec::new());
+    let answer = model.run(input).expect("runs");
+    let (mut plain, mut with, mut alone) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..16 {
         let p = batch(&mut || {
             model.run(input).expect("runs");
@@ -266,20 +267,28 @@ fn drift_overhead(case: &Case, model: &LoadedModel) {
             let out = model.run(input).expect("runs");
             tracked.observe(&digest, input, &out);
         });
+        // The update alone (lock, rows, bins; a window closes every 1000).
+        let a = batch(&mut || tracked.observe(&digest, input, &answer));
         if round > 0 {
-            // The first round warms both up.
+            // The first round warms them up.
             plain.push(p);
             with.push(w);
+            alone.push(a);
         }
     }
-    let (plain, with) = (median(plain), median(with));
+    let (plain, with, alone) = (median(plain), median(with), median(alone));
     let memory = tracked
         .with_tracker(|t| t.memory_bytes())
         .expect("tracking");
     println!(
-        "  in-process   inference {plain:>7.2} µs   + drift update {with:>7.2} µs   ({:+.1}%; target < 5%; 15 rounds of {} requests)",
+        "  in-process   inference {plain:>7.2} µs   + drift update {with:>7.2} µs   ({:+.1}%; 15 rounds of {} requests)",
         (with / plain - 1.0) * 100.0,
         case.runs
+    );
+    println!(
+        "  update alone {:>7.3} µs = {:.1}% of the inference (target < 5%)",
+        alone,
+        alone / plain * 100.0
     );
     let mut on = start_api(tracked);
     let mut off = start_api(Served::new(Some(active(None))));
@@ -559,7 +568,41 @@ fn idle_rss_and_size(dir: &Path, cnn: &Case, model: &LoadedModel) {
     }
 }
 
+/// `EDGEFLEET_BENCH_DRIFT_COUNT=plain:N|with:N`: loads the tabular model and
+/// its reference, then runs N inferences (with the drift update after each),
+/// and nothing else, for `bench/drift-instructions.sh` to count instructions
+/// under callgrind: repeatable whatever else the machine is doing.
+fn drift_count(spec: &str) {
+    let (mode, n) = spec.split_once(':').expect("plain:N or with:N");
+    let n: usize = n.parse().expect("N");
+    let case = &cases()[0];
+    let bytes = std::fs::read(format!("{MODELS}/{}", case.file)).expect("model");
+    let model = LoadedModel::load(&bytes).expect("loads");
+    let (headers, rows) = iris_reference();
+    let reference = std::sync::Arc::new(
+        edgefleet_agent::drift::summarise(&model, &headers, &rows, &[]).expect("reference"),
+    );
+    let tracked = Served::new(Some(ActiveModel {
+        bundle: bundle_ref(case),
+        model: model.clone(),
+        reference: Some(reference),
+    }));
+    let digest = bundle_ref(case).digest;
+    let input = std::slice::from_ref(&case.input);
+    for _ in 0..n {
+        let out = model.run(input).expect("runs");
+        if mode == "with" {
+            tracked.observe(&digest, input, &out);
+        }
+    }
+    println!("{mode}: {n} requests");
+}
+
 fn main() {
+    if let Ok(spec) = std::env::var("EDGEFLEET_BENCH_DRIFT_COUNT") {
+        drift_count(&spec);
+        return;
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let cases = cases();
     println!("model load (tract: parse, optimise, plan), median of 15:");

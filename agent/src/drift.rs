@@ -219,6 +219,40 @@ enum Counter {
     },
 }
 
+impl Counter {
+    #[inline]
+    fn add(&mut self, value: f64) {
+        if !value.is_finite() {
+            return;
+        }
+        let (bin, counts) = match self {
+            Counter::Numeric {
+                stats,
+                index,
+                counts,
+            } => (index.bin(&stats.edges, value), counts),
+            Counter::Categorical {
+                categories, counts, ..
+            } => {
+                // Category codes are integers; rounding half away from zero
+                // without a call to libm's round.
+                let code = if value >= 0.0 {
+                    (value + 0.5) as i64
+                } else {
+                    (value - 0.5) as i64
+                };
+                (
+                    categories.binary_search(&code).unwrap_or(categories.len()),
+                    counts,
+                )
+            }
+        };
+        if let Some(c) = counts.get_mut(bin) {
+            *c += 1;
+        }
+    }
+}
+
 /// Finds a value's quantile bin in O(1): a grid of equal cells over the edges'
 /// range, each holding how many edges lie below the cell's start; a lookup
 /// starts there and steps over the few edges inside the cell. Equal to
@@ -263,6 +297,7 @@ impl BinIndex {
     }
 
     /// The number of edges below `v`: its bin (see `NumericStats::edges`).
+    #[inline]
     fn bin(&self, edges: &[f64], v: f64) -> usize {
         if edges.is_empty() || v <= self.lo {
             return 0;
@@ -270,7 +305,11 @@ impl BinIndex {
         if v > self.hi {
             return edges.len();
         }
-        let cell = (((v - self.lo) * self.scale) as usize).min(self.below.len() - 1);
+        // (A u32 cast costs fewer instructions than a usize one; cells are few.)
+        let cell = (((v - self.lo) * self.scale) as u32 as usize).min(self.below.len() - 1);
+        // Start at the edges below the cell and step over those inside it: a
+        // cell holds one edge or none in the usual case. (A binary search among
+        // them measured 15 instructions slower per value on iris.)
         let mut b = self.below[cell] as usize;
         // Rounding may put v one cell off: step back, then forward, to be exact.
         while b > 0 && edges[b - 1] >= v {
@@ -280,6 +319,17 @@ impl BinIndex {
             b += 1;
         }
         b
+    }
+}
+
+/// Counts per feature and bin, moved out of a [`Window`] to be scored later.
+#[derive(Debug, Clone, Default)]
+pub struct Counts(Vec<Vec<u64>>);
+
+impl Counts {
+    /// Bytes held.
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of::<Counts>() + self.0.iter().map(|c| 24 + c.len() * 8).sum::<usize>()
     }
 }
 
@@ -342,31 +392,19 @@ impl Window {
 
     /// Counts `value` for feature `index` (categories as their integer code).
     /// Non-finite values and unknown features are ignored.
+    #[inline]
     pub fn add(&mut self, index: usize, value: f64) {
-        if !value.is_finite() {
-            return;
+        if let Some(c) = self.counters.get_mut(index) {
+            c.add(value);
         }
-        match self.counters.get_mut(index) {
-            Some(Counter::Numeric {
-                stats,
-                index,
-                counts,
-            }) => {
-                let bin = index.bin(&stats.edges, value);
-                if let Some(c) = counts.get_mut(bin) {
-                    *c += 1;
-                }
-            }
-            Some(Counter::Categorical {
-                categories, counts, ..
-            }) => {
-                let code = value.round() as i64;
-                let bin = categories.binary_search(&code).unwrap_or(categories.len());
-                if let Some(c) = counts.get_mut(bin) {
-                    *c += 1;
-                }
-            }
-            None => {}
+    }
+
+    /// Counts one row of values, one per feature in order (the common case of a
+    /// float input: no index lookup per value).
+    #[inline]
+    pub fn add_f32_row(&mut self, row: &[f32]) {
+        for (c, v) in self.counters.iter_mut().zip(row) {
+            c.add(f64::from(*v));
         }
     }
 
@@ -410,13 +448,64 @@ impl Window {
         n
     }
 
+    /// A zeroed set of counts shaped like this window's (for [`Window::swap_counts`]).
+    pub fn empty_counts(&self) -> Counts {
+        Counts(
+            self.counters
+                .iter()
+                .map(|c| match c {
+                    Counter::Numeric { counts, .. } | Counter::Categorical { counts, .. } => {
+                        vec![0; counts.len()]
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// Exchanges the window's counts with `other` (shaped by
+    /// [`Window::empty_counts`]), in O(features) with no allocation: a window
+    /// is closed on the request path by moving its counts aside, and scored
+    /// later, off that path. `other`'s shape is checked; a mismatch swaps nothing.
+    pub fn swap_counts(&mut self, other: &mut Counts) {
+        let fits = other.0.len() == self.counters.len()
+            && self.counters.iter().zip(&other.0).all(|(c, o)| match c {
+                Counter::Numeric { counts, .. } | Counter::Categorical { counts, .. } => {
+                    counts.len() == o.len()
+                }
+            });
+        if !fits {
+            return;
+        }
+        for (c, o) in self.counters.iter_mut().zip(&mut other.0) {
+            match c {
+                Counter::Numeric { counts, .. } | Counter::Categorical { counts, .. } => {
+                    std::mem::swap(counts, o);
+                }
+            }
+        }
+    }
+
     /// Each feature's drift (features with no value in the window are left out),
     /// and whether the share of drifted features reaches the threshold.
     pub fn scores(&self, thresholds: &Thresholds) -> (Vec<DriftScore>, bool) {
+        self.scores_with(None, thresholds)
+    }
+
+    /// [`Window::scores`] of counts moved out by [`Window::swap_counts`].
+    pub fn scores_of(&self, counts: &Counts, thresholds: &Thresholds) -> (Vec<DriftScore>, bool) {
+        self.scores_with(Some(counts), thresholds)
+    }
+
+    fn scores_with(
+        &self,
+        moved: Option<&Counts>,
+        thresholds: &Thresholds,
+    ) -> (Vec<DriftScore>, bool) {
         let mut out = Vec::new();
         for (i, counter) in self.counters.iter().enumerate() {
             let (reference, counts, kind, test, wasserstein_normed) = match counter {
                 Counter::Numeric { stats, counts, .. } => {
+                    let counts = moved.and_then(|m| m.0.get(i)).unwrap_or(counts);
                     let Some(test) =
                         kolmogorov_smirnov(&stats.frequencies, self.reference_count[i], counts)
                     else {
@@ -437,6 +526,7 @@ impl Window {
                 Counter::Categorical {
                     reference, counts, ..
                 } => {
+                    let counts = moved.and_then(|m| m.0.get(i)).unwrap_or(counts);
                     let Some(test) = chi_square(reference, counts) else {
                         continue;
                     };

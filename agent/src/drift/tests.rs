@@ -354,4 +354,34 @@ proptest! {
             );
         }
     }
+
+    /// Skewed data (class probabilities near 0 and 1) crowds many edges into
+    /// one cell of the index, where it searches instead of stepping.
+    #[test]
+    fn the_bin_index_is_exact_on_crowded_edges(
+        exponents in proptest::collection::vec(1i32..30, 1..40),
+        values in proptest::collection::vec(0f64..1.0, 1..50),
+        pick in proptest::collection::vec(0usize..80, 0..10),
+    ) {
+        let mut edges: Vec<f64> = exponents
+            .iter()
+            .flat_map(|k| [10f64.powi(-k), 1.0 - 10f64.powi(-k)])
+            .collect();
+        edges.sort_by(f64::total_cmp);
+        edges.dedup();
+        let index = BinIndex::new(&edges);
+        let mut all = values;
+        for i in pick {
+            if let Some(e) = edges.get(i) {
+                all.extend([*e, e.next_up(), e.next_down()]);
+            }
+        }
+        for v in all {
+            prop_assert_eq!(
+                index.bin(&edges, v),
+                edgefleet_shared::reference::bin_of(&edges, v),
+                "value {} edges {:?}", v, edges
+            );
+        }
+    }
 }

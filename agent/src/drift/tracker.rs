@@ -17,7 +17,7 @@ use edgefleet_shared::{Digest, UnixTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Thresholds, Window};
+use super::{Counts, Thresholds, Window};
 
 /// Most drifted feature names carried by one alert event.
 pub const MAX_ALERT_FEATURES: usize = 64;
@@ -50,6 +50,66 @@ struct OutputSource {
     column: Option<usize>,
 }
 
+/// The tracked columns of each model output, grouped by output so a request
+/// checks each output tensor once, not once per tracked column.
+#[derive(Debug, Clone, Default)]
+struct OutputPlan {
+    /// The number of outputs the plan was made for (None: not made yet).
+    outputs: Option<usize>,
+    groups: Vec<OutputGroup>,
+}
+
+#[derive(Debug, Clone)]
+struct OutputGroup {
+    /// Index in the model's outputs.
+    index: usize,
+    /// Its name (checked in debug builds).
+    name: String,
+    /// (source, column) pairs read from it.
+    columns: Vec<(usize, usize)>,
+}
+
+impl OutputPlan {
+    fn new(sources: &[OutputSource], outputs: &[Tensor]) -> OutputPlan {
+        let mut groups: Vec<OutputGroup> = Vec::new();
+        for (k, source) in sources.iter().enumerate() {
+            let Some(index) = outputs.iter().position(|o| o.name == source.output) else {
+                continue;
+            };
+            let column = (k, source.column.unwrap_or(0));
+            match groups.iter_mut().find(|g| g.index == index) {
+                Some(g) => g.columns.push(column),
+                None => groups.push(OutputGroup {
+                    index,
+                    name: source.output.clone(),
+                    columns: vec![column],
+                }),
+            }
+        }
+        OutputPlan {
+            outputs: Some(outputs.len()),
+            groups,
+        }
+    }
+
+    /// Whether the plan is for outputs like these. A tracker belongs to one
+    /// bundle, whose model returns the same outputs in the same order on every
+    /// request, so the count is what is checked (comparing names cost as much as
+    /// the counting itself); names are checked in debug builds.
+    fn fits(&self, outputs: &[Tensor]) -> bool {
+        let fits = self.outputs == Some(outputs.len());
+        debug_assert!(
+            !fits
+                || self
+                    .groups
+                    .iter()
+                    .all(|g| outputs.get(g.index).is_some_and(|o| o.name == g.name)),
+            "outputs of another model fed to a drift tracker"
+        );
+        fits
+    }
+}
+
 /// The drift state of one bundle.
 #[derive(Debug, Clone)]
 pub struct Tracker {
@@ -60,14 +120,26 @@ pub struct Tracker {
     inputs: Window,
     outputs: Window,
     sources: Vec<OutputSource>,
-    /// Index of each source's output in the model's outputs (found once).
-    resolved: Vec<Option<usize>>,
+    /// Where the sources are in the model's outputs (found by name once).
+    plan: OutputPlan,
     window: u64,
     started: Option<UnixTime>,
     rows: u64,
     skipped: u64,
-    last_closed: Option<DriftReport>,
+    /// The last full window, its counts moved aside at close and scored only
+    /// when asked (at a telemetry tick), never on the request path.
+    closed: Option<Closed>,
     alerted: Vec<String>,
+}
+
+/// A closed window: its counts and where it stood.
+#[derive(Debug, Clone)]
+struct Closed {
+    window: u64,
+    started: UnixTime,
+    rows: u64,
+    inputs: Counts,
+    outputs: Counts,
 }
 
 /// Reads element `i` as a number (booleans as 0/1).
@@ -115,12 +187,12 @@ impl Tracker {
                 .iter()
                 .map(|f| parse_output_name(&f.name))
                 .collect(),
-            resolved: Vec::new(),
+            plan: OutputPlan::default(),
             window: 0,
             started: None,
             rows: 0,
             skipped: 0,
-            last_closed: None,
+            closed: None,
             alerted: Vec::new(),
         }
     }
@@ -152,9 +224,9 @@ impl Tracker {
             + self.inputs.memory_bytes()
             + self.outputs.memory_bytes()
             + names
-            + self.last_closed.as_ref().map_or(0, |r| {
-                (r.inputs.len() + r.outputs.len()) * std::mem::size_of::<Score>() + 64
-            })
+            // The closed window's counts: allocated at the first close, reused.
+            + self.inputs.empty_counts().memory_bytes()
+            + self.outputs.empty_counts().memory_bytes()
     }
 
     /// Counts one answered request. Rows are the first dimension of the first
@@ -190,9 +262,7 @@ impl Tracker {
         if let TensorData::F32(x) = &input.data {
             // The common case, without a match per value.
             for row in x.chunks_exact(self.width) {
-                for (f, v) in row.iter().enumerate() {
-                    self.inputs.add(f, f64::from(*v));
-                }
+                self.inputs.add_f32_row(row);
             }
         } else {
             for r in 0..rows {
@@ -204,47 +274,40 @@ impl Tracker {
             }
         }
         // A bundle's model returns its outputs in the same order every time:
-        // find each source's output by name once, then check only the name.
-        if self.resolved.len() != self.sources.len() {
-            self.resolved = self
-                .sources
-                .iter()
-                .map(|s| outputs.iter().position(|o| o.name == s.output))
-                .collect();
+        // find the tracked outputs by name once (again if their number changes).
+        if !self.plan.fits(outputs) {
+            self.plan = OutputPlan::new(&self.sources, outputs);
         }
-        for (k, source) in self.sources.iter().enumerate() {
-            let out = match self.resolved[k].and_then(|i| outputs.get(i)) {
-                Some(o) if o.name == source.output => o,
-                _ => match outputs.iter().find(|o| o.name == source.output) {
-                    Some(o) => o,
-                    None => continue,
-                },
+        for g in &self.plan.groups {
+            let Some(out) = outputs.get(g.index) else {
+                continue;
             };
             let (n, width) = match out.shape.as_slice() {
                 [n] => (*n as usize, 1),
                 [n, w] => (*n as usize, *w as usize),
                 _ => continue,
             };
-            let column = source.column.unwrap_or(0);
-            if n != rows || column >= width || out.data.len() != n * width {
+            if n != rows || out.data.len() != n * width {
                 continue;
             }
             // One match per output, not per value.
-            match &out.data {
-                TensorData::F32(v) => {
-                    for r in 0..rows {
-                        self.outputs.add(k, f64::from(v[r * width + column]));
+            for &(k, column) in g.columns.iter().filter(|(_, c)| *c < width) {
+                match &out.data {
+                    TensorData::F32(v) => {
+                        for r in 0..rows {
+                            self.outputs.add(k, f64::from(v[r * width + column]));
+                        }
                     }
-                }
-                TensorData::I64(v) => {
-                    for r in 0..rows {
-                        self.outputs.add(k, v[r * width + column] as f64);
+                    TensorData::I64(v) => {
+                        for r in 0..rows {
+                            self.outputs.add(k, v[r * width + column] as f64);
+                        }
                     }
-                }
-                other => {
-                    for r in 0..rows {
-                        if let Some(v) = value_at(other, r * width + column) {
-                            self.outputs.add(k, v);
+                    other => {
+                        for r in 0..rows {
+                            if let Some(v) = value_at(other, r * width + column) {
+                                self.outputs.add(k, v);
+                            }
                         }
                     }
                 }
@@ -266,10 +329,23 @@ impl Tracker {
         }
     }
 
+    /// Moves the window's counts aside (no scoring here: this runs on the
+    /// request that fills the window) and starts the next one.
     fn close(&mut self) {
-        let mut report = self.current_report();
-        report.closed = true;
-        self.last_closed = Some(report);
+        let mut closed = self.closed.take().unwrap_or_else(|| Closed {
+            window: 0,
+            started: UnixTime(0),
+            rows: 0,
+            inputs: self.inputs.empty_counts(),
+            outputs: self.outputs.empty_counts(),
+        });
+        self.inputs.swap_counts(&mut closed.inputs);
+        self.outputs.swap_counts(&mut closed.outputs);
+        closed.window = self.window;
+        closed.started = self.started.unwrap_or(UnixTime(0));
+        closed.rows = self.rows;
+        self.closed = Some(closed);
+        // The current counts are the previous closed window's now: zero them.
         self.inputs.clear();
         self.outputs.clear();
         self.window += 1;
@@ -280,6 +356,33 @@ impl Tracker {
     fn current_report(&self) -> DriftReport {
         let (inputs, _) = self.inputs.scores(&self.thresholds);
         let (outputs, _) = self.outputs.scores(&self.thresholds);
+        self.judge(
+            inputs,
+            outputs,
+            self.window,
+            self.started.unwrap_or(UnixTime(0)),
+            self.rows,
+            false,
+        )
+    }
+
+    /// The report of the last closed window (scored now).
+    fn closed_report(&self) -> Option<DriftReport> {
+        let c = self.closed.as_ref()?;
+        let (inputs, _) = self.inputs.scores_of(&c.inputs, &self.thresholds);
+        let (outputs, _) = self.outputs.scores_of(&c.outputs, &self.thresholds);
+        Some(self.judge(inputs, outputs, c.window, c.started, c.rows, true))
+    }
+
+    fn judge(
+        &self,
+        inputs: Vec<Score>,
+        outputs: Vec<Score>,
+        window: u64,
+        started: UnixTime,
+        rows: u64,
+        closed: bool,
+    ) -> DriftReport {
         let drifted_inputs = inputs.iter().filter(|s| s.drifted).count();
         let drifted_share = if inputs.is_empty() {
             0.0
@@ -294,10 +397,10 @@ impl Tracker {
                 && drifted_outputs as f64 / outputs.len() as f64 >= self.thresholds.drifted_share);
         DriftReport {
             digest: self.digest,
-            window: self.window,
-            started: self.started.unwrap_or(UnixTime(0)),
-            rows: self.rows,
-            closed: false,
+            window,
+            started,
+            rows,
+            closed,
             inputs,
             outputs,
             drifted_share,
@@ -316,7 +419,7 @@ impl Tracker {
         if self.rows >= self.settings.min_rows {
             Some(self.current_report())
         } else {
-            self.last_closed.clone()
+            self.closed_report()
         }
     }
 
@@ -391,7 +494,7 @@ impl Tracker {
             memory_bytes: self.memory_bytes(),
             skipped: self.skipped,
             current: self.current(),
-            last_closed: self.last_closed.clone(),
+            last_closed: self.closed_report(),
         }
     }
 }
@@ -543,6 +646,45 @@ mod tests {
             }) => assert!(features.is_empty() && !drifted),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_closed_window_scores_as_it_stood_and_the_next_starts_empty() {
+        let mut t = Tracker::new(Digest::of(b"m"), &reference(), SETTINGS);
+        // Window 0: shifted, closed by time; window 1: clean, closed by size
+        // (the counts' buffers swap back and forth).
+        let (x, y) = request(3, 400, 0.5, Some(1));
+        t.observe(&x, &y, || UnixTime(10));
+        let shifted = t.current();
+        t.tick(UnixTime(10 + 600));
+        let closed = t.report().expect("the closed window");
+        assert!(closed.closed && shifted.drifted);
+        assert_eq!(
+            (closed.window, closed.rows, closed.started),
+            (0, 400, UnixTime(10))
+        );
+        assert_eq!(closed.inputs, shifted.inputs);
+        assert_eq!(closed.outputs, shifted.outputs);
+        assert_eq!(t.current().inputs, Vec::new(), "the new window is empty");
+        let (x, y) = request(4, 999, 0.0, None);
+        t.observe(&x, &y, || UnixTime(700));
+        let clean = t.current();
+        let (x, y) = request(5, 1, 0.0, None);
+        t.observe(&x, &y, || UnixTime(701));
+        assert_eq!(t.rows(), 0, "1000 rows close the window");
+        let closed = t.report().expect("the closed window");
+        assert_eq!((closed.window, closed.rows), (1, 1000));
+        assert!(!closed.drifted, "{closed:?}");
+        assert_eq!(
+            closed.inputs.iter().map(|s| s.count).collect::<Vec<_>>(),
+            clean.inputs.iter().map(|s| s.count + 1).collect::<Vec<_>>()
+        );
+        // Another shifted window replaces it.
+        let (x, y) = request(6, 1000, 0.5, Some(1));
+        t.observe(&x, &y, || UnixTime(800));
+        let closed = t.report().expect("the closed window");
+        assert_eq!(closed.window, 2);
+        assert!(closed.drifted);
     }
 
     #[test]
