@@ -50,6 +50,9 @@ pub enum Command {
     /// Staged rollouts on a controller.
     #[command(subcommand)]
     Rollout(crate::remote::RolloutCommand),
+    /// Put the agent onto a device: enroll it, then install the binary for its
+    /// profile, its config, certificate, key, trust root and systemd unit.
+    Flash(Box<crate::flash::FlashArgs>),
 }
 
 /// `edgefleet demo`.
@@ -372,6 +375,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Devices(c) => crate::remote::devices(c).map_err(CliError::Controller),
         Command::Bundles(c) => crate::remote::bundles(c).map_err(CliError::Controller),
         Command::Rollout(c) => crate::remote::rollout(c).map_err(CliError::Controller),
+        Command::Flash(a) => crate::flash::flash(*a).map_err(CliError::Controller),
         Command::Keys(KeysCommand::Generate { out, name }) => {
             let (secret, public, key) = operator::generate_key(&out, &name)?;
             println!("generated key {}", key.public().id());

@@ -394,6 +394,19 @@ impl Client {
         self.answer(r)
     }
 
+    /// GET a JSON document that may not exist (None on 404).
+    pub fn get_optional(&self, path: &str) -> Result<Option<Value>, String> {
+        let r = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", self.auth())
+            .call();
+        if matches!(&r, Ok(r) if r.status() == 404) {
+            return Ok(None);
+        }
+        self.answer(r).map(Some)
+    }
+
     /// GET a text document (`/metrics`).
     pub fn get_text(&self, path: &str) -> Result<String, String> {
         let mut r = self
@@ -439,7 +452,8 @@ fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-fn tags_of(text: &str) -> Result<BTreeMap<String, String>, String> {
+/// Tags from `k=v,k2=v2`.
+pub(crate) fn tags_of(text: &str) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
     for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
         let (k, v) = pair

@@ -1,0 +1,1203 @@
+//! `edgefleet flash`: puts the agent onto a device in one command. It enrolls
+//! the device (or uses an existing enrollment), then installs the agent binary
+//! for the profile's target, `agent.toml`, the device certificate and key
+//! (0600), the pinned trust root, a hardened systemd unit with its system user
+//! (sysusers.d) and file ownership (tmpfiles.d), enabled for boot; into a
+//! mounted root filesystem (`--root`), an install archive (`--out`), or a host
+//! over SSH (`--ssh`).
+//!
+//! Everything is checked before the controller is asked for a certificate:
+//! the profile, the binary (it must be an ELF for the profile's architecture),
+//! the destination (writable), and the device id (not taken). Files are staged
+//! beside their destinations and moved into place only when all are written,
+//! `agent.toml` last: a flash that fails leaves the old files as they were.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use clap::{ArgGroup, Args};
+use edgefleet_devices::Profile;
+use serde_json::{Value, json};
+
+use crate::remote::{ApiArgs, Client};
+
+/// The shipped systemd unit; paths are rewritten for the profile.
+const UNIT: &str = include_str!("../../agent/edgefleet-agent.service");
+
+/// Largest agent binary flashed (the static builds are about 10 MB).
+const MAX_BINARY: u64 = 128 << 20;
+
+/// Largest profile file read.
+const MAX_PROFILE: u64 = 64 << 10;
+
+/// Suffix of staged files, beside their destination (same filesystem).
+const STAGED: &str = ".edgefleet-new";
+
+/// `edgefleet flash`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("destination").required(true).args(["root", "out", "ssh"])))]
+pub struct FlashArgs {
+    /// Device profile: a file (`devices/raspberry-pi-4.toml`) or the name of a
+    /// shipped one (`raspberry-pi-4`).
+    #[arg(long)]
+    pub profile: String,
+    /// The device's id (its certificate's common name).
+    #[arg(long)]
+    pub device_id: String,
+    /// Tags of a new enrollment, `k=v,k2=v2`.
+    #[arg(long, default_value = "")]
+    pub tags: String,
+    /// The agent binary (default: `cross/out/<target>/edgefleet-agent`, where
+    /// `cross/build.sh` puts it).
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+    /// Use this enrollment (the files of `edgefleet devices enroll --out DIR`)
+    /// instead of enrolling the device now.
+    #[arg(long, conflicts_with = "replace")]
+    pub enrollment: Option<PathBuf>,
+    /// Enroll again a device id that is taken: a new certificate is issued and
+    /// the old one stops working.
+    #[arg(long)]
+    pub replace: bool,
+    /// Install into this mounted root filesystem (an SD card's root partition,
+    /// or any directory), laid out as on the device.
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Write an install archive (`.tar.gz` with an `install.sh`) instead.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Install over SSH (`user@host`, or `ssh://user@host:port`); needs `ssh`
+    /// here and `sh`, `tar` and `gzip` on the device.
+    #[arg(long)]
+    pub ssh: Option<String>,
+    /// With `--ssh`: the root filesystem on that host (default `/`: the host
+    /// itself, whose service is then enabled and started).
+    #[arg(long, requires = "ssh")]
+    pub remote_root: Option<PathBuf>,
+    /// With `--ssh`: an `ssh -o` option (repeatable), e.g. `IdentityFile=...`.
+    #[arg(long = "ssh-option", requires = "ssh")]
+    pub ssh_options: Vec<String>,
+    /// Overwrite an agent already installed at the destination.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// One file of the device's filesystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceFile {
+    /// Absolute path on the device.
+    pub path: PathBuf,
+    /// Permission bits.
+    pub mode: u32,
+    /// What it holds (a symbolic link's target for [`FileKind::Link`]).
+    pub contents: Vec<u8>,
+    /// A file or a symbolic link.
+    pub kind: FileKind,
+}
+
+/// What a [`DeviceFile`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// A regular file.
+    File,
+    /// A symbolic link (to the path in `contents`).
+    Link,
+}
+
+/// The files of an enrollment, as `edgefleet devices enroll` writes them.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    /// Broker URL for the device.
+    pub broker_url: String,
+    /// Topic prefix.
+    pub topic_prefix: String,
+    /// CA certificate (PEM).
+    pub ca_pem: String,
+    /// Device certificate (PEM).
+    pub cert_pem: String,
+    /// Device key (PEM).
+    pub key_pem: String,
+    /// The fleet's trust root (CBOR).
+    pub trust_root: Vec<u8>,
+}
+
+/// Where a flash goes.
+#[derive(Debug)]
+enum Destination {
+    Root(PathBuf),
+    Archive(PathBuf),
+    Ssh {
+        host: String,
+        root: PathBuf,
+        options: Vec<String>,
+    },
+}
+
+/// `edgefleet flash`.
+pub fn flash(args: FlashArgs) -> Result<i32, String> {
+    let profile = load_profile(&args.profile)?;
+    let id = edgefleet_shared::DeviceId::new(&args.device_id)
+        .map_err(|e| format!("--device-id: {e}"))?
+        .to_string();
+    let binary_path = args.binary.clone().unwrap_or_else(|| {
+        Path::new("cross/out")
+            .join(&profile.target)
+            .join("edgefleet-agent")
+    });
+    let binary = read_binary(&binary_path, &profile)?;
+    let destination = match (&args.root, &args.out, &args.ssh) {
+        (Some(r), _, _) => Destination::Root(r.clone()),
+        (_, Some(o), _) => Destination::Archive(o.clone()),
+        (_, _, Some(h)) => Destination::Ssh {
+            host: h.clone(),
+            root: args.remote_root.clone().unwrap_or_else(|| "/".into()),
+            options: args.ssh_options.clone(),
+        },
+        _ => return Err("name a destination: --root, --out or --ssh".into()),
+    };
+    preflight(&destination, &profile, args.force)?;
+    let client = Client::new(&args.api);
+    let (enrollment, how) = match &args.enrollment {
+        Some(dir) => (read_enrollment(dir, &id)?, "existing enrollment"),
+        None => (enroll(&client, &id, &args.tags, args.replace)?, "enrolled"),
+    };
+    let files = device_files(&profile, &id, &binary.bytes, &enrollment)?;
+    match &destination {
+        Destination::Root(root) => install_into(root, &files, &profile)?,
+        Destination::Archive(out) => {
+            let archive = archive(&files, &profile, &id)?;
+            crate::operator::write_atomic(out, 0o644, |w| w.write_all(&archive))
+                .map_err(|e| e.to_string())?;
+        }
+        Destination::Ssh {
+            host,
+            root,
+            options,
+        } => {
+            let archive = archive(&files, &profile, &id)?;
+            ssh_install(host, options, root, &archive, args.force)?;
+        }
+    }
+    let where_to = match &destination {
+        Destination::Root(r) => format!("into {}", r.display()),
+        Destination::Archive(o) => format!(
+            "as {} (on the device: tar -xzf it, then sudo sh edgefleet-flash/install.sh)",
+            o.display()
+        ),
+        Destination::Ssh { host, root, .. } => format!("on {host}:{}", root.display()),
+    };
+    if args.api.json {
+        println!(
+            "{}",
+            json!({
+                "device": id,
+                "profile": profile.name,
+                "target": profile.target,
+                "binary": binary_path,
+                "static": binary.is_static,
+                "enrollment": how,
+                "files": files.iter().map(|f| &f.path).collect::<Vec<_>>(),
+            })
+        );
+    } else {
+        println!(
+            "flashed {id} ({}, {}; {how}) {where_to}",
+            profile.name, profile.target
+        );
+        for f in &files {
+            println!("  {:o} {}", f.mode, f.path.display());
+        }
+        if !binary.is_static {
+            println!(
+                "note: {} is dynamically linked: the device needs the same C library (cross/build.sh builds static ones)",
+                binary_path.display()
+            );
+        }
+        println!(
+            "the agent starts at boot (systemd unit {}) and connects to {}",
+            profile.install.unit.display(),
+            enrollment.broker_url
+        );
+    }
+    Ok(0)
+}
+
+/// A profile from a file (a path, or a name ending in `.toml`) or a shipped one.
+pub fn load_profile(arg: &str) -> Result<Profile, String> {
+    let path = Path::new(arg);
+    if !(arg.ends_with(".toml") || arg.contains('/')) {
+        return Profile::builtin(arg).map_err(|e| e.to_string());
+    }
+    let text = read_capped(path, MAX_PROFILE).map_err(|e| format!("--profile {arg}: {e}"))?;
+    let text = String::from_utf8(text).map_err(|_| format!("--profile {arg}: not UTF-8"))?;
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("profile");
+    let profile = Profile::parse(stem, &text).map_err(|e| e.to_string())?;
+    if profile.name != stem {
+        return Err(format!(
+            "--profile {arg}: its name is `{}`, not the file's `{stem}`",
+            profile.name
+        ));
+    }
+    Ok(profile)
+}
+
+fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    let mut out = Vec::new();
+    f.take(cap + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > cap {
+        return Err(std::io::Error::other(format!(
+            "larger than {cap} bytes: not what was meant"
+        )));
+    }
+    Ok(out)
+}
+
+/// An agent binary checked against the profile.
+#[derive(Debug)]
+struct Binary {
+    bytes: Vec<u8>,
+    is_static: bool,
+}
+
+fn read_binary(path: &Path, profile: &Profile) -> Result<Binary, String> {
+    if !path.exists() {
+        return Err(format!(
+            "no agent binary for {} at {}: build it with `cross/build.sh {}` (or pass --binary FILE)",
+            profile.target,
+            path.display(),
+            profile.target
+        ));
+    }
+    let size = std::fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    if size > MAX_BINARY {
+        return Err(format!(
+            "{}: {size} bytes is no device build of the agent (over {} MiB; a debug build? cross/build.sh makes stripped ones of about 10 MB)",
+            path.display(),
+            MAX_BINARY >> 20
+        ));
+    }
+    let bytes = read_capped(path, MAX_BINARY).map_err(|e| format!("{}: {e}", path.display()))?;
+    let elf = Elf::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    if elf.arch != profile.arch {
+        return Err(format!(
+            "{} is an agent for {}, but profile {} is {} ({})",
+            path.display(),
+            elf.arch,
+            profile.name,
+            profile.arch,
+            profile.target
+        ));
+    }
+    Ok(Binary {
+        bytes,
+        is_static: !elf.interpreter,
+    })
+}
+
+/// What `edgefleet flash` reads of an ELF header.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Elf {
+    /// Architecture as the agent names it (`std::env::consts::ARCH`).
+    pub arch: &'static str,
+    /// Has a program interpreter (dynamically linked).
+    pub interpreter: bool,
+}
+
+impl Elf {
+    /// Reads the identification, machine and program headers; the error says
+    /// what is not an executable we know.
+    pub fn parse(b: &[u8]) -> Result<Elf, String> {
+        if b.len() < 64 || &b[..4] != b"\x7fELF" {
+            return Err("not an ELF executable".into());
+        }
+        let wide = match b[4] {
+            1 => false,
+            2 => true,
+            c => return Err(format!("ELF class {c} is unknown")),
+        };
+        if b[5] != 1 {
+            return Err("a big-endian ELF: no device profile is big-endian".into());
+        }
+        let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
+        let u32_at = |o: usize| {
+            b.get(o..o + 4)
+                .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        };
+        let u64_at = |o: usize| {
+            b.get(o..o + 8).map(|s| {
+                let mut a = [0; 8];
+                a.copy_from_slice(s);
+                u64::from_le_bytes(a)
+            })
+        };
+        let machine = u16_at(18).ok_or("truncated ELF header")?;
+        let arch = match (machine, wide) {
+            (62, true) => "x86_64",
+            (183, true) => "aarch64",
+            (40, false) => "arm",
+            (3, false) => "x86",
+            (243, true) => "riscv64",
+            (m, _) => return Err(format!("ELF machine {m} is not a device architecture")),
+        };
+        let (phoff, phentsize, phnum) = if wide {
+            (
+                u64_at(32).ok_or("truncated ELF header")?,
+                u16_at(54).ok_or("truncated ELF header")?,
+                u16_at(56).ok_or("truncated ELF header")?,
+            )
+        } else {
+            (
+                u64::from(u32_at(28).ok_or("truncated ELF header")?),
+                u16_at(42).ok_or("truncated ELF header")?,
+                u16_at(44).ok_or("truncated ELF header")?,
+            )
+        };
+        let mut interpreter = false;
+        for i in 0..u64::from(phnum) {
+            let at = phoff
+                .checked_add(i * u64::from(phentsize))
+                .and_then(|o| usize::try_from(o).ok())
+                .ok_or("program headers out of range")?;
+            // PT_INTERP = 3: a dynamic loader is named.
+            if u32_at(at).ok_or("truncated program headers")? == 3 {
+                interpreter = true;
+            }
+        }
+        Ok(Elf { arch, interpreter })
+    }
+}
+
+/// Checks the destination before anything is asked of the controller.
+fn preflight(d: &Destination, profile: &Profile, force: bool) -> Result<(), String> {
+    match d {
+        Destination::Root(root) => {
+            let meta =
+                std::fs::metadata(root).map_err(|e| format!("--root {}: {e}", root.display()))?;
+            if !meta.is_dir() {
+                return Err(format!("--root {}: not a directory", root.display()));
+            }
+            let probe = root.join(format!(".edgefleet-flash-probe-{}", std::process::id()));
+            std::fs::write(&probe, b"")
+                .map_err(|e| format!("--root {}: not writable ({e})", root.display()))?;
+            let _ = std::fs::remove_file(&probe);
+            let config = on_root(root, &profile.install.config);
+            if !force && config.exists() {
+                let who = std::fs::read_to_string(&config)
+                    .ok()
+                    .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+                    .and_then(|t| t.get("device_id")?.as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "unknown".into());
+                return Err(format!(
+                    "--root {}: an agent is installed already (device {who}, {}); pass --force to overwrite it",
+                    root.display(),
+                    profile.install.config.display()
+                ));
+            }
+            Ok(())
+        }
+        Destination::Archive(out) => {
+            let dir = match out.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+                _ => PathBuf::from("."),
+            };
+            if !dir.is_dir() {
+                return Err(format!(
+                    "--out {}: {} is not a directory",
+                    out.display(),
+                    dir.display()
+                ));
+            }
+            let probe = dir.join(format!(".edgefleet-flash-probe-{}", std::process::id()));
+            std::fs::write(&probe, b"")
+                .map_err(|e| format!("--out {}: not writable ({e})", out.display()))?;
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Destination::Ssh {
+            host,
+            root,
+            options,
+        } => {
+            let root = shell_path(root)?;
+            let script = format!(
+                "test -d {root} || {{ echo \"{root} is not a directory\" >&2; exit 3; }}; \
+                 test -w {root} || {{ echo \"{root} is not writable\" >&2; exit 3; }}; \
+                 command -v tar >/dev/null && command -v gzip >/dev/null || {{ echo 'needs tar and gzip' >&2; exit 3; }}; \
+                 if [ -e {root}/{config} ] && [ {force} != 1 ]; then echo 'an agent is installed already; pass --force to overwrite it' >&2; exit 3; fi",
+                config = shell_path(
+                    profile
+                        .install
+                        .config
+                        .strip_prefix("/")
+                        .unwrap_or(&profile.install.config)
+                )?,
+                force = u8::from(force),
+            );
+            let out = ssh(host, options)
+                .arg(script)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("--ssh: cannot run ssh ({e}); install openssh-client"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "--ssh {host}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn ssh(host: &str, options: &[String]) -> Command {
+    let mut c = Command::new("ssh");
+    c.args(["-o", "BatchMode=yes"]);
+    for o in options {
+        c.arg("-o").arg(o);
+    }
+    c.arg("--").arg(host);
+    c
+}
+
+/// A path quoted for `sh` (paths with a quote are refused, not escaped).
+fn shell_path(p: &Path) -> Result<String, String> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| format!("{}: not UTF-8", p.display()))?;
+    if s.contains(|c: char| c == '\'' || c == '"' || c == '\\' || c.is_whitespace()) {
+        return Err(format!("{s}: paths with quotes or spaces are refused"));
+    }
+    Ok(format!("'{s}'"))
+}
+
+/// Enrolls `id` unless it is taken (then only with `replace`).
+fn enroll(client: &Client, id: &str, tags: &str, replace: bool) -> Result<Enrollment, String> {
+    match client.get_optional(&format!("/api/v1/devices/{id}"))? {
+        Some(v) if !replace => {
+            let d = &v["device"];
+            return Err(format!(
+                "device id {id} is taken ({}; last seen {}): choose another id, pass --enrollment DIR with its files, or --replace to issue a new certificate (the old one stops working)",
+                if d["enrolled"].as_bool().unwrap_or(false) {
+                    "enrolled"
+                } else {
+                    "seen on the broker"
+                },
+                d["last_seen"].as_u64().map_or_else(
+                    || "never".to_owned(),
+                    |ms| format!("{ms} ms after the epoch")
+                ),
+            ));
+        }
+        _ => {}
+    }
+    let v = client.post(
+        &format!("/api/v1/devices/{id}/enroll"),
+        &json!({"tags": crate::remote::tags_of(tags)?}),
+    )?;
+    enrollment_of(&v)
+}
+
+/// The enrollment in an answer of `POST /api/v1/devices/{id}/enroll`.
+pub fn enrollment_of(v: &Value) -> Result<Enrollment, String> {
+    let s = |k: &str| {
+        v[k].as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("the controller's enrollment has no {k}"))
+    };
+    let trust_root = match v["trust_root_hex"].as_str() {
+        Some(t) => hex::decode(t).map_err(|e| format!("trust_root_hex: {e}"))?,
+        None => {
+            return Err(
+                "the controller has no trust root: a device could verify no bundle (start it with trust_root set)"
+                    .into(),
+            );
+        }
+    };
+    Ok(Enrollment {
+        broker_url: s("broker_url")?,
+        topic_prefix: s("topic_prefix")?,
+        ca_pem: s("ca_pem")?,
+        cert_pem: s("cert_pem")?,
+        key_pem: s("key_pem")?,
+        trust_root,
+    })
+}
+
+/// The files `edgefleet devices enroll --out DIR` wrote, for device `id`.
+fn read_enrollment(dir: &Path, id: &str) -> Result<Enrollment, String> {
+    let read = |name: &str| {
+        read_capped(&dir.join(name), 1 << 20)
+            .map_err(|e| format!("--enrollment {}: {name}: {e}", dir.display()))
+    };
+    let text = |name: &str| {
+        String::from_utf8(read(name)?)
+            .map_err(|_| format!("--enrollment {}: {name}: not UTF-8", dir.display()))
+    };
+    let config: edgefleet_agent::config::AgentConfig = toml::from_str(&text("agent.toml")?)
+        .map_err(|e| format!("--enrollment {}: agent.toml: {e}", dir.display()))?;
+    if config.device_id != id {
+        return Err(format!(
+            "--enrollment {} is device {}'s, not {id}'s",
+            dir.display(),
+            config.device_id
+        ));
+    }
+    Ok(Enrollment {
+        broker_url: config.broker.url,
+        topic_prefix: config.broker.topic_prefix,
+        ca_pem: text("ca.pem")?,
+        cert_pem: text("device.pem")?,
+        key_pem: text("device.key")?,
+        trust_root: read("trust-root.cbor")?,
+    })
+}
+
+/// Where `path` (absolute on the device) is under `root`.
+fn on_root(root: &Path, path: &Path) -> PathBuf {
+    let mut out = root.to_path_buf();
+    for c in path.components() {
+        if let Component::Normal(n) = c {
+            out.push(n);
+        }
+    }
+    out
+}
+
+/// The systemd unit for `profile`: the shipped one with its paths.
+pub fn unit_for(profile: &Profile) -> Result<String, String> {
+    let binary = profile.install.binary.to_str().ok_or("binary: not UTF-8")?;
+    let config = profile.install.config.to_str().ok_or("config: not UTF-8")?;
+    let mut unit = UNIT.replace(
+        "ExecStart=/usr/local/bin/edgefleet-agent --config /etc/edgefleet/agent.toml run",
+        &format!("ExecStart={binary} --config {config} run"),
+    );
+    if !unit.contains(&format!("ExecStart={binary} ")) {
+        return Err("the shipped unit has no ExecStart line to adapt".into());
+    }
+    // StateDirectory= is relative to /var/lib; elsewhere the unit names the path.
+    let data = &profile.install.data_dir;
+    if let Ok(rel) = data.strip_prefix("/var/lib") {
+        unit = unit.replace(
+            "StateDirectory=edgefleet",
+            &format!("StateDirectory={}", rel.display()),
+        );
+    } else {
+        unit = unit.replace(
+            "StateDirectory=edgefleet",
+            &format!("ReadWritePaths={}", data.display()),
+        );
+    }
+    Ok(unit)
+}
+
+/// Every file a flashed device gets, `agent.toml` last (its presence marks a
+/// complete install).
+pub fn device_files(
+    profile: &Profile,
+    id: &str,
+    binary: &[u8],
+    e: &Enrollment,
+) -> Result<Vec<DeviceFile>, String> {
+    let mut config = profile.agent_config(id);
+    config.broker.url = e.broker_url.clone();
+    config.broker.topic_prefix = e.topic_prefix.clone();
+    config
+        .validate(&profile.install.config)
+        .map_err(|e| format!("the agent config for this device: {e}"))?;
+    let etc = profile
+        .install
+        .config
+        .parent()
+        .ok_or("install.config has no directory")?
+        .to_path_buf();
+    let unit = unit_for(profile)?;
+    let unit_name = profile
+        .install
+        .unit
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("install.unit has no file name")?
+        .to_owned();
+    let wants = profile
+        .install
+        .unit
+        .parent()
+        .ok_or("install.unit has no directory")?
+        .join("multi-user.target.wants")
+        .join(&unit_name);
+    let key = config
+        .broker
+        .key
+        .clone()
+        .ok_or("the profile's agent config names no key")?;
+    let file = |path: PathBuf, mode: u32, contents: Vec<u8>| DeviceFile {
+        path,
+        mode,
+        contents,
+        kind: FileKind::File,
+    };
+    let data = profile.install.data_dir.display();
+    let toml_text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
+    let files = vec![
+        file(profile.install.binary.clone(), 0o755, binary.to_vec()),
+        file(
+            config
+                .broker
+                .ca
+                .clone()
+                .unwrap_or_else(|| etc.join("ca.pem")),
+            0o644,
+            e.ca_pem.clone().into_bytes(),
+        ),
+        file(
+            config
+                .broker
+                .cert
+                .clone()
+                .unwrap_or_else(|| etc.join("device.pem")),
+            0o644,
+            e.cert_pem.clone().into_bytes(),
+        ),
+        file(key.clone(), 0o600, e.key_pem.clone().into_bytes()),
+        file(config.trust_root.clone(), 0o644, e.trust_root.clone()),
+        file(profile.install.unit.clone(), 0o644, unit.into_bytes()),
+        DeviceFile {
+            path: wants,
+            mode: 0o777,
+            contents: profile.install.unit.to_string_lossy().as_bytes().to_vec(),
+            kind: FileKind::Link,
+        },
+        file(
+            "/usr/lib/sysusers.d/edgefleet.conf".into(),
+            0o644,
+            format!(
+                "# The edgefleet agent's system user (edgefleet flash).\n\
+                 u edgefleet - \"edgefleet device agent\" {data}\n"
+            )
+            .into_bytes(),
+        ),
+        file(
+            "/usr/lib/tmpfiles.d/edgefleet.conf".into(),
+            0o644,
+            format!(
+                "# The agent's state and its key belong to its user (edgefleet flash).\n\
+                 d {data} 0700 edgefleet edgefleet -\n\
+                 z {} 0600 edgefleet edgefleet -\n",
+                key.display()
+            )
+            .into_bytes(),
+        ),
+        file(
+            profile.install.config.clone(),
+            0o644,
+            format!(
+                "# {id}: written by `edgefleet flash --profile {}`\n{toml_text}",
+                profile.name
+            )
+            .into_bytes(),
+        ),
+    ];
+    // Paths must be absolute and distinct; the data directory comes empty.
+    let mut seen = BTreeSet::new();
+    for f in &files {
+        if !f.path.is_absolute() || !seen.insert(f.path.clone()) {
+            return Err(format!(
+                "{}: a device path must be absolute and used once",
+                f.path.display()
+            ));
+        }
+    }
+    Ok(files)
+}
+
+/// Writes `files` under `root`: each is staged beside its destination, then
+/// all are moved into place (`agent.toml` last); on an error before the moves,
+/// the staged files and the directories made for them are removed.
+pub fn install_into(root: &Path, files: &[DeviceFile], profile: &Profile) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut made_dirs = Vec::new();
+    let mut staged = Vec::new();
+    let result = (|| -> Result<(), String> {
+        for f in files {
+            let target = on_root(root, &f.path);
+            let dir = target.parent().ok_or("no parent")?.to_path_buf();
+            let mut missing = Vec::new();
+            let mut d = dir.clone();
+            while !d.exists() {
+                missing.push(d.clone());
+                if !d.pop() {
+                    break;
+                }
+            }
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            made_dirs.extend(missing.into_iter().rev());
+            let tmp = staged_path(&target);
+            let _ = std::fs::remove_file(&tmp);
+            match f.kind {
+                FileKind::File => {
+                    let mut w = std::fs::File::create(&tmp)
+                        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+                    staged.push(tmp.clone());
+                    w.write_all(&f.contents)
+                        .and_then(|()| w.set_permissions(std::fs::Permissions::from_mode(f.mode)))
+                        .and_then(|()| w.sync_all())
+                        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+                }
+                FileKind::Link => {
+                    let to = String::from_utf8_lossy(&f.contents).into_owned();
+                    std::os::unix::fs::symlink(&to, &tmp)
+                        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+                    staged.push(tmp.clone());
+                }
+            }
+        }
+        let data = on_root(root, &profile.install.data_dir);
+        if !data.exists() {
+            std::fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+            std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| format!("{}: {e}", data.display()))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for s in &staged {
+            let _ = std::fs::remove_file(s);
+        }
+        for d in made_dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+        return Err(format!("nothing installed: {e}"));
+    }
+    // Every file is written: move them into place, the config last.
+    for f in files {
+        let target = on_root(root, &f.path);
+        std::fs::rename(staged_path(&target), &target)
+            .map_err(|e| format!("{}: {e}", target.display()))?;
+        if let Some(dir) = target.parent() {
+            edgefleet_shared::unpack::sync_dir(dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn staged_path(target: &Path) -> PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(STAGED);
+    target.with_file_name(name)
+}
+
+/// The install script in an archive: the same staging, then (on a live
+/// system) the user, ownership and the service.
+pub fn install_script(files: &[DeviceFile], profile: &Profile, id: &str) -> Result<String, String> {
+    let mut puts = String::new();
+    for f in files {
+        let rel = f
+            .path
+            .strip_prefix("/")
+            .map_err(|_| format!("{}: not absolute", f.path.display()))?;
+        let rel = shell_path(rel)?;
+        match f.kind {
+            FileKind::File => puts.push_str(&format!("put {:o} {rel}\n", f.mode)),
+            FileKind::Link => puts.push_str(&format!(
+                "link {} {rel}\n",
+                shell_path(Path::new(&*String::from_utf8_lossy(&f.contents)))?
+            )),
+        }
+    }
+    let config = shell_path(
+        profile
+            .install
+            .config
+            .strip_prefix("/")
+            .map_err(|_| "install.config is not absolute")?,
+    )?;
+    let data = shell_path(
+        profile
+            .install
+            .data_dir
+            .strip_prefix("/")
+            .map_err(|_| "install.data_dir is not absolute")?,
+    )?;
+    let unit = profile
+        .install
+        .unit
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("install.unit has no file name")?;
+    Ok(format!(
+        r#"#!/bin/sh
+# Installs the edgefleet agent of device {id} ({profile}, {target}).
+# Written by `edgefleet flash`. Usage, as root on the device:
+#   sh install.sh            install into this system, enable and start the agent
+#   sh install.sh DIR        install into a mounted root filesystem at DIR
+# Every file is staged beside its destination first and moved into place only
+# when all are written, the agent's config last: a failed install changes
+# nothing. An installed agent is kept unless EDGEFLEET_FORCE=1.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+root=${{1:-/}}
+[ -d "$root" ] || {{ echo "install.sh: $root is not a directory" >&2; exit 1; }}
+root=$(cd "$root" && pwd)
+[ "$root" = / ] && root=
+if [ -e "$root/"{config} ] && [ "${{EDGEFLEET_FORCE:-0}}" != 1 ]; then
+    echo "install.sh: an agent is installed already ($root/"{config}"); EDGEFLEET_FORCE=1 to overwrite" >&2
+    exit 1
+fi
+staged=
+cleanup() {{ for f in $staged; do rm -f "$f"; done; }}
+trap cleanup EXIT
+put() {{
+    mkdir -p "$(dirname "$root/$2")"
+    cp "$here/root/$2" "$root/$2{STAGED}"
+    staged="$staged $root/$2{STAGED}"
+    chmod "$1" "$root/$2{STAGED}"
+}}
+link() {{
+    mkdir -p "$(dirname "$root/$2")"
+    rm -f "$root/$2{STAGED}"
+    ln -s "$1" "$root/$2{STAGED}"
+    staged="$staged $root/$2{STAGED}"
+}}
+{puts}sync
+commit() {{ mv -f "$root/$2{STAGED}" "$root/$2"; }}
+{moves}staged=
+mkdir -p "$root/"{data}
+chmod 700 "$root/"{data}
+sync
+if [ -z "$root" ] && [ -d /run/systemd/system ]; then
+    systemd-sysusers /usr/lib/sysusers.d/edgefleet.conf
+    systemd-tmpfiles --create /usr/lib/tmpfiles.d/edgefleet.conf
+    systemctl daemon-reload
+    systemctl enable --now {unit}
+    echo "edgefleet agent {id} installed and started"
+else
+    echo "edgefleet agent {id} installed into ${{root:-/}}; it starts at boot"
+fi
+"#,
+        profile = profile.name,
+        target = profile.target,
+        moves = puts
+            .lines()
+            .map(|l| {
+                let mut w = l.splitn(3, ' ');
+                let _ = w.next();
+                let _ = w.next();
+                format!("commit - {}\n", w.next().unwrap_or_default())
+            })
+            .collect::<String>(),
+    ))
+}
+
+/// An install archive: `edgefleet-flash/install.sh` and the files under
+/// `edgefleet-flash/root/`, gzip-compressed.
+pub fn archive(files: &[DeviceFile], profile: &Profile, id: &str) -> Result<Vec<u8>, String> {
+    let script = install_script(files, profile, id)?;
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    let io = |e: std::io::Error| format!("archive: {e}");
+    let mut add = |path: &Path, mode: u32, data: &[u8]| -> Result<(), String> {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut h, path, data).map_err(io)
+    };
+    add(
+        Path::new("edgefleet-flash/install.sh"),
+        0o755,
+        script.as_bytes(),
+    )?;
+    for f in files.iter().filter(|f| f.kind == FileKind::File) {
+        let rel = f.path.strip_prefix("/").map_err(|_| "not absolute")?;
+        add(
+            &Path::new("edgefleet-flash/root").join(rel),
+            f.mode,
+            &f.contents,
+        )?;
+    }
+    tar.into_inner().map_err(io)?.finish().map_err(io)
+}
+
+/// Sends the archive over SSH and runs its `install.sh` there.
+fn ssh_install(
+    host: &str,
+    options: &[String],
+    root: &Path,
+    archive: &[u8],
+    force: bool,
+) -> Result<(), String> {
+    let root = shell_path(root)?;
+    let script = format!(
+        "set -e; d=$(mktemp -d); trap 'rm -rf \"$d\"' EXIT; tar -xzf - -C \"$d\"; \
+         EDGEFLEET_FORCE={} sh \"$d/edgefleet-flash/install.sh\" {root}",
+        u8::from(force)
+    );
+    let mut child = ssh(host, options)
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("--ssh: cannot run ssh ({e})"))?;
+    let mut stdin = child.stdin.take().ok_or("ssh: no stdin")?;
+    let data = archive.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("--ssh: {e}"))?;
+    let _ = writer.join();
+    if !out.status.success() {
+        return Err(format!(
+            "--ssh {host}: the install failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enrollment() -> Enrollment {
+        Enrollment {
+            broker_url: "mqtts://fleet.example:8883".into(),
+            topic_prefix: "edgefleet".into(),
+            ca_pem: "CA".into(),
+            cert_pem: "CERT".into(),
+            key_pem: "KEY".into(),
+            trust_root: vec![1, 2, 3],
+        }
+    }
+
+    #[test]
+    fn elf_headers_name_the_architecture_and_linking() {
+        let own = std::fs::read(std::env::current_exe().expect("exe")).expect("read");
+        let elf = Elf::parse(&own).expect("our own binary");
+        assert_eq!(elf.arch, std::env::consts::ARCH);
+        assert!(Elf::parse(b"#!/bin/sh\n").is_err());
+        let mut arm = own.clone();
+        arm[4] = 1; // 32-bit
+        arm[18..20].copy_from_slice(&40u16.to_le_bytes());
+        // A 32-bit header read from a 64-bit file: still named, or refused, never a panic.
+        let _ = Elf::parse(&arm);
+        let mut odd = own[..64].to_vec();
+        odd[18..20].copy_from_slice(&999u16.to_le_bytes());
+        let e = Elf::parse(&odd).expect_err("unknown machine");
+        assert!(e.contains("999"), "{e}");
+        // Truncated or garbage program headers: an error, never a panic.
+        for n in [0, 4, 17, 20, 63, 64, 100] {
+            let _ = Elf::parse(&own[..n.min(own.len())]);
+        }
+    }
+
+    #[test]
+    fn the_unit_follows_the_profile_paths() {
+        let mut p = Profile::builtin("raspberry-pi-4").expect("profile");
+        let unit = unit_for(&p).expect("unit");
+        assert!(unit.contains(
+            "ExecStart=/usr/local/bin/edgefleet-agent --config /etc/edgefleet/agent.toml run"
+        ));
+        assert!(unit.contains("StateDirectory=edgefleet\n"));
+        assert!(
+            !unit.contains("DynamicUser=yes"),
+            "the key is owned by a static user"
+        );
+        p.install.binary = "/opt/edgefleet/bin/agent".into();
+        p.install.config = "/opt/edgefleet/etc/agent.toml".into();
+        p.install.data_dir = "/data/edgefleet".into();
+        let unit = unit_for(&p).expect("unit");
+        assert!(unit.contains(
+            "ExecStart=/opt/edgefleet/bin/agent --config /opt/edgefleet/etc/agent.toml run"
+        ));
+        assert!(unit.contains("ReadWritePaths=/data/edgefleet"));
+    }
+
+    #[test]
+    fn device_files_hold_the_enrollment_and_end_with_the_config() {
+        let p = Profile::builtin("raspberry-pi-3").expect("profile");
+        let files = device_files(&p, "pi-3", b"\x7fELF", &enrollment()).expect("files");
+        let last = files.last().expect("files");
+        assert_eq!(last.path, p.install.config);
+        let text = String::from_utf8(last.contents.clone()).expect("utf-8");
+        let config: edgefleet_agent::config::AgentConfig =
+            toml::from_str(&text).expect("agent.toml parses");
+        assert_eq!(config.device_id, "pi-3");
+        assert_eq!(config.broker.url, "mqtts://fleet.example:8883");
+        assert_eq!(
+            config.limits.max_bundle_bytes,
+            64 << 20,
+            "the profile's limits"
+        );
+        let key = files
+            .iter()
+            .find(|f| f.path == Path::new("/etc/edgefleet/device.key"))
+            .expect("key");
+        assert_eq!((key.mode, key.contents.as_slice()), (0o600, &b"KEY"[..]));
+        let e = device_files(
+            &p,
+            "pi-3",
+            b"",
+            &Enrollment {
+                broker_url: "ftp://nope".into(),
+                ..enrollment()
+            },
+        )
+        .expect_err("bad broker URL");
+        assert!(e.contains("broker"), "{e}");
+    }
+
+    #[test]
+    fn install_into_a_root_then_refuse_a_second_time() {
+        let p = Profile::builtin("x86-64-gateway").expect("profile");
+        let root = tempfile::tempdir().expect("dir");
+        let files = device_files(&p, "gw-1", b"binary", &enrollment()).expect("files");
+        install_into(root.path(), &files, &p).expect("install");
+        for f in &files {
+            let on = on_root(root.path(), &f.path);
+            match f.kind {
+                FileKind::File => {
+                    assert_eq!(std::fs::read(&on).expect("file"), f.contents);
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = std::fs::metadata(&on).expect("meta").permissions().mode();
+                    assert_eq!(mode & 0o777, f.mode, "{}", on.display());
+                }
+                FileKind::Link => {
+                    assert_eq!(
+                        std::fs::read_link(&on).expect("link"),
+                        p.install.unit,
+                        "enabled for boot"
+                    );
+                }
+            }
+        }
+        assert!(on_root(root.path(), &p.install.data_dir).is_dir());
+        let staged: Vec<_> = walk(root.path())
+            .into_iter()
+            .filter(|f| f.to_string_lossy().ends_with(STAGED))
+            .collect();
+        assert!(staged.is_empty(), "{staged:?}");
+        let e = preflight(&Destination::Root(root.path().into()), &p, false)
+            .expect_err("installed already");
+        assert!(e.contains("gw-1") && e.contains("--force"), "{e}");
+        preflight(&Destination::Root(root.path().into()), &p, true).expect("forced");
+    }
+
+    #[test]
+    fn a_failed_install_leaves_the_old_files_and_no_staged_ones() {
+        let p = Profile::builtin("x86-64-gateway").expect("profile");
+        let root = tempfile::tempdir().expect("dir");
+        let old = device_files(&p, "gw-1", b"old", &enrollment()).expect("files");
+        install_into(root.path(), &old, &p).expect("install");
+        let before = snapshot(root.path());
+        // The unit's directory is a file now: staging the unit fails midway.
+        let mut new = device_files(&p, "gw-2", b"new", &enrollment()).expect("files");
+        new.insert(
+            5,
+            DeviceFile {
+                path: "/etc/edgefleet/agent.toml/x".into(),
+                mode: 0o644,
+                contents: vec![],
+                kind: FileKind::File,
+            },
+        );
+        let e = install_into(root.path(), &new, &p).expect_err("cannot stage");
+        assert!(e.starts_with("nothing installed"), "{e}");
+        assert_eq!(snapshot(root.path()), before, "old files untouched");
+    }
+
+    #[test]
+    fn the_archive_script_installs_the_same_tree() {
+        let p = Profile::builtin("raspberry-pi-4").expect("profile");
+        let files = device_files(&p, "pi-4", b"binary", &enrollment()).expect("files");
+        let bytes = archive(&files, &p, "pi-4").expect("archive");
+        let unpacked = tempfile::tempdir().expect("dir");
+        tar::Archive::new(flate2::read::GzDecoder::new(bytes.as_slice()))
+            .unpack(unpacked.path())
+            .expect("unpacks");
+        let by_script = tempfile::tempdir().expect("dir");
+        let out = Command::new("sh")
+            .arg(unpacked.path().join("edgefleet-flash/install.sh"))
+            .arg(by_script.path())
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let direct = tempfile::tempdir().expect("dir");
+        install_into(direct.path(), &files, &p).expect("install");
+        assert_eq!(snapshot(by_script.path()), snapshot(direct.path()));
+        // Again: refused, nothing changed.
+        let before = snapshot(by_script.path());
+        let out = Command::new("sh")
+            .arg(unpacked.path().join("edgefleet-flash/install.sh"))
+            .arg(by_script.path())
+            .output()
+            .expect("sh");
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("EDGEFLEET_FORCE=1"));
+        assert_eq!(snapshot(by_script.path()), before);
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).expect("dir").flatten() {
+            let p = e.path();
+            if e.file_type().expect("type").is_dir() {
+                out.push(p.clone());
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Path, mode, kind and contents (or link target) of every entry.
+    fn snapshot(root: &Path) -> Vec<(PathBuf, u32, Vec<u8>)> {
+        use std::os::unix::fs::PermissionsExt;
+        walk(root)
+            .into_iter()
+            .map(|p| {
+                let meta = std::fs::symlink_metadata(&p).expect("meta");
+                let contents = if meta.file_type().is_symlink() {
+                    std::fs::read_link(&p)
+                        .expect("link")
+                        .to_string_lossy()
+                        .as_bytes()
+                        .to_vec()
+                } else if meta.is_file() {
+                    std::fs::read(&p).expect("read")
+                } else {
+                    Vec::new()
+                };
+                let mode = if meta.file_type().is_symlink() {
+                    0
+                } else {
+                    meta.permissions().mode() & 0o7777
+                };
+                (
+                    p.strip_prefix(root).expect("under root").to_path_buf(),
+                    mode,
+                    contents,
+                )
+            })
+            .collect()
+    }
+}
