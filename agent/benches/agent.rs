@@ -492,8 +492,8 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Starts the release agent, waits for readiness, settles, reads its RSS.
-fn agent_rss(data: &Path, trust: &Path) -> u64 {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+fn agent_rss(agent: &Path, data: &Path, trust: &Path) -> u64 {
+    let mut child = Command::new(agent)
         .arg("--data-dir")
         .arg(data)
         .arg("--trust")
@@ -518,13 +518,45 @@ fn agent_rss(data: &Path, trust: &Path) -> u64 {
     rss
 }
 
+/// The static x86-64 device build, where `cross/build.sh` puts it.
+const STATIC_X86_64: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../cross/out/x86_64-unknown-linux-musl/edgefleet-agent"
+);
+
 fn idle_rss_and_size(dir: &Path, cnn: &Case, model: &LoadedModel) {
+    let host = Path::new(env!("CARGO_BIN_EXE_edgefleet-agent"));
+    idle_rss(
+        dir.join("host"),
+        cnn,
+        model,
+        host,
+        "this build (glibc, dynamic)",
+    );
+    if Path::new(STATIC_X86_64).is_file() {
+        idle_rss(
+            dir.join("musl"),
+            cnn,
+            model,
+            Path::new(STATIC_X86_64),
+            "the static musl device build (cross/out/x86_64-unknown-linux-musl)",
+        );
+    } else {
+        println!(
+            "  the static musl device build: not measured, not built (cross/build.sh x86_64-unknown-linux-musl)"
+        );
+    }
+    binary_size();
+}
+
+fn idle_rss(dir: PathBuf, cnn: &Case, model: &LoadedModel, agent: &Path, what: &str) {
+    std::fs::create_dir_all(&dir).expect("dir");
     let trust = dir.join("root.cbor");
     write_root(&trust);
-    let empty = agent_rss(&dir.join("rss-empty"), &trust);
+    let empty = agent_rss(agent, &dir.join("rss-empty"), &trust);
     let data = dir.join("rss-cnn");
-    let bundle = make_bundle(dir, cnn, model, 0);
-    let out = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+    let bundle = make_bundle(&dir, cnn, model, 0);
+    let out = Command::new(agent)
         .arg("--data-dir")
         .arg(&data)
         .arg("--trust")
@@ -538,20 +570,25 @@ fn idle_rss_and_size(dir: &Path, cnn: &Case, model: &LoadedModel) {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let loaded = agent_rss(&data, &trust);
+    let loaded = agent_rss(agent, &data, &trust);
     let model_kib = std::fs::metadata(format!("{MODELS}/{}", cnn.file))
         .expect("model")
         .len()
         / 1024;
+    println!("  {what}:");
     println!(
-        "  idle RSS, no model: {:.1} MB (target < 8 MB); with {} ({} KiB) loaded: {:.1} MB (target < model + 10 MB = {:.1} MB)",
+        "    idle RSS, no model: {:.1} MB (target < 8 MB); with {} ({} KiB) loaded: {:.1} MB (target < model + 10 MB = {:.1} MB)",
         empty as f64 / 1024.0,
         cnn.file,
         model_kib,
         loaded as f64 / 1024.0,
         (model_kib + 10 * 1024) as f64 / 1024.0
     );
-    let stripped = dir.join("edgefleet-agent.stripped");
+}
+
+fn binary_size() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stripped = dir.path().join("edgefleet-agent.stripped");
     let status = Command::new("strip")
         .arg("-o")
         .arg(&stripped)
