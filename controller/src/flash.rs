@@ -209,7 +209,14 @@ pub fn flash(args: FlashArgs) -> Result<i32, String> {
             profile.name, profile.target
         );
         for f in &files {
-            println!("  {:o} {}", f.mode, f.path.display());
+            match f.kind {
+                FileKind::File => println!("  {:o} {}", f.mode, f.path.display()),
+                FileKind::Link => println!(
+                    "  link {} -> {}",
+                    f.path.display(),
+                    String::from_utf8_lossy(&f.contents)
+                ),
+            }
         }
         if !binary.is_static {
             println!(
