@@ -21,6 +21,7 @@ use clap::{ArgGroup, Args};
 use edgefleet_devices::Profile;
 use serde_json::{Value, json};
 
+use crate::operator::read_capped;
 use crate::remote::{ApiArgs, Client};
 
 /// The shipped systemd unit; paths are rewritten for the profile.
@@ -239,7 +240,7 @@ pub fn load_profile(arg: &str) -> Result<Profile, String> {
     if !(arg.ends_with(".toml") || arg.contains('/')) {
         return Profile::builtin(arg).map_err(|e| e.to_string());
     }
-    let text = read_capped(path, MAX_PROFILE).map_err(|e| format!("--profile {arg}: {e}"))?;
+    let text = read_capped(path, MAX_PROFILE).map_err(|e| format!("--profile: {e}"))?;
     let text = String::from_utf8(text).map_err(|_| format!("--profile {arg}: not UTF-8"))?;
     let stem = path
         .file_stem()
@@ -253,19 +254,6 @@ pub fn load_profile(arg: &str) -> Result<Profile, String> {
         ));
     }
     Ok(profile)
-}
-
-fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let f = std::fs::File::open(path)?;
-    let mut out = Vec::new();
-    f.take(cap + 1).read_to_end(&mut out)?;
-    if out.len() as u64 > cap {
-        return Err(std::io::Error::other(format!(
-            "larger than {cap} bytes: not what was meant"
-        )));
-    }
-    Ok(out)
 }
 
 /// An agent binary checked against the profile.
@@ -294,7 +282,7 @@ fn read_binary(path: &Path, profile: &Profile) -> Result<Binary, String> {
             MAX_BINARY >> 20
         ));
     }
-    let bytes = read_capped(path, MAX_BINARY).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes = read_capped(path, MAX_BINARY).map_err(|e| e.to_string())?;
     let elf = Elf::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     if elf.arch != profile.arch {
         return Err(format!(
@@ -394,10 +382,7 @@ fn preflight(d: &Destination, profile: &Profile, force: bool) -> Result<(), Stri
             if !meta.is_dir() {
                 return Err(format!("--root {}: not a directory", root.display()));
             }
-            let probe = root.join(format!(".edgefleet-flash-probe-{}", std::process::id()));
-            std::fs::write(&probe, b"")
-                .map_err(|e| format!("--root {}: not writable ({e})", root.display()))?;
-            let _ = std::fs::remove_file(&probe);
+            writable(root).map_err(|e| format!("--root {}: {e}", root.display()))?;
             let config = on_root(root, &profile.install.config);
             if !force && config.exists() {
                 let who = std::fs::read_to_string(&config)
@@ -425,11 +410,7 @@ fn preflight(d: &Destination, profile: &Profile, force: bool) -> Result<(), Stri
                     dir.display()
                 ));
             }
-            let probe = dir.join(format!(".edgefleet-flash-probe-{}", std::process::id()));
-            std::fs::write(&probe, b"")
-                .map_err(|e| format!("--out {}: not writable ({e})", out.display()))?;
-            let _ = std::fs::remove_file(&probe);
-            Ok(())
+            writable(&dir).map_err(|e| format!("--out {}: {e}", out.display()))
         }
         Destination::Ssh {
             host,
@@ -442,13 +423,7 @@ fn preflight(d: &Destination, profile: &Profile, force: bool) -> Result<(), Stri
                  test -w {root} || {{ echo \"{root} is not writable\" >&2; exit 3; }}; \
                  command -v tar >/dev/null && command -v gzip >/dev/null || {{ echo 'needs tar and gzip' >&2; exit 3; }}; \
                  if [ -e {root}/{config} ] && [ {force} != 1 ]; then echo 'an agent is installed already; pass --force to overwrite it' >&2; exit 3; fi",
-                config = shell_path(
-                    profile
-                        .install
-                        .config
-                        .strip_prefix("/")
-                        .unwrap_or(&profile.install.config)
-                )?,
+                config = device_rel(&profile.install.config)?,
                 force = u8::from(force),
             );
             let out = ssh(host, options)
@@ -467,6 +442,14 @@ fn preflight(d: &Destination, profile: &Profile, force: bool) -> Result<(), Stri
     }
 }
 
+/// Whether a file can be made in `dir` (by making and removing one).
+fn writable(dir: &Path) -> Result<(), String> {
+    let probe = dir.join(format!(".edgefleet-flash-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| format!("not writable ({e})"))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 fn ssh(host: &str, options: &[String]) -> Command {
     let mut c = Command::new("ssh");
     c.args(["-o", "BatchMode=yes"]);
@@ -475,6 +458,14 @@ fn ssh(host: &str, options: &[String]) -> Command {
     }
     c.arg("--").arg(host);
     c
+}
+
+/// An absolute device path made relative to the root and quoted for `sh`.
+fn device_rel(path: &Path) -> Result<String, String> {
+    shell_path(
+        path.strip_prefix("/")
+            .map_err(|_| format!("{}: not absolute", path.display()))?,
+    )
 }
 
 /// A path quoted for `sh` (paths with a quote are refused, not escaped).
@@ -808,13 +799,10 @@ fn staged_path(target: &Path) -> PathBuf {
 /// The install script in an archive: the same staging, then (on a live
 /// system) the user, ownership and the service.
 pub fn install_script(files: &[DeviceFile], profile: &Profile, id: &str) -> Result<String, String> {
-    let mut puts = String::new();
+    let (mut puts, mut moves) = (String::new(), String::new());
     for f in files {
-        let rel = f
-            .path
-            .strip_prefix("/")
-            .map_err(|_| format!("{}: not absolute", f.path.display()))?;
-        let rel = shell_path(rel)?;
+        let rel = device_rel(&f.path)?;
+        moves.push_str(&format!("commit {rel}\n"));
         match f.kind {
             FileKind::File => puts.push_str(&format!("put {:o} {rel}\n", f.mode)),
             FileKind::Link => puts.push_str(&format!(
@@ -823,20 +811,8 @@ pub fn install_script(files: &[DeviceFile], profile: &Profile, id: &str) -> Resu
             )),
         }
     }
-    let config = shell_path(
-        profile
-            .install
-            .config
-            .strip_prefix("/")
-            .map_err(|_| "install.config is not absolute")?,
-    )?;
-    let data = shell_path(
-        profile
-            .install
-            .data_dir
-            .strip_prefix("/")
-            .map_err(|_| "install.data_dir is not absolute")?,
-    )?;
+    let config = device_rel(&profile.install.config)?;
+    let data = device_rel(&profile.install.data_dir)?;
     let unit = profile
         .install
         .unit
@@ -878,7 +854,7 @@ link() {{
     staged="$staged $root/$2{STAGED}"
 }}
 {puts}sync
-commit() {{ mv -f "$root/$2{STAGED}" "$root/$2"; }}
+commit() {{ mv -f "$root/$1{STAGED}" "$root/$1"; }}
 {moves}staged=
 mkdir -p "$root/"{data}
 chmod 700 "$root/"{data}
@@ -895,15 +871,6 @@ fi
 "#,
         profile = profile.name,
         target = profile.target,
-        moves = puts
-            .lines()
-            .map(|l| {
-                let mut w = l.splitn(3, ' ');
-                let _ = w.next();
-                let _ = w.next();
-                format!("commit - {}\n", w.next().unwrap_or_default())
-            })
-            .collect::<String>(),
     ))
 }
 

@@ -329,30 +329,41 @@ fn reference_columns_named_categorical_are_summarised_by_category() {
     assert!(err.contains("`zz`"), "{err}");
 }
 
+/// The bin index finds, for `values` and for the edges at `pick` and just
+/// beside them (the hard cases), the bin the binary search finds.
+fn same_bins(
+    mut edges: Vec<f64>,
+    mut values: Vec<f64>,
+    pick: &[usize],
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    edges.sort_by(f64::total_cmp);
+    edges.dedup();
+    let index = BinIndex::new(&edges);
+    for i in pick {
+        if let Some(e) = edges.get(*i) {
+            values.extend([*e, e.next_up(), e.next_down()]);
+        }
+    }
+    for v in values {
+        prop_assert_eq!(
+            index.bin(&edges, v),
+            edgefleet_shared::reference::bin_of(&edges, v),
+            "value {} edges {:?}",
+            v,
+            edges
+        );
+    }
+    Ok(())
+}
+
 proptest! {
     #[test]
     fn the_bin_index_finds_the_same_bin_as_the_binary_search(
-        mut edges in proptest::collection::vec(-1e3f64..1e3, 0..40),
+        edges in proptest::collection::vec(-1e3f64..1e3, 0..40),
         values in proptest::collection::vec(-1.2e3f64..1.2e3, 1..50),
         pick in proptest::collection::vec(0usize..40, 0..10),
     ) {
-        edges.sort_by(f64::total_cmp);
-        edges.dedup();
-        let index = BinIndex::new(&edges);
-        // Values on the edges themselves, and just beside them, are the hard cases.
-        let mut all = values;
-        for i in pick {
-            if let Some(e) = edges.get(i) {
-                all.extend([*e, e.next_up(), e.next_down()]);
-            }
-        }
-        for v in all {
-            prop_assert_eq!(
-                index.bin(&edges, v),
-                edgefleet_shared::reference::bin_of(&edges, v),
-                "value {} edges {:?}", v, edges
-            );
-        }
+        same_bins(edges, values, &pick)?;
     }
 
     /// Skewed data (class probabilities near 0 and 1) crowds many edges into
@@ -363,25 +374,10 @@ proptest! {
         values in proptest::collection::vec(0f64..1.0, 1..50),
         pick in proptest::collection::vec(0usize..80, 0..10),
     ) {
-        let mut edges: Vec<f64> = exponents
+        let edges: Vec<f64> = exponents
             .iter()
             .flat_map(|k| [10f64.powi(-k), 1.0 - 10f64.powi(-k)])
             .collect();
-        edges.sort_by(f64::total_cmp);
-        edges.dedup();
-        let index = BinIndex::new(&edges);
-        let mut all = values;
-        for i in pick {
-            if let Some(e) = edges.get(i) {
-                all.extend([*e, e.next_up(), e.next_down()]);
-            }
-        }
-        for v in all {
-            prop_assert_eq!(
-                index.bin(&edges, v),
-                edgefleet_shared::reference::bin_of(&edges, v),
-                "value {} edges {:?}", v, edges
-            );
-        }
+        same_bins(edges, values, &pick)?;
     }
 }
