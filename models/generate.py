@@ -26,6 +26,14 @@ Models:
   input `features` f32 [N, 30], outputs `label` i64 [N], `probabilities` f32 [N, 2]
   (ONNX-ML TreeEnsembleClassifier). forest_cancer.expected.json: 8 rows and
   onnxruntime's outputs for them.
+- gbr_diabetes.onnx: a scikit-learn GradientBoostingRegressor (100 trees of depth 3) on
+  the diabetes data set that ships with scikit-learn: input `features` f32 [N, 10],
+  output `variable` f32 [N, 1] (ONNX-ML TreeEnsembleRegressor, SUM plus a base value).
+- forest_diabetes.onnx: a RandomForestRegressor (30 trees, depth <= 6) on the same data
+  with two targets (the disease progression and its logarithm): output `variable` f32
+  [N, 2]. Each model's *.expected.json holds 8 rows and onnxruntime's outputs.
+
+`python3 models/generate.py regressors` writes only the two regressors.
 """
 import json
 import os
@@ -251,5 +259,40 @@ def forest():
         json.dump({"outputs": names, "features": rows.tolist(), "label": label.tolist(), "probabilities": probs.tolist()}, f)
 
 
+def regressors():
+    from sklearn.datasets import load_diabetes
+    from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+    import onnxruntime as ort
+
+    x, y = load_diabetes(return_X_y=True)
+    x = x.astype(np.float32)
+    two = np.stack([y, np.log(y)], axis=1)
+    models = [
+        ("gbr_diabetes", GradientBoostingRegressor(n_estimators=100, max_depth=3, random_state=0).fit(x, y)),
+        ("forest_diabetes", RandomForestRegressor(n_estimators=30, max_depth=6, random_state=0).fit(x, two)),
+    ]
+    rows = x[::55][:8]
+    for name, reg in models:
+        model = convert_sklearn(
+            reg, name,
+            initial_types=[("features", FloatTensorType([None, 10]))],
+            target_opset={"": 17, "ai.onnx.ml": 3},
+        )
+        path = os.path.join(HERE, name + ".onnx")
+        onnx.save(model, path)
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        (out,) = session.run(None, {"features": rows})
+        with open(os.path.join(HERE, name + ".expected.json"), "w") as f:
+            json.dump({"outputs": names, "features": rows.tolist(), "variable": out.tolist()}, f)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    if sys.argv[1:] == ["regressors"]:
+        regressors()
+    else:
+        main()
+        regressors()

@@ -76,6 +76,17 @@ fn cases() -> Vec<Case> {
     )
     .expect("json");
     let rows: Vec<Vec<f32>> = serde_json::from_value(forest["features"].clone()).expect("rows");
+    let diabetes: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(format!("{MODELS}/gbr_diabetes.expected.json")).expect("gbr expected"),
+    )
+    .expect("json");
+    let patients: Vec<Vec<f32>> =
+        serde_json::from_value(diabetes["features"].clone()).expect("rows");
+    let patient = Tensor {
+        name: "features".into(),
+        shape: vec![1, 10],
+        data: TensorData::F32(patients[1].clone()),
+    };
     vec![
         Case {
             file: "iris_logreg.onnx",
@@ -105,6 +116,19 @@ fn cases() -> Vec<Case> {
                 shape: vec![1, 30],
                 data: TensorData::F32(rows[1].clone()),
             },
+            runs: 3000,
+        },
+        // Tree regressors: tract cannot parse them; ours only.
+        Case {
+            file: "gbr_diabetes.onnx",
+            channel: "gbr",
+            input: patient.clone(),
+            runs: 3000,
+        },
+        Case {
+            file: "forest_diabetes.onnx",
+            channel: "forest2",
+            input: patient,
             runs: 3000,
         },
     ]
@@ -673,7 +697,7 @@ fn main() {
             model.run(std::slice::from_ref(&case.input)).expect("runs");
         });
         onnxruntime(case, tract);
-        if case.file.starts_with("forest") {
+        if case.file == "forest_cancer.onnx" {
             let bytes = std::fs::read(format!("{MODELS}/{}", case.file)).expect("model");
             let plain = LoadedModel::load_with(&bytes, false).expect("loads");
             let own = time_us(200, || {

@@ -91,8 +91,8 @@ fn classify(e: &TractError) -> ModelError {
             "Scaler" => {
                 "; export StandardScaler as plain Sub/Div, e.g. skl2onnx options {StandardScaler: {'div': 'div'}}"
             }
-            "TreeEnsembleRegressor" | "LabelEncoder" => {
-                "; convert tree regressors and isolation forests with hummingbird-ml (tree_trav) to standard operators"
+            "LabelEncoder" => {
+                "; encode labels outside the model, or convert the model with hummingbird-ml (tree_trav) to standard operators"
             }
             "SVMClassifier" | "SVMRegressor" | "Imputer" | "OneHotEncoder" => {
                 "; do this step outside the model, or convert it to standard ONNX operators"
@@ -206,9 +206,9 @@ impl LoadedModel {
             )));
         }
         let mut reader = bytes;
-        let mut model = tract_onnx::onnx()
-            .model_for_read(&mut reader)
-            .map_err(|e| classify(&e))?;
+        let mut onnx = tract_onnx::onnx();
+        crate::trees::regressor::register(&mut onnx.op_register);
+        let mut model = onnx.model_for_read(&mut reader).map_err(|e| classify(&e))?;
         // Unnamed dimensions (skl2onnx's batch) become symbols: the first is `N`.
         let inputs = model.input_outlets().map_err(|e| classify(&e))?.len();
         for ix in 0..inputs {

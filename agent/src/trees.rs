@@ -8,6 +8,11 @@
 //! same trees, nodes and leaves, decoded once into flat arrays and walked directly.
 //! Results are identical to tract's (same aggregation); the graph around the node
 //! (base values, softmax, labels) is untouched.
+//!
+//! tract cannot parse `TreeEnsembleRegressor` at all; [`regressor`] adds a parser
+//! that builds the same evaluator from the ONNX node's attributes.
+
+pub mod regressor;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -18,9 +23,18 @@ use tract_onnx_opl::ml::tree_ensemble_classifier::TreeEnsembleClassifier;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Combine {
     Sum,
+    /// tract's classifier average: the sum over the weights that reached a class.
     Avg,
+    /// tract's classifier max/min: starting from 0.
     Max,
     Min,
+    /// The regressors' `AVERAGE` (ONNX-ML, onnxruntime): the sum over the number
+    /// of trees.
+    MeanOfTrees,
+    /// The regressors' `MAX`/`MIN`: over the weights that reached a target, 0 when
+    /// none did.
+    MaxOfHits,
+    MinOfHits,
 }
 
 /// One decoded node: a comparison (`cmp` 1..=6, as tract encodes BRANCH_LEQ..NEQ)
@@ -168,22 +182,38 @@ impl CompactTrees {
                 for (class, w) in &self.leaves[leaf.a as usize..leaf.b as usize] {
                     let (c, w) = (*class as usize, f32::from_bits(*w));
                     match self.combine {
-                        Combine::Sum => scores[c] += w,
+                        Combine::Sum | Combine::MeanOfTrees => scores[c] += w,
                         Combine::Avg => {
                             scores[c] += w;
                             counts[c] += 1;
                         }
                         Combine::Max => scores[c] = scores[c].max(w),
                         Combine::Min => scores[c] = scores[c].min(w),
+                        Combine::MaxOfHits | Combine::MinOfHits => {
+                            let max = self.combine == Combine::MaxOfHits;
+                            scores[c] = match counts[c] {
+                                0 => w,
+                                _ if max => scores[c].max(w),
+                                _ => scores[c].min(w),
+                            };
+                            counts[c] += 1;
+                        }
                     }
                 }
             }
-            if self.combine == Combine::Avg {
-                for (s, c) in scores.iter_mut().zip(&counts) {
-                    if *c > 1 {
-                        *s /= *c as f32;
+            match self.combine {
+                Combine::Avg => {
+                    for (s, c) in scores.iter_mut().zip(&counts) {
+                        if *c > 1 {
+                            *s /= *c as f32;
+                        }
                     }
                 }
+                Combine::MeanOfTrees => {
+                    let trees = self.roots.len() as f32;
+                    scores.iter_mut().for_each(|s| *s /= trees);
+                }
+                _ => {}
             }
         }
         Ok(out)

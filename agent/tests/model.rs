@@ -165,3 +165,47 @@ fn a_random_forest_matches_onnxruntime_through_the_compact_tree_evaluator() {
         assert!((g - w).abs() < 1e-5, "{g} vs onnxruntime {w}");
     }
 }
+
+/// `TreeEnsembleRegressor` (which tract cannot parse) through our parser and
+/// evaluator, against onnxruntime's outputs for the same rows.
+fn regressor_matches_onnxruntime(name: &str, targets: usize) {
+    let model = LoadedModel::load(&read(&format!("{name}.onnx"))).expect("loads");
+    let s = model.schema();
+    assert_eq!(s.outputs.len(), 1);
+    assert_eq!(s.outputs[0].dtype, ElementType::F32);
+    assert_eq!(
+        s.outputs[0].shape,
+        vec![Dim::Symbol("N".into()), Dim::Fixed(targets as u64)]
+    );
+    let expected: serde_json::Value =
+        serde_json::from_slice(&read(&format!("{name}.expected.json"))).expect("json");
+    let rows: Vec<Vec<f32>> = serde_json::from_value(expected["features"].clone()).expect("rows");
+    let want: Vec<Vec<f32>> = serde_json::from_value(expected["variable"].clone()).expect("y");
+    assert_eq!(want[0].len(), targets);
+    let input = Tensor {
+        name: "features".into(),
+        shape: vec![rows.len() as u64, 10],
+        data: TensorData::F32(rows.concat()),
+    };
+    let out = model.run(&[input]).expect("runs");
+    assert_eq!(out[0].shape, vec![rows.len() as u64, targets as u64]);
+    let TensorData::F32(got) = &out[0].data else {
+        panic!("regression output is f32")
+    };
+    for (g, w) in got.iter().zip(want.concat()) {
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+            "{g} vs onnxruntime {w}"
+        );
+    }
+}
+
+#[test]
+fn a_gradient_boosting_regressor_matches_onnxruntime() {
+    regressor_matches_onnxruntime("gbr_diabetes", 1);
+}
+
+#[test]
+fn a_two_target_random_forest_regressor_matches_onnxruntime() {
+    regressor_matches_onnxruntime("forest_diabetes", 2);
+}
