@@ -280,6 +280,10 @@ def regressors():
             initial_types=[("features", FloatTensorType([None, 10]))],
             target_opset={"": 17, "ai.onnx.ml": 3},
         )
+        # skl2onnx declares [N, 1] whatever the number of targets: onnxruntime
+        # then warns on every run. Declare the real width.
+        targets = 1 if reg.predict(rows[:1]).ndim == 1 else reg.predict(rows[:1]).shape[1]
+        model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = targets
         path = os.path.join(HERE, name + ".onnx")
         onnx.save(model, path)
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
