@@ -34,7 +34,9 @@ for T in "${TARGETS[@]}"; do
   esac
   U=$(echo "$T" | tr 'a-z-' 'A-Z_')
   # The linker (zig) supplies crt1.o and libc.a; rustc must not add its own.
-  export "CARGO_TARGET_${U}_RUSTFLAGS=-C link-self-contained=no"
+  # No unwind tables: with panic=abort nothing unwinds, and .eh_frame was 1.4-1.8 MB
+  # of each binary (docs/benchmarks.md); a panic still prints its message.
+  export "CARGO_TARGET_${U}_RUSTFLAGS=-C link-self-contained=no -C force-unwind-tables=no"
   start=$(date +%s)
   echo "cross/build.sh: building edgefleet-agent for $T"
   cargo zigbuild -Zbuild-std=std,panic_abort --profile edge --target "$T" \
