@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use edgefleet_agent::api::{Served, serve};
 use edgefleet_agent::model::LoadedModel;
+use edgefleet_agent::oip::{InferRequest, InferResponse, from_tensor, to_tensor};
 use edgefleet_agent::store::ActiveModel;
 use edgefleet_shared::bundle::{
     ArtifactInput, ArtifactSource, ManifestDraft, manifest_bytes, prepare_manifest, write_bundle,
@@ -149,10 +150,14 @@ struct Client {
 
 impl Client {
     fn post(&mut self, path: &str, body: &str) -> u16 {
+        self.request("POST", path, body)
+    }
+
+    fn request(&mut self, method: &str, path: &str, body: &str) -> u16 {
         let s = self.stream.get_mut();
         write!(
             s,
-            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .expect("send");
@@ -232,6 +237,138 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
         api,
         api - direct,
         (api / direct - 1.0) * 100.0
+    );
+    // Where the overhead goes: a bare loopback round trip (the kernel and two
+    // thread wake-ups, no HTTP), an HTTP round trip that does nothing, and the
+    // JSON work of one request, each timed alone.
+    let tcp = tcp_round_trip_us(case.runs);
+    let floor = time_us(case.runs, || {
+        assert_eq!(client.request("GET", "/v2/health/live", ""), 200);
+    });
+    let outputs = model.run(std::slice::from_ref(&case.input)).expect("runs");
+    let decode = time_us(case.runs, || {
+        let r: InferRequest = serde_json::from_slice(body.as_bytes()).expect("request");
+        let t: Vec<_> = r
+            .inputs
+            .iter()
+            .map(to_tensor)
+            .collect::<Result<_, _>>()
+            .expect("tensor");
+        std::hint::black_box(t);
+    });
+    let encode = time_us(case.runs, || {
+        let r = InferResponse {
+            model_name: case.channel.into(),
+            model_version: "1.0.0".into(),
+            outputs: outputs.iter().map(from_tensor).collect(),
+        };
+        std::hint::black_box(serde_json::to_vec(&r).expect("json"));
+    });
+    println!(
+        "  {:<18} of which: TCP round trip alone {:.1} µs, HTTP round trip alone (GET /v2/health/live) {:.1} µs, request JSON decode {:.1} µs ({} bytes), response encode {:.1} µs",
+        "",
+        tcp,
+        floor,
+        decode,
+        body.len(),
+        encode
+    );
+}
+
+/// A 64-byte ping answered by an echo thread over loopback TCP (no HTTP, no
+/// runtime): the floor under any local API on this machine.
+fn tcp_round_trip_us(runs: usize) -> f64 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_nodelay(true).expect("nodelay");
+        let mut buf = [0u8; 64];
+        while s.read_exact(&mut buf).is_ok() {
+            if s.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    let mut c = TcpStream::connect(addr).expect("connect");
+    c.set_nodelay(true).expect("nodelay");
+    let mut buf = [7u8; 64];
+    let us = time_us(runs, || {
+        c.write_all(&buf).expect("ping");
+        c.read_exact(&mut buf).expect("pong");
+    });
+    drop(c);
+    echo.join().expect("echo thread");
+    us
+}
+
+/// The CNN planned by tract four ways, timed on the same image: as the agent
+/// plans it (batch `N` symbolic), with the batch fixed to 1 before optimising,
+/// without `into_optimized` (decluttered only), and through tract's NNEF form
+/// (the typed model dumped to NNEF and loaded back, as a pre-converted bundle
+/// would be).
+fn tract_options(case: &Case) {
+    use tract_onnx::prelude::*;
+    let TensorData::F32(data) = &case.input.data else {
+        unreachable!("f32 image")
+    };
+    let shape: Vec<usize> = case.input.shape.iter().map(|d| *d as usize).collect();
+    let image = tract_ndarray::ArrayD::from_shape_vec(shape.clone(), data.clone())
+        .expect("image")
+        .into_tensor();
+    let path = format!("{MODELS}/{}", case.file);
+    let parse = || tract_onnx::onnx().model_for_path(&path).expect("parses");
+    let symbolic = parse()
+        .into_optimized()
+        .and_then(|m| m.into_runnable())
+        .expect("plans");
+    let fixed = parse()
+        .with_input_fact(0, f32::fact(&shape).into())
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .expect("plans");
+    let decluttered = parse()
+        .into_typed()
+        .and_then(|m| m.into_decluttered())
+        .and_then(|m| m.into_runnable())
+        .expect("plans");
+    let nnef = tract_nnef::nnef().with_onnx();
+    let mut dump = Vec::new();
+    nnef.write_to_tar(
+        &parse()
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .expect("typed"),
+        &mut dump,
+    )
+    .expect("nnef dump");
+    let nnef_load = Instant::now();
+    let from_nnef = nnef
+        .model_for_read(&mut &dump[..])
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .expect("nnef plans");
+    let nnef_ms = nnef_load.elapsed().as_secs_f64() * 1e3;
+    let time = |plan: &std::sync::Arc<TypedRunnableModel>| {
+        time_us(case.runs, || {
+            plan.run(tvec!(image.clone().into_tvalue())).expect("runs");
+        })
+    };
+    let base = time(&symbolic);
+    for (what, us) in [
+        ("batch N symbolic (the agent)", base),
+        ("batch fixed to 1", time(&fixed)),
+        ("decluttered, not optimised", time(&decluttered)),
+        ("from tract's NNEF form", time(&from_nnef)),
+    ] {
+        println!(
+            "  {what:<30} {us:>9.1} µs  ({:.2}x the agent's plan)",
+            us / base
+        );
+    }
+    println!(
+        "  NNEF form: {} bytes, loaded and planned in {nnef_ms:.2} ms (once)",
+        dump.len()
     );
 }
 
@@ -711,6 +848,8 @@ fn main() {
             );
         }
     }
+    println!("tract options on {} (same image), median:", cases[1].file);
+    tract_options(&cases[1]);
     println!("after the last chunk:");
     post_download_check(dir.path(), &cases[1], &models[1]);
     println!("release agent process:");

@@ -2,13 +2,16 @@
 //! KServe and Triton speak it. Works with no network and no controller.
 //!
 //! The server takes an already-bound listener and a shutdown future (tests bind
-//! port 0). Inference runs on the blocking pool so a slow model never stalls the
-//! runtime.
+//! port 0). A model whose last run took at most [`INLINE_RUN_LIMIT_US`] µs runs
+//! on the request's own task: handing it to another thread costs two thread
+//! wake-ups, more than such a model's inference. Slower models (and the first
+//! request after a model swap) run on the blocking pool, so a slow model never
+//! stalls the runtime.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
@@ -50,6 +53,11 @@ pub struct Served {
     /// Capture is not off (checked before taking the lock on every request).
     capturing: Arc<AtomicBool>,
 }
+
+/// Longest last inference (µs) for which the next request runs on the request's
+/// task instead of the blocking pool: the runtime thread (MQTT link, telemetry,
+/// other requests) waits at most this long between polls.
+pub const INLINE_RUN_LIMIT_US: u64 = 1_000;
 
 /// Sample capture settings and the reservoir of the served bundle's requests.
 #[derive(Debug, Clone)]
@@ -394,33 +402,14 @@ async fn infer(
     };
     let tracked = s.clone();
     let shadow = s.shadow_for_request();
-    let result = tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let result = model
-            .run(&inputs)
-            .map(|out| (bundle, out, started.elapsed()));
-        // Counted after the answer is computed (not in its latency), before it
-        // is sent: a few counter increments per row (docs/benchmarks.md).
-        if let Ok((bundle, out, took)) = &result {
-            tracked.observe(&bundle.digest, &inputs, out);
-            tracked.capture(&bundle.digest, &inputs, out);
-            // The shadow runs on its own blocking task, after this one
-            // returned the answer; one at a time, else the request is skipped.
-            if let Some(shadow) = shadow {
-                if shadow.busy.swap(true, Ordering::AcqRel) {
-                    shadow.stats.record_skipped();
-                } else {
-                    let (answer, took) = (out.clone(), *took);
-                    tokio::task::spawn_blocking(move || {
-                        shadow.run(&inputs, &answer, took);
-                        shadow.busy.store(false, Ordering::Release);
-                    });
-                }
-            }
-        }
-        result
-    })
-    .await;
+    let inline = model
+        .last_run()
+        .is_some_and(|t| t <= Duration::from_micros(INLINE_RUN_LIMIT_US));
+    let result = if inline {
+        Ok(answer(&tracked, shadow, bundle, &model, inputs))
+    } else {
+        tokio::task::spawn_blocking(move || answer(&tracked, shadow, bundle, &model, inputs)).await
+    };
     match &result {
         Ok(Ok((_, _, took))) => s.stats().record(*took),
         _ => s.stats().record_error(),
@@ -443,6 +432,38 @@ async fn infer(
     }
 }
 
+/// Runs one request on `model` and feeds its answer to the drift window, the
+/// sample reservoir and (sampled) the shadow.
+fn answer(
+    tracked: &Served,
+    shadow: Option<Shadow>,
+    bundle: BundleRef,
+    model: &LoadedModel,
+    inputs: Vec<Tensor>,
+) -> Result<(BundleRef, Vec<Tensor>, Duration), crate::model::InferenceError> {
+    let started = Instant::now();
+    let out = model.run(&inputs)?;
+    let took = started.elapsed();
+    // Counted after the answer is computed (not in its latency), before it is
+    // sent: a few counter increments per row (docs/benchmarks.md).
+    tracked.observe(&bundle.digest, &inputs, &out);
+    tracked.capture(&bundle.digest, &inputs, &out);
+    // The shadow runs on its own blocking task, after this one returned the
+    // answer; one at a time, else the request is skipped.
+    if let Some(shadow) = shadow {
+        if shadow.busy.swap(true, Ordering::AcqRel) {
+            shadow.stats.record_skipped();
+        } else {
+            let answer = out.clone();
+            tokio::task::spawn_blocking(move || {
+                shadow.run(&inputs, &answer, took);
+                shadow.busy.store(false, Ordering::Release);
+            });
+        }
+    }
+    Ok((bundle, out, took))
+}
+
 /// The API's routes.
 pub fn router(served: Served) -> Router {
     Router::new()
@@ -460,6 +481,13 @@ pub async fn serve(
     served: Served,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Answers go out at once rather than waiting on Nagle's algorithm.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("local API: TCP_NODELAY not set: {e}");
+        }
+    });
     axum::serve(listener, router(served))
         .with_graceful_shutdown(shutdown)
         .await

@@ -7,7 +7,9 @@
 //! gets a symbol before typing; tract's ONNX-ML support is partial, so an
 //! unsupported operator is reported by name with the usual fix.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use edgefleet_shared::golden::{Tensor, TensorData, TensorMismatch};
 use edgefleet_shared::manifest::{Dim, ElementType, ModelSchema, TensorSpec};
@@ -69,6 +71,9 @@ pub enum InferenceError {
 pub struct LoadedModel {
     plan: Arc<TypedRunnableModel>,
     schema: ModelSchema,
+    /// How long the last successful run took, in µs (0: not run yet); shared by
+    /// clones.
+    last_run_us: Arc<AtomicU64>,
 }
 
 fn error_text(e: &TractError) -> String {
@@ -185,6 +190,7 @@ impl LoadedModel {
             return Ok(LoadedModel {
                 plan,
                 schema: schema.clone(),
+                last_run_us: Arc::default(),
             });
         }
         // Loaded outside the lock: two threads may both load a new model once.
@@ -282,7 +288,20 @@ impl LoadedModel {
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .map_err(|e| classify(&e))?;
-        Ok(LoadedModel { plan, schema })
+        Ok(LoadedModel {
+            plan,
+            schema,
+            last_run_us: Arc::default(),
+        })
+    }
+
+    /// How long this model's last successful [`LoadedModel::run`] took, if it
+    /// ran (decides where the local API runs the next request).
+    pub fn last_run(&self) -> Option<Duration> {
+        match self.last_run_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
     }
 
     /// The model's interface.
@@ -293,6 +312,7 @@ impl LoadedModel {
     /// Runs the model. Inputs are matched to the schema by name and checked
     /// (element type, rank, fixed dimensions, element count) before running.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, InferenceError> {
+        let started = Instant::now();
         for t in inputs {
             if !self.schema.inputs.iter().any(|s| s.name == t.name) {
                 return Err(InferenceError::UnknownInput(t.name.clone()));
@@ -315,13 +335,16 @@ impl LoadedModel {
             .plan
             .run(values)
             .map_err(|e| InferenceError::Runtime(error_text(&e)))?;
-        outputs
+        let outputs = outputs
             .iter()
             .zip(&self.schema.outputs)
             .map(|(v, spec)| {
                 from_tract(&spec.name, v).map_err(|e| InferenceError::Runtime(error_text(&e)))
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_run_us.store(us.max(1), Ordering::Relaxed);
+        Ok(outputs)
     }
 }
 

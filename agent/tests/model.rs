@@ -140,6 +140,24 @@ fn the_small_cnn_matches_the_numpy_reference() {
 }
 
 #[test]
+fn a_model_knows_how_long_its_last_run_took() {
+    let model = LoadedModel::load(&read("iris_logreg.onnx")).expect("loads");
+    assert_eq!(model.last_run(), None);
+    let copy = model.clone();
+    let input = features(&[vec![5.0, 3.4, 1.5, 0.2]]);
+    let started = std::time::Instant::now();
+    model.run(std::slice::from_ref(&input)).expect("runs");
+    let took = model.last_run().expect("ran");
+    assert!(took > std::time::Duration::ZERO && took <= started.elapsed());
+    assert_eq!(copy.last_run(), Some(took), "clones share it");
+    let mut wrong = input;
+    wrong.shape = vec![1, 3];
+    wrong.data = TensorData::F32(vec![1.0, 2.0, 3.0]);
+    assert!(model.run(&[wrong]).is_err());
+    assert_eq!(model.last_run(), Some(took), "a failed run leaves it");
+}
+
+#[test]
 fn a_random_forest_matches_onnxruntime_through_the_compact_tree_evaluator() {
     let model = LoadedModel::load(&read("forest_cancer.onnx")).expect("loads");
     let expected: serde_json::Value =
