@@ -625,6 +625,98 @@ mod tests {
         }
     }
 
+    /// Valid ensembles with up to three entries changed to arbitrary values or
+    /// cut off: near-misses of every kind (ids out of range, shared children,
+    /// lost roots, bad modes, lengths off by one) and some still valid.
+    fn arbitrary_attributes() -> impl Strategy<Value = RegressorAttributes> {
+        (
+            proptest::collection::vec(tree(3, 4), 1..4),
+            0i64..1000,
+            proptest::collection::vec((0usize..14, any::<prop::sample::Index>(), -2i64..40), 0..4),
+        )
+            .prop_map(|(trees, salt, changes)| {
+                let mut a = RegressorAttributes {
+                    n_targets: 3,
+                    aggregate_function: "SUM".into(),
+                    ..Default::default()
+                };
+                for (k, t) in trees.iter().enumerate() {
+                    let mut next = 0;
+                    flatten(t, k as i64, salt, &mut next, &mut a);
+                }
+                for (field, at, v) in changes {
+                    let set = |list: &mut Vec<i64>| {
+                        if !list.is_empty() {
+                            let i = at.index(list.len());
+                            list[i] = v;
+                        }
+                    };
+                    match field {
+                        0 => set(&mut a.nodes_treeids),
+                        1 => set(&mut a.nodes_nodeids),
+                        2 => set(&mut a.nodes_featureids),
+                        3 => set(&mut a.nodes_truenodeids),
+                        4 => set(&mut a.nodes_falsenodeids),
+                        5 => set(&mut a.nodes_missing_value_tracks_true),
+                        6 => set(&mut a.target_treeids),
+                        7 => set(&mut a.target_nodeids),
+                        8 => set(&mut a.target_ids),
+                        9 => a.n_targets = v,
+                        10 => {
+                            let i = at.index(a.nodes_modes.len());
+                            a.nodes_modes[i] =
+                                ["LEAF", "BRANCH_LT", "BRANCH_??"][v.rem_euclid(3) as usize].into();
+                        }
+                        11 => {
+                            a.nodes_values.pop();
+                        }
+                        12 => {
+                            a.target_weights.pop();
+                        }
+                        _ => {
+                            a.aggregate_function =
+                                ["MIN", "MAX", "AVERAGE", "MEDIAN"][v.rem_euclid(4) as usize].into()
+                        }
+                    }
+                }
+                a
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Arbitrary attributes are refused or compile into trees that evaluate
+        /// any row without panicking or looping, with one output per target.
+        #[test]
+        fn arbitrary_attributes_never_panic_and_what_compiles_evaluates(
+            a in arbitrary_attributes(),
+            x in proptest::collection::vec(prop_oneof![Just(f32::NAN), -3.0f32..3.0], 40),
+        ) {
+            if let Ok((trees, base)) = compile(&a) {
+                prop_assert_eq!(base.len(), trees.n_classes);
+                let width = trees.n_features.max(1);
+                prop_assume!(width <= x.len());
+                let out = trees.eval_rows(&x[..width], width).expect("compiled trees evaluate");
+                prop_assert_eq!(out.len(), trees.n_classes);
+            }
+        }
+    }
+
+    /// The generator above is not vacuous: some of its attribute sets compile.
+    #[test]
+    fn some_arbitrary_attributes_compile() {
+        use proptest::strategy::ValueTree;
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let strategy = arbitrary_attributes();
+        let compiled = (0..2000)
+            .filter(|_| compile(&strategy.new_tree(&mut runner).expect("value").current()).is_ok())
+            .count();
+        assert!(
+            (200..1800).contains(&compiled),
+            "{compiled} of 2000 compiled: the generator should give both outcomes"
+        );
+    }
+
     fn stump() -> RegressorAttributes {
         RegressorAttributes {
             n_targets: 1,
