@@ -2,11 +2,11 @@
 //! KServe and Triton speak it. Works with no network and no controller.
 //!
 //! The server takes an already-bound listener and a shutdown future (tests bind
-//! port 0). A model whose last run took at most [`INLINE_RUN_LIMIT_US`] µs runs
-//! on the request's own task: handing it to another thread costs two thread
-//! wake-ups, more than such a model's inference. Slower models (and the first
-//! request after a model swap) run on the blocking pool, so a slow model never
-//! stalls the runtime.
+//! port 0). A request expected to take at most [`INLINE_RUN_LIMIT_US`] µs (the
+//! model's last run, scaled by the request's size) runs on the request's own
+//! task: handing it to another thread costs two thread wake-ups, more than such
+//! a model's inference. Anything slower (and the first request after a model
+//! swap) runs on the blocking pool, so a slow model never stalls the runtime.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
@@ -54,8 +54,8 @@ pub struct Served {
     capturing: Arc<AtomicBool>,
 }
 
-/// Longest last inference (µs) for which the next request runs on the request's
-/// task instead of the blocking pool: the runtime thread (MQTT link, telemetry,
+/// Longest expected inference (µs, [`LoadedModel::estimate`]) for which a
+/// request runs on the request's task instead of the blocking pool: the runtime thread (MQTT link, telemetry,
 /// other requests) waits at most this long between polls.
 pub const INLINE_RUN_LIMIT_US: u64 = 1_000;
 
@@ -403,7 +403,7 @@ async fn infer(
     let tracked = s.clone();
     let shadow = s.shadow_for_request();
     let inline = model
-        .last_run()
+        .estimate(&inputs)
         .is_some_and(|t| t <= Duration::from_micros(INLINE_RUN_LIMIT_US));
     let result = if inline {
         Ok(answer(&tracked, shadow, bundle, &model, inputs))

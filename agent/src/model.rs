@@ -71,9 +71,24 @@ pub enum InferenceError {
 pub struct LoadedModel {
     plan: Arc<TypedRunnableModel>,
     schema: ModelSchema,
-    /// How long the last successful run took, in µs (0: not run yet); shared by
-    /// clones.
-    last_run_us: Arc<AtomicU64>,
+    /// The last successful run, shared by clones.
+    last_run: Arc<LastRun>,
+}
+
+/// How long the last successful run took (µs, 0: not run yet) and how many
+/// input elements it had.
+#[derive(Debug, Default)]
+struct LastRun {
+    micros: AtomicU64,
+    elements: AtomicU64,
+}
+
+fn element_count(inputs: &[Tensor]) -> u64 {
+    inputs
+        .iter()
+        .map(|t| t.data.len() as u64)
+        .sum::<u64>()
+        .max(1)
 }
 
 fn error_text(e: &TractError) -> String {
@@ -190,7 +205,7 @@ impl LoadedModel {
             return Ok(LoadedModel {
                 plan,
                 schema: schema.clone(),
-                last_run_us: Arc::default(),
+                last_run: Arc::default(),
             });
         }
         // Loaded outside the lock: two threads may both load a new model once.
@@ -291,17 +306,31 @@ impl LoadedModel {
         Ok(LoadedModel {
             plan,
             schema,
-            last_run_us: Arc::default(),
+            last_run: Arc::default(),
         })
     }
 
     /// How long this model's last successful [`LoadedModel::run`] took, if it
-    /// ran (decides where the local API runs the next request).
+    /// ran.
     pub fn last_run(&self) -> Option<Duration> {
-        match self.last_run_us.load(Ordering::Relaxed) {
+        match self.last_run.micros.load(Ordering::Relaxed) {
             0 => None,
             us => Some(Duration::from_micros(us)),
         }
+    }
+
+    /// How long a run on `inputs` should take: the last run's time scaled by
+    /// the number of input elements (so a request of 10,000 rows after one of
+    /// one row is expected to take 10,000 times as long). `None` before the
+    /// first run. Decides where the local API runs a request.
+    pub fn estimate(&self, inputs: &[Tensor]) -> Option<Duration> {
+        let last = self.last_run()?;
+        let before = self.last_run.elements.load(Ordering::Relaxed).max(1);
+        let scaled = u128::from(last.as_micros() as u64) * u128::from(element_count(inputs))
+            / u128::from(before);
+        Some(Duration::from_micros(
+            u64::try_from(scaled).unwrap_or(u64::MAX),
+        ))
     }
 
     /// The model's interface.
@@ -343,7 +372,10 @@ impl LoadedModel {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.last_run_us.store(us.max(1), Ordering::Relaxed);
+        self.last_run.micros.store(us.max(1), Ordering::Relaxed);
+        self.last_run
+            .elements
+            .store(element_count(inputs), Ordering::Relaxed);
         Ok(outputs)
     }
 }

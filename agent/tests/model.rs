@@ -143,6 +143,7 @@ fn the_small_cnn_matches_the_numpy_reference() {
 fn a_model_knows_how_long_its_last_run_took() {
     let model = LoadedModel::load(&read("iris_logreg.onnx")).expect("loads");
     assert_eq!(model.last_run(), None);
+    assert_eq!(model.estimate(&[features(&[vec![1.0; 4]])]), None);
     let copy = model.clone();
     let input = features(&[vec![5.0, 3.4, 1.5, 0.2]]);
     let started = std::time::Instant::now();
@@ -155,6 +156,14 @@ fn a_model_knows_how_long_its_last_run_took() {
     wrong.data = TensorData::F32(vec![1.0, 2.0, 3.0]);
     assert!(model.run(&[wrong]).is_err());
     assert_eq!(model.last_run(), Some(took), "a failed run leaves it");
+    // One row ran; 10,000 rows are expected to take 10,000 times as long.
+    let big = features(&vec![vec![5.0, 3.4, 1.5, 0.2]; 10_000]);
+    assert_eq!(
+        model.estimate(std::slice::from_ref(&big)),
+        Some(took * 10_000)
+    );
+    let one = features(&[vec![5.0, 3.4, 1.5, 0.2]]);
+    assert_eq!(model.estimate(&[one]), Some(took));
 }
 
 #[test]
