@@ -236,3 +236,79 @@ fn a_gradient_boosting_regressor_matches_onnxruntime() {
 fn a_two_target_random_forest_regressor_matches_onnxruntime() {
     regressor_matches_onnxruntime("forest_diabetes", 2);
 }
+
+/// Single-row requests run on a plan made for batch 1; its answers must be the
+/// general plan's (row 0 of a two-row batch with the same row twice).
+#[test]
+fn the_single_row_plan_answers_as_the_general_plan_on_every_shipped_model() {
+    let cnn: serde_json::Value =
+        serde_json::from_slice(&read("digits_cnn.expected.json")).expect("json");
+    let image: Vec<Vec<f32>> = serde_json::from_value(cnn["image"].clone()).expect("image");
+    let forest: serde_json::Value =
+        serde_json::from_slice(&read("forest_cancer.expected.json")).expect("json");
+    let rows: Vec<Vec<f32>> = serde_json::from_value(forest["features"].clone()).expect("rows");
+    let gbr: serde_json::Value =
+        serde_json::from_slice(&read("gbr_diabetes.expected.json")).expect("json");
+    let patients: Vec<Vec<f32>> = serde_json::from_value(gbr["features"].clone()).expect("rows");
+    let cases: [(&str, &str, Vec<u64>, Vec<f32>); 5] = [
+        (
+            "iris_logreg.onnx",
+            "features",
+            vec![4],
+            vec![6.3, 3.3, 6.0, 2.5],
+        ),
+        (
+            "digits_cnn.onnx",
+            "image",
+            vec![1, 28, 28],
+            image[1].clone(),
+        ),
+        ("forest_cancer.onnx", "features", vec![30], rows[3].clone()),
+        (
+            "gbr_diabetes.onnx",
+            "features",
+            vec![10],
+            patients[2].clone(),
+        ),
+        (
+            "forest_diabetes.onnx",
+            "features",
+            vec![10],
+            patients[5].clone(),
+        ),
+    ];
+    for (file, name, row_shape, row) in cases {
+        let model = LoadedModel::load(&read(file)).expect("loads");
+        assert!(model.has_single_row_plan(), "{file}");
+        let one = Tensor {
+            name: name.into(),
+            shape: [vec![1], row_shape.clone()].concat(),
+            data: TensorData::F32(row.clone()),
+        };
+        let two = Tensor {
+            name: name.into(),
+            shape: [vec![2], row_shape].concat(),
+            data: TensorData::F32([row.clone(), row].concat()),
+        };
+        let single = model.run(&[one]).expect("single row runs");
+        let batch = model.run(&[two]).expect("batch runs");
+        for (s, b) in single.iter().zip(&batch) {
+            let per_row = b.data.len() / 2;
+            assert_eq!(s.data.len(), per_row, "{file} {}", s.name);
+            match (&s.data, &b.data) {
+                (TensorData::F32(s), TensorData::F32(b)) => {
+                    for (x, y) in s.iter().zip(&b[..per_row]) {
+                        assert!(
+                            (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                            "{file}: {x} vs {y}"
+                        );
+                    }
+                }
+                (TensorData::I64(s), TensorData::I64(b)) => {
+                    assert_eq!(s[..], b[..per_row], "{file}")
+                }
+                other => panic!("{file}: unexpected output types {other:?}"),
+            }
+        }
+    }
+}
