@@ -302,8 +302,9 @@ fn tcp_round_trip_us(runs: usize) -> f64 {
     us
 }
 
-/// The CNN planned by tract four ways, timed on the same image: as the agent
-/// plans it (batch `N` symbolic), with the batch fixed to 1 before optimising,
+/// The CNN planned by tract four ways, timed on the same image: batch `N`
+/// symbolic, with the batch fixed to 1 before optimising (the agent's plan for
+/// single-row requests),
 /// without `into_optimized` (decluttered only), and through tract's NNEF form
 /// (the typed model dumped to NNEF and loaded back, as a pre-converted bundle
 /// would be).
@@ -356,13 +357,13 @@ fn tract_options(case: &Case) {
     };
     let base = time(&symbolic);
     for (what, us) in [
-        ("batch N symbolic (the agent)", base),
-        ("batch fixed to 1", time(&fixed)),
+        ("batch N symbolic", base),
+        ("batch fixed to 1 (the agent)", time(&fixed)),
         ("decluttered, not optimised", time(&decluttered)),
         ("from tract's NNEF form", time(&from_nnef)),
     ] {
         println!(
-            "  {what:<30} {us:>9.1} µs  ({:.2}x the agent's plan)",
+            "  {what:<30} {us:>9.1} µs  ({:.2}x the batch-N plan)",
             us / base
         );
     }
