@@ -69,57 +69,10 @@ pub enum InferenceError {
 /// A model ready to run, with the schema it enforces.
 #[derive(Debug, Clone)]
 pub struct LoadedModel {
-    plan: Arc<Plans>,
+    plan: Arc<TypedRunnableModel>,
     schema: ModelSchema,
     /// The last successful run, shared by clones.
     last_run: Arc<LastRun>,
-}
-
-/// A model's tract plans.
-#[derive(Debug)]
-struct Plans {
-    /// For any batch (the batch dimension symbolic).
-    any: Arc<TypedRunnableModel>,
-    /// The same model with its batch fixed to 1 before optimising, for
-    /// single-row requests: tract picks kernels for the known shapes (the CNN
-    /// ran in 0.73x the time; docs/benchmarks.md). Only for models with one
-    /// input whose first dimension is symbolic, of at most
-    /// [`SINGLE_ROW_PLAN_MAX_BYTES`].
-    one: Option<Arc<TypedRunnableModel>>,
-}
-
-/// Largest model file for which a second plan for single-row requests is made
-/// (its optimised weights are a second copy).
-pub const SINGLE_ROW_PLAN_MAX_BYTES: usize = 4 << 20;
-
-/// The model planned for a batch of one, if it has one input with a symbolic
-/// first dimension; `None` otherwise or if tract cannot plan it (requests then
-/// use the general plan).
-fn plan_for_one_row(
-    mut model: InferenceModel,
-    compact_trees: bool,
-) -> Option<Arc<TypedRunnableModel>> {
-    if model.input_outlets().ok()?.len() != 1 {
-        return None;
-    }
-    let fact: InferenceFact = model.input_fact(0).ok()?.clone();
-    let mut dims: Vec<GenericFactoid<TDim>> = fact.shape.dims().cloned().collect();
-    match dims.first()? {
-        GenericFactoid::Only(d) if d.to_i64().is_err() => {}
-        _ => return None,
-    }
-    dims[0] = GenericFactoid::Only(TDim::Val(1));
-    let fact = fact.with_shape(tract_onnx::tract_hir::infer::ShapeFactoid::closed(
-        dims.into_iter().collect(),
-    ));
-    model.set_input_fact(0, fact).ok()?;
-    let mut typed = model.into_typed().ok()?;
-    if compact_trees {
-        crate::trees::accelerate(&mut typed).ok()?;
-    } else {
-        crate::trees::fix_binary_labels(&mut typed).ok()?;
-    }
-    typed.into_optimized().and_then(|m| m.into_runnable()).ok()
 }
 
 /// How long the last successful run took (µs, 0: not run yet) and how many
@@ -237,7 +190,10 @@ impl LoadedModel {
     /// simulator runs many devices in one process, each loading the same model).
     pub fn load(bytes: &[u8]) -> Result<LoadedModel, ModelError> {
         type Cache = std::sync::Mutex<
-            std::collections::HashMap<edgefleet_shared::Digest, (Weak<Plans>, ModelSchema)>,
+            std::collections::HashMap<
+                edgefleet_shared::Digest,
+                (Weak<TypedRunnableModel>, ModelSchema),
+            >,
         >;
         static SHARED: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
         let key = edgefleet_shared::Digest::of(bytes);
@@ -312,7 +268,6 @@ impl LoadedModel {
             let fact = fact.with_shape(tract_onnx::tract_hir::infer::ShapeFactoid::closed(named));
             model.set_input_fact(ix, fact).map_err(|e| classify(&e))?;
         }
-        let for_one_row = (bytes.len() <= SINGLE_ROW_PLAN_MAX_BYTES).then(|| model.clone());
         let mut typed = model.into_typed().map_err(|e| classify(&e))?;
         // Tree ensembles run on our compact evaluator (agent/src/trees.rs).
         if compact_trees {
@@ -344,22 +299,15 @@ impl LoadedModel {
             let fact = typed.output_fact(ix).map_err(|e| classify(&e))?;
             schema.outputs.push(spec_of("output", &name, fact)?);
         }
-        let any = typed
+        let plan = typed
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .map_err(|e| classify(&e))?;
-        let one = for_one_row.and_then(|m| plan_for_one_row(m, compact_trees));
         Ok(LoadedModel {
-            plan: Arc::new(Plans { any, one }),
+            plan,
             schema,
             last_run: Arc::default(),
         })
-    }
-
-    /// Whether single-row requests run on a plan made for them (see
-    /// [`SINGLE_ROW_PLAN_MAX_BYTES`]).
-    pub fn has_single_row_plan(&self) -> bool {
-        self.plan.one.is_some()
     }
 
     /// How long this model's last successful [`LoadedModel::run`] took, if it
@@ -412,15 +360,8 @@ impl LoadedModel {
                     .into(),
             );
         }
-        let single_row = self.plan.one.as_ref().filter(|_| {
-            inputs
-                .iter()
-                .find(|t| t.name == self.schema.inputs[0].name)
-                .and_then(|t| t.shape.first())
-                == Some(&1)
-        });
-        let outputs = single_row
-            .unwrap_or(&self.plan.any)
+        let outputs = self
+            .plan
             .run(values)
             .map_err(|e| InferenceError::Runtime(error_text(&e)))?;
         let outputs = outputs
