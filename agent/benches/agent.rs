@@ -303,8 +303,7 @@ fn tcp_round_trip_us(runs: usize) -> f64 {
 }
 
 /// The CNN planned by tract four ways, timed on the same image: batch `N`
-/// symbolic, with the batch fixed to 1 before optimising (the agent's plan for
-/// single-row requests),
+/// symbolic (as the agent plans it), with the batch fixed to 1 before optimising,
 /// without `into_optimized` (decluttered only), and through tract's NNEF form
 /// (the typed model dumped to NNEF and loaded back, as a pre-converted bundle
 /// would be).
@@ -357,8 +356,8 @@ fn tract_options(case: &Case) {
     };
     let base = time(&symbolic);
     for (what, us) in [
-        ("batch N symbolic", base),
-        ("batch fixed to 1 (the agent)", time(&fixed)),
+        ("batch N symbolic (the agent)", base),
+        ("batch fixed to 1", time(&fixed)),
         ("decluttered, not optimised", time(&decluttered)),
         ("from tract's NNEF form", time(&from_nnef)),
     ] {
