@@ -282,7 +282,7 @@ def regressors():
         )
         # skl2onnx declares [N, 1] whatever the number of targets: onnxruntime
         # then warns on every run. Declare the real width.
-        targets = 1 if reg.predict(rows[:1]).ndim == 1 else reg.predict(rows[:1]).shape[1]
+        targets = reg.predict(rows[:1]).reshape(1, -1).shape[1]
         model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = targets
         path = os.path.join(HERE, name + ".onnx")
         onnx.save(model, path)

@@ -324,10 +324,12 @@ impl LoadedModel {
     /// one row is expected to take 10,000 times as long). `None` before the
     /// first run. Decides where the local API runs a request.
     pub fn estimate(&self, inputs: &[Tensor]) -> Option<Duration> {
-        let last = self.last_run()?;
+        let micros = self.last_run.micros.load(Ordering::Relaxed);
+        if micros == 0 {
+            return None;
+        }
         let before = self.last_run.elements.load(Ordering::Relaxed).max(1);
-        let scaled = u128::from(last.as_micros() as u64) * u128::from(element_count(inputs))
-            / u128::from(before);
+        let scaled = u128::from(micros) * u128::from(element_count(inputs)) / u128::from(before);
         Some(Duration::from_micros(
             u64::try_from(scaled).unwrap_or(u64::MAX),
         ))

@@ -16,7 +16,7 @@ pub mod regressor;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx_opl::ml::tree::{Aggregate, TreeEnsemble};
+use tract_onnx_opl::ml::tree::{Aggregate, Cmp, TreeEnsemble};
 use tract_onnx_opl::ml::tree_ensemble_classifier::TreeEnsembleClassifier;
 
 /// How leaf weights combine per class.
@@ -37,8 +37,8 @@ enum Combine {
     MinOfHits,
 }
 
-/// One decoded node: a comparison (`cmp` 1..=6, as tract encodes BRANCH_LEQ..NEQ)
-/// or a leaf (`cmp` 0) whose weights are `leaves[a..b]`.
+/// One decoded node: a comparison (`cmp`, one of the codes below)
+/// or a leaf (`cmp` == `LEAF`) whose weights are `leaves[a..b]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Node {
     cmp: u8,
@@ -64,7 +64,15 @@ pub struct CompactTrees {
     combine: Combine,
 }
 
-const LEQ: u8 = 5;
+/// Comparison codes of [`Node::cmp`]: tract's own (`Cmp as u8`), so nodes decoded
+/// from tract's ensembles and those our regressor parser builds agree; 0 is a leaf.
+const LEAF: u8 = 0;
+const EQ: u8 = Cmp::Equal as u8;
+const NEQ: u8 = Cmp::NotEqual as u8;
+const LT: u8 = Cmp::Less as u8;
+const GT: u8 = Cmp::Greater as u8;
+const LEQ: u8 = Cmp::LessEqual as u8;
+const GTE: u8 = Cmp::GreaterEqual as u8;
 
 impl CompactTrees {
     /// Decodes tract's ensemble, checking every index so evaluation cannot go out
@@ -77,7 +85,7 @@ impl CompactTrees {
         let mut nodes = Vec::with_capacity(raw.len() / 5);
         for row in raw.chunks_exact(5) {
             let cmp = (row[4] & 0xff) as u8;
-            nodes.push(if (1..=6).contains(&cmp) {
+            nodes.push(if (EQ..=GTE).contains(&cmp) {
                 Node {
                     cmp,
                     nan_is_true: row[4] & 0x100 != 0,
@@ -88,7 +96,7 @@ impl CompactTrees {
                 }
             } else {
                 Node {
-                    cmp: 0,
+                    cmp: LEAF,
                     nan_is_true: false,
                     feature: 0,
                     value: 0,
@@ -99,7 +107,7 @@ impl CompactTrees {
         }
         let n_features = e.max_used_feature + 1;
         for (i, n) in nodes.iter().enumerate() {
-            let ok = if n.cmp == 0 {
+            let ok = if n.cmp == LEAF {
                 n.a <= n.b && (n.b as usize) <= leaves.len()
             } else {
                 (n.a as usize) < nodes.len()
@@ -137,7 +145,7 @@ impl CompactTrees {
         let mut id = root as usize;
         for _ in 0..=self.nodes.len() {
             let n = self.nodes[id];
-            if n.cmp == 0 {
+            if n.cmp == LEAF {
                 return Ok(n);
             }
             let v = x[n.feature as usize];
@@ -149,10 +157,10 @@ impl CompactTrees {
                 v <= t
             } else {
                 match n.cmp {
-                    1 => v == t,
-                    2 => v != t,
-                    3 => v < t,
-                    4 => v > t,
+                    EQ => v == t,
+                    NEQ => v != t,
+                    LT => v < t,
+                    GT => v > t,
                     _ => v >= t,
                 }
             };

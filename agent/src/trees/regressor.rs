@@ -13,7 +13,7 @@
 //! `post_transform` must be `NONE` (what regressors export); double-precision
 //! trees (`*_as_tensor` attributes) are refused by name.
 
-use super::{Combine, CompactTrees, Node};
+use super::{Combine, CompactTrees, EQ, GT, GTE, LEAF, LEQ, LT, NEQ, Node};
 use std::collections::HashMap;
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
 use tract_onnx::pb::NodeProto;
@@ -53,10 +53,9 @@ fn parse(
     _ctx: &ParsingContext<'_>,
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let attrs =
-        read_attributes(node).with_context(|| format!("TreeEnsembleRegressor {:?}", node.name))?;
-    let (trees, base_values) =
-        compile(&attrs).with_context(|| format!("TreeEnsembleRegressor {:?}", node.name))?;
+    let (trees, base_values) = read_attributes(node)
+        .and_then(|attrs| compile(&attrs))
+        .with_context(|| format!("TreeEnsembleRegressor {:?}", node.name))?;
     Ok((
         expand(TreeEnsembleRegressor {
             trees,
@@ -124,13 +123,13 @@ fn read_attributes(node: &NodeProto) -> TractResult<RegressorAttributes> {
 /// Our comparison codes (see [`Node`]), from the specification's mode names.
 fn mode_code(mode: &str) -> Option<u8> {
     Some(match mode {
-        "LEAF" => 0,
-        "BRANCH_EQ" => 1,
-        "BRANCH_NEQ" => 2,
-        "BRANCH_LT" => 3,
-        "BRANCH_GT" => 4,
-        "BRANCH_LEQ" => 5,
-        "BRANCH_GTE" => 6,
+        "LEAF" => LEAF,
+        "BRANCH_EQ" => EQ,
+        "BRANCH_NEQ" => NEQ,
+        "BRANCH_LT" => LT,
+        "BRANCH_GT" => GT,
+        "BRANCH_LEQ" => LEQ,
+        "BRANCH_GTE" => GTE,
         _ => return None,
     })
 }
@@ -236,10 +235,10 @@ pub fn compile(a: &RegressorAttributes) -> TractResult<(CompactTrees, Vec<f32>)>
                 a.nodes_modes[i]
             )
         })?;
-        if cmp == 0 {
+        if cmp == LEAF {
             // Weights are attached below, once all leaves are known.
             nodes.push(Node {
-                cmp: 0,
+                cmp: LEAF,
                 nan_is_true: false,
                 feature: 0,
                 value: 0,
@@ -267,7 +266,7 @@ pub fn compile(a: &RegressorAttributes) -> TractResult<(CompactTrees, Vec<f32>)>
             cmp,
             // NaN != t holds: BRANCH_NEQ sends a missing value to the true branch
             // whatever the flag says (as onnxruntime compares).
-            nan_is_true: tracks_true || cmp == 2,
+            nan_is_true: tracks_true || cmp == NEQ,
             feature,
             value: a.nodes_values[i].to_bits(),
             a: yes,
@@ -312,7 +311,7 @@ pub fn compile(a: &RegressorAttributes) -> TractResult<(CompactTrees, Vec<f32>)>
                     a.target_nodeids[j], a.target_treeids[j]
                 )
             })?;
-        if nodes[leaf as usize].cmp != 0 {
+        if nodes[leaf as usize].cmp != LEAF {
             bail!(
                 "target {j} gives a weight to node {} of tree {}, which is a branch, not a leaf",
                 a.target_nodeids[j],
@@ -329,7 +328,7 @@ pub fn compile(a: &RegressorAttributes) -> TractResult<(CompactTrees, Vec<f32>)>
     let leaves: Vec<(u32, u32)> = entries.iter().map(|e| (e.1, e.2)).collect();
     let mut next = 0usize;
     for (p, node) in nodes.iter_mut().enumerate() {
-        if node.cmp != 0 {
+        if node.cmp != LEAF {
             continue;
         }
         let first = next;
