@@ -16,6 +16,7 @@
 //!   8 MB idle, loaded under model size + 10 MB), and its stripped size.
 //!
 //! Run: `cargo bench -p edgefleet-agent --bench agent`. Medians; 2 noisy cores.
+//! `EDGEFLEET_BENCH_ONLY=api` stops after the model loads and the API figures.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use edgefleet_agent::api::{Served, serve};
 use edgefleet_agent::model::LoadedModel;
-use edgefleet_agent::oip::{InferRequest, InferResponse, from_tensor, to_tensor};
+use edgefleet_agent::oip::{InferRequest, decode_request, encode_response};
 use edgefleet_agent::store::ActiveModel;
 use edgefleet_shared::bundle::{
     ArtifactInput, ArtifactSource, ManifestDraft, manifest_bytes, prepare_manifest, write_bundle,
@@ -150,17 +151,30 @@ struct Client {
 
 impl Client {
     fn post(&mut self, path: &str, body: &str) -> u16 {
-        self.request("POST", path, body)
+        self.request("POST", path, &[], body.as_bytes())
     }
 
-    fn request(&mut self, method: &str, path: &str, body: &str) -> u16 {
-        let s = self.stream.get_mut();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+    fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> u16 {
+        // One write per request, as HTTP clients send a small request: a
+        // `write!` straight to the socket would send each piece in its own
+        // segment (TCP_NODELAY) and wake the server for each.
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
             body.len()
-        )
-        .expect("send");
+        );
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        let mut request = request.into_bytes();
+        request.extend_from_slice(body);
+        self.stream.get_mut().write_all(&request).expect("send");
         let mut status = String::new();
         self.stream.read_line(&mut status).expect("status");
         let mut len = 0usize;
@@ -216,62 +230,94 @@ fn start_api(served: Served) -> Client {
     }
 }
 
+/// Rounds of the API figures: each round times every figure in turn, so a
+/// change in the machine's speed hits all of them alike; medians across rounds.
+const API_ROUNDS: usize = 7;
+
+/// The request with its inputs as binary data after the JSON header (OIP's
+/// binary tensor data extension) and the outputs asked back as binary.
+fn oip_binary_body(t: &Tensor) -> (Vec<u8>, usize) {
+    let TensorData::F32(data) = &t.data else {
+        unreachable!("f32 inputs")
+    };
+    let mut body = serde_json::json!({
+        "inputs": [{"name": t.name, "shape": t.shape, "datatype": "FP32",
+                    "parameters": {"binary_data_size": data.len() * 4}}],
+        "parameters": {"binary_data_output": true},
+    })
+    .to_string()
+    .into_bytes();
+    let json_len = body.len();
+    body.extend(data.iter().flat_map(|x| x.to_le_bytes()));
+    (body, json_len)
+}
+
 fn api_vs_direct(case: &Case, model: &LoadedModel) {
-    let direct = time_us(case.runs, || {
-        model.run(std::slice::from_ref(&case.input)).expect("runs");
-    });
     let mut client = start_api(Served::new(Some(ActiveModel {
         bundle: bundle_ref(case),
         model: model.clone(),
         reference: None,
     })));
     let body = oip_body(&case.input);
+    let (binary, json_len) = oip_binary_body(&case.input);
+    let binary_headers = [("Inference-Header-Content-Length", json_len.to_string())];
     let path = format!("/v2/models/{}/infer", case.channel);
-    let api = time_us(case.runs, || {
-        assert_eq!(client.post(&path, &body), 200);
-    });
+    let outputs = model.run(std::slice::from_ref(&case.input)).expect("runs");
+    let request: InferRequest = serde_json::from_str(&body).expect("request");
+    let runs = case.runs.div_ceil(API_ROUNDS);
+    // Per round: direct, JSON via API, binary via API, TCP, empty HTTP, decode, encode.
+    let mut rounds: Vec<[f64; 7]> = Vec::new();
+    for _ in 0..API_ROUNDS {
+        rounds.push([
+            time_us(runs, || {
+                model.run(std::slice::from_ref(&case.input)).expect("runs");
+            }),
+            time_us(runs, || {
+                assert_eq!(client.post(&path, &body), 200);
+            }),
+            time_us(runs, || {
+                assert_eq!(client.request("POST", &path, &binary_headers, &binary), 200);
+            }),
+            tcp_round_trip_us(runs),
+            time_us(runs, || {
+                assert_eq!(client.request("GET", "/v2/health/live", &[], b""), 200);
+            }),
+            time_us(runs, || {
+                std::hint::black_box(decode_request(body.as_bytes(), None).expect("request"));
+            }),
+            time_us(runs, || {
+                std::hint::black_box(
+                    encode_response(case.channel, "1.0.0", &request, &outputs).expect("json"),
+                );
+            }),
+        ]);
+    }
+    let fig = |i: usize| median(rounds.iter().map(|r| r[i]).collect());
+    let over = |i: usize| median(rounds.iter().map(|r| r[i] - r[0]).collect());
+    let direct = fig(0);
     println!(
-        "  {:<18} direct {:>9.1} µs   via local API {:>9.1} µs   overhead {:>7.1} µs ({:+.0}%)",
+        "  {:<18} direct {:>9.1} µs   via local API (JSON) {:>9.1} µs   overhead {:>7.1} µs ({:+.0}%)   binary tensors {:>9.1} µs   overhead {:>7.1} µs ({:+.0}%)",
         case.file,
         direct,
-        api,
-        api - direct,
-        (api / direct - 1.0) * 100.0
+        fig(1),
+        over(1),
+        over(1) / direct * 100.0,
+        fig(2),
+        over(2),
+        over(2) / direct * 100.0,
     );
     // Where the overhead goes: a bare loopback round trip (the kernel and two
     // thread wake-ups, no HTTP), an HTTP round trip that does nothing, and the
     // JSON work of one request, each timed alone.
-    let tcp = tcp_round_trip_us(case.runs);
-    let floor = time_us(case.runs, || {
-        assert_eq!(client.request("GET", "/v2/health/live", ""), 200);
-    });
-    let outputs = model.run(std::slice::from_ref(&case.input)).expect("runs");
-    let decode = time_us(case.runs, || {
-        let r: InferRequest = serde_json::from_slice(body.as_bytes()).expect("request");
-        let t: Vec<_> = r
-            .inputs
-            .iter()
-            .map(to_tensor)
-            .collect::<Result<_, _>>()
-            .expect("tensor");
-        std::hint::black_box(t);
-    });
-    let encode = time_us(case.runs, || {
-        let r = InferResponse {
-            model_name: case.channel.into(),
-            model_version: "1.0.0".into(),
-            outputs: outputs.iter().map(from_tensor).collect(),
-        };
-        std::hint::black_box(serde_json::to_vec(&r).expect("json"));
-    });
     println!(
-        "  {:<18} of which: TCP round trip alone {:.1} µs, HTTP round trip alone (GET /v2/health/live) {:.1} µs, request JSON decode {:.1} µs ({} bytes), response encode {:.1} µs",
+        "  {:<18} of which: TCP round trip alone {:.1} µs, HTTP round trip alone (GET /v2/health/live) {:.1} µs, request JSON decode {:.1} µs ({} bytes; binary form {} bytes), response encode {:.1} µs; medians of {API_ROUNDS} interleaved rounds",
         "",
-        tcp,
-        floor,
-        decode,
+        fig(3),
+        fig(4),
+        fig(5),
         body.len(),
-        encode
+        binary.len(),
+        fig(6)
     );
 }
 
@@ -822,6 +868,9 @@ fn main() {
     println!("inference, batch of 1, median:");
     for (case, model) in cases.iter().zip(&models) {
         api_vs_direct(case, model);
+    }
+    if std::env::var("EDGEFLEET_BENCH_ONLY").is_ok_and(|v| v == "api") {
+        return;
     }
     println!(
         "drift tracking on {}, medians of interleaved rounds:",

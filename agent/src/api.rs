@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -27,7 +27,9 @@ use serde_json::json;
 use crate::drift::tracker::{DriftStatus, Tracker, WindowSettings};
 use crate::metrics::ModelStats;
 use crate::model::LoadedModel;
-use crate::oip::{InferRequest, InferResponse, MAX_REQUEST_LEN, from_tensor, to_tensor};
+use crate::oip::{
+    Decoded, Encoded, HEADER_LEN_HEADER, MAX_REQUEST_LEN, decode_request, encode_response,
+};
 use crate::samples::{Capture, Reservoir};
 use crate::shadow::Shadow;
 use crate::store::ActiveModel;
@@ -373,31 +375,28 @@ async fn metadata(State(s): State<Shared>, Path(name): Path<String>) -> Response
 async fn infer(
     State(s): State<Shared>,
     Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
     let (bundle, model) = match find(&s, &name) {
         Ok(m) => m,
         Err(msg) => return error(StatusCode::NOT_FOUND, msg),
     };
-    let request: InferRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("the body is not an OIP v2 inference request: {e}"),
-            );
-        }
+    let header_len = match headers.get(HEADER_LEN_HEADER).map(|v| {
+        v.to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .ok_or_else(|| format!("Inference-Header-Content-Length {v:?} is not a byte count"))
+    }) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(msg)) => return error(StatusCode::BAD_REQUEST, msg),
     };
-    let inputs = match request
-        .inputs
-        .iter()
-        .map(to_tensor)
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(i) => i,
+    let Decoded { request, inputs } = match decode_request(&body, header_len) {
+        Ok(d) => d,
         Err(e) => {
             s.stats().record_error();
-            return error(StatusCode::BAD_REQUEST, e);
+            return error(StatusCode::BAD_REQUEST, e.to_string());
         }
     };
     let tracked = s.clone();
@@ -415,12 +414,29 @@ async fn infer(
         _ => s.stats().record_error(),
     }
     match result {
-        Ok(Ok((bundle, outputs, _))) => Json(InferResponse {
-            model_name: bundle.channel.to_string(),
-            model_version: bundle.version,
-            outputs: outputs.iter().map(from_tensor).collect(),
-        })
-        .into_response(),
+        Ok(Ok((bundle, outputs, _))) => {
+            match encode_response(bundle.channel.as_str(), &bundle.version, &request, &outputs) {
+                Ok(Encoded {
+                    body,
+                    header_len: None,
+                }) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+                Ok(Encoded {
+                    body,
+                    header_len: Some(n),
+                }) => (
+                    [
+                        (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                        (
+                            header::HeaderName::from_static(HEADER_LEN_HEADER),
+                            n.to_string(),
+                        ),
+                    ],
+                    body,
+                )
+                    .into_response(),
+                Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+            }
+        }
         Ok(Err(e @ crate::model::InferenceError::Runtime(_))) => {
             error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }

@@ -9,7 +9,7 @@ use edgefleet_shared::protocol::InstallMode;
 use edgefleet_shared::{Arch, Digest, SignedTrustRoot, UnixTime};
 
 use crate::drift::tracker::DriftStatus;
-use crate::oip::{InferRequest, InferResponse, MAX_REQUEST_LEN, from_tensor, to_tensor};
+use crate::oip::{Decoded, MAX_REQUEST_LEN, decode_request, encode_response};
 use crate::slots::SlotEvent;
 use crate::store::{self, Store};
 
@@ -332,28 +332,25 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
                     "request is over {MAX_REQUEST_LEN} bytes"
                 )));
             }
-            let request: InferRequest = serde_json::from_slice(&body)
-                .map_err(|e| CliError::Request(format!("request is not OIP v2 JSON: {e}")))?;
+            let Decoded { request, inputs } =
+                decode_request(&body, None).map_err(|e| CliError::Request(e.to_string()))?;
+            if request.wants_binary() {
+                return Err(CliError::Request(
+                    "binary outputs (`binary_data`, `binary_data_output`) are for the local HTTP API; `infer` prints JSON".into(),
+                ));
+            }
             let Some(store::ActiveModel { bundle, model, .. }) = store::load_active(&store)? else {
                 return Err(CliError::Request(
                     "no model is installed; run `edgefleet-agent install BUNDLE` first".into(),
                 ));
             };
-            let inputs = request
-                .inputs
-                .iter()
-                .map(to_tensor)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(CliError::Request)?;
             let outputs = model
                 .run(&inputs)
                 .map_err(|e| CliError::Request(e.to_string()))?;
-            let response = InferResponse {
-                model_name: bundle.channel.to_string(),
-                model_version: bundle.version,
-                outputs: outputs.iter().map(from_tensor).collect(),
-            };
-            println!("{}", serde_json::to_string(&response).unwrap_or_default());
+            let response =
+                encode_response(bundle.channel.as_str(), &bundle.version, &request, &outputs)
+                    .map_err(|e| CliError::Request(e.to_string()))?;
+            println!("{}", String::from_utf8_lossy(&response.body));
             Ok(0)
         }
     }

@@ -1,42 +1,239 @@
-//! Open Inference Protocol v2 (KServe / Triton) JSON tensors: request inputs in,
-//! response outputs out. Used by `edgefleet-agent infer` and, later, the local API.
+//! Open Inference Protocol v2 (KServe / Triton) tensors: request inputs in,
+//! response outputs out, as JSON and with the binary tensor data extension
+//! (`Inference-Header-Content-Length`: the JSON header, then the tensors' raw
+//! little-endian bytes). Used by the local API and `edgefleet-agent infer`.
+//!
+//! Pure: bytes in, tensors or bytes out. Every error names the input or output
+//! and what is wrong with it.
 
 use edgefleet_shared::golden::{Tensor, TensorData};
 use edgefleet_shared::manifest::ElementType;
-use serde::{Deserialize, Serialize};
+use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Largest request body accepted (16 MiB).
 pub const MAX_REQUEST_LEN: usize = 16 * 1024 * 1024;
 
-/// One tensor in OIP v2 JSON.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OipTensor {
+/// The header that splits a body into its JSON header and binary tensor data.
+pub const HEADER_LEN_HEADER: &str = "inference-header-content-length";
+
+/// An inference request's JSON part.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct InferRequest {
+    /// Request id, echoed in the response.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Request parameters (only `binary_data_output` is read).
+    #[serde(default)]
+    pub parameters: Option<RequestParameters>,
+    /// Inputs.
+    pub inputs: Vec<RequestInput>,
+    /// The outputs to return, in this order; all of them when absent.
+    #[serde(default)]
+    pub outputs: Option<Vec<RequestOutput>>,
+}
+
+/// Request-level parameters the agent reads; others are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct RequestParameters {
+    /// Every output as binary data unless the output says otherwise.
+    #[serde(default)]
+    pub binary_data_output: Option<bool>,
+}
+
+/// One input tensor of a request.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RequestInput {
     /// Tensor name.
     pub name: String,
     /// Shape.
     pub shape: Vec<u64>,
     /// `FP32`, `INT64`, ...
     pub datatype: String,
-    /// Row-major elements.
-    pub data: Vec<serde_json::Value>,
+    /// Input parameters (only `binary_data_size` is read).
+    #[serde(default)]
+    pub parameters: Option<InputParameters>,
+    /// The elements in row-major order, flat or nested; absent when the input
+    /// comes as binary data.
+    #[serde(default)]
+    pub data: Option<Elements>,
 }
 
-/// An inference request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InferRequest {
-    /// Inputs.
-    pub inputs: Vec<OipTensor>,
+/// Input parameters the agent reads.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct InputParameters {
+    /// The input's bytes follow the JSON header (binary extension).
+    #[serde(default)]
+    pub binary_data_size: Option<u64>,
 }
 
-/// An inference response.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InferResponse {
-    /// Model (channel) name.
-    pub model_name: String,
-    /// Bundle version.
-    pub model_version: String,
-    /// Outputs.
-    pub outputs: Vec<OipTensor>,
+/// One requested output.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RequestOutput {
+    /// Output name.
+    pub name: String,
+    /// Output parameters (only `binary_data` is read).
+    #[serde(default)]
+    pub parameters: Option<OutputParameters>,
+}
+
+/// Requested-output parameters the agent reads.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct OutputParameters {
+    /// This output as binary data (overrides `binary_data_output`).
+    #[serde(default)]
+    pub binary_data: Option<bool>,
+}
+
+/// One JSON element of a tensor's `data`, before the datatype is applied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scalar {
+    /// A negative integer.
+    Int(i64),
+    /// A non-negative integer.
+    UInt(u64),
+    /// A number with a fraction or exponent.
+    Float(f64),
+    /// `true` or `false`.
+    Bool(bool),
+    /// Anything else: what it is, for the error.
+    Other(&'static str),
+}
+
+impl std::fmt::Display for Scalar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scalar::Int(v) => write!(f, "{v}"),
+            Scalar::UInt(v) => write!(f, "{v}"),
+            Scalar::Float(v) => write!(f, "{v}"),
+            Scalar::Bool(v) => write!(f, "{v}"),
+            Scalar::Other(what) => f.write_str(what),
+        }
+    }
+}
+
+/// A tensor's `data` flattened in row-major order: nested arrays (`[[1, 2],
+/// [3, 4]]`) read as the flat `[1, 2, 3, 4]`. Decoded straight into scalars,
+/// without a JSON value per element.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Elements(pub Vec<Scalar>);
+
+impl<'de> Deserialize<'de> for Elements {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut out = Vec::new();
+        d.deserialize_seq(Flatten {
+            out: &mut out,
+            depth: 0,
+        })?;
+        Ok(Elements(out))
+    }
+}
+
+/// Deepest nesting of `data` arrays accepted (a tensor of rank 32).
+const MAX_DATA_DEPTH: usize = 32;
+
+struct Flatten<'a> {
+    out: &'a mut Vec<Scalar>,
+    depth: usize,
+}
+
+impl<'de> Visitor<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of tensor elements")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if self.depth >= MAX_DATA_DEPTH {
+            return Err(de::Error::custom(format!(
+                "`data` is nested deeper than {MAX_DATA_DEPTH} arrays"
+            )));
+        }
+        if let Some(n) = seq.size_hint() {
+            self.out.reserve(n);
+        }
+        while seq
+            .next_element_seed(Element {
+                out: &mut *self.out,
+                depth: self.depth + 1,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+}
+
+/// One element of a `data` array: a scalar, or a nested array flattened in.
+struct Element<'a> {
+    out: &'a mut Vec<Scalar>,
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Element<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Element<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a tensor element")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.out.push(Scalar::Bool(v));
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.out.push(match u64::try_from(v) {
+            Ok(u) => Scalar::UInt(u),
+            Err(_) => Scalar::Int(v),
+        });
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.out.push(Scalar::UInt(v));
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        self.out.push(Scalar::Float(v));
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        self.out.push(Scalar::Other("a string"));
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.out.push(Scalar::Other("null"));
+        Ok(())
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map
+            .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+            .is_some()
+        {}
+        self.out.push(Scalar::Other("an object"));
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+        Flatten {
+            out: self.out,
+            depth: self.depth,
+        }
+        .visit_seq(seq)
+    }
 }
 
 fn dtype_of(name: &str) -> Option<ElementType> {
@@ -52,84 +249,376 @@ fn dtype_of(name: &str) -> Option<ElementType> {
     })
 }
 
-/// Converts a request tensor, naming the input and the element at fault.
-pub fn to_tensor(t: &OipTensor) -> Result<Tensor, String> {
-    let dtype = dtype_of(&t.datatype).ok_or_else(|| {
-        format!(
-            "input `{}`: datatype {:?} is not supported",
-            t.name, t.datatype
-        )
-    })?;
-    let bad = |i: usize, v: &serde_json::Value| {
-        format!(
-            "input `{}`: element {i} ({v}) is not a valid {}",
-            t.name, t.datatype
-        )
-    };
-    macro_rules! ints {
-        ($ty:ty, $variant:ident) => {
-            TensorData::$variant(
-                t.data
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| {
-                        v.as_i64()
-                            .and_then(|x| <$ty>::try_from(x).ok())
-                            .ok_or_else(|| bad(i, v))
-                    })
-                    .collect::<Result<_, _>>()?,
-            )
-        };
+/// Bytes per element in the binary form.
+fn width(dtype: ElementType) -> usize {
+    match dtype {
+        ElementType::F32 | ElementType::I32 => 4,
+        ElementType::F64 | ElementType::I64 => 8,
+        ElementType::I8 | ElementType::U8 | ElementType::Bool => 1,
     }
-    let data = match dtype {
-        ElementType::F32 => TensorData::F32(
-            t.data
-                .iter()
-                .enumerate()
-                .map(|(i, v)| v.as_f64().map(|x| x as f32).ok_or_else(|| bad(i, v)))
-                .collect::<Result<_, _>>()?,
-        ),
-        ElementType::F64 => TensorData::F64(
-            t.data
-                .iter()
-                .enumerate()
-                .map(|(i, v)| v.as_f64().ok_or_else(|| bad(i, v)))
-                .collect::<Result<_, _>>()?,
-        ),
-        ElementType::I8 => ints!(i8, I8),
-        ElementType::I32 => ints!(i32, I32),
-        ElementType::I64 => ints!(i64, I64),
-        ElementType::U8 => ints!(u8, U8),
-        ElementType::Bool => TensorData::Bool(
-            t.data
-                .iter()
-                .enumerate()
-                .map(|(i, v)| v.as_bool().ok_or_else(|| bad(i, v)))
-                .collect::<Result<_, _>>()?,
-        ),
+}
+
+/// Why a request could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The JSON part is not an inference request.
+    #[error("the body is not an OIP v2 inference request: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The JSON is a request, but an input, its data or the binary part is wrong.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A decoded request: its JSON part and its inputs as tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// The JSON part (id, parameters, requested outputs); inputs' `data` taken.
+    pub request: InferRequest,
+    /// The inputs, in the request's order.
+    pub inputs: Vec<Tensor>,
+}
+
+/// Reads a request body: all JSON (`header_len` `None`), or a JSON header of
+/// `header_len` bytes followed by the binary data of the inputs that carry a
+/// `binary_data_size` parameter, in their order, with no byte left over.
+pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<Decoded, RequestError> {
+    let invalid = |m: String| RequestError::Invalid(m);
+    let (json, mut binary) = match header_len {
+        None => (body, &[][..]),
+        Some(n) if n > body.len() => {
+            return Err(invalid(format!(
+                "Inference-Header-Content-Length is {n} but the body has {} bytes",
+                body.len()
+            )));
+        }
+        Some(n) => body.split_at(n),
     };
-    Ok(Tensor {
-        name: t.name.clone(),
-        shape: t.shape.clone(),
-        data,
+    let mut request: InferRequest = serde_json::from_slice(json)?;
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for input in &mut request.inputs {
+        let name = &input.name;
+        let dtype = dtype_of(&input.datatype).ok_or_else(|| {
+            invalid(format!(
+                "input `{name}`: datatype {:?} is not supported (FP32, FP64, INT8, INT32, INT64, UINT8, BOOL)",
+                input.datatype
+            ))
+        })?;
+        let size = input.parameters.as_ref().and_then(|p| p.binary_data_size);
+        let data = match (input.data.take(), size) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(format!(
+                    "input `{name}` has both `data` and a `binary_data_size` parameter"
+                )));
+            }
+            (None, None) => {
+                return Err(invalid(format!(
+                    "input `{name}` has no `data` (nor a `binary_data_size` parameter)"
+                )));
+            }
+            (Some(elements), None) => from_elements(name, &input.datatype, dtype, &elements.0)?,
+            (None, Some(size)) => {
+                if header_len.is_none() {
+                    return Err(invalid(format!(
+                        "input `{name}` has a `binary_data_size` parameter but the request has no Inference-Header-Content-Length header"
+                    )));
+                }
+                let size = usize::try_from(size)
+                    .ok()
+                    .filter(|s| *s <= binary.len())
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "input `{name}`: binary_data_size {size} goes past the end of the body ({} bytes of binary data left)",
+                            binary.len()
+                        ))
+                    })?;
+                let (bytes, rest) = binary.split_at(size);
+                binary = rest;
+                from_bytes(name, &input.datatype, dtype, bytes)?
+            }
+        };
+        inputs.push(Tensor {
+            name: input.name.clone(),
+            shape: input.shape.clone(),
+            data,
+        });
+    }
+    if !binary.is_empty() {
+        return Err(invalid(format!(
+            "the body has {} bytes of binary data beyond the inputs' binary_data_size",
+            binary.len()
+        )));
+    }
+    Ok(Decoded { request, inputs })
+}
+
+/// The JSON elements as `dtype`, naming the first one that is not one.
+fn from_elements(
+    name: &str,
+    datatype: &str,
+    dtype: ElementType,
+    elements: &[Scalar],
+) -> Result<TensorData, RequestError> {
+    let bad = |i: usize, v: &Scalar| {
+        RequestError::Invalid(format!(
+            "input `{name}`: element {i} ({v}) is not a valid {datatype}"
+        ))
+    };
+    fn all<T>(
+        elements: &[Scalar],
+        convert: impl Fn(&Scalar) -> Option<T>,
+        bad: impl Fn(usize, &Scalar) -> RequestError,
+    ) -> Result<Vec<T>, RequestError> {
+        elements
+            .iter()
+            .enumerate()
+            .map(|(i, v)| convert(v).ok_or_else(|| bad(i, v)))
+            .collect()
+    }
+    fn float(v: &Scalar) -> Option<f64> {
+        match *v {
+            Scalar::Int(x) => Some(x as f64),
+            Scalar::UInt(x) => Some(x as f64),
+            Scalar::Float(x) => Some(x),
+            Scalar::Bool(_) | Scalar::Other(_) => None,
+        }
+    }
+    fn int<T: TryFrom<i64> + TryFrom<u64>>(v: &Scalar) -> Option<T> {
+        match *v {
+            Scalar::Int(x) => T::try_from(x).ok(),
+            Scalar::UInt(x) => T::try_from(x).ok(),
+            Scalar::Float(_) | Scalar::Bool(_) | Scalar::Other(_) => None,
+        }
+    }
+    Ok(match dtype {
+        ElementType::F32 => TensorData::F32(all(elements, |v| float(v).map(|x| x as f32), bad)?),
+        ElementType::F64 => TensorData::F64(all(elements, float, bad)?),
+        ElementType::I8 => TensorData::I8(all(elements, int, bad)?),
+        ElementType::I32 => TensorData::I32(all(elements, int, bad)?),
+        ElementType::I64 => TensorData::I64(all(elements, int, bad)?),
+        ElementType::U8 => TensorData::U8(all(elements, int, bad)?),
+        ElementType::Bool => TensorData::Bool(all(
+            elements,
+            |v| match *v {
+                Scalar::Bool(b) => Some(b),
+                _ => None,
+            },
+            bad,
+        )?),
     })
 }
 
-/// Converts a model output for the response.
-pub fn from_tensor(t: &Tensor) -> OipTensor {
-    let data: Vec<serde_json::Value> = match &t.data {
-        TensorData::I8(v) => v.iter().map(|x| serde_json::json!(x)).collect(),
-        TensorData::I32(v) => v.iter().map(|x| serde_json::json!(x)).collect(),
-        TensorData::I64(v) => v.iter().map(|x| serde_json::json!(x)).collect(),
-        TensorData::U8(v) => v.iter().map(|x| serde_json::json!(x)).collect(),
-        TensorData::Bool(v) => v.iter().map(|x| serde_json::json!(x)).collect(),
-        TensorData::F32(v) => v.iter().map(|x| serde_json::json!(x)).collect(),
-        TensorData::F64(v) => v.iter().map(|x| serde_json::json!(x)).collect(),
-    };
-    OipTensor {
-        name: t.name.clone(),
-        shape: t.shape.clone(),
-        datatype: t.data.dtype().oip_name().into(),
-        data,
+/// Binary data (little-endian, row-major, booleans one byte 0 or 1) as `dtype`.
+fn from_bytes(
+    name: &str,
+    datatype: &str,
+    dtype: ElementType,
+    bytes: &[u8],
+) -> Result<TensorData, RequestError> {
+    let w = width(dtype);
+    if !bytes.len().is_multiple_of(w) {
+        return Err(RequestError::Invalid(format!(
+            "input `{name}`: binary_data_size {} is not a whole number of {datatype} elements ({w} bytes each)",
+            bytes.len()
+        )));
+    }
+    fn le<const N: usize, T>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
+        bytes
+            .chunks_exact(N)
+            .map(|c| f(c.try_into().expect("chunks of N bytes")))
+            .collect()
+    }
+    Ok(match dtype {
+        ElementType::F32 => TensorData::F32(le(bytes, f32::from_le_bytes)),
+        ElementType::F64 => TensorData::F64(le(bytes, f64::from_le_bytes)),
+        ElementType::I8 => TensorData::I8(le(bytes, i8::from_le_bytes)),
+        ElementType::I32 => TensorData::I32(le(bytes, i32::from_le_bytes)),
+        ElementType::I64 => TensorData::I64(le(bytes, i64::from_le_bytes)),
+        ElementType::U8 => TensorData::U8(bytes.to_vec()),
+        ElementType::Bool => TensorData::Bool(
+            bytes
+                .iter()
+                .enumerate()
+                .map(|(i, b)| match b {
+                    0 => Ok(false),
+                    1 => Ok(true),
+                    _ => Err(RequestError::Invalid(format!(
+                        "input `{name}`: byte {i} ({b}) is not a valid BOOL (0 or 1)"
+                    ))),
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+/// The little-endian bytes of `data` (booleans one byte each).
+fn to_bytes(data: &TensorData, out: &mut Vec<u8>) {
+    fn le<T: Copy, const N: usize>(v: &[T], f: fn(T) -> [u8; N], out: &mut Vec<u8>) {
+        out.reserve(v.len() * N);
+        for x in v {
+            out.extend_from_slice(&f(*x));
+        }
+    }
+    match data {
+        TensorData::F32(v) => le(v, f32::to_le_bytes, out),
+        TensorData::F64(v) => le(v, f64::to_le_bytes, out),
+        TensorData::I8(v) => le(v, i8::to_le_bytes, out),
+        TensorData::I32(v) => le(v, i32::to_le_bytes, out),
+        TensorData::I64(v) => le(v, i64::to_le_bytes, out),
+        TensorData::U8(v) => out.extend_from_slice(v),
+        TensorData::Bool(v) => out.extend(v.iter().map(|b| u8::from(*b))),
     }
 }
+
+impl InferRequest {
+    /// Whether the request asks for any output as binary data.
+    pub fn wants_binary(&self) -> bool {
+        self.parameters
+            .as_ref()
+            .and_then(|p| p.binary_data_output)
+            .unwrap_or(false)
+            || self.outputs.iter().flatten().any(|o| {
+                o.parameters
+                    .as_ref()
+                    .and_then(|p| p.binary_data)
+                    .unwrap_or(false)
+            })
+    }
+}
+
+/// A response body ready to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    /// The body: JSON, followed by the binary outputs' bytes if any.
+    pub body: Vec<u8>,
+    /// The JSON part's length when binary data follows it (the value of
+    /// `Inference-Header-Content-Length`), `None` for an all-JSON body.
+    pub header_len: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct ResponseJson<'a> {
+    model_name: &'a str,
+    model_version: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    outputs: Vec<ResponseOutput<'a>>,
+}
+
+#[derive(Serialize)]
+struct ResponseOutput<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [u64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<BinarySize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Data<'a>>,
+}
+
+#[derive(Serialize)]
+struct BinarySize {
+    binary_data_size: usize,
+}
+
+/// Serialises elements straight from the tensor (no JSON value per element).
+struct Data<'a>(&'a TensorData);
+
+impl Serialize for Data<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            TensorData::F32(v) => v.serialize(s),
+            TensorData::F64(v) => v.serialize(s),
+            TensorData::I8(v) => v.serialize(s),
+            TensorData::I32(v) => v.serialize(s),
+            TensorData::I64(v) => v.serialize(s),
+            TensorData::U8(v) => s.collect_seq(v),
+            TensorData::Bool(v) => v.serialize(s),
+        }
+    }
+}
+
+/// Writes the response to `request`: the outputs it names (all when it names
+/// none), each as JSON or as binary data as it asks.
+pub fn encode_response(
+    model_name: &str,
+    model_version: &str,
+    request: &InferRequest,
+    outputs: &[Tensor],
+) -> Result<Encoded, RequestError> {
+    let all_binary = request
+        .parameters
+        .as_ref()
+        .and_then(|p| p.binary_data_output)
+        .unwrap_or(false);
+    let chosen: Vec<(&Tensor, bool)> = match &request.outputs {
+        None => outputs.iter().map(|t| (t, all_binary)).collect(),
+        Some(wanted) => wanted
+            .iter()
+            .map(|w| {
+                let t = outputs.iter().find(|t| t.name == w.name).ok_or_else(|| {
+                    RequestError::Invalid(format!(
+                        "requested output `{}` is not an output of the model (outputs: {})",
+                        w.name,
+                        outputs
+                            .iter()
+                            .map(|t| format!("`{}`", t.name))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+                let binary = w
+                    .parameters
+                    .as_ref()
+                    .and_then(|p| p.binary_data)
+                    .unwrap_or(all_binary);
+                Ok((t, binary))
+            })
+            .collect::<Result<_, RequestError>>()?,
+    };
+    let mut binary = Vec::new();
+    let json = ResponseJson {
+        model_name,
+        model_version,
+        id: request.id.as_deref(),
+        outputs: chosen
+            .iter()
+            .map(|(t, as_binary)| {
+                let (parameters, data) = if *as_binary {
+                    let before = binary.len();
+                    to_bytes(&t.data, &mut binary);
+                    (
+                        Some(BinarySize {
+                            binary_data_size: binary.len() - before,
+                        }),
+                        None,
+                    )
+                } else {
+                    (None, Some(Data(&t.data)))
+                };
+                ResponseOutput {
+                    name: &t.name,
+                    datatype: t.data.dtype().oip_name(),
+                    shape: &t.shape,
+                    parameters,
+                    data,
+                }
+            })
+            .collect(),
+    };
+    let mut body = serde_json::to_vec(&json).map_err(RequestError::Json)?;
+    if binary.is_empty() && !chosen.iter().any(|(_, b)| *b) {
+        return Ok(Encoded {
+            body,
+            header_len: None,
+        });
+    }
+    let header_len = body.len();
+    body.extend_from_slice(&binary);
+    Ok(Encoded {
+        body,
+        header_len: Some(header_len),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 mod common;
-use common::{bundle, http, write_root};
+use common::{bundle, http, http_bytes, write_root};
 
 struct Device {
     dir: tempfile::TempDir,
@@ -390,6 +390,70 @@ fn the_local_api_speaks_oip_v2_and_rejects_bad_inputs_with_400_naming_the_input(
             (200, body.clone())
         );
     }
+
+    // The same rows nested, and as binary tensor data (OIP's binary extension,
+    // as Triton's clients send it) with the probabilities asked back as binary:
+    // the same answer.
+    let nested = r#"{"inputs":[{"name":"features","shape":[2,4],"datatype":"FP32","data":[[5.0,3.4,1.5,0.2],[6.6,3.0,5.6,2.0]]}]}"#;
+    assert_eq!(
+        http(&addr, "POST", "/v2/models/iris/infer", nested),
+        (200, body.clone())
+    );
+    let json_answer: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let rows: [f32; 8] = [5.0, 3.4, 1.5, 0.2, 6.6, 3.0, 5.6, 2.0];
+    let header = serde_json::json!({
+        "id": "req-7",
+        "inputs": [{"name": "features", "shape": [2, 4], "datatype": "FP32",
+                    "parameters": {"binary_data_size": 32}}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": true}}, {"name": "label"}],
+    })
+    .to_string();
+    let mut request = header.clone().into_bytes();
+    request.extend(rows.iter().flat_map(|x| x.to_le_bytes()));
+    let (code, headers, answer) = http_bytes(
+        &addr,
+        "POST",
+        "/v2/models/iris/infer",
+        &[
+            ("Content-Type", "application/octet-stream".into()),
+            ("Inference-Header-Content-Length", header.len().to_string()),
+        ],
+        &request,
+    );
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&answer));
+    let json_len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "inference-header-content-length")
+        .expect("binary response header")
+        .1
+        .parse()
+        .expect("length");
+    let meta: serde_json::Value = serde_json::from_slice(&answer[..json_len]).expect("json");
+    assert_eq!(meta["id"], "req-7");
+    assert_eq!(meta["outputs"][0]["name"], "probabilities");
+    assert_eq!(meta["outputs"][0]["parameters"]["binary_data_size"], 24);
+    assert_eq!(meta["outputs"][1]["data"], serde_json::json!([0, 2]));
+    let probabilities: Vec<f32> = answer[json_len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    let want: Vec<f32> =
+        serde_json::from_value(json_answer["outputs"][1]["data"].clone()).expect("floats");
+    assert_eq!(probabilities, want);
+    // Binary data that does not add up: a 400 that says so.
+    let (code, _, answer) = http_bytes(
+        &addr,
+        "POST",
+        "/v2/models/iris/infer",
+        &[("Inference-Header-Content-Length", header.len().to_string())],
+        &request[..request.len() - 4],
+    );
+    assert_eq!(code, 400);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.contains("binary_data_size 32 goes past the end of the body"),
+        "{answer}"
+    );
 
     let narrow =
         r#"{"inputs":[{"name":"features","shape":[1,3],"datatype":"FP32","data":[1,2,3]}]}"#;
