@@ -147,6 +147,8 @@ fn oip_body(t: &Tensor) -> String {
 /// An HTTP/1.1 keep-alive client on one connection, as an application would hold.
 struct Client {
     stream: BufReader<TcpStream>,
+    /// The server thread's `/proc/.../schedstat`.
+    server_schedstat: String,
 }
 
 impl Client {
@@ -213,7 +215,12 @@ fn start_api(served: Served) -> Client {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     listener.set_nonblocking(true).expect("nonblocking");
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // "PID/task/TID": the server thread's own CPU clock, for the bench.
+        let me = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+        tx.send(format!("/proc/{}/schedstat", me.display()))
+            .expect("send");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -227,12 +234,36 @@ fn start_api(served: Served) -> Client {
     stream.set_nodelay(true).expect("nodelay");
     Client {
         stream: BufReader::new(stream),
+        server_schedstat: rx.recv().expect("server thread"),
     }
 }
 
-/// Rounds of the API figures: each round times every figure in turn, so a
-/// change in the machine's speed hits all of them alike; medians across rounds.
-const API_ROUNDS: usize = 7;
+/// Nanoseconds a thread has run on a CPU (`schedstat`'s first field).
+fn cpu_ns(schedstat: &str) -> f64 {
+    std::fs::read_to_string(schedstat)
+        .expect("schedstat")
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("run time")
+}
+
+/// Times `f` like [`time_us`] and also returns the CPU time per call of the
+/// thread whose `schedstat` is given.
+fn time_with_cpu_us(runs: usize, schedstat: &str, mut f: impl FnMut()) -> (f64, f64) {
+    let mut calls = 0usize;
+    let before = cpu_ns(schedstat);
+    let wall = time_us(runs, || {
+        calls += 1;
+        f();
+    });
+    (wall, (cpu_ns(schedstat) - before) / 1e3 / calls as f64)
+}
+
+/// Rounds of the interleaved figures (API, tract options): each round times
+/// every figure in turn, so a change in the machine's speed hits all of them
+/// alike; medians across rounds.
+const ROUNDS: usize = 7;
 
 /// The request with its inputs as binary data after the JSON header (OIP's
 /// binary tensor data extension) and the outputs asked back as binary.
@@ -264,20 +295,29 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
     let path = format!("/v2/models/{}/infer", case.channel);
     let outputs = model.run(std::slice::from_ref(&case.input)).expect("runs");
     let request: InferRequest = serde_json::from_str(&body).expect("request");
-    let runs = case.runs.div_ceil(API_ROUNDS);
-    // Per round: direct, JSON via API, binary via API, TCP, empty HTTP, decode, encode.
-    let mut rounds: Vec<[f64; 7]> = Vec::new();
-    for _ in 0..API_ROUNDS {
+    let runs = case.runs.div_ceil(ROUNDS);
+    // Per round: direct, JSON via API, binary via API, TCP, empty HTTP, decode,
+    // encode, and the CPU time per request of the direct run (this thread) and
+    // of the server thread for the JSON and the binary requests.
+    let mut rounds: Vec<[f64; 11]> = Vec::new();
+    let server = client.server_schedstat.clone();
+    for _ in 0..ROUNDS {
+        let (direct, direct_cpu) = time_with_cpu_us(runs, "/proc/thread-self/schedstat", || {
+            model.run(std::slice::from_ref(&case.input)).expect("runs");
+        });
+        let (json, json_cpu) = time_with_cpu_us(runs, &server, || {
+            assert_eq!(client.post(&path, &body), 200);
+        });
+        let mut in_server = Vec::new();
+        let (bin, bin_cpu) = time_with_cpu_us(runs, &server, || {
+            assert_eq!(client.request("POST", &path, &binary_headers, &binary), 200);
+            // The plan is shared: its last run is the one this request made.
+            in_server.push(model.last_run().expect("ran").as_secs_f64() * 1e6);
+        });
         rounds.push([
-            time_us(runs, || {
-                model.run(std::slice::from_ref(&case.input)).expect("runs");
-            }),
-            time_us(runs, || {
-                assert_eq!(client.post(&path, &body), 200);
-            }),
-            time_us(runs, || {
-                assert_eq!(client.request("POST", &path, &binary_headers, &binary), 200);
-            }),
+            direct,
+            json,
+            bin,
             tcp_round_trip_us(runs),
             time_us(runs, || {
                 assert_eq!(client.request("GET", "/v2/health/live", &[], b""), 200);
@@ -290,27 +330,42 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
                     encode_response(case.channel, "1.0.0", &request, &outputs).expect("json"),
                 );
             }),
+            direct_cpu,
+            json_cpu,
+            bin_cpu,
+            median(in_server),
         ]);
     }
     let fig = |i: usize| median(rounds.iter().map(|r| r[i]).collect());
-    let over = |i: usize| median(rounds.iter().map(|r| r[i] - r[0]).collect());
+    let over = |i: usize, base: usize| median(rounds.iter().map(|r| r[i] - r[base]).collect());
     let direct = fig(0);
     println!(
         "  {:<18} direct {:>9.1} µs   via local API (JSON) {:>9.1} µs   overhead {:>7.1} µs ({:+.0}%)   binary tensors {:>9.1} µs   overhead {:>7.1} µs ({:+.0}%)",
         case.file,
         direct,
         fig(1),
-        over(1),
-        over(1) / direct * 100.0,
+        over(1, 0),
+        over(1, 0) / direct * 100.0,
         fig(2),
-        over(2),
-        over(2) / direct * 100.0,
+        over(2, 0),
+        over(2, 0) / direct * 100.0,
     );
-    // Where the overhead goes: a bare loopback round trip (the kernel and two
+    // What the agent itself spends: the server thread's CPU time per request
+    // beyond the inference's own CPU time (waiting for the client excluded).
+    println!(
+        "  {:<18} agent CPU per request beyond inference: JSON {:.1} µs ({:+.0}%), binary {:.1} µs ({:+.0}%); the inference itself inside the server {:.0} µs",
+        "",
+        over(8, 7),
+        over(8, 7) / fig(7) * 100.0,
+        over(9, 7),
+        over(9, 7) / fig(7) * 100.0,
+        fig(10),
+    );
+    // Where the rest goes: a bare loopback round trip (the kernel and two
     // thread wake-ups, no HTTP), an HTTP round trip that does nothing, and the
     // JSON work of one request, each timed alone.
     println!(
-        "  {:<18} of which: TCP round trip alone {:.1} µs, HTTP round trip alone (GET /v2/health/live) {:.1} µs, request JSON decode {:.1} µs ({} bytes; binary form {} bytes), response encode {:.1} µs; medians of {API_ROUNDS} interleaved rounds",
+        "  {:<18} of which: TCP round trip alone {:.1} µs, HTTP round trip alone (GET /v2/health/live) {:.1} µs, request JSON decode {:.1} µs ({} bytes; binary form {} bytes), response encode {:.1} µs; medians of {ROUNDS} interleaved rounds",
         "",
         fig(3),
         fig(4),
@@ -395,21 +450,35 @@ fn tract_options(case: &Case) {
         .and_then(|m| m.into_runnable())
         .expect("nnef plans");
     let nnef_ms = nnef_load.elapsed().as_secs_f64() * 1e3;
-    let time = |plan: &std::sync::Arc<TypedRunnableModel>| {
-        time_us(case.runs, || {
-            plan.run(tvec!(image.clone().into_tvalue())).expect("runs");
+    let plans = [
+        ("batch N symbolic (the agent)", &symbolic),
+        ("batch fixed to 1", &fixed),
+        ("decluttered, not optimised", &decluttered),
+        ("from tract's NNEF form", &from_nnef),
+    ];
+    // Interleaved rounds (every plan once per round), so the machine's swings
+    // hit all plans alike; each plan's ratio is taken within its round.
+    let rounds: Vec<Vec<f64>> = (0..ROUNDS)
+        .map(|_| {
+            plans
+                .iter()
+                .map(|(_, plan)| {
+                    time_us(case.runs.div_ceil(ROUNDS), || {
+                        plan.run(tvec!(image.clone().into_tvalue())).expect("runs");
+                    })
+                })
+                .collect()
         })
-    };
-    let base = time(&symbolic);
-    for (what, us) in [
-        ("batch N symbolic (the agent)", base),
-        ("batch fixed to 1", time(&fixed)),
-        ("decluttered, not optimised", time(&decluttered)),
-        ("from tract's NNEF form", time(&from_nnef)),
-    ] {
+        .collect();
+    for (i, (what, _)) in plans.iter().enumerate() {
+        let us = median(rounds.iter().map(|r| r[i]).collect());
+        let ratio = median(rounds.iter().map(|r| r[i] / r[0]).collect());
+        let (lo, hi) = rounds
+            .iter()
+            .map(|r| r[i] / r[0])
+            .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)));
         println!(
-            "  {what:<30} {us:>9.1} µs  ({:.2}x the batch-N plan)",
-            us / base
+            "  {what:<30} {us:>9.1} µs  ({ratio:.2}x the batch-N plan; rounds {lo:.2}-{hi:.2}x)"
         );
     }
     println!(
