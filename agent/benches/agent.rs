@@ -16,7 +16,8 @@
 //!   8 MB idle, loaded under model size + 10 MB), and its stripped size.
 //!
 //! Run: `cargo bench -p edgefleet-agent --bench agent`. Medians; 2 noisy cores.
-//! `EDGEFLEET_BENCH_ONLY=api` stops after the model loads and the API figures.
+//! `EDGEFLEET_BENCH_ONLY=api` stops after the model loads and the API figures;
+//! `EDGEFLEET_BENCH_ONLY=rss` measures only the agent processes' memory and size.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -789,6 +790,22 @@ fn agent_rss(agent: &Path, data: &Path, trust: &Path) -> u64 {
     }
     std::thread::sleep(Duration::from_millis(1500));
     let rss = rss_kib(child.id());
+    if std::env::var("EDGEFLEET_BENCH_ONLY").is_ok_and(|v| v == "rss") {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        let parts: Vec<&str> = status
+            .lines()
+            .filter(|l| l.starts_with("RssAnon") || l.starts_with("RssFile"))
+            .collect();
+        println!(
+            "    ({})",
+            parts
+                .join(", ")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
     let _ = child.kill();
     let _ = child.wait();
     rss
@@ -853,12 +870,13 @@ fn idle_rss(dir: PathBuf, cnn: &Case, model: &LoadedModel, agent: &Path, what: &
         / 1024;
     println!("  {what}:");
     println!(
-        "    idle RSS, no model: {:.1} MB (target < 8 MB); with {} ({} KiB) loaded: {:.1} MB (target < model + 10 MB = {:.1} MB)",
+        "    idle RSS, no model: {:.1} MB (target < 8 MB); with {} ({} KiB) loaded: {:.2} MB = {} KiB (target < model + 10 MB = {} KiB)",
         empty as f64 / 1024.0,
         cnn.file,
         model_kib,
         loaded as f64 / 1024.0,
-        (model_kib + 10 * 1024) as f64 / 1024.0
+        loaded,
+        model_kib + 10 * 1024
     );
 }
 
@@ -918,6 +936,13 @@ fn main() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let cases = cases();
+    if std::env::var("EDGEFLEET_BENCH_ONLY").is_ok_and(|v| v == "rss") {
+        let bytes = std::fs::read(format!("{MODELS}/{}", cases[1].file)).expect("model");
+        let cnn = LoadedModel::load(&bytes).expect("loads");
+        println!("release agent process:");
+        idle_rss_and_size(dir.path(), &cases[1], &cnn);
+        return;
+    }
     println!("model load (tract: parse, optimise, plan), median of 15:");
     let mut models = Vec::new();
     for case in &cases {
