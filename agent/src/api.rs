@@ -334,6 +334,25 @@ async fn ready(State(s): State<Shared>) -> Response {
     }
 }
 
+/// Server metadata (OIP `GET /v2`): name, version and the protocol extensions
+/// the API speaks.
+async fn server_metadata() -> Json<serde_json::Value> {
+    Json(json!({
+        "name": "edgefleet-agent",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data"],
+    }))
+}
+
+/// Model readiness (OIP `GET /v2/models/{name}/ready`): 200 when `name` is
+/// served, 404 with the reason otherwise.
+async fn model_ready(State(s): State<Shared>, Path(name): Path<String>) -> Response {
+    match find(&s, &name) {
+        Ok(_) => Json(json!({ "name": name, "ready": true })).into_response(),
+        Err(msg) => error(StatusCode::NOT_FOUND, msg),
+    }
+}
+
 /// The served model called `name`, or the 404 message.
 fn find(s: &Served, name: &str) -> Result<(BundleRef, LoadedModel), String> {
     match s.current() {
@@ -483,9 +502,11 @@ fn answer(
 /// The API's routes.
 pub fn router(served: Served) -> Router {
     Router::new()
+        .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
         .route("/v2/models/{name}", get(metadata))
+        .route("/v2/models/{name}/ready", get(model_ready))
         .route("/v2/models/{name}/infer", post(infer))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_LEN))
         .with_state(served)

@@ -375,6 +375,21 @@ fn the_local_api_speaks_oip_v2_and_rejects_bad_inputs_with_400_naming_the_input(
         serde_json::json!({"name": "features", "datatype": "FP32", "shape": [-1, 4]})
     );
     assert_eq!(http(&addr, "GET", "/v2/models/other", "").0, 404);
+    assert_eq!(
+        http(&addr, "GET", "/v2/models/iris/ready", ""),
+        (200, r#"{"name":"iris","ready":true}"#.to_string())
+    );
+    let (code, body) = http(&addr, "GET", "/v2/models/other/ready", "");
+    assert_eq!(code, 404);
+    assert!(body.contains("this device serves `iris`"), "{body}");
+    let (code, body) = http(&addr, "GET", "/v2", "");
+    assert_eq!(code, 200);
+    let server: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(server["name"], "edgefleet-agent");
+    assert_eq!(
+        server["extensions"],
+        serde_json::json!(["binary_tensor_data"])
+    );
 
     let good = r#"{"inputs":[{"name":"features","shape":[2,4],"datatype":"FP32","data":[5.0,3.4,1.5,0.2,6.6,3.0,5.6,2.0]}]}"#;
     let (code, body) = http(&addr, "POST", "/v2/models/iris/infer", good);
