@@ -13,7 +13,8 @@
 //! - tract vs onnxruntime (Python, one thread) when `EDGEFLEET_ORT_PYTHON` names a
 //!   Python with onnxruntime (`bench/ort_time.py`); otherwise says it was not run;
 //! - idle RSS of the release agent with no model and with the CNN loaded (target under
-//!   8 MB idle, loaded under model size + 10 MB), and its stripped size.
+//!   8 MB idle, loaded under model size + 10 MB; also loaded and connected to Mosquitto
+//!   over mutual TLS), and its stripped size.
 //!
 //! Run: `cargo bench -p edgefleet-agent --bench agent`. Medians; 2 noisy cores.
 //! `EDGEFLEET_BENCH_ONLY=api` stops after the model loads and the API figures;
@@ -770,7 +771,23 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// Starts the release agent, waits for readiness, settles, reads its RSS.
 fn agent_rss(agent: &Path, data: &Path, trust: &Path) -> u64 {
-    let mut child = Command::new(agent)
+    agent_rss_with(agent, data, trust, None, Duration::from_millis(1500))
+}
+
+/// RSS of `agent run` serving `data`, `settle` after it is listening; with
+/// `config`, the agent reads it (broker, telemetry) too.
+fn agent_rss_with(
+    agent: &Path,
+    data: &Path,
+    trust: &Path,
+    config: Option<&Path>,
+    settle: Duration,
+) -> u64 {
+    let mut cmd = Command::new(agent);
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    let mut child = cmd
         .arg("--data-dir")
         .arg(data)
         .arg("--trust")
@@ -788,7 +805,7 @@ fn agent_rss(agent: &Path, data: &Path, trust: &Path) -> u64 {
             break;
         }
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(settle);
     let rss = rss_kib(child.id());
     if std::env::var("EDGEFLEET_BENCH_ONLY").is_ok_and(|v| v == "rss") {
         let status =
@@ -864,6 +881,7 @@ fn idle_rss(dir: PathBuf, cnn: &Case, model: &LoadedModel, agent: &Path, what: &
         String::from_utf8_lossy(&out.stdout)
     );
     let loaded = agent_rss(agent, &data, &trust);
+    let connected = connected_rss(&dir, agent, &data, &trust);
     let model_kib = std::fs::metadata(format!("{MODELS}/{}", cnn.file))
         .expect("model")
         .len()
@@ -878,6 +896,177 @@ fn idle_rss(dir: PathBuf, cnn: &Case, model: &LoadedModel, agent: &Path, what: &
         loaded,
         model_kib + 10 * 1024
     );
+    match connected {
+        Ok(kib) => println!(
+            "    with the CNN loaded and connected to Mosquitto over mutual TLS (telemetry every second, 5 s after start): {:.2} MB = {kib} KiB",
+            kib as f64 / 1024.0
+        ),
+        Err(why) => println!("    connected to a broker: not measured ({why})"),
+    }
+}
+
+/// Runs `openssl` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) -> Result<(), String> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .map_err(|e| format!("openssl: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "openssl {}: {}",
+            args[0],
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// A P-256 key and certificate `name` signed by the CA in `dir`.
+fn issue(dir: &Path, name: &str, ext: &str) -> Result<(), String> {
+    std::fs::write(dir.join(format!("{name}.ext")), ext).map_err(|e| e.to_string())?;
+    let (key, csr, pem, extf) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.ext"),
+    );
+    let subject = format!("/CN={name}");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &subject,
+        ],
+    )?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &extf,
+        ],
+    )
+}
+
+/// RSS of the agent serving `data` while connected to a Mosquitto on loopback
+/// over mutual TLS (as in production), sending telemetry every second.
+fn connected_rss(dir: &Path, agent: &Path, data: &Path, trust: &Path) -> Result<u64, String> {
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki).map_err(|e| e.to_string())?;
+    openssl(
+        &pki,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=bench-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    )?;
+    issue(
+        &pki,
+        "server",
+        "basicConstraints=CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )?;
+    issue(
+        &pki,
+        "bench-dev",
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let p = |f: &str| pki.join(f).display().to_string();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "user root\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\nlog_type all\n",
+            p("ca.pem"),
+            p("server.pem"),
+            p("server.key")
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let log = dir.join("mosquitto.log");
+    let mut broker = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?)
+        .spawn()
+        .map_err(|e| format!("mosquitto: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            let _ = broker.kill();
+            return Err("mosquitto did not start".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_id = \"bench-dev\"\n[broker]\nurl = \"mqtts://localhost:{port}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[telemetry]\ninterval_s = 1\n[limits]\ndisk_reserve_bytes = 0\n",
+            p("ca.pem"),
+            p("bench-dev.pem"),
+            p("bench-dev.key")
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let rss = agent_rss_with(agent, data, trust, Some(&config), Duration::from_secs(5));
+    let _ = broker.kill();
+    let _ = broker.wait();
+    // The measurement counts only if the agent really connected and published.
+    let seen = std::fs::read_to_string(&log).unwrap_or_default();
+    if seen.contains("as bench-dev") && seen.contains("Received PUBLISH from bench-dev") {
+        Ok(rss)
+    } else {
+        Err(format!(
+            "the agent did not connect and publish; mosquitto said: {}",
+            seen.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+        ))
+    }
 }
 
 fn binary_size() {
