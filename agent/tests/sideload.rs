@@ -261,6 +261,27 @@ fn inference_requests_that_do_not_fit_get_errors_naming_the_input() {
     .expect("w");
     let out = dev.fails(&["infer", "--input", s(&dev.path().join("req.json"))]);
     assert!(out.contains("element 1"), "{out}");
+    // `infer` prints JSON: binary outputs are for the HTTP API, and said so.
+    std::fs::write(
+        dev.path().join("req.json"),
+        r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}],"parameters":{"binary_data_output":true}}"#,
+    )
+    .expect("w");
+    let out = dev.fails(&["infer", "--input", s(&dev.path().join("req.json"))]);
+    assert!(out.contains("binary outputs"), "{out}");
+    // Requested outputs: only those, in that order.
+    std::fs::write(
+        dev.path().join("req.json"),
+        r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[[5.0,3.4,1.5,0.2]]}],"outputs":[{"name":"label"}]}"#,
+    )
+    .expect("w");
+    let out: serde_json::Value =
+        serde_json::from_str(&dev.ok(&["infer", "--input", s(&dev.path().join("req.json"))]))
+            .expect("json");
+    assert_eq!(
+        out["outputs"],
+        serde_json::json!([{"name": "label", "datatype": "INT64", "shape": [1], "data": [0]}])
+    );
 }
 
 #[test]
