@@ -409,9 +409,16 @@ async fn infer(
     }) {
         None => None,
         Some(Ok(n)) => Some(n),
-        Some(Err(msg)) => return error(StatusCode::BAD_REQUEST, msg),
+        Some(Err(msg)) => {
+            s.stats().record_error();
+            return error(StatusCode::BAD_REQUEST, msg);
+        }
     };
-    let Decoded { request, inputs } = match decode_request(&body, header_len) {
+    let decoded = decode_request(&body, header_len).and_then(|d| {
+        let outputs = model.schema().outputs.iter().map(|o| o.name.as_str());
+        d.request.check_outputs(outputs).map(|()| d)
+    });
+    let Decoded { request, inputs } = match decoded {
         Ok(d) => d,
         Err(e) => {
             s.stats().record_error();

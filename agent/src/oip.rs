@@ -485,6 +485,32 @@ impl InferRequest {
     }
 }
 
+fn unknown_output<'a>(name: &str, outputs: impl Iterator<Item = &'a str>) -> RequestError {
+    RequestError::Invalid(format!(
+        "requested output `{name}` is not an output of the model (outputs: {})",
+        outputs
+            .map(|o| format!("`{o}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+impl InferRequest {
+    /// Checks that every requested output is one of `outputs` (the model's), so
+    /// a request for an unknown one is refused before it runs.
+    pub fn check_outputs<'a>(
+        &self,
+        outputs: impl Iterator<Item = &'a str> + Clone,
+    ) -> Result<(), RequestError> {
+        for w in self.outputs.iter().flatten() {
+            if !outputs.clone().any(|o| o == w.name) {
+                return Err(unknown_output(&w.name, outputs));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A response body ready to send.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {
@@ -556,15 +582,7 @@ pub fn encode_response(
             .iter()
             .map(|w| {
                 let t = outputs.iter().find(|t| t.name == w.name).ok_or_else(|| {
-                    RequestError::Invalid(format!(
-                        "requested output `{}` is not an output of the model (outputs: {})",
-                        w.name,
-                        outputs
-                            .iter()
-                            .map(|t| format!("`{}`", t.name))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
+                    unknown_output(&w.name, outputs.iter().map(|t| t.name.as_str()))
                 })?;
                 let binary = w
                     .parameters

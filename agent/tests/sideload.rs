@@ -476,6 +476,18 @@ fn the_local_api_speaks_oip_v2_and_rejects_bad_inputs_with_400_naming_the_input(
     let want: Vec<f32> =
         serde_json::from_value(json_answer["outputs"][1]["data"].clone()).expect("floats");
     assert_eq!(probabilities, want);
+    // An output the model does not have: refused before it runs.
+    let (code, body) = http(
+        &addr,
+        "POST",
+        "/v2/models/iris/infer",
+        r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}],"outputs":[{"name":"score"}]}"#,
+    );
+    assert_eq!(code, 400);
+    assert!(
+        body.contains("requested output `score` is not an output of the model (outputs: `label`, `probabilities`)"),
+        "{body}"
+    );
     // Binary data that does not add up: a 400 that says so.
     let (code, _, answer) = http_bytes(
         &addr,

@@ -269,6 +269,13 @@ fn requested_outputs_come_in_the_requested_order_as_json_or_binary() {
     assert_eq!(e.body.len(), e.header_len.expect("binary") + 16);
 
     let req = request(serde_json::json!({"inputs": [], "outputs": [{"name": "score"}]}));
+    assert!(req.check_outputs(["label", "score"].into_iter()).is_ok());
+    assert_eq!(
+        req.check_outputs(["label", "probabilities"].into_iter())
+            .expect_err("unknown")
+            .to_string(),
+        "requested output `score` is not an output of the model (outputs: `label`, `probabilities`)"
+    );
     assert_eq!(
         encode_response("iris", "1.0.0", &req, &outputs())
             .expect_err("unknown")
