@@ -40,6 +40,10 @@ use edgefleet_shared::{
     ArtifactName, Digest, Limits, ModelChannel, Policy, RawHeader, SecretKey, TrustRoot, UnixTime,
 };
 
+#[path = "../tests/common/pki.rs"]
+mod pki;
+use pki::Pki;
+
 const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -905,117 +909,17 @@ fn idle_rss(dir: PathBuf, cnn: &Case, model: &LoadedModel, agent: &Path, what: &
     }
 }
 
-/// Runs `openssl` in `dir`.
-fn openssl(dir: &Path, args: &[&str]) -> Result<(), String> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .map_err(|e| format!("openssl: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "openssl {}: {}",
-            args[0],
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-/// A P-256 key and certificate `name` signed by the CA in `dir`.
-fn issue(dir: &Path, name: &str, ext: &str) -> Result<(), String> {
-    std::fs::write(dir.join(format!("{name}.ext")), ext).map_err(|e| e.to_string())?;
-    let (key, csr, pem, extf) = (
-        format!("{name}.key"),
-        format!("{name}.csr"),
-        format!("{name}.pem"),
-        format!("{name}.ext"),
-    );
-    let subject = format!("/CN={name}");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &subject,
-        ],
-    )?;
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-extfile",
-            &extf,
-        ],
-    )
-}
-
 /// RSS of the agent serving `data` while connected to a Mosquitto on loopback
 /// over mutual TLS (as in production), sending telemetry every second.
 fn connected_rss(dir: &Path, agent: &Path, data: &Path, trust: &Path) -> Result<u64, String> {
-    let pki = dir.join("pki");
-    std::fs::create_dir_all(&pki).map_err(|e| e.to_string())?;
-    openssl(
-        &pki,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=bench-ca",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    )?;
-    issue(
-        &pki,
-        "server",
-        "basicConstraints=CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )?;
-    issue(
-        &pki,
-        "bench-dev",
-        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
-    )?;
+    // Panics with the reason when openssl is missing, as the tests do.
+    let pki = Pki::new(dir);
+    let (ca, cert, key) = pki.client("bench-dev");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?
         .port();
-    let p = |f: &str| pki.join(f).display().to_string();
+    let p = |f: &str| pki.dir.join(f).display().to_string();
     let conf = dir.join("mosquitto.conf");
     std::fs::write(
         &conf,
@@ -1048,9 +952,9 @@ fn connected_rss(dir: &Path, agent: &Path, data: &Path, trust: &Path) -> Result<
         &config,
         format!(
             "device_id = \"bench-dev\"\n[broker]\nurl = \"mqtts://localhost:{port}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[telemetry]\ninterval_s = 1\n[limits]\ndisk_reserve_bytes = 0\n",
-            p("ca.pem"),
-            p("bench-dev.pem"),
-            p("bench-dev.key")
+            ca.display(),
+            cert.display(),
+            key.display()
         ),
     )
     .map_err(|e| e.to_string())?;

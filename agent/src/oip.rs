@@ -624,7 +624,7 @@ pub fn encode_response(
             .collect(),
     };
     let mut body = serde_json::to_vec(&json).map_err(RequestError::Json)?;
-    if binary.is_empty() && !chosen.iter().any(|(_, b)| *b) {
+    if !chosen.iter().any(|(_, as_binary)| *as_binary) {
         return Ok(Encoded {
             body,
             header_len: None,

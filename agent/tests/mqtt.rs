@@ -7,7 +7,6 @@
 //! end-to-end tests of issue 5 replace it with the real controller.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,7 +22,8 @@ use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, Transpo
 use tokio::sync::mpsc;
 
 mod common;
-use common::{bundle, bundle_padded, http, write_root};
+use common::pki::Pki;
+use common::{bundle, bundle_padded, http, wait_for_api, write_root};
 
 const DEVICE: &str = "dev-1";
 const PREFIX: &str = "edgefleet/v1";
@@ -124,16 +124,7 @@ impl Agent {
             .stderr(std::fs::File::create(&log).expect("log"))
             .spawn()
             .expect("agent starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let api = loop {
-            let line = lines.next().expect("readiness line").expect("line");
-            if let Some(a) = line.strip_prefix("local API listening on http://") {
-                break a.to_string();
-            }
-        };
-        // Keep draining stdout so the agent never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let api = wait_for_api(&mut child);
         Agent { child, api, log }
     }
 
@@ -755,122 +746,6 @@ async fn telemetry_is_spooled_while_the_broker_is_down_and_delivered_without_a_g
         "{}",
         agent.log()
     );
-}
-
-/// A test CA with server and client certificates (X.509 v3, as rustls requires),
-/// made with the openssl command line.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(dir: &Path) -> Pki {
-        let pki = Pki {
-            dir: dir.join("pki"),
-        };
-        std::fs::create_dir_all(&pki.dir).expect("pki dir");
-        pki.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=edgefleet-test-ca",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        pki.issue(
-            "server",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
-        );
-        pki
-    }
-
-    fn openssl(&self, args: &[&str]) {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(&self.dir)
-            .output()
-            .expect("openssl is installed");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Issues `<name>.pem`/`<name>.key` with CN `name` and the given extensions.
-    fn issue(&self, name: &str, ext: &str) {
-        std::fs::write(
-            self.dir.join(format!("{name}.ext")),
-            format!("basicConstraints=CA:FALSE\n{}\n", ext.replace("\\n", "\n")),
-        )
-        .expect("ext");
-        let (key, csr, pem, extf) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-            format!("{name}.ext"),
-        );
-        self.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
-        self.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-extfile",
-            &extf,
-        ]);
-    }
-
-    fn client(&self, name: &str) -> (PathBuf, PathBuf, PathBuf) {
-        if !self.dir.join(format!("{name}.pem")).exists() {
-            self.issue(name, "extendedKeyUsage=clientAuth");
-        }
-        (
-            self.dir.join("ca.pem"),
-            self.dir.join(format!("{name}.pem")),
-            self.dir.join(format!("{name}.key")),
-        )
-    }
-
-    fn tls(&self, name: &str) -> rustls::ClientConfig {
-        let (ca, cert, key) = self.client(name);
-        edgefleet_agent::link::tls_config(&ca, &cert, &key).expect("tls config")
-    }
 }
 
 /// Mosquitto as recommended for production: mutual TLS, the certificate's CN as

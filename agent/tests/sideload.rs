@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 mod common;
-use common::{bundle, http, http_bytes, write_root};
+use common::{bundle, http, http_bytes, wait_for_api, write_root};
 
 struct Device {
     dir: tempfile::TempDir,
@@ -343,7 +343,6 @@ fn a_crash_at_any_point_of_an_install_leaves_a_valid_active_model() {
 /// One HTTP/1.1 request over a fresh connection; returns status and body.
 /// Runs `edgefleet-agent run` and waits for its readiness line.
 fn start_api(dev: &Device) -> (std::process::Child, String) {
-    use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
         .arg("--data-dir")
         .arg(dev.path().join("data"))
@@ -353,17 +352,7 @@ fn start_api(dev: &Device) -> (std::process::Child, String) {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("agent starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("agent printed its address")
-            .expect("line");
-        if let Some(a) = line.strip_prefix("local API listening on http://") {
-            break a.to_string();
-        }
-    };
+    let addr = wait_for_api(&mut child);
     (child, addr)
 }
 
@@ -556,7 +545,6 @@ fn with_no_controller_drift_of_served_requests_shows_in_status() {
         ),
     )
     .expect("config");
-    use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
         .arg("--config")
         .arg(&config)
@@ -564,13 +552,7 @@ fn with_no_controller_drift_of_served_requests_shows_in_status() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("agent starts");
-    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let addr = loop {
-        let line = lines.next().expect("readiness line").expect("line");
-        if let Some(a) = line.strip_prefix("local API listening on http://") {
-            break a.to_string();
-        }
-    };
+    let addr = wait_for_api(&mut child);
     // 300 rows, petal length moved by +3 cm.
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

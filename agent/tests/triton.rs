@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use common::{bundle, features, write_root};
+use common::{bundle, features, wait_for_api, write_root};
 use edgefleet_agent::model::LoadedModel;
 use edgefleet_shared::golden::TensorData;
 
@@ -62,13 +61,7 @@ fn tritons_python_client_reads_health_metadata_and_answers_in_json_and_binary() 
         .stderr(Stdio::null())
         .spawn()
         .expect("agent starts");
-    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let addr = loop {
-        let line = lines.next().expect("readiness line").expect("line");
-        if let Some(a) = line.strip_prefix("local API listening on http://") {
-            break a.to_string();
-        }
-    };
+    let addr = wait_for_api(&mut child);
     let out = Command::new(&python)
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),

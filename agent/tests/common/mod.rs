@@ -2,6 +2,8 @@
 //! repository's models, the trust root that accepts them.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::path::{Path, PathBuf};
 
 use edgefleet_agent::model::LoadedModel;
@@ -130,6 +132,26 @@ pub fn bundle_padded(
     path
 }
 
+/// Waits for `agent run`'s readiness line on its (piped) stdout and returns the
+/// local API's address; the rest of stdout is drained on a thread so the agent
+/// never blocks on a full pipe.
+pub fn wait_for_api(child: &mut std::process::Child) -> String {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("agent printed its address")
+            .expect("line");
+        if let Some(a) = line.strip_prefix("local API listening on http://") {
+            break a.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    addr
+}
+
 /// Writes a trust root (1 of 1, [`key`]) to `path`.
 pub fn write_root(path: &Path) {
     let mut root =
@@ -185,28 +207,12 @@ pub fn http_bytes(
 }
 
 pub fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    (status, body)
+    let (status, _, body) = http_bytes(
+        addr,
+        method,
+        path,
+        &[("Content-Type", "application/json".into())],
+        body.as_bytes(),
+    );
+    (status, String::from_utf8(body).expect("utf-8 body"))
 }
