@@ -8,6 +8,7 @@
 //! <data>/downloads/<digest>/offer.cbor   the install command (header, mode, id)
 //! <data>/downloads/<digest>/bundle.part  header + payload, chunks written at their offset
 //! <data>/downloads/<digest>/chunks.bits  which chunks are on disk (after fsync)
+//! <data>/downloads/<digest>/unpacking/   the artifacts so far, unpacked in payload order
 //! <data>/spool/events/, spool/telemetry/ see [`crate::spool`]
 //! ```
 
@@ -20,13 +21,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use edgefleet_shared::bundle::{BundleError, CheckedChunk};
 use edgefleet_shared::manifest::Manifest;
 use edgefleet_shared::protocol::{
     self, Action, AgentMetrics, Chunk, Command, DeviceState, DeviceTopic, Event, EventKind,
     FailureReason, FetchRequest, InstallMode, ModelMetrics, Telemetry, Topic, Topics,
 };
+use edgefleet_shared::unpack::UnpackStream;
 use edgefleet_shared::{
-    DeviceId, Digest, ModelChannel, RawHeader, Refusal, TrustRoot, UnixTime, bundle, cbor,
+    DeviceId, Digest, ModelChannel, RawHeader, Refusal, TrustRoot, UnixTime, VerifiedHeader,
+    bundle, cbor,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -95,6 +99,11 @@ const SAMPLE_PART_LEN: usize = 60 * 1024;
 /// Largest `offer.cbor` read back.
 const MAX_OFFER_LEN: usize = 1_100_000;
 
+/// Bytes of chunks read back from disk into the unpacking per chunk that arrives
+/// (chunks that came out of order, or before a restart); the rest is read back
+/// after the last chunk.
+const CATCH_UP_BYTES: u64 = 1 << 20;
+
 #[derive(Debug)]
 struct Download {
     offer: Offer,
@@ -103,6 +112,8 @@ struct Download {
     dir: PathBuf,
     file: fs::File,
     tracker: ChunkTracker,
+    /// The payload unpacked so far (every chunk before its `next_chunk`).
+    unpack: UnpackStream,
     header_len: u64,
     /// Chunks below this index have been asked for.
     requested_until: u32,
@@ -111,6 +122,9 @@ struct Download {
     reported_tenth: u32,
     /// Chunk bytes received again though already on disk.
     duplicate_bytes: u64,
+    /// Chunk bytes read back from disk to be unpacked (out of order, or from
+    /// before a restart).
+    read_back_bytes: u64,
     /// Chunks dropped because they did not match the table.
     rejected: u32,
     /// Index of the chunk that failed last, and how many times in a row.
@@ -120,32 +134,74 @@ struct Download {
 }
 
 impl Download {
-    /// A download with `tracker`'s chunks on disk and nothing asked for yet.
+    /// A download with `tracker`'s chunks on disk and nothing asked for yet;
+    /// nothing unpacked yet either.
     fn new(
         offer: Offer,
-        digest: Digest,
-        manifest: Manifest,
+        verified: VerifiedHeader,
         dir: PathBuf,
         file: fs::File,
         tracker: ChunkTracker,
-    ) -> Download {
-        Download {
+    ) -> io::Result<Download> {
+        let unpack = UnpackStream::begin(&verified, dir.join("unpacking"))?;
+        Ok(Download {
             header_len: offer.header.len() as u64,
             offer,
-            digest,
-            manifest,
+            digest: verified.digest,
+            manifest: verified.manifest,
             dir,
             file,
             tracker,
+            unpack,
             requested_until: 0,
             unsaved: 0,
             last_chunk: Instant::now(),
             reported_tenth: 0,
             duplicate_bytes: 0,
+            read_back_bytes: 0,
             rejected: 0,
             failing: None,
             listen_until: None,
+        })
+    }
+
+    /// Unpacks in payload order: `arrived` (checked, and on disk) if it is the
+    /// next chunk, then the chunks after it that are on disk, read back and checked
+    /// again, until `budget` bytes were read back.
+    fn unpack_more(
+        &mut self,
+        arrived: Option<CheckedChunk<'_>>,
+        budget: u64,
+    ) -> Result<(), BundleError> {
+        if let Some(chunk) = arrived
+            && chunk.index() == self.unpack.next_chunk()
+        {
+            self.unpack.feed(chunk)?;
         }
+        let mut buf = Vec::new();
+        let mut read = 0;
+        while read < budget {
+            let index = self.unpack.next_chunk();
+            let Some((start, end)) = self.manifest.payload.chunk_range(index) else {
+                break;
+            };
+            if !self.tracker.has(index) {
+                break;
+            }
+            buf.resize((end - start) as usize, 0);
+            self.file.read_exact_at(&mut buf, self.header_len + start)?;
+            let checked =
+                bundle::verify_chunk(&self.manifest.payload, index, &buf).map_err(|_| {
+                    io::Error::other(format!(
+                        "chunk {index} read back from {} no longer matches the signed table (changed on disk)",
+                        self.dir.join("bundle.part").display()
+                    ))
+                })?;
+            self.unpack.feed(checked)?;
+            read += end - start;
+            self.read_back_bytes += end - start;
+        }
+        Ok(())
     }
 }
 
@@ -645,7 +701,7 @@ impl Daemon {
             mode,
             header,
         };
-        match self.create_download(offer, verified.manifest, digest) {
+        match self.create_download(offer, verified) {
             Ok(d) => {
                 tracing::info!(
                     digest = %digest.short(),
@@ -698,13 +754,8 @@ impl Daemon {
         Ok(())
     }
 
-    fn create_download(
-        &self,
-        offer: Offer,
-        manifest: Manifest,
-        digest: Digest,
-    ) -> Result<Download, String> {
-        let dir = self.downloads_dir().join(digest.to_hex());
+    fn create_download(&self, offer: Offer, verified: VerifiedHeader) -> Result<Download, String> {
+        let dir = self.downloads_dir().join(verified.digest.to_hex());
         if dir.exists() {
             fs::remove_dir_all(&dir).map_err(|e| io_detail("cannot clear", &dir, e))?;
         }
@@ -719,16 +770,17 @@ impl Daemon {
             .open(&part)
             .map_err(|e| io_detail("cannot create", &part, e))?;
         file.write_all_at(&offer.header, 0)
-            .and_then(|()| file.set_len(header_len + manifest.payload.size))
+            .and_then(|()| file.set_len(header_len + verified.manifest.payload.size))
             .and_then(|()| file.sync_all())
             .map_err(|e| io_detail("cannot write", &part, e))?;
-        let tracker = ChunkTracker::new(manifest.payload.chunks.len() as u32);
+        let tracker = ChunkTracker::new(verified.manifest.payload.chunks.len() as u32);
         write_atomic(&dir.join("chunks.bits"), tracker.to_bytes())
             .map_err(|e| io_detail("cannot write", &dir, e))?;
         // The offer is written last: a download directory without it is removed.
         write_atomic(&dir.join("offer.cbor"), &cbor::to_vec(&offer))
             .map_err(|e| io_detail("cannot write", &dir, e))?;
-        Ok(Download::new(offer, digest, manifest, dir, file, tracker))
+        Download::new(offer, verified, dir.clone(), file, tracker)
+            .map_err(|e| io_detail("cannot start unpacking in", &dir, e))
     }
 
     /// After a restart: pick up the download that was in progress, from the chunks
@@ -780,14 +832,8 @@ impl Daemon {
         if file.metadata().ok()?.len() != expected_len {
             return None;
         }
-        Some(Download::new(
-            offer,
-            verified.digest,
-            verified.manifest,
-            dir.to_owned(),
-            file,
-            tracker,
-        ))
+        // What was unpacked before the restart is unpacked again, from the disk.
+        Download::new(offer, verified, dir.to_owned(), file, tracker).ok()
     }
 
     fn verify_header(
@@ -881,24 +927,27 @@ impl Daemon {
             d.duplicate_bytes += chunk.data.len() as u64;
             return;
         }
-        if let Err(refusal) = bundle::verify_chunk(&d.manifest.payload, chunk.index, &chunk.data) {
-            // Never written; asked for again when the window comes round. The
-            // same chunk failing again and again is not a transfer error but a
-            // bad copy at the source: the install fails with the reason.
-            d.rejected += 1;
-            let times = match d.failing {
-                Some((index, n)) if index == chunk.index => n + 1,
-                _ => 1,
-            };
-            d.failing = Some((chunk.index, times));
-            tracing::warn!("dropped chunk {} ({times} time(s)): {refusal}", chunk.index);
-            if times >= MAX_CHUNK_FAILURES {
-                let (command, digest) = (d.offer.command, d.digest);
-                self.cancel_download();
-                return self.fail_install(command, digest, FailureReason::Refused { refusal });
+        let checked = match bundle::verify_chunk(&d.manifest.payload, chunk.index, &chunk.data) {
+            Ok(checked) => checked,
+            Err(refusal) => {
+                // Never written; asked for again when the window comes round. The
+                // same chunk failing again and again is not a transfer error but a
+                // bad copy at the source: the install fails with the reason.
+                d.rejected += 1;
+                let times = match d.failing {
+                    Some((index, n)) if index == chunk.index => n + 1,
+                    _ => 1,
+                };
+                d.failing = Some((chunk.index, times));
+                tracing::warn!("dropped chunk {} ({times} time(s)): {refusal}", chunk.index);
+                if times >= MAX_CHUNK_FAILURES {
+                    let (command, digest) = (d.offer.command, d.digest);
+                    self.cancel_download();
+                    return self.fail_install(command, digest, FailureReason::Refused { refusal });
+                }
+                return;
             }
-            return;
-        }
+        };
         let Some((start, _)) = d.manifest.payload.chunk_range(chunk.index) else {
             return;
         };
@@ -915,6 +964,12 @@ impl Daemon {
         }
         d.tracker.mark(chunk.index);
         d.unsaved += 1;
+        if let Err(e) = d.unpack_more(Some(checked), CATCH_UP_BYTES) {
+            let (command, digest) = (d.offer.command, d.digest);
+            let reason = store::bundle_error(&d.dir, e).reason();
+            self.cancel_download();
+            return self.fail_install(command, digest, reason);
+        }
         // Still listening and another device's chunks flow: keep listening
         // until they stop, then ask only for what did not come.
         if let Some(until) = d.listen_until {
@@ -940,7 +995,8 @@ impl Daemon {
         self.finish_if_complete().await;
     }
 
-    /// Step 5 of the transfer: full verification, unpack, health check, switch.
+    /// Step 5 of the transfer: the rest of the unpacking (normally nothing), the
+    /// header's signature and rules checked again, health check, switch.
     async fn finish_if_complete(&mut self) {
         if !self.download.as_ref().is_some_and(|d| d.tracker.complete()) {
             return;
@@ -955,6 +1011,8 @@ impl Daemon {
             digest = %d.digest.short(),
             duplicate_bytes = d.duplicate_bytes,
             rejected_chunks = d.rejected,
+            unpacked_chunks = d.unpack.next_chunk(),
+            read_back_bytes = d.read_back_bytes,
             "download complete, installing"
         );
         let now = self.now();
@@ -963,15 +1021,23 @@ impl Daemon {
             self.settings.trust.clone(),
             self.settings.facts.clone(),
         );
-        let (path, mode, command, digest) = (
-            d.dir.join("bundle.part"),
-            d.offer.mode,
-            d.offer.command,
-            d.digest,
-        );
-        drop(d.file);
+        let (dir, mode, command, digest) = (d.dir.clone(), d.offer.mode, d.offer.command, d.digest);
+        let header = match RawHeader::parse(&d.offer.header) {
+            Ok(h) => h,
+            Err(refusal) => {
+                let _ = fs::remove_dir_all(&dir);
+                return self.fail_install(command, digest, FailureReason::Refused { refusal });
+            }
+        };
         let result = tokio::task::spawn_blocking(move || {
-            let done = store::install_file(&store, &trust, &facts, &path, mode, now)?;
+            let mut d = d;
+            let unpacked = move || {
+                d.unpack_more(None, u64::MAX)
+                    .map_err(|e| store::bundle_error(&d.dir, e))?;
+                Ok(d.unpack)
+            };
+            let done =
+                store::install_download(&store, &trust, &facts, &header, unpacked, mode, now)?;
             let model = store::load_served(&store)?;
             Ok::<_, InstallError>((done, model))
         })
@@ -982,7 +1048,7 @@ impl Daemon {
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             other => other,
         };
-        let _ = fs::remove_dir_all(&d.dir);
+        let _ = fs::remove_dir_all(&dir);
         match result {
             Ok(Ok((done, model))) => {
                 let activated = mode == InstallMode::Activate;

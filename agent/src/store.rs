@@ -20,7 +20,7 @@ use edgefleet_shared::bundle::{DeviceFacts, InstalledRelease};
 use edgefleet_shared::golden::GoldenSet;
 use edgefleet_shared::manifest::ArtifactKind;
 use edgefleet_shared::protocol::{BundleRef, FailureReason, InstallMode};
-use edgefleet_shared::unpack::{sync_dir, unpack_to_dir};
+use edgefleet_shared::unpack::{UnpackStream, sync_dir, unpack_to_dir};
 use edgefleet_shared::{
     BundleError, Digest, Limits, Policy, RawHeader, Refusal, TrustRoot, UnixTime,
 };
@@ -274,7 +274,8 @@ impl InstallError {
     }
 }
 
-fn bundle_error(path: &Path, e: BundleError) -> InstallError {
+/// A bundle's refusal, or an I/O error at `path`.
+pub fn bundle_error(path: &Path, e: BundleError) -> InstallError {
     match e {
         BundleError::Refused(r) => InstallError::Refused(r),
         BundleError::Io(source) => InstallError::Store(StoreError::Io {
@@ -387,10 +388,10 @@ fn prove_on_device(
     Ok(health)
 }
 
-/// Installs a bundle file (sideloading, or a completed download): verify against
-/// the trust root and the channel's installed release, unpack into its own
-/// directory, prove the model, then switch slots in one atomic state write. On
-/// failure the failure is recorded and the active slot stays as it was.
+/// Installs a bundle file (sideloading): verify against the trust root and the
+/// channel's installed release, unpack into its own directory, prove the model,
+/// then switch slots in one atomic state write. On failure the failure is recorded
+/// and the active slot stays as it was.
 pub fn install_file(
     store: &Store,
     trust: &TrustRoot,
@@ -399,7 +400,6 @@ pub fn install_file(
     mode: InstallMode,
     now: UnixTime,
 ) -> Result<Installed, InstallError> {
-    let state = store.load()?;
     let open = || {
         fs::File::open(path).map_err(|source| {
             InstallError::Store(StoreError::Io {
@@ -410,8 +410,81 @@ pub fn install_file(
     };
     let header = RawHeader::read_from(&mut io::BufReader::new(open()?))
         .map_err(|e| bundle_error(path, e))?;
+    let target = Target {
+        store,
+        trust,
+        device,
+        mode,
+        now,
+    };
+    install(&target, &header, |policy, _, dir| {
+        let reader = io::BufReader::with_capacity(256 * 1024, open()?);
+        unpack_to_dir(reader, policy, dir).map_err(|e| bundle_error(path, e))
+    })
+}
+
+/// Installs a completed download whose payload was unpacked while it arrived
+/// (each chunk checked against the signed table on arrival, each artifact hashed
+/// as it passed): the check left is the header's signature and rules as of `now`
+/// and a digest compare, then the unpacked directory is moved into place; then as
+/// [`install_file`].
+/// `unpacked` finishes the unpacking (chunks that came out of order) when the
+/// header passed.
+pub fn install_download(
+    store: &Store,
+    trust: &TrustRoot,
+    device: &DeviceFacts,
+    header: &RawHeader,
+    unpacked: impl FnOnce() -> Result<UnpackStream, InstallError>,
+    mode: InstallMode,
+    now: UnixTime,
+) -> Result<Installed, InstallError> {
+    let target = Target {
+        store,
+        trust,
+        device,
+        mode,
+        now,
+    };
+    install(&target, header, |_, verified, dir| {
+        unpacked()?
+            .finish(verified, dir)
+            .map_err(|e| bundle_error(dir, e))?;
+        Ok(verified.clone())
+    })
+}
+
+/// Where and how an install goes.
+struct Target<'a> {
+    store: &'a Store,
+    trust: &'a TrustRoot,
+    device: &'a DeviceFacts,
+    mode: InstallMode,
+    now: UnixTime,
+}
+
+/// The install steps shared by files and downloads; `unpack` puts the verified
+/// bundle's artifacts into the (absent) directory it is given and returns the
+/// header it unpacked.
+fn install(
+    target: &Target<'_>,
+    header: &RawHeader,
+    unpack: impl FnOnce(
+        &Policy<'_>,
+        &edgefleet_shared::VerifiedHeader,
+        &Path,
+    ) -> Result<edgefleet_shared::VerifiedHeader, InstallError>,
+) -> Result<Installed, InstallError> {
+    let Target {
+        store,
+        trust,
+        device,
+        mode,
+        now,
+    } = *target;
+    let state = store.load()?;
     let digest = header.digest();
-    let installed = installed_for(&state, &header);
+    let installed = installed_for(&state, header);
     let policy = device_policy(trust, device, installed.as_ref(), now);
     let result = (|| {
         let verified = header.verify(&policy).map_err(InstallError::Refused)?;
@@ -441,12 +514,7 @@ pub fn install_file(
                 })
             })?;
         }
-        let verified = unpack_to_dir(
-            io::BufReader::with_capacity(256 * 1024, open()?),
-            &policy,
-            &dir,
-        )
-        .map_err(|e| bundle_error(path, e))?;
+        let verified = unpack(&policy, &verified, &dir)?;
         store.crash_point("after-unpack");
         let health = prove_on_device(store, &dir, &verified.manifest)?;
         store.crash_point("after-health-check");

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgefleet_shared::protocol::{
-    self, Action, BundleOffer, Chunk, Command as Cmd, DeviceState, Event, EventKind, FetchRequest,
-    InstallMode, Telemetry,
+    self, Action, BundleOffer, Chunk, Command as Cmd, DeviceState, Event, EventKind, FailureReason,
+    FetchRequest, InstallMode, Telemetry,
 };
 use edgefleet_shared::{Digest, RawHeader, UnixTime};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, Transport};
@@ -540,6 +540,8 @@ async fn bundles_install_over_mqtt_with_a_bad_chunk_refetched_and_switch_without
         .count();
     assert_eq!(sent3, 2, "the corrupted chunk was asked for again");
     assert!(agent.log().contains("dropped chunk 3"), "{}", agent.log());
+    // The chunks after it waited on disk and were unpacked when it came.
+    assert!(read_back_bytes(&agent.log()) > 0, "{}", agent.log());
 
     // Served at once by the running agent, and announced in the retained state.
     assert_eq!(infer_version(&agent.api), (200, "1.1.0".to_string()));
@@ -647,7 +649,87 @@ async fn a_download_resumes_from_the_first_missing_chunk_after_the_agent_is_kill
     assert!(resent <= 16, "{resent} chunks sent twice");
     println!("resume: {total} chunks, restarted at {first}, {resent} chunks re-sent");
     assert!(agent.log().contains("resuming download"), "{}", agent.log());
+    // The chunks from before the kill were unpacked from the disk.
+    let read_back = read_back_bytes(&agent.log());
+    assert!(
+        read_back >= 24 * v1.chunk_size,
+        "{read_back} bytes read back after resuming at chunk {first}"
+    );
     assert_eq!(infer_version(&agent.api).0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_changed_on_disk_before_it_is_unpacked_fails_the_install_and_keeps_the_model() {
+    let dev = Device::new();
+    let broker = Broker::start(dev.path(), "allow_anonymous true");
+    let mut peer = Peer::connect(broker.port, None);
+    let v1_file = bundle(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    let v2 = peer.offer(&bundle_padded(
+        dev.path(),
+        "v2.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        2,
+        10,
+        240_000,
+    ));
+    let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
+    sideload(&config, &v1_file);
+    let mut agent = Agent::start(dev.path(), &config);
+    peer.state(|s| s.online).await;
+
+    // 40 chunks, then the agent is killed; chunk 3 changes on disk meanwhile.
+    peer.policy.lock().expect("lock").limit = Some(40);
+    peer.install(&v2, InstallMode::Activate).await;
+    let mut events = Vec::new();
+    peer.event(
+        &mut events,
+        |k| matches!(k, EventKind::InstallProgress { chunks_done, .. } if *chunks_done >= 36),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.kill();
+    let part = dev
+        .path()
+        .join("data/downloads")
+        .join(v2.digest.to_hex())
+        .join("bundle.part");
+    let mut bytes = std::fs::read(&part).expect("the download on disk");
+    let at = bytes.len() - v2.payload.len() + 3 * v2.chunk_size + 100;
+    bytes[at] ^= 0x40;
+    std::fs::write(&part, &bytes).expect("change chunk 3");
+
+    peer.policy.lock().expect("lock").limit = None;
+    let agent = Agent::start(dev.path(), &config);
+    let done = peer
+        .event(&mut events, |k| {
+            matches!(
+                k,
+                EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
+            )
+        })
+        .await;
+    let EventKind::InstallFailed {
+        reason: FailureReason::Internal { detail },
+        ..
+    } = &done.kind
+    else {
+        panic!("{done:?}\n{}", agent.log());
+    };
+    assert!(
+        detail.contains("chunk 3 read back") && detail.contains("changed on disk"),
+        "{detail}"
+    );
+    assert_eq!(infer_version(&agent.api), (200, "1.1.0".to_string()));
+    drop(agent);
+    assert_eq!(active_release(&config), Some(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -894,6 +976,15 @@ async fn connects_without_a_certificate(port: u16, ca: &Path) -> bool {
     })
     .await
     .expect("bounded")
+}
+
+/// Bytes read back from disk to be unpacked, from the first completed download's
+/// log line.
+fn read_back_bytes(log: &str) -> usize {
+    log.split("read_back_bytes=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no completed download in the log:\n{log}"))
 }
 
 /// `edgefleet-agent status --json` of a stopped agent: the active release.
@@ -1168,6 +1259,15 @@ async fn the_embedded_broker_with_mutual_tls_carries_an_install() {
         agent.log()
     );
     assert_eq!(infer_version(&agent.api), (200, "1.1.0".to_string()));
+    // Chunks came in order: each was unpacked as it arrived, none read back.
+    let total = v1.payload.len().div_ceil(v1.chunk_size);
+    assert!(
+        agent
+            .log()
+            .contains(&format!("unpacked_chunks={total} read_back_bytes=0")),
+        "{}",
+        agent.log()
+    );
     let telemetry: Telemetry = peer
         .wait_for("telemetry", |topic, p| {
             topic

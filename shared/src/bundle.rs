@@ -13,6 +13,7 @@
 //! streamed through a 64 KiB buffer, whatever the bundle's size.
 
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -615,16 +616,47 @@ impl ArtifactSink for DiscardSink {
     }
 }
 
+/// A chunk whose bytes matched its entry in a signed chunk table
+/// ([`verify_chunk`]): [`PayloadVerifier::feed_chunk`] takes it without hashing it
+/// again.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckedChunk<'a> {
+    index: u32,
+    digest: Digest,
+    data: &'a [u8],
+}
+
+impl<'a> CheckedChunk<'a> {
+    /// The chunk's index in the table.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The chunk's bytes.
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+}
+
 /// Checks one chunk against the signed chunk table, as it arrives over the wire.
-pub fn verify_chunk(table: &PayloadTable, index: u32, data: &[u8]) -> Result<(), Refusal> {
+pub fn verify_chunk<'a>(
+    table: &PayloadTable,
+    index: u32,
+    data: &'a [u8],
+) -> Result<CheckedChunk<'a>, Refusal> {
     let bad = Refusal::ChunkDigestMismatch { index };
     let Some((start, end)) = table.chunk_range(index) else {
         return Err(bad);
     };
-    if data.len() as u64 != end - start || Digest::of(data) != table.chunks[index as usize] {
+    let digest = table.chunks[index as usize];
+    if data.len() as u64 != end - start || Digest::of(data) != digest {
         return Err(bad);
     }
-    Ok(())
+    Ok(CheckedChunk {
+        index,
+        digest,
+        data,
+    })
 }
 
 #[derive(Debug)]
@@ -635,10 +667,12 @@ enum ArtifactState {
 
 /// Step 11, the pure core: verifies a payload fed in pieces of any size, checking
 /// each chunk's hash at the chunk's end and each artifact's length prefix and hash,
-/// and hands artifact bytes to a sink.
+/// and hands artifact bytes to a sink. A download feeds it whole chunks already
+/// checked on arrival ([`PayloadVerifier::feed_chunk`]), so only the artifact
+/// hashes are computed here.
 #[derive(Debug)]
-pub struct PayloadVerifier<'m> {
-    manifest: &'m Manifest,
+pub struct PayloadVerifier {
+    manifest: Arc<Manifest>,
     offset: u64,
     chunk_index: u32,
     chunk_filled: u64,
@@ -647,9 +681,9 @@ pub struct PayloadVerifier<'m> {
     state: ArtifactState,
 }
 
-impl<'m> PayloadVerifier<'m> {
+impl PayloadVerifier {
     /// Starts at payload offset 0.
-    pub fn new(manifest: &'m Manifest) -> Self {
+    pub fn new(manifest: Arc<Manifest>) -> Self {
         PayloadVerifier {
             manifest,
             offset: 0,
@@ -669,8 +703,50 @@ impl<'m> PayloadVerifier<'m> {
         self.manifest.payload.size - self.offset
     }
 
+    /// The manifest whose payload this checks.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The chunk [`PayloadVerifier::feed_chunk`] takes next (the chunk count once
+    /// the payload is complete).
+    pub fn next_chunk(&self) -> u32 {
+        self.chunk_index
+    }
+
     /// Feeds the next bytes of the payload.
     pub fn feed(&mut self, data: &[u8], sink: &mut dyn ArtifactSink) -> Result<(), BundleError> {
+        self.feed_pieces(data, sink, true)
+    }
+
+    /// Feeds the next whole chunk, already checked against this manifest's chunk
+    /// table: its artifacts are checked, its chunk hash is not computed again.
+    /// A chunk out of payload order, or checked against another table, is an error.
+    pub fn feed_chunk(
+        &mut self,
+        chunk: CheckedChunk<'_>,
+        sink: &mut dyn ArtifactSink,
+    ) -> Result<(), BundleError> {
+        let expected = self.manifest.payload.chunks.get(chunk.index as usize);
+        if chunk.index != self.chunk_index
+            || self.chunk_filled != 0
+            || expected != Some(&chunk.digest)
+        {
+            return Err(io::Error::other(format!(
+                "chunk {} fed out of order: the payload is at chunk {}",
+                chunk.index, self.chunk_index
+            ))
+            .into());
+        }
+        self.feed_pieces(chunk.data, sink, false)
+    }
+
+    fn feed_pieces(
+        &mut self,
+        data: &[u8],
+        sink: &mut dyn ArtifactSink,
+        hash_chunks: bool,
+    ) -> Result<(), BundleError> {
         if data.len() as u64 > self.remaining() {
             return Err(Refusal::TrailingBytes.into());
         }
@@ -682,7 +758,7 @@ impl<'m> PayloadVerifier<'m> {
             let n = data.len().min(self.to_next_boundary());
             let (piece, rest) = data.split_at(n);
             self.feed_artifacts(piece, sink)?;
-            self.feed_chunks(piece)?;
+            self.feed_chunks(piece, hash_chunks)?;
             self.offset += n as u64;
             data = rest;
         }
@@ -701,7 +777,7 @@ impl<'m> PayloadVerifier<'m> {
         usize::try_from(to_chunk.min(to_artifact).max(1)).unwrap_or(usize::MAX)
     }
 
-    fn feed_chunks(&mut self, mut data: &[u8]) -> Result<(), Refusal> {
+    fn feed_chunks(&mut self, mut data: &[u8], hash: bool) -> Result<(), Refusal> {
         let table = &self.manifest.payload;
         while !data.is_empty() {
             let Some((start, end)) = table.chunk_range(self.chunk_index) else {
@@ -709,12 +785,16 @@ impl<'m> PayloadVerifier<'m> {
             };
             let want = (end - start - self.chunk_filled) as usize;
             let take = want.min(data.len());
-            self.chunk_hasher.update(&data[..take]);
+            if hash {
+                self.chunk_hasher.update(&data[..take]);
+            }
             self.chunk_filled += take as u64;
             data = &data[take..];
             if take == want {
-                let got = Digest(std::mem::take(&mut self.chunk_hasher).finalize().into());
-                if got != table.chunks[self.chunk_index as usize] {
+                let hasher = std::mem::take(&mut self.chunk_hasher);
+                if hash
+                    && Digest(hasher.finalize().into()) != table.chunks[self.chunk_index as usize]
+                {
                     return Err(Refusal::ChunkDigestMismatch {
                         index: self.chunk_index,
                     });
@@ -818,7 +898,7 @@ pub fn verify_stream<R: Read>(
     sink: &mut dyn ArtifactSink,
 ) -> Result<VerifiedHeader, BundleError> {
     let header = RawHeader::read_from(&mut reader)?.verify(policy)?;
-    let mut verifier = PayloadVerifier::new(&header.manifest);
+    let mut verifier = PayloadVerifier::new(Arc::new(header.manifest.clone()));
     let mut buf = vec![0u8; IO_BUFFER];
     // Step 11: the payload.
     while verifier.remaining() > 0 {

@@ -9,8 +9,13 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use crate::bundle::{ArtifactSink, BundleError, Policy, VerifiedHeader, verify_stream};
-use crate::manifest::ArtifactEntry;
+use std::sync::Arc;
+
+use crate::bundle::{
+    ArtifactSink, BundleError, CheckedChunk, PayloadVerifier, Policy, VerifiedHeader, verify_stream,
+};
+use crate::ids::Digest;
+use crate::manifest::{ArtifactEntry, Manifest};
 
 /// File name of the manifest copy in an unpacked bundle directory.
 pub const MANIFEST_FILE: &str = ".manifest.cbor";
@@ -101,20 +106,113 @@ pub fn unpack_to_dir<R: Read>(
     let result = verify_stream(reader, policy, &mut DirSink::new(&staging));
     match result {
         Ok(header) => {
-            // The decoded manifest, for local reading only (the verified bytes were
-            // checked above). Artifact names cannot start with a dot: no clash.
-            let mut f = File::create_new(staging.join(MANIFEST_FILE))?;
-            f.write_all(&crate::cbor::to_vec(&header.manifest))?;
-            f.sync_all()?;
-            sync_dir(&staging)?;
-            fs::rename(&staging, target)?;
-            sync_dir(parent)?;
+            seal(&staging, &header.manifest, target)?;
             Ok(header)
         }
         Err(e) => {
             // Best effort: the staging directory holds nothing anyone uses.
             let _ = fs::remove_dir_all(&staging);
             Err(e)
+        }
+    }
+}
+
+/// Moves a complete staging directory to `target`: the manifest copy written,
+/// everything fsynced, then one rename (and the parent fsynced).
+fn seal(staging: &Path, manifest: &Manifest, target: &Path) -> io::Result<()> {
+    // The decoded manifest, for local reading only (the verified bytes were
+    // checked by the caller). Artifact names cannot start with a dot: no clash.
+    let mut f = File::create_new(staging.join(MANIFEST_FILE))?;
+    f.write_all(&crate::cbor::to_vec(manifest))?;
+    f.sync_all()?;
+    sync_dir(staging)?;
+    fs::rename(staging, target)?;
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    sync_dir(parent)
+}
+
+/// Unpacking while a bundle downloads: chunks that matched the signed table on
+/// arrival are fed in payload order into a staging directory and each artifact is
+/// hashed as it passes, so after the last chunk what is left is the header's
+/// signature check, a digest compare and one rename ([`UnpackStream::finish`]).
+/// The staging directory is removed when the stream is dropped unfinished.
+#[derive(Debug)]
+pub struct UnpackStream {
+    digest: Digest,
+    verifier: PayloadVerifier,
+    sink: DirSink,
+    staging: PathBuf,
+}
+
+impl UnpackStream {
+    /// Starts unpacking the payload of `header` into `staging`, which is created
+    /// (anything already there is removed first). `staging` must be on the same
+    /// file system as the target given to [`UnpackStream::finish`].
+    pub fn begin(header: &VerifiedHeader, staging: impl Into<PathBuf>) -> io::Result<UnpackStream> {
+        let staging = staging.into();
+        if staging.exists() {
+            fs::remove_dir_all(&staging)?;
+        }
+        fs::create_dir_all(&staging)?;
+        Ok(UnpackStream {
+            digest: header.digest,
+            verifier: PayloadVerifier::new(Arc::new(header.manifest.clone())),
+            sink: DirSink::new(&staging),
+            staging,
+        })
+    }
+
+    /// The chunk to feed next; the chunk count once every chunk was fed.
+    pub fn next_chunk(&self) -> u32 {
+        self.verifier.next_chunk()
+    }
+
+    /// Whether the whole payload was fed.
+    pub fn complete(&self) -> bool {
+        self.verifier.remaining() == 0
+    }
+
+    /// Feeds the next chunk (see [`PayloadVerifier::feed_chunk`]). After an error
+    /// the stream is unusable: drop it.
+    pub fn feed(&mut self, chunk: CheckedChunk<'_>) -> Result<(), BundleError> {
+        self.verifier.feed_chunk(chunk, &mut self.sink)
+    }
+
+    /// The check after the last chunk: `header` (just verified again, for the
+    /// signature and the rules as of now) must be the bundle this stream started
+    /// with, and the whole payload must have been fed; then the staging directory
+    /// becomes `target`, which must not exist yet.
+    pub fn finish(mut self, header: &VerifiedHeader, target: &Path) -> Result<(), BundleError> {
+        if header.digest != self.digest {
+            return Err(io::Error::other(format!(
+                "the download unpacked bundle {} but bundle {} is being installed",
+                self.digest.short(),
+                header.digest.short()
+            ))
+            .into());
+        }
+        self.verifier.finish()?;
+        if target.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} already exists", target.display()),
+            )
+            .into());
+        }
+        seal(&self.staging, self.verifier.manifest(), target)?;
+        self.staging = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for UnpackStream {
+    fn drop(&mut self) {
+        if !self.staging.as_os_str().is_empty() {
+            // Best effort: the staging directory holds nothing anyone uses.
+            let _ = fs::remove_dir_all(&self.staging);
         }
     }
 }

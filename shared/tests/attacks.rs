@@ -4,15 +4,15 @@
 
 use edgefleet_shared::bundle::{
     ArtifactInput, ArtifactSource, DeviceFacts, DiscardSink, InstalledRelease, ManifestDraft,
-    manifest_bytes, prepare_manifest, verify_stream, write_bundle,
+    manifest_bytes, prepare_manifest, verify_chunk, verify_stream, write_bundle,
 };
 use edgefleet_shared::manifest::{
     ArtifactKind, Constraints, Dim, ElementType, HealthPolicy, Manifest, ModelSchema, TensorSpec,
 };
-use edgefleet_shared::unpack::unpack_to_dir;
+use edgefleet_shared::unpack::{UnpackStream, unpack_to_dir};
 use edgefleet_shared::{
     Arch, ArtifactName, Limits, ModelChannel, Policy, RawHeader, Refusal, SecretKey, TrustRoot,
-    UnixTime,
+    UnixTime, VerifiedHeader,
 };
 use proptest::prelude::*;
 
@@ -453,18 +453,18 @@ fn every_attack_is_refused_with_its_exact_reason() {
 
 #[test]
 fn chunks_arriving_over_the_wire_are_checked_against_the_signed_table() {
-    use edgefleet_shared::bundle::verify_chunk;
     let g = good();
     let m = good_manifest(3, 0);
     let payload = &g[payload_start(&g)..];
     for i in 0..m.payload.chunks.len() as u32 {
         let (start, end) = m.payload.chunk_range(i).expect("chunk exists");
         let chunk = &payload[start as usize..end as usize];
-        assert_eq!(verify_chunk(&m.payload, i, chunk), Ok(()));
+        let checked = verify_chunk(&m.payload, i, chunk).expect("the chunk matches");
+        assert_eq!((checked.index(), checked.data()), (i, chunk));
         let mut bad = chunk.to_vec();
         bad[0] ^= 1;
         assert_eq!(
-            verify_chunk(&m.payload, i, &bad),
+            verify_chunk(&m.payload, i, &bad).map(|c| c.index()),
             Err(Refusal::ChunkDigestMismatch { index: i })
         );
         assert!(
@@ -474,9 +474,154 @@ fn chunks_arriving_over_the_wire_are_checked_against_the_signed_table() {
     }
     let last = m.payload.chunks.len() as u32;
     assert_eq!(
-        verify_chunk(&m.payload, last, b""),
+        verify_chunk(&m.payload, last, b"").map(|c| c.index()),
         Err(Refusal::ChunkDigestMismatch { index: last })
     );
+}
+
+fn verified(bundle: &[u8]) -> VerifiedHeader {
+    let t = trust(2);
+    let policy = Policy {
+        trust: &t,
+        now: NOW,
+        limits: Limits::default(),
+        installed: None,
+        device: None,
+    };
+    RawHeader::read_from(&mut &bundle[..])
+        .expect("header")
+        .verify(&policy)
+        .expect("verifies")
+}
+
+/// The chunks of `bundle`'s payload, as they come over the wire.
+fn wire_chunks(bundle: &[u8], m: &Manifest) -> Vec<Vec<u8>> {
+    let payload = &bundle[payload_start(bundle)..];
+    (0..m.payload.chunks.len() as u32)
+        .map(|i| {
+            let (start, end) = m.payload.chunk_range(i).expect("chunk exists");
+            payload[start as usize..end as usize].to_vec()
+        })
+        .collect()
+}
+
+#[test]
+fn a_download_unpacked_chunk_by_chunk_equals_the_file_unpacked_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = good();
+    let header = verified(&g);
+    let chunks = wire_chunks(&g, &header.manifest);
+    assert!(chunks.len() >= 3, "the test needs several chunks");
+    let mut stream = UnpackStream::begin(&header, dir.path().join("staging")).expect("begin");
+    for (i, c) in chunks.iter().enumerate() {
+        assert_eq!(stream.next_chunk(), i as u32);
+        assert!(!stream.complete());
+        let checked = verify_chunk(&header.manifest.payload, i as u32, c).expect("matches");
+        stream.feed(checked).expect("feeds");
+    }
+    assert!(stream.complete());
+    let target = dir.path().join("bundle");
+    stream.finish(&header, &target).expect("finishes");
+    let whole = dir.path().join("whole");
+    let t = trust(2);
+    let policy = Policy {
+        trust: &t,
+        now: NOW,
+        limits: Limits::default(),
+        installed: None,
+        device: None,
+    };
+    unpack_to_dir(g.as_slice(), &policy, &whole).expect("unpacks");
+    for file in ["model.onnx", "golden.cbor", ".manifest.cbor"] {
+        assert_eq!(
+            std::fs::read(target.join(file)).expect("streamed"),
+            std::fs::read(whole.join(file)).expect("whole"),
+            "{file}"
+        );
+    }
+    assert!(!dir.path().join("staging").exists());
+}
+
+#[test]
+fn the_stream_refuses_chunks_out_of_order_foreign_chunks_and_an_early_or_wrong_finish() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = good();
+    let header = verified(&g);
+    let chunks = wire_chunks(&g, &header.manifest);
+    let table = &header.manifest.payload;
+    let staging = dir.path().join("staging");
+
+    let mut stream = UnpackStream::begin(&header, &staging).expect("begin");
+    let second = verify_chunk(table, 1, &chunks[1]).expect("matches");
+    let err = stream.feed(second).expect_err("chunk 1 before chunk 0");
+    assert!(
+        err.to_string().contains("chunk 1 fed out of order"),
+        "{err}"
+    );
+
+    // Chunk 0 of another bundle's table, same index and length.
+    let other = assemble(&good_manifest(3, 9), &inputs(9), &[&key(1), &key(2)]);
+    let other_header = verified(&other);
+    let other_chunks = wire_chunks(&other, &other_header.manifest);
+    let foreign = verify_chunk(&other_header.manifest.payload, 0, &other_chunks[0]).expect("ok");
+    let mut stream = UnpackStream::begin(&header, &staging).expect("begin again");
+    assert!(
+        stream.feed(foreign).is_err(),
+        "a chunk of another table fed"
+    );
+
+    // Finishing early is a truncation; finishing as another bundle is refused.
+    let mut stream = UnpackStream::begin(&header, &staging).expect("begin again");
+    stream
+        .feed(verify_chunk(table, 0, &chunks[0]).expect("matches"))
+        .expect("feeds");
+    let target = dir.path().join("bundle");
+    let err = stream
+        .finish(&header, &target)
+        .expect_err("two chunks missing");
+    assert!(
+        matches!(err.refusal(), Some(Refusal::Truncated { .. })),
+        "{err}"
+    );
+    assert!(!target.exists() && !staging.exists(), "left behind");
+    let mut stream = UnpackStream::begin(&header, &staging).expect("begin again");
+    for (i, c) in chunks.iter().enumerate() {
+        stream
+            .feed(verify_chunk(table, i as u32, c).expect("matches"))
+            .expect("feeds");
+    }
+    let err = stream
+        .finish(&other_header, &target)
+        .expect_err("another bundle's header");
+    assert!(err.to_string().contains("is being installed"), "{err}");
+    assert!(!target.exists() && !staging.exists(), "left behind");
+}
+
+#[test]
+fn the_stream_checks_artifact_hashes_that_the_chunk_table_cannot_vouch_for() {
+    // Signed with a wrong artifact hash but a chunk table that matches the bytes:
+    // every chunk passes on arrival, the artifact check refuses the bundle.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut wrong = good_manifest(3, 0);
+    wrong.artifacts[0].sha256 = edgefleet_shared::Digest::of(b"another model");
+    let b = assemble(&wrong, &inputs(0), &[&key(1), &key(2)]);
+    let header = verified(&b);
+    let chunks = wire_chunks(&b, &header.manifest);
+    let staging = dir.path().join("staging");
+    let mut stream = UnpackStream::begin(&header, &staging).expect("begin");
+    let refused = chunks.iter().enumerate().find_map(|(i, c)| {
+        let checked = verify_chunk(&header.manifest.payload, i as u32, c).expect("chunk matches");
+        stream.feed(checked).err()
+    });
+    let err = refused.expect("the model's hash is checked");
+    assert_eq!(
+        err.refusal(),
+        Some(&Refusal::ArtifactDigestMismatch {
+            name: name("model.onnx")
+        })
+    );
+    drop(stream);
+    assert!(!staging.exists(), "staging left behind");
 }
 
 #[test]
