@@ -39,8 +39,33 @@ for T in "${TARGETS[@]}"; do
   export "CARGO_TARGET_${U}_RUSTFLAGS=-C link-self-contained=no -C force-unwind-tables=no"
   start=$(date +%s)
   echo "cross/build.sh: building edgefleet-agent for $T"
-  cargo zigbuild -Zbuild-std=std,panic_abort --profile edge --target "$T" \
-    -p edgefleet-agent --bin edgefleet-agent
+  # Always link the binary again: cargo does not see a change of the link flags or of
+  # the ordering file below, and cross/order.sh builds the same binary unstripped.
+  rm -f "$CARGO_TARGET_DIR/$T/edge/edgefleet-agent"
+  find "$CARGO_TARGET_DIR/$T/edge/deps" -maxdepth 1 -name 'edgefleet_agent-*' ! -name '*.*' -delete 2>/dev/null || true
+  if [ -f "$HERE/order/$T.txt.gz" ]; then
+    # Functions the agent runs laid out first, in the order they first run
+    # (cross/order.sh made the list; cross/link-ordered.sh links with it).
+    gunzip -c "$HERE/order/$T.txt.gz" >"$W/order-$T.txt"
+    export EDGEFLEET_ORDER="$W/order-$T.txt" EDGEFLEET_ORDER_REPORT="$W/order-$T.report"
+    export EDGEFLEET_ZIG="$W/venv/bin/python-zig"
+    rm -f "$EDGEFLEET_ORDER_REPORT"
+    # The zig cc wrapper cargo-zigbuild makes for the target (created when it starts).
+    export EDGEFLEET_ZIGCC="$W/zigcc-$T.sh"
+    cat >"$EDGEFLEET_ZIGCC" <<SH
+#!/bin/sh
+exec "\$(ls "$XDG_CACHE_HOME"/cargo-zigbuild/*/wrappers/*/zigcc-$T-*.sh | head -n 1)" "\$@"
+SH
+    chmod +x "$EDGEFLEET_ZIGCC"
+    cargo-zigbuild rustc -Zbuild-std=std,panic_abort --profile edge --target "$T" \
+      -p edgefleet-agent --bin edgefleet-agent -- -C linker="$HERE/link-ordered.sh"
+    if [ -f "$EDGEFLEET_ORDER_REPORT" ]; then
+      echo "cross/build.sh: code layout: $(cat "$EDGEFLEET_ORDER_REPORT") (cross/order.sh $T renews the list)"
+    fi
+  else
+    cargo zigbuild -Zbuild-std=std,panic_abort --profile edge --target "$T" \
+      -p edgefleet-agent --bin edgefleet-agent
+  fi
   mkdir -p "$HERE/out/$T"
   cp "$CARGO_TARGET_DIR/$T/edge/edgefleet-agent" "$HERE/out/$T/edgefleet-agent"
   echo "cross/build.sh: $T: $(stat -c %s "$HERE/out/$T/edgefleet-agent") bytes in $(( $(date +%s) - start )) s"

@@ -20,7 +20,8 @@
 //! Run: `cargo bench -p edgefleet-agent --bench agent`. Medians; 2 noisy cores.
 //! `EDGEFLEET_BENCH_ONLY=api` stops after the model loads and the API figures;
 //! `EDGEFLEET_BENCH_ONLY=rss` measures only the agent processes' memory and size,
-//! `EDGEFLEET_BENCH_ONLY=download` only the figures after the last chunk.
+//! `EDGEFLEET_BENCH_ONLY=download` only the figures after the last chunk;
+//! `EDGEFLEET_BENCH_STATIC_BASELINE=PATH` also measures another static agent binary.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -845,18 +846,24 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// Starts the release agent, waits for readiness, settles, reads its RSS.
 fn agent_rss(agent: &Path, data: &Path, trust: &Path) -> u64 {
-    agent_rss_with(agent, data, trust, None, Duration::from_millis(1500))
+    agent_rss_with(agent, data, trust, None, Duration::from_millis(1500), None).0
 }
 
+/// Inference requests sent after the first RSS reading: the model's name, the
+/// request body, how many.
+type Requests<'a> = (&'a str, &'a str, usize);
+
 /// RSS of `agent run` serving `data`, `settle` after it is listening; with
-/// `config`, the agent reads it (broker, telemetry) too.
+/// `config`, the agent reads it (broker, telemetry) too. With `requests`, also the
+/// RSS after answering them.
 fn agent_rss_with(
     agent: &Path,
     data: &Path,
     trust: &Path,
     config: Option<&Path>,
     settle: Duration,
-) -> u64 {
+    requests: Option<Requests<'_>>,
+) -> (u64, Option<u64>) {
     let mut cmd = Command::new(agent);
     if let Some(config) = config {
         cmd.arg("--config").arg(config);
@@ -874,13 +881,28 @@ fn agent_rss_with(
         .expect("agent");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
+    let mut api = String::new();
     for line in lines.by_ref() {
-        if line.expect("line").starts_with("local API listening") {
+        let line = line.expect("line");
+        if let Some(url) = line.strip_prefix("local API listening on http://") {
+            api = url.trim().to_string();
             break;
         }
     }
     std::thread::sleep(settle);
     let rss = rss_kib(child.id());
+    let serving = requests.map(|(model, body, n)| {
+        let stream = TcpStream::connect(&api).expect("connect to the agent");
+        let mut client = Client {
+            stream: BufReader::new(stream),
+            server_schedstat: String::new(),
+        };
+        for _ in 0..n {
+            let status = client.post(&format!("/v2/models/{model}/infer"), body);
+            assert_eq!(status, 200, "inference through the agent's API");
+        }
+        rss_kib(child.id())
+    });
     if std::env::var("EDGEFLEET_BENCH_ONLY").is_ok_and(|v| v == "rss") {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
@@ -899,7 +921,7 @@ fn agent_rss_with(
     }
     let _ = child.kill();
     let _ = child.wait();
-    rss
+    (rss, serving)
 }
 
 /// The static x86-64 device build, where `cross/build.sh` puts it.
@@ -930,6 +952,17 @@ fn idle_rss_and_size(dir: &Path, cnn: &Case, model: &LoadedModel) {
             "  the static musl device build: not measured, not built (cross/build.sh x86_64-unknown-linux-musl)"
         );
     }
+    // A second static build to compare with in the same run (e.g. one linked
+    // without the code layout of cross/order/).
+    if let Some(other) = std::env::var_os("EDGEFLEET_BENCH_STATIC_BASELINE") {
+        idle_rss(
+            dir.join("musl-baseline"),
+            cnn,
+            model,
+            Path::new(&other),
+            &format!("baseline static build ({})", Path::new(&other).display()),
+        );
+    }
     binary_size();
 }
 
@@ -954,8 +987,17 @@ fn idle_rss(dir: PathBuf, cnn: &Case, model: &LoadedModel, agent: &Path, what: &
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let loaded = agent_rss(agent, &data, &trust);
-    let connected = connected_rss(&dir, agent, &data, &trust);
+    let body = oip_body(&cnn.input);
+    let requests = Some((cnn.channel, body.as_str(), 20));
+    let (loaded, serving) = agent_rss_with(
+        agent,
+        &data,
+        &trust,
+        None,
+        Duration::from_millis(1500),
+        requests,
+    );
+    let connected = connected_rss(&dir, agent, &data, &trust, requests);
     let model_kib = std::fs::metadata(format!("{MODELS}/{}", cnn.file))
         .expect("model")
         .len()
@@ -970,10 +1012,17 @@ fn idle_rss(dir: PathBuf, cnn: &Case, model: &LoadedModel, agent: &Path, what: &
         loaded,
         model_kib + 10 * 1024
     );
-    match connected {
-        Ok(kib) => println!(
-            "    with the CNN loaded and connected to Mosquitto over mutual TLS (telemetry every second, 5 s after start): {:.2} MB = {kib} KiB",
+    if let Some(kib) = serving {
+        println!(
+            "    the same after answering 20 CNN inference requests: {:.2} MB = {kib} KiB",
             kib as f64 / 1024.0
+        );
+    }
+    match connected {
+        Ok((kib, serving)) => println!(
+            "    with the CNN loaded and connected to Mosquitto over mutual TLS (telemetry every second, 5 s after start): {:.2} MB = {kib} KiB; after 20 inference requests {:.2} MB",
+            kib as f64 / 1024.0,
+            serving.unwrap_or(0) as f64 / 1024.0
         ),
         Err(why) => println!("    connected to a broker: not measured ({why})"),
     }
@@ -981,7 +1030,13 @@ fn idle_rss(dir: PathBuf, cnn: &Case, model: &LoadedModel, agent: &Path, what: &
 
 /// RSS of the agent serving `data` while connected to a Mosquitto on loopback
 /// over mutual TLS (as in production), sending telemetry every second.
-fn connected_rss(dir: &Path, agent: &Path, data: &Path, trust: &Path) -> Result<u64, String> {
+fn connected_rss(
+    dir: &Path,
+    agent: &Path,
+    data: &Path,
+    trust: &Path,
+    requests: Option<Requests<'_>>,
+) -> Result<(u64, Option<u64>), String> {
     // Panics with the reason when openssl is missing, as the tests do.
     let pki = Pki::new(dir);
     let (ca, cert, key) = pki.client("bench-dev");
@@ -1028,7 +1083,14 @@ fn connected_rss(dir: &Path, agent: &Path, data: &Path, trust: &Path) -> Result<
         ),
     )
     .map_err(|e| e.to_string())?;
-    let rss = agent_rss_with(agent, data, trust, Some(&config), Duration::from_secs(5));
+    let rss = agent_rss_with(
+        agent,
+        data,
+        trust,
+        Some(&config),
+        Duration::from_secs(5),
+        requests,
+    );
     let _ = broker.kill();
     let _ = broker.wait();
     // The measurement counts only if the agent really connected and published.
