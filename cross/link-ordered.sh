@@ -9,7 +9,8 @@
 #   EDGEFLEET_ZIGCC         cargo-zigbuild's zig cc wrapper for the target
 #   EDGEFLEET_ZIG           a command that runs zig (the venv's python-zig)
 #   EDGEFLEET_ORDER         the ordering file
-#   EDGEFLEET_ORDER_REPORT  where to write how many of its symbols this build has
+#   EDGEFLEET_ORDER_REPORT  where to write how many of its symbols this build has (and,
+#                           beside it with .lld added, what lld said)
 set -eu
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -21,6 +22,7 @@ line=$(grep '^ld.lld ' "$log" | tail -n 1)
 # shellcheck disable=SC2086
 $EDGEFLEET_ZIG ld.lld ${line#ld.lld } --symbol-ordering-file="$EDGEFLEET_ORDER" 2>"$log" \
   || { cat "$log" >&2; exit 1; }
+cp "$log" "$EDGEFLEET_ORDER_REPORT.lld"
 listed=$(grep -c . "$EDGEFLEET_ORDER")
 missing=$(grep -c 'symbol ordering file: no such symbol' "$log" || true)
 echo "$((listed - missing)) of the $listed functions in $(basename "$EDGEFLEET_ORDER") are in this build" \
