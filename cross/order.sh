@@ -101,12 +101,8 @@ statuses.append(call("/v2/models/digits/infer", json.dumps({"inputs": [dict(tens
 assert statuses == [200] * 7 + [400], statuses
 PY
 
-# Debian's toolchain and zig, as in cross/build.sh.
-export PATH="$W/venv/bin:/usr/bin:/bin:/usr/sbin:/sbin"
-unset RUSTUP_TOOLCHAIN RUSTFLAGS CARGO_BUILD_TARGET || true
-export RUSTC=/usr/bin/rustc CARGO_HOME="$W/cargo-home" XDG_CACHE_HOME="$W/cache"
-export ZIG_GLOBAL_CACHE_DIR="$W/zig-cache" CARGO_TARGET_DIR="$W/target"
-export RUSTC_BOOTSTRAP=1 RUST_LIB_BACKTRACE=0
+# shellcheck source=cross/env.sh
+. "$HERE/env.sh"
 
 for T in "${TARGETS[@]}"; do
   case $T in
@@ -115,12 +111,8 @@ for T in "${TARGETS[@]}"; do
     x86_64-*) Q=qemu-x86_64-static ;;
     *) echo "cross/order.sh: unknown target $T" >&2; exit 2 ;;
   esac
-  U=$(echo "$T" | tr 'a-z-' 'A-Z_')
-  export "CARGO_TARGET_${U}_RUSTFLAGS=-C link-self-contained=no -C force-unwind-tables=no"
+  edge_target "$T"
   echo "cross/order.sh: building edgefleet-agent for $T with its symbols"
-  # Linked again whatever cargo thinks is fresh (it does not track the strip flag).
-  rm -f "$CARGO_TARGET_DIR/$T/edge/edgefleet-agent"
-  find "$CARGO_TARGET_DIR/$T/edge/deps" -maxdepth 1 -name 'edgefleet_agent-*' ! -name '*.*' -delete 2>/dev/null || true
   (cd "$ROOT" && cargo-zigbuild rustc -Zbuild-std=std,panic_abort --profile edge --target "$T" \
     -p edgefleet-agent --bin edgefleet-agent -- -C strip=none)
   cp "$CARGO_TARGET_DIR/$T/edge/edgefleet-agent" "agent-$T"

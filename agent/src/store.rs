@@ -410,17 +410,18 @@ pub fn install_file(
     };
     let header = RawHeader::read_from(&mut io::BufReader::new(open()?))
         .map_err(|e| bundle_error(path, e))?;
-    let target = Target {
+    install(
         store,
         trust,
         device,
         mode,
         now,
-    };
-    install(&target, &header, |policy, _, dir| {
-        let reader = io::BufReader::with_capacity(256 * 1024, open()?);
-        unpack_to_dir(reader, policy, dir).map_err(|e| bundle_error(path, e))
-    })
+        &header,
+        |policy, _, dir| {
+            let reader = io::BufReader::with_capacity(256 * 1024, open()?);
+            unpack_to_dir(reader, policy, dir).map_err(|e| bundle_error(path, e))
+        },
+    )
 }
 
 /// Installs a completed download whose payload was unpacked while it arrived
@@ -439,35 +440,31 @@ pub fn install_download(
     mode: InstallMode,
     now: UnixTime,
 ) -> Result<Installed, InstallError> {
-    let target = Target {
+    install(
         store,
         trust,
         device,
         mode,
         now,
-    };
-    install(&target, header, |_, verified, dir| {
-        unpacked()?
-            .finish(verified, dir)
-            .map_err(|e| bundle_error(dir, e))?;
-        Ok(verified.clone())
-    })
-}
-
-/// Where and how an install goes.
-struct Target<'a> {
-    store: &'a Store,
-    trust: &'a TrustRoot,
-    device: &'a DeviceFacts,
-    mode: InstallMode,
-    now: UnixTime,
+        header,
+        |_, verified, dir| {
+            unpacked()?
+                .finish(verified, dir)
+                .map_err(|e| bundle_error(dir, e))?;
+            Ok(verified.clone())
+        },
+    )
 }
 
 /// The install steps shared by files and downloads; `unpack` puts the verified
 /// bundle's artifacts into the (absent) directory it is given and returns the
 /// header it unpacked.
 fn install(
-    target: &Target<'_>,
+    store: &Store,
+    trust: &TrustRoot,
+    device: &DeviceFacts,
+    mode: InstallMode,
+    now: UnixTime,
     header: &RawHeader,
     unpack: impl FnOnce(
         &Policy<'_>,
@@ -475,13 +472,6 @@ fn install(
         &Path,
     ) -> Result<edgefleet_shared::VerifiedHeader, InstallError>,
 ) -> Result<Installed, InstallError> {
-    let Target {
-        store,
-        trust,
-        device,
-        mode,
-        now,
-    } = *target;
     let state = store.load()?;
     let digest = header.digest();
     let installed = installed_for(&state, header);

@@ -351,6 +351,28 @@ impl Peer {
         id
     }
 
+    /// Has the agent install `served` with only 40 chunks served, then kills it
+    /// mid-download: after the progress event for 36 chunks, and a moment for the
+    /// rest of the 40 to arrive (progress is saved every 16). Returns that event.
+    async fn kill_after_40_chunks(
+        &mut self,
+        agent: &mut Agent,
+        served: &Served,
+        events: &mut Vec<Event>,
+    ) -> Event {
+        self.policy.lock().expect("lock").limit = Some(40);
+        self.install(served, InstallMode::Activate).await;
+        let progress = self
+            .event(
+                events,
+                |k| matches!(k, EventKind::InstallProgress { chunks_done, .. } if *chunks_done >= 36),
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        agent.kill();
+        progress
+    }
+
     async fn install(&mut self, served: &Served, mode: InstallMode) -> u64 {
         self.command(Action::Install {
             bundle: BundleOffer {
@@ -603,20 +625,11 @@ async fn a_download_resumes_from_the_first_missing_chunk_after_the_agent_is_kill
     let mut agent = Agent::start(dev.path(), &config);
     peer.state(|s| s.online).await;
 
-    // Serve 40 chunks, then nothing: the agent waits for the rest.
-    peer.policy.lock().expect("lock").limit = Some(40);
-    peer.install(&v1, InstallMode::Activate).await;
+    // Serve 40 chunks, then nothing; the agent is cut off mid-download.
     let mut events = Vec::new();
     let progress = peer
-        .event(
-            &mut events,
-            |k| matches!(k, EventKind::InstallProgress { chunks_done, .. } if *chunks_done >= 36),
-        )
+        .kill_after_40_chunks(&mut agent, &v1, &mut events)
         .await;
-    // Progress is saved every 16 chunks: give the agent a moment to receive the
-    // remaining served chunks, then cut it off mid-download.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    agent.kill();
     let before = peer.policy.lock().expect("lock").sent.len();
     assert_eq!(before, 40, "{progress:?}");
 
@@ -686,16 +699,9 @@ async fn a_chunk_changed_on_disk_before_it_is_unpacked_fails_the_install_and_kee
     peer.state(|s| s.online).await;
 
     // 40 chunks, then the agent is killed; chunk 3 changes on disk meanwhile.
-    peer.policy.lock().expect("lock").limit = Some(40);
-    peer.install(&v2, InstallMode::Activate).await;
     let mut events = Vec::new();
-    peer.event(
-        &mut events,
-        |k| matches!(k, EventKind::InstallProgress { chunks_done, .. } if *chunks_done >= 36),
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    agent.kill();
+    peer.kill_after_40_chunks(&mut agent, &v2, &mut events)
+        .await;
     let part = dev
         .path()
         .join("data/downloads")

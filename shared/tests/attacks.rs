@@ -106,6 +106,17 @@ fn trust(threshold: u16) -> TrustRoot {
     )
 }
 
+/// The rules at `NOW` for a device with nothing installed and no constraints checked.
+fn plain_policy(trust: &TrustRoot) -> Policy<'_> {
+    Policy {
+        trust,
+        now: NOW,
+        limits: Limits::default(),
+        installed: None,
+        device: None,
+    }
+}
+
 fn device() -> DeviceFacts {
     DeviceFacts {
         arch: Arch::new("aarch64").expect("arch"),
@@ -481,13 +492,7 @@ fn chunks_arriving_over_the_wire_are_checked_against_the_signed_table() {
 
 fn verified(bundle: &[u8]) -> VerifiedHeader {
     let t = trust(2);
-    let policy = Policy {
-        trust: &t,
-        now: NOW,
-        limits: Limits::default(),
-        installed: None,
-        device: None,
-    };
+    let policy = plain_policy(&t);
     RawHeader::read_from(&mut &bundle[..])
         .expect("header")
         .verify(&policy)
@@ -524,13 +529,7 @@ fn a_download_unpacked_chunk_by_chunk_equals_the_file_unpacked_whole() {
     stream.finish(&header, &target).expect("finishes");
     let whole = dir.path().join("whole");
     let t = trust(2);
-    let policy = Policy {
-        trust: &t,
-        now: NOW,
-        limits: Limits::default(),
-        installed: None,
-        device: None,
-    };
+    let policy = plain_policy(&t);
     unpack_to_dir(g.as_slice(), &policy, &whole).expect("unpacks");
     for file in ["model.onnx", "golden.cbor", ".manifest.cbor"] {
         assert_eq!(
@@ -654,13 +653,7 @@ fn the_same_release_with_the_same_content_is_accepted_again() {
 fn a_failed_unpack_leaves_no_target_directory_and_a_good_one_writes_every_artifact() {
     let dir = tempfile::tempdir().expect("tempdir");
     let t = trust(2);
-    let policy = Policy {
-        trust: &t,
-        now: NOW,
-        limits: Limits::default(),
-        installed: None,
-        device: None,
-    };
+    let policy = plain_policy(&t);
     let mut bad = good();
     let last = bad.len() - 1;
     bad[last] ^= 0xff;
@@ -724,7 +717,7 @@ proptest! {
     fn reads_of_any_size_give_the_same_verdict(n in 1usize..5000) {
         let g = good();
         let t = trust(2);
-        let policy = Policy { trust: &t, now: NOW, limits: Limits::default(), installed: None, device: None };
+        let policy = plain_policy(&t);
         let header = verify_stream(Trickle { data: &g, n }, &policy, &mut DiscardSink);
         prop_assert!(header.is_ok(), "{header:?}");
         let mut longer = inputs(0);
@@ -744,7 +737,7 @@ proptest! {
     #[test]
     fn random_bytes_never_panic_the_reader(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
         let t = trust(1);
-        let policy = Policy { trust: &t, now: NOW, limits: Limits::default(), installed: None, device: None };
+        let policy = plain_policy(&t);
         let mut with_magic = edgefleet_shared::bundle::MAGIC.to_vec();
         with_magic.extend_from_slice(&[0, 1, 0, 0]);
         with_magic.extend_from_slice(&data);

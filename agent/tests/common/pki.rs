@@ -18,32 +18,44 @@ impl Pki {
             dir: dir.join("pki"),
         };
         std::fs::create_dir_all(&pki.dir).expect("pki dir");
-        pki.openssl(&[
+        pki.new_key(
+            "ca",
+            &[
+                "-x509",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=edgefleet-test-ca",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        pki.issue(
+            "server",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+        );
+        pki
+    }
+
+    /// `openssl req` making the P-256 key `<name>.key`, with `args` after.
+    fn new_key(&self, name: &str, args: &[&str]) {
+        let key = format!("{name}.key");
+        let mut all = vec![
             "req",
-            "-x509",
             "-newkey",
             "ec",
             "-pkeyopt",
             "ec_paramgen_curve:P-256",
             "-nodes",
             "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=edgefleet-test-ca",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        pki.issue(
-            "server",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
-        );
-        pki
+            &key,
+        ];
+        all.extend_from_slice(args);
+        self.openssl(&all);
     }
 
     fn openssl(&self, args: &[&str]) {
@@ -66,26 +78,12 @@ impl Pki {
             format!("basicConstraints=CA:FALSE\n{}\n", ext.replace("\\n", "\n")),
         )
         .expect("ext");
-        let (key, csr, pem, extf) = (
-            format!("{name}.key"),
+        let (csr, pem, extf) = (
             format!("{name}.csr"),
             format!("{name}.pem"),
             format!("{name}.ext"),
         );
-        self.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
+        self.new_key(name, &["-out", &csr, "-subj", &format!("/CN={name}")]);
         self.openssl(&[
             "x509",
             "-req",
