@@ -308,7 +308,7 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
     // Per round: direct, JSON via API, binary via API, TCP, empty HTTP, decode,
     // encode, and the CPU time per request of the direct run (this thread) and
     // of the server thread for the JSON and the binary requests.
-    let mut rounds: Vec<[f64; 11]> = Vec::new();
+    let mut rounds: Vec<[f64; 13]> = Vec::new();
     let server = client.server_schedstat.clone();
     for _ in 0..ROUNDS {
         let (direct, direct_cpu) = time_with_cpu_us(runs, "/proc/thread-self/schedstat", || {
@@ -323,6 +323,7 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
             // The plan is shared: its last run is the one this request made.
             in_server.push(model.last_run().expect("ran").as_secs_f64() * 1e6);
         });
+        let cooled = cooled_us(runs, model, &case.input);
         rounds.push([
             direct,
             json,
@@ -343,6 +344,8 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
             json_cpu,
             bin_cpu,
             median(in_server),
+            cooled.0,
+            cooled.1,
         ]);
     }
     let fig = |i: usize| median(rounds.iter().map(|r| r[i]).collect());
@@ -369,6 +372,16 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
         over(9, 7),
         over(9, 7) / fig(7) * 100.0,
         fig(10),
+    );
+    // What a server's loop costs without the API: how much slower the
+    // inference runs after a trip through the kernel's loopback path and a
+    // wake-up, and the round trip after the inference (no runtime, no HTTP).
+    println!(
+        "  {:<18} without the API: the inference right after a loopback round trip {:.1} µs ({:+.0}% on the loop's), that round trip right after the inference {:.1} µs",
+        "",
+        fig(11),
+        over(11, 0) / direct * 100.0,
+        fig(12),
     );
     // Where the rest goes: a bare loopback round trip (the kernel and two
     // thread wake-ups, no HTTP), an HTTP round trip that does nothing, and the
@@ -410,6 +423,44 @@ fn tcp_round_trip_us(runs: usize) -> f64 {
     drop(c);
     echo.join().expect("echo thread");
     us
+}
+
+/// Each half of a server's loop, timed right after the other half, without
+/// the API: the inference right after a 64-byte loopback round trip to an
+/// echo thread, and the round trip right after the inference. Each cools the
+/// caches and predictors the other one needs, as in a server.
+fn cooled_us(runs: usize, model: &LoadedModel, input: &Tensor) -> (f64, f64) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_nodelay(true).expect("nodelay");
+        let mut buf = [0u8; 64];
+        while s.read_exact(&mut buf).is_ok() {
+            if s.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    let mut c = TcpStream::connect(addr).expect("connect");
+    c.set_nodelay(true).expect("nodelay");
+    let mut buf = [7u8; 64];
+    let mut once = || {
+        let t = Instant::now();
+        c.write_all(&buf).expect("ping");
+        c.read_exact(&mut buf).expect("pong");
+        let round_trip = t.elapsed().as_secs_f64() * 1e6;
+        let t = Instant::now();
+        model.run(std::slice::from_ref(input)).expect("runs");
+        (t.elapsed().as_secs_f64() * 1e6, round_trip)
+    };
+    for _ in 0..runs.div_ceil(10) {
+        once();
+    }
+    let (inference, round_trip) = (0..runs).map(|_| once()).unzip();
+    drop(c);
+    echo.join().expect("echo thread");
+    (median(inference), median(round_trip))
 }
 
 /// The CNN planned by tract four ways, timed on the same image: batch `N`
@@ -1189,6 +1240,12 @@ fn main() {
         );
         println!("  {:<18} {:>8.2} ms ({} bytes)", case.file, ms, bytes.len());
         models.push(LoadedModel::load(&bytes).expect("loads"));
+    }
+    // Whether an idle vCPU polls before it halts (a guest kernel setting): when
+    // it does not, every wake-up of a thread on an idle vCPU exits to the host,
+    // the main cost of a local round trip on this VM.
+    if let Ok(ns) = std::fs::read_to_string("/sys/module/haltpoll/parameters/guest_halt_poll_ns") {
+        println!("guest halt polling: {} ns", ns.trim());
     }
     println!("inference, batch of 1, median:");
     for (case, model) in cases.iter().zip(&models) {
