@@ -25,11 +25,12 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edgefleet_agent::api::{Served, serve};
+use edgefleet_agent::api::{Served, bind_unix, serve, serve_unix};
 use edgefleet_agent::model::LoadedModel;
 use edgefleet_agent::oip::{InferRequest, decode_request, encode_response};
 use edgefleet_agent::store::ActiveModel;
@@ -153,14 +154,15 @@ fn oip_body(t: &Tensor) -> String {
         .to_string()
 }
 
-/// An HTTP/1.1 keep-alive client on one connection, as an application would hold.
-struct Client {
-    stream: BufReader<TcpStream>,
+/// An HTTP/1.1 keep-alive client on one connection (TCP or a Unix socket), as
+/// an application would hold.
+struct Client<S = TcpStream> {
+    stream: BufReader<S>,
     /// The server thread's `/proc/.../schedstat`.
     server_schedstat: String,
 }
 
-impl Client {
+impl<S: Read + Write> Client<S> {
     fn post(&mut self, path: &str, body: &str) -> u16 {
         self.request("POST", path, &[], body.as_bytes())
     }
@@ -218,12 +220,15 @@ fn bundle_ref(case: &Case) -> BundleRef {
     }
 }
 
-/// Serves `served` on a loopback port from its own thread, in the agent's own
-/// runtime shape (one thread, inference on the blocking pool); returns a client.
-fn start_api(served: Served) -> Client {
+/// Serves `served` on a loopback port and on a Unix socket in `dir` from its
+/// own thread, in the agent's own runtime shape (one thread, inference on the
+/// blocking pool); returns a client of each.
+fn start_api(served: Served, dir: &Path) -> (Client, Client<UnixStream>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     listener.set_nonblocking(true).expect("nonblocking");
+    let socket = dir.join("api.sock");
+    let unix = bind_unix(&socket).expect("unix socket");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         // "PID/task/TID": the server thread's own CPU clock, for the bench.
@@ -236,15 +241,26 @@ fn start_api(served: Served) -> Client {
             .expect("runtime");
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            let _ = serve(listener, served, std::future::pending()).await;
+            let unix = tokio::net::UnixListener::from_std(unix).expect("listener");
+            let _ = tokio::join!(
+                serve(listener, served.clone(), std::future::pending()),
+                serve_unix(unix, served, std::future::pending())
+            );
         });
     });
     let stream = TcpStream::connect(addr).expect("connect");
     stream.set_nodelay(true).expect("nodelay");
-    Client {
-        stream: BufReader::new(stream),
-        server_schedstat: rx.recv().expect("server thread"),
-    }
+    let server_schedstat = rx.recv().expect("server thread");
+    (
+        Client {
+            stream: BufReader::new(stream),
+            server_schedstat: server_schedstat.clone(),
+        },
+        Client {
+            stream: BufReader::new(UnixStream::connect(&socket).expect("connect")),
+            server_schedstat,
+        },
+    )
 }
 
 /// Nanoseconds a thread has run on a CPU (`schedstat`'s first field).
@@ -293,11 +309,13 @@ fn oip_binary_body(t: &Tensor) -> (Vec<u8>, usize) {
 }
 
 fn api_vs_direct(case: &Case, model: &LoadedModel) {
-    let mut client = start_api(Served::new(Some(ActiveModel {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let served = Served::new(Some(ActiveModel {
         bundle: bundle_ref(case),
         model: model.clone(),
         reference: None,
-    })));
+    }));
+    let (mut client, mut unix) = start_api(served, dir.path());
     let body = oip_body(&case.input);
     let (binary, json_len) = oip_binary_body(&case.input);
     let binary_headers = [("Inference-Header-Content-Length", json_len.to_string())];
@@ -308,7 +326,7 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
     // Per round: direct, JSON via API, binary via API, TCP, empty HTTP, decode,
     // encode, and the CPU time per request of the direct run (this thread) and
     // of the server thread for the JSON and the binary requests.
-    let mut rounds: Vec<[f64; 13]> = Vec::new();
+    let mut rounds: Vec<[f64; 15]> = Vec::new();
     let server = client.server_schedstat.clone();
     for _ in 0..ROUNDS {
         let (direct, direct_cpu) = time_with_cpu_us(runs, "/proc/thread-self/schedstat", || {
@@ -346,6 +364,12 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
             median(in_server),
             cooled.0,
             cooled.1,
+            time_us(runs, || {
+                assert_eq!(unix.request("POST", &path, &binary_headers, &binary), 200);
+            }),
+            time_us(runs, || {
+                assert_eq!(unix.request("GET", "/v2/health/live", &[], b""), 200);
+            }),
         ]);
     }
     let fig = |i: usize| median(rounds.iter().map(|r| r[i]).collect());
@@ -372,6 +396,15 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
         over(9, 7),
         over(9, 7) / fig(7) * 100.0,
         fig(10),
+    );
+    // The same API on a Unix socket: no TCP stack.
+    println!(
+        "  {:<18} over the Unix socket: binary tensors {:>9.1} µs   overhead {:>7.1} µs ({:+.0}%); HTTP round trip alone {:.1} µs",
+        "",
+        fig(13),
+        over(13, 0),
+        over(13, 0) / direct * 100.0,
+        fig(14),
     );
     // What a server's loop costs without the API: how much slower the
     // inference runs after a trip through the kernel's loopback path and a
@@ -626,8 +659,13 @@ fn drift_overhead(case: &Case, model: &LoadedModel) {
         alone,
         alone / plain * 100.0
     );
-    let mut on = start_api(tracked);
-    let mut off = start_api(Served::new(Some(active(None))));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (on_dir, off_dir) = (dir.path().join("on"), dir.path().join("off"));
+    for d in [&on_dir, &off_dir] {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    let (mut on, _) = start_api(tracked, &on_dir);
+    let (mut off, _) = start_api(Served::new(Some(active(None))), &off_dir);
     let body = oip_body(&case.input);
     let path = format!("/v2/models/{}/infer", case.channel);
     let (mut api_off, mut api_on) = (Vec::new(), Vec::new());

@@ -536,3 +536,54 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
 }
+
+/// The mode of the local API's Unix socket: its owner and group may call the
+/// model (connecting needs write permission), nobody else.
+pub const SOCKET_MODE: u32 = 0o660;
+
+/// Binds the local API's Unix socket at `path` with [`SOCKET_MODE`]. A socket
+/// file left by an agent that is gone is replaced; a socket another process
+/// serves on, or a file that is not a socket, is left alone and refused.
+pub fn bind_unix(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener, String> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let at = path.display();
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(format!("{at}: another process is serving on this socket")),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path)
+                        .map_err(|e| format!("{at}: cannot remove the stale socket: {e}"))?;
+                }
+                Err(e) => return Err(format!("{at}: cannot check the existing socket: {e}")),
+            }
+        }
+        Ok(_) => return Err(format!("{at} exists and is not a socket: not replaced")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{at}: {e}")),
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| format!("{at}: cannot listen: {e}"))?;
+    // Bound with the umask's mode (at most the owner's); widened to the group
+    // only now, so the socket is never more open than SOCKET_MODE.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+        .map_err(|e| format!("{at}: cannot set its mode: {e}"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("{at}: {e}"))?;
+    Ok(listener)
+}
+
+/// Serves the same API on a Unix socket (see [`bind_unix`]) until `shutdown`
+/// completes. Clients that can speak HTTP over a Unix socket (`curl
+/// --unix-socket`, most HTTP libraries) skip the TCP stack, and the socket's
+/// file permissions decide who may call the model.
+pub async fn serve_unix(
+    listener: tokio::net::UnixListener,
+    served: Served,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(served))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

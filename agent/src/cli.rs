@@ -69,6 +69,10 @@ pub enum Command {
         /// overrides the config's `api_listen`.
         #[arg(long)]
         http: Option<std::net::SocketAddr>,
+        /// Also serve the local API on a Unix socket at this path (mode 0660);
+        /// overrides the config's `api_socket`.
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
     /// Run the active model once on an OIP v2 JSON request file ("-" for stdin).
     Infer {
@@ -309,9 +313,13 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             print_state(&state);
             Ok(0)
         }
-        Command::Run { http } => {
+        Command::Run { http, socket } => {
             init_logs(cli.log_json, "info");
-            serve(&store, &config, &trust, http.unwrap_or(config.api_listen))
+            let listen = Listen {
+                http: http.unwrap_or(config.api_listen),
+                socket: socket.or_else(|| config.api_socket.clone()),
+            };
+            serve(&store, &config, &trust, listen)
         }
         Command::Config(_) => Ok(0),
         Command::Infer { input } => {
@@ -433,16 +441,28 @@ pub fn link_setup(
     Ok((options(device.as_str(), &endpoint, tls), settings))
 }
 
+/// Where `run` serves the local API.
+struct Listen {
+    /// Loopback TCP address.
+    http: std::net::SocketAddr,
+    /// Also a Unix socket, at this path.
+    socket: Option<PathBuf>,
+}
+
 fn serve(
     store: &Store,
     config: &crate::config::AgentConfig,
     trust: &std::path::Path,
-    http: std::net::SocketAddr,
+    Listen { http, socket }: Listen,
 ) -> Result<i32, CliError> {
     if !http.ip().is_loopback() {
         return Err(CliError::Request(format!(
             "--http {http}: the local API has no authentication and binds loopback only (127.0.0.1 or ::1)"
         )));
+    }
+    if let Some(path) = &socket {
+        crate::config::check_socket_path(path)
+            .map_err(|reason| CliError::Request(format!("--socket: {reason}")))?;
     }
     let (active, shadow) = store::load_served(store)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -456,6 +476,16 @@ fn serve(
         let addr = listener
             .local_addr()
             .map_err(|e| CliError::Request(e.to_string()))?;
+        let unix = match &socket {
+            Some(path) => {
+                let std = crate::api::bind_unix(path).map_err(CliError::Request)?;
+                let listener = tokio::net::UnixListener::from_std(std).map_err(|e| {
+                    CliError::Request(format!("{}: {e}", path.display()))
+                })?;
+                Some((path.clone(), listener))
+            }
+            None => None,
+        };
         match &active {
             Some(a) => println!(
                 "serving {} {} (release {})",
@@ -527,7 +557,19 @@ fn serve(
                 }
             });
         }
-        // Readiness line: scripts and tests wait for it.
+        let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let unix = unix.map(|(path, listener)| {
+            println!("local API listening on unix:{}", path.display());
+            let task = tokio::spawn(crate::api::serve_unix(
+                listener,
+                served.clone(),
+                stopped(stop_rx.clone()),
+            ));
+            (path, task)
+        });
+        // Readiness line (the last): scripts and tests wait for it.
         println!("local API listening on http://{addr}");
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
@@ -551,7 +593,7 @@ fn serve(
                 }
             });
         }
-        let shutdown = async move {
+        tokio::spawn(async move {
             let mut term =
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                     Ok(t) => t,
@@ -562,10 +604,26 @@ fn serve(
                 _ = term.recv() => {}
             }
             let _ = stop_tx.send(true);
-        };
-        crate::api::serve(listener, served, shutdown)
-            .await
-            .map_err(|e| CliError::Request(format!("local API failed: {e}")))?;
+        });
+        let served_tcp = crate::api::serve(listener, served, stopped(stop_rx.clone())).await;
+        if let Some((path, task)) = unix {
+            if served_tcp.is_err() {
+                task.abort();
+            }
+            let served_unix = match task.await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            // The socket file goes with the agent (a stale one is replaced at
+            // the next start anyway).
+            let _ = std::fs::remove_file(&path);
+            if served_tcp.is_ok() {
+                served_unix.map_err(|e| {
+                    CliError::Request(format!("local API on {} failed: {e}", path.display()))
+                })?;
+            }
+        }
+        served_tcp.map_err(|e| CliError::Request(format!("local API failed: {e}")))?;
         crate::notify::stopping();
         if let Some(d) = daemon {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(3), d).await;

@@ -145,6 +145,8 @@ pub struct AgentConfig {
     pub trust_root: PathBuf,
     /// Local inference API address (loopback only).
     pub api_listen: SocketAddr,
+    /// The same API also on a Unix socket at this path (none by default).
+    pub api_socket: Option<PathBuf>,
     /// Broker connection.
     pub broker: BrokerConfig,
     /// Telemetry.
@@ -164,6 +166,7 @@ impl Default for AgentConfig {
             data_dir: "/var/lib/edgefleet".into(),
             trust_root: "/etc/edgefleet/trust-root.cbor".into(),
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8008)),
+            api_socket: None,
             broker: BrokerConfig::default(),
             telemetry: TelemetryConfig::default(),
             limits: LimitsConfig::default(),
@@ -225,6 +228,26 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Confi
     })
 }
 
+/// The longest Unix socket path Linux takes (`sun_path` is 108 bytes with
+/// its terminating zero).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Why `path` cannot be the local API's Unix socket, if it cannot.
+pub fn check_socket_path(path: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let len = path.as_os_str().as_bytes().len();
+    if !path.is_absolute() {
+        return Err(format!("{} must be an absolute path", path.display()));
+    }
+    if len > MAX_SOCKET_PATH {
+        return Err(format!(
+            "{} is {len} bytes, over the {MAX_SOCKET_PATH} a Unix socket path can have",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 impl AgentConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
@@ -246,6 +269,9 @@ impl AgentConfig {
                 "api_listen",
                 "must be a loopback address (the local API has no authentication)".into(),
             ));
+        }
+        if let Some(socket) = &self.api_socket {
+            check_socket_path(socket).map_err(|reason| invalid("api_socket", reason))?;
         }
         let (scheme, rest) = self
             .broker
@@ -343,6 +369,8 @@ impl AgentConfig {
              # device_id: this device's id, the CN of its certificate ([A-Za-z0-9_-], 1-64).\n\
              # data_dir: slots and state; trust_root: the pinned trust root (from flashing).\n\
              # api_listen: local OIP v2 inference API, loopback only.\n\
+             # api_socket = \"/run/edgefleet/api.sock\": the same API also on a Unix socket\n\
+             #   (mode 0660: its owner and group may call the model); none by default.\n\
              # broker.url: mqtts://host:port with broker.ca/cert/key (mutual TLS), or\n\
              #   mqtt://host:port for development. telemetry.interval_s: 1..86400.\n\
              # limits: largest bundle accepted, free disk an install must leave (bytes).\n\
@@ -373,10 +401,38 @@ mod tests {
     }
 
     #[test]
+    fn a_socket_path_is_absolute_and_fits_sun_path() {
+        assert!(check_socket_path(Path::new("/run/edgefleet/api.sock")).is_ok());
+        let longest = format!("/{}", "a".repeat(MAX_SOCKET_PATH - 1));
+        assert!(check_socket_path(Path::new(&longest)).is_ok());
+        let over = format!("/{}", "a".repeat(MAX_SOCKET_PATH));
+        assert!(
+            check_socket_path(Path::new(&over))
+                .expect_err("refused")
+                .contains("108 bytes")
+        );
+        assert!(
+            check_socket_path(Path::new("api.sock"))
+                .expect_err("refused")
+                .contains("absolute")
+        );
+        let config = check("api_socket = \"/run/edgefleet/api.sock\"").expect("valid");
+        assert_eq!(
+            config.api_socket.as_deref(),
+            Some(Path::new("/run/edgefleet/api.sock"))
+        );
+    }
+
+    #[test]
     fn each_bad_field_is_named() {
         for (text, field) in [
             ("device_id = \"../x\"", "device_id"),
             ("api_listen = \"0.0.0.0:8008\"", "api_listen"),
+            ("api_socket = \"run/api.sock\"", "api_socket"),
+            (
+                "api_socket = \"/run/edgefleet/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.sock\"",
+                "api_socket",
+            ),
             ("[broker]\nurl = \"http://x:1\"", "broker.url"),
             ("[broker]\nurl = \"mqtts://x\"", "broker.url"),
             ("[telemetry]\ninterval_s = 0", "telemetry.interval_s"),

@@ -595,6 +595,78 @@ fn with_no_controller_drift_of_served_requests_shows_in_status() {
 }
 
 #[test]
+fn the_local_api_also_serves_on_a_unix_socket_only_its_owner_and_group_may_use() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dev = Device::new();
+    let v1 = bundle(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    dev.ok(&["install", s(&v1)]);
+    let socket = dev.path().join("api.sock");
+    // A socket file left by an agent that is gone (nobody listens on it) is
+    // replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("stale socket"));
+    assert!(socket.exists());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .arg("--data-dir")
+        .arg(dev.path().join("data"))
+        .arg("--trust")
+        .arg(dev.path().join("root.cbor"))
+        .args(["run", "--http", "127.0.0.1:0", "--socket", s(&socket)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("agent starts");
+    let addr = wait_for_api(&mut child);
+    let meta = std::fs::symlink_metadata(&socket).expect("socket");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+
+    // The same API on both: the same answer to the same request.
+    let unix = format!("unix:{}", socket.display());
+    let good = r#"{"inputs":[{"name":"features","shape":[2,4],"datatype":"FP32","data":[5.0,3.4,1.5,0.2,6.6,3.0,5.6,2.0]}]}"#;
+    let over_tcp = http(&addr, "POST", "/v2/models/iris/infer", good);
+    assert_eq!(over_tcp.0, 200, "{}", over_tcp.1);
+    for _ in 0..3 {
+        assert_eq!(http(&unix, "POST", "/v2/models/iris/infer", good), over_tcp);
+    }
+    let (code, body) = http(&unix, "POST", "/v2/models/iris/infer", r#"{"inputs":[]}"#);
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(http(&unix, "GET", "/v2/health/ready", "").0, 200);
+
+    // A second agent cannot take the socket while the first serves on it, and
+    // leaves it alone.
+    let out = dev.fails(&["run", "--http", "127.0.0.1:0", "--socket", s(&socket)]);
+    assert!(
+        out.contains("another process is serving on this socket"),
+        "{out}"
+    );
+    assert_eq!(http(&unix, "GET", "/v2/health/live", "").0, 200);
+
+    // A file that is not a socket is never replaced.
+    let file = dev.path().join("not-a-socket");
+    std::fs::write(&file, "keep me").expect("write");
+    let out = dev.fails(&["run", "--http", "127.0.0.1:0", "--socket", s(&file)]);
+    assert!(out.contains("is not a socket"), "{out}");
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), "keep me");
+    let out = dev.fails(&["run", "--http", "127.0.0.1:0", "--socket", "api.sock"]);
+    assert!(out.contains("absolute"), "{out}");
+
+    // A graceful stop takes the socket file with it.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    assert!(child.wait().expect("agent exits").success());
+    assert!(!socket.exists(), "the socket file is removed on stop");
+}
+
+#[test]
 fn the_local_api_refuses_to_bind_outside_loopback() {
     let dev = Device::new();
     let out = dev.fails(&["run", "--http", "0.0.0.0:0"]);

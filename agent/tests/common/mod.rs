@@ -160,9 +160,14 @@ pub fn write_root(path: &Path) {
     std::fs::write(path, root.to_bytes()).expect("root");
 }
 
-/// One HTTP/1.1 request over a plain socket; returns status and body.
-/// An HTTP request with extra headers and a byte body; returns the status, the
-/// response's header lines (lower-cased names) and its body bytes.
+/// A connected socket of either kind.
+trait Stream: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> Stream for T {}
+
+/// An HTTP/1.1 request with extra headers and a byte body over a fresh
+/// connection to `addr` (`host:port`, or `unix:PATH` for a Unix socket);
+/// returns the status, the response's header lines (lower-cased names) and its
+/// body bytes.
 pub fn http_bytes(
     addr: &str,
     method: &str,
@@ -171,12 +176,21 @@ pub fn http_bytes(
     body: &[u8],
 ) -> (u16, Vec<(String, String)>, Vec<u8>) {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("timeout");
+    let timeout = Some(std::time::Duration::from_secs(10));
+    let (mut stream, host): (Box<dyn Stream>, &str) = match addr.strip_prefix("unix:") {
+        Some(socket) => {
+            let s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+            s.set_read_timeout(timeout).expect("timeout");
+            (Box::new(s), "localhost")
+        }
+        None => {
+            let s = std::net::TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(timeout).expect("timeout");
+            (Box::new(s), addr)
+        }
+    };
     let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n",
         body.len()
     );
     for (name, value) in headers {
