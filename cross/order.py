@@ -5,6 +5,12 @@ binary, out, logs = sys.argv[1], sys.argv[2], sys.argv[3:]
 syms = []
 for line in subprocess.run(["nm", "-S", "-n", "--defined-only", binary], capture_output=True, text=True).stdout.splitlines():
     f = line.split()
+    # ARM's mapping symbols ($a, $t, $d, $x and their numbered forms) mark where
+    # code and data start inside functions; every object has them, so one in the
+    # list would give its priority to every section (lld orders sections by the
+    # symbols they define) and stop the ordering there.
+    if f and f[-1].startswith("$"):
+        continue
     if len(f) == 4 and f[2] in "tTwW":
         syms.append((int(f[0], 16), int(f[1], 16), f[3]))
     elif len(f) == 3 and f[1] in "tTwW":

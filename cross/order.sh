@@ -10,6 +10,12 @@
 #   cross/order.sh                      # x86-64
 #   cross/order.sh aarch64-unknown-linux-musl
 #
+# With EDGEFLEET_ORDER_MEASURE=BINARY it builds nothing and writes no list: it runs
+# that agent binary (built for the one target given) through the same day and prints
+# how many 4-KB pages and 64-KB windows of its code ran (cross/touched.py), the proxy
+# for the resident code of a binary whose RSS cannot be measured here (ARM under
+# qemu-user). Compare a binary linked with the list against one without it.
+#
 # Needs what cross/build.sh needs, plus mosquitto and openssl. Run it again after a
 # dependency or compiler update (cross/build.sh reports how many of the listed
 # functions it found); a stale list only costs memory, never correctness.
@@ -19,6 +25,13 @@ ROOT=$(dirname "$HERE")
 W=${EDGEFLEET_CROSS_DIR:-/var/tmp/edgefleet-cross}
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(x86_64-unknown-linux-musl)
+MEASURE=""
+if [ -n "${EDGEFLEET_ORDER_MEASURE:-}" ]; then
+  MEASURE=$(realpath -e "$EDGEFLEET_ORDER_MEASURE") \
+    || { echo "cross/order.sh: EDGEFLEET_ORDER_MEASURE: no file $EDGEFLEET_ORDER_MEASURE" >&2; exit 2; }
+  [ ${#TARGETS[@]} -eq 1 ] \
+    || { echo "cross/order.sh: EDGEFLEET_ORDER_MEASURE takes the one target it was built for" >&2; exit 2; }
+fi
 for p in mosquitto openssl; do
   command -v "$p" >/dev/null || { apt-get install -y -qq --no-install-recommends "$p" >/dev/null; }
 done
@@ -111,11 +124,15 @@ for T in "${TARGETS[@]}"; do
     x86_64-*) Q=qemu-x86_64-static ;;
     *) echo "cross/order.sh: unknown target $T" >&2; exit 2 ;;
   esac
-  edge_target "$T"
-  echo "cross/order.sh: building edgefleet-agent for $T with its symbols"
-  (cd "$ROOT" && cargo-zigbuild rustc -Zbuild-std=std,panic_abort --profile edge --target "$T" \
-    -p edgefleet-agent --bin edgefleet-agent -- -C strip=none)
-  cp "$CARGO_TARGET_DIR/$T/edge/edgefleet-agent" "agent-$T"
+  if [ -n "$MEASURE" ]; then
+    cp "$MEASURE" "agent-$T"
+  else
+    edge_target "$T"
+    echo "cross/order.sh: building edgefleet-agent for $T with its symbols"
+    (cd "$ROOT" && cargo-zigbuild rustc -Zbuild-std=std,panic_abort --profile edge --target "$T" \
+      -p edgefleet-agent --bin edgefleet-agent -- -C strip=none)
+    cp "$CARGO_TARGET_DIR/$T/edge/edgefleet-agent" "agent-$T"
+  fi
   trace() { # trace LOG ARGS...: runs the agent under qemu, logging each block of code
     local log=$1
     shift
@@ -142,6 +159,11 @@ for T in "${TARGETS[@]}"; do
   grep -q 'Received PUBLISH from order-dev' "mosquitto-$T.log" \
     || { echo "cross/order.sh: the agent did not publish over mutual TLS" >&2; cat "run-$T.out" >&2; exit 1; }
   logs+=(run.log)
+  if [ -n "$MEASURE" ]; then
+    python3 "$HERE/touched.py" "agent-$T" "${logs[@]}"
+    rm -f ./*.log
+    continue
+  fi
   mkdir -p "$HERE/order"
   python3 "$HERE/order.py" "agent-$T" "order-$T.txt" "${logs[@]}"
   gzip -9n <"order-$T.txt" >"$HERE/order/$T.txt.gz"
