@@ -326,7 +326,7 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
     // Per round: direct, JSON via API, binary via API, TCP, empty HTTP, decode,
     // encode, and the CPU time per request of the direct run (this thread) and
     // of the server thread for the JSON and the binary requests.
-    let mut rounds: Vec<[f64; 15]> = Vec::new();
+    let mut rounds: Vec<[f64; 16]> = Vec::new();
     let server = client.server_schedstat.clone();
     for _ in 0..ROUNDS {
         let (direct, direct_cpu) = time_with_cpu_us(runs, "/proc/thread-self/schedstat", || {
@@ -370,6 +370,18 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
             time_us(runs, || {
                 assert_eq!(unix.request("GET", "/v2/health/live", &[], b""), 200);
             }),
+            // The empty round trip right after the model ran in this thread:
+            // what the HTTP path costs once an inference has cooled the caches.
+            median(
+                (0..runs)
+                    .map(|_| {
+                        model.run(std::slice::from_ref(&case.input)).expect("runs");
+                        let t = Instant::now();
+                        assert_eq!(client.request("GET", "/v2/health/live", &[], b""), 200);
+                        t.elapsed().as_secs_f64() * 1e6
+                    })
+                    .collect(),
+            ),
         ]);
     }
     let fig = |i: usize| median(rounds.iter().map(|r| r[i]).collect());
@@ -410,11 +422,12 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
     // inference runs after a trip through the kernel's loopback path and a
     // wake-up, and the round trip after the inference (no runtime, no HTTP).
     println!(
-        "  {:<18} without the API: the inference right after a loopback round trip {:.1} µs ({:+.0}% on the loop's), that round trip right after the inference {:.1} µs",
+        "  {:<18} without the API: the inference right after a loopback round trip {:.1} µs ({:+.0}% on the loop's), that round trip right after the inference {:.1} µs; the empty HTTP round trip right after the inference {:.1} µs",
         "",
         fig(11),
         over(11, 0) / direct * 100.0,
         fig(12),
+        fig(15),
     );
     // Where the rest goes: a bare loopback round trip (the kernel and two
     // thread wake-ups, no HTTP), an HTTP round trip that does nothing, and the
