@@ -564,8 +564,9 @@ pub fn bind_unix(path: &std::path::Path) -> Result<std::os::unix::net::UnixListe
     }
     let listener = std::os::unix::net::UnixListener::bind(path)
         .map_err(|e| format!("{at}: cannot listen: {e}"))?;
-    // Bound with the umask's mode (at most the owner's); widened to the group
-    // only now, so the socket is never more open than SOCKET_MODE.
+    // Bound with the mode the umask leaves (0700 under the systemd unit's
+    // UMask=0077), then set to SOCKET_MODE; the directory's own mode (the unit's
+    // /run/edgefleet is 0750) is what keeps others out at every instant.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
         .map_err(|e| format!("{at}: cannot set its mode: {e}"))?;
     listener
