@@ -444,9 +444,9 @@ fn api_vs_direct(case: &Case, model: &LoadedModel) {
     );
 }
 
-/// A 64-byte ping answered by an echo thread over loopback TCP (no HTTP, no
-/// runtime): the floor under any local API on this machine.
-fn tcp_round_trip_us(runs: usize) -> f64 {
+/// Runs `f` with a function that sends a 64-byte ping over loopback TCP to an
+/// echo thread and waits for the answer (no HTTP, no runtime).
+fn with_echo<R>(f: impl FnOnce(&mut dyn FnMut()) -> R) -> R {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let echo = std::thread::spawn(move || {
@@ -462,51 +462,40 @@ fn tcp_round_trip_us(runs: usize) -> f64 {
     let mut c = TcpStream::connect(addr).expect("connect");
     c.set_nodelay(true).expect("nodelay");
     let mut buf = [7u8; 64];
-    let us = time_us(runs, || {
+    let result = f(&mut || {
         c.write_all(&buf).expect("ping");
         c.read_exact(&mut buf).expect("pong");
     });
     drop(c);
     echo.join().expect("echo thread");
-    us
+    result
+}
+
+/// A loopback round trip alone: the floor under any local API on this machine.
+fn tcp_round_trip_us(runs: usize) -> f64 {
+    with_echo(|ping| time_us(runs, ping))
 }
 
 /// Each half of a server's loop, timed right after the other half, without
-/// the API: the inference right after a 64-byte loopback round trip to an
-/// echo thread, and the round trip right after the inference. Each cools the
-/// caches and predictors the other one needs, as in a server.
+/// the API: the inference right after a loopback round trip, and the round
+/// trip right after the inference. Each cools the caches and predictors the
+/// other one needs, as in a server.
 fn cooled_us(runs: usize, model: &LoadedModel, input: &Tensor) -> (f64, f64) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let echo = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        s.set_nodelay(true).expect("nodelay");
-        let mut buf = [0u8; 64];
-        while s.read_exact(&mut buf).is_ok() {
-            if s.write_all(&buf).is_err() {
-                break;
-            }
+    with_echo(|ping| {
+        let mut once = || {
+            let t = Instant::now();
+            ping();
+            let round_trip = t.elapsed().as_secs_f64() * 1e6;
+            let t = Instant::now();
+            model.run(std::slice::from_ref(input)).expect("runs");
+            (t.elapsed().as_secs_f64() * 1e6, round_trip)
+        };
+        for _ in 0..runs.div_ceil(10) {
+            once();
         }
-    });
-    let mut c = TcpStream::connect(addr).expect("connect");
-    c.set_nodelay(true).expect("nodelay");
-    let mut buf = [7u8; 64];
-    let mut once = || {
-        let t = Instant::now();
-        c.write_all(&buf).expect("ping");
-        c.read_exact(&mut buf).expect("pong");
-        let round_trip = t.elapsed().as_secs_f64() * 1e6;
-        let t = Instant::now();
-        model.run(std::slice::from_ref(input)).expect("runs");
-        (t.elapsed().as_secs_f64() * 1e6, round_trip)
-    };
-    for _ in 0..runs.div_ceil(10) {
-        once();
-    }
-    let (inference, round_trip) = (0..runs).map(|_| once()).unzip();
-    drop(c);
-    echo.join().expect("echo thread");
-    (median(inference), median(round_trip))
+        let (inference, round_trip): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| once()).unzip();
+        (median(inference), median(round_trip))
+    })
 }
 
 /// The CNN planned by tract four ways, timed on the same image: batch `N`
@@ -672,13 +661,9 @@ fn drift_overhead(case: &Case, model: &LoadedModel) {
         alone,
         alone / plain * 100.0
     );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (on_dir, off_dir) = (dir.path().join("on"), dir.path().join("off"));
-    for d in [&on_dir, &off_dir] {
-        std::fs::create_dir(d).expect("mkdir");
-    }
-    let (mut on, _) = start_api(tracked, &on_dir);
-    let (mut off, _) = start_api(Served::new(Some(active(None))), &off_dir);
+    let dirs = [tempfile::tempdir(), tempfile::tempdir()].map(|d| d.expect("tempdir"));
+    let (mut on, _) = start_api(tracked, dirs[0].path());
+    let (mut off, _) = start_api(Served::new(Some(active(None))), dirs[1].path());
     let body = oip_body(&case.input);
     let path = format!("/v2/models/{}/infer", case.channel);
     let (mut api_off, mut api_on) = (Vec::new(), Vec::new());

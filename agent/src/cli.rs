@@ -315,11 +315,9 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         }
         Command::Run { http, socket } => {
             init_logs(cli.log_json, "info");
-            let listen = Listen {
-                http: http.unwrap_or(config.api_listen),
-                socket: socket.or_else(|| config.api_socket.clone()),
-            };
-            serve(&store, &config, &trust, listen)
+            let http = http.unwrap_or(config.api_listen);
+            let socket = socket.or_else(|| config.api_socket.clone());
+            serve(&store, &config, &trust, http, socket)
         }
         Command::Config(_) => Ok(0),
         Command::Infer { input } => {
@@ -441,19 +439,12 @@ pub fn link_setup(
     Ok((options(device.as_str(), &endpoint, tls), settings))
 }
 
-/// Where `run` serves the local API.
-struct Listen {
-    /// Loopback TCP address.
-    http: std::net::SocketAddr,
-    /// Also a Unix socket, at this path.
-    socket: Option<PathBuf>,
-}
-
 fn serve(
     store: &Store,
     config: &crate::config::AgentConfig,
     trust: &std::path::Path,
-    Listen { http, socket }: Listen,
+    http: std::net::SocketAddr,
+    socket: Option<PathBuf>,
 ) -> Result<i32, CliError> {
     if !http.ip().is_loopback() {
         return Err(CliError::Request(format!(
@@ -560,15 +551,9 @@ fn serve(
         let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        let unix = unix.map(|(path, listener)| {
+        if let Some((path, _)) = &unix {
             println!("local API listening on unix:{}", path.display());
-            let task = tokio::spawn(crate::api::serve_unix(
-                listener,
-                served.clone(),
-                stopped(stop_rx.clone()),
-            ));
-            (path, task)
-        });
+        }
         // Readiness line (the last): scripts and tests wait for it.
         println!("local API listening on http://{addr}");
         use std::io::Write as _;
@@ -605,25 +590,30 @@ fn serve(
             }
             let _ = stop_tx.send(true);
         });
-        let served_tcp = crate::api::serve(listener, served, stopped(stop_rx.clone())).await;
-        if let Some((path, task)) = unix {
-            if served_tcp.is_err() {
-                task.abort();
+        let on_unix = {
+            let (served, stop) = (served.clone(), stop_rx.clone());
+            async move {
+                let Some((path, listener)) = unix else {
+                    return Ok(());
+                };
+                crate::api::serve_unix(listener, served, stopped(stop))
+                    .await
+                    .map_err(|e| format!("local API on {} failed: {e}", path.display()))
             }
-            let served_unix = match task.await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
+        };
+        let on_tcp = async {
+            crate::api::serve(listener, served, stopped(stop_rx.clone()))
+                .await
+                .map_err(|e| format!("local API failed: {e}"))
+        };
+        // Both until the stop; either failing stops the other.
+        let result = tokio::try_join!(on_tcp, on_unix);
+        if let Some(path) = &socket {
             // The socket file goes with the agent (a stale one is replaced at
             // the next start anyway).
-            let _ = std::fs::remove_file(&path);
-            if served_tcp.is_ok() {
-                served_unix.map_err(|e| {
-                    CliError::Request(format!("local API on {} failed: {e}", path.display()))
-                })?;
-            }
+            let _ = std::fs::remove_file(path);
         }
-        served_tcp.map_err(|e| CliError::Request(format!("local API failed: {e}")))?;
+        result.map_err(CliError::Request)?;
         crate::notify::stopping();
         if let Some(d) = daemon {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(3), d).await;

@@ -340,15 +340,16 @@ fn a_crash_at_any_point_of_an_install_leaves_a_valid_active_model() {
     }
 }
 
-/// One HTTP/1.1 request over a fresh connection; returns status and body.
-/// Runs `edgefleet-agent run` and waits for its readiness line.
-fn start_api(dev: &Device) -> (std::process::Child, String) {
+/// Runs `edgefleet-agent run` (with `extra` arguments) and waits for its
+/// readiness line.
+fn start_api(dev: &Device, extra: &[&str]) -> (std::process::Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
         .arg("--data-dir")
         .arg(dev.path().join("data"))
         .arg("--trust")
         .arg(dev.path().join("root.cbor"))
         .args(["run", "--http", "127.0.0.1:0"])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("agent starts");
@@ -360,7 +361,7 @@ fn start_api(dev: &Device) -> (std::process::Child, String) {
 fn the_local_api_speaks_oip_v2_and_rejects_bad_inputs_with_400_naming_the_input() {
     let dev = Device::new();
     // No model yet: live but not ready.
-    let (mut child, addr) = start_api(&dev);
+    let (mut child, addr) = start_api(&dev, &[]);
     assert_eq!(http(&addr, "GET", "/v2/health/live", "").0, 200);
     assert_eq!(http(&addr, "GET", "/v2/health/ready", "").0, 503);
     child.kill().expect("kill");
@@ -375,7 +376,7 @@ fn the_local_api_speaks_oip_v2_and_rejects_bad_inputs_with_400_naming_the_input(
         0,
     );
     dev.ok(&["install", s(&v1)]);
-    let (mut child, addr) = start_api(&dev);
+    let (child, addr) = start_api(&dev, &[]);
     assert_eq!(http(&addr, "GET", "/v2/health/ready", "").0, 200);
     let (code, body) = http(&addr, "GET", "/v2/models/iris", "");
     assert_eq!(code, 200, "{body}");
@@ -511,10 +512,13 @@ fn the_local_api_speaks_oip_v2_and_rejects_bad_inputs_with_400_naming_the_input(
     );
     assert_eq!(code, 400);
     assert!(body.contains("datatype"), "{body}");
-    // Graceful stop on SIGTERM.
-    let pid = child.id().to_string();
+    stop_gracefully(child);
+}
+
+/// Sends SIGTERM and checks the agent exits with success.
+fn stop_gracefully(mut child: std::process::Child) {
     let status = Command::new("kill")
-        .args(["-TERM", &pid])
+        .args(["-TERM", &child.id().to_string()])
         .status()
         .expect("kill runs");
     assert!(status.success());
@@ -612,16 +616,7 @@ fn the_local_api_also_serves_on_a_unix_socket_only_its_owner_and_group_may_use()
     // replaced.
     drop(std::os::unix::net::UnixListener::bind(&socket).expect("stale socket"));
     assert!(socket.exists());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
-        .arg("--data-dir")
-        .arg(dev.path().join("data"))
-        .arg("--trust")
-        .arg(dev.path().join("root.cbor"))
-        .args(["run", "--http", "127.0.0.1:0", "--socket", s(&socket)])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("agent starts");
-    let addr = wait_for_api(&mut child);
+    let (child, addr) = start_api(&dev, &["--socket", s(&socket)]);
     let meta = std::fs::symlink_metadata(&socket).expect("socket");
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
@@ -657,12 +652,7 @@ fn the_local_api_also_serves_on_a_unix_socket_only_its_owner_and_group_may_use()
     assert!(out.contains("absolute"), "{out}");
 
     // A graceful stop takes the socket file with it.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
-    assert!(child.wait().expect("agent exits").success());
+    stop_gracefully(child);
     assert!(!socket.exists(), "the socket file is removed on stop");
 }
 
