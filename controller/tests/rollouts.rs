@@ -332,6 +332,20 @@ fn the_controller_runs_a_fleet_through_mosquitto_whose_acl_confines_each_device(
     let id = start_rollout(&c, &v1, &["--waves", "1,100%", "--soak-s", "0"]);
     c.wait_rollout(&id, "completed", |r| r["phase"] == "completed");
     wait_versions(&c, &agents, "1.0.0");
+    let v2 = push(&c, &bundles.v2);
+    let id = start_rollout(&c, &v2, &["--waves", "100%", "--soak-s", "0"]);
+    c.wait_rollout(&id, "completed", |r| r["phase"] == "completed");
+    wait_versions(&c, &agents, "2.0.0");
+
+    // Mosquitto applies the ACL to wills: an enrolled device with no agent
+    // cannot leave one in mq-02's name. (Mosquitto 2.0 accepts the CONNECT and
+    // drops the will when it would publish it; forge_wills checks the effect.)
+    let attacker = dir.path().join("mq-03");
+    run_ok(
+        &["devices", "enroll", "mq-03", "--out", s(&attacker)],
+        &c.env(),
+    );
+    forge_wills(&c, port, &attacker, "mq-03", "mq-02");
 
     // mq-01 forges telemetry on mq-02's topic, then publishes a marker on its own.
     // The ACL drops the forgery at the broker: the marker (sent after it on the
@@ -429,6 +443,156 @@ fn the_embedded_broker_gate_closes_a_device_that_publishes_on_another_devices_to
         2,
         "{devices}"
     );
+}
+
+#[test]
+fn a_device_cannot_leave_a_last_will_in_another_devices_name_through_the_gate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("controller");
+    let bundles = make_bundles(dir.path(), &data);
+    let c = Controller::start(&data, 0);
+    let agents: Vec<Agent> = (1..=2)
+        .map(|i| Agent::enroll_and_start(&c, dir.path(), &format!("wl-{i:02}"), "site=lab"))
+        .collect();
+    // Both on 2.0.0 with 1.0.0 in the other slot, so a forged revert would show.
+    for bundle in [&bundles.v1, &bundles.v2] {
+        let digest = push(&c, bundle);
+        let id = start_rollout(&c, &digest, &["--waves", "100%", "--soak-s", "0"]);
+        c.wait_rollout(&id, "completed", |r| r["phase"] == "completed");
+    }
+    wait_versions(&c, &agents, "2.0.0");
+
+    // wl-03 is enrolled (a real certificate) but runs no agent.
+    let attacker = dir.path().join("wl-03");
+    run_ok(
+        &["devices", "enroll", "wl-03", "--out", s(&attacker)],
+        &c.env(),
+    );
+    let [on_command, on_state] = forge_wills(&c, c.mqtt_port, &attacker, "wl-03", "wl-02");
+    // The gate closed both connections at CONNECT and counted them.
+    assert!(
+        !on_command,
+        "CONNECT with a will on wl-02's command topic was accepted"
+    );
+    assert!(
+        !on_state,
+        "CONNECT with a will on wl-02's state topic was accepted"
+    );
+    assert!(
+        c.log().contains("wl-03's last will is refused"),
+        "{}",
+        c.log()
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+    let metrics = agent
+        .get(format!("{}/metrics", c.url))
+        .call()
+        .expect("metrics")
+        .body_mut()
+        .read_to_string()
+        .expect("text");
+    let closed: Vec<String> = c
+        .log()
+        .lines()
+        .filter(|l| l.contains("gate closed a connection"))
+        .map(String::from)
+        .collect();
+    assert!(
+        metrics.contains("edgefleet_gate_refused_total 2"),
+        "{closed:#?}\n{metrics}"
+    );
+}
+
+/// `attacker` (the enrollment files of a device that runs no agent) connects
+/// with a will in `victim`'s name, then drops its TCP connection, which makes a
+/// broker publish the will: a revert on the victim's command topic, then a
+/// retained offline state at version 6.6.6-forged on its state topic. Asserts
+/// that neither reached the victim or the controller, and returns whether each
+/// CONNECT was accepted. The victim must run 2.0.0 with 1.0.0 in its other slot.
+fn forge_wills(
+    c: &Controller,
+    port: u16,
+    attacker: &Path,
+    attacker_id: &str,
+    victim: &str,
+) -> [bool; 2] {
+    use edgefleet_shared::protocol::{self, DeviceTopic};
+    let topics = protocol::Topics::default();
+    let id = |d: &str| edgefleet_shared::DeviceId::new(d).expect("id");
+    let revert = protocol::encode(&protocol::Command {
+        id: 900_000,
+        issued_at: edgefleet_shared::UnixTime::now(),
+        action: protocol::Action::Revert,
+    });
+    let offline_state = |device: &str, version: &str| {
+        protocol::encode(&protocol::DeviceState {
+            device: id(device),
+            at: edgefleet_shared::UnixTime::now(),
+            online: false,
+            agent_version: version.into(),
+            arch: edgefleet_shared::Arch::current(),
+            slots: vec![],
+            last_install: None,
+        })
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let connect_and_drop = |topic: String, payload: Vec<u8>| {
+        rt.block_on(async {
+            let (client, mut eventloop) = device_client(attacker, attacker_id, port);
+            eventloop.mqtt_options.set_last_will(rumqttc::LastWill::new(
+                topic,
+                payload,
+                rumqttc::QoS::AtLeastOnce,
+                true,
+            ));
+            let accepted = loop {
+                match tokio::time::timeout(WAIT, eventloop.poll())
+                    .await
+                    .expect("the broker answers")
+                {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
+                        break a.code == rumqttc::ConnectReturnCode::Success;
+                    }
+                    Ok(_) => {}
+                    Err(_) => break false,
+                }
+            };
+            // Dropped without DISCONNECT: a broker that holds the will sends it.
+            drop((client, eventloop));
+            accepted
+        })
+    };
+    let on_command = connect_and_drop(topics.device(&id(victim), DeviceTopic::Commands), revert);
+    let on_state = connect_and_drop(
+        topics.device(&id(victim), DeviceTopic::State),
+        offline_state(victim, "6.6.6-forged"),
+    );
+    // The attacker's own will still works: once it has arrived, the broker has
+    // published any will it held from the earlier connections.
+    let marker = connect_and_drop(
+        topics.device(&id(attacker_id), DeviceTopic::State),
+        offline_state(attacker_id, "0.0.1-marker"),
+    );
+    assert!(marker, "a device's own offline state was refused as a will");
+    let deadline = Instant::now() + WAIT;
+    while c.device(attacker_id)["device"]["agent_version"] != "0.0.1-marker" {
+        assert!(Instant::now() < deadline, "the marker will never arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Two more telemetry samples from the victim after the marker: time for a
+    // forged revert to have been carried out and reported.
+    let seq = || telemetry_seqs(c, victim).into_iter().max().unwrap_or(0);
+    let before = seq();
+    let deadline = Instant::now() + WAIT;
+    while seq() < before + 2 {
+        assert!(Instant::now() < deadline, "{victim} stopped reporting");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let d = c.device(victim)["device"].clone();
+    assert_eq!(d["online"], true, "forged offline state: {d}");
+    assert_ne!(d["agent_version"], "6.6.6-forged", "{d}");
+    assert_eq!(d["active_version"], "2.0.0", "a forged revert ran: {d}");
+    [on_command, on_state]
 }
 
 /// An MQTT client with the certificate of the device whose enrollment files are in
