@@ -422,7 +422,18 @@ pub fn link_setup(
         None
     };
     let root = load_trust(trust, UnixTime::now()).map_err(|e| e.to_string())?;
+    let key_path = &config.broker.controller_key;
+    let controller_key = std::fs::read_to_string(key_path)
+        .map_err(|e| e.to_string())
+        .and_then(|pem| edgefleet_shared::PublicKey::from_pem(&pem).map_err(|e| e.to_string()))
+        .map_err(|e| format!("broker.controller_key: {}: {e}", key_path.display()))?;
     let settings = crate::daemon::DaemonSettings {
+        commands: edgefleet_shared::commands::CommandPolicy {
+            key: controller_key,
+            device: device.clone(),
+            max_age_s: i64::from(config.broker.command_max_age_s),
+            max_ahead_s: edgefleet_shared::commands::DEFAULT_MAX_AHEAD_S,
+        },
         device: device.clone(),
         topics,
         trust: root,

@@ -27,6 +27,12 @@ pub struct BrokerConfig {
     pub key: Option<PathBuf>,
     /// Topic prefix.
     pub topic_prefix: String,
+    /// The controller's command key (SPKI PEM, from enrollment): only commands
+    /// it signed are carried out (docs/protocol.md, "Commands are signed").
+    pub controller_key: PathBuf,
+    /// A command issued longer ago than this, by this device's clock, is
+    /// refused as stale (60..=604800).
+    pub command_max_age_s: u32,
 }
 
 impl Default for BrokerConfig {
@@ -37,6 +43,8 @@ impl Default for BrokerConfig {
             cert: Some("/etc/edgefleet/device.pem".into()),
             key: Some("/etc/edgefleet/device.key".into()),
             topic_prefix: edgefleet_shared::protocol::DEFAULT_PREFIX.into(),
+            controller_key: "/etc/edgefleet/controller.pub".into(),
+            command_max_age_s: 3600,
         }
     }
 }
@@ -310,6 +318,19 @@ impl AgentConfig {
         }
         Topics::new(&self.broker.topic_prefix)
             .map_err(|e| invalid("broker.topic_prefix", e.reason.into()))?;
+        if self.broker.controller_key.as_os_str().is_empty() {
+            return Err(invalid(
+                "broker.controller_key",
+                "is required: commands are carried out only when the controller's key signed them"
+                    .into(),
+            ));
+        }
+        if !(60..=604_800).contains(&self.broker.command_max_age_s) {
+            return Err(invalid(
+                "broker.command_max_age_s",
+                "must be between 60 and 604800".into(),
+            ));
+        }
         if !(1..=86_400).contains(&self.telemetry.interval_s) {
             return Err(invalid(
                 "telemetry.interval_s",
@@ -372,7 +393,9 @@ impl AgentConfig {
              # api_socket = \"/run/edgefleet/api.sock\": the same API also on a Unix socket\n\
              #   (mode 0660: its owner and group may call the model); none by default.\n\
              # broker.url: mqtts://host:port with broker.ca/cert/key (mutual TLS), or\n\
-             #   mqtt://host:port for development. telemetry.interval_s: 1..86400.\n\
+             #   mqtt://host:port for development. broker.controller_key: the controller's\n\
+             #   command key from enrollment: only commands it signed are carried out, if\n\
+             #   issued less than broker.command_max_age_s ago. telemetry.interval_s: 1..86400.\n\
              # limits: largest bundle accepted, free disk an install must leave (bytes).\n\
              # drift: windows of served rows compared with the bundle's reference; a window\n\
              #   closes at window_rows rows, or after window_max_s with at least min_rows.\n\
@@ -436,6 +459,11 @@ mod tests {
             ("[broker]\nurl = \"http://x:1\"", "broker.url"),
             ("[broker]\nurl = \"mqtts://x\"", "broker.url"),
             ("[telemetry]\ninterval_s = 0", "telemetry.interval_s"),
+            ("[broker]\ncontroller_key = \"\"", "broker.controller_key"),
+            (
+                "[broker]\ncommand_max_age_s = 5",
+                "broker.command_max_age_s",
+            ),
             ("[broker]\ntopic_prefix = \"a/#\"", "broker.topic_prefix"),
             ("[drift]\nwindow_rows = 5", "drift.window_rows"),
             ("[drift]\nmin_rows = 5000", "drift.min_rows"),

@@ -43,12 +43,16 @@ use crate::slots::SlotEvent;
 use crate::spool::Spool;
 use crate::store::{self, InstallError, Store, write_atomic};
 use crate::sysinfo_probe::Probe;
+use edgefleet_shared::commands::{self, CommandRefusal, ReplayWindow};
 
 /// What the daemon needs besides its data directory.
 #[derive(Debug, Clone)]
 pub struct DaemonSettings {
     /// This device.
     pub device: DeviceId,
+    /// Which commands are carried out: signed by the pinned controller key,
+    /// for this device, fresh, not replayed.
+    pub commands: edgefleet_shared::commands::CommandPolicy,
     /// Topic names.
     pub topics: Topics,
     /// The pinned trust root.
@@ -220,7 +224,12 @@ pub struct Daemon {
     in_flight: HashSet<Tag>,
     pending_interval: Option<Duration>,
     heartbeat: Arc<AtomicU64>,
+    /// Ids of the commands carried out lately (`<data>/commands.json`).
+    replay: ReplayWindow,
 }
+
+/// Largest replay-window file read (1,024 ids in JSON are about 21 KB).
+const MAX_REPLAY_FILE: u64 = 64 * 1024;
 
 /// Milliseconds since the Unix epoch, for the heartbeat.
 pub fn now_ms() -> u64 {
@@ -258,7 +267,9 @@ impl Daemon {
             in_flight: HashSet::new(),
             pending_interval: None,
             heartbeat: Arc::new(AtomicU64::new(now_ms())),
+            replay: ReplayWindow::default(),
         };
+        daemon.replay = daemon.load_replay_window();
         daemon.resume_download();
         daemon.update_will();
         daemon.link.connect();
@@ -372,14 +383,22 @@ impl Daemon {
                 Some(Topic::Device { device, kind })
                     if kind == DeviceTopic::Commands && device == self.settings.device =>
                 {
-                    match protocol::decode::<Command>(&payload) {
+                    match self.open_command(&payload) {
                         Ok(command) => self.on_command(command).await,
-                        Err(e) => {
-                            tracing::warn!("refused a command: {e}");
+                        Err(refusal) => {
+                            tracing::warn!(code = refusal.code(), "refused a command: {refusal}");
+                            // A signed command for this device that came too late
+                            // (or too early) is answered, so its rollout learns of it;
+                            // others are not the controller's.
+                            let command = match &refusal {
+                                CommandRefusal::Stale { id, .. }
+                                | CommandRefusal::FromTheFuture { id, .. } => Some(*id),
+                                _ => None,
+                            };
                             self.emit(
-                                None,
+                                command,
                                 EventKind::CommandRejected {
-                                    detail: e.to_string(),
+                                    detail: format!("{}: {refusal}", refusal.code()),
                                 },
                             );
                         }
@@ -399,6 +418,53 @@ impl Daemon {
     }
 
     // -- commands ------------------------------------------------------------
+
+    fn replay_path(&self) -> PathBuf {
+        self.store.dir().join("commands.json")
+    }
+
+    /// The replay window from disk. A missing file is an empty window; an
+    /// unreadable one too, with an error logged (commands older than
+    /// `command_max_age_s` stay refused as stale).
+    fn load_replay_window(&self) -> ReplayWindow {
+        let path = self.replay_path();
+        let read = || -> Result<ReplayWindow, String> {
+            let f = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+            let mut bytes = Vec::new();
+            io::Read::read_to_end(&mut io::Read::take(f, MAX_REPLAY_FILE + 1), &mut bytes)
+                .map_err(|e| e.to_string())?;
+            if bytes.len() as u64 > MAX_REPLAY_FILE {
+                return Err(format!("over {MAX_REPLAY_FILE} bytes"));
+            }
+            serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+        };
+        match read() {
+            Ok(window) => window,
+            Err(_) if !path.exists() => ReplayWindow::default(),
+            Err(e) => {
+                tracing::error!("replay window {}: {e}; starting empty", path.display());
+                ReplayWindow::default()
+            }
+        }
+    }
+
+    /// Checks a payload from the command topic (`shared::commands`) and, if it
+    /// is to be carried out, records its id on disk first, so that neither a
+    /// replay nor a restart runs it twice.
+    fn open_command(&mut self, payload: &[u8]) -> Result<Command, CommandRefusal> {
+        let command =
+            commands::open_command(payload, &self.settings.commands, self.now(), &self.replay)?;
+        self.replay.record(command.id);
+        let saved = serde_json::to_vec(&self.replay)
+            .map_err(io::Error::other)
+            .and_then(|bytes| crate::store::write_atomic(&self.replay_path(), &bytes));
+        if let Err(e) = saved {
+            // Carried out anyway: a replay window that cannot be saved (full
+            // disk) must not stop a revert that may be what frees the disk.
+            tracing::error!("replay window {}: {e}", self.replay_path().display());
+        }
+        Ok(command)
+    }
 
     async fn on_command(&mut self, command: Command) {
         tracing::info!(id = command.id, "command received");

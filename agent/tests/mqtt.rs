@@ -30,6 +30,11 @@ const PREFIX: &str = "edgefleet/v1";
 /// Every wait in these tests is bounded by this.
 const WAIT: Duration = Duration::from_secs(60);
 
+/// The test controller's command key; every device config pins its public half.
+fn controller_key() -> edgefleet_shared::SecretKey {
+    edgefleet_shared::SecretKey::from_seed([7; 32])
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -171,14 +176,17 @@ impl Device {
             None => String::new(),
         };
         let path = self.path().join("agent.toml");
+        let key = self.path().join("controller.pub");
+        std::fs::write(&key, controller_key().public().to_pem()).expect("controller key");
         std::fs::write(
             &path,
             format!(
                 "device_id = \"{DEVICE}\"\ndata_dir = \"{}\"\ntrust_root = \"{}\"\n\
-                 [broker]\nurl = \"{broker_url}\"\n{tls}\n[telemetry]\ninterval_s = 1\n\
-                 [limits]\ndisk_reserve_bytes = 0\n",
+                 [broker]\nurl = \"{broker_url}\"\ncontroller_key = \"{}\"\n{tls}\n\
+                 [telemetry]\ninterval_s = 1\n[limits]\ndisk_reserve_bytes = 0\n",
                 s(&self.path().join("data")),
                 s(&self.path().join("root.cbor")),
+                s(&key),
             ),
         )
         .expect("config");
@@ -318,7 +326,9 @@ impl Peer {
             rx,
             policy,
             bundles,
-            next_command: 1,
+            // Increasing across peers, as the controller's are: a device
+            // refuses an id it has carried out before.
+            next_command: UnixTime::now().0.unsigned_abs() * 1000,
         }
     }
 
@@ -337,18 +347,28 @@ impl Peer {
         let cmd = Cmd {
             id,
             issued_at: UnixTime::now(),
+            device: edgefleet_shared::DeviceId::new(DEVICE).expect("id"),
             action,
         };
+        self.publish_command(edgefleet_shared::commands::sign_command(
+            &controller_key(),
+            &cmd,
+        ))
+        .await;
+        id
+    }
+
+    /// Publishes `payload` as it is on the device's command topic.
+    async fn publish_command(&self, payload: Vec<u8>) {
         self.client
             .publish(
                 format!("{PREFIX}/devices/{DEVICE}/cmd"),
                 QoS::AtLeastOnce,
                 false,
-                protocol::encode(&cmd),
+                payload,
             )
             .await
             .expect("publish");
-        id
     }
 
     /// Has the agent install `served` with only 40 chunks served, then kills it
@@ -481,6 +501,134 @@ fn infer_version(api: &str) -> (u16, String) {
         .and_then(|v| v["model_version"].as_str().map(str::to_owned))
         .unwrap_or(text);
     (status, version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_signed_fresh_commands_for_this_device_are_carried_out_and_each_only_once() {
+    use edgefleet_shared::commands::{SignedCommand, sign_command};
+    let dev = Device::new();
+    let broker = Broker::start(dev.path(), "allow_anonymous true");
+    let mut peer = Peer::connect(broker.port, None);
+    let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
+    let mut agent = Agent::start(dev.path(), &config);
+    peer.state(|s| s.online).await;
+
+    // A signed revert (nothing to revert to: answered with a rejection naming
+    // its command id), resent until the device has subscribed and answers.
+    let me = edgefleet_shared::DeviceId::new(DEVICE).expect("id");
+    let command = |id: u64, device: &edgefleet_shared::DeviceId, issued_at: UnixTime| Cmd {
+        id,
+        issued_at,
+        device: device.clone(),
+        action: Action::Revert,
+    };
+    let mut events = Vec::new();
+    let accepted = loop {
+        let id = peer.command(Action::Revert).await;
+        let answer = peer
+            .try_event(&mut events, Duration::from_secs(3), |k| {
+                matches!(k, EventKind::CommandRejected { .. })
+            })
+            .await;
+        if let Some(e) = answer {
+            assert_eq!(e.command, Some(id), "{e:?}");
+            let EventKind::CommandRejected { detail } = &e.kind else {
+                unreachable!()
+            };
+            assert!(
+                !detail.contains("signed"),
+                "a good command was refused: {detail}"
+            );
+            break id;
+        }
+    };
+    let good = sign_command(&controller_key(), &command(accepted, &me, UnixTime::now()));
+
+    // Each bad payload gets a rejection whose detail starts with its code, and
+    // nothing else happens.
+    let next = accepted + 1_000;
+    let other_key = edgefleet_shared::SecretKey::from_seed([8; 32]);
+    let now = UnixTime::now();
+    let mut tampered: SignedCommand = protocol::decode(&good).expect("signed command");
+    tampered.command = protocol::encode(&command(next + 9, &me, now));
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("unsigned", protocol::encode(&command(next, &me, now))),
+        (
+            "unknown_key",
+            sign_command(&other_key, &command(next + 1, &me, now)),
+        ),
+        ("bad_signature", protocol::encode(&tampered)),
+        (
+            "wrong_device",
+            sign_command(
+                &controller_key(),
+                &command(
+                    next + 2,
+                    &edgefleet_shared::DeviceId::new("dev-2").expect("id"),
+                    now,
+                ),
+            ),
+        ),
+        (
+            "stale",
+            sign_command(
+                &controller_key(),
+                &command(next + 3, &me, now.plus_secs(-3601)),
+            ),
+        ),
+        (
+            "from_the_future",
+            sign_command(
+                &controller_key(),
+                &command(next + 4, &me, now.plus_secs(3600)),
+            ),
+        ),
+        ("replayed", good.clone()),
+        ("malformed", b"not cbor at all".to_vec()),
+    ];
+    for (code, payload) in cases {
+        peer.publish_command(payload).await;
+        let e = peer
+            .event(&mut events, |k| {
+                matches!(k, EventKind::CommandRejected { .. })
+            })
+            .await;
+        let EventKind::CommandRejected { detail } = &e.kind else {
+            unreachable!()
+        };
+        assert!(
+            detail.starts_with(&format!("{code}: ")),
+            "{code}: {detail}\n{}",
+            agent.log()
+        );
+    }
+
+    // The window is on disk: after a restart the same command is still a replay.
+    agent.kill();
+    peer.drain();
+    let agent = Agent::start(dev.path(), &config);
+    peer.state(|s| s.online).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no answer to the replay\n{}",
+            agent.log()
+        );
+        peer.publish_command(good.clone()).await;
+        let answer = peer
+            .try_event(&mut events, Duration::from_secs(3), |k| {
+                matches!(k, EventKind::CommandRejected { .. })
+            })
+            .await;
+        if let Some(e) = answer {
+            let EventKind::CommandRejected { detail } = &e.kind else {
+                unreachable!()
+            };
+            assert!(detail.starts_with("replayed: "), "{detail}");
+            break;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

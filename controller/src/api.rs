@@ -510,6 +510,7 @@ async fn enroll(
     Ok(Json(json!({
         "device": id,
         "ca_pem": s.ca.cert_pem(),
+        "controller_key_pem": s.ca.command_public_pem(),
         "cert_pem": cert,
         "key_pem": key,
         "broker_url": s.broker_url,

@@ -13,6 +13,8 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType, date_time_ymd,
 };
 
+use edgefleet_shared::{PublicKey, SecretKey};
+
 use crate::operator::write_atomic;
 
 /// The client id and certificate name of the controller itself on the broker.
@@ -54,6 +56,32 @@ pub struct Ca {
     dir: PathBuf,
     cert_pem: String,
     key: KeyPair,
+    /// The public half of the controller's command-signing key.
+    command_public: PublicKey,
+}
+
+/// The controller's Ed25519 command-signing key in the CA directory
+/// (docs/protocol.md, "Commands are signed"): devices receive its public half at
+/// enrollment and carry out only commands it signed.
+const COMMAND_KEY: &str = "command.key";
+
+/// Reads the command key in `dir`, creating it on first use (also in a CA made
+/// before commands were signed).
+fn command_key_in(dir: &Path) -> Result<SecretKey, CaError> {
+    let path = dir.join(COMMAND_KEY);
+    if path.exists() {
+        let pem = fs::read_to_string(&path).map_err(io(&path))?;
+        return SecretKey::from_pem(&pem).map_err(|e| CaError::Io {
+            path: path.clone(),
+            detail: format!("not a usable Ed25519 key: {e}"),
+        });
+    }
+    let key = SecretKey::generate().map_err(|e| CaError::Issue {
+        name: "the command key".into(),
+        detail: e.to_string(),
+    })?;
+    write_file(&path, key.to_pem().as_bytes(), 0o600)?;
+    Ok(key)
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> CaError + '_ {
@@ -95,6 +123,7 @@ impl Ca {
                 dir: dir.to_owned(),
                 cert_pem,
                 key,
+                command_public: command_key_in(dir)?.public(),
             });
         }
         fs::create_dir_all(dir).map_err(io(dir))?;
@@ -109,7 +138,18 @@ impl Ca {
             dir: dir.to_owned(),
             cert_pem: cert.pem(),
             key,
+            command_public: command_key_in(dir)?.public(),
         })
+    }
+
+    /// The controller's command-signing key (read from its file, mode 0600).
+    pub fn command_key(&self) -> Result<SecretKey, CaError> {
+        command_key_in(&self.dir)
+    }
+
+    /// The command key's public half, PEM (what devices pin at enrollment).
+    pub fn command_public_pem(&self) -> String {
+        self.command_public.to_pem()
     }
 
     /// The CA certificate file (what devices and brokers trust).

@@ -1152,6 +1152,29 @@ impl Db {
             .await?)
     }
 
+    /// The action and rollout of command `id` sent to `device`, if it was.
+    pub async fn command_of(
+        &self,
+        device: &str,
+        id: u64,
+    ) -> Result<Option<(String, Option<String>)>> {
+        let device = device.to_owned();
+        Ok(self
+            .read
+            .call(
+                move |c| -> rusqlite::Result<Option<(String, Option<String>)>> {
+                    use rusqlite::OptionalExtension as _;
+                    c.query_row(
+                        "SELECT action, rollout FROM commands WHERE id = ?1 AND device = ?2",
+                        params![i(id), device],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()
+                },
+            )
+            .await?)
+    }
+
     /// Commands sent to a device: how many per action (for tests and the API).
     pub async fn command_counts(&self, device: &str) -> Result<BTreeMap<String, u64>> {
         let d = device.to_owned();

@@ -297,6 +297,12 @@ fn story(
         tls: true,
         topic_prefix: crate::config::ControllerConfig::default().mqtt.topic_prefix,
         trust_root: root_path.clone(),
+        // Every enrollment carries the same controller key.
+        controller_key: dir
+            .join("devices")
+            .join("dev-001")
+            .join("identity")
+            .join("controller.pub"),
         dir: dir.join("devices"),
         telemetry_interval: Duration::from_secs(1),
     };

@@ -118,6 +118,9 @@ pub struct Enrollment {
     pub topic_prefix: String,
     /// CA certificate (PEM).
     pub ca_pem: String,
+    /// The controller's command key, public half (PEM): the device carries out
+    /// only commands it signed.
+    pub controller_key_pem: String,
     /// Device certificate (PEM).
     pub cert_pem: String,
     /// Device key (PEM).
@@ -526,6 +529,7 @@ pub fn enrollment_of(v: &Value) -> Result<Enrollment, String> {
         broker_url: s("broker_url")?,
         topic_prefix: s("topic_prefix")?,
         ca_pem: s("ca_pem")?,
+        controller_key_pem: s("controller_key_pem")?,
         cert_pem: s("cert_pem")?,
         key_pem: s("key_pem")?,
         trust_root,
@@ -555,6 +559,7 @@ fn read_enrollment(dir: &Path, id: &str) -> Result<Enrollment, String> {
         broker_url: config.broker.url,
         topic_prefix: config.broker.topic_prefix,
         ca_pem: text("ca.pem")?,
+        controller_key_pem: text("controller.pub")?,
         cert_pem: text("device.pem")?,
         key_pem: text("device.key")?,
         trust_root: read("trust-root.cbor")?,
@@ -668,6 +673,11 @@ pub fn device_files(
             e.cert_pem.clone().into_bytes(),
         ),
         file(key.clone(), 0o600, e.key_pem.clone().into_bytes()),
+        file(
+            config.broker.controller_key.clone(),
+            0o644,
+            e.controller_key_pem.clone().into_bytes(),
+        ),
         file(config.trust_root.clone(), 0o644, e.trust_root.clone()),
         file(profile.install.unit.clone(), 0o644, unit.into_bytes()),
         DeviceFile {
@@ -951,6 +961,7 @@ mod tests {
             broker_url: "mqtts://fleet.example:8883".into(),
             topic_prefix: "edgefleet".into(),
             ca_pem: "CA".into(),
+            controller_key_pem: "CONTROLLER KEY".into(),
             cert_pem: "CERT".into(),
             key_pem: "KEY".into(),
             trust_root: vec![1, 2, 3],

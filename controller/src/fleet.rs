@@ -136,6 +136,8 @@ pub struct Fleet {
     db: Db,
     topics: Topics,
     client: AsyncClient,
+    /// Signs every command (docs/protocol.md, "Commands are signed").
+    command_key: edgefleet_shared::SecretKey,
     bundles_dir: PathBuf,
     bundles: Mutex<BTreeMap<Digest, Arc<StoredBundle>>>,
     rollouts: Mutex<BTreeMap<String, Active>>,
@@ -161,7 +163,7 @@ struct ChunkQueue {
     queued: BTreeSet<(Digest, u32)>,
 }
 
-/// How the controller connects to the broker.
+/// How the controller connects to the broker, and the key its commands carry.
 #[derive(Debug)]
 pub struct BrokerLink {
     /// Host to dial.
@@ -170,6 +172,8 @@ pub struct BrokerLink {
     pub port: u16,
     /// TLS settings, if any.
     pub tls: Option<rustls::ClientConfig>,
+    /// Signs every command sent over the link (docs/protocol.md 4a).
+    pub command_key: edgefleet_shared::SecretKey,
 }
 
 impl Fleet {
@@ -197,6 +201,7 @@ impl Fleet {
             db,
             topics,
             client,
+            command_key: link.command_key,
             bundles_dir,
             bundles: Mutex::default(),
             rollouts: Mutex::default(),
@@ -471,6 +476,33 @@ impl Fleet {
                 )
             }
             EventKind::Reverted { .. } => (None, Input::Reverted { device }),
+            // A device that refused a rollout's install command (signed for it,
+            // but stale by its clock, say) fails that rollout's member with the
+            // reason, instead of leaving it to the install timeout.
+            EventKind::CommandRejected { detail } => {
+                let Some(command) = e.command else {
+                    return Ok(());
+                };
+                let Some((action, Some(rollout))) = self.db.command_of(&device, command).await?
+                else {
+                    return Ok(());
+                };
+                if action != "install" {
+                    return Ok(());
+                }
+                let input = Input::Failed {
+                    device,
+                    reason: format!("command_rejected: {detail}"),
+                };
+                let mut map = self.rollouts.lock().await;
+                if let Some(a) = map.get_mut(&rollout)
+                    && a.engine.members.contains_key(e.device.as_str())
+                {
+                    let fx = a.engine.apply(now, input).unwrap_or_default();
+                    self.carry_out(&rollout, a, fx, now).await?;
+                }
+                return Ok(());
+            }
             _ => return Ok(()),
         };
         let mut map = self.rollouts.lock().await;
@@ -695,15 +727,17 @@ impl Fleet {
         let now = now_ms();
         let id = self.db.new_command(device, rollout, name, now).await?;
         let device_id = DeviceId::new(device).map_err(|e| FleetError::Invalid(e.to_string()))?;
+        let topic = self.topics.device(&device_id, DeviceTopic::Commands);
         let cmd = Command {
             id,
             issued_at: UnixTime((now / 1000) as i64),
+            device: device_id,
             action,
         };
-        let topic = self.topics.device(&device_id, DeviceTopic::Commands);
+        let signed = edgefleet_shared::commands::sign_command(&self.command_key, &cmd);
         if let Err(e) = self
             .client
-            .publish(topic, QoS::AtLeastOnce, false, protocol::encode(&cmd))
+            .publish(topic, QoS::AtLeastOnce, false, signed)
             .await
         {
             tracing::warn!(device, error = %e, "command not handed to the broker client");

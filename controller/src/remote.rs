@@ -144,7 +144,7 @@ pub enum DevicesCommand {
         /// Tags, `k=v,k2=v2`.
         #[arg(long, default_value = "")]
         tags: String,
-        /// Directory for ca.pem, device.pem, device.key, trust-root.cbor, agent.toml.
+        /// Directory for ca.pem, controller.pub, device.pem, device.key, trust-root.cbor, agent.toml.
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
@@ -483,7 +483,7 @@ pub fn devices(cmd: DevicesCommand) -> Result<i32, String> {
                     out.display()
                 );
                 println!(
-                    "  ca.pem device.pem device.key (0600) agent.toml{}",
+                    "  ca.pem controller.pub device.pem device.key (0600) agent.toml{}",
                     if v["trust_root_hex"].is_string() {
                         " trust-root.cbor"
                     } else {
@@ -549,6 +549,7 @@ pub fn write_enrollment(v: &Value, out: &Path) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let s = |k: &str| v[k].as_str().unwrap_or("").to_owned();
     put("ca.pem", s("ca_pem").as_bytes(), 0o644)?;
+    put("controller.pub", s("controller_key_pem").as_bytes(), 0o644)?;
     put("device.pem", s("cert_pem").as_bytes(), 0o644)?;
     put("device.key", s("key_pem").as_bytes(), 0o600)?;
     if let Some(t) = v["trust_root_hex"].as_str() {

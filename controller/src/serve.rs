@@ -63,6 +63,9 @@ pub async fn start(
     let topics = Topics::new(&config.mqtt.topic_prefix)
         .map_err(|e| err("mqtt.topic_prefix")(e.to_string()))?;
 
+    let command_key = ca
+        .command_key()
+        .map_err(|e| err("command key")(e.to_string()))?;
     let gate_stats = std::sync::Arc::new(crate::gate::GateStats::default());
     let mut gate: Option<crate::gate::Identities> = None;
     let (link, broker_url) = match config.mqtt.mode {
@@ -108,6 +111,7 @@ pub async fn start(
                     host: "127.0.0.1".into(),
                     port: internal.port(),
                     tls: None,
+                    command_key,
                 },
                 format!("mqtts://{host}:{}", addr.port()),
             )
@@ -136,6 +140,7 @@ pub async fn start(
                     host: ep.host,
                     port: ep.port,
                     tls,
+                    command_key,
                 },
                 url,
             )

@@ -36,6 +36,7 @@ async fn api() -> Api {
         .and_then(|l| l.local_addr())
         .expect("port")
         .port();
+    let ca = Arc::new(Ca::open_or_create(&dir.path().join("ca")).expect("ca"));
     let fleet = Fleet::start(
         db.clone(),
         Topics::default(),
@@ -43,6 +44,7 @@ async fn api() -> Api {
             host: "127.0.0.1".into(),
             port,
             tls: None,
+            command_key: ca.command_key().expect("command key"),
         },
         dir.path().join("bundles"),
         Duration::from_secs(1),
@@ -51,7 +53,6 @@ async fn api() -> Api {
     )
     .await
     .expect("fleet");
-    let ca = Arc::new(Ca::open_or_create(&dir.path().join("ca")).expect("ca"));
     let gate: edgefleet::gate::Identities = Default::default();
     let router = api::router(AppState {
         fleet,

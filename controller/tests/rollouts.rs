@@ -519,11 +519,17 @@ fn forge_wills(
     use edgefleet_shared::protocol::{self, DeviceTopic};
     let topics = protocol::Topics::default();
     let id = |d: &str| edgefleet_shared::DeviceId::new(d).expect("id");
-    let revert = protocol::encode(&protocol::Command {
-        id: 900_000,
-        issued_at: edgefleet_shared::UnixTime::now(),
-        action: protocol::Action::Revert,
-    });
+    // Signed with the device's own key (a key it holds): the agent refuses it
+    // too, but this test is about what the broker lets through.
+    let revert = edgefleet_shared::commands::sign_command(
+        &edgefleet_shared::SecretKey::from_seed([6; 32]),
+        &protocol::Command {
+            id: 900_000,
+            issued_at: edgefleet_shared::UnixTime::now(),
+            device: id(victim),
+            action: protocol::Action::Revert,
+        },
+    );
     let offline_state = |device: &str, version: &str| {
         protocol::encode(&protocol::DeviceState {
             device: id(device),

@@ -87,6 +87,9 @@ pub struct FleetSettings {
     pub topic_prefix: String,
     /// The pinned trust root file.
     pub trust_root: PathBuf,
+    /// The controller's command key (its public half, PEM) that every device
+    /// pins: `controller.pub` of an enrollment.
+    pub controller_key: PathBuf,
     /// Root of the devices' data directories (`<dir>/<id>/`).
     pub dir: PathBuf,
     /// Time between telemetry reports.
@@ -369,6 +372,7 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
         ..spec.profile.agent_config(&spec.id)
     };
     config.broker.topic_prefix = settings.topic_prefix.clone();
+    config.broker.controller_key = settings.controller_key.clone();
     match (&spec.tls, settings.tls) {
         (Some(tls), true) => {
             config.broker.url = format!("mqtts://localhost:{relay_port}");

@@ -14,6 +14,21 @@ fn check<T: Message + PartialEq + std::fmt::Debug>(data: &[u8]) {
 
 fuzz_target!(|data: &[u8]| {
     check::<Command>(data);
+    check::<edgefleet_shared::commands::SignedCommand>(data);
+    // The device's whole check of a command payload: a refusal, never a panic.
+    let key = edgefleet_shared::SecretKey::from_seed([3; 32]);
+    let policy = edgefleet_shared::commands::CommandPolicy {
+        key: key.public(),
+        device: edgefleet_shared::DeviceId::new("pi-01").expect("id"),
+        max_age_s: 3600,
+        max_ahead_s: 300,
+    };
+    let _ = edgefleet_shared::commands::open_command(
+        data,
+        &policy,
+        edgefleet_shared::UnixTime(1_800_000_000),
+        &Default::default(),
+    );
     check::<DeviceState>(data);
     check::<Event>(data);
     check::<Telemetry>(data);

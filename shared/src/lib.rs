@@ -11,6 +11,7 @@
 
 pub mod bundle;
 pub mod cbor;
+pub mod commands;
 pub mod golden;
 pub mod ids;
 pub mod keys;

@@ -315,14 +315,19 @@ pub struct Settings {
     pub sample_capture: Option<bool>,
 }
 
-/// A command to one device.
+/// A command to one device. It travels signed, inside a
+/// [`crate::commands::SignedCommand`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Command {
-    /// Controller-assigned id; events that answer it carry it.
+    /// Controller-assigned id, increasing in the order commands are issued;
+    /// events that answer it carry it.
     pub id: u64,
     /// When the controller issued it.
     pub issued_at: UnixTime,
+    /// The device it is for (inside the signed bytes: a command signed for one
+    /// device cannot be replayed to another).
+    pub device: DeviceId,
     /// What to do.
     pub action: Action,
 }

@@ -279,6 +279,7 @@ fn round_trips<T: Message + PartialEq + std::fmt::Debug>(msg: &T) -> Result<(), 
 
 fn never_panics_on(bytes: &[u8]) {
     let _ = decode::<Command>(bytes);
+    let _ = decode::<edgefleet_shared::commands::SignedCommand>(bytes);
     let _ = decode::<DeviceState>(bytes);
     let _ = decode::<Event>(bytes);
     let _ = decode::<Telemetry>(bytes);
@@ -295,8 +296,26 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 200, .. ProptestConfig::default() })]
 
     #[test]
-    fn commands_round_trip(id in any::<u64>(), issued_at in time(), action in action()) {
-        round_trips(&Command { id, issued_at, action })?;
+    fn commands_round_trip(id in any::<u64>(), issued_at in time(), device in device(), action in action()) {
+        let command = Command { id, issued_at, device, action };
+        round_trips(&command)?;
+        // Signed, it opens to the same command for its device.
+        let key = edgefleet_shared::SecretKey::from_seed([3; 32]);
+        let policy = edgefleet_shared::commands::CommandPolicy {
+            key: key.public(),
+            device: command.device.clone(),
+            max_age_s: i64::MAX,
+            max_ahead_s: i64::MAX,
+        };
+        let signed = edgefleet_shared::commands::sign_command(&key, &command);
+        prop_assert!(signed.len() <= edgefleet_shared::commands::SignedCommand::MAX_LEN);
+        let opened = edgefleet_shared::commands::open_command(
+            &signed,
+            &policy,
+            command.issued_at,
+            &Default::default(),
+        );
+        prop_assert_eq!(opened, Ok(command));
     }
 
     #[test]

@@ -202,6 +202,12 @@ impl Harness {
             tls: true,
             topic_prefix: ControllerConfig::default().mqtt.topic_prefix,
             trust_root: self.trust_root.clone(),
+            // Every enrollment carries the same controller key, beside ca.pem.
+            controller_key: specs
+                .first()
+                .and_then(|s| s.tls.as_ref())
+                .map(|t| t.ca.with_file_name("controller.pub"))
+                .unwrap_or_default(),
             dir: self.dir().join("devices"),
             telemetry_interval: Duration::from_secs(1),
         };

@@ -137,6 +137,11 @@ fn a_controller_killed_mid_rollout_carries_on_after_a_restart() {
             .mqtt
             .topic_prefix,
         trust_root: trust_root.clone(),
+        controller_key: dir
+            .path()
+            .join("identities")
+            .join(&ids[0])
+            .join("controller.pub"),
         dir: dir.path().join("devices"),
         telemetry_interval: Duration::from_secs(1),
     };
