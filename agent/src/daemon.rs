@@ -1200,9 +1200,11 @@ impl Daemon {
     fn emit(&mut self, command: Option<u64>, kind: EventKind) {
         let device = self.settings.device.clone();
         let at = self.now();
+        let epoch = self.events.epoch();
         let pushed = self.events.push(|seq| {
             protocol::encode(&Event {
                 device,
+                epoch,
                 seq,
                 at,
                 command,
@@ -1253,9 +1255,11 @@ impl Daemon {
         };
         let device = self.settings.device.clone();
         let at = self.now();
+        let epoch = self.telemetry.epoch();
         let pushed = self.telemetry.push(|seq| {
             protocol::encode(&Telemetry {
                 device,
+                epoch,
                 seq,
                 at,
                 device_metrics,

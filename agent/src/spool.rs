@@ -123,6 +123,9 @@ impl SpoolIndex {
 struct Meta {
     next_seq: u64,
     dropped: u64,
+    /// 0 in a spool from before epochs (or no meta at all): a new one is drawn.
+    #[serde(default)]
+    epoch: u64,
 }
 
 /// A spool directory.
@@ -130,6 +133,14 @@ struct Meta {
 pub struct Spool {
     dir: PathBuf,
     index: SpoolIndex,
+    epoch: u64,
+}
+
+/// A random non-zero epoch (docs/protocol.md: `epoch`).
+fn new_epoch() -> io::Result<u64> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|e| io::Error::other(e.to_string()))?;
+    Ok(u64::from_le_bytes(bytes).max(1))
 }
 
 fn record_name(seq: u64) -> String {
@@ -167,9 +178,17 @@ impl Spool {
         records.sort_unstable();
         // The bound applies after open too: a smaller bound drops the oldest.
         let mut index = SpoolIndex::new(meta.next_seq, meta.dropped, max_bytes);
+        // A counter that starts again (no meta, or an unreadable one) starts a
+        // new epoch, so the controller does not take its numbers for old ones.
+        let epoch = if meta.epoch == 0 {
+            new_epoch()?
+        } else {
+            meta.epoch
+        };
         let mut spool = Spool {
             dir,
             index: SpoolIndex::new(1, 0, None),
+            epoch,
         };
         let mut evicted = Vec::new();
         for (seq, len) in records {
@@ -183,6 +202,11 @@ impl Spool {
         Ok(spool)
     }
 
+    /// The run of this spool's counter its records belong to.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// The bookkeeping.
     pub fn index(&self) -> &SpoolIndex {
         &self.index
@@ -192,6 +216,7 @@ impl Spool {
         let meta = Meta {
             next_seq: self.index.next_seq(),
             dropped: self.index.dropped(),
+            epoch: self.epoch,
         };
         write_atomic(
             &self.dir.join("meta.json"),
@@ -288,6 +313,34 @@ mod tests {
         assert_eq!(i.insert(s, 500), vec![2, 3, 4]);
         assert_eq!(i.waiting().collect::<Vec<_>>(), vec![5]);
         assert_eq!(i.dropped(), 4);
+    }
+
+    #[test]
+    fn a_counter_keeps_its_epoch_across_restarts_and_a_new_counter_gets_a_new_one() -> io::Result<()>
+    {
+        let dir = tempfile::tempdir()?;
+        let mut s = Spool::open(dir.path(), None)?;
+        let epoch = s.epoch();
+        assert_ne!(epoch, 0);
+        s.push(|_| b"one".to_vec())?;
+        drop(s);
+        let s = Spool::open(dir.path(), None)?;
+        assert_eq!(s.epoch(), epoch, "same counter, same epoch");
+        assert_eq!(s.index().next_seq(), 2);
+        drop(s);
+        // The counter's state lost (a reflash, a damaged meta.json): numbering
+        // starts again at 1, in a new epoch.
+        std::fs::write(dir.path().join("meta.json"), b"{damaged")?;
+        for entry in std::fs::read_dir(dir.path())? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "cbor") {
+                std::fs::remove_file(path)?;
+            }
+        }
+        let s = Spool::open(dir.path(), None)?;
+        assert_eq!(s.index().next_seq(), 1);
+        assert_ne!(s.epoch(), epoch);
+        Ok(())
     }
 
     #[test]

@@ -1055,6 +1055,7 @@ async fn mutual_tls_with_mosquitto_installs_and_the_acl_confines_each_device() {
     let imposter = Peer::connect_as("dev-2", broker.port, Some(pki.tls("dev-2")));
     let fake = Event {
         device: edgefleet_shared::DeviceId::new(DEVICE).expect("id"),
+        epoch: 1,
         seq: 999,
         at: UnixTime::now(),
         command: None,

@@ -31,6 +31,7 @@ fn sample(device: usize, seq: u64) -> Telemetry {
 fn sample_of(device: &str, seq: u64) -> Telemetry {
     Telemetry {
         device: DeviceId::new(device).expect("id"),
+        epoch: 1,
         seq,
         at: UnixTime(1_800_000_000 + seq as i64),
         device_metrics: DeviceMetrics {

@@ -185,6 +185,60 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX samples_by_bundle ON samples(digest, device);
     CREATE INDEX samples_by_time ON samples(received_at);",
+    // 6: the epoch of each event and sample (the run of the device's counter:
+    // docs/protocol.md), part of what makes a report unique, so a reflashed
+    // device whose counters start again at 1 is not taken for redeliveries.
+    // Rows from before get epoch 0. "Latest" is by receipt (the rowid for
+    // telemetry), not by the device's own number.
+    "CREATE TABLE telemetry_new (
+        id INTEGER PRIMARY KEY,
+        device TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        digest TEXT,
+        inferences INTEGER,
+        errors INTEGER,
+        latency_counts TEXT,
+        cpu_percent REAL,
+        mem_used INTEGER,
+        rss_bytes INTEGER,
+        body TEXT NOT NULL,
+        drift_rows INTEGER,
+        drift_share REAL,
+        drifted INTEGER,
+        drift_features TEXT,
+        shadow TEXT,
+        UNIQUE (device, epoch, seq)
+    );
+    INSERT INTO telemetry_new (id, device, epoch, seq, at, received_at, digest, inferences,
+        errors, latency_counts, cpu_percent, mem_used, rss_bytes, body, drift_rows,
+        drift_share, drifted, drift_features, shadow)
+    SELECT id, device, 0, seq, at, received_at, digest, inferences, errors, latency_counts,
+        cpu_percent, mem_used, rss_bytes, body, drift_rows, drift_share, drifted,
+        drift_features, shadow FROM telemetry;
+    DROP TABLE telemetry;
+    ALTER TABLE telemetry_new RENAME TO telemetry;
+    CREATE INDEX telemetry_by_time ON telemetry(received_at);
+    CREATE INDEX telemetry_by_device ON telemetry(device, id);
+    CREATE TABLE events_new (
+        device TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        command INTEGER,
+        kind TEXT NOT NULL,
+        digest TEXT,
+        body TEXT NOT NULL,
+        PRIMARY KEY (device, epoch, seq)
+    ) WITHOUT ROWID;
+    INSERT INTO events_new (device, epoch, seq, at, received_at, command, kind, digest, body)
+    SELECT device, 0, seq, at, received_at, command, kind, digest, body FROM events;
+    DROP TABLE events;
+    ALTER TABLE events_new RENAME TO events;
+    CREATE INDEX events_by_receipt ON events(device, received_at);",
 ];
 
 /// The store.
@@ -402,6 +456,11 @@ fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// An identifier (an epoch) stored bit for bit: distinct values stay distinct.
+fn bits(v: u64) -> i64 {
+    i64::from_ne_bytes(v.to_ne_bytes())
+}
+
 fn json_or_null(text: Option<String>) -> Option<serde_json::Value> {
     text.and_then(|t| serde_json::from_str(&t).ok())
 }
@@ -603,21 +662,23 @@ impl Db {
             kind,
             digest,
             body.to_string(),
+            bits(e.epoch),
         );
         Ok(self
             .conn
             .call(move |c| {
                 c.execute(
-                    "INSERT OR IGNORE INTO events (device, seq, at, received_at, command, kind, digest, body)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    params![row.0, row.1, row.2, i(now), row.3, row.4, row.5, row.6],
+                    "INSERT OR IGNORE INTO events (device, seq, at, received_at, command, kind, digest, body, epoch)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![row.0, row.1, row.2, i(now), row.3, row.4, row.5, row.6, row.7],
                 )
             })
             .await?
             == 1)
     }
 
-    /// The latest `limit` events of a device, newest first.
+    /// The latest `limit` events of a device, newest first (by receipt: a device
+    /// whose counter started again is not hidden behind its older numbers).
     pub async fn events(&self, device: &str, limit: u32) -> Result<Vec<EventRow>> {
         let device = device.to_owned();
         Ok(self
@@ -625,7 +686,7 @@ impl Db {
             .call(move |c| -> rusqlite::Result<Vec<EventRow>> {
                 let mut st = c.prepare(
                     "SELECT device, seq, at, command, kind, digest, body FROM events
-                     WHERE device = ?1 ORDER BY seq DESC LIMIT ?2",
+                     WHERE device = ?1 ORDER BY received_at DESC, seq DESC LIMIT ?2",
                 )?;
                 let rows = st.query_map(params![device, limit], |r| {
                     Ok(EventRow {
@@ -658,8 +719,8 @@ impl Db {
                     let mut st = tx.prepare_cached(
                         "INSERT OR IGNORE INTO telemetry (device, seq, at, received_at, digest, inferences, errors,
                             latency_counts, cpu_percent, mem_used, rss_bytes, body,
-                            drift_rows, drift_share, drifted, drift_features, shadow)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                            drift_rows, drift_share, drifted, drift_features, shadow, epoch)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
                     )?;
                     let mut seen = tx.prepare_cached(
                         "UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE id = ?1",
@@ -689,6 +750,7 @@ impl Db {
                             t.shadow
                                 .as_ref()
                                 .map(|s| serde_json::to_string(s).unwrap_or_default()),
+                            bits(t.epoch),
                         ])?;
                         let last = latest.entry(t.device.as_str()).or_insert(0);
                         *last = (*last).max(*received);
@@ -709,7 +771,8 @@ impl Db {
         self.latest_telemetry_between(since, u64::MAX).await
     }
 
-    /// The latest telemetry sample of every device received in `[from, to]`.
+    /// The latest telemetry sample of every device received in `[from, to]`: the
+    /// last one received, whatever number the device gave it.
     pub async fn latest_telemetry_between(&self, from: u64, to: u64) -> Result<Vec<TelemetryRow>> {
         Ok(self
             .read
@@ -719,9 +782,9 @@ impl Db {
                             t.latency_counts, t.cpu_percent, t.mem_used, t.rss_bytes,
                             t.drift_rows, t.drift_share, t.drifted, t.drift_features, t.shadow
                      FROM telemetry t
-                     JOIN (SELECT device, MAX(seq) AS seq FROM telemetry
+                     JOIN (SELECT MAX(id) AS id FROM telemetry
                            WHERE received_at BETWEEN ?1 AND ?2 GROUP BY device) l
-                       ON l.device = t.device AND l.seq = t.seq",
+                       ON l.id = t.id",
                 )?;
                 let rows = st.query_map([i(from), i(to)], telemetry_row)?;
                 rows.collect()
@@ -729,7 +792,8 @@ impl Db {
             .await?)
     }
 
-    /// Telemetry of one device in a time range (received), oldest first, at most `limit`.
+    /// The latest `limit` telemetry samples of one device received in a time
+    /// range, oldest first (in the order received).
     pub async fn telemetry(
         &self,
         device: &str,
@@ -746,10 +810,12 @@ impl Db {
                             cpu_percent, mem_used, rss_bytes,
                             drift_rows, drift_share, drifted, drift_features, shadow
                      FROM telemetry WHERE device = ?1 AND received_at BETWEEN ?2 AND ?3
-                     ORDER BY seq LIMIT ?4",
+                     ORDER BY id DESC LIMIT ?4",
                 )?;
                 let rows = st.query_map(params![device, i(from), i(to), limit], telemetry_row)?;
-                rows.collect()
+                let mut out: Vec<TelemetryRow> = rows.collect::<rusqlite::Result<_>>()?;
+                out.reverse();
+                Ok(out)
             })
             .await?)
     }
@@ -771,7 +837,7 @@ impl Db {
                     let mut st = c.prepare(
                         "SELECT at, received_at, json_extract(body, '$.drift') FROM telemetry
                      WHERE device = ?1 AND received_at BETWEEN ?2 AND ?3 AND drift_rows IS NOT NULL
-                     ORDER BY seq DESC LIMIT ?4",
+                     ORDER BY id DESC LIMIT ?4",
                     )?;
                     let rows = st.query_map(params![device, i(from), i(to), limit], |r| {
                         let text: String = r.get(2)?;

@@ -354,8 +354,8 @@ fn the_controller_runs_a_fleet_through_mosquitto_whose_acl_confines_each_device(
     rt.block_on(async {
         let (client, mut eventloop) =
             device_client(&dir.path().join("mq-01"), "mq-01-forger", port);
-        publish_telemetry(&client, "mq-02", 900_000).await;
-        publish_telemetry(&client, "mq-01", 900_001).await;
+        publish_telemetry(&client, "mq-02", 1, 900_000).await;
+        publish_telemetry(&client, "mq-01", 1, 900_001).await;
         let mut acked = 0;
         while acked < 2 {
             if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) =
@@ -402,7 +402,7 @@ fn the_embedded_broker_gate_closes_a_device_that_publishes_on_another_devices_to
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let closed = rt.block_on(async {
         let (client, mut eventloop) = device_client(&d, "gt-03", c.mqtt_port);
-        publish_telemetry(&client, "gt-02", 900_000).await;
+        publish_telemetry(&client, "gt-02", 1, 900_000).await;
         // Connected first (the gate let CONNECT through), then closed on the publish.
         let mut connected = false;
         loop {
@@ -501,6 +501,50 @@ fn a_device_cannot_leave_a_last_will_in_another_devices_name_through_the_gate() 
         metrics.contains("edgefleet_gate_refused_total 2"),
         "{closed:#?}\n{metrics}"
     );
+}
+
+#[test]
+fn a_devices_page_shows_its_latest_reports_also_after_its_counter_starts_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("controller");
+    let c = Controller::start(&data, 0);
+    let d = dir.path().join("ct-01");
+    run_ok(&["devices", "enroll", "ct-01", "--out", s(&d)], &c.env());
+    // One report numbered 10^9, then the device starts again (a reflash: a new
+    // epoch, numbers from 1) and sends 130 more.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let (client, mut eventloop) = device_client(&d, "ct-01", c.mqtt_port);
+        let acks = tokio::spawn(async move {
+            let mut acked = 0;
+            while acked < 131 {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+                    tokio::time::timeout(WAIT, eventloop.poll())
+                        .await
+                        .expect("the gate answers")
+                        .expect("connected")
+                {
+                    acked += 1;
+                }
+            }
+        });
+        publish_telemetry(&client, "ct-01", 1, 1_000_000_000).await;
+        for seq in 1..=130 {
+            publish_telemetry(&client, "ct-01", 2, seq).await;
+        }
+        acks.await.expect("every report acknowledged");
+    });
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let seqs = telemetry_seqs(&c, "ct-01");
+        // The page holds the latest 120 reports, oldest first: 11..=130, and
+        // not the one numbered 10^9 (received first) nor the oldest of the hour.
+        if seqs == (11..=130).collect::<Vec<u64>>() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "telemetry on the page: {seqs:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// `attacker` (the enrollment files of a device that runs no agent) connects
@@ -621,10 +665,12 @@ fn device_client(
     rumqttc::AsyncClient::new(o, 10)
 }
 
-/// Publishes an empty telemetry sample of `device` with `seq` on `device`'s topic.
-async fn publish_telemetry(client: &rumqttc::AsyncClient, device: &str, seq: u64) {
+/// Publishes an empty telemetry sample of `device` with `epoch` and `seq` on
+/// `device`'s topic.
+async fn publish_telemetry(client: &rumqttc::AsyncClient, device: &str, epoch: u64, seq: u64) {
     let t = edgefleet_shared::protocol::Telemetry {
         device: edgefleet_shared::DeviceId::new(device).expect("id"),
+        epoch,
         seq,
         at: edgefleet_shared::UnixTime::now(),
         device_metrics: Default::default(),

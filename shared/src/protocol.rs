@@ -588,6 +588,12 @@ pub enum EventKind {
 pub struct Event {
     /// The device.
     pub device: DeviceId,
+    /// Which run of the device's event counter `seq` belongs to: a random
+    /// number drawn when the counter starts at 1 (first start, reflash, a lost
+    /// spool), so a restarted counter is not taken for redeliveries. 0: a
+    /// sender from before epochs.
+    #[serde(default)]
+    pub epoch: u64,
     /// Per-device sequence number.
     pub seq: u64,
     /// When it happened.
@@ -802,6 +808,10 @@ impl DriftReport {
 pub struct Telemetry {
     /// The device.
     pub device: DeviceId,
+    /// Which run of the device's telemetry counter `seq` belongs to (as
+    /// [`Event::epoch`]).
+    #[serde(default)]
+    pub epoch: u64,
     /// Per-device sequence number.
     pub seq: u64,
     /// When it was measured.

@@ -177,6 +177,7 @@ fn event() -> impl Strategy<Value = Event> {
     )
         .prop_map(|(device, seq, at, command, kind)| Event {
             device,
+            epoch: seq.rotate_left(17),
             seq,
             at,
             command,
@@ -201,6 +202,7 @@ fn telemetry() -> impl Strategy<Value = Telemetry> {
                 latency_counts.push(0);
                 Telemetry {
                     device,
+                    epoch: mem_used ^ seq,
                     seq,
                     at,
                     device_metrics: DeviceMetrics {

@@ -14,6 +14,7 @@ fn dev(id: &str) -> DeviceId {
 fn telemetry(device: &str, seq: u64, digest: Digest, inferences: u64) -> Telemetry {
     Telemetry {
         device: dev(device),
+        epoch: 1,
         seq,
         at: UnixTime(1_000 + seq as i64),
         device_metrics: DeviceMetrics::default(),
@@ -110,6 +111,7 @@ async fn devices_events_and_telemetry_round_trip() {
 
     let event = Event {
         device: dev("pi-01"),
+        epoch: 1,
         seq: 7,
         at: UnixTime(11),
         command: Some(3),
@@ -256,11 +258,83 @@ async fn a_database_of_schema_1_is_migrated_without_losing_telemetry() {
     let rows = db.latest_telemetry(0).await.expect("rows");
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].seq, rows[0].inferences), (4, Some(7)));
-    // Still keyed by (device, seq): a redelivery is ignored.
+    // Old rows are epoch 0: a redelivery of one is ignored; the same number in
+    // another epoch (a counter that started again) is a new sample.
     let mut t = telemetry("pi-01", 4, Digest::of(b"x"), 1);
-    t.seq = 4;
+    t.epoch = 0;
     assert_eq!(
-        db.insert_telemetry(vec![(t, 600)]).await.expect("insert"),
+        db.insert_telemetry(vec![(t.clone(), 600)])
+            .await
+            .expect("insert"),
         0
     );
+    t.epoch = 77;
+    assert_eq!(
+        db.insert_telemetry(vec![(t, 700)]).await.expect("insert"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn the_latest_report_is_the_last_received_whatever_number_the_device_gave_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Db::open(&dir.path().join("c.db")).await.expect("open");
+    let d = Digest::of(b"bundle");
+    let sample = |epoch: u64, seq: u64, inferences: u64| {
+        let mut t = telemetry("pi-01", seq, d, inferences);
+        t.epoch = epoch;
+        t
+    };
+    // One sample numbered 10^9 (a counter gone wrong), then the device is
+    // reflashed: a new epoch whose counter starts at 1, and epochs above
+    // i64::MAX stay distinct.
+    let old_epoch = u64::MAX - 1;
+    let new_epoch = u64::MAX;
+    let mut batch = vec![(sample(old_epoch, 1_000_000_000, 1), 100)];
+    batch.extend((1..=130).map(|seq| (sample(new_epoch, seq, 1000 + seq), 200 + seq)));
+    assert_eq!(db.insert_telemetry(batch).await.expect("batch"), 131);
+    let latest = db.latest_telemetry(0).await.expect("latest");
+    assert_eq!(
+        (latest[0].seq, latest[0].inferences),
+        (130, Some(1130)),
+        "the last received, not MAX(seq)"
+    );
+    // A device's page: the latest 120 of the range, oldest first.
+    let rows = db.telemetry("pi-01", 0, u64::MAX, 120).await.expect("rows");
+    let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (11..=130).collect::<Vec<u64>>());
+    // Redeliveries in either epoch are still recognised.
+    let again = vec![
+        (sample(old_epoch, 1_000_000_000, 1), 900),
+        (sample(new_epoch, 5, 1005), 901),
+    ];
+    assert_eq!(db.insert_telemetry(again).await.expect("again"), 0);
+
+    // Events: a restarted counter's event 1 is new, and comes first in the list.
+    let event = |epoch: u64, seq: u64, command: u64| Event {
+        device: dev("pi-01"),
+        epoch,
+        seq,
+        at: UnixTime(11),
+        command: Some(command),
+        kind: EventKind::InstallStarted { digest: d },
+    };
+    assert!(
+        db.insert_event(&event(old_epoch, 1_000_000_000, 1), 10)
+            .await
+            .expect("e")
+    );
+    assert!(
+        db.insert_event(&event(new_epoch, 1, 2), 20)
+            .await
+            .expect("e")
+    );
+    assert!(
+        !db.insert_event(&event(new_epoch, 1, 2), 30)
+            .await
+            .expect("e")
+    );
+    let events = db.events("pi-01", 10).await.expect("events");
+    let commands: Vec<Option<u64>> = events.iter().map(|e| e.command).collect();
+    assert_eq!(commands, vec![Some(2), Some(1)]);
 }
