@@ -118,6 +118,22 @@ fn keys_are_pem_and_the_secret_one_is_private() {
             .expect("pem")
             .starts_with("-----BEGIN PUBLIC KEY-----")
     );
+    // Standard files: OpenSSL reads the secret key, and the public key it
+    // derives from it is the .pub file.
+    let derived = std::process::Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&secret)
+        .output()
+        .expect("openssl is installed (.ci/run installs it)");
+    assert!(
+        derived.status.success(),
+        "openssl pkey: {}",
+        String::from_utf8_lossy(&derived.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&derived.stdout),
+        std::fs::read_to_string(dir.path().join("k/ops.pub")).expect("pem")
+    );
     let again = fails(
         dir.path(),
         &["keys", "generate", "--out", "k", "--name", "ops"],

@@ -143,9 +143,15 @@ impl SecretKey {
             })
     }
 
-    /// The key as PKCS#8 PEM. The caller writes it with mode 0600.
+    /// The key as PKCS#8 v1 PEM (RFC 8410: the seed only). The caller writes it
+    /// with mode 0600. Not v2 (with the public key), which ed25519-dalek writes
+    /// by default and OpenSSL 3.0 and Python's `cryptography` refuse to read.
     pub fn to_pem(&self) -> String {
-        match self.0.to_pkcs8_pem(LineEnding::LF) {
+        let v1 = ed25519_dalek::ed25519::pkcs8::KeypairBytes {
+            secret_key: self.0.to_bytes(),
+            public_key: None,
+        };
+        match v1.to_pkcs8_pem(LineEnding::LF) {
             Ok(pem) => pem.to_string(),
             Err(e) => unreachable!("PKCS#8 encoding of an Ed25519 key failed: {e}"),
         }
@@ -281,6 +287,30 @@ mod tests {
         assert_eq!(public, Some(key.public()));
         assert!(PublicKey::from_pem(&key.to_pem()).is_err());
         assert!(SecretKey::from_pem(&key.public().to_pem()).is_err());
+    }
+
+    #[test]
+    fn secret_keys_are_written_as_pkcs8_v1_and_v2_files_still_read() {
+        // RFC 8410's v1 form: version 0, the algorithm, the seed; 48 bytes.
+        let pem = SecretKey::from_seed([7; 32]).to_pem();
+        assert!(
+            pem.starts_with("-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEI"),
+            "{pem}"
+        );
+        // A v2 file (with the public key) as earlier versions wrote them.
+        let v2 = "-----BEGIN PRIVATE KEY-----\n\
+                  MFECAQEwBQYDK2VwBCIEIDLrS4iQmu2hu453s4LoQKQdlTMy0m5Fm4zGqhkRs18z\n\
+                  gSEAkqem6oubzk+aKn5ni38QYeVK8MdYNkK54UTsLn0b3C4=\n\
+                  -----END PRIVATE KEY-----\n";
+        let key = SecretKey::from_pem(v2).expect("v2 reads");
+        assert_eq!(
+            key.public().id().to_hex(),
+            "73b88f5317c6352cfe49966cb1423f46497ad4fc6e4c7b8ae7a1ae2b14ff1ab8"
+        );
+        assert_eq!(
+            SecretKey::from_pem(&key.to_pem()).map(|k| k.public()).ok(),
+            Some(key.public())
+        );
     }
 
     #[test]
