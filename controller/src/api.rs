@@ -1543,6 +1543,25 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
             vec![(String::new(), v.load(Ordering::Relaxed) as f64)],
         );
     }
+    gauge(
+        "edgefleet_chunk_requests_refused_total",
+        "Device chunk fetch requests refused or cut short (docs/controller.md, \"Chunk requests\"): not_offered = a bundle the device was never told to install; too_many = over 64 chunks in one request; rate = over the device's byte budget.",
+        "counter",
+        crate::fetch_limits::FetchRefusal::ALL
+            .iter()
+            .map(|why| {
+                let n = match why {
+                    crate::fetch_limits::FetchRefusal::NotOffered => &st.fetch_refused_not_offered,
+                    crate::fetch_limits::FetchRefusal::TooMany => &st.fetch_refused_too_many,
+                    crate::fetch_limits::FetchRefusal::Rate => &st.fetch_refused_rate,
+                };
+                (
+                    format!("{{reason=\"{}\"}}", why.label()),
+                    n.load(Ordering::Relaxed) as f64,
+                )
+            })
+            .collect(),
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 

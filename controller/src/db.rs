@@ -239,6 +239,10 @@ const MIGRATIONS: &[&str] = &[
     DROP TABLE events;
     ALTER TABLE events_new RENAME TO events;
     CREATE INDEX events_by_receipt ON events(device, received_at);",
+    // 7: the bundle of each install command: a device may fetch the chunks of
+    // a bundle only after it was told to install it (docs/controller.md).
+    "ALTER TABLE commands ADD COLUMN bundle TEXT;
+    CREATE INDEX commands_by_bundle ON commands(device, bundle);",
 ];
 
 /// The store.
@@ -1182,21 +1186,43 @@ impl Db {
         device: &str,
         rollout: Option<&str>,
         action: &str,
+        bundle: Option<&edgefleet_shared::Digest>,
         now: u64,
     ) -> Result<u64> {
-        let (d, r, a) = (
+        let (d, r, a, b) = (
             device.to_owned(),
             rollout.map(str::to_owned),
             action.to_owned(),
+            bundle.map(edgefleet_shared::Digest::to_hex),
         );
         Ok(self
             .conn
             .call(move |c| -> rusqlite::Result<u64> {
                 c.execute(
-                    "INSERT INTO commands (device, rollout, action, issued_at) VALUES (?1, ?2, ?3, ?4)",
-                    params![d, r, a, i(now)],
+                    "INSERT INTO commands (device, rollout, action, issued_at, bundle)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![d, r, a, i(now), b],
                 )?;
                 Ok(u(c.last_insert_rowid()))
+            })
+            .await?)
+    }
+
+    /// Whether `device` was ever sent an install command for `bundle`.
+    pub async fn was_offered(
+        &self,
+        device: &str,
+        bundle: &edgefleet_shared::Digest,
+    ) -> Result<bool> {
+        let (d, b) = (device.to_owned(), bundle.to_hex());
+        Ok(self
+            .read
+            .call(move |c| -> rusqlite::Result<bool> {
+                c.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM commands WHERE device = ?1 AND bundle = ?2)",
+                    params![d, b],
+                    |r| r.get(0),
+                )
             })
             .await?)
     }

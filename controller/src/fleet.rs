@@ -29,6 +29,7 @@ use tokio::sync::{Mutex, mpsc};
 
 use crate::db::{Db, DbError, TelemetryRow};
 use crate::engine::{Effect, Input, Phase, Plan, Rollout, WaveHealth};
+use crate::fetch_limits::{ByteBudget, FetchRefusal, MAX_CHUNKS_PER_REQUEST};
 
 /// Now, in ms since the epoch (the agent's clock reading).
 pub use edgefleet_agent::daemon::now_ms;
@@ -48,6 +49,13 @@ pub struct FleetStats {
     pub chunk_bytes_sent: AtomicU64,
     /// Chunk requests merged into one already queued.
     pub chunk_requests_merged: AtomicU64,
+    /// Fetch requests for a bundle the device was never told to install.
+    pub fetch_refused_not_offered: AtomicU64,
+    /// Fetch requests naming more than `MAX_CHUNKS_PER_REQUEST` chunks (the
+    /// first ones are served).
+    pub fetch_refused_too_many: AtomicU64,
+    /// Fetch requests cut short by the device's byte budget.
+    pub fetch_refused_rate: AtomicU64,
     /// Commands published.
     pub commands_sent: AtomicU64,
     /// Install failures reported by devices.
@@ -142,6 +150,8 @@ pub struct Fleet {
     bundles: Mutex<BTreeMap<Digest, Arc<StoredBundle>>>,
     rollouts: Mutex<BTreeMap<String, Active>>,
     queue: std::sync::Mutex<ChunkQueue>,
+    /// Each device's chunk byte budget.
+    fetch_budget: std::sync::Mutex<ByteBudget>,
     queue_wake: tokio::sync::Notify,
     coalesce: Duration,
     /// Counters.
@@ -206,6 +216,7 @@ impl Fleet {
             bundles: Mutex::default(),
             rollouts: Mutex::default(),
             queue: std::sync::Mutex::default(),
+            fetch_budget: std::sync::Mutex::new(ByteBudget::standard()),
             queue_wake: tokio::sync::Notify::new(),
             coalesce,
             stats: FleetStats::default(),
@@ -384,7 +395,7 @@ impl Fleet {
             }
             DeviceTopic::Fetch => {
                 let r: FetchRequest = protocol::decode(payload).map_err(|e| e.to_string())?;
-                self.enqueue_chunks(&r).await?;
+                self.enqueue_chunks(&device, &r).await?;
             }
             DeviceTopic::Samples => {
                 let u: protocol::SampleUpload =
@@ -630,21 +641,56 @@ impl Fleet {
 
     // ----- chunks ---------------------------------------------------------
 
-    async fn enqueue_chunks(&self, r: &FetchRequest) -> Result<(), String> {
+    /// Queues the chunks `device` asked for, within the bounds of
+    /// [`crate::fetch_limits`]: only a bundle it was told to install, at most
+    /// [`MAX_CHUNKS_PER_REQUEST`] chunks, within its byte budget.
+    async fn enqueue_chunks(&self, device: &DeviceId, r: &FetchRequest) -> Result<(), String> {
         let Some(bundle) = self.bundle(&r.bundle).await else {
             return Err(format!("fetch for unknown bundle {}", r.bundle.short()));
         };
+        let offered = self
+            .db
+            .was_offered(device.as_str(), &r.bundle)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !offered {
+            self.refuse_fetch(FetchRefusal::NotOffered);
+            return Err(format!(
+                "{device} asked for chunks of bundle {}, which it was never told to install",
+                r.bundle.short()
+            ));
+        }
         let total = bundle.manifest.payload.chunks.len() as u32;
+        let chunk_bytes = u64::from(bundle.manifest.payload.chunk_size);
         let now = now_ms();
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let mut asked = 0u32;
-        for range in &r.ranges {
+        let mut wanted: Vec<u32> = Vec::new();
+        let mut too_many = false;
+        'ranges: for range in &r.ranges {
             let end = range.start.saturating_add(range.count).min(total);
             for index in range.start..end {
-                asked += 1;
-                if asked > 1024 {
-                    break;
+                if wanted.len() as u32 >= MAX_CHUNKS_PER_REQUEST {
+                    too_many = true;
+                    break 'ranges;
                 }
+                wanted.push(index);
+            }
+        }
+        if too_many {
+            self.refuse_fetch(FetchRefusal::TooMany);
+        }
+        let mut budget = self.fetch_budget.lock().unwrap_or_else(|p| p.into_inner());
+        let mut granted = Vec::with_capacity(wanted.len());
+        for index in wanted {
+            if !budget.take(device.as_str(), chunk_bytes, now) {
+                self.refuse_fetch(FetchRefusal::Rate);
+                break;
+            }
+            granted.push(index);
+        }
+        drop(budget);
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        for index in granted {
+            {
                 if q.queued.insert((r.bundle, index)) {
                     q.order.push_back((r.bundle, index, now));
                 } else {
@@ -657,6 +703,15 @@ impl Fleet {
         drop(q);
         self.queue_wake.notify_one();
         Ok(())
+    }
+
+    fn refuse_fetch(&self, why: FetchRefusal) {
+        let counter = match why {
+            FetchRefusal::NotOffered => &self.stats.fetch_refused_not_offered,
+            FetchRefusal::TooMany => &self.stats.fetch_refused_too_many,
+            FetchRefusal::Rate => &self.stats.fetch_refused_rate,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     async fn chunk_sender(self: Arc<Self>) {
@@ -724,9 +779,17 @@ impl Fleet {
             Action::Configure(_) => "configure",
             Action::RequestSamples { .. } => "request_samples",
         };
+        let bundle = match &action {
+            Action::Install { bundle, .. } => Some(bundle.digest),
+            _ => None,
+        };
         let now = now_ms();
-        let id = self.db.new_command(device, rollout, name, now).await?;
+        // Checked before anything is stored under it.
         let device_id = DeviceId::new(device).map_err(|e| FleetError::Invalid(e.to_string()))?;
+        let id = self
+            .db
+            .new_command(device, rollout, name, bundle.as_ref(), now)
+            .await?;
         let topic = self.topics.device(&device_id, DeviceTopic::Commands);
         let cmd = Command {
             id,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod engine;
+pub mod fetch_limits;
 pub mod flash;
 pub mod fleet;
 pub mod gate;

@@ -547,6 +547,97 @@ fn a_devices_page_shows_its_latest_reports_also_after_its_counter_starts_again()
     }
 }
 
+#[test]
+fn a_device_gets_chunks_only_of_a_bundle_it_was_told_to_install() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("controller");
+    let bundles = make_bundles(dir.path(), &data);
+    let c = Controller::start(&data, 0);
+    let agent = Agent::enroll_and_start(&c, dir.path(), "fx-01", "site=lab");
+    let v1 = push(&c, &bundles.v1);
+    let v2 = push(&c, &bundles.v2);
+    let id = start_rollout(&c, &v1, &["--waves", "100%", "--soak-s", "0"]);
+    c.wait_rollout(&id, "completed", |r| r["phase"] == "completed");
+    wait_versions(&c, std::slice::from_ref(&agent), "1.0.0");
+    let metric = |c: &Controller, name: &str| -> f64 {
+        let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+        let text = agent
+            .get(format!("{}/metrics", c.url))
+            .call()
+            .expect("metrics")
+            .body_mut()
+            .read_to_string()
+            .expect("text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    let sent_before = metric(&c, "edgefleet_chunk_bytes_sent_total");
+
+    // An enrolled device with no agent asks, ten times, for every chunk of v1
+    // (never offered to it) and of v2 (offered to nobody).
+    let d = dir.path().join("fx-02");
+    run_ok(&["devices", "enroll", "fx-02", "--out", s(&d)], &c.env());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let (client, mut eventloop) = device_client(&d, "fx-02", c.mqtt_port);
+        let acks = tokio::spawn(async move {
+            let mut acked = 0;
+            while acked < 20 {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+                    tokio::time::timeout(WAIT, eventloop.poll())
+                        .await
+                        .expect("the gate answers")
+                        .expect("connected")
+                {
+                    acked += 1;
+                }
+            }
+        });
+        let topic = edgefleet_shared::protocol::Topics::default().device(
+            &edgefleet_shared::DeviceId::new("fx-02").expect("id"),
+            edgefleet_shared::protocol::DeviceTopic::Fetch,
+        );
+        for digest in [&v1, &v2] {
+            let request = edgefleet_shared::protocol::FetchRequest {
+                bundle: digest.parse::<edgefleet_shared::Digest>().expect("digest"),
+                ranges: vec![edgefleet_shared::protocol::ChunkRange {
+                    start: 0,
+                    count: 1024,
+                }],
+            };
+            for _ in 0..10 {
+                client
+                    .publish(
+                        topic.clone(),
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        edgefleet_shared::protocol::encode(&request),
+                    )
+                    .await
+                    .expect("queued");
+            }
+        }
+        acks.await.expect("every request acknowledged");
+    });
+    // Each request is refused in the same step that would have queued its
+    // chunks: once all 20 are counted, none was queued.
+    let deadline = Instant::now() + WAIT;
+    while metric(
+        &c,
+        "edgefleet_chunk_requests_refused_total{reason=\"not_offered\"}",
+    ) < 20.0
+    {
+        assert!(Instant::now() < deadline, "the refusals were not counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        metric(&c, "edgefleet_chunk_bytes_sent_total"),
+        sent_before,
+        "chunks were published for a device that was never offered the bundle"
+    );
+}
+
 /// `attacker` (the enrollment files of a device that runs no agent) connects
 /// with a will in `victim`'s name, then drops its TCP connection, which makes a
 /// broker publish the will: a revert on the victim's command topic, then a

@@ -205,15 +205,27 @@ async fn rollouts_commands_and_audit_are_kept() {
         vec![(9, "done".to_string())]
     );
 
+    let offered = Digest::of(b"offered");
     let a = db
-        .new_command("pi-01", Some("r1"), "install", 1)
+        .new_command("pi-01", Some("r1"), "install", Some(&offered), 1)
         .await
         .expect("cmd");
     let b = db
-        .new_command("pi-01", Some("r1"), "install", 2)
+        .new_command("pi-01", Some("r1"), "install", Some(&offered), 2)
         .await
         .expect("cmd");
     assert!(b > a);
+    assert!(db.was_offered("pi-01", &offered).await.expect("offered"));
+    assert!(
+        !db.was_offered("pi-02", &offered)
+            .await
+            .expect("other device")
+    );
+    assert!(
+        !db.was_offered("pi-01", &Digest::of(b"other"))
+            .await
+            .expect("other bundle")
+    );
     assert_eq!(
         db.command_counts("pi-01").await.expect("counts"),
         BTreeMap::from([("install".to_string(), 2)])
