@@ -100,6 +100,119 @@ impl ApiError {
     }
 }
 
+/// A JSON request body: absent (no bytes) or one `T`. A body with bytes must say
+/// `Content-Type: application/json` (415 otherwise: a body is never ignored),
+/// fit the route's size limit (413) and parse as `T` (422 naming the field).
+/// Judged when the handler asks ([`JsonBody::optional`], [`JsonBody::required`]),
+/// so a caller without the role hears 403 first. Errors in the API's format.
+#[derive(Debug)]
+pub struct JsonBody<T>(Result<Option<T>, ApiError>);
+
+impl<T> JsonBody<T> {
+    /// The body, if one was sent.
+    fn optional(self) -> Result<Option<T>, ApiError> {
+        self.0
+    }
+
+    /// The body, which this route needs.
+    fn required(self) -> Result<T, ApiError> {
+        self.0?.ok_or_else(|| {
+            ApiError::invalid("a JSON body is required (Content-Type: application/json)")
+        })
+    }
+}
+
+impl<S, T> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(
+        req: axum::extract::Request,
+        state: &S,
+    ) -> Result<Self, std::convert::Infallible> {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|m| {
+                let m = m.trim().to_ascii_lowercase();
+                m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+            });
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Ok(JsonBody(Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    "the request body is over this route's size limit",
+                ))));
+            }
+            Err(e) => {
+                return Ok(JsonBody(Err(ApiError::new(
+                    e.status(),
+                    "bad_request",
+                    e.body_text(),
+                ))));
+            }
+        };
+        if bytes.is_empty() {
+            return Ok(JsonBody(Ok(None)));
+        }
+        if json != Some(true) {
+            return Ok(JsonBody(Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "the body is JSON only with Content-Type: application/json",
+            ))));
+        }
+        // axum's own decoder: its messages name the field that was wrong.
+        Ok(JsonBody(
+            Json::<T>::from_bytes(&bytes)
+                .map(|Json(v)| Some(v))
+                .map_err(|e| ApiError::invalid(e.body_text())),
+        ))
+    }
+}
+
+/// Gives the responses the API does not write itself (axum's rejections of a
+/// path or query, 404 for an unknown route, 405) the API's error format.
+async fn uniform_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let message = if text.trim().is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_string()
+    } else {
+        text
+    };
+    ApiError::new(status, code, message).into_response()
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
@@ -223,6 +336,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/openapi.json", get(|| async { Json(openapi()) }))
         .layer(DefaultBodyLimit::max(256 * 1024))
+        .layer(axum::middleware::map_response(uniform_errors))
         .with_state(state)
 }
 
@@ -453,13 +567,13 @@ async fn enroll(
     State(s): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    body: Option<Json<EnrollBody>>,
+    body: JsonBody<EnrollBody>,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Admin)?;
     let id = edgefleet_shared::DeviceId::new(&id)
         .map_err(|e| ApiError::invalid(format!("device id: {e}")))?
         .to_string();
-    let body = body.map(|b| b.0).unwrap_or_default();
+    let body = body.optional()?.unwrap_or_default();
     if body.tags.len() > 32
         || body
             .tags
@@ -600,9 +714,10 @@ async fn configure_device(
     State(s): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Json(body): Json<ConfigureBody>,
+    body: JsonBody<ConfigureBody>,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Operator)?;
+    let body = body.required()?;
     if body
         .telemetry_interval_s
         .is_some_and(|t| !(1..=86_400).contains(&t))
@@ -658,9 +773,10 @@ async fn request_samples(
     State(s): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Json(body): Json<SamplesBody>,
+    body: JsonBody<SamplesBody>,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Operator)?;
+    let body = body.required()?;
     let max_samples = body.max_samples.unwrap_or(1000);
     if !(1..=100_000).contains(&max_samples) {
         return Err(ApiError::invalid(
@@ -1025,10 +1141,10 @@ struct Selector {
 async fn start_rollout(
     State(s): State<AppState>,
     caller: Caller,
-    body: Result<Json<RolloutBody>, axum::extract::rejection::JsonRejection>,
+    body: JsonBody<RolloutBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     caller.require(Role::Operator)?;
-    let Json(body) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let body = body.required()?;
     let digest = parse_digest(&body.bundle).map_err(|_| {
         ApiError::invalid(format!(
             "bundle: {:?} is not a digest (64 hex digits)",
@@ -1169,15 +1285,16 @@ async fn operate_rollout(
     State(s): State<AppState>,
     caller: Caller,
     Path((id, action)): Path<(String, String)>,
-    body: Option<Json<AbortBody>>,
+    body: JsonBody<AbortBody>,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Operator)?;
+    let body = body.optional()?;
     let input = match action.as_str() {
         "pause" => Input::Pause,
         "resume" => Input::Resume,
         "promote" => Input::Promote,
         "abort" => Input::Abort {
-            revert: body.map(|b| b.0.revert).unwrap_or(false),
+            revert: body.is_some_and(|b| b.revert),
         },
         other => {
             return Err(ApiError::not_found(format!(
@@ -1320,10 +1437,10 @@ pub fn new_token() -> Result<String, String> {
 async fn create_token(
     State(s): State<AppState>,
     caller: Caller,
-    body: Result<Json<TokenBody>, axum::extract::rejection::JsonRejection>,
+    body: JsonBody<TokenBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     caller.require(Role::Admin)?;
-    let Json(body) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let body = body.required()?;
     if Role::parse(&body.role).is_none() {
         return Err(ApiError::invalid(
             "role: expected viewer, operator or admin",

@@ -80,14 +80,27 @@ impl Api {
         token: Option<&str>,
         body: Body,
     ) -> (StatusCode, Value) {
+        self.call_as(method, path, token, Some("application/json"), body)
+            .await
+    }
+
+    /// With this Content-Type (or none).
+    async fn call_as(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        content_type: Option<&str>,
+        body: Body,
+    ) -> (StatusCode, Value) {
         let mut req = Request::builder().method(method).uri(path);
         if let Some(t) = token {
             req = req.header("Authorization", format!("Bearer {t}"));
         }
-        let req = req
-            .header("Content-Type", "application/json")
-            .body(body)
-            .expect("request");
+        if let Some(c) = content_type {
+            req = req.header("Content-Type", c);
+        }
+        let req = req.body(body).expect("request");
         let resp = self.router.clone().oneshot(req).await.expect("answer");
         let status = resp.status();
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
@@ -206,6 +219,120 @@ async fn roles_limit_what_a_token_may_change_and_changes_are_audited() {
     assert_eq!(audit[0]["action"], "token.create");
     assert_eq!(audit[0]["actor"], "admin");
     assert_eq!(audit[0]["after"]["role"], "viewer");
+}
+
+#[tokio::test]
+async fn a_json_body_is_never_ignored_and_every_error_has_the_apis_format() {
+    let a = api().await;
+    // Enrollment with tags but no Content-Type: refused (was: enrolled without
+    // the tags), and nothing enrolled.
+    let tags = r#"{"tags": {"site": "lab"}}"#;
+    for content_type in [None, Some("text/plain")] {
+        let (s, v) = a
+            .call_as(
+                "POST",
+                "/api/v1/devices/pi-09/enroll",
+                Some(ADMIN),
+                content_type,
+                Body::from(tags),
+            )
+            .await;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            "{content_type:?}: {v}"
+        );
+    }
+    let (_, v) = a
+        .call("GET", "/api/v1/devices/pi-09", Some(ADMIN), Body::empty())
+        .await;
+    assert_eq!(code(&v), "not_found", "{v}");
+    // An abort with {"revert": true} and no Content-Type: refused, not an abort
+    // without revert (the rollout does not exist: the body is judged first).
+    let (s, v) = a
+        .call_as(
+            "POST",
+            "/api/v1/rollouts/r-1/abort",
+            Some(ADMIN),
+            None,
+            Body::from(r#"{"revert": true}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{v}");
+    // No body at all is fine where the body is optional, with the right type.
+    let (s, v) = a
+        .call_as(
+            "POST",
+            "/api/v1/devices/pi-10/enroll",
+            Some(ADMIN),
+            None,
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = a
+        .call_as(
+            "POST",
+            "/api/v1/devices/pi-11/enroll",
+            Some(ADMIN),
+            Some("application/json; charset=utf-8"),
+            Body::from(tags),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // A required body missing, malformed JSON, an over-size body: JSON errors.
+    let (s, v) = a
+        .call("POST", "/api/v1/tokens", Some(ADMIN), Body::empty())
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+        "{v}"
+    );
+    let (s, v) = a
+        .call(
+            "POST",
+            "/api/v1/rollouts",
+            Some(ADMIN),
+            Body::from("{\"bundle\":"),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+        "{v}"
+    );
+    let big = format!(r#"{{"tags": {{"k": "{}"}}}}"#, "x".repeat(300 * 1024));
+    let (s, v) = a
+        .call(
+            "POST",
+            "/api/v1/devices/pi-12/enroll",
+            Some(ADMIN),
+            Body::from(big),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+        "{v}"
+    );
+    // axum's own answers: an unknown route, a wrong method, a bad query.
+    for (method, path, status) in [
+        ("GET", "/api/v1/nothing-here", StatusCode::NOT_FOUND),
+        ("DELETE", "/api/v1/devices", StatusCode::METHOD_NOT_ALLOWED),
+        (
+            "GET",
+            "/api/v1/devices?seen_within_s=many",
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let (s, v) = a.call(method, path, Some(ADMIN), Body::empty()).await;
+        assert_eq!(s, status, "{method} {path}: {v}");
+        assert!(
+            !code(&v).is_empty() && !message(&v).is_empty(),
+            "{method} {path}: {v}"
+        );
+    }
 }
 
 #[tokio::test]
