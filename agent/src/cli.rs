@@ -466,6 +466,14 @@ fn serve(
         crate::config::check_socket_path(path)
             .map_err(|reason| CliError::Request(format!("--socket: {reason}")))?;
     }
+    // What a process killed mid-install left (staging directories, bundles the
+    // state does not name) goes now, not at the next install. Only with a
+    // readable state: without one, nothing is known to be garbage.
+    if let Ok(state) = store.load()
+        && let Err(e) = store.gc(&state)
+    {
+        tracing::warn!("cannot remove leftovers in {}: {e}", store.dir().display());
+    }
     let (active, shadow) = store::load_served(store)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

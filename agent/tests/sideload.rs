@@ -527,6 +527,41 @@ fn stop_gracefully(mut child: std::process::Child) {
 }
 
 #[test]
+fn leftovers_of_a_killed_install_are_removed_when_the_agent_starts() {
+    let dev = Device::new();
+    let v1 = bundle(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    dev.ok(&["install", s(&v1)]);
+    assert_eq!(dev.bundle_dirs(), 1);
+    // What a SIGKILL in the middle of unpacking leaves, and a whole bundle
+    // directory that a killed install moved into place but never recorded.
+    let bundles = dev.path().join("data/bundles");
+    let staging = bundles.join(format!(".{}.staging-4242", "cd".repeat(32)));
+    std::fs::create_dir_all(&staging).expect("staging");
+    std::fs::write(staging.join("model.onnx"), vec![0u8; 1 << 20]).expect("partial artifact");
+    let orphan = bundles.join("ef".repeat(32));
+    std::fs::create_dir_all(&orphan).expect("orphan");
+    std::fs::write(orphan.join("model.onnx"), b"unreferenced").expect("orphan artifact");
+    assert_eq!(dev.bundle_dirs(), 3);
+
+    let (child, api) = start_api(&dev, &[]);
+    assert_eq!(dev.bundle_dirs(), 1, "leftovers kept after the start");
+    assert!(!staging.exists() && !orphan.exists());
+    // The active bundle is untouched and serves.
+    let body = r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[5.0,3.4,1.5,0.2]}]}"#;
+    let (status, text) = http(&api, "POST", "/v2/models/iris/infer", body);
+    assert_eq!(status, 200, "{text}");
+    stop_gracefully(child);
+    assert_eq!(dev.active_release(), Some(1));
+}
+
+#[test]
 fn with_no_controller_drift_of_served_requests_shows_in_status() {
     let dev = Device::new();
     let v1 = bundle(

@@ -173,6 +173,26 @@ struct ChunkQueue {
     queued: BTreeSet<(Digest, u32)>,
 }
 
+/// Removes the temporary files of uploads a killed controller left in
+/// `bundles_dir` (`.upload-*`; an upload in progress belongs to a running
+/// process, and this runs before this one serves any).
+fn remove_upload_leftovers(bundles_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(bundles_dir) else {
+        return;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".upload-")
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, "removed unfinished uploads left by an earlier run");
+    }
+}
+
 /// How the controller connects to the broker, and the key its commands carry.
 #[derive(Debug)]
 pub struct BrokerLink {
@@ -207,6 +227,7 @@ impl Fleet {
             options.set_transport(Transport::tls_with_config(tls.into()));
         }
         let (client, mut eventloop) = AsyncClient::new(options, 1024);
+        remove_upload_leftovers(&bundles_dir);
         let fleet = Arc::new(Fleet {
             db,
             topics,

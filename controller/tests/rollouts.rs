@@ -638,6 +638,25 @@ fn a_device_gets_chunks_only_of_a_bundle_it_was_told_to_install() {
     );
 }
 
+#[test]
+fn unfinished_uploads_left_by_a_killed_controller_are_removed_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("controller");
+    let bundles = make_bundles(dir.path(), &data);
+    let mut c = Controller::start(&data, 0);
+    let kept = push(&c, &bundles.v1);
+    // What tempfile leaves in bundles/ when the process dies mid-upload.
+    let leftover = data.join("bundles").join(".upload-Xy12ab");
+    std::fs::write(&leftover, vec![7u8; 1 << 20]).expect("leftover");
+    c.kill();
+    let c = Controller::start(&data, 0);
+    assert!(!leftover.exists(), "the unfinished upload is still there");
+    // Stored bundles are kept.
+    let v = c.get(&format!("/api/v1/bundles/{kept}"));
+    assert_eq!(v["digest"], kept.as_str(), "{v}");
+    assert!(data.join("bundles").join(format!("{kept}.efb")).exists());
+}
+
 /// `attacker` (the enrollment files of a device that runs no agent) connects
 /// with a will in `victim`'s name, then drops its TCP connection, which makes a
 /// broker publish the will: a revert on the victim's command topic, then a
