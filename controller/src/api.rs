@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
 use crate::ca::Ca;
-use crate::db::{BundleRow, Db};
+use crate::db::{Audit, BundleRow, Db};
 use crate::engine::{FailurePolicy, Gates, Input, Plan, WaveSize};
 use crate::fleet::{Fleet, FleetError, now_ms};
 
@@ -598,7 +598,17 @@ async fn enroll(
     let key = read(&identity.key)?;
     let fingerprint = cert_fingerprint(&cert);
     let now = now_ms();
-    s.db().enroll(&id, &body.tags, &fingerprint, now).await?;
+    let audit = Audit {
+        actor: caller.name.clone(),
+        action: "device.enroll".into(),
+        target: id.clone(),
+        before: None,
+        after: Some(json!({"tags": body.tags, "cert_sha256": fingerprint})),
+        at: now,
+    };
+    s.db()
+        .enroll(&id, &body.tags, &fingerprint, now, Some(audit))
+        .await?;
     if let Some(gate) = &s.gate {
         // Re-enrolling replaces the device's certificate: the old one stops working.
         let mut map = gate.write().unwrap_or_else(|p| p.into_inner());
@@ -610,16 +620,6 @@ async fn enroll(
         drop(map);
         s.gate_stats.identities_changed();
     }
-    s.db()
-        .audit(
-            &caller.name,
-            "device.enroll",
-            &id,
-            None,
-            Some(json!({"tags": body.tags, "cert_sha256": fingerprint})),
-            now,
-        )
-        .await?;
     let trust = std::fs::read(&s.trust_root).ok().map(hex::encode);
     Ok(Json(json!({
         "device": id,
@@ -651,7 +651,15 @@ async fn revoke_device(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Admin)?;
-    if !s.db().revoke(&id).await? {
+    let audit = Audit {
+        actor: caller.name.clone(),
+        action: "device.revoke".into(),
+        target: id.clone(),
+        before: None,
+        after: None,
+        at: now_ms(),
+    };
+    if !s.db().revoke(&id, Some(audit)).await? {
         return Err(ApiError::not_found(format!(
             "device {id} has no enrolled certificate"
         )));
@@ -662,9 +670,6 @@ async fn revoke_device(
             .retain(|_, who| *who != crate::gate::Identity::Device(id.clone()));
         s.gate_stats.identities_changed();
     }
-    s.db()
-        .audit(&caller.name, "device.revoke", &id, None, None, now_ms())
-        .await?;
     Ok(Json(json!({"device": id, "revoked": true})))
 }
 
@@ -1072,7 +1077,17 @@ async fn upload_bundle(
     let dest = s.fleet.bundle_path(&verified.digest);
     tmp.persist(&dest)
         .map_err(|e| ApiError::invalid(e.to_string()))?;
-    let new = s.db().insert_bundle(&row).await?;
+    let audit = Audit {
+        actor: caller.name.clone(),
+        action: "bundle.upload".into(),
+        target: row.digest.clone(),
+        before: None,
+        after: Some(
+            json!({"channel": row.channel, "version": row.version, "release": row.release}),
+        ),
+        at: now_ms(),
+    };
+    let new = s.db().insert_bundle(&row, Some(audit)).await?;
     if !new {
         let existing = s.db().bundle(&row.digest).await?;
         return Ok((
@@ -1080,16 +1095,6 @@ async fn upload_bundle(
             Json(json!({"bundle": existing, "new": false})),
         ));
     }
-    s.db()
-        .audit(
-            &caller.name,
-            "bundle.upload",
-            &row.digest,
-            None,
-            Some(json!({"channel": row.channel, "version": row.version, "release": row.release})),
-            now_ms(),
-        )
-        .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"bundle": row, "new": true})),
@@ -1456,8 +1461,22 @@ async fn create_token(
         return Err(ApiError::invalid("name: 1-64 letters, digits, '-' or '_'"));
     }
     let token = new_token().map_err(ApiError::invalid)?;
+    let audit = Audit {
+        actor: caller.name.clone(),
+        action: "token.create".into(),
+        target: body.name.clone(),
+        before: None,
+        after: Some(json!({"role": body.role})),
+        at: now_ms(),
+    };
     s.db()
-        .insert_token(&token_hash(&token), &body.name, &body.role, now_ms())
+        .insert_token(
+            &token_hash(&token),
+            &body.name,
+            &body.role,
+            now_ms(),
+            Some(audit),
+        )
         .await
         .map_err(|_| {
             ApiError::new(
@@ -1466,16 +1485,6 @@ async fn create_token(
                 format!("a token named {} exists", body.name),
             )
         })?;
-    s.db()
-        .audit(
-            &caller.name,
-            "token.create",
-            &body.name,
-            None,
-            Some(json!({"role": body.role})),
-            now_ms(),
-        )
-        .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"name": body.name, "role": body.role, "token": token})),

@@ -460,6 +460,40 @@ fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// An audit record, written in the same transaction as the change it records
+/// (a change without its record, or a record without its change, cannot be left
+/// behind by a crash).
+#[derive(Debug, Clone)]
+pub struct Audit {
+    /// Who (the token's name).
+    pub actor: String,
+    /// What, e.g. `token.create`.
+    pub action: String,
+    /// The object changed.
+    pub target: String,
+    /// The object before (JSON), if it matters.
+    pub before: Option<serde_json::Value>,
+    /// The object after (JSON).
+    pub after: Option<serde_json::Value>,
+    /// When, ms since the epoch.
+    pub at: u64,
+}
+
+fn write_audit(c: &rusqlite::Connection, a: &Audit) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO audit (at, actor, action, target, before, after) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            i(a.at),
+            a.actor,
+            a.action,
+            a.target,
+            a.before.as_ref().map(|b| b.to_string()),
+            a.after.as_ref().map(|b| b.to_string())
+        ],
+    )?;
+    Ok(())
+}
+
 /// An identifier (an epoch) stored bit for bit: distinct values stay distinct.
 fn bits(v: u64) -> i64 {
     i64::from_ne_bytes(v.to_ne_bytes())
@@ -515,6 +549,7 @@ impl Db {
         tags: &BTreeMap<String, String>,
         cert_sha256: &str,
         now: u64,
+        audit: Option<Audit>,
     ) -> Result<()> {
         let (id, tags, fp) = (
             id.to_owned(),
@@ -522,30 +557,41 @@ impl Db {
             cert_sha256.to_owned(),
         );
         self.conn
-            .call(move |c| {
-                c.execute(
+            .call(move |c| -> rusqlite::Result<()> {
+                let tx = c.transaction()?;
+                tx.execute(
                     "INSERT INTO devices (id, tags, enrolled_at, cert_sha256) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT(id) DO UPDATE SET tags = ?2, enrolled_at = ?3, cert_sha256 = ?4",
                     params![id, tags, i(now), fp],
-                )
+                )?;
+                if let Some(a) = &audit {
+                    write_audit(&tx, a)?;
+                }
+                tx.commit()
             })
             .await?;
         Ok(())
     }
 
-    /// Forgets a device's certificate (revocation); false if it had none.
-    pub async fn revoke(&self, id: &str) -> Result<bool> {
+    /// Forgets a device's certificate (revocation); false if it had none (and
+    /// then nothing is audited).
+    pub async fn revoke(&self, id: &str, audit: Option<Audit>) -> Result<bool> {
         let id = id.to_owned();
         Ok(self
             .conn
-            .call(move |c| {
-                c.execute(
+            .call(move |c| -> rusqlite::Result<bool> {
+                let tx = c.transaction()?;
+                let changed = tx.execute(
                     "UPDATE devices SET cert_sha256 = NULL WHERE id = ?1 AND cert_sha256 IS NOT NULL",
                     [id],
-                )
+                )? == 1;
+                if changed && let Some(a) = &audit {
+                    write_audit(&tx, a)?;
+                }
+                tx.commit()?;
+                Ok(changed)
             })
-            .await?
-            == 1)
+            .await?)
     }
 
     /// Stores a device's retained state.
@@ -1015,12 +1061,13 @@ impl Db {
     // ----- bundles -------------------------------------------------------
 
     /// Records an uploaded bundle; false if it was already there.
-    pub async fn insert_bundle(&self, b: &BundleRow) -> Result<bool> {
+    pub async fn insert_bundle(&self, b: &BundleRow, audit: Option<Audit>) -> Result<bool> {
         let b = b.clone();
         Ok(self
             .conn
-            .call(move |c| {
-                c.execute(
+            .call(move |c| -> rusqlite::Result<bool> {
+                let tx = c.transaction()?;
+                let new = tx.execute(
                     "INSERT OR IGNORE INTO bundles (digest, channel, version, release, size, chunks, created_at,
                         expires_at, uploaded_at, uploaded_by, summary)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -1037,10 +1084,14 @@ impl Db {
                         b.uploaded_by,
                         b.summary.to_string()
                     ],
-                )
+                )? == 1;
+                if new && let Some(a) = &audit {
+                    write_audit(&tx, a)?;
+                }
+                tx.commit()?;
+                Ok(new)
             })
-            .await?
-            == 1)
+            .await?)
     }
 
     /// All bundles, newest upload first.
@@ -1294,21 +1345,15 @@ impl Db {
         after: Option<serde_json::Value>,
         now: u64,
     ) -> Result<()> {
-        let row = (
-            actor.to_owned(),
-            action.to_owned(),
-            target.to_owned(),
-            before.map(|b| b.to_string()),
-            after.map(|a| a.to_string()),
-        );
-        self.conn
-            .call(move |c| {
-                c.execute(
-                    "INSERT INTO audit (at, actor, action, target, before, after) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![i(now), row.0, row.1, row.2, row.3, row.4],
-                )
-            })
-            .await?;
+        let a = Audit {
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            before,
+            after,
+            at: now,
+        };
+        self.conn.call(move |c| write_audit(c, &a)).await?;
         Ok(())
     }
 
@@ -1337,14 +1382,26 @@ impl Db {
     }
 
     /// Stores a token (by its SHA-256 only).
-    pub async fn insert_token(&self, sha256: &str, name: &str, role: &str, now: u64) -> Result<()> {
+    pub async fn insert_token(
+        &self,
+        sha256: &str,
+        name: &str,
+        role: &str,
+        now: u64,
+        audit: Option<Audit>,
+    ) -> Result<()> {
         let row = (sha256.to_owned(), name.to_owned(), role.to_owned());
         self.conn
-            .call(move |c| {
-                c.execute(
+            .call(move |c| -> rusqlite::Result<()> {
+                let tx = c.transaction()?;
+                tx.execute(
                     "INSERT INTO tokens (sha256, name, role, created_at) VALUES (?1, ?2, ?3, ?4)",
                     params![row.0, row.1, row.2, i(now)],
-                )
+                )?;
+                if let Some(a) = &audit {
+                    write_audit(&tx, a)?;
+                }
+                tx.commit()
             })
             .await?;
         Ok(())

@@ -245,9 +245,23 @@ async fn ensure_admin_token(
         w.write_all(format!("{token}\n").as_bytes())
     })
     .map_err(|e| err("admin token")(e.to_string()))?;
-    db.insert_token(&api::token_hash(&token), "admin", "admin", now_ms())
-        .await
-        .map_err(|e| err("admin token")(e.to_string()))?;
+    let audit = crate::db::Audit {
+        actor: "edgefleet serve".into(),
+        action: "token.create".into(),
+        target: "admin".into(),
+        before: None,
+        after: Some(serde_json::json!({"role": "admin", "first": true})),
+        at: now_ms(),
+    };
+    db.insert_token(
+        &api::token_hash(&token),
+        "admin",
+        "admin",
+        now_ms(),
+        Some(audit),
+    )
+    .await
+    .map_err(|e| err("admin token")(e.to_string()))?;
     Ok(Some(path))
 }
 

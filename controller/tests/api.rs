@@ -28,7 +28,7 @@ const ADMIN: &str = "admin-secret";
 async fn api() -> Api {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = Db::open(&dir.path().join("c.db")).await.expect("db");
-    db.insert_token(&api::token_hash(ADMIN), "admin", "admin", 1)
+    db.insert_token(&api::token_hash(ADMIN), "admin", "admin", 1, None)
         .await
         .expect("token");
     // A port nothing listens on: the fleet's broker link just retries.

@@ -40,7 +40,7 @@ async fn migrations_apply_once_and_the_file_reopens() {
         db.schema_version().await.expect("v"),
         MIGRATIONS.len() as i64
     );
-    db.insert_token("ab", "admin", "admin", 1)
+    db.insert_token("ab", "admin", "admin", 1, None)
         .await
         .expect("token");
     drop(db);
@@ -55,7 +55,11 @@ async fn migrations_apply_once_and_the_file_reopens() {
     );
     assert_eq!(db.token("cd").await.expect("token"), None);
     // Names are unique: a second token named admin is refused, the first is kept.
-    assert!(db.insert_token("ef", "admin", "viewer", 2).await.is_err());
+    assert!(
+        db.insert_token("ef", "admin", "viewer", 2, None)
+            .await
+            .is_err()
+    );
     assert_eq!(db.token_count().await.expect("count"), 1);
 }
 
@@ -64,7 +68,9 @@ async fn devices_events_and_telemetry_round_trip() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = Db::open(&dir.path().join("c.db")).await.expect("open");
     let tags = BTreeMap::from([("site".to_string(), "north".to_string())]);
-    db.enroll("pi-01", &tags, "f00d", 5).await.expect("enroll");
+    db.enroll("pi-01", &tags, "f00d", 5, None)
+        .await
+        .expect("enroll");
     let d = Digest::of(b"bundle");
     let state = DeviceState {
         device: dev("pi-01"),
@@ -169,8 +175,8 @@ async fn rollouts_commands_and_audit_are_kept() {
         uploaded_by: "admin".into(),
         summary: serde_json::json!({"k": 1}),
     };
-    assert!(db.insert_bundle(&bundle).await.expect("bundle"));
-    assert!(!db.insert_bundle(&bundle).await.expect("again"));
+    assert!(db.insert_bundle(&bundle, None).await.expect("bundle"));
+    assert!(!db.insert_bundle(&bundle, None).await.expect("again"));
     assert_eq!(db.bundle("aa").await.expect("get"), Some(bundle.clone()));
     assert_eq!(db.bundle("bb").await.expect("get"), None);
     // A rollout must name a stored bundle.
@@ -349,4 +355,57 @@ async fn the_latest_report_is_the_last_received_whatever_number_the_device_gave_
     let events = db.events("pi-01", 10).await.expect("events");
     let commands: Vec<Option<u64>> = events.iter().map(|e| e.command).collect();
     assert_eq!(commands, vec![Some(2), Some(1)]);
+}
+
+#[tokio::test]
+async fn a_change_and_its_audit_record_are_stored_together_or_not_at_all() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.db");
+    let db = Db::open(&path).await.expect("open");
+    let audit = |action: &str, target: &str| {
+        Some(Audit {
+            actor: "admin".into(),
+            action: action.into(),
+            target: target.into(),
+            before: None,
+            after: None,
+            at: 7,
+        })
+    };
+    db.insert_token("aa", "ops", "operator", 1, audit("token.create", "ops"))
+        .await
+        .expect("token");
+    let log = db.audit_log(10).await.expect("log");
+    assert_eq!(
+        (log.len(), log[0].action.as_str(), log[0].target.as_str()),
+        (1, "token.create", "ops")
+    );
+    // The audit insert fails (a trigger here; a full disk or a SIGKILL in a
+    // real run): the change it records is not stored either.
+    let c = rusqlite::Connection::open(&path).expect("second connection");
+    c.execute_batch(
+        "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'no audit'); END;",
+    )
+    .expect("trigger");
+    assert!(
+        db.insert_token("bb", "ci", "viewer", 2, audit("token.create", "ci"))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        db.token("bb").await.expect("token"),
+        None,
+        "token without audit"
+    );
+    let tags = BTreeMap::new();
+    assert!(
+        db.enroll("pi-01", &tags, "f00d", 3, audit("device.enroll", "pi-01"))
+            .await
+            .is_err()
+    );
+    assert!(
+        db.devices().await.expect("devices").is_empty(),
+        "device without audit"
+    );
+    assert_eq!(db.audit_log(10).await.expect("log").len(), 1);
 }
