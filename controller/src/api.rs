@@ -682,19 +682,17 @@ async fn revert_device(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Operator)?;
+    let audit = Audit {
+        actor: caller.name.clone(),
+        action: "device.revert".into(),
+        target: id.clone(),
+        before: None,
+        after: None,
+        at: now_ms(),
+    };
     let command = s
         .fleet
-        .command(&id, edgefleet_shared::protocol::Action::Revert)
-        .await?;
-    s.db()
-        .audit(
-            &caller.name,
-            "device.revert",
-            &id,
-            None,
-            Some(json!({"command": command})),
-            now_ms(),
-        )
+        .command(&id, edgefleet_shared::protocol::Action::Revert, Some(audit))
         .await?;
     Ok(Json(json!({"command": command})))
 }
@@ -745,18 +743,20 @@ async fn configure_device(
         sample_capture: body.sample_capture,
     };
     let after = serde_json::to_value(&settings).unwrap_or_default();
+    let audit = Audit {
+        actor: caller.name.clone(),
+        action: "device.configure".into(),
+        target: id.clone(),
+        before: None,
+        after: Some(json!({"settings": after})),
+        at: now_ms(),
+    };
     let command = s
         .fleet
-        .command(&id, edgefleet_shared::protocol::Action::Configure(settings))
-        .await?;
-    s.db()
-        .audit(
-            &caller.name,
-            "device.configure",
+        .command(
             &id,
-            None,
-            Some(json!({"command": command, "settings": after})),
-            now_ms(),
+            edgefleet_shared::protocol::Action::Configure(settings),
+            Some(audit),
         )
         .await?;
     Ok(Json(json!({"command": command})))
@@ -806,6 +806,14 @@ async fn request_samples(
                 format!("{id} serves no model: no samples to ask for"),
             )
         })?;
+    let audit = Audit {
+        actor: caller.name.clone(),
+        action: "device.request_samples".into(),
+        target: id.clone(),
+        before: None,
+        after: Some(json!({"max_samples": max_samples})),
+        at: now_ms(),
+    };
     let command = s
         .fleet
         .command(
@@ -814,16 +822,7 @@ async fn request_samples(
                 channel,
                 max_samples,
             },
-        )
-        .await?;
-    s.db()
-        .audit(
-            &caller.name,
-            "device.request_samples",
-            &id,
-            None,
-            Some(json!({"command": command, "max_samples": max_samples})),
-            now_ms(),
+            Some(audit),
         )
         .await?;
     Ok(Json(json!({"command": command})))
@@ -1204,9 +1203,6 @@ async fn start_rollout(
     let view = s
         .fleet
         .start_rollout(digest, targets, plan, selector, &caller.name)
-        .await?;
-    s.db()
-        .audit(&caller.name, "rollout.start", &view.id, None, Some(json!({"bundle": view.bundle, "devices": view.state.members.len(), "plan": view.state.plan})), now_ms())
         .await?;
     Ok((
         StatusCode::CREATED,

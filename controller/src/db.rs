@@ -1145,15 +1145,25 @@ impl Db {
     // ----- rollouts and commands -------------------------------------------
 
     /// Creates a rollout.
-    pub async fn insert_rollout(&self, r: &RolloutRow, phase: &str) -> Result<()> {
+    pub async fn insert_rollout(
+        &self,
+        r: &RolloutRow,
+        phase: &str,
+        audit: Option<Audit>,
+    ) -> Result<()> {
         let (r, phase) = (r.clone(), phase.to_owned());
         self.conn
-            .call(move |c| {
-                c.execute(
+            .call(move |c| -> rusqlite::Result<()> {
+                let tx = c.transaction()?;
+                tx.execute(
                     "INSERT INTO rollouts (id, bundle, created_at, created_by, selector, phase, state, updated_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?3)",
                     params![r.id, r.bundle, i(r.created_at), r.created_by, r.selector, phase, r.state],
-                )
+                )?;
+                if let Some(a) = &audit {
+                    write_audit(&tx, a)?;
+                }
+                tx.commit()
             })
             .await?;
         Ok(())
@@ -1239,6 +1249,7 @@ impl Db {
         action: &str,
         bundle: Option<&edgefleet_shared::Digest>,
         now: u64,
+        audit: Option<Audit>,
     ) -> Result<u64> {
         let (d, r, a, b) = (
             device.to_owned(),
@@ -1249,12 +1260,25 @@ impl Db {
         Ok(self
             .conn
             .call(move |c| -> rusqlite::Result<u64> {
-                c.execute(
+                let tx = c.transaction()?;
+                tx.execute(
                     "INSERT INTO commands (device, rollout, action, issued_at, bundle)
                      VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![d, r, a, i(now), b],
                 )?;
-                Ok(u(c.last_insert_rowid()))
+                let id = u(tx.last_insert_rowid());
+                // The record names the command it was written with.
+                if let Some(mut a) = audit {
+                    let mut after = match a.after.take() {
+                        Some(serde_json::Value::Object(m)) => m,
+                        _ => serde_json::Map::new(),
+                    };
+                    after.insert("command".into(), id.into());
+                    a.after = Some(serde_json::Value::Object(after));
+                    write_audit(&tx, &a)?;
+                }
+                tx.commit()?;
+                Ok(id)
             })
             .await?)
     }

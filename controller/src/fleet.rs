@@ -793,6 +793,18 @@ impl Fleet {
         rollout: Option<&str>,
         action: Action,
     ) -> Result<u64, FleetError> {
+        self.send_audited(device, rollout, action, None).await
+    }
+
+    /// Stores the command (with `audit`, in one transaction), signs and
+    /// publishes it.
+    async fn send_audited(
+        &self,
+        device: &str,
+        rollout: Option<&str>,
+        action: Action,
+        audit: Option<crate::db::Audit>,
+    ) -> Result<u64, FleetError> {
         let name = match &action {
             Action::Install { .. } => "install",
             Action::Activate { .. } => "activate",
@@ -809,7 +821,7 @@ impl Fleet {
         let device_id = DeviceId::new(device).map_err(|e| FleetError::Invalid(e.to_string()))?;
         let id = self
             .db
-            .new_command(device, rollout, name, bundle.as_ref(), now)
+            .new_command(device, rollout, name, bundle.as_ref(), now, audit)
             .await?;
         let topic = self.topics.device(&device_id, DeviceTopic::Commands);
         let cmd = Command {
@@ -991,7 +1003,21 @@ impl Fleet {
             selector,
             state: state.clone(),
         };
-        self.db.insert_rollout(&row, engine.phase.name()).await?;
+        let audit = crate::db::Audit {
+            actor: actor.to_owned(),
+            action: "rollout.start".into(),
+            target: id.clone(),
+            before: None,
+            after: Some(serde_json::json!({
+                "bundle": bundle.to_hex(),
+                "devices": engine.members.len(),
+                "plan": engine.plan,
+            })),
+            at: now,
+        };
+        self.db
+            .insert_rollout(&row, engine.phase.name(), Some(audit))
+            .await?;
         let mut a = Active {
             audited: (engine.phase.name(), engine.wave),
             engine,
@@ -1062,8 +1088,13 @@ impl Fleet {
     }
 
     /// Sends a command outside any rollout (operator action on one device).
-    pub async fn command(&self, device: &str, action: Action) -> Result<u64, FleetError> {
-        self.send(device, None, action).await
+    pub async fn command(
+        &self,
+        device: &str,
+        action: Action,
+        audit: Option<crate::db::Audit>,
+    ) -> Result<u64, FleetError> {
+        self.send_audited(device, None, action, audit).await
     }
 }
 

@@ -188,9 +188,9 @@ async fn rollouts_commands_and_audit_are_kept() {
         selector: "{}".into(),
         state: "{}".into(),
     };
-    assert!(db.insert_rollout(&row, "installing").await.is_err());
+    assert!(db.insert_rollout(&row, "installing", None).await.is_err());
     row.bundle = "aa".into();
-    db.insert_rollout(&row, "installing")
+    db.insert_rollout(&row, "installing", None)
         .await
         .expect("rollout");
     assert_eq!(db.rollouts(true).await.expect("open").len(), 1);
@@ -213,11 +213,11 @@ async fn rollouts_commands_and_audit_are_kept() {
 
     let offered = Digest::of(b"offered");
     let a = db
-        .new_command("pi-01", Some("r1"), "install", Some(&offered), 1)
+        .new_command("pi-01", Some("r1"), "install", Some(&offered), 1, None)
         .await
         .expect("cmd");
     let b = db
-        .new_command("pi-01", Some("r1"), "install", Some(&offered), 2)
+        .new_command("pi-01", Some("r1"), "install", Some(&offered), 2, None)
         .await
         .expect("cmd");
     assert!(b > a);
@@ -380,6 +380,19 @@ async fn a_change_and_its_audit_record_are_stored_together_or_not_at_all() {
         (log.len(), log[0].action.as_str(), log[0].target.as_str()),
         (1, "token.create", "ops")
     );
+    let id = db
+        .new_command(
+            "pi-01",
+            None,
+            "revert",
+            None,
+            2,
+            audit("device.revert", "pi-01"),
+        )
+        .await
+        .expect("command");
+    let log = db.audit_log(10).await.expect("log");
+    assert_eq!(log[0].after, Some(serde_json::json!({"command": id})));
     // The audit insert fails (a trigger here; a full disk or a SIGKILL in a
     // real run): the change it records is not stored either.
     let c = rusqlite::Connection::open(&path).expect("second connection");
@@ -407,5 +420,22 @@ async fn a_change_and_its_audit_record_are_stored_together_or_not_at_all() {
         db.devices().await.expect("devices").is_empty(),
         "device without audit"
     );
-    assert_eq!(db.audit_log(10).await.expect("log").len(), 1);
+    assert!(
+        db.new_command(
+            "pi-01",
+            None,
+            "revert",
+            None,
+            4,
+            audit("device.revert", "pi-01")
+        )
+        .await
+        .is_err()
+    );
+    assert_eq!(
+        db.command_counts("pi-01").await.expect("counts"),
+        BTreeMap::from([("revert".to_string(), 1)]),
+        "a command without its audit record"
+    );
+    assert_eq!(db.audit_log(10).await.expect("log").len(), 2);
 }
