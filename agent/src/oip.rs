@@ -294,6 +294,14 @@ pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<Decoded,
         Some(n) => body.split_at(n),
     };
     let mut request: InferRequest = serde_json::from_slice(json)?;
+    for (i, input) in request.inputs.iter().enumerate() {
+        if request.inputs[..i].iter().any(|o| o.name == input.name) {
+            return Err(invalid(format!(
+                "input `{}` is given more than once",
+                input.name
+            )));
+        }
+    }
     let mut inputs = Vec::with_capacity(request.inputs.len());
     for input in &mut request.inputs {
         let name = &input.name;
@@ -390,7 +398,13 @@ fn from_elements(
         }
     }
     Ok(match dtype {
-        ElementType::F32 => TensorData::F32(all(elements, |v| float(v).map(|x| x as f32), bad)?),
+        // JSON has no infinity or NaN: a non-finite f32 is a number past its range
+        // (1e39), which a cast would quietly make infinite.
+        ElementType::F32 => TensorData::F32(all(
+            elements,
+            |v| float(v).map(|x| x as f32).filter(|x| x.is_finite()),
+            bad,
+        )?),
         ElementType::F64 => TensorData::F64(all(elements, float, bad)?),
         ElementType::I8 => TensorData::I8(all(elements, int, bad)?),
         ElementType::I32 => TensorData::I32(all(elements, int, bad)?),

@@ -512,6 +512,30 @@ fn the_local_api_speaks_oip_v2_and_rejects_bad_inputs_with_400_naming_the_input(
     );
     assert_eq!(code, 400);
     assert!(body.contains("datatype"), "{body}");
+    // A number past FP32's range (was taken as infinity), and an input given twice
+    // (was accepted).
+    let (code, body) = http(
+        &addr,
+        "POST",
+        "/v2/models/iris/infer",
+        r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,1e39,4]}]}"#,
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("input `features`: element 2 (") && body.contains(") is not a valid FP32"),
+        "{body}"
+    );
+    let (code, body) = http(
+        &addr,
+        "POST",
+        "/v2/models/iris/infer",
+        r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]},{"name":"features","shape":[1,4],"datatype":"FP32","data":[5,6,7,8]}]}"#,
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("input `features` is given more than once"),
+        "{body}"
+    );
     stop_gracefully(child);
 }
 
