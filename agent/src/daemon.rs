@@ -428,15 +428,14 @@ impl Daemon {
     /// `command_max_age_s` stay refused as stale).
     fn load_replay_window(&self) -> ReplayWindow {
         let path = self.replay_path();
-        let read = || -> Result<ReplayWindow, String> {
-            let f = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        let read = || -> io::Result<ReplayWindow> {
+            let f = std::fs::File::open(&path)?;
             let mut bytes = Vec::new();
-            io::Read::read_to_end(&mut io::Read::take(f, MAX_REPLAY_FILE + 1), &mut bytes)
-                .map_err(|e| e.to_string())?;
+            io::Read::read_to_end(&mut io::Read::take(f, MAX_REPLAY_FILE + 1), &mut bytes)?;
             if bytes.len() as u64 > MAX_REPLAY_FILE {
-                return Err(format!("over {MAX_REPLAY_FILE} bytes"));
+                return Err(io::Error::other(format!("over {MAX_REPLAY_FILE} bytes")));
             }
-            serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+            serde_json::from_slice(&bytes).map_err(io::Error::other)
         };
         match read() {
             Ok(window) => window,

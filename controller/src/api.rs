@@ -253,6 +253,19 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// An audit record of this caller's change to `target`, as of now, to be
+    /// stored with the change.
+    fn audit(&self, action: &str, target: &str, after: Option<Value>) -> Audit {
+        Audit {
+            actor: self.name.clone(),
+            action: action.into(),
+            target: target.into(),
+            before: None,
+            after,
+            at: now_ms(),
+        }
+    }
+
     fn require(&self, role: Role) -> ApiResult<()> {
         if self.role >= role {
             Ok(())
@@ -598,14 +611,11 @@ async fn enroll(
     let key = read(&identity.key)?;
     let fingerprint = cert_fingerprint(&cert);
     let now = now_ms();
-    let audit = Audit {
-        actor: caller.name.clone(),
-        action: "device.enroll".into(),
-        target: id.clone(),
-        before: None,
-        after: Some(json!({"tags": body.tags, "cert_sha256": fingerprint})),
-        at: now,
-    };
+    let audit = caller.audit(
+        "device.enroll",
+        &id,
+        Some(json!({"tags": body.tags, "cert_sha256": fingerprint})),
+    );
     s.db()
         .enroll(&id, &body.tags, &fingerprint, now, Some(audit))
         .await?;
@@ -651,14 +661,7 @@ async fn revoke_device(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Admin)?;
-    let audit = Audit {
-        actor: caller.name.clone(),
-        action: "device.revoke".into(),
-        target: id.clone(),
-        before: None,
-        after: None,
-        at: now_ms(),
-    };
+    let audit = caller.audit("device.revoke", &id, None);
     if !s.db().revoke(&id, Some(audit)).await? {
         return Err(ApiError::not_found(format!(
             "device {id} has no enrolled certificate"
@@ -682,14 +685,7 @@ async fn revert_device(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Operator)?;
-    let audit = Audit {
-        actor: caller.name.clone(),
-        action: "device.revert".into(),
-        target: id.clone(),
-        before: None,
-        after: None,
-        at: now_ms(),
-    };
+    let audit = caller.audit("device.revert", &id, None);
     let command = s
         .fleet
         .command(&id, edgefleet_shared::protocol::Action::Revert, Some(audit))
@@ -743,14 +739,7 @@ async fn configure_device(
         sample_capture: body.sample_capture,
     };
     let after = serde_json::to_value(&settings).unwrap_or_default();
-    let audit = Audit {
-        actor: caller.name.clone(),
-        action: "device.configure".into(),
-        target: id.clone(),
-        before: None,
-        after: Some(json!({"settings": after})),
-        at: now_ms(),
-    };
+    let audit = caller.audit("device.configure", &id, Some(json!({"settings": after})));
     let command = s
         .fleet
         .command(
@@ -806,14 +795,11 @@ async fn request_samples(
                 format!("{id} serves no model: no samples to ask for"),
             )
         })?;
-    let audit = Audit {
-        actor: caller.name.clone(),
-        action: "device.request_samples".into(),
-        target: id.clone(),
-        before: None,
-        after: Some(json!({"max_samples": max_samples})),
-        at: now_ms(),
-    };
+    let audit = caller.audit(
+        "device.request_samples",
+        &id,
+        Some(json!({"max_samples": max_samples})),
+    );
     let command = s
         .fleet
         .command(
@@ -1076,16 +1062,11 @@ async fn upload_bundle(
     let dest = s.fleet.bundle_path(&verified.digest);
     tmp.persist(&dest)
         .map_err(|e| ApiError::invalid(e.to_string()))?;
-    let audit = Audit {
-        actor: caller.name.clone(),
-        action: "bundle.upload".into(),
-        target: row.digest.clone(),
-        before: None,
-        after: Some(
-            json!({"channel": row.channel, "version": row.version, "release": row.release}),
-        ),
-        at: now_ms(),
-    };
+    let audit = caller.audit(
+        "bundle.upload",
+        &row.digest,
+        Some(json!({"channel": row.channel, "version": row.version, "release": row.release})),
+    );
     let new = s.db().insert_bundle(&row, Some(audit)).await?;
     if !new {
         let existing = s.db().bundle(&row.digest).await?;
@@ -1457,14 +1438,7 @@ async fn create_token(
         return Err(ApiError::invalid("name: 1-64 letters, digits, '-' or '_'"));
     }
     let token = new_token().map_err(ApiError::invalid)?;
-    let audit = Audit {
-        actor: caller.name.clone(),
-        action: "token.create".into(),
-        target: body.name.clone(),
-        before: None,
-        after: Some(json!({"role": body.role})),
-        at: now_ms(),
-    };
+    let audit = caller.audit("token.create", &body.name, Some(json!({"role": body.role})));
     s.db()
         .insert_token(
             &token_hash(&token),

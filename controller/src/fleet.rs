@@ -711,14 +711,12 @@ impl Fleet {
         drop(budget);
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         for index in granted {
-            {
-                if q.queued.insert((r.bundle, index)) {
-                    q.order.push_back((r.bundle, index, now));
-                } else {
-                    self.stats
-                        .chunk_requests_merged
-                        .fetch_add(1, Ordering::Relaxed);
-                }
+            if q.queued.insert((r.bundle, index)) {
+                q.order.push_back((r.bundle, index, now));
+            } else {
+                self.stats
+                    .chunk_requests_merged
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
         drop(q);
@@ -787,18 +785,9 @@ impl Fleet {
 
     // ----- commands and rollouts ----------------------------------------------
 
-    async fn send(
-        &self,
-        device: &str,
-        rollout: Option<&str>,
-        action: Action,
-    ) -> Result<u64, FleetError> {
-        self.send_audited(device, rollout, action, None).await
-    }
-
     /// Stores the command (with `audit`, in one transaction), signs and
     /// publishes it.
-    async fn send_audited(
+    async fn send(
         &self,
         device: &str,
         rollout: Option<&str>,
@@ -872,7 +861,7 @@ impl Fleet {
                         },
                         mode,
                     };
-                    self.send(device, Some(id), action).await?;
+                    self.send(device, Some(id), action, None).await?;
                 }
                 Effect::StopShadow(device) => {
                     // The shadow stops at once; the next shadow install samples
@@ -881,10 +870,10 @@ impl Fleet {
                         shadow_sample_permille: Some(0),
                         ..Default::default()
                     });
-                    self.send(&device, Some(id), action).await?;
+                    self.send(&device, Some(id), action, None).await?;
                 }
                 Effect::Revert(device) => {
-                    self.send(&device, Some(id), Action::Revert).await?;
+                    self.send(&device, Some(id), Action::Revert, None).await?;
                 }
                 Effect::Note(n) => {
                     tracing::info!(rollout = id, "{n}");
@@ -1094,7 +1083,7 @@ impl Fleet {
         action: Action,
         audit: Option<crate::db::Audit>,
     ) -> Result<u64, FleetError> {
-        self.send_audited(device, None, action, audit).await
+        self.send(device, None, action, audit).await
     }
 }
 

@@ -234,37 +234,42 @@ impl DeviceSession {
         }
         match &c.last_will {
             None => Ok(()),
-            Some(will) => self.will(will).map_err(|why| Refusal::Will {
-                device: self.device.to_string(),
-                why,
-            }),
+            Some(will) => self.will(will),
         }
     }
 
     /// A will is the device's own offline state, as the agent leaves it
     /// (docs/protocol.md): the broker publishes it in the device's name later,
     /// when no packet of the connection can be judged any more.
-    fn will(&self, will: &LastWill) -> Result<(), String> {
+    fn will(&self, will: &LastWill) -> Result<(), Refusal> {
+        let refuse = |why: String| {
+            Err(Refusal::Will {
+                device: self.device.to_string(),
+                why,
+            })
+        };
         let own = self.topics.device(&self.device, DeviceTopic::State);
         if will.topic != own {
-            return Err(format!(
+            return refuse(format!(
                 "its topic is {}, not the device's own state topic {own}",
                 will.topic
             ));
         }
         if will.qos != QoS::AtLeastOnce || !will.retain {
-            return Err("it must be QoS 1 and retained, like the state it replaces".into());
+            return refuse("it must be QoS 1 and retained, like the state it replaces".into());
         }
-        let state: DeviceState = protocol::decode(&will.message)
-            .map_err(|e| format!("its payload is not a device state: {e}"))?;
+        let state: DeviceState = match protocol::decode(&will.message) {
+            Ok(s) => s,
+            Err(e) => return refuse(format!("its payload is not a device state: {e}")),
+        };
         if state.device != self.device {
-            return Err(format!(
+            return refuse(format!(
                 "its state names device {}, not {}",
                 state.device, self.device
             ));
         }
         if state.online {
-            return Err("its state says online; a will says the device went offline".into());
+            return refuse("its state says online; a will says the device went offline".into());
         }
         Ok(())
     }

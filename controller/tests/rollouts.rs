@@ -143,14 +143,7 @@ fn a_fleet_rolls_out_in_waves_a_bad_bundle_stops_at_the_canary_and_a_restart_los
         assert!(actions.contains(&want), "{want} missing: {actions:?}");
     }
     // Metrics expose the fleet.
-    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
-    let metrics = agent
-        .get(format!("{}/metrics", c.url))
-        .call()
-        .expect("metrics")
-        .body_mut()
-        .read_to_string()
-        .expect("text");
+    let metrics = c.metrics();
     assert!(metrics.contains("edgefleet_devices 5"), "{metrics}");
     assert!(
         metrics.contains("edgefleet_devices_by_version{channel=\"iris\",version=\"2.0.0\"} 5"),
@@ -424,14 +417,7 @@ fn the_embedded_broker_gate_closes_a_device_that_publishes_on_another_devices_to
     // The gate judges before it forwards: the forgery never reached the broker.
     let forged = telemetry_seqs(&c, "gt-02");
     assert!(!forged.contains(&900_000), "{forged:?}");
-    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
-    let metrics = agent
-        .get(format!("{}/metrics", c.url))
-        .call()
-        .expect("metrics")
-        .body_mut()
-        .read_to_string()
-        .expect("text");
+    let metrics = c.metrics();
     assert!(
         metrics.contains("edgefleet_gate_refused_total 1"),
         "{metrics}"
@@ -483,14 +469,7 @@ fn a_device_cannot_leave_a_last_will_in_another_devices_name_through_the_gate() 
         "{}",
         c.log()
     );
-    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
-    let metrics = agent
-        .get(format!("{}/metrics", c.url))
-        .call()
-        .expect("metrics")
-        .body_mut()
-        .read_to_string()
-        .expect("text");
+    let metrics = c.metrics();
     let closed: Vec<String> = c
         .log()
         .lines()
@@ -514,20 +493,8 @@ fn a_devices_page_shows_its_latest_reports_also_after_its_counter_starts_again()
     // epoch, numbers from 1) and sends 130 more.
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let (client, mut eventloop) = device_client(&d, "ct-01", c.mqtt_port);
-        let acks = tokio::spawn(async move {
-            let mut acked = 0;
-            while acked < 131 {
-                if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
-                    tokio::time::timeout(WAIT, eventloop.poll())
-                        .await
-                        .expect("the gate answers")
-                        .expect("connected")
-                {
-                    acked += 1;
-                }
-            }
-        });
+        let (client, eventloop) = device_client(&d, "ct-01", c.mqtt_port);
+        let acks = count_acks(eventloop, 131);
         publish_telemetry(&client, "ct-01", 1, 1_000_000_000).await;
         for seq in 1..=130 {
             publish_telemetry(&client, "ct-01", 2, seq).await;
@@ -560,14 +527,7 @@ fn a_device_gets_chunks_only_of_a_bundle_it_was_told_to_install() {
     c.wait_rollout(&id, "completed", |r| r["phase"] == "completed");
     wait_versions(&c, std::slice::from_ref(&agent), "1.0.0");
     let metric = |c: &Controller, name: &str| -> f64 {
-        let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
-        let text = agent
-            .get(format!("{}/metrics", c.url))
-            .call()
-            .expect("metrics")
-            .body_mut()
-            .read_to_string()
-            .expect("text");
+        let text = c.metrics();
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
             .unwrap_or_else(|| panic!("no {name} in\n{text}"))
@@ -580,20 +540,8 @@ fn a_device_gets_chunks_only_of_a_bundle_it_was_told_to_install() {
     run_ok(&["devices", "enroll", "fx-02", "--out", s(&d)], &c.env());
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let (client, mut eventloop) = device_client(&d, "fx-02", c.mqtt_port);
-        let acks = tokio::spawn(async move {
-            let mut acked = 0;
-            while acked < 20 {
-                if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
-                    tokio::time::timeout(WAIT, eventloop.poll())
-                        .await
-                        .expect("the gate answers")
-                        .expect("connected")
-                {
-                    acked += 1;
-                }
-            }
-        });
+        let (client, eventloop) = device_client(&d, "fx-02", c.mqtt_port);
+        let acks = count_acks(eventloop, 20);
         let topic = edgefleet_shared::protocol::Topics::default().device(
             &edgefleet_shared::DeviceId::new("fx-02").expect("id"),
             edgefleet_shared::protocol::DeviceTopic::Fetch,
@@ -773,6 +721,24 @@ fn device_client(
     o.set_transport(rumqttc::Transport::tls_with_config(tls.into()));
     o.set_max_packet_size(1 << 20, 1 << 20);
     rumqttc::AsyncClient::new(o, 10)
+}
+
+/// Polls `eventloop` in a task until it has seen `n` PUBACKs (the broker took
+/// every message), failing if the gate goes quiet or closes the connection.
+fn count_acks(mut eventloop: rumqttc::EventLoop, n: usize) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < n {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+                tokio::time::timeout(WAIT, eventloop.poll())
+                    .await
+                    .expect("the gate answers")
+                    .expect("connected")
+            {
+                acked += 1;
+            }
+        }
+    })
 }
 
 /// Publishes an empty telemetry sample of `device` with `epoch` and `seq` on

@@ -164,6 +164,18 @@ impl Controller {
         }
     }
 
+    /// The Prometheus text of `/metrics` (no token needed).
+    pub fn metrics(&self) -> String {
+        let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+        agent
+            .get(format!("{}/metrics", self.url))
+            .call()
+            .expect("metrics")
+            .body_mut()
+            .read_to_string()
+            .expect("text")
+    }
+
     pub fn device(&self, id: &str) -> Value {
         self.get(&format!("/api/v1/devices/{id}"))
     }
