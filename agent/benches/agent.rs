@@ -20,7 +20,9 @@
 //! Run: `cargo bench -p edgefleet-agent --bench agent`. Medians; 2 noisy cores.
 //! `EDGEFLEET_BENCH_ONLY=api` stops after the model loads and the API figures;
 //! `EDGEFLEET_BENCH_ONLY=rss` measures only the agent processes' memory and size,
-//! `EDGEFLEET_BENCH_ONLY=download` only the figures after the last chunk;
+//! `EDGEFLEET_BENCH_ONLY=download` only the figures after the last chunk,
+//! `EDGEFLEET_BENCH_ONLY=load` only the agent's peak RSS under 40 concurrent
+//! 15 MiB requests, default limits vs none (issue 24);
 //! `EDGEFLEET_BENCH_STATIC_BASELINE=PATH` also measures another static agent binary.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -242,9 +244,10 @@ fn start_api(served: Served, dir: &Path) -> (Client, Client<UnixStream>) {
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
             let unix = tokio::net::UnixListener::from_std(unix).expect("listener");
-            let _ = tokio::join!(
-                serve(listener, served.clone(), std::future::pending()),
-                serve_unix(unix, served, std::future::pending())
+            let limits = edgefleet_agent::config::LimitsConfig::default();
+            tokio::join!(
+                serve(listener, served.clone(), &limits, std::future::pending()),
+                serve_unix(unix, served, &limits, std::future::pending())
             );
         });
     });
@@ -923,12 +926,148 @@ fn onnxruntime(case: &Case, tract_us: f64) {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// Peak RSS of the release agent serving the tabular model while 40 clients
+/// at once each send a valid 15 MiB inference request (issue 24's attack),
+/// with the default `limits.api_*` and with them opened wide, same run.
+fn memory_under_load(dir: &Path, case: &Case, model: &LoadedModel) {
+    let agent = Path::new(env!("CARGO_BIN_EXE_edgefleet-agent"));
+    let trust = dir.join("load-root.cbor");
+    write_root(&trust);
+    let bundle = make_bundle(dir, case, model, 0);
+    // Rows of the iris input until the JSON body is 15 MiB.
+    let row = "5.0,3.4,1.5,0.2";
+    let rows = (15 << 20) / (row.len() + 1);
+    let mut data = String::with_capacity(15 << 20);
+    for i in 0..rows {
+        if i > 0 {
+            data.push(',');
+        }
+        data.push_str(row);
+    }
+    let body = format!(
+        r#"{{"inputs":[{{"name":"features","shape":[{rows},4],"datatype":"FP32","data":[{data}]}}]}}"#
+    );
+    drop(data);
+    println!(
+        "  40 clients at once, each a valid {:.1} MiB request ({rows} rows):",
+        body.len() as f64 / (1 << 20) as f64
+    );
+    let defaults = edgefleet_agent::config::LimitsConfig::default();
+    for (what, limits) in [
+        (
+            format!(
+                "default limits ({} MiB of bodies, {} requests)",
+                defaults.api_bodies_in_flight_bytes >> 20,
+                defaults.api_requests_in_flight
+            ),
+            String::new(),
+        ),
+        (
+            "no limits (4 GiB of bodies, 4096 requests)".to_string(),
+            "[limits]\napi_bodies_in_flight_bytes = 4294967296\napi_requests_in_flight = 4096\napi_connections = 65536\n".to_string(),
+        ),
+    ] {
+        let data_dir = dir.join(format!("load-{}", limits.len()));
+        let out = Command::new(agent)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--trust")
+            .arg(&trust)
+            .arg("install")
+            .arg(&bundle)
+            .output()
+            .expect("install");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        let config = dir.join(format!("load-{}.toml", limits.len()));
+        std::fs::write(&config, &limits).expect("config");
+        let mut child = Command::new(agent)
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--trust")
+            .arg(&trust)
+            .args(["run", "--http", "127.0.0.1:0"])
+            .env("RUST_LIB_BACKTRACE", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("agent");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut api = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.expect("line");
+            if let Some(url) = line.strip_prefix("local API listening on http://") {
+                api = url.trim().to_string();
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let before = rss_kib(child.id());
+        let started = Instant::now();
+        let statuses: Vec<u16> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..40)
+                .map(|_| {
+                    let (api, body) = (&api, &body);
+                    scope.spawn(move || {
+                        let mut stream = TcpStream::connect(api).expect("connect");
+                        stream
+                            .set_read_timeout(Some(Duration::from_secs(120)))
+                            .expect("timeout");
+                        let head = format!(
+                            "POST /v2/models/{}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            case.channel,
+                            body.len()
+                        );
+                        // A refused request is answered before its body is read:
+                        // the server may close while this is still sending.
+                        let _ = stream
+                            .write_all(head.as_bytes())
+                            .and_then(|()| stream.write_all(body.as_bytes()));
+                        let mut answer = Vec::new();
+                        let _ = stream.read_to_end(&mut answer);
+                        std::str::from_utf8(answer.get(9..12).unwrap_or(b"0"))
+                            .ok()
+                            .and_then(|c| c.parse().ok())
+                            .unwrap_or(0)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("client"))
+                .collect()
+        });
+        let took = started.elapsed();
+        let peak = status_kib(child.id(), "VmHWM:");
+        let after = rss_kib(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        let count = |code| statuses.iter().filter(|s| **s == code).count();
+        println!(
+            "    {what}: peak RSS {:.0} MB (before {:.0} MB, after {:.0} MB); answers: {} x 200, {} x 503, {} other; {:.1} s",
+            peak as f64 / 1024.0,
+            before as f64 / 1024.0,
+            after as f64 / 1024.0,
+            count(200),
+            count(503),
+            statuses.len() - count(200) - count(503),
+            took.as_secs_f64()
+        );
+    }
 }
 
 /// Starts the release agent, waits for readiness, settles, reads its RSS.
@@ -1249,6 +1388,13 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cases = cases();
     let only = std::env::var("EDGEFLEET_BENCH_ONLY").unwrap_or_default();
+    if only == "load" {
+        let bytes = std::fs::read(format!("{MODELS}/{}", cases[0].file)).expect("model");
+        let model = LoadedModel::load(&bytes).expect("loads");
+        println!("local API memory under load (release agent process):");
+        memory_under_load(dir.path(), &cases[0], &model);
+        return;
+    }
     if only == "rss" || only == "download" {
         let bytes = std::fs::read(format!("{MODELS}/{}", cases[1].file)).expect("model");
         let cnn = LoadedModel::load(&bytes).expect("loads");

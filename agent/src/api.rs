@@ -395,8 +395,16 @@ async fn infer(
     State(s): State<Shared>,
     Path(name): Path<String>,
     headers: axum::http::HeaderMap,
-    body: axum::body::Bytes,
+    admitted: Admitted,
+    body: axum::body::Body,
 ) -> Response {
+    let body = match admitted.read(body).await {
+        Ok(body) => body,
+        Err(resp) => {
+            s.stats().record_error();
+            return resp;
+        }
+    };
     let (bundle, model) = match find(&s, &name) {
         Ok(m) => m,
         Err(msg) => return error(StatusCode::NOT_FOUND, msg),
@@ -460,6 +468,11 @@ async fn infer(
                     body,
                 )
                     .into_response(),
+                Err(e @ crate::oip::RequestError::NotFinite { .. }) => {
+                    // The model answered, but not in a form the client can read.
+                    s.stats().record_error();
+                    error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                }
                 Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
             }
         }
@@ -506,8 +519,161 @@ fn answer(
     Ok((bundle, out, took))
 }
 
-/// The API's routes.
+/// How much of the device's memory and CPU the local API's requests may hold
+/// at once (`limits.api_*` in the config): a budget of request-body bytes and
+/// a number of inference requests. A request takes its share before its body
+/// is read (its `Content-Length`, or the 16 MiB maximum when it has none) and
+/// keeps it until it is answered; one that cannot get it within
+/// [`ADMISSION_WAIT`] is answered 503 with `Retry-After: 1`, its body unread.
+#[derive(Debug)]
+pub struct Admission {
+    /// The body budget in KiB units (tokio's semaphores count in u32).
+    bodies: Arc<tokio::sync::Semaphore>,
+    body_budget_kib: u32,
+    requests: Arc<tokio::sync::Semaphore>,
+    request_limit: u32,
+    body_timeout: Duration,
+}
+
+/// Longest a request waits for its share of the [`Admission`] budget.
+pub const ADMISSION_WAIT: Duration = Duration::from_secs(1);
+
+impl Admission {
+    /// The budget of `limits`.
+    pub fn new(limits: &crate::config::LimitsConfig) -> Admission {
+        let body_budget_kib =
+            u32::try_from(limits.api_bodies_in_flight_bytes.div_ceil(1024).max(1))
+                .unwrap_or(u32::MAX);
+        let request_limit = limits.api_requests_in_flight.max(1);
+        Admission {
+            bodies: Arc::new(tokio::sync::Semaphore::new(body_budget_kib as usize)),
+            body_budget_kib,
+            requests: Arc::new(tokio::sync::Semaphore::new(request_limit as usize)),
+            request_limit,
+            body_timeout: Duration::from_millis(limits.api_body_timeout_ms),
+        }
+    }
+
+    /// Waits up to [`ADMISSION_WAIT`] for one request's share of the budget for
+    /// a body of `body_len` bytes (a body over the whole budget takes all of it).
+    async fn admit(&self, body_len: usize) -> Result<Admitted, Response> {
+        let kib = u32::try_from(body_len.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.body_budget_kib);
+        let take = async {
+            let request = self.requests.clone().acquire_owned().await.ok()?;
+            let body = self.bodies.clone().acquire_many_owned(kib).await.ok()?;
+            Some(Admitted {
+                _request: request,
+                _body: body,
+                body_timeout: self.body_timeout,
+                declared_len: None,
+            })
+        };
+        match tokio::time::timeout(ADMISSION_WAIT, take).await {
+            Ok(Some(admitted)) => Ok(admitted),
+            _ => {
+                let message = format!(
+                    "busy: this device handles at most {} requests and {} KiB of request bodies at once (limits.api_requests_in_flight, limits.api_bodies_in_flight_bytes); retry",
+                    self.request_limit, self.body_budget_kib
+                );
+                let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, message);
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                Err(resp)
+            }
+        }
+    }
+}
+
+/// A request's share of the [`Admission`] budget, given back when dropped.
+#[derive(Debug)]
+pub struct Admitted {
+    _request: tokio::sync::OwnedSemaphorePermit,
+    _body: tokio::sync::OwnedSemaphorePermit,
+    body_timeout: Duration,
+    declared_len: Option<usize>,
+}
+
+impl Admitted {
+    /// Reads an admitted request's body: at most [`MAX_REQUEST_LEN`] bytes
+    /// (413), within the body timeout (408).
+    async fn read(&self, body: axum::body::Body) -> Result<Vec<u8>, Response> {
+        use futures_util::StreamExt as _;
+        let read = async {
+            let mut stream = body.into_data_stream();
+            let mut bytes = Vec::with_capacity(self.declared_len.unwrap_or(0));
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| {
+                    error(
+                        StatusCode::BAD_REQUEST,
+                        format!("cannot read the request body: {e}"),
+                    )
+                })?;
+                if bytes.len() + chunk.len() > MAX_REQUEST_LEN {
+                    return Err(too_large(bytes.len() + chunk.len()));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            Ok(bytes)
+        };
+        match tokio::time::timeout(self.body_timeout, read).await {
+            Ok(result) => result,
+            Err(_) => Err(error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} ms (limits.api_body_timeout_ms)",
+                    self.body_timeout.as_millis()
+                ),
+            )),
+        }
+    }
+}
+
+fn too_large(len: impl std::fmt::Display) -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body of {len} bytes is over the limit of {MAX_REQUEST_LEN}"),
+    )
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Admitted {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(admission) = parts.extensions.get::<Arc<Admission>>().cloned() else {
+            return Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the local API was started without its admission budget",
+            ));
+        };
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let body_len = match declared {
+            Some(n) if n > MAX_REQUEST_LEN as u64 => return Err(too_large(n)),
+            Some(n) => Some(n as usize),
+            None => None,
+        };
+        // Chunked: charged at the largest body it may turn out to be.
+        let mut admitted = admission.admit(body_len.unwrap_or(MAX_REQUEST_LEN)).await?;
+        admitted.declared_len = body_len;
+        Ok(admitted)
+    }
+}
+
+/// The API's routes, with the default [`Admission`] budget.
 pub fn router(served: Served) -> Router {
+    router_within(served, &crate::config::LimitsConfig::default())
+}
+
+/// The API's routes, within the admission budget of `limits`.
+pub fn router_within(served: Served, limits: &crate::config::LimitsConfig) -> Router {
     Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
@@ -516,15 +682,47 @@ pub fn router(served: Served) -> Router {
         .route("/v2/models/{name}/ready", get(model_ready))
         .route("/v2/models/{name}/infer", post(infer))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_LEN))
+        .layer(axum::Extension(Arc::new(Admission::new(limits))))
+        .layer(axum::middleware::map_response(oip_errors))
         .with_state(served)
 }
 
-/// Serves until `shutdown` completes, then finishes in-flight requests.
+/// Every error in the Open Inference Protocol's form, `{"error": "message"}`,
+/// including axum's own (an unknown route, a wrong method, a body over the
+/// limit), which are plain text.
+async fn oip_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_string()
+    } else {
+        text
+    };
+    error(status, message)
+}
+
+/// Serves within `limits` (admission budget, connection bounds) until
+/// `shutdown` completes, then finishes in-flight requests.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     served: Served,
+    limits: &crate::config::LimitsConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) {
     use axum::serve::ListenerExt;
     // Answers go out at once rather than waiting on Nagle's algorithm.
     let listener = listener.tap_io(|tcp| {
@@ -532,9 +730,8 @@ pub async fn serve(
             tracing::debug!("local API: TCP_NODELAY not set: {e}");
         }
     });
-    axum::serve(listener, router(served))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let router = router_within(served, limits);
+    crate::http::serve(listener, router, limits.api_connection_limits(), shutdown).await
 }
 
 /// The mode of the local API's Unix socket: its owner and group may call the
@@ -582,9 +779,9 @@ pub fn bind_unix(path: &std::path::Path) -> Result<std::os::unix::net::UnixListe
 pub async fn serve_unix(
     listener: tokio::net::UnixListener,
     served: Served,
+    limits: &crate::config::LimitsConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(served))
-        .with_graceful_shutdown(shutdown)
-        .await
+) {
+    let router = router_within(served, limits);
+    crate::http::serve(listener, router, limits.api_connection_limits(), shutdown).await
 }

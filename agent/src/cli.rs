@@ -513,30 +513,40 @@ fn serve(
         served.set_shadow(shadow);
         served.set_samples_config(config.samples.clone());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut heartbeat = None;
+        let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let heartbeat = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+            crate::daemon::now_ms(),
+        ));
         // The controller link: without it (bad TLS files, no trust root) the agent
         // still serves its model locally, and says why the link is down.
         let daemon = match link_setup(config, trust) {
             Ok((options, settings)) => {
                 let (events_tx, events_rx) = tokio::sync::mpsc::channel(64);
                 let (link, _task) = crate::link::start(options, events_tx);
-                match crate::daemon::Daemon::new(settings, store.clone(), served.clone(), link) {
-                    Ok(d) => {
-                        heartbeat = Some(d.heartbeat());
-                        println!(
-                            "controller link: {} as {}",
-                            config.broker.url, config.device_id
-                        );
-                        let mut stop = stop_rx.clone();
-                        Some(tokio::spawn(d.run(events_rx, async move {
-                            let _ = stop.wait_for(|s| *s).await;
-                        })))
+                println!(
+                    "controller link: {} as {}",
+                    config.broker.url, config.device_id
+                );
+                let (store, served, heartbeat) = (store.clone(), served.clone(), heartbeat.clone());
+                let stop = stop_rx.clone();
+                let max = settings.spool_max_bytes;
+                Some(tokio::spawn(async move {
+                    // A full disk at start: tried again until it has room.
+                    let spools = crate::daemon::Spools::open_retrying(
+                        &store,
+                        max,
+                        &heartbeat,
+                        crate::daemon::SPOOL_RETRY,
+                        stopped(stop.clone()),
+                    )
+                    .await;
+                    if let Some(spools) = spools {
+                        let d = crate::daemon::Daemon::new(settings, store, served, link, spools, heartbeat);
+                        d.run(events_rx, stopped(stop)).await;
                     }
-                    Err(e) => {
-                        tracing::error!("controller link disabled: cannot open the spool: {e}");
-                        None
-                    }
-                }
+                }))
             }
             Err(e) => {
                 // Expected on a device that is only sideloaded; an error on one that
@@ -567,9 +577,6 @@ fn serve(
                 }
             });
         }
-        let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
         if let Some((path, _)) = &unix {
             println!("local API listening on unix:{}", path.display());
         }
@@ -578,6 +585,7 @@ fn serve(
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
         crate::notify::ready();
+        let linked = daemon.is_some();
         if let Some(every) = crate::notify::watchdog_interval() {
             // Petted only while the controller link's loop is alive (it ticks every
             // second); with the link disabled, while the runtime is.
@@ -585,12 +593,10 @@ fn serve(
                 let mut tick = tokio::time::interval(every);
                 loop {
                     tick.tick().await;
-                    let alive = heartbeat.as_ref().is_none_or(
-                        |h: &std::sync::Arc<std::sync::atomic::AtomicU64>| {
-                            let last = h.load(std::sync::atomic::Ordering::Relaxed);
-                            crate::daemon::now_ms().saturating_sub(last) < 10_000
-                        },
-                    );
+                    let alive = !linked || {
+                        let last = heartbeat.load(std::sync::atomic::Ordering::Relaxed);
+                        crate::daemon::now_ms().saturating_sub(last) < 10_000
+                    };
                     if alive {
                         crate::notify::watchdog();
                     }
@@ -612,27 +618,19 @@ fn serve(
         let on_unix = {
             let (served, stop) = (served.clone(), stop_rx.clone());
             async move {
-                let Some((path, listener)) = unix else {
-                    return Ok(());
-                };
-                crate::api::serve_unix(listener, served, stopped(stop))
-                    .await
-                    .map_err(|e| format!("local API on {} failed: {e}", path.display()))
+                if let Some((_, listener)) = unix {
+                    crate::api::serve_unix(listener, served, &config.limits, stopped(stop)).await;
+                }
             }
         };
-        let on_tcp = async {
-            crate::api::serve(listener, served, stopped(stop_rx.clone()))
-                .await
-                .map_err(|e| format!("local API failed: {e}"))
-        };
-        // Both until the stop; either failing stops the other.
-        let result = tokio::try_join!(on_tcp, on_unix);
+        let on_tcp = crate::api::serve(listener, served, &config.limits, stopped(stop_rx.clone()));
+        // Both until the stop.
+        tokio::join!(on_tcp, on_unix);
         if let Some(path) = &socket {
             // The socket file goes with the agent (a stale one is replaced at
             // the next start anyway).
             let _ = std::fs::remove_file(path);
         }
-        result.map_err(CliError::Request)?;
         crate::notify::stopping();
         if let Some(d) = daemon {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(3), d).await;

@@ -76,6 +76,29 @@ pub struct LimitsConfig {
     pub max_bundle_bytes: u64,
     /// Free disk that an install must leave, bytes.
     pub disk_reserve_bytes: u64,
+    /// Local API: request bodies held in memory at once, bytes (a request
+    /// whose body would pass it waits up to a second, then gets 503).
+    pub api_bodies_in_flight_bytes: u64,
+    /// Local API: inference requests handled at once (same rule).
+    pub api_requests_in_flight: u32,
+    /// Local API: connections served at once (further ones wait unaccepted).
+    pub api_connections: u32,
+    /// Local API: longest wait for a request's headers, also the longest a
+    /// kept-alive connection stays idle, ms.
+    pub api_header_timeout_ms: u64,
+    /// Local API: longest wait for a request's whole body once its headers
+    /// are in, ms (answered 408 past it, the body's budget given back).
+    pub api_body_timeout_ms: u64,
+}
+
+impl LimitsConfig {
+    /// The local API's connection bounds.
+    pub fn api_connection_limits(&self) -> crate::http::ConnectionLimits {
+        crate::http::ConnectionLimits {
+            max_connections: self.api_connections as usize,
+            header_timeout: std::time::Duration::from_millis(self.api_header_timeout_ms),
+        }
+    }
 }
 
 impl Default for LimitsConfig {
@@ -83,6 +106,11 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_bundle_bytes: 2 << 30,
             disk_reserve_bytes: 256 << 20,
+            api_bodies_in_flight_bytes: 64 << 20,
+            api_requests_in_flight: 16,
+            api_connections: 128,
+            api_header_timeout_ms: 10_000,
+            api_body_timeout_ms: 30_000,
         }
     }
 }
@@ -373,6 +401,36 @@ impl AgentConfig {
                 "must be above 0 and at most 1".into(),
             ));
         }
+        if !((1 << 20)..=(1 << 32)).contains(&self.limits.api_bodies_in_flight_bytes) {
+            return Err(invalid(
+                "limits.api_bodies_in_flight_bytes",
+                "must be between 1048576 (1 MiB) and 4294967296 (4 GiB)".into(),
+            ));
+        }
+        if !(1..=4096).contains(&self.limits.api_requests_in_flight) {
+            return Err(invalid(
+                "limits.api_requests_in_flight",
+                "must be between 1 and 4096".into(),
+            ));
+        }
+        if !(1..=65_536).contains(&self.limits.api_connections) {
+            return Err(invalid(
+                "limits.api_connections",
+                "must be between 1 and 65536".into(),
+            ));
+        }
+        if !(100..=600_000).contains(&self.limits.api_header_timeout_ms) {
+            return Err(invalid(
+                "limits.api_header_timeout_ms",
+                "must be between 100 and 600000".into(),
+            ));
+        }
+        if !(100..=600_000).contains(&self.limits.api_body_timeout_ms) {
+            return Err(invalid(
+                "limits.api_body_timeout_ms",
+                "must be between 100 and 600000".into(),
+            ));
+        }
         if self.limits.max_bundle_bytes < 4096 {
             return Err(invalid(
                 "limits.max_bundle_bytes",
@@ -396,7 +454,10 @@ impl AgentConfig {
              #   mqtt://host:port for development. broker.controller_key: the controller's\n\
              #   command key from enrollment: only commands it signed are carried out, if\n\
              #   issued less than broker.command_max_age_s ago. telemetry.interval_s: 1..86400.\n\
-             # limits: largest bundle accepted, free disk an install must leave (bytes).\n\
+             # limits: largest bundle accepted, free disk an install must leave (bytes);\n\
+             #   the local API's request bodies in memory at once (bytes) and requests at\n\
+             #   once (past either a request waits up to 1 s, then gets 503), connections\n\
+             #   at once, and the longest wait for a request's headers, then its body (ms).\n\
              # drift: windows of served rows compared with the bundle's reference; a window\n\
              #   closes at window_rows rows, or after window_max_s with at least min_rows.\n\
              # samples: capture = off | drift | low_confidence | always (off by default:\n\

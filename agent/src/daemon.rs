@@ -242,19 +242,88 @@ fn io_detail(what: &str, path: &Path, e: io::Error) -> String {
     format!("{what} {}: {e}", path.display())
 }
 
+/// The daemon's two spools in the data directory: events (never dropped)
+/// and telemetry (bounded by `telemetry.spool_max_bytes`).
+#[derive(Debug)]
+pub struct Spools {
+    events: Spool,
+    telemetry: Spool,
+}
+
+/// How often opening the spools is tried again while it fails.
+pub const SPOOL_RETRY: Duration = Duration::from_secs(5);
+
+impl Spools {
+    /// Opens (creating) both spools under `store`.
+    pub fn open(store: &Store, telemetry_max_bytes: u64) -> io::Result<Spools> {
+        Ok(Spools {
+            events: Spool::open(store.dir().join("spool/events"), None)?,
+            telemetry: Spool::open(
+                store.dir().join("spool/telemetry"),
+                Some(telemetry_max_bytes),
+            )?,
+        })
+    }
+
+    /// Opens both spools, trying again every `every` while that fails (a full
+    /// or read-only disk at start), until `stop` completes (then `None`). The
+    /// heartbeat moves on each try: the agent is alive and retrying, and a
+    /// supervisor restart would do no more than this loop does.
+    pub async fn open_retrying(
+        store: &Store,
+        telemetry_max_bytes: u64,
+        heartbeat: &AtomicU64,
+        every: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Option<Spools> {
+        tokio::pin!(stop);
+        for attempt in 0u64.. {
+            let opened = {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || Spools::open(&store, telemetry_max_bytes))
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
+            };
+            heartbeat.store(now_ms(), Ordering::Relaxed);
+            match opened {
+                Ok(spools) => {
+                    if attempt > 0 {
+                        tracing::info!(
+                            "spool opened after {attempt} failed tries: controller link starting"
+                        );
+                    }
+                    return Some(spools);
+                }
+                // Said at once, then once a minute.
+                Err(e) if attempt % (60 / every.as_secs().clamp(1, 60)) == 0 => tracing::error!(
+                    "controller link waiting: cannot open the spool in {}: {e} (trying again every {} s)",
+                    store.dir().join("spool").display(),
+                    every.as_secs()
+                ),
+                Err(_) => {}
+            }
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = &mut stop => return None,
+            }
+        }
+        None
+    }
+}
+
 impl Daemon {
-    /// Opens the spools and resumes an interrupted download, if any.
+    /// A daemon on `spools`, with `heartbeat` (see [`Daemon::heartbeat`]);
+    /// resumes an interrupted download, if any.
     pub fn new(
         settings: DaemonSettings,
         store: Store,
         served: Served,
         link: Link,
-    ) -> io::Result<Daemon> {
-        let events = Spool::open(store.dir().join("spool/events"), None)?;
-        let telemetry = Spool::open(
-            store.dir().join("spool/telemetry"),
-            Some(settings.spool_max_bytes),
-        )?;
+        spools: Spools,
+        heartbeat: Arc<AtomicU64>,
+    ) -> Daemon {
+        let Spools { events, telemetry } = spools;
+        heartbeat.store(now_ms(), Ordering::Relaxed);
         let mut daemon = Daemon {
             settings,
             store,
@@ -266,14 +335,14 @@ impl Daemon {
             probe: Probe::new(),
             in_flight: HashSet::new(),
             pending_interval: None,
-            heartbeat: Arc::new(AtomicU64::new(now_ms())),
+            heartbeat,
             replay: ReplayWindow::default(),
         };
         daemon.replay = daemon.load_replay_window();
         daemon.resume_download();
         daemon.update_will();
         daemon.link.connect();
-        Ok(daemon)
+        daemon
     }
 
     /// When the main loop last ran (ms since the epoch): the systemd watchdog is
@@ -1250,7 +1319,8 @@ impl Daemon {
         let agent = AgentMetrics {
             rss_bytes: self.probe.own_rss(),
             version: env!("CARGO_PKG_VERSION").into(),
-            spool_dropped: self.telemetry.index().dropped(),
+            // Both spools: an event lost to a full disk is a gap too.
+            spool_dropped: self.telemetry.index().dropped() + self.events.index().dropped(),
         };
         let device = self.settings.device.clone();
         let at = self.now();

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod drift;
+pub mod http;
 pub mod link;
 pub mod metrics;
 pub mod model;

@@ -267,6 +267,15 @@ pub enum RequestError {
     /// The JSON is a request, but an input, its data or the binary part is wrong.
     #[error("{0}")]
     Invalid(String),
+    /// An output asked for as JSON holds NaN or an infinity, which JSON has no
+    /// number for (it is not sent as `null`: that would read as a value).
+    #[error(
+        "output `{output}` holds NaN or an infinity, which JSON cannot carry: ask for it as binary data (`\"parameters\": {{\"binary_data\": true}}` on the output)"
+    )]
+    NotFinite {
+        /// The output.
+        output: String,
+    },
 }
 
 /// A decoded request: its JSON part and its inputs as tensors.
@@ -607,6 +616,18 @@ pub fn encode_response(
             })
             .collect::<Result<_, RequestError>>()?,
     };
+    for (t, as_binary) in &chosen {
+        let finite = match &t.data {
+            TensorData::F32(v) => v.iter().all(|x| x.is_finite()),
+            TensorData::F64(v) => v.iter().all(|x| x.is_finite()),
+            _ => true,
+        };
+        if !as_binary && !finite {
+            return Err(RequestError::NotFinite {
+                output: t.name.clone(),
+            });
+        }
+    }
     let mut binary = Vec::new();
     let json = ResponseJson {
         model_name,

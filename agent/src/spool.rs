@@ -108,7 +108,13 @@ impl SpoolIndex {
         self.bytes
     }
 
-    /// Records dropped to stay within the bound, ever.
+    /// Counts a record that took a sequence number but could not be stored
+    /// (a full disk): its number stays a gap, and the gap is counted.
+    pub fn lost(&mut self) {
+        self.dropped += 1;
+    }
+
+    /// Records dropped to stay within the bound or lost to a failed write, ever.
     pub fn dropped(&self) -> u64 {
         self.dropped
     }
@@ -233,12 +239,22 @@ impl Spool {
 
     /// Stores a record built for its sequence number; returns the number. The
     /// record is on disk (fsynced) when this returns.
+    /// A record that cannot be written (a full disk) is counted in
+    /// [`SpoolIndex::dropped`] before the error returns.
     pub fn push(&mut self, build: impl FnOnce(u64) -> Vec<u8>) -> io::Result<u64> {
         let seq = self.index.allocate();
         // The counter is saved first: a crash after this never reuses the number.
-        self.save_meta()?;
-        let bytes = build(seq);
-        write_atomic(&self.dir.join(record_name(seq)), &bytes)?;
+        let stored = self.save_meta().and_then(|()| {
+            let bytes = build(seq);
+            write_atomic(&self.dir.join(record_name(seq)), &bytes).map(|()| bytes)
+        });
+        let bytes = match stored {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                self.index.lost();
+                return Err(e);
+            }
+        };
         let evicted = self.index.insert(seq, bytes.len() as u64);
         for s in &evicted {
             self.delete(*s)?;

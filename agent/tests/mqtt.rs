@@ -986,6 +986,139 @@ async fn telemetry_is_spooled_while_the_broker_is_down_and_delivered_without_a_g
     );
 }
 
+/// A tmpfs of `size` mounted at `at` for the test's life (the tests run as
+/// root; .ci/run does): a disk that can really be full.
+struct Tmpfs {
+    at: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).expect("mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("mount runs");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { at: at.to_owned() }
+    }
+
+    /// Fills the filesystem to its last page with `filler`.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.at.join("filler")).expect("filler");
+        let page = [0x5au8; 4096];
+        while f.write_all(&page).is_ok() {}
+        let _ = f.sync_all();
+    }
+
+    fn make_room(&self) {
+        std::fs::remove_file(self.at.join("filler")).expect("remove filler");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_delays_the_link_until_there_is_room_and_every_lost_report_is_counted() {
+    let dev = Device::new();
+    let broker = Broker::start(dev.path(), "allow_anonymous true");
+    let mut peer = Peer::connect(broker.port, None);
+    let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
+    let disk = Tmpfs::mount(&dev.path().join("data"), "4m");
+    let file = bundle(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("install")
+        .arg(&file)
+        .output()
+        .expect("install");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // 1. The disk is full when the agent starts: it serves its model, and its
+    // controller link waits for room instead of staying off for good.
+    disk.fill();
+    let agent = Agent::start(dev.path(), &config);
+    assert_eq!(infer_version(&agent.api).0, 200, "inference on a full disk");
+    let early = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match peer.rx.recv().await {
+                Some((topic, _)) if topic.ends_with("/telemetry") => return,
+                Some(_) => {}
+                None => std::future::pending::<()>().await,
+            }
+        }
+    })
+    .await;
+    assert!(early.is_err(), "telemetry without a spool on a full disk");
+    assert!(
+        agent.log().contains("cannot open the spool"),
+        "{}",
+        agent.log()
+    );
+    disk.make_room();
+    let first: Telemetry = peer
+        .wait_for("telemetry once the disk has room", |topic, p| {
+            topic
+                .ends_with("/telemetry")
+                .then(|| protocol::decode(p).expect("telemetry"))
+        })
+        .await;
+    assert_eq!(first.agent.spool_dropped, 0, "{first:?}");
+
+    // 2. The disk fills while the agent runs: the reports it cannot spool are
+    // lost, and counted; the count arrives with the next report.
+    disk.fill();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    disk.make_room();
+    let mut seqs = vec![first.seq];
+    let after = loop {
+        let t: Telemetry = peer
+            .wait_for("telemetry after the disk was full", |topic, p| {
+                topic
+                    .ends_with("/telemetry")
+                    .then(|| protocol::decode(p).expect("telemetry"))
+            })
+            .await;
+        seqs.push(t.seq);
+        if t.agent.spool_dropped > 0 {
+            break t;
+        }
+    };
+    seqs.sort_unstable();
+    seqs.dedup();
+    let (lo, hi) = (seqs[0], *seqs.last().expect("seq"));
+    let missing = (hi - lo + 1) - seqs.len() as u64;
+    assert!(missing >= 2, "seqs {seqs:?}");
+    assert_eq!(
+        after.agent.spool_dropped,
+        missing,
+        "every gap in {seqs:?} is counted\n{}",
+        agent.log()
+    );
+}
+
 /// Mosquitto as recommended for production: mutual TLS, the certificate's CN as
 /// the user name, and an ACL that confines each device to its own topics.
 fn secure_broker(dir: &Path, pki: &Pki) -> Broker {

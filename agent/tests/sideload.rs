@@ -819,3 +819,190 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     );
     assert!(out.status.success() && text.trim().is_empty(), "{text}");
 }
+
+/// Connects to `addr` and sends `bytes`, leaving the connection open.
+fn open_with(addr: &str, bytes: &[u8]) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.write_all(bytes).expect("send");
+    s
+}
+
+/// Whether the server closed `s` (EOF or reset) within `within`; false when
+/// it is still open then, or when it answered something.
+fn closed_by_server(s: &mut std::net::TcpStream, within: std::time::Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(within)).expect("timeout");
+    let mut buf = [0u8; 256];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+/// Reads one whole response (the request asked `Connection: close`).
+fn response_of(mut s: std::net::TcpStream) -> String {
+    use std::io::Read;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn the_local_api_closes_slow_clients_and_bounds_the_requests_it_holds() {
+    use std::time::{Duration, Instant};
+    let dev = Device::new();
+    let v1 = bundle(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    dev.ok(&["install", s(&v1)]);
+    let config = dev.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "[limits]\n\
+         api_bodies_in_flight_bytes = 1048576\n\
+         api_requests_in_flight = 4\n\
+         api_connections = 8\n\
+         api_header_timeout_ms = 500\n\
+         api_body_timeout_ms = 1500\n",
+    )
+    .expect("config");
+    let (child, addr) = start_api(&dev, &["--config", s(&config)]);
+
+    // 1. Slow headers: 24 clients (three times the connection cap) each send
+    // half a request line and stop. The agent closes each one after 500 ms
+    // without its headers; the ones past the cap wait unaccepted until then.
+    let started = Instant::now();
+    let mut slow: Vec<_> = (0..24)
+        .map(|_| open_with(&addr, b"POST /v2/models/iris/in"))
+        .collect();
+    for (i, conn) in slow.iter_mut().enumerate() {
+        let left = Duration::from_secs(10).saturating_sub(started.elapsed());
+        assert!(
+            closed_by_server(conn, left.max(Duration::from_millis(1))),
+            "slow client {i} still open after {:?}",
+            started.elapsed()
+        );
+    }
+    // Three rounds of the cap, each closed at 500 ms.
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    // An idle kept-alive connection is closed the same way.
+    let mut idle = open_with(&addr, b"");
+    assert!(closed_by_server(&mut idle, Duration::from_secs(5)));
+    // Served normally afterwards.
+    let good = r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[5.0,3.4,1.5,0.2]}]}"#;
+    assert_eq!(http(&addr, "POST", "/v2/models/iris/infer", good).0, 200);
+
+    // 2. The body budget: a valid request padded with spaces to exactly the
+    // 1 MiB budget sends its headers and a little of its body, then waits.
+    let budget = 1 << 20;
+    let mut padded = good.as_bytes().to_vec();
+    padded.resize(budget, b' ');
+    let head = format!(
+        "POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {budget}\r\nConnection: close\r\n\r\n"
+    );
+    let mut holder = open_with(&addr, head.as_bytes());
+    {
+        use std::io::Write;
+        holder.write_all(&padded[..1000]).expect("part of the body");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // A second request cannot get its share: 503 after about a second, with
+    // Retry-After, in the OIP error form, its body never read.
+    let waited = Instant::now();
+    let (code, headers, body) = http_bytes(
+        &addr,
+        "POST",
+        "/v2/models/iris/infer",
+        &[("Content-Type", "application/json".into())],
+        good.as_bytes(),
+    );
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        waited.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        waited.elapsed()
+    );
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("retry-after") && v == "1"),
+        "{headers:?}"
+    );
+    let err: serde_json::Value = serde_json::from_str(&body).expect("json error");
+    assert!(
+        err["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("limits.api_bodies_in_flight_bytes")),
+        "{body}"
+    );
+    // The held request completes normally once its body arrives.
+    {
+        use std::io::Write;
+        holder.write_all(&padded[1000..]).expect("rest of the body");
+    }
+    let answer = response_of(holder);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(http(&addr, "POST", "/v2/models/iris/infer", good).0, 200);
+
+    // 3. A body that stops arriving: 408 after the body timeout, and its
+    // share of the budget comes back.
+    let mut stalled = open_with(&addr, head.as_bytes());
+    {
+        use std::io::Write;
+        stalled
+            .write_all(&padded[..1000])
+            .expect("part of the body");
+    }
+    let answer = response_of(stalled);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("limits.api_body_timeout_ms"), "{answer}");
+    assert_eq!(http(&addr, "POST", "/v2/models/iris/infer", good).0, 200);
+
+    // 4. Over the size limit: 413 in the OIP error form, before any wait.
+    let too_big = format!(
+        "POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        32 << 20
+    );
+    let answer = response_of(open_with(&addr, too_big.as_bytes()));
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains(r#"{"error":"request body of 33554432 bytes"#),
+        "{answer}"
+    );
+    // Inputs at the edge of f32 overflow the logistic regression's logits:
+    // its probabilities are NaN, which JSON cannot carry: a 500 naming the
+    // output (never `null` read as a value); as binary data they go through.
+    let huge = r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[3e38,-3e38,3e38,-3e38]}]}"#;
+    let (code, body) = http(&addr, "POST", "/v2/models/iris/infer", huge);
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("output `probabilities` holds NaN"), "{body}");
+    let huge_binary = r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[3e38,-3e38,3e38,-3e38]}],"outputs":[{"name":"probabilities","parameters":{"binary_data":true}}]}"#;
+    let (code, _, body) = http_bytes(
+        &addr,
+        "POST",
+        "/v2/models/iris/infer",
+        &[("Content-Type", "application/json".into())],
+        huge_binary.as_bytes(),
+    );
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    // axum's own refusals come in the same form.
+    let (code, body) = http(&addr, "GET", "/v2/models/iris/infer", "");
+    assert_eq!(code, 405);
+    let err: serde_json::Value = serde_json::from_str(&body).expect("json error");
+    assert!(err["error"].is_string(), "{body}");
+    stop_gracefully(child);
+}

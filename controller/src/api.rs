@@ -78,17 +78,32 @@ impl Role {
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: std::borrow::Cow<'static, str>,
     message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    fn new(
+        status: StatusCode,
+        code: impl Into<std::borrow::Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
-            code,
+            code: code.into(),
             message: message.into(),
         }
+    }
+
+    /// A failure of this server (a disk, a task), logged with its detail;
+    /// the caller hears what failed, never a server path.
+    fn internal(what: &str, detail: impl std::fmt::Display) -> ApiError {
+        tracing::error!("{what}: {detail}");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{what} (the controller's log has the detail)"),
+        )
     }
 
     fn invalid(message: impl Into<String>) -> ApiError {
@@ -597,16 +612,13 @@ async fn enroll(
             "tags: at most 32, keys 1-64 characters without '=' or ',', values up to 128",
         ));
     }
-    let dir = tempfile::tempdir().map_err(|e| ApiError::invalid(e.to_string()))?;
-    let identity = s
-        .ca
-        .issue(&id, None, dir.path(), "device")
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    let read = |p: &std::path::Path| {
-        std::fs::read_to_string(p).map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })
-    };
+    let issue_err =
+        |e: &dyn std::fmt::Display| ApiError::internal("cannot issue the device's certificate", e);
+    let dir = tempfile::tempdir().map_err(|e| issue_err(&e))?;
+    let identity =
+        s.ca.issue(&id, None, dir.path(), "device")
+            .map_err(|e| issue_err(&e))?;
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).map_err(|e| issue_err(&e));
     let cert = read(&identity.cert)?;
     let key = read(&identity.key)?;
     let fingerprint = cert_fingerprint(&cert);
@@ -984,11 +996,13 @@ async fn upload_bundle(
         ));
     }
     let trust = crate::operator::load_trust_root(&s.trust_root, UnixTime::now()).map_err(|e| {
+        tracing::error!("cannot verify uploads: {e}");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_trust_root",
             format!(
-                "cannot verify uploads: {e} (copy the fleet's trust root there, or set trust_root)"
+                "cannot verify uploads: the controller has no valid trust root ({}; its log names the file: copy the fleet's trust root there, or set trust_root)",
+                trust_problem(&e)
             ),
         )
     })?;
@@ -998,11 +1012,12 @@ async fn upload_bundle(
         .parent()
         .map(ToOwned::to_owned)
         .unwrap_or_default();
-    std::fs::create_dir_all(&dir).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let store_err = |e: std::io::Error| ApiError::internal("cannot store the upload", e);
+    std::fs::create_dir_all(&dir).map_err(store_err)?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".upload-")
         .tempfile_in(&dir)
-        .map_err(|e| ApiError::invalid(e.to_string()))?;
+        .map_err(store_err)?;
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
     while let Some(piece) = stream.next().await {
@@ -1018,34 +1033,22 @@ async fn upload_bundle(
                 ),
             ));
         }
-        tmp.write_all(&piece)
-            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        tmp.write_all(&piece).map_err(store_err)?;
     }
     let path = tmp.path().to_owned();
     let verified = tokio::task::spawn_blocking(move || {
         crate::operator::verify_bundle(&path, &trust, UnixTime::now())
     })
     .await
-    .map_err(|e| ApiError::invalid(e.to_string()))?
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "bundle_refused",
-            e.to_string(),
-        )
-    })?;
+    .map_err(|e| ApiError::internal("bundle verification failed", e))?
+    .map_err(upload_refused)?;
     let m = &verified.manifest;
     let mut summary = serde_json::to_value(m).unwrap_or_default();
     if let Some(p) = summary.get_mut("payload").and_then(Value::as_object_mut) {
         p.remove("chunks");
     }
-    summary["signed_by"] = json!(
-        verified
-            .signed_by
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-    );
+    let signed_by: Vec<String> = verified.signed_by.iter().map(ToString::to_string).collect();
+    summary["signed_by"] = json!(signed_by);
     let row = BundleRow {
         digest: verified.digest.to_hex(),
         channel: m.channel.to_string(),
@@ -1059,13 +1062,48 @@ async fn upload_bundle(
         uploaded_by: caller.name.clone(),
         summary,
     };
+    // One upload at a time from here: the check for a stored copy, the file's
+    // rename and the row are one step.
+    static COMMIT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _commit = COMMIT.lock().await;
+    if let Some(existing) = s.db().bundle(&row.digest).await? {
+        // A stored bundle is never replaced (devices may be fetching its
+        // chunks): the same signatures are the same upload; others are refused.
+        let mut stored: Vec<String> = existing.summary["signed_by"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|k| k.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut uploaded = signed_by.clone();
+        stored.sort();
+        uploaded.sort();
+        if stored != uploaded {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "bundle {} is stored signed by [{}]; this upload of it is signed by [{}]. A stored bundle is not replaced: build a new release to change its signatures",
+                    row.digest,
+                    stored.join(", "),
+                    uploaded.join(", ")
+                ),
+            ));
+        }
+        return Ok((
+            StatusCode::OK,
+            Json(json!({"bundle": existing, "new": false})),
+        ));
+    }
     let dest = s.fleet.bundle_path(&verified.digest);
     tmp.persist(&dest)
-        .map_err(|e| ApiError::invalid(e.to_string()))?;
+        .map_err(|e| ApiError::internal("cannot store the upload", e.error))?;
     let audit = caller.audit(
         "bundle.upload",
         &row.digest,
-        Some(json!({"channel": row.channel, "version": row.version, "release": row.release})),
+        Some(json!({"channel": row.channel, "version": row.version, "release": row.release, "signed_by": signed_by})),
     );
     let new = s.db().insert_bundle(&row, Some(audit)).await?;
     if !new {
@@ -1079,6 +1117,37 @@ async fn upload_bundle(
         StatusCode::CREATED,
         Json(json!({"bundle": row, "new": true})),
     ))
+}
+
+/// What is wrong with the trust root, without its path.
+fn trust_problem(e: &crate::operator::OperatorError) -> String {
+    use crate::operator::OperatorError;
+    match e {
+        OperatorError::Io { source, .. } => source.to_string(),
+        OperatorError::Trust { source, .. } => source.to_string(),
+        OperatorError::TooLarge { size, limit, .. } => {
+            format!("{size} bytes, over the limit of {limit}")
+        }
+        _ => "unreadable".to_owned(),
+    }
+}
+
+/// An upload that failed verification: 422 with the refusal's own code
+/// (`bad_magic`, `signature_threshold`, `expired`, ...) and its reason, without
+/// the path of the server's temp file.
+fn upload_refused(e: crate::operator::OperatorError) -> ApiError {
+    use edgefleet_shared::bundle::BundleError;
+    match e {
+        crate::operator::OperatorError::Bundle {
+            source: BundleError::Refused(refusal),
+            ..
+        } => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            refusal.code(),
+            format!("bundle refused: {refusal}"),
+        ),
+        other => ApiError::internal("cannot read the stored upload", other),
+    }
 }
 
 // ----- rollouts -------------------------------------------------------------
@@ -1674,7 +1743,8 @@ pub struct ErrorBody {
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// Stable code: unauthorized, forbidden, invalid, not_found, conflict, too_large,
-    /// bundle_refused, no_trust_root, internal.
+    /// unsupported_media_type, method_not_allowed, bad_request, no_trust_root,
+    /// internal, or a refused upload's refusal code (`bad_magic`, `expired`, ...).
     pub code: String,
     /// For people; names the field when a body fails validation.
     pub message: String,

@@ -63,6 +63,21 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Largest bundle upload accepted, bytes.
     pub max_bundle_bytes: u64,
+    /// Connections served at once (further ones wait unaccepted).
+    pub max_connections: u32,
+    /// Longest wait for a request's headers, also the longest a kept-alive
+    /// connection stays idle, ms.
+    pub header_timeout_ms: u64,
+}
+
+impl HttpConfig {
+    /// The API server's connection bounds.
+    pub fn connection_limits(&self) -> edgefleet_agent::http::ConnectionLimits {
+        edgefleet_agent::http::ConnectionLimits {
+            max_connections: self.max_connections as usize,
+            header_timeout: std::time::Duration::from_millis(self.header_timeout_ms),
+        }
+    }
 }
 
 impl Default for HttpConfig {
@@ -70,6 +85,8 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_bundle_bytes: 1 << 30,
+            max_connections: 1024,
+            header_timeout_ms: 10_000,
         }
     }
 }
@@ -227,6 +244,12 @@ impl ControllerConfig {
         if self.http.max_bundle_bytes == 0 {
             return Err(invalid("http.max_bundle_bytes", "must be above 0"));
         }
+        if !(1..=65_536).contains(&self.http.max_connections) {
+            return Err(invalid("http.max_connections", "must be 1 to 65536"));
+        }
+        if !(100..=600_000).contains(&self.http.header_timeout_ms) {
+            return Err(invalid("http.header_timeout_ms", "must be 100 to 600000"));
+        }
         if !(1..=100_000).contains(&self.telemetry.batch_max) {
             return Err(invalid("telemetry.batch_max", "must be 1 to 100000"));
         }
@@ -274,7 +297,8 @@ impl ControllerConfig {
              # database: SQLite file, default <data_dir>/controller.db.\n\
              # trust_root: the fleet's trust root; uploads are verified against it\n\
              #   (default <data_dir>/trust-root.cbor).\n\
-             # [http] listen: API address; max_bundle_bytes: largest upload.\n\
+             # [http] listen: API address; max_bundle_bytes: largest upload; max_connections:\n\
+             #   connections at once; header_timeout_ms: longest wait for a request's headers.\n\
              # [mqtt] mode = \"embedded\" runs rumqttd on `listen` with mutual TLS (certificates\n\
              #   from the controller's CA, server certificate for `hosts`); mode = \"external\"\n\
              #   connects to `url` with ca/cert/key (Mosquitto: see `edgefleet broker acl`).\n\
@@ -326,6 +350,8 @@ mod tests {
             ("[rollouts]\ntick_ms = 1", "rollouts.tick_ms"),
             ("[drift]\nalert_percent = 0", "drift.alert_percent"),
             ("[http]\nmax_bundle_bytes = 0", "http.max_bundle_bytes"),
+            ("[http]\nmax_connections = 0", "http.max_connections"),
+            ("[http]\nheader_timeout_ms = 5", "http.header_timeout_ms"),
         ] {
             let err = check(text).expect_err(text).to_string();
             assert!(err.contains(&format!("`{field}`")), "{text}: {err}");

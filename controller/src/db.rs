@@ -243,6 +243,10 @@ const MIGRATIONS: &[&str] = &[
     // a bundle only after it was told to install it (docs/controller.md).
     "ALTER TABLE commands ADD COLUMN bundle TEXT;
     CREATE INDEX commands_by_bundle ON commands(device, bundle);",
+    // 8: reports the device could not keep (a full disk, its spool's bound),
+    // as it counts them; a gap in `seq` with this count unchanged is a loss
+    // the device does not know of.
+    "ALTER TABLE telemetry ADD COLUMN spool_dropped INTEGER;",
 ];
 
 /// The store.
@@ -374,6 +378,9 @@ pub struct TelemetryRow {
     /// The shadow model's counters, when one runs.
     #[schema(value_type = Option<Object>)]
     pub shadow: Option<edgefleet_shared::protocol::ShadowMetrics>,
+    /// Reports the device could not keep, ever (its spool's count: a full
+    /// disk, or the spool's bound while offline); `None` before migration 8.
+    pub spool_dropped: Option<u64>,
 }
 
 /// The part of a drift report that gates and views use.
@@ -769,8 +776,9 @@ impl Db {
                     let mut st = tx.prepare_cached(
                         "INSERT OR IGNORE INTO telemetry (device, seq, at, received_at, digest, inferences, errors,
                             latency_counts, cpu_percent, mem_used, rss_bytes, body,
-                            drift_rows, drift_share, drifted, drift_features, shadow, epoch)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                            drift_rows, drift_share, drifted, drift_features, shadow, epoch,
+                            spool_dropped)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
                     )?;
                     let mut seen = tx.prepare_cached(
                         "UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE id = ?1",
@@ -801,6 +809,7 @@ impl Db {
                                 .as_ref()
                                 .map(|s| serde_json::to_string(s).unwrap_or_default()),
                             bits(t.epoch),
+                            i(t.agent.spool_dropped),
                         ])?;
                         let last = latest.entry(t.device.as_str()).or_insert(0);
                         *last = (*last).max(*received);
@@ -830,7 +839,8 @@ impl Db {
                 let mut st = c.prepare(
                     "SELECT t.device, t.seq, t.at, t.received_at, t.digest, t.inferences, t.errors,
                             t.latency_counts, t.cpu_percent, t.mem_used, t.rss_bytes,
-                            t.drift_rows, t.drift_share, t.drifted, t.drift_features, t.shadow
+                            t.drift_rows, t.drift_share, t.drifted, t.drift_features, t.shadow,
+                            t.spool_dropped
                      FROM telemetry t
                      JOIN (SELECT MAX(id) AS id FROM telemetry
                            WHERE received_at BETWEEN ?1 AND ?2 GROUP BY device) l
@@ -858,7 +868,7 @@ impl Db {
                 let mut st = c.prepare(
                     "SELECT device, seq, at, received_at, digest, inferences, errors, latency_counts,
                             cpu_percent, mem_used, rss_bytes,
-                            drift_rows, drift_share, drifted, drift_features, shadow
+                            drift_rows, drift_share, drifted, drift_features, shadow, spool_dropped
                      FROM telemetry WHERE device = ?1 AND received_at BETWEEN ?2 AND ?3
                      ORDER BY id DESC LIMIT ?4",
                 )?;
@@ -1491,6 +1501,7 @@ fn telemetry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TelemetryRow> {
         shadow: r
             .get::<_, Option<String>>(15)?
             .and_then(|t| serde_json::from_str(&t).ok()),
+        spool_dropped: r.get::<_, Option<i64>>(16)?.map(u),
     })
 }
 

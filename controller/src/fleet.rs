@@ -1369,6 +1369,7 @@ mod tests {
             rss_bytes: None,
             drift: None,
             shadow: None,
+            spool_dropped: None,
         }
     }
 

@@ -315,7 +315,7 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
             println!("admin token written to {} (mode 0600)", p.display());
         }
         let _ = std::io::stdout().flush();
-        server.await.map_err(|e| e.to_string())?;
+        server.await;
         println!("controller stopped");
         Ok(0)
     })

@@ -46,7 +46,7 @@ fn err(context: &str) -> impl Fn(String) -> ServeError + '_ {
 /// Starts everything; returns once the API listens, with the server future to run.
 pub async fn start(
     config: ControllerConfig,
-) -> Result<(Started, impl Future<Output = std::io::Result<()>>), ServeError> {
+) -> Result<(Started, impl Future<Output = ()>), ServeError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     RETENTION_MS.store(
         u64::from(config.telemetry.retention_days) * 86_400_000,
@@ -194,11 +194,8 @@ pub async fn start(
         .local_addr()
         .map_err(|e| err("http.listen")(e.to_string()))?;
     let app = api::router(state);
-    let server = async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-    };
+    let limits = config.http.connection_limits();
+    let server = edgefleet_agent::http::serve(listener, app, limits, shutdown_signal());
     Ok((
         Started {
             http,

@@ -448,12 +448,17 @@ async fn uploads_are_verified_and_refused_with_the_reason() {
             Body::from(vec![1u8; 100]),
         )
         .await;
+    // The refusal's own code, and no server path in the message.
     assert_eq!(
         (s, code(&v)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "bundle_refused"),
+        (StatusCode::UNPROCESSABLE_ENTITY, "bad_magic"),
         "{v}"
     );
-    assert!(message(&v).contains("bundle"), "{v}");
+    assert!(message(&v).starts_with("bundle refused: "), "{v}");
+    assert!(
+        !message(&v).contains('/') && !message(&v).contains(".upload-"),
+        "{v}"
+    );
     let (s, v) = a
         .call(
             "POST",
@@ -685,4 +690,116 @@ async fn enrollment_admits_a_certificate_to_the_gate_and_revocation_removes_it()
         .call("GET", "/api/v1/audit", Some(ADMIN), Body::empty())
         .await;
     assert_eq!(v["audit"][0]["action"], "device.revoke");
+}
+
+/// Runs the operator CLI in `dir`; panics with its output when it fails.
+fn cli(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgefleet"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("edgefleet runs");
+    assert!(
+        out.status.success(),
+        "edgefleet {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_stored_bundle_is_not_replaced_by_an_upload_signed_otherwise() {
+    let a = api().await;
+    let d = a._dir.path();
+    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
+    for name in ["alice", "bob"] {
+        cli(d, &["keys", "generate", "--out", "keys", "--name", name]);
+    }
+    // Either key is enough (1 of 2): both copies below verify.
+    cli(
+        d,
+        &[
+            "trust",
+            "init",
+            "--key",
+            "keys/alice.key",
+            "--key",
+            "keys/bob.key",
+            "--threshold",
+            "1",
+            "--out",
+            "trust-root.cbor",
+        ],
+    );
+    cli(
+        d,
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &format!("{models}/iris_logreg.onnx"),
+            "--channel",
+            "iris",
+            "--version",
+            "1.0.0",
+            "--release",
+            "1",
+            "--golden",
+            &format!("{models}/iris_golden.json"),
+            "--out",
+            "alice.efb",
+        ],
+    );
+    std::fs::copy(d.join("alice.efb"), d.join("bob.efb")).expect("copy");
+    cli(
+        d,
+        &["bundle", "sign", "alice.efb", "--key", "keys/alice.key"],
+    );
+    cli(d, &["bundle", "sign", "bob.efb", "--key", "keys/bob.key"]);
+    let upload = |file: &str| {
+        let bytes = std::fs::read(d.join(file)).expect("bundle");
+        a.call_as(
+            "POST",
+            "/api/v1/bundles",
+            Some(ADMIN),
+            Some("application/octet-stream"),
+            Body::from(bytes),
+        )
+    };
+    let (s, v) = upload("alice.efb").await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let digest = v["bundle"]["digest"].as_str().expect("digest").to_owned();
+    let alice = v["bundle"]["summary"]["signed_by"].clone();
+    assert_eq!(alice.as_array().map(Vec::len), Some(1), "{v}");
+    let stored = a._dir.path().join(format!("bundles/{digest}.efb"));
+    let before = std::fs::read(&stored).expect("stored bundle");
+    // The same file again: already stored.
+    let (s, v) = upload("alice.efb").await;
+    assert_eq!(
+        (s, v["new"].as_bool()),
+        (StatusCode::OK, Some(false)),
+        "{v}"
+    );
+    // The same bundle signed by another key: refused, naming both, and the
+    // stored file, its registry entry and the audit are unchanged.
+    let (s, v) = upload("bob.efb").await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "conflict"), "{v}");
+    assert!(message(&v).contains("not replaced"), "{v}");
+    assert_eq!(std::fs::read(&stored).expect("stored bundle"), before);
+    let (_, v) = a
+        .call("GET", "/api/v1/bundles", Some(ADMIN), Body::empty())
+        .await;
+    assert_eq!(v["bundles"][0]["summary"]["signed_by"], alice, "{v}");
+    let (_, v) = a
+        .call("GET", "/api/v1/audit", Some(ADMIN), Body::empty())
+        .await;
+    let uploads: Vec<&Value> = v["audit"]
+        .as_array()
+        .expect("audit")
+        .iter()
+        .filter(|e| e["action"] == "bundle.upload")
+        .collect();
+    assert_eq!(uploads.len(), 1, "{v}");
+    assert_eq!(uploads[0]["target"], digest.as_str());
+    assert_eq!(uploads[0]["after"]["signed_by"], alice, "{v}");
 }

@@ -414,8 +414,9 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
     {
         let served = served.clone();
         let mut stop = stop_rx.clone();
+        let limits = config.limits.clone();
         tasks.push(tokio::spawn(async move {
-            let _ = edgefleet_agent::api::serve(api, served, async move {
+            edgefleet_agent::api::serve(api, served, &limits, async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .await;
@@ -557,15 +558,30 @@ impl Agent {
         settings.clock_skew_s = self.faults.clock_skew_s;
         let (link_tx, mut link_rx) = mpsc::channel(64);
         let (link, link_task) = edgefleet_agent::link::start(options, link_tx);
-        let daemon = match Daemon::new(settings, self.store.clone(), self.served.clone(), link) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(device = %self.config.device_id, "cannot open the spool: {e}");
-                link_task.abort();
-                stopped(stop).await;
-                return End::Stopped;
-            }
+        let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let spools = {
+            let mut stop = stop.clone();
+            edgefleet_agent::daemon::Spools::open_retrying(
+                &self.store,
+                settings.spool_max_bytes,
+                &heartbeat,
+                edgefleet_agent::daemon::SPOOL_RETRY,
+                async move { stopped(&mut stop).await },
+            )
+            .await
         };
+        let Some(spools) = spools else {
+            link_task.abort();
+            return End::Stopped;
+        };
+        let daemon = Daemon::new(
+            settings,
+            self.store.clone(),
+            self.served.clone(),
+            link,
+            spools,
+            heartbeat,
+        );
         let (daemon_tx, daemon_rx) = mpsc::channel(64);
         let (bye_tx, bye_rx) = tokio::sync::oneshot::channel::<()>();
         let mut daemon_task = tokio::spawn(daemon.run(daemon_rx, async move {

@@ -284,6 +284,36 @@ fn requested_outputs_come_in_the_requested_order_as_json_or_binary() {
     );
 }
 
+#[test]
+fn a_nan_or_infinite_output_is_refused_as_json_and_carried_as_binary() {
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let outputs = vec![
+            tensor("label", &[1], TensorData::I64(vec![1])),
+            tensor("probabilities", &[1, 2], TensorData::F32(vec![0.5, bad])),
+        ];
+        let req = request(serde_json::json!({"inputs": []}));
+        let e = encode_response("iris", "1.0.0", &req, &outputs).expect_err("not JSON");
+        assert!(
+            matches!(&e, RequestError::NotFinite { output } if output == "probabilities"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("binary_data"), "{e}");
+        // As binary data it goes through bit for bit.
+        let req = request(serde_json::json!({
+            "inputs": [],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": true}}, {"name": "label"}]
+        }));
+        let e = encode_response("iris", "1.0.0", &req, &outputs).expect("binary");
+        let n = e.header_len.expect("binary follows");
+        let last = f32::from_le_bytes(e.body[n + 4..n + 8].try_into().expect("4"));
+        assert_eq!(last.to_bits(), bad.to_bits());
+    }
+    // FP64 too.
+    let outputs = vec![tensor("score", &[1], TensorData::F64(vec![f64::NAN]))];
+    let req = request(serde_json::json!({"inputs": []}));
+    assert!(encode_response("m", "1", &req, &outputs).is_err());
+}
+
 /// A tensor of any supported type with 0..40 elements.
 fn any_tensor() -> impl Strategy<Value = TensorData> {
     prop_oneof![
