@@ -23,6 +23,9 @@
 //! `EDGEFLEET_BENCH_ONLY=download` only the figures after the last chunk,
 //! `EDGEFLEET_BENCH_ONLY=load` only the agent's peak RSS under 40 concurrent
 //! 15 MiB requests, default limits vs none (issue 24);
+//! `EDGEFLEET_BENCH_ONLY=soak` (not part of the full run) the connected agent
+//! at 20 requests/s for `EDGEFLEET_SOAK_S` seconds (default an hour) and its RSS
+//! growth;
 //! `EDGEFLEET_BENCH_STATIC_BASELINE=PATH` also measures another static agent binary.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -961,26 +964,47 @@ fn memory_under_load(dir: &Path, case: &Case, model: &LoadedModel) {
         r#"{{"inputs":[{{"name":"features","shape":[{rows},4],"datatype":"FP32","data":[{data}]}}]}}"#
     );
     drop(data);
+    // The same rows as binary tensor data, answered in binary too.
+    let brows = (15 << 20) / 16;
+    let header = format!(
+        r#"{{"inputs":[{{"name":"features","shape":[{brows},4],"datatype":"FP32","parameters":{{"binary_data_size":{}}}}}],"parameters":{{"binary_data_output":true}}}}"#,
+        brows * 16
+    );
+    let mut binary = header.clone().into_bytes();
+    for _ in 0..brows {
+        for x in [5.0f32, 3.4, 1.5, 0.2] {
+            binary.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    let json = body.into_bytes();
     println!(
-        "  40 clients at once, each a valid {:.1} MiB request ({rows} rows):",
-        body.len() as f64 / (1 << 20) as f64
+        "  40 clients at once, each a valid {:.1} MiB request ({rows} rows as JSON, {brows} rows as binary tensor data):",
+        json.len() as f64 / (1 << 20) as f64
     );
     let defaults = edgefleet_agent::config::LimitsConfig::default();
-    for (what, limits) in [
+    let default_limits = format!(
+        "default limits ({} MiB of request memory, {} requests)",
+        defaults.api_memory_bytes >> 20,
+        defaults.api_requests_in_flight
+    );
+    let open = "[limits]\napi_memory_bytes = 4294967296\napi_requests_in_flight = 4096\napi_connections = 65536\n";
+    for (what, limits, body, header_len) in [
+        (format!("JSON, {default_limits}"), "", &json, None),
         (
-            format!(
-                "default limits ({} MiB of bodies, {} requests)",
-                defaults.api_bodies_in_flight_bytes >> 20,
-                defaults.api_requests_in_flight
-            ),
-            String::new(),
+            format!("binary, {default_limits}"),
+            "",
+            &binary,
+            Some(header.len()),
         ),
         (
-            "no limits (4 GiB of bodies, 4096 requests)".to_string(),
-            "[limits]\napi_bodies_in_flight_bytes = 4294967296\napi_requests_in_flight = 4096\napi_connections = 65536\n".to_string(),
+            "JSON, no limits (4 GiB of request memory, 4096 requests)".to_string(),
+            open,
+            &json,
+            None,
         ),
     ] {
-        let data_dir = dir.join(format!("load-{}", limits.len()));
+        let run = format!("{}-{}", limits.len(), header_len.is_some());
+        let data_dir = dir.join(format!("load-{run}"));
         let out = Command::new(agent)
             .arg("--data-dir")
             .arg(&data_dir)
@@ -990,9 +1014,13 @@ fn memory_under_load(dir: &Path, case: &Case, model: &LoadedModel) {
             .arg(&bundle)
             .output()
             .expect("install");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-        let config = dir.join(format!("load-{}.toml", limits.len()));
-        std::fs::write(&config, &limits).expect("config");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let config = dir.join(format!("load-{run}.toml"));
+        std::fs::write(&config, limits).expect("config");
         let mut child = Command::new(agent)
             .arg("--config")
             .arg(&config)
@@ -1027,8 +1055,11 @@ fn memory_under_load(dir: &Path, case: &Case, model: &LoadedModel) {
                         stream
                             .set_read_timeout(Some(Duration::from_secs(120)))
                             .expect("timeout");
+                        let binary = header_len
+                            .map(|n| format!("Inference-Header-Content-Length: {n}\r\n"))
+                            .unwrap_or_default();
                         let head = format!(
-                            "POST /v2/models/{}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            "POST /v2/models/{}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{binary}Content-Length: {}\r\nConnection: close\r\n\r\n",
                             case.channel,
                             body.len()
                         );
@@ -1036,7 +1067,7 @@ fn memory_under_load(dir: &Path, case: &Case, model: &LoadedModel) {
                         // the server may close while this is still sending.
                         let _ = stream
                             .write_all(head.as_bytes())
-                            .and_then(|()| stream.write_all(body.as_bytes()));
+                            .and_then(|()| stream.write_all(body));
                         let mut answer = Vec::new();
                         let _ = stream.read_to_end(&mut answer);
                         std::str::from_utf8(answer.get(9..12).unwrap_or(b"0"))
@@ -1331,6 +1362,161 @@ fn connected_rss(
     }
 }
 
+/// `EDGEFLEET_BENCH_ONLY=soak`: the release agent serving the tabular model,
+/// connected to Mosquitto over mutual TLS, telemetry every second, 20 inference
+/// requests a second, for `EDGEFLEET_SOAK_S` seconds (default 3600). RSS is
+/// sampled every 10 s; the growth is the least-squares slope of the samples
+/// after the first tenth (warm-up), per hour (target: under 1 MB/hour).
+fn soak(dir: &Path, case: &Case, model: &LoadedModel) {
+    let seconds: u64 = std::env::var("EDGEFLEET_SOAK_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3600);
+    let agent = Path::new(env!("CARGO_BIN_EXE_edgefleet-agent"));
+    let trust = dir.join("soak-root.cbor");
+    write_root(&trust);
+    let data = dir.join("soak-data");
+    let bundle = make_bundle(dir, case, model, 0);
+    let out = Command::new(agent)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--trust")
+        .arg(&trust)
+        .arg("install")
+        .arg(&bundle)
+        .output()
+        .expect("install");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let pki = Pki::new(dir);
+    let (ca, cert, key) = pki.client("bench-dev");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let p = |f: &str| pki.dir.join(f).display().to_string();
+    let conf = dir.join("soak-mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "user root\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\nlog_type error\n",
+            p("ca.pem"),
+            p("server.pem"),
+            p("server.key")
+        ),
+    )
+    .expect("conf");
+    let mut broker = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto");
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let config = dir.join("soak-agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_id = \"bench-dev\"\n[broker]\nurl = \"mqtts://localhost:{port}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[telemetry]\ninterval_s = 1\n[limits]\ndisk_reserve_bytes = 0\n",
+            ca.display(),
+            cert.display(),
+            key.display()
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new(agent)
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--trust")
+        .arg(&trust)
+        .args(["run", "--http", "127.0.0.1:0"])
+        .env("RUST_LIB_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut api = String::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("line");
+        if let Some(url) = line.strip_prefix("local API listening on http://") {
+            api = url.trim().to_string();
+            break;
+        }
+    }
+    let body = oip_body(&case.input);
+    let mut client = Client {
+        stream: BufReader::new(TcpStream::connect(&api).expect("connect")),
+        server_schedstat: String::new(),
+    };
+    let started = Instant::now();
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    let (mut requests, mut failed) = (0u64, 0u64);
+    let mut next_sample = Duration::ZERO;
+    let path = format!("/v2/models/{}/infer", case.channel);
+    println!("  {seconds} s: telemetry every second, 20 requests/s; RSS every 10 s");
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let due = started + Duration::from_millis(requests * 50);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        requests += 1;
+        if client.post(&path, &body) != 200 {
+            failed += 1;
+        }
+        if started.elapsed() >= next_sample {
+            let kib = rss_kib(child.id());
+            samples.push((started.elapsed().as_secs_f64(), kib));
+            if samples.len() % 60 == 1 {
+                println!(
+                    "    t = {:>5.0} s: RSS {:.2} MB, {requests} requests, {failed} failed",
+                    started.elapsed().as_secs_f64(),
+                    kib as f64 / 1024.0
+                );
+            }
+            next_sample += Duration::from_secs(10);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let warm = samples.len() / 10;
+    let tail = &samples[warm..];
+    let n = tail.len() as f64;
+    let (mx, my) = (
+        tail.iter().map(|(t, _)| t).sum::<f64>() / n,
+        tail.iter().map(|(_, k)| *k as f64).sum::<f64>() / n,
+    );
+    let slope_kib_per_s = tail
+        .iter()
+        .map(|(t, k)| (t - mx) * (*k as f64 - my))
+        .sum::<f64>()
+        / tail
+            .iter()
+            .map(|(t, _)| (t - mx).powi(2))
+            .sum::<f64>()
+            .max(f64::MIN_POSITIVE);
+    let first = samples.first().map_or(0, |s| s.1);
+    let last = samples.last().map_or(0, |s| s.1);
+    let max = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    println!(
+        "  RSS: start {:.2} MB, end {:.2} MB, max {:.2} MB; growth after warm-up {:.3} MB/hour (target < 1 MB/hour); {requests} requests, {failed} failed",
+        first as f64 / 1024.0,
+        last as f64 / 1024.0,
+        max as f64 / 1024.0,
+        slope_kib_per_s * 3600.0 / 1024.0
+    );
+}
+
 fn binary_size() {
     let dir = tempfile::tempdir().expect("tempdir");
     let stripped = dir.path().join("edgefleet-agent.stripped");
@@ -1388,6 +1574,13 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cases = cases();
     let only = std::env::var("EDGEFLEET_BENCH_ONLY").unwrap_or_default();
+    if only == "soak" {
+        let bytes = std::fs::read(format!("{MODELS}/{}", cases[0].file)).expect("model");
+        let model = LoadedModel::load(&bytes).expect("loads");
+        println!("soak (release agent process, {}):", cases[0].file);
+        soak(dir.path(), &cases[0], &model);
+        return;
+    }
     if only == "load" {
         let bytes = std::fs::read(format!("{MODELS}/{}", cases[0].file)).expect("model");
         let model = LoadedModel::load(&bytes).expect("loads");

@@ -520,20 +520,35 @@ fn answer(
 }
 
 /// How much of the device's memory and CPU the local API's requests may hold
-/// at once (`limits.api_*` in the config): a budget of request-body bytes and
-/// a number of inference requests. A request takes its share before its body
-/// is read (its `Content-Length`, or the 16 MiB maximum when it has none) and
-/// keeps it until it is answered; one that cannot get it within
-/// [`ADMISSION_WAIT`] is answered 503 with `Retry-After: 1`, its body unread.
+/// at once (`limits.api_*` in the config): a memory budget and a number of
+/// inference requests. A request takes its share before its body is read and
+/// keeps it until it is answered: its `Content-Length` (or the 16 MiB maximum
+/// when it has none) times [`JSON_COST`] or [`BINARY_COST`], at most the whole
+/// budget (so a request larger than the budget runs alone). One that cannot get
+/// its share within [`ADMISSION_WAIT`] is answered 503 with `Retry-After: 1`,
+/// its body unread.
 #[derive(Debug)]
 pub struct Admission {
-    /// The body budget in KiB units (tokio's semaphores count in u32).
-    bodies: Arc<tokio::sync::Semaphore>,
-    body_budget_kib: u32,
+    /// The memory budget in KiB units (tokio's semaphores count in u32).
+    memory: Arc<tokio::sync::Semaphore>,
+    memory_kib: u32,
     requests: Arc<tokio::sync::Semaphore>,
     request_limit: u32,
     body_timeout: Duration,
 }
+
+/// Memory a JSON request holds per byte of its body while it is handled: the
+/// body, its elements as parsed (16 bytes each), the input tensors, the
+/// model's own working memory, the outputs and the encoded answer. Measured
+/// (`EDGEFLEET_BENCH_ONLY=load`, docs/benchmarks.md): one 15 MiB request to the
+/// tabular model raised the agent's RSS by 10.8 times its body; rounded up.
+/// The model's share grows with its size: a larger model needs a larger
+/// `limits.api_memory_bytes`, not a larger factor.
+pub const JSON_COST: u64 = 12;
+
+/// The same for a request with binary tensor data: measured 8.2 times its
+/// body (the body, the tensors, the model's working memory, the outputs).
+pub const BINARY_COST: u64 = 9;
 
 /// Longest a request waits for its share of the [`Admission`] budget.
 pub const ADMISSION_WAIT: Duration = Duration::from_secs(1);
@@ -541,28 +556,27 @@ pub const ADMISSION_WAIT: Duration = Duration::from_secs(1);
 impl Admission {
     /// The budget of `limits`.
     pub fn new(limits: &crate::config::LimitsConfig) -> Admission {
-        let body_budget_kib =
-            u32::try_from(limits.api_bodies_in_flight_bytes.div_ceil(1024).max(1))
-                .unwrap_or(u32::MAX);
+        let memory_kib =
+            u32::try_from(limits.api_memory_bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
         let request_limit = limits.api_requests_in_flight.max(1);
         Admission {
-            bodies: Arc::new(tokio::sync::Semaphore::new(body_budget_kib as usize)),
-            body_budget_kib,
+            memory: Arc::new(tokio::sync::Semaphore::new(memory_kib as usize)),
+            memory_kib,
             requests: Arc::new(tokio::sync::Semaphore::new(request_limit as usize)),
             request_limit,
             body_timeout: Duration::from_millis(limits.api_body_timeout_ms),
         }
     }
 
-    /// Waits up to [`ADMISSION_WAIT`] for one request's share of the budget for
-    /// a body of `body_len` bytes (a body over the whole budget takes all of it).
-    async fn admit(&self, body_len: usize) -> Result<Admitted, Response> {
-        let kib = u32::try_from(body_len.div_ceil(1024))
+    /// Waits up to [`ADMISSION_WAIT`] for one request's share of the budget:
+    /// `cost` bytes (a request costing more than the budget takes all of it).
+    async fn admit(&self, cost: u64) -> Result<Admitted, Response> {
+        let kib = u32::try_from(cost.div_ceil(1024))
             .unwrap_or(u32::MAX)
-            .clamp(1, self.body_budget_kib);
+            .clamp(1, self.memory_kib);
         let take = async {
             let request = self.requests.clone().acquire_owned().await.ok()?;
-            let body = self.bodies.clone().acquire_many_owned(kib).await.ok()?;
+            let body = self.memory.clone().acquire_many_owned(kib).await.ok()?;
             Some(Admitted {
                 _request: request,
                 _body: body,
@@ -574,8 +588,8 @@ impl Admission {
             Ok(Some(admitted)) => Ok(admitted),
             _ => {
                 let message = format!(
-                    "busy: this device handles at most {} requests and {} KiB of request bodies at once (limits.api_requests_in_flight, limits.api_bodies_in_flight_bytes); retry",
-                    self.request_limit, self.body_budget_kib
+                    "busy: this device handles at most {} requests and {} KiB of request memory at once (limits.api_requests_in_flight, limits.api_memory_bytes); retry",
+                    self.request_limit, self.memory_kib
                 );
                 let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, message);
                 resp.headers_mut()
@@ -661,7 +675,13 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Admitted {
             None => None,
         };
         // Chunked: charged at the largest body it may turn out to be.
-        let mut admitted = admission.admit(body_len.unwrap_or(MAX_REQUEST_LEN)).await?;
+        let cost = if parts.headers.contains_key(HEADER_LEN_HEADER) {
+            BINARY_COST
+        } else {
+            JSON_COST
+        };
+        let len = body_len.unwrap_or(MAX_REQUEST_LEN) as u64;
+        let mut admitted = admission.admit(len.saturating_mul(cost)).await?;
         admitted.declared_len = body_len;
         Ok(admitted)
     }

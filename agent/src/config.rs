@@ -76,9 +76,11 @@ pub struct LimitsConfig {
     pub max_bundle_bytes: u64,
     /// Free disk that an install must leave, bytes.
     pub disk_reserve_bytes: u64,
-    /// Local API: request bodies held in memory at once, bytes (a request
-    /// whose body would pass it waits up to a second, then gets 503).
-    pub api_bodies_in_flight_bytes: u64,
+    /// Local API: memory its requests in flight may hold, bytes. A request is
+    /// charged its body's size times what decoding, running and answering it
+    /// take (`api::JSON_COST`, `api::BINARY_COST`); one that would pass the
+    /// budget waits up to a second, then gets 503.
+    pub api_memory_bytes: u64,
     /// Local API: inference requests handled at once (same rule).
     pub api_requests_in_flight: u32,
     /// Local API: connections served at once (further ones wait unaccepted).
@@ -106,7 +108,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_bundle_bytes: 2 << 30,
             disk_reserve_bytes: 256 << 20,
-            api_bodies_in_flight_bytes: 64 << 20,
+            api_memory_bytes: 64 << 20,
             api_requests_in_flight: 16,
             api_connections: 128,
             api_header_timeout_ms: 10_000,
@@ -401,9 +403,9 @@ impl AgentConfig {
                 "must be above 0 and at most 1".into(),
             ));
         }
-        if !((1 << 20)..=(1 << 32)).contains(&self.limits.api_bodies_in_flight_bytes) {
+        if !((1 << 20)..=(1 << 32)).contains(&self.limits.api_memory_bytes) {
             return Err(invalid(
-                "limits.api_bodies_in_flight_bytes",
+                "limits.api_memory_bytes",
                 "must be between 1048576 (1 MiB) and 4294967296 (4 GiB)".into(),
             ));
         }
@@ -455,8 +457,9 @@ impl AgentConfig {
              #   command key from enrollment: only commands it signed are carried out, if\n\
              #   issued less than broker.command_max_age_s ago. telemetry.interval_s: 1..86400.\n\
              # limits: largest bundle accepted, free disk an install must leave (bytes);\n\
-             #   the local API's request bodies in memory at once (bytes) and requests at\n\
-             #   once (past either a request waits up to 1 s, then gets 503), connections\n\
+             #   the memory the local API's requests may hold at once (bytes; each is\n\
+             #   charged a multiple of its body) and requests at once (past either a\n\
+             #   request waits up to 1 s, then gets 503), connections\n\
              #   at once, and the longest wait for a request's headers, then its body (ms).\n\
              # drift: windows of served rows compared with the bundle's reference; a window\n\
              #   closes at window_rows rows, or after window_max_s with at least min_rows.\n\

@@ -97,7 +97,19 @@ pub enum Scalar {
     /// `true` or `false`.
     Bool(bool),
     /// Anything else: what it is, for the error.
-    Other(&'static str),
+    Other(NotANumber),
+}
+
+/// What a non-scalar element was (one byte, so a [`Scalar`] takes 16 bytes:
+/// a request's elements are held in this form while it is decoded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotANumber {
+    /// A JSON string.
+    String,
+    /// `null` (how JSON writers put NaN and infinities).
+    Null,
+    /// A JSON object.
+    Object,
 }
 
 impl std::fmt::Display for Scalar {
@@ -107,7 +119,9 @@ impl std::fmt::Display for Scalar {
             Scalar::UInt(v) => write!(f, "{v}"),
             Scalar::Float(v) => write!(f, "{v}"),
             Scalar::Bool(v) => write!(f, "{v}"),
-            Scalar::Other(what) => f.write_str(what),
+            Scalar::Other(NotANumber::String) => f.write_str("a string"),
+            Scalar::Other(NotANumber::Null) => f.write_str("null"),
+            Scalar::Other(NotANumber::Object) => f.write_str("an object"),
         }
     }
 }
@@ -149,9 +163,6 @@ impl<'de> Visitor<'de> for Flatten<'_> {
             return Err(de::Error::custom(format!(
                 "`data` is nested deeper than {MAX_DATA_DEPTH} arrays"
             )));
-        }
-        if let Some(n) = seq.size_hint() {
-            self.out.reserve(n);
         }
         while seq
             .next_element_seed(Element {
@@ -209,12 +220,12 @@ impl<'de> Visitor<'de> for Element<'_> {
     }
 
     fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        self.out.push(Scalar::Other("a string"));
+        self.out.push(Scalar::Other(NotANumber::String));
         Ok(())
     }
 
     fn visit_unit<E>(self) -> Result<(), E> {
-        self.out.push(Scalar::Other("null"));
+        self.out.push(Scalar::Other(NotANumber::Null));
         Ok(())
     }
 
@@ -223,7 +234,7 @@ impl<'de> Visitor<'de> for Element<'_> {
             .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
             .is_some()
         {}
-        self.out.push(Scalar::Other("an object"));
+        self.out.push(Scalar::Other(NotANumber::Object));
         Ok(())
     }
 
@@ -385,11 +396,13 @@ fn from_elements(
         convert: impl Fn(&Scalar) -> Option<T>,
         bad: impl Fn(usize, &Scalar) -> RequestError,
     ) -> Result<Vec<T>, RequestError> {
-        elements
-            .iter()
-            .enumerate()
-            .map(|(i, v)| convert(v).ok_or_else(|| bad(i, v)))
-            .collect()
+        // Allocated once at its size (collecting Results would grow it by
+        // doubling, a transient copy of the whole tensor).
+        let mut out = Vec::with_capacity(elements.len());
+        for (i, v) in elements.iter().enumerate() {
+            out.push(convert(v).ok_or_else(|| bad(i, v))?);
+        }
+        Ok(out)
     }
     fn float(v: &Scalar) -> Option<f64> {
         match *v {
@@ -672,6 +685,8 @@ pub fn encode_response(
         header_len: Some(header_len),
     })
 }
+
+const _: () = assert!(std::mem::size_of::<Scalar>() == 16);
 
 #[cfg(test)]
 mod tests;

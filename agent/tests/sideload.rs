@@ -868,7 +868,7 @@ fn the_local_api_closes_slow_clients_and_bounds_the_requests_it_holds() {
     std::fs::write(
         &config,
         "[limits]\n\
-         api_bodies_in_flight_bytes = 1048576\n\
+         api_memory_bytes = 1048576\n\
          api_requests_in_flight = 4\n\
          api_connections = 8\n\
          api_header_timeout_ms = 500\n\
@@ -946,7 +946,7 @@ fn the_local_api_closes_slow_clients_and_bounds_the_requests_it_holds() {
     assert!(
         err["error"]
             .as_str()
-            .is_some_and(|m| m.contains("limits.api_bodies_in_flight_bytes")),
+            .is_some_and(|m| m.contains("limits.api_memory_bytes")),
         "{body}"
     );
     // The held request completes normally once its body arrives.

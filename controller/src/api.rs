@@ -1353,17 +1353,7 @@ async fn operate_rollout(
             )));
         }
     };
-    let (before, after) = s.fleet.operate(&id, input, &caller.name).await?;
-    s.db()
-        .audit(
-            &caller.name,
-            &format!("rollout.{action}"),
-            &id,
-            Some(json!({"phase": before.phase, "wave": before.wave + 1})),
-            Some(json!({"phase": after.phase, "wave": after.wave + 1})),
-            now_ms(),
-        )
-        .await?;
+    let (_, after) = s.fleet.operate(&id, input, &caller.name, &action).await?;
     Ok(Json(
         json!({"phase": after.phase.name(), "wave": after.wave + 1}),
     ))

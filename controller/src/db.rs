@@ -1188,6 +1188,7 @@ impl Db {
         state: String,
         notes: Vec<String>,
         now: u64,
+        audit: Option<Audit>,
     ) -> Result<()> {
         let (id, phase) = (id.to_owned(), phase.to_owned());
         self.conn
@@ -1202,6 +1203,9 @@ impl Db {
                         "INSERT INTO rollout_log (rollout, at, note) VALUES (?1, ?2, ?3)",
                         params![id, i(now), n],
                     )?;
+                }
+                if let Some(a) = &audit {
+                    write_audit(&tx, a)?;
                 }
                 tx.commit()
             })

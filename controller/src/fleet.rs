@@ -531,7 +531,7 @@ impl Fleet {
                     && a.engine.members.contains_key(e.device.as_str())
                 {
                     let fx = a.engine.apply(now, input).unwrap_or_default();
-                    self.carry_out(&rollout, a, fx, now).await?;
+                    self.carry_out(&rollout, a, fx, now, None).await?;
                 }
                 return Ok(());
             }
@@ -545,7 +545,7 @@ impl Fleet {
                 continue;
             }
             let fx = a.engine.apply(now, input.clone()).unwrap_or_default();
-            self.carry_out(id, a, fx, now).await?;
+            self.carry_out(id, a, fx, now, None).await?;
         }
         Ok(())
     }
@@ -831,12 +831,17 @@ impl Fleet {
         Ok(id)
     }
 
+    /// Carries out an engine step's effects and stores the rollout's new state
+    /// with its notes and its audit record in one transaction: the operator's
+    /// action when `by` names one (actor, action), otherwise the engine's own
+    /// step (actor `controller`) when the phase or wave moved.
     async fn carry_out(
         &self,
         id: &str,
         a: &mut Active,
         fx: Vec<Effect>,
         now: u64,
+        by: Option<(&str, &str)>,
     ) -> Result<(), FleetError> {
         let mut notes = Vec::new();
         for e in fx {
@@ -884,26 +889,36 @@ impl Fleet {
         let state = serde_json::to_string(&a.engine).unwrap_or_default();
         if state != a.saved || !notes.is_empty() {
             let reason = notes.last().cloned();
+            let now_at = (a.engine.phase.name(), a.engine.wave);
+            let before = serde_json::json!({"phase": a.audited.0, "wave": a.audited.1 + 1});
+            let audit = match by {
+                Some((actor, action)) => Some(crate::db::Audit {
+                    actor: actor.to_owned(),
+                    action: format!("rollout.{action}"),
+                    target: id.to_owned(),
+                    before: Some(before),
+                    after: Some(serde_json::json!({"phase": now_at.0, "wave": now_at.1 + 1})),
+                    at: now,
+                }),
+                // The engine's own steps (next wave, halt, completion) are
+                // changes too: audited with the controller as the actor.
+                None if now_at != a.audited => Some(crate::db::Audit {
+                    actor: "controller".to_owned(),
+                    action: "rollout.step".to_owned(),
+                    target: id.to_owned(),
+                    before: Some(before),
+                    after: Some(
+                        serde_json::json!({"phase": now_at.0, "wave": now_at.1 + 1, "note": reason}),
+                    ),
+                    at: now,
+                }),
+                None => None,
+            };
             self.db
-                .save_rollout(id, a.engine.phase.name(), state.clone(), notes, now)
+                .save_rollout(id, a.engine.phase.name(), state.clone(), notes, now, audit)
                 .await?;
             a.saved = state;
-            let now_at = (a.engine.phase.name(), a.engine.wave);
-            if now_at != a.audited {
-                // The engine's own steps (next wave, halt, completion) are changes
-                // too: audited with the controller as the actor.
-                self.db
-                    .audit(
-                        "controller",
-                        "rollout.step",
-                        id,
-                        Some(serde_json::json!({"phase": a.audited.0, "wave": a.audited.1 + 1})),
-                        Some(serde_json::json!({"phase": now_at.0, "wave": now_at.1 + 1, "note": reason})),
-                        now,
-                    )
-                    .await?;
-                a.audited = now_at;
-            }
+            a.audited = now_at;
         }
         Ok(())
     }
@@ -918,7 +933,7 @@ impl Fleet {
                 _ => None,
             };
             let fx = a.engine.tick(now, health);
-            self.carry_out(id, a, fx, now).await?;
+            self.carry_out(id, a, fx, now, None).await?;
             let reverting = a
                 .engine
                 .members
@@ -1019,7 +1034,7 @@ impl Fleet {
             a.engine.waves.len()
         ))];
         fx.extend(a.engine.tick(now, None));
-        self.carry_out(&id, &mut a, fx, now).await?;
+        self.carry_out(&id, &mut a, fx, now, None).await?;
         let view = RolloutView {
             id: id.clone(),
             bundle: bundle.to_hex(),
@@ -1030,11 +1045,15 @@ impl Fleet {
     }
 
     /// Applies an operator command; returns the state before and after.
+    /// Applies an operator's `input` (`action` names it in the audit: pause,
+    /// resume, promote, abort); the new state and its audit record are stored
+    /// in one transaction.
     pub async fn operate(
         &self,
         id: &str,
         input: Input,
         actor: &str,
+        action: &str,
     ) -> Result<(Rollout, Rollout), FleetError> {
         let now = now_ms();
         let mut map = self.rollouts.lock().await;
@@ -1052,7 +1071,8 @@ impl Fleet {
             .apply(now, input)
             .map_err(|e| FleetError::Conflict(e.to_string()))?;
         fx.insert(0, Effect::Note(format!("operator {actor}")));
-        self.carry_out(id, a, fx, now).await?;
+        self.carry_out(id, a, fx, now, Some((actor, action)))
+            .await?;
         Ok((before, a.engine.clone()))
     }
 

@@ -200,6 +200,14 @@ async fn rollouts_commands_and_audit_are_kept() {
         "{\"x\":1}".into(),
         vec!["done".into()],
         9,
+        Some(Audit {
+            actor: "controller".into(),
+            action: "rollout.step".into(),
+            target: "r1".into(),
+            before: None,
+            after: Some(serde_json::json!({"phase": "completed"})),
+            at: 9,
+        }),
     )
     .await
     .expect("save");
@@ -248,9 +256,19 @@ async fn rollouts_commands_and_audit_are_kept() {
     .await
     .expect("audit");
     let log = db.audit_log(10).await.expect("audit log");
-    assert_eq!(log.len(), 1);
-    assert_eq!(log[0].action, "rollout.pause");
-    assert_eq!(log[0].after, Some(serde_json::json!({"phase": "paused"})));
+    let actions: Vec<&str> = log.iter().map(|a| a.action.as_str()).collect();
+    assert_eq!(log.len(), 2, "{actions:?}");
+    // The step stored with the rollout's state, in its transaction.
+    let step = log
+        .iter()
+        .find(|a| a.action == "rollout.step")
+        .expect("step");
+    assert_eq!((step.at, step.target.as_str()), (9, "r1"));
+    let pause = log
+        .iter()
+        .find(|a| a.action == "rollout.pause")
+        .expect("pause");
+    assert_eq!(pause.after, Some(serde_json::json!({"phase": "paused"})));
 }
 
 #[tokio::test]
