@@ -12,7 +12,7 @@
 //! directories are removed by `gc`.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,7 +20,7 @@ use edgefleet_shared::bundle::{DeviceFacts, InstalledRelease};
 use edgefleet_shared::golden::GoldenSet;
 use edgefleet_shared::manifest::ArtifactKind;
 use edgefleet_shared::protocol::{BundleRef, FailureReason, InstallMode};
-use edgefleet_shared::unpack::{UnpackStream, sync_dir, unpack_to_dir};
+use edgefleet_shared::unpack::{UnpackStream, unpack_to_dir};
 use edgefleet_shared::{
     BundleError, Digest, Limits, Policy, RawHeader, Refusal, TrustRoot, UnixTime,
 };
@@ -78,22 +78,10 @@ impl Faults {
 /// The panic message of a simulated crash (see [`Faults`]).
 pub const SIMULATED_CRASH: &str = "simulated crash (fleet simulator fault)";
 
-/// Replaces `path` with `bytes` in one step: a temp file beside it, fsynced, then
-/// renamed over it. A crash leaves the old file or the new one.
+/// Replaces `path` with `bytes` durably (`edgefleet_shared::durable`: temp
+/// file, fsync, rename, directory fsync), readable by the agent's user only.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut name = path.file_name().unwrap_or_default().to_owned();
-    name.push(".tmp");
-    let tmp = path.with_file_name(name);
-    let written = fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    });
-    if written.is_err() {
-        // A part written on a full disk would hold the space it lacks.
-        let _ = fs::remove_file(&tmp);
-    }
-    written
+    edgefleet_shared::durable::write(path, 0o600, bytes)
 }
 
 /// Largest state file read.
@@ -206,20 +194,21 @@ impl Store {
         Ok(state)
     }
 
-    /// Replaces the state in one atomic step (temp file, fsync, rename, fsync dir).
+    /// Replaces the state in one durable step (temp file, fsync, rename,
+    /// directory fsync).
     pub fn save(&self, state: &SlotsState) -> Result<(), StoreError> {
         let path = self.state_path();
-        let tmp = self.dir.join(".state.json.tmp");
         let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
             path: path.clone(),
             detail: e.to_string(),
         })?;
-        let mut f = fs::File::create(&tmp).map_err(io_at(&tmp))?;
-        f.write_all(&bytes).map_err(io_at(&tmp))?;
-        f.sync_all().map_err(io_at(&tmp))?;
-        self.crash_point("before-state-rename");
-        fs::rename(&tmp, &path).map_err(io_at(&path))?;
-        sync_dir(&self.dir).map_err(io_at(&self.dir))
+        edgefleet_shared::durable::write_with(&path, 0o600, |w| {
+            w.write_all(&bytes)?;
+            // Written, not yet renamed: the old state stays.
+            self.crash_point("before-state-rename");
+            Ok(())
+        })
+        .map_err(io_at(&path))
     }
 
     /// Removes bundle directories and staging leftovers the state does not name.

@@ -1006,3 +1006,66 @@ fn the_local_api_closes_slow_clients_and_bounds_the_requests_it_holds() {
     assert!(err["error"].is_string(), "{body}");
     stop_gracefully(child);
 }
+
+#[test]
+fn the_state_file_is_renamed_into_place_and_its_directory_synced() {
+    // strace shows the system calls as they reach the kernel: the state's
+    // temp file is fsynced, renamed over state.json, and then the data
+    // directory itself is fsynced (without which the rename may be lost).
+    let dev = Device::new();
+    let v1 = bundle(
+        dev.path(),
+        "v1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    let log = dev.path().join("strace.log");
+    let data = dev.path().join("data");
+    let out = Command::new("strace")
+        .args([
+            "-f",
+            "-y",
+            "-e",
+            "trace=rename,renameat,renameat2,fsync,fdatasync",
+            "-o",
+        ])
+        .arg(&log)
+        .arg(env!("CARGO_BIN_EXE_edgefleet-agent"))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--trust")
+        .arg(dev.path().join("root.cbor"))
+        .arg("install")
+        .arg(&v1)
+        .output()
+        .expect("strace runs (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let calls = std::fs::read_to_string(&log).expect("strace log");
+    let data = std::fs::canonicalize(&data).expect("data dir");
+    let state = data.join("state.json");
+    let lines: Vec<&str> = calls.lines().collect();
+    let renamed = lines
+        .iter()
+        .rposition(|l| l.contains("rename") && l.contains(&format!("\"{}\"", state.display())))
+        .unwrap_or_else(|| panic!("no rename onto {}:\n{calls}", state.display()));
+    let temp_synced = lines[..renamed]
+        .iter()
+        .any(|l| l.contains("fsync(") && l.contains(".state.json.tmp-"));
+    assert!(
+        temp_synced,
+        "the temp file is fsynced before the rename:\n{calls}"
+    );
+    let dir_synced = lines[renamed..]
+        .iter()
+        .any(|l| l.contains("fsync(") && l.contains(&format!("<{}>", data.display())));
+    assert!(
+        dir_synced,
+        "the directory is fsynced after the rename:\n{calls}"
+    );
+}

@@ -793,7 +793,7 @@ pub fn install_into(root: &Path, files: &[DeviceFile], profile: &Profile) -> Res
         std::fs::rename(staged_path(&target), &target)
             .map_err(|e| format!("{}: {e}", target.display()))?;
         if let Some(dir) = target.parent() {
-            edgefleet_shared::unpack::sync_dir(dir)
+            edgefleet_shared::durable::sync_dir(dir)
                 .map_err(|e| format!("{}: {e}", dir.display()))?;
         }
     }

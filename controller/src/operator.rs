@@ -136,37 +136,14 @@ pub fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, OperatorError> {
     Ok(out)
 }
 
-/// Writes `path` atomically with permissions `mode`: temporary file in the same
-/// directory, fsync, rename, fsync of the directory.
+/// Writes `path` durably with permissions `mode` (`edgefleet_shared::durable`:
+/// temporary file in the same directory, fsync, rename, fsync of the directory).
 pub fn write_atomic(
     path: &Path,
     mode: u32,
     write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
 ) -> Result<(), OperatorError> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".edgefleet-tmp-")
-        .tempfile_in(dir)
-        .map_err(io_err(path))?;
-    {
-        let mut w = io::BufWriter::with_capacity(256 * 1024, tmp.as_file_mut());
-        write(&mut w).map_err(io_err(path))?;
-        w.flush().map_err(io_err(path))?;
-    }
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io_err(path))?;
-    tmp.as_file().sync_all().map_err(io_err(path))?;
-    tmp.persist(path).map_err(|e| OperatorError::Io {
-        path: path.to_owned(),
-        source: e.error,
-    })?;
-    edgefleet_shared::unpack::sync_dir(dir).map_err(io_err(dir))?;
-    Ok(())
+    edgefleet_shared::durable::write_with(path, mode, write).map_err(io_err(path))
 }
 
 // ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@
 pub mod bundle;
 pub mod cbor;
 pub mod commands;
+pub mod durable;
 pub mod golden;
 pub mod ids;
 pub mod keys;

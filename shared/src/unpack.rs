@@ -68,10 +68,7 @@ impl ArtifactSink for DirSink {
     }
 }
 
-/// Fsyncs a directory so a rename inside it survives power loss.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+pub use crate::durable::sync_dir;
 
 /// Verifies the bundle from `reader` and unpacks it into `target`, which must not
 /// exist yet. Returns the verified header. `target` appears only complete.
