@@ -591,14 +591,29 @@ pub fn summarise(
             Dim::Symbol(_) => true,
         };
     if !fits {
-        let spec = &schema.inputs[0];
+        let this = match schema.inputs.as_slice() {
+            [] => "this model has no input".to_owned(),
+            [spec, ..] => format!(
+                "this model's {} input{} `{}` is {} {}",
+                if schema.inputs.len() == 1 {
+                    "one"
+                } else {
+                    "first"
+                },
+                if schema.inputs.len() == 1 {
+                    ""
+                } else {
+                    " of several,"
+                },
+                spec.name,
+                spec.dtype,
+                spec.shape_text()
+            ),
+        };
         return Err(format!(
-            "has {} columns; --reference needs a model with one float input of shape [N, {}], this model's first input `{}` is {} {}",
+            "has {} columns; --reference needs a model with one float input of shape [N, {}]: {this}",
             headers.len(),
             headers.len(),
-            spec.name,
-            spec.dtype,
-            spec.shape_text()
         ));
     }
     let mut features = Vec::new();

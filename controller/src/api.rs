@@ -240,8 +240,8 @@ impl IntoResponse for ApiError {
 
 impl From<crate::db::DbError> for ApiError {
     fn from(e: crate::db::DbError) -> Self {
-        tracing::error!(error = %e, "store error");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        // SQLite's own text is for the log, not for clients.
+        ApiError::internal("the controller's store failed", e)
     }
 }
 
@@ -977,8 +977,6 @@ async fn upload_bundle(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    use futures_util::StreamExt;
-    use std::io::Write;
     caller.require(Role::Operator)?;
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
@@ -986,127 +984,43 @@ async fn upload_bundle(
         .and_then(|v| v.parse::<u64>().ok())
         && len > s.max_bundle_bytes
     {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!(
-                "bundle is {len} bytes, over http.max_bundle_bytes {}",
-                s.max_bundle_bytes
-            ),
-        ));
+        return Err(too_large_bundle(Some(len), s.max_bundle_bytes));
     }
-    let trust = crate::operator::load_trust_root(&s.trust_root, UnixTime::now()).map_err(|e| {
-        tracing::error!("cannot verify uploads: {e}");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_trust_root",
-            format!(
-                "cannot verify uploads: the controller has no valid trust root ({}; its log names the file: copy the fleet's trust root there, or set trust_root)",
-                trust_problem(&e)
-            ),
-        )
-    })?;
+    let trust = upload_trust_root(&s).await?;
     let dir = s
         .fleet
         .bundle_path(&Digest::of(b""))
         .parent()
         .map(ToOwned::to_owned)
         .unwrap_or_default();
-    let store_err = |e: std::io::Error| ApiError::internal("cannot store the upload", e);
-    std::fs::create_dir_all(&dir).map_err(store_err)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".upload-")
-        .tempfile_in(&dir)
-        .map_err(store_err)?;
-    let mut stream = body.into_data_stream();
-    let mut total = 0u64;
-    while let Some(piece) = stream.next().await {
-        let piece = piece.map_err(|e| ApiError::invalid(format!("upload interrupted: {e}")))?;
-        total += piece.len() as u64;
-        if total > s.max_bundle_bytes {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!(
-                    "bundle is over http.max_bundle_bytes {}",
-                    s.max_bundle_bytes
-                ),
-            ));
-        }
-        tmp.write_all(&piece).map_err(store_err)?;
-    }
+    let (tmp, total) = receive_upload(body, dir, s.max_bundle_bytes).await?;
     let path = tmp.path().to_owned();
-    let verified = tokio::task::spawn_blocking(move || {
-        crate::operator::verify_bundle(&path, &trust, UnixTime::now())
-    })
-    .await
-    .map_err(|e| ApiError::internal("bundle verification failed", e))?
-    .map_err(upload_refused)?;
-    let m = &verified.manifest;
-    let mut summary = serde_json::to_value(m).unwrap_or_default();
-    if let Some(p) = summary.get_mut("payload").and_then(Value::as_object_mut) {
-        p.remove("chunks");
-    }
-    let signed_by: Vec<String> = verified.signed_by.iter().map(ToString::to_string).collect();
-    summary["signed_by"] = json!(signed_by);
-    let row = BundleRow {
-        digest: verified.digest.to_hex(),
-        channel: m.channel.to_string(),
-        version: m.version.clone(),
-        release: m.release,
-        size: total,
-        chunks: m.payload.chunks.len() as u32,
-        created_at: u64::try_from(m.created_at.0).unwrap_or(0),
-        expires_at: u64::try_from(m.expires_at.0).unwrap_or(0),
-        uploaded_at: now_ms(),
-        uploaded_by: caller.name.clone(),
-        summary,
-    };
+    let verified = blocking(move || crate::operator::verify_bundle(&path, &trust, UnixTime::now()))
+        .await?
+        .map_err(upload_refused)?;
+    let row = bundle_row(&verified, total, &caller.name);
+    let signed_by = row.summary["signed_by"].clone();
     // One upload at a time from here: the check for a stored copy, the file's
     // rename and the row are one step.
     static COMMIT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _commit = COMMIT.lock().await;
     if let Some(existing) = s.db().bundle(&row.digest).await? {
-        // A stored bundle is never replaced (devices may be fetching its
-        // chunks): the same signatures are the same upload; others are refused.
-        let mut stored: Vec<String> = existing.summary["signed_by"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|k| k.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut uploaded = signed_by.clone();
-        stored.sort();
-        uploaded.sort();
-        if stored != uploaded {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!(
-                    "bundle {} is stored signed by [{}]; this upload of it is signed by [{}]. A stored bundle is not replaced: build a new release to change its signatures",
-                    row.digest,
-                    stored.join(", "),
-                    uploaded.join(", ")
-                ),
-            ));
-        }
+        same_signatures(&existing, &row)?;
         return Ok((
             StatusCode::OK,
             Json(json!({"bundle": existing, "new": false})),
         ));
     }
     let dest = s.fleet.bundle_path(&verified.digest);
-    tmp.persist(&dest)
-        .map_err(|e| ApiError::internal("cannot store the upload", e.error))?;
+    blocking(move || tmp.persist(&dest).map_err(|e| e.error))
+        .await?
+        .map_err(|e| ApiError::internal("cannot store the upload", e))?;
     let audit = caller.audit(
         "bundle.upload",
         &row.digest,
         Some(json!({"channel": row.channel, "version": row.version, "release": row.release, "signed_by": signed_by})),
     );
-    let new = s.db().insert_bundle(&row, Some(audit)).await?;
-    if !new {
+    if !s.db().insert_bundle(&row, Some(audit)).await? {
         let existing = s.db().bundle(&row.digest).await?;
         return Ok((
             StatusCode::OK,
@@ -1117,6 +1031,133 @@ async fn upload_bundle(
         StatusCode::CREATED,
         Json(json!({"bundle": row, "new": true})),
     ))
+}
+
+/// 413 for a bundle of `len` bytes (when known) over `max`.
+fn too_large_bundle(len: Option<u64>, max: u64) -> ApiError {
+    let size = len.map(|n| format!("{n} bytes, ")).unwrap_or_default();
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("bundle is {size}over http.max_bundle_bytes {max}"),
+    )
+}
+
+/// The trust root uploads are verified against (503 without one).
+async fn upload_trust_root(s: &AppState) -> ApiResult<edgefleet_shared::TrustRoot> {
+    let root = s.trust_root.clone();
+    blocking(move || crate::operator::load_trust_root(&root, UnixTime::now()))
+        .await?
+        .map_err(|e| {
+            tracing::error!("cannot verify uploads: {e}");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_trust_root",
+                format!(
+                    "cannot verify uploads: the controller has no valid trust root ({}; its log names the file: copy the fleet's trust root there, or set trust_root)",
+                    trust_problem(&e)
+                ),
+            )
+        })
+}
+
+/// Streams an upload into a temp file in `dir` (at most `max` bytes), its
+/// file I/O on the blocking pool; returns the file and its size.
+async fn receive_upload(
+    body: Body,
+    dir: std::path::PathBuf,
+    max: u64,
+) -> ApiResult<(tempfile::NamedTempFile, u64)> {
+    use futures_util::StreamExt;
+    use std::io::Write;
+    let store_err = |e: std::io::Error| ApiError::internal("cannot store the upload", e);
+    let mut tmp = blocking(move || {
+        std::fs::create_dir_all(&dir)?;
+        tempfile::Builder::new()
+            .prefix(".upload-")
+            .tempfile_in(&dir)
+    })
+    .await?
+    .map_err(store_err)?;
+    let mut stream = body.into_data_stream();
+    let mut total = 0u64;
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|e| ApiError::invalid(format!("upload interrupted: {e}")))?;
+        total += piece.len() as u64;
+        if total > max {
+            return Err(too_large_bundle(None, max));
+        }
+        tmp = blocking(move || tmp.write_all(&piece).map(|()| tmp))
+            .await?
+            .map_err(store_err)?;
+    }
+    Ok((tmp, total))
+}
+
+/// The registry row of a verified upload of `size` bytes by `who`.
+fn bundle_row(
+    verified: &edgefleet_shared::bundle::VerifiedHeader,
+    size: u64,
+    who: &str,
+) -> BundleRow {
+    let m = &verified.manifest;
+    let mut summary = serde_json::to_value(m).unwrap_or_default();
+    if let Some(p) = summary.get_mut("payload").and_then(Value::as_object_mut) {
+        p.remove("chunks");
+    }
+    let signed_by: Vec<String> = verified.signed_by.iter().map(ToString::to_string).collect();
+    summary["signed_by"] = json!(signed_by);
+    BundleRow {
+        digest: verified.digest.to_hex(),
+        channel: m.channel.to_string(),
+        version: m.version.clone(),
+        release: m.release,
+        size,
+        chunks: m.payload.chunks.len() as u32,
+        created_at: u64::try_from(m.created_at.0).unwrap_or(0),
+        expires_at: u64::try_from(m.expires_at.0).unwrap_or(0),
+        uploaded_at: now_ms(),
+        uploaded_by: who.to_owned(),
+        summary,
+    }
+}
+
+/// A stored bundle is never replaced (devices may be fetching its chunks): an
+/// upload of it with the same signatures is the same upload; with others, 409.
+fn same_signatures(stored: &BundleRow, upload: &BundleRow) -> ApiResult<()> {
+    let keys = |row: &BundleRow| -> Vec<String> {
+        let mut keys: Vec<String> = row.summary["signed_by"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|k| k.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        keys.sort();
+        keys
+    };
+    let (stored_keys, uploaded) = (keys(stored), keys(upload));
+    if stored_keys == uploaded {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "conflict",
+        format!(
+            "bundle {} is stored signed by [{}]; this upload of it is signed by [{}]. A stored bundle is not replaced: build a new release to change its signatures",
+            stored.digest,
+            stored_keys.join(", "),
+            uploaded.join(", ")
+        ),
+    ))
+}
+
+/// Runs `f` on the blocking pool (file I/O in a handler).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal("a file task failed", e))
 }
 
 /// What is wrong with the trust root, without its path.

@@ -11,23 +11,25 @@ use tokio_rusqlite::rusqlite::{self, OptionalExtension, params};
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    /// SQLite said no.
+    /// SQLite said no (its error kept, with its code).
     #[error("database: {0}")]
-    Sqlite(String),
+    Sqlite(#[from] rusqlite::Error),
+    /// The database's thread is gone (the connection was closed).
+    #[error("database connection closed")]
+    Closed,
     /// Stored data did not decode (written by another version?).
     #[error("database holds data this version cannot read: {0}")]
     Corrupt(String),
 }
 
-impl<E: std::fmt::Display> From<tokio_rusqlite::Error<E>> for DbError {
-    fn from(e: tokio_rusqlite::Error<E>) -> Self {
-        DbError::Sqlite(e.to_string())
-    }
-}
-
-impl From<rusqlite::Error> for DbError {
-    fn from(e: rusqlite::Error) -> Self {
-        DbError::Sqlite(e.to_string())
+impl From<tokio_rusqlite::Error<rusqlite::Error>> for DbError {
+    fn from(e: tokio_rusqlite::Error<rusqlite::Error>) -> Self {
+        match e {
+            tokio_rusqlite::Error::Error(e) | tokio_rusqlite::Error::Close((_, e)) => {
+                DbError::Sqlite(e)
+            }
+            _ => DbError::Closed,
+        }
     }
 }
 

@@ -96,21 +96,30 @@ pub fn table(samples: &[SampleRow]) -> Table {
 
 /// CSV with a header row: `device,bundle,at,reason,` then the columns.
 pub fn to_csv(t: &Table) -> String {
-    let mut out = String::from("device,bundle,at,reason");
-    for c in &t.columns {
-        out.push(',');
-        out.push_str(c);
-    }
-    out.push('\n');
-    for (device, bundle, at, reason, values) in &t.rows {
-        out.push_str(&format!("{device},{bundle},{at},{reason}"));
-        for v in values {
-            out.push(',');
-            out.push_str(&v.to_string());
+    // The csv crate quotes what needs it: column names come from devices'
+    // tensor names and may hold commas, quotes or line breaks.
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let header = ["device", "bundle", "at", "reason"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(t.columns.iter().cloned());
+    let write = || -> csv::Result<()> {
+        w.write_record(header)?;
+        for (device, bundle, at, reason, values) in &t.rows {
+            let fixed = [
+                device.clone(),
+                bundle.clone(),
+                at.to_string(),
+                reason.clone(),
+            ];
+            w.write_record(fixed.into_iter().chain(values.iter().map(f64::to_string)))?;
         }
-        out.push('\n');
-    }
-    out
+        w.flush()?;
+        Ok(())
+    };
+    // Writing to memory cannot fail; a field is never refused by the writer.
+    let _ = write();
+    String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default()
 }
 
 /// NPY of the input columns: float64, shape `(rows, inputs)`, as `numpy.load`
@@ -173,6 +182,34 @@ mod tests {
         );
         assert_eq!(lines[2], "d1,ab,7,drift,3,4,1,0.25,0.75");
         assert_eq!(lines[3], "d2,ab,7,drift,5,6,1,0.25,0.75");
+    }
+
+    #[test]
+    fn column_names_a_device_chose_are_quoted() {
+        let t = Table {
+            columns: vec!["a,b".into(), "say \"hi\"".into(), "two\nlines".into()],
+            inputs: 3,
+            rows: vec![(
+                "d1".into(),
+                "ab".into(),
+                7,
+                "drift".into(),
+                vec![1.0, 2.0, 3.5],
+            )],
+            skipped: 0,
+        };
+        let text = to_csv(&t);
+        let mut r = csv::Reader::from_reader(text.as_bytes());
+        let header: Vec<String> = r
+            .headers()
+            .expect("header")
+            .iter()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(header[4..], ["a,b", "say \"hi\"", "two\nlines"]);
+        let row = r.records().next().expect("row").expect("record");
+        assert_eq!(row.len(), 7);
+        assert_eq!(&row[6], "3.5");
     }
 
     #[test]
