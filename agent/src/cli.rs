@@ -450,6 +450,22 @@ pub fn link_setup(
     Ok((options(device.as_str(), &endpoint, tls), settings))
 }
 
+/// Completes on SIGINT or SIGTERM.
+async fn terminated() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut t) => {
+                t.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
 fn serve(
     store: &Store,
     config: &crate::config::AgentConfig,
@@ -503,50 +519,16 @@ fn serve(
             ),
             None => println!("no model installed: /v2/health/ready answers 503 until one is"),
         }
-        let served = crate::api::Served::with_drift(
-            active,
-            config
-                .drift
-                .enabled
-                .then(|| crate::drift::tracker::WindowSettings::from(&config.drift)),
-        );
-        served.set_shadow(shadow);
-        served.set_samples_config(config.samples.clone());
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        let heartbeat = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
-            crate::daemon::now_ms(),
-        ));
+        let served = crate::service::served(active, shadow, config);
         // The controller link: without it (bad TLS files, no trust root) the agent
         // still serves its model locally, and says why the link is down.
-        let daemon = match link_setup(config, trust) {
-            Ok((options, settings)) => {
-                let (events_tx, events_rx) = tokio::sync::mpsc::channel(64);
-                let (link, _task) = crate::link::start(options, events_tx);
+        let link = match link_setup(config, trust) {
+            Ok(link) => {
                 println!(
                     "controller link: {} as {}",
                     config.broker.url, config.device_id
                 );
-                let (store, served, heartbeat) = (store.clone(), served.clone(), heartbeat.clone());
-                let stop = stop_rx.clone();
-                let max = settings.spool_max_bytes;
-                Some(tokio::spawn(async move {
-                    // A full disk at start: tried again until it has room.
-                    let spools = crate::daemon::Spools::open_retrying(
-                        &store,
-                        max,
-                        &heartbeat,
-                        crate::daemon::SPOOL_RETRY,
-                        stopped(stop.clone()),
-                    )
-                    .await;
-                    if let Some(spools) = spools {
-                        let d = crate::daemon::Daemon::new(settings, store, served, link, spools, heartbeat);
-                        d.run(events_rx, stopped(stop)).await;
-                    }
-                }))
+                Some(link)
             }
             Err(e) => {
                 // Expected on a device that is only sideloaded; an error on one that
@@ -558,25 +540,6 @@ fn serve(
                 None
             }
         };
-        if daemon.is_none() {
-            // No controller link: drift is still tracked and shown by `status`.
-            let served = served.clone();
-            let dir = store.dir().to_owned();
-            let every = std::time::Duration::from_secs(u64::from(config.telemetry.interval_s));
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tick.tick().await;
-                    if let Some(c) = served.drift_checkpoint(UnixTime::now()) {
-                        let dir = dir.clone();
-                        let _ = tokio::task::spawn_blocking(move || {
-                            crate::api::save_drift_status(&dir, &c.status)
-                        })
-                        .await;
-                    }
-                }
-            });
-        }
         if let Some((path, _)) = &unix {
             println!("local API listening on unix:{}", path.display());
         }
@@ -584,56 +547,15 @@ fn serve(
         println!("local API listening on http://{addr}");
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
-        crate::notify::ready();
-        let linked = daemon.is_some();
-        if let Some(every) = crate::notify::watchdog_interval() {
-            // Petted only while the controller link's loop is alive (it ticks every
-            // second); with the link disabled, while the runtime is.
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tick.tick().await;
-                    let alive = !linked || {
-                        let last = heartbeat.load(std::sync::atomic::Ordering::Relaxed);
-                        crate::daemon::now_ms().saturating_sub(last) < 10_000
-                    };
-                    if alive {
-                        crate::notify::watchdog();
-                    }
-                }
-            });
-        }
-        tokio::spawn(async move {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(t) => t,
-                    Err(_) => return std::future::pending().await,
-                };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            let _ = stop_tx.send(true);
-        });
-        let on_unix = {
-            let (served, stop) = (served.clone(), stop_rx.clone());
-            async move {
-                if let Some((_, listener)) = unix {
-                    crate::api::serve_unix(listener, served, &config.limits, stopped(stop)).await;
-                }
-            }
+        let listeners = crate::service::Listeners {
+            tcp: listener,
+            unix: unix.map(|(_, l)| l),
         };
-        let on_tcp = crate::api::serve(listener, served, &config.limits, stopped(stop_rx.clone()));
-        // Both until the stop.
-        tokio::join!(on_tcp, on_unix);
+        crate::service::run(config, store.clone(), served, link, listeners, terminated()).await;
         if let Some(path) = &socket {
             // The socket file goes with the agent (a stale one is replaced at
             // the next start anyway).
             let _ = std::fs::remove_file(path);
-        }
-        crate::notify::stopping();
-        if let Some(d) = daemon {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(3), d).await;
         }
         // stdout may be gone by now (a supervisor closed the pipe): not an error.
         let _ = writeln!(std::io::stdout(), "stopped");

@@ -19,6 +19,7 @@ pub mod model;
 pub mod notify;
 pub mod oip;
 pub mod samples;
+pub mod service;
 pub mod shadow;
 pub mod slots;
 pub mod spool;

@@ -394,15 +394,7 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
             .map_err(|e| fail(e.to_string()))?
     };
     let (active, shadow) = active;
-    let served = Served::with_drift(
-        active,
-        config
-            .drift
-            .enabled
-            .then(|| edgefleet_agent::drift::tracker::WindowSettings::from(&config.drift)),
-    );
-    served.set_shadow(shadow);
-    served.set_samples_config(config.samples.clone());
+    let served = edgefleet_agent::service::served(active, shadow, &config);
     let api = TcpListener::bind(("127.0.0.1", 0))
         .await
         .map_err(|e| fail(format!("local API: {e}")))?;

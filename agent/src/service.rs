@@ -1,0 +1,169 @@
+//! The running device: one composition root that wires the served model, the
+//! controller link (when the config has one), the offline drift checkpoints,
+//! the systemd watchdog and the local API on its listeners, and stops them all
+//! when `shutdown` completes. `edgefleet-agent run` parses, binds and calls
+//! [`run`]; everything it spawns ends with the shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use edgefleet_shared::UnixTime;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api::Served;
+use crate::config::AgentConfig;
+use crate::daemon::{Daemon, SPOOL_RETRY, Spools, now_ms};
+use crate::store::{ActiveModel, Store};
+
+/// Where the local API listens: a loopback TCP listener, and a Unix socket
+/// when the config or the command line asks for one.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The TCP listener (loopback).
+    pub tcp: tokio::net::TcpListener,
+    /// The Unix socket listener.
+    pub unix: Option<tokio::net::UnixListener>,
+}
+
+/// The served model of a device: `active` and its `shadow`, with the drift
+/// windows and sample capture of `config`.
+pub fn served(
+    active: Option<ActiveModel>,
+    shadow: Option<crate::shadow::Shadow>,
+    config: &AgentConfig,
+) -> Served {
+    let served = Served::with_drift(
+        active,
+        config
+            .drift
+            .enabled
+            .then(|| crate::drift::tracker::WindowSettings::from(&config.drift)),
+    );
+    served.set_shadow(shadow);
+    served.set_samples_config(config.samples.clone());
+    served
+}
+
+/// Runs the device until `shutdown` completes, then lets the local API finish
+/// its requests and the link its last step (up to 3 s). The model is
+/// `served`; the link runs when `link` (from [`crate::cli::link_setup`]) is
+/// given.
+pub async fn run(
+    config: &AgentConfig,
+    store: Store,
+    served: Served,
+    link: Option<(rumqttc::MqttOptions, crate::daemon::DaemonSettings)>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let heartbeat = Arc::new(AtomicU64::new(now_ms()));
+    let daemon = link.map(|(options, settings)| {
+        start_link(options, settings, &store, &served, &heartbeat, &stop_rx)
+    });
+    if daemon.is_none() {
+        offline_drift(&served, &store, config.telemetry.interval_s, &stop_rx);
+    }
+    crate::notify::ready();
+    if let Some(every) = crate::notify::watchdog_interval() {
+        watchdog(every, daemon.is_some().then_some(heartbeat), &stop_rx);
+    }
+    let on_unix = {
+        let (served, stop) = (served.clone(), stop_rx.clone());
+        async move {
+            if let Some(listener) = listeners.unix {
+                crate::api::serve_unix(listener, served, &config.limits, stopped(stop)).await;
+            }
+        }
+    };
+    let on_tcp = crate::api::serve(listeners.tcp, served, &config.limits, stopped(stop_rx));
+    tokio::join!(on_tcp, on_unix);
+    crate::notify::stopping();
+    if let Some(d) = daemon {
+        let _ = tokio::time::timeout(Duration::from_secs(3), d).await;
+    }
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// The controller link and its daemon; a full disk at start delays it until
+/// the spools can be opened.
+fn start_link(
+    options: rumqttc::MqttOptions,
+    settings: crate::daemon::DaemonSettings,
+    store: &Store,
+    served: &Served,
+    heartbeat: &Arc<AtomicU64>,
+    stop: &watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(64);
+    let (link, _task) = crate::link::start(options, events_tx);
+    let (store, served, heartbeat, stop) = (
+        store.clone(),
+        served.clone(),
+        heartbeat.clone(),
+        stop.clone(),
+    );
+    tokio::spawn(async move {
+        let max = settings.spool_max_bytes;
+        let spools =
+            Spools::open_retrying(&store, max, &heartbeat, SPOOL_RETRY, stopped(stop.clone()))
+                .await;
+        if let Some(spools) = spools {
+            let d = Daemon::new(settings, store, served, link, spools, heartbeat);
+            d.run(events_rx, stopped(stop)).await;
+        }
+    })
+}
+
+/// Without a controller link, drift is still tracked and written for `status`.
+fn offline_drift(served: &Served, store: &Store, interval_s: u32, stop: &watch::Receiver<bool>) {
+    let (served, dir, mut stop) = (served.clone(), store.dir().to_owned(), stop.clone());
+    let every = Duration::from_secs(u64::from(interval_s));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if let Some(c) = served.drift_checkpoint(UnixTime::now()) {
+                let dir = dir.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    crate::api::save_drift_status(&dir, &c.status)
+                })
+                .await;
+            }
+        }
+    });
+}
+
+/// Pets the systemd watchdog every `every`: while the link's loop is alive
+/// (it ticks every second), or, with no link, while the runtime is.
+fn watchdog(every: Duration, heartbeat: Option<Arc<AtomicU64>>, stop: &watch::Receiver<bool>) {
+    let mut stop = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let alive = heartbeat
+                .as_ref()
+                .is_none_or(|h| now_ms().saturating_sub(h.load(Ordering::Relaxed)) < 10_000);
+            if alive {
+                crate::notify::watchdog();
+            }
+        }
+    });
+}
