@@ -137,7 +137,9 @@ async fn end_to_end(messages: u64, publishers: usize) -> (f64, Vec<f64>, Vec<f64
     };
     config.http.listen = "127.0.0.1:0".parse().expect("addr");
     config.mqtt.listen = "127.0.0.1:0".parse().expect("addr");
-    let (started, server) = edgefleet::serve::start(config).await.expect("controller");
+    let (started, server) = edgefleet::serve::start(config, std::future::pending())
+        .await
+        .expect("controller");
     tokio::spawn(server);
     let url = format!("http://{}", started.http);
     let token = std::fs::read_to_string(started.data_dir.join("admin-token"))

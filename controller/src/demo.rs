@@ -240,7 +240,7 @@ fn story(
     config.mqtt.listen = ([127, 0, 0, 1], 0).into();
     config.rollouts.tick_ms = 200;
     let (started, server) = runtime
-        .block_on(crate::serve::start(config))
+        .block_on(crate::serve::start(config, std::future::pending()))
         .map_err(text_err)?;
     runtime.spawn(server);
     let url = format!("http://{}", started.http);

@@ -305,7 +305,7 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
-        let (started, server) = crate::serve::start(config)
+        let (started, server) = crate::serve::start(config, crate::serve::shutdown_signal())
             .await
             .map_err(|e| e.to_string())?;
         println!("controller API listening on http://{}", started.http);

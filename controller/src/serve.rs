@@ -43,9 +43,12 @@ fn err(context: &str) -> impl Fn(String) -> ServeError + '_ {
     move |e| ServeError(format!("{context}: {e}"))
 }
 
-/// Starts everything; returns once the API listens, with the server future to run.
+/// Starts everything; returns once the API listens, with the server future to
+/// run: it serves until `shutdown` completes (the CLI passes [`shutdown_signal`],
+/// SIGINT or SIGTERM), then finishes the requests in flight.
 pub async fn start(
     config: ControllerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(Started, impl Future<Output = ()>), ServeError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     RETENTION_MS.store(
@@ -67,83 +70,15 @@ pub async fn start(
         .command_key()
         .map_err(|e| err("command key")(e.to_string()))?;
     let gate_stats = std::sync::Arc::new(crate::gate::GateStats::default());
-    let mut gate: Option<crate::gate::Identities> = None;
-    let (link, broker_url) = match config.mqtt.mode {
+    let (link, broker_url, gate) = match config.mqtt.mode {
         BrokerMode::Embedded => {
-            let server = ca
-                .server_identity(&config.mqtt.hosts)
-                .map_err(|e| err("broker certificate")(e.to_string()))?;
-            // rumqttd on loopback, devices through the gate.
-            let internal = crate::broker::start_embedded(([127, 0, 0, 1], 0).into(), None)
-                .map_err(err("embedded broker"))?;
-            let me = ca
-                .controller_identity()
-                .map_err(|e| err("controller certificate")(e.to_string()))?;
-            let identities: crate::gate::Identities = Default::default();
-            let controller_pem = std::fs::read_to_string(&me.cert)
-                .map_err(|e| err("controller certificate")(e.to_string()))?;
-            identities
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(
-                    api::cert_fingerprint(&controller_pem),
-                    crate::gate::Identity::Controller,
-                );
-            let tls = gate_tls(&ca.cert_path(), &server).map_err(err("gate TLS"))?;
-            let listener = tokio::net::TcpListener::bind(config.mqtt.listen)
-                .await
-                .map_err(|e| err("mqtt.listen")(format!("{}: {e}", config.mqtt.listen)))?;
-            let addr = listener
-                .local_addr()
-                .map_err(|e| err("mqtt.listen")(e.to_string()))?;
-            tokio::spawn(crate::gate::serve(
-                listener,
-                tls,
-                internal,
-                identities.clone(),
-                topics.clone(),
-                gate_stats.clone(),
-            ));
-            gate = Some(identities);
-            let host = config.mqtt.hosts[0].clone();
-            (
-                BrokerLink {
-                    host: "127.0.0.1".into(),
-                    port: internal.port(),
-                    tls: None,
-                    command_key,
-                },
-                format!("mqtts://{host}:{}", addr.port()),
-            )
+            let (link, url, identities) =
+                embedded_broker(&config, &ca, &topics, command_key, &gate_stats).await?;
+            (link, url, Some(identities))
         }
         BrokerMode::External => {
-            let url = config.mqtt.url.clone().unwrap_or_default();
-            let ep = edgefleet_agent::link::Endpoint::parse(&url).map_err(err("mqtt.url"))?;
-            let tls = if ep.tls {
-                let (Some(ca_path), Some(cert), Some(key)) =
-                    (&config.mqtt.ca, &config.mqtt.cert, &config.mqtt.key)
-                else {
-                    return Err(ServeError(
-                        "mqtt.ca/cert/key are needed for mqtts://".into(),
-                    ));
-                };
-                Some(
-                    edgefleet_agent::link::tls_config(ca_path, cert, key)
-                        .map_err(|e| err("mqtt TLS")(e.to_string()))?,
-                )
-            } else {
-                tracing::warn!("plain MQTT to {url}: for development only");
-                None
-            };
-            (
-                BrokerLink {
-                    host: ep.host,
-                    port: ep.port,
-                    tls,
-                    command_key,
-                },
-                url,
-            )
+            let (link, url) = external_broker(&config, command_key)?;
+            (link, url, None)
         }
     };
 
@@ -195,7 +130,7 @@ pub async fn start(
         .map_err(|e| err("http.listen")(e.to_string()))?;
     let app = api::router(state);
     let limits = config.http.connection_limits();
-    let server = edgefleet_agent::http::serve(listener, app, limits, shutdown_signal());
+    let server = edgefleet_agent::http::serve(listener, app, limits, shutdown);
     Ok((
         Started {
             http,
@@ -207,7 +142,99 @@ pub async fn start(
     ))
 }
 
-async fn shutdown_signal() {
+/// rumqttd on loopback, and the gate in front of it on `mqtt.listen` for
+/// devices: the controller's link to it, the URL devices dial, and the
+/// certificate fingerprints the gate admits (the controller's, then devices').
+async fn embedded_broker(
+    config: &ControllerConfig,
+    ca: &Ca,
+    topics: &Topics,
+    command_key: edgefleet_shared::SecretKey,
+    gate_stats: &Arc<crate::gate::GateStats>,
+) -> Result<(BrokerLink, String, crate::gate::Identities), ServeError> {
+    let server = ca
+        .server_identity(&config.mqtt.hosts)
+        .map_err(|e| err("broker certificate")(e.to_string()))?;
+    // rumqttd on loopback, devices through the gate.
+    let internal = crate::broker::start_embedded(([127, 0, 0, 1], 0).into(), None)
+        .map_err(err("embedded broker"))?;
+    let me = ca
+        .controller_identity()
+        .map_err(|e| err("controller certificate")(e.to_string()))?;
+    let identities: crate::gate::Identities = Default::default();
+    let controller_pem = std::fs::read_to_string(&me.cert)
+        .map_err(|e| err("controller certificate")(e.to_string()))?;
+    identities
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            api::cert_fingerprint(&controller_pem),
+            crate::gate::Identity::Controller,
+        );
+    let tls = gate_tls(&ca.cert_path(), &server).map_err(err("gate TLS"))?;
+    let listener = tokio::net::TcpListener::bind(config.mqtt.listen)
+        .await
+        .map_err(|e| err("mqtt.listen")(format!("{}: {e}", config.mqtt.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| err("mqtt.listen")(e.to_string()))?;
+    tokio::spawn(crate::gate::serve(
+        listener,
+        tls,
+        internal,
+        identities.clone(),
+        topics.clone(),
+        gate_stats.clone(),
+    ));
+    let host = config.mqtt.hosts[0].clone();
+    Ok((
+        BrokerLink {
+            host: "127.0.0.1".into(),
+            port: internal.port(),
+            tls: None,
+            command_key,
+        },
+        format!("mqtts://{host}:{}", addr.port()),
+        identities,
+    ))
+}
+
+/// The controller's link to an external broker (`mqtt.url`), and its URL.
+fn external_broker(
+    config: &ControllerConfig,
+    command_key: edgefleet_shared::SecretKey,
+) -> Result<(BrokerLink, String), ServeError> {
+    let url = config.mqtt.url.clone().unwrap_or_default();
+    let ep = edgefleet_agent::link::Endpoint::parse(&url).map_err(err("mqtt.url"))?;
+    let tls = if ep.tls {
+        let (Some(ca_path), Some(cert), Some(key)) =
+            (&config.mqtt.ca, &config.mqtt.cert, &config.mqtt.key)
+        else {
+            return Err(ServeError(
+                "mqtt.ca/cert/key are needed for mqtts://".into(),
+            ));
+        };
+        Some(
+            edgefleet_agent::link::tls_config(ca_path, cert, key)
+                .map_err(|e| err("mqtt TLS")(e.to_string()))?,
+        )
+    } else {
+        tracing::warn!("plain MQTT to {url}: for development only");
+        None
+    };
+    Ok((
+        BrokerLink {
+            host: ep.host,
+            port: ep.port,
+            tls,
+            command_key,
+        },
+        url,
+    ))
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

@@ -134,7 +134,7 @@ impl Harness {
         config.rollouts.tick_ms = 100;
         tweak(&mut config);
         let (started, server) = runtime
-            .block_on(edgefleet::serve::start(config))
+            .block_on(edgefleet::serve::start(config, std::future::pending()))
             .expect("controller starts");
         runtime.spawn(server);
         let url = format!("http://{}", started.http);
