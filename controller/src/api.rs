@@ -1266,7 +1266,8 @@ async fn start_rollout(
     if let Some(r) = body.rate_per_minute {
         plan.rate_per_minute = r;
     }
-    plan.validate().map_err(ApiError::invalid)?;
+    plan.validate()
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
     let sel = &body.selector;
     if !sel.all && sel.tags.is_empty() && sel.devices.is_empty() {
         return Err(ApiError::invalid(

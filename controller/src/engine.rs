@@ -36,25 +36,78 @@ pub enum WaveSize {
     Percent(u8),
 }
 
+/// Why a rollout plan (or a wave size) is refused; the message names the field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    /// A wave size as written is not one.
+    #[error("wave {text:?}: {why}")]
+    WaveText {
+        /// As written.
+        text: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// Too few or too many waves.
+    #[error("waves must list 1 to 20 wave sizes")]
+    WaveCount,
+    /// A wave of no device.
+    #[error("waves: a wave needs at least 1 device")]
+    EmptyWave,
+    /// A percentage out of range.
+    #[error("waves: {0}% is not between 1% and 100%")]
+    Percent(u8),
+    /// A number out of its range (`field` must be `rule`, it is `value`).
+    #[error("{field} must be {rule}, got {value}")]
+    OutOfRange {
+        /// The field.
+        field: &'static str,
+        /// Its range.
+        rule: &'static str,
+        /// The value given.
+        value: f64,
+    },
+    /// A setting past its limit.
+    #[error("{field} must be {rule}")]
+    Limit {
+        /// The field.
+        field: &'static str,
+        /// Its range.
+        rule: &'static str,
+    },
+    /// More shadow waves than waves.
+    #[error("shadow_waves ({shadow}) must not exceed the number of waves ({waves})")]
+    ShadowWaves {
+        /// Shadow waves asked for.
+        shadow: u32,
+        /// Waves in the plan.
+        waves: usize,
+    },
+    /// The selector chose nobody.
+    #[error("the selector matches no device")]
+    NoDevice,
+}
+
 impl WaveSize {
     /// Parses `5` (devices) or `10%`.
-    pub fn parse(text: &str) -> Result<WaveSize, String> {
+    pub fn parse(text: &str) -> Result<WaveSize, PlanError> {
         let t = text.trim();
+        let refuse = |why| PlanError::WaveText {
+            text: t.to_owned(),
+            why,
+        };
         if let Some(p) = t.strip_suffix('%') {
-            let p: u8 = p
-                .trim()
-                .parse()
-                .map_err(|_| format!("wave {t:?}: a percentage must be 1% to 100%"))?;
+            let percent = "a percentage must be 1% to 100%";
+            let p: u8 = p.trim().parse().map_err(|_| refuse(percent))?;
             if !(1..=100).contains(&p) {
-                return Err(format!("wave {t:?}: a percentage must be 1% to 100%"));
+                return Err(refuse(percent));
             }
             Ok(WaveSize::Percent(p))
         } else {
             let n: u32 = t.parse().map_err(|_| {
-                format!("wave {t:?}: expected a device count (e.g. 1) or a percentage (e.g. 10%)")
+                refuse("expected a device count (e.g. 1) or a percentage (e.g. 10%)")
             })?;
             if n == 0 {
-                return Err(format!("wave {t:?}: a wave needs at least 1 device"));
+                return Err(refuse("a wave needs at least 1 device"));
             }
             Ok(WaveSize::Count(n))
         }
@@ -121,30 +174,41 @@ impl Default for Gates {
 
 impl Gates {
     /// Checks the ranges; the error names the field.
-    pub fn validate(&self) -> Result<(), String> {
-        let ratio = |name: &str, v: f64| {
-            if (0.0..=1.0).contains(&v) {
+    pub fn validate(&self) -> Result<(), PlanError> {
+        let ratio = |field, value: f64| {
+            if (0.0..=1.0).contains(&value) {
                 Ok(())
             } else {
-                Err(format!("gates.{name} must be between 0 and 1, got {v}"))
+                Err(PlanError::OutOfRange {
+                    field,
+                    rule: "between 0 and 1",
+                    value,
+                })
             }
         };
-        ratio("min_success_ratio", self.min_success_ratio)?;
-        ratio("max_failure_ratio", self.max_failure_ratio)?;
-        ratio("max_error_rate", self.max_error_rate)?;
-        ratio("max_drift_increase", self.max_drift_increase)?;
-        ratio("min_shadow_agreement", self.min_shadow_agreement)?;
+        ratio("gates.min_success_ratio", self.min_success_ratio)?;
+        ratio("gates.max_failure_ratio", self.max_failure_ratio)?;
+        ratio("gates.max_error_rate", self.max_error_rate)?;
+        ratio("gates.max_drift_increase", self.max_drift_increase)?;
+        ratio("gates.min_shadow_agreement", self.min_shadow_agreement)?;
         if !(self.max_p95_latency_ratio.is_finite() && self.max_p95_latency_ratio >= 1.0) {
-            return Err(format!(
-                "gates.max_p95_latency_ratio must be at least 1, got {}",
-                self.max_p95_latency_ratio
-            ));
+            return Err(PlanError::OutOfRange {
+                field: "gates.max_p95_latency_ratio",
+                rule: "at least 1",
+                value: self.max_p95_latency_ratio,
+            });
         }
         if self.install_timeout_ms < 1_000 {
-            return Err("gates.install_timeout_ms must be at least 1000".into());
+            return Err(PlanError::Limit {
+                field: "gates.install_timeout_ms",
+                rule: "at least 1000",
+            });
         }
         if self.soak_ms > 7 * 86_400_000 {
-            return Err("gates.soak_ms must be at most 7 days".into());
+            return Err(PlanError::Limit {
+                field: "gates.soak_ms",
+                rule: "at most 7 days",
+            });
         }
         Ok(())
     }
@@ -202,31 +266,36 @@ impl Default for Plan {
 
 impl Plan {
     /// Checks the plan; the error names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), PlanError> {
         if self.waves.is_empty() || self.waves.len() > 20 {
-            return Err("waves must list 1 to 20 wave sizes".into());
+            return Err(PlanError::WaveCount);
         }
         for w in &self.waves {
             match *w {
-                WaveSize::Count(0) => return Err("waves: a wave needs at least 1 device".into()),
+                WaveSize::Count(0) => return Err(PlanError::EmptyWave),
                 WaveSize::Percent(p) if !(1..=100).contains(&p) => {
-                    return Err(format!("waves: {p}% is not between 1% and 100%"));
+                    return Err(PlanError::Percent(p));
                 }
                 _ => {}
             }
         }
         if !(1..=100_000).contains(&self.rate_per_minute) {
-            return Err("rate_per_minute must be 1 to 100000".into());
+            return Err(PlanError::Limit {
+                field: "rate_per_minute",
+                rule: "1 to 100000",
+            });
         }
         if self.resend_after_ms < 1_000 {
-            return Err("resend_after_ms must be at least 1000".into());
+            return Err(PlanError::Limit {
+                field: "resend_after_ms",
+                rule: "at least 1000",
+            });
         }
         if self.shadow_waves as usize > self.waves.len() {
-            return Err(format!(
-                "shadow_waves ({}) must not exceed the number of waves ({})",
-                self.shadow_waves,
-                self.waves.len()
-            ));
+            return Err(PlanError::ShadowWaves {
+                shadow: self.shadow_waves,
+                waves: self.waves.len(),
+            });
         }
         self.gates.validate()
     }
@@ -525,10 +594,10 @@ pub struct Counts {
 
 impl Rollout {
     /// A new rollout over `devices` (split with [`assign_waves`]), starting at `now`.
-    pub fn new(id: &str, devices: &[String], plan: Plan, now: u64) -> Result<Rollout, String> {
+    pub fn new(id: &str, devices: &[String], plan: Plan, now: u64) -> Result<Rollout, PlanError> {
         plan.validate()?;
         if devices.is_empty() {
-            return Err("the selector matches no device".into());
+            return Err(PlanError::NoDevice);
         }
         let waves = assign_waves(id, devices, &plan.waves);
         let members = waves

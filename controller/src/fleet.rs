@@ -997,7 +997,8 @@ impl Fleet {
         let mut rnd = [0u8; 4];
         getrandom::fill(&mut rnd).map_err(|e| FleetError::Invalid(e.to_string()))?;
         let id = format!("ro-{}-{}", now / 1000, hex::encode(rnd));
-        let engine = Rollout::new(&id, &devices, plan, now).map_err(FleetError::Invalid)?;
+        let engine = Rollout::new(&id, &devices, plan, now)
+            .map_err(|e| FleetError::Invalid(e.to_string()))?;
         let state = serde_json::to_string(&engine).unwrap_or_default();
         let row = crate::db::RolloutRow {
             id: id.clone(),

@@ -63,6 +63,7 @@ fn wave_sizes_parse_and_refuse_with_the_reason() {
     assert!(
         WaveSize::parse("0")
             .expect_err("refused")
+            .to_string()
             .contains("at least 1 device")
     );
 }
@@ -570,6 +571,7 @@ fn plans_are_validated_field_by_field() {
     assert!(
         p.validate()
             .expect_err("refused")
+            .to_string()
             .contains("gates.min_success_ratio")
     );
     let mut p = Plan::default();
@@ -577,6 +579,7 @@ fn plans_are_validated_field_by_field() {
     assert!(
         p.validate()
             .expect_err("refused")
+            .to_string()
             .contains("max_p95_latency_ratio")
     );
     let p = Plan {
@@ -586,14 +589,21 @@ fn plans_are_validated_field_by_field() {
     assert!(
         p.validate()
             .expect_err("refused")
+            .to_string()
             .contains("rate_per_minute")
     );
     let mut p = Plan::default();
     p.waves.clear();
-    assert!(p.validate().expect_err("refused").contains("waves"));
+    assert!(
+        p.validate()
+            .expect_err("refused")
+            .to_string()
+            .contains("waves")
+    );
     assert!(
         Rollout::new("x", &[], Plan::default(), 0)
             .expect_err("refused")
+            .to_string()
             .contains("matches no device")
     );
 }
