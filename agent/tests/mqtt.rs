@@ -1008,10 +1008,15 @@ impl Tmpfs {
         Tmpfs { at: at.to_owned() }
     }
 
-    /// Fills the filesystem to its last page with `filler`.
+    /// Fills the filesystem to its last page with `filler` (appending: called
+    /// again, it takes the pages freed since).
     fn fill(&self) {
         use std::io::Write;
-        let mut f = std::fs::File::create(self.at.join("filler")).expect("filler");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.at.join("filler"))
+            .expect("filler");
         let page = [0x5au8; 4096];
         while f.write_all(&page).is_ok() {}
         let _ = f.sync_all();
@@ -1089,11 +1094,21 @@ async fn a_full_disk_delays_the_link_until_there_is_room_and_every_lost_report_i
 
     // 2. The disk fills while the agent runs: the reports it cannot spool are
     // lost, and counted; the count arrives with the next report.
-    disk.fill();
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Kept full for 3.5 s: the agent frees a page each time the broker
+    // acknowledges a record, so the filler takes those back as they come.
+    for _ in 0..35 {
+        disk.fill();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     disk.make_room();
     let mut seqs = vec![first.seq];
+    let deadline = Instant::now() + Duration::from_secs(30);
     let after = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no telemetry counted the lost reports: {seqs:?}\n{}",
+            agent.log()
+        );
         let t: Telemetry = peer
             .wait_for("telemetry after the disk was full", |topic, p| {
                 topic

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use edgefleet::db::Db;
+use edgefleet::server::db::Db;
 use edgefleet_shared::protocol::{
     self, AgentMetrics, DeviceMetrics, DeviceTopic, ModelMetrics, Telemetry, Topics,
 };
@@ -131,13 +131,13 @@ fn stored(url: &str) -> u64 {
 
 async fn end_to_end(messages: u64, publishers: usize) -> (f64, Vec<f64>, Vec<f64>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = edgefleet::config::ControllerConfig {
+    let mut config = edgefleet::server::config::ControllerConfig {
         data_dir: dir.path().join("ctl"),
         ..Default::default()
     };
     config.http.listen = "127.0.0.1:0".parse().expect("addr");
     config.mqtt.listen = "127.0.0.1:0".parse().expect("addr");
-    let (started, server) = edgefleet::serve::start(config, std::future::pending())
+    let (started, server) = edgefleet::server::serve::start(config, std::future::pending())
         .await
         .expect("controller");
     tokio::spawn(server);
@@ -180,7 +180,7 @@ async fn end_to_end(messages: u64, publishers: usize) -> (f64, Vec<f64>, Vec<f64
             .read_json()
             .expect("json");
         let out = dir.path().join(&name);
-        edgefleet::remote::write_enrollment(&answer, &out).expect("files");
+        edgefleet::ops::remote::write_enrollment(&answer, &out).expect("files");
         let tls = edgefleet_agent::link::tls_config(
             &out.join("ca.pem"),
             &out.join("device.pem"),

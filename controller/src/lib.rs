@@ -1,21 +1,10 @@
-//! The edgefleet controller and operator CLI. This session provides the operator
-//! commands for keys, trust roots and bundles ([`operator`]) and the first part of
-//! the demo ([`demo`]); the controller service follows (issue 4).
+//! The edgefleet controller and the operator's tools, in two halves:
+//! - [`server`]: what `edgefleet serve` runs: the HTTP API, the fleet (devices,
+//!   commands, chunk serving), the store, the rollout engine, the embedded
+//!   broker and its gate, the certificate authority, configuration;
+//! - [`ops`]: what an operator runs on their machine: keys, trust roots and
+//!   bundle build/sign/verify, flashing, the demo, and the API client behind
+//!   `devices`, `bundles` and `rollout`; `ops::cli` is the command line.
 
-pub mod api;
-pub mod broker;
-pub mod ca;
-pub mod cli;
-pub mod config;
-pub mod db;
-pub mod demo;
-pub mod engine;
-pub mod fetch_limits;
-pub mod flash;
-pub mod fleet;
-pub mod gate;
-pub mod npy;
-pub mod operator;
-pub mod remote;
-pub mod samples;
-pub mod serve;
+pub mod ops;
+pub mod server;

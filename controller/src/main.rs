@@ -14,8 +14,8 @@ fn main() -> ExitCode {
     unsafe {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
-    let cli = edgefleet::cli::Cli::parse();
-    match edgefleet::cli::run(cli) {
+    let cli = edgefleet::ops::cli::Cli::parse();
+    match edgefleet::ops::cli::run(cli) {
         Ok(0) => ExitCode::SUCCESS,
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use edgefleet::api::{self, AppState};
-use edgefleet::ca::Ca;
-use edgefleet::db::Db;
-use edgefleet::fleet::{BrokerLink, Fleet};
+use edgefleet::server::api::{self, AppState};
+use edgefleet::server::ca::Ca;
+use edgefleet::server::db::Db;
+use edgefleet::server::fleet::{BrokerLink, Fleet};
 use edgefleet_shared::protocol::Topics;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -19,7 +19,7 @@ use tower::ServiceExt;
 struct Api {
     router: axum::Router,
     db: Db,
-    gate: edgefleet::gate::Identities,
+    gate: edgefleet::server::gate::Identities,
     _dir: tempfile::TempDir,
 }
 
@@ -53,7 +53,7 @@ async fn api() -> Api {
     )
     .await
     .expect("fleet");
-    let gate: edgefleet::gate::Identities = Default::default();
+    let gate: edgefleet::server::gate::Identities = Default::default();
     let router = api::router(AppState {
         fleet,
         ca,
@@ -616,7 +616,7 @@ async fn the_openapi_document_is_generated_and_lists_every_route() {
 #[tokio::test]
 async fn enrollment_admits_a_certificate_to_the_gate_and_revocation_removes_it() {
     let a = api().await;
-    let device = edgefleet::gate::Identity::Device("pi-07".into());
+    let device = edgefleet::server::gate::Identity::Device("pi-07".into());
     let admitted = |a: &Api| {
         a.gate
             .read()

@@ -1,5 +1,5 @@
 //! The gate's judge: what a device may send to the broker, decided packet by
-//! packet with no I/O (the controller's gate, `controller/src/gate.rs`, does the
+//! packet with no I/O (the controller's gate, `controller/src/server/gate.rs`, does the
 //! TLS and the relaying; docs/controller.md).
 //!
 //! Every packet is decoded with rumqttc's MQTT 3.1.1 codec, judged field by

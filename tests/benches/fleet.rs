@@ -162,7 +162,7 @@ fn main() {
         let mut times = Vec::new();
         for _ in 0..demo_runs {
             let started = Instant::now();
-            let code = edgefleet::demo::run(&edgefleet::demo::DemoOptions {
+            let code = edgefleet::ops::demo::run(&edgefleet::ops::demo::DemoOptions {
                 dir: None,
                 devices: 20,
                 keep_running: false,

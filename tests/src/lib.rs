@@ -11,9 +11,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use edgefleet::config::ControllerConfig;
-use edgefleet::operator::{self, BuildOptions, KeyFile};
-use edgefleet::remote::{ApiArgs, Client, write_enrollment};
+use edgefleet::ops::operator::{self, BuildOptions, KeyFile};
+use edgefleet::ops::remote::{ApiArgs, Client, write_enrollment};
+use edgefleet::server::config::ControllerConfig;
 use edgefleet_devices::Profile;
 use edgefleet_devices::sim::{DeviceSpec, FaultPlan, FleetSettings, SimFleet, TlsFiles};
 use edgefleet_shared::{ModelChannel, SecretKey, UnixTime};
@@ -134,7 +134,10 @@ impl Harness {
         config.rollouts.tick_ms = 100;
         tweak(&mut config);
         let (started, server) = runtime
-            .block_on(edgefleet::serve::start(config, std::future::pending()))
+            .block_on(edgefleet::server::serve::start(
+                config,
+                std::future::pending(),
+            ))
             .expect("controller starts");
         runtime.spawn(server);
         let url = format!("http://{}", started.http);

@@ -135,15 +135,17 @@ fn bundles_a_device_must_refuse_are_refused_with_the_reason_visible_in_the_api()
     let h = Harness::start(|_| {});
     // A device still pinning an older trust root (only alice's key).
     let old_root = h.dir().join("old-root.cbor");
-    let root = edgefleet::operator::new_trust_root(
-        &[edgefleet::operator::KeyFile::Public(h.keys[0].public())],
+    let root = edgefleet::ops::operator::new_trust_root(
+        &[edgefleet::ops::operator::KeyFile::Public(
+            h.keys[0].public(),
+        )],
         1,
         1,
         edgefleet_shared::UnixTime::now().plus_days(365),
         &h.keys[..1],
     )
     .expect("old root");
-    edgefleet::operator::save_trust_root(&old_root, &root).expect("save");
+    edgefleet::ops::operator::save_trust_root(&old_root, &root).expect("save");
     let mut unrotated = h.device("unrotated", FaultPlan::default());
     unrotated.trust_root = Some(old_root);
     // A device whose clock is 100 days ahead: every command looks 100 days old
@@ -161,7 +163,7 @@ fn bundles_a_device_must_refuse_are_refused_with_the_reason_visible_in_the_api()
     let ahead = h.device("ahead", FaultPlan::default());
     let store = edgefleet_agent::store::Store::open(h.dir().join("devices/ahead")).expect("store");
     let now = edgefleet_shared::UnixTime::now();
-    let trust = edgefleet::operator::load_trust_root(&h.trust_root, now).expect("trust");
+    let trust = edgefleet::ops::operator::load_trust_root(&h.trust_root, now).expect("trust");
     edgefleet_agent::store::install_file(
         &store,
         &trust,

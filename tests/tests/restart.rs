@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use edgefleet::remote::{ApiArgs, Client, write_enrollment};
+use edgefleet::ops::remote::{ApiArgs, Client, write_enrollment};
 use edgefleet_devices::Profile;
 use edgefleet_devices::sim::{DeviceSpec, FaultPlan, FleetSettings, SimFleet, TlsFiles};
 use edgefleet_tests::{MODELS, wait_for};
@@ -94,10 +94,10 @@ fn a_controller_killed_mid_rollout_carries_on_after_a_restart() {
     let data = dir.path().join("controller");
     std::fs::create_dir_all(&data).expect("data dir");
     let (_, _, key) =
-        edgefleet::operator::generate_key(&dir.path().join("keys"), "alice").expect("key");
+        edgefleet::ops::operator::generate_key(&dir.path().join("keys"), "alice").expect("key");
     let now = edgefleet_shared::UnixTime::now();
-    let root = edgefleet::operator::new_trust_root(
-        &[edgefleet::operator::KeyFile::Public(key.public())],
+    let root = edgefleet::ops::operator::new_trust_root(
+        &[edgefleet::ops::operator::KeyFile::Public(key.public())],
         1,
         1,
         now.plus_days(30),
@@ -105,7 +105,7 @@ fn a_controller_killed_mid_rollout_carries_on_after_a_restart() {
     )
     .expect("trust root");
     let trust_root = data.join("trust-root.cbor");
-    edgefleet::operator::save_trust_root(&trust_root, &root).expect("save");
+    edgefleet::ops::operator::save_trust_root(&trust_root, &root).expect("save");
 
     let mut controller = Controller::start(&data, "127.0.0.1:0");
     let port = controller.port;
@@ -133,7 +133,7 @@ fn a_controller_killed_mid_rollout_carries_on_after_a_restart() {
     let settings = FleetSettings {
         broker: ([127, 0, 0, 1], port).into(),
         tls: true,
-        topic_prefix: edgefleet::config::ControllerConfig::default()
+        topic_prefix: edgefleet::server::config::ControllerConfig::default()
             .mqtt
             .topic_prefix,
         trust_root: trust_root.clone(),
@@ -162,10 +162,10 @@ fn a_controller_killed_mid_rollout_carries_on_after_a_restart() {
     online(&api);
 
     let bundle = dir.path().join("v1.efb");
-    let options = edgefleet::operator::BuildOptions {
+    let options = edgefleet::ops::operator::BuildOptions {
         golden: Some(Path::new(MODELS).join("iris_golden.json")),
         expires_in_days: 30,
-        ..edgefleet::operator::BuildOptions::new(
+        ..edgefleet::ops::operator::BuildOptions::new(
             Path::new(MODELS).join("iris_logreg.onnx"),
             edgefleet_shared::ModelChannel::new("iris").expect("channel"),
             semver::Version::new(1, 0, 0),
@@ -173,8 +173,8 @@ fn a_controller_killed_mid_rollout_carries_on_after_a_restart() {
             now,
         )
     };
-    edgefleet::operator::build_bundle(&options, &bundle).expect("build");
-    edgefleet::operator::sign_bundle(&bundle, std::slice::from_ref(&key)).expect("sign");
+    edgefleet::ops::operator::build_bundle(&options, &bundle).expect("build");
+    edgefleet::ops::operator::sign_bundle(&bundle, std::slice::from_ref(&key)).expect("sign");
     let digest = api.upload("/api/v1/bundles", &bundle).expect("upload")["bundle"]["digest"]
         .as_str()
         .expect("digest")

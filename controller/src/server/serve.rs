@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use edgefleet_shared::protocol::Topics;
 
-use crate::api::{self, AppState};
-use crate::ca::Ca;
-use crate::config::{BrokerMode, ControllerConfig};
-use crate::db::Db;
-use crate::fleet::{BrokerLink, Fleet, RETENTION_MS, now_ms};
+use crate::server::api::{self, AppState};
+use crate::server::ca::Ca;
+use crate::server::config::{BrokerMode, ControllerConfig};
+use crate::server::db::Db;
+use crate::server::fleet::{BrokerLink, Fleet, RETENTION_MS, now_ms};
 
 /// What a started controller tells its caller (printed by the CLI; used by tests).
 #[derive(Debug, Clone)]
@@ -69,7 +69,7 @@ pub async fn start(
     let command_key = ca
         .command_key()
         .map_err(|e| err("command key")(e.to_string()))?;
-    let gate_stats = std::sync::Arc::new(crate::gate::GateStats::default());
+    let gate_stats = std::sync::Arc::new(crate::server::gate::GateStats::default());
     let (link, broker_url, gate) = match config.mqtt.mode {
         BrokerMode::Embedded => {
             let (link, url, identities) =
@@ -93,7 +93,7 @@ pub async fn start(
             .map_err(|e| err("database")(e.to_string()))?;
         let mut map = ids.write().unwrap_or_else(|p| p.into_inner());
         for (fp, device) in enrolled {
-            map.insert(fp, crate::gate::Identity::Device(device));
+            map.insert(fp, crate::server::gate::Identity::Device(device));
         }
     }
     let fleet = Fleet::start(
@@ -150,18 +150,18 @@ async fn embedded_broker(
     ca: &Ca,
     topics: &Topics,
     command_key: edgefleet_shared::SecretKey,
-    gate_stats: &Arc<crate::gate::GateStats>,
-) -> Result<(BrokerLink, String, crate::gate::Identities), ServeError> {
+    gate_stats: &Arc<crate::server::gate::GateStats>,
+) -> Result<(BrokerLink, String, crate::server::gate::Identities), ServeError> {
     let server = ca
         .server_identity(&config.mqtt.hosts)
         .map_err(|e| err("broker certificate")(e.to_string()))?;
     // rumqttd on loopback, devices through the gate.
-    let internal = crate::broker::start_embedded(([127, 0, 0, 1], 0).into(), None)
+    let internal = crate::server::broker::start_embedded(([127, 0, 0, 1], 0).into(), None)
         .map_err(err("embedded broker"))?;
     let me = ca
         .controller_identity()
         .map_err(|e| err("controller certificate")(e.to_string()))?;
-    let identities: crate::gate::Identities = Default::default();
+    let identities: crate::server::gate::Identities = Default::default();
     let controller_pem = std::fs::read_to_string(&me.cert)
         .map_err(|e| err("controller certificate")(e.to_string()))?;
     identities
@@ -169,7 +169,7 @@ async fn embedded_broker(
         .unwrap_or_else(|p| p.into_inner())
         .insert(
             api::cert_fingerprint(&controller_pem),
-            crate::gate::Identity::Controller,
+            crate::server::gate::Identity::Controller,
         );
     let tls = gate_tls(&ca.cert_path(), &server).map_err(err("gate TLS"))?;
     let listener = tokio::net::TcpListener::bind(config.mqtt.listen)
@@ -178,7 +178,7 @@ async fn embedded_broker(
     let addr = listener
         .local_addr()
         .map_err(|e| err("mqtt.listen")(e.to_string()))?;
-    tokio::spawn(crate::gate::serve(
+    tokio::spawn(crate::server::gate::serve(
         listener,
         tls,
         internal,
@@ -265,11 +265,11 @@ async fn ensure_admin_token(
     }
     let token = api::new_token().map_err(err("admin token"))?;
     let path = data.join("admin-token");
-    crate::operator::write_atomic(&path, 0o600, |w| {
+    crate::ops::operator::write_atomic(&path, 0o600, |w| {
         w.write_all(format!("{token}\n").as_bytes())
     })
     .map_err(|e| err("admin token")(e.to_string()))?;
-    let audit = crate::db::Audit {
+    let audit = crate::server::db::Audit {
         actor: "edgefleet serve".into(),
         action: "token.create".into(),
         target: "admin".into(),
@@ -293,7 +293,7 @@ async fn ensure_admin_token(
 /// and checked against the controller's CA.
 fn gate_tls(
     ca: &std::path::Path,
-    server: &crate::ca::Identity,
+    server: &crate::server::ca::Identity,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};

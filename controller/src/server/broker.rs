@@ -1,6 +1,6 @@
 //! The embedded broker: rumqttd 0.20 on its own thread. Devices never reach it
 //! directly: it listens on a loopback port without TLS, behind the gate
-//! ([`crate::gate`]), which terminates mutual TLS with the controller's CA and
+//! ([`crate::server::gate`]), which terminates mutual TLS with the controller's CA and
 //! confines each device to its own topics (rumqttd has no per-topic ACL). The
 //! loopback listener is reachable by processes on the controller's host: that host
 //! is trusted (docs/controller.md).
@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::ca::Identity;
+use crate::server::ca::Identity;
 
 /// Largest MQTT payload the broker accepts: a bundle chunk (4 MiB at most) plus
 /// its envelope.
@@ -107,7 +107,7 @@ pub fn mosquitto_acl(prefix: &str) -> String {
     s.push_str(&format!("pattern read {prefix}/bundles/+/chunks\n\n"));
     s.push_str(&format!(
         "# The controller.\nuser {}\ntopic readwrite {prefix}/#\n",
-        crate::ca::CONTROLLER_IDENTITY
+        crate::server::ca::CONTROLLER_IDENTITY
     ));
     s
 }

@@ -9,7 +9,7 @@
 
 use edgefleet_shared::golden::Tensor;
 
-use crate::db::SampleRow;
+use crate::server::db::SampleRow;
 
 /// The rows of an export.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -126,7 +126,7 @@ pub fn to_csv(t: &Table) -> String {
 /// reads it.
 pub fn inputs_to_npy(t: &Table) -> Vec<u8> {
     let rows: Vec<&[f64]> = t.rows.iter().map(|r| &r.4[..t.inputs]).collect();
-    crate::npy::write_f64(&rows, t.inputs)
+    crate::server::npy::write_f64(&rows, t.inputs)
 }
 
 #[cfg(test)]
@@ -215,7 +215,7 @@ mod tests {
     #[test]
     fn the_npy_export_holds_the_input_rows() {
         let t = table(&[sample("d1", vec![1.0, 2.0, 3.0, 4.0], 2, vec![0, 1])]);
-        let back = crate::npy::read_matrix(&inputs_to_npy(&t), 100).expect("reads");
+        let back = crate::server::npy::read_matrix(&inputs_to_npy(&t), 100).expect("reads");
         assert_eq!(back, vec![vec![1.0, 2.0], vec![3.0, 4.0]]);
     }
 }

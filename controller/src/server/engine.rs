@@ -1,7 +1,7 @@
 //! The rollout engine: a pure state machine. No I/O, no clock: time comes in as
 //! milliseconds since the Unix epoch, device news and operator commands come in as
 //! [`Input`]s, and what must happen comes out as [`Effect`]s for the shell
-//! ([`crate::fleet`]) to carry out. The whole state serialises, so the shell
+//! ([`crate::server::fleet`]) to carry out. The whole state serialises, so the shell
 //! persists it after every step and a restarted controller continues from it.
 //!
 //! Rules (docs/rollouts.md):

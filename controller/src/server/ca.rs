@@ -3,7 +3,7 @@
 //! the controller's own client certificate and one client certificate per device
 //! at enrollment. The certificate's common name is the device id: Mosquitto's
 //! `use_identity_as_username` turns it into the user name its ACL confines, and the
-//! embedded broker's gate ([`crate::gate`]) checks topics against it.
+//! embedded broker's gate ([`crate::server::gate`]) checks topics against it.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use rcgen::{
 
 use edgefleet_shared::{PublicKey, SecretKey};
 
-use crate::operator::write_atomic;
+use crate::ops::operator::write_atomic;
 
 /// The client id and certificate name of the controller itself on the broker.
 pub const CONTROLLER_IDENTITY: &str = "edgefleet-controller";

@@ -17,14 +17,14 @@ use edgefleet_devices::sim::{DeviceSpec, FaultPlan, FleetSettings, SimFleet, Tls
 use edgefleet_shared::{ModelChannel, UnixTime};
 use serde_json::{Value, json};
 
-use crate::config::ControllerConfig;
-use crate::operator::{self, BuildOptions, KeyFile};
-use crate::remote::{ApiArgs, Client, rollout_text, write_enrollment};
+use crate::ops::operator::{self, BuildOptions, KeyFile};
+use crate::ops::remote::{ApiArgs, Client, rollout_text, write_enrollment};
+use crate::server::config::ControllerConfig;
 
-const IRIS_MODEL: &[u8] = include_bytes!("../../models/iris_logreg.onnx");
-const IRIS_BROKEN: &[u8] = include_bytes!("../../models/iris_logreg_v2_broken.onnx");
-const IRIS_REFERENCE: &str = include_str!("../../models/iris_reference.csv");
-const IRIS_GOLDEN: &[u8] = include_bytes!("../../models/iris_golden.json");
+const IRIS_MODEL: &[u8] = include_bytes!("../../../models/iris_logreg.onnx");
+const IRIS_BROKEN: &[u8] = include_bytes!("../../../models/iris_logreg_v2_broken.onnx");
+const IRIS_REFERENCE: &str = include_str!("../../../models/iris_reference.csv");
+const IRIS_GOLDEN: &[u8] = include_bytes!("../../../models/iris_golden.json");
 
 /// How long any one wait of the demo may take before it gives up.
 const WAIT: Duration = Duration::from_secs(120);
@@ -240,7 +240,7 @@ fn story(
     config.mqtt.listen = ([127, 0, 0, 1], 0).into();
     config.rollouts.tick_ms = 200;
     let (started, server) = runtime
-        .block_on(crate::serve::start(config, std::future::pending()))
+        .block_on(crate::server::serve::start(config, std::future::pending()))
         .map_err(text_err)?;
     runtime.spawn(server);
     let url = format!("http://{}", started.http);
@@ -295,7 +295,9 @@ fn story(
     let settings = FleetSettings {
         broker: ([127, 0, 0, 1], broker_port).into(),
         tls: true,
-        topic_prefix: crate::config::ControllerConfig::default().mqtt.topic_prefix,
+        topic_prefix: crate::server::config::ControllerConfig::default()
+            .mqtt
+            .topic_prefix,
         trust_root: root_path.clone(),
         // Every enrollment carries the same controller key.
         controller_key: dir

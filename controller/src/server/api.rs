@@ -19,10 +19,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
-use crate::ca::Ca;
-use crate::db::{Audit, BundleRow, Db};
-use crate::engine::{FailurePolicy, Gates, Input, Plan, WaveSize};
-use crate::fleet::{Fleet, FleetError, now_ms};
+use crate::server::ca::Ca;
+use crate::server::db::{Audit, BundleRow, Db};
+use crate::server::engine::{FailurePolicy, Gates, Input, Plan, WaveSize};
+use crate::server::fleet::{Fleet, FleetError, now_ms};
 
 /// Shared state of the handlers.
 #[derive(Debug, Clone)]
@@ -40,9 +40,9 @@ pub struct AppState {
     /// Topic prefix.
     pub topic_prefix: String,
     /// The embedded broker's gate: enrolled certificates (None with an external broker).
-    pub gate: Option<crate::gate::Identities>,
+    pub gate: Option<crate::server::gate::Identities>,
     /// The gate's counters.
-    pub gate_stats: Arc<crate::gate::GateStats>,
+    pub gate_stats: Arc<crate::server::gate::GateStats>,
 }
 
 impl AppState {
@@ -238,8 +238,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<crate::db::DbError> for ApiError {
-    fn from(e: crate::db::DbError) -> Self {
+impl From<crate::server::db::DbError> for ApiError {
+    fn from(e: crate::server::db::DbError) -> Self {
         // SQLite's own text is for the log, not for clients.
         ApiError::internal("the controller's store failed", e)
     }
@@ -545,7 +545,7 @@ async fn fleet_drift(
     caller.require(Role::Viewer)?;
     let (from, to) = q.range()?;
     let bundles = bundles_by_digest(&s).await?;
-    let mut by: BTreeMap<String, Vec<crate::db::TelemetryRow>> = BTreeMap::new();
+    let mut by: BTreeMap<String, Vec<crate::server::db::TelemetryRow>> = BTreeMap::new();
     for r in s.db().latest_telemetry_between(from, to).await? {
         if let (Some(d), Some(_)) = (&r.digest, &r.drift) {
             by.entry(d.clone()).or_default().push(r);
@@ -555,7 +555,7 @@ async fn fleet_drift(
     let groups: Vec<Value> = by
         .into_iter()
         .map(|(digest, rows)| {
-            let summary = crate::fleet::summarise(&rows);
+            let summary = crate::server::fleet::summarise(&rows);
             let mut drifted: Vec<&str> = rows
                 .iter()
                 .filter(|r| r.drift.as_ref().is_some_and(|d| d.drifted))
@@ -634,10 +634,10 @@ async fn enroll(
     if let Some(gate) = &s.gate {
         // Re-enrolling replaces the device's certificate: the old one stops working.
         let mut map = gate.write().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, who| *who != crate::gate::Identity::Device(id.clone()));
+        map.retain(|_, who| *who != crate::server::gate::Identity::Device(id.clone()));
         map.insert(
             fingerprint.clone(),
-            crate::gate::Identity::Device(id.clone()),
+            crate::server::gate::Identity::Device(id.clone()),
         );
         drop(map);
         s.gate_stats.identities_changed();
@@ -660,7 +660,7 @@ pub fn cert_fingerprint(pem: &str) -> String {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     CertificateDer::from_pem_slice(pem.as_bytes())
-        .map(|der| crate::gate::fingerprint(der.as_ref()))
+        .map(|der| crate::server::gate::fingerprint(der.as_ref()))
         .unwrap_or_default()
 }
 
@@ -682,7 +682,7 @@ async fn revoke_device(
     if let Some(gate) = &s.gate {
         gate.write()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, who| *who != crate::gate::Identity::Device(id.clone()));
+            .retain(|_, who| *who != crate::server::gate::Identity::Device(id.clone()));
         s.gate_stats.identities_changed();
     }
     Ok(Json(json!({"device": id, "revoked": true})))
@@ -864,12 +864,12 @@ async fn export_samples(
     if format == "json" {
         return Ok(Json(json!({ "samples": rows })).into_response());
     }
-    let t = crate::samples::table(&rows);
+    let t = crate::server::samples::table(&rows);
     let (content_type, body) = match format {
-        "csv" => ("text/csv", crate::samples::to_csv(&t).into_bytes()),
+        "csv" => ("text/csv", crate::server::samples::to_csv(&t).into_bytes()),
         "npy" => (
             "application/octet-stream",
-            crate::samples::inputs_to_npy(&t),
+            crate::server::samples::inputs_to_npy(&t),
         ),
         other => {
             return Err(ApiError::invalid(format!(
@@ -995,9 +995,10 @@ async fn upload_bundle(
         .unwrap_or_default();
     let (tmp, total) = receive_upload(body, dir, s.max_bundle_bytes).await?;
     let path = tmp.path().to_owned();
-    let verified = blocking(move || crate::operator::verify_bundle(&path, &trust, UnixTime::now()))
-        .await?
-        .map_err(upload_refused)?;
+    let verified =
+        blocking(move || crate::ops::operator::verify_bundle(&path, &trust, UnixTime::now()))
+            .await?
+            .map_err(upload_refused)?;
     let row = bundle_row(&verified, total, &caller.name);
     let signed_by = row.summary["signed_by"].clone();
     // One upload at a time from here: the check for a stored copy, the file's
@@ -1046,7 +1047,7 @@ fn too_large_bundle(len: Option<u64>, max: u64) -> ApiError {
 /// The trust root uploads are verified against (503 without one).
 async fn upload_trust_root(s: &AppState) -> ApiResult<edgefleet_shared::TrustRoot> {
     let root = s.trust_root.clone();
-    blocking(move || crate::operator::load_trust_root(&root, UnixTime::now()))
+    blocking(move || crate::ops::operator::load_trust_root(&root, UnixTime::now()))
         .await?
         .map_err(|e| {
             tracing::error!("cannot verify uploads: {e}");
@@ -1161,8 +1162,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 /// What is wrong with the trust root, without its path.
-fn trust_problem(e: &crate::operator::OperatorError) -> String {
-    use crate::operator::OperatorError;
+fn trust_problem(e: &crate::ops::operator::OperatorError) -> String {
+    use crate::ops::operator::OperatorError;
     match e {
         OperatorError::Io { source, .. } => source.to_string(),
         OperatorError::Trust { source, .. } => source.to_string(),
@@ -1176,10 +1177,10 @@ fn trust_problem(e: &crate::operator::OperatorError) -> String {
 /// An upload that failed verification: 422 with the refusal's own code
 /// (`bad_magic`, `signature_threshold`, `expired`, ...) and its reason, without
 /// the path of the server's temp file.
-fn upload_refused(e: crate::operator::OperatorError) -> ApiError {
+fn upload_refused(e: crate::ops::operator::OperatorError) -> ApiError {
     use edgefleet_shared::bundle::BundleError;
     match e {
-        crate::operator::OperatorError::Bundle {
+        crate::ops::operator::OperatorError::Bundle {
             source: BundleError::Refused(refusal),
             ..
         } => ApiError::new(
@@ -1302,7 +1303,7 @@ async fn start_rollout(
     ))
 }
 
-fn rollout_json(v: &crate::fleet::RolloutView) -> Value {
+fn rollout_json(v: &crate::server::fleet::RolloutView) -> Value {
     let e = &v.state;
     let waves: Vec<Value> = (0..e.waves.len())
         .map(|w| json!({"devices": e.waves[w].len(), "counts": e.counts(Some(w))}))
@@ -1453,14 +1454,14 @@ async fn telemetry_summary(
     };
     let groups: Vec<Value> = match q.group.as_deref().unwrap_or("version") {
         "version" => {
-            let mut by: BTreeMap<String, Vec<&crate::db::TelemetryRow>> = BTreeMap::new();
+            let mut by: BTreeMap<String, Vec<&crate::server::db::TelemetryRow>> = BTreeMap::new();
             for r in rows.iter().filter(|r| in_rollout(&r.device)) {
                 by.entry(r.digest.clone().unwrap_or_else(|| "none".into()))
                     .or_default()
                     .push(r);
             }
             by.into_iter()
-                .map(|(digest, rs)| json!({"bundle": digest, "summary": crate::fleet::summarise(rs)}))
+                .map(|(digest, rs)| json!({"bundle": digest, "summary": crate::server::fleet::summarise(rs)}))
                 .collect()
         }
         "wave" => {
@@ -1473,7 +1474,7 @@ async fn telemetry_summary(
                 .enumerate()
                 .map(|(w, ids)| {
                     let rs = rows.iter().filter(|t| ids.contains(&t.device));
-                    json!({"wave": w + 1, "devices": ids.len(), "summary": crate::fleet::summarise(rs)})
+                    json!({"wave": w + 1, "devices": ids.len(), "summary": crate::server::fleet::summarise(rs)})
                 })
                 .collect()
         }
@@ -1744,13 +1745,17 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
         "edgefleet_chunk_requests_refused_total",
         "Device chunk fetch requests refused or cut short (docs/controller.md, \"Chunk requests\"): not_offered = a bundle the device was never told to install; too_many = over 64 chunks in one request; rate = over the device's byte budget.",
         "counter",
-        crate::fetch_limits::FetchRefusal::ALL
+        crate::server::fetch_limits::FetchRefusal::ALL
             .iter()
             .map(|why| {
                 let n = match why {
-                    crate::fetch_limits::FetchRefusal::NotOffered => &st.fetch_refused_not_offered,
-                    crate::fetch_limits::FetchRefusal::TooMany => &st.fetch_refused_too_many,
-                    crate::fetch_limits::FetchRefusal::Rate => &st.fetch_refused_rate,
+                    crate::server::fetch_limits::FetchRefusal::NotOffered => {
+                        &st.fetch_refused_not_offered
+                    }
+                    crate::server::fetch_limits::FetchRefusal::TooMany => {
+                        &st.fetch_refused_too_many
+                    }
+                    crate::server::fetch_limits::FetchRefusal::Rate => &st.fetch_refused_rate,
                 };
                 (
                     format!("{{reason=\"{}\"}}", why.label()),
@@ -1786,7 +1791,7 @@ pub struct ErrorDetail {
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct DeviceList {
     /// Devices.
-    pub devices: Vec<crate::db::DeviceRow>,
+    pub devices: Vec<crate::server::db::DeviceRow>,
 }
 
 /// `{"bundles": [...]}`.
@@ -1800,7 +1805,7 @@ pub struct BundleList {
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct AuditList {
     /// Records, newest first.
-    pub audit: Vec<crate::db::AuditRow>,
+    pub audit: Vec<crate::server::db::AuditRow>,
 }
 
 struct BearerAuth;
@@ -1828,8 +1833,8 @@ impl utoipa::Modify for BearerAuth {
     ),
     components(schemas(
         ErrorBody, ErrorDetail, DeviceList, BundleList, AuditList,
-        crate::db::DeviceRow, BundleRow, crate::db::EventRow, crate::db::TelemetryRow, crate::db::AuditRow,
-        crate::fleet::TelemetrySummary, RolloutBody, Selector, EnrollBody, AbortBody, TokenBody,
+        crate::server::db::DeviceRow, BundleRow, crate::server::db::EventRow, crate::server::db::TelemetryRow, crate::server::db::AuditRow,
+        crate::server::fleet::TelemetrySummary, RolloutBody, Selector, EnrollBody, AbortBody, TokenBody,
         ConfigureBody, SamplesBody,
         Gates, FailurePolicy
     )),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::config::ControllerConfig;
+use crate::server::config::ControllerConfig;
 
 /// `edgefleet serve`.
 #[derive(Debug, Args)]
@@ -86,21 +86,27 @@ pub fn broker(cmd: BrokerCommand) -> Result<i32, String> {
         .first()
         .cloned()
         .ok_or("--hosts: name at least one host")?;
-    let ca = crate::ca::Ca::open_or_create(&data_dir.join("ca")).map_err(|e| e.to_string())?;
+    let ca =
+        crate::server::ca::Ca::open_or_create(&data_dir.join("ca")).map_err(|e| e.to_string())?;
     let put = |name: &str, text: &str| {
-        crate::operator::write_atomic(&out.join(name), 0o644, |w| w.write_all(text.as_bytes()))
+        crate::ops::operator::write_atomic(&out.join(name), 0o644, |w| w.write_all(text.as_bytes()))
             .map_err(|e| e.to_string())
     };
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     put("ca.pem", ca.cert_pem())?;
     ca.issue("edgefleet broker", Some(&hosts), &out, "server")
         .map_err(|e| e.to_string())?;
-    ca.issue(crate::ca::CONTROLLER_IDENTITY, None, &out, "controller")
-        .map_err(|e| e.to_string())?;
-    put("acl", &crate::broker::mosquitto_acl(&topic_prefix))?;
+    ca.issue(
+        crate::server::ca::CONTROLLER_IDENTITY,
+        None,
+        &out,
+        "controller",
+    )
+    .map_err(|e| e.to_string())?;
+    put("acl", &crate::server::broker::mosquitto_acl(&topic_prefix))?;
     put(
         "mosquitto.conf",
-        &crate::broker::mosquitto_conf(listen, &out),
+        &crate::server::broker::mosquitto_conf(listen, &out),
     )?;
     let abs = std::fs::canonicalize(&out).map_err(|e| e.to_string())?;
     let snippet = format!(
@@ -305,9 +311,10 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
-        let (started, server) = crate::serve::start(config, crate::serve::shutdown_signal())
-            .await
-            .map_err(|e| e.to_string())?;
+        let (started, server) =
+            crate::server::serve::start(config, crate::server::serve::shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())?;
         println!("controller API listening on http://{}", started.http);
         println!("devices connect to {}", started.broker_url);
         println!("data directory {}", started.data_dir.display());
@@ -543,7 +550,7 @@ pub fn devices(cmd: DevicesCommand) -> Result<i32, String> {
 /// Writes the files a device needs from an enrollment answer.
 pub fn write_enrollment(v: &Value, out: &Path) -> Result<(), String> {
     let put = |name: &str, text: &[u8], mode: u32| {
-        crate::operator::write_atomic(&out.join(name), mode, |w| w.write_all(text))
+        crate::ops::operator::write_atomic(&out.join(name), mode, |w| w.write_all(text))
             .map_err(|e| e.to_string())
     };
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;

@@ -21,11 +21,11 @@ use clap::{ArgGroup, Args};
 use edgefleet_devices::Profile;
 use serde_json::{Value, json};
 
-use crate::operator::read_capped;
-use crate::remote::{ApiArgs, Client};
+use crate::ops::operator::read_capped;
+use crate::ops::remote::{ApiArgs, Client};
 
 /// The shipped systemd unit; paths are rewritten for the profile.
-const UNIT: &str = include_str!("../../agent/edgefleet-agent.service");
+const UNIT: &str = include_str!("../../../agent/edgefleet-agent.service");
 
 /// Largest agent binary flashed (the static builds are about 10 MB).
 const MAX_BINARY: u64 = 128 << 20;
@@ -174,7 +174,7 @@ pub fn flash(args: FlashArgs) -> Result<i32, String> {
         Destination::Root(root) => install_into(root, &files, &profile)?,
         Destination::Archive(out) => {
             let archive = archive(&files, &profile, &id)?;
-            crate::operator::write_atomic(out, 0o644, |w| w.write_all(&archive))
+            crate::ops::operator::write_atomic(out, 0o644, |w| w.write_all(&archive))
                 .map_err(|e| e.to_string())?;
         }
         Destination::Ssh {
@@ -504,7 +504,7 @@ fn enroll(client: &Client, id: &str, tags: &str, replace: bool) -> Result<Enroll
     }
     let v = client.post(
         &format!("/api/v1/devices/{id}/enroll"),
-        &json!({"tags": crate::remote::tags_of(tags)?}),
+        &json!({"tags": crate::ops::remote::tags_of(tags)?}),
     )?;
     enrollment_of(&v)
 }

@@ -327,7 +327,7 @@ pub struct RolloutRow {
     pub created_by: String,
     /// The selector as given (JSON).
     pub selector: String,
-    /// Engine state (JSON of [`crate::engine::Rollout`]).
+    /// Engine state (JSON of [`crate::server::engine::Rollout`]).
     pub state: String,
 }
 

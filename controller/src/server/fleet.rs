@@ -1,6 +1,6 @@
 //! The controller's side of the wire and the shell around the rollout engine:
 //! ingest of device state, events and telemetry; chunk distribution; commands;
-//! the rollout ticker. The decisions are in [`crate::engine`] and
+//! the rollout ticker. The decisions are in [`crate::server::engine`] and
 //! [`wave_health`]; this module does the I/O.
 //!
 //! Chunks: devices downloading the same bundle all subscribe to its chunk topic, so
@@ -27,9 +27,9 @@ use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, Transpo
 use serde::Serialize;
 use tokio::sync::{Mutex, mpsc};
 
-use crate::db::{Db, DbError, TelemetryRow};
-use crate::engine::{Effect, Input, Phase, Plan, Rollout, WaveHealth};
-use crate::fetch_limits::{ByteBudget, FetchRefusal, MAX_CHUNKS_PER_REQUEST};
+use crate::server::db::{Db, DbError, TelemetryRow};
+use crate::server::engine::{Effect, Input, Phase, Plan, Rollout, WaveHealth};
+use crate::server::fetch_limits::{ByteBudget, FetchRefusal, MAX_CHUNKS_PER_REQUEST};
 
 /// Now, in ms since the epoch (the agent's clock reading).
 pub use edgefleet_agent::daemon::now_ms;
@@ -163,7 +163,7 @@ pub struct Fleet {
 /// The fleet-level drift alert's settings and state.
 #[derive(Debug, Clone)]
 struct DriftAlertState {
-    config: crate::config::DriftAlertConfig,
+    config: crate::server::config::DriftAlertConfig,
     alerting: BTreeSet<String>,
 }
 
@@ -218,9 +218,15 @@ impl Fleet {
         coalesce: Duration,
         telemetry: (usize, Duration),
     ) -> Result<Arc<Fleet>, FleetError> {
-        let mut options =
-            MqttOptions::new(crate::ca::CONTROLLER_IDENTITY, link.host.clone(), link.port);
-        options.set_max_packet_size(crate::broker::MAX_PAYLOAD, crate::broker::MAX_PAYLOAD);
+        let mut options = MqttOptions::new(
+            crate::server::ca::CONTROLLER_IDENTITY,
+            link.host.clone(),
+            link.port,
+        );
+        options.set_max_packet_size(
+            crate::server::broker::MAX_PAYLOAD,
+            crate::server::broker::MAX_PAYLOAD,
+        );
         options.set_keep_alive(Duration::from_secs(30));
         options.set_clean_session(true);
         if let Some(tls) = link.tls {
@@ -242,7 +248,7 @@ impl Fleet {
             coalesce,
             stats: FleetStats::default(),
             drift_alert: std::sync::Mutex::new(DriftAlertState {
-                config: crate::config::DriftAlertConfig::default(),
+                config: crate::server::config::DriftAlertConfig::default(),
                 alerting: BTreeSet::new(),
             }),
         });
@@ -438,14 +444,14 @@ impl Fleet {
                     .insert_sample_part(device.as_str(), &u, protocol::SampleBatch::MAX_LEN, now)
                     .await
                     .map_err(|e| e.to_string())?;
-                if joined == crate::db::SampleParts::TooLarge {
+                if joined == crate::server::db::SampleParts::TooLarge {
                     return Err(format!(
                         "sample upload {} is over {} bytes; dropped",
                         u.command,
                         protocol::SampleBatch::MAX_LEN
                     ));
                 }
-                if let crate::db::SampleParts::Complete(bytes) = joined {
+                if let crate::server::db::SampleParts::Complete(bytes) = joined {
                     let batch =
                         protocol::SampleBatch::from_bytes(&bytes).map_err(|e| e.to_string())?;
                     if batch.digest != u.digest {
@@ -597,7 +603,7 @@ impl Fleet {
     }
 
     /// Sets the fleet-level drift alert (from the `[drift]` config).
-    pub fn set_drift_alert(&self, config: crate::config::DriftAlertConfig) {
+    pub fn set_drift_alert(&self, config: crate::server::config::DriftAlertConfig) {
         self.drift_alert
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -663,7 +669,7 @@ impl Fleet {
     // ----- chunks ---------------------------------------------------------
 
     /// Queues the chunks `device` asked for, within the bounds of
-    /// [`crate::fetch_limits`]: only a bundle it was told to install, at most
+    /// [`crate::server::fetch_limits`]: only a bundle it was told to install, at most
     /// [`MAX_CHUNKS_PER_REQUEST`] chunks, within its byte budget.
     async fn enqueue_chunks(&self, device: &DeviceId, r: &FetchRequest) -> Result<(), String> {
         let Some(bundle) = self.bundle(&r.bundle).await else {
@@ -792,7 +798,7 @@ impl Fleet {
         device: &str,
         rollout: Option<&str>,
         action: Action,
-        audit: Option<crate::db::Audit>,
+        audit: Option<crate::server::db::Audit>,
     ) -> Result<u64, FleetError> {
         let name = match &action {
             Action::Install { .. } => "install",
@@ -892,7 +898,7 @@ impl Fleet {
             let now_at = (a.engine.phase.name(), a.engine.wave);
             let before = serde_json::json!({"phase": a.audited.0, "wave": a.audited.1 + 1});
             let audit = match by {
-                Some((actor, action)) => Some(crate::db::Audit {
+                Some((actor, action)) => Some(crate::server::db::Audit {
                     actor: actor.to_owned(),
                     action: format!("rollout.{action}"),
                     target: id.to_owned(),
@@ -902,7 +908,7 @@ impl Fleet {
                 }),
                 // The engine's own steps (next wave, halt, completion) are
                 // changes too: audited with the controller as the actor.
-                None if now_at != a.audited => Some(crate::db::Audit {
+                None if now_at != a.audited => Some(crate::server::db::Audit {
                     actor: "controller".to_owned(),
                     action: "rollout.step".to_owned(),
                     target: id.to_owned(),
@@ -938,7 +944,7 @@ impl Fleet {
                 .engine
                 .members
                 .values()
-                .any(|m| matches!(m, crate::engine::Member::Reverting { .. }));
+                .any(|m| matches!(m, crate::server::engine::Member::Reverting { .. }));
             if a.engine.phase.finished() && !reverting {
                 finished.push(id.clone());
             }
@@ -1000,7 +1006,7 @@ impl Fleet {
         let engine = Rollout::new(&id, &devices, plan, now)
             .map_err(|e| FleetError::Invalid(e.to_string()))?;
         let state = serde_json::to_string(&engine).unwrap_or_default();
-        let row = crate::db::RolloutRow {
+        let row = crate::server::db::RolloutRow {
             id: id.clone(),
             bundle: bundle.to_hex(),
             created_at: now,
@@ -1008,7 +1014,7 @@ impl Fleet {
             selector,
             state: state.clone(),
         };
-        let audit = crate::db::Audit {
+        let audit = crate::server::db::Audit {
             actor: actor.to_owned(),
             action: "rollout.start".into(),
             target: id.clone(),
@@ -1102,7 +1108,7 @@ impl Fleet {
         &self,
         device: &str,
         action: Action,
-        audit: Option<crate::db::Audit>,
+        audit: Option<crate::server::db::Audit>,
     ) -> Result<u64, FleetError> {
         self.send(device, None, action, audit).await
     }
@@ -1142,7 +1148,7 @@ pub struct AlertChange {
 pub fn drift_alerts(
     groups: &BTreeMap<String, (usize, usize)>,
     alerting: &BTreeSet<String>,
-    config: &crate::config::DriftAlertConfig,
+    config: &crate::server::config::DriftAlertConfig,
 ) -> (BTreeSet<String>, Vec<AlertChange>) {
     let mut next = BTreeSet::new();
     for (digest, (devices, drifted)) in groups {
@@ -1395,7 +1401,7 @@ mod tests {
     }
 
     fn drifting(mut r: TelemetryRow, drifted: bool) -> TelemetryRow {
-        r.drift = Some(crate::db::DriftSummary {
+        r.drift = Some(crate::server::db::DriftSummary {
             rows: 500,
             drifted_share: if drifted { 1.0 } else { 0.0 },
             drifted,
@@ -1406,7 +1412,7 @@ mod tests {
 
     #[test]
     fn a_version_alerts_when_enough_of_its_devices_drift_and_clears_after() {
-        let config = crate::config::DriftAlertConfig {
+        let config = crate::server::config::DriftAlertConfig {
             alert_percent: 30,
             alert_min_devices: 3,
         };

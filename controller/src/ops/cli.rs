@@ -1,5 +1,5 @@
 //! The `edgefleet` command line: argument definitions and the thin handlers that
-//! call [`crate::operator`] and print results. Output for people goes to stdout;
+//! call [`crate::ops::operator`] and print results. Output for people goes to stdout;
 //! errors go to stderr with a non-zero exit code (1: refused or failed).
 
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use edgefleet_shared::manifest::{DEFAULT_CHUNK_SIZE, HealthPolicy, Manifest};
 use edgefleet_shared::{Arch, ModelChannel, UnixTime};
 
-use crate::operator::{self, BuildOptions, KeyFile, OperatorError};
+use crate::ops::operator::{self, BuildOptions, KeyFile, OperatorError};
 
 /// edgefleet: deploy signed ML model bundles to fleets of edge devices.
 #[derive(Debug, Parser)]
@@ -34,25 +34,25 @@ pub enum Command {
     #[command(subcommand)]
     Bundle(BundleCommand),
     /// Run the controller: HTTP API, embedded MQTT broker, SQLite store, rollouts.
-    Serve(crate::remote::ServeArgs),
+    Serve(crate::ops::remote::ServeArgs),
     /// The controller's configuration file.
     #[command(subcommand)]
-    Config(crate::remote::ConfigCommand),
+    Config(crate::ops::remote::ConfigCommand),
     /// Brokers: prepare Mosquitto (certificates, ACL, configuration) for the fleet.
     #[command(subcommand)]
-    Broker(crate::remote::BrokerCommand),
+    Broker(crate::ops::remote::BrokerCommand),
     /// Devices on a controller: enroll, list, show.
     #[command(subcommand)]
-    Devices(crate::remote::DevicesCommand),
+    Devices(crate::ops::remote::DevicesCommand),
     /// Bundles on a controller: push, list, show.
     #[command(subcommand)]
-    Bundles(crate::remote::BundlesCommand),
+    Bundles(crate::ops::remote::BundlesCommand),
     /// Staged rollouts on a controller.
     #[command(subcommand)]
-    Rollout(crate::remote::RolloutCommand),
+    Rollout(crate::ops::remote::RolloutCommand),
     /// Put the agent onto a device: enroll it, then install the binary for its
     /// profile, its config, certificate, key, trust root and systemd unit.
-    Flash(Box<crate::flash::FlashArgs>),
+    Flash(Box<crate::ops::flash::FlashArgs>),
 }
 
 /// `edgefleet demo`.
@@ -363,19 +363,19 @@ pub fn describe_manifest(m: &Manifest, digest: &edgefleet_shared::Digest) -> Str
 pub fn run(cli: Cli) -> Result<i32, CliError> {
     let now = UnixTime::now();
     match cli.command {
-        Command::Demo(args) => crate::demo::run(&crate::demo::DemoOptions {
+        Command::Demo(args) => crate::ops::demo::run(&crate::ops::demo::DemoOptions {
             dir: args.dir,
             devices: args.devices,
             keep_running: args.keep_running,
         })
         .map_err(CliError::Controller),
-        Command::Serve(args) => crate::remote::serve(args).map_err(CliError::Controller),
-        Command::Config(c) => crate::remote::config(c).map_err(CliError::Controller),
-        Command::Broker(c) => crate::remote::broker(c).map_err(CliError::Controller),
-        Command::Devices(c) => crate::remote::devices(c).map_err(CliError::Controller),
-        Command::Bundles(c) => crate::remote::bundles(c).map_err(CliError::Controller),
-        Command::Rollout(c) => crate::remote::rollout(c).map_err(CliError::Controller),
-        Command::Flash(a) => crate::flash::flash(*a).map_err(CliError::Controller),
+        Command::Serve(args) => crate::ops::remote::serve(args).map_err(CliError::Controller),
+        Command::Config(c) => crate::ops::remote::config(c).map_err(CliError::Controller),
+        Command::Broker(c) => crate::ops::remote::broker(c).map_err(CliError::Controller),
+        Command::Devices(c) => crate::ops::remote::devices(c).map_err(CliError::Controller),
+        Command::Bundles(c) => crate::ops::remote::bundles(c).map_err(CliError::Controller),
+        Command::Rollout(c) => crate::ops::remote::rollout(c).map_err(CliError::Controller),
+        Command::Flash(a) => crate::ops::flash::flash(*a).map_err(CliError::Controller),
         Command::Keys(KeysCommand::Generate { out, name }) => {
             let (secret, public, key) = operator::generate_key(&out, &name)?;
             println!("generated key {}", key.public().id());

@@ -636,7 +636,7 @@ fn read_reference(path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>), OperatorE
         .is_some_and(|e| e.eq_ignore_ascii_case("npy"))
     {
         let bytes = fs::read(path).map_err(io_err(path))?;
-        let rows = crate::npy::read_matrix(&bytes, MAX_REFERENCE_ROWS * 1024)
+        let rows = crate::server::npy::read_matrix(&bytes, MAX_REFERENCE_ROWS * 1024)
             .map_err(|e| input_err(&what, e))?;
         if rows.is_empty() {
             return Err(input_err(&what, "has no rows"));
