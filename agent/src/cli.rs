@@ -395,38 +395,66 @@ fn load_trust(
         })
 }
 
-/// Everything the controller link needs, or why it cannot start.
+/// Why the controller link cannot be set up: the config field at fault and
+/// what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {detail}")]
+pub struct SetupError {
+    /// The config field (`broker.url`, `trust_root`, ...).
+    pub field: &'static str,
+    /// What is wrong.
+    pub detail: String,
+}
+
+impl SetupError {
+    fn new(field: &'static str, detail: impl std::fmt::Display) -> SetupError {
+        SetupError {
+            field,
+            detail: detail.to_string(),
+        }
+    }
+}
+
 /// The MQTT options and daemon settings a config describes (the controller
-/// link); the error names the field.
+/// link), or the field at fault.
 pub fn link_setup(
     config: &crate::config::AgentConfig,
     trust: &std::path::Path,
-) -> Result<(rumqttc::MqttOptions, crate::daemon::DaemonSettings), String> {
+) -> Result<(rumqttc::MqttOptions, crate::daemon::DaemonSettings), SetupError> {
     use crate::link::{Endpoint, options, tls_config};
     let device = edgefleet_shared::DeviceId::new(&config.device_id)
-        .map_err(|e| format!("device_id: {}", e.reason))?;
+        .map_err(|e| SetupError::new("device_id", e.reason))?;
     let topics = edgefleet_shared::protocol::Topics::new(&config.broker.topic_prefix)
-        .map_err(|e| format!("broker.topic_prefix: {}", e.reason))?;
-    let endpoint = Endpoint::parse(&config.broker.url).map_err(|e| format!("broker.url: {e}"))?;
+        .map_err(|e| SetupError::new("broker.topic_prefix", e.reason))?;
+    let endpoint =
+        Endpoint::parse(&config.broker.url).map_err(|e| SetupError::new("broker.url", e))?;
     let tls = if endpoint.tls {
         let (Some(ca), Some(cert), Some(key)) =
             (&config.broker.ca, &config.broker.cert, &config.broker.key)
         else {
-            return Err("broker.ca, broker.cert and broker.key are required with mqtts".into());
+            return Err(SetupError::new(
+                "broker.ca, broker.cert and broker.key",
+                "are required with mqtts",
+            ));
         };
-        Some(tls_config(ca, cert, key).map_err(|e| format!("broker.ca/cert/key: {e}"))?)
+        Some(tls_config(ca, cert, key).map_err(|e| SetupError::new("broker.ca/cert/key", e))?)
     } else {
         tracing::warn!(
             "broker.url is plain mqtt://: no encryption, no device authentication (development only)"
         );
         None
     };
-    let root = load_trust(trust, UnixTime::now()).map_err(|e| e.to_string())?;
+    let root = load_trust(trust, UnixTime::now()).map_err(|e| SetupError::new("trust_root", e))?;
     let key_path = &config.broker.controller_key;
     let controller_key = std::fs::read_to_string(key_path)
         .map_err(|e| e.to_string())
         .and_then(|pem| edgefleet_shared::PublicKey::from_pem(&pem).map_err(|e| e.to_string()))
-        .map_err(|e| format!("broker.controller_key: {}: {e}", key_path.display()))?;
+        .map_err(|e| {
+            SetupError::new(
+                "broker.controller_key",
+                format!("{}: {e}", key_path.display()),
+            )
+        })?;
     let settings = crate::daemon::DaemonSettings {
         commands: edgefleet_shared::commands::CommandPolicy {
             key: controller_key,

@@ -31,28 +31,48 @@ pub struct Endpoint {
     pub tls: bool,
 }
 
+/// Why a broker URL is refused (each names the URL or its part).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    /// No `scheme://`.
+    #[error("{0:?} does not look like mqtts://host:port")]
+    NotAUrl(String),
+    /// A scheme other than mqtt or mqtts.
+    #[error("scheme {0:?} is not mqtt or mqtts")]
+    Scheme(String),
+    /// No `:port`.
+    #[error("{0:?} has no port")]
+    NoPort(String),
+    /// A port that is not 1-65535.
+    #[error("{0:?}: the port is not 1-65535")]
+    Port(String),
+    /// An empty host.
+    #[error("{0:?} has no host")]
+    NoHost(String),
+}
+
 impl Endpoint {
     /// Parses `mqtt://host:port` or `mqtts://host:port`.
-    pub fn parse(url: &str) -> Result<Endpoint, String> {
+    pub fn parse(url: &str) -> Result<Endpoint, UrlError> {
         let (scheme, rest) = url
             .split_once("://")
-            .ok_or_else(|| format!("{url:?} does not look like mqtts://host:port"))?;
+            .ok_or_else(|| UrlError::NotAUrl(url.to_owned()))?;
         let tls = match scheme {
             "mqtts" => true,
             "mqtt" => false,
-            other => return Err(format!("scheme {other:?} is not mqtt or mqtts")),
+            other => return Err(UrlError::Scheme(other.to_owned())),
         };
         let (host, port) = rest
             .rsplit_once(':')
-            .ok_or_else(|| format!("{url:?} has no port"))?;
+            .ok_or_else(|| UrlError::NoPort(url.to_owned()))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let port: u16 = port
             .parse()
             .ok()
             .filter(|p| *p > 0)
-            .ok_or_else(|| format!("{url:?}: the port is not 1-65535"))?;
+            .ok_or_else(|| UrlError::Port(url.to_owned()))?;
         if host.is_empty() {
-            return Err(format!("{url:?} has no host"));
+            return Err(UrlError::NoHost(url.to_owned()));
         }
         Ok(Endpoint {
             host: host.to_owned(),

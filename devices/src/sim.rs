@@ -384,7 +384,8 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
         (None, true) => return Err(fail("a TLS broker needs the device's certificate".into())),
     }
     // Checked now so that a bad identity fails the start, not a background task.
-    edgefleet_agent::cli::link_setup(&config, &config.trust_root).map_err(&fail)?;
+    edgefleet_agent::cli::link_setup(&config, &config.trust_root)
+        .map_err(|e| fail(e.to_string()))?;
 
     let active = {
         let store = store.clone();

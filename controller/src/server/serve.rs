@@ -205,7 +205,8 @@ fn external_broker(
     command_key: edgefleet_shared::SecretKey,
 ) -> Result<(BrokerLink, String), ServeError> {
     let url = config.mqtt.url.clone().unwrap_or_default();
-    let ep = edgefleet_agent::link::Endpoint::parse(&url).map_err(err("mqtt.url"))?;
+    let ep =
+        edgefleet_agent::link::Endpoint::parse(&url).map_err(|e| err("mqtt.url")(e.to_string()))?;
     let tls = if ep.tls {
         let (Some(ca_path), Some(cert), Some(key)) =
             (&config.mqtt.ca, &config.mqtt.cert, &config.mqtt.key)
