@@ -1333,10 +1333,11 @@ fn connected_rss(
     std::fs::write(
         &config,
         format!(
-            "device_id = \"bench-dev\"\n[broker]\nurl = \"mqtts://localhost:{port}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[telemetry]\ninterval_s = 1\n[limits]\ndisk_reserve_bytes = 0\n",
+            "device_id = \"bench-dev\"\n[broker]\nurl = \"mqtts://localhost:{port}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncontroller_key = \"{}\"\n[telemetry]\ninterval_s = 1\n[limits]\ndisk_reserve_bytes = 0\n",
             ca.display(),
             cert.display(),
-            key.display()
+            key.display(),
+            controller_key_file(dir).display()
         ),
     )
     .map_err(|e| e.to_string())?;
@@ -1360,6 +1361,15 @@ fn connected_rss(
             seen.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
         ))
     }
+}
+
+/// The controller's command key (public half) the agent pins, in `dir`; the
+/// agent's link does not start without one.
+fn controller_key_file(dir: &Path) -> PathBuf {
+    let path = dir.join("controller.pub");
+    let key = edgefleet_shared::SecretKey::from_seed([7; 32]);
+    std::fs::write(&path, key.public().to_pem()).expect("controller key");
+    path
 }
 
 /// `EDGEFLEET_BENCH_ONLY=soak`: the release agent serving the tabular model,
@@ -1402,18 +1412,19 @@ fn soak(dir: &Path, case: &Case, model: &LoadedModel) {
     std::fs::write(
         &conf,
         format!(
-            "user root\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\nlog_type error\n",
+            "user root\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\nlog_type all\n",
             p("ca.pem"),
             p("server.pem"),
             p("server.key")
         ),
     )
     .expect("conf");
+    let broker_log = dir.join("soak-mosquitto.log");
     let mut broker = Command::new("mosquitto")
         .arg("-c")
         .arg(&conf)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&broker_log).expect("log"))
         .spawn()
         .expect("mosquitto");
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -1423,10 +1434,11 @@ fn soak(dir: &Path, case: &Case, model: &LoadedModel) {
     std::fs::write(
         &config,
         format!(
-            "device_id = \"bench-dev\"\n[broker]\nurl = \"mqtts://localhost:{port}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[telemetry]\ninterval_s = 1\n[limits]\ndisk_reserve_bytes = 0\n",
+            "device_id = \"bench-dev\"\n[broker]\nurl = \"mqtts://localhost:{port}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncontroller_key = \"{}\"\n[telemetry]\ninterval_s = 1\n[limits]\ndisk_reserve_bytes = 0\n",
             ca.display(),
             cert.display(),
-            key.display()
+            key.display(),
+            controller_key_file(dir).display()
         ),
     )
     .expect("config");
@@ -1489,6 +1501,13 @@ fn soak(dir: &Path, case: &Case, model: &LoadedModel) {
     let _ = child.wait();
     let _ = broker.kill();
     let _ = broker.wait();
+    // Connected the whole time: the broker received the agent's telemetry.
+    let published = std::fs::read_to_string(&broker_log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Received PUBLISH from bench-dev") && l.contains("/telemetry"))
+        .count();
+    println!("  telemetry messages the broker received from the agent: {published}");
     let warm = samples.len() / 10;
     let tail = &samples[warm..];
     let n = tail.len() as f64;

@@ -231,12 +231,7 @@ pub struct Daemon {
 /// Largest replay-window file read (1,024 ids in JSON are about 21 KB).
 const MAX_REPLAY_FILE: u64 = 64 * 1024;
 
-/// Milliseconds since the Unix epoch, for the heartbeat.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub use edgefleet_shared::time::now_ms;
 
 fn io_detail(what: &str, path: &Path, e: io::Error) -> String {
     format!("{what} {}: {e}", path.display())

@@ -52,7 +52,7 @@ fn sample_of(device: &str, seq: u64) -> Telemetry {
             digest: Digest::of(b"model"),
             inferences: seq * 10,
             errors: 0,
-            latency_bounds_us: edgefleet_agent::metrics::LATENCY_BOUNDS_US.to_vec(),
+            latency_bounds_us: edgefleet_shared::protocol::LATENCY_BOUNDS_US.to_vec(),
             latency_counts: vec![seq; 17],
         }),
         drift: None,

@@ -1032,6 +1032,34 @@ impl Message for SampleUpload {
     }
 }
 
+// ----- latency histograms (the buckets of `ModelMetrics`) ------------------
+
+/// Upper bounds (microseconds) of the latency buckets; one more bucket counts
+/// everything above the last bound.
+pub const LATENCY_BOUNDS_US: [u64; 16] = [
+    50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000,
+    1_000_000, 2_000_000, 5_000_000,
+];
+
+/// The `q` quantile (0..=1) of a histogram, as the upper bound of the bucket that
+/// holds it (the usual conservative estimate); None for an empty histogram. The
+/// overflow bucket reports `u64::MAX`.
+pub fn quantile_us(bounds: &[u64], counts: &[u64], q: f64) -> Option<u64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= rank {
+            return Some(bounds.get(i).copied().unwrap_or(u64::MAX));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,12 +16,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use edgefleet_agent::metrics::{LATENCY_BOUNDS_US, quantile_us};
 use edgefleet_shared::manifest::Manifest;
 use edgefleet_shared::protocol::{
     self, Action, BundleOffer, Chunk, Command, DeviceState, DeviceTopic, Event, EventKind,
     FailureReason, FetchRequest, InstallMode, Telemetry, Topic, Topics,
 };
+use edgefleet_shared::protocol::{LATENCY_BOUNDS_US, quantile_us};
 use edgefleet_shared::{DeviceId, Digest, RawHeader, UnixTime};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, Transport};
 use serde::Serialize;
@@ -32,7 +32,7 @@ use crate::server::engine::{Effect, Input, Phase, Plan, Rollout, WaveHealth};
 use crate::server::fetch_limits::{ByteBudget, FetchRefusal, MAX_CHUNKS_PER_REQUEST};
 
 /// Now, in ms since the epoch (the agent's clock reading).
-pub use edgefleet_agent::daemon::now_ms;
+pub use edgefleet_shared::time::now_ms;
 
 /// Counters for `/metrics` and the benchmarks.
 #[derive(Debug, Default)]
