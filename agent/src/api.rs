@@ -761,35 +761,60 @@ pub const SOCKET_MODE: u32 = 0o660;
 /// Binds the local API's Unix socket at `path` with [`SOCKET_MODE`]. A socket
 /// file left by an agent that is gone is replaced; a socket another process
 /// serves on, or a file that is not a socket, is left alone and refused.
-pub fn bind_unix(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener, String> {
+pub fn bind_unix(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener, SocketError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let at = path.display();
+    let fail = |what: &'static str| {
+        move |source: std::io::Error| SocketError::Io {
+            path: path.to_owned(),
+            what,
+            source,
+        }
+    };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => return Err(format!("{at}: another process is serving on this socket")),
+                Ok(_) => return Err(SocketError::Busy(path.to_owned())),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    std::fs::remove_file(path)
-                        .map_err(|e| format!("{at}: cannot remove the stale socket: {e}"))?;
+                    std::fs::remove_file(path).map_err(fail("cannot remove the stale socket"))?;
                 }
-                Err(e) => return Err(format!("{at}: cannot check the existing socket: {e}")),
+                Err(e) => return Err(fail("cannot check the existing socket")(e)),
             }
         }
-        Ok(_) => return Err(format!("{at} exists and is not a socket: not replaced")),
+        Ok(_) => return Err(SocketError::NotASocket(path.to_owned())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("{at}: {e}")),
+        Err(e) => return Err(fail("cannot read")(e)),
     }
-    let listener = std::os::unix::net::UnixListener::bind(path)
-        .map_err(|e| format!("{at}: cannot listen: {e}"))?;
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(fail("cannot listen"))?;
     // Bound with the mode the umask leaves (0700 under the systemd unit's
     // UMask=0077), then set to SOCKET_MODE; the directory's own mode (the unit's
     // /run/edgefleet is 0750) is what keeps others out at every instant.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
-        .map_err(|e| format!("{at}: cannot set its mode: {e}"))?;
+        .map_err(fail("cannot set its mode"))?;
     listener
         .set_nonblocking(true)
-        .map_err(|e| format!("{at}: {e}"))?;
+        .map_err(fail("cannot make it non-blocking"))?;
     Ok(listener)
+}
+
+/// Why the local API's Unix socket cannot be bound; each names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// Another process serves on it.
+    #[error("{}: another process is serving on this socket", .0.display())]
+    Busy(std::path::PathBuf),
+    /// A file that is not a socket: left alone.
+    #[error("{} exists and is not a socket: not replaced", .0.display())]
+    NotASocket(std::path::PathBuf),
+    /// The system refused a step.
+    #[error("{}: {what}: {source}", path.display())]
+    Io {
+        /// The socket path.
+        path: std::path::PathBuf,
+        /// The step.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// Serves the same API on a Unix socket (see [`bind_unix`]) until `shutdown`

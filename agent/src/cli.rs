@@ -532,7 +532,7 @@ fn serve(
             .map_err(|e| CliError::Request(e.to_string()))?;
         let unix = match &socket {
             Some(path) => {
-                let std = crate::api::bind_unix(path).map_err(CliError::Request)?;
+                let std = crate::api::bind_unix(path).map_err(|e| CliError::Request(e.to_string()))?;
                 let listener = tokio::net::UnixListener::from_std(std).map_err(|e| {
                     CliError::Request(format!("{}: {e}", path.display()))
                 })?;

@@ -270,18 +270,35 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Confi
 /// its terminating zero).
 pub const MAX_SOCKET_PATH: usize = 107;
 
+/// Why a path cannot be the local API's Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SocketPathError {
+    /// A relative path (the socket's place would depend on the directory the
+    /// agent starts in).
+    #[error("{0} must be an absolute path")]
+    Relative(PathBuf),
+    /// Longer than `sun_path` holds.
+    #[error("{path} is {len} bytes, over the {MAX_SOCKET_PATH} a Unix socket path can have")]
+    TooLong {
+        /// The path.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
+}
+
 /// Why `path` cannot be the local API's Unix socket, if it cannot.
-pub fn check_socket_path(path: &Path) -> Result<(), String> {
+pub fn check_socket_path(path: &Path) -> Result<(), SocketPathError> {
     use std::os::unix::ffi::OsStrExt;
     let len = path.as_os_str().as_bytes().len();
     if !path.is_absolute() {
-        return Err(format!("{} must be an absolute path", path.display()));
+        return Err(SocketPathError::Relative(path.to_owned()));
     }
     if len > MAX_SOCKET_PATH {
-        return Err(format!(
-            "{} is {len} bytes, over the {MAX_SOCKET_PATH} a Unix socket path can have",
-            path.display()
-        ));
+        return Err(SocketPathError::TooLong {
+            path: path.to_owned(),
+            len,
+        });
     }
     Ok(())
 }
@@ -309,7 +326,7 @@ impl AgentConfig {
             ));
         }
         if let Some(socket) = &self.api_socket {
-            check_socket_path(socket).map_err(|reason| invalid("api_socket", reason))?;
+            check_socket_path(socket).map_err(|e| invalid("api_socket", e.to_string()))?;
         }
         let (scheme, rest) = self
             .broker
@@ -496,11 +513,13 @@ mod tests {
         assert!(
             check_socket_path(Path::new(&over))
                 .expect_err("refused")
+                .to_string()
                 .contains("108 bytes")
         );
         assert!(
             check_socket_path(Path::new("api.sock"))
                 .expect_err("refused")
+                .to_string()
                 .contains("absolute")
         );
         let config = check("api_socket = \"/run/edgefleet/api.sock\"").expect("valid");
