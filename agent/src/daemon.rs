@@ -233,6 +233,58 @@ const MAX_REPLAY_FILE: u64 = 64 * 1024;
 
 pub use edgefleet_shared::time::now_ms;
 
+/// Why a bundle is not downloaded (before any chunk is asked for).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PreflightRefusal {
+    /// Over `limits.max_bundle_bytes`.
+    #[error(
+        "bundle is {size} bytes, over this device's limit of {limit} (limits.max_bundle_bytes)"
+    )]
+    TooLarge {
+        /// The bundle, bytes.
+        size: u64,
+        /// The limit, bytes.
+        limit: u64,
+    },
+    /// The download and the unpacked copy would not fit beside the reserve.
+    #[error(
+        "not enough disk: {free} bytes free, the download and unpacked bundle need {needed} plus the reserve of {reserve} (limits.disk_reserve_bytes)"
+    )]
+    Disk {
+        /// Free bytes on the data directory's filesystem.
+        free: u64,
+        /// Twice the bundle.
+        needed: u64,
+        /// `limits.disk_reserve_bytes`.
+        reserve: u64,
+    },
+}
+
+/// The preflight decision: a bundle of `size` bytes against the size limit and
+/// the free disk (`None`: not known, not checked), which must hold the
+/// download and its unpacked copy plus `reserve`.
+pub fn preflight(
+    size: u64,
+    limit: u64,
+    free: Option<u64>,
+    reserve: u64,
+) -> Result<(), PreflightRefusal> {
+    if size > limit {
+        return Err(PreflightRefusal::TooLarge { size, limit });
+    }
+    let needed = size.saturating_mul(2);
+    // A sum past u64::MAX fits no disk.
+    let total = size.checked_mul(2).and_then(|n| n.checked_add(reserve));
+    match free {
+        Some(free) if total.is_none_or(|total| free < total) => Err(PreflightRefusal::Disk {
+            free,
+            needed,
+            reserve,
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn io_detail(what: &str, path: &Path, e: io::Error) -> String {
     format!("{what} {}: {e}", path.display())
 }
@@ -822,7 +874,8 @@ impl Daemon {
             }
         };
         let total = header.len() as u64 + verified.manifest.payload.size;
-        if let Err(detail) = self.preflight(total) {
+        if let Err(refusal) = self.preflight(total) {
+            let detail = refusal.to_string();
             return self.fail_install(command, digest, FailureReason::Preflight { detail });
         }
         let offer = Offer {
@@ -861,26 +914,14 @@ impl Daemon {
 
     /// Refuses a download that would break the size limit or the disk reserve. The
     /// download and the unpacked bundle each take about the bundle's size.
-    fn preflight(&self, bundle_bytes: u64) -> Result<(), String> {
-        if bundle_bytes > self.settings.max_bundle_bytes {
-            return Err(format!(
-                "bundle is {bundle_bytes} bytes, over this device's limit of {} (limits.max_bundle_bytes)",
-                self.settings.max_bundle_bytes
-            ));
-        }
-        if let Some((free, _)) = crate::sysinfo_probe::disk_space(self.store.dir()) {
-            let needed = bundle_bytes
-                .saturating_mul(2)
-                .saturating_add(self.settings.disk_reserve_bytes);
-            if free < needed {
-                return Err(format!(
-                    "not enough disk: {free} bytes free, the download and unpacked bundle need {} plus the reserve of {} (limits.disk_reserve_bytes)",
-                    bundle_bytes.saturating_mul(2),
-                    self.settings.disk_reserve_bytes
-                ));
-            }
-        }
-        Ok(())
+    fn preflight(&self, bundle_bytes: u64) -> Result<(), PreflightRefusal> {
+        let free = crate::sysinfo_probe::disk_space(self.store.dir()).map(|(free, _)| free);
+        preflight(
+            bundle_bytes,
+            self.settings.max_bundle_bytes,
+            free,
+            self.settings.disk_reserve_bytes,
+        )
     }
 
     fn create_download(&self, offer: Offer, verified: VerifiedHeader) -> Result<Download, String> {
@@ -1412,4 +1453,36 @@ fn save_progress(d: &mut Download) -> io::Result<()> {
     write_atomic(&d.dir.join("chunks.bits"), d.tracker.to_bytes())?;
     d.unsaved = 0;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preflight_refuses_a_bundle_over_the_limit_or_the_disk() {
+        assert_eq!(preflight(100, 100, Some(1_000), 0), Ok(()));
+        assert_eq!(
+            preflight(101, 100, Some(1_000), 0),
+            Err(PreflightRefusal::TooLarge {
+                size: 101,
+                limit: 100
+            })
+        );
+        // Twice the bundle plus the reserve must be free: 2 x 100 + 50.
+        assert_eq!(preflight(100, 1_000, Some(250), 50), Ok(()));
+        let refused = preflight(100, 1_000, Some(249), 50).expect_err("no room");
+        assert_eq!(
+            refused,
+            PreflightRefusal::Disk {
+                free: 249,
+                needed: 200,
+                reserve: 50
+            }
+        );
+        assert!(refused.to_string().contains("limits.disk_reserve_bytes"));
+        // Free space unknown: not checked; sizes near u64::MAX do not overflow.
+        assert_eq!(preflight(u64::MAX, u64::MAX, None, u64::MAX), Ok(()));
+        assert!(preflight(u64::MAX, u64::MAX, Some(u64::MAX), 1).is_err());
+    }
 }
