@@ -711,28 +711,10 @@ pub fn router_within(served: Served, limits: &crate::config::LimitsConfig) -> Ro
 /// including axum's own (an unknown route, a wrong method, a body over the
 /// limit), which are plain text.
 async fn oip_errors(resp: Response) -> Response {
-    let status = resp.status();
-    let is_json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return resp;
+    match crate::http::plain_error(resp).await {
+        Ok((status, message)) => error(status, message),
+        Err(resp) => resp,
     }
-    let text = axum::body::to_bytes(resp.into_body(), 64 * 1024)
-        .await
-        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
-        .unwrap_or_default();
-    let message = if text.is_empty() {
-        status
-            .canonical_reason()
-            .unwrap_or("request refused")
-            .to_string()
-    } else {
-        text
-    };
-    error(status, message)
 }
 
 /// Serves within `limits` (admission budget, connection bounds) until

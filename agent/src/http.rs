@@ -102,6 +102,38 @@ pub async fn serve<L: Listener>(
     let _ = slots.acquire_many(all).await;
 }
 
+/// An error answer a server did not write itself (axum's rejections, 404 for
+/// an unknown route, 405 are plain text): its status and message (the text,
+/// or the status's reason when there is none), for the server to re-send in
+/// its own error format. Any other answer (a success, or an error already in
+/// JSON) comes back untouched as `Err`.
+pub async fn plain_error(
+    resp: axum::response::Response,
+) -> Result<(axum::http::StatusCode, String), axum::response::Response> {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return Err(resp);
+    }
+    let text = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_string()
+    } else {
+        text
+    };
+    Ok((status, message))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

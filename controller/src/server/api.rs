@@ -196,19 +196,10 @@ where
 /// Gives the responses the API does not write itself (axum's rejections of a
 /// path or query, 404 for an unknown route, 405) the API's error format.
 async fn uniform_errors(resp: Response) -> Response {
-    let status = resp.status();
-    let is_json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return resp;
-    }
-    let text = axum::body::to_bytes(resp.into_body(), 64 * 1024)
-        .await
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
+    let (status, message) = match edgefleet_agent::http::plain_error(resp).await {
+        Ok(plain) => plain,
+        Err(resp) => return resp,
+    };
     let code = match status {
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
@@ -216,14 +207,6 @@ async fn uniform_errors(resp: Response) -> Response {
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
         s if s.is_server_error() => "internal",
         _ => "bad_request",
-    };
-    let message = if text.trim().is_empty() {
-        status
-            .canonical_reason()
-            .unwrap_or("request refused")
-            .to_string()
-    } else {
-        text
     };
     ApiError::new(status, code, message).into_response()
 }
