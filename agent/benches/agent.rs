@@ -615,7 +615,8 @@ fn iris_reference() -> (Vec<String>, Vec<Vec<f64>>) {
 fn drift_overhead(case: &Case, model: &LoadedModel) {
     let (headers, rows) = iris_reference();
     let reference = std::sync::Arc::new(
-        edgefleet_agent::drift::summarise(model, &headers, &rows, &[]).expect("reference"),
+        edgefleet_agent::reference_stats::summarise(model, &headers, &rows, &[])
+            .expect("reference"),
     );
     let active = |reference: Option<std::sync::Arc<_>>| ActiveModel {
         bundle: bundle_ref(case),
@@ -1567,7 +1568,8 @@ fn drift_count(spec: &str) {
     let model = LoadedModel::load(&bytes).expect("loads");
     let (headers, rows) = iris_reference();
     let reference = std::sync::Arc::new(
-        edgefleet_agent::drift::summarise(&model, &headers, &rows, &[]).expect("reference"),
+        edgefleet_agent::reference_stats::summarise(&model, &headers, &rows, &[])
+            .expect("reference"),
     );
     let tracked = Served::new(Some(ActiveModel {
         bundle: bundle_ref(case),

@@ -349,19 +349,28 @@ async fn server_metadata() -> Json<serde_json::Value> {
 async fn model_ready(State(s): State<Shared>, Path(name): Path<String>) -> Response {
     match find(&s, &name) {
         Ok(_) => Json(json!({ "name": name, "ready": true })).into_response(),
-        Err(msg) => error(StatusCode::NOT_FOUND, msg),
+        Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
     }
 }
 
-/// The served model called `name`, or the 404 message.
-fn find(s: &Served, name: &str) -> Result<(BundleRef, LoadedModel), String> {
+/// Why a model name has no model (a 404).
+#[derive(Debug, thiserror::Error)]
+enum NoModel {
+    #[error("no model `{asked}`; this device serves `{serving}`")]
+    Other { asked: String, serving: String },
+    #[error("no model `{0}`: no model is installed")]
+    NoneInstalled(String),
+}
+
+/// The served model called `name`.
+fn find(s: &Served, name: &str) -> Result<(BundleRef, LoadedModel), NoModel> {
     match s.current() {
         Some(m) if m.0.channel.as_str() == name => Ok(m),
-        Some(m) => Err(format!(
-            "no model `{name}`; this device serves `{}`",
-            m.0.channel
-        )),
-        None => Err(format!("no model `{name}`: no model is installed")),
+        Some(m) => Err(NoModel::Other {
+            asked: name.to_owned(),
+            serving: m.0.channel.to_string(),
+        }),
+        None => Err(NoModel::NoneInstalled(name.to_owned())),
     }
 }
 
@@ -378,7 +387,7 @@ fn oip_shape(shape: &[Dim]) -> Vec<i64> {
 async fn metadata(State(s): State<Shared>, Path(name): Path<String>) -> Response {
     let (bundle, model) = match find(&s, &name) {
         Ok(m) => m,
-        Err(msg) => return error(StatusCode::NOT_FOUND, msg),
+        Err(e) => return error(StatusCode::NOT_FOUND, e.to_string()),
     };
     let spec = |t: &edgefleet_shared::manifest::TensorSpec| json!({ "name": t.name, "datatype": t.dtype.oip_name(), "shape": oip_shape(&t.shape) });
     Json(json!({
@@ -407,7 +416,7 @@ async fn infer(
     };
     let (bundle, model) = match find(&s, &name) {
         Ok(m) => m,
-        Err(msg) => return error(StatusCode::NOT_FOUND, msg),
+        Err(e) => return error(StatusCode::NOT_FOUND, e.to_string()),
     };
     let header_len = match headers.get(HEADER_LEN_HEADER).map(|v| {
         v.to_str()

@@ -285,8 +285,24 @@ pub fn preflight(
     }
 }
 
-fn io_detail(what: &str, path: &Path, e: io::Error) -> String {
-    format!("{what} {}: {e}", path.display())
+/// A file operation of the install that failed (reported as an internal failure).
+#[derive(Debug, thiserror::Error)]
+#[error("{doing} {}: {source}", path.display())]
+pub struct DiskError {
+    /// What was being done (`cannot create`, `cannot write`, ...).
+    pub doing: &'static str,
+    /// The file or directory.
+    pub path: PathBuf,
+    /// The OS error.
+    pub source: io::Error,
+}
+
+fn io_detail(doing: &'static str, path: &Path, source: io::Error) -> DiskError {
+    DiskError {
+        doing,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// The daemon's two spools in the data directory: events (never dropped)
@@ -906,7 +922,8 @@ impl Daemon {
                 self.request_chunks(true);
                 self.finish_if_complete().await;
             }
-            Err(detail) => {
+            Err(e) => {
+                let detail = e.to_string();
                 self.fail_install(command, digest, FailureReason::Internal { detail });
             }
         }
@@ -924,7 +941,11 @@ impl Daemon {
         )
     }
 
-    fn create_download(&self, offer: Offer, verified: VerifiedHeader) -> Result<Download, String> {
+    fn create_download(
+        &self,
+        offer: Offer,
+        verified: VerifiedHeader,
+    ) -> Result<Download, DiskError> {
         let dir = self.downloads_dir().join(verified.digest.to_hex());
         if dir.exists() {
             fs::remove_dir_all(&dir).map_err(|e| io_detail("cannot clear", &dir, e))?;

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod oip;
+pub mod reference_stats;
 pub mod samples;
 pub mod service;
 pub mod shadow;

@@ -96,22 +96,46 @@ impl Default for Thresholds {
     }
 }
 
+/// What is wrong with reference statistics or drift thresholds: the field,
+/// and a reason that names it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct InvalidStats {
+    /// The field at fault (`psi`, `features`, `outputs`, ...).
+    pub field: &'static str,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> InvalidStats {
+    InvalidStats {
+        field,
+        reason: reason.into(),
+    }
+}
+
 impl Thresholds {
     /// Checks the ranges; the error names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidStats> {
         if !(self.psi.is_finite() && self.psi > 0.0) {
-            return Err(format!("psi must be a positive number, got {}", self.psi));
+            return Err(invalid(
+                "psi",
+                format!("psi must be a positive number, got {}", self.psi),
+            ));
         }
         if !(self.p_value > 0.0 && self.p_value < 1.0) {
-            return Err(format!(
-                "p_value must be between 0 and 1, got {}",
-                self.p_value
+            return Err(invalid(
+                "p_value",
+                format!("p_value must be between 0 and 1, got {}", self.p_value),
             ));
         }
         if !(self.drifted_share > 0.0 && self.drifted_share <= 1.0) {
-            return Err(format!(
-                "drifted_share must be above 0 and at most 1, got {}",
-                self.drifted_share
+            return Err(invalid(
+                "drifted_share",
+                format!(
+                    "drifted_share must be above 0 and at most 1, got {}",
+                    self.drifted_share
+                ),
             ));
         }
         Ok(())
@@ -146,7 +170,7 @@ impl ReferenceStats {
             cbor::from_slice("reference statistics", bytes, MAX_REFERENCE_LEN)?;
         stats
             .validate()
-            .map_err(|(field, reason)| DecodeError::Invalid {
+            .map_err(|InvalidStats { field, reason }| DecodeError::Invalid {
                 what: "reference statistics",
                 field,
                 reason,
@@ -163,20 +187,20 @@ impl ReferenceStats {
     /// increasing finite edges, shares that sum to 1, sorted distinct
     /// categories, bounded counts and names. The error names the field and the
     /// feature.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub fn validate(&self) -> Result<(), InvalidStats> {
         if self.features.len() + self.outputs.len() > MAX_FEATURES {
-            return Err((
+            return Err(invalid(
                 "features",
                 format!("at most {MAX_FEATURES} features and outputs in all"),
             ));
         }
         if let Some(t) = &self.thresholds {
-            t.validate().map_err(|e| ("thresholds", e))?;
+            t.validate().map_err(|e| invalid("thresholds", e.reason))?;
         }
         for (field, list) in [("features", &self.features), ("outputs", &self.outputs)] {
             for f in list {
                 f.validate()
-                    .map_err(|e| (field, format!("`{}`: {e}", f.name)))?;
+                    .map_err(|e| invalid(field, format!("`{}`: {e}", f.name)))?;
             }
         }
         Ok(())
@@ -184,9 +208,13 @@ impl ReferenceStats {
 }
 
 impl FeatureStats {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), InvalidStats> {
+        let bad = |reason: String| Err(invalid("distribution", reason));
         if self.name.is_empty() || self.name.len() > MAX_NAME_LEN {
-            return Err(format!("name must have 1 to {MAX_NAME_LEN} bytes"));
+            return Err(invalid(
+                "name",
+                format!("name must have 1 to {MAX_NAME_LEN} bytes"),
+            ));
         }
         let shares_ok = |shares: &mut dyn Iterator<Item = f64>| {
             let mut sum = 0.0;
@@ -201,10 +229,10 @@ impl FeatureStats {
         match &self.distribution {
             Distribution::Numeric(n) => {
                 if n.count == 0 {
-                    return Err("count is 0".into());
+                    return bad("count is 0".into());
                 }
                 if n.edges.len() + 1 != n.frequencies.len() || n.frequencies.len() > MAX_BINS {
-                    return Err(format!(
+                    return bad(format!(
                         "needs one frequency per bin (edges + 1, at most {MAX_BINS}): {} edges, {} frequencies",
                         n.edges.len(),
                         n.frequencies.len()
@@ -213,32 +241,32 @@ impl FeatureStats {
                 if !n.edges.iter().all(|e| e.is_finite())
                     || !n.edges.windows(2).all(|w| w[0] < w[1])
                 {
-                    return Err("edges must be finite and strictly increasing".into());
+                    return bad("edges must be finite and strictly increasing".into());
                 }
                 if ![n.mean, n.std, n.min, n.max].iter().all(|v| v.is_finite())
                     || n.std < 0.0
                     || n.min > n.max
                 {
-                    return Err(
+                    return bad(
                         "mean, std, min and max must be finite, std >= 0, min <= max".into(),
                     );
                 }
                 if !shares_ok(&mut n.frequencies.iter().copied()) {
-                    return Err("frequencies must be shares in [0, 1] summing to 1".into());
+                    return bad("frequencies must be shares in [0, 1] summing to 1".into());
                 }
             }
             Distribution::Categorical(c) => {
                 if c.count == 0 || c.categories.is_empty() {
-                    return Err("no categories".into());
+                    return bad("no categories".into());
                 }
                 if c.categories.len() > MAX_CATEGORIES {
-                    return Err(format!("more than {MAX_CATEGORIES} categories"));
+                    return bad(format!("more than {MAX_CATEGORIES} categories"));
                 }
                 if !c.categories.windows(2).all(|w| w[0].0 < w[1].0) {
-                    return Err("categories must be sorted and distinct".into());
+                    return bad("categories must be sorted and distinct".into());
                 }
                 if !shares_ok(&mut c.categories.iter().map(|(_, s)| *s)) {
-                    return Err("category shares must be in [0, 1] summing to 1".into());
+                    return bad("category shares must be in [0, 1] summing to 1".into());
                 }
             }
         }

@@ -294,7 +294,8 @@ fn reference_columns_named_categorical_are_summarised_by_category() {
     let rows: Vec<Vec<f64>> = (0..60)
         .map(|i| vec![f64::from(i % 3), 3.0 + f64::from(i % 7) / 10.0, 1.5, 0.2])
         .collect();
-    let stats = summarise(&model, &headers, &rows, &["a".to_owned()]).expect("summarised");
+    let stats = crate::reference_stats::summarise(&model, &headers, &rows, &["a".to_owned()])
+        .expect("summarised");
     match &stats.features[0].distribution {
         edgefleet_shared::reference::Distribution::Categorical(c) => {
             assert_eq!(c.categories.len(), 3);
@@ -323,9 +324,13 @@ fn reference_columns_named_categorical_are_summarised_by_category() {
     // Codes must be integers, and the column must exist.
     let mut odd = rows.clone();
     odd[5][0] = 1.5;
-    let err = summarise(&model, &headers, &odd, &["a".to_owned()]).expect_err("1.5");
+    let err = crate::reference_stats::summarise(&model, &headers, &odd, &["a".to_owned()])
+        .expect_err("1.5")
+        .to_string();
     assert!(err.contains("`a`") && err.contains("1.5"), "{err}");
-    let err = summarise(&model, &headers, &rows, &["zz".to_owned()]).expect_err("no zz");
+    let err = crate::reference_stats::summarise(&model, &headers, &rows, &["zz".to_owned()])
+        .expect_err("no zz")
+        .to_string();
     assert!(err.contains("`zz`"), "{err}");
 }
 

@@ -95,8 +95,8 @@ pub fn bundle_padded(
         let rows: Vec<Vec<f64>> = lines
             .map(|l| l.split(',').map(|v| v.parse().expect("number")).collect())
             .collect();
-        let stats =
-            edgefleet_agent::drift::summarise(&reference, &headers, &rows, &[]).expect("reference");
+        let stats = edgefleet_agent::reference_stats::summarise(&reference, &headers, &rows, &[])
+            .expect("reference");
         inputs.push(ArtifactInput {
             name: ArtifactName::new("reference.cbor").expect("n"),
             kind: ArtifactKind::Reference,

@@ -256,9 +256,15 @@ pub enum CliError {
     /// An operator command failed.
     #[error(transparent)]
     Operator(#[from] OperatorError),
-    /// A controller command failed (the message says why).
-    #[error("{0}")]
-    Controller(String),
+    /// A controller command failed.
+    #[error(transparent)]
+    Command(#[from] crate::ops::remote::CommandError),
+    /// `edgefleet flash` failed.
+    #[error(transparent)]
+    Flash(#[from] crate::ops::flash::FlashError),
+    /// The demo failed.
+    #[error(transparent)]
+    Demo(#[from] crate::ops::demo::DemoError),
     /// Printing JSON failed.
     #[error("cannot print JSON: {0}")]
     Json(#[from] serde_json::Error),
@@ -368,14 +374,14 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             devices: args.devices,
             keep_running: args.keep_running,
         })
-        .map_err(CliError::Controller),
-        Command::Serve(args) => crate::ops::remote::serve(args).map_err(CliError::Controller),
-        Command::Config(c) => crate::ops::remote::config(c).map_err(CliError::Controller),
-        Command::Broker(c) => crate::ops::remote::broker(c).map_err(CliError::Controller),
-        Command::Devices(c) => crate::ops::remote::devices(c).map_err(CliError::Controller),
-        Command::Bundles(c) => crate::ops::remote::bundles(c).map_err(CliError::Controller),
-        Command::Rollout(c) => crate::ops::remote::rollout(c).map_err(CliError::Controller),
-        Command::Flash(a) => crate::ops::flash::flash(*a).map_err(CliError::Controller),
+        .map_err(CliError::from),
+        Command::Serve(args) => crate::ops::remote::serve(args).map_err(CliError::from),
+        Command::Config(c) => crate::ops::remote::config(c).map_err(CliError::from),
+        Command::Broker(c) => crate::ops::remote::broker(c).map_err(CliError::from),
+        Command::Devices(c) => crate::ops::remote::devices(c).map_err(CliError::from),
+        Command::Bundles(c) => crate::ops::remote::bundles(c).map_err(CliError::from),
+        Command::Rollout(c) => crate::ops::remote::rollout(c).map_err(CliError::from),
+        Command::Flash(a) => crate::ops::flash::flash(*a).map_err(CliError::from),
         Command::Keys(KeysCommand::Generate { out, name }) => {
             let (secret, public, key) = operator::generate_key(&out, &name)?;
             println!("generated key {}", key.public().id());

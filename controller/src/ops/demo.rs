@@ -17,8 +17,9 @@ use edgefleet_devices::sim::{DeviceSpec, FaultPlan, FleetSettings, SimFleet, Tls
 use edgefleet_shared::{ModelChannel, UnixTime};
 use serde_json::{Value, json};
 
-use crate::ops::operator::{self, BuildOptions, KeyFile};
-use crate::ops::remote::{ApiArgs, Client, rollout_text, write_enrollment};
+use crate::ops::client::{ApiArgs, Client, ClientError};
+use crate::ops::operator::{self, BuildOptions, KeyFile, OperatorError};
+use crate::ops::remote::{CommandError, rollout_text, write_enrollment};
 use crate::server::config::ControllerConfig;
 
 const IRIS_MODEL: &[u8] = include_bytes!("../../../models/iris_logreg.onnx");
@@ -45,26 +46,65 @@ fn step(n: u32, text: &str) {
     println!("\n[{n}/{STEPS}] {text}");
 }
 
-fn text_err(e: impl std::fmt::Display) -> String {
-    e.to_string()
+/// Why the demo could not go on (a step that did the unexpected but could go
+/// on is reported in its output, and the exit code is 1).
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// `--devices` out of range.
+    #[error("--devices {0}: must be 1 to 500 (one process runs them all)")]
+    Devices(usize),
+    /// A file or directory of the demo.
+    #[error("{what}: {source}")]
+    Io {
+        /// Which.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// An operator step (keys, trust root, bundle) failed.
+    #[error(transparent)]
+    Operator(#[from] OperatorError),
+    /// The controller did not start.
+    #[error(transparent)]
+    Serve(#[from] crate::server::serve::ServeError),
+    /// An API call failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Writing a device's enrollment failed.
+    #[error(transparent)]
+    Enrollment(#[from] CommandError),
+    /// The simulated fleet did not start.
+    #[error(transparent)]
+    Fleet(#[from] edgefleet_devices::sim::SimError),
+    /// Something the demo waits for did not happen in time.
+    #[error("timed out after {WAIT:?} waiting for {0}")]
+    Timeout(String),
+    /// The controller's answer lacks what the demo reads.
+    #[error("the controller's answer: {0}")]
+    Answer(&'static str),
+    /// A device's local API failed.
+    #[error("local API: {0}")]
+    LocalApi(String),
+}
+
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> DemoError {
+    let what = what.to_string();
+    move |source| DemoError::Io { what, source }
 }
 
 /// Runs the demo. Returns the exit code (0: every step did what it should).
-pub fn run(opts: &DemoOptions) -> Result<i32, String> {
+pub fn run(opts: &DemoOptions) -> Result<i32, DemoError> {
     if !(1..=500).contains(&opts.devices) {
-        return Err(format!(
-            "--devices {}: must be 1 to 500 (one process runs them all)",
-            opts.devices
-        ));
+        return Err(DemoError::Devices(opts.devices));
     }
     let temp;
     let dir = match &opts.dir {
         Some(d) => {
-            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+            std::fs::create_dir_all(d).map_err(io(d.display()))?;
             d.clone()
         }
         None => {
-            temp = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+            temp = tempfile::tempdir().map_err(io("temporary directory"))?;
             temp.path().to_owned()
         }
     };
@@ -72,7 +112,7 @@ pub fn run(opts: &DemoOptions) -> Result<i32, String> {
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        .map_err(io("the async runtime"))?;
     let started = Instant::now();
     let result = story(&runtime, &dir, opts);
     let code = match result {
@@ -117,7 +157,7 @@ struct Built {
     version: String,
 }
 
-fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Built, Built), String> {
+fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Built, Built), DemoError> {
     step(
         1,
         "operator: three signing keys, and a trust root that needs any 2 of them",
@@ -125,7 +165,7 @@ fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Built, Built)
     let keys_dir = dir.join("keys");
     let mut secrets = Vec::new();
     for name in ["alice", "bob", "carol"] {
-        let (secret, _, key) = operator::generate_key(&keys_dir, name).map_err(text_err)?;
+        let (secret, _, key) = operator::generate_key(&keys_dir, name)?;
         println!(
             "  {name:<6} key {}  {}",
             key.public().id().short(),
@@ -137,10 +177,9 @@ fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Built, Built)
         .iter()
         .map(|k| KeyFile::Public(k.public()))
         .collect();
-    let root = operator::new_trust_root(&publics, 2, 1, now.plus_days(365), &secrets[..2])
-        .map_err(text_err)?;
+    let root = operator::new_trust_root(&publics, 2, 1, now.plus_days(365), &secrets[..2])?;
     let root_path = dir.join("trust-root.cbor");
-    operator::save_trust_root(&root_path, &root).map_err(text_err)?;
+    operator::save_trust_root(&root_path, &root)?;
     println!(
         "  {} (devices pin it; the controller checks uploads against it)",
         root_path.display()
@@ -150,16 +189,17 @@ fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Built, Built)
         2,
         "build and sign two bundles of the iris classifier (models/, no download)",
     );
-    let write = |name: &str, bytes: &[u8]| -> Result<PathBuf, String> {
+    let write = |name: &str, bytes: &[u8]| -> Result<PathBuf, OperatorError> {
         let p = dir.join(name);
-        operator::write_atomic(&p, 0o644, |w| w.write_all(bytes)).map_err(text_err)?;
+        operator::write_atomic(&p, 0o644, |w| w.write_all(bytes))?;
         Ok(p)
     };
     let good_model = write("iris_logreg.onnx", IRIS_MODEL)?;
     let bad_model = write("iris_logreg_v2_broken.onnx", IRIS_BROKEN)?;
     let reference = write("iris_reference.csv", IRIS_REFERENCE.as_bytes())?;
     let golden = write("iris_golden.json", IRIS_GOLDEN)?;
-    let channel = ModelChannel::new("iris").map_err(text_err)?;
+    let channel =
+        ModelChannel::new("iris").unwrap_or_else(|e| unreachable!("a fixed channel name: {e}"));
     let options = |model: &Path, version: semver::Version, release: u64| BuildOptions {
         reference: Some(reference.clone()),
         golden: Some(golden.clone()),
@@ -172,9 +212,8 @@ fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Built, Built)
     let report = operator::build_bundle(
         &options(&good_model, semver::Version::new(1, 0, 0), 1),
         &good.path,
-    )
-    .map_err(text_err)?;
-    operator::sign_bundle(&good.path, &secrets[..2]).map_err(text_err)?;
+    )?;
+    operator::sign_bundle(&good.path, &secrets[..2])?;
     println!(
         "  iris 1.0.0  release 1  {} bytes in {} chunks, {} golden cases, signed by alice and bob",
         report.manifest.payload.size,
@@ -189,8 +228,8 @@ fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Built, Built)
     };
     let mut bad_options = options(&bad_model, semver::Version::new(2, 0, 0), 2);
     bad_options.golden_outputs_from = Some(good_model.clone());
-    operator::build_bundle(&bad_options, &bad.path).map_err(text_err)?;
-    operator::sign_bundle(&bad.path, &secrets[..2]).map_err(text_err)?;
+    operator::build_bundle(&bad_options, &bad.path)?;
+    operator::sign_bundle(&bad.path, &secrets[..2])?;
     println!(
         "  iris 2.0.0  release 2  a regressed model: its answers differ from its golden cases"
     );
@@ -198,24 +237,32 @@ fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Built, Built)
 }
 
 /// Polls `check` until it returns Some, or fails after [`WAIT`].
-fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T, String> {
+fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T, DemoError> {
     let deadline = Instant::now() + WAIT;
     loop {
         if let Some(v) = check() {
             return Ok(v);
         }
         if Instant::now() > deadline {
-            return Err(format!("timed out after {WAIT:?} waiting for {what}"));
+            return Err(DemoError::Timeout(what.to_owned()));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The running controller, as the demo's steps use it.
+struct Controller {
+    api: Client,
+    url: String,
+    data: PathBuf,
+    broker_port: u16,
 }
 
 fn story(
     runtime: &tokio::runtime::Runtime,
     dir: &Path,
     opts: &DemoOptions,
-) -> Result<Story, String> {
+) -> Result<Story, DemoError> {
     // The fleet spawns its tasks from this thread.
     let _runtime = runtime.enter();
     let now = UnixTime::now();
@@ -225,7 +272,26 @@ fn story(
     );
     println!("working in {}", dir.display());
     let (root_path, good, bad) = keys_and_bundles(dir, now)?;
+    let controller = start_controller(runtime, dir, &root_path)?;
+    let mut fleet = start_fleet(runtime, dir, opts, &controller, &root_path)?;
+    let api = &controller.api;
+    let (rolled_out, good_digest, bad_digest) = rollouts(api, &fleet, opts, &good, &bad)?;
+    let offline_ok = offline(api, &fleet)?;
+    let drift_ok = drift(api, &fleet, opts, &good_digest)?;
+    versions_summary(api, &good_digest, &bad_digest)?;
+    finish(runtime, &controller, &mut fleet, opts);
+    Ok(Story {
+        ok: rolled_out && offline_ok && drift_ok,
+        fleet,
+    })
+}
 
+/// Step 3: the controller, in this process.
+fn start_controller(
+    runtime: &tokio::runtime::Runtime,
+    dir: &Path,
+    root_path: &Path,
+) -> Result<Controller, DemoError> {
     step(
         3,
         "start the controller: HTTP API, embedded MQTT broker (mutual TLS), SQLite",
@@ -233,19 +299,18 @@ fn story(
     let data = dir.join("controller");
     let mut config = ControllerConfig {
         data_dir: data.clone(),
-        trust_root: Some(root_path.clone()),
+        trust_root: Some(root_path.to_owned()),
         ..ControllerConfig::default()
     };
     config.http.listen = ([127, 0, 0, 1], 0).into();
     config.mqtt.listen = ([127, 0, 0, 1], 0).into();
     config.rollouts.tick_ms = 200;
-    let (started, server) = runtime
-        .block_on(crate::server::serve::start(config, std::future::pending()))
-        .map_err(text_err)?;
+    let (started, server) =
+        runtime.block_on(crate::server::serve::start(config, std::future::pending()))?;
     runtime.spawn(server);
     let url = format!("http://{}", started.http);
     let token = std::fs::read_to_string(data.join("admin-token"))
-        .map_err(|e| format!("admin token: {e}"))?
+        .map_err(io("admin token"))?
         .trim()
         .to_owned();
     let api = Client::new(&ApiArgs {
@@ -258,8 +323,25 @@ fn story(
     println!("  data    {}", data.display());
     let broker_port = started
         .broker_port()
-        .ok_or_else(|| format!("broker URL {}", started.broker_url))?;
+        .ok_or(DemoError::Answer("the broker URL has no port"))?;
 
+    Ok(Controller {
+        api,
+        url,
+        data,
+        broker_port,
+    })
+}
+
+/// Step 4: enrolled devices, started, with their application's traffic.
+fn start_fleet(
+    runtime: &tokio::runtime::Runtime,
+    dir: &Path,
+    opts: &DemoOptions,
+    controller: &Controller,
+    root_path: &Path,
+) -> Result<SimFleet, DemoError> {
+    let api = &controller.api;
     step(
         4,
         &format!(
@@ -293,12 +375,12 @@ fn story(
         });
     }
     let settings = FleetSettings {
-        broker: ([127, 0, 0, 1], broker_port).into(),
+        broker: ([127, 0, 0, 1], controller.broker_port).into(),
         tls: true,
         topic_prefix: crate::server::config::ControllerConfig::default()
             .mqtt
             .topic_prefix,
-        trust_root: root_path.clone(),
+        trust_root: root_path.to_owned(),
         // Every enrollment carries the same controller key.
         controller_key: dir
             .join("devices")
@@ -308,9 +390,7 @@ fn story(
         dir: dir.join("devices"),
         telemetry_interval: Duration::from_secs(1),
     };
-    let mut fleet = runtime
-        .block_on(SimFleet::start(&settings, specs))
-        .map_err(text_err)?;
+    let mut fleet = runtime.block_on(SimFleet::start(&settings, specs))?;
     for (kind, n) in &kinds {
         println!("  {n:>3} x {kind}");
     }
@@ -352,14 +432,26 @@ fn story(
     }));
     println!("  each device gets 5 local inference requests a second from its \"application\"");
 
+    Ok(fleet)
+}
+
+/// Steps 5 and 6: the good bundle rolled out, the bad one stopped at its
+/// canary. Returns whether both went as they should, and the two digests.
+fn rollouts(
+    api: &Client,
+    fleet: &SimFleet,
+    opts: &DemoOptions,
+    good: &Built,
+    bad: &Built,
+) -> Result<(bool, String, String), DemoError> {
     step(
         5,
         "upload iris 1.0.0 and roll it out in waves: 1 device, 10%, 50%, 100%",
     );
     let mut ok = true;
-    let good_digest = upload(&api, &good)?;
-    let rollout = start_rollout(&api, &good_digest)?;
-    let phase = watch(&api, &fleet, &rollout)?;
+    let good_digest = upload(api, good)?;
+    let rollout = start_rollout(api, &good_digest)?;
+    let phase = watch(api, fleet, &rollout)?;
     let versions = fleet.versions();
     println!("  fleet now: {}", versions_text(&versions));
     if phase != "completed" || versions.get("1.0.0") != Some(&opts.devices) {
@@ -371,9 +463,9 @@ fn story(
         6,
         "upload iris 2.0.0 (regressed) and roll it out the same way: the canary must stop it",
     );
-    let bad_digest = upload(&api, &bad)?;
-    let rollout = start_rollout(&api, &bad_digest)?;
-    let phase = watch(&api, &fleet, &rollout)?;
+    let bad_digest = upload(api, bad)?;
+    let rollout = start_rollout(api, &bad_digest)?;
+    let phase = watch(api, fleet, &rollout)?;
     let versions = fleet.versions();
     println!("  fleet now: {}", versions_text(&versions));
     if phase != "halted" || versions.get("1.0.0") != Some(&opts.devices) {
@@ -383,6 +475,13 @@ fn story(
         println!("  the canary refused to switch; no other device was asked; nobody runs 2.0.0");
     }
 
+    Ok((ok, good_digest, bad_digest))
+}
+
+/// Step 7: one device offline keeps serving, and its spooled reports arrive
+/// when it is back. Returns whether local inference answered.
+fn offline(api: &Client, fleet: &SimFleet) -> Result<bool, DemoError> {
+    let mut ok = true;
     step(
         7,
         "cut one device's network: its application keeps getting answers locally",
@@ -398,9 +497,9 @@ fn story(
             })
             .unwrap_or_default()
     };
-    let before = seqs(&api).into_iter().max().unwrap_or(0);
+    let before = seqs(api).into_iter().max().unwrap_or(0);
     device.set_network(false);
-    wait_online(&api, device.id(), false)?;
+    wait_online(api, device.id(), false)?;
     println!(
         "  {} is offline for the controller (its broker connection dropped; last telemetry seq {before})",
         device.id()
@@ -422,9 +521,9 @@ fn story(
     // Offline for a few telemetry periods: the agent spools its reports.
     std::thread::sleep(Duration::from_secs(3));
     device.set_network(true);
-    wait_online(&api, device.id(), true)?;
+    wait_online(api, device.id(), true)?;
     let delivered = wait_for("the spooled telemetry to arrive", || {
-        let got = seqs(&api);
+        let got = seqs(api);
         let newest = got.iter().copied().max()?;
         let whole = (before + 1..=newest).all(|s| got.contains(&s));
         (newest >= before + 3 && whole).then_some(newest)
@@ -434,6 +533,17 @@ fn story(
         before + 1
     );
 
+    Ok(ok)
+}
+
+/// Step 8: shifted inputs on some devices, flagged as drift on exactly those.
+fn drift(
+    api: &Client,
+    fleet: &SimFleet,
+    opts: &DemoOptions,
+    good_digest: &str,
+) -> Result<bool, DemoError> {
+    let mut ok = true;
     step(
         8,
         "the input distribution shifts on some devices: drift against the bundle's reference",
@@ -536,6 +646,11 @@ fn story(
         println!("  exactly the shifted devices are flagged, and each sent a drift_alert event");
     }
 
+    Ok(ok)
+}
+
+/// Step 9: telemetry per model version.
+fn versions_summary(api: &Client, good_digest: &str, bad_digest: &str) -> Result<(), DemoError> {
     step(9, "telemetry per model version, as the soak gates read it");
     let summary = api.get("/api/v1/telemetry/summary?group=version")?;
     for g in summary["groups"].as_array().into_iter().flatten() {
@@ -561,6 +676,17 @@ fn story(
         );
     }
 
+    Ok(())
+}
+
+/// The summary, and with `--keep-running` the fleet kept until Ctrl-C.
+fn finish(
+    runtime: &tokio::runtime::Runtime,
+    controller: &Controller,
+    fleet: &mut SimFleet,
+    opts: &DemoOptions,
+) {
+    let (api, url, data) = (&controller.api, &controller.url, &controller.data);
     println!("\nsummary");
     println!(
         "  1.0.0 rolled out to {} devices in 4 waves; 2.0.0 stopped at its canary; local inference kept working offline; shifted inputs flagged as drift on exactly the devices that got them",
@@ -598,11 +724,10 @@ fn story(
             let _ = tokio::signal::ctrl_c().await;
         });
     }
-    Ok(Story { ok, fleet })
 }
 
 /// Waits until the controller shows `device` online (or offline).
-fn wait_online(api: &Client, device: &str, online: bool) -> Result<(), String> {
+fn wait_online(api: &Client, device: &str, online: bool) -> Result<(), DemoError> {
     let what = format!("{device} {}", if online { "online" } else { "offline" });
     wait_for(&what, || {
         let v = api.get(&format!("/api/v1/devices/{device}")).ok()?;
@@ -610,11 +735,11 @@ fn wait_online(api: &Client, device: &str, online: bool) -> Result<(), String> {
     })
 }
 
-fn upload(api: &Client, b: &Built) -> Result<String, String> {
+fn upload(api: &Client, b: &Built) -> Result<String, DemoError> {
     let v = api.upload("/api/v1/bundles", &b.path)?;
     let digest = v["bundle"]["digest"]
         .as_str()
-        .ok_or("the upload answer has no digest")?
+        .ok_or(DemoError::Answer("the upload answer has no digest"))?
         .to_owned();
     println!(
         "  uploaded iris {}: verified against the trust root, digest {}",
@@ -624,7 +749,7 @@ fn upload(api: &Client, b: &Built) -> Result<String, String> {
     Ok(digest)
 }
 
-fn start_rollout(api: &Client, digest: &str) -> Result<String, String> {
+fn start_rollout(api: &Client, digest: &str) -> Result<String, DemoError> {
     let v = api.post(
         "/api/v1/rollouts",
         &json!({
@@ -637,7 +762,7 @@ fn start_rollout(api: &Client, digest: &str) -> Result<String, String> {
     )?;
     let id = v["rollout"]["id"]
         .as_str()
-        .ok_or("the rollout answer has no id")?
+        .ok_or(DemoError::Answer("the rollout answer has no id"))?
         .to_owned();
     let sizes: Vec<String> = v["rollout"]["waves"]
         .as_array()
@@ -654,7 +779,7 @@ fn start_rollout(api: &Client, digest: &str) -> Result<String, String> {
 
 /// Follows a rollout until it ends, printing the engine's decisions and each
 /// device's change; returns the final phase.
-fn watch(api: &Client, fleet: &SimFleet, id: &str) -> Result<String, String> {
+fn watch(api: &Client, fleet: &SimFleet, id: &str) -> Result<String, DemoError> {
     let mut seen_notes = 0usize;
     let mut members: BTreeMap<String, String> = BTreeMap::new();
     wait_for("the rollout to end", || {
@@ -710,7 +835,7 @@ fn versions_text(v: &std::collections::HashMap<String, usize>) -> String {
     parts.join(", ")
 }
 
-fn local_infer(base: &str, request: &Value) -> Result<Value, String> {
+fn local_infer(base: &str, request: &Value) -> Result<Value, DemoError> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(10)))
@@ -719,13 +844,16 @@ fn local_infer(base: &str, request: &Value) -> Result<Value, String> {
     let mut r = agent
         .post(format!("{base}/v2/models/iris/infer"))
         .send_json(request)
-        .map_err(text_err)?;
+        .map_err(|e| DemoError::LocalApi(e.to_string()))?;
     let status = r.status();
-    let v: Value = r.body_mut().read_json().map_err(text_err)?;
+    let v: Value = r
+        .body_mut()
+        .read_json()
+        .map_err(|e| DemoError::LocalApi(e.to_string()))?;
     if status.is_success() {
         Ok(v)
     } else {
-        Err(format!("{status}: {v}"))
+        Err(DemoError::LocalApi(format!("{status}: {v}")))
     }
 }
 

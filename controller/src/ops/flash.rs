@@ -21,8 +21,8 @@ use clap::{ArgGroup, Args};
 use edgefleet_devices::Profile;
 use serde_json::{Value, json};
 
-use crate::ops::operator::read_capped;
-use crate::ops::remote::{ApiArgs, Client};
+use crate::ops::client::{ApiArgs, Client, ClientError};
+use crate::ops::operator::{OperatorError, read_capped};
 
 /// The shipped systemd unit; paths are rewritten for the profile.
 const UNIT: &str = include_str!("../../../agent/edgefleet-agent.service");
@@ -35,6 +35,109 @@ const MAX_PROFILE: u64 = 64 << 10;
 
 /// Suffix of staged files, beside their destination (same filesystem).
 const STAGED: &str = ".edgefleet-new";
+
+/// Why a flash stopped. Nothing is installed unless every file was written
+/// (see [`install_into`]); the messages name the flag or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum FlashError {
+    /// An argument or a file it names cannot be used (`what` names it).
+    #[error("{what}: {reason}")]
+    Argument {
+        /// The flag and its value.
+        what: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The profile is not acceptable.
+    #[error(transparent)]
+    Profile(#[from] edgefleet_devices::ProfileError),
+    /// No agent binary where one was expected.
+    #[error(
+        "no agent binary for {target} at {}: build it with `cross/build.sh {target}` (or pass --binary FILE)",
+        path.display()
+    )]
+    NoBinary {
+        /// The profile's target.
+        target: String,
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// The binary is not an agent for this profile's device.
+    #[error("{}: {reason}", path.display())]
+    Binary {
+        /// The binary.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The destination cannot take the install (`what` names it).
+    #[error("{what}: {reason}")]
+    Destination {
+        /// The flag and its value.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// The device id is enrolled already.
+    #[error(
+        "device id {id} is taken ({how}; last seen {last_seen}): choose another id, pass --enrollment DIR with its files, or --replace to issue a new certificate (the old one stops working)"
+    )]
+    Taken {
+        /// The device id.
+        id: String,
+        /// `enrolled` or `seen on the broker`.
+        how: &'static str,
+        /// When the controller last heard of it.
+        last_seen: String,
+    },
+    /// The controller's enrollment answer lacks a field a device needs.
+    #[error("the controller's enrollment has no {0}")]
+    EnrollmentField(&'static str),
+    /// The controller's enrollment answer cannot be used.
+    #[error("{0}")]
+    Enrollment(&'static str),
+    /// The files for the device cannot be made from the profile.
+    #[error("the device's files: {0}")]
+    DeviceFiles(String),
+    /// Writing the install failed (nothing was installed when `staged` says so).
+    #[error("{}{}: {source}", if *staged { "nothing installed: " } else { "" }, path.display())]
+    Install {
+        /// True when it failed before anything was moved into place.
+        staged: bool,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `ssh` failed, or the install on the host did.
+    #[error("--ssh {host}: {reason}")]
+    Ssh {
+        /// The host.
+        host: String,
+        /// What failed (ssh's or the script's message).
+        reason: String,
+    },
+    /// The controller refused or failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// A file could not be read or written.
+    #[error(transparent)]
+    Operator(#[from] OperatorError),
+}
+
+fn argument(what: impl Into<String>, reason: impl std::fmt::Display) -> FlashError {
+    FlashError::Argument {
+        what: what.into(),
+        reason: reason.to_string(),
+    }
+}
+
+fn destination(what: impl Into<String>, reason: impl std::fmt::Display) -> FlashError {
+    FlashError::Destination {
+        what: what.into(),
+        reason: reason.to_string(),
+    }
+}
 
 /// `edgefleet flash`.
 #[derive(Debug, Args)]
@@ -142,10 +245,10 @@ enum Destination {
 }
 
 /// `edgefleet flash`.
-pub fn flash(args: FlashArgs) -> Result<i32, String> {
+pub fn flash(args: FlashArgs) -> Result<i32, FlashError> {
     let profile = load_profile(&args.profile)?;
     let id = edgefleet_shared::DeviceId::new(&args.device_id)
-        .map_err(|e| format!("--device-id: {e}"))?
+        .map_err(|e| argument("--device-id", e))?
         .to_string();
     let binary_path = args.binary.clone().unwrap_or_else(|| {
         Path::new("cross/out")
@@ -161,7 +264,12 @@ pub fn flash(args: FlashArgs) -> Result<i32, String> {
             root: args.remote_root.clone().unwrap_or_else(|| "/".into()),
             options: args.ssh_options.clone(),
         },
-        _ => return Err("name a destination: --root, --out or --ssh".into()),
+        _ => {
+            return Err(argument(
+                "flash",
+                "name a destination: --root, --out or --ssh",
+            ));
+        }
     };
     preflight(&destination, &profile, args.force)?;
     let client = Client::new(&args.api);
@@ -174,8 +282,7 @@ pub fn flash(args: FlashArgs) -> Result<i32, String> {
         Destination::Root(root) => install_into(root, &files, &profile)?,
         Destination::Archive(out) => {
             let archive = archive(&files, &profile, &id)?;
-            crate::ops::operator::write_atomic(out, 0o644, |w| w.write_all(&archive))
-                .map_err(|e| e.to_string())?;
+            crate::ops::operator::write_atomic(out, 0o644, |w| w.write_all(&archive))?;
         }
         Destination::Ssh {
             host,
@@ -238,22 +345,23 @@ pub fn flash(args: FlashArgs) -> Result<i32, String> {
 }
 
 /// A profile from a file (a path, or a name ending in `.toml`) or a shipped one.
-pub fn load_profile(arg: &str) -> Result<Profile, String> {
+pub fn load_profile(arg: &str) -> Result<Profile, FlashError> {
     let path = Path::new(arg);
     if !(arg.ends_with(".toml") || arg.contains('/')) {
-        return Profile::builtin(arg).map_err(|e| e.to_string());
+        return Ok(Profile::builtin(arg)?);
     }
-    let text = read_capped(path, MAX_PROFILE).map_err(|e| format!("--profile: {e}"))?;
-    let text = String::from_utf8(text).map_err(|_| format!("--profile {arg}: not UTF-8"))?;
+    let text = read_capped(path, MAX_PROFILE).map_err(|e| argument("--profile", e))?;
+    let text =
+        String::from_utf8(text).map_err(|_| argument(format!("--profile {arg}"), "not UTF-8"))?;
     let stem = path
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or("profile");
-    let profile = Profile::parse(stem, &text).map_err(|e| e.to_string())?;
+    let profile = Profile::parse(stem, &text)?;
     if profile.name != stem {
-        return Err(format!(
-            "--profile {arg}: its name is `{}`, not the file's `{stem}`",
-            profile.name
+        return Err(argument(
+            format!("--profile {arg}"),
+            format!("its name is `{}`, not the file's `{stem}`", profile.name),
         ));
     }
     Ok(profile)
@@ -266,36 +374,33 @@ struct Binary {
     is_static: bool,
 }
 
-fn read_binary(path: &Path, profile: &Profile) -> Result<Binary, String> {
+fn read_binary(path: &Path, profile: &Profile) -> Result<Binary, FlashError> {
     if !path.exists() {
-        return Err(format!(
-            "no agent binary for {} at {}: build it with `cross/build.sh {}` (or pass --binary FILE)",
-            profile.target,
-            path.display(),
-            profile.target
-        ));
+        return Err(FlashError::NoBinary {
+            target: profile.target.clone(),
+            path: path.to_owned(),
+        });
     }
+    let bad = |reason: String| FlashError::Binary {
+        path: path.to_owned(),
+        reason,
+    };
     let size = std::fs::metadata(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
+        .map_err(|e| bad(e.to_string()))?
         .len();
     if size > MAX_BINARY {
-        return Err(format!(
-            "{}: {size} bytes is no device build of the agent (over {} MiB; a debug build? cross/build.sh makes stripped ones of about 10 MB)",
-            path.display(),
+        return Err(bad(format!(
+            "{size} bytes is no device build of the agent (over {} MiB; a debug build? cross/build.sh makes stripped ones of about 10 MB)",
             MAX_BINARY >> 20
-        ));
+        )));
     }
-    let bytes = read_capped(path, MAX_BINARY).map_err(|e| e.to_string())?;
-    let elf = Elf::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes = read_capped(path, MAX_BINARY)?;
+    let elf = Elf::parse(&bytes).map_err(|e| bad(e.to_string()))?;
     if elf.arch != profile.arch {
-        return Err(format!(
-            "{} is an agent for {}, but profile {} is {} ({})",
-            path.display(),
-            elf.arch,
-            profile.name,
-            profile.arch,
-            profile.target
-        ));
+        return Err(bad(format!(
+            "an agent for {}, but profile {} is {} ({})",
+            elf.arch, profile.name, profile.arch, profile.target
+        )));
     }
     Ok(Binary {
         bytes,
@@ -312,20 +417,43 @@ pub struct Elf {
     pub interpreter: bool,
 }
 
+/// Why bytes are not an executable `edgefleet flash` knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ElfError {
+    /// No ELF magic.
+    #[error("not an ELF executable")]
+    NotElf,
+    /// Neither 32 nor 64 bits.
+    #[error("ELF class {0} is unknown")]
+    Class(u8),
+    /// Big-endian.
+    #[error("a big-endian ELF: no device profile is big-endian")]
+    BigEndian,
+    /// A machine no device profile has.
+    #[error("ELF machine {0} is not a device architecture")]
+    Machine(u16),
+    /// The file ends inside a header.
+    #[error("truncated {0}")]
+    Truncated(&'static str),
+    /// Program headers past any address.
+    #[error("program headers out of range")]
+    ProgramHeaders,
+}
+
 impl Elf {
     /// Reads the identification, machine and program headers; the error says
     /// what is not an executable we know.
-    pub fn parse(b: &[u8]) -> Result<Elf, String> {
+    pub fn parse(b: &[u8]) -> Result<Elf, ElfError> {
         if b.len() < 64 || &b[..4] != b"\x7fELF" {
-            return Err("not an ELF executable".into());
+            return Err(ElfError::NotElf);
         }
         let wide = match b[4] {
             1 => false,
             2 => true,
-            c => return Err(format!("ELF class {c} is unknown")),
+            c => return Err(ElfError::Class(c)),
         };
         if b[5] != 1 {
-            return Err("a big-endian ELF: no device profile is big-endian".into());
+            return Err(ElfError::BigEndian);
         }
         let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
         let u32_at = |o: usize| {
@@ -339,26 +467,26 @@ impl Elf {
                 u64::from_le_bytes(a)
             })
         };
-        let machine = u16_at(18).ok_or("truncated ELF header")?;
+        let machine = u16_at(18).ok_or(ElfError::Truncated("ELF header"))?;
         let arch = match (machine, wide) {
             (62, true) => "x86_64",
             (183, true) => "aarch64",
             (40, false) => "arm",
             (3, false) => "x86",
             (243, true) => "riscv64",
-            (m, _) => return Err(format!("ELF machine {m} is not a device architecture")),
+            (m, _) => return Err(ElfError::Machine(m)),
         };
         let (phoff, phentsize, phnum) = if wide {
             (
-                u64_at(32).ok_or("truncated ELF header")?,
-                u16_at(54).ok_or("truncated ELF header")?,
-                u16_at(56).ok_or("truncated ELF header")?,
+                u64_at(32).ok_or(ElfError::Truncated("ELF header"))?,
+                u16_at(54).ok_or(ElfError::Truncated("ELF header"))?,
+                u16_at(56).ok_or(ElfError::Truncated("ELF header"))?,
             )
         } else {
             (
-                u64::from(u32_at(28).ok_or("truncated ELF header")?),
-                u16_at(42).ok_or("truncated ELF header")?,
-                u16_at(44).ok_or("truncated ELF header")?,
+                u64::from(u32_at(28).ok_or(ElfError::Truncated("ELF header"))?),
+                u16_at(42).ok_or(ElfError::Truncated("ELF header"))?,
+                u16_at(44).ok_or(ElfError::Truncated("ELF header"))?,
             )
         };
         let mut interpreter = false;
@@ -366,9 +494,9 @@ impl Elf {
             let at = phoff
                 .checked_add(i * u64::from(phentsize))
                 .and_then(|o| usize::try_from(o).ok())
-                .ok_or("program headers out of range")?;
+                .ok_or(ElfError::ProgramHeaders)?;
             // PT_INTERP = 3: a dynamic loader is named.
-            if u32_at(at).ok_or("truncated program headers")? == 3 {
+            if u32_at(at).ok_or(ElfError::Truncated("program headers"))? == 3 {
                 interpreter = true;
             }
         }
@@ -377,15 +505,15 @@ impl Elf {
 }
 
 /// Checks the destination before anything is asked of the controller.
-fn preflight(d: &Destination, profile: &Profile, force: bool) -> Result<(), String> {
+fn preflight(d: &Destination, profile: &Profile, force: bool) -> Result<(), FlashError> {
     match d {
         Destination::Root(root) => {
-            let meta =
-                std::fs::metadata(root).map_err(|e| format!("--root {}: {e}", root.display()))?;
+            let what = format!("--root {}", root.display());
+            let meta = std::fs::metadata(root).map_err(|e| destination(&what, e))?;
             if !meta.is_dir() {
-                return Err(format!("--root {}: not a directory", root.display()));
+                return Err(destination(what, "not a directory"));
             }
-            writable(root).map_err(|e| format!("--root {}: {e}", root.display()))?;
+            writable(root).map_err(|e| destination(&what, format!("not writable ({e})")))?;
             let config = on_root(root, &profile.install.config);
             if !force && config.exists() {
                 let who = std::fs::read_to_string(&config)
@@ -393,10 +521,12 @@ fn preflight(d: &Destination, profile: &Profile, force: bool) -> Result<(), Stri
                     .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
                     .and_then(|t| t.get("device_id")?.as_str().map(str::to_owned))
                     .unwrap_or_else(|| "unknown".into());
-                return Err(format!(
-                    "--root {}: an agent is installed already (device {who}, {}); pass --force to overwrite it",
-                    root.display(),
-                    profile.install.config.display()
+                return Err(destination(
+                    what,
+                    format!(
+                        "an agent is installed already (device {who}, {}); pass --force to overwrite it",
+                        profile.install.config.display()
+                    ),
                 ));
             }
             Ok(())
@@ -406,14 +536,14 @@ fn preflight(d: &Destination, profile: &Profile, force: bool) -> Result<(), Stri
                 Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
                 _ => PathBuf::from("."),
             };
+            let what = format!("--out {}", out.display());
             if !dir.is_dir() {
-                return Err(format!(
-                    "--out {}: {} is not a directory",
-                    out.display(),
-                    dir.display()
+                return Err(destination(
+                    what,
+                    format!("{} is not a directory", dir.display()),
                 ));
             }
-            writable(&dir).map_err(|e| format!("--out {}: {e}", out.display()))
+            writable(&dir).map_err(|e| destination(what, format!("not writable ({e})")))
         }
         Destination::Ssh {
             host,
@@ -433,12 +563,15 @@ fn preflight(d: &Destination, profile: &Profile, force: bool) -> Result<(), Stri
                 .arg(script)
                 .stdin(Stdio::null())
                 .output()
-                .map_err(|e| format!("--ssh: cannot run ssh ({e}); install openssh-client"))?;
+                .map_err(|e| FlashError::Ssh {
+                    host: host.clone(),
+                    reason: format!("cannot run ssh ({e}); install openssh-client"),
+                })?;
             if !out.status.success() {
-                return Err(format!(
-                    "--ssh {host}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
+                return Err(FlashError::Ssh {
+                    host: host.clone(),
+                    reason: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                });
             }
             Ok(())
         }
@@ -446,9 +579,9 @@ fn preflight(d: &Destination, profile: &Profile, force: bool) -> Result<(), Stri
 }
 
 /// Whether a file can be made in `dir` (by making and removing one).
-fn writable(dir: &Path) -> Result<(), String> {
+fn writable(dir: &Path) -> std::io::Result<()> {
     let probe = dir.join(format!(".edgefleet-flash-probe-{}", std::process::id()));
-    std::fs::write(&probe, b"").map_err(|e| format!("not writable ({e})"))?;
+    std::fs::write(&probe, b"")?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
 }
@@ -464,65 +597,67 @@ fn ssh(host: &str, options: &[String]) -> Command {
 }
 
 /// An absolute device path made relative to the root and quoted for `sh`.
-fn device_rel(path: &Path) -> Result<String, String> {
+fn device_rel(path: &Path) -> Result<String, FlashError> {
     shell_path(
         path.strip_prefix("/")
-            .map_err(|_| format!("{}: not absolute", path.display()))?,
+            .map_err(|_| argument(path.display().to_string(), "not absolute"))?,
     )
 }
 
 /// A path quoted for `sh` (paths with a quote are refused, not escaped).
-fn shell_path(p: &Path) -> Result<String, String> {
+fn shell_path(p: &Path) -> Result<String, FlashError> {
     let s = p
         .to_str()
-        .ok_or_else(|| format!("{}: not UTF-8", p.display()))?;
+        .ok_or_else(|| argument(p.display().to_string(), "not UTF-8"))?;
     if s.contains(|c: char| c == '\'' || c == '"' || c == '\\' || c.is_whitespace()) {
-        return Err(format!("{s}: paths with quotes or spaces are refused"));
+        return Err(argument(s, "paths with quotes or spaces are refused"));
     }
     Ok(format!("'{s}'"))
 }
 
 /// Enrolls `id` unless it is taken (then only with `replace`).
-fn enroll(client: &Client, id: &str, tags: &str, replace: bool) -> Result<Enrollment, String> {
+fn enroll(client: &Client, id: &str, tags: &str, replace: bool) -> Result<Enrollment, FlashError> {
     match client.get_optional(&format!("/api/v1/devices/{id}"))? {
         Some(v) if !replace => {
             let d = &v["device"];
-            return Err(format!(
-                "device id {id} is taken ({}; last seen {}): choose another id, pass --enrollment DIR with its files, or --replace to issue a new certificate (the old one stops working)",
-                if d["enrolled"].as_bool().unwrap_or(false) {
+            return Err(FlashError::Taken {
+                id: id.to_owned(),
+                how: if d["enrolled"].as_bool().unwrap_or(false) {
                     "enrolled"
                 } else {
                     "seen on the broker"
                 },
-                d["last_seen"].as_u64().map_or_else(
+                last_seen: d["last_seen"].as_u64().map_or_else(
                     || "never".to_owned(),
-                    |ms| format!("{ms} ms after the epoch")
+                    |ms| format!("{ms} ms after the epoch"),
                 ),
-            ));
+            });
         }
         _ => {}
     }
+    let tags = crate::server::tags::parse(tags).map_err(|e| argument("--tags", e))?;
     let v = client.post(
         &format!("/api/v1/devices/{id}/enroll"),
-        &json!({"tags": crate::ops::remote::tags_of(tags)?}),
+        &json!({ "tags": tags }),
     )?;
     enrollment_of(&v)
 }
 
 /// The enrollment in an answer of `POST /api/v1/devices/{id}/enroll`.
-pub fn enrollment_of(v: &Value) -> Result<Enrollment, String> {
-    let s = |k: &str| {
+pub fn enrollment_of(v: &Value) -> Result<Enrollment, FlashError> {
+    let s = |k: &'static str| {
         v[k].as_str()
             .map(str::to_owned)
-            .ok_or_else(|| format!("the controller's enrollment has no {k}"))
+            .ok_or(FlashError::EnrollmentField(k))
     };
     let trust_root = match v["trust_root_hex"].as_str() {
-        Some(t) => hex::decode(t).map_err(|e| format!("trust_root_hex: {e}"))?,
+        Some(t) => {
+            hex::decode(t).map_err(|_| FlashError::Enrollment("trust_root_hex is not hex"))?
+        }
         None => {
-            return Err(
-                "the controller has no trust root: a device could verify no bundle (start it with trust_root set)"
-                    .into(),
-            );
+            return Err(FlashError::Enrollment(
+                "the controller has no trust root: a device could verify no bundle (start it with trust_root set)",
+            ));
         }
     };
     Ok(Enrollment {
@@ -537,22 +672,18 @@ pub fn enrollment_of(v: &Value) -> Result<Enrollment, String> {
 }
 
 /// The files `edgefleet devices enroll --out DIR` wrote, for device `id`.
-fn read_enrollment(dir: &Path, id: &str) -> Result<Enrollment, String> {
-    let read = |name: &str| {
-        read_capped(&dir.join(name), 1 << 20)
-            .map_err(|e| format!("--enrollment {}: {name}: {e}", dir.display()))
-    };
-    let text = |name: &str| {
-        String::from_utf8(read(name)?)
-            .map_err(|_| format!("--enrollment {}: {name}: not UTF-8", dir.display()))
-    };
-    let config: edgefleet_agent::config::AgentConfig = toml::from_str(&text("agent.toml")?)
-        .map_err(|e| format!("--enrollment {}: agent.toml: {e}", dir.display()))?;
+fn read_enrollment(dir: &Path, id: &str) -> Result<Enrollment, FlashError> {
+    let what = |name: &str| format!("--enrollment {}: {name}", dir.display());
+    let read =
+        |name: &str| read_capped(&dir.join(name), 1 << 20).map_err(|e| argument(what(name), e));
+    let text =
+        |name: &str| String::from_utf8(read(name)?).map_err(|_| argument(what(name), "not UTF-8"));
+    let config: edgefleet_agent::config::AgentConfig =
+        toml::from_str(&text("agent.toml")?).map_err(|e| argument(what("agent.toml"), e))?;
     if config.device_id != id {
-        return Err(format!(
-            "--enrollment {} is device {}'s, not {id}'s",
-            dir.display(),
-            config.device_id
+        return Err(argument(
+            format!("--enrollment {}", dir.display()),
+            format!("device {}'s, not {id}'s", config.device_id),
         ));
     }
     Ok(Enrollment {
@@ -578,15 +709,21 @@ fn on_root(root: &Path, path: &Path) -> PathBuf {
 }
 
 /// The systemd unit for `profile`: the shipped one with its paths.
-pub fn unit_for(profile: &Profile) -> Result<String, String> {
-    let binary = profile.install.binary.to_str().ok_or("binary: not UTF-8")?;
-    let config = profile.install.config.to_str().ok_or("config: not UTF-8")?;
+pub fn unit_for(profile: &Profile) -> Result<String, FlashError> {
+    fn utf8(p: &Path) -> Result<&str, FlashError> {
+        p.to_str()
+            .ok_or_else(|| argument(p.display().to_string(), "not UTF-8"))
+    }
+    let binary = utf8(&profile.install.binary)?;
+    let config = utf8(&profile.install.config)?;
     let mut unit = UNIT.replace(
         "ExecStart=/usr/local/bin/edgefleet-agent --config /etc/edgefleet/agent.toml run",
         &format!("ExecStart={binary} --config {config} run"),
     );
     if !unit.contains(&format!("ExecStart={binary} ")) {
-        return Err("the shipped unit has no ExecStart line to adapt".into());
+        return Err(FlashError::DeviceFiles(
+            "the shipped unit has no ExecStart line to adapt".into(),
+        ));
     }
     // StateDirectory= is relative to /var/lib; elsewhere the unit names the path.
     let data = &profile.install.data_dir;
@@ -611,18 +748,19 @@ pub fn device_files(
     id: &str,
     binary: &[u8],
     e: &Enrollment,
-) -> Result<Vec<DeviceFile>, String> {
+) -> Result<Vec<DeviceFile>, FlashError> {
+    let unfit = |why: &str| FlashError::DeviceFiles(why.to_owned());
     let mut config = profile.agent_config(id);
     config.broker.url = e.broker_url.clone();
     config.broker.topic_prefix = e.topic_prefix.clone();
     config
         .validate(&profile.install.config)
-        .map_err(|e| format!("the agent config for this device: {e}"))?;
+        .map_err(|e| unfit(&format!("the agent config for this device: {e}")))?;
     let etc = profile
         .install
         .config
         .parent()
-        .ok_or("install.config has no directory")?
+        .ok_or_else(|| unfit("install.config has no directory"))?
         .to_path_buf();
     let unit = unit_for(profile)?;
     let unit_name = profile
@@ -630,20 +768,20 @@ pub fn device_files(
         .unit
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or("install.unit has no file name")?
+        .ok_or_else(|| unfit("install.unit has no file name"))?
         .to_owned();
     let wants = profile
         .install
         .unit
         .parent()
-        .ok_or("install.unit has no directory")?
+        .ok_or_else(|| unfit("install.unit has no directory"))?
         .join("multi-user.target.wants")
         .join(&unit_name);
     let key = config
         .broker
         .key
         .clone()
-        .ok_or("the profile's agent config names no key")?;
+        .ok_or_else(|| unfit("the profile's agent config names no key"))?;
     let file = |path: PathBuf, mode: u32, contents: Vec<u8>| DeviceFile {
         path,
         mode,
@@ -651,7 +789,8 @@ pub fn device_files(
         kind: FileKind::File,
     };
     let data = profile.install.data_dir.display();
-    let toml_text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
+    let toml_text =
+        toml::to_string_pretty(&config).map_err(|e| unfit(&format!("agent.toml: {e}")))?;
     let files = vec![
         file(profile.install.binary.clone(), 0o755, binary.to_vec()),
         file(
@@ -720,10 +859,10 @@ pub fn device_files(
     let mut seen = BTreeSet::new();
     for f in &files {
         if !f.path.is_absolute() || !seen.insert(f.path.clone()) {
-            return Err(format!(
+            return Err(unfit(&format!(
                 "{}: a device path must be absolute and used once",
                 f.path.display()
-            ));
+            )));
         }
     }
     Ok(files)
@@ -732,14 +871,23 @@ pub fn device_files(
 /// Writes `files` under `root`: each is staged beside its destination, then
 /// all are moved into place (`agent.toml` last); on an error before the moves,
 /// the staged files and the directories made for them are removed.
-pub fn install_into(root: &Path, files: &[DeviceFile], profile: &Profile) -> Result<(), String> {
+pub fn install_into(
+    root: &Path,
+    files: &[DeviceFile],
+    profile: &Profile,
+) -> Result<(), FlashError> {
     use std::os::unix::fs::PermissionsExt;
     let mut made_dirs = Vec::new();
     let mut staged = Vec::new();
-    let result = (|| -> Result<(), String> {
+    let at = |path: &Path| {
+        let path = path.to_owned();
+        move |source| (path, source)
+    };
+    let result = (|| -> Result<(), (PathBuf, std::io::Error)> {
         for f in files {
             let target = on_root(root, &f.path);
-            let dir = target.parent().ok_or("no parent")?.to_path_buf();
+            // on_root joins a device path's components to `root`: never the bare root.
+            let dir = target.parent().unwrap_or(root).to_path_buf();
             let mut missing = Vec::new();
             let mut d = dir.clone();
             while !d.exists() {
@@ -748,53 +896,61 @@ pub fn install_into(root: &Path, files: &[DeviceFile], profile: &Profile) -> Res
                     break;
                 }
             }
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::create_dir_all(&dir).map_err(at(&dir))?;
             made_dirs.extend(missing.into_iter().rev());
             let tmp = staged_path(&target);
             let _ = std::fs::remove_file(&tmp);
             match f.kind {
                 FileKind::File => {
-                    let mut w = std::fs::File::create(&tmp)
-                        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+                    let mut w = std::fs::File::create(&tmp).map_err(at(&tmp))?;
                     staged.push(tmp.clone());
                     w.write_all(&f.contents)
                         .and_then(|()| w.set_permissions(std::fs::Permissions::from_mode(f.mode)))
                         .and_then(|()| w.sync_all())
-                        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+                        .map_err(at(&tmp))?;
                 }
                 FileKind::Link => {
                     let to = String::from_utf8_lossy(&f.contents).into_owned();
-                    std::os::unix::fs::symlink(&to, &tmp)
-                        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+                    std::os::unix::fs::symlink(&to, &tmp).map_err(at(&tmp))?;
                     staged.push(tmp.clone());
                 }
             }
         }
         let data = on_root(root, &profile.install.data_dir);
         if !data.exists() {
-            std::fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+            std::fs::create_dir_all(&data).map_err(at(&data))?;
             std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))
-                .map_err(|e| format!("{}: {e}", data.display()))?;
+                .map_err(at(&data))?;
         }
         Ok(())
     })();
-    if let Err(e) = result {
+    if let Err((path, source)) = result {
         for s in &staged {
             let _ = std::fs::remove_file(s);
         }
         for d in made_dirs.iter().rev() {
             let _ = std::fs::remove_dir(d);
         }
-        return Err(format!("nothing installed: {e}"));
+        return Err(FlashError::Install {
+            staged: true,
+            path,
+            source,
+        });
     }
     // Every file is written: move them into place, the config last.
+    let moved = |path: &Path| {
+        let path = path.to_owned();
+        move |source| FlashError::Install {
+            staged: false,
+            path,
+            source,
+        }
+    };
     for f in files {
         let target = on_root(root, &f.path);
-        std::fs::rename(staged_path(&target), &target)
-            .map_err(|e| format!("{}: {e}", target.display()))?;
+        std::fs::rename(staged_path(&target), &target).map_err(moved(&target))?;
         if let Some(dir) = target.parent() {
-            edgefleet_shared::durable::sync_dir(dir)
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            edgefleet_shared::durable::sync_dir(dir).map_err(moved(dir))?;
         }
     }
     Ok(())
@@ -808,7 +964,11 @@ fn staged_path(target: &Path) -> PathBuf {
 
 /// The install script in an archive: the same staging, then (on a live
 /// system) the user, ownership and the service.
-pub fn install_script(files: &[DeviceFile], profile: &Profile, id: &str) -> Result<String, String> {
+pub fn install_script(
+    files: &[DeviceFile],
+    profile: &Profile,
+    id: &str,
+) -> Result<String, FlashError> {
     let (mut puts, mut moves) = (String::new(), String::new());
     for f in files {
         let rel = device_rel(&f.path)?;
@@ -828,7 +988,7 @@ pub fn install_script(files: &[DeviceFile], profile: &Profile, id: &str) -> Resu
         .unit
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or("install.unit has no file name")?;
+        .ok_or_else(|| FlashError::DeviceFiles("install.unit has no file name".into()))?;
     Ok(format!(
         r#"#!/bin/sh
 # Installs the edgefleet agent of device {id} ({profile}, {target}).
@@ -886,12 +1046,16 @@ fi
 
 /// An install archive: `edgefleet-flash/install.sh` and the files under
 /// `edgefleet-flash/root/`, gzip-compressed.
-pub fn archive(files: &[DeviceFile], profile: &Profile, id: &str) -> Result<Vec<u8>, String> {
+pub fn archive(files: &[DeviceFile], profile: &Profile, id: &str) -> Result<Vec<u8>, FlashError> {
     let script = install_script(files, profile, id)?;
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     let mut tar = tar::Builder::new(gz);
-    let io = |e: std::io::Error| format!("archive: {e}");
-    let mut add = |path: &Path, mode: u32, data: &[u8]| -> Result<(), String> {
+    let io = |source| FlashError::Install {
+        staged: true,
+        path: "archive".into(),
+        source,
+    };
+    let mut add = |path: &Path, mode: u32, data: &[u8]| -> Result<(), FlashError> {
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
         h.set_mode(mode);
@@ -905,7 +1069,10 @@ pub fn archive(files: &[DeviceFile], profile: &Profile, id: &str) -> Result<Vec<
         script.as_bytes(),
     )?;
     for f in files.iter().filter(|f| f.kind == FileKind::File) {
-        let rel = f.path.strip_prefix("/").map_err(|_| "not absolute")?;
+        let rel = f
+            .path
+            .strip_prefix("/")
+            .map_err(|_| argument(f.path.display().to_string(), "not absolute"))?;
         add(
             &Path::new("edgefleet-flash/root").join(rel),
             f.mode,
@@ -922,7 +1089,11 @@ fn ssh_install(
     root: &Path,
     archive: &[u8],
     force: bool,
-) -> Result<(), String> {
+) -> Result<(), FlashError> {
+    let ssh_err = |reason: String| FlashError::Ssh {
+        host: host.to_owned(),
+        reason,
+    };
     let root = shell_path(root)?;
     let script = format!(
         "set -e; d=$(mktemp -d); trap 'rm -rf \"$d\"' EXIT; tar -xzf - -C \"$d\"; \
@@ -935,19 +1106,22 @@ fn ssh_install(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("--ssh: cannot run ssh ({e})"))?;
-    let mut stdin = child.stdin.take().ok_or("ssh: no stdin")?;
+        .map_err(|e| ssh_err(format!("cannot run ssh ({e})")))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| ssh_err("no stdin".into()))?;
     let data = archive.to_vec();
     let writer = std::thread::spawn(move || stdin.write_all(&data));
     let out = child
         .wait_with_output()
-        .map_err(|e| format!("--ssh: {e}"))?;
+        .map_err(|e| ssh_err(e.to_string()))?;
     let _ = writer.join();
     if !out.status.success() {
-        return Err(format!(
-            "--ssh {host}: the install failed: {}",
+        return Err(ssh_err(format!(
+            "the install failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        )));
     }
     Ok(())
 }
@@ -982,7 +1156,8 @@ mod tests {
         let mut odd = own[..64].to_vec();
         odd[18..20].copy_from_slice(&999u16.to_le_bytes());
         let e = Elf::parse(&odd).expect_err("unknown machine");
-        assert!(e.contains("999"), "{e}");
+        assert_eq!(e, ElfError::Machine(999));
+        assert!(e.to_string().contains("999"), "{e}");
         // Truncated or garbage program headers: an error, never a panic.
         for n in [0, 4, 17, 20, 63, 64, 100] {
             let _ = Elf::parse(&own[..n.min(own.len())]);
@@ -1041,7 +1216,8 @@ mod tests {
                 ..enrollment()
             },
         )
-        .expect_err("bad broker URL");
+        .expect_err("bad broker URL")
+        .to_string();
         assert!(e.contains("broker"), "{e}");
     }
 
@@ -1076,7 +1252,8 @@ mod tests {
             .collect();
         assert!(staged.is_empty(), "{staged:?}");
         let e = preflight(&Destination::Root(root.path().into()), &p, false)
-            .expect_err("installed already");
+            .expect_err("installed already")
+            .to_string();
         assert!(e.contains("gw-1") && e.contains("--force"), "{e}");
         preflight(&Destination::Root(root.path().into()), &p, true).expect("forced");
     }
@@ -1099,7 +1276,9 @@ mod tests {
                 kind: FileKind::File,
             },
         );
-        let e = install_into(root.path(), &new, &p).expect_err("cannot stage");
+        let e = install_into(root.path(), &new, &p)
+            .expect_err("cannot stage")
+            .to_string();
         assert!(e.starts_with("nothing installed"), "{e}");
         assert_eq!(snapshot(root.path()), before, "old files untouched");
     }

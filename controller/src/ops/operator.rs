@@ -637,7 +637,7 @@ fn read_reference(path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>), OperatorE
     {
         let bytes = fs::read(path).map_err(io_err(path))?;
         let rows = crate::server::npy::read_matrix(&bytes, MAX_REFERENCE_ROWS * 1024)
-            .map_err(|e| input_err(&what, e))?;
+            .map_err(|e| input_err(&what, e.to_string()))?;
         if rows.is_empty() {
             return Err(input_err(&what, "has no rows"));
         }
@@ -701,7 +701,7 @@ fn read_reference_csv(
 }
 
 /// Computes reference statistics for the inputs, and for the outputs by running
-/// the model over the rows (`edgefleet_agent::drift::summarise`).
+/// the model over the rows (`edgefleet_agent::reference_stats::summarise`).
 fn reference_stats(
     path: &Path,
     model: &LoadedModel,
@@ -709,8 +709,8 @@ fn reference_stats(
 ) -> Result<(ReferenceStats, Vec<f64>), OperatorError> {
     let (headers, rows) = read_reference(path)?;
     let what = path.display().to_string();
-    let stats = edgefleet_agent::drift::summarise(model, &headers, &rows, categorical)
-        .map_err(|e| input_err(&what, e))?;
+    let stats = edgefleet_agent::reference_stats::summarise(model, &headers, &rows, categorical)
+        .map_err(|e| input_err(&what, e.to_string()))?;
     Ok((stats, rows[0].clone()))
 }
 

@@ -2,7 +2,6 @@
 //! `bundles` and `rollout`. API commands take `--controller URL` and `--token
 //! TOKEN` (defaults: `EDGEFLEET_URL`, `EDGEFLEET_TOKEN`) and `--json`.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,7 +10,55 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::server::config::ControllerConfig;
+pub use crate::ops::client::{ApiArgs, Client, ClientError};
+use crate::ops::operator::OperatorError;
+use crate::server::config::{ConfigError, ControllerConfig};
+
+/// Why a controller command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The API call failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// `--tags` is not `key=value,...`.
+    #[error("--tags: {0}")]
+    Tags(#[from] crate::server::tags::TagError),
+    /// The configuration is not acceptable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The controller's certificate authority failed.
+    #[error(transparent)]
+    Ca(#[from] crate::server::ca::CaError),
+    /// The controller did not start.
+    #[error(transparent)]
+    Serve(#[from] crate::server::serve::ServeError),
+    /// A file could not be read or written.
+    #[error(transparent)]
+    Operator(#[from] OperatorError),
+    /// An argument is wrong (`what` names it).
+    #[error("{what}: {reason}")]
+    Argument {
+        /// The flag.
+        what: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No runtime for the server.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The controller's answer lacks what the command needs.
+    #[error("the controller's answer: {0}")]
+    Answer(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CommandError + '_ {
+    move |source| {
+        CommandError::Operator(OperatorError::Io {
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
 
 /// `edgefleet serve`.
 #[derive(Debug, Args)]
@@ -73,7 +120,7 @@ pub enum BrokerCommand {
 }
 
 /// `broker mosquitto`.
-pub fn broker(cmd: BrokerCommand) -> Result<i32, String> {
+pub fn broker(cmd: BrokerCommand) -> Result<i32, CommandError> {
     let BrokerCommand::Mosquitto {
         data_dir,
         out,
@@ -81,34 +128,33 @@ pub fn broker(cmd: BrokerCommand) -> Result<i32, String> {
         hosts,
         topic_prefix,
     } = cmd;
-    edgefleet_shared::protocol::Topics::new(&topic_prefix).map_err(|e| e.to_string())?;
-    let host = hosts
-        .first()
-        .cloned()
-        .ok_or("--hosts: name at least one host")?;
-    let ca =
-        crate::server::ca::Ca::open_or_create(&data_dir.join("ca")).map_err(|e| e.to_string())?;
+    edgefleet_shared::protocol::Topics::new(&topic_prefix).map_err(|e| CommandError::Argument {
+        what: "--topic-prefix",
+        reason: e.to_string(),
+    })?;
+    let host = hosts.first().cloned().ok_or(CommandError::Argument {
+        what: "--hosts",
+        reason: "name at least one host".into(),
+    })?;
+    let ca = crate::server::ca::Ca::open_or_create(&data_dir.join("ca"))?;
     let put = |name: &str, text: &str| {
         crate::ops::operator::write_atomic(&out.join(name), 0o644, |w| w.write_all(text.as_bytes()))
-            .map_err(|e| e.to_string())
     };
-    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::create_dir_all(&out).map_err(io_err(&out))?;
     put("ca.pem", ca.cert_pem())?;
-    ca.issue("edgefleet broker", Some(&hosts), &out, "server")
-        .map_err(|e| e.to_string())?;
+    ca.issue("edgefleet broker", Some(&hosts), &out, "server")?;
     ca.issue(
         crate::server::ca::CONTROLLER_IDENTITY,
         None,
         &out,
         "controller",
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     put("acl", &crate::server::broker::mosquitto_acl(&topic_prefix))?;
     put(
         "mosquitto.conf",
         &crate::server::broker::mosquitto_conf(listen, &out),
     )?;
-    let abs = std::fs::canonicalize(&out).map_err(|e| e.to_string())?;
+    let abs = std::fs::canonicalize(&out).map_err(io_err(&out))?;
     let snippet = format!(
         "# edgefleet serve --config: use the Mosquitto prepared in {dir}\n\
          [mqtt]\nmode = \"external\"\nurl = \"mqtts://{host}:{port}\"\n\
@@ -124,20 +170,6 @@ pub fn broker(cmd: BrokerCommand) -> Result<i32, String> {
     println!("  controller-mqtt.toml  the [mqtt] section for the controller's config");
     println!("run: mosquitto -c {}/mosquitto.conf", abs.display());
     Ok(0)
-}
-
-/// Where the API is and who calls it.
-#[derive(Debug, Clone, Args)]
-pub struct ApiArgs {
-    /// Controller URL.
-    #[arg(long, env = "EDGEFLEET_URL", default_value = "http://127.0.0.1:8080")]
-    pub controller: String,
-    /// API token.
-    #[arg(long, env = "EDGEFLEET_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// `edgefleet devices ...`.
@@ -287,9 +319,9 @@ pub enum RolloutCommand {
 }
 
 /// Runs `serve` until SIGINT/SIGTERM.
-pub fn serve(args: ServeArgs) -> Result<i32, String> {
+pub fn serve(args: ServeArgs) -> Result<i32, CommandError> {
     let mut config = match &args.config {
-        Some(p) => ControllerConfig::load(p).map_err(|e| e.to_string())?,
+        Some(p) => ControllerConfig::load(p)?,
         None => ControllerConfig::default(),
     };
     if let Some(d) = args.data_dir {
@@ -301,20 +333,16 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     if let Some(m) = args.mqtt {
         config.mqtt.listen = m;
     }
-    config
-        .validate(Path::new("flags"))
-        .map_err(|e| e.to_string())?;
+    config.validate(Path::new("flags"))?;
     // rumqttd logs an ERROR for every abrupt client disconnect: off by default.
     edgefleet_agent::cli::init_logs(args.log_json, "info,rumqttd=off");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(CommandError::Runtime)?;
     rt.block_on(async move {
         let (started, server) =
-            crate::server::serve::start(config, crate::server::serve::shutdown_signal())
-                .await
-                .map_err(|e| e.to_string())?;
+            crate::server::serve::start(config, crate::server::serve::shutdown_signal()).await?;
         println!("controller API listening on http://{}", started.http);
         println!("devices connect to {}", started.broker_url);
         println!("data directory {}", started.data_dir.display());
@@ -329,129 +357,17 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
 }
 
 /// `config ...`.
-pub fn config(cmd: ConfigCommand) -> Result<i32, String> {
+pub fn config(cmd: ConfigCommand) -> Result<i32, CommandError> {
     match cmd {
         ConfigCommand::PrintDefault => {
             print!("{}", ControllerConfig::default_toml());
             Ok(0)
         }
         ConfigCommand::Check { file } => {
-            ControllerConfig::load(&file).map_err(|e| e.to_string())?;
+            ControllerConfig::load(&file)?;
             println!("{}: ok", file.display());
             Ok(0)
         }
-    }
-}
-
-/// A blocking API client.
-#[derive(Debug)]
-pub struct Client {
-    base: String,
-    token: Option<String>,
-    agent: ureq::Agent,
-}
-
-impl Client {
-    /// A client for `api`.
-    pub fn new(api: &ApiArgs) -> Client {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(300)))
-            .build()
-            .into();
-        Client {
-            base: api.controller.trim_end_matches('/').to_owned(),
-            token: api.token.clone(),
-            agent,
-        }
-    }
-
-    fn answer(
-        &self,
-        r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> Result<Value, String> {
-        let mut r = r.map_err(|e| format!("controller at {}: {e}", self.base))?;
-        let status = r.status();
-        let body: Value = r
-            .body_mut()
-            .with_config()
-            .limit(64 << 20)
-            .read_json()
-            .unwrap_or(Value::Null);
-        if status.is_success() {
-            Ok(body)
-        } else {
-            let msg = body["error"]["message"].as_str().unwrap_or("no details");
-            let code = body["error"]["code"].as_str().unwrap_or("error");
-            Err(format!("{} {code}: {msg}", status.as_u16()))
-        }
-    }
-
-    fn auth(&self) -> String {
-        format!("Bearer {}", self.token.as_deref().unwrap_or(""))
-    }
-
-    /// GET a JSON document.
-    pub fn get(&self, path: &str) -> Result<Value, String> {
-        let r = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", self.auth())
-            .call();
-        self.answer(r)
-    }
-
-    /// GET a JSON document that may not exist (None on 404).
-    pub fn get_optional(&self, path: &str) -> Result<Option<Value>, String> {
-        let r = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", self.auth())
-            .call();
-        if matches!(&r, Ok(r) if r.status() == 404) {
-            return Ok(None);
-        }
-        self.answer(r).map(Some)
-    }
-
-    /// GET a text document (`/metrics`).
-    pub fn get_text(&self, path: &str) -> Result<String, String> {
-        let mut r = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", self.auth())
-            .call()
-            .map_err(|e| format!("controller at {}: {e}", self.base))?;
-        if !r.status().is_success() {
-            return Err(format!("{path}: {}", r.status()));
-        }
-        r.body_mut()
-            .with_config()
-            .limit(16 << 20)
-            .read_to_string()
-            .map_err(|e| e.to_string())
-    }
-
-    /// POST JSON.
-    pub fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
-        let r = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Authorization", self.auth())
-            .send_json(body);
-        self.answer(r)
-    }
-
-    /// POST a file.
-    pub fn upload(&self, path: &str, file: &Path) -> Result<Value, String> {
-        let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
-        let r = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Authorization", self.auth())
-            .header("Content-Type", "application/octet-stream")
-            .send(&f);
-        self.answer(r)
     }
 }
 
@@ -459,26 +375,14 @@ fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-/// Tags from `k=v,k2=v2`.
-pub(crate) fn tags_of(text: &str) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| format!("tag {pair:?}: expected key=value"))?;
-        out.insert(k.trim().to_owned(), v.trim().to_owned());
-    }
-    Ok(out)
-}
-
 /// `devices ...`.
-pub fn devices(cmd: DevicesCommand) -> Result<i32, String> {
+pub fn devices(cmd: DevicesCommand) -> Result<i32, CommandError> {
     match cmd {
         DevicesCommand::Enroll { id, tags, out, api } => {
             let c = Client::new(&api);
             let v = c.post(
                 &format!("/api/v1/devices/{id}/enroll"),
-                &json!({"tags": tags_of(&tags)?}),
+                &json!({"tags": crate::server::tags::parse(&tags)?}),
             )?;
             write_enrollment(&v, &out)?;
             if api.json {
@@ -548,12 +452,11 @@ pub fn devices(cmd: DevicesCommand) -> Result<i32, String> {
 }
 
 /// Writes the files a device needs from an enrollment answer.
-pub fn write_enrollment(v: &Value, out: &Path) -> Result<(), String> {
+pub fn write_enrollment(v: &Value, out: &Path) -> Result<(), CommandError> {
     let put = |name: &str, text: &[u8], mode: u32| {
         crate::ops::operator::write_atomic(&out.join(name), mode, |w| w.write_all(text))
-            .map_err(|e| e.to_string())
     };
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
     let s = |k: &str| v[k].as_str().unwrap_or("").to_owned();
     put("ca.pem", s("ca_pem").as_bytes(), 0o644)?;
     put("controller.pub", s("controller_key_pem").as_bytes(), 0o644)?;
@@ -562,7 +465,7 @@ pub fn write_enrollment(v: &Value, out: &Path) -> Result<(), String> {
     if let Some(t) = v["trust_root_hex"].as_str() {
         put(
             "trust-root.cbor",
-            &hex::decode(t).map_err(|e| e.to_string())?,
+            &hex::decode(t).map_err(|e| CommandError::Answer(format!("trust_root_hex: {e}")))?,
             0o644,
         )?;
     }
@@ -572,16 +475,17 @@ pub fn write_enrollment(v: &Value, out: &Path) -> Result<(), String> {
     };
     agent.broker.url = s("broker_url");
     agent.broker.topic_prefix = s("topic_prefix");
-    let text = toml::to_string_pretty(&agent).map_err(|e| e.to_string())?;
-    put(
+    let text = toml::to_string_pretty(&agent)
+        .map_err(|e| CommandError::Answer(format!("agent.toml: {e}")))?;
+    Ok(put(
         "agent.toml",
         format!("# written by `edgefleet devices enroll`; files go to /etc/edgefleet on the device\n{text}").as_bytes(),
         0o644,
-    )
+    )?)
 }
 
 /// `bundles ...`.
-pub fn bundles(cmd: BundlesCommand) -> Result<i32, String> {
+pub fn bundles(cmd: BundlesCommand) -> Result<i32, CommandError> {
     match cmd {
         BundlesCommand::Push { file, api } => {
             let v = Client::new(&api).upload("/api/v1/bundles", &file)?;
@@ -666,7 +570,7 @@ pub fn rollout_text(r: &Value) -> String {
 }
 
 /// `rollout ...`.
-pub fn rollout(cmd: RolloutCommand) -> Result<i32, String> {
+pub fn rollout(cmd: RolloutCommand) -> Result<i32, CommandError> {
     match cmd {
         RolloutCommand::Start {
             bundle,
@@ -681,7 +585,7 @@ pub fn rollout(cmd: RolloutCommand) -> Result<i32, String> {
         } => {
             let mut body = json!({
                 "bundle": bundle,
-                "selector": {"tags": tags_of(tags.as_deref().unwrap_or(""))?, "devices": devices, "all": all},
+                "selector": {"tags": crate::server::tags::parse(tags.as_deref().unwrap_or(""))?, "devices": devices, "all": all},
             });
             if !waves.is_empty() {
                 body["waves"] = json!(waves);
@@ -761,7 +665,12 @@ pub fn rollout(cmd: RolloutCommand) -> Result<i32, String> {
     }
 }
 
-fn operate(id: &str, action: &str, body: Option<Value>, api: &ApiArgs) -> Result<i32, String> {
+fn operate(
+    id: &str,
+    action: &str,
+    body: Option<Value>,
+    api: &ApiArgs,
+) -> Result<i32, CommandError> {
     let v = Client::new(api).post(
         &format!("/api/v1/rollouts/{id}/{action}"),
         &body.unwrap_or_else(|| json!({})),

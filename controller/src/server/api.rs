@@ -23,6 +23,7 @@ use crate::server::ca::Ca;
 use crate::server::db::{Audit, BundleRow, Db};
 use crate::server::engine::{FailurePolicy, Gates, Input, Plan, WaveSize};
 use crate::server::fleet::{Fleet, FleetError, now_ms};
+use crate::server::tags::Tags;
 
 /// Shared state of the handlers.
 #[derive(Debug, Clone)]
@@ -232,9 +233,18 @@ impl From<FleetError> for ApiError {
     fn from(e: FleetError) -> Self {
         match e {
             FleetError::Db(e) => e.into(),
-            FleetError::Invalid(m) => ApiError::invalid(m),
-            FleetError::NotFound(m) => ApiError::not_found(m),
-            FleetError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            FleetError::Random(_) => {
+                ApiError::internal("the controller could not name a rollout", e)
+            }
+            FleetError::InvalidDevice(_) | FleetError::Plan(_) => ApiError::invalid(e.to_string()),
+            FleetError::UnknownBundle(_) | FleetError::UnknownRollout(_) => {
+                ApiError::not_found(e.to_string())
+            }
+            FleetError::DeviceInRollout { .. }
+            | FleetError::RolloutFinished(_)
+            | FleetError::NotNow(_) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
         }
     }
 }
@@ -368,15 +378,8 @@ struct DeviceFilter {
     seen_within_s: Option<u64>,
 }
 
-fn parse_tags(text: &str) -> ApiResult<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    for pair in text.split(',').filter(|p| !p.is_empty()) {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| ApiError::invalid(format!("tag {pair:?}: expected key=value")))?;
-        out.insert(k.trim().to_owned(), v.trim().to_owned());
-    }
-    Ok(out)
+fn parse_tags(text: &str) -> ApiResult<Tags> {
+    crate::server::tags::parse(text).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
 #[utoipa::path(get, path = "/api/v1/devices", tag = "devices", params(DeviceFilter),
@@ -567,7 +570,7 @@ async fn fleet_drift(
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 struct EnrollBody {
-    tags: BTreeMap<String, String>,
+    tags: Tags,
 }
 
 #[utoipa::path(post, path = "/api/v1/devices/{id}/enroll", tag = "devices", params(("id" = String, Path, description = "device id")),
@@ -1208,7 +1211,7 @@ struct RolloutBody {
 #[derive(Debug, Default, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 struct Selector {
-    tags: BTreeMap<String, String>,
+    tags: Tags,
     devices: Vec<String>,
     all: bool,
 }
@@ -1491,9 +1494,9 @@ struct TokenBody {
 }
 
 /// A new random token: 32 bytes, hex.
-pub fn new_token() -> Result<String, String> {
+pub fn new_token() -> Result<String, getrandom::Error> {
     let mut b = [0u8; 32];
-    getrandom::fill(&mut b).map_err(|e| e.to_string())?;
+    getrandom::fill(&mut b)?;
     Ok(format!("eft_{}", hex::encode(b)))
 }
 
@@ -1522,7 +1525,7 @@ async fn create_token(
     {
         return Err(ApiError::invalid("name: 1-64 letters, digits, '-' or '_'"));
     }
-    let token = new_token().map_err(ApiError::invalid)?;
+    let token = new_token().map_err(|e| ApiError::internal("no randomness for a token", e))?;
     let audit = caller.audit("token.create", &body.name, Some(json!({"role": body.role})));
     s.db()
         .insert_token(

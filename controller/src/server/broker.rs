@@ -15,15 +15,41 @@ use crate::server::ca::Identity;
 /// its envelope.
 pub const MAX_PAYLOAD: usize = (4 << 20) + 64 * 1024;
 
+/// Why the embedded broker did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The address cannot be bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// rumqttd refused the configuration built here (a bug, or a path it cannot read).
+    #[error("embedded broker configuration: {0}")]
+    Config(#[from] toml::de::Error),
+    /// No thread for it.
+    #[error("cannot start the broker thread: {0}")]
+    Thread(std::io::Error),
+    /// It did not accept connections in time.
+    #[error("the embedded broker did not listen on {0} within 10 s (port in use?)")]
+    NotListening(SocketAddr),
+}
+
 /// Starts rumqttd on `listen` (port 0 picks a free port) and waits until it
 /// accepts connections. Returns the address it listens on.
 pub fn start_embedded(
     listen: SocketAddr,
     tls: Option<(&Path, &Identity)>,
-) -> Result<SocketAddr, String> {
+) -> Result<SocketAddr, BrokerError> {
+    let bind = |source| BrokerError::Bind {
+        addr: listen,
+        source,
+    };
     let addr = if listen.port() == 0 {
-        let probe = TcpListener::bind(listen).map_err(|e| format!("cannot bind {listen}: {e}"))?;
-        probe.local_addr().map_err(|e| e.to_string())?
+        let probe = TcpListener::bind(listen).map_err(bind)?;
+        probe.local_addr().map_err(bind)?
     } else {
         listen
     };
@@ -59,8 +85,7 @@ dynamic_filters = true
             text(&server.key)
         )),
     );
-    let config: rumqttd::Config =
-        toml::from_str(&config).map_err(|e| format!("embedded broker configuration: {e}"))?;
+    let config: rumqttd::Config = toml::from_str(&config)?;
     std::thread::Builder::new()
         .name("rumqttd".into())
         .spawn(move || {
@@ -69,13 +94,11 @@ dynamic_filters = true
                 tracing::error!(error = %e, "embedded broker stopped");
             }
         })
-        .map_err(|e| format!("cannot start the broker thread: {e}"))?;
+        .map_err(BrokerError::Thread)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(addr).is_err() {
         if Instant::now() > deadline {
-            return Err(format!(
-                "the embedded broker did not listen on {addr} within 10 s (port in use?)"
-            ));
+            return Err(BrokerError::NotListening(addr));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -35,6 +35,11 @@ impl From<tokio_rusqlite::Error<rusqlite::Error>> for DbError {
 
 type Result<T> = std::result::Result<T, DbError>;
 
+/// Enrolled certificates: SHA-256 of the DER (hex) to the device id.
+pub type Fingerprints = BTreeMap<String, String>;
+
+pub use crate::server::tags::Tags;
+
 /// The migrations, in order. Never edit one that has shipped; add the next.
 const MIGRATIONS: &[&str] = &[
     // 1: the first schema.
@@ -268,7 +273,7 @@ pub struct DeviceRow {
     /// Device id.
     pub id: String,
     /// Tags given at enrollment.
-    pub tags: BTreeMap<String, String>,
+    pub tags: Tags,
     /// Enrolled by this controller (certificate issued) or only seen on the broker.
     pub enrolled: bool,
     /// Connected, per its retained state and will.
@@ -555,7 +560,7 @@ impl Db {
     pub async fn enroll(
         &self,
         id: &str,
-        tags: &BTreeMap<String, String>,
+        tags: &Tags,
         cert_sha256: &str,
         now: u64,
         audit: Option<Audit>,
@@ -682,11 +687,11 @@ impl Db {
         Ok(json_or_null(text.flatten()))
     }
 
-    /// Certificate fingerprints of enrolled devices.
-    pub async fn enrolled_fingerprints(&self) -> Result<BTreeMap<String, String>> {
+    /// Certificate fingerprints of enrolled devices: SHA-256 (hex) to device id.
+    pub async fn enrolled_fingerprints(&self) -> Result<Fingerprints> {
         Ok(self
             .read
-            .call(|c| -> rusqlite::Result<BTreeMap<String, String>> {
+            .call(|c| -> rusqlite::Result<Fingerprints> {
                 let mut st =
                     c.prepare("SELECT cert_sha256, id FROM devices WHERE cert_sha256 IS NOT NULL")?;
                 let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use edgefleet_shared::manifest::Manifest;
 use edgefleet_shared::protocol::{
-    self, Action, BundleOffer, Chunk, Command, DeviceState, DeviceTopic, Event, EventKind,
-    FailureReason, FetchRequest, InstallMode, Telemetry, Topic, Topics,
+    self, Action, BundleOffer, Chunk, Command, DeviceTopic, Event, EventKind, FailureReason,
+    FetchRequest, InstallMode, Telemetry, Topics,
 };
 use edgefleet_shared::protocol::{LATENCY_BOUNDS_US, quantile_us};
 use edgefleet_shared::{DeviceId, Digest, RawHeader, UnixTime};
@@ -28,7 +28,10 @@ use serde::Serialize;
 use tokio::sync::{Mutex, mpsc};
 
 use crate::server::db::{Db, DbError, TelemetryRow};
-use crate::server::engine::{Effect, Input, Phase, Plan, Rollout, WaveHealth};
+use crate::server::engine::{Effect, Input, NotNow, Phase, Plan, PlanError, Rollout, WaveHealth};
+mod ingest;
+pub use ingest::IngestError;
+
 use crate::server::fetch_limits::{ByteBudget, FetchRefusal, MAX_CHUNKS_PER_REQUEST};
 
 /// Now, in ms since the epoch (the agent's clock reading).
@@ -74,15 +77,26 @@ struct StoredBundle {
 }
 
 impl StoredBundle {
-    fn open(path: &Path) -> Result<StoredBundle, String> {
-        let mut file = fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let raw =
-            RawHeader::read_from(&mut file).map_err(|e| format!("{}: {e}", path.display()))?;
-        let manifest = raw
-            .decode_unverified()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+    /// The stored file's header; None (logged) when it cannot be read, as for
+    /// a bundle this controller does not hold.
+    fn open(path: &Path) -> Option<StoredBundle> {
+        let read = || -> Result<_, Box<dyn std::error::Error>> {
+            let mut file = fs::File::open(path)?;
+            let raw = RawHeader::read_from(&mut file)?;
+            let manifest = raw.decode_unverified()?;
+            Ok((file, raw, manifest))
+        };
+        let (file, raw, manifest) = match read() {
+            Ok(opened) => opened,
+            Err(e) => {
+                if path.exists() {
+                    tracing::error!(path = %path.display(), error = %e, "a stored bundle is unreadable");
+                }
+                return None;
+            }
+        };
         let header = raw.to_bytes();
-        Ok(StoredBundle {
+        Some(StoredBundle {
             file,
             header_len: header.len() as u64,
             header,
@@ -121,21 +135,46 @@ pub struct RolloutView {
     pub state: Rollout,
 }
 
-/// Errors of fleet operations the API reports.
+/// Why a fleet operation was refused or failed; the API maps each to its
+/// status once (`From<FleetError> for ApiError`).
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
-    /// Store failure.
+    /// The store failed (the server's fault).
     #[error(transparent)]
     Db(#[from] DbError),
-    /// Bad request (the message says what).
-    #[error("{0}")]
-    Invalid(String),
-    /// Not found.
-    #[error("{0}")]
-    NotFound(String),
-    /// Conflicts with the current state.
-    #[error("{0}")]
-    Conflict(String),
+    /// A device id that is not one.
+    #[error(transparent)]
+    InvalidDevice(#[from] edgefleet_shared::ids::InvalidId),
+    /// A bundle this controller does not hold.
+    #[error("bundle {} is not stored on this controller (upload it first)", .0.to_hex())]
+    UnknownBundle(Digest),
+    /// A device already taken by a running rollout.
+    #[error(
+        "device {device} is already in rollout {rollout}, which is {phase}; pause or abort it first"
+    )]
+    DeviceInRollout {
+        /// The device.
+        device: String,
+        /// The rollout it is in.
+        rollout: String,
+        /// That rollout's phase.
+        phase: &'static str,
+    },
+    /// No rollout has this id.
+    #[error("no rollout {0}")]
+    UnknownRollout(String),
+    /// The rollout is finished: no command applies.
+    #[error("rollout {0} is finished")]
+    RolloutFinished(String),
+    /// The rollout's plan is not acceptable.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The command does not apply in the rollout's phase.
+    #[error(transparent)]
+    NotNow(#[from] NotNow),
+    /// The system gave no randomness for a rollout id (the server's fault).
+    #[error("no randomness for a rollout id: {0}")]
+    Random(getrandom::Error),
 }
 
 /// The shared fleet handle.
@@ -339,7 +378,7 @@ impl Fleet {
         if let Some(b) = map.get(digest) {
             return Some(b.clone());
         }
-        let b = Arc::new(StoredBundle::open(&self.bundle_path(digest)).ok()?);
+        let b = Arc::new(StoredBundle::open(&self.bundle_path(digest))?);
         map.insert(*digest, b.clone());
         Some(b)
     }
@@ -364,114 +403,6 @@ impl Fleet {
                     saved: row.state,
                 },
             );
-        }
-        Ok(())
-    }
-
-    // ----- ingest ---------------------------------------------------------
-
-    async fn ingest(
-        &self,
-        topic: &str,
-        payload: &[u8],
-        tel: &mpsc::Sender<(Telemetry, u64)>,
-    ) -> Result<(), String> {
-        let Some(Topic::Device { device, kind }) = self.topics.parse(topic) else {
-            return Err("not a device topic of this prefix".into());
-        };
-        let same = |named: &DeviceId| {
-            if *named == device {
-                Ok(())
-            } else {
-                Err(format!(
-                    "the message names device {named} but was published on {device}'s topic"
-                ))
-            }
-        };
-        let now = now_ms();
-        match kind {
-            DeviceTopic::State => {
-                if payload.is_empty() {
-                    return Ok(()); // a cleared retained message
-                }
-                let s: DeviceState = protocol::decode(payload).map_err(|e| e.to_string())?;
-                same(&s.device)?;
-                self.db
-                    .device_state(&s, now)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            DeviceTopic::Events => {
-                let e: Event = protocol::decode(payload).map_err(|e| e.to_string())?;
-                same(&e.device)?;
-                let new = self
-                    .db
-                    .insert_event(&e, now)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if new {
-                    self.on_event(&e, now).await.map_err(|e| e.to_string())?;
-                }
-            }
-            DeviceTopic::Telemetry => {
-                let t: Telemetry = protocol::decode(payload).map_err(|e| e.to_string())?;
-                same(&t.device)?;
-                if tel.try_send((t, now)).is_err() {
-                    return Err("telemetry queue full; sample dropped".into());
-                }
-            }
-            DeviceTopic::Fetch => {
-                let r: FetchRequest = protocol::decode(payload).map_err(|e| e.to_string())?;
-                self.enqueue_chunks(&device, &r).await?;
-            }
-            DeviceTopic::Samples => {
-                let u: protocol::SampleUpload =
-                    protocol::decode(payload).map_err(|e| e.to_string())?;
-                // Only answers to our own request, and within the batch cap.
-                let asked = self
-                    .db
-                    .command_action(device.as_str(), u.command)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if asked.as_deref() != Some("request_samples") {
-                    return Err(format!(
-                        "samples for command {}, which was not a request_samples sent to {device}",
-                        u.command
-                    ));
-                }
-                let joined = self
-                    .db
-                    .insert_sample_part(device.as_str(), &u, protocol::SampleBatch::MAX_LEN, now)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if joined == crate::server::db::SampleParts::TooLarge {
-                    return Err(format!(
-                        "sample upload {} is over {} bytes; dropped",
-                        u.command,
-                        protocol::SampleBatch::MAX_LEN
-                    ));
-                }
-                if let crate::server::db::SampleParts::Complete(bytes) = joined {
-                    let batch =
-                        protocol::SampleBatch::from_bytes(&bytes).map_err(|e| e.to_string())?;
-                    if batch.digest != u.digest {
-                        return Err(format!(
-                            "the sample batch names bundle {} but its parts name {}",
-                            batch.digest.short(),
-                            u.digest.short()
-                        ));
-                    }
-                    let n = self
-                        .db
-                        .insert_samples(device.as_str(), u.command, batch, now)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    tracing::info!(device = %device, samples = n, "samples stored");
-                }
-            }
-            DeviceTopic::Commands => {
-                return Err(format!("{} is not read by this controller", kind.segment()));
-            }
         }
         Ok(())
     }
@@ -671,21 +602,16 @@ impl Fleet {
     /// Queues the chunks `device` asked for, within the bounds of
     /// [`crate::server::fetch_limits`]: only a bundle it was told to install, at most
     /// [`MAX_CHUNKS_PER_REQUEST`] chunks, within its byte budget.
-    async fn enqueue_chunks(&self, device: &DeviceId, r: &FetchRequest) -> Result<(), String> {
+    async fn enqueue_chunks(&self, device: &DeviceId, r: &FetchRequest) -> Result<(), IngestError> {
         let Some(bundle) = self.bundle(&r.bundle).await else {
-            return Err(format!("fetch for unknown bundle {}", r.bundle.short()));
+            return Err(IngestError::UnknownBundle(r.bundle));
         };
-        let offered = self
-            .db
-            .was_offered(device.as_str(), &r.bundle)
-            .await
-            .map_err(|e| e.to_string())?;
-        if !offered {
+        if !self.db.was_offered(device.as_str(), &r.bundle).await? {
             self.refuse_fetch(FetchRefusal::NotOffered);
-            return Err(format!(
-                "{device} asked for chunks of bundle {}, which it was never told to install",
-                r.bundle.short()
-            ));
+            return Err(IngestError::NotOffered {
+                device: device.clone(),
+                bundle: r.bundle,
+            });
         }
         let total = bundle.manifest.payload.chunks.len() as u32;
         let chunk_bytes = u64::from(bundle.manifest.payload.chunk_size);
@@ -813,7 +739,7 @@ impl Fleet {
         };
         let now = now_ms();
         // Checked before anything is stored under it.
-        let device_id = DeviceId::new(device).map_err(|e| FleetError::Invalid(e.to_string()))?;
+        let device_id = DeviceId::new(device)?;
         let id = self
             .db
             .new_command(device, rollout, name, bundle.as_ref(), now, audit)
@@ -983,10 +909,7 @@ impl Fleet {
         actor: &str,
     ) -> Result<RolloutView, FleetError> {
         if self.bundle(&bundle).await.is_none() {
-            return Err(FleetError::NotFound(format!(
-                "bundle {} is not stored on this controller (upload it first)",
-                bundle.to_hex()
-            )));
+            return Err(FleetError::UnknownBundle(bundle));
         }
         let now = now_ms();
         let mut map = self.rollouts.lock().await;
@@ -994,17 +917,17 @@ impl Fleet {
             if !a.engine.phase.finished()
                 && let Some(d) = devices.iter().find(|d| a.engine.members.contains_key(*d))
             {
-                return Err(FleetError::Conflict(format!(
-                    "device {d} is already in rollout {other}, which is {}; pause or abort it first",
-                    a.engine.phase.name()
-                )));
+                return Err(FleetError::DeviceInRollout {
+                    device: d.clone(),
+                    rollout: other.clone(),
+                    phase: a.engine.phase.name(),
+                });
             }
         }
         let mut rnd = [0u8; 4];
-        getrandom::fill(&mut rnd).map_err(|e| FleetError::Invalid(e.to_string()))?;
+        getrandom::fill(&mut rnd).map_err(FleetError::Random)?;
         let id = format!("ro-{}-{}", now / 1000, hex::encode(rnd));
-        let engine = Rollout::new(&id, &devices, plan, now)
-            .map_err(|e| FleetError::Invalid(e.to_string()))?;
+        let engine = Rollout::new(&id, &devices, plan, now)?;
         let state = serde_json::to_string(&engine).unwrap_or_default();
         let row = crate::server::db::RolloutRow {
             id: id.clone(),
@@ -1067,16 +990,13 @@ impl Fleet {
         let Some(a) = map.get_mut(id) else {
             let exists = self.db.rollouts(false).await?.iter().any(|r| r.id == id);
             return Err(if exists {
-                FleetError::Conflict(format!("rollout {id} is finished"))
+                FleetError::RolloutFinished(id.to_owned())
             } else {
-                FleetError::NotFound(format!("no rollout {id}"))
+                FleetError::UnknownRollout(id.to_owned())
             });
         };
         let before = a.engine.clone();
-        let mut fx = a
-            .engine
-            .apply(now, input)
-            .map_err(|e| FleetError::Conflict(e.to_string()))?;
+        let mut fx = a.engine.apply(now, input)?;
         fx.insert(0, Effect::Note(format!("operator {actor}")));
         self.carry_out(id, a, fx, now, Some((actor, action)))
             .await?;

@@ -93,6 +93,31 @@ pub async fn serve(
     }
 }
 
+/// Why the gate closed a connection (logged and counted in `refused`).
+#[derive(Debug, thiserror::Error)]
+enum Closed {
+    #[error("TLS handshake timed out")]
+    HandshakeTimeout,
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    #[error("no client certificate")]
+    NoCertificate,
+    #[error("certificate not enrolled on this controller (or revoked)")]
+    NotEnrolled,
+    #[error("enrolled device id {0:?} is not a device id")]
+    EnrolledId(String),
+    #[error("broker: {0}")]
+    Broker(std::io::Error),
+    #[error("relaying the controller's connection: {0}")]
+    Relay(std::io::Error),
+    #[error("certificate revoked or replaced: connection closed")]
+    Revoked,
+    #[error("{device}: packet of {len} bytes")]
+    TooLarge { device: DeviceId, len: usize },
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+}
+
 async fn relay(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
@@ -100,18 +125,18 @@ async fn relay(
     identities: Identities,
     topics: Topics,
     stats: &GateStats,
-) -> Result<(), String> {
+) -> Result<(), Closed> {
     let tls = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
         .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(|_| Closed::HandshakeTimeout)?
+        .map_err(Closed::Tls)?;
     let der = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| c.as_ref().to_vec())
-        .ok_or("no client certificate")?;
+        .ok_or(Closed::NoCertificate)?;
     let print = fingerprint(&der);
     // Subscribed before the check, so a revocation right after it is not missed.
     let mut changes = stats.identities_changed.subscribe();
@@ -122,11 +147,8 @@ async fn relay(
             .get(&print)
             .cloned()
     };
-    let who =
-        admitted(&identities).ok_or("certificate not enrolled on this controller (or revoked)")?;
-    let broker = TcpStream::connect(upstream)
-        .await
-        .map_err(|e| format!("broker: {e}"))?;
+    let who = admitted(&identities).ok_or(Closed::NotEnrolled)?;
+    let broker = TcpStream::connect(upstream).await.map_err(Closed::Broker)?;
     let _ = broker.set_nodelay(true);
     stats.connections.fetch_add(1, Ordering::Relaxed);
     let (mut client_r, mut client_w) = tokio::io::split(tls);
@@ -140,10 +162,9 @@ async fn relay(
             Identity::Controller => tokio::io::copy(&mut client_r, &mut broker_w)
                 .await
                 .map(|_| ())
-                .map_err(|e| e.to_string()),
+                .map_err(Closed::Relay),
             Identity::Device(device) => {
-                let device = DeviceId::new(&device)
-                    .map_err(|e| format!("enrolled device id {device:?}: {e}"))?;
+                let device = DeviceId::new(&device).map_err(|_| Closed::EnrolledId(device))?;
                 up(
                     &mut client_r,
                     &mut broker_w,
@@ -168,7 +189,7 @@ async fn relay(
         r = relayed => r,
         () = revoked => {
             stats.revoked.fetch_add(1, Ordering::Relaxed);
-            Err("certificate revoked or replaced: connection closed".into())
+            Err(Closed::Revoked)
         }
     };
     down.abort();
@@ -180,25 +201,28 @@ async fn up<R: AsyncRead + Unpin>(
     client: &mut R,
     broker: &mut tokio::net::tcp::OwnedWriteHalf,
     mut session: DeviceSession,
-) -> Result<(), String> {
+) -> Result<(), Closed> {
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
         // Whole packets in the buffer: judge and forward them.
-        while let Some((_, len, head)) = fixed_header(&buf).map_err(|e| e.to_string())? {
+        while let Some((_, len, head)) = fixed_header(&buf)? {
             if len > MAX_DEVICE_PACKET {
-                return Err(format!("{}: packet of {len} bytes", session.device()));
+                return Err(Closed::TooLarge {
+                    device: session.device().clone(),
+                    len,
+                });
             }
             if buf.len() < head + len {
                 break;
             }
             if let Verdict::Refuse(why) = session.judge(&buf[..head + len]) {
-                return Err(why.to_string());
+                return Err(why.into());
             }
             broker
                 .write_all(&buf[..head + len])
                 .await
-                .map_err(|e| format!("broker: {e}"))?;
+                .map_err(Closed::Broker)?;
             buf.drain(..head + len);
         }
         let n = match client.read(&mut chunk).await {

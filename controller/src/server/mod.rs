@@ -15,3 +15,4 @@ pub mod gate;
 pub mod npy;
 pub mod samples;
 pub mod serve;
+pub mod tags;

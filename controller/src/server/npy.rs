@@ -46,12 +46,62 @@ fn field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     None
 }
 
+/// What is wrong with a `.npy` file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NpyError {
+    /// No magic.
+    #[error("is not a .npy file (no \\x93NUMPY magic)")]
+    NotNpy,
+    /// A format version this reader does not know.
+    #[error(".npy format version {0} is not supported")]
+    Version(u8),
+    /// The header runs past the end of the file.
+    #[error("the header is longer than the file")]
+    HeaderTooLong,
+    /// The header is not UTF-8.
+    #[error("the header is not text")]
+    HeaderNotText,
+    /// A header field is missing.
+    #[error("the header has no '{0}'")]
+    Missing(&'static str),
+    /// A dtype this reader does not convert.
+    #[error("dtype {0} is not supported (little-endian float64, float32, int64 or int32)")]
+    Dtype(String),
+    /// Fortran order.
+    #[error("the array is in Fortran order; save it in C order")]
+    FortranOrder,
+    /// The shape is not a tuple of numbers.
+    #[error("shape {0} is not numbers")]
+    ShapeText(String),
+    /// Not a 1-D or 2-D array.
+    #[error("shape {0}: needs 1 or 2 dimensions")]
+    Dimensions(String),
+    /// More values than the caller accepts.
+    #[error("shape {shape} has more than {max} values")]
+    TooManyValues {
+        /// The shape.
+        shape: String,
+        /// The cap.
+        max: usize,
+    },
+    /// The data is not as long as the shape says.
+    #[error("shape {shape} needs {need} bytes of data, the file has {have}")]
+    DataLength {
+        /// The shape.
+        shape: String,
+        /// Bytes the shape needs.
+        need: usize,
+        /// Bytes there are.
+        have: usize,
+    },
+}
+
 /// Reads a 1-D or 2-D array of `<f8`, `<f4`, `<i8` or `<i4` in C order as rows
 /// of f64 (a 1-D array is one column). At most `max_values` values. The error
 /// says what is wrong with the file.
-pub fn read_matrix(bytes: &[u8], max_values: usize) -> Result<Vec<Vec<f64>>, String> {
+pub fn read_matrix(bytes: &[u8], max_values: usize) -> Result<Vec<Vec<f64>>, NpyError> {
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        return Err("is not a .npy file (no \\x93NUMPY magic)".into());
+        return Err(NpyError::NotNpy);
     }
     let (header_len, start): (usize, usize) = match bytes[6] {
         1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
@@ -59,27 +109,25 @@ pub fn read_matrix(bytes: &[u8], max_values: usize) -> Result<Vec<Vec<f64>>, Str
             u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
             12,
         ),
-        v => return Err(format!(".npy format version {v} is not supported")),
+        v => return Err(NpyError::Version(v)),
     };
     let body = start
         .checked_add(header_len)
         .filter(|e| *e <= bytes.len())
-        .ok_or("the header is longer than the file")?;
-    let header = std::str::from_utf8(&bytes[start..body]).map_err(|_| "the header is not text")?;
-    let descr = field(header, "descr").ok_or("the header has no 'descr'")?;
+        .ok_or(NpyError::HeaderTooLong)?;
+    let header = std::str::from_utf8(&bytes[start..body]).map_err(|_| NpyError::HeaderNotText)?;
+    let descr = field(header, "descr").ok_or(NpyError::Missing("descr"))?;
     let size = match descr.trim_matches('\'') {
         "<f8" | "<i8" => 8,
         "<f4" | "<i4" => 4,
         other => {
-            return Err(format!(
-                "dtype {other} is not supported (little-endian float64, float32, int64 or int32)"
-            ));
+            return Err(NpyError::Dtype(other.to_owned()));
         }
     };
     if field(header, "fortran_order") != Some("False") {
-        return Err("the array is in Fortran order; save it in C order".into());
+        return Err(NpyError::FortranOrder);
     }
-    let shape = field(header, "shape").ok_or("the header has no 'shape'")?;
+    let shape = field(header, "shape").ok_or(NpyError::Missing("shape"))?;
     let dims: Vec<usize> = shape
         .trim_start_matches('(')
         .trim_end_matches(')')
@@ -88,25 +136,28 @@ pub fn read_matrix(bytes: &[u8], max_values: usize) -> Result<Vec<Vec<f64>>, Str
         .filter(|d| !d.is_empty())
         .map(|d| {
             d.parse::<usize>()
-                .map_err(|_| format!("shape {shape} is not numbers"))
+                .map_err(|_| NpyError::ShapeText(shape.to_owned()))
         })
         .collect::<Result<_, _>>()?;
     let (n, width) = match dims.as_slice() {
         [n] => (*n, 1),
         [n, w] => (*n, *w),
-        _ => return Err(format!("shape {shape}: needs 1 or 2 dimensions")),
+        _ => return Err(NpyError::Dimensions(shape.to_owned())),
     };
     let count = n
         .checked_mul(width)
         .filter(|c| *c <= max_values)
-        .ok_or_else(|| format!("shape {shape} has more than {max_values} values"))?;
+        .ok_or_else(|| NpyError::TooManyValues {
+            shape: shape.to_owned(),
+            max: max_values,
+        })?;
     let data = &bytes[body..];
     if data.len() != count * size {
-        return Err(format!(
-            "shape {shape} needs {} bytes of data, the file has {}",
-            count * size,
-            data.len()
-        ));
+        return Err(NpyError::DataLength {
+            shape: shape.to_owned(),
+            need: count * size,
+            have: data.len(),
+        });
     }
     let kind = descr.trim_matches('\'');
     let values: Vec<f64> = data
@@ -194,7 +245,7 @@ mod tests {
             (file("<f4", "(3,)", &data, "False"), "more than 2 values"),
         ] {
             let max = if expect.contains("more than") { 2 } else { 10 };
-            let err = read_matrix(&bytes, max).expect_err(expect);
+            let err = read_matrix(&bytes, max).expect_err(expect).to_string();
             assert!(err.contains(expect), "{expect}: {err}");
         }
     }

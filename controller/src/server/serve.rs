@@ -34,13 +34,23 @@ impl Started {
     }
 }
 
-/// Why the controller could not start.
+/// Why the controller could not start: the setting or part that failed, and why.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ServeError(pub String);
+#[error("{context}: {source}")]
+pub struct ServeError {
+    /// The setting or part (`data_dir`, `database`, `gate TLS`, ...).
+    pub context: &'static str,
+    /// The cause.
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
 
-fn err(context: &str) -> impl Fn(String) -> ServeError + '_ {
-    move |e| ServeError(format!("{context}: {e}"))
+fn err<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+    context: &'static str,
+) -> impl Fn(E) -> ServeError {
+    move |e| ServeError {
+        context,
+        source: e.into(),
+    }
 }
 
 /// Starts everything; returns once the API listens, with the server future to
@@ -62,13 +72,10 @@ pub async fn start(
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700));
     }
-    let ca = Arc::new(Ca::open_or_create(&data.join("ca")).map_err(|e| err("CA")(e.to_string()))?);
-    let topics = Topics::new(&config.mqtt.topic_prefix)
-        .map_err(|e| err("mqtt.topic_prefix")(e.to_string()))?;
+    let ca = Arc::new(Ca::open_or_create(&data.join("ca")).map_err(err("CA"))?);
+    let topics = Topics::new(&config.mqtt.topic_prefix).map_err(err("mqtt.topic_prefix"))?;
 
-    let command_key = ca
-        .command_key()
-        .map_err(|e| err("command key")(e.to_string()))?;
+    let command_key = ca.command_key().map_err(err("command key"))?;
     let gate_stats = std::sync::Arc::new(crate::server::gate::GateStats::default());
     let (link, broker_url, gate) = match config.mqtt.mode {
         BrokerMode::Embedded => {
@@ -87,10 +94,7 @@ pub async fn start(
         .map_err(|e| err("database")(format!("{}: {e}", config.database_path().display())))?;
     let new_admin_token = ensure_admin_token(&db, &data).await?;
     if let Some(ids) = &gate {
-        let enrolled = db
-            .enrolled_fingerprints()
-            .await
-            .map_err(|e| err("database")(e.to_string()))?;
+        let enrolled = db.enrolled_fingerprints().await.map_err(err("database"))?;
         let mut map = ids.write().unwrap_or_else(|p| p.into_inner());
         for (fp, device) in enrolled {
             map.insert(fp, crate::server::gate::Identity::Device(device));
@@ -109,7 +113,7 @@ pub async fn start(
         ),
     )
     .await
-    .map_err(|e| err("fleet")(e.to_string()))?;
+    .map_err(err("fleet"))?;
     fleet.set_drift_alert(config.drift.clone());
 
     let state = AppState {
@@ -125,9 +129,7 @@ pub async fn start(
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .map_err(|e| err("http.listen")(format!("{}: {e}", config.http.listen)))?;
-    let http = listener
-        .local_addr()
-        .map_err(|e| err("http.listen")(e.to_string()))?;
+    let http = listener.local_addr().map_err(err("http.listen"))?;
     let app = api::router(state);
     let limits = config.http.connection_limits();
     let server = edgefleet_agent::http::serve(listener, app, limits, shutdown);
@@ -154,16 +156,16 @@ async fn embedded_broker(
 ) -> Result<(BrokerLink, String, crate::server::gate::Identities), ServeError> {
     let server = ca
         .server_identity(&config.mqtt.hosts)
-        .map_err(|e| err("broker certificate")(e.to_string()))?;
+        .map_err(err("broker certificate"))?;
     // rumqttd on loopback, devices through the gate.
     let internal = crate::server::broker::start_embedded(([127, 0, 0, 1], 0).into(), None)
         .map_err(err("embedded broker"))?;
     let me = ca
         .controller_identity()
-        .map_err(|e| err("controller certificate")(e.to_string()))?;
+        .map_err(err("controller certificate"))?;
     let identities: crate::server::gate::Identities = Default::default();
-    let controller_pem = std::fs::read_to_string(&me.cert)
-        .map_err(|e| err("controller certificate")(e.to_string()))?;
+    let controller_pem =
+        std::fs::read_to_string(&me.cert).map_err(err("controller certificate"))?;
     identities
         .write()
         .unwrap_or_else(|p| p.into_inner())
@@ -175,9 +177,7 @@ async fn embedded_broker(
     let listener = tokio::net::TcpListener::bind(config.mqtt.listen)
         .await
         .map_err(|e| err("mqtt.listen")(format!("{}: {e}", config.mqtt.listen)))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| err("mqtt.listen")(e.to_string()))?;
+    let addr = listener.local_addr().map_err(err("mqtt.listen"))?;
     tokio::spawn(crate::server::gate::serve(
         listener,
         tls,
@@ -205,20 +205,14 @@ fn external_broker(
     command_key: edgefleet_shared::SecretKey,
 ) -> Result<(BrokerLink, String), ServeError> {
     let url = config.mqtt.url.clone().unwrap_or_default();
-    let ep =
-        edgefleet_agent::link::Endpoint::parse(&url).map_err(|e| err("mqtt.url")(e.to_string()))?;
+    let ep = edgefleet_agent::link::Endpoint::parse(&url).map_err(err("mqtt.url"))?;
     let tls = if ep.tls {
         let (Some(ca_path), Some(cert), Some(key)) =
             (&config.mqtt.ca, &config.mqtt.cert, &config.mqtt.key)
         else {
-            return Err(ServeError(
-                "mqtt.ca/cert/key are needed for mqtts://".into(),
-            ));
+            return Err(err("mqtt.ca/cert/key")("all three are needed for mqtts://"));
         };
-        Some(
-            edgefleet_agent::link::tls_config(ca_path, cert, key)
-                .map_err(|e| err("mqtt TLS")(e.to_string()))?,
-        )
+        Some(edgefleet_agent::link::tls_config(ca_path, cert, key).map_err(err("mqtt TLS"))?)
     } else {
         tracing::warn!("plain MQTT to {url}: for development only");
         None
@@ -256,12 +250,7 @@ async fn ensure_admin_token(
     db: &Db,
     data: &std::path::Path,
 ) -> Result<Option<PathBuf>, ServeError> {
-    if db
-        .token_count()
-        .await
-        .map_err(|e| err("database")(e.to_string()))?
-        > 0
-    {
+    if db.token_count().await.map_err(err("database"))? > 0 {
         return Ok(None);
     }
     let token = api::new_token().map_err(err("admin token"))?;
@@ -269,7 +258,7 @@ async fn ensure_admin_token(
     crate::ops::operator::write_atomic(&path, 0o600, |w| {
         w.write_all(format!("{token}\n").as_bytes())
     })
-    .map_err(|e| err("admin token")(e.to_string()))?;
+    .map_err(err("admin token"))?;
     let audit = crate::server::db::Audit {
         actor: "edgefleet serve".into(),
         action: "token.create".into(),
@@ -286,7 +275,7 @@ async fn ensure_admin_token(
         Some(audit),
     )
     .await
-    .map_err(|e| err("admin token")(e.to_string()))?;
+    .map_err(err("admin token"))?;
     Ok(Some(path))
 }
 
@@ -295,33 +284,31 @@ async fn ensure_admin_token(
 fn gate_tls(
     ca: &std::path::Path,
     server: &crate::server::ca::Identity,
-) -> Result<Arc<rustls::ServerConfig>, String> {
+) -> Result<Arc<rustls::ServerConfig>, Box<dyn std::error::Error + Send + Sync>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pem = |path: &std::path::Path| {
+        let path = path.display().to_string();
+        move |e: rustls::pki_types::pem::Error| format!("{path}: {e}")
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
-        roots
-            .add(c.map_err(|e| format!("{}: {e}", ca.display()))?)
-            .map_err(|e| format!("{}: {e}", ca.display()))?;
+    for c in CertificateDer::pem_file_iter(ca).map_err(pem(ca))? {
+        roots.add(c.map_err(pem(ca))?)?;
     }
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
     )
-    .build()
-    .map_err(|e| e.to_string())?;
+    .build()?;
     let certs = CertificateDer::pem_file_iter(&server.cert)
-        .map_err(|e| format!("{}: {e}", server.cert.display()))?
+        .map_err(pem(&server.cert))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", server.cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&server.key)
-        .map_err(|e| format!("{}: {e}", server.key.display()))?;
+        .map_err(pem(&server.cert))?;
+    let key = PrivateKeyDer::from_pem_file(&server.key).map_err(pem(&server.key))?;
     let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| e.to_string())?;
+        .with_single_cert(certs, key)?;
     Ok(Arc::new(config))
 }
