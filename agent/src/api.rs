@@ -400,6 +400,60 @@ async fn metadata(State(s): State<Shared>, Path(name): Path<String>) -> Response
     .into_response()
 }
 
+/// An `Inference-Header-Content-Length` that is not a byte count (a 400).
+#[derive(Debug, thiserror::Error)]
+#[error("Inference-Header-Content-Length {0:?} is not a byte count")]
+struct BadHeaderLen(axum::http::HeaderValue);
+
+/// The binary extension's `Inference-Header-Content-Length`, when present.
+fn binary_header_len(headers: &axum::http::HeaderMap) -> Result<Option<usize>, BadHeaderLen> {
+    headers
+        .get(HEADER_LEN_HEADER)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|t| t.trim().parse::<usize>().ok())
+                .ok_or_else(|| BadHeaderLen(v.clone()))
+        })
+        .transpose()
+}
+
+/// The response to a request the model answered: JSON, or the binary
+/// extension's header and tensors when the request asked for binary outputs.
+fn respond(
+    s: &Served,
+    bundle: &BundleRef,
+    request: &crate::oip::InferRequest,
+    outputs: &[edgefleet_shared::golden::Tensor],
+) -> Response {
+    match encode_response(bundle.channel.as_str(), &bundle.version, request, outputs) {
+        Ok(Encoded {
+            body,
+            header_len: None,
+        }) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Ok(Encoded {
+            body,
+            header_len: Some(n),
+        }) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (
+                    header::HeaderName::from_static(HEADER_LEN_HEADER),
+                    n.to_string(),
+                ),
+            ],
+            body,
+        )
+            .into_response(),
+        Err(e @ crate::oip::RequestError::NotFinite { .. }) => {
+            // The model answered, but not in a form the client can read.
+            s.stats().record_error();
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
 async fn infer(
     State(s): State<Shared>,
     Path(name): Path<String>,
@@ -418,17 +472,11 @@ async fn infer(
         Ok(m) => m,
         Err(e) => return error(StatusCode::NOT_FOUND, e.to_string()),
     };
-    let header_len = match headers.get(HEADER_LEN_HEADER).map(|v| {
-        v.to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .ok_or_else(|| format!("Inference-Header-Content-Length {v:?} is not a byte count"))
-    }) {
-        None => None,
-        Some(Ok(n)) => Some(n),
-        Some(Err(msg)) => {
+    let header_len = match binary_header_len(&headers) {
+        Ok(n) => n,
+        Err(e) => {
             s.stats().record_error();
-            return error(StatusCode::BAD_REQUEST, msg);
+            return error(StatusCode::BAD_REQUEST, e.to_string());
         }
     };
     let decoded = decode_request(&body, header_len).and_then(|d| {
@@ -457,34 +505,7 @@ async fn infer(
         _ => s.stats().record_error(),
     }
     match result {
-        Ok(Ok((bundle, outputs, _))) => {
-            match encode_response(bundle.channel.as_str(), &bundle.version, &request, &outputs) {
-                Ok(Encoded {
-                    body,
-                    header_len: None,
-                }) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-                Ok(Encoded {
-                    body,
-                    header_len: Some(n),
-                }) => (
-                    [
-                        (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-                        (
-                            header::HeaderName::from_static(HEADER_LEN_HEADER),
-                            n.to_string(),
-                        ),
-                    ],
-                    body,
-                )
-                    .into_response(),
-                Err(e @ crate::oip::RequestError::NotFinite { .. }) => {
-                    // The model answered, but not in a form the client can read.
-                    s.stats().record_error();
-                    error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-                }
-                Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
-            }
-        }
+        Ok(Ok((bundle, outputs, _))) => respond(&s, &bundle, &request, &outputs),
         Ok(Err(e @ crate::model::InferenceError::Runtime(_))) => {
             error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }

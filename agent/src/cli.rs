@@ -1,7 +1,7 @@
 //! The `edgefleet-agent` command line (local commands; `run` comes with the MQTT
 //! link). Thin: parses, calls [`crate::store`], prints.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use edgefleet_shared::bundle::DeviceFacts;
@@ -250,59 +250,8 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
     let store = Store::open(&data_dir)?;
     let now = UnixTime::now();
     match cli.command {
-        Command::Install { file, stage } => {
-            let root = load_trust(&trust, now)?;
-            let mode = if stage {
-                InstallMode::Stage
-            } else {
-                InstallMode::Activate
-            };
-            match store::install_file(&store, &root, &device_facts(), &file, mode, now) {
-                Ok(done) => {
-                    println!(
-                        "installed {} {} (release {}): {} golden case(s) passed, slowest {:.2} ms{}",
-                        done.bundle.channel,
-                        done.bundle.version,
-                        done.bundle.release,
-                        done.health.cases,
-                        done.health.max_latency_ms,
-                        if stage {
-                            "; staged, not active"
-                        } else {
-                            "; now active"
-                        }
-                    );
-                    Ok(0)
-                }
-                Err(e) => {
-                    println!("install FAILED, active model unchanged: {e}");
-                    Ok(1)
-                }
-            }
-        }
-        Command::Status { json } => {
-            let state = store.load()?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({
-                        "agent_version": env!("CARGO_PKG_VERSION"),
-                        "arch": std::env::consts::ARCH,
-                        "data_dir": store.dir(),
-                        "active": state.active_entry().map(|e| &e.bundle),
-                        "slots": state.slot_states(),
-                        "releases": state.releases,
-                        "last_install": state.last_install,
-                        "drift": drift_status(&store, &state),
-                    }))
-                    .unwrap_or_default()
-                );
-            } else {
-                print_state(&state);
-                print_drift(&drift_status(&store, &state));
-            }
-            Ok(0)
-        }
+        Command::Install { file, stage } => install(&store, &trust, &file, stage, now),
+        Command::Status { json } => status(&store, json),
         Command::Revert => {
             let state = store::change_slots(&store, SlotEvent::Revert)?;
             print_state(&state);
@@ -320,46 +269,110 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             serve(&store, &config, &trust, http, socket)
         }
         Command::Config(_) => Ok(0),
-        Command::Infer { input } => {
-            let body = if input.as_os_str() == "-" {
-                let mut v = Vec::new();
-                std::io::Read::read_to_end(
-                    &mut std::io::Read::take(std::io::stdin(), MAX_REQUEST_LEN as u64 + 1),
-                    &mut v,
-                )
-                .map_err(|e| CliError::Request(format!("stdin: {e}")))?;
-                v
-            } else {
-                std::fs::read(&input)
-                    .map_err(|e| CliError::Request(format!("{}: {e}", input.display())))?
-            };
-            if body.len() > MAX_REQUEST_LEN {
-                return Err(CliError::Request(format!(
-                    "request is over {MAX_REQUEST_LEN} bytes"
-                )));
-            }
-            let Decoded { request, inputs } =
-                decode_request(&body, None).map_err(|e| CliError::Request(e.to_string()))?;
-            if request.wants_binary() {
-                return Err(CliError::Request(
-                    "binary outputs (`binary_data`, `binary_data_output`) are for the local HTTP API; `infer` prints JSON".into(),
-                ));
-            }
-            let Some(store::ActiveModel { bundle, model, .. }) = store::load_active(&store)? else {
-                return Err(CliError::Request(
-                    "no model is installed; run `edgefleet-agent install BUNDLE` first".into(),
-                ));
-            };
-            let outputs = model
-                .run(&inputs)
-                .map_err(|e| CliError::Request(e.to_string()))?;
-            let response =
-                encode_response(bundle.channel.as_str(), &bundle.version, &request, &outputs)
-                    .map_err(|e| CliError::Request(e.to_string()))?;
-            println!("{}", String::from_utf8_lossy(&response.body));
+        Command::Infer { input } => infer(&store, &input),
+    }
+}
+
+/// `install`: 0 when the bundle is installed, 1 when it is refused.
+fn install(
+    store: &Store,
+    trust: &Path,
+    file: &Path,
+    stage: bool,
+    now: UnixTime,
+) -> Result<i32, CliError> {
+    let root = load_trust(trust, now)?;
+    let mode = if stage {
+        InstallMode::Stage
+    } else {
+        InstallMode::Activate
+    };
+    match store::install_file(store, &root, &device_facts(), file, mode, now) {
+        Ok(done) => {
+            println!(
+                "installed {} {} (release {}): {} golden case(s) passed, slowest {:.2} ms{}",
+                done.bundle.channel,
+                done.bundle.version,
+                done.bundle.release,
+                done.health.cases,
+                done.health.max_latency_ms,
+                if stage {
+                    "; staged, not active"
+                } else {
+                    "; now active"
+                }
+            );
             Ok(0)
         }
+        Err(e) => {
+            println!("install FAILED, active model unchanged: {e}");
+            Ok(1)
+        }
     }
+}
+
+/// `status`: the slots, the releases, the last install and drift.
+fn status(store: &Store, json: bool) -> Result<i32, CliError> {
+    let state = store.load()?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "agent_version": env!("CARGO_PKG_VERSION"),
+                "arch": std::env::consts::ARCH,
+                "data_dir": store.dir(),
+                "active": state.active_entry().map(|e| &e.bundle),
+                "slots": state.slot_states(),
+                "releases": state.releases,
+                "last_install": state.last_install,
+                "drift": drift_status(store, &state),
+            }))
+            .unwrap_or_default()
+        );
+    } else {
+        print_state(&state);
+        print_drift(&drift_status(store, &state));
+    }
+    Ok(0)
+}
+
+/// `infer`: one request (a file, or `-` for stdin) run on the active model.
+fn infer(store: &Store, input: &Path) -> Result<i32, CliError> {
+    let body = if input.as_os_str() == "-" {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(std::io::stdin(), MAX_REQUEST_LEN as u64 + 1),
+            &mut v,
+        )
+        .map_err(|e| CliError::Request(format!("stdin: {e}")))?;
+        v
+    } else {
+        std::fs::read(input).map_err(|e| CliError::Request(format!("{}: {e}", input.display())))?
+    };
+    if body.len() > MAX_REQUEST_LEN {
+        return Err(CliError::Request(format!(
+            "request is over {MAX_REQUEST_LEN} bytes"
+        )));
+    }
+    let Decoded { request, inputs } =
+        decode_request(&body, None).map_err(|e| CliError::Request(e.to_string()))?;
+    if request.wants_binary() {
+        return Err(CliError::Request(
+            "binary outputs (`binary_data`, `binary_data_output`) are for the local HTTP API; `infer` prints JSON".into(),
+        ));
+    }
+    let Some(store::ActiveModel { bundle, model, .. }) = store::load_active(store)? else {
+        return Err(CliError::Request(
+            "no model is installed; run `edgefleet-agent install BUNDLE` first".into(),
+        ));
+    };
+    let outputs = model
+        .run(&inputs)
+        .map_err(|e| CliError::Request(e.to_string()))?;
+    let response = encode_response(bundle.channel.as_str(), &bundle.version, &request, &outputs)
+        .map_err(|e| CliError::Request(e.to_string()))?;
+    println!("{}", String::from_utf8_lossy(&response.body));
+    Ok(0)
 }
 
 /// Logs to stderr: text by default, JSON lines with `--log-json`; the level
@@ -416,6 +429,56 @@ impl SetupError {
 }
 
 /// The MQTT options and daemon settings a config describes (the controller
+/// The local API's listeners: TCP on `http` (its address, for port 0) and
+/// the Unix socket at `socket`.
+async fn bind(
+    http: std::net::SocketAddr,
+    socket: Option<&Path>,
+) -> Result<(std::net::SocketAddr, crate::service::Listeners), CliError> {
+    let tcp = tokio::net::TcpListener::bind(http)
+        .await
+        .map_err(|e| CliError::Request(format!("cannot listen on {http}: {e}")))?;
+    let addr = tcp
+        .local_addr()
+        .map_err(|e| CliError::Request(e.to_string()))?;
+    let unix = match socket {
+        Some(path) => {
+            let std = crate::api::bind_unix(path).map_err(|e| CliError::Request(e.to_string()))?;
+            let listener = tokio::net::UnixListener::from_std(std)
+                .map_err(|e| CliError::Request(format!("{}: {e}", path.display())))?;
+            Some(listener)
+        }
+        None => None,
+    };
+    Ok((addr, crate::service::Listeners { tcp, unix }))
+}
+
+/// The controller link: without it (bad TLS files, no trust root) the agent
+/// still serves its model locally, and says why the link is down.
+fn link_or_why(
+    config: &crate::config::AgentConfig,
+    trust: &Path,
+) -> Option<(rumqttc::MqttOptions, crate::daemon::DaemonSettings)> {
+    match link_setup(config, trust) {
+        Ok(link) => {
+            println!(
+                "controller link: {} as {}",
+                config.broker.url, config.device_id
+            );
+            Some(link)
+        }
+        Err(e) => {
+            // Expected on a device that is only sideloaded; an error on one that
+            // should be managed: either way the local API serves.
+            println!(
+                "controller link disabled: {e} (set [broker] in the config, see `config print-default`; the local API works without it)"
+            );
+            tracing::warn!("controller link disabled: {e}");
+            None
+        }
+    }
+}
+
 /// link), or the field at fault.
 pub fn link_setup(
     config: &crate::config::AgentConfig,
@@ -524,22 +587,7 @@ fn serve(
         .build()
         .map_err(|e| CliError::Request(format!("cannot start the async runtime: {e}")))?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(http)
-            .await
-            .map_err(|e| CliError::Request(format!("cannot listen on {http}: {e}")))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| CliError::Request(e.to_string()))?;
-        let unix = match &socket {
-            Some(path) => {
-                let std = crate::api::bind_unix(path).map_err(|e| CliError::Request(e.to_string()))?;
-                let listener = tokio::net::UnixListener::from_std(std).map_err(|e| {
-                    CliError::Request(format!("{}: {e}", path.display()))
-                })?;
-                Some((path.clone(), listener))
-            }
-            None => None,
-        };
+        let (addr, listeners) = bind(http, socket.as_deref()).await?;
         match &active {
             Some(a) => println!(
                 "serving {} {} (release {})",
@@ -548,37 +596,14 @@ fn serve(
             None => println!("no model installed: /v2/health/ready answers 503 until one is"),
         }
         let served = crate::service::served(active, shadow, config);
-        // The controller link: without it (bad TLS files, no trust root) the agent
-        // still serves its model locally, and says why the link is down.
-        let link = match link_setup(config, trust) {
-            Ok(link) => {
-                println!(
-                    "controller link: {} as {}",
-                    config.broker.url, config.device_id
-                );
-                Some(link)
-            }
-            Err(e) => {
-                // Expected on a device that is only sideloaded; an error on one that
-                // should be managed: either way the local API serves.
-                println!(
-                    "controller link disabled: {e} (set [broker] in the config, see `config print-default`; the local API works without it)"
-                );
-                tracing::warn!("controller link disabled: {e}");
-                None
-            }
-        };
-        if let Some((path, _)) = &unix {
+        let link = link_or_why(config, trust);
+        if let Some(path) = &socket {
             println!("local API listening on unix:{}", path.display());
         }
         // Readiness line (the last): scripts and tests wait for it.
         println!("local API listening on http://{addr}");
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
-        let listeners = crate::service::Listeners {
-            tcp: listener,
-            unix: unix.map(|(_, l)| l),
-        };
         crate::service::run(config, store.clone(), served, link, listeners, terminated()).await;
         if let Some(path) = &socket {
             // The socket file goes with the agent (a stale one is replaced at

@@ -21,28 +21,26 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use edgefleet_shared::bundle::{BundleError, CheckedChunk};
-use edgefleet_shared::manifest::Manifest;
 use edgefleet_shared::protocol::{
     self, Action, AgentMetrics, Chunk, Command, DeviceState, DeviceTopic, Event, EventKind,
     FailureReason, FetchRequest, InstallMode, ModelMetrics, Telemetry, Topic, Topics,
 };
-use edgefleet_shared::unpack::UnpackStream;
 use edgefleet_shared::{
-    DeviceId, Digest, ModelChannel, RawHeader, Refusal, TrustRoot, UnixTime, VerifiedHeader,
-    bundle, cbor,
+    DeviceId, Digest, ModelChannel, RawHeader, Refusal, TrustRoot, UnixTime, VerifiedHeader, bundle,
 };
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::api::Served;
-use crate::chunks::ChunkTracker;
 use crate::link::{Link, LinkEvent, Tag};
 use crate::metrics::LATENCY_BOUNDS_US;
 use crate::slots::SlotEvent;
+
+mod download;
 use crate::spool::Spool;
 use crate::store::{self, InstallError, Store, write_atomic};
 use crate::sysinfo_probe::Probe;
+pub use download::DiskError;
+use download::{Download, Offer};
 use edgefleet_shared::commands::{self, CommandRefusal, ReplayWindow};
 
 /// What the daemon needs besides its data directory.
@@ -82,15 +80,6 @@ pub struct DaemonSettings {
     pub clock_skew_s: i64,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Offer {
-    command: u64,
-    mode: InstallMode,
-    #[serde(with = "serde_bytes")]
-    header: Vec<u8>,
-}
-
 /// A listening download asks for chunks only once no chunk came for this long.
 const LISTEN_QUIET: Duration = Duration::from_millis(300);
 
@@ -100,114 +89,10 @@ const MAX_CHUNK_FAILURES: u32 = 3;
 /// Bytes of sample data per upload message (under the broker's packet limits).
 const SAMPLE_PART_LEN: usize = 60 * 1024;
 
-/// Largest `offer.cbor` read back.
-const MAX_OFFER_LEN: usize = 1_100_000;
-
 /// Bytes of chunks read back from disk into the unpacking per chunk that arrives
 /// (chunks that came out of order, or before a restart); the rest is read back
 /// after the last chunk.
 const CATCH_UP_BYTES: u64 = 1 << 20;
-
-#[derive(Debug)]
-struct Download {
-    offer: Offer,
-    digest: Digest,
-    manifest: Manifest,
-    dir: PathBuf,
-    file: fs::File,
-    tracker: ChunkTracker,
-    /// The payload unpacked so far (every chunk before its `next_chunk`).
-    unpack: UnpackStream,
-    header_len: u64,
-    /// Chunks below this index have been asked for.
-    requested_until: u32,
-    unsaved: u32,
-    last_chunk: Instant,
-    reported_tenth: u32,
-    /// Chunk bytes received again though already on disk.
-    duplicate_bytes: u64,
-    /// Chunk bytes read back from disk to be unpacked (out of order, or from
-    /// before a restart).
-    read_back_bytes: u64,
-    /// Chunks dropped because they did not match the table.
-    rejected: u32,
-    /// Index of the chunk that failed last, and how many times in a row.
-    failing: Option<(u32, u32)>,
-    /// Until then, only listen (see [`DaemonSettings::fetch_listen`]).
-    listen_until: Option<Instant>,
-}
-
-impl Download {
-    /// A download with `tracker`'s chunks on disk and nothing asked for yet;
-    /// nothing unpacked yet either.
-    fn new(
-        offer: Offer,
-        verified: VerifiedHeader,
-        dir: PathBuf,
-        file: fs::File,
-        tracker: ChunkTracker,
-    ) -> io::Result<Download> {
-        let unpack = UnpackStream::begin(&verified, dir.join("unpacking"))?;
-        Ok(Download {
-            header_len: offer.header.len() as u64,
-            offer,
-            digest: verified.digest,
-            manifest: verified.manifest,
-            dir,
-            file,
-            tracker,
-            unpack,
-            requested_until: 0,
-            unsaved: 0,
-            last_chunk: Instant::now(),
-            reported_tenth: 0,
-            duplicate_bytes: 0,
-            read_back_bytes: 0,
-            rejected: 0,
-            failing: None,
-            listen_until: None,
-        })
-    }
-
-    /// Unpacks in payload order: `arrived` (checked, and on disk) if it is the
-    /// next chunk, then the chunks after it that are on disk, read back and checked
-    /// again, until `budget` bytes were read back.
-    fn unpack_more(
-        &mut self,
-        arrived: Option<CheckedChunk<'_>>,
-        budget: u64,
-    ) -> Result<(), BundleError> {
-        if let Some(chunk) = arrived
-            && chunk.index() == self.unpack.next_chunk()
-        {
-            self.unpack.feed(chunk)?;
-        }
-        let mut buf = Vec::new();
-        let mut read = 0;
-        while read < budget {
-            let index = self.unpack.next_chunk();
-            let Some((start, end)) = self.manifest.payload.chunk_range(index) else {
-                break;
-            };
-            if !self.tracker.has(index) {
-                break;
-            }
-            buf.resize((end - start) as usize, 0);
-            self.file.read_exact_at(&mut buf, self.header_len + start)?;
-            let checked =
-                bundle::verify_chunk(&self.manifest.payload, index, &buf).map_err(|_| {
-                    io::Error::other(format!(
-                        "chunk {index} read back from {} no longer matches the signed table (changed on disk)",
-                        self.dir.join("bundle.part").display()
-                    ))
-                })?;
-            self.unpack.feed(checked)?;
-            read += end - start;
-            self.read_back_bytes += end - start;
-        }
-        Ok(())
-    }
-}
 
 /// The long-running agent.
 #[derive(Debug)]
@@ -285,23 +170,69 @@ pub fn preflight(
     }
 }
 
-/// A file operation of the install that failed (reported as an internal failure).
-#[derive(Debug, thiserror::Error)]
-#[error("{doing} {}: {source}", path.display())]
-pub struct DiskError {
-    /// What was being done (`cannot create`, `cannot write`, ...).
-    pub doing: &'static str,
-    /// The file or directory.
-    pub path: PathBuf,
-    /// The OS error.
-    pub source: io::Error,
+/// What an install command comes to before any download, from the slots and
+/// the download in progress (its command and bundle). Pure: the daemon
+/// carries it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstallStep {
+    /// In the target slot already, in the role asked for: report success.
+    AlreadyThere {
+        /// The slot.
+        slot: protocol::Slot,
+    },
+    /// Active already: report success again rather than install twice.
+    AlreadyActive {
+        /// The active slot.
+        slot: protocol::Slot,
+    },
+    /// Installed and health-checked (staged, or run in shadow): only the
+    /// switch is left, no second download.
+    SwitchOnly,
+    /// The same bundle is downloading (a controller retry): carry on.
+    Continue,
+    /// Download it; `supersedes` is the download given up for it (its command
+    /// and bundle), which fails.
+    Download {
+        /// The other download in progress.
+        supersedes: Option<(u64, Digest)>,
+    },
 }
 
-fn io_detail(doing: &'static str, path: &Path, source: io::Error) -> DiskError {
-    DiskError {
-        doing,
-        path: path.to_owned(),
-        source,
+/// Decides what installing `digest` in `mode` takes; see [`InstallStep`].
+pub fn install_step(
+    state: &crate::slots::SlotsState,
+    downloading: Option<(u64, Digest)>,
+    digest: Digest,
+    mode: InstallMode,
+) -> InstallStep {
+    use protocol::SlotRole;
+    let target = state.target_slot();
+    let in_target = state.get(target).filter(|e| e.bundle.digest == digest);
+    match (mode, in_target.map(|e| e.role)) {
+        (InstallMode::Stage, Some(SlotRole::Staged))
+        | (InstallMode::Shadow, Some(SlotRole::Shadow)) => {
+            return InstallStep::AlreadyThere { slot: target };
+        }
+        _ => {}
+    }
+    if state
+        .active_entry()
+        .is_some_and(|e| e.bundle.digest == digest)
+    {
+        let slot = state.active.unwrap_or(protocol::Slot::A);
+        return InstallStep::AlreadyActive { slot };
+    }
+    if mode == InstallMode::Activate
+        && matches!(
+            in_target.map(|e| e.role),
+            Some(SlotRole::Staged | SlotRole::Shadow)
+        )
+    {
+        return InstallStep::SwitchOnly;
+    }
+    match downloading {
+        Some((_, d)) if d == digest => InstallStep::Continue,
+        supersedes => InstallStep::Download { supersedes },
     }
 }
 
@@ -801,75 +732,54 @@ impl Daemon {
                 );
             }
         };
-        let in_target = state
-            .get(state.target_slot())
-            .filter(|e| e.bundle.digest == digest);
-        if let Some(e) = in_target
-            && matches!(
-                (mode, e.role),
-                (InstallMode::Stage, protocol::SlotRole::Staged)
-                    | (InstallMode::Shadow, protocol::SlotRole::Shadow)
-            )
-        {
-            // Already there in the role asked for.
-            self.emit(
-                Some(command),
-                EventKind::InstallSucceeded {
-                    digest,
-                    slot: state.target_slot(),
-                    activated: false,
-                },
-            );
-            return;
-        }
-        if state
-            .active_entry()
-            .is_some_and(|e| e.bundle.digest == digest)
-        {
-            // Already done: report success again rather than install twice.
-            let slot = state.active.unwrap_or(protocol::Slot::A);
-            self.emit(
-                Some(command),
-                EventKind::InstallSucceeded {
+        let downloading = self.download.as_ref().map(|d| (d.offer.command, d.digest));
+        match install_step(&state, downloading, digest, mode) {
+            InstallStep::AlreadyThere { slot } => {
+                let activated = false;
+                let kind = EventKind::InstallSucceeded {
                     digest,
                     slot,
-                    activated: true,
-                },
-            );
-            self.publish_state();
-            return;
-        }
-        if mode == InstallMode::Activate
-            && state.get(state.target_slot()).is_some_and(|e| {
-                e.bundle.digest == digest
-                    && matches!(
-                        e.role,
-                        protocol::SlotRole::Staged | protocol::SlotRole::Shadow
-                    )
-            })
-        {
-            // Already installed and health-checked (staged, or run in shadow):
-            // switching is all that is left, no second download.
-            return self.activate_installed(command, digest).await;
-        }
-        if let Some(d) = &self.download {
-            if d.digest == digest {
-                // A repeated command (controller retry): carry on.
-                self.request_chunks(true);
-                self.finish_if_complete().await;
-                return;
+                    activated,
+                };
+                return self.emit(Some(command), kind);
             }
-            let old = d.digest;
-            let old_command = d.offer.command;
-            self.cancel_download();
-            self.fail_install(
-                old_command,
-                old,
-                FailureReason::Download {
-                    detail: format!("superseded by command {command}"),
-                },
-            );
+            InstallStep::AlreadyActive { slot } => {
+                let activated = true;
+                let kind = EventKind::InstallSucceeded {
+                    digest,
+                    slot,
+                    activated,
+                };
+                self.emit(Some(command), kind);
+                return self.publish_state();
+            }
+            InstallStep::SwitchOnly => return self.activate_installed(command, digest).await,
+            InstallStep::Continue => {
+                self.request_chunks(true);
+                return self.finish_if_complete().await;
+            }
+            InstallStep::Download { supersedes } => {
+                if let Some((old_command, old)) = supersedes {
+                    self.cancel_download();
+                    let detail = format!("superseded by command {command}");
+                    self.fail_install(old_command, old, FailureReason::Download { detail });
+                }
+            }
         }
+        self.begin_download(command, digest, header, mode, &state)
+            .await;
+    }
+
+    /// Checks the header against the command and the trust root, and the size
+    /// against the limits and the disk, then starts fetching.
+    async fn begin_download(
+        &mut self,
+        command: u64,
+        digest: Digest,
+        header: Vec<u8>,
+        mode: InstallMode,
+        state: &crate::slots::SlotsState,
+    ) {
         let verified = (|| {
             let raw = RawHeader::parse(&header)?;
             if raw.digest() != digest {
@@ -881,7 +791,7 @@ impl Daemon {
                     ),
                 });
             }
-            self.verify_header(&state, &raw)
+            self.verify_header(state, &raw)
         })();
         let verified = match verified {
             Ok(v) => v,
@@ -947,31 +857,7 @@ impl Daemon {
         verified: VerifiedHeader,
     ) -> Result<Download, DiskError> {
         let dir = self.downloads_dir().join(verified.digest.to_hex());
-        if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(|e| io_detail("cannot clear", &dir, e))?;
-        }
-        fs::create_dir_all(&dir).map_err(|e| io_detail("cannot create", &dir, e))?;
-        let header_len = offer.header.len() as u64;
-        let part = dir.join("bundle.part");
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&part)
-            .map_err(|e| io_detail("cannot create", &part, e))?;
-        file.write_all_at(&offer.header, 0)
-            .and_then(|()| file.set_len(header_len + verified.manifest.payload.size))
-            .and_then(|()| file.sync_all())
-            .map_err(|e| io_detail("cannot write", &part, e))?;
-        let tracker = ChunkTracker::new(verified.manifest.payload.chunks.len() as u32);
-        write_atomic(&dir.join("chunks.bits"), tracker.to_bytes())
-            .map_err(|e| io_detail("cannot write", &dir, e))?;
-        // The offer is written last: a download directory without it is removed.
-        write_atomic(&dir.join("offer.cbor"), &cbor::to_vec(&offer))
-            .map_err(|e| io_detail("cannot write", &dir, e))?;
-        Download::new(offer, verified, dir.clone(), file, tracker)
-            .map_err(|e| io_detail("cannot start unpacking in", &dir, e))
+        Download::create(dir, offer, verified)
     }
 
     /// After a restart: pick up the download that was in progress, from the chunks
@@ -1002,8 +888,7 @@ impl Daemon {
     }
 
     fn load_download(&self, dir: &Path) -> Option<Download> {
-        let offer_bytes = fs::read(dir.join("offer.cbor")).ok()?;
-        let offer: Offer = cbor::from_slice("download offer", &offer_bytes, MAX_OFFER_LEN).ok()?;
+        let offer = Offer::read(dir)?;
         let raw = RawHeader::parse(&offer.header).ok()?;
         let state = self.store.load().ok()?;
         if state.referenced().contains(&raw.digest()) {
@@ -1011,20 +896,7 @@ impl Daemon {
             return None;
         }
         let verified = self.verify_header(&state, &raw).ok()?;
-        let total = verified.manifest.payload.chunks.len() as u32;
-        let bits = fs::read(dir.join("chunks.bits")).ok()?;
-        let tracker = ChunkTracker::from_bytes(total, &bits).ok()?;
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(dir.join("bundle.part"))
-            .ok()?;
-        let expected_len = offer.header.len() as u64 + verified.manifest.payload.size;
-        if file.metadata().ok()?.len() != expected_len {
-            return None;
-        }
-        // What was unpacked before the restart is unpacked again, from the disk.
-        Download::new(offer, verified, dir.to_owned(), file, tracker).ok()
+        Download::reopen(dir, offer, verified)
     }
 
     fn verify_header(
@@ -1241,41 +1113,12 @@ impl Daemon {
         };
         let _ = fs::remove_dir_all(&dir);
         match result {
-            Ok(Ok((done, model))) => {
-                let activated = mode == InstallMode::Activate;
-                let slot = if activated {
-                    done.state.active
-                } else {
-                    done.state.active.map(protocol::Slot::other)
-                }
-                .unwrap_or(protocol::Slot::A);
-                self.served.replace_all(model);
-                tracing::info!(
-                    digest = %digest.short(),
-                    version = %done.bundle.version,
-                    activated,
-                    "installed"
-                );
-                self.emit(
-                    Some(command),
-                    EventKind::InstallSucceeded {
-                        digest,
-                        slot,
-                        activated,
-                    },
-                );
-                self.publish_state();
-            }
+            Ok(Ok((done, model))) => self.installed(command, digest, mode, done, model),
             // install_file has recorded the failure in the state already.
             Ok(Err(e)) => {
                 tracing::warn!(digest = %digest.short(), "install failed: {e}");
-                self.emit(
-                    Some(command),
-                    EventKind::InstallFailed {
-                        digest,
-                        reason: e.reason(),
-                    },
-                );
+                let reason = e.reason();
+                self.emit(Some(command), EventKind::InstallFailed { digest, reason });
                 self.publish_state();
             }
             Err(e) => self.fail_install(
@@ -1286,6 +1129,40 @@ impl Daemon {
                 },
             ),
         }
+    }
+
+    /// A downloaded bundle is installed: serve it (or its shadow) and report.
+    fn installed(
+        &mut self,
+        command: u64,
+        digest: Digest,
+        mode: InstallMode,
+        done: store::Installed,
+        model: store::LoadedSlots,
+    ) {
+        let activated = mode == InstallMode::Activate;
+        let slot = if activated {
+            done.state.active
+        } else {
+            done.state.active.map(protocol::Slot::other)
+        }
+        .unwrap_or(protocol::Slot::A);
+        self.served.replace_all(model);
+        tracing::info!(
+            digest = %digest.short(),
+            version = %done.bundle.version,
+            activated,
+            "installed"
+        );
+        self.emit(
+            Some(command),
+            EventKind::InstallSucceeded {
+                digest,
+                slot,
+                activated,
+            },
+        );
+        self.publish_state();
     }
 
     // -- reporting -----------------------------------------------------------
@@ -1505,5 +1382,83 @@ mod tests {
         // Free space unknown: not checked; sizes near u64::MAX do not overflow.
         assert_eq!(preflight(u64::MAX, u64::MAX, None, u64::MAX), Ok(()));
         assert!(preflight(u64::MAX, u64::MAX, Some(u64::MAX), 1).is_err());
+    }
+
+    #[test]
+    fn an_install_is_decided_from_the_slots_and_the_download_in_progress() {
+        use crate::slots::{SlotEntry, SlotsState};
+        use protocol::{BundleRef, Slot, SlotRole};
+        let bundle = |n: u8| BundleRef {
+            digest: Digest([n; 32]),
+            channel: ModelChannel::new("m").expect("channel"),
+            version: format!("1.0.{n}"),
+            release: u64::from(n),
+        };
+        let (one, two, three) = (Digest([1; 32]), Digest([2; 32]), Digest([3; 32]));
+        // Slot A active with bundle 1; slot B (the target) holds bundle 2 staged.
+        let mut state = SlotsState {
+            active: Some(Slot::A),
+            a: Some(SlotEntry {
+                bundle: bundle(1),
+                role: SlotRole::Active,
+            }),
+            b: Some(SlotEntry {
+                bundle: bundle(2),
+                role: SlotRole::Staged,
+            }),
+            ..SlotsState::default()
+        };
+        assert_eq!(state.target_slot(), Slot::B);
+        let step =
+            |s: &SlotsState, downloading, digest, mode| install_step(s, downloading, digest, mode);
+        assert_eq!(
+            step(&state, None, two, InstallMode::Stage),
+            InstallStep::AlreadyThere { slot: Slot::B }
+        );
+        assert_eq!(
+            step(&state, None, two, InstallMode::Activate),
+            InstallStep::SwitchOnly
+        );
+        // Staged is not shadow: asked to shadow it, it is downloaded again.
+        assert_eq!(
+            step(&state, None, two, InstallMode::Shadow),
+            InstallStep::Download { supersedes: None }
+        );
+        for mode in [
+            InstallMode::Activate,
+            InstallMode::Stage,
+            InstallMode::Shadow,
+        ] {
+            assert_eq!(
+                step(&state, Some((7, three)), one, mode),
+                InstallStep::AlreadyActive { slot: Slot::A },
+                "{mode:?}"
+            );
+        }
+        assert_eq!(
+            step(&state, Some((7, three)), three, InstallMode::Activate),
+            InstallStep::Continue
+        );
+        assert_eq!(
+            step(
+                &state,
+                Some((7, three)),
+                Digest([4; 32]),
+                InstallMode::Activate
+            ),
+            InstallStep::Download {
+                supersedes: Some((7, three))
+            }
+        );
+        // Run in shadow: activating it is only the switch.
+        state.b.as_mut().expect("b").role = SlotRole::Shadow;
+        assert_eq!(
+            step(&state, None, two, InstallMode::Activate),
+            InstallStep::SwitchOnly
+        );
+        assert_eq!(
+            step(&state, None, two, InstallMode::Shadow),
+            InstallStep::AlreadyThere { slot: Slot::B }
+        );
     }
 }

@@ -238,6 +238,15 @@ struct Tracking {
     will: Option<LastWill>,
 }
 
+impl Tracking {
+    /// A new connection: no packet of the old one is tracked.
+    fn connected_anew(&mut self) {
+        self.connected = true;
+        self.untagged.clear();
+        self.by_pkid.clear();
+    }
+}
+
 /// The agent's handle on the link.
 #[derive(Debug, Clone)]
 pub struct Link {
@@ -335,6 +344,24 @@ pub fn random_u64() -> u64 {
     })
 }
 
+/// After a connection error: drains the requests queued for the old
+/// connection (they are resent from the spool instead), forgets its packet
+/// ids, and sets the current will for the next connect. Returns whether the
+/// link was connected.
+fn forget_connection(eventloop: &mut rumqttc::EventLoop, tracking: &Mutex<Tracking>) -> bool {
+    let mut t = lock(tracking);
+    let was_connected = t.connected;
+    t.connected = false;
+    eventloop.clean();
+    eventloop.pending.clear();
+    t.untagged.clear();
+    t.by_pkid.clear();
+    if let Some(will) = t.will.clone() {
+        eventloop.mqtt_options.set_last_will(will);
+    }
+    was_connected
+}
+
 /// Starts the link task. Once [`Link::connect`] is called it connects,
 /// reconnects with backoff for ever, and sends what happens to `events`; it ends
 /// when `events` is closed.
@@ -362,19 +389,12 @@ pub fn start(
         let mut backoff = Backoff::default();
         loop {
             let sent = match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    if ack.code == rumqttc::ConnectReturnCode::Success {
-                        {
-                            let mut t = lock(&tracking);
-                            t.connected = true;
-                            t.untagged.clear();
-                            t.by_pkid.clear();
-                        }
-                        backoff.reset();
-                        events.send(LinkEvent::Connected).await
-                    } else {
-                        Ok(())
-                    }
+                Ok(Event::Incoming(Packet::ConnAck(ack)))
+                    if ack.code == rumqttc::ConnectReturnCode::Success =>
+                {
+                    lock(&tracking).connected_anew();
+                    backoff.reset();
+                    events.send(LinkEvent::Connected).await
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     events
@@ -404,21 +424,7 @@ pub fn start(
                 }
                 Ok(_) => Ok(()),
                 Err(e) => {
-                    let was_connected = {
-                        let mut t = lock(&tracking);
-                        let was_connected = t.connected;
-                        t.connected = false;
-                        // Drain requests queued after the error: they belong to the
-                        // old connection and are resent from the spool instead.
-                        eventloop.clean();
-                        eventloop.pending.clear();
-                        t.untagged.clear();
-                        t.by_pkid.clear();
-                        if let Some(will) = t.will.clone() {
-                            eventloop.mqtt_options.set_last_will(will);
-                        }
-                        was_connected
-                    };
+                    let was_connected = forget_connection(&mut eventloop, &tracking);
                     let delay = backoff.next_delay(random_u64());
                     let detail = format!("{e}; retrying in {:.1} s", delay.as_secs_f64());
                     let sent = if was_connected || backoff.attempt <= 1 {

@@ -173,6 +173,80 @@ fn sanitize_symbol(s: &str) -> String {
     }
 }
 
+/// Checks that every input declares its element type and rank, and names
+/// the dimensions a model leaves unnamed (skl2onnx's batch) as symbols: the
+/// first input's first is `N`, the others `d<input>_<axis>`.
+fn name_free_dims(model: &mut InferenceModel) -> Result<(), ModelError> {
+    // Unnamed dimensions (skl2onnx's batch) become symbols: the first is `N`.
+    let inputs = model.input_outlets().map_err(|e| classify(&e))?.len();
+    for ix in 0..inputs {
+        let fact: InferenceFact = model.input_fact(ix).map_err(|e| classify(&e))?.clone();
+        if fact.datum_type.concretize().is_none() {
+            return Err(ModelError::Invalid(format!(
+                "input {ix} has no declared element type"
+            )));
+        }
+        let Some(dims) = fact.shape.concretize().map(|_| ()).map_or_else(
+            || Some(fact.shape.dims().cloned().collect::<Vec<_>>()),
+            |_| None,
+        ) else {
+            continue;
+        };
+        if fact.shape.is_open() {
+            return Err(ModelError::Invalid(format!(
+                "input {ix} has no declared rank"
+            )));
+        }
+        let named: TVec<_> = dims
+            .iter()
+            .enumerate()
+            .map(|(j, d)| match d {
+                GenericFactoid::Only(d) => GenericFactoid::Only(d.clone()),
+                GenericFactoid::Any => {
+                    let name = if ix == 0 && j == 0 {
+                        "N".to_string()
+                    } else {
+                        format!("d{ix}_{j}")
+                    };
+                    GenericFactoid::Only(TDim::Sym(model.symbols.sym(&name)))
+                }
+            })
+            .collect();
+        let fact = fact.with_shape(tract_onnx::tract_hir::infer::ShapeFactoid::closed(named));
+        model.set_input_fact(ix, fact).map_err(|e| classify(&e))?;
+    }
+    Ok(())
+}
+
+/// The inputs and outputs of a typed model, named as requests name them.
+fn schema_of(typed: &TypedModel) -> Result<ModelSchema, ModelError> {
+    let mut schema = ModelSchema::default();
+    for (ix, outlet) in typed
+        .input_outlets()
+        .map_err(|e| classify(&e))?
+        .iter()
+        .enumerate()
+    {
+        let name = typed.node(outlet.node).name.clone();
+        let fact = typed.input_fact(ix).map_err(|e| classify(&e))?;
+        schema.inputs.push(spec_of("input", &name, fact)?);
+    }
+    for (ix, outlet) in typed
+        .output_outlets()
+        .map_err(|e| classify(&e))?
+        .iter()
+        .enumerate()
+    {
+        let name = typed
+            .outlet_label(*outlet)
+            .map(str::to_owned)
+            .unwrap_or_else(|| typed.node(outlet.node).name.clone());
+        let fact = typed.output_fact(ix).map_err(|e| classify(&e))?;
+        schema.outputs.push(spec_of("output", &name, fact)?);
+    }
+    Ok(schema)
+}
+
 fn spec_of(role: &'static str, name: &str, fact: &TypedFact) -> Result<TensorSpec, ModelError> {
     Ok(TensorSpec {
         name: name.into(),
@@ -230,44 +304,7 @@ impl LoadedModel {
         let mut onnx = tract_onnx::onnx();
         crate::trees::regressor::register(&mut onnx.op_register);
         let mut model = onnx.model_for_read(&mut reader).map_err(|e| classify(&e))?;
-        // Unnamed dimensions (skl2onnx's batch) become symbols: the first is `N`.
-        let inputs = model.input_outlets().map_err(|e| classify(&e))?.len();
-        for ix in 0..inputs {
-            let fact: InferenceFact = model.input_fact(ix).map_err(|e| classify(&e))?.clone();
-            if fact.datum_type.concretize().is_none() {
-                return Err(ModelError::Invalid(format!(
-                    "input {ix} has no declared element type"
-                )));
-            }
-            let Some(dims) = fact.shape.concretize().map(|_| ()).map_or_else(
-                || Some(fact.shape.dims().cloned().collect::<Vec<_>>()),
-                |_| None,
-            ) else {
-                continue;
-            };
-            if fact.shape.is_open() {
-                return Err(ModelError::Invalid(format!(
-                    "input {ix} has no declared rank"
-                )));
-            }
-            let named: TVec<_> = dims
-                .iter()
-                .enumerate()
-                .map(|(j, d)| match d {
-                    GenericFactoid::Only(d) => GenericFactoid::Only(d.clone()),
-                    GenericFactoid::Any => {
-                        let name = if ix == 0 && j == 0 {
-                            "N".to_string()
-                        } else {
-                            format!("d{ix}_{j}")
-                        };
-                        GenericFactoid::Only(TDim::Sym(model.symbols.sym(&name)))
-                    }
-                })
-                .collect();
-            let fact = fact.with_shape(tract_onnx::tract_hir::infer::ShapeFactoid::closed(named));
-            model.set_input_fact(ix, fact).map_err(|e| classify(&e))?;
-        }
+        name_free_dims(&mut model)?;
         let mut typed = model.into_typed().map_err(|e| classify(&e))?;
         // Tree ensembles run on our compact evaluator (agent/src/trees.rs).
         if compact_trees {
@@ -275,30 +312,7 @@ impl LoadedModel {
         } else {
             crate::trees::fix_binary_labels(&mut typed).map_err(|e| classify(&e))?;
         }
-        let mut schema = ModelSchema::default();
-        for (ix, outlet) in typed
-            .input_outlets()
-            .map_err(|e| classify(&e))?
-            .iter()
-            .enumerate()
-        {
-            let name = typed.node(outlet.node).name.clone();
-            let fact = typed.input_fact(ix).map_err(|e| classify(&e))?;
-            schema.inputs.push(spec_of("input", &name, fact)?);
-        }
-        for (ix, outlet) in typed
-            .output_outlets()
-            .map_err(|e| classify(&e))?
-            .iter()
-            .enumerate()
-        {
-            let name = typed
-                .outlet_label(*outlet)
-                .map(str::to_owned)
-                .unwrap_or_else(|| typed.node(outlet.node).name.clone());
-            let fact = typed.output_fact(ix).map_err(|e| classify(&e))?;
-            schema.outputs.push(spec_of("output", &name, fact)?);
-        }
+        let schema = schema_of(&typed)?;
         let plan = typed
             .into_optimized()
             .and_then(|m| m.into_runnable())

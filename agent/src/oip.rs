@@ -598,21 +598,19 @@ impl Serialize for Data<'_> {
         }
     }
 }
-
-/// Writes the response to `request`: the outputs it names (all when it names
-/// none), each as JSON or as binary data as it asks.
-pub fn encode_response(
-    model_name: &str,
-    model_version: &str,
+/// The outputs the response carries, each with whether it goes in binary:
+/// all of them, or those the request names (unknown names refused), in the
+/// request's order.
+fn chosen_outputs<'a>(
     request: &InferRequest,
-    outputs: &[Tensor],
-) -> Result<Encoded, RequestError> {
+    outputs: &'a [Tensor],
+) -> Result<Vec<(&'a Tensor, bool)>, RequestError> {
     let all_binary = request
         .parameters
         .as_ref()
         .and_then(|p| p.binary_data_output)
         .unwrap_or(false);
-    let chosen: Vec<(&Tensor, bool)> = match &request.outputs {
+    let chosen = match &request.outputs {
         None => outputs.iter().map(|t| (t, all_binary)).collect(),
         Some(wanted) => wanted
             .iter()
@@ -629,6 +627,18 @@ pub fn encode_response(
             })
             .collect::<Result<_, RequestError>>()?,
     };
+    Ok(chosen)
+}
+
+/// Writes the response to `request`: the outputs it names (all when it names
+/// none), each as JSON or as binary data as it asks.
+pub fn encode_response(
+    model_name: &str,
+    model_version: &str,
+    request: &InferRequest,
+    outputs: &[Tensor],
+) -> Result<Encoded, RequestError> {
+    let chosen = chosen_outputs(request, outputs)?;
     for (t, as_binary) in &chosen {
         let finite = match &t.data {
             TensorData::F32(v) => v.iter().all(|x| x.is_finite()),

@@ -491,6 +491,31 @@ async fn uploads_are_verified_and_refused_with_the_reason() {
         .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     assert!(message(&v).contains("device id"), "{v}");
+    // Every device route checks the id in its path before it does anything
+    // (after the token), and every bundle route the digest.
+    for (method, path) in [
+        ("GET", "/api/v1/devices/a%20b"),
+        ("GET", "/api/v1/devices/a%20b/drift"),
+        ("POST", "/api/v1/devices/..%2Fetc/revert"),
+        ("POST", "/api/v1/devices/..%2Fetc/revoke"),
+        ("POST", "/api/v1/devices/..%2Fetc/configure"),
+        ("POST", "/api/v1/devices/..%2Fetc/samples"),
+    ] {
+        let (s, v) = a.json(method, path, Some(ADMIN), json!({})).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{method} {path}: {v}");
+        assert!(message(&v).contains("device id"), "{method} {path}: {v}");
+        let (s, _) = a.json(method, path, None, json!({})).await;
+        assert_eq!(
+            s,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} without a token"
+        );
+    }
+    for path in ["/api/v1/bundles/abc", "/api/v1/bundles/abc/file"] {
+        let (s, v) = a.json("GET", path, Some(ADMIN), json!({})).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{path}: {v}");
+        assert!(message(&v).contains("not a bundle digest"), "{path}: {v}");
+    }
     let (s, v) = a
         .json(
             "POST",

@@ -343,28 +343,27 @@ fn sim_error(device: &str) -> impl Fn(String) -> SimError + '_ {
     }
 }
 
-async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimDevice, SimError> {
-    let fail = sim_error(&spec.id);
-    let dir = settings.dir.join(&spec.id);
+/// The store faults of a device's fault plan: a crash at one install point,
+/// failed health checks.
+fn store_faults(plan: &FaultPlan) -> Arc<Faults> {
     let faults = Arc::new(Faults::default());
-    if let Some(point) = &spec.faults.crash_at {
+    if let Some(point) = &plan.crash_at {
         faults.crash_once_at(point);
     }
-    faults.set_fail_health(spec.faults.fail_health);
-    let store = Store::open(&dir)
-        .map_err(|e| fail(e.to_string()))?
-        .with_faults(faults);
+    faults.set_fail_health(plan.fail_health);
+    faults
+}
 
-    // The network switch: a relay between the agent and the broker.
-    let relay = TcpListener::bind(("127.0.0.1", 0))
-        .await
-        .map_err(|e| fail(format!("relay: {e}")))?;
-    let relay_port = relay.local_addr().map_err(|e| fail(e.to_string()))?.port();
-    let (network, network_rx) = watch::channel(Network { up: true, epoch: 0 });
-
-    // The board's agent settings (limits, telemetry), in this device's directory.
+/// The board's agent settings (limits, telemetry) for a device in `dir`
+/// whose broker is the relay on `relay_port`.
+fn device_config(
+    settings: &FleetSettings,
+    spec: &DeviceSpec,
+    dir: &Path,
+    relay_port: u16,
+) -> Result<AgentConfig, SimError> {
     let mut config = AgentConfig {
-        data_dir: dir.clone(),
+        data_dir: dir.to_owned(),
         trust_root: spec
             .trust_root
             .clone()
@@ -381,8 +380,30 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
             config.broker.key = Some(tls.key.clone());
         }
         (_, false) => config.broker.url = format!("mqtt://127.0.0.1:{relay_port}"),
-        (None, true) => return Err(fail("a TLS broker needs the device's certificate".into())),
+        (None, true) => {
+            return Err(sim_error(&spec.id)(
+                "a TLS broker needs the device's certificate".into(),
+            ));
+        }
     }
+    Ok(config)
+}
+
+async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimDevice, SimError> {
+    let fail = sim_error(&spec.id);
+    let dir = settings.dir.join(&spec.id);
+    let store = Store::open(&dir)
+        .map_err(|e| fail(e.to_string()))?
+        .with_faults(store_faults(&spec.faults));
+
+    // The network switch: a relay between the agent and the broker.
+    let relay = TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(|e| fail(format!("relay: {e}")))?;
+    let relay_port = relay.local_addr().map_err(|e| fail(e.to_string()))?.port();
+    let (network, network_rx) = watch::channel(Network { up: true, epoch: 0 });
+
+    let config = device_config(settings, &spec, &dir, relay_port)?;
     // Checked now so that a bad identity fails the start, not a background task.
     edgefleet_agent::cli::link_setup(&config, &config.trust_root)
         .map_err(|e| fail(e.to_string()))?;
@@ -531,6 +552,32 @@ impl Agent {
         }
     }
 
+    /// Counts what the link brings (connects, chunk messages) and plays the
+    /// mid-download disconnect after `drop_after` chunks of this run.
+    fn observe(&self, event: &LinkEvent, chunks_here: &mut u64, drop_after: &mut Option<u64>) {
+        match event {
+            LinkEvent::Connected => {
+                self.stats.connects.fetch_add(1, Ordering::Relaxed);
+            }
+            LinkEvent::Message { topic, payload }
+                if matches!(self.topics.parse(topic), Some(Topic::BundleChunks { .. })) =>
+            {
+                self.stats.chunk_messages.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .chunk_bytes
+                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                *chunks_here += 1;
+                if drop_after.is_some_and(|n| *chunks_here >= n) {
+                    *drop_after = None;
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(device = %self.config.device_id, "simulated disconnect mid-download");
+                    self.network.send_modify(|n| n.epoch += 1);
+                }
+            }
+            _ => {}
+        }
+    }
+
     async fn run_once(
         &mut self,
         stop: &mut watch::Receiver<bool>,
@@ -591,27 +638,7 @@ impl Agent {
                 }
                 event = link_rx.recv() => {
                     let Some(event) = event else { break End::Ended };
-                    match &event {
-                        LinkEvent::Connected => {
-                            self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                        }
-                        LinkEvent::Message { topic, payload }
-                            if matches!(self.topics.parse(topic), Some(Topic::BundleChunks { .. })) =>
-                        {
-                            self.stats.chunk_messages.fetch_add(1, Ordering::Relaxed);
-                            self.stats
-                                .chunk_bytes
-                                .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                            chunks_here += 1;
-                            if drop_after.is_some_and(|n| chunks_here >= n) {
-                                *drop_after = None;
-                                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(device = %self.config.device_id, "simulated disconnect mid-download");
-                                self.network.send_modify(|n| n.epoch += 1);
-                            }
-                        }
-                        _ => {}
-                    }
+                    self.observe(&event, &mut chunks_here, drop_after);
                     if let Some(delay) = self.faults.slow_link {
                         tokio::time::sleep(delay).await;
                     }

@@ -119,6 +119,14 @@ macro_rules! string_id {
             }
         }
 
+        /// Read as the validated string wherever a `&str` is taken.
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 s.serialize_str(&self.0)

@@ -141,9 +141,33 @@ fn index(attr: &str, i: usize, v: i64) -> TractResult<u32> {
         .with_context(|| format!("attribute {attr}[{i}] is {v}, not an index"))
 }
 
+/// Each node's position in the evaluator's order, by (tree id, node id).
+type Positions = HashMap<(i64, i64), u32>;
+
 /// Checks the attributes and builds the evaluator and the base values (one per
 /// target, zeros when absent). Every error names the attribute and position.
 pub fn compile(a: &RegressorAttributes) -> TractResult<(CompactTrees, Vec<f32>)> {
+    let (n_targets, combine, base_values) = check_targets(a)?;
+    check_lengths(a)?;
+    let (order, position) = node_order(a)?;
+    let (mut nodes, parent, n_features) = branches(a, &order, &position)?;
+    let roots = roots(a, &order, &parent)?;
+    let leaves = attach_leaves(a, &position, &mut nodes, n_targets)?;
+    Ok((
+        CompactTrees {
+            roots,
+            nodes,
+            leaves,
+            n_classes: n_targets,
+            n_features,
+            combine,
+        },
+        base_values,
+    ))
+}
+
+/// The number of targets, how trees combine, and the base values.
+fn check_targets(a: &RegressorAttributes) -> TractResult<(usize, Combine, Vec<f32>)> {
     let n_targets = usize::try_from(a.n_targets)
         .ok()
         .filter(|n| (1..=MAX_ITEMS).contains(n))
@@ -160,6 +184,12 @@ pub fn compile(a: &RegressorAttributes) -> TractResult<(CompactTrees, Vec<f32>)>
         n if n == n_targets => a.base_values.clone(),
         n => bail!("attribute base_values has {n} values for {n_targets} targets"),
     };
+    Ok((n_targets, combine, base_values))
+}
+
+/// Every per-node attribute has one entry per node, every per-target one per
+/// target, within [`MAX_ITEMS`].
+fn check_lengths(a: &RegressorAttributes) -> TractResult<()> {
     let n = a.nodes_treeids.len();
     if n == 0 || n > MAX_ITEMS {
         bail!("attribute nodes_treeids has {n} nodes");
@@ -198,8 +228,13 @@ pub fn compile(a: &RegressorAttributes) -> TractResult<(CompactTrees, Vec<f32>)>
             bail!("attribute {name} has {len} entries, target_ids has {m}");
         }
     }
+    Ok(())
+}
 
-    // Nodes in (tree, node id) order, each tree's nodes together.
+/// Nodes in (tree, node id) order, each tree's nodes together, and each
+/// node's position in that order.
+fn node_order(a: &RegressorAttributes) -> TractResult<(Vec<usize>, Positions)> {
+    let n = a.nodes_treeids.len();
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&i| (a.nodes_treeids[i], a.nodes_nodeids[i]));
     let mut position: HashMap<(i64, i64), u32> = HashMap::with_capacity(n);
@@ -213,6 +248,18 @@ pub fn compile(a: &RegressorAttributes) -> TractResult<(CompactTrees, Vec<f32>)>
             );
         }
     }
+    Ok((order, position))
+}
+
+/// The nodes in order: branches with their children (each node has at most
+/// one parent), leaves still without weights; each node's parent; the
+/// features read.
+fn branches(
+    a: &RegressorAttributes,
+    order: &[usize],
+    position: &Positions,
+) -> TractResult<(Vec<Node>, Vec<Option<u32>>, usize)> {
+    let n = order.len();
     let child = |attr: &str, i: usize, id: i64| -> TractResult<u32> {
         position
             .get(&(a.nodes_treeids[i], id))
@@ -224,7 +271,6 @@ pub fn compile(a: &RegressorAttributes) -> TractResult<(CompactTrees, Vec<f32>)>
                 )
             })
     };
-
     let mut nodes = Vec::with_capacity(n);
     let mut parent: Vec<Option<u32>> = vec![None; n];
     let mut n_features = 0usize;
@@ -273,9 +319,17 @@ pub fn compile(a: &RegressorAttributes) -> TractResult<(CompactTrees, Vec<f32>)>
             b: no,
         });
     }
+    Ok((nodes, parent, n_features))
+}
 
-    // One root per tree: the one node no branch points to. With every other node
-    // having exactly one parent, nothing reachable from a root can loop.
+/// One root per tree: the one node no branch points to. With every other node
+/// having exactly one parent, nothing reachable from a root can loop.
+fn roots(
+    a: &RegressorAttributes,
+    order: &[usize],
+    parent: &[Option<u32>],
+) -> TractResult<Vec<u32>> {
+    let n = order.len();
     let mut roots = Vec::new();
     let mut start = 0;
     while start < n {
@@ -298,8 +352,18 @@ pub fn compile(a: &RegressorAttributes) -> TractResult<(CompactTrees, Vec<f32>)>
         }
         start = end;
     }
+    Ok(roots)
+}
 
-    // Leaf weights, grouped by the leaf they belong to.
+/// Leaf weights, grouped by the leaf they belong to: each leaf node's `a..b`
+/// indexes its (target, weight) pairs.
+fn attach_leaves(
+    a: &RegressorAttributes,
+    position: &Positions,
+    nodes: &mut [Node],
+    n_targets: usize,
+) -> TractResult<Vec<(u32, u32)>> {
+    let m = a.target_ids.len();
     let mut entries: Vec<(u32, u32, u32)> = Vec::with_capacity(m);
     for j in 0..m {
         let leaf = position
@@ -338,18 +402,7 @@ pub fn compile(a: &RegressorAttributes) -> TractResult<(CompactTrees, Vec<f32>)>
         node.a = first as u32;
         node.b = next as u32;
     }
-
-    Ok((
-        CompactTrees {
-            roots,
-            nodes,
-            leaves,
-            n_classes: n_targets,
-            n_features,
-            combine,
-        },
-        base_values,
-    ))
+    Ok(leaves)
 }
 
 /// The ONNX node before typing: the trees, then `base_values` added as a constant.

@@ -464,45 +464,47 @@ fn trust(cmd: TrustCommand, now: UnixTime) -> Result<i32, CliError> {
             report_root(&file, &root, now);
             Ok(0)
         }
-        TrustCommand::Verify { file, current } => {
-            let root = operator::load_trust_file(&file)?;
-            let result = match current {
-                Some(cur) => operator::load_trust_root(&cur, now)
-                    .map(|_| ())
-                    .and_then(|_| {
-                        let cur_root =
-                            operator::load_trust_file(&cur)?
-                                .decode()
-                                .map_err(|source| OperatorError::Trust {
-                                    path: cur.clone(),
-                                    source,
-                                })?;
-                        cur_root
-                            .accept_rotation(&root, now)
-                            .map(|_| ())
-                            .map_err(|source| OperatorError::Trust {
-                                path: file.clone(),
-                                source,
-                            })
-                    }),
-                None => root
-                    .verify_self(now)
+        TrustCommand::Verify { file, current } => trust_verify(&file, current.as_deref(), now),
+    }
+}
+
+/// `trust verify`: a root on its own, or as the rotation of `current`.
+fn trust_verify(file: &Path, current: Option<&Path>, now: UnixTime) -> Result<i32, CliError> {
+    let root = operator::load_trust_file(file)?;
+    let result = match current {
+        Some(cur) => operator::load_trust_root(cur, now)
+            .map(|_| ())
+            .and_then(|_| {
+                let cur_root = operator::load_trust_file(cur)?.decode().map_err(|source| {
+                    OperatorError::Trust {
+                        path: cur.to_owned(),
+                        source,
+                    }
+                })?;
+                cur_root
+                    .accept_rotation(&root, now)
                     .map(|_| ())
                     .map_err(|source| OperatorError::Trust {
-                        path: file.clone(),
+                        path: file.to_owned(),
                         source,
-                    }),
-            };
-            match result {
-                Ok(()) => {
-                    println!("OK: {} is a valid trust root", file.display());
-                    Ok(0)
-                }
-                Err(e) => {
-                    println!("REFUSED: {e}");
-                    Ok(1)
-                }
-            }
+                    })
+            }),
+        None => root
+            .verify_self(now)
+            .map(|_| ())
+            .map_err(|source| OperatorError::Trust {
+                path: file.to_owned(),
+                source,
+            }),
+    };
+    match result {
+        Ok(()) => {
+            println!("OK: {} is a valid trust root", file.display());
+            Ok(0)
+        }
+        Err(e) => {
+            println!("REFUSED: {e}");
+            Ok(1)
         }
     }
 }
@@ -540,63 +542,7 @@ fn report_root(path: &Path, root: &edgefleet_shared::SignedTrustRoot, now: UnixT
 
 fn bundle(cmd: BundleCommand, now: UnixTime) -> Result<i32, CliError> {
     match cmd {
-        BundleCommand::Build(args) => {
-            let opts = BuildOptions {
-                model: args.model,
-                channel: args.channel,
-                version: args.version,
-                release: args.release,
-                reference: args.reference,
-                categorical: args.categorical,
-                drift_thresholds: edgefleet_shared::reference::Thresholds {
-                    psi: args.drift_psi,
-                    p_value: args.drift_p_value,
-                    drifted_share: args.drift_share,
-                },
-                golden: args.golden,
-                metadata: args.metadata,
-                now,
-                expires_in_days: args.expires_in_days,
-                architectures: args.arch,
-                min_agent_version: args.min_agent_version,
-                memory_bytes: args.memory_mib.map(|m| m << 20),
-                chunk_size: args.chunk_kib.saturating_mul(1024),
-                health: HealthPolicy {
-                    abs_tolerance: args.abs_tolerance,
-                    rel_tolerance: args.rel_tolerance,
-                    latency_budget_ms: args.latency_budget_ms,
-                },
-                signers: load_secrets(&args.keys)?,
-                golden_outputs_from: args.golden_outputs_from.clone(),
-            };
-            let report = operator::build_bundle(&opts, &args.out)?;
-            println!("built {}", args.out.display());
-            print!("{}", describe_manifest(&report.manifest, &report.digest));
-            println!(
-                "  golden       {} case(s), {}",
-                report.golden_cases,
-                if report.golden_from_file {
-                    "outputs checked against the file"
-                } else {
-                    "generated input, outputs recorded from the model"
-                }
-            );
-            match report.reference_rows {
-                Some(rows) => println!("  reference    {rows} rows summarised"),
-                None => {
-                    println!("  reference    none (no drift statistics; pass --reference data.csv)")
-                }
-            }
-            if report.signatures == 0 {
-                println!(
-                    "  unsigned: sign it with `edgefleet bundle sign {} --key KEY`",
-                    args.out.display()
-                );
-            } else {
-                println!("  signatures   {}", report.signatures);
-            }
-            Ok(0)
-        }
+        BundleCommand::Build(args) => bundle_build(*args, now),
         BundleCommand::Sign { file, keys } => {
             let header = operator::sign_bundle(&file, &load_secrets(&keys)?)?;
             println!(
@@ -609,44 +555,7 @@ fn bundle(cmd: BundleCommand, now: UnixTime) -> Result<i32, CliError> {
             }
             Ok(0)
         }
-        BundleCommand::Verify { file, trust, json } => {
-            let root = operator::load_trust_root(&trust, now)?;
-            match operator::verify_bundle(&file, &root, now) {
-                Ok(v) => {
-                    if json {
-                        let out = serde_json::json!({
-                            "ok": true,
-                            "digest": v.digest,
-                            "channel": v.manifest.channel,
-                            "version": v.manifest.version,
-                            "release": v.manifest.release,
-                            "signed_by": v.signed_by,
-                        });
-                        println!("{}", serde_json::to_string_pretty(&out)?);
-                    } else {
-                        println!("OK: {} verified", file.display());
-                        print!("{}", describe_manifest(&v.manifest, &v.digest));
-                        for k in &v.signed_by {
-                            println!("  signed by    {k}");
-                        }
-                    }
-                    Ok(0)
-                }
-                Err(OperatorError::Bundle {
-                    source: edgefleet_shared::BundleError::Refused(r),
-                    ..
-                }) => {
-                    if json {
-                        let out = serde_json::json!({ "ok": false, "code": r.code(), "reason": r, "message": r.to_string() });
-                        println!("{}", serde_json::to_string_pretty(&out)?);
-                    } else {
-                        println!("REFUSED ({}): {r}", r.code());
-                    }
-                    Ok(1)
-                }
-                Err(e) => Err(e.into()),
-            }
-        }
+        BundleCommand::Verify { file, trust, json } => bundle_verify(&file, &trust, json, now),
         BundleCommand::Inspect { file, json } => {
             let header = operator::read_header(&file)?;
             let digest = header.digest();
@@ -675,5 +584,104 @@ fn bundle(cmd: BundleCommand, now: UnixTime) -> Result<i32, CliError> {
             }
             Ok(0)
         }
+    }
+}
+
+/// `bundle build`.
+fn bundle_build(args: BuildArgs, now: UnixTime) -> Result<i32, CliError> {
+    let opts = BuildOptions {
+        model: args.model,
+        channel: args.channel,
+        version: args.version,
+        release: args.release,
+        reference: args.reference,
+        categorical: args.categorical,
+        drift_thresholds: edgefleet_shared::reference::Thresholds {
+            psi: args.drift_psi,
+            p_value: args.drift_p_value,
+            drifted_share: args.drift_share,
+        },
+        golden: args.golden,
+        metadata: args.metadata,
+        now,
+        expires_in_days: args.expires_in_days,
+        architectures: args.arch,
+        min_agent_version: args.min_agent_version,
+        memory_bytes: args.memory_mib.map(|m| m << 20),
+        chunk_size: args.chunk_kib.saturating_mul(1024),
+        health: HealthPolicy {
+            abs_tolerance: args.abs_tolerance,
+            rel_tolerance: args.rel_tolerance,
+            latency_budget_ms: args.latency_budget_ms,
+        },
+        signers: load_secrets(&args.keys)?,
+        golden_outputs_from: args.golden_outputs_from.clone(),
+    };
+    let report = operator::build_bundle(&opts, &args.out)?;
+    println!("built {}", args.out.display());
+    print!("{}", describe_manifest(&report.manifest, &report.digest));
+    println!(
+        "  golden       {} case(s), {}",
+        report.golden_cases,
+        if report.golden_from_file {
+            "outputs checked against the file"
+        } else {
+            "generated input, outputs recorded from the model"
+        }
+    );
+    match report.reference_rows {
+        Some(rows) => println!("  reference    {rows} rows summarised"),
+        None => {
+            println!("  reference    none (no drift statistics; pass --reference data.csv)")
+        }
+    }
+    if report.signatures == 0 {
+        println!(
+            "  unsigned: sign it with `edgefleet bundle sign {} --key KEY`",
+            args.out.display()
+        );
+    } else {
+        println!("  signatures   {}", report.signatures);
+    }
+    Ok(0)
+}
+
+/// `bundle verify`: 0 when the bundle verifies, 1 when it is refused.
+fn bundle_verify(file: &Path, trust: &Path, json: bool, now: UnixTime) -> Result<i32, CliError> {
+    let root = operator::load_trust_root(trust, now)?;
+    match operator::verify_bundle(file, &root, now) {
+        Ok(v) => {
+            if json {
+                let out = serde_json::json!({
+                    "ok": true,
+                    "digest": v.digest,
+                    "channel": v.manifest.channel,
+                    "version": v.manifest.version,
+                    "release": v.manifest.release,
+                    "signed_by": v.signed_by,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!("OK: {} verified", file.display());
+                print!("{}", describe_manifest(&v.manifest, &v.digest));
+                for k in &v.signed_by {
+                    println!("  signed by    {k}");
+                }
+            }
+            Ok(0)
+        }
+        Err(OperatorError::Bundle {
+            source: edgefleet_shared::BundleError::Refused(r),
+            ..
+        }) => {
+            if json {
+                let out = serde_json::json!({ "ok": false, "code": r.code(), "reason": r, "message": r.to_string() });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!("REFUSED ({}): {r}", r.code());
+            }
+            Ok(1)
+        }
+        Err(e) => Err(e.into()),
     }
 }

@@ -349,31 +349,7 @@ fn start_fleet(
             opts.devices
         ),
     );
-    let profiles = Profile::all();
-    let mut specs = Vec::new();
-    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
-    for i in 0..opts.devices {
-        let id = format!("dev-{:03}", i + 1);
-        let profile = profiles[i % profiles.len()].clone();
-        let identity = dir.join("devices").join(&id).join("identity");
-        let v = api.post(
-            &format!("/api/v1/devices/{id}/enroll"),
-            &json!({"tags": {"site": if i % 2 == 0 { "north" } else { "south" }, "board": profile.name}}),
-        )?;
-        write_enrollment(&v, &identity)?;
-        *kinds.entry(profile.name.clone()).or_insert(0) += 1;
-        specs.push(DeviceSpec {
-            id,
-            profile,
-            tls: Some(TlsFiles {
-                ca: identity.join("ca.pem"),
-                cert: identity.join("device.pem"),
-                key: identity.join("device.key"),
-            }),
-            faults: FaultPlan::default(),
-            trust_root: None,
-        });
-    }
+    let (specs, kinds) = enroll(api, dir, opts.devices)?;
     let settings = FleetSettings {
         broker: ([127, 0, 0, 1], controller.broker_port).into(),
         tls: true,
@@ -404,19 +380,52 @@ fn start_fleet(
         (n == opts.devices).then_some(n)
     })?;
     println!("  {online} devices online, none has a model yet");
-    // The application's requests: the reference rows (sorted by class in the
-    // file), taken 7 apart so that any run of them mixes the classes as the
-    // reference does: the demo's normal traffic shows no drift.
-    let reference_rows: Vec<Vec<f32>> = IRIS_REFERENCE
-        .lines()
-        .skip(1)
-        .map(|l| {
-            l.split(',')
-                .filter_map(|x| x.trim().parse().ok())
-                .collect::<Vec<f32>>()
-        })
-        .filter(|r| r.len() == 4)
-        .collect();
+    fleet.set_traffic(Some(application_traffic()));
+    println!("  each device gets 5 local inference requests a second from its \"application\"");
+
+    Ok(fleet)
+}
+
+/// Enrolls `n` devices (a certificate each, tagged by site and board) and
+/// writes their files; returns their specs and the count per board.
+fn enroll(
+    api: &Client,
+    dir: &Path,
+    n: usize,
+) -> Result<(Vec<DeviceSpec>, BTreeMap<String, usize>), DemoError> {
+    let profiles = Profile::all();
+    let mut specs = Vec::new();
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..n {
+        let id = format!("dev-{:03}", i + 1);
+        let profile = profiles[i % profiles.len()].clone();
+        let identity = dir.join("devices").join(&id).join("identity");
+        let v = api.post(
+            &format!("/api/v1/devices/{id}/enroll"),
+            &json!({"tags": {"site": if i % 2 == 0 { "north" } else { "south" }, "board": profile.name}}),
+        )?;
+        write_enrollment(&v, &identity)?;
+        *kinds.entry(profile.name.clone()).or_insert(0) += 1;
+        specs.push(DeviceSpec {
+            id,
+            profile,
+            tls: Some(TlsFiles {
+                ca: identity.join("ca.pem"),
+                cert: identity.join("device.pem"),
+                key: identity.join("device.key"),
+            }),
+            faults: FaultPlan::default(),
+            trust_root: None,
+        });
+    }
+    Ok((specs, kinds))
+}
+
+/// The application's requests: the reference rows (sorted by class in the
+/// file), taken 7 apart so that any run of them mixes the classes as the
+/// reference does: the demo's normal traffic shows no drift.
+fn application_traffic() -> Traffic {
+    let reference_rows = reference_rows();
     let n = reference_rows.len();
     let bodies: Vec<String> = (0..n)
         .map(|i| {
@@ -425,14 +434,11 @@ fn start_fleet(
                 .to_string()
         })
         .collect();
-    fleet.set_traffic(Some(Traffic {
+    Traffic {
         model: "iris".into(),
         bodies,
         every: Duration::from_millis(200),
-    }));
-    println!("  each device gets 5 local inference requests a second from its \"application\"");
-
-    Ok(fleet)
+    }
 }
 
 /// Steps 5 and 6: the good bundle rolled out, the bad one stopped at its
@@ -548,41 +554,8 @@ fn drift(
         8,
         "the input distribution shifts on some devices: drift against the bundle's reference",
     );
-    let rows: Vec<Vec<f64>> = IRIS_REFERENCE
-        .lines()
-        .skip(1)
-        .map(|l| {
-            l.split(',')
-                .filter_map(|x| x.trim().parse().ok())
-                .collect::<Vec<f64>>()
-        })
-        .filter(|r| r.len() == 4)
-        .collect();
-    let batch = |shift: f64| {
-        let data: Vec<f64> = rows.iter().flatten().map(|v| v + shift).collect();
-        json!({"inputs": [{"name": "features", "shape": [rows.len(), 4], "datatype": "FP32", "data": data}]})
-    };
-    let mut shifted: Vec<String> = fleet
-        .devices()
-        .iter()
-        .skip(1)
-        .step_by(4)
-        .take(3)
-        .map(|d| d.id().to_owned())
-        .collect();
-    shifted.sort();
-    for d in fleet.devices() {
-        let moved = shifted.iter().any(|s| s == d.id());
-        if let Err(e) = local_infer(&d.api_url(), &batch(if moved { 1.5 } else { 0.0 })) {
-            println!("  UNEXPECTED: a batch request to {} failed: {e}", d.id());
-            ok = false;
-        }
-    }
-    println!(
-        "  every device's application sends {} rows; on {} they are shifted by +1.5 cm",
-        rows.len(),
-        shifted.join(", ")
-    );
+    let (shifted, sent) = shift_inputs(fleet);
+    ok &= sent;
     let drift = wait_for("drift reports from every device", || {
         let v = api.get("/api/v1/drift").ok()?;
         let b = v["bundles"]
@@ -607,23 +580,8 @@ fn drift(
             flagged.join(", ")
         }
     );
-    if let Some(first) = shifted.first()
-        && let Ok(v) = api.get(&format!("/api/v1/devices/{first}/drift"))
-        && let Some(last) = v["reports"].as_array().and_then(|r| r.last())
-    {
-        for f in last["report"]["inputs"].as_array().into_iter().flatten() {
-            println!(
-                "    {first} {:<13} psi {:>6.2}  KS p {:>8.1e}{}",
-                f["feature"].as_str().unwrap_or(""),
-                f["psi"].as_f64().unwrap_or(0.0),
-                f["p_value"].as_f64().unwrap_or(1.0),
-                if f["drifted"] == json!(true) {
-                    "  drifted"
-                } else {
-                    ""
-                }
-            );
-        }
+    if let Some(first) = shifted.first() {
+        print_device_drift(api, first);
     }
     let alerted = wait_for("a drift_alert event from each shifted device", || {
         shifted
@@ -647,6 +605,75 @@ fn drift(
     }
 
     Ok(ok)
+}
+
+/// Every device's application sends the reference rows once; on three
+/// devices they are shifted by +1.5 cm. Returns those devices (sorted), and
+/// whether every request was answered.
+fn shift_inputs(fleet: &SimFleet) -> (Vec<String>, bool) {
+    let mut sent = true;
+    let rows = reference_rows();
+    let batch = |shift: f64| {
+        let data: Vec<f64> = rows.iter().flatten().map(|v| v + shift).collect();
+        json!({"inputs": [{"name": "features", "shape": [rows.len(), 4], "datatype": "FP32", "data": data}]})
+    };
+    let mut shifted: Vec<String> = fleet
+        .devices()
+        .iter()
+        .skip(1)
+        .step_by(4)
+        .take(3)
+        .map(|d| d.id().to_owned())
+        .collect();
+    shifted.sort();
+    for d in fleet.devices() {
+        let moved = shifted.iter().any(|s| s == d.id());
+        if let Err(e) = local_infer(&d.api_url(), &batch(if moved { 1.5 } else { 0.0 })) {
+            println!("  UNEXPECTED: a batch request to {} failed: {e}", d.id());
+            sent = false;
+        }
+    }
+    println!(
+        "  every device's application sends {} rows; on {} they are shifted by +1.5 cm",
+        rows.len(),
+        shifted.join(", ")
+    );
+    (shifted, sent)
+}
+
+/// The iris reference rows (4 features each).
+fn reference_rows() -> Vec<Vec<f64>> {
+    IRIS_REFERENCE
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .filter_map(|x| x.trim().parse().ok())
+                .collect::<Vec<f64>>()
+        })
+        .filter(|r| r.len() == 4)
+        .collect()
+}
+
+/// The latest drift report of `first`, feature by feature.
+fn print_device_drift(api: &Client, first: &str) {
+    if let Ok(v) = api.get(&format!("/api/v1/devices/{first}/drift"))
+        && let Some(last) = v["reports"].as_array().and_then(|r| r.last())
+    {
+        for f in last["report"]["inputs"].as_array().into_iter().flatten() {
+            println!(
+                "    {first} {:<13} psi {:>6.2}  KS p {:>8.1e}{}",
+                f["feature"].as_str().unwrap_or(""),
+                f["psi"].as_f64().unwrap_or(0.0),
+                f["p_value"].as_f64().unwrap_or(1.0),
+                if f["drifted"] == json!(true) {
+                    "  drifted"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
 }
 
 /// Step 9: telemetry per model version.

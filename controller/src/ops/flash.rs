@@ -70,6 +70,20 @@ pub enum FlashError {
         /// What is wrong.
         reason: String,
     },
+    /// The binary is an agent for another architecture than the profile's.
+    #[error("{} is an agent for {arch}, but profile {profile} is {profile_arch} ({target})", path.display())]
+    WrongArch {
+        /// The binary.
+        path: PathBuf,
+        /// Its architecture.
+        arch: &'static str,
+        /// The profile.
+        profile: String,
+        /// The profile's architecture.
+        profile_arch: String,
+        /// The profile's target triple.
+        target: String,
+    },
     /// The destination cannot take the install (`what` names it).
     #[error("{what}: {reason}")]
     Destination {
@@ -293,55 +307,82 @@ pub fn flash(args: FlashArgs) -> Result<i32, FlashError> {
             ssh_install(host, options, root, &archive, args.force)?;
         }
     }
-    let where_to = match &destination {
-        Destination::Root(r) => format!("into {}", r.display()),
-        Destination::Archive(o) => format!(
-            "as {} (on the device: tar -xzf it, then sudo sh edgefleet-flash/install.sh)",
-            o.display()
-        ),
-        Destination::Ssh { host, root, .. } => format!("on {host}:{}", root.display()),
+    let flashed = Flashed {
+        id: &id,
+        profile: &profile,
+        binary_path: &binary_path,
+        is_static: binary.is_static,
+        how,
+        files: &files,
+        broker_url: &enrollment.broker_url,
     };
-    if args.api.json {
-        println!(
-            "{}",
-            json!({
-                "device": id,
-                "profile": profile.name,
-                "target": profile.target,
-                "binary": binary_path,
-                "static": binary.is_static,
-                "enrollment": how,
-                "files": files.iter().map(|f| &f.path).collect::<Vec<_>>(),
-            })
-        );
-    } else {
-        println!(
-            "flashed {id} ({}, {}; {how}) {where_to}",
-            profile.name, profile.target
-        );
-        for f in &files {
-            match f.kind {
-                FileKind::File => println!("  {:o} {}", f.mode, f.path.display()),
-                FileKind::Link => println!(
-                    "  link {} -> {}",
-                    f.path.display(),
-                    String::from_utf8_lossy(&f.contents)
-                ),
-            }
-        }
-        if !binary.is_static {
+    flashed.report(&destination, args.api.json);
+    Ok(0)
+}
+
+/// What a flash did, for its report.
+struct Flashed<'a> {
+    id: &'a str,
+    profile: &'a Profile,
+    binary_path: &'a Path,
+    is_static: bool,
+    how: &'static str,
+    files: &'a [DeviceFile],
+    broker_url: &'a str,
+}
+
+impl Flashed<'_> {
+    /// Prints what was installed where (JSON with `--json`).
+    fn report(&self, destination: &Destination, json: bool) {
+        let where_to = match destination {
+            Destination::Root(r) => format!("into {}", r.display()),
+            Destination::Archive(o) => format!(
+                "as {} (on the device: tar -xzf it, then sudo sh edgefleet-flash/install.sh)",
+                o.display()
+            ),
+            Destination::Ssh { host, root, .. } => format!("on {host}:{}", root.display()),
+        };
+        if json {
             println!(
-                "note: {} is dynamically linked: the device needs the same C library (cross/build.sh builds static ones)",
-                binary_path.display()
+                "{}",
+                json!({
+                    "device": self.id,
+                    "profile": self.profile.name,
+                    "target": self.profile.target,
+                    "binary": self.binary_path,
+                    "static": self.is_static,
+                    "enrollment": self.how,
+                    "files": self.files.iter().map(|f| &f.path).collect::<Vec<_>>(),
+                })
+            );
+        } else {
+            println!(
+                "flashed {} ({}, {}; {}) {where_to}",
+                self.id, self.profile.name, self.profile.target, self.how
+            );
+            for f in self.files {
+                match f.kind {
+                    FileKind::File => println!("  {:o} {}", f.mode, f.path.display()),
+                    FileKind::Link => println!(
+                        "  link {} -> {}",
+                        f.path.display(),
+                        String::from_utf8_lossy(&f.contents)
+                    ),
+                }
+            }
+            if !self.is_static {
+                println!(
+                    "note: {} is dynamically linked: the device needs the same C library (cross/build.sh builds static ones)",
+                    self.binary_path.display()
+                );
+            }
+            println!(
+                "the agent starts at boot (systemd unit {}) and connects to {}",
+                self.profile.install.unit.display(),
+                self.broker_url
             );
         }
-        println!(
-            "the agent starts at boot (systemd unit {}) and connects to {}",
-            profile.install.unit.display(),
-            enrollment.broker_url
-        );
     }
-    Ok(0)
 }
 
 /// A profile from a file (a path, or a name ending in `.toml`) or a shipped one.
@@ -397,10 +438,13 @@ fn read_binary(path: &Path, profile: &Profile) -> Result<Binary, FlashError> {
     let bytes = read_capped(path, MAX_BINARY)?;
     let elf = Elf::parse(&bytes).map_err(|e| bad(e.to_string()))?;
     if elf.arch != profile.arch {
-        return Err(bad(format!(
-            "an agent for {}, but profile {} is {} ({})",
-            elf.arch, profile.name, profile.arch, profile.target
-        )));
+        return Err(FlashError::WrongArch {
+            path: path.to_owned(),
+            arch: elf.arch,
+            profile: profile.name.clone(),
+            profile_arch: profile.arch.clone(),
+            target: profile.target.clone(),
+        });
     }
     Ok(Binary {
         bytes,
@@ -750,33 +794,14 @@ pub fn device_files(
     e: &Enrollment,
 ) -> Result<Vec<DeviceFile>, FlashError> {
     let unfit = |why: &str| FlashError::DeviceFiles(why.to_owned());
-    let mut config = profile.agent_config(id);
-    config.broker.url = e.broker_url.clone();
-    config.broker.topic_prefix = e.topic_prefix.clone();
-    config
-        .validate(&profile.install.config)
-        .map_err(|e| unfit(&format!("the agent config for this device: {e}")))?;
+    let config = agent_config(profile, id, e)?;
     let etc = profile
         .install
         .config
         .parent()
         .ok_or_else(|| unfit("install.config has no directory"))?
         .to_path_buf();
-    let unit = unit_for(profile)?;
-    let unit_name = profile
-        .install
-        .unit
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| unfit("install.unit has no file name"))?
-        .to_owned();
-    let wants = profile
-        .install
-        .unit
-        .parent()
-        .ok_or_else(|| unfit("install.unit has no directory"))?
-        .join("multi-user.target.wants")
-        .join(&unit_name);
+    let [unit, wants] = unit_files(profile)?;
     let key = config
         .broker
         .key
@@ -788,7 +813,6 @@ pub fn device_files(
         contents,
         kind: FileKind::File,
     };
-    let data = profile.install.data_dir.display();
     let toml_text =
         toml::to_string_pretty(&config).map_err(|e| unfit(&format!("agent.toml: {e}")))?;
     let files = vec![
@@ -818,32 +842,17 @@ pub fn device_files(
             e.controller_key_pem.clone().into_bytes(),
         ),
         file(config.trust_root.clone(), 0o644, e.trust_root.clone()),
-        file(profile.install.unit.clone(), 0o644, unit.into_bytes()),
-        DeviceFile {
-            path: wants,
-            mode: 0o777,
-            contents: profile.install.unit.to_string_lossy().as_bytes().to_vec(),
-            kind: FileKind::Link,
-        },
+        unit,
+        wants,
         file(
             "/usr/lib/sysusers.d/edgefleet.conf".into(),
             0o644,
-            format!(
-                "# The edgefleet agent's system user (edgefleet flash).\n\
-                 u edgefleet - \"edgefleet device agent\" {data}\n"
-            )
-            .into_bytes(),
+            sysusers(&profile.install.data_dir),
         ),
         file(
             "/usr/lib/tmpfiles.d/edgefleet.conf".into(),
             0o644,
-            format!(
-                "# The agent's state and its key belong to its user (edgefleet flash).\n\
-                 d {data} 0700 edgefleet edgefleet -\n\
-                 z {} 0600 edgefleet edgefleet -\n",
-                key.display()
-            )
-            .into_bytes(),
+            tmpfiles(&profile.install.data_dir, &key),
         ),
         file(
             profile.install.config.clone(),
@@ -855,17 +864,88 @@ pub fn device_files(
             .into_bytes(),
         ),
     ];
-    // Paths must be absolute and distinct; the data directory comes empty.
+    distinct_paths(files)
+}
+
+/// The device's agent config: the profile's, with the enrollment's broker.
+fn agent_config(
+    profile: &Profile,
+    id: &str,
+    e: &Enrollment,
+) -> Result<edgefleet_agent::config::AgentConfig, FlashError> {
+    let mut config = profile.agent_config(id);
+    config.broker.url = e.broker_url.clone();
+    config.broker.topic_prefix = e.topic_prefix.clone();
+    config
+        .validate(&profile.install.config)
+        .map_err(|e| FlashError::DeviceFiles(format!("the agent config for this device: {e}")))?;
+    Ok(config)
+}
+
+/// `files`, when their paths are absolute and distinct (the data directory
+/// comes empty).
+fn distinct_paths(files: Vec<DeviceFile>) -> Result<Vec<DeviceFile>, FlashError> {
     let mut seen = BTreeSet::new();
-    for f in &files {
-        if !f.path.is_absolute() || !seen.insert(f.path.clone()) {
-            return Err(unfit(&format!(
-                "{}: a device path must be absolute and used once",
-                f.path.display()
-            )));
-        }
+    match files
+        .iter()
+        .find(|f| !f.path.is_absolute() || !seen.insert(f.path.clone()))
+    {
+        Some(f) => Err(FlashError::DeviceFiles(format!(
+            "{}: a device path must be absolute and used once",
+            f.path.display()
+        ))),
+        None => Ok(files),
     }
-    Ok(files)
+}
+
+/// The systemd unit, and its link in `multi-user.target.wants` (enabled for boot).
+fn unit_files(profile: &Profile) -> Result<[DeviceFile; 2], FlashError> {
+    let unfit = |why: &str| FlashError::DeviceFiles(why.to_owned());
+    let unit = &profile.install.unit;
+    let unit_name = unit
+        .file_name()
+        .ok_or_else(|| unfit("install.unit has no file name"))?;
+    let wants = unit
+        .parent()
+        .ok_or_else(|| unfit("install.unit has no directory"))?
+        .join("multi-user.target.wants")
+        .join(unit_name);
+    Ok([
+        DeviceFile {
+            path: unit.clone(),
+            mode: 0o644,
+            contents: unit_for(profile)?.into_bytes(),
+            kind: FileKind::File,
+        },
+        DeviceFile {
+            path: wants,
+            mode: 0o777,
+            contents: unit.to_string_lossy().as_bytes().to_vec(),
+            kind: FileKind::Link,
+        },
+    ])
+}
+
+/// sysusers.d: the agent's system user, at home in its data directory.
+fn sysusers(data: &Path) -> Vec<u8> {
+    format!(
+        "# The edgefleet agent's system user (edgefleet flash).\n\
+         u edgefleet - \"edgefleet device agent\" {}\n",
+        data.display()
+    )
+    .into_bytes()
+}
+
+/// tmpfiles.d: the agent's state and its key belong to its user.
+fn tmpfiles(data: &Path, key: &Path) -> Vec<u8> {
+    format!(
+        "# The agent's state and its key belong to its user (edgefleet flash).\n\
+         d {} 0700 edgefleet edgefleet -\n\
+         z {} 0600 edgefleet edgefleet -\n",
+        data.display(),
+        key.display()
+    )
+    .into_bytes()
 }
 
 /// Writes `files` under `root`: each is staged beside its destination, then
@@ -876,54 +956,9 @@ pub fn install_into(
     files: &[DeviceFile],
     profile: &Profile,
 ) -> Result<(), FlashError> {
-    use std::os::unix::fs::PermissionsExt;
     let mut made_dirs = Vec::new();
     let mut staged = Vec::new();
-    let at = |path: &Path| {
-        let path = path.to_owned();
-        move |source| (path, source)
-    };
-    let result = (|| -> Result<(), (PathBuf, std::io::Error)> {
-        for f in files {
-            let target = on_root(root, &f.path);
-            // on_root joins a device path's components to `root`: never the bare root.
-            let dir = target.parent().unwrap_or(root).to_path_buf();
-            let mut missing = Vec::new();
-            let mut d = dir.clone();
-            while !d.exists() {
-                missing.push(d.clone());
-                if !d.pop() {
-                    break;
-                }
-            }
-            std::fs::create_dir_all(&dir).map_err(at(&dir))?;
-            made_dirs.extend(missing.into_iter().rev());
-            let tmp = staged_path(&target);
-            let _ = std::fs::remove_file(&tmp);
-            match f.kind {
-                FileKind::File => {
-                    let mut w = std::fs::File::create(&tmp).map_err(at(&tmp))?;
-                    staged.push(tmp.clone());
-                    w.write_all(&f.contents)
-                        .and_then(|()| w.set_permissions(std::fs::Permissions::from_mode(f.mode)))
-                        .and_then(|()| w.sync_all())
-                        .map_err(at(&tmp))?;
-                }
-                FileKind::Link => {
-                    let to = String::from_utf8_lossy(&f.contents).into_owned();
-                    std::os::unix::fs::symlink(&to, &tmp).map_err(at(&tmp))?;
-                    staged.push(tmp.clone());
-                }
-            }
-        }
-        let data = on_root(root, &profile.install.data_dir);
-        if !data.exists() {
-            std::fs::create_dir_all(&data).map_err(at(&data))?;
-            std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))
-                .map_err(at(&data))?;
-        }
-        Ok(())
-    })();
+    let result = stage(root, files, profile, &mut made_dirs, &mut staged);
     if let Err((path, source)) = result {
         for s in &staged {
             let _ = std::fs::remove_file(s);
@@ -952,6 +987,62 @@ pub fn install_into(
         if let Some(dir) = target.parent() {
             edgefleet_shared::durable::sync_dir(dir).map_err(moved(dir))?;
         }
+    }
+    Ok(())
+}
+
+/// Writes each file beside its destination under `root` (and the data
+/// directory, 0700), recording the directories it made and the files it
+/// staged so that a failure can remove them.
+fn stage(
+    root: &Path,
+    files: &[DeviceFile],
+    profile: &Profile,
+    made_dirs: &mut Vec<PathBuf>,
+    staged: &mut Vec<PathBuf>,
+) -> Result<(), (PathBuf, std::io::Error)> {
+    use std::os::unix::fs::PermissionsExt;
+    let at = |path: &Path| {
+        let path = path.to_owned();
+        move |source| (path, source)
+    };
+    for f in files {
+        let target = on_root(root, &f.path);
+        // on_root joins a device path's components to `root`: never the bare root.
+        let dir = target.parent().unwrap_or(root).to_path_buf();
+        let mut missing = Vec::new();
+        let mut d = dir.clone();
+        while !d.exists() {
+            missing.push(d.clone());
+            if !d.pop() {
+                break;
+            }
+        }
+        std::fs::create_dir_all(&dir).map_err(at(&dir))?;
+        made_dirs.extend(missing.into_iter().rev());
+        let tmp = staged_path(&target);
+        let _ = std::fs::remove_file(&tmp);
+        match f.kind {
+            FileKind::File => {
+                let mut w = std::fs::File::create(&tmp).map_err(at(&tmp))?;
+                staged.push(tmp.clone());
+                w.write_all(&f.contents)
+                    .and_then(|()| w.set_permissions(std::fs::Permissions::from_mode(f.mode)))
+                    .and_then(|()| w.sync_all())
+                    .map_err(at(&tmp))?;
+            }
+            FileKind::Link => {
+                let to = String::from_utf8_lossy(&f.contents).into_owned();
+                std::os::unix::fs::symlink(&to, &tmp).map_err(at(&tmp))?;
+                staged.push(tmp.clone());
+            }
+        }
+    }
+    let data = on_root(root, &profile.install.data_dir);
+    if !data.exists() {
+        std::fs::create_dir_all(&data).map_err(at(&data))?;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))
+            .map_err(at(&data))?;
     }
     Ok(())
 }

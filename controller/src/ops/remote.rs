@@ -607,61 +607,68 @@ pub fn rollout(cmd: RolloutCommand) -> Result<i32, CommandError> {
             }
             Ok(0)
         }
-        RolloutCommand::Status { id, api } => {
-            let c = Client::new(&api);
-            match id {
-                Some(id) => {
-                    let v = c.get(&format!("/api/v1/rollouts/{id}"))?;
-                    if api.json {
-                        print_json(&v);
-                    } else {
-                        print!("{}", rollout_text(&v["rollout"]));
-                        for l in v["rollout"]["log"].as_array().into_iter().flatten() {
-                            println!("  - {}", l["note"].as_str().unwrap_or(""));
-                        }
-                    }
-                }
-                None => {
-                    let v = c.get("/api/v1/rollouts")?;
-                    if api.json {
-                        print_json(&v);
-                    } else {
-                        for r in v["rollouts"].as_array().into_iter().flatten() {
-                            print!("{}", rollout_text(r));
-                        }
-                    }
-                }
-            }
-            Ok(0)
-        }
-        RolloutCommand::Watch { id, api } => {
-            let c = Client::new(&api);
-            let mut last = String::new();
-            loop {
-                let v = c.get(&format!("/api/v1/rollouts/{id}"))?;
-                let r = &v["rollout"];
-                let text = rollout_text(r);
-                if text != last {
-                    if api.json {
-                        println!("{}", serde_json::to_string(r).unwrap_or_default());
-                    } else {
-                        print!("{text}");
-                    }
-                    last = text;
-                }
-                let phase = r["phase"].as_str().unwrap_or("");
-                if matches!(phase, "completed" | "halted" | "aborted") {
-                    return Ok(if phase == "completed" { 0 } else { 1 });
-                }
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        }
+        RolloutCommand::Status { id, api } => rollout_status(id.as_deref(), &api),
+        RolloutCommand::Watch { id, api } => rollout_watch(&id, &api),
         RolloutCommand::Pause { id, api } => operate(&id, "pause", None, &api),
         RolloutCommand::Resume { id, api } => operate(&id, "resume", None, &api),
         RolloutCommand::Promote { id, api } => operate(&id, "promote", None, &api),
         RolloutCommand::Abort { id, revert, api } => {
             operate(&id, "abort", Some(json!({"revert": revert})), &api)
         }
+    }
+}
+
+/// `rollout status`: one rollout with its log, or all.
+fn rollout_status(id: Option<&str>, api: &ApiArgs) -> Result<i32, CommandError> {
+    let c = Client::new(api);
+    match id {
+        Some(id) => {
+            let v = c.get(&format!("/api/v1/rollouts/{id}"))?;
+            if api.json {
+                print_json(&v);
+            } else {
+                print!("{}", rollout_text(&v["rollout"]));
+                for l in v["rollout"]["log"].as_array().into_iter().flatten() {
+                    println!("  - {}", l["note"].as_str().unwrap_or(""));
+                }
+            }
+        }
+        None => {
+            let v = c.get("/api/v1/rollouts")?;
+            if api.json {
+                print_json(&v);
+            } else {
+                for r in v["rollouts"].as_array().into_iter().flatten() {
+                    print!("{}", rollout_text(r));
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// `rollout watch`: prints each change until the rollout ends; 0 when it
+/// completed.
+fn rollout_watch(id: &str, api: &ApiArgs) -> Result<i32, CommandError> {
+    let c = Client::new(api);
+    let mut last = String::new();
+    loop {
+        let v = c.get(&format!("/api/v1/rollouts/{id}"))?;
+        let r = &v["rollout"];
+        let text = rollout_text(r);
+        if text != last {
+            if api.json {
+                println!("{}", serde_json::to_string(r).unwrap_or_default());
+            } else {
+                print!("{text}");
+            }
+            last = text;
+        }
+        let phase = r["phase"].as_str().unwrap_or("");
+        if matches!(phase, "completed" | "halted" | "aborted") {
+            return Ok(if phase == "completed" { 0 } else { 1 });
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

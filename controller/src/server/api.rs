@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::body::Body;
@@ -14,10 +13,12 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use edgefleet_shared::{Digest, UnixTime};
+use edgefleet_shared::{DeviceId, Digest, UnixTime};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
+
+mod metrics;
 
 use crate::server::ca::Ca;
 use crate::server::db::{Audit, BundleRow, Db};
@@ -296,6 +297,38 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// A device id from the request path, checked before the handler runs
+/// (422 naming what is wrong); the caller's token is checked first.
+struct DevicePath(DeviceId);
+
+impl FromRequestParts<AppState> for DevicePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<DevicePath> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::invalid(format!("device id: {e}")))?;
+        DeviceId::new(&raw)
+            .map(DevicePath)
+            .map_err(|e| ApiError::invalid(format!("device id: {e}")))
+    }
+}
+
+/// A bundle digest (64 hex digits) from the request path, checked before
+/// the handler runs.
+struct DigestPath(Digest);
+
+impl FromRequestParts<AppState> for DigestPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<DigestPath> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        parse_digest(&raw).map(DigestPath)
+    }
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -354,7 +387,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/api/v1/telemetry/summary", get(telemetry_summary))
         .route("/api/v1/audit", get(audit_log))
         .route("/api/v1/tokens", post(create_token))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics::metrics))
         .route("/api/v1/openapi.json", get(|| async { Json(openapi()) }))
         .layer(DefaultBodyLimit::max(256 * 1024))
         .layer(axum::middleware::map_response(uniform_errors))
@@ -431,7 +464,7 @@ async fn list_devices(
 async fn device_detail(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    DevicePath(id): DevicePath,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
     let device = s
@@ -439,7 +472,7 @@ async fn device_detail(
         .devices()
         .await?
         .into_iter()
-        .find(|d| d.id == id)
+        .find(|d| d.id == *id)
         .ok_or_else(|| ApiError::not_found(format!("no device {id}")))?;
     let state = s.db().device_state_json(&id).await?;
     let events = s.db().events(&id, 50).await?;
@@ -498,7 +531,7 @@ impl DriftQuery {
 async fn device_drift(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    DevicePath(id): DevicePath,
     Query(q): Query<DriftQuery>,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Viewer)?;
@@ -507,7 +540,7 @@ async fn device_drift(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::invalid("limit: must be between 1 and 1000"));
     }
-    if !s.db().devices().await?.iter().any(|d| d.id == id) {
+    if !s.db().devices().await?.iter().any(|d| d.id == *id) {
         return Err(ApiError::not_found(format!("no device {id}")));
     }
     let reports: Vec<Value> = s
@@ -580,13 +613,11 @@ struct EnrollBody {
 async fn enroll(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    DevicePath(id): DevicePath,
     body: JsonBody<EnrollBody>,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Admin)?;
-    let id = edgefleet_shared::DeviceId::new(&id)
-        .map_err(|e| ApiError::invalid(format!("device id: {e}")))?
-        .to_string();
+    let id = id.to_string();
     let body = body.optional()?.unwrap_or_default();
     if body.tags.len() > 32
         || body
@@ -620,10 +651,10 @@ async fn enroll(
     if let Some(gate) = &s.gate {
         // Re-enrolling replaces the device's certificate: the old one stops working.
         let mut map = gate.write().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, who| *who != crate::server::gate::Identity::Device(id.clone()));
+        map.retain(|_, who| *who != crate::server::gate::Identity::Device(id.to_string()));
         map.insert(
             fingerprint.clone(),
-            crate::server::gate::Identity::Device(id.clone()),
+            crate::server::gate::Identity::Device(id.to_string()),
         );
         drop(map);
         s.gate_stats.identities_changed();
@@ -656,7 +687,7 @@ pub fn cert_fingerprint(pem: &str) -> String {
 async fn revoke_device(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    DevicePath(id): DevicePath,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Admin)?;
     let audit = caller.audit("device.revoke", &id, None);
@@ -668,7 +699,7 @@ async fn revoke_device(
     if let Some(gate) = &s.gate {
         gate.write()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, who| *who != crate::server::gate::Identity::Device(id.clone()));
+            .retain(|_, who| *who != crate::server::gate::Identity::Device(id.to_string()));
         s.gate_stats.identities_changed();
     }
     Ok(Json(json!({"device": id, "revoked": true})))
@@ -680,7 +711,7 @@ async fn revoke_device(
 async fn revert_device(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    DevicePath(id): DevicePath,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Operator)?;
     let audit = caller.audit("device.revert", &id, None);
@@ -710,7 +741,7 @@ struct ConfigureBody {
 async fn configure_device(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    DevicePath(id): DevicePath,
     body: JsonBody<ConfigureBody>,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Operator)?;
@@ -728,7 +759,7 @@ async fn configure_device(
             "shadow_sample_permille: must be between 0 and 1000",
         ));
     }
-    if !s.db().devices().await?.iter().any(|d| d.id == id) {
+    if !s.db().devices().await?.iter().any(|d| d.id == *id) {
         return Err(ApiError::not_found(format!("no device {id}")));
     }
     let settings = edgefleet_shared::protocol::Settings {
@@ -764,7 +795,7 @@ struct SamplesBody {
 async fn request_samples(
     State(s): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    DevicePath(id): DevicePath,
     body: JsonBody<SamplesBody>,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Operator)?;
@@ -780,7 +811,7 @@ async fn request_samples(
         .devices()
         .await?
         .into_iter()
-        .find(|d| d.id == id)
+        .find(|d| d.id == *id)
         .ok_or_else(|| ApiError::not_found(format!("no device {id}")))?;
     let channel = device
         .active_channel
@@ -898,15 +929,15 @@ fn parse_digest(text: &str) -> ApiResult<Digest> {
 async fn show_bundle(
     State(s): State<AppState>,
     caller: Caller,
-    Path(digest): Path<String>,
+    DigestPath(digest): DigestPath,
 ) -> ApiResult<Json<BundleRow>> {
     caller.require(Role::Viewer)?;
-    let d = parse_digest(&digest)?;
+    let hex = digest.to_hex();
     s.db()
-        .bundle(&d.to_hex())
+        .bundle(&hex)
         .await?
         .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("no bundle {digest}")))
+        .ok_or_else(|| ApiError::not_found(format!("no bundle {hex}")))
 }
 
 #[utoipa::path(get, path = "/api/v1/bundles/{digest}/file", tag = "bundles", params(("digest" = String, Path, description = "manifest digest")),
@@ -915,14 +946,14 @@ async fn show_bundle(
 async fn download_bundle(
     State(s): State<AppState>,
     caller: Caller,
-    Path(digest): Path<String>,
+    DigestPath(digest): DigestPath,
 ) -> ApiResult<Response> {
     caller.require(Role::Viewer)?;
-    let d = parse_digest(&digest)?;
-    if s.db().bundle(&d.to_hex()).await?.is_none() {
-        return Err(ApiError::not_found(format!("no bundle {digest}")));
+    let hex = digest.to_hex();
+    if s.db().bundle(&hex).await?.is_none() {
+        return Err(ApiError::not_found(format!("no bundle {hex}")));
     }
-    let file = tokio::fs::File::open(s.fleet.bundle_path(&d))
+    let file = tokio::fs::File::open(s.fleet.bundle_path(&digest))
         .await
         .map_err(|e| ApiError::not_found(format!("bundle file: {e}")))?;
     let stream = tokio_util_stream(file);
@@ -1549,210 +1580,6 @@ async fn create_token(
     ))
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "metrics",
-    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String)))]
-async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
-    let devices = s.db().devices().await?;
-    let rollouts = s.fleet.rollouts().await?;
-    let st = &s.fleet.stats;
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, kind: &str, lines: Vec<(String, f64)>| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (labels, v) in lines {
-            out.push_str(&format!("{name}{labels} {v}\n"));
-        }
-    };
-    gauge(
-        "edgefleet_devices",
-        "Devices in the registry.",
-        "gauge",
-        vec![(String::new(), devices.len() as f64)],
-    );
-    gauge(
-        "edgefleet_devices_online",
-        "Devices whose retained state says online.",
-        "gauge",
-        vec![(
-            String::new(),
-            devices.iter().filter(|d| d.online).count() as f64,
-        )],
-    );
-    let mut per_version: BTreeMap<(String, String), u64> = BTreeMap::new();
-    for d in &devices {
-        if let (Some(c), Some(v)) = (&d.active_channel, &d.active_version) {
-            *per_version.entry((c.clone(), v.clone())).or_default() += 1;
-        }
-    }
-    gauge(
-        "edgefleet_devices_by_version",
-        "Devices per active model version.",
-        "gauge",
-        per_version
-            .into_iter()
-            .map(|((c, v), n)| (format!("{{channel=\"{c}\",version=\"{v}\"}}"), n as f64))
-            .collect(),
-    );
-    // Drift per model version, from each device's latest report of the last hour.
-    let bundles = bundles_by_digest(&s).await?;
-    let mut drift: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
-    let mut shadow: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
-    for t in s
-        .db()
-        .latest_telemetry(now_ms().saturating_sub(3_600_000))
-        .await?
-    {
-        if let Some(sh) = &t.shadow
-            && let Some(b) = bundles.get(&sh.digest.to_hex())
-        {
-            let e = shadow
-                .entry((b.channel.clone(), b.version.clone()))
-                .or_default();
-            e.0 += sh.runs;
-            e.1 += sh.agreed;
-        }
-        if let (Some(d), Some(b)) = (&t.drift, t.digest.as_ref().and_then(|d| bundles.get(d))) {
-            let e = drift
-                .entry((b.channel.clone(), b.version.clone()))
-                .or_default();
-            e.0 += 1;
-            e.1 += u64::from(d.drifted);
-        }
-    }
-    let label = |(c, v): &(String, String)| format!("{{channel=\"{c}\",version=\"{v}\"}}");
-    gauge(
-        "edgefleet_drift_devices",
-        "Devices reporting drift windows per model version (latest report of the last hour).",
-        "gauge",
-        drift
-            .iter()
-            .map(|(k, (n, _))| (label(k), *n as f64))
-            .collect(),
-    );
-    gauge(
-        "edgefleet_drift_drifted_devices",
-        "Of those, devices whose latest window is drifted.",
-        "gauge",
-        drift
-            .iter()
-            .map(|(k, (_, n))| (label(k), *n as f64))
-            .collect(),
-    );
-    gauge(
-        "edgefleet_shadow_runs",
-        "Requests run by shadow models per shadow model version (latest counters of each device of the last hour).",
-        "gauge",
-        shadow
-            .iter()
-            .map(|(k, (n, _))| (label(k), *n as f64))
-            .collect(),
-    );
-    gauge(
-        "edgefleet_shadow_agreed",
-        "Of those, answers that agreed with the active model (agreement = agreed / runs).",
-        "gauge",
-        shadow
-            .iter()
-            .map(|(k, (_, n))| (label(k), *n as f64))
-            .collect(),
-    );
-    let mut per_phase: BTreeMap<&str, u64> = BTreeMap::new();
-    for r in &rollouts {
-        *per_phase.entry(r.state.phase.name()).or_default() += 1;
-    }
-    gauge(
-        "edgefleet_rollouts",
-        "Rollouts per phase.",
-        "gauge",
-        per_phase
-            .into_iter()
-            .map(|(p, n)| (format!("{{phase=\"{p}\"}}"), n as f64))
-            .collect(),
-    );
-    for (name, help, v) in [
-        (
-            "edgefleet_install_failures_total",
-            "Install failures reported by devices.",
-            &st.install_failures,
-        ),
-        (
-            "edgefleet_messages_total",
-            "Messages received from devices.",
-            &st.messages_in,
-        ),
-        (
-            "edgefleet_messages_refused_total",
-            "Device messages refused.",
-            &st.messages_refused,
-        ),
-        (
-            "edgefleet_telemetry_stored_total",
-            "Telemetry samples stored (ingest rate: rate() of this).",
-            &st.telemetry_stored,
-        ),
-        (
-            "edgefleet_chunk_bytes_sent_total",
-            "Bundle chunk bytes published.",
-            &st.chunk_bytes_sent,
-        ),
-        (
-            "edgefleet_commands_sent_total",
-            "Commands published.",
-            &st.commands_sent,
-        ),
-        (
-            "edgefleet_gate_connections_total",
-            "Device connections relayed by the embedded broker's gate.",
-            &s.gate_stats.connections,
-        ),
-        (
-            "edgefleet_gate_refused_total",
-            "Connections the gate closed (unknown certificate, or a topic outside the device's own).",
-            &s.gate_stats.refused,
-        ),
-        (
-            "edgefleet_drift_alerts_total",
-            "Fleet-level drift alerts raised (a model version with [drift] alert_percent of its devices drifted).",
-            &st.drift_alerts,
-        ),
-        (
-            "edgefleet_gate_revoked_total",
-            "Open connections the gate closed because their certificate was revoked or replaced.",
-            &s.gate_stats.revoked,
-        ),
-    ] {
-        gauge(
-            name,
-            help,
-            "counter",
-            vec![(String::new(), v.load(Ordering::Relaxed) as f64)],
-        );
-    }
-    gauge(
-        "edgefleet_chunk_requests_refused_total",
-        "Device chunk fetch requests refused or cut short (docs/controller.md, \"Chunk requests\"): not_offered = a bundle the device was never told to install; too_many = over 64 chunks in one request; rate = over the device's byte budget.",
-        "counter",
-        crate::server::fetch_limits::FetchRefusal::ALL
-            .iter()
-            .map(|why| {
-                let n = match why {
-                    crate::server::fetch_limits::FetchRefusal::NotOffered => {
-                        &st.fetch_refused_not_offered
-                    }
-                    crate::server::fetch_limits::FetchRefusal::TooMany => {
-                        &st.fetch_refused_too_many
-                    }
-                    crate::server::fetch_limits::FetchRefusal::Rate => &st.fetch_refused_rate,
-                };
-                (
-                    format!("{{reason=\"{}\"}}", why.label()),
-                    n.load(Ordering::Relaxed) as f64,
-                )
-            })
-            .collect(),
-    );
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
-}
-
 // ----- the OpenAPI document -------------------------------------------------------
 
 /// Error body of every 4xx/5xx.
@@ -1815,7 +1642,7 @@ impl utoipa::Modify for BearerAuth {
         configure_device, request_samples, export_samples,
         list_bundles, upload_bundle, show_bundle, download_bundle,
         list_rollouts, start_rollout, show_rollout, operate_rollout,
-        telemetry_summary, audit_log, create_token, metrics
+        telemetry_summary, audit_log, create_token, metrics::metrics
     ),
     components(schemas(
         ErrorBody, ErrorDetail, DeviceList, BundleList, AuditList,

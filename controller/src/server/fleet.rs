@@ -271,7 +271,7 @@ impl Fleet {
         if let Some(tls) = link.tls {
             options.set_transport(Transport::tls_with_config(tls.into()));
         }
-        let (client, mut eventloop) = AsyncClient::new(options, 1024);
+        let (client, eventloop) = AsyncClient::new(options, 1024);
         remove_upload_leftovers(&bundles_dir);
         let fleet = Arc::new(Fleet {
             db,
@@ -296,41 +296,7 @@ impl Fleet {
         let (in_tx, mut in_rx) = mpsc::channel::<(String, Vec<u8>)>(4096);
         let (tel_tx, tel_rx) = mpsc::channel::<(Telemetry, u64)>(65_536);
         // The MQTT event loop: only moves messages to the ingest task.
-        let f = fleet.clone();
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                match eventloop.poll().await {
-                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                        backoff = Duration::from_millis(200);
-                        tracing::info!("connected to the broker");
-                        for kind in [
-                            DeviceTopic::State,
-                            DeviceTopic::Events,
-                            DeviceTopic::Telemetry,
-                            DeviceTopic::Fetch,
-                            DeviceTopic::Samples,
-                        ] {
-                            let _ = f
-                                .client
-                                .try_subscribe(f.topics.all_devices_filter(kind), QoS::AtLeastOnce);
-                        }
-                    }
-                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                        let topic = p.topic.clone();
-                        if in_tx.send((topic, p.payload.to_vec())).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "broker connection lost; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                    }
-                }
-            }
-        });
+        tokio::spawn(fleet.clone().broker_loop(eventloop, in_tx));
         // Ingest.
         let f = fleet.clone();
         tokio::spawn(async move {
@@ -348,19 +314,62 @@ impl Fleet {
         // Chunks.
         let f = fleet.clone();
         tokio::spawn(async move { f.chunk_sender().await });
-        // Rollouts.
-        let f = fleet.clone();
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(tick);
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                t.tick().await;
-                if let Err(e) = f.tick_rollouts(now_ms()).await {
-                    tracing::error!(error = %e, "rollout tick failed");
+        tokio::spawn(fleet.clone().rollout_ticker(tick));
+        Ok(fleet)
+    }
+
+    /// The controller's MQTT event loop: subscribes to every device topic on
+    /// each connect and hands each message to the ingest task; reconnects
+    /// with a backoff up to 10 s.
+    async fn broker_loop(
+        self: Arc<Fleet>,
+        mut eventloop: rumqttc::EventLoop,
+        in_tx: mpsc::Sender<(String, Vec<u8>)>,
+    ) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match eventloop.poll().await {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(200);
+                    tracing::info!("connected to the broker");
+                    for kind in [
+                        DeviceTopic::State,
+                        DeviceTopic::Events,
+                        DeviceTopic::Telemetry,
+                        DeviceTopic::Fetch,
+                        DeviceTopic::Samples,
+                    ] {
+                        let _ = self
+                            .client
+                            .try_subscribe(self.topics.all_devices_filter(kind), QoS::AtLeastOnce);
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    let topic = p.topic.clone();
+                    if in_tx.send((topic, p.payload.to_vec())).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "broker connection lost; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
-        });
-        Ok(fleet)
+        }
+    }
+
+    /// Steps every running rollout each `tick`.
+    async fn rollout_ticker(self: Arc<Fleet>, tick: Duration) {
+        let mut t = tokio::time::interval(tick);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            t.tick().await;
+            if let Err(e) = self.tick_rollouts(now_ms()).await {
+                tracing::error!(error = %e, "rollout tick failed");
+            }
+        }
     }
 
     /// The store.
@@ -820,32 +829,8 @@ impl Fleet {
         }
         let state = serde_json::to_string(&a.engine).unwrap_or_default();
         if state != a.saved || !notes.is_empty() {
-            let reason = notes.last().cloned();
             let now_at = (a.engine.phase.name(), a.engine.wave);
-            let before = serde_json::json!({"phase": a.audited.0, "wave": a.audited.1 + 1});
-            let audit = match by {
-                Some((actor, action)) => Some(crate::server::db::Audit {
-                    actor: actor.to_owned(),
-                    action: format!("rollout.{action}"),
-                    target: id.to_owned(),
-                    before: Some(before),
-                    after: Some(serde_json::json!({"phase": now_at.0, "wave": now_at.1 + 1})),
-                    at: now,
-                }),
-                // The engine's own steps (next wave, halt, completion) are
-                // changes too: audited with the controller as the actor.
-                None if now_at != a.audited => Some(crate::server::db::Audit {
-                    actor: "controller".to_owned(),
-                    action: "rollout.step".to_owned(),
-                    target: id.to_owned(),
-                    before: Some(before),
-                    after: Some(
-                        serde_json::json!({"phase": now_at.0, "wave": now_at.1 + 1, "note": reason}),
-                    ),
-                    at: now,
-                }),
-                None => None,
-            };
+            let audit = step_audit(id, a.audited, now_at, notes.last().cloned(), by, now);
             self.db
                 .save_rollout(id, a.engine.phase.name(), state.clone(), notes, now, audit)
                 .await?;
@@ -1026,12 +1011,44 @@ impl Fleet {
     /// Sends a command outside any rollout (operator action on one device).
     pub async fn command(
         &self,
-        device: &str,
+        device: &DeviceId,
         action: Action,
         audit: Option<crate::server::db::Audit>,
     ) -> Result<u64, FleetError> {
-        self.send(device, None, action, audit).await
+        self.send(device.as_str(), None, action, audit).await
     }
+}
+
+/// The audit record of a rollout's step from phase and wave `before` to
+/// `after`: the operator's action when `by` names one (actor, action);
+/// otherwise the engine's own step (next wave, halt, completion), with the
+/// controller as the actor, when the phase or wave moved.
+fn step_audit(
+    id: &str,
+    before: (&'static str, usize),
+    after: (&'static str, usize),
+    reason: Option<String>,
+    by: Option<(&str, &str)>,
+    now: u64,
+) -> Option<crate::server::db::Audit> {
+    let at = |(phase, wave): (&str, usize)| serde_json::json!({"phase": phase, "wave": wave + 1});
+    let (actor, action, after_json) = match by {
+        Some((actor, action)) => (actor.to_owned(), format!("rollout.{action}"), at(after)),
+        None if after != before => {
+            let mut moved = at(after);
+            moved["note"] = serde_json::json!(reason);
+            ("controller".to_owned(), "rollout.step".to_owned(), moved)
+        }
+        None => return None,
+    };
+    Some(crate::server::db::Audit {
+        actor,
+        action,
+        target: id.to_owned(),
+        before: Some(at(before)),
+        after: Some(after_json),
+        at: now,
+    })
 }
 
 /// How long telemetry is kept, ms (set from the configuration at start).
@@ -1133,12 +1150,8 @@ pub fn wave_health(
         for t in latest.iter().filter(|t| pick(t)) {
             inf += t.inferences.unwrap_or(0);
             err += t.errors.unwrap_or(0);
-            if let Some(c) = &t.latency_counts
-                && c.len() == n
-            {
-                for (h, v) in hist.iter_mut().zip(c) {
-                    *h += v;
-                }
+            if let Some(c) = &t.latency_counts {
+                add_counts(&mut hist, c);
             }
         }
         (inf, err, hist)
@@ -1172,7 +1185,34 @@ pub fn wave_health(
             && t.digest.is_some()
             && t.digest.as_deref() != Some(digest)
     });
-    // Shadow: the wave's devices running `digest` in shadow.
+    let (shadow_agreement, shadow_p95_latency_ratio) = shadow_health(digest, wave, latest);
+    WaveHealth {
+        error_rate,
+        p95_latency_ratio,
+        drift_increase: wave_drift.map(|w| w - base_drift.unwrap_or(0.0)),
+        shadow_agreement,
+        shadow_p95_latency_ratio,
+    }
+}
+
+/// Adds a latency histogram to `hist` (one of another length is left out).
+fn add_counts(hist: &mut [u64], counts: &[u64]) {
+    if counts.len() == hist.len() {
+        for (h, v) in hist.iter_mut().zip(counts) {
+            *h += v;
+        }
+    }
+}
+
+/// The shadow gates' figures for the wave's devices running `digest` in
+/// shadow: agreement with the active model, and the shadow's p95 latency over
+/// the active model's. Unknown without [`MIN_INFERENCES`] shadow runs.
+fn shadow_health(
+    digest: &str,
+    wave: &BTreeSet<&str>,
+    latest: &[TelemetryRow],
+) -> (Option<f64>, Option<f64>) {
+    let n = LATENCY_BOUNDS_US.len() + 1;
     let mut runs = 0u64;
     let mut agreed = 0u64;
     let mut shadow_hist = vec![0u64; n];
@@ -1183,28 +1223,14 @@ pub fn wave_health(
         };
         runs += sh.runs;
         agreed += sh.agreed;
-        for (hist, counts) in [
-            (&mut shadow_hist, &sh.latency_counts),
-            (&mut active_hist, &sh.active_latency_counts),
-        ] {
-            if counts.len() == n {
-                for (h, v) in hist.iter_mut().zip(counts) {
-                    *h += v;
-                }
-            }
-        }
+        add_counts(&mut shadow_hist, &sh.latency_counts);
+        add_counts(&mut active_hist, &sh.active_latency_counts);
     }
-    let shadow_agreement = (runs >= MIN_INFERENCES).then(|| agreed as f64 / runs as f64);
-    let shadow_p95_latency_ratio = (runs >= MIN_INFERENCES)
+    let agreement = (runs >= MIN_INFERENCES).then(|| agreed as f64 / runs as f64);
+    let latency = (runs >= MIN_INFERENCES)
         .then(|| p95_ratio(&shadow_hist, &active_hist))
         .flatten();
-    WaveHealth {
-        error_rate,
-        p95_latency_ratio,
-        drift_increase: wave_drift.map(|w| w - base_drift.unwrap_or(0.0)),
-        shadow_agreement,
-        shadow_p95_latency_ratio,
-    }
+    (agreement, latency)
 }
 
 /// Telemetry of a group of devices, from the latest sample of each (counters are

@@ -66,12 +66,7 @@ pub async fn start(
         std::sync::atomic::Ordering::Relaxed,
     );
     let data = config.data_dir.clone();
-    std::fs::create_dir_all(&data)
-        .map_err(|e| err("data_dir")(format!("{}: {e}", data.display())))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700));
-    }
+    private_dir(&data)?;
     let ca = Arc::new(Ca::open_or_create(&data.join("ca")).map_err(err("CA"))?);
     let topics = Topics::new(&config.mqtt.topic_prefix).map_err(err("mqtt.topic_prefix"))?;
 
@@ -94,11 +89,7 @@ pub async fn start(
         .map_err(|e| err("database")(format!("{}: {e}", config.database_path().display())))?;
     let new_admin_token = ensure_admin_token(&db, &data).await?;
     if let Some(ids) = &gate {
-        let enrolled = db.enrolled_fingerprints().await.map_err(err("database"))?;
-        let mut map = ids.write().unwrap_or_else(|p| p.into_inner());
-        for (fp, device) in enrolled {
-            map.insert(fp, crate::server::gate::Identity::Device(device));
-        }
+        admit_enrolled(&db, ids).await?;
     }
     let fleet = Fleet::start(
         db,
@@ -142,6 +133,28 @@ pub async fn start(
         },
         server,
     ))
+}
+
+/// The data directory, made if missing, readable by the controller's user only.
+fn private_dir(data: &std::path::Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(data)
+        .map_err(|e| err("data_dir")(format!("{}: {e}", data.display())))?;
+    let _ = std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700));
+    Ok(())
+}
+
+/// Admits the enrolled devices' certificates at the gate.
+async fn admit_enrolled(
+    db: &Db,
+    identities: &crate::server::gate::Identities,
+) -> Result<(), ServeError> {
+    let enrolled = db.enrolled_fingerprints().await.map_err(err("database"))?;
+    let mut map = identities.write().unwrap_or_else(|p| p.into_inner());
+    for (fp, device) in enrolled {
+        map.insert(fp, crate::server::gate::Identity::Device(device));
+    }
+    Ok(())
 }
 
 /// rumqttd on loopback, and the gate in front of it on `mqtt.listen` for
