@@ -491,6 +491,17 @@ impl Peer {
         })
         .await
     }
+
+    /// The install's outcome: its first InstallSucceeded or InstallFailed event.
+    async fn install_outcome(&mut self, seen: &mut Vec<Event>) -> Event {
+        self.event(seen, |k| {
+            matches!(
+                k,
+                EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
+            )
+        })
+        .await
+    }
 }
 
 fn infer_version(api: &str) -> (u16, String) {
@@ -666,14 +677,7 @@ async fn bundles_install_over_mqtt_with_a_bad_chunk_refetched_and_switch_without
     peer.policy.lock().expect("lock").tamper = Some(3);
     let cmd = peer.install(&v1, InstallMode::Activate).await;
     let mut events = Vec::new();
-    let done = peer
-        .event(&mut events, |k| {
-            matches!(
-                k,
-                EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
-            )
-        })
-        .await;
+    let done = peer.install_outcome(&mut events).await;
     assert!(
         matches!(
             done.kind,
@@ -722,14 +726,7 @@ async fn bundles_install_over_mqtt_with_a_bad_chunk_refetched_and_switch_without
 
     // v2 (one chunk), then revert: the API follows each switch.
     peer.install(&v2, InstallMode::Activate).await;
-    let done = peer
-        .event(&mut events, |k| {
-            matches!(
-                k,
-                EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
-            )
-        })
-        .await;
+    let done = peer.install_outcome(&mut events).await;
     assert!(
         matches!(done.kind, EventKind::InstallSucceeded { .. }),
         "{done:?}"
@@ -791,14 +788,7 @@ async fn a_download_resumes_from_the_first_missing_chunk_after_the_agent_is_kill
         p.requests.clear();
     }
     let agent = Agent::start(dev.path(), &config);
-    let done = peer
-        .event(&mut events, |k| {
-            matches!(
-                k,
-                EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
-            )
-        })
-        .await;
+    let done = peer.install_outcome(&mut events).await;
     assert!(
         matches!(done.kind, EventKind::InstallSucceeded { .. }),
         "{done:?}\n{}",
@@ -864,14 +854,7 @@ async fn a_chunk_changed_on_disk_before_it_is_unpacked_fails_the_install_and_kee
 
     peer.policy.lock().expect("lock").limit = None;
     let agent = Agent::start(dev.path(), &config);
-    let done = peer
-        .event(&mut events, |k| {
-            matches!(
-                k,
-                EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
-            )
-        })
-        .await;
+    let done = peer.install_outcome(&mut events).await;
     let EventKind::InstallFailed {
         reason: FailureReason::Internal { detail },
         ..
@@ -1184,14 +1167,7 @@ async fn mutual_tls_with_mosquitto_installs_and_the_acl_confines_each_device() {
     peer.state(|s| s.online).await;
     peer.install(&v1, InstallMode::Activate).await;
     let mut events = Vec::new();
-    let done = peer
-        .event(&mut events, |k| {
-            matches!(
-                k,
-                EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
-            )
-        })
-        .await;
+    let done = peer.install_outcome(&mut events).await;
     assert!(
         matches!(done.kind, EventKind::InstallSucceeded { .. }),
         "{done:?}\n{}",
@@ -1550,14 +1526,7 @@ async fn the_embedded_broker_with_mutual_tls_carries_an_install() {
     peer.state(|s| s.online).await;
     peer.install(&v1, InstallMode::Activate).await;
     let mut events = Vec::new();
-    let done = peer
-        .event(&mut events, |k| {
-            matches!(
-                k,
-                EventKind::InstallSucceeded { .. } | EventKind::InstallFailed { .. }
-            )
-        })
-        .await;
+    let done = peer.install_outcome(&mut events).await;
     assert!(
         matches!(done.kind, EventKind::InstallSucceeded { .. }),
         "{done:?}\n{}",

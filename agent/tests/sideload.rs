@@ -76,6 +76,18 @@ impl Device {
         self.status()["active"]["release"].as_u64()
     }
 
+    /// A signed bundle of the iris model (its own golden outputs) at `release`.
+    fn iris(&self, name: &str, release: u64) -> std::path::PathBuf {
+        bundle(
+            self.path(),
+            name,
+            "iris_logreg.onnx",
+            "iris_logreg.onnx",
+            release,
+            0,
+        )
+    }
+
     fn bundle_dirs(&self) -> usize {
         std::fs::read_dir(self.path().join("data/bundles"))
             .expect("ls")
@@ -90,14 +102,7 @@ fn s(p: &Path) -> &str {
 #[test]
 fn sideloaded_bundles_install_serve_inference_and_revert_without_a_network() {
     let dev = Device::new();
-    let v1 = bundle(
-        dev.path(),
-        "v1.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    );
+    let v1 = dev.iris("v1.efb", 1);
     let v2 = bundle(
         dev.path(),
         "v2.efb",
@@ -136,14 +141,7 @@ fn sideloaded_bundles_install_serve_inference_and_revert_without_a_network() {
 #[test]
 fn a_model_failing_its_golden_cases_is_not_activated_and_leaves_nothing_behind() {
     let dev = Device::new();
-    let v1 = bundle(
-        dev.path(),
-        "v1.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    );
+    let v1 = dev.iris("v1.efb", 1);
     let broken = bundle(
         dev.path(),
         "v2.efb",
@@ -171,22 +169,8 @@ fn a_model_failing_its_golden_cases_is_not_activated_and_leaves_nothing_behind()
 #[test]
 fn rollbacks_and_tampered_files_are_refused_with_the_reason_and_change_nothing() {
     let dev = Device::new();
-    let v2 = bundle(
-        dev.path(),
-        "v2.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        2,
-        0,
-    );
-    let v1 = bundle(
-        dev.path(),
-        "v1.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    );
+    let v2 = dev.iris("v2.efb", 2);
+    let v1 = dev.iris("v1.efb", 1);
     let v2_other = bundle(
         dev.path(),
         "v2b.efb",
@@ -205,14 +189,7 @@ fn rollbacks_and_tampered_files_are_refused_with_the_reason_and_change_nothing()
     let out = dev.fails(&["install", s(&v2_other)]);
     assert!(out.contains("release_reused"), "{out}");
 
-    let v3 = bundle(
-        dev.path(),
-        "v3.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        3,
-        0,
-    );
+    let v3 = dev.iris("v3.efb", 3);
     let mut bytes = std::fs::read(&v3).expect("read");
     let at = bytes.len() - 30;
     bytes[at] ^= 4;
@@ -240,14 +217,7 @@ fn inference_requests_that_do_not_fit_get_errors_naming_the_input() {
     .expect("w");
     let out = dev.fails(&["infer", "--input", s(&dev.path().join("req.json"))]);
     assert!(out.contains("no model is installed"), "{out}");
-    let v1 = bundle(
-        dev.path(),
-        "v1.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    );
+    let v1 = dev.iris("v1.efb", 1);
     dev.ok(&["install", s(&v1)]);
     let out = dev.fails(&["infer", "--input", s(&dev.path().join("req.json"))]);
     assert!(
@@ -293,22 +263,8 @@ fn a_crash_at_any_point_of_an_install_leaves_a_valid_active_model() {
         "after-state-save",
     ] {
         let dev = Device::new();
-        let v1 = bundle(
-            dev.path(),
-            "v1.efb",
-            "iris_logreg.onnx",
-            "iris_logreg.onnx",
-            1,
-            0,
-        );
-        let v2 = bundle(
-            dev.path(),
-            "v2.efb",
-            "iris_logreg.onnx",
-            "iris_logreg.onnx",
-            2,
-            0,
-        );
+        let v1 = dev.iris("v1.efb", 1);
+        let v2 = dev.iris("v2.efb", 2);
         dev.ok(&["install", s(&v1)]);
         let crashed = dev.agent_env(&["install", s(&v2)], Some(point));
         assert!(
@@ -367,14 +323,7 @@ fn the_local_api_speaks_oip_v2_and_rejects_bad_inputs_with_400_naming_the_input(
     child.kill().expect("kill");
     let _ = child.wait();
 
-    let v1 = bundle(
-        dev.path(),
-        "v1.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    );
+    let v1 = dev.iris("v1.efb", 1);
     dev.ok(&["install", s(&v1)]);
     let (child, addr) = start_api(&dev, &[]);
     assert_eq!(http(&addr, "GET", "/v2/health/ready", "").0, 200);
@@ -553,14 +502,7 @@ fn stop_gracefully(mut child: std::process::Child) {
 #[test]
 fn leftovers_of_a_killed_install_are_removed_when_the_agent_starts() {
     let dev = Device::new();
-    let v1 = bundle(
-        dev.path(),
-        "v1.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    );
+    let v1 = dev.iris("v1.efb", 1);
     dev.ok(&["install", s(&v1)]);
     assert_eq!(dev.bundle_dirs(), 1);
     // What a SIGKILL in the middle of unpacking leaves, and a whole bundle
@@ -588,14 +530,7 @@ fn leftovers_of_a_killed_install_are_removed_when_the_agent_starts() {
 #[test]
 fn with_no_controller_drift_of_served_requests_shows_in_status() {
     let dev = Device::new();
-    let v1 = bundle(
-        dev.path(),
-        "v1-with-reference.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    );
+    let v1 = dev.iris("v1-with-reference.efb", 1);
     dev.ok(&["install", s(&v1)]);
     // No broker configured: the link is off, drift is still tracked each second.
     let config = dev.path().join("agent.toml");
@@ -661,14 +596,7 @@ fn with_no_controller_drift_of_served_requests_shows_in_status() {
 fn the_local_api_also_serves_on_a_unix_socket_only_its_owner_and_group_may_use() {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let dev = Device::new();
-    let v1 = bundle(
-        dev.path(),
-        "v1.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    );
+    let v1 = dev.iris("v1.efb", 1);
     dev.ok(&["install", s(&v1)]);
     let socket = dev.path().join("api.sock");
     // A socket file left by an agent that is gone (nobody listens on it) is
@@ -855,14 +783,7 @@ fn response_of(mut s: std::net::TcpStream) -> String {
 fn the_local_api_closes_slow_clients_and_bounds_the_requests_it_holds() {
     use std::time::{Duration, Instant};
     let dev = Device::new();
-    let v1 = bundle(
-        dev.path(),
-        "v1.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    );
+    let v1 = dev.iris("v1.efb", 1);
     dev.ok(&["install", s(&v1)]);
     let config = dev.path().join("agent.toml");
     std::fs::write(
@@ -1013,14 +934,7 @@ fn the_state_file_is_renamed_into_place_and_its_directory_synced() {
     // temp file is fsynced, renamed over state.json, and then the data
     // directory itself is fsynced (without which the rename may be lost).
     let dev = Device::new();
-    let v1 = bundle(
-        dev.path(),
-        "v1.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    );
+    let v1 = dev.iris("v1.efb", 1);
     let log = dev.path().join("strace.log");
     let data = dev.path().join("data");
     let out = Command::new("strace")

@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 
 const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
 
-fn ef(dir: &Path, args: &[&str]) -> Output {
+fn ef<S: AsRef<std::ffi::OsStr>>(dir: &Path, args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_edgefleet"))
         .args(args)
         .current_dir(dir)
@@ -14,7 +14,7 @@ fn ef(dir: &Path, args: &[&str]) -> Output {
         .expect("edgefleet runs")
 }
 
-fn ok(dir: &Path, args: &[&str]) -> String {
+fn ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(dir: &Path, args: &[S]) -> String {
     let out = ef(dir, args);
     let text = format!(
         "{}{}",
@@ -25,7 +25,7 @@ fn ok(dir: &Path, args: &[&str]) -> String {
     text
 }
 
-fn fails(dir: &Path, args: &[&str]) -> String {
+fn fails<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(dir: &Path, args: &[S]) -> String {
     let out = ef(dir, args);
     let text = format!(
         "{}{}",
@@ -42,6 +42,27 @@ fn fails(dir: &Path, args: &[&str]) -> String {
 
 fn model(name: &str) -> String {
     format!("{MODELS}/{name}")
+}
+
+/// `bundle build` of the iris model as iris 1.0.0 release 1, then `rest`.
+fn iris_build(rest: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "bundle",
+        "build",
+        "--model",
+        &model("iris_logreg.onnx"),
+        "--channel",
+        "iris",
+        "--version",
+        "1.0.0",
+        "--release",
+        "1",
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    args.extend(rest.iter().map(|a| (*a).to_owned()));
+    args
 }
 
 /// Keys alice, bob, carol and a 2-of-3 trust root signed by alice and bob.
@@ -198,17 +219,7 @@ fn build_sign_verify_inspect_round_trip_and_a_tampered_copy_is_refused() {
     .expect("w");
     ok(
         d,
-        &[
-            "bundle",
-            "build",
-            "--model",
-            &model("iris_logreg.onnx"),
-            "--channel",
-            "iris",
-            "--version",
-            "1.0.0",
-            "--release",
-            "1",
+        &iris_build(&[
             "--metadata",
             "labels.json",
             "--key",
@@ -217,7 +228,7 @@ fn build_sign_verify_inspect_round_trip_and_a_tampered_copy_is_refused() {
             "keys/bob.key",
             "--out",
             "meta.efb",
-        ],
+        ]),
     );
     let meta: serde_json::Value =
         serde_json::from_str(&ok(d, &["bundle", "inspect", "meta.efb", "--json"])).expect("json");
@@ -297,25 +308,7 @@ fn bad_inputs_get_errors_that_name_the_problem() {
         r#"{"cases":[{"inputs":{"features":[[5.0,3.4,1.5,0.2]]},"outputs":{"label":[2]}}]}"#,
     )
     .expect("w");
-    let out = fails(
-        d,
-        &[
-            "bundle",
-            "build",
-            "--model",
-            &model("iris_logreg.onnx"),
-            "--channel",
-            "iris",
-            "--version",
-            "1.0.0",
-            "--release",
-            "1",
-            "--golden",
-            "g.json",
-            "--out",
-            "x.efb",
-        ],
-    );
+    let out = fails(d, &iris_build(&["--golden", "g.json", "--out", "x.efb"]));
     assert!(
         out.contains("golden case 0 output `label`") && out.contains("the file says 2"),
         "{out}"
@@ -326,50 +319,14 @@ fn bad_inputs_get_errors_that_name_the_problem() {
         r#"{"cases":[{"inputs":{"features":[[5.0,3.4,1.5]]}}]}"#,
     )
     .expect("w");
-    let out = fails(
-        d,
-        &[
-            "bundle",
-            "build",
-            "--model",
-            &model("iris_logreg.onnx"),
-            "--channel",
-            "iris",
-            "--version",
-            "1.0.0",
-            "--release",
-            "1",
-            "--golden",
-            "g.json",
-            "--out",
-            "x.efb",
-        ],
-    );
+    let out = fails(d, &iris_build(&["--golden", "g.json", "--out", "x.efb"]));
     assert!(
         out.contains("input `features`") && out.contains("[N, 4]"),
         "{out}"
     );
     // Non-numeric reference data names the line and column.
     std::fs::write(d.join("r.csv"), "a,b,c,d\n1,2,3,4\n1,x,3,4\n").expect("w");
-    let out = fails(
-        d,
-        &[
-            "bundle",
-            "build",
-            "--model",
-            &model("iris_logreg.onnx"),
-            "--channel",
-            "iris",
-            "--version",
-            "1.0.0",
-            "--release",
-            "1",
-            "--reference",
-            "r.csv",
-            "--out",
-            "x.efb",
-        ],
-    );
+    let out = fails(d, &iris_build(&["--reference", "r.csv", "--out", "x.efb"]));
     assert!(out.contains("line 3") && out.contains("`b`"), "{out}");
     // Out-of-range drift thresholds name the threshold.
     let logreg = model("iris_logreg.onnx");
