@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 mod common;
 use common::pki::Pki;
-use common::{bundle, bundle_padded, http, wait_for_api, write_root};
+use common::{bundle, bundle_padded, http, iris, wait_for_api, write_root};
 
 const DEVICE: &str = "dev-1";
 const PREFIX: &str = "edgefleet/v1";
@@ -816,14 +816,7 @@ async fn a_chunk_changed_on_disk_before_it_is_unpacked_fails_the_install_and_kee
     let dev = Device::new();
     let broker = Broker::start(dev.path(), "allow_anonymous true");
     let mut peer = Peer::connect(broker.port, None);
-    let v1_file = bundle(
-        dev.path(),
-        "v1.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    );
+    let v1_file = iris(dev.path(), "v1.efb", 1);
     let v2 = peer.offer(&bundle_padded(
         dev.path(),
         "v2.efb",
@@ -877,14 +870,7 @@ async fn telemetry_is_spooled_while_the_broker_is_down_and_delivered_without_a_g
     let mut broker = Broker::start(dev.path(), "allow_anonymous true");
     let mut peer = Peer::connect(broker.port, None);
     // Sideloaded before the agent starts: inference needs no broker.
-    let file = bundle(
-        dev.path(),
-        "v1.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    );
+    let file = iris(dev.path(), "v1.efb", 1);
     let out = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
         .arg("--config")
         .arg(dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None))
@@ -1023,14 +1009,7 @@ async fn a_full_disk_delays_the_link_until_there_is_room_and_every_lost_report_i
     let mut peer = Peer::connect(broker.port, None);
     let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
     let disk = Tmpfs::mount(&dev.path().join("data"), "4m");
-    let file = bundle(
-        dev.path(),
-        "v1.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    );
+    let file = iris(dev.path(), "v1.efb", 1);
     let out = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
         .arg("--config")
         .arg(&config)
@@ -1150,14 +1129,7 @@ async fn mutual_tls_with_mosquitto_installs_and_the_acl_confines_each_device() {
     let pki = Pki::new(dev.path());
     let broker = secure_broker(dev.path(), &pki);
     let mut peer = Peer::connect(broker.port, Some(pki.tls("edgefleet-controller-test")));
-    let v1 = peer.offer(&bundle(
-        dev.path(),
-        "v1.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    ));
+    let v1 = peer.offer(&iris(dev.path(), "v1.efb", 1));
     let (ca, cert, key) = pki.client(DEVICE);
     let config = dev.config(
         &format!("mqtts://localhost:{}", broker.port),
@@ -1305,14 +1277,7 @@ async fn an_agent_killed_at_any_moment_of_an_install_comes_back_on_a_whole_model
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(dir.path(), "allow_anonymous true");
     let mut peer = Peer::connect(broker.port, None);
-    let v1_file = bundle(
-        dir.path(),
-        "v1.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    );
+    let v1_file = iris(dir.path(), "v1.efb", 1);
     let v2 = peer.offer(&bundle_padded(
         dir.path(),
         "v2.efb",
@@ -1381,14 +1346,7 @@ async fn refused_bundles_are_reported_with_the_reason_before_any_chunk_is_fetche
     let dev = Device::new();
     let broker = Broker::start(dev.path(), "allow_anonymous true");
     let mut peer = Peer::connect(broker.port, None);
-    let good = bundle(
-        dev.path(),
-        "v1.efb",
-        "iris_logreg.onnx",
-        "iris_logreg.onnx",
-        1,
-        0,
-    );
+    let good = iris(dev.path(), "v1.efb", 1);
     let big = peer.offer(&bundle_padded(
         dev.path(),
         "big.efb",

@@ -78,14 +78,7 @@ impl Device {
 
     /// A signed bundle of the iris model (its own golden outputs) at `release`.
     fn iris(&self, name: &str, release: u64) -> std::path::PathBuf {
-        bundle(
-            self.path(),
-            name,
-            "iris_logreg.onnx",
-            "iris_logreg.onnx",
-            release,
-            0,
-        )
+        common::iris(self.path(), name, release)
     }
 
     fn bundle_dirs(&self) -> usize {

@@ -40,6 +40,18 @@ pub fn bundle(
     bundle_padded(dir, name, model_file, golden_from, release, created, 0)
 }
 
+/// A signed bundle of the iris model with its own golden outputs.
+pub fn iris(dir: &Path, name: &str, release: u64) -> PathBuf {
+    bundle(
+        dir,
+        name,
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        release,
+        0,
+    )
+}
+
 /// The same with a metadata artifact of `padding` bytes, for bundles of many chunks.
 /// A `name` containing `with-reference` also carries reference statistics of
 /// `models/iris_reference.csv` (drift).
