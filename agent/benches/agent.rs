@@ -1006,44 +1006,10 @@ fn memory_under_load(dir: &Path, case: &Case, model: &LoadedModel) {
     ] {
         let run = format!("{}-{}", limits.len(), header_len.is_some());
         let data_dir = dir.join(format!("load-{run}"));
-        let out = Command::new(agent)
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--trust")
-            .arg(&trust)
-            .arg("install")
-            .arg(&bundle)
-            .output()
-            .expect("install");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        install_bundle(agent, &data_dir, &trust, &bundle);
         let config = dir.join(format!("load-{run}.toml"));
         std::fs::write(&config, limits).expect("config");
-        let mut child = Command::new(agent)
-            .arg("--config")
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--trust")
-            .arg(&trust)
-            .args(["run", "--http", "127.0.0.1:0"])
-            .env("RUST_LIB_BACKTRACE", "0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("agent");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut api = String::new();
-        for line in BufReader::new(stdout).lines() {
-            let line = line.expect("line");
-            if let Some(url) = line.strip_prefix("local API listening on http://") {
-                api = url.trim().to_string();
-                break;
-            }
-        }
+        let (mut child, api) = spawn_agent(agent, Some(&config), &data_dir, &trust);
         std::thread::sleep(Duration::from_millis(500));
         let before = rss_kib(child.id());
         let started = Instant::now();
@@ -1122,31 +1088,7 @@ fn agent_rss_with(
     settle: Duration,
     requests: Option<Requests<'_>>,
 ) -> (u64, Option<u64>) {
-    let mut cmd = Command::new(agent);
-    if let Some(config) = config {
-        cmd.arg("--config").arg(config);
-    }
-    let mut child = cmd
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--trust")
-        .arg(trust)
-        .args(["run", "--http", "127.0.0.1:0"])
-        .env("RUST_LIB_BACKTRACE", "0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agent");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let mut api = String::new();
-    for line in lines.by_ref() {
-        let line = line.expect("line");
-        if let Some(url) = line.strip_prefix("local API listening on http://") {
-            api = url.trim().to_string();
-            break;
-        }
-    }
+    let (mut child, api) = spawn_agent(agent, config, data, trust);
     std::thread::sleep(settle);
     let rss = rss_kib(child.id());
     let serving = requests.map(|(model, body, n)| {
@@ -1231,20 +1173,7 @@ fn idle_rss(dir: PathBuf, cnn: &Case, model: &LoadedModel, agent: &Path, what: &
     let empty = agent_rss(agent, &dir.join("rss-empty"), &trust);
     let data = dir.join("rss-cnn");
     let bundle = make_bundle(&dir, cnn, model, 0);
-    let out = Command::new(agent)
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--trust")
-        .arg(&trust)
-        .arg("install")
-        .arg(&bundle)
-        .output()
-        .expect("install");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    install_bundle(agent, &data, &trust, &bundle);
     let body = oip_body(&cnn.input);
     let requests = Some((cnn.channel, body.as_str(), 20));
     let (loaded, serving) = agent_rss_with(
@@ -1388,20 +1317,7 @@ fn soak(dir: &Path, case: &Case, model: &LoadedModel) {
     write_root(&trust);
     let data = dir.join("soak-data");
     let bundle = make_bundle(dir, case, model, 0);
-    let out = Command::new(agent)
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--trust")
-        .arg(&trust)
-        .arg("install")
-        .arg(&bundle)
-        .output()
-        .expect("install");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    install_bundle(agent, &data, &trust, &bundle);
     let pki = Pki::new(dir);
     let (ca, cert, key) = pki.client("bench-dev");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -1443,28 +1359,7 @@ fn soak(dir: &Path, case: &Case, model: &LoadedModel) {
         ),
     )
     .expect("config");
-    let mut child = Command::new(agent)
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--trust")
-        .arg(&trust)
-        .args(["run", "--http", "127.0.0.1:0"])
-        .env("RUST_LIB_BACKTRACE", "0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agent");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut api = String::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.expect("line");
-        if let Some(url) = line.strip_prefix("local API listening on http://") {
-            api = url.trim().to_string();
-            break;
-        }
-    }
+    let (mut child, api) = spawn_agent(agent, Some(&config), &data, &trust);
     let body = oip_body(&case.input);
     let mut client = Client {
         stream: BufReader::new(TcpStream::connect(&api).expect("connect")),
@@ -1681,4 +1576,57 @@ fn main() {
     post_download_check(dir.path(), &cases[1], &models[1]);
     println!("release agent process:");
     idle_rss_and_size(dir.path(), &cases[1], &models[1]);
+}
+
+/// Installs `bundle` into the data directory `data` with the agent's CLI.
+fn install_bundle(agent: &Path, data: &Path, trust: &Path, bundle: &Path) {
+    let out = Command::new(agent)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--trust")
+        .arg(trust)
+        .arg("install")
+        .arg(bundle)
+        .output()
+        .expect("install");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Starts `edgefleet-agent run` on a free loopback port; returns it once its
+/// readiness line names the local API's address.
+fn spawn_agent(
+    agent: &Path,
+    config: Option<&Path>,
+    data: &Path,
+    trust: &Path,
+) -> (std::process::Child, String) {
+    let mut cmd = Command::new(agent);
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    let mut child = cmd
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--trust")
+        .arg(trust)
+        .args(["run", "--http", "127.0.0.1:0"])
+        .env("RUST_LIB_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut api = String::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("line");
+        if let Some(url) = line.strip_prefix("local API listening on http://") {
+            api = url.trim().to_string();
+            break;
+        }
+    }
+    (child, api)
 }
