@@ -1,5 +1,7 @@
-//! The `edgefleet-agent` command line (local commands; `run` comes with the MQTT
-//! link). Thin: parses, calls [`crate::store`], prints.
+//! The `edgefleet-agent` command line: the local commands (`install`, `status`,
+//! `revert`, `activate`, `infer`, `config`) call [`crate::store`] and print;
+//! `run` checks its arguments, binds the listeners and calls
+//! [`crate::service::run`].
 
 use std::path::{Path, PathBuf};
 

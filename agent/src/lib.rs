@@ -1,10 +1,11 @@
-//! The edgefleet device agent.
-//!
-//! Present: the model runtime ([`model`]), the A/B slot state machine ([`slots`]),
-//! the data directory and install path ([`store`]), OIP v2 tensors ([`oip`]) and the
-//! local commands (`install`, `status`, `revert`, `activate`, `infer`) and the local
-//! OIP v2 HTTP API ([`api`], `run`). Not yet: the MQTT link, telemetry, the
-//! configuration file (issue 3).
+//! The edgefleet device agent. [`service::run`] wires a running device: the
+//! served model and the local OIP v2 API ([`api`], codec [`oip`], server bounds
+//! [`http`]), the controller link ([`link`]) and the [`daemon`] that installs
+//! over MQTT (its download store in `daemon::download`) and reports telemetry
+//! and drift ([`drift`], spooled in [`spool`]). Installs go through [`store`]
+//! and the pure A/B slot machine [`slots`]; models run on [`model`] (tract, and
+//! the compact tree evaluator in [`trees`]). [`cli`] is the command line;
+//! [`reference_stats`] is the build-time side of drift, used by `bundle build`.
 
 pub mod api;
 pub mod chunks;
