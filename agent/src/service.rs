@@ -66,7 +66,9 @@ pub async fn run(
     });
     let heartbeat = Arc::new(AtomicU64::new(now_ms()));
     let daemon = link.map(|(options, settings)| {
-        start_link(options, settings, &store, &served, &heartbeat, &stop_rx)
+        start_link(
+            options, settings, &store, &served, &heartbeat, &stop_rx, None,
+        )
     });
     if daemon.is_none() {
         offline_drift(&served, &store, config.telemetry.interval_s, &stop_rx);
@@ -95,18 +97,31 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// The controller link and its daemon; a full disk at start delays it until
-/// the spools can be opened.
-fn start_link(
+/// What may sit between the link and the daemon: it sees each link event
+/// first and may hold it back for the time it returns. The fleet simulator's
+/// faults (a slow link, a disconnect after some chunks) live there; a real
+/// device has none.
+pub type LinkTap = Box<dyn FnMut(&crate::link::LinkEvent) -> Option<Duration> + Send>;
+
+/// Starts the controller link and its daemon; a full disk at start delays the
+/// daemon until the spools can be opened. The task ends when `stop` turns
+/// true (the daemon finishes its step) or the daemon ends; it panics when the
+/// daemon does.
+pub fn start_link(
     options: rumqttc::MqttOptions,
     settings: crate::daemon::DaemonSettings,
     store: &Store,
     served: &Served,
     heartbeat: &Arc<AtomicU64>,
     stop: &watch::Receiver<bool>,
+    tap: Option<LinkTap>,
 ) -> JoinHandle<()> {
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(64);
-    let (link, _task) = crate::link::start(options, events_tx);
+    let (link, link_task) = crate::link::start(options, events_tx);
+    let events_rx = match tap {
+        Some(tap) => tapped(events_rx, tap),
+        None => events_rx,
+    };
     let (store, served, heartbeat, stop) = (
         store.clone(),
         served.clone(),
@@ -120,9 +135,36 @@ fn start_link(
                 .await;
         if let Some(spools) = spools {
             let d = Daemon::new(settings, store, served, link, spools, heartbeat);
-            d.run(events_rx, stopped(stop)).await;
+            // In its own task, so that a panic can take the link down with it,
+            // as a crashed process would, before it ends this task too.
+            let result = tokio::spawn(d.run(events_rx, stopped(stop))).await;
+            if let Err(e) = result
+                && e.is_panic()
+            {
+                link_task.abort();
+                std::panic::resume_unwind(e.into_panic());
+            }
         }
     })
+}
+
+/// The link's events through `tap`, each held back as long as it says.
+fn tapped(
+    mut events: tokio::sync::mpsc::Receiver<crate::link::LinkEvent>,
+    mut tap: LinkTap,
+) -> tokio::sync::mpsc::Receiver<crate::link::LinkEvent> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            if let Some(delay) = tap(&event) {
+                tokio::time::sleep(delay).await;
+            }
+            if tx.send(event).await.is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// Without a controller link, drift is still tracked and written for `status`.

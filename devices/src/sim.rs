@@ -22,13 +22,12 @@ use std::time::Duration;
 
 use edgefleet_agent::api::Served;
 use edgefleet_agent::config::AgentConfig;
-use edgefleet_agent::daemon::Daemon;
 use edgefleet_agent::link::LinkEvent;
 use edgefleet_agent::slots::SlotsState;
 use edgefleet_agent::store::{self, Faults, Store};
 use edgefleet_shared::protocol::{BundleRef, Topic, Topics};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::Profile;
@@ -519,6 +518,9 @@ struct Agent {
     network: watch::Sender<Network>,
 }
 
+/// Chunks until the simulated mid-download disconnect (taken once it fired).
+type DropAfter = Arc<std::sync::Mutex<Option<u64>>>;
+
 enum End {
     Stopped,
     Crashed,
@@ -527,9 +529,10 @@ enum End {
 
 impl Agent {
     async fn supervise(mut self, mut stop: watch::Receiver<bool>) {
-        let mut drop_after = self.faults.disconnect_after_chunks;
+        let drop_after: DropAfter =
+            Arc::new(std::sync::Mutex::new(self.faults.disconnect_after_chunks));
         loop {
-            match self.run_once(&mut stop, &mut drop_after).await {
+            match self.run_once(&mut stop, &drop_after).await {
                 End::Stopped => return,
                 End::Crashed => {
                     self.stats.crashes.fetch_add(1, Ordering::Relaxed);
@@ -552,37 +555,46 @@ impl Agent {
         }
     }
 
-    /// Counts what the link brings (connects, chunk messages) and plays the
-    /// mid-download disconnect after `drop_after` chunks of this run.
-    fn observe(&self, event: &LinkEvent, chunks_here: &mut u64, drop_after: &mut Option<u64>) {
-        match event {
-            LinkEvent::Connected => {
-                self.stats.connects.fetch_add(1, Ordering::Relaxed);
-            }
-            LinkEvent::Message { topic, payload }
-                if matches!(self.topics.parse(topic), Some(Topic::BundleChunks { .. })) =>
-            {
-                self.stats.chunk_messages.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .chunk_bytes
-                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                *chunks_here += 1;
-                if drop_after.is_some_and(|n| *chunks_here >= n) {
-                    *drop_after = None;
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(device = %self.config.device_id, "simulated disconnect mid-download");
-                    self.network.send_modify(|n| n.epoch += 1);
+    /// What this device puts between its link and its daemon: counts what the
+    /// link brings (connects, chunk messages), plays the disconnect after
+    /// `drop_after` chunks (once, across restarts; counted from this start)
+    /// and holds every event back on a slow link.
+    fn tap(&self, drop_after: DropAfter) -> edgefleet_agent::service::LinkTap {
+        let (stats, topics, network) = (
+            self.stats.clone(),
+            self.topics.clone(),
+            self.network.clone(),
+        );
+        let (device, slow_link) = (self.config.device_id.clone(), self.faults.slow_link);
+        let mut chunks_here = 0u64;
+        Box::new(move |event: &LinkEvent| {
+            match event {
+                LinkEvent::Connected => {
+                    stats.connects.fetch_add(1, Ordering::Relaxed);
                 }
+                LinkEvent::Message { topic, payload }
+                    if matches!(topics.parse(topic), Some(Topic::BundleChunks { .. })) =>
+                {
+                    stats.chunk_messages.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .chunk_bytes
+                        .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                    chunks_here += 1;
+                    let mut drop_after = drop_after.lock().unwrap_or_else(|p| p.into_inner());
+                    if drop_after.is_some_and(|n| chunks_here >= n) {
+                        *drop_after = None;
+                        stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%device, "simulated disconnect mid-download");
+                        network.send_modify(|n| n.epoch += 1);
+                    }
+                }
+                _ => {}
             }
-            _ => {}
-        }
+            slow_link
+        })
     }
 
-    async fn run_once(
-        &mut self,
-        stop: &mut watch::Receiver<bool>,
-        drop_after: &mut Option<u64>,
-    ) -> End {
+    async fn run_once(&mut self, stop: &mut watch::Receiver<bool>, drop_after: &DropAfter) -> End {
         let (options, mut settings) =
             match edgefleet_agent::cli::link_setup(&self.config, &self.config.trust_root) {
                 Ok(v) => v,
@@ -596,65 +608,29 @@ impl Agent {
         settings.facts = self.profile.facts();
         settings.stall_timeout = Duration::from_secs(2);
         settings.clock_skew_s = self.faults.clock_skew_s;
-        let (link_tx, mut link_rx) = mpsc::channel(64);
-        let (link, link_task) = edgefleet_agent::link::start(options, link_tx);
         let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let spools = {
-            let mut stop = stop.clone();
-            edgefleet_agent::daemon::Spools::open_retrying(
-                &self.store,
-                settings.spool_max_bytes,
-                &heartbeat,
-                edgefleet_agent::daemon::SPOOL_RETRY,
-                async move { stopped(&mut stop).await },
-            )
-            .await
-        };
-        let Some(spools) = spools else {
-            link_task.abort();
-            return End::Stopped;
-        };
-        let daemon = Daemon::new(
+        // The agent's own link and daemon, with this device's faults between them.
+        let mut task = edgefleet_agent::service::start_link(
+            options,
             settings,
-            self.store.clone(),
-            self.served.clone(),
-            link,
-            spools,
-            heartbeat,
+            &self.store,
+            &self.served,
+            &heartbeat,
+            stop,
+            Some(self.tap(drop_after.clone())),
         );
-        let (daemon_tx, daemon_rx) = mpsc::channel(64);
-        let (bye_tx, bye_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut daemon_task = tokio::spawn(daemon.run(daemon_rx, async move {
-            let _ = bye_rx.await;
-        }));
-        let mut chunks_here = 0u64;
-        let end = loop {
-            tokio::select! {
-                r = &mut daemon_task => {
-                    break match r {
-                        Err(e) if e.is_panic() => End::Crashed,
-                        _ => End::Ended,
-                    };
-                }
-                event = link_rx.recv() => {
-                    let Some(event) = event else { break End::Ended };
-                    self.observe(&event, &mut chunks_here, drop_after);
-                    if let Some(delay) = self.faults.slow_link {
-                        tokio::time::sleep(delay).await;
-                    }
-                    if daemon_tx.send(event).await.is_err() {
-                        continue;
-                    }
-                }
-                () = stopped(stop) => {
-                    let _ = bye_tx.send(());
-                    let _ = tokio::time::timeout(Duration::from_secs(3), &mut daemon_task).await;
-                    break End::Stopped;
-                }
+        tokio::select! {
+            r = &mut task => match r {
+                Err(e) if e.is_panic() => End::Crashed,
+                _ if *stop.borrow() => End::Stopped,
+                _ => End::Ended,
+            },
+            () = stopped(stop) => {
+                // The daemon sees the same stop and finishes its step.
+                let _ = tokio::time::timeout(Duration::from_secs(3), &mut task).await;
+                task.abort();
+                End::Stopped
             }
-        };
-        daemon_task.abort();
-        link_task.abort();
-        end
+        }
     }
 }
