@@ -2,6 +2,7 @@
 //! real agent instances in one process, for the demo, the end-to-end tests and
 //! the scale benchmarks.
 
+pub mod load;
 pub mod sim;
 
 use std::path::PathBuf;

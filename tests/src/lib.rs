@@ -15,6 +15,7 @@ use edgefleet::ops::operator::{self, BuildOptions, KeyFile};
 use edgefleet::ops::remote::{ApiArgs, Client, write_enrollment};
 use edgefleet::server::config::ControllerConfig;
 use edgefleet_devices::Profile;
+use edgefleet_devices::load::{LoadFleet, LoadSettings, LoadSpec};
 use edgefleet_devices::sim::{DeviceSpec, FaultPlan, FleetSettings, SimFleet, TlsFiles};
 use edgefleet_shared::{ModelChannel, SecretKey, UnixTime};
 use serde_json::Value;
@@ -245,6 +246,46 @@ impl Harness {
         operator::build_bundle(&options, &out).expect("bundle builds");
         operator::sign_bundle(&out, std::slice::from_ref(&self.keys[b.signer])).expect("signs");
         out
+    }
+
+    /// Enrolls `n` load devices `load-00000`... (`devices/src/load.rs`) and
+    /// starts them, telemetry every `telemetry_interval`.
+    pub fn load_fleet(&self, n: usize, telemetry_interval: Duration) -> (LoadFleet, Vec<String>) {
+        let _enter = self.runtime.enter();
+        let specs: Vec<LoadSpec> = (0..n)
+            .map(|i| {
+                let id = format!("load-{i:05}");
+                LoadSpec {
+                    tls: self.enroll(&id),
+                    id,
+                }
+            })
+            .collect();
+        let ids = specs.iter().map(|s| s.id.clone()).collect();
+        let settings = LoadSettings {
+            broker: self.broker,
+            topic_prefix: ControllerConfig::default().mqtt.topic_prefix,
+            controller_key: specs
+                .first()
+                .map(|s| s.tls.ca.with_file_name("controller.pub"))
+                .unwrap_or_default(),
+            telemetry_interval,
+            requests_per_s: 5,
+        };
+        let fleet = self
+            .runtime
+            .block_on(LoadFleet::start(&settings, specs))
+            .expect("load fleet starts");
+        (fleet, ids)
+    }
+
+    /// Devices the controller shows online.
+    pub fn online(&self) -> usize {
+        self.api
+            .get("/api/v1/devices?state=online")
+            .ok()
+            .and_then(|v| v["devices"].as_array().map(Vec::len))
+            .unwrap_or(0)
     }
 
     /// Uploads a bundle file; returns its digest.

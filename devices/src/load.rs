@@ -1,0 +1,687 @@
+//! Protocol-level load devices, thousands in one process (issue 23). Each is a
+//! real MQTT connection with its own enrolled certificate (mutual TLS through
+//! the controller's gate), speaking `shared::protocol`'s messages: a retained
+//! state and its will, telemetry with sequence numbers, events, signed
+//! commands checked as an agent checks them, and installs that download every
+//! chunk of the bundle and check each against the manifest's signed chunk
+//! table. No model is loaded and nothing is written to disk: a load device
+//! costs a connection, its buffers and a chunk bitmap.
+//!
+//! What a load device does not do (the fleet simulator's real agents do): it
+//! checks the bundle header against the command's digest, not against a trust
+//! root (the command itself is signed by the controller); it runs no golden
+//! cases; its telemetry's inference counts are made up, at `requests_per_s`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgefleet_agent::chunks::ChunkTracker;
+use edgefleet_shared::bundle::verify_chunk;
+use edgefleet_shared::commands::{self, CommandPolicy, ReplayWindow};
+use edgefleet_shared::manifest::Manifest;
+use edgefleet_shared::protocol::{
+    self, Action, AgentMetrics, BundleOffer, BundleRef, Chunk, DeviceMetrics, DeviceState,
+    DeviceTopic, Event, EventKind, FailureReason, FetchRequest, InstallMode, InstallResult,
+    LATENCY_BOUNDS_US, ModelMetrics, Slot, SlotRole, SlotState, Telemetry, Topic, Topics,
+};
+use edgefleet_shared::{Arch, DeviceId, Digest, PublicKey, RawHeader, UnixTime};
+use rumqttc::{AsyncClient, Event as MqttEvent, LastWill, MqttOptions, Packet, QoS, Transport};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::sim::TlsFiles;
+
+/// Chunks asked for in one fetch request (the controller's cap per request).
+const FETCH_WINDOW: u32 = 64;
+
+/// A download with no chunk for this long asks again for what it misses.
+const STALL: Duration = Duration::from_secs(2);
+
+/// What every load device of a fleet shares.
+#[derive(Debug, Clone)]
+pub struct LoadSettings {
+    /// The broker (the controller's gate, or an external broker).
+    pub broker: SocketAddr,
+    /// Topic prefix.
+    pub topic_prefix: String,
+    /// The controller's command key (`controller.pub` of an enrollment).
+    pub controller_key: PathBuf,
+    /// Telemetry period.
+    pub telemetry_interval: Duration,
+    /// Inferences a device reports per second of its telemetry period.
+    pub requests_per_s: u64,
+}
+
+/// One load device: its id and its enrollment's certificate files.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// Device id (its certificate's common name).
+    pub id: String,
+    /// Certificate, key and CA (mutual TLS).
+    pub tls: TlsFiles,
+}
+
+/// Counters over the whole load fleet.
+#[derive(Debug, Default)]
+pub struct LoadStats {
+    /// Connections acknowledged by the broker.
+    pub connects: AtomicU64,
+    /// Telemetry messages handed to the MQTT client.
+    pub telemetry_sent: AtomicU64,
+    /// Chunk messages received.
+    pub chunks_received: AtomicU64,
+    /// Chunk bytes received.
+    pub chunk_bytes: AtomicU64,
+    /// Chunks that did not match the signed table (dropped).
+    pub chunks_rejected: AtomicU64,
+    /// Commands refused (bad signature, stale, replayed, another device's).
+    pub commands_refused: AtomicU64,
+    /// Installs completed.
+    pub installs: AtomicU64,
+}
+
+/// Why a load fleet did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A device id that is not one.
+    #[error(transparent)]
+    Id(#[from] edgefleet_shared::ids::InvalidId),
+    /// The controller key or a device's certificate files.
+    #[error("{0}")]
+    Files(String),
+}
+
+/// Load devices running in this process.
+#[derive(Debug)]
+pub struct LoadFleet {
+    stats: Arc<LoadStats>,
+    serving: Arc<Mutex<HashMap<String, Digest>>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl LoadFleet {
+    /// Connects every device (each in its own task; they connect as fast as
+    /// the broker accepts them).
+    pub async fn start(
+        settings: &LoadSettings,
+        specs: Vec<LoadSpec>,
+    ) -> Result<LoadFleet, LoadError> {
+        let pem = std::fs::read_to_string(&settings.controller_key)
+            .map_err(|e| LoadError::Files(format!("{}: {e}", settings.controller_key.display())))?;
+        let key = PublicKey::from_pem(&pem)
+            .map_err(|e| LoadError::Files(format!("{}: {e}", settings.controller_key.display())))?;
+        let topics = Topics::new(&settings.topic_prefix)?;
+        let stats = Arc::new(LoadStats::default());
+        let serving = Arc::new(Mutex::new(HashMap::new()));
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let id = DeviceId::new(&spec.id)?;
+            let tls =
+                edgefleet_agent::link::tls_config(&spec.tls.ca, &spec.tls.cert, &spec.tls.key)
+                    .map_err(|e| LoadError::Files(format!("{}: {e}", spec.id)))?;
+            let device = LoadDevice {
+                policy: CommandPolicy {
+                    key,
+                    device: id.clone(),
+                    max_age_s: commands::DEFAULT_MAX_AGE_S,
+                    max_ahead_s: commands::DEFAULT_MAX_AHEAD_S,
+                },
+                id,
+                topics: topics.clone(),
+                replay: ReplayWindow::default(),
+                epoch: edgefleet_agent::link::random_u64() >> 1,
+                event_seq: 0,
+                telemetry_seq: 0,
+                interval: settings.telemetry_interval,
+                requests_per_s: settings.requests_per_s,
+                slots: Slots::default(),
+                last_install: None,
+                download: None,
+                stats: stats.clone(),
+                serving: serving.clone(),
+            };
+            tasks.push(tokio::spawn(device.run(
+                settings.broker,
+                tls,
+                stop_rx.clone(),
+            )));
+        }
+        Ok(LoadFleet {
+            stats,
+            serving,
+            stop,
+            tasks,
+        })
+    }
+
+    /// The fleet's counters.
+    pub fn stats(&self) -> &LoadStats {
+        &self.stats
+    }
+
+    /// How many devices serve each bundle.
+    pub fn serving(&self) -> HashMap<Digest, usize> {
+        let mut out = HashMap::new();
+        for digest in self
+            .serving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            *out.entry(*digest).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// Disconnects every device (each sends DISCONNECT: no will) and waits up
+    /// to 5 s for them.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let all = futures_join(self.tasks);
+        let _ = tokio::time::timeout(Duration::from_secs(5), all).await;
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn futures_join(tasks: Vec<JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// The two slots of a load device.
+#[derive(Debug, Default)]
+struct Slots {
+    active: Option<(Slot, BundleRef)>,
+    other: Option<(Slot, BundleRef, SlotRole)>,
+}
+
+impl Slots {
+    /// The slot a new install goes into.
+    fn target(&self) -> Slot {
+        self.active.as_ref().map_or(Slot::A, |(s, _)| s.other())
+    }
+
+    fn states(&self) -> Vec<SlotState> {
+        let mut out = Vec::new();
+        if let Some((slot, bundle)) = &self.active {
+            out.push(SlotState {
+                slot: *slot,
+                bundle: bundle.clone(),
+                role: SlotRole::Active,
+            });
+        }
+        if let Some((slot, bundle, role)) = &self.other {
+            out.push(SlotState {
+                slot: *slot,
+                bundle: bundle.clone(),
+                role: *role,
+            });
+        }
+        out
+    }
+}
+
+/// A download in progress.
+#[derive(Debug)]
+struct Download {
+    command: u64,
+    digest: Digest,
+    mode: InstallMode,
+    manifest: Manifest,
+    tracker: ChunkTracker,
+    /// Chunks received since the last fetch request.
+    since_request: u32,
+    /// Chunks the last fetch request asked for.
+    requested: u32,
+    last_chunk: tokio::time::Instant,
+    reported_tenth: u32,
+}
+
+#[derive(Debug)]
+struct LoadDevice {
+    id: DeviceId,
+    topics: Topics,
+    policy: CommandPolicy,
+    replay: ReplayWindow,
+    epoch: u64,
+    event_seq: u64,
+    telemetry_seq: u64,
+    interval: Duration,
+    requests_per_s: u64,
+    slots: Slots,
+    last_install: Option<InstallResult>,
+    download: Option<Download>,
+    stats: Arc<LoadStats>,
+    serving: Arc<Mutex<HashMap<String, Digest>>>,
+}
+
+impl LoadDevice {
+    fn topic(&self, kind: DeviceTopic) -> String {
+        self.topics.device(&self.id, kind)
+    }
+
+    fn state(&self, online: bool) -> Vec<u8> {
+        protocol::encode(&DeviceState {
+            device: self.id.clone(),
+            at: UnixTime::now(),
+            online,
+            agent_version: format!("{}-load", env!("CARGO_PKG_VERSION")),
+            arch: Arch::current(),
+            slots: self.slots.states(),
+            last_install: self.last_install.clone(),
+        })
+    }
+
+    async fn run(
+        mut self,
+        broker: SocketAddr,
+        tls: rustls::ClientConfig,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut options =
+            MqttOptions::new(self.id.as_str(), broker.ip().to_string(), broker.port());
+        options.set_keep_alive(Duration::from_secs(60));
+        options.set_clean_session(true);
+        options.set_max_packet_size(8 << 20, 64 << 10);
+        options.set_request_channel_capacity(64);
+        options.set_transport(Transport::tls_with_config(tls.into()));
+        options.set_last_will(LastWill::new(
+            self.topic(DeviceTopic::State),
+            self.state(false),
+            QoS::AtLeastOnce,
+            true,
+        ));
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let mut telemetry = tokio::time::interval(self.interval);
+        telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stall = tokio::time::interval(STALL);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                polled = eventloop.poll() => match polled {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                        backoff = Duration::from_millis(200);
+                        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                        self.on_connect(&client);
+                    }
+                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                        self.on_message(&client, &p.topic, &p.payload);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(device = %self.id, "load device link: {e}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                },
+                _ = telemetry.tick() => self.report(&client),
+                _ = stall.tick() => self.check_stall(&client),
+                () = stopped(&mut stop) => {
+                    let _ = client.try_disconnect();
+                    // Lets the event loop send the DISCONNECT.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_connect(&mut self, client: &AsyncClient) {
+        let _ = client.try_publish(
+            self.topic(DeviceTopic::State),
+            QoS::AtLeastOnce,
+            true,
+            self.state(true),
+        );
+        let _ = client.try_subscribe(self.topic(DeviceTopic::Commands), QoS::AtLeastOnce);
+        if let Some(d) = &self.download {
+            let chunks = self.topics.bundle_chunks(&d.digest);
+            let _ = client.try_subscribe(chunks, QoS::AtMostOnce);
+            self.request_chunks(client);
+        }
+    }
+
+    fn on_message(&mut self, client: &AsyncClient, topic: &str, payload: &[u8]) {
+        match self.topics.parse(topic) {
+            Some(Topic::BundleChunks { .. }) => self.on_chunk(client, payload),
+            Some(Topic::Device {
+                kind: DeviceTopic::Commands,
+                ..
+            }) => {
+                match commands::open_command(payload, &self.policy, UnixTime::now(), &self.replay) {
+                    Ok(command) => {
+                        self.replay.record(command.id);
+                        self.on_command(client, command.id, command.action);
+                    }
+                    Err(refusal) => {
+                        self.stats.commands_refused.fetch_add(1, Ordering::Relaxed);
+                        let detail = refusal.to_string();
+                        self.emit(client, None, EventKind::CommandRejected { detail });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_command(&mut self, client: &AsyncClient, command: u64, action: Action) {
+        match action {
+            Action::Install { bundle, mode } => self.start_install(client, command, bundle, mode),
+            Action::Activate { digest } => match self.slots.other.take() {
+                Some((slot, bundle, SlotRole::Staged | SlotRole::Shadow))
+                    if bundle.digest == digest =>
+                {
+                    self.switch_to(slot, bundle);
+                    self.emit(client, Some(command), EventKind::Activated { digest, slot });
+                    self.publish_state(client);
+                }
+                other => {
+                    self.slots.other = other;
+                    let detail = format!("bundle {} is not staged here", digest.short());
+                    self.emit(client, Some(command), EventKind::CommandRejected { detail });
+                }
+            },
+            Action::Revert => match self.slots.other.take() {
+                Some((slot, bundle, SlotRole::Previous)) => {
+                    let digest = bundle.digest;
+                    self.switch_to(slot, bundle);
+                    self.emit(client, Some(command), EventKind::Reverted { digest, slot });
+                    self.publish_state(client);
+                }
+                other => {
+                    self.slots.other = other;
+                    let detail = "no previous bundle to revert to".to_owned();
+                    self.emit(client, Some(command), EventKind::CommandRejected { detail });
+                }
+            },
+            Action::Configure(settings) => {
+                if let Some(s) = settings.telemetry_interval_s {
+                    self.interval = Duration::from_secs(u64::from(s.max(1)));
+                }
+            }
+            Action::RequestSamples { .. } => {
+                let detail = "a load device captures no samples".to_owned();
+                self.emit(client, Some(command), EventKind::CommandRejected { detail });
+            }
+        }
+    }
+
+    /// The active slot becomes `slot` with `bundle`; the one it replaces is
+    /// kept as the previous.
+    fn switch_to(&mut self, slot: Slot, bundle: BundleRef) {
+        self.serving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.id.to_string(), bundle.digest);
+        if let Some((old_slot, old)) = self.slots.active.replace((slot, bundle)) {
+            self.slots.other = Some((old_slot, old, SlotRole::Previous));
+        }
+    }
+
+    fn start_install(
+        &mut self,
+        client: &AsyncClient,
+        command: u64,
+        offer: BundleOffer,
+        mode: InstallMode,
+    ) {
+        let digest = offer.digest;
+        if let Some((slot, b)) = &self.slots.active
+            && b.digest == digest
+        {
+            let slot = *slot;
+            let kind = EventKind::InstallSucceeded {
+                digest,
+                slot,
+                activated: true,
+            };
+            return self.emit(client, Some(command), kind);
+        }
+        if self.download.as_ref().is_some_and(|d| d.digest == digest) {
+            return self.request_chunks(client);
+        }
+        let manifest = RawHeader::parse(&offer.header)
+            .map_err(|e| e.to_string())
+            .and_then(|raw| {
+                if raw.digest() != digest {
+                    return Err(format!(
+                        "the command names bundle {} but its header is bundle {}",
+                        digest.short(),
+                        raw.digest().short()
+                    ));
+                }
+                raw.decode_unverified().map_err(|e| e.to_string())
+            });
+        let manifest = match manifest {
+            Ok(m) => m,
+            Err(detail) => {
+                let reason = FailureReason::Download { detail };
+                return self.fail(client, command, digest, reason);
+            }
+        };
+        if let Some(old) = self.download.take() {
+            let _ = client.try_unsubscribe(self.topics.bundle_chunks(&old.digest));
+        }
+        let total = manifest.payload.chunks.len() as u32;
+        self.download = Some(Download {
+            command,
+            digest,
+            mode,
+            manifest,
+            tracker: ChunkTracker::new(total),
+            since_request: 0,
+            requested: 0,
+            last_chunk: tokio::time::Instant::now(),
+            reported_tenth: 0,
+        });
+        self.emit(client, Some(command), EventKind::InstallStarted { digest });
+        let _ = client.try_subscribe(self.topics.bundle_chunks(&digest), QoS::AtMostOnce);
+        self.request_chunks(client);
+    }
+
+    /// Asks for the next window of missing chunks.
+    fn request_chunks(&mut self, client: &AsyncClient) {
+        let topic = self.topic(DeviceTopic::Fetch);
+        let Some(d) = self.download.as_mut() else {
+            return;
+        };
+        let ranges = d.tracker.missing_ranges(FETCH_WINDOW, 16);
+        if ranges.is_empty() {
+            return;
+        }
+        d.requested = ranges.iter().map(|r| r.count).sum();
+        d.since_request = 0;
+        d.last_chunk = tokio::time::Instant::now();
+        let request = FetchRequest {
+            bundle: d.digest,
+            ranges,
+        };
+        let _ = client.try_publish(topic, QoS::AtLeastOnce, false, protocol::encode(&request));
+    }
+
+    fn check_stall(&mut self, client: &AsyncClient) {
+        if self
+            .download
+            .as_ref()
+            .is_some_and(|d| d.last_chunk.elapsed() >= STALL)
+        {
+            self.request_chunks(client);
+        }
+    }
+
+    fn on_chunk(&mut self, client: &AsyncClient, payload: &[u8]) {
+        self.stats.chunks_received.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .chunk_bytes
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        let Ok(chunk) = protocol::decode::<Chunk>(payload) else {
+            self.stats.chunks_rejected.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(d) = self.download.as_mut() else {
+            return;
+        };
+        if chunk.bundle != d.digest || d.tracker.has(chunk.index) {
+            return;
+        }
+        if verify_chunk(&d.manifest.payload, chunk.index, &chunk.data).is_err() {
+            self.stats.chunks_rejected.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        d.tracker.mark(chunk.index);
+        d.since_request += 1;
+        d.last_chunk = tokio::time::Instant::now();
+        let (done, total) = (d.tracker.done(), d.tracker.total());
+        let tenth = done * 10 / total.max(1);
+        let progress = (tenth > d.reported_tenth).then(|| {
+            d.reported_tenth = tenth;
+            (d.command, d.digest)
+        });
+        let window_done = d.since_request >= d.requested;
+        if let Some((command, digest)) = progress
+            && done < total
+        {
+            let kind = EventKind::InstallProgress {
+                digest,
+                chunks_done: done,
+                chunks_total: total,
+            };
+            self.emit(client, Some(command), kind);
+        }
+        if done == total {
+            self.finish(client);
+        } else if window_done {
+            self.request_chunks(client);
+        }
+    }
+
+    fn finish(&mut self, client: &AsyncClient) {
+        let Some(d) = self.download.take() else {
+            return;
+        };
+        let _ = client.try_unsubscribe(self.topics.bundle_chunks(&d.digest));
+        self.stats.installs.fetch_add(1, Ordering::Relaxed);
+        let bundle = BundleRef {
+            digest: d.digest,
+            channel: d.manifest.channel.clone(),
+            version: d.manifest.version.to_string(),
+            release: d.manifest.release,
+        };
+        let slot = self.slots.target();
+        let activated = d.mode == InstallMode::Activate;
+        if activated {
+            self.switch_to(slot, bundle);
+        } else {
+            let role = if d.mode == InstallMode::Shadow {
+                SlotRole::Shadow
+            } else {
+                SlotRole::Staged
+            };
+            self.slots.other = Some((slot, bundle, role));
+        }
+        self.last_install = Some(InstallResult {
+            digest: d.digest,
+            at: UnixTime::now(),
+            failure: None,
+        });
+        let kind = EventKind::InstallSucceeded {
+            digest: d.digest,
+            slot,
+            activated,
+        };
+        self.emit(client, Some(d.command), kind);
+        self.publish_state(client);
+    }
+
+    fn fail(&mut self, client: &AsyncClient, command: u64, digest: Digest, reason: FailureReason) {
+        self.last_install = Some(InstallResult {
+            digest,
+            at: UnixTime::now(),
+            failure: Some(reason.clone()),
+        });
+        self.emit(
+            client,
+            Some(command),
+            EventKind::InstallFailed { digest, reason },
+        );
+        self.publish_state(client);
+    }
+
+    fn publish_state(&self, client: &AsyncClient) {
+        let _ = client.try_publish(
+            self.topic(DeviceTopic::State),
+            QoS::AtLeastOnce,
+            true,
+            self.state(true),
+        );
+    }
+
+    fn emit(&mut self, client: &AsyncClient, command: Option<u64>, kind: EventKind) {
+        self.event_seq += 1;
+        let event = Event {
+            device: self.id.clone(),
+            epoch: self.epoch,
+            seq: self.event_seq,
+            at: UnixTime::now(),
+            command,
+            kind,
+        };
+        let _ = client.try_publish(
+            self.topic(DeviceTopic::Events),
+            QoS::AtLeastOnce,
+            false,
+            protocol::encode(&event),
+        );
+    }
+
+    /// Telemetry: counters since the active bundle came, made up at
+    /// `requests_per_s` with every latency in the second bucket.
+    fn report(&mut self, client: &AsyncClient) {
+        self.telemetry_seq += 1;
+        let seconds = self.telemetry_seq * self.interval.as_secs().max(1);
+        let inferences = seconds * self.requests_per_s;
+        let model = self.slots.active.as_ref().map(|(_, b)| {
+            let mut counts = vec![0; LATENCY_BOUNDS_US.len() + 1];
+            counts[1] = inferences;
+            ModelMetrics {
+                digest: b.digest,
+                inferences,
+                errors: 0,
+                latency_bounds_us: LATENCY_BOUNDS_US.to_vec(),
+                latency_counts: counts,
+            }
+        });
+        let t = Telemetry {
+            device: self.id.clone(),
+            epoch: self.epoch,
+            seq: self.telemetry_seq,
+            at: UnixTime::now(),
+            device_metrics: DeviceMetrics::default(),
+            agent: AgentMetrics {
+                rss_bytes: 0,
+                version: format!("{}-load", env!("CARGO_PKG_VERSION")),
+                spool_dropped: 0,
+            },
+            model,
+            drift: None,
+            shadow: None,
+        };
+        self.stats.telemetry_sent.fetch_add(1, Ordering::Relaxed);
+        let _ = client.try_publish(
+            self.topic(DeviceTopic::Telemetry),
+            QoS::AtMostOnce,
+            false,
+            protocol::encode(&t),
+        );
+    }
+}

@@ -1,0 +1,63 @@
+//! Load devices (`devices/src/load.rs`): protocol-level devices, each with its
+//! own enrolled certificate through the controller's gate, come online, report
+//! telemetry, and take a staged rollout, downloading every chunk and checking it
+//! against the signed table; the controller sends each wave's chunks about once,
+//! not once per device.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use edgefleet_shared::Digest;
+use edgefleet_tests::{BundleSpec, Harness, wait_for};
+
+const DEVICES: usize = 200;
+
+#[test]
+fn two_hundred_load_devices_come_online_report_and_take_a_staged_rollout() {
+    let h = Harness::start(|_| {});
+    let started = Instant::now();
+    let (fleet, _ids) = h.load_fleet(DEVICES, Duration::from_secs(1));
+    wait_for("every load device online", || {
+        (h.online() == DEVICES).then_some(())
+    });
+    let online_after = started.elapsed();
+    // Telemetry from every device reaches the store.
+    wait_for("two reports per device stored", || {
+        (h.metric("edgefleet_telemetry_stored_total") >= 2 * DEVICES as u64).then_some(())
+    });
+
+    let spec = BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1);
+    let file = h.build(&spec);
+    let digest_hex = h.upload(&file);
+    let digest: Digest = digest_hex.parse().expect("digest");
+    let payload = std::fs::metadata(&file).expect("bundle file").len();
+    let id = h.rollout(&serde_json::json!({
+        "bundle": digest_hex,
+        "selector": {"all": true},
+        "waves": ["1", "1%", "10%", "100%"],
+        "gates": {"soak_ms": 0},
+    }));
+    let done = h.wait_phase(&id, &["completed", "halted", "aborted"]);
+    assert_eq!(done["phase"], "completed", "{done}");
+    let serving = fleet.serving();
+    assert_eq!(serving.get(&digest), Some(&DEVICES), "{serving:?}");
+    let stats = fleet.stats();
+    assert_eq!(stats.installs.load(Ordering::Relaxed), DEVICES as u64);
+    assert_eq!(stats.chunks_rejected.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.commands_refused.load(Ordering::Relaxed), 0);
+    // Devices of one wave share the chunk topic: far fewer bytes than a copy
+    // per device. (Measured: about 18 copies for the 4 waves, not the 4 that
+    // issue 23 aims at: devices that subscribe after a chunk went out ask
+    // again; see docs/scale.md.)
+    let sent = h.metric("edgefleet_chunk_bytes_sent_total");
+    assert!(
+        sent < DEVICES as u64 * payload / 4,
+        "{sent} chunk bytes for {DEVICES} devices of a {payload}-byte bundle"
+    );
+    println!(
+        "{DEVICES} load devices online in {:.1} s; rollout of {payload} bytes in 4 waves: {sent} chunk bytes sent ({:.1} copies)",
+        online_after.as_secs_f64(),
+        sent as f64 / payload as f64
+    );
+    h.runtime.block_on(fleet.stop());
+}
