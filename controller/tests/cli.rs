@@ -46,23 +46,25 @@ fn model(name: &str) -> String {
 
 /// `bundle build` of the iris model as iris 1.0.0 release 1, then `rest`.
 fn iris_build(rest: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
+    iris_build_release("1", rest)
+}
+
+/// `bundle build` of the iris model as iris 1.0.0 at `release`, then `rest`.
+fn iris_build_release(release: &str, rest: &[&str]) -> Vec<String> {
+    let model = model("iris_logreg.onnx");
+    let head = [
         "bundle",
         "build",
         "--model",
-        &model("iris_logreg.onnx"),
+        &model,
         "--channel",
         "iris",
         "--version",
         "1.0.0",
         "--release",
-        "1",
-    ]
-    .iter()
-    .map(|a| (*a).to_owned())
-    .collect();
-    args.extend(rest.iter().map(|a| (*a).to_owned()));
-    args
+        release,
+    ];
+    head.iter().chain(rest).map(|a| (*a).to_owned()).collect()
 }
 
 /// Keys alice, bob, carol and a 2-of-3 trust root signed by alice and bob.
@@ -91,26 +93,13 @@ fn setup(dir: &Path) {
 }
 
 fn build(dir: &Path, out: &str, release: &str) -> String {
+    let (reference, golden) = (model("iris_reference.csv"), model("iris_golden.json"));
     ok(
         dir,
-        &[
-            "bundle",
-            "build",
-            "--model",
-            &model("iris_logreg.onnx"),
-            "--channel",
-            "iris",
-            "--version",
-            "1.0.0",
-            "--release",
+        &iris_build_release(
             release,
-            "--reference",
-            &model("iris_reference.csv"),
-            "--golden",
-            &model("iris_golden.json"),
-            "--out",
-            out,
-        ],
+            &["--reference", &reference, "--golden", &golden, "--out", out],
+        ),
     )
 }
 
