@@ -4,7 +4,8 @@
 //! state and its will, telemetry with sequence numbers, events, signed
 //! commands checked as an agent checks them, and installs that download every
 //! chunk of the bundle and check each against the manifest's signed chunk
-//! table. No model is loaded and nothing is written to disk: a load device
+//! table (listening first on the shared chunk topic, as agents do, so that a
+//! wave costs about one copy of the bundle). No model is loaded and nothing is written to disk: a load device
 //! costs a connection, its buffers and a chunk bitmap.
 //!
 //! What a load device does not do (the fleet simulator's real agents do): it
@@ -40,6 +41,17 @@ const FETCH_WINDOW: u32 = 64;
 
 /// A download with no chunk for this long asks again for what it misses.
 const STALL: Duration = Duration::from_secs(2);
+
+/// A new download first listens on the shared chunk topic for this long times
+/// 0.5 to 1 (random), as an agent does (`fetch_listen`): the chunks others of
+/// its wave asked for may be all it needs.
+const LISTEN: Duration = Duration::from_secs(2);
+
+/// ... and keeps listening while chunks keep coming, until this long without one.
+const LISTEN_QUIET: Duration = Duration::from_millis(300);
+
+/// How often a download checks whether to ask (listening over, or stalled).
+const PUMP: Duration = Duration::from_millis(100);
 
 /// What every load device of a fleet shares.
 #[derive(Debug, Clone)]
@@ -188,6 +200,59 @@ impl LoadFleet {
     }
 }
 
+/// What a load device's event loop hands it.
+#[derive(Debug)]
+enum Incoming {
+    /// The broker accepted the connection.
+    Connected,
+    /// A message on a subscribed topic.
+    Message {
+        topic: String,
+        payload: bytes::Bytes,
+    },
+}
+
+/// Polls the MQTT event loop, reconnecting with a backoff up to 10 s, until
+/// the device stops listening (or sends DISCONNECT).
+async fn drive(
+    mut eventloop: rumqttc::EventLoop,
+    tx: tokio::sync::mpsc::Sender<Incoming>,
+    device: DeviceId,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let sent = match eventloop.poll().await {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_millis(200);
+                tx.send(Incoming::Connected).await
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                tx.send(Incoming::Message {
+                    topic: p.topic,
+                    payload: p.payload,
+                })
+                .await
+            }
+            Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::debug!(%device, "load device link: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                Ok(())
+            }
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// A share in [0.5, 1), so that a wave's devices do not all ask at once.
+fn listen_share() -> f64 {
+    0.5 + (edgefleet_agent::link::random_u64() % 1000) as f64 / 2000.0
+}
+
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
@@ -244,6 +309,8 @@ struct Download {
     /// Chunks the last fetch request asked for.
     requested: u32,
     last_chunk: tokio::time::Instant,
+    /// Until then, and while chunks keep coming, only listen.
+    listen_until: Option<tokio::time::Instant>,
     reported_tenth: u32,
 }
 
@@ -301,35 +368,34 @@ impl LoadDevice {
             QoS::AtLeastOnce,
             true,
         ));
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let (client, eventloop) = AsyncClient::new(options, 64);
+        // The event loop in its own task: `poll` is not cancel-safe while it
+        // connects, so it must not race the timers below in a `select!`.
+        let (tx, mut incoming) = tokio::sync::mpsc::channel(64);
+        let mut link = tokio::spawn(drive(eventloop, tx, self.id.clone()));
         let mut telemetry = tokio::time::interval(self.interval);
         telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut stall = tokio::time::interval(STALL);
-        let mut backoff = Duration::from_millis(200);
+        let mut pump = tokio::time::interval(PUMP);
         loop {
             tokio::select! {
-                polled = eventloop.poll() => match polled {
-                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                        backoff = Duration::from_millis(200);
+                got = incoming.recv() => match got {
+                    Some(Incoming::Connected) => {
                         self.stats.connects.fetch_add(1, Ordering::Relaxed);
                         self.on_connect(&client);
                     }
-                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                        self.on_message(&client, &p.topic, &p.payload);
+                    Some(Incoming::Message { topic, payload }) => {
+                        self.on_message(&client, &topic, &payload);
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::debug!(device = %self.id, "load device link: {e}");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                    }
+                    None => return,
                 },
                 _ = telemetry.tick() => self.report(&client),
-                _ = stall.tick() => self.check_stall(&client),
+                _ = pump.tick() => self.pump(&client),
                 () = stopped(&mut stop) => {
                     let _ = client.try_disconnect();
                     // Lets the event loop send the DISCONNECT.
-                    let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+                    if tokio::time::timeout(Duration::from_millis(500), &mut link).await.is_err() {
+                        link.abort();
+                    }
                     return;
                 }
             }
@@ -482,11 +548,11 @@ impl LoadDevice {
             since_request: 0,
             requested: 0,
             last_chunk: tokio::time::Instant::now(),
+            listen_until: Some(tokio::time::Instant::now() + LISTEN.mul_f64(listen_share())),
             reported_tenth: 0,
         });
         self.emit(client, Some(command), EventKind::InstallStarted { digest });
         let _ = client.try_subscribe(self.topics.bundle_chunks(&digest), QoS::AtMostOnce);
-        self.request_chunks(client);
     }
 
     /// Asks for the next window of missing chunks.
@@ -509,12 +575,19 @@ impl LoadDevice {
         let _ = client.try_publish(topic, QoS::AtLeastOnce, false, protocol::encode(&request));
     }
 
-    fn check_stall(&mut self, client: &AsyncClient) {
-        if self
-            .download
-            .as_ref()
-            .is_some_and(|d| d.last_chunk.elapsed() >= STALL)
-        {
+    /// Asks once listening is over (its time passed and no chunk came for
+    /// [`LISTEN_QUIET`]), and again when the download stalls.
+    fn pump(&mut self, client: &AsyncClient) {
+        let Some(d) = self.download.as_mut() else {
+            return;
+        };
+        let quiet = d.last_chunk.elapsed();
+        let ask = match d.listen_until {
+            Some(until) => tokio::time::Instant::now() >= until && quiet >= LISTEN_QUIET,
+            None => quiet >= STALL,
+        };
+        if ask {
+            d.listen_until = None;
             self.request_chunks(client);
         }
     }
@@ -548,6 +621,7 @@ impl LoadDevice {
             (d.command, d.digest)
         });
         let window_done = d.since_request >= d.requested;
+        let listening = d.listen_until.is_some();
         if let Some((command, digest)) = progress
             && done < total
         {
@@ -560,7 +634,7 @@ impl LoadDevice {
         }
         if done == total {
             self.finish(client);
-        } else if window_done {
+        } else if window_done && !listening {
             self.request_chunks(client);
         }
     }

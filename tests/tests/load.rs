@@ -45,13 +45,12 @@ fn two_hundred_load_devices_come_online_report_and_take_a_staged_rollout() {
     assert_eq!(stats.installs.load(Ordering::Relaxed), DEVICES as u64);
     assert_eq!(stats.chunks_rejected.load(Ordering::Relaxed), 0);
     assert_eq!(stats.commands_refused.load(Ordering::Relaxed), 0);
-    // Devices of one wave share the chunk topic: far fewer bytes than a copy
-    // per device. (Measured: about 18 copies for the 4 waves, not the 4 that
-    // issue 23 aims at: devices that subscribe after a chunk went out ask
-    // again; see docs/scale.md.)
+    // Devices of one wave share the chunk topic and listen before they ask, as
+    // agents do: a few copies of the bundle for the 4 waves, not one per device
+    // (measured 4.9-8.9 copies for 200 devices; docs/scale.md).
     let sent = h.metric("edgefleet_chunk_bytes_sent_total");
     assert!(
-        sent < DEVICES as u64 * payload / 4,
+        sent <= 16 * payload,
         "{sent} chunk bytes for {DEVICES} devices of a {payload}-byte bundle"
     );
     println!(
