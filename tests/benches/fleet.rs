@@ -13,7 +13,6 @@
 use std::time::{Duration, Instant};
 
 use edgefleet_devices::sim::FaultPlan;
-use edgefleet_shared::RawHeader;
 use edgefleet_tests::{BundleSpec, Harness};
 use serde_json::json;
 
@@ -51,15 +50,7 @@ fn rollout_bytes(devices: usize, coalesce_ms: u64, runs: u64) -> (u64, Vec<Vec<W
             (release, 0, 0),
             release,
         ));
-        payload = {
-            let mut f = std::fs::File::open(&file).expect("bundle");
-            RawHeader::read_from(&mut f)
-                .expect("header")
-                .decode_unverified()
-                .expect("manifest")
-                .payload
-                .size
-        };
+        payload = edgefleet_tests::payload_size(&file);
         let digest = h.upload(&file);
         let started = Instant::now();
         let id = h.rollout(&json!({

@@ -14,7 +14,6 @@
 
 use std::time::{Duration, Instant};
 
-use edgefleet_shared::RawHeader;
 use edgefleet_tests::{BundleSpec, Harness, wait_for};
 use serde_json::json;
 
@@ -90,15 +89,7 @@ fn run(n: usize, ingest_s: u64) {
 
     // A rollout to every device.
     let file = h.build(&BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1));
-    let payload = {
-        let mut f = std::fs::File::open(&file).expect("bundle");
-        RawHeader::read_from(&mut f)
-            .expect("header")
-            .decode_unverified()
-            .expect("manifest")
-            .payload
-            .size
-    };
+    let payload = edgefleet_tests::payload_size(&file);
     let digest = h.upload(&file);
     let t = Instant::now();
     let id = h.rollout(&json!({

@@ -81,6 +81,17 @@ impl BundleSpec {
     }
 }
 
+/// The payload size of a bundle file, from its header.
+pub fn payload_size(file: &Path) -> u64 {
+    let mut f = std::fs::File::open(file).expect("bundle");
+    edgefleet_shared::RawHeader::read_from(&mut f)
+        .expect("header")
+        .decode_unverified()
+        .expect("manifest")
+        .payload
+        .size
+}
+
 /// Polls `check` until it returns Some, or panics naming `what` after [`WAIT`].
 pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + WAIT;
