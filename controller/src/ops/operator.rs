@@ -99,7 +99,7 @@ pub enum OperatorError {
     },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OperatorError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OperatorError + '_ {
     move |source| OperatorError::Io {
         path: path.to_owned(),
         source,

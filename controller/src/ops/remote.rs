@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 pub use crate::ops::client::{ApiArgs, Client, ClientError};
-use crate::ops::operator::OperatorError;
+use crate::ops::operator::{OperatorError, io_err};
 use crate::server::config::{ConfigError, ControllerConfig};
 
 /// Why a controller command failed.
@@ -49,15 +49,6 @@ pub enum CommandError {
     /// The controller's answer lacks what the command needs.
     #[error("the controller's answer: {0}")]
     Answer(String),
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CommandError + '_ {
-    move |source| {
-        CommandError::Operator(OperatorError::Io {
-            path: path.to_owned(),
-            source,
-        })
-    }
 }
 
 /// `edgefleet serve`.

@@ -730,7 +730,7 @@ impl Fleet {
     /// publishes it.
     async fn send(
         &self,
-        device: &str,
+        device: &DeviceId,
         rollout: Option<&str>,
         action: Action,
         audit: Option<crate::server::db::Audit>,
@@ -747,17 +747,15 @@ impl Fleet {
             _ => None,
         };
         let now = now_ms();
-        // Checked before anything is stored under it.
-        let device_id = DeviceId::new(device)?;
         let id = self
             .db
             .new_command(device, rollout, name, bundle.as_ref(), now, audit)
             .await?;
-        let topic = self.topics.device(&device_id, DeviceTopic::Commands);
+        let topic = self.topics.device(device, DeviceTopic::Commands);
         let cmd = Command {
             id,
             issued_at: UnixTime((now / 1000) as i64),
-            device: device_id,
+            device: device.clone(),
             action,
         };
         let signed = edgefleet_shared::commands::sign_command(&self.command_key, &cmd);
@@ -766,7 +764,7 @@ impl Fleet {
             .publish(topic, QoS::AtLeastOnce, false, signed)
             .await
         {
-            tracing::warn!(device, error = %e, "command not handed to the broker client");
+            tracing::warn!(%device, error = %e, "command not handed to the broker client");
         }
         self.stats.commands_sent.fetch_add(1, Ordering::Relaxed);
         Ok(id)
@@ -807,7 +805,8 @@ impl Fleet {
                         },
                         mode,
                     };
-                    self.send(device, Some(id), action, None).await?;
+                    self.send(&DeviceId::new(device)?, Some(id), action, None)
+                        .await?;
                 }
                 Effect::StopShadow(device) => {
                     // The shadow stops at once; the next shadow install samples
@@ -816,10 +815,12 @@ impl Fleet {
                         shadow_sample_permille: Some(0),
                         ..Default::default()
                     });
-                    self.send(&device, Some(id), action, None).await?;
+                    self.send(&DeviceId::new(&device)?, Some(id), action, None)
+                        .await?;
                 }
                 Effect::Revert(device) => {
-                    self.send(&device, Some(id), Action::Revert, None).await?;
+                    self.send(&DeviceId::new(&device)?, Some(id), Action::Revert, None)
+                        .await?;
                 }
                 Effect::Note(n) => {
                     tracing::info!(rollout = id, "{n}");
@@ -1015,7 +1016,7 @@ impl Fleet {
         action: Action,
         audit: Option<crate::server::db::Audit>,
     ) -> Result<u64, FleetError> {
-        self.send(device.as_str(), None, action, audit).await
+        self.send(device, None, action, audit).await
     }
 }
 
