@@ -47,15 +47,59 @@ pub fn served(
     served
 }
 
+/// The controller link of a running device: how to connect (from
+/// [`crate::cli::link_setup`]) and what the daemon needs, used again at each
+/// restart. After a crash of the daemon (a panic, in a build that unwinds) the
+/// served slots are read back from disk, as after a power cut, and the link
+/// starts again after [`RESTART_AFTER`]; a device is never left serving
+/// without its link. (The device build aborts on a panic instead, and its
+/// service manager restarts the process.)
+pub struct Link {
+    /// The MQTT options (broker, identity, TLS).
+    pub options: rumqttc::MqttOptions,
+    /// The daemon's settings.
+    pub settings: crate::daemon::DaemonSettings,
+    /// Made at each start and put between the link and the daemon (the fleet
+    /// simulator's faults); none on a real device.
+    pub tap: Option<Box<dyn FnMut() -> LinkTap + Send>>,
+    /// Told of each crash, before the restart (the simulator counts them).
+    pub on_crash: Option<Box<dyn FnMut() + Send>>,
+}
+
+impl Link {
+    /// The link of a real device: no tap, crashes only logged.
+    pub fn new(options: rumqttc::MqttOptions, settings: crate::daemon::DaemonSettings) -> Link {
+        Link {
+            options,
+            settings,
+            tap: None,
+            on_crash: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("options", &self.options)
+            .field("settings", &self.settings)
+            .field("tap", &self.tap.is_some())
+            .field("on_crash", &self.on_crash.is_some())
+            .finish()
+    }
+}
+
+/// The pause before the link starts again after its daemon ended or crashed.
+pub const RESTART_AFTER: Duration = Duration::from_millis(200);
+
 /// Runs the device until `shutdown` completes, then lets the local API finish
 /// its requests and the link its last step (up to 3 s). The model is
-/// `served`; the link runs when `link` (from [`crate::cli::link_setup`]) is
-/// given.
+/// `served`; the link runs when `link` is given, restarted as [`Link`] says.
 pub async fn run(
     config: &AgentConfig,
     store: Store,
     served: Served,
-    link: Option<(rumqttc::MqttOptions, crate::daemon::DaemonSettings)>,
+    link: Option<Link>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -65,10 +109,14 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let heartbeat = Arc::new(AtomicU64::new(now_ms()));
-    let daemon = link.map(|(options, settings)| {
-        start_link(
-            options, settings, &store, &served, &heartbeat, &stop_rx, None,
-        )
+    let daemon = link.map(|link| {
+        tokio::spawn(supervise(
+            link,
+            store.clone(),
+            served.clone(),
+            heartbeat.clone(),
+            stop_rx.clone(),
+        ))
     });
     if daemon.is_none() {
         offline_drift(&served, &store, config.telemetry.interval_s, &stop_rx);
@@ -95,6 +143,57 @@ pub async fn run(
 
 async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Keeps the link running until `stop`: starts it, and starts it again after
+/// its daemon ended or crashed (see [`Link`]).
+async fn supervise(
+    mut link: Link,
+    store: Store,
+    served: Served,
+    heartbeat: Arc<AtomicU64>,
+    stop: watch::Receiver<bool>,
+) {
+    loop {
+        let tap = link.tap.as_mut().map(|make| make());
+        let mut task = start_link(
+            link.options.clone(),
+            link.settings.clone(),
+            &store,
+            &served,
+            &heartbeat,
+            &stop,
+            tap,
+        );
+        tokio::select! {
+            r = &mut task => match r {
+                Err(e) if e.is_panic() => {
+                    tracing::error!("the daemon crashed: reloading the active slots and restarting the link");
+                    if let Some(told) = link.on_crash.as_mut() {
+                        told();
+                    }
+                    let store = store.clone();
+                    match tokio::task::spawn_blocking(move || crate::store::load_served(&store)).await {
+                        Ok(Ok(loaded)) => served.replace_all(loaded),
+                        Ok(Err(e)) => tracing::error!("after the crash, the slots do not load: {e}"),
+                        Err(e) => tracing::error!("after the crash, reading the slots failed: {e}"),
+                    }
+                }
+                _ if *stop.borrow() => return,
+                _ => {}
+            },
+            () = stopped(stop.clone()) => {
+                // The daemon sees the same stop and finishes its step.
+                let _ = tokio::time::timeout(Duration::from_secs(3), &mut task).await;
+                task.abort();
+                return;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(RESTART_AFTER) => {}
+            () = stopped(stop.clone()) => return,
+        }
+    }
 }
 
 /// What may sit between the link and the daemon: it sees each link event

@@ -403,10 +403,9 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
     let (network, network_rx) = watch::channel(Network { up: true, epoch: 0 });
 
     let config = device_config(settings, &spec, &dir, relay_port)?;
-    // Checked now so that a bad identity fails the start, not a background task.
-    edgefleet_agent::cli::link_setup(&config, &config.trust_root)
-        .map_err(|e| fail(e.to_string()))?;
-
+    let stats = Arc::new(DeviceStats::default());
+    // Set up now so that a bad identity fails the start, not a background task.
+    let link = device_link(settings, &spec, &config, &stats, &network)?;
     let active = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || store::load_served(&store))
@@ -421,38 +420,26 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
         .map_err(|e| fail(format!("local API: {e}")))?;
     let api_addr = api.local_addr().map_err(|e| fail(e.to_string()))?;
     let (stop, stop_rx) = watch::channel(false);
-    let stats = Arc::new(DeviceStats::default());
 
-    let mut tasks = Vec::new();
-    {
-        let served = served.clone();
-        let mut stop = stop_rx.clone();
-        let limits = config.limits.clone();
-        tasks.push(tokio::spawn(async move {
-            edgefleet_agent::api::serve(api, served, &limits, async move {
+    // The agent itself, as `edgefleet-agent run` starts it.
+    let agent = {
+        let (store, served, mut stop) = (store.clone(), served.clone(), stop_rx.clone());
+        let listeners = edgefleet_agent::service::Listeners {
+            tcp: api,
+            unix: None,
+        };
+        tokio::spawn(async move {
+            let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-        }));
-    }
-    tasks.push(tokio::spawn(switch(
-        relay,
-        settings.broker,
-        network_rx,
-        stop_rx.clone(),
-    )));
-    let agent = Agent {
-        config,
-        topics: Topics::new(&settings.topic_prefix).map_err(|e| fail(e.reason.to_string()))?,
-        telemetry_interval: settings.telemetry_interval,
-        profile: spec.profile.clone(),
-        faults: spec.faults,
-        store,
-        served: served.clone(),
-        stats: stats.clone(),
-        network: network.clone(),
+            };
+            edgefleet_agent::service::run(&config, store, served, Some(link), listeners, shutdown)
+                .await;
+        })
     };
-    tasks.push(tokio::spawn(agent.supervise(stop_rx)));
+    let tasks = vec![
+        agent,
+        tokio::spawn(switch(relay, settings.broker, network_rx, stop_rx)),
+    ];
     Ok(SimDevice {
         id: spec.id.clone(),
         profile: spec.profile,
@@ -463,6 +450,42 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
         network,
         stop,
         tasks,
+    })
+}
+
+/// A simulated device's controller link: the agent's own setup from its
+/// config, the fleet's timings and the device's profile and faults.
+fn device_link(
+    settings: &FleetSettings,
+    spec: &DeviceSpec,
+    config: &AgentConfig,
+    stats: &Arc<DeviceStats>,
+    network: &watch::Sender<Network>,
+) -> Result<edgefleet_agent::service::Link, SimError> {
+    let fail = sim_error(&spec.id);
+    let (options, mut link_settings) = edgefleet_agent::cli::link_setup(config, &config.trust_root)
+        .map_err(|e| fail(e.to_string()))?;
+    link_settings.telemetry_interval = settings.telemetry_interval;
+    link_settings.facts = spec.profile.facts();
+    link_settings.stall_timeout = Duration::from_secs(2);
+    link_settings.clock_skew_s = spec.faults.clock_skew_s;
+    let tap = Tap {
+        device: spec.id.clone(),
+        topics: Topics::new(&settings.topic_prefix).map_err(|e| fail(e.reason.to_string()))?,
+        slow_link: spec.faults.slow_link,
+        drop_after: Arc::new(std::sync::Mutex::new(spec.faults.disconnect_after_chunks)),
+        stats: stats.clone(),
+        network: network.clone(),
+    };
+    let (stats, device) = (stats.clone(), spec.id.clone());
+    Ok(edgefleet_agent::service::Link {
+        options,
+        settings: link_settings,
+        tap: Some(Box::new(move || tap.start())),
+        on_crash: Some(Box::new(move || {
+            stats.crashes.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%device, "simulated crash: restarting the agent");
+        })),
     })
 }
 
@@ -505,67 +528,30 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// One device's agent, restarted after a simulated crash.
-struct Agent {
-    config: AgentConfig,
+/// What a simulated device puts between its link and its daemon: counts what
+/// the link brings (connects, chunk messages), plays the disconnect after
+/// `drop_after` chunks (once, across restarts; counted from each start) and
+/// holds every event back on a slow link.
+struct Tap {
+    device: String,
     topics: Topics,
-    telemetry_interval: Duration,
-    profile: Profile,
-    faults: FaultPlan,
-    store: Store,
-    served: Served,
+    slow_link: Option<Duration>,
+    /// Chunks until the simulated mid-download disconnect (taken once it fired).
+    drop_after: Arc<std::sync::Mutex<Option<u64>>>,
     stats: Arc<DeviceStats>,
     network: watch::Sender<Network>,
 }
 
-/// Chunks until the simulated mid-download disconnect (taken once it fired).
-type DropAfter = Arc<std::sync::Mutex<Option<u64>>>;
-
-enum End {
-    Stopped,
-    Crashed,
-    Ended,
-}
-
-impl Agent {
-    async fn supervise(mut self, mut stop: watch::Receiver<bool>) {
-        let drop_after: DropAfter =
-            Arc::new(std::sync::Mutex::new(self.faults.disconnect_after_chunks));
-        loop {
-            match self.run_once(&mut stop, &drop_after).await {
-                End::Stopped => return,
-                End::Crashed => {
-                    self.stats.crashes.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(device = %self.config.device_id, "simulated crash: restarting the agent");
-                    // Back up as after a power cut: the served model is whatever
-                    // the disk says is active.
-                    let store = self.store.clone();
-                    if let Ok(Ok(loaded)) =
-                        tokio::task::spawn_blocking(move || store::load_served(&store)).await
-                    {
-                        self.served.replace_all(loaded);
-                    }
-                }
-                End::Ended => {}
-            }
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                () = stopped(&mut stop) => return,
-            }
-        }
-    }
-
-    /// What this device puts between its link and its daemon: counts what the
-    /// link brings (connects, chunk messages), plays the disconnect after
-    /// `drop_after` chunks (once, across restarts; counted from this start)
-    /// and holds every event back on a slow link.
-    fn tap(&self, drop_after: DropAfter) -> edgefleet_agent::service::LinkTap {
-        let (stats, topics, network) = (
+impl Tap {
+    /// The tap for one start of the link.
+    fn start(&self) -> edgefleet_agent::service::LinkTap {
+        let (stats, topics, network, drop_after) = (
             self.stats.clone(),
             self.topics.clone(),
             self.network.clone(),
+            self.drop_after.clone(),
         );
-        let (device, slow_link) = (self.config.device_id.clone(), self.faults.slow_link);
+        let (device, slow_link) = (self.device.clone(), self.slow_link);
         let mut chunks_here = 0u64;
         Box::new(move |event: &LinkEvent| {
             match event {
@@ -592,45 +578,5 @@ impl Agent {
             }
             slow_link
         })
-    }
-
-    async fn run_once(&mut self, stop: &mut watch::Receiver<bool>, drop_after: &DropAfter) -> End {
-        let (options, mut settings) =
-            match edgefleet_agent::cli::link_setup(&self.config, &self.config.trust_root) {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::error!(device = %self.config.device_id, "cannot start: {e}");
-                    stopped(stop).await;
-                    return End::Stopped;
-                }
-            };
-        settings.telemetry_interval = self.telemetry_interval;
-        settings.facts = self.profile.facts();
-        settings.stall_timeout = Duration::from_secs(2);
-        settings.clock_skew_s = self.faults.clock_skew_s;
-        let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        // The agent's own link and daemon, with this device's faults between them.
-        let mut task = edgefleet_agent::service::start_link(
-            options,
-            settings,
-            &self.store,
-            &self.served,
-            &heartbeat,
-            stop,
-            Some(self.tap(drop_after.clone())),
-        );
-        tokio::select! {
-            r = &mut task => match r {
-                Err(e) if e.is_panic() => End::Crashed,
-                _ if *stop.borrow() => End::Stopped,
-                _ => End::Ended,
-            },
-            () = stopped(stop) => {
-                // The daemon sees the same stop and finishes its step.
-                let _ = tokio::time::timeout(Duration::from_secs(3), &mut task).await;
-                task.abort();
-                End::Stopped
-            }
-        }
     }
 }

@@ -119,6 +119,26 @@ macro_rules! string_id {
             }
         }
 
+        /// Maps and sets keyed by the id are looked up with a `&str` (the derived
+        /// order and hash are the string's).
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
         /// Read as the validated string wherever a `&str` is taken.
         impl std::ops::Deref for $name {
             type Target = str;

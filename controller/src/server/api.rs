@@ -472,7 +472,7 @@ async fn device_detail(
         .devices()
         .await?
         .into_iter()
-        .find(|d| d.id == *id)
+        .find(|d| d.id == id)
         .ok_or_else(|| ApiError::not_found(format!("no device {id}")))?;
     let state = s.db().device_state_json(&id).await?;
     let events = s.db().events(&id, 50).await?;
@@ -540,7 +540,7 @@ async fn device_drift(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::invalid("limit: must be between 1 and 1000"));
     }
-    if !s.db().devices().await?.iter().any(|d| d.id == *id) {
+    if !s.db().devices().await?.iter().any(|d| d.id == id) {
         return Err(ApiError::not_found(format!("no device {id}")));
     }
     let reports: Vec<Value> = s
@@ -759,7 +759,7 @@ async fn configure_device(
             "shadow_sample_permille: must be between 0 and 1000",
         ));
     }
-    if !s.db().devices().await?.iter().any(|d| d.id == *id) {
+    if !s.db().devices().await?.iter().any(|d| d.id == id) {
         return Err(ApiError::not_found(format!("no device {id}")));
     }
     let settings = edgefleet_shared::protocol::Settings {
@@ -811,7 +811,7 @@ async fn request_samples(
         .devices()
         .await?
         .into_iter()
-        .find(|d| d.id == *id)
+        .find(|d| d.id == id)
         .ok_or_else(|| ApiError::not_found(format!("no device {id}")))?;
     let channel = device
         .active_channel
@@ -1294,17 +1294,17 @@ async fn start_rollout(
     }
     let registry = s.db().devices().await?;
     for d in &sel.devices {
-        if !registry.iter().any(|r| &r.id == d) {
+        if !registry.iter().any(|r| r.id.as_str() == d) {
             return Err(ApiError::invalid(format!(
                 "selector.devices: no device {d}"
             )));
         }
     }
-    let targets: Vec<String> = registry
+    let targets: Vec<DeviceId> = registry
         .iter()
         .filter(|d| {
             sel.all
-                || sel.devices.contains(&d.id)
+                || sel.devices.iter().any(|id| id == d.id.as_str())
                 || (!sel.tags.is_empty() && sel.tags.iter().all(|(k, v)| d.tags.get(k) == Some(v)))
         })
         .map(|d| d.id.clone())
@@ -1325,7 +1325,7 @@ fn rollout_json(v: &crate::server::fleet::RolloutView) -> Value {
     let waves: Vec<Value> = (0..e.waves.len())
         .map(|w| json!({"devices": e.waves[w].len(), "counts": e.counts(Some(w))}))
         .collect();
-    let members: BTreeMap<&String, Value> = e
+    let members: BTreeMap<&DeviceId, Value> = e
         .members
         .iter()
         .map(|(d, m)| (d, serde_json::to_value(m).unwrap_or_default()))

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use edgefleet_shared::DeviceId;
 use serde::Serialize;
 use tokio_rusqlite::rusqlite::{self, OptionalExtension, params};
 
@@ -271,7 +272,8 @@ pub struct Db {
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct DeviceRow {
     /// Device id.
-    pub id: String,
+    #[schema(value_type = String)]
+    pub id: DeviceId,
     /// Tags given at enrollment.
     pub tags: Tags,
     /// Enrolled by this controller (certificate issued) or only seen on the broker.
@@ -340,7 +342,8 @@ pub struct RolloutRow {
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct EventRow {
     /// Device.
-    pub device: String,
+    #[schema(value_type = String)]
+    pub device: DeviceId,
     /// Device's sequence number.
     pub seq: u64,
     /// Device time, s since the epoch.
@@ -359,7 +362,8 @@ pub struct EventRow {
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct TelemetryRow {
     /// Device.
-    pub device: String,
+    #[schema(value_type = String)]
+    pub device: DeviceId,
     /// Sequence number.
     pub seq: u64,
     /// Device time, s since the epoch.
@@ -436,7 +440,7 @@ pub enum SampleParts {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SampleRow {
     /// Device.
-    pub device: String,
+    pub device: DeviceId,
     /// Bundle digest that answered.
     pub digest: String,
     /// Device time, s since the epoch.
@@ -655,7 +659,7 @@ impl Db {
                 )?;
                 let rows = st.query_map([], |r| {
                     Ok(DeviceRow {
-                        id: r.get(0)?,
+                        id: device_id(r, 0)?,
                         tags: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or_default(),
                         enrolled: r.get::<_, Option<i64>>(2)?.is_some(),
                         online: r.get(3)?,
@@ -754,7 +758,7 @@ impl Db {
                 )?;
                 let rows = st.query_map(params![device, limit], |r| {
                     Ok(EventRow {
-                        device: r.get(0)?,
+                        device: device_id(r, 0)?,
                         seq: u(r.get(1)?),
                         at: u(r.get(2)?),
                         command: r.get::<_, Option<i64>>(3)?.map(u),
@@ -1040,7 +1044,7 @@ impl Db {
                 let rows = st.query_map(params![device, digest, limit], |r| {
                     let body: String = r.get(4)?;
                     Ok(SampleRow {
-                        device: r.get(0)?,
+                        device: device_id(r, 0)?,
                         digest: r.get(1)?,
                         at: r.get(2)?,
                         reason: r.get(3)?,
@@ -1478,9 +1482,18 @@ impl Db {
     }
 }
 
+/// Column `idx` as a device id: every id was checked before it was stored, so one
+/// that fails the check now is reported as a conversion failure (not trusted).
+fn device_id(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<DeviceId> {
+    let text: String = r.get(idx)?;
+    DeviceId::new(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
 fn telemetry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TelemetryRow> {
     Ok(TelemetryRow {
-        device: r.get(0)?,
+        device: device_id(r, 0)?,
         seq: u(r.get(1)?),
         at: u(r.get(2)?),
         received_at: u(r.get(3)?),

@@ -22,6 +22,7 @@
 
 use std::collections::BTreeMap;
 
+use edgefleet_shared::DeviceId;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -317,8 +318,9 @@ pub fn rank(rollout: &str, device: &str) -> u64 {
 /// Splits `devices` into waves: devices are ordered by [`rank`] (ties by id) and
 /// cut at the cumulative wave sizes; waves that would be empty are dropped, and a
 /// final wave takes everyone left. Returns one list per wave, each ordered.
-pub fn assign_waves(rollout: &str, devices: &[String], waves: &[WaveSize]) -> Vec<Vec<String>> {
-    let mut ordered: Vec<(u64, &String)> = devices.iter().map(|d| (rank(rollout, d), d)).collect();
+pub fn assign_waves(rollout: &str, devices: &[DeviceId], waves: &[WaveSize]) -> Vec<Vec<DeviceId>> {
+    let mut ordered: Vec<(u64, &DeviceId)> =
+        devices.iter().map(|d| (rank(rollout, d), d)).collect();
     ordered.sort();
     ordered.dedup_by(|a, b| a.1 == b.1);
     let total = ordered.len();
@@ -496,7 +498,7 @@ pub enum Input {
     /// Download progress of a device.
     Progress {
         /// Device.
-        device: String,
+        device: DeviceId,
         /// Chunks done.
         done: u32,
         /// Chunks total.
@@ -505,19 +507,19 @@ pub enum Input {
     /// The device installed and activated the rollout's bundle.
     Succeeded {
         /// Device.
-        device: String,
+        device: DeviceId,
     },
     /// The device failed to install it.
     Failed {
         /// Device.
-        device: String,
+        device: DeviceId,
         /// Its reason.
         reason: String,
     },
     /// The device switched back after our revert.
     Reverted {
         /// Device.
-        device: String,
+        device: DeviceId,
     },
     /// Operator: stop commanding.
     Pause,
@@ -536,13 +538,13 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Send the rollout's install command to this device.
-    Install(String),
+    Install(DeviceId),
     /// Send the install command in shadow mode to this device.
-    InstallShadow(String),
+    InstallShadow(DeviceId),
     /// Tell this device to stop running its shadow (a halted shadow stage).
-    StopShadow(String),
+    StopShadow(DeviceId),
     /// Send `revert` to this device.
-    Revert(String),
+    Revert(DeviceId),
     /// Something worth telling the operator (also the audit of automatic steps).
     Note(String),
 }
@@ -563,13 +565,13 @@ pub struct Rollout {
     /// The plan.
     pub plan: Plan,
     /// Device ids per wave.
-    pub waves: Vec<Vec<String>>,
+    pub waves: Vec<Vec<DeviceId>>,
     /// Index of the current wave.
     pub wave: usize,
     /// Where it is.
     pub phase: Phase,
     /// Every target device.
-    pub members: BTreeMap<String, Member>,
+    pub members: BTreeMap<DeviceId, Member>,
     /// Rate limiter: the earliest time the next command may go (see [`Rollout::may_send`]).
     pub next_send_at: u64,
     /// The current wave runs the bundle in shadow (its first stage).
@@ -594,7 +596,7 @@ pub struct Counts {
 
 impl Rollout {
     /// A new rollout over `devices` (split with [`assign_waves`]), starting at `now`.
-    pub fn new(id: &str, devices: &[String], plan: Plan, now: u64) -> Result<Rollout, PlanError> {
+    pub fn new(id: &str, devices: &[DeviceId], plan: Plan, now: u64) -> Result<Rollout, PlanError> {
         plan.validate()?;
         if devices.is_empty() {
             return Err(PlanError::NoDevice);
@@ -619,7 +621,7 @@ impl Rollout {
     /// Counts of the members of wave `w` (all members if `None`).
     pub fn counts(&self, w: Option<usize>) -> Counts {
         let mut c = Counts::default();
-        let ids: Vec<&String> = match w {
+        let ids: Vec<&DeviceId> = match w {
             Some(w) => self
                 .waves
                 .get(w)
@@ -869,7 +871,7 @@ impl Rollout {
             && self
                 .waves
                 .get(self.wave)
-                .is_some_and(|w| w.iter().any(|d| d == device))
+                .is_some_and(|w| w.iter().any(|d| d.as_str() == device))
     }
 
     fn time_out(&mut self, now: u64, fx: &mut Vec<Effect>) {
@@ -1030,7 +1032,7 @@ impl Rollout {
     }
 
     fn revert_all(&mut self, now: u64, fx: &mut Vec<Effect>) {
-        let ids: Vec<String> = self.members.keys().cloned().collect();
+        let ids: Vec<DeviceId> = self.members.keys().cloned().collect();
         for id in ids {
             if !matches!(self.members.get(&id), Some(Member::Succeeded { .. })) {
                 continue;

@@ -154,7 +154,7 @@ pub enum FleetError {
     )]
     DeviceInRollout {
         /// The device.
-        device: String,
+        device: DeviceId,
         /// The rollout it is in.
         rollout: String,
         /// That rollout's phase.
@@ -417,7 +417,7 @@ impl Fleet {
     }
 
     async fn on_event(&self, e: &Event, now: u64) -> Result<(), FleetError> {
-        let device = e.device.to_string();
+        let device = e.device.clone();
         let (digest, input) = match &e.kind {
             EventKind::InstallProgress {
                 digest,
@@ -805,8 +805,7 @@ impl Fleet {
                         },
                         mode,
                     };
-                    self.send(&DeviceId::new(device)?, Some(id), action, None)
-                        .await?;
+                    self.send(device, Some(id), action, None).await?;
                 }
                 Effect::StopShadow(device) => {
                     // The shadow stops at once; the next shadow install samples
@@ -815,12 +814,10 @@ impl Fleet {
                         shadow_sample_permille: Some(0),
                         ..Default::default()
                     });
-                    self.send(&DeviceId::new(&device)?, Some(id), action, None)
-                        .await?;
+                    self.send(&device, Some(id), action, None).await?;
                 }
                 Effect::Revert(device) => {
-                    self.send(&DeviceId::new(&device)?, Some(id), Action::Revert, None)
-                        .await?;
+                    self.send(&device, Some(id), Action::Revert, None).await?;
                 }
                 Effect::Note(n) => {
                     tracing::info!(rollout = id, "{n}");
@@ -873,13 +870,13 @@ impl Fleet {
             .engine
             .waves
             .get(a.engine.wave)
-            .map(|w| w.iter().map(String::as_str).collect())
+            .map(|w| w.iter().map(DeviceId::as_str).collect())
             .unwrap_or_default();
         let others: BTreeSet<&str> = a
             .engine
             .members
             .keys()
-            .map(String::as_str)
+            .map(DeviceId::as_str)
             .filter(|d| !wave.contains(d))
             .collect();
         Ok(wave_health(&a.digest.to_hex(), &wave, &others, &latest))
@@ -889,7 +886,7 @@ impl Fleet {
     pub async fn start_rollout(
         &self,
         bundle: Digest,
-        devices: Vec<String>,
+        devices: Vec<DeviceId>,
         plan: Plan,
         selector: String,
         actor: &str,
@@ -1330,7 +1327,7 @@ mod tests {
         let mut counts = vec![0u64; LATENCY_BOUNDS_US.len() + 1];
         counts[bucket] = inferences;
         TelemetryRow {
-            device: device.into(),
+            device: DeviceId::new(device).expect("a valid device id"),
             seq: 1,
             at: 0,
             received_at: 0,

@@ -7,6 +7,7 @@
 //! taken from the first sample; samples of another layout (another model) are
 //! skipped and counted: export one bundle at a time (`bundle=`).
 
+use edgefleet_shared::DeviceId;
 use edgefleet_shared::golden::Tensor;
 
 use crate::server::db::SampleRow;
@@ -19,7 +20,7 @@ pub struct Table {
     /// How many of `columns` are inputs.
     pub inputs: usize,
     /// (device, bundle, at, reason, values) per row.
-    pub rows: Vec<(String, String, i64, String, Vec<f64>)>,
+    pub rows: Vec<(DeviceId, String, i64, String, Vec<f64>)>,
     /// Samples skipped: another layout, or unreadable.
     pub skipped: usize,
 }
@@ -107,7 +108,7 @@ pub fn to_csv(t: &Table) -> String {
         w.write_record(header)?;
         for (device, bundle, at, reason, values) in &t.rows {
             let fixed = [
-                device.clone(),
+                device.to_string(),
                 bundle.clone(),
                 at.to_string(),
                 reason.clone(),
@@ -138,7 +139,7 @@ mod tests {
         let width = x.len() as u64 / rows;
         let probs: Vec<f32> = labels.iter().flat_map(|_| [0.25, 0.75]).collect();
         SampleRow {
-            device: device.into(),
+            device: DeviceId::new(device).expect("a valid device id"),
             digest: "ab".into(),
             at: 7,
             reason: "drift".into(),
@@ -190,7 +191,7 @@ mod tests {
             columns: vec!["a,b".into(), "say \"hi\"".into(), "two\nlines".into()],
             inputs: 3,
             rows: vec![(
-                "d1".into(),
+                DeviceId::new("d1").expect("a valid device id"),
                 "ab".into(),
                 7,
                 "drift".into(),

@@ -3,8 +3,12 @@
 use super::*;
 use proptest::prelude::*;
 
-fn fleet(n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("dev-{i:03}")).collect()
+fn fleet(n: usize) -> Vec<DeviceId> {
+    (0..n).map(|i| id(&format!("dev-{i:03}"))).collect()
+}
+
+fn id(device: &str) -> DeviceId {
+    DeviceId::new(device).expect("a valid device id")
 }
 
 fn plan(waves: &[&str]) -> Plan {
@@ -23,7 +27,7 @@ fn plan(waves: &[&str]) -> Plan {
     }
 }
 
-fn installs(fx: &[Effect]) -> Vec<String> {
+fn installs(fx: &[Effect]) -> Vec<DeviceId> {
     fx.iter()
         .filter_map(|e| match e {
             Effect::Install(d) => Some(d.clone()),
@@ -32,7 +36,7 @@ fn installs(fx: &[Effect]) -> Vec<String> {
         .collect()
 }
 
-fn reverts(fx: &[Effect]) -> Vec<String> {
+fn reverts(fx: &[Effect]) -> Vec<DeviceId> {
     fx.iter()
         .filter_map(|e| match e {
             Effect::Revert(d) => Some(d.clone()),
@@ -41,7 +45,7 @@ fn reverts(fx: &[Effect]) -> Vec<String> {
         .collect()
 }
 
-fn succeed_all(r: &mut Rollout, ids: &[String], now: u64) -> Vec<Effect> {
+fn succeed_all(r: &mut Rollout, ids: &[DeviceId], now: u64) -> Vec<Effect> {
     let mut fx = Vec::new();
     for d in ids {
         fx.extend(
@@ -145,9 +149,9 @@ fn a_good_rollout_goes_through_every_wave_and_commands_only_the_current_one() {
             Vec::new()
         };
         commanded.extend(installs(&fx));
-        let mut sorted_cmd: Vec<String> = commanded.clone();
+        let mut sorted_cmd: Vec<DeviceId> = commanded.clone();
         sorted_cmd.sort();
-        let mut expected: Vec<String> = waves[..=w].iter().flatten().cloned().collect();
+        let mut expected: Vec<DeviceId> = waves[..=w].iter().flatten().cloned().collect();
         expected.sort();
         assert_eq!(sorted_cmd, expected, "wave {w}");
         now += 1_000;
@@ -203,7 +207,7 @@ fn a_halt_reverts_every_device_that_switched_even_later() {
     let wave = installs(&r.tick(0, None));
     assert_eq!(wave.len(), 4);
     succeed_all(&mut r, &wave[..1], 10);
-    let fail = |d: &String| Input::Failed {
+    let fail = |d: &DeviceId| Input::Failed {
         device: d.clone(),
         reason: "x".into(),
     };
@@ -540,12 +544,12 @@ fn news_about_strangers_and_stale_news_change_nothing() {
     r.apply(
         1,
         Input::Succeeded {
-            device: "stranger".into(),
+            device: id("stranger"),
         },
     )
     .expect("news");
     // Pending devices (not yet asked) cannot have succeeded for this rollout.
-    let pending: Vec<String> = r.waves[1].clone();
+    let pending: Vec<DeviceId> = r.waves[1].clone();
     r.apply(
         1,
         Input::Succeeded {
@@ -662,8 +666,8 @@ proptest! {
         let devices = fleet(n);
         let mut r = Rollout::new("prop", &devices, p, 0).expect("r");
         let mut now = 0u64;
-        let mut switched: std::collections::BTreeSet<String> = Default::default();
-        let mut shadowed: std::collections::BTreeSet<String> = Default::default();
+        let mut switched: std::collections::BTreeSet<DeviceId> = Default::default();
+        let mut shadowed: std::collections::BTreeSet<DeviceId> = Default::default();
         for s in steps {
             let before = r.clone();
             let fx = match s {
