@@ -492,12 +492,12 @@ async fn device_detail(
 }
 
 /// The stored bundles by digest (hex), to name versions in drift views.
-async fn bundles_by_digest(s: &AppState) -> ApiResult<BTreeMap<String, BundleRow>> {
+async fn bundles_by_digest(s: &AppState) -> ApiResult<BTreeMap<Digest, BundleRow>> {
     Ok(s.db()
         .bundles()
         .await?
         .into_iter()
-        .map(|b| (b.digest.clone(), b))
+        .map(|b| (b.digest, b))
         .collect())
 }
 
@@ -564,10 +564,10 @@ async fn fleet_drift(
     caller.require(Role::Viewer)?;
     let (from, to) = q.range()?;
     let bundles = bundles_by_digest(&s).await?;
-    let mut by: BTreeMap<String, Vec<crate::server::db::TelemetryRow>> = BTreeMap::new();
+    let mut by: BTreeMap<Digest, Vec<crate::server::db::TelemetryRow>> = BTreeMap::new();
     for r in s.db().latest_telemetry_between(from, to).await? {
-        if let (Some(d), Some(_)) = (&r.digest, &r.drift) {
-            by.entry(d.clone()).or_default().push(r);
+        if let (Some(d), Some(_)) = (r.digest, &r.drift) {
+            by.entry(d).or_default().push(r);
         }
     }
     let alerting = s.fleet.drift_alerting();
@@ -932,12 +932,11 @@ async fn show_bundle(
     DigestPath(digest): DigestPath,
 ) -> ApiResult<Json<BundleRow>> {
     caller.require(Role::Viewer)?;
-    let hex = digest.to_hex();
     s.db()
-        .bundle(&hex)
+        .bundle(&digest)
         .await?
         .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("no bundle {hex}")))
+        .ok_or_else(|| ApiError::not_found(format!("no bundle {digest}")))
 }
 
 #[utoipa::path(get, path = "/api/v1/bundles/{digest}/file", tag = "bundles", params(("digest" = String, Path, description = "manifest digest")),
@@ -950,7 +949,7 @@ async fn download_bundle(
 ) -> ApiResult<Response> {
     caller.require(Role::Viewer)?;
     let hex = digest.to_hex();
-    if s.db().bundle(&hex).await?.is_none() {
+    if s.db().bundle(&digest).await?.is_none() {
         return Err(ApiError::not_found(format!("no bundle {hex}")));
     }
     let file = tokio::fs::File::open(s.fleet.bundle_path(&digest))
@@ -1035,7 +1034,7 @@ async fn upload_bundle(
         .map_err(|e| ApiError::internal("cannot store the upload", e))?;
     let audit = caller.audit(
         "bundle.upload",
-        &row.digest,
+        &row.digest.to_hex(),
         Some(json!({"channel": row.channel, "version": row.version, "release": row.release, "signed_by": signed_by})),
     );
     if !s.db().insert_bundle(&row, Some(audit)).await? {
@@ -1126,7 +1125,7 @@ fn bundle_row(
     let signed_by: Vec<String> = verified.signed_by.iter().map(ToString::to_string).collect();
     summary["signed_by"] = json!(signed_by);
     BundleRow {
-        digest: verified.digest.to_hex(),
+        digest: verified.digest,
         channel: m.channel.to_string(),
         version: m.version.clone(),
         release: m.release,
@@ -1473,7 +1472,7 @@ async fn telemetry_summary(
         "version" => {
             let mut by: BTreeMap<String, Vec<&crate::server::db::TelemetryRow>> = BTreeMap::new();
             for r in rows.iter().filter(|r| in_rollout(&r.device)) {
-                by.entry(r.digest.clone().unwrap_or_else(|| "none".into()))
+                by.entry(r.digest.map_or_else(|| "none".into(), |d| d.to_hex()))
                     .or_default()
                     .push(r);
             }

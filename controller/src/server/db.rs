@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use edgefleet_shared::DeviceId;
+use edgefleet_shared::{DeviceId, Digest};
 use serde::Serialize;
 use tokio_rusqlite::rusqlite::{self, OptionalExtension, params};
 
@@ -287,7 +287,8 @@ pub struct DeviceRow {
     /// CPU architecture.
     pub arch: Option<String>,
     /// Digest of the active bundle.
-    pub active_digest: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub active_digest: Option<Digest>,
     /// Channel (model name) of the active bundle.
     pub active_channel: Option<String>,
     /// Version of the active bundle.
@@ -298,7 +299,8 @@ pub struct DeviceRow {
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct BundleRow {
     /// Manifest digest, hex.
-    pub digest: String,
+    #[schema(value_type = String)]
+    pub digest: Digest,
     /// Model channel.
     pub channel: String,
     /// Semantic version.
@@ -326,8 +328,8 @@ pub struct BundleRow {
 pub struct RolloutRow {
     /// Id.
     pub id: String,
-    /// Bundle digest, hex.
-    pub bundle: String,
+    /// Bundle digest.
+    pub bundle: Digest,
     /// Created, ms.
     pub created_at: u64,
     /// Token name.
@@ -353,7 +355,8 @@ pub struct EventRow {
     /// Event kind (snake case).
     pub kind: String,
     /// Bundle digest concerned.
-    pub digest: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub digest: Option<Digest>,
     /// The whole event.
     pub body: serde_json::Value,
 }
@@ -371,7 +374,8 @@ pub struct TelemetryRow {
     /// Receive time, ms.
     pub received_at: u64,
     /// Active bundle digest.
-    pub digest: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub digest: Option<Digest>,
     /// Inferences since the bundle became active (or the agent started).
     pub inferences: Option<u64>,
     /// Errors, same span.
@@ -442,7 +446,7 @@ pub struct SampleRow {
     /// Device.
     pub device: DeviceId,
     /// Bundle digest that answered.
-    pub digest: String,
+    pub digest: Digest,
     /// Device time, s since the epoch.
     pub at: i64,
     /// Why it was kept (`always`, `drift`, `low_confidence`).
@@ -666,7 +670,7 @@ impl Db {
                         last_seen: r.get::<_, Option<i64>>(4)?.map(u),
                         agent_version: r.get(5)?,
                         arch: r.get(6)?,
-                        active_digest: r.get(7)?,
+                        active_digest: digest_or_none(r, 7)?,
                         active_channel: r.get(8)?,
                         active_version: r.get(9)?,
                     })
@@ -763,7 +767,7 @@ impl Db {
                         at: u(r.get(2)?),
                         command: r.get::<_, Option<i64>>(3)?.map(u),
                         kind: r.get(4)?,
-                        digest: r.get(5)?,
+                        digest: digest_or_none(r, 5)?,
                         body: serde_json::from_str(&r.get::<_, String>(6)?).unwrap_or_default(),
                     })
                 })?;
@@ -1045,7 +1049,7 @@ impl Db {
                     let body: String = r.get(4)?;
                     Ok(SampleRow {
                         device: device_id(r, 0)?,
-                        digest: r.get(1)?,
+                        digest: digest_col(r, 1)?,
                         at: r.get(2)?,
                         reason: r.get(3)?,
                         body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
@@ -1093,7 +1097,7 @@ impl Db {
                         expires_at, uploaded_at, uploaded_by, summary)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                     params![
-                        b.digest,
+                        b.digest.to_hex(),
                         b.channel,
                         b.version,
                         i(b.release),
@@ -1121,9 +1125,9 @@ impl Db {
     }
 
     /// One bundle by digest (hex).
-    pub async fn bundle(&self, digest: &str) -> Result<Option<BundleRow>> {
+    pub async fn bundle(&self, digest: &Digest) -> Result<Option<BundleRow>> {
         Ok(self
-            .bundles_where("digest = ?1", digest.to_owned())
+            .bundles_where("digest = ?1", digest.to_hex())
             .await?
             .into_iter()
             .next())
@@ -1141,7 +1145,7 @@ impl Db {
                 let mut st = c.prepare(&sql)?;
                 let map = |r: &rusqlite::Row<'_>| {
                     Ok(BundleRow {
-                        digest: r.get(0)?,
+                        digest: digest_col(r, 0)?,
                         channel: r.get(1)?,
                         version: r.get(2)?,
                         release: u(r.get(3)?),
@@ -1179,7 +1183,7 @@ impl Db {
                 tx.execute(
                     "INSERT INTO rollouts (id, bundle, created_at, created_by, selector, phase, state, updated_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?3)",
-                    params![r.id, r.bundle, i(r.created_at), r.created_by, r.selector, phase, r.state],
+                    params![r.id, r.bundle.to_hex(), i(r.created_at), r.created_by, r.selector, phase, r.state],
                 )?;
                 if let Some(a) = &audit {
                     write_audit(&tx, a)?;
@@ -1240,7 +1244,7 @@ impl Db {
                 let rows = st.query_map([], |r| {
                     Ok(RolloutRow {
                         id: r.get(0)?,
-                        bundle: r.get(1)?,
+                        bundle: digest_col(r, 1)?,
                         created_at: u(r.get(2)?),
                         created_by: r.get(3)?,
                         selector: r.get(4)?,
@@ -1491,13 +1495,29 @@ fn device_id(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<DeviceId> {
     })
 }
 
+/// Column `idx` as a digest (64 hex digits, as every digest is stored).
+fn digest_col(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Digest> {
+    let text: String = r.get(idx)?;
+    text.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// Column `idx` as a digest, or `None` where it is NULL.
+fn digest_or_none(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Option<Digest>> {
+    match r.get_ref(idx)? {
+        rusqlite::types::ValueRef::Null => Ok(None),
+        _ => digest_col(r, idx).map(Some),
+    }
+}
+
 fn telemetry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TelemetryRow> {
     Ok(TelemetryRow {
         device: device_id(r, 0)?,
         seq: u(r.get(1)?),
         at: u(r.get(2)?),
         received_at: u(r.get(3)?),
-        digest: r.get(4)?,
+        digest: digest_or_none(r, 4)?,
         inferences: r.get::<_, Option<i64>>(5)?.map(u),
         errors: r.get::<_, Option<i64>>(6)?.map(u),
         latency_counts: r

@@ -130,7 +130,7 @@ pub struct RolloutView {
     /// Id.
     pub id: String,
     /// Bundle digest.
-    pub bundle: String,
+    pub bundle: Digest,
     /// Engine state.
     pub state: Rollout,
 }
@@ -203,7 +203,7 @@ pub struct Fleet {
 #[derive(Debug, Clone)]
 struct DriftAlertState {
     config: crate::server::config::DriftAlertConfig,
-    alerting: BTreeSet<String>,
+    alerting: BTreeSet<Digest>,
 }
 
 #[derive(Debug, Default)]
@@ -398,10 +398,7 @@ impl Fleet {
         for row in rows {
             let engine: Rollout = serde_json::from_str(&row.state)
                 .map_err(|e| DbError::Corrupt(format!("rollout {}: {e}", row.id)))?;
-            let digest: Digest = row
-                .bundle
-                .parse()
-                .map_err(|_| DbError::Corrupt(format!("rollout {}: bundle digest", row.id)))?;
+            let digest = row.bundle;
             tracing::info!(rollout = %row.id, phase = engine.phase.name(), wave = engine.wave + 1, "continuing rollout");
             map.insert(
                 row.id.clone(),
@@ -551,7 +548,7 @@ impl Fleet {
     }
 
     /// Bundles whose fleet-level drift alert is raised now.
-    pub fn drift_alerting(&self) -> BTreeSet<String> {
+    pub fn drift_alerting(&self) -> BTreeSet<Digest> {
         self.drift_alert
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -566,10 +563,10 @@ impl Fleet {
             .db
             .latest_telemetry(now.saturating_sub(3_600_000))
             .await?;
-        let mut groups: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        let mut groups: BTreeMap<Digest, (usize, usize)> = BTreeMap::new();
         for t in &latest {
-            if let (Some(digest), Some(d)) = (&t.digest, &t.drift) {
-                let g = groups.entry(digest.clone()).or_default();
+            if let (Some(digest), Some(d)) = (t.digest, &t.drift) {
+                let g = groups.entry(digest).or_default();
                 g.0 += 1;
                 g.1 += usize::from(d.drifted);
             }
@@ -592,7 +589,7 @@ impl Fleet {
                 .audit(
                     "controller",
                     if c.raised { "drift.alert" } else { "drift.cleared" },
-                    &c.digest,
+                    &c.digest.to_hex(),
                     None,
                     Some(serde_json::json!({"devices": c.devices, "drifted": c.drifted, "share": share})),
                     now,
@@ -879,7 +876,7 @@ impl Fleet {
             .map(DeviceId::as_str)
             .filter(|d| !wave.contains(d))
             .collect();
-        Ok(wave_health(&a.digest.to_hex(), &wave, &others, &latest))
+        Ok(wave_health(a.digest, &wave, &others, &latest))
     }
 
     /// Starts a rollout of `bundle` to `devices` (already resolved by the API).
@@ -914,7 +911,7 @@ impl Fleet {
         let state = serde_json::to_string(&engine).unwrap_or_default();
         let row = crate::server::db::RolloutRow {
             id: id.clone(),
-            bundle: bundle.to_hex(),
+            bundle,
             created_at: now,
             created_by: actor.to_owned(),
             selector,
@@ -950,7 +947,7 @@ impl Fleet {
         self.carry_out(&id, &mut a, fx, now, None).await?;
         let view = RolloutView {
             id: id.clone(),
-            bundle: bundle.to_hex(),
+            bundle,
             state: a.engine.clone(),
         };
         map.insert(id, a);
@@ -1067,7 +1064,7 @@ fn failure_text(r: &FailureReason) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AlertChange {
     /// The bundle.
-    pub digest: String,
+    pub digest: Digest,
     /// Raised (true) or cleared.
     pub raised: bool,
     /// Devices reporting drift for it.
@@ -1081,23 +1078,23 @@ pub struct AlertChange {
 /// the new set and what changed against `alerting`; a bundle no longer
 /// reported clears.
 pub fn drift_alerts(
-    groups: &BTreeMap<String, (usize, usize)>,
-    alerting: &BTreeSet<String>,
+    groups: &BTreeMap<Digest, (usize, usize)>,
+    alerting: &BTreeSet<Digest>,
     config: &crate::server::config::DriftAlertConfig,
-) -> (BTreeSet<String>, Vec<AlertChange>) {
+) -> (BTreeSet<Digest>, Vec<AlertChange>) {
     let mut next = BTreeSet::new();
     for (digest, (devices, drifted)) in groups {
         if *devices >= config.alert_min_devices as usize
             && drifted * 100 >= config.alert_percent as usize * devices
         {
-            next.insert(digest.clone());
+            next.insert(*digest);
         }
     }
     let mut changes = Vec::new();
     for d in next.difference(alerting) {
         let (devices, drifted) = groups.get(d).copied().unwrap_or_default();
         changes.push(AlertChange {
-            digest: d.clone(),
+            digest: *d,
             raised: true,
             devices,
             drifted,
@@ -1106,7 +1103,7 @@ pub fn drift_alerts(
     for d in alerting.difference(&next) {
         let (devices, drifted) = groups.get(d).copied().unwrap_or_default();
         changes.push(AlertChange {
-            digest: d.clone(),
+            digest: *d,
             raised: false,
             devices,
             drifted,
@@ -1135,7 +1132,7 @@ pub const MIN_INFERENCES: u64 = 20;
 /// `others` (rollout devices not in the wave) still running another bundle.
 /// Unknown (None) without `MIN_INFERENCES` on either side.
 pub fn wave_health(
-    digest: &str,
+    digest: Digest,
     wave: &BTreeSet<&str>,
     others: &BTreeSet<&str>,
     latest: &[TelemetryRow],
@@ -1154,12 +1151,9 @@ pub fn wave_health(
         }
         (inf, err, hist)
     };
-    let (inf, err, hist) =
-        sum(&|t| wave.contains(t.device.as_str()) && t.digest.as_deref() == Some(digest));
+    let (inf, err, hist) = sum(&|t| wave.contains(t.device.as_str()) && t.digest == Some(digest));
     let (b_inf, _, b_hist) = sum(&|t| {
-        others.contains(t.device.as_str())
-            && t.digest.is_some()
-            && t.digest.as_deref() != Some(digest)
+        others.contains(t.device.as_str()) && t.digest.is_some() && t.digest != Some(digest)
     });
     let error_rate = (inf + err >= MIN_INFERENCES).then(|| err as f64 / (inf + err) as f64);
     let p95_latency_ratio = (inf >= MIN_INFERENCES && b_inf >= MIN_INFERENCES)
@@ -1177,11 +1171,9 @@ pub fn wave_health(
             .then(|| reports.iter().filter(|d| **d).count() as f64 / reports.len() as f64)
     };
     let wave_drift =
-        drifted_share(&|t| wave.contains(t.device.as_str()) && t.digest.as_deref() == Some(digest));
+        drifted_share(&|t| wave.contains(t.device.as_str()) && t.digest == Some(digest));
     let base_drift = drifted_share(&|t| {
-        others.contains(t.device.as_str())
-            && t.digest.is_some()
-            && t.digest.as_deref() != Some(digest)
+        others.contains(t.device.as_str()) && t.digest.is_some() && t.digest != Some(digest)
     });
     let (shadow_agreement, shadow_p95_latency_ratio) = shadow_health(digest, wave, latest);
     WaveHealth {
@@ -1206,7 +1198,7 @@ fn add_counts(hist: &mut [u64], counts: &[u64]) {
 /// shadow: agreement with the active model, and the shadow's p95 latency over
 /// the active model's. Unknown without [`MIN_INFERENCES`] shadow runs.
 fn shadow_health(
-    digest: &str,
+    digest: Digest,
     wave: &BTreeSet<&str>,
     latest: &[TelemetryRow],
 ) -> (Option<f64>, Option<f64>) {
@@ -1216,7 +1208,7 @@ fn shadow_health(
     let mut shadow_hist = vec![0u64; n];
     let mut active_hist = vec![0u64; n];
     for t in latest.iter().filter(|t| wave.contains(t.device.as_str())) {
-        let Some(sh) = t.shadow.as_ref().filter(|s| s.digest.to_hex() == digest) else {
+        let Some(sh) = t.shadow.as_ref().filter(|s| s.digest == digest) else {
             continue;
         };
         runs += sh.runs;
@@ -1331,7 +1323,7 @@ mod tests {
             seq: 1,
             at: 0,
             received_at: 0,
-            digest: Some(digest.into()),
+            digest: Some(dg(digest)),
             inferences: Some(inferences),
             errors: Some(errors),
             latency_counts: Some(counts),
@@ -1342,6 +1334,11 @@ mod tests {
             shadow: None,
             spool_dropped: None,
         }
+    }
+
+    /// A digest named by a word, for reading the cases.
+    fn dg(name: &str) -> Digest {
+        Digest::of(name.as_bytes())
     }
 
     fn drifting(mut r: TelemetryRow, drifted: bool) -> TelemetryRow {
@@ -1360,10 +1357,8 @@ mod tests {
             alert_percent: 30,
             alert_min_devices: 3,
         };
-        let groups = |v: &[(&str, usize, usize)]| -> BTreeMap<String, (usize, usize)> {
-            v.iter()
-                .map(|(d, n, k)| ((*d).to_owned(), (*n, *k)))
-                .collect()
+        let groups = |v: &[(&str, usize, usize)]| -> BTreeMap<Digest, (usize, usize)> {
+            v.iter().map(|(d, n, k)| (dg(d), (*n, *k))).collect()
         };
         // 3 of 10 is 30%: raised; 2 of 2 has too few devices; 2 of 10 is under.
         let (on, changes) = drift_alerts(
@@ -1371,11 +1366,11 @@ mod tests {
             &BTreeSet::new(),
             &config,
         );
-        assert_eq!(on, BTreeSet::from(["a".to_owned()]));
+        assert_eq!(on, BTreeSet::from([dg("a")]));
         assert_eq!(
             changes,
             [AlertChange {
-                digest: "a".into(),
+                digest: dg("a"),
                 raised: true,
                 devices: 10,
                 drifted: 3
@@ -1402,12 +1397,12 @@ mod tests {
             drifting(row("e", "old", 100, 0, 3), false),
             drifting(row("f", "old", 100, 0, 3), false),
         ];
-        let h = wave_health("new", &wave, &others, &rows);
+        let h = wave_health(dg("new"), &wave, &others, &rows);
         assert_eq!(h.drift_increase, Some(1.0 - 0.25));
         // The whole fleet sees the same shift: no increase, the new model is not to blame.
         let all: Vec<TelemetryRow> = rows.iter().map(|r| drifting(r.clone(), true)).collect();
         assert_eq!(
-            wave_health("new", &wave, &others, &all).drift_increase,
+            wave_health(dg("new"), &wave, &others, &all).drift_increase,
             Some(0.0)
         );
         // No baseline reports (the old bundle had no reference): against zero.
@@ -1416,7 +1411,7 @@ mod tests {
             r.drift = None;
         }
         assert_eq!(
-            wave_health("new", &wave, &others, &alone).drift_increase,
+            wave_health(dg("new"), &wave, &others, &alone).drift_increase,
             Some(1.0)
         );
         // No wave reports: unknown, passes.
@@ -1424,7 +1419,7 @@ mod tests {
         none[0].drift = None;
         none[1].drift = None;
         assert_eq!(
-            wave_health("new", &wave, &others, &none).drift_increase,
+            wave_health(dg("new"), &wave, &others, &none).drift_increase,
             None
         );
     }
@@ -1467,7 +1462,7 @@ mod tests {
             row("d", "old", 50, 0, 2),
             row("x", "old", 10_000, 10_000, 15), // not in the rollout
         ];
-        let h = wave_health("new", &wave, &others, &rows);
+        let h = wave_health(dg("new"), &wave, &others, &rows);
         assert_eq!(h.error_rate, Some(10.0 / 210.0));
         let expect = quantile_us(
             &LATENCY_BOUNDS_US,
@@ -1486,12 +1481,12 @@ mod tests {
         // A wave device still on the old bundle counts for neither side.
         let rows2 = vec![row("a", "old", 1000, 1000, 3), row("c", "old", 100, 0, 2)];
         assert_eq!(
-            wave_health("new", &wave, &others, &rows2),
+            wave_health(dg("new"), &wave, &others, &rows2),
             WaveHealth::default()
         );
         // Too little traffic: unknown.
         let rows3 = vec![row("a", "new", 10, 9, 3), row("c", "old", 100, 0, 2)];
-        let h = wave_health("new", &wave, &others, &rows3);
+        let h = wave_health(dg("new"), &wave, &others, &rows3);
         assert_eq!(h.p95_latency_ratio, None);
         assert_eq!(h.error_rate, Some(9.0 / 19.0).filter(|_| false));
     }

@@ -7,8 +7,8 @@
 //! taken from the first sample; samples of another layout (another model) are
 //! skipped and counted: export one bundle at a time (`bundle=`).
 
-use edgefleet_shared::DeviceId;
 use edgefleet_shared::golden::Tensor;
+use edgefleet_shared::{DeviceId, Digest};
 
 use crate::server::db::SampleRow;
 
@@ -20,7 +20,7 @@ pub struct Table {
     /// How many of `columns` are inputs.
     pub inputs: usize,
     /// (device, bundle, at, reason, values) per row.
-    pub rows: Vec<(DeviceId, String, i64, String, Vec<f64>)>,
+    pub rows: Vec<(DeviceId, Digest, i64, String, Vec<f64>)>,
     /// Samples skipped: another layout, or unreadable.
     pub skipped: usize,
 }
@@ -83,13 +83,8 @@ pub fn table(samples: &[SampleRow]) -> Table {
             continue;
         }
         for v in rows {
-            t.rows.push((
-                s.device.clone(),
-                s.digest.clone(),
-                s.at,
-                s.reason.clone(),
-                v,
-            ));
+            t.rows
+                .push((s.device.clone(), s.digest, s.at, s.reason.clone(), v));
         }
     }
     t
@@ -109,7 +104,7 @@ pub fn to_csv(t: &Table) -> String {
         for (device, bundle, at, reason, values) in &t.rows {
             let fixed = [
                 device.to_string(),
-                bundle.clone(),
+                bundle.to_hex(),
                 at.to_string(),
                 reason.clone(),
             ];
@@ -140,7 +135,7 @@ mod tests {
         let probs: Vec<f32> = labels.iter().flat_map(|_| [0.25, 0.75]).collect();
         SampleRow {
             device: DeviceId::new(device).expect("a valid device id"),
-            digest: "ab".into(),
+            digest: Digest::of(b"ab"),
             at: 7,
             reason: "drift".into(),
             body: json!({
@@ -181,8 +176,9 @@ mod tests {
             lines[0],
             "device,bundle,at,reason,features[0],features[1],label,probabilities[0],probabilities[1]"
         );
-        assert_eq!(lines[2], "d1,ab,7,drift,3,4,1,0.25,0.75");
-        assert_eq!(lines[3], "d2,ab,7,drift,5,6,1,0.25,0.75");
+        let ab = Digest::of(b"ab");
+        assert_eq!(lines[2], format!("d1,{ab},7,drift,3,4,1,0.25,0.75"));
+        assert_eq!(lines[3], format!("d2,{ab},7,drift,5,6,1,0.25,0.75"));
     }
 
     #[test]
@@ -192,7 +188,7 @@ mod tests {
             inputs: 3,
             rows: vec![(
                 DeviceId::new("d1").expect("a valid device id"),
-                "ab".into(),
+                Digest::of(b"ab"),
                 7,
                 "drift".into(),
                 vec![1.0, 2.0, 3.5],

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use edgefleet_shared::Digest;
 
 use super::{ApiResult, AppState, bundles_by_digest};
 use crate::server::db::{BundleRow, DeviceRow, TelemetryRow};
@@ -97,14 +98,14 @@ fn fleet_families(out: &mut Exposition, devices: &[DeviceRow]) {
 fn quality_families(
     out: &mut Exposition,
     latest: &[TelemetryRow],
-    bundles: &BTreeMap<String, BundleRow>,
+    bundles: &BTreeMap<Digest, BundleRow>,
 ) {
     let version = |b: &BundleRow| (b.channel.clone(), b.version.clone());
     let mut drift: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
     let mut shadow: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
     for t in latest {
         if let Some(sh) = &t.shadow
-            && let Some(b) = bundles.get(&sh.digest.to_hex())
+            && let Some(b) = bundles.get(&sh.digest)
         {
             let e = shadow.entry(version(b)).or_default();
             e.0 += sh.runs;

@@ -107,7 +107,7 @@ async fn devices_events_and_telemetry_round_trip() {
     assert!(devices[0].enrolled && devices[0].online);
     assert_eq!(devices[0].tags, tags);
     assert_eq!(devices[0].arch.as_deref(), Some("aarch64"));
-    assert_eq!(devices[0].active_digest, Some(d.to_hex()));
+    assert_eq!(devices[0].active_digest, Some(d));
     assert_eq!(devices[0].active_version.as_deref(), Some("1.0.0"));
     assert!(!devices[1].enrolled, "seen on the broker, never enrolled");
     assert_eq!(
@@ -131,7 +131,7 @@ async fn devices_events_and_telemetry_round_trip() {
     let events = db.events("pi-01", 10).await.expect("events");
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].kind, "install_started");
-    assert_eq!(events[0].digest, Some(d.to_hex()));
+    assert_eq!(events[0].digest, Some(d));
     assert_eq!(events[0].command, Some(3));
 
     let batch = vec![
@@ -163,7 +163,7 @@ async fn rollouts_commands_and_audit_are_kept() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = Db::open(&dir.path().join("c.db")).await.expect("open");
     let bundle = BundleRow {
-        digest: "aa".into(),
+        digest: Digest::of(b"aa"),
         channel: "iris".into(),
         version: "1.0.0".into(),
         release: 1,
@@ -177,19 +177,22 @@ async fn rollouts_commands_and_audit_are_kept() {
     };
     assert!(db.insert_bundle(&bundle, None).await.expect("bundle"));
     assert!(!db.insert_bundle(&bundle, None).await.expect("again"));
-    assert_eq!(db.bundle("aa").await.expect("get"), Some(bundle.clone()));
-    assert_eq!(db.bundle("bb").await.expect("get"), None);
+    assert_eq!(
+        db.bundle(&Digest::of(b"aa")).await.expect("get"),
+        Some(bundle.clone())
+    );
+    assert_eq!(db.bundle(&Digest::of(b"bb")).await.expect("get"), None);
     // A rollout must name a stored bundle.
     let mut row = RolloutRow {
         id: "r1".into(),
-        bundle: "zz".into(),
+        bundle: Digest::of(b"zz"),
         created_at: 5,
         created_by: "admin".into(),
         selector: "{}".into(),
         state: "{}".into(),
     };
     assert!(db.insert_rollout(&row, "installing", None).await.is_err());
-    row.bundle = "aa".into();
+    row.bundle = Digest::of(b"aa");
     db.insert_rollout(&row, "installing", None)
         .await
         .expect("rollout");
@@ -281,8 +284,8 @@ async fn a_database_of_schema_1_is_migrated_without_losing_telemetry() {
         c.pragma_update(None, "user_version", 1).expect("version");
         c.execute(
             "INSERT INTO telemetry (device, seq, at, received_at, digest, inferences, errors, body)
-             VALUES ('pi-01', 4, 10, 500, 'ab', 7, 1, '{}')",
-            [],
+             VALUES ('pi-01', 4, 10, 500, ?1, 7, 1, '{}')",
+            [Digest::of(b"ab").to_hex()],
         )
         .expect("old row");
     }
