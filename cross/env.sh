@@ -7,7 +7,7 @@ export RUSTC=/usr/bin/rustc CARGO_HOME="$W/cargo-home" XDG_CACHE_HOME="$W/cache"
 export ZIG_GLOBAL_CACHE_DIR="$W/zig-cache" CARGO_TARGET_DIR="$W/target"
 export RUSTC_BOOTSTRAP=1 RUST_LIB_BACKTRACE=0
 
-# edge_target TARGET: the target's compiler flags, and the agent binary forgotten so
+# edge_target TARGET [PROFILE]: the target's compiler flags, and the agent binary forgotten so
 # the next build links it again (cargo does not notice a change of link flags, of the
 # ordering file or of stripping between cross/build.sh and cross/order.sh).
 edge_target() {
@@ -17,7 +17,8 @@ edge_target() {
   # No unwind tables: with panic=abort nothing unwinds, and .eh_frame was 1.4-1.8 MB
   # of each binary (docs/benchmarks.md); a panic still prints its message.
   export "CARGO_TARGET_${u}_RUSTFLAGS=-C link-self-contained=no -C force-unwind-tables=no"
-  rm -f "$CARGO_TARGET_DIR/$1/edge/edgefleet-agent"
-  find "$CARGO_TARGET_DIR/$1/edge/deps" -maxdepth 1 -name 'edgefleet_agent-*' ! -name '*.*' \
+  local profile=${2:-edge}
+  rm -f "$CARGO_TARGET_DIR/$1/$profile/edgefleet-agent"
+  find "$CARGO_TARGET_DIR/$1/$profile/deps" -maxdepth 1 -name 'edgefleet_agent-*' ! -name '*.*' \
     -delete 2>/dev/null || true
 }

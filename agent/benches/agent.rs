@@ -26,6 +26,9 @@
 //! `EDGEFLEET_BENCH_ONLY=soak` (not part of the full run) the connected agent
 //! at 20 requests/s for `EDGEFLEET_SOAK_S` seconds (default an hour) and its RSS
 //! growth;
+//! `EDGEFLEET_BENCH_ONLY=builds` only the builds side by side (issue 25): the
+//! release build, the static musl device build (when `cross/build.sh` made it)
+//! and the Python + onnxruntime server, same models and requests;
 //! `EDGEFLEET_BENCH_STATIC_BASELINE=PATH` also measures another static agent binary.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -1504,6 +1507,18 @@ fn main() {
         memory_under_load(dir.path(), &cases[0], &model);
         return;
     }
+    if only == "builds" {
+        let models: Vec<LoadedModel> = cases
+            .iter()
+            .map(|c| {
+                LoadedModel::load(&std::fs::read(format!("{MODELS}/{}", c.file)).expect("model"))
+                    .expect("loads")
+            })
+            .collect();
+        println!("the agent's builds side by side (issue 25), medians:");
+        builds(dir.path(), &cases, &models);
+        return;
+    }
     if only == "rss" || only == "download" {
         let bytes = std::fs::read(format!("{MODELS}/{}", cases[1].file)).expect("model");
         let cnn = LoadedModel::load(&bytes).expect("loads");
@@ -1570,6 +1585,8 @@ fn main() {
             );
         }
     }
+    println!("the agent's builds side by side (issue 25), medians:");
+    builds(dir.path(), &cases, &models);
     println!("tract options on {} (same image), median:", cases[1].file);
     tract_options(&cases[1]);
     println!("after the last chunk:");
@@ -1629,4 +1646,178 @@ fn spawn_agent(
         }
     }
     (child, api)
+}
+
+/// An agent binary (or the Python baseline) answering one model's requests.
+struct Server {
+    what: String,
+    process: std::process::Child,
+    client: Client,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+fn connect(addr: &str) -> Client {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    Client {
+        stream: BufReader::new(stream),
+        server_schedstat: String::new(),
+    }
+}
+
+/// The agent builds to compare: this (release, glibc) build, the static musl
+/// device build when `cross/build.sh` made it, and `EDGEFLEET_BENCH_STATIC_BASELINE`.
+fn agent_builds() -> Vec<(String, PathBuf)> {
+    let mut builds = vec![(
+        "release build (glibc, this cargo bench)".to_string(),
+        PathBuf::from(env!("CARGO_BIN_EXE_edgefleet-agent")),
+    )];
+    if Path::new(STATIC_X86_64).is_file() {
+        builds.push((
+            "device build (static musl, cross/out)".to_string(),
+            PathBuf::from(STATIC_X86_64),
+        ));
+    } else {
+        println!(
+            "  the static musl device build: not measured, not built (cross/build.sh x86_64-unknown-linux-musl)"
+        );
+    }
+    if let Some(other) = std::env::var_os("EDGEFLEET_BENCH_STATIC_BASELINE") {
+        let other = PathBuf::from(other);
+        builds.push((format!("baseline ({})", other.display()), other));
+    }
+    builds
+}
+
+/// `edgefleet-agent infer --time RUNS` of `agent` on the installed model in
+/// `data`: (load ms, median inference µs), as the agent prints them.
+fn infer_timed(agent: &Path, data: &Path, trust: &Path, request: &Path, runs: usize) -> (f64, f64) {
+    let out = Command::new(agent)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--trust")
+        .arg(trust)
+        .arg("infer")
+        .arg("--input")
+        .arg(request)
+        .arg("--time")
+        .arg(runs.to_string())
+        .output()
+        .expect("infer");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "infer --time failed: {err}");
+    let number_after = |label: &str| -> f64 {
+        err.split(label)
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no `{label}` in: {err}"))
+    };
+    (number_after("load "), number_after("median "))
+}
+
+/// Issue 25: the builds side by side on the same models and requests, with
+/// one client: in-process inference and load time (`infer --time`), and
+/// inference through the local API (JSON, one connection, keep-alive) against
+/// a minimal Python HTTP server around onnxruntime (one thread,
+/// `bench/ort_server.py`) when `EDGEFLEET_ORT_PYTHON` names a Python with it.
+/// Servers are timed in interleaved rounds; medians across rounds.
+fn builds(dir: &Path, cases: &[Case], models: &[LoadedModel]) {
+    let builds = agent_builds();
+    let trust = dir.join("builds-root.cbor");
+    write_root(&trust);
+    let python = std::env::var_os("EDGEFLEET_ORT_PYTHON");
+    if python.is_none() {
+        println!(
+            "  Python + onnxruntime server: not run (set EDGEFLEET_ORT_PYTHON to a python with onnxruntime; see docs/benchmarks.md)"
+        );
+    }
+    for (case, model) in cases.iter().zip(models) {
+        // The tree regressors are ours only (tract and the baseline differ).
+        if !matches!(
+            case.file,
+            "iris_logreg.onnx" | "digits_cnn.onnx" | "forest_cancer.onnx"
+        ) {
+            continue;
+        }
+        let body = oip_body(&case.input);
+        let request = dir.join(format!("{}-request.json", case.channel));
+        std::fs::write(&request, &body).expect("request");
+        let bundle = make_bundle(dir, case, model, 0);
+        println!("  {}:", case.file);
+        let mut servers = Vec::new();
+        for (i, (what, agent)) in builds.iter().enumerate() {
+            let data = dir.join(format!("builds-{}-{i}", case.channel));
+            install_bundle(agent, &data, &trust, &bundle);
+            let timed: Vec<(f64, f64)> = (0..5)
+                .map(|_| infer_timed(agent, &data, &trust, &request, case.runs / 5))
+                .collect();
+            let load = median(timed.iter().map(|t| t.0).collect());
+            let inference = median(timed.iter().map(|t| t.1).collect());
+            println!(
+                "    {what}: in-process inference {inference:.1} µs, load {load:.2} ms (medians of 5 `infer --time {}`)",
+                case.runs / 5
+            );
+            let (process, addr) = spawn_agent(agent, None, &data, &trust);
+            servers.push(Server {
+                what: what.clone(),
+                process,
+                client: connect(&addr),
+            });
+        }
+        if let Some(python) = &python {
+            let mut process = Command::new(python)
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../bench/ort_server.py"
+                ))
+                .arg(format!("{MODELS}/{}", case.file))
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("python runs");
+            let mut line = String::new();
+            BufReader::new(process.stdout.take().expect("stdout"))
+                .read_line(&mut line)
+                .expect("python says where it listens");
+            let addr = line
+                .trim()
+                .strip_prefix("listening on ")
+                .unwrap_or_else(|| panic!("ort_server.py said {line:?}"))
+                .to_string();
+            servers.push(Server {
+                what: "Python + onnxruntime server (1 thread)".into(),
+                process,
+                client: connect(&addr),
+            });
+        }
+        let path = format!("/v2/models/{}/infer", case.channel);
+        let per_round = (case.runs / ROUNDS).max(20);
+        let mut rounds = vec![Vec::new(); servers.len()];
+        for _ in 0..ROUNDS {
+            for (s, times) in servers.iter_mut().zip(&mut rounds) {
+                times.push(time_us(per_round, || {
+                    assert_eq!(s.client.post(&path, &body), 200, "{} answered", s.what);
+                }));
+            }
+        }
+        let api: Vec<f64> = rounds.into_iter().map(median).collect();
+        let python_us = python.as_ref().map(|_| api[api.len() - 1]);
+        for (s, us) in servers.iter().zip(&api) {
+            let mut line = format!(
+                "    through the local API, {}: {us:.1} µs = {:.2}x the release build",
+                s.what,
+                us / api[0]
+            );
+            if let Some(p) = python_us {
+                line.push_str(&format!(", {:.2}x the Python server", us / p));
+            }
+            println!("{line}");
+        }
+    }
 }

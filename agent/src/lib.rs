@@ -27,4 +27,4 @@ pub mod slots;
 pub mod spool;
 pub mod store;
 pub mod sysinfo_probe;
-pub mod trees;
+pub use edgefleet_trees as trees;

@@ -4,6 +4,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// The static musl device build allocates with mimalloc: musl's allocator hands
+/// tract's large per-run buffers back to the kernel on free and faults them in
+/// again on the next inference (a third of the CNN's time in the kernel; see
+/// docs/benchmarks.md, issue 25). glibc builds keep glibc's allocator.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // tract builds `anyhow` errors on hot paths; with RUST_BACKTRACE=1 each captures
     // a backtrace (1.5x slower inference, up to 2x slower loading).

@@ -122,6 +122,33 @@ fn sideloaded_bundles_install_serve_inference_and_revert_without_a_network() {
     assert_eq!(resp["outputs"][0]["datatype"], "INT64");
     assert_eq!(resp["outputs"][0]["data"], serde_json::json!([0, 2]));
 
+    // `--time N` also measures the model on this machine (stderr); stdout is
+    // still the one response. N out of range is refused by name.
+    let request_file = dev.path().join("req.json");
+    let request = s(&request_file);
+    let timed = dev.agent(&["infer", "--input", request, "--time", "20"]);
+    let said = String::from_utf8_lossy(&timed.stderr);
+    assert!(timed.status.success(), "{said}");
+    let number = |label: &str| {
+        said.split(label)
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    assert!(number("load ").is_some_and(|ms| ms > 0.0), "{said}");
+    assert!(said.contains("over 20 runs"), "{said}");
+    assert!(
+        number("median ")
+            .zip(number("p95 "))
+            .is_some_and(|(median, p95)| median > 0.0 && p95 >= median),
+        "{said}"
+    );
+    let again: serde_json::Value = serde_json::from_slice(&timed.stdout).expect("json");
+    assert_eq!(again["outputs"][0]["data"], serde_json::json!([0, 2]));
+    let refused = dev.agent(&["infer", "--input", request, "--time", "0"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--time"));
+
     dev.ok(&["install", s(&v2)]);
     assert_eq!(dev.active_release(), Some(2));
     assert_eq!(dev.bundle_dirs(), 2);
