@@ -17,6 +17,11 @@ edge_target() {
   # No unwind tables: with panic=abort nothing unwinds, and .eh_frame was 1.4-1.8 MB
   # of each binary (docs/benchmarks.md); a panic still prints its message.
   export "CARGO_TARGET_${u}_RUSTFLAGS=-C link-self-contained=no -C force-unwind-tables=no"
+  # mimalloc (the device build's allocator) commits its arenas lazily: with its
+  # default (eager on Linux) the agent's idle RSS was 8.9 MB and 15.7 MB with the
+  # CNN loaded, over the memory targets; lazily 5.4 and 9.7 MB, at the same speed
+  # (docs/benchmarks.md, issue 25). cc reads CFLAGS_<target>.
+  export "CFLAGS_$(echo "$1" | tr '-' '_')=-DMI_DEFAULT_ARENA_EAGER_COMMIT=0"
   local profile=${2:-edge}
   rm -f "$CARGO_TARGET_DIR/$1/$profile/edgefleet-agent"
   find "$CARGO_TARGET_DIR/$1/$profile/deps" -maxdepth 1 -name 'edgefleet_agent-*' ! -name '*.*' \
