@@ -7,8 +7,9 @@ use clap::Parser;
 /// The static musl device build allocates with mimalloc: musl's allocator hands
 /// tract's large per-run buffers back to the kernel on free and faults them in
 /// again on the next inference (a third of the CNN's time in the kernel; see
-/// docs/benchmarks.md, issue 25). glibc builds keep glibc's allocator.
-#[cfg(target_env = "musl")]
+/// docs/benchmarks.md, issue 25). glibc builds keep glibc's allocator; armv7
+/// keeps musl's (see agent/Cargo.toml).
+#[cfg(all(target_env = "musl", not(target_arch = "arm")))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
