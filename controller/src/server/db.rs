@@ -663,7 +663,7 @@ impl Db {
                 )?;
                 let rows = st.query_map([], |r| {
                     Ok(DeviceRow {
-                        id: device_id(r, 0)?,
+                        id: checked(r, 0)?,
                         tags: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or_default(),
                         enrolled: r.get::<_, Option<i64>>(2)?.is_some(),
                         online: r.get(3)?,
@@ -762,7 +762,7 @@ impl Db {
                 )?;
                 let rows = st.query_map(params![device, limit], |r| {
                     Ok(EventRow {
-                        device: device_id(r, 0)?,
+                        device: checked(r, 0)?,
                         seq: u(r.get(1)?),
                         at: u(r.get(2)?),
                         command: r.get::<_, Option<i64>>(3)?.map(u),
@@ -1048,8 +1048,8 @@ impl Db {
                 let rows = st.query_map(params![device, digest, limit], |r| {
                     let body: String = r.get(4)?;
                     Ok(SampleRow {
-                        device: device_id(r, 0)?,
-                        digest: digest_col(r, 1)?,
+                        device: checked(r, 0)?,
+                        digest: checked(r, 1)?,
                         at: r.get(2)?,
                         reason: r.get(3)?,
                         body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
@@ -1145,7 +1145,7 @@ impl Db {
                 let mut st = c.prepare(&sql)?;
                 let map = |r: &rusqlite::Row<'_>| {
                     Ok(BundleRow {
-                        digest: digest_col(r, 0)?,
+                        digest: checked(r, 0)?,
                         channel: r.get(1)?,
                         version: r.get(2)?,
                         release: u(r.get(3)?),
@@ -1244,7 +1244,7 @@ impl Db {
                 let rows = st.query_map([], |r| {
                     Ok(RolloutRow {
                         id: r.get(0)?,
-                        bundle: digest_col(r, 1)?,
+                        bundle: checked(r, 1)?,
                         created_at: u(r.get(2)?),
                         created_by: r.get(3)?,
                         selector: r.get(4)?,
@@ -1486,17 +1486,13 @@ impl Db {
     }
 }
 
-/// Column `idx` as a device id: every id was checked before it was stored, so one
-/// that fails the check now is reported as a conversion failure (not trusted).
-fn device_id(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<DeviceId> {
-    let text: String = r.get(idx)?;
-    DeviceId::new(&text).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
-    })
-}
-
-/// Column `idx` as a digest (64 hex digits, as every digest is stored).
-fn digest_col(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Digest> {
+/// Column `idx` parsed as a checked id (`DeviceId`, `Digest`): every value was
+/// checked before it was stored, so one that fails the check now is reported as
+/// a conversion failure (not trusted).
+fn checked<T: std::str::FromStr<Err = edgefleet_shared::ids::InvalidId>>(
+    r: &rusqlite::Row<'_>,
+    idx: usize,
+) -> rusqlite::Result<T> {
     let text: String = r.get(idx)?;
     text.parse().map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
@@ -1507,13 +1503,13 @@ fn digest_col(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Digest> {
 fn digest_or_none(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Option<Digest>> {
     match r.get_ref(idx)? {
         rusqlite::types::ValueRef::Null => Ok(None),
-        _ => digest_col(r, idx).map(Some),
+        _ => checked(r, idx).map(Some),
     }
 }
 
 fn telemetry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TelemetryRow> {
     Ok(TelemetryRow {
-        device: device_id(r, 0)?,
+        device: checked(r, 0)?,
         seq: u(r.get(1)?),
         at: u(r.get(2)?),
         received_at: u(r.get(3)?),
