@@ -582,6 +582,7 @@ async fn the_openapi_document_is_generated_and_lists_every_route() {
         ("/api/v1/devices", "get"),
         ("/api/v1/devices/{id}", "get"),
         ("/api/v1/devices/{id}/enroll", "post"),
+        ("/api/v1/enrollments", "post"),
         ("/api/v1/devices/{id}/revert", "post"),
         ("/api/v1/devices/{id}/revoke", "post"),
         ("/api/v1/bundles", "get"),
@@ -715,6 +716,173 @@ async fn enrollment_admits_a_certificate_to_the_gate_and_revocation_removes_it()
         .call("GET", "/api/v1/audit", Some(ADMIN), Body::empty())
         .await;
     assert_eq!(v["audit"][0]["action"], "device.revoke");
+}
+
+#[tokio::test]
+async fn batch_enrollment_issues_every_certificate_in_one_call_or_refuses_the_whole_batch() {
+    let a = api().await;
+    let refused = [
+        (json!({"devices": []}), "1 to 1000"),
+        (
+            json!({"devices": (0..1001).map(|i| json!({"id": format!("d-{i}")})).collect::<Vec<_>>()}),
+            "got 1001",
+        ),
+        (
+            json!({"devices": [{"id": "ok-1"}, {"id": "../etc"}]}),
+            "devices[1].id",
+        ),
+        (
+            json!({"devices": [{"id": "ok-1"}, {"id": "ok-1"}]}),
+            "appears twice",
+        ),
+        (
+            json!({"devices": [{"id": "ok-1", "tags": {"": "x"}}]}),
+            "devices[0].tags",
+        ),
+        (
+            json!({"devices": [{"id": "ok-1", "role": "admin"}]}),
+            "role",
+        ),
+    ];
+    for (body, says) in refused {
+        let (s, v) = a
+            .json("POST", "/api/v1/enrollments", Some(ADMIN), body)
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert!(v.to_string().contains(says), "{says}: {v}");
+    }
+    assert!(a.db.enrolled_fingerprints().await.expect("db").is_empty());
+    assert!(a.gate.read().map(|m| m.is_empty()).unwrap_or(false));
+
+    let body = json!({"devices": (0..300).map(|i| json!({"id": format!("cam-{i:03}"), "tags": {"site": "north"}})).collect::<Vec<_>>()});
+    let (s, v) = a
+        .json("POST", "/api/v1/enrollments", Some(ADMIN), body)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let devices = v["devices"].as_array().expect("devices");
+    assert_eq!(devices.len(), 300);
+    assert!(
+        v["ca_pem"]
+            .as_str()
+            .is_some_and(|p| p.contains("CERTIFICATE"))
+    );
+    assert!(v["controller_key_pem"].is_string() && v["broker_url"].is_string());
+    let fingerprints: std::collections::HashSet<String> = devices
+        .iter()
+        .map(|d| api::cert_fingerprint(d["cert_pem"].as_str().expect("pem")))
+        .collect();
+    assert_eq!(fingerprints.len(), 300, "a certificate of its own each");
+    assert_eq!(devices[7]["device"], "cam-007");
+    assert!(
+        devices[7]["key_pem"]
+            .as_str()
+            .is_some_and(|k| k.contains("PRIVATE KEY"))
+    );
+    // Every one admitted at the gate and stored with its tags and an audit record.
+    let admitted = a.gate.read().map(|m| m.len()).unwrap_or(0);
+    assert_eq!(admitted, 300);
+    let (_, list) = a
+        .call(
+            "GET",
+            "/api/v1/devices?tag=site=north",
+            Some(ADMIN),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(
+        list["devices"].as_array().map(Vec::len),
+        Some(300),
+        "{list}"
+    );
+    assert_eq!(
+        (list["total"].as_u64(), &list["next"]),
+        (Some(300), &Value::Null)
+    );
+    // Paged: 100 at a time, each page after the last id of the previous one.
+    let mut after = String::new();
+    let mut seen = Vec::new();
+    for page in 0..3 {
+        let q = if after.is_empty() {
+            String::new()
+        } else {
+            format!("&after={after}")
+        };
+        let (s, v) = a
+            .call(
+                "GET",
+                &format!("/api/v1/devices?tag=site=north&limit=100{q}"),
+                Some(ADMIN),
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["total"], 300);
+        let ids: Vec<String> = v["devices"]
+            .as_array()
+            .expect("devices")
+            .iter()
+            .map(|d| d["id"].as_str().expect("id").to_owned())
+            .collect();
+        assert_eq!(ids.len(), 100);
+        if page < 2 {
+            assert_eq!(v["next"].as_str(), ids.last().map(String::as_str));
+            after = v["next"].as_str().expect("next").to_owned();
+        } else {
+            assert_eq!(v["next"], Value::Null, "the last page");
+        }
+        seen.extend(ids);
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(seen.len(), 300);
+    assert_eq!(sorted, seen, "every device once, in order");
+    for (bad, status) in [
+        ("limit=0", StatusCode::UNPROCESSABLE_ENTITY),
+        ("limit=10001", StatusCode::UNPROCESSABLE_ENTITY),
+        // Not a number: the query does not parse (the API's 400 for any such query).
+        ("limit=x", StatusCode::BAD_REQUEST),
+    ] {
+        let (s, _) = a
+            .call(
+                "GET",
+                &format!("/api/v1/devices?{bad}"),
+                Some(ADMIN),
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(s, status, "{bad}");
+    }
+    let (_, log) = a
+        .call("GET", "/api/v1/audit", Some(ADMIN), Body::empty())
+        .await;
+    let enrolls = log["audit"]
+        .as_array()
+        .expect("audit")
+        .iter()
+        .filter(|e| e["action"] == "device.enroll")
+        .count();
+    assert_eq!(enrolls, 300);
+    // Operators cannot enroll.
+    let (s, v) = a
+        .json(
+            "POST",
+            "/api/v1/tokens",
+            Some(ADMIN),
+            json!({"name": "ops", "role": "operator"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let ops = v["token"].as_str().expect("token").to_string();
+    let (s, _) = a
+        .json(
+            "POST",
+            "/api/v1/enrollments",
+            Some(&ops),
+            json!({"devices": [{"id": "x-1"}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
 }
 
 /// Runs the operator CLI in `dir`; panics with its output when it fails.

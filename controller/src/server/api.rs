@@ -366,6 +366,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(device_detail))
         .route("/api/v1/devices/{id}/enroll", post(enroll))
+        .route("/api/v1/enrollments", post(enroll_batch))
         .route("/api/v1/devices/{id}/revert", post(revert_device))
         .route("/api/v1/devices/{id}/revoke", post(revoke_device))
         .route("/api/v1/devices/{id}/drift", get(device_drift))
@@ -409,6 +410,11 @@ struct DeviceFilter {
     model: Option<String>,
     /// Seen within this many seconds.
     seen_within_s: Option<u64>,
+    /// At most this many devices (1 to 10,000; default: every match). With
+    /// it, the answer's `next` is the `after` of the next page.
+    limit: Option<usize>,
+    /// Only devices whose id sorts after this one (the previous page's `next`).
+    after: Option<String>,
 }
 
 fn parse_tags(text: &str) -> ApiResult<Tags> {
@@ -455,7 +461,36 @@ async fn list_devices(
             })
         })
         .collect();
-    Ok(Json(json!({ "devices": devices })))
+    let total = devices.len();
+    let (page, next) = page_after(devices, f.after.as_deref(), f.limit, |d| d.id.as_str())?;
+    Ok(Json(
+        json!({ "devices": page, "total": total, "next": next }),
+    ))
+}
+
+/// A page of `rows` (sorted by `key`): those after `after`, at most `limit`,
+/// and the key to ask for the next page with (None on the last).
+fn page_after<T>(
+    rows: Vec<T>,
+    after: Option<&str>,
+    limit: Option<usize>,
+    key: impl Fn(&T) -> &str,
+) -> ApiResult<(Vec<T>, Option<String>)> {
+    if limit.is_some_and(|l| !(1..=10_000).contains(&l)) {
+        return Err(ApiError::invalid("limit: 1 to 10000"));
+    }
+    let mut page: Vec<T> = rows
+        .into_iter()
+        .filter(|r| after.is_none_or(|a| key(r) > a))
+        .collect();
+    let more = limit.is_some_and(|l| page.len() > l);
+    if let Some(l) = limit {
+        page.truncate(l);
+    }
+    let next = more
+        .then(|| page.last().map(|r| key(r).to_owned()))
+        .flatten();
+    Ok((page, next))
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "device id")),
@@ -606,6 +641,113 @@ struct EnrollBody {
     tags: Tags,
 }
 
+/// Most devices one `POST /api/v1/enrollments` enrolls.
+const MAX_ENROLL_BATCH: usize = 1000;
+
+/// Body of `POST /api/v1/enrollments`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct EnrollBatchBody {
+    /// 1 to 1,000 devices.
+    devices: Vec<EnrollItem>,
+}
+
+/// One device of a batch enrollment.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct EnrollItem {
+    /// Device id (the certificate's common name).
+    id: String,
+    #[serde(default)]
+    tags: Tags,
+}
+
+/// Tags as enrollment accepts them.
+fn check_tags(tags: &Tags) -> Result<(), String> {
+    if tags.len() > 32
+        || tags
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > 64 || v.len() > 128 || k.contains(['=', ',']))
+    {
+        return Err(
+            "tags: at most 32, keys 1-64 characters without '=' or ',', values up to 128".into(),
+        );
+    }
+    Ok(())
+}
+
+/// A device certificate issued for enrollment: (id, certificate PEM, key PEM,
+/// fingerprint).
+type Issued = (DeviceId, String, String, String);
+
+/// Issues, stores (with an audit record each, in one transaction) and admits
+/// at the gate the certificates of `devices`. Key generation runs off the
+/// async threads.
+async fn enroll_devices(
+    s: &AppState,
+    caller: &Caller,
+    devices: Vec<(DeviceId, Tags)>,
+) -> ApiResult<Vec<Issued>> {
+    let ca = s.ca.clone();
+    let ids: Vec<DeviceId> = devices.iter().map(|(id, _)| id.clone()).collect();
+    let issued = tokio::task::spawn_blocking(move || {
+        ids.into_iter()
+            .map(|id| {
+                let (cert, key) = ca.issue_pem(id.as_str(), None)?;
+                let fp = cert_fingerprint(&cert);
+                Ok((id, cert, key, fp))
+            })
+            .collect::<Result<Vec<Issued>, crate::server::ca::CaError>>()
+    })
+    .await
+    .map_err(|e| ApiError::internal("cannot issue the device's certificate", &e))?
+    .map_err(|e| ApiError::internal("cannot issue the device's certificate", &e))?;
+    let now = now_ms();
+    let rows = devices
+        .into_iter()
+        .zip(&issued)
+        .map(|((id, tags), (_, _, _, fp))| {
+            let audit = caller.audit(
+                "device.enroll",
+                id.as_str(),
+                Some(json!({"tags": tags, "cert_sha256": fp})),
+            );
+            (id, tags, fp.clone(), audit)
+        })
+        .collect();
+    s.db().enroll(rows, now).await?;
+    if let Some(gate) = &s.gate {
+        // Re-enrolling replaces the device's certificate: the old one stops working.
+        let mut map = gate.write().unwrap_or_else(|p| p.into_inner());
+        let names: std::collections::HashSet<&str> =
+            issued.iter().map(|(id, ..)| id.as_str()).collect();
+        map.retain(|_, who| {
+            !matches!(who, crate::server::gate::Identity::Device(d) if names.contains(d.as_str()))
+        });
+        for (id, _, _, fp) in &issued {
+            map.insert(
+                fp.clone(),
+                crate::server::gate::Identity::Device(id.to_string()),
+            );
+        }
+        drop(map);
+        s.gate_stats.identities_changed();
+    }
+    Ok(issued)
+}
+
+/// What every enrolled device of this controller shares.
+fn enrollment_common(s: &AppState) -> Value {
+    let trust = std::fs::read(&s.trust_root).ok().map(hex::encode);
+    json!({
+        "ca_pem": s.ca.cert_pem(),
+        "controller_key_pem": s.ca.command_public_pem(),
+        "broker_url": s.broker_url,
+        "topic_prefix": s.topic_prefix,
+        "trust_root_hex": trust,
+    })
+}
+
 #[utoipa::path(post, path = "/api/v1/devices/{id}/enroll", tag = "devices", params(("id" = String, Path, description = "device id")),
     request_body(content = EnrollBody, content_type = "application/json"),
     responses((status = 200, description = "certificate, key, CA, trust root (hex), broker URL", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 422, body = ErrorBody)),
@@ -617,59 +759,54 @@ async fn enroll(
     body: JsonBody<EnrollBody>,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Admin)?;
-    let id = id.to_string();
     let body = body.optional()?.unwrap_or_default();
-    if body.tags.len() > 32
-        || body
-            .tags
-            .iter()
-            .any(|(k, v)| k.is_empty() || k.len() > 64 || v.len() > 128 || k.contains(['=', ',']))
-    {
-        return Err(ApiError::invalid(
-            "tags: at most 32, keys 1-64 characters without '=' or ',', values up to 128",
-        ));
+    check_tags(&body.tags).map_err(ApiError::invalid)?;
+    let mut issued = enroll_devices(&s, &caller, vec![(id, body.tags)]).await?;
+    let (id, cert, key, _) = issued.pop().expect("one device issued");
+    let mut v = enrollment_common(&s);
+    v["device"] = json!(id);
+    v["cert_pem"] = json!(cert);
+    v["key_pem"] = json!(key);
+    Ok(Json(v))
+}
+
+#[utoipa::path(post, path = "/api/v1/enrollments", tag = "devices",
+    request_body(content = EnrollBatchBody, content_type = "application/json"),
+    responses((status = 200, description = "what every device shares (CA, controller key, trust root (hex), broker URL, topic prefix) and `devices`: each one's id, certificate and key", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn enroll_batch(
+    State(s): State<AppState>,
+    caller: Caller,
+    body: JsonBody<EnrollBatchBody>,
+) -> ApiResult<Json<Value>> {
+    caller.require(Role::Admin)?;
+    let body = body.required()?;
+    if body.devices.is_empty() || body.devices.len() > MAX_ENROLL_BATCH {
+        return Err(ApiError::invalid(format!(
+            "devices: 1 to {MAX_ENROLL_BATCH} per request, got {}",
+            body.devices.len()
+        )));
     }
-    let issue_err =
-        |e: &dyn std::fmt::Display| ApiError::internal("cannot issue the device's certificate", e);
-    let dir = tempfile::tempdir().map_err(|e| issue_err(&e))?;
-    let identity =
-        s.ca.issue(&id, None, dir.path(), "device")
-            .map_err(|e| issue_err(&e))?;
-    let read = |p: &std::path::Path| std::fs::read_to_string(p).map_err(|e| issue_err(&e));
-    let cert = read(&identity.cert)?;
-    let key = read(&identity.key)?;
-    let fingerprint = cert_fingerprint(&cert);
-    let now = now_ms();
-    let audit = caller.audit(
-        "device.enroll",
-        &id,
-        Some(json!({"tags": body.tags, "cert_sha256": fingerprint})),
-    );
-    s.db()
-        .enroll(&id, &body.tags, &fingerprint, now, Some(audit))
-        .await?;
-    if let Some(gate) = &s.gate {
-        // Re-enrolling replaces the device's certificate: the old one stops working.
-        let mut map = gate.write().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, who| *who != crate::server::gate::Identity::Device(id.to_string()));
-        map.insert(
-            fingerprint.clone(),
-            crate::server::gate::Identity::Device(id.to_string()),
-        );
-        drop(map);
-        s.gate_stats.identities_changed();
+    let mut seen = std::collections::HashSet::new();
+    let mut devices = Vec::with_capacity(body.devices.len());
+    for (n, d) in body.devices.into_iter().enumerate() {
+        let id =
+            DeviceId::new(&d.id).map_err(|e| ApiError::invalid(format!("devices[{n}].id: {e}")))?;
+        if !seen.insert(id.clone()) {
+            return Err(ApiError::invalid(format!(
+                "devices[{n}].id: {id} appears twice"
+            )));
+        }
+        check_tags(&d.tags).map_err(|e| ApiError::invalid(format!("devices[{n}].{e}")))?;
+        devices.push((id, d.tags));
     }
-    let trust = std::fs::read(&s.trust_root).ok().map(hex::encode);
-    Ok(Json(json!({
-        "device": id,
-        "ca_pem": s.ca.cert_pem(),
-        "controller_key_pem": s.ca.command_public_pem(),
-        "cert_pem": cert,
-        "key_pem": key,
-        "broker_url": s.broker_url,
-        "topic_prefix": s.topic_prefix,
-        "trust_root_hex": trust,
-    })))
+    let issued = enroll_devices(&s, &caller, devices).await?;
+    let mut v = enrollment_common(&s);
+    v["devices"] = issued
+        .into_iter()
+        .map(|(id, cert, key, _)| json!({"device": id, "cert_pem": cert, "key_pem": key}))
+        .collect();
+    Ok(Json(v))
 }
 
 /// SHA-256 of the DER of a PEM certificate, hex (what the gate and revocation use).
@@ -1599,11 +1736,15 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
-/// `{"devices": [...]}`.
+/// `{"devices": [...], "total": N, "next": ID}`.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct DeviceList {
-    /// Devices.
+    /// Devices (sorted by id).
     pub devices: Vec<crate::server::db::DeviceRow>,
+    /// Devices matching the filters, over every page.
+    pub total: usize,
+    /// With `limit`: the `after` of the next page; null on the last.
+    pub next: Option<String>,
 }
 
 /// `{"bundles": [...]}`.
@@ -1637,7 +1778,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "edgefleet controller API", description = "Devices, bundles, staged rollouts, telemetry, audit. See docs/controller.md."),
     paths(
-        list_devices, device_detail, enroll, revert_device, revoke_device, device_drift, fleet_drift,
+        list_devices, device_detail, enroll, enroll_batch, revert_device, revoke_device, device_drift, fleet_drift,
         configure_device, request_samples, export_samples,
         list_bundles, upload_bundle, show_bundle, download_bundle,
         list_rollouts, start_rollout, show_rollout, operate_rollout,
@@ -1646,7 +1787,7 @@ impl utoipa::Modify for BearerAuth {
     components(schemas(
         ErrorBody, ErrorDetail, DeviceList, BundleList, AuditList,
         crate::server::db::DeviceRow, BundleRow, crate::server::db::EventRow, crate::server::db::TelemetryRow, crate::server::db::AuditRow,
-        crate::server::fleet::TelemetrySummary, RolloutBody, Selector, EnrollBody, AbortBody, TokenBody,
+        crate::server::fleet::TelemetrySummary, RolloutBody, Selector, EnrollBody, EnrollBatchBody, EnrollItem, AbortBody, TokenBody,
         ConfigureBody, SamplesBody,
         Gates, FailurePolicy
     )),

@@ -172,6 +172,24 @@ impl Ca {
         out_dir: &Path,
         file: &str,
     ) -> Result<Identity, CaError> {
+        let (cert, key) = self.issue_pem(name, server_hosts)?;
+        fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+        let id = Identity {
+            cert: out_dir.join(format!("{file}.pem")),
+            key: out_dir.join(format!("{file}.key")),
+        };
+        write_file(&id.key, key.as_bytes(), 0o600)?;
+        write_file(&id.cert, cert.as_bytes(), 0o644)?;
+        Ok(id)
+    }
+
+    /// Issues a certificate for `name` as [`Ca::issue`] does, in memory:
+    /// (certificate PEM, key PEM). Enrollment uses it (nothing on disk).
+    pub fn issue_pem(
+        &self,
+        name: &str,
+        server_hosts: Option<&[String]>,
+    ) -> Result<(String, String), CaError> {
         let key = KeyPair::generate().map_err(issue_err(name))?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -197,14 +215,7 @@ impl Ca {
         // and identified by its key: no need to parse the stored certificate.
         let issuer = Issuer::new(ca_params(), &self.key);
         let cert = params.signed_by(&key, &issuer).map_err(issue_err(name))?;
-        fs::create_dir_all(out_dir).map_err(io(out_dir))?;
-        let id = Identity {
-            cert: out_dir.join(format!("{file}.pem")),
-            key: out_dir.join(format!("{file}.key")),
-        };
-        write_file(&id.key, key.serialize_pem().as_bytes(), 0o600)?;
-        write_file(&id.cert, cert.pem().as_bytes(), 0o644)?;
-        Ok(id)
+        Ok((cert.pem(), key.serialize_pem()))
     }
 
     /// The broker's server certificate for `hosts`, issued once and kept.

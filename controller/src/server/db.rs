@@ -564,30 +564,27 @@ impl Db {
 
     // ----- devices -------------------------------------------------------
 
-    /// Records an enrollment (certificate fingerprint and tags).
+    /// Enrolls devices in one transaction: (id, tags, certificate
+    /// fingerprint, audit record) each. Enrolling again replaces a device's
+    /// tags and certificate.
     pub async fn enroll(
         &self,
-        id: &str,
-        tags: &Tags,
-        cert_sha256: &str,
+        devices: Vec<(DeviceId, Tags, String, Audit)>,
         now: u64,
-        audit: Option<Audit>,
     ) -> Result<()> {
-        let (id, tags, fp) = (
-            id.to_owned(),
-            serde_json::to_string(tags).unwrap_or_else(|_| "{}".into()),
-            cert_sha256.to_owned(),
-        );
         self.conn
             .call(move |c| -> rusqlite::Result<()> {
                 let tx = c.transaction()?;
-                tx.execute(
-                    "INSERT INTO devices (id, tags, enrolled_at, cert_sha256) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(id) DO UPDATE SET tags = ?2, enrolled_at = ?3, cert_sha256 = ?4",
-                    params![id, tags, i(now), fp],
-                )?;
-                if let Some(a) = &audit {
-                    write_audit(&tx, a)?;
+                {
+                    let mut st = tx.prepare_cached(
+                        "INSERT INTO devices (id, tags, enrolled_at, cert_sha256) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT(id) DO UPDATE SET tags = ?2, enrolled_at = ?3, cert_sha256 = ?4",
+                    )?;
+                    for (id, tags, fp, audit) in &devices {
+                        let tags = serde_json::to_string(tags).unwrap_or_else(|_| "{}".into());
+                        st.execute(params![id.as_str(), tags, i(now), fp])?;
+                        write_audit(&tx, audit)?;
+                    }
                 }
                 tx.commit()
             })
@@ -1266,6 +1263,43 @@ impl Db {
                     c.prepare("SELECT at, note FROM rollout_log WHERE rollout = ?1 ORDER BY id")?;
                 let rows = st.query_map([id], |r| Ok((u(r.get(0)?), r.get(1)?)))?;
                 rows.collect()
+            })
+            .await?)
+    }
+
+    /// Stores commands of one rollout step in one transaction (no audit: the
+    /// engine's own step is audited with the rollout's state); returns their
+    /// ids in order. `cmds` holds (device, action name, bundle).
+    pub async fn new_commands(
+        &self,
+        rollout: Option<&str>,
+        cmds: Vec<(DeviceId, &'static str, Option<Digest>)>,
+        now: u64,
+    ) -> Result<Vec<u64>> {
+        let r = rollout.map(str::to_owned);
+        Ok(self
+            .conn
+            .call(move |c| -> rusqlite::Result<Vec<u64>> {
+                let tx = c.transaction()?;
+                let mut ids = Vec::with_capacity(cmds.len());
+                {
+                    let mut st = tx.prepare_cached(
+                        "INSERT INTO commands (device, rollout, action, issued_at, bundle)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?;
+                    for (d, a, b) in &cmds {
+                        st.execute(params![
+                            d.as_str(),
+                            r,
+                            a,
+                            i(now),
+                            b.as_ref().map(Digest::to_hex)
+                        ])?;
+                        ids.push(u(tx.last_insert_rowid()));
+                    }
+                }
+                tx.commit()?;
+                Ok(ids)
             })
             .await?)
     }

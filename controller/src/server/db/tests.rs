@@ -68,7 +68,15 @@ async fn devices_events_and_telemetry_round_trip() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = Db::open(&dir.path().join("c.db")).await.expect("open");
     let tags = BTreeMap::from([("site".to_string(), "north".to_string())]);
-    db.enroll("pi-01", &tags, "f00d", 5, None)
+    let audit = Audit {
+        actor: "admin".into(),
+        action: "device.enroll".into(),
+        target: "pi-01".into(),
+        before: None,
+        after: None,
+        at: 5,
+    };
+    db.enroll(vec![(dev("pi-01"), tags.clone(), "f00d".into(), audit)], 5)
         .await
         .expect("enroll");
     let d = Digest::of(b"bundle");
@@ -433,9 +441,17 @@ async fn a_change_and_its_audit_record_are_stored_together_or_not_at_all() {
     );
     let tags = BTreeMap::new();
     assert!(
-        db.enroll("pi-01", &tags, "f00d", 3, audit("device.enroll", "pi-01"))
-            .await
-            .is_err()
+        db.enroll(
+            vec![(
+                dev("pi-01"),
+                tags,
+                "f00d".into(),
+                audit("device.enroll", "pi-01").expect("audit")
+            )],
+            3
+        )
+        .await
+        .is_err()
     );
     assert!(
         db.devices().await.expect("devices").is_empty(),
