@@ -6,9 +6,13 @@
 //! Chunks: devices downloading the same bundle all subscribe to its chunk topic, so
 //! one publish serves every device that asked. Requests wait `chunk_coalesce_ms` in
 //! a queue; requests for a chunk already queued are merged. A request is never
-//! merged with a chunk already sent (the asker may have subscribed after it went).
+//! merged with a chunk already sent (the asker may have subscribed after it went),
+//! but a chunk is sent again no sooner than [`REPEAT_HOLD_MS`] after its last send:
+//! the devices of a large wave, told over a second or two, ask at different times,
+//! and each request for a chunk still on its way to them cost one more copy to the
+//! whole wave (20 copies to 900 devices, docs/scale.md).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -183,6 +187,8 @@ pub struct Fleet {
     db: Db,
     topics: Topics,
     client: AsyncClient,
+    /// Signed commands on their way to the broker client (see [`Fleet::publish_command`]).
+    outbox: mpsc::UnboundedSender<(String, Vec<u8>)>,
     /// Signs every command (docs/protocol.md, "Commands are signed").
     command_key: edgefleet_shared::SecretKey,
     bundles_dir: PathBuf,
@@ -208,8 +214,45 @@ struct DriftAlertState {
 
 #[derive(Debug, Default)]
 struct ChunkQueue {
-    order: VecDeque<(Digest, u32, u64)>,
+    /// (due ms, sequence) -> chunk; the sender takes the first.
+    order: BTreeMap<(u64, u64), (Digest, u32)>,
     queued: BTreeSet<(Digest, u32)>,
+    /// When each chunk was last sent (pruned to the last [`REPEAT_HOLD_MS`]).
+    sent: std::collections::HashMap<(Digest, u32), u64>,
+    seq: u64,
+}
+
+/// A chunk is sent again no sooner than this after its last send (ms).
+pub const REPEAT_HOLD_MS: u64 = 1000;
+
+impl ChunkQueue {
+    /// Queues a chunk unless it is queued already (then false: merged).
+    fn push(&mut self, chunk: (Digest, u32), now: u64, coalesce_ms: u64) -> bool {
+        if !self.queued.insert(chunk) {
+            return false;
+        }
+        let held = self.sent.get(&chunk).map_or(0, |at| at + REPEAT_HOLD_MS);
+        self.seq += 1;
+        self.order
+            .insert(((now + coalesce_ms).max(held), self.seq), chunk);
+        true
+    }
+
+    /// The first chunk due and when it is due.
+    fn next(&self) -> Option<(u64, (Digest, u32))> {
+        self.order.first_key_value().map(|(k, c)| (k.0, *c))
+    }
+
+    /// Takes the first chunk out to send it now.
+    fn take(&mut self, now: u64) -> Option<(Digest, u32)> {
+        let (_, chunk) = self.order.pop_first()?;
+        self.queued.remove(&chunk);
+        if self.sent.len() >= 4096 {
+            self.sent.retain(|_, at| *at + REPEAT_HOLD_MS > now);
+        }
+        self.sent.insert(chunk, now);
+        Some(chunk)
+    }
 }
 
 /// Removes the temporary files of uploads a killed controller left in
@@ -273,10 +316,12 @@ impl Fleet {
         }
         let (client, eventloop) = AsyncClient::new(options, 1024);
         remove_upload_leftovers(&bundles_dir);
+        let (outbox, mut outbox_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
         let fleet = Arc::new(Fleet {
             db,
             topics,
             client,
+            outbox,
             command_key: link.command_key,
             bundles_dir,
             bundles: Mutex::default(),
@@ -306,6 +351,20 @@ impl Fleet {
                     f.stats.messages_refused.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%topic, "refused a device message: {why}");
                 }
+            }
+        });
+        // Commands, in the order they were signed.
+        let f = fleet.clone();
+        tokio::spawn(async move {
+            while let Some((topic, signed)) = outbox_rx.recv().await {
+                if let Err(e) = f
+                    .client
+                    .publish(topic, QoS::AtLeastOnce, false, signed)
+                    .await
+                {
+                    tracing::warn!(error = %e, "command not handed to the broker client");
+                }
+                f.stats.commands_sent.fetch_add(1, Ordering::Relaxed);
             }
         });
         // Telemetry batches.
@@ -474,7 +533,7 @@ impl Fleet {
                     && a.engine.members.contains_key(e.device.as_str())
                 {
                     let fx = a.engine.apply(now, input).unwrap_or_default();
-                    self.carry_out(&rollout, a, fx, now, None).await?;
+                    self.carry_out(&rollout, a, fx, now, None, true).await?;
                 }
                 return Ok(());
             }
@@ -488,7 +547,7 @@ impl Fleet {
                 continue;
             }
             let fx = a.engine.apply(now, input.clone()).unwrap_or_default();
-            self.carry_out(id, a, fx, now, None).await?;
+            self.carry_out(id, a, fx, now, None, true).await?;
         }
         Ok(())
     }
@@ -648,10 +707,9 @@ impl Fleet {
         }
         drop(budget);
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let coalesce_ms = self.coalesce.as_millis() as u64;
         for index in granted {
-            if q.queued.insert((r.bundle, index)) {
-                q.order.push_back((r.bundle, index, now));
-            } else {
+            if !q.push((r.bundle, index), now, coalesce_ms) {
                 self.stats
                     .chunk_requests_merged
                     .fetch_add(1, Ordering::Relaxed);
@@ -675,22 +733,29 @@ impl Fleet {
         loop {
             let next = {
                 let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                q.order.front().copied()
+                q.next()
             };
-            let Some((digest, index, queued_at)) = next else {
+            let Some((due, _)) = next else {
                 self.queue_wake.notified().await;
                 continue;
             };
-            let due = queued_at + self.coalesce.as_millis() as u64;
             let now = now_ms();
             if now < due {
-                tokio::time::sleep(Duration::from_millis(due - now)).await;
+                // A request queued meanwhile may be due sooner (this one may
+                // be held after its last send).
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(due - now)) => {}
+                    () = self.queue_wake.notified() => {}
+                }
+                continue;
             }
-            {
+            let taken = {
                 let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                q.order.pop_front();
-                q.queued.remove(&(digest, index));
-            }
+                q.take(now_ms())
+            };
+            let Some((digest, index)) = taken else {
+                continue;
+            };
             let Some(bundle) = self.bundle(&digest).await else {
                 continue;
             };
@@ -732,45 +797,69 @@ impl Fleet {
         action: Action,
         audit: Option<crate::server::db::Audit>,
     ) -> Result<u64, FleetError> {
-        let name = match &action {
-            Action::Install { .. } => "install",
-            Action::Activate { .. } => "activate",
-            Action::Revert => "revert",
-            Action::Configure(_) => "configure",
-            Action::RequestSamples { .. } => "request_samples",
-        };
-        let bundle = match &action {
-            Action::Install { bundle, .. } => Some(bundle.digest),
-            _ => None,
-        };
         let now = now_ms();
         let id = self
             .db
-            .new_command(device, rollout, name, bundle.as_ref(), now, audit)
+            .new_command(
+                device,
+                rollout,
+                action_name(&action),
+                action_bundle(&action).as_ref(),
+                now,
+                audit,
+            )
             .await?;
-        let topic = self.topics.device(device, DeviceTopic::Commands);
+        self.publish_command(id, now, device.clone(), action);
+        Ok(id)
+    }
+
+    /// Stores a rollout step's commands in one transaction, then signs and
+    /// publishes each: a wave of thousands of devices is told within a second
+    /// instead of one writer transaction per device (issue 23).
+    async fn send_all(
+        &self,
+        rollout: &str,
+        commands: Vec<(DeviceId, Action)>,
+    ) -> Result<(), FleetError> {
+        if commands.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let rows = commands
+            .iter()
+            .map(|(d, a)| (d.clone(), action_name(a), action_bundle(a)))
+            .collect();
+        let ids = self.db.new_commands(Some(rollout), rows, now).await?;
+        for (id, (device, action)) in ids.into_iter().zip(commands) {
+            self.publish_command(id, now, device, action);
+        }
+        Ok(())
+    }
+
+    /// Signs a command and queues it for the broker client. Never waits for
+    /// the broker: callers hold the rollouts' lock, and the MQTT event loop may
+    /// itself be waiting for ingest, which may be waiting for that lock (a
+    /// wave of 4,500 commands deadlocked the controller that way, docs/scale.md).
+    fn publish_command(&self, id: u64, now: u64, device: DeviceId, action: Action) {
+        let topic = self.topics.device(&device, DeviceTopic::Commands);
         let cmd = Command {
             id,
             issued_at: UnixTime((now / 1000) as i64),
-            device: device.clone(),
+            device,
             action,
         };
         let signed = edgefleet_shared::commands::sign_command(&self.command_key, &cmd);
-        if let Err(e) = self
-            .client
-            .publish(topic, QoS::AtLeastOnce, false, signed)
-            .await
-        {
-            tracing::warn!(%device, error = %e, "command not handed to the broker client");
+        if self.outbox.send((topic, signed)).is_err() {
+            tracing::warn!(device = %cmd.device, "command not queued: the publisher stopped");
         }
-        self.stats.commands_sent.fetch_add(1, Ordering::Relaxed);
-        Ok(id)
     }
 
     /// Carries out an engine step's effects and stores the rollout's new state
     /// with its notes and its audit record in one transaction: the operator's
     /// action when `by` names one (actor, action), otherwise the engine's own
-    /// step (actor `controller`) when the phase or wave moved.
+    /// step (actor `controller`) when the phase or wave moved. With
+    /// `progress_only` (a device's event), a step that sent nothing, noted
+    /// nothing and moved neither phase nor wave is stored by the next tick.
     async fn carry_out(
         &self,
         id: &str,
@@ -778,12 +867,15 @@ impl Fleet {
         fx: Vec<Effect>,
         now: u64,
         by: Option<(&str, &str)>,
+        progress_only: bool,
     ) -> Result<(), FleetError> {
         let mut notes = Vec::new();
+        let mut commands = Vec::new();
         for e in fx {
+            let shadow = matches!(e, Effect::InstallShadow(_));
             match e {
-                Effect::Install(ref device) | Effect::InstallShadow(ref device) => {
-                    let mode = if matches!(e, Effect::InstallShadow(_)) {
+                Effect::Install(device) | Effect::InstallShadow(device) => {
+                    let mode = if shadow {
                         InstallMode::Shadow
                     } else {
                         InstallMode::Activate
@@ -802,7 +894,7 @@ impl Fleet {
                         },
                         mode,
                     };
-                    self.send(device, Some(id), action, None).await?;
+                    commands.push((device, action));
                 }
                 Effect::StopShadow(device) => {
                     // The shadow stops at once; the next shadow install samples
@@ -811,16 +903,23 @@ impl Fleet {
                         shadow_sample_permille: Some(0),
                         ..Default::default()
                     });
-                    self.send(&device, Some(id), action, None).await?;
+                    commands.push((device, action));
                 }
-                Effect::Revert(device) => {
-                    self.send(&device, Some(id), Action::Revert, None).await?;
-                }
+                Effect::Revert(device) => commands.push((device, Action::Revert)),
                 Effect::Note(n) => {
                     tracing::info!(rollout = id, "{n}");
                     notes.push(n);
                 }
             }
+        }
+        let commanded = !commands.is_empty();
+        self.send_all(id, commands).await?;
+        let moved = (a.engine.phase.name(), a.engine.wave) != a.audited;
+        if progress_only && !commanded && !moved && notes.is_empty() {
+            // A member's progress and nothing else: stored at the next tick,
+            // not per event. Serialising and storing a 5,000-member rollout on
+            // each device event held ingest to ~300 messages/s (docs/scale.md).
+            return Ok(());
         }
         let state = serde_json::to_string(&a.engine).unwrap_or_default();
         if state != a.saved || !notes.is_empty() {
@@ -845,7 +944,7 @@ impl Fleet {
                 _ => None,
             };
             let fx = a.engine.tick(now, health);
-            self.carry_out(id, a, fx, now, None).await?;
+            self.carry_out(id, a, fx, now, None, false).await?;
             let reverting = a
                 .engine
                 .members
@@ -944,7 +1043,7 @@ impl Fleet {
             a.engine.waves.len()
         ))];
         fx.extend(a.engine.tick(now, None));
-        self.carry_out(&id, &mut a, fx, now, None).await?;
+        self.carry_out(&id, &mut a, fx, now, None, false).await?;
         let view = RolloutView {
             id: id.clone(),
             bundle,
@@ -978,7 +1077,7 @@ impl Fleet {
         let before = a.engine.clone();
         let mut fx = a.engine.apply(now, input)?;
         fx.insert(0, Effect::Note(format!("operator {actor}")));
-        self.carry_out(id, a, fx, now, Some((actor, action)))
+        self.carry_out(id, a, fx, now, Some((actor, action)), false)
             .await?;
         Ok((before, a.engine.clone()))
     }
@@ -1305,6 +1404,25 @@ pub fn summarise<'a>(rows: impl IntoIterator<Item = &'a TelemetryRow>) -> Teleme
     s
 }
 
+/// The name a command's action is stored under.
+fn action_name(action: &Action) -> &'static str {
+    match action {
+        Action::Install { .. } => "install",
+        Action::Activate { .. } => "activate",
+        Action::Revert => "revert",
+        Action::Configure(_) => "configure",
+        Action::RequestSamples { .. } => "request_samples",
+    }
+}
+
+/// The bundle a command is about, if any.
+fn action_bundle(action: &Action) -> Option<Digest> {
+    match action {
+        Action::Install { bundle, .. } => Some(bundle.digest),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1489,5 +1607,30 @@ mod tests {
         let h = wave_health(dg("new"), &wave, &others, &rows3);
         assert_eq!(h.p95_latency_ratio, None);
         assert_eq!(h.error_rate, Some(9.0 / 19.0).filter(|_| false));
+    }
+
+    #[test]
+    fn a_chunk_is_queued_once_and_sent_again_no_sooner_than_the_hold() {
+        let (a, b) = (dg("a"), dg("b"));
+        let mut q = ChunkQueue::default();
+        assert!(q.push((a, 0), 100, 25));
+        assert!(!q.push((a, 0), 110, 25), "queued already: merged");
+        assert!(q.push((b, 3), 105, 25));
+        assert_eq!(q.next(), Some((125, (a, 0))));
+        assert_eq!(q.take(125), Some((a, 0)));
+        assert_eq!(q.next(), Some((130, (b, 3))));
+        // Asked again right after it went: queued (never dropped), but held.
+        assert!(q.push((a, 0), 200, 25));
+        assert_eq!(q.take(130), Some((b, 3)));
+        assert_eq!(q.next(), Some((125 + REPEAT_HOLD_MS, (a, 0))));
+        // A fresh chunk asked later is not stuck behind the held one.
+        assert!(q.push((b, 4), 300, 25));
+        assert_eq!(q.next(), Some((325, (b, 4))));
+        assert_eq!(q.take(325), Some((b, 4)));
+        assert_eq!(q.take(1125), Some((a, 0)));
+        assert_eq!(q.next(), None);
+        // Long after its last send, a chunk goes after the coalescing wait only.
+        assert!(q.push((a, 0), 5000, 25));
+        assert_eq!(q.next(), Some((5025, (a, 0))));
     }
 }

@@ -67,6 +67,16 @@ pub async fn start(
     );
     let data = config.data_dir.clone();
     private_dir(&data)?;
+    let open_files = raise_open_files_limit();
+    if config.mqtt.mode == BrokerMode::Embedded {
+        // Each device holds three descriptors here: its TLS connection at the
+        // gate, the gate's to the broker, and the broker's end of that one.
+        let devices = open_files.saturating_sub(200) / 3;
+        tracing::info!(
+            open_files,
+            "the embedded broker can hold about {devices} devices within this process's open-files limit"
+        );
+    }
     let ca = Arc::new(Ca::open_or_create(&data.join("ca")).map_err(err("CA"))?);
     let topics = Topics::new(&config.mqtt.topic_prefix).map_err(err("mqtt.topic_prefix"))?;
 
@@ -324,4 +334,33 @@ fn gate_tls(
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)?;
     Ok(Arc::new(config))
+}
+
+/// Raises this process's soft limit on open files to its hard limit (as Go
+/// programs and many servers do: the shell's usual soft 1,024 holds only some
+/// 300 devices with the embedded broker); returns the limit now in force.
+#[allow(unsafe_code)]
+fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    // rlim_t is u64 on the targets built here, not on every libc.
+    #[allow(clippy::useless_conversion)]
+    u64::try_from(limit.rlim_cur).unwrap_or(u64::MAX)
 }
