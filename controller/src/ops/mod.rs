@@ -7,5 +7,6 @@ pub mod cli;
 pub mod client;
 pub mod demo;
 pub mod flash;
+pub mod load;
 pub mod operator;
 pub mod remote;

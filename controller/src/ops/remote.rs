@@ -167,18 +167,40 @@ pub fn broker(cmd: BrokerCommand) -> Result<i32, CommandError> {
 #[derive(Debug, Subcommand)]
 pub enum DevicesCommand {
     /// Issue a device certificate and write what the device needs.
+    ///
+    /// Many at once: `--count N` enrolls `<prefix>00001` ... (`--prefix`,
+    /// default `device-`), `--csv FILE` the devices its rows name (`id,tags`,
+    /// tags as `"k=v,k2=v2"`); each device's files go to `<out>/<id>/`, 500
+    /// devices per API call.
     Enroll {
         /// Device id (becomes the certificate's common name).
-        id: String,
-        /// Tags, `k=v,k2=v2`.
+        #[arg(required_unless_present_any = ["count", "csv"], conflicts_with_all = ["count", "csv"])]
+        id: Option<String>,
+        /// Tags, `k=v,k2=v2` (with `--count`: every device's).
         #[arg(long, default_value = "")]
         tags: String,
-        /// Directory for ca.pem, controller.pub, device.pem, device.key, trust-root.cbor, agent.toml.
+        /// Enroll this many devices, numbered after `--prefix`.
+        #[arg(long, conflicts_with = "csv")]
+        count: Option<usize>,
+        /// The ids' prefix with `--count`.
+        #[arg(long, default_value = "device-", requires = "count")]
+        prefix: String,
+        /// Enroll the devices of this CSV file (`id,tags`; a header row `id,...` is skipped).
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Directory for ca.pem, controller.pub, device.pem, device.key, trust-root.cbor,
+        /// agent.toml (one sub-directory per device with `--count` or `--csv`).
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Run protocol-level load devices from enrollments (`devices enroll --count
+    /// N --out DIR` writes them): real MQTT connections with each device's
+    /// certificate and the real messages, but no model and no disk (not real
+    /// agents; docs/scale.md). Prints the fleet's counters every 10 s; stops on
+    /// Ctrl-C, SIGTERM, or after `--seconds`.
+    Load(crate::ops::load::LoadArgs),
     /// Revoke a device's certificate: the gate no longer admits it (at its next
     /// connection); enroll again to give it a new one.
     Revoke {
@@ -369,7 +391,13 @@ fn print_json(v: &Value) {
 /// `devices ...`.
 pub fn devices(cmd: DevicesCommand) -> Result<i32, CommandError> {
     match cmd {
-        DevicesCommand::Enroll { id, tags, out, api } => {
+        DevicesCommand::Enroll {
+            id: Some(id),
+            tags,
+            out,
+            api,
+            ..
+        } => {
             let c = Client::new(&api);
             let v = c.post(
                 &format!("/api/v1/devices/{id}/enroll"),
@@ -395,6 +423,60 @@ pub fn devices(cmd: DevicesCommand) -> Result<i32, CommandError> {
             }
             Ok(0)
         }
+        DevicesCommand::Enroll {
+            tags,
+            count,
+            prefix,
+            csv,
+            out,
+            api,
+            ..
+        } => {
+            let devices = match (count, csv) {
+                (Some(n), _) => {
+                    let tags = crate::server::tags::parse(&tags)?;
+                    let width = n.to_string().len().max(5);
+                    (1..=n)
+                        .map(|i| (format!("{prefix}{i:0width$}"), tags.clone()))
+                        .collect()
+                }
+                (None, Some(file)) => read_enroll_csv(&file)?,
+                (None, None) => Vec::new(),
+            };
+            let started = std::time::Instant::now();
+            let c = Client::new(&api);
+            for batch in devices.chunks(500) {
+                let body: Vec<Value> = batch
+                    .iter()
+                    .map(|(id, tags)| json!({"id": id, "tags": tags}))
+                    .collect();
+                let v = c.post("/api/v1/enrollments", &json!({ "devices": body }))?;
+                for d in v["devices"].as_array().into_iter().flatten() {
+                    let mut one = v.clone();
+                    one["devices"] = Value::Null;
+                    for k in ["device", "cert_pem", "key_pem"] {
+                        one[k] = d[k].clone();
+                    }
+                    let id = d["device"].as_str().unwrap_or("");
+                    if id.is_empty() || id.contains(['/', '.']) {
+                        return Err(CommandError::Answer(format!("a device id {id:?}")));
+                    }
+                    write_enrollment(&one, &out.join(id))?;
+                }
+            }
+            if api.json {
+                print_json(&json!({"enrolled": devices.len(), "out": out}));
+            } else {
+                println!(
+                    "enrolled {} devices in {:.1} s; each one's files in {}/<id>/",
+                    devices.len(),
+                    started.elapsed().as_secs_f64(),
+                    out.display()
+                );
+            }
+            Ok(0)
+        }
+        DevicesCommand::Load(args) => crate::ops::load::run(args),
         DevicesCommand::List { tag, state, api } => {
             let c = Client::new(&api);
             let mut q = Vec::new();
@@ -440,6 +522,32 @@ pub fn devices(cmd: DevicesCommand) -> Result<i32, CommandError> {
             Ok(0)
         }
     }
+}
+
+/// The (id, tags) rows of an enrollment CSV: `id,tags`, tags as `k=v,k2=v2`
+/// (quoted), a header row starting with `id` skipped.
+fn read_enroll_csv(file: &Path) -> Result<Vec<(String, crate::server::tags::Tags)>, CommandError> {
+    let bad = |reason: String| CommandError::Argument {
+        what: "--csv",
+        reason,
+    };
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_path(file)
+        .map_err(|e| bad(format!("{}: {e}", file.display())))?;
+    let mut out = Vec::new();
+    for (n, row) in reader.records().enumerate() {
+        let row = row.map_err(|e| bad(format!("{} row {}: {e}", file.display(), n + 1)))?;
+        let id = row.get(0).unwrap_or("").trim();
+        if n == 0 && id == "id" {
+            continue;
+        }
+        let tags = crate::server::tags::parse(row.get(1).unwrap_or(""))
+            .map_err(|e| bad(format!("{} row {}: tags: {e}", file.display(), n + 1)))?;
+        out.push((id.to_owned(), tags));
+    }
+    Ok(out)
 }
 
 /// Writes the files a device needs from an enrollment answer.

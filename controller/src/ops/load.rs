@@ -1,0 +1,177 @@
+//! `edgefleet devices load`: protocol-level load devices
+//! (`edgefleet_devices::load`) run from the enrollments that `devices enroll
+//! --count N --out DIR` wrote, one sub-directory per device. They are not
+//! real agents: a real MQTT connection with the device's own certificate and
+//! the real messages (state, telemetry, events, verified chunk downloads), but
+//! no model and nothing on disk (docs/scale.md).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use edgefleet_devices::load::{LoadFleet, LoadSettings, LoadSpec, LoadStats};
+use edgefleet_devices::sim::TlsFiles;
+
+use crate::ops::remote::CommandError;
+
+/// `edgefleet devices load`.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Directory of enrollments: one sub-directory per device, as `devices
+    /// enroll --count N --out DIR` writes them.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Telemetry period of every device, seconds.
+    #[arg(long, default_value_t = 10)]
+    pub telemetry_s: u64,
+    /// Inferences each device reports per second (made up; no model runs).
+    #[arg(long, default_value_t = 5)]
+    pub requests_per_s: u64,
+    /// Stop after this many seconds (default: until Ctrl-C or SIGTERM).
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// Connect here instead of the enrollments' broker URL (`host:port`).
+    #[arg(long)]
+    pub broker: Option<String>,
+}
+
+fn bad(what: &'static str, reason: impl Into<String>) -> CommandError {
+    CommandError::Argument {
+        what,
+        reason: reason.into(),
+    }
+}
+
+/// The devices of `dir` (sorted by id) and what they share: broker URL and
+/// topic prefix from their `agent.toml`s, which must agree.
+fn read_enrollments(dir: &Path) -> Result<(Vec<LoadSpec>, String, String), CommandError> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| bad("--dir", format!("{}: {e}", dir.display())))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("agent.toml").is_file())
+        .collect();
+    paths.sort();
+    let mut shared: Option<(String, String)> = None;
+    let mut specs = Vec::with_capacity(paths.len());
+    for p in paths {
+        let file = p.join("agent.toml");
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| bad("--dir", format!("{}: {e}", file.display())))?;
+        let config: edgefleet_agent::config::AgentConfig =
+            toml::from_str(&text).map_err(|e| bad("--dir", format!("{}: {e}", file.display())))?;
+        let this = (
+            config.broker.url.clone(),
+            config.broker.topic_prefix.clone(),
+        );
+        match &shared {
+            None => shared = Some(this),
+            Some(s) if *s != this => {
+                return Err(bad(
+                    "--dir",
+                    format!(
+                        "{} names broker {} (prefix {}), the others {} ({}): one controller's devices only",
+                        file.display(),
+                        this.0,
+                        this.1,
+                        s.0,
+                        s.1
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+        specs.push(LoadSpec {
+            id: config.device_id,
+            tls: TlsFiles {
+                ca: p.join("ca.pem"),
+                cert: p.join("device.pem"),
+                key: p.join("device.key"),
+            },
+        });
+    }
+    let Some((url, prefix)) = shared else {
+        return Err(bad(
+            "--dir",
+            format!(
+                "{} holds no enrollment (sub-directories with agent.toml): run `edgefleet devices enroll --count N --out {}` first",
+                dir.display(),
+                dir.display()
+            ),
+        ));
+    };
+    Ok((specs, url, prefix))
+}
+
+/// `host:port` of an `mqtts://host:port` URL (or of a bare `host:port`).
+fn broker_addr(url: &str) -> Result<SocketAddr, CommandError> {
+    let rest = url.strip_prefix("mqtts://").unwrap_or(url);
+    rest.to_socket_addrs()
+        .map_err(|e| bad("broker", format!("{url}: {e}")))?
+        .next()
+        .ok_or_else(|| bad("broker", format!("{url}: no address")))
+}
+
+fn counters(s: &LoadStats) -> String {
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    format!(
+        "connects {}, telemetry sent {}, installs {}, chunks {} ({:.1} MB, {} rejected), commands refused {}, messages dropped {}",
+        get(&s.connects),
+        get(&s.telemetry_sent),
+        get(&s.installs),
+        get(&s.chunks_received),
+        get(&s.chunk_bytes) as f64 / 1e6,
+        get(&s.chunks_rejected),
+        get(&s.commands_refused),
+        get(&s.dropped)
+    )
+}
+
+/// Runs the load devices until stopped; prints their counters every 10 s.
+pub fn run(args: LoadArgs) -> Result<i32, CommandError> {
+    let (specs, url, topic_prefix) = read_enrollments(&args.dir)?;
+    let broker = broker_addr(args.broker.as_deref().unwrap_or(&url))?;
+    let n = specs.len();
+    let settings = LoadSettings {
+        broker,
+        topic_prefix,
+        controller_key: args.dir.join(&specs[0].id).join("controller.pub"),
+        telemetry_interval: Duration::from_secs(args.telemetry_s.max(1)),
+        requests_per_s: args.requests_per_s,
+    };
+    let runtime = tokio::runtime::Runtime::new().map_err(CommandError::Runtime)?;
+    runtime.block_on(async move {
+        let fleet = LoadFleet::start(&settings, specs)
+            .await
+            .map_err(|e| bad("--dir", e.to_string()))?;
+        println!(
+            "{n} load devices connecting to {broker} (protocol level: MQTT with mutual TLS and the real messages; no model, no disk: not real agents, see docs/scale.md)"
+        );
+        let started = Instant::now();
+        let until = args.seconds.map(|s| started + Duration::from_secs(s));
+        let mut every = tokio::time::interval(Duration::from_secs(10));
+        every.tick().await;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(CommandError::Runtime)?;
+        loop {
+            let left = until.map_or(Duration::from_secs(3600), |u| {
+                u.saturating_duration_since(Instant::now())
+            });
+            tokio::select! {
+                _ = every.tick() => println!(
+                    "{:>5.0} s: {}",
+                    started.elapsed().as_secs_f64(),
+                    counters(fleet.stats())
+                ),
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                () = tokio::time::sleep(left), if until.is_some() => break,
+            }
+        }
+        println!("stopping: {}", counters(fleet.stats()));
+        fleet.stop().await;
+        Ok(0)
+    })
+}
