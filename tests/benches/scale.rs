@@ -1,14 +1,16 @@
-//! Fleet scale with load devices (`cargo bench -p edgefleet-tests --bench scale --
-//! --devices 1000`; issue 23, docs/scale.md). One process holds the controller
-//! (embedded broker behind its gate, SQLite) and N load devices
-//! (`devices/src/load.rs`), each with its own certificate. Prints, for each N:
-//! enrollment time, connect storm (start until the API shows every device
-//! online), telemetry stored per second with every device reporting each 10 s,
-//! API p50/p99 of the device list and of a device's page during that ingest,
-//! the process RSS (controller, broker and devices together), and a rollout to
-//! every device (waves 1, 1%, 10%, 100%, no soak): time until every device was
-//! told to install, time to completion, and chunk bytes the controller
-//! published per wave against one copy of the bundle.
+//! Fleet scale with load devices (`cargo build --release -p edgefleet && cargo
+//! bench -p edgefleet-tests --bench scale -- --devices 1000`; issue 23,
+//! docs/scale.md). This process holds the controller (embedded broker behind
+//! its gate, SQLite); N load devices (`devices/src/load.rs`), each with its own
+//! certificate, run in a second process, `edgefleet devices load`, so that
+//! each side's memory and CPU are its own. Prints, for each N: enrollment time
+//! (batch API), connect storm (start until the API shows every device online),
+//! telemetry stored per second with every device reporting each 10 s, API
+//! p50/p99 of the device list and of a device's page during that ingest, RSS
+//! and CPU of the controller (with its broker) and of the devices' process,
+//! and a rollout to every device (waves 1, 1%, 10%, 100%, no soak): time until
+//! every device was told to install, time to completion, and chunk bytes the
+//! controller published per wave against one copy of the bundle.
 //!
 //! Arguments: `--devices N[,N...]` (default 1000), `--ingest-s S` (default 30).
 
@@ -25,15 +27,60 @@ fn arg(name: &str) -> Option<String> {
         .cloned()
 }
 
-fn rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+/// A process's resident memory (MB) and CPU time so far (s, user + system),
+/// from /proc (`pid` "self" for this one).
+fn usage(pid: &str) -> (f64, f64) {
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("VmRSS:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         })
-        .map_or(0.0, |kib| kib / 1024.0)
+        .map_or(0.0, |kib| kib / 1024.0);
+    // Fields 14 and 15 of /proc/PID/stat, after the ")" closing the name.
+    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+        })
+        .map_or(0.0, |ticks| ticks / 100.0);
+    (rss, cpu)
+}
+
+/// Usage of the controller (this process) and of the devices' process.
+struct Usage {
+    devices: String,
+    since: Instant,
+    cpu: (f64, f64),
+}
+
+impl Usage {
+    fn new(devices: u32) -> Usage {
+        let devices = devices.to_string();
+        let cpu = (usage("self").1, usage(&devices).1);
+        Usage {
+            devices,
+            since: Instant::now(),
+            cpu,
+        }
+    }
+
+    /// RSS now and CPU share (of one core) since the last call, both sides.
+    fn line(&mut self) -> String {
+        let ((c_rss, c_cpu), (d_rss, d_cpu)) = (usage("self"), usage(&self.devices));
+        let wall = self.since.elapsed().as_secs_f64();
+        let text = format!(
+            "controller+broker RSS {c_rss:.0} MB, CPU {:.0}%; devices' process RSS {d_rss:.0} MB, CPU {:.0}% (100% = one core, over the last {wall:.0} s)",
+            (c_cpu - self.cpu.0) / wall * 100.0,
+            (d_cpu - self.cpu.1) / wall * 100.0,
+        );
+        self.since = Instant::now();
+        self.cpu = (c_cpu, d_cpu);
+        text
+    }
 }
 
 fn quantile_ms(mut v: Vec<Duration>, q: f64) -> f64 {
@@ -44,29 +91,40 @@ fn quantile_ms(mut v: Vec<Duration>, q: f64) -> f64 {
 
 fn run(n: usize, ingest_s: u64) {
     let h = Harness::start(|c| c.rollouts.tick_ms = 200);
-    println!("\n{n} load devices (controller, broker and devices in this process)");
+    println!("\n{n} load devices (`edgefleet devices load`, a second process)");
     let started = Instant::now();
-    let (fleet, ids) = h.load_fleet(n, Duration::from_secs(10));
-    // load_fleet enrolls then starts: the enrollment is most of its time.
+    let ids = Harness::load_ids(n);
+    h.enroll_many(&ids, &h.dir().join("load"));
     let enrolled = started.elapsed();
     let storm = Instant::now();
+    let (mut devices, _) = h.load_process_enrolled(&ids, 10);
+    let mut use_ = Usage::new(devices.id());
     wait_for("every load device online", || {
         (h.online() == n).then_some(())
     });
     println!(
-        "  enroll {n} devices (API, one certificate each): {:.1} s; connect storm until all online: {:.1} s",
+        "  enroll {n} devices (batch API, one certificate each): {:.1} s; connect storm until all online: {:.1} s",
         enrolled.as_secs_f64(),
         storm.elapsed().as_secs_f64()
     );
+    println!("  {}", use_.line());
 
     // Telemetry: every device reports each 10 s; API latency meanwhile.
     let before = h.metric("edgefleet_telemetry_stored_total");
     let t0 = Instant::now();
-    let (mut list, mut page) = (Vec::new(), Vec::new());
+    let (mut list, mut paged, mut page) = (Vec::new(), Vec::new(), Vec::new());
     while t0.elapsed() < Duration::from_secs(ingest_s) {
         let t = Instant::now();
         h.api.get("/api/v1/devices").expect("device list");
         list.push(t.elapsed());
+        let t = Instant::now();
+        h.api
+            .get(&format!(
+                "/api/v1/devices?limit=100&after={}",
+                ids[(list.len() * 97) % n]
+            ))
+            .expect("a page of the device list");
+        paged.push(t.elapsed());
         let t = Instant::now();
         h.api
             .get(&format!("/api/v1/devices/{}", ids[list.len() % n]))
@@ -76,16 +134,18 @@ fn run(n: usize, ingest_s: u64) {
     }
     let stored = h.metric("edgefleet_telemetry_stored_total") - before;
     println!(
-        "  telemetry stored: {:.0}/s over {ingest_s} s (devices send {:.0}/s); API p50/p99: device list {:.1}/{:.1} ms, a device's page {:.1}/{:.1} ms ({} calls each)",
+        "  telemetry stored: {:.0}/s over {ingest_s} s (devices send {:.0}/s); API p50/p99: whole device list {:.1}/{:.1} ms, a page of 100 {:.1}/{:.1} ms, a device's page {:.1}/{:.1} ms ({} calls each)",
         stored as f64 / t0.elapsed().as_secs_f64(),
         n as f64 / 10.0,
         quantile_ms(list.clone(), 0.5),
         quantile_ms(list.clone(), 0.99),
+        quantile_ms(paged.clone(), 0.5),
+        quantile_ms(paged.clone(), 0.99),
         quantile_ms(page.clone(), 0.5),
         quantile_ms(page.clone(), 0.99),
         list.len()
     );
-    println!("  process RSS: {:.0} MB", rss_mb());
+    println!("  during ingest: {}", use_.line());
 
     // A rollout to every device.
     let file = h.build(&BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1));
@@ -123,15 +183,16 @@ fn run(n: usize, ingest_s: u64) {
             _ => {}
         }
         assert!(t.elapsed() < Duration::from_secs(600), "rollout too slow");
-        std::thread::sleep(Duration::from_millis(100));
+        // Each view is every member's state (0.5 MB at 5,000 devices).
+        std::thread::sleep(Duration::from_millis(250));
     }
     let took = t.elapsed();
     println!(
-        "  rollout of a {payload}-byte bundle to {n}: every device told to install after {:.1} s, completed in {:.1} s; process RSS {:.0} MB",
+        "  rollout of a {payload}-byte bundle to {n}: every device told to install after {:.1} s, completed in {:.1} s",
         notified.unwrap_or(took).as_secs_f64(),
         took.as_secs_f64(),
-        rss_mb()
     );
+    println!("  during the rollout: {}", use_.line());
     for w in 0..4 {
         println!(
             "    wave {} ({:>5} devices): {:>9} chunk bytes = {:.2} copies",
@@ -141,7 +202,13 @@ fn run(n: usize, ingest_s: u64) {
             bytes[w] as f64 / payload as f64
         );
     }
-    h.runtime.block_on(fleet.stop());
+    std::thread::sleep(Duration::from_secs(10));
+    println!("  10 s after the rollout: {}", use_.line());
+    // SIGTERM: the devices disconnect cleanly.
+    let _ = std::process::Command::new("kill")
+        .arg(devices.id().to_string())
+        .status();
+    let _ = devices.wait();
 }
 
 fn main() {

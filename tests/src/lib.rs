@@ -92,6 +92,26 @@ pub fn payload_size(file: &Path) -> u64 {
         .size
 }
 
+/// The `edgefleet` binary of this build's profile (target/debug or
+/// target/release, beside the test or bench executable), built when missing.
+pub fn edgefleet_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("edgefleet");
+    if !bin.exists() {
+        let mut cargo = std::process::Command::new(env!("CARGO"));
+        cargo.args(["build", "-p", "edgefleet", "--bin", "edgefleet"]);
+        if dir.ends_with("release") {
+            cargo.arg("--release");
+        }
+        assert!(
+            cargo.status().expect("cargo runs").success(),
+            "building edgefleet failed"
+        );
+    }
+    bin
+}
+
 /// Polls `check` until it returns Some, or panics naming `what` after [`WAIT`].
 pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + WAIT;
@@ -259,20 +279,58 @@ impl Harness {
         out
     }
 
-    /// Enrolls `n` load devices `load-00000`... (`devices/src/load.rs`) and
-    /// starts them, telemetry every `telemetry_interval`.
+    /// Enrolls `ids` through the batch API (`POST /api/v1/enrollments`, 500
+    /// a call) into `<dir>/<id>/`, as `edgefleet devices enroll --count` does.
+    pub fn enroll_many(&self, ids: &[String], dir: &Path) -> Vec<TlsFiles> {
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(500) {
+            let body: Vec<Value> = batch
+                .iter()
+                .map(|id| serde_json::json!({"id": id}))
+                .collect();
+            let v = self
+                .api
+                .post("/api/v1/enrollments", &serde_json::json!({"devices": body}))
+                .expect("batch enrollment");
+            let answers = v["devices"].as_array().expect("devices");
+            assert_eq!(answers.len(), batch.len(), "one answer per device");
+            for (id, d) in batch.iter().zip(answers) {
+                assert_eq!(d["device"].as_str(), Some(id.as_str()));
+                let mut one = v.clone();
+                for k in ["device", "cert_pem", "key_pem"] {
+                    one[k] = d[k].clone();
+                }
+                let files = dir.join(id);
+                write_enrollment(&one, &files).expect("enrollment files");
+                out.push(TlsFiles {
+                    ca: files.join("ca.pem"),
+                    cert: files.join("device.pem"),
+                    key: files.join("device.key"),
+                });
+            }
+        }
+        out
+    }
+
+    /// The ids of `n` load devices: `load-00000`...
+    pub fn load_ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("load-{i:05}")).collect()
+    }
+
+    /// Enrolls `n` load devices (`devices/src/load.rs`) and starts them in
+    /// this process, telemetry every `telemetry_interval`.
     pub fn load_fleet(&self, n: usize, telemetry_interval: Duration) -> (LoadFleet, Vec<String>) {
         let _enter = self.runtime.enter();
-        let specs: Vec<LoadSpec> = (0..n)
-            .map(|i| {
-                let id = format!("load-{i:05}");
-                LoadSpec {
-                    tls: self.enroll(&id),
-                    id,
-                }
+        let ids = Harness::load_ids(n);
+        let files = self.enroll_many(&ids, &self.dir().join("load"));
+        let specs: Vec<LoadSpec> = ids
+            .iter()
+            .zip(files)
+            .map(|(id, tls)| LoadSpec {
+                id: id.clone(),
+                tls,
             })
             .collect();
-        let ids = specs.iter().map(|s| s.id.clone()).collect();
         let settings = LoadSettings {
             broker: self.broker,
             topic_prefix: ControllerConfig::default().mqtt.topic_prefix,
@@ -288,6 +346,44 @@ impl Harness {
             .block_on(LoadFleet::start(&settings, specs))
             .expect("load fleet starts");
         (fleet, ids)
+    }
+
+    /// Enrolls `n` load devices and runs them in their own process, as an
+    /// operator would: `edgefleet devices load --dir ...`. The child's stdout
+    /// (its counters) is passed through with a `devices:` prefix.
+    pub fn load_process(&self, n: usize, telemetry_s: u64) -> (std::process::Child, Vec<String>) {
+        let ids = Harness::load_ids(n);
+        self.enroll_many(&ids, &self.dir().join("load"));
+        self.load_process_enrolled(&ids, telemetry_s)
+    }
+
+    /// [`Harness::load_process`] for devices already enrolled with
+    /// [`Harness::enroll_many`] into `<dir>/load`.
+    pub fn load_process_enrolled(
+        &self,
+        ids: &[String],
+        telemetry_s: u64,
+    ) -> (std::process::Child, Vec<String>) {
+        let dir = self.dir().join("load");
+        let mut child = std::process::Command::new(edgefleet_bin())
+            .args(["devices", "load", "--dir"])
+            .arg(&dir)
+            .args(["--telemetry-s", &telemetry_s.to_string()])
+            .env("EDGEFLEET_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("edgefleet devices load starts");
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                println!("    devices: {line}");
+            }
+        });
+        (child, ids.to_vec())
     }
 
     /// Devices the controller shows online.

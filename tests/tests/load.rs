@@ -60,3 +60,98 @@ fn two_hundred_load_devices_come_online_report_and_take_a_staged_rollout() {
     );
     h.runtime.block_on(fleet.stop());
 }
+
+/// What an operator types: `edgefleet devices enroll --count N` writes one
+/// enrollment per device, `edgefleet devices load --dir` runs them in their
+/// own process; they come online, take a rollout, and stop on SIGTERM.
+#[test]
+fn the_cli_enrolls_a_batch_and_runs_it_as_load_devices_in_its_own_process() {
+    const N: usize = 30;
+    let h = Harness::start(|_| {});
+    let token = std::fs::read_to_string(h.data.join("admin-token")).expect("admin token");
+    let dir = h.dir().join("cli-load");
+    let out = std::process::Command::new(edgefleet_tests::edgefleet_bin())
+        .args([
+            "devices",
+            "enroll",
+            "--count",
+            &N.to_string(),
+            "--prefix",
+            "cli-",
+        ])
+        .arg("--out")
+        .arg(&dir)
+        .args(["--controller", &h.url, "--token", token.trim()])
+        .output()
+        .expect("edgefleet runs");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains(&format!("enrolled {N} devices")), "{said}");
+    assert!(dir.join("cli-00007/device.key").is_file());
+    // A second batch with a clash in it changes nothing: the whole call is refused.
+    let csv = h.dir().join("more.csv");
+    std::fs::write(&csv, "id,tags\nextra-1,\"site=north,floor=2\"\nextra-1,\n").expect("csv");
+    let out = std::process::Command::new(edgefleet_tests::edgefleet_bin())
+        .args(["devices", "enroll", "--csv"])
+        .arg(&csv)
+        .arg("--out")
+        .arg(h.dir().join("more"))
+        .args(["--controller", &h.url, "--token", token.trim()])
+        .output()
+        .expect("edgefleet runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("appears twice"),
+        "{err}"
+    );
+
+    let mut child = std::process::Command::new(edgefleet_tests::edgefleet_bin())
+        .args([
+            "devices",
+            "load",
+            "--telemetry-s",
+            "1",
+            "--seconds",
+            "300",
+            "--dir",
+        ])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("devices load starts");
+    wait_for("every CLI load device online", || {
+        (h.online() == N).then_some(())
+    });
+    let file = h.build(&BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1));
+    let digest = h.upload(&file);
+    let id = h.rollout(&serde_json::json!({
+        "bundle": digest,
+        "selector": {"all": true},
+        "waves": ["10%", "100%"],
+        "gates": {"soak_ms": 0},
+    }));
+    let done = h.wait_phase(&id, &["completed", "halted", "aborted"]);
+    assert_eq!(done["phase"], "completed", "{done}");
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut said)
+        .expect("output");
+    let status = child.wait().expect("exits");
+    assert!(status.success(), "{status}: {said}");
+    assert!(
+        said.contains(&format!("{N} load devices connecting")),
+        "{said}"
+    );
+    assert!(said.contains("not real agents"), "{said}");
+    assert!(
+        said.contains(&format!("stopping: connects {N},"))
+            && said.contains(&format!("installs {N},")),
+        "{said}"
+    );
+}

@@ -4,30 +4,15 @@
 //! every device ends on the new bundle, installed once.
 
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use edgefleet::ops::remote::{ApiArgs, Client, write_enrollment};
 use edgefleet_devices::Profile;
 use edgefleet_devices::sim::{DeviceSpec, FaultPlan, FleetSettings, SimFleet, TlsFiles};
-use edgefleet_tests::{MODELS, wait_for};
+use edgefleet_tests::{MODELS, edgefleet_bin, wait_for};
 use serde_json::{Value, json};
-
-/// The `edgefleet` binary beside this test's (built when missing).
-fn edgefleet_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("edgefleet");
-    if !bin.exists() {
-        let ok = Command::new(env!("CARGO"))
-            .args(["build", "-p", "edgefleet", "--bin", "edgefleet"])
-            .status()
-            .expect("cargo runs");
-        assert!(ok.success(), "building edgefleet failed");
-    }
-    bin
-}
 
 struct Controller {
     child: Child,
