@@ -12,11 +12,16 @@
 //! every device was told to install, time to completion, and chunk bytes the
 //! controller published per wave against one copy of the bundle.
 //!
-//! Arguments: `--devices N[,N...]` (default 1000), `--ingest-s S` (default 30).
+//! Arguments: `--devices N[,N...]` (default 1000), `--ingest-s S` (default 30),
+//! `--broker embedded|mosquitto` (default embedded): with `mosquitto` the
+//! devices connect to Debian's Mosquitto in its own process (prepared by
+//! `edgefleet broker mosquitto`: mutual TLS, the per-device ACL) and the
+//! controller holds one connection to it; the broker's RSS and CPU are then
+//! reported on their own.
 
 use std::time::{Duration, Instant};
 
-use edgefleet_tests::{BundleSpec, Harness, wait_for};
+use edgefleet_tests::{BundleSpec, Harness, TestBroker, wait_for};
 use serde_json::json;
 
 fn arg(name: &str) -> Option<String> {
@@ -50,36 +55,54 @@ fn usage(pid: &str) -> (f64, f64) {
     (rss, cpu)
 }
 
-/// Usage of the controller (this process) and of the devices' process.
+/// Usage of the controller (this process), of an external broker's process
+/// and of the devices' process.
 struct Usage {
-    devices: String,
+    /// (label, pid) of each process reported.
+    sides: Vec<(&'static str, String)>,
     since: Instant,
-    cpu: (f64, f64),
+    cpu: Vec<f64>,
 }
 
 impl Usage {
-    fn new(devices: u32) -> Usage {
-        let devices = devices.to_string();
-        let cpu = (usage("self").1, usage(&devices).1);
+    fn new(devices: u32, broker: Option<u32>) -> Usage {
+        let mut sides = vec![(
+            if broker.is_some() {
+                "controller"
+            } else {
+                "controller+broker"
+            },
+            "self".to_owned(),
+        )];
+        if let Some(pid) = broker {
+            sides.push(("Mosquitto", pid.to_string()));
+        }
+        sides.push(("devices' process", devices.to_string()));
+        let cpu = sides.iter().map(|(_, pid)| usage(pid).1).collect();
         Usage {
-            devices,
+            sides,
             since: Instant::now(),
             cpu,
         }
     }
 
-    /// RSS now and CPU share (of one core) since the last call, both sides.
+    /// RSS now and CPU share (of one core) since the last call, each side.
     fn line(&mut self) -> String {
-        let ((c_rss, c_cpu), (d_rss, d_cpu)) = (usage("self"), usage(&self.devices));
         let wall = self.since.elapsed().as_secs_f64();
-        let text = format!(
-            "controller+broker RSS {c_rss:.0} MB, CPU {:.0}%; devices' process RSS {d_rss:.0} MB, CPU {:.0}% (100% = one core, over the last {wall:.0} s)",
-            (c_cpu - self.cpu.0) / wall * 100.0,
-            (d_cpu - self.cpu.1) / wall * 100.0,
-        );
+        let mut parts = Vec::new();
+        for ((label, pid), last) in self.sides.iter().zip(self.cpu.iter_mut()) {
+            let (rss, cpu) = usage(pid);
+            parts.push(format!(
+                "{label} RSS {rss:.0} MB, CPU {:.0}%",
+                (cpu - *last) / wall * 100.0
+            ));
+            *last = cpu;
+        }
         self.since = Instant::now();
-        self.cpu = (c_cpu, d_cpu);
-        text
+        format!(
+            "{} (100% = one core, over the last {wall:.0} s)",
+            parts.join("; ")
+        )
     }
 }
 
@@ -89,16 +112,22 @@ fn quantile_ms(mut v: Vec<Duration>, q: f64) -> f64 {
     v.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
-fn run(n: usize, ingest_s: u64) {
-    let h = Harness::start(|c| c.rollouts.tick_ms = 200);
-    println!("\n{n} load devices (`edgefleet devices load`, a second process)");
+fn run(n: usize, ingest_s: u64, broker: TestBroker) {
+    let h = Harness::start_with(broker, |c| c.rollouts.tick_ms = 200);
+    println!(
+        "\n{n} load devices (`edgefleet devices load`, a second process), broker: {}",
+        match broker {
+            TestBroker::Embedded => "embedded (rumqttd behind the gate, in the controller)",
+            TestBroker::Mosquitto => "Mosquitto (its own process, mutual TLS, the ACL)",
+        }
+    );
     let started = Instant::now();
     let ids = Harness::load_ids(n);
     h.enroll_many(&ids, &h.dir().join("load"));
     let enrolled = started.elapsed();
     let storm = Instant::now();
     let (mut devices, _) = h.load_process_enrolled(&ids, 10);
-    let mut use_ = Usage::new(devices.id());
+    let mut use_ = Usage::new(devices.id(), h.broker_pid());
     wait_for("every load device online", || {
         (h.online() == n).then_some(())
     });
@@ -218,7 +247,12 @@ fn main() {
         .filter_map(|v| v.trim().parse().ok())
         .collect();
     let ingest_s = arg("--ingest-s").and_then(|v| v.parse().ok()).unwrap_or(30);
+    let broker = match arg("--broker").as_deref() {
+        None | Some("embedded") => TestBroker::Embedded,
+        Some("mosquitto") => TestBroker::Mosquitto,
+        Some(other) => panic!("--broker {other}: embedded or mosquitto"),
+    };
     for n in sizes {
-        run(n, ingest_s);
+        run(n, ingest_s, broker);
     }
 }

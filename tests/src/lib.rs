@@ -44,6 +44,84 @@ pub struct Harness {
     pub keys: Vec<SecretKey>,
     /// The controller's data directory.
     pub data: PathBuf,
+    /// The external broker's process, when the controller uses Mosquitto
+    /// (dropped after `runtime`: the controller stops first).
+    mosquitto: Option<Mosquitto>,
+}
+
+/// Which broker a [`Harness`]'s controller uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestBroker {
+    /// rumqttd inside the controller, behind its gate (the default).
+    Embedded,
+    /// Debian's Mosquitto in its own process, prepared by `edgefleet broker
+    /// mosquitto` (mutual TLS with the controller's CA, the per-device ACL).
+    Mosquitto,
+}
+
+/// A Mosquitto process on a configuration written by `edgefleet broker
+/// mosquitto` (killed on drop).
+#[derive(Debug)]
+struct Mosquitto(std::process::Child);
+
+impl Mosquitto {
+    /// Writes Mosquitto's files for the controller whose data directory is
+    /// `data` into `dir`, starts it on a free loopback port, and points
+    /// `config` at it as its external broker.
+    fn start(dir: &Path, data: &Path, config: &mut ControllerConfig) -> Mosquitto {
+        use edgefleet::ops::remote::{BrokerCommand, broker};
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        broker(BrokerCommand::Mosquitto {
+            data_dir: data.to_path_buf(),
+            out: dir.to_path_buf(),
+            listen: ([127, 0, 0, 1], port).into(),
+            hosts: vec!["127.0.0.1".into(), "localhost".into()],
+            topic_prefix: config.mqtt.topic_prefix.clone(),
+        })
+        .expect("edgefleet broker mosquitto");
+        // Started as root, Mosquitto would switch to its own user, which cannot
+        // read the temporary directory (`user` is ignored when not root).
+        let conf = dir.join("mosquitto.conf");
+        let text = std::fs::read_to_string(&conf).expect("mosquitto.conf");
+        std::fs::write(&conf, format!("user root\n{text}")).expect("mosquitto.conf");
+        let log = std::fs::File::create(dir.join("mosquitto.log")).expect("mosquitto.log");
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .or_else(|_| {
+                // Debian installs it in /usr/sbin, not always on PATH.
+                std::process::Command::new("/usr/sbin/mosquitto")
+                    .arg("-c")
+                    .arg(&conf)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::fs::File::create(dir.join("mosquitto.log"))?)
+                    .spawn()
+            })
+            .expect("mosquitto is installed (.ci/run installs it)");
+        let mosquitto = Mosquitto(child);
+        wait_for("mosquitto listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        config.mqtt.mode = edgefleet::server::config::BrokerMode::External;
+        config.mqtt.url = Some(format!("mqtts://127.0.0.1:{port}"));
+        config.mqtt.ca = Some(dir.join("ca.pem"));
+        config.mqtt.cert = Some(dir.join("controller.pem"));
+        config.mqtt.key = Some(dir.join("controller.key"));
+        mosquitto
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// One bundle to build.
@@ -131,6 +209,11 @@ impl Harness {
     /// Keys, a trust root and a controller on free ports in a temporary
     /// directory; `tweak` adjusts the controller's config.
     pub fn start(tweak: impl FnOnce(&mut ControllerConfig)) -> Harness {
+        Harness::start_with(TestBroker::Embedded, tweak)
+    }
+
+    /// [`Harness::start`] with the controller on `broker`.
+    pub fn start_with(broker: TestBroker, tweak: impl FnOnce(&mut ControllerConfig)) -> Harness {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -165,6 +248,8 @@ impl Harness {
         config.mqtt.listen = ([127, 0, 0, 1], 0).into();
         config.rollouts.tick_ms = 100;
         tweak(&mut config);
+        let mosquitto = (broker == TestBroker::Mosquitto)
+            .then(|| Mosquitto::start(&dir.path().join("mosquitto"), &data, &mut config));
         let (started, server) = runtime
             .block_on(edgefleet::server::serve::start(
                 config,
@@ -191,7 +276,13 @@ impl Harness {
             keys,
             data,
             dir,
+            mosquitto,
         }
+    }
+
+    /// The external broker's process id, when there is one.
+    pub fn broker_pid(&self) -> Option<u32> {
+        self.mosquitto.as_ref().map(|m| m.0.id())
     }
 
     /// The harness's temporary directory.

@@ -155,3 +155,38 @@ fn the_cli_enrolls_a_batch_and_runs_it_as_load_devices_in_its_own_process() {
         "{said}"
     );
 }
+
+/// The same fleet through Debian's Mosquitto (its own process, mutual TLS with
+/// the controller's CA, the per-device ACL of `edgefleet broker mosquitto`):
+/// the controller holds one connection to it, the devices one each. This is
+/// the setup docs/scale.md measures past the embedded broker's limits.
+#[test]
+fn load_devices_take_a_rollout_through_mosquitto() {
+    const N: usize = 100;
+    let h = Harness::start_with(edgefleet_tests::TestBroker::Mosquitto, |_| {});
+    assert!(h.broker_pid().is_some(), "Mosquitto runs in its own process");
+    let (fleet, _ids) = h.load_fleet(N, Duration::from_secs(1));
+    wait_for("every load device online through Mosquitto", || {
+        (h.online() == N).then_some(())
+    });
+    wait_for("two reports per device stored", || {
+        (h.metric("edgefleet_telemetry_stored_total") >= 2 * N as u64).then_some(())
+    });
+    let file = h.build(&BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1));
+    let digest_hex = h.upload(&file);
+    let digest: Digest = digest_hex.parse().expect("digest");
+    let id = h.rollout(&serde_json::json!({
+        "bundle": digest_hex,
+        "selector": {"all": true},
+        "waves": ["1", "100%"],
+        "gates": {"soak_ms": 0},
+    }));
+    let done = h.wait_phase(&id, &["completed", "halted", "aborted"]);
+    assert_eq!(done["phase"], "completed", "{done}");
+    assert_eq!(fleet.serving().get(&digest), Some(&N));
+    let stats = fleet.stats();
+    assert_eq!(stats.installs.load(Ordering::Relaxed), N as u64);
+    assert_eq!(stats.chunks_rejected.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.commands_refused.load(Ordering::Relaxed), 0);
+    h.runtime.block_on(fleet.stop());
+}
