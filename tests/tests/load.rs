@@ -164,7 +164,10 @@ fn the_cli_enrolls_a_batch_and_runs_it_as_load_devices_in_its_own_process() {
 fn load_devices_take_a_rollout_through_mosquitto() {
     const N: usize = 100;
     let h = Harness::start_with(edgefleet_tests::TestBroker::Mosquitto, |_| {});
-    assert!(h.broker_pid().is_some(), "Mosquitto runs in its own process");
+    assert!(
+        h.broker_pid().is_some(),
+        "Mosquitto runs in its own process"
+    );
     let (fleet, _ids) = h.load_fleet(N, Duration::from_secs(1));
     wait_for("every load device online through Mosquitto", || {
         (h.online() == N).then_some(())

@@ -739,6 +739,11 @@ proptest! {
                 c.pending + c.in_progress + c.succeeded + c.failed + c.reverted
             }).sum();
             prop_assert_eq!(per_wave, n);
+            // The install gate's running tally agrees with a count from
+            // scratch, whether it was built before these steps or after a
+            // restore (Persist drops it).
+            let counted = r.counts(Some(r.wave));
+            prop_assert_eq!(r.wave_counts(), counted);
         }
     }
 }
