@@ -349,14 +349,19 @@ fn the_controller_runs_a_fleet_through_mosquitto_whose_acl_confines_each_device(
             device_client(&dir.path().join("mq-01"), "mq-01-forger", port);
         publish_telemetry(&client, "mq-02", 1, 900_000).await;
         publish_telemetry(&client, "mq-01", 1, 900_001).await;
+        // Both acknowledged on this connection: a lost connection fails here
+        // (rumqttc would reconnect without the two publishes and keep-alive
+        // answers would keep the loop waiting for ever).
+        let deadline = tokio::time::Instant::now() + WAIT;
         let mut acked = 0;
         while acked < 2 {
-            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) =
-                tokio::time::timeout(WAIT, eventloop.poll())
-                    .await
-                    .expect("broker answers")
+            match tokio::time::timeout_at(deadline, eventloop.poll())
+                .await
+                .expect("the broker acknowledges both publishes in time")
             {
-                acked += 1;
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(e) => panic!("the broker closed the forger's connection: {e}"),
             }
         }
     });

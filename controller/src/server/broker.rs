@@ -135,7 +135,8 @@ pub fn mosquitto_acl(prefix: &str) -> String {
     s
 }
 
-/// Mosquitto's per-client queue cap (`max_queued_bytes`).
+/// Mosquitto's per-client queue caps (`max_queued_messages`, `max_queued_bytes`).
+const QUEUED_MESSAGES: usize = 100_000;
 const QUEUED_BYTES: usize = 16 << 20;
 
 /// A Mosquitto 2 configuration for mutual TLS with the controller's CA and the ACL.
@@ -153,14 +154,14 @@ pub fn mosquitto_conf(listen: SocketAddr, dir: &Path) -> String {
          set_tcp_nodelay true\n\
          # A bundle chunk (up to 4 MiB) in its envelope.\n\
          message_size_limit {MAX_PAYLOAD}\n\
-         # Queues per client, bounded in bytes, not messages. The controller\n\
-         # subscribes to every device's upstream topics: in a connect storm\n\
-         # thousands of retained states reach it at once, and the default cap\n\
-         # (1,000 queued messages a client) dropped them, so that 5,000 devices\n\
-         # never all showed online (docs/scale.md). 16 MiB holds ~80,000 device\n\
-         # messages for the controller; a slow device loses chunks past it and\n\
+         # Queues per client. The controller subscribes to every device's\n\
+         # upstream topics: in a connect storm thousands of retained states\n\
+         # reach it at once, and the default cap (1,000 queued messages a\n\
+         # client) dropped them, so that 5,000 devices never all showed online\n\
+         # (docs/scale.md). 100,000 messages and 16 MiB, whichever comes first:\n\
+         # room for the controller; a slow device loses chunks past 16 MiB and\n\
          # asks for them again.\n\
-         max_queued_messages 0\n\
+         max_queued_messages {QUEUED_MESSAGES}\n\
          max_queued_bytes {QUEUED_BYTES}\n",
         listen.port(),
         listen.ip(),
@@ -197,7 +198,7 @@ mod tests {
         assert!(conf.contains("listener 8883 127.0.0.1\n"));
         assert!(conf.contains("require_certificate true\nuse_identity_as_username true\n"));
         assert!(conf.contains("acl_file /etc/mq/acl\n"));
-        // No message-count cap: it dropped the controller's messages at scale.
-        assert!(conf.contains("max_queued_messages 0\nmax_queued_bytes 16777216\n"));
+        // Mosquitto's default cap of 1,000 dropped the controller's messages at scale.
+        assert!(conf.contains("max_queued_messages 100000\nmax_queued_bytes 16777216\n"));
     }
 }
