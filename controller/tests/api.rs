@@ -73,6 +73,20 @@ async fn api() -> Api {
 }
 
 impl Api {
+    /// A new API token with `role`, made by the admin.
+    async fn new_token(&self, name: &str, role: &str) -> String {
+        let (s, v) = self
+            .json(
+                "POST",
+                "/api/v1/tokens",
+                Some(ADMIN),
+                json!({"name": name, "role": role}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v["token"].as_str().expect("token").to_string()
+    }
+
     async fn call(
         &self,
         method: &str,
@@ -673,16 +687,7 @@ async fn enrollment_admits_a_certificate_to_the_gate_and_revocation_removes_it()
     let fp = api::cert_fingerprint(second["cert_pem"].as_str().expect("pem"));
     assert!(a.gate.read().map(|m| m.contains_key(&fp)).unwrap_or(false));
     // Operators cannot revoke; admins can, once.
-    let (s, v) = a
-        .json(
-            "POST",
-            "/api/v1/tokens",
-            Some(ADMIN),
-            json!({"name": "ops", "role": "operator"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED);
-    let ops = v["token"].as_str().expect("token").to_string();
+    let ops = a.new_token("ops", "operator").await;
     let (s, _) = a
         .json(
             "POST",
@@ -864,16 +869,7 @@ async fn batch_enrollment_issues_every_certificate_in_one_call_or_refuses_the_wh
         .count();
     assert_eq!(enrolls, 300);
     // Operators cannot enroll.
-    let (s, v) = a
-        .json(
-            "POST",
-            "/api/v1/tokens",
-            Some(ADMIN),
-            json!({"name": "ops", "role": "operator"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED);
-    let ops = v["token"].as_str().expect("token").to_string();
+    let ops = a.new_token("ops", "operator").await;
     let (s, _) = a
         .json(
             "POST",

@@ -497,14 +497,26 @@ impl Harness {
     /// Builds, uploads and rolls `b` out to `devices` in one wave with no soak;
     /// returns its digest once every device runs it.
     pub fn roll_out_everywhere(&self, b: &BundleSpec, devices: &[String]) -> String {
+        self.roll_out(b, serde_json::json!({"devices": devices}), &["100%"])
+    }
+
+    /// Builds, uploads and rolls `b` out to the whole fleet in `waves` with no
+    /// soak; returns its digest once the rollout completed (panics, with the
+    /// rollout, if it halts or aborts).
+    pub fn roll_out_to_all(&self, b: &BundleSpec, waves: &[&str]) -> String {
+        self.roll_out(b, serde_json::json!({"all": true}), waves)
+    }
+
+    fn roll_out(&self, b: &BundleSpec, selector: Value, waves: &[&str]) -> String {
         let digest = self.upload(&self.build(b));
         let id = self.rollout(&serde_json::json!({
             "bundle": digest,
-            "selector": {"devices": devices},
-            "waves": ["100%"],
+            "selector": selector,
+            "waves": waves,
             "gates": {"soak_ms": 0},
         }));
-        self.wait_phase(&id, &["completed"]);
+        let done = self.wait_phase(&id, &["completed", "halted", "aborted"]);
+        assert_eq!(done["phase"], "completed", "{done}");
         digest
     }
 

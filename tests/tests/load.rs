@@ -26,19 +26,14 @@ fn two_hundred_load_devices_come_online_report_and_take_a_staged_rollout() {
         (h.metric("edgefleet_telemetry_stored_total") >= 2 * DEVICES as u64).then_some(())
     });
 
-    let spec = BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1);
-    let file = h.build(&spec);
-    let digest_hex = h.upload(&file);
+    let digest_hex = h.roll_out_to_all(
+        &BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1),
+        &["1", "1%", "10%", "100%"],
+    );
     let digest: Digest = digest_hex.parse().expect("digest");
-    let payload = std::fs::metadata(&file).expect("bundle file").len();
-    let id = h.rollout(&serde_json::json!({
-        "bundle": digest_hex,
-        "selector": {"all": true},
-        "waves": ["1", "1%", "10%", "100%"],
-        "gates": {"soak_ms": 0},
-    }));
-    let done = h.wait_phase(&id, &["completed", "halted", "aborted"]);
-    assert_eq!(done["phase"], "completed", "{done}");
+    let payload = std::fs::metadata(h.stored_bundle(&digest_hex))
+        .expect("bundle file")
+        .len();
     let serving = fleet.serving();
     assert_eq!(serving.get(&digest), Some(&DEVICES), "{serving:?}");
     let stats = fleet.stats();
@@ -126,16 +121,10 @@ fn the_cli_enrolls_a_batch_and_runs_it_as_load_devices_in_its_own_process() {
     wait_for("every CLI load device online", || {
         (h.online() == N).then_some(())
     });
-    let file = h.build(&BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1));
-    let digest = h.upload(&file);
-    let id = h.rollout(&serde_json::json!({
-        "bundle": digest,
-        "selector": {"all": true},
-        "waves": ["10%", "100%"],
-        "gates": {"soak_ms": 0},
-    }));
-    let done = h.wait_phase(&id, &["completed", "halted", "aborted"]);
-    assert_eq!(done["phase"], "completed", "{done}");
+    h.roll_out_to_all(
+        &BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1),
+        &["10%", "100%"],
+    );
     let _ = std::process::Command::new("kill")
         .arg(child.id().to_string())
         .status();
@@ -175,17 +164,13 @@ fn load_devices_take_a_rollout_through_mosquitto() {
     wait_for("two reports per device stored", || {
         (h.metric("edgefleet_telemetry_stored_total") >= 2 * N as u64).then_some(())
     });
-    let file = h.build(&BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1));
-    let digest_hex = h.upload(&file);
-    let digest: Digest = digest_hex.parse().expect("digest");
-    let id = h.rollout(&serde_json::json!({
-        "bundle": digest_hex,
-        "selector": {"all": true},
-        "waves": ["1", "100%"],
-        "gates": {"soak_ms": 0},
-    }));
-    let done = h.wait_phase(&id, &["completed", "halted", "aborted"]);
-    assert_eq!(done["phase"], "completed", "{done}");
+    let digest: Digest = h
+        .roll_out_to_all(
+            &BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1),
+            &["1", "100%"],
+        )
+        .parse()
+        .expect("digest");
     assert_eq!(fleet.serving().get(&digest), Some(&N));
     let stats = fleet.stats();
     assert_eq!(stats.installs.load(Ordering::Relaxed), N as u64);
