@@ -249,6 +249,9 @@ fn run(n: usize, ingest_s: u64, broker: TestBroker) {
 }
 
 fn main() {
+    // The controller's warnings (the gate says why it closes a connection) on
+    // stderr; EDGEFLEET_LOG sets the filter for both processes.
+    edgefleet_agent::cli::init_logs(false, "warn");
     let sizes: Vec<usize> = arg("--devices")
         .unwrap_or_else(|| "1000".into())
         .split(',')

@@ -460,7 +460,11 @@ impl Harness {
             .args(["devices", "load", "--dir"])
             .arg(&dir)
             .args(["--telemetry-s", &telemetry_s.to_string()])
-            .env("EDGEFLEET_LOG", "warn")
+            // Warnings, or what the caller's EDGEFLEET_LOG asks for.
+            .env(
+                "EDGEFLEET_LOG",
+                std::env::var("EDGEFLEET_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("edgefleet devices load starts");
