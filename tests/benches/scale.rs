@@ -251,7 +251,8 @@ fn run(n: usize, ingest_s: u64, broker: TestBroker) {
 fn main() {
     // The controller's warnings (the gate says why it closes a connection) on
     // stderr; EDGEFLEET_LOG sets the filter for both processes.
-    edgefleet_agent::cli::init_logs(false, "warn");
+    // (rumqttd logs an ERROR for every abrupt disconnect: off, as in `serve`.)
+    edgefleet_agent::cli::init_logs(false, "warn,rumqttd=off");
     let sizes: Vec<usize> = arg("--devices")
         .unwrap_or_else(|| "1000".into())
         .split(',')

@@ -131,6 +131,9 @@ fn counters(s: &LoadStats) -> String {
 
 /// Runs the load devices until stopped; prints their counters every 10 s.
 pub fn run(args: LoadArgs) -> Result<i32, CommandError> {
+    // Warnings by default; EDGEFLEET_LOG (e.g. `edgefleet_devices=debug`: why
+    // a device's link dropped) as for `serve`.
+    edgefleet_agent::cli::init_logs(false, "warn");
     let (specs, url, topic_prefix) = read_enrollments(&args.dir)?;
     let broker = broker_addr(args.broker.as_deref().unwrap_or(&url))?;
     let n = specs.len();
