@@ -431,51 +431,7 @@ pub fn devices(cmd: DevicesCommand) -> Result<i32, CommandError> {
             out,
             api,
             ..
-        } => {
-            let devices = match (count, csv) {
-                (Some(n), _) => {
-                    let tags = crate::server::tags::parse(&tags)?;
-                    let width = n.to_string().len().max(5);
-                    (1..=n)
-                        .map(|i| (format!("{prefix}{i:0width$}"), tags.clone()))
-                        .collect()
-                }
-                (None, Some(file)) => read_enroll_csv(&file)?,
-                (None, None) => Vec::new(),
-            };
-            let started = std::time::Instant::now();
-            let c = Client::new(&api);
-            for batch in devices.chunks(500) {
-                let body: Vec<Value> = batch
-                    .iter()
-                    .map(|(id, tags)| json!({"id": id, "tags": tags}))
-                    .collect();
-                let v = c.post("/api/v1/enrollments", &json!({ "devices": body }))?;
-                for d in v["devices"].as_array().into_iter().flatten() {
-                    let mut one = v.clone();
-                    one["devices"] = Value::Null;
-                    for k in ["device", "cert_pem", "key_pem"] {
-                        one[k] = d[k].clone();
-                    }
-                    let id = d["device"].as_str().unwrap_or("");
-                    if id.is_empty() || id.contains(['/', '.']) {
-                        return Err(CommandError::Answer(format!("a device id {id:?}")));
-                    }
-                    write_enrollment(&one, &out.join(id))?;
-                }
-            }
-            if api.json {
-                print_json(&json!({"enrolled": devices.len(), "out": out}));
-            } else {
-                println!(
-                    "enrolled {} devices in {:.1} s; each one's files in {}/<id>/",
-                    devices.len(),
-                    started.elapsed().as_secs_f64(),
-                    out.display()
-                );
-            }
-            Ok(0)
-        }
+        } => enroll_batch(&tags, count, &prefix, csv.as_deref(), &out, &api),
         DevicesCommand::Load(args) => crate::ops::load::run(args),
         DevicesCommand::List { tag, state, api } => {
             let c = Client::new(&api);
@@ -522,6 +478,61 @@ pub fn devices(cmd: DevicesCommand) -> Result<i32, CommandError> {
             Ok(0)
         }
     }
+}
+
+/// `devices enroll --count N | --csv FILE`: 500 devices per
+/// `POST /api/v1/enrollments`, each one's files in `out/<id>/`.
+fn enroll_batch(
+    tags: &str,
+    count: Option<usize>,
+    prefix: &str,
+    csv: Option<&Path>,
+    out: &Path,
+    api: &ApiArgs,
+) -> Result<i32, CommandError> {
+    let devices = match (count, csv) {
+        (Some(n), _) => {
+            let tags = crate::server::tags::parse(tags)?;
+            let width = n.to_string().len().max(5);
+            (1..=n)
+                .map(|i| (format!("{prefix}{i:0width$}"), tags.clone()))
+                .collect()
+        }
+        (None, Some(file)) => read_enroll_csv(file)?,
+        (None, None) => Vec::new(),
+    };
+    let started = std::time::Instant::now();
+    let c = Client::new(api);
+    for batch in devices.chunks(500) {
+        let body: Vec<Value> = batch
+            .iter()
+            .map(|(id, tags)| json!({"id": id, "tags": tags}))
+            .collect();
+        let v = c.post("/api/v1/enrollments", &json!({ "devices": body }))?;
+        for d in v["devices"].as_array().into_iter().flatten() {
+            let mut one = v.clone();
+            one["devices"] = Value::Null;
+            for k in ["device", "cert_pem", "key_pem"] {
+                one[k] = d[k].clone();
+            }
+            let id = d["device"].as_str().unwrap_or("");
+            if id.is_empty() || id.contains(['/', '.']) {
+                return Err(CommandError::Answer(format!("a device id {id:?}")));
+            }
+            write_enrollment(&one, &out.join(id))?;
+        }
+    }
+    if api.json {
+        print_json(&json!({"enrolled": devices.len(), "out": out}));
+    } else {
+        println!(
+            "enrolled {} devices in {:.1} s; each one's files in {}/<id>/",
+            devices.len(),
+            started.elapsed().as_secs_f64(),
+            out.display()
+        );
+    }
+    Ok(0)
 }
 
 /// The (id, tags) rows of an enrollment CSV: `id,tags`, tags as `k=v,k2=v2`

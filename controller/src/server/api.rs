@@ -663,15 +663,18 @@ struct EnrollItem {
 }
 
 /// Tags as enrollment accepts them.
-fn check_tags(tags: &Tags) -> Result<(), String> {
+/// Tags past what an enrollment accepts.
+#[derive(Debug, thiserror::Error)]
+#[error("tags: at most 32, keys 1-64 characters without '=' or ',', values up to 128")]
+struct BadTags;
+
+fn check_tags(tags: &Tags) -> Result<(), BadTags> {
     if tags.len() > 32
         || tags
             .iter()
             .any(|(k, v)| k.is_empty() || k.len() > 64 || v.len() > 128 || k.contains(['=', ',']))
     {
-        return Err(
-            "tags: at most 32, keys 1-64 characters without '=' or ',', values up to 128".into(),
-        );
+        return Err(BadTags);
     }
     Ok(())
 }
@@ -760,7 +763,7 @@ async fn enroll(
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Admin)?;
     let body = body.optional()?.unwrap_or_default();
-    check_tags(&body.tags).map_err(ApiError::invalid)?;
+    check_tags(&body.tags).map_err(|e| ApiError::invalid(e.to_string()))?;
     let mut issued = enroll_devices(&s, &caller, vec![(id, body.tags)]).await?;
     let (id, cert, key, _) = issued.pop().expect("one device issued");
     let mut v = enrollment_common(&s);

@@ -69,13 +69,7 @@ pub async fn start(
     private_dir(&data)?;
     let open_files = raise_open_files_limit();
     if config.mqtt.mode == BrokerMode::Embedded {
-        // Each device holds three descriptors here: its TLS connection at the
-        // gate, the gate's to the broker, and the broker's end of that one.
-        let devices = open_files.saturating_sub(200) / 3;
-        tracing::info!(
-            open_files,
-            "the embedded broker can hold about {devices} devices within this process's open-files limit"
-        );
+        log_broker_capacity(open_files);
     }
     let ca = Arc::new(Ca::open_or_create(&data.join("ca")).map_err(err("CA"))?);
     let topics = Topics::new(&config.mqtt.topic_prefix).map_err(err("mqtt.topic_prefix"))?;
@@ -334,6 +328,17 @@ fn gate_tls(
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)?;
     Ok(Arc::new(config))
+}
+
+/// Says how many devices the embedded broker holds within `open_files`: each
+/// holds three descriptors here (its TLS connection at the gate, the gate's to
+/// the broker, and the broker's end of that one).
+fn log_broker_capacity(open_files: u64) {
+    let devices = open_files.saturating_sub(200) / 3;
+    tracing::info!(
+        open_files,
+        "the embedded broker can hold about {devices} devices within this process's open-files limit"
+    );
 }
 
 /// Raises this process's soft limit on open files to its hard limit (as Go
