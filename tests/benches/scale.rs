@@ -17,7 +17,10 @@
 //! devices connect to Debian's Mosquitto in its own process (prepared by
 //! `edgefleet broker mosquitto`: mutual TLS, the per-device ACL) and the
 //! controller holds one connection to it; the broker's RSS and CPU are then
-//! reported on their own.
+//! reported on their own. `--store sqlite|postgres` (default sqlite): with
+//! `postgres` the controller's store is a PostgreSQL server the bench starts
+//! (`edgefleet::server::db::testing`), reported on its own (its processes'
+//! private memory plus the shared buffers once; their CPU).
 
 use std::time::{Duration, Instant};
 
@@ -55,30 +58,85 @@ fn usage(pid: &str) -> (f64, f64) {
     (rss, cpu)
 }
 
-/// Usage of the controller (this process), of an external broker's process
-/// and of the devices' process.
+/// PostgreSQL's memory (MB: every server process's private memory, plus the
+/// shared buffers once) and CPU time so far (s, with that of exited children),
+/// from the postmaster `pid` and its children.
+fn postgres_usage(pid: u32) -> (f64, f64) {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let pids =
+        std::iter::once(pid.to_string()).chain(children.split_whitespace().map(str::to_owned));
+    let (mut private, mut shared, mut cpu) = (0.0, 0.0f64, 0.0);
+    for (k, p) in pids.enumerate() {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1024.0
+        };
+        private += field("RssAnon:");
+        shared = shared.max(field("RssShmem:"));
+        let fields = if k == 0 { 11..15 } else { 11..13 };
+        cpu += std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|s| {
+                let rest = s.rsplit_once(')')?.1.to_owned();
+                let f: Vec<f64> = rest
+                    .split_whitespace()
+                    .map(|v| v.parse().unwrap_or(0.0))
+                    .collect();
+                Some(f.get(fields)?.iter().sum::<f64>())
+            })
+            .map_or(0.0, |ticks| ticks / 100.0);
+    }
+    (private + shared, cpu)
+}
+
+/// One side of [`Usage`]: a process, or PostgreSQL's processes.
+enum Side {
+    Process(String),
+    Postgres(u32),
+}
+
+impl Side {
+    fn usage(&self) -> (f64, f64) {
+        match self {
+            Side::Process(pid) => usage(pid),
+            Side::Postgres(pid) => postgres_usage(*pid),
+        }
+    }
+}
+
+/// Usage of the controller (this process), of an external broker's process,
+/// of PostgreSQL's and of the devices' process.
 struct Usage {
-    /// (label, pid) of each process reported.
-    sides: Vec<(&'static str, String)>,
+    /// (label, what) of each side reported.
+    sides: Vec<(&'static str, Side)>,
     since: Instant,
     cpu: Vec<f64>,
 }
 
 impl Usage {
-    fn new(devices: u32, broker: Option<u32>) -> Usage {
+    fn new(devices: u32, broker: Option<u32>, postgres: Option<u32>) -> Usage {
         let mut sides = vec![(
             if broker.is_some() {
                 "controller"
             } else {
                 "controller+broker"
             },
-            "self".to_owned(),
+            Side::Process("self".to_owned()),
         )];
         if let Some(pid) = broker {
-            sides.push(("Mosquitto", pid.to_string()));
+            sides.push(("Mosquitto", Side::Process(pid.to_string())));
         }
-        sides.push(("devices' process", devices.to_string()));
-        let cpu = sides.iter().map(|(_, pid)| usage(pid).1).collect();
+        if let Some(pid) = postgres {
+            sides.push(("PostgreSQL", Side::Postgres(pid)));
+        }
+        sides.push(("devices' process", Side::Process(devices.to_string())));
+        let cpu = sides.iter().map(|(_, side)| side.usage().1).collect();
         Usage {
             sides,
             since: Instant::now(),
@@ -90,8 +148,8 @@ impl Usage {
     fn line(&mut self) -> String {
         let wall = self.since.elapsed().as_secs_f64();
         let mut parts = Vec::new();
-        for ((label, pid), last) in self.sides.iter().zip(self.cpu.iter_mut()) {
-            let (rss, cpu) = usage(pid);
+        for ((label, side), last) in self.sides.iter().zip(self.cpu.iter_mut()) {
+            let (rss, cpu) = side.usage();
             parts.push(format!(
                 "{label} RSS {rss:.0} MB, CPU {:.0}%",
                 (cpu - *last) / wall * 100.0
@@ -112,13 +170,26 @@ fn quantile_ms(mut v: Vec<Duration>, q: f64) -> f64 {
     v.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
-fn run(n: usize, ingest_s: u64, broker: TestBroker) {
-    let h = Harness::start_with(broker, |c| c.rollouts.tick_ms = 200);
+fn run(n: usize, ingest_s: u64, broker: TestBroker, postgres: bool) {
+    let database = postgres.then(|| {
+        edgefleet::server::db::testing::shared()
+            .create_database()
+            .expect("a PostgreSQL database")
+    });
+    let h = Harness::start_with(broker, |c| {
+        c.rollouts.tick_ms = 200;
+        c.database = database.map(edgefleet::server::config::DatabaseSetting::Location);
+    });
     println!(
-        "\n{n} load devices (`edgefleet devices load`, a second process), broker: {}",
+        "\n{n} load devices (`edgefleet devices load`, a second process), broker: {}, store: {}",
         match broker {
             TestBroker::Embedded => "embedded (rumqttd behind the gate, in the controller)",
             TestBroker::Mosquitto => "Mosquitto (its own process, mutual TLS, the ACL)",
+        },
+        if postgres {
+            "PostgreSQL (its own processes, on this machine)"
+        } else {
+            "SQLite"
         }
     );
     let started = Instant::now();
@@ -127,7 +198,11 @@ fn run(n: usize, ingest_s: u64, broker: TestBroker) {
     let enrolled = started.elapsed();
     let storm = Instant::now();
     let (mut devices, _) = h.load_process_enrolled(&ids, 10);
-    let mut use_ = Usage::new(devices.id(), h.broker_pid());
+    let mut use_ = Usage::new(
+        devices.id(),
+        h.broker_pid(),
+        postgres.then(|| edgefleet::server::db::testing::shared().server_pid()),
+    );
     // Longer than the harness's usual wait: a storm of 10,000 TLS handshakes
     // on 2 cores. Bounded all the same.
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -264,7 +339,12 @@ fn main() {
         Some("mosquitto") => TestBroker::Mosquitto,
         Some(other) => panic!("--broker {other}: embedded or mosquitto"),
     };
+    let postgres = match arg("--store").as_deref() {
+        None | Some("sqlite") => false,
+        Some("postgres") => true,
+        Some(other) => panic!("--store {other}: sqlite or postgres"),
+    };
     for n in sizes {
-        run(n, ingest_s, broker);
+        run(n, ingest_s, broker, postgres);
     }
 }

@@ -178,3 +178,31 @@ fn load_devices_take_a_rollout_through_mosquitto() {
     assert_eq!(stats.commands_refused.load(Ordering::Relaxed), 0);
     h.runtime.block_on(fleet.stop());
 }
+
+#[test]
+fn load_devices_take_a_rollout_with_the_store_on_postgres() {
+    const N: usize = 100;
+    let url = edgefleet::server::db::testing::shared()
+        .create_database()
+        .expect("test database");
+    let h = Harness::start(|c| {
+        c.database = Some(edgefleet::server::config::DatabaseSetting::Location(url));
+    });
+    let (fleet, _ids) = h.load_fleet(N, Duration::from_secs(1));
+    wait_for("every load device online", || {
+        (h.online() == N).then_some(())
+    });
+    wait_for("two reports per device stored", || {
+        (h.metric("edgefleet_telemetry_stored_total") >= 2 * N as u64).then_some(())
+    });
+    let digest: Digest = h
+        .roll_out_to_all(
+            &BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1),
+            &["1", "10%", "100%"],
+        )
+        .parse()
+        .expect("digest");
+    assert_eq!(fleet.serving().get(&digest), Some(&N));
+    assert_eq!(fleet.stats().installs.load(Ordering::Relaxed), N as u64);
+    h.runtime.block_on(fleet.stop());
+}

@@ -1,7 +1,8 @@
 //! The controller as a real process (`edgefleet serve`), killed with SIGKILL in
 //! the middle of a staged rollout to a simulated fleet, started again on the same
 //! data directory and port: the rollout goes on from its persisted state and
-//! every device ends on the new bundle, installed once.
+//! every device ends on the new bundle, installed once. On the SQLite store and,
+//! with `--database postgres://...`, on a real PostgreSQL server.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -21,11 +22,18 @@ struct Controller {
 }
 
 impl Controller {
-    fn start(data: &Path, mqtt: &str) -> Controller {
-        let mut child = Command::new(edgefleet_bin())
-            .args(["serve", "--data-dir"])
-            .arg(data)
-            .args(["--http", "127.0.0.1:0", "--mqtt", mqtt])
+    fn start(data: &Path, mqtt: &str, database: Option<&str>) -> Controller {
+        let mut command = Command::new(edgefleet_bin());
+        command.args(["serve", "--data-dir"]).arg(data).args([
+            "--http",
+            "127.0.0.1:0",
+            "--mqtt",
+            mqtt,
+        ]);
+        if let Some(url) = database {
+            command.args(["--database", url]);
+        }
+        let mut child = command
             .env("EDGEFLEET_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -69,6 +77,18 @@ impl Drop for Controller {
 
 #[test]
 fn a_controller_killed_mid_rollout_carries_on_after_a_restart() {
+    killed_mid_rollout(None);
+}
+
+#[test]
+fn a_controller_on_postgres_killed_mid_rollout_carries_on_after_a_restart() {
+    let url = edgefleet::server::db::testing::shared()
+        .create_database()
+        .expect("test database");
+    killed_mid_rollout(Some(&url));
+}
+
+fn killed_mid_rollout(database: Option<&str>) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -92,7 +112,7 @@ fn a_controller_killed_mid_rollout_carries_on_after_a_restart() {
     let trust_root = data.join("trust-root.cbor");
     edgefleet::ops::operator::save_trust_root(&trust_root, &root).expect("save");
 
-    let mut controller = Controller::start(&data, "127.0.0.1:0");
+    let mut controller = Controller::start(&data, "127.0.0.1:0", database);
     let port = controller.port;
     let api = controller.api(&data);
     let ids: Vec<String> = (1..=8).map(|i| format!("r{i}")).collect();
@@ -190,7 +210,7 @@ fn a_controller_killed_mid_rollout_carries_on_after_a_restart() {
     let _ = controller.child.wait();
     drop(controller);
 
-    let controller = Controller::start(&data, &format!("127.0.0.1:{port}"));
+    let controller = Controller::start(&data, &format!("127.0.0.1:{port}"), database);
     let api = controller.api(&data);
     let resumed = view(&api);
     assert!(
@@ -214,5 +234,19 @@ fn a_controller_killed_mid_rollout_carries_on_after_a_restart() {
     }
     let log = done["log"].to_string();
     assert!(log.contains("rollout complete"), "{log}");
+    if let Some(url) = database {
+        // The state lived in PostgreSQL, not in a file beside the data.
+        assert!(!data.join("controller.db").exists());
+        let (url, id) = (url.to_owned(), id.clone());
+        let phase: String = std::thread::spawn(move || {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+            c.query_one("SELECT phase FROM rollouts WHERE id = $1", &[&id])
+                .expect("rollout row")
+                .get(0)
+        })
+        .join()
+        .expect("join");
+        assert_eq!(phase, "completed");
+    }
     runtime.block_on(fleet.stop());
 }

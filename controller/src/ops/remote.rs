@@ -66,6 +66,9 @@ pub struct ServeArgs {
     /// Overrides `mqtt.listen` (embedded broker).
     #[arg(long)]
     pub mqtt: Option<SocketAddr>,
+    /// Overrides `database`: a SQLite file or `postgres://user@host:port/db`.
+    #[arg(long)]
+    pub database: Option<String>,
     /// Log JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -345,6 +348,9 @@ pub fn serve(args: ServeArgs) -> Result<i32, CommandError> {
     }
     if let Some(m) = args.mqtt {
         config.mqtt.listen = m;
+    }
+    if let Some(d) = args.database {
+        config.database = Some(crate::server::config::DatabaseSetting::Location(d));
     }
     config.validate(Path::new("flags"))?;
     // rumqttd logs an ERROR for every abrupt client disconnect: off by default.

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use crate::server::db::StoreLocation;
 use edgefleet_shared::protocol::Topics;
 use serde::{Deserialize, Serialize};
 
@@ -152,14 +153,49 @@ impl Default for RolloutConfig {
     }
 }
 
+/// Where the store is: `database = "/var/lib/x.db"` or `"postgres://..."`, or a
+/// table `[database]` with `url` (or `path`) and `readers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DatabaseSetting {
+    /// A SQLite file's path, or a `postgres://` URL.
+    Location(String),
+    /// The `[database]` table.
+    Table(DatabaseTable),
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseTable {
+    /// `postgres://user:password@host:port/database`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A SQLite file (instead of `url`).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// PostgreSQL connections for reads (one more writes); default 4.
+    #[serde(default = "default_readers")]
+    pub readers: usize,
+}
+
+fn default_readers() -> usize {
+    4
+}
+
+fn is_postgres_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControllerConfig {
     /// Database, CA, bundles, admin token.
     pub data_dir: PathBuf,
-    /// SQLite file (default `<data_dir>/controller.db`).
-    pub database: Option<PathBuf>,
+    /// The store: a SQLite file (default `<data_dir>/controller.db`) or a
+    /// PostgreSQL URL; `database = "..."` or a `[database]` table.
+    pub database: Option<DatabaseSetting>,
     /// The fleet's trust root, to check uploads (default `<data_dir>/trust-root.cbor`).
     pub trust_root: Option<PathBuf>,
     /// HTTP API.
@@ -211,6 +247,7 @@ impl ControllerConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
+        self.validate_database(path)?;
         Topics::new(&self.mqtt.topic_prefix).map_err(|e| invalid("mqtt.topic_prefix", e.reason))?;
         match self.mqtt.mode {
             BrokerMode::Embedded => {
@@ -274,11 +311,65 @@ impl ControllerConfig {
         Ok(())
     }
 
-    /// The SQLite file.
-    pub fn database_path(&self) -> PathBuf {
-        self.database
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("controller.db"))
+    /// Where the store is.
+    pub fn store_location(&self) -> StoreLocation {
+        let sqlite = |p: PathBuf| StoreLocation::Sqlite(p);
+        match &self.database {
+            None => sqlite(self.data_dir.join("controller.db")),
+            Some(DatabaseSetting::Location(s)) if is_postgres_url(s) => StoreLocation::Postgres {
+                url: s.clone(),
+                readers: default_readers(),
+            },
+            Some(DatabaseSetting::Location(s)) => sqlite(s.into()),
+            Some(DatabaseSetting::Table(t)) => match (&t.url, &t.path) {
+                (Some(url), _) => StoreLocation::Postgres {
+                    url: url.clone(),
+                    readers: t.readers,
+                },
+                (None, Some(p)) => sqlite(p.clone()),
+                (None, None) => sqlite(self.data_dir.join("controller.db")),
+            },
+        }
+    }
+
+    fn validate_database(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            reason: reason.to_owned(),
+        };
+        match &self.database {
+            None => Ok(()),
+            Some(DatabaseSetting::Location(s)) if s.is_empty() => Err(invalid(
+                "database",
+                "must be a SQLite file's path or a postgres:// URL",
+            )),
+            Some(DatabaseSetting::Location(_)) => Ok(()),
+            Some(DatabaseSetting::Table(t)) => {
+                match (&t.url, &t.path) {
+                    (Some(_), Some(_)) => {
+                        return Err(invalid("database.url", "give url or path, not both"));
+                    }
+                    (None, None) => {
+                        return Err(invalid(
+                            "database.url",
+                            "give url (postgres://...) or path (a SQLite file)",
+                        ));
+                    }
+                    (Some(url), None) if !is_postgres_url(url) => {
+                        return Err(invalid(
+                            "database.url",
+                            "must start with postgres:// or postgresql://",
+                        ));
+                    }
+                    _ => {}
+                }
+                if !(1..=64).contains(&t.readers) {
+                    return Err(invalid("database.readers", "must be 1 to 64"));
+                }
+                Ok(())
+            }
+        }
     }
 
     /// The trust root used to check uploads.
@@ -294,7 +385,9 @@ impl ControllerConfig {
         format!(
             "# edgefleet controller configuration (edgefleet serve --config FILE).\n\
              # data_dir: database, CA (ca/), uploaded bundles (bundles/), admin-token.\n\
-             # database: SQLite file, default <data_dir>/controller.db.\n\
+             # database: SQLite file, default <data_dir>/controller.db; or PostgreSQL:\n\
+             #   database = \"postgres://user:password@host:5432/edgefleet\", or a table\n\
+             #   [database] with url and readers (read connections, default 4).\n\
              # trust_root: the fleet's trust root; uploads are verified against it\n\
              #   (default <data_dir>/trust-root.cbor).\n\
              # [http] listen: API address; max_bundle_bytes: largest upload; max_connections:\n\
@@ -332,6 +425,40 @@ mod tests {
     }
 
     #[test]
+    fn the_store_is_a_sqlite_file_or_a_postgres_url() {
+        let at = |text: &str| check(text).expect(text).store_location();
+        assert_eq!(
+            at("data_dir = \"/d\""),
+            StoreLocation::Sqlite("/d/controller.db".into())
+        );
+        assert_eq!(
+            at("database = \"/x/c.db\""),
+            StoreLocation::Sqlite("/x/c.db".into())
+        );
+        assert_eq!(
+            at("database = \"postgres://u@h:5432/fleet\""),
+            StoreLocation::Postgres {
+                url: "postgres://u@h:5432/fleet".into(),
+                readers: 4
+            }
+        );
+        assert_eq!(
+            at("[database]\nurl = \"postgresql://u:secret@h/fleet\"\nreaders = 8"),
+            StoreLocation::Postgres {
+                url: "postgresql://u:secret@h/fleet".into(),
+                readers: 8
+            }
+        );
+        assert_eq!(
+            at("[database]\npath = \"/y.db\""),
+            StoreLocation::Sqlite("/y.db".into())
+        );
+        // Messages name the database without its password.
+        let shown = at("[database]\nurl = \"postgresql://u:secret@h/fleet\"").to_string();
+        assert_eq!(shown, "postgresql://u:***@h/fleet");
+    }
+
+    #[test]
     fn each_bad_field_is_named() {
         for (text, field) in [
             ("data_dir = \"\"", "data_dir"),
@@ -352,6 +479,17 @@ mod tests {
             ("[http]\nmax_bundle_bytes = 0", "http.max_bundle_bytes"),
             ("[http]\nmax_connections = 0", "http.max_connections"),
             ("[http]\nheader_timeout_ms = 5", "http.header_timeout_ms"),
+            ("database = \"\"", "database"),
+            ("[database]\nreaders = 2", "database.url"),
+            ("[database]\nurl = \"mysql://x\"", "database.url"),
+            (
+                "[database]\nurl = \"postgres://h/d\"\npath = \"/x.db\"",
+                "database.url",
+            ),
+            (
+                "[database]\nurl = \"postgres://h/d\"\nreaders = 0",
+                "database.readers",
+            ),
         ] {
             let err = check(text).expect_err(text).to_string();
             assert!(err.contains(&format!("`{field}`")), "{text}: {err}");

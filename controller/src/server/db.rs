@@ -1,13 +1,21 @@
-//! The controller's SQLite store (tokio-rusqlite: one connection on its own
-//! thread, so one writer). WAL mode; migrations are numbered and applied at start
-//! inside a transaction each, recorded in `PRAGMA user_version`.
+//! The controller's store: SQLite (the default: one file, one writer thread, WAL)
+//! or PostgreSQL (when configured; docs/decisions.md "PostgreSQL"). The queries
+//! are written once against [`sql::Tx`] and run on either backend; migrations
+//! are numbered and applied at start inside a transaction each.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use edgefleet_shared::{DeviceId, Digest};
 use serde::Serialize;
-use tokio_rusqlite::rusqlite::{self, OptionalExtension, params};
+use tokio_rusqlite::rusqlite;
+
+mod pg;
+pub mod sql;
+mod sqlite;
+pub mod testing;
+
+use sql::{Row, Tx, Value, vals};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -15,26 +23,39 @@ pub enum DbError {
     /// SQLite said no (its error kept, with its code).
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL said no, or could not be reached.
+    #[error("database: {}", postgres_reason(.0))]
+    Postgres(#[from] postgres::Error),
     /// The database's thread is gone (the connection was closed).
     #[error("database connection closed")]
     Closed,
+    /// A store thread could not be started.
+    #[error("database: starting a connection thread: {0}")]
+    Thread(std::io::Error),
     /// Stored data did not decode (written by another version?).
     #[error("database holds data this version cannot read: {0}")]
     Corrupt(String),
 }
 
-impl From<tokio_rusqlite::Error<rusqlite::Error>> for DbError {
-    fn from(e: tokio_rusqlite::Error<rusqlite::Error>) -> Self {
-        match e {
-            tokio_rusqlite::Error::Error(e) | tokio_rusqlite::Error::Close((_, e)) => {
-                DbError::Sqlite(e)
+type Result<T> = std::result::Result<T, DbError>;
+
+/// PostgreSQL's own message (its code, and detail where it gives one): the
+/// client's `Display` alone says only "db error".
+fn postgres_reason(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => {
+            let mut out = format!("{} ({}): {}", d.severity(), d.code().code(), d.message());
+            if let Some(detail) = d.detail() {
+                out.push_str(&format!(" ({detail})"));
             }
-            _ => DbError::Closed,
+            out
         }
+        None => match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
     }
 }
-
-type Result<T> = std::result::Result<T, DbError>;
 
 /// Enrolled certificates: SHA-256 of the DER (hex) to the device id.
 pub type Fingerprints = BTreeMap<String, String>;
@@ -260,12 +281,13 @@ const MIGRATIONS: &[&str] = &[
 /// The store.
 #[derive(Debug, Clone)]
 pub struct Db {
-    /// The one writer.
-    conn: tokio_rusqlite::Connection,
-    /// Reads, on their own connection: with WAL they see every committed write
-    /// and never wait behind the writer's batches (the API stays quick while
-    /// telemetry pours in).
-    read: tokio_rusqlite::Connection,
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(sqlite::Sqlite),
+    Postgres(pg::Postgres),
 }
 
 /// A device as listed by the API.
@@ -501,19 +523,26 @@ pub struct Audit {
     pub at: u64,
 }
 
-fn write_audit(c: &rusqlite::Connection, a: &Audit) -> rusqlite::Result<()> {
-    c.execute(
+fn write_audit(t: &mut dyn Tx, a: &Audit) -> Result<()> {
+    t.execute(
         "INSERT INTO audit (at, actor, action, target, before, after) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![
+        vals![
             i(a.at),
-            a.actor,
-            a.action,
-            a.target,
+            a.actor.as_str(),
+            a.action.as_str(),
+            a.target.as_str(),
             a.before.as_ref().map(|b| b.to_string()),
             a.after.as_ref().map(|b| b.to_string())
         ],
     )?;
     Ok(())
+}
+
+fn write_audit_opt(t: &mut dyn Tx, a: Option<&Audit>) -> Result<()> {
+    match a {
+        Some(a) => write_audit(t, a),
+        None => Ok(()),
+    }
 }
 
 /// An identifier (an epoch) stored bit for bit: distinct values stay distinct.
@@ -525,41 +554,103 @@ fn json_or_null(text: Option<String>) -> Option<serde_json::Value> {
     text.and_then(|t| serde_json::from_str(&t).ok())
 }
 
+/// Where the store is: a SQLite file (the default) or a PostgreSQL database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL (`postgres://user@host:port/db`) and how many
+    /// connections serve reads.
+    Postgres {
+        /// The connection URL.
+        url: String,
+        /// Read connections (one more writes).
+        readers: usize,
+    },
+}
+
+impl std::fmt::Display for StoreLocation {
+    /// The location for messages: a URL without its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Sqlite(p) => write!(f, "{}", p.display()),
+            StoreLocation::Postgres { url, .. } => f.write_str(&redact_password(url)),
+        }
+    }
+}
+
+/// `url` with any password replaced by `***`.
+pub fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some((auth, host)) => (auth, host),
+        None => return url.to_owned(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
 impl Db {
-    /// Opens (creating) the database at `path` and applies pending migrations.
+    /// Opens (creating) the SQLite database at `path` and applies pending
+    /// migrations.
     pub async fn open(path: &Path) -> Result<Db> {
-        let conn = tokio_rusqlite::Connection::open(path).await?;
-        conn.call(|c| -> rusqlite::Result<()> {
-            c.pragma_update(None, "journal_mode", "wal")?;
-            c.pragma_update(None, "synchronous", "normal")?;
-            c.pragma_update(None, "foreign_keys", "on")?;
-            c.busy_timeout(std::time::Duration::from_secs(5))?;
-            let version: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
-            for (n, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-                let tx = c.transaction()?;
-                tx.execute_batch(sql)?;
-                tx.pragma_update(None, "user_version", n as i64 + 1)?;
-                tx.commit()?;
-            }
-            Ok(())
+        Ok(Db {
+            backend: Backend::Sqlite(sqlite::Sqlite::open(path).await?),
         })
-        .await?;
-        let read = tokio_rusqlite::Connection::open_with_flags(
-            path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .await?;
-        read.call(|c| c.busy_timeout(std::time::Duration::from_secs(5)))
-            .await?;
-        Ok(Db { conn, read })
+    }
+
+    /// Opens the store at `location`, applying pending migrations.
+    pub async fn open_at(location: &StoreLocation) -> Result<Db> {
+        match location {
+            StoreLocation::Sqlite(p) => Db::open(p).await,
+            StoreLocation::Postgres { url, readers } => Ok(Db {
+                backend: Backend::Postgres(pg::Postgres::connect(url, *readers).await?),
+            }),
+        }
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
     }
 
     /// The schema version (number of migrations applied).
     pub async fn schema_version(&self) -> Result<i64> {
-        Ok(self
-            .read
-            .call(|c| c.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0)))
-            .await?)
+        match &self.backend {
+            Backend::Sqlite(s) => s.schema_version().await,
+            Backend::Postgres(p) => p.schema_version().await,
+        }
+    }
+
+    /// Runs `f` in one write transaction.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
+    {
+        match &self.backend {
+            Backend::Sqlite(s) => s.write(f).await,
+            Backend::Postgres(p) => p.write(f).await,
+        }
+    }
+
+    /// Runs reads.
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
+    {
+        match &self.backend {
+            Backend::Sqlite(s) => s.read(f).await,
+            Backend::Postgres(p) => p.read(f).await,
+        }
     }
 
     // ----- devices -------------------------------------------------------
@@ -572,45 +663,36 @@ impl Db {
         devices: Vec<(DeviceId, Tags, String, Audit)>,
         now: u64,
     ) -> Result<()> {
-        self.conn
-            .call(move |c| -> rusqlite::Result<()> {
-                let tx = c.transaction()?;
-                {
-                    let mut st = tx.prepare_cached(
-                        "INSERT INTO devices (id, tags, enrolled_at, cert_sha256) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT(id) DO UPDATE SET tags = ?2, enrolled_at = ?3, cert_sha256 = ?4",
-                    )?;
-                    for (id, tags, fp, audit) in &devices {
-                        let tags = serde_json::to_string(tags).unwrap_or_else(|_| "{}".into());
-                        st.execute(params![id.as_str(), tags, i(now), fp])?;
-                        write_audit(&tx, audit)?;
-                    }
-                }
-                tx.commit()
-            })
-            .await?;
-        Ok(())
+        self.write(move |t| {
+            for (id, tags, fp, audit) in &devices {
+                let tags = serde_json::to_string(tags).unwrap_or_else(|_| "{}".into());
+                t.execute(
+                    "INSERT INTO devices (id, tags, enrolled_at, cert_sha256) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(id) DO UPDATE SET tags = ?2, enrolled_at = ?3, cert_sha256 = ?4",
+                    vals![id.as_str(), tags, i(now), fp],
+                )?;
+                write_audit(t, audit)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Forgets a device's certificate (revocation); false if it had none (and
     /// then nothing is audited).
     pub async fn revoke(&self, id: &str, audit: Option<Audit>) -> Result<bool> {
         let id = id.to_owned();
-        Ok(self
-            .conn
-            .call(move |c| -> rusqlite::Result<bool> {
-                let tx = c.transaction()?;
-                let changed = tx.execute(
-                    "UPDATE devices SET cert_sha256 = NULL WHERE id = ?1 AND cert_sha256 IS NOT NULL",
-                    [id],
-                )? == 1;
-                if changed && let Some(a) = &audit {
-                    write_audit(&tx, a)?;
-                }
-                tx.commit()?;
-                Ok(changed)
-            })
-            .await?)
+        self.write(move |t| {
+            let changed = t.execute(
+                "UPDATE devices SET cert_sha256 = NULL WHERE id = ?1 AND cert_sha256 IS NOT NULL",
+                vals![id],
+            )? == 1;
+            if changed {
+                write_audit_opt(t, audit.as_ref())?;
+            }
+            Ok(changed)
+        })
+        .await
     }
 
     /// Stores a device's retained state.
@@ -621,88 +703,87 @@ impl Db {
     ) -> Result<()> {
         use edgefleet_shared::protocol::SlotRole;
         let active = s.slots.iter().find(|x| x.role == SlotRole::Active);
-        let row = (
-            s.device.to_string(),
-            s.online,
-            s.agent_version.clone(),
+        let row: Vec<Value> = vec![
+            s.device.to_string().into(),
+            s.online.into(),
+            i(now).into(),
+            s.agent_version.clone().into(),
             serde_json::to_value(&s.arch)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
-            active.map(|a| a.bundle.digest.to_hex()),
-            active.map(|a| a.bundle.channel.to_string()),
-            active.map(|a| a.bundle.version.clone()),
-            serde_json::to_string(s).unwrap_or_default(),
-        );
-        self.conn
-            .call(move |c| {
-                c.execute(
-                    "INSERT INTO devices (id, online, last_seen, agent_version, arch, active_digest, active_channel, active_version, state)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                     ON CONFLICT(id) DO UPDATE SET online = ?2, last_seen = ?3, agent_version = ?4, arch = ?5,
-                        active_digest = ?6, active_channel = ?7, active_version = ?8, state = ?9",
-                    params![row.0, row.1, i(now), row.2, row.3, row.4, row.5, row.6, row.7],
-                )
-            })
-            .await?;
-        Ok(())
+                .unwrap_or_default()
+                .into(),
+            active.map(|a| a.bundle.digest.to_hex()).into(),
+            active.map(|a| a.bundle.channel.to_string()).into(),
+            active.map(|a| a.bundle.version.clone()).into(),
+            serde_json::to_string(s).unwrap_or_default().into(),
+        ];
+        self.write(move |t| {
+            t.execute(
+                "INSERT INTO devices (id, online, last_seen, agent_version, arch, active_digest, active_channel, active_version, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT(id) DO UPDATE SET online = ?2, last_seen = ?3, agent_version = ?4, arch = ?5,
+                    active_digest = ?6, active_channel = ?7, active_version = ?8, state = ?9",
+                &row,
+            )?;
+            Ok(())
+        })
+        .await
     }
 
     /// All devices, by id.
     pub async fn devices(&self) -> Result<Vec<DeviceRow>> {
-        Ok(self
-            .read
-            .call(|c| -> rusqlite::Result<Vec<DeviceRow>> {
-                let mut st = c.prepare(
-                    "SELECT id, tags, enrolled_at, online, last_seen, agent_version, arch,
-                            active_digest, active_channel, active_version
-                     FROM devices ORDER BY id",
-                )?;
-                let rows = st.query_map([], |r| {
-                    Ok(DeviceRow {
-                        id: checked(r, 0)?,
-                        tags: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or_default(),
-                        enrolled: r.get::<_, Option<i64>>(2)?.is_some(),
-                        online: r.get(3)?,
-                        last_seen: r.get::<_, Option<i64>>(4)?.map(u),
-                        agent_version: r.get(5)?,
-                        arch: r.get(6)?,
-                        active_digest: digest_or_none(r, 7)?,
-                        active_channel: r.get(8)?,
-                        active_version: r.get(9)?,
-                    })
-                })?;
-                rows.collect()
+        self.read(|t| {
+            t.query(
+                "SELECT id, tags, enrolled_at, online, last_seen, agent_version, arch,
+                        active_digest, active_channel, active_version
+                 FROM devices ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(DeviceRow {
+                    id: r.id(0)?,
+                    tags: r.json(1)?.unwrap_or_default(),
+                    enrolled: r.get::<Option<i64>>(2)?.is_some(),
+                    online: r.get(3)?,
+                    last_seen: r.get::<Option<i64>>(4)?.map(u),
+                    agent_version: r.get(5)?,
+                    arch: r.get(6)?,
+                    active_digest: r.id_or_none(7)?,
+                    active_channel: r.get(8)?,
+                    active_version: r.get(9)?,
+                })
             })
-            .await?)
+            .collect()
+        })
+        .await
     }
 
     /// The last retained state of a device (JSON), if any.
     pub async fn device_state_json(&self, id: &str) -> Result<Option<serde_json::Value>> {
         let id = id.to_owned();
-        let text: Option<Option<String>> = self
-            .read
-            .call(move |c| {
-                c.query_row("SELECT state FROM devices WHERE id = ?1", [id], |r| {
-                    r.get(0)
-                })
-                .optional()
-            })
-            .await?;
-        Ok(json_or_null(text.flatten()))
+        self.read(move |t| {
+            match t.query_opt("SELECT state FROM devices WHERE id = ?1", vals![id])? {
+                Some(r) => Ok(json_or_null(r.get(0)?)),
+                None => Ok(None),
+            }
+        })
+        .await
     }
 
     /// Certificate fingerprints of enrolled devices: SHA-256 (hex) to device id.
     pub async fn enrolled_fingerprints(&self) -> Result<Fingerprints> {
-        Ok(self
-            .read
-            .call(|c| -> rusqlite::Result<Fingerprints> {
-                let mut st =
-                    c.prepare("SELECT cert_sha256, id FROM devices WHERE cert_sha256 IS NOT NULL")?;
-                let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                rows.collect()
-            })
-            .await?)
+        self.read(|t| {
+            t.query(
+                "SELECT cert_sha256, id FROM devices WHERE cert_sha256 IS NOT NULL",
+                &[],
+            )?
+            .iter()
+            .map(|r| Ok((r.get(0)?, r.get(1)?)))
+            .collect()
+        })
+        .await
     }
 
     // ----- events and telemetry ------------------------------------------
@@ -723,54 +804,52 @@ impl Db {
             })
             .unwrap_or_default();
         let digest = event_digest(&e.kind).map(|d| d.to_hex());
-        let row = (
-            e.device.to_string(),
-            i(e.seq),
-            e.at.0,
-            e.command.map(i),
-            kind,
-            digest,
-            body.to_string(),
-            bits(e.epoch),
-        );
-        Ok(self
-            .conn
-            .call(move |c| {
-                c.execute(
-                    "INSERT OR IGNORE INTO events (device, seq, at, received_at, command, kind, digest, body, epoch)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    params![row.0, row.1, row.2, i(now), row.3, row.4, row.5, row.6, row.7],
-                )
-            })
-            .await?
-            == 1)
+        let row: Vec<Value> = vec![
+            e.device.to_string().into(),
+            i(e.seq).into(),
+            e.at.0.into(),
+            i(now).into(),
+            e.command.map(i).into(),
+            kind.into(),
+            digest.into(),
+            body.to_string().into(),
+            bits(e.epoch).into(),
+        ];
+        self.write(move |t| {
+            Ok(t.execute(
+                "INSERT INTO events (device, seq, at, received_at, command, kind, digest, body, epoch)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING",
+                &row,
+            )? == 1)
+        })
+        .await
     }
 
     /// The latest `limit` events of a device, newest first (by receipt: a device
     /// whose counter started again is not hidden behind its older numbers).
     pub async fn events(&self, device: &str, limit: u32) -> Result<Vec<EventRow>> {
         let device = device.to_owned();
-        Ok(self
-            .read
-            .call(move |c| -> rusqlite::Result<Vec<EventRow>> {
-                let mut st = c.prepare(
-                    "SELECT device, seq, at, command, kind, digest, body FROM events
-                     WHERE device = ?1 ORDER BY received_at DESC, seq DESC LIMIT ?2",
-                )?;
-                let rows = st.query_map(params![device, limit], |r| {
-                    Ok(EventRow {
-                        device: checked(r, 0)?,
-                        seq: u(r.get(1)?),
-                        at: u(r.get(2)?),
-                        command: r.get::<_, Option<i64>>(3)?.map(u),
-                        kind: r.get(4)?,
-                        digest: digest_or_none(r, 5)?,
-                        body: serde_json::from_str(&r.get::<_, String>(6)?).unwrap_or_default(),
-                    })
-                })?;
-                rows.collect()
+        self.read(move |t| {
+            t.query(
+                "SELECT device, seq, at, command, kind, digest, body FROM events
+                 WHERE device = ?1 ORDER BY received_at DESC, seq DESC LIMIT ?2",
+                vals![device, limit],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(EventRow {
+                    device: r.id(0)?,
+                    seq: u(r.get(1)?),
+                    at: u(r.get(2)?),
+                    command: r.get::<Option<i64>>(3)?.map(u),
+                    kind: r.get(4)?,
+                    digest: r.id_or_none(5)?,
+                    body: r.json(6)?.unwrap_or_default(),
+                })
             })
-            .await?)
+            .collect()
+        })
+        .await
     }
 
     /// Stores a batch of telemetry in one transaction; redeliveries are ignored.
@@ -779,62 +858,33 @@ impl Db {
         &self,
         batch: Vec<(edgefleet_shared::protocol::Telemetry, u64)>,
     ) -> Result<usize> {
-        Ok(self
-            .conn
-            .call(move |c| -> rusqlite::Result<usize> {
-                let tx = c.transaction()?;
-                let mut n = 0;
-                {
-                    let mut st = tx.prepare_cached(
-                        "INSERT OR IGNORE INTO telemetry (device, seq, at, received_at, digest, inferences, errors,
-                            latency_counts, cpu_percent, mem_used, rss_bytes, body,
-                            drift_rows, drift_share, drifted, drift_features, shadow, epoch,
-                            spool_dropped)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
-                    )?;
-                    let mut seen = tx.prepare_cached(
-                        "UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE id = ?1",
-                    )?;
-                    let mut latest: BTreeMap<&str, u64> = BTreeMap::new();
-                    for (t, received) in &batch {
-                        let m = t.model.as_ref();
-                        let d = t.drift.as_ref().map(DriftSummary::of);
-                        n += st.execute(params![
-                            t.device.as_str(),
-                            i(t.seq),
-                            t.at.0,
-                            i(*received),
-                            m.map(|m| m.digest.to_hex()),
-                            m.map(|m| i(m.inferences)),
-                            m.map(|m| i(m.errors)),
-                            m.map(|m| serde_json::to_string(&m.latency_counts).unwrap_or_default()),
-                            f64::from(t.device_metrics.cpu_percent),
-                            i(t.device_metrics.mem_used),
-                            i(t.agent.rss_bytes),
-                            serde_json::to_string(t).unwrap_or_default(),
-                            d.as_ref().map(|d| i(d.rows)),
-                            d.as_ref().map(|d| d.drifted_share),
-                            d.as_ref().map(|d| d.drifted),
-                            d.as_ref()
-                                .map(|d| serde_json::to_string(&d.features).unwrap_or_default()),
-                            t.shadow
-                                .as_ref()
-                                .map(|s| serde_json::to_string(s).unwrap_or_default()),
-                            bits(t.epoch),
-                            i(t.agent.spool_dropped),
-                        ])?;
-                        let last = latest.entry(t.device.as_str()).or_insert(0);
-                        *last = (*last).max(*received);
-                    }
-                    // One update per device and batch, not per sample.
-                    for (device, at) in latest {
-                        seen.execute(params![device, i(at)])?;
-                    }
-                }
-                tx.commit()?;
-                Ok(n)
-            })
-            .await?)
+        self.write(move |t| {
+            let mut n = 0;
+            let mut latest: BTreeMap<&str, u64> = BTreeMap::new();
+            for (s, received) in &batch {
+                n += t.execute(
+                    "INSERT INTO telemetry (device, seq, at, received_at, digest, inferences, errors,
+                        latency_counts, cpu_percent, mem_used, rss_bytes, body,
+                        drift_rows, drift_share, drifted, drift_features, shadow, epoch,
+                        spool_dropped)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
+                     ON CONFLICT DO NOTHING",
+                    &telemetry_values(s, *received),
+                )?;
+                let last = latest.entry(s.device.as_str()).or_insert(0);
+                *last = (*last).max(*received);
+            }
+            // One update per device and batch, not per sample.
+            for (device, at) in latest {
+                t.execute(
+                    "UPDATE devices SET last_seen = CASE WHEN COALESCE(last_seen, 0) > ?2
+                        THEN last_seen ELSE ?2 END WHERE id = ?1",
+                    vals![device, i(at)],
+                )?;
+            }
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+        .await
     }
 
     /// The latest telemetry sample of every device received at or after `since`.
@@ -845,23 +895,23 @@ impl Db {
     /// The latest telemetry sample of every device received in `[from, to]`: the
     /// last one received, whatever number the device gave it.
     pub async fn latest_telemetry_between(&self, from: u64, to: u64) -> Result<Vec<TelemetryRow>> {
-        Ok(self
-            .read
-            .call(move |c| -> rusqlite::Result<Vec<TelemetryRow>> {
-                let mut st = c.prepare(
-                    "SELECT t.device, t.seq, t.at, t.received_at, t.digest, t.inferences, t.errors,
-                            t.latency_counts, t.cpu_percent, t.mem_used, t.rss_bytes,
-                            t.drift_rows, t.drift_share, t.drifted, t.drift_features, t.shadow,
-                            t.spool_dropped
-                     FROM telemetry t
-                     JOIN (SELECT MAX(id) AS id FROM telemetry
-                           WHERE received_at BETWEEN ?1 AND ?2 GROUP BY device) l
-                       ON l.id = t.id",
-                )?;
-                let rows = st.query_map([i(from), i(to)], telemetry_row)?;
-                rows.collect()
-            })
-            .await?)
+        self.read(move |t| {
+            t.query(
+                "SELECT t.device, t.seq, t.at, t.received_at, t.digest, t.inferences, t.errors,
+                        t.latency_counts, t.cpu_percent, t.mem_used, t.rss_bytes,
+                        t.drift_rows, t.drift_share, t.drifted, t.drift_features, t.shadow,
+                        t.spool_dropped
+                 FROM telemetry t
+                 JOIN (SELECT MAX(id) AS id FROM telemetry
+                       WHERE received_at BETWEEN ?1 AND ?2 GROUP BY device) l
+                   ON l.id = t.id",
+                vals![i(from), i(to)],
+            )?
+            .iter()
+            .map(telemetry_row)
+            .collect()
+        })
+        .await
     }
 
     /// The latest `limit` telemetry samples of one device received in a time
@@ -874,22 +924,23 @@ impl Db {
         limit: u32,
     ) -> Result<Vec<TelemetryRow>> {
         let device = device.to_owned();
-        Ok(self
-            .read
-            .call(move |c| -> rusqlite::Result<Vec<TelemetryRow>> {
-                let mut st = c.prepare(
+        self.read(move |t| {
+            let mut out = t
+                .query(
                     "SELECT device, seq, at, received_at, digest, inferences, errors, latency_counts,
                             cpu_percent, mem_used, rss_bytes,
                             drift_rows, drift_share, drifted, drift_features, shadow, spool_dropped
                      FROM telemetry WHERE device = ?1 AND received_at BETWEEN ?2 AND ?3
                      ORDER BY id DESC LIMIT ?4",
-                )?;
-                let rows = st.query_map(params![device, i(from), i(to), limit], telemetry_row)?;
-                let mut out: Vec<TelemetryRow> = rows.collect::<rusqlite::Result<_>>()?;
-                out.reverse();
-                Ok(out)
-            })
-            .await?)
+                    vals![device, i(from), i(to), limit],
+                )?
+                .iter()
+                .map(telemetry_row)
+                .collect::<Result<Vec<_>>>()?;
+            out.reverse();
+            Ok(out)
+        })
+        .await
     }
 
     /// The drift reports of one device received in `[from, to]`, oldest first, at
@@ -902,29 +953,27 @@ impl Db {
         limit: u32,
     ) -> Result<Vec<(u64, u64, serde_json::Value)>> {
         let device = device.to_owned();
-        Ok(self
-            .read
-            .call(
-                move |c| -> rusqlite::Result<Vec<(u64, u64, serde_json::Value)>> {
-                    let mut st = c.prepare(
-                        "SELECT at, received_at, json_extract(body, '$.drift') FROM telemetry
+        self.read(move |t| {
+            let mut out = t
+                .query(
+                    "SELECT at, received_at, body FROM telemetry
                      WHERE device = ?1 AND received_at BETWEEN ?2 AND ?3 AND drift_rows IS NOT NULL
                      ORDER BY id DESC LIMIT ?4",
-                    )?;
-                    let rows = st.query_map(params![device, i(from), i(to), limit], |r| {
-                        let text: String = r.get(2)?;
-                        Ok((
-                            u(r.get(0)?),
-                            u(r.get(1)?),
-                            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-                        ))
-                    })?;
-                    let mut out: Vec<_> = rows.collect::<rusqlite::Result<_>>()?;
-                    out.reverse();
-                    Ok(out)
-                },
-            )
-            .await?)
+                    vals![device, i(from), i(to), limit],
+                )?
+                .iter()
+                .map(|r| {
+                    let body: Option<serde_json::Value> = r.json(2)?;
+                    let drift = body
+                        .and_then(|mut b| b.get_mut("drift").map(serde_json::Value::take))
+                        .unwrap_or(serde_json::Value::Null);
+                    Ok((u(r.get(0)?), u(r.get(1)?), drift))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            out.reverse();
+            Ok(out)
+        })
+        .await
     }
 
     /// Stores one part of a sample upload (a redelivery is ignored). When the
@@ -938,51 +987,50 @@ impl Db {
         now: u64,
     ) -> Result<SampleParts> {
         let (device, u) = (device.to_owned(), u.clone());
-        Ok(self
-            .conn
-            .call(move |c| -> rusqlite::Result<SampleParts> {
-                let tx = c.transaction()?;
-                tx.execute(
-                    "INSERT OR IGNORE INTO sample_parts (device, command, digest, part, parts, data, received_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![device, i(u.command), u.digest.to_hex(), u.part, u.parts, u.data, i(now)],
+        self.write(move |t| {
+            t.execute(
+                "INSERT INTO sample_parts (device, command, digest, part, parts, data, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+                vals![
+                    device.as_str(),
+                    i(u.command),
+                    u.digest.to_hex(),
+                    u.part,
+                    u.parts,
+                    u.data,
+                    i(now)
+                ],
+            )?;
+            let sums = t.query_one(
+                "SELECT COUNT(*), COALESCE(SUM(length(data)), 0) FROM sample_parts
+                 WHERE device = ?1 AND command = ?2 AND parts = ?3",
+                vals![device.as_str(), i(u.command), u.parts],
+            )?;
+            let (have, bytes): (u64, u64) = (sums.get(0)?, sums.get(1)?);
+            if bytes > max_len as u64 {
+                t.execute(
+                    "DELETE FROM sample_parts WHERE device = ?1 AND command = ?2",
+                    vals![device.as_str(), i(u.command)],
                 )?;
-                let (have, bytes): (i64, i64) = tx.query_row(
-                    "SELECT COUNT(*), COALESCE(SUM(length(data)), 0) FROM sample_parts
-                     WHERE device = ?1 AND command = ?2 AND parts = ?3",
-                    params![device, i(u.command), u.parts],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )?;
-                if u64::try_from(bytes).unwrap_or(u64::MAX) > max_len as u64 {
-                    tx.execute(
-                        "DELETE FROM sample_parts WHERE device = ?1 AND command = ?2",
-                        params![device, i(u.command)],
-                    )?;
-                    tx.commit()?;
-                    return Ok(SampleParts::TooLarge);
-                }
-                let joined = if have == i64::from(u.parts) {
-                    let mut st = tx.prepare(
-                        "SELECT data FROM sample_parts WHERE device = ?1 AND command = ?2 ORDER BY part",
-                    )?;
-                    let parts = st.query_map(params![device, i(u.command)], |r| r.get::<_, Vec<u8>>(0))?;
-                    let mut all = Vec::new();
-                    for p in parts {
-                        all.extend(p?);
-                    }
-                    drop(st);
-                    tx.execute(
-                        "DELETE FROM sample_parts WHERE device = ?1 AND command = ?2",
-                        params![device, i(u.command)],
-                    )?;
-                    SampleParts::Complete(all)
-                } else {
-                    SampleParts::Waiting
-                };
-                tx.commit()?;
-                Ok(joined)
-            })
-            .await?)
+                return Ok(SampleParts::TooLarge);
+            }
+            if have != u64::from(u.parts) {
+                return Ok(SampleParts::Waiting);
+            }
+            let mut all = Vec::new();
+            for r in t.query(
+                "SELECT data FROM sample_parts WHERE device = ?1 AND command = ?2 ORDER BY part",
+                vals![device.as_str(), i(u.command)],
+            )? {
+                all.extend(r.get::<Vec<u8>>(0)?);
+            }
+            t.execute(
+                "DELETE FROM sample_parts WHERE device = ?1 AND command = ?2",
+                vals![device.as_str(), i(u.command)],
+            )?;
+            Ok(SampleParts::Complete(all))
+        })
+        .await
     }
 
     /// Stores the samples of a complete upload.
@@ -994,36 +1042,33 @@ impl Db {
         now: u64,
     ) -> Result<usize> {
         let device = device.to_owned();
-        Ok(self
-            .conn
-            .call(move |c| -> rusqlite::Result<usize> {
-                let tx = c.transaction()?;
-                {
-                    let mut st = tx.prepare_cached(
-                        "INSERT INTO samples (device, command, digest, at, reason, body, received_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    )?;
-                    for s in &batch.samples {
-                        let reason = serde_json::to_value(s.reason)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default();
-                        st.execute(params![
-                            device,
-                            i(command),
-                            batch.digest.to_hex(),
-                            s.at.0,
-                            reason,
-                            serde_json::to_string(&serde_json::json!({"inputs": s.inputs, "outputs": s.outputs}))
-                                .unwrap_or_default(),
-                            i(now),
-                        ])?;
-                    }
-                }
-                tx.commit()?;
-                Ok(batch.samples.len())
-            })
-            .await?)
+        self.write(move |t| {
+            for s in &batch.samples {
+                let reason = serde_json::to_value(s.reason)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let body = serde_json::to_string(
+                    &serde_json::json!({"inputs": s.inputs, "outputs": s.outputs}),
+                )
+                .unwrap_or_default();
+                t.execute(
+                    "INSERT INTO samples (device, command, digest, at, reason, body, received_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    vals![
+                        device.as_str(),
+                        i(command),
+                        batch.digest.to_hex(),
+                        s.at.0,
+                        reason,
+                        body,
+                        i(now)
+                    ],
+                )?;
+            }
+            Ok(batch.samples.len())
+        })
+        .await
     }
 
     /// Stored samples, oldest first, optionally of one device and/or bundle, at
@@ -1034,134 +1079,120 @@ impl Db {
         digest: Option<String>,
         limit: u32,
     ) -> Result<Vec<SampleRow>> {
-        Ok(self
-            .read
-            .call(move |c| -> rusqlite::Result<Vec<SampleRow>> {
-                let mut st = c.prepare(
-                    "SELECT device, digest, at, reason, body FROM samples
-                     WHERE (?1 IS NULL OR device = ?1) AND (?2 IS NULL OR digest = ?2)
-                     ORDER BY id LIMIT ?3",
-                )?;
-                let rows = st.query_map(params![device, digest, limit], |r| {
-                    let body: String = r.get(4)?;
-                    Ok(SampleRow {
-                        device: checked(r, 0)?,
-                        digest: checked(r, 1)?,
-                        at: r.get(2)?,
-                        reason: r.get(3)?,
-                        body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
-                    })
-                })?;
-                rows.collect()
+        self.read(move |t| {
+            t.query(
+                "SELECT device, digest, at, reason, body FROM samples
+                 WHERE (CAST(?1 AS TEXT) IS NULL OR device = ?1)
+                   AND (CAST(?2 AS TEXT) IS NULL OR digest = ?2)
+                 ORDER BY id LIMIT ?3",
+                vals![device, digest, limit],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(SampleRow {
+                    device: r.id(0)?,
+                    digest: r.id(1)?,
+                    at: r.get(2)?,
+                    reason: r.get(3)?,
+                    body: r.json(4)?.unwrap_or(serde_json::Value::Null),
+                })
             })
-            .await?)
+            .collect()
+        })
+        .await
     }
 
     /// Deletes samples (and stale upload parts) received before `before`.
     pub async fn prune_samples(&self, before: u64) -> Result<usize> {
-        Ok(self
-            .conn
-            .call(move |c| -> rusqlite::Result<usize> {
-                let n = c.execute("DELETE FROM samples WHERE received_at < ?1", [i(before)])?;
-                c.execute(
-                    "DELETE FROM sample_parts WHERE received_at < ?1",
-                    [i(before)],
-                )?;
-                Ok(n)
-            })
-            .await?)
+        self.write(move |t| {
+            let n = t.execute(
+                "DELETE FROM samples WHERE received_at < ?1",
+                vals![i(before)],
+            )?;
+            t.execute(
+                "DELETE FROM sample_parts WHERE received_at < ?1",
+                vals![i(before)],
+            )?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+        .await
     }
 
     /// Deletes telemetry received before `before`; returns how many rows went.
     pub async fn prune_telemetry(&self, before: u64) -> Result<usize> {
-        Ok(self
-            .conn
-            .call(move |c| c.execute("DELETE FROM telemetry WHERE received_at < ?1", [i(before)]))
-            .await?)
+        self.write(move |t| {
+            let n = t.execute(
+                "DELETE FROM telemetry WHERE received_at < ?1",
+                vals![i(before)],
+            )?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+        .await
     }
 
     // ----- bundles -------------------------------------------------------
 
     /// Records an uploaded bundle; false if it was already there.
     pub async fn insert_bundle(&self, b: &BundleRow, audit: Option<Audit>) -> Result<bool> {
-        let b = b.clone();
-        Ok(self
-            .conn
-            .call(move |c| -> rusqlite::Result<bool> {
-                let tx = c.transaction()?;
-                let new = tx.execute(
-                    "INSERT OR IGNORE INTO bundles (digest, channel, version, release, size, chunks, created_at,
-                        expires_at, uploaded_at, uploaded_by, summary)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                    params![
-                        b.digest.to_hex(),
-                        b.channel,
-                        b.version,
-                        i(b.release),
-                        i(b.size),
-                        b.chunks,
-                        i(b.created_at),
-                        i(b.expires_at),
-                        i(b.uploaded_at),
-                        b.uploaded_by,
-                        b.summary.to_string()
-                    ],
-                )? == 1;
-                if new && let Some(a) = &audit {
-                    write_audit(&tx, a)?;
-                }
-                tx.commit()?;
-                Ok(new)
-            })
-            .await?)
+        let row: Vec<Value> = vec![
+            b.digest.to_hex().into(),
+            b.channel.clone().into(),
+            b.version.clone().into(),
+            i(b.release).into(),
+            i(b.size).into(),
+            b.chunks.into(),
+            i(b.created_at).into(),
+            i(b.expires_at).into(),
+            i(b.uploaded_at).into(),
+            b.uploaded_by.clone().into(),
+            b.summary.to_string().into(),
+        ];
+        self.write(move |t| {
+            let new = t.execute(
+                "INSERT INTO bundles (digest, channel, version, release, size, chunks, created_at,
+                    expires_at, uploaded_at, uploaded_by, summary)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT DO NOTHING",
+                &row,
+            )? == 1;
+            if new {
+                write_audit_opt(t, audit.as_ref())?;
+            }
+            Ok(new)
+        })
+        .await
     }
 
     /// All bundles, newest upload first.
     pub async fn bundles(&self) -> Result<Vec<BundleRow>> {
-        self.bundles_where("1 = 1", String::new()).await
+        self.read(|t| {
+            t.query(
+                "SELECT digest, channel, version, release, size, chunks, created_at, expires_at,
+                        uploaded_at, uploaded_by, summary
+                 FROM bundles ORDER BY uploaded_at DESC, digest",
+                &[],
+            )?
+            .iter()
+            .map(bundle_row)
+            .collect()
+        })
+        .await
     }
 
     /// One bundle by digest (hex).
     pub async fn bundle(&self, digest: &Digest) -> Result<Option<BundleRow>> {
-        Ok(self
-            .bundles_where("digest = ?1", digest.to_hex())
-            .await?
-            .into_iter()
-            .next())
-    }
-
-    async fn bundles_where(&self, cond: &'static str, arg: String) -> Result<Vec<BundleRow>> {
-        Ok(self
-            .read
-            .call(move |c| -> rusqlite::Result<Vec<BundleRow>> {
-                let sql = format!(
-                    "SELECT digest, channel, version, release, size, chunks, created_at, expires_at,
-                            uploaded_at, uploaded_by, summary
-                     FROM bundles WHERE {cond} ORDER BY uploaded_at DESC, digest"
-                );
-                let mut st = c.prepare(&sql)?;
-                let map = |r: &rusqlite::Row<'_>| {
-                    Ok(BundleRow {
-                        digest: checked(r, 0)?,
-                        channel: r.get(1)?,
-                        version: r.get(2)?,
-                        release: u(r.get(3)?),
-                        size: u(r.get(4)?),
-                        chunks: r.get(5)?,
-                        created_at: u(r.get(6)?),
-                        expires_at: u(r.get(7)?),
-                        uploaded_at: u(r.get(8)?),
-                        uploaded_by: r.get(9)?,
-                        summary: serde_json::from_str(&r.get::<_, String>(10)?).unwrap_or_default(),
-                    })
-                };
-                if cond.contains("?1") {
-                    st.query_map([arg], map)?.collect()
-                } else {
-                    st.query_map([], map)?.collect()
-                }
-            })
-            .await?)
+        let digest = digest.to_hex();
+        self.read(move |t| {
+            t.query_opt(
+                "SELECT digest, channel, version, release, size, chunks, created_at, expires_at,
+                        uploaded_at, uploaded_by, summary
+                 FROM bundles WHERE digest = ?1",
+                vals![digest],
+            )?
+            .as_ref()
+            .map(bundle_row)
+            .transpose()
+        })
+        .await
     }
 
     // ----- rollouts and commands -------------------------------------------
@@ -1173,22 +1204,24 @@ impl Db {
         phase: &str,
         audit: Option<Audit>,
     ) -> Result<()> {
-        let (r, phase) = (r.clone(), phase.to_owned());
-        self.conn
-            .call(move |c| -> rusqlite::Result<()> {
-                let tx = c.transaction()?;
-                tx.execute(
-                    "INSERT INTO rollouts (id, bundle, created_at, created_by, selector, phase, state, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?3)",
-                    params![r.id, r.bundle.to_hex(), i(r.created_at), r.created_by, r.selector, phase, r.state],
-                )?;
-                if let Some(a) = &audit {
-                    write_audit(&tx, a)?;
-                }
-                tx.commit()
-            })
-            .await?;
-        Ok(())
+        let row: Vec<Value> = vec![
+            r.id.clone().into(),
+            r.bundle.to_hex().into(),
+            i(r.created_at).into(),
+            r.created_by.clone().into(),
+            r.selector.clone().into(),
+            phase.into(),
+            r.state.clone().into(),
+        ];
+        self.write(move |t| {
+            t.execute(
+                "INSERT INTO rollouts (id, bundle, created_at, created_by, selector, phase, state, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?3)",
+                &row,
+            )?;
+            write_audit_opt(t, audit.as_ref())
+        })
+        .await
     }
 
     /// Saves a rollout's engine state and the notes of the step that produced it,
@@ -1203,68 +1236,67 @@ impl Db {
         audit: Option<Audit>,
     ) -> Result<()> {
         let (id, phase) = (id.to_owned(), phase.to_owned());
-        self.conn
-            .call(move |c| -> rusqlite::Result<()> {
-                let tx = c.transaction()?;
-                tx.execute(
-                    "UPDATE rollouts SET phase = ?2, state = ?3, updated_at = ?4 WHERE id = ?1",
-                    params![id, phase, state, i(now)],
+        self.write(move |t| {
+            t.execute(
+                "UPDATE rollouts SET phase = ?2, state = ?3, updated_at = ?4 WHERE id = ?1",
+                vals![id.as_str(), phase, state, i(now)],
+            )?;
+            for n in notes {
+                t.execute(
+                    "INSERT INTO rollout_log (rollout, at, note) VALUES (?1, ?2, ?3)",
+                    vals![id.as_str(), i(now), n],
                 )?;
-                for n in notes {
-                    tx.execute(
-                        "INSERT INTO rollout_log (rollout, at, note) VALUES (?1, ?2, ?3)",
-                        params![id, i(now), n],
-                    )?;
-                }
-                if let Some(a) = &audit {
-                    write_audit(&tx, a)?;
-                }
-                tx.commit()
-            })
-            .await?;
-        Ok(())
+            }
+            write_audit_opt(t, audit.as_ref())
+        })
+        .await
     }
 
     /// Every rollout (newest first), or only those not finished.
     pub async fn rollouts(&self, unfinished_only: bool) -> Result<Vec<RolloutRow>> {
-        Ok(self
-            .read
-            .call(move |c| -> rusqlite::Result<Vec<RolloutRow>> {
-                let sql = if unfinished_only {
+        self.read(move |t| {
+            let rows = if unfinished_only {
+                t.query(
                     "SELECT id, bundle, created_at, created_by, selector, state FROM rollouts
-                     WHERE phase NOT IN ('completed', 'halted', 'aborted') ORDER BY created_at DESC, id"
-                } else {
+                     WHERE phase NOT IN ('completed', 'halted', 'aborted') ORDER BY created_at DESC, id",
+                    &[],
+                )?
+            } else {
+                t.query(
                     "SELECT id, bundle, created_at, created_by, selector, state FROM rollouts
-                     ORDER BY created_at DESC, id"
-                };
-                let mut st = c.prepare(sql)?;
-                let rows = st.query_map([], |r| {
+                     ORDER BY created_at DESC, id",
+                    &[],
+                )?
+            };
+            rows.iter()
+                .map(|r| {
                     Ok(RolloutRow {
                         id: r.get(0)?,
-                        bundle: checked(r, 1)?,
+                        bundle: r.id(1)?,
                         created_at: u(r.get(2)?),
                         created_by: r.get(3)?,
                         selector: r.get(4)?,
                         state: r.get(5)?,
                     })
-                })?;
-                rows.collect()
-            })
-            .await?)
+                })
+                .collect()
+        })
+        .await
     }
 
     /// The log of a rollout, oldest first.
     pub async fn rollout_log(&self, id: &str) -> Result<Vec<(u64, String)>> {
         let id = id.to_owned();
-        Ok(self
-            .read
-            .call(move |c| -> rusqlite::Result<Vec<(u64, String)>> {
-                let mut st =
-                    c.prepare("SELECT at, note FROM rollout_log WHERE rollout = ?1 ORDER BY id")?;
-                let rows = st.query_map([id], |r| Ok((u(r.get(0)?), r.get(1)?)))?;
-                rows.collect()
-            })
-            .await?)
+        self.read(move |t| {
+            t.query(
+                "SELECT at, note FROM rollout_log WHERE rollout = ?1 ORDER BY id",
+                vals![id],
+            )?
+            .iter()
+            .map(|r| Ok((u(r.get(0)?), r.get(1)?)))
+            .collect()
+        })
+        .await
     }
 
     /// Stores commands of one rollout step in one transaction (no audit: the
@@ -1277,31 +1309,25 @@ impl Db {
         now: u64,
     ) -> Result<Vec<u64>> {
         let r = rollout.map(str::to_owned);
-        Ok(self
-            .conn
-            .call(move |c| -> rusqlite::Result<Vec<u64>> {
-                let tx = c.transaction()?;
-                let mut ids = Vec::with_capacity(cmds.len());
-                {
-                    let mut st = tx.prepare_cached(
-                        "INSERT INTO commands (device, rollout, action, issued_at, bundle)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                    )?;
-                    for (d, a, b) in &cmds {
-                        st.execute(params![
-                            d.as_str(),
-                            r,
-                            a,
-                            i(now),
-                            b.as_ref().map(Digest::to_hex)
-                        ])?;
-                        ids.push(u(tx.last_insert_rowid()));
-                    }
-                }
-                tx.commit()?;
-                Ok(ids)
-            })
-            .await?)
+        self.write(move |t| {
+            let mut ids = Vec::with_capacity(cmds.len());
+            for (d, a, b) in &cmds {
+                let row = t.query_one(
+                    "INSERT INTO commands (device, rollout, action, issued_at, bundle)
+                     VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
+                    vals![
+                        d.as_str(),
+                        r.as_deref(),
+                        *a,
+                        i(now),
+                        b.as_ref().map(Digest::to_hex)
+                    ],
+                )?;
+                ids.push(row.get(0)?);
+            }
+            Ok(ids)
+        })
+        .await
     }
 
     /// Allocates a command id (ids are never reused, across restarts).
@@ -1314,36 +1340,34 @@ impl Db {
         now: u64,
         audit: Option<Audit>,
     ) -> Result<u64> {
-        let (d, r, a, b) = (
-            device.to_owned(),
-            rollout.map(str::to_owned),
-            action.to_owned(),
-            bundle.map(edgefleet_shared::Digest::to_hex),
-        );
-        Ok(self
-            .conn
-            .call(move |c| -> rusqlite::Result<u64> {
-                let tx = c.transaction()?;
-                tx.execute(
+        let row: Vec<Value> = vec![
+            device.into(),
+            rollout.into(),
+            action.into(),
+            i(now).into(),
+            bundle.map(edgefleet_shared::Digest::to_hex).into(),
+        ];
+        self.write(move |t| {
+            let id: u64 = t
+                .query_one(
                     "INSERT INTO commands (device, rollout, action, issued_at, bundle)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![d, r, a, i(now), b],
-                )?;
-                let id = u(tx.last_insert_rowid());
-                // The record names the command it was written with.
-                if let Some(mut a) = audit {
-                    let mut after = match a.after.take() {
-                        Some(serde_json::Value::Object(m)) => m,
-                        _ => serde_json::Map::new(),
-                    };
-                    after.insert("command".into(), id.into());
-                    a.after = Some(serde_json::Value::Object(after));
-                    write_audit(&tx, &a)?;
-                }
-                tx.commit()?;
-                Ok(id)
-            })
-            .await?)
+                     VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
+                    &row,
+                )?
+                .get(0)?;
+            // The record names the command it was written with.
+            if let Some(mut a) = audit {
+                let mut after = match a.after.take() {
+                    Some(serde_json::Value::Object(m)) => m,
+                    _ => serde_json::Map::new(),
+                };
+                after.insert("command".into(), id.into());
+                a.after = Some(serde_json::Value::Object(after));
+                write_audit(t, &a)?;
+            }
+            Ok(id)
+        })
+        .await
     }
 
     /// Whether `device` was ever sent an install command for `bundle`.
@@ -1353,33 +1377,19 @@ impl Db {
         bundle: &edgefleet_shared::Digest,
     ) -> Result<bool> {
         let (d, b) = (device.to_owned(), bundle.to_hex());
-        Ok(self
-            .read
-            .call(move |c| -> rusqlite::Result<bool> {
-                c.query_row(
-                    "SELECT EXISTS (SELECT 1 FROM commands WHERE device = ?1 AND bundle = ?2)",
-                    params![d, b],
-                    |r| r.get(0),
-                )
-            })
-            .await?)
+        self.read(move |t| {
+            t.query_one(
+                "SELECT EXISTS (SELECT 1 FROM commands WHERE device = ?1 AND bundle = ?2)",
+                vals![d, b],
+            )?
+            .get(0)
+        })
+        .await
     }
 
     /// The action of command `id` if it was sent to `device`.
     pub async fn command_action(&self, device: &str, id: u64) -> Result<Option<String>> {
-        let device = device.to_owned();
-        Ok(self
-            .read
-            .call(move |c| -> rusqlite::Result<Option<String>> {
-                use rusqlite::OptionalExtension as _;
-                c.query_row(
-                    "SELECT action FROM commands WHERE id = ?1 AND device = ?2",
-                    params![i(id), device],
-                    |r| r.get(0),
-                )
-                .optional()
-            })
-            .await?)
+        Ok(self.command_of(device, id).await?.map(|(action, _)| action))
     }
 
     /// The action and rollout of command `id` sent to `device`, if it was.
@@ -1389,35 +1399,30 @@ impl Db {
         id: u64,
     ) -> Result<Option<(String, Option<String>)>> {
         let device = device.to_owned();
-        Ok(self
-            .read
-            .call(
-                move |c| -> rusqlite::Result<Option<(String, Option<String>)>> {
-                    use rusqlite::OptionalExtension as _;
-                    c.query_row(
-                        "SELECT action, rollout FROM commands WHERE id = ?1 AND device = ?2",
-                        params![i(id), device],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()
-                },
-            )
-            .await?)
+        self.read(move |t| {
+            t.query_opt(
+                "SELECT action, rollout FROM commands WHERE id = ?1 AND device = ?2",
+                vals![i(id), device],
+            )?
+            .map(|r| Ok((r.get(0)?, r.get(1)?)))
+            .transpose()
+        })
+        .await
     }
 
     /// Commands sent to a device: how many per action (for tests and the API).
     pub async fn command_counts(&self, device: &str) -> Result<BTreeMap<String, u64>> {
         let d = device.to_owned();
-        Ok(self
-            .read
-            .call(move |c| -> rusqlite::Result<BTreeMap<String, u64>> {
-                let mut st = c.prepare(
-                    "SELECT action, COUNT(*) FROM commands WHERE device = ?1 GROUP BY action",
-                )?;
-                let rows = st.query_map([d], |r| Ok((r.get(0)?, u(r.get(1)?))))?;
-                rows.collect()
-            })
-            .await?)
+        self.read(move |t| {
+            t.query(
+                "SELECT action, COUNT(*) FROM commands WHERE device = ?1 GROUP BY action",
+                vals![d],
+            )?
+            .iter()
+            .map(|r| Ok((r.get(0)?, r.get(1)?)))
+            .collect()
+        })
+        .await
     }
 
     // ----- audit and tokens ------------------------------------------------
@@ -1440,32 +1445,31 @@ impl Db {
             after,
             at: now,
         };
-        self.conn.call(move |c| write_audit(c, &a)).await?;
-        Ok(())
+        self.write(move |t| write_audit(t, &a)).await
     }
 
     /// The latest `limit` audit records, newest first.
     pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditRow>> {
-        Ok(self
-            .read
-            .call(move |c| -> rusqlite::Result<Vec<AuditRow>> {
-                let mut st = c.prepare(
-                    "SELECT id, at, actor, action, target, before, after FROM audit ORDER BY id DESC LIMIT ?1",
-                )?;
-                let rows = st.query_map([limit], |r| {
-                    Ok(AuditRow {
-                        id: r.get(0)?,
-                        at: u(r.get(1)?),
-                        actor: r.get(2)?,
-                        action: r.get(3)?,
-                        target: r.get(4)?,
-                        before: json_or_null(r.get(5)?),
-                        after: json_or_null(r.get(6)?),
-                    })
-                })?;
-                rows.collect()
+        self.read(move |t| {
+            t.query(
+                "SELECT id, at, actor, action, target, before, after FROM audit ORDER BY id DESC LIMIT ?1",
+                vals![limit],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(AuditRow {
+                    id: r.get(0)?,
+                    at: u(r.get(1)?),
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    target: r.get(4)?,
+                    before: r.json(5)?,
+                    after: r.json(6)?,
+                })
             })
-            .await?)
+            .collect()
+        })
+        .await
     }
 
     /// Stores a token (by its SHA-256 only).
@@ -1477,108 +1481,113 @@ impl Db {
         now: u64,
         audit: Option<Audit>,
     ) -> Result<()> {
-        let row = (sha256.to_owned(), name.to_owned(), role.to_owned());
-        self.conn
-            .call(move |c| -> rusqlite::Result<()> {
-                let tx = c.transaction()?;
-                tx.execute(
-                    "INSERT INTO tokens (sha256, name, role, created_at) VALUES (?1, ?2, ?3, ?4)",
-                    params![row.0, row.1, row.2, i(now)],
-                )?;
-                if let Some(a) = &audit {
-                    write_audit(&tx, a)?;
-                }
-                tx.commit()
-            })
-            .await?;
-        Ok(())
+        let row: Vec<Value> = vec![sha256.into(), name.into(), role.into(), i(now).into()];
+        self.write(move |t| {
+            t.execute(
+                "INSERT INTO tokens (sha256, name, role, created_at) VALUES (?1, ?2, ?3, ?4)",
+                &row,
+            )?;
+            write_audit_opt(t, audit.as_ref())
+        })
+        .await
     }
 
     /// The (name, role) of the token with this SHA-256.
     pub async fn token(&self, sha256: &str) -> Result<Option<(String, String)>> {
         let h = sha256.to_owned();
-        Ok(self
-            .read
-            .call(move |c| {
-                c.query_row(
-                    "SELECT name, role FROM tokens WHERE sha256 = ?1",
-                    [h],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()
-            })
-            .await?)
+        self.read(move |t| {
+            t.query_opt("SELECT name, role FROM tokens WHERE sha256 = ?1", vals![h])?
+                .map(|r| Ok((r.get(0)?, r.get(1)?)))
+                .transpose()
+        })
+        .await
     }
 
     /// How many tokens exist.
     pub async fn token_count(&self) -> Result<u64> {
-        Ok(self
-            .read
-            .call(|c| c.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get::<_, i64>(0)))
+        self.read(|t| t.query_one("SELECT COUNT(*) FROM tokens", &[])?.get(0))
             .await
-            .map(u)?)
     }
 }
 
-/// Column `idx` parsed as a checked id (`DeviceId`, `Digest`): every value was
-/// checked before it was stored, so one that fails the check now is reported as
-/// a conversion failure (not trusted).
-fn checked<T: std::str::FromStr<Err = edgefleet_shared::ids::InvalidId>>(
-    r: &rusqlite::Row<'_>,
-    idx: usize,
-) -> rusqlite::Result<T> {
-    let text: String = r.get(idx)?;
-    text.parse().map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+fn telemetry_values(t: &edgefleet_shared::protocol::Telemetry, received: u64) -> Vec<Value> {
+    let m = t.model.as_ref();
+    let d = t.drift.as_ref().map(DriftSummary::of);
+    vec![
+        t.device.as_str().into(),
+        i(t.seq).into(),
+        t.at.0.into(),
+        i(received).into(),
+        m.map(|m| m.digest.to_hex()).into(),
+        m.map(|m| i(m.inferences)).into(),
+        m.map(|m| i(m.errors)).into(),
+        m.map(|m| serde_json::to_string(&m.latency_counts).unwrap_or_default())
+            .into(),
+        f64::from(t.device_metrics.cpu_percent).into(),
+        i(t.device_metrics.mem_used).into(),
+        i(t.agent.rss_bytes).into(),
+        serde_json::to_string(t).unwrap_or_default().into(),
+        d.as_ref().map(|d| i(d.rows)).into(),
+        d.as_ref().map(|d| d.drifted_share).into(),
+        d.as_ref().map(|d| d.drifted).into(),
+        d.as_ref()
+            .map(|d| serde_json::to_string(&d.features).unwrap_or_default())
+            .into(),
+        t.shadow
+            .as_ref()
+            .map(|s| serde_json::to_string(s).unwrap_or_default())
+            .into(),
+        bits(t.epoch).into(),
+        i(t.agent.spool_dropped).into(),
+    ]
+}
+
+fn bundle_row(r: &Row) -> Result<BundleRow> {
+    Ok(BundleRow {
+        digest: r.id(0)?,
+        channel: r.get(1)?,
+        version: r.get(2)?,
+        release: u(r.get(3)?),
+        size: u(r.get(4)?),
+        chunks: r.get(5)?,
+        created_at: u(r.get(6)?),
+        expires_at: u(r.get(7)?),
+        uploaded_at: u(r.get(8)?),
+        uploaded_by: r.get(9)?,
+        summary: r.json(10)?.unwrap_or_default(),
     })
 }
 
-/// Column `idx` as a digest, or `None` where it is NULL.
-fn digest_or_none(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Option<Digest>> {
-    match r.get_ref(idx)? {
-        rusqlite::types::ValueRef::Null => Ok(None),
-        _ => checked(r, idx).map(Some),
-    }
-}
-
-fn telemetry_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TelemetryRow> {
+fn telemetry_row(r: &Row) -> Result<TelemetryRow> {
     Ok(TelemetryRow {
-        device: checked(r, 0)?,
+        device: r.id(0)?,
         seq: u(r.get(1)?),
         at: u(r.get(2)?),
         received_at: u(r.get(3)?),
-        digest: digest_or_none(r, 4)?,
-        inferences: r.get::<_, Option<i64>>(5)?.map(u),
-        errors: r.get::<_, Option<i64>>(6)?.map(u),
-        latency_counts: r
-            .get::<_, Option<String>>(7)?
-            .and_then(|t| serde_json::from_str(&t).ok()),
+        digest: r.id_or_none(4)?,
+        inferences: r.get::<Option<i64>>(5)?.map(u),
+        errors: r.get::<Option<i64>>(6)?.map(u),
+        latency_counts: r.json(7)?,
         cpu_percent: r.get(8)?,
-        mem_used: r.get::<_, Option<i64>>(9)?.map(u),
-        rss_bytes: r.get::<_, Option<i64>>(10)?.map(u),
+        mem_used: r.get::<Option<i64>>(9)?.map(u),
+        rss_bytes: r.get::<Option<i64>>(10)?.map(u),
         drift: match (
-            r.get::<_, Option<i64>>(11)?,
-            r.get::<_, Option<f64>>(12)?,
-            r.get::<_, Option<bool>>(13)?,
+            r.get::<Option<i64>>(11)?,
+            r.get::<Option<f64>>(12)?,
+            r.get::<Option<bool>>(13)?,
         ) {
             (Some(rows), Some(drifted_share), Some(drifted)) => Some(DriftSummary {
                 rows: u(rows),
                 drifted_share,
                 drifted,
-                features: r
-                    .get::<_, Option<String>>(14)?
-                    .and_then(|t| serde_json::from_str(&t).ok())
-                    .unwrap_or_default(),
+                features: r.json(14)?.unwrap_or_default(),
             }),
             _ => None,
         },
-        shadow: r
-            .get::<_, Option<String>>(15)?
-            .and_then(|t| serde_json::from_str(&t).ok()),
-        spool_dropped: r.get::<_, Option<i64>>(16)?.map(u),
+        shadow: r.json(15)?,
+        spool_dropped: r.get::<Option<i64>>(16)?.map(u),
     })
 }
-
 /// The bundle an event is about.
 pub fn event_digest(
     kind: &edgefleet_shared::protocol::EventKind,

@@ -88,9 +88,11 @@ pub async fn start(
         }
     };
 
-    let db = Db::open(&config.database_path())
+    let store = config.store_location();
+    let db = Db::open_at(&store)
         .await
-        .map_err(|e| err("database")(format!("{}: {e}", config.database_path().display())))?;
+        .map_err(|e| err("database")(format!("{store}: {e}")))?;
+    tracing::info!(backend = db.backend(), at = %store, "store opened");
     let new_admin_token = ensure_admin_token(&db, &data).await?;
     if let Some(ids) = &gate {
         admit_enrolled(&db, ids).await?;

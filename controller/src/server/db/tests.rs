@@ -7,6 +7,119 @@ use edgefleet_shared::protocol::{
 };
 use edgefleet_shared::{Arch, DeviceId, Digest, ModelChannel, UnixTime};
 
+/// The backend a test runs on: every store test runs on both.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh, empty store.
+struct Store {
+    db: Db,
+    /// The SQLite file's directory, kept while the test runs.
+    dir: Option<tempfile::TempDir>,
+    /// The PostgreSQL database's URL.
+    url: Option<String>,
+}
+
+/// A new database on the shared test PostgreSQL server (started on first use).
+async fn postgres_database() -> String {
+    tokio::task::spawn_blocking(|| super::testing::shared().create_database())
+        .await
+        .expect("join")
+        .expect("test database")
+}
+
+/// Runs `sql` on a PostgreSQL database from outside the store.
+async fn postgres_batch(url: &str, sql: &'static str) {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        c.batch_execute(sql).expect("batch");
+    })
+    .await
+    .expect("join");
+}
+
+async fn fresh(kind: Kind) -> Store {
+    match kind {
+        Kind::Sqlite => {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let db = Db::open(&dir.path().join("c.db")).await.expect("open");
+            Store {
+                db,
+                dir: Some(dir),
+                url: None,
+            }
+        }
+        Kind::Postgres => {
+            let url = postgres_database().await;
+            let db = Db::open_at(&StoreLocation::Postgres {
+                url: url.clone(),
+                readers: 2,
+            })
+            .await
+            .expect("connect");
+            assert_eq!(db.backend(), "postgres");
+            Store {
+                db,
+                dir: None,
+                url: Some(url),
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Makes every audit insert fail from now on (a trigger; a full disk or a
+    /// SIGKILL in a real run).
+    async fn refuse_audit(&self) {
+        if let Some(dir) = &self.dir {
+            let c = rusqlite::Connection::open(dir.path().join("c.db")).expect("second connection");
+            c.execute_batch(
+                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'no audit'); END;",
+            )
+            .expect("trigger");
+        }
+        if let Some(url) = &self.url {
+            postgres_batch(
+                url,
+                "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS
+                    $$ BEGIN RAISE EXCEPTION 'no audit'; END $$;
+                 CREATE TRIGGER refuse_audit BEFORE INSERT ON audit
+                    FOR EACH ROW EXECUTE FUNCTION refuse_audit();",
+            )
+            .await;
+        }
+    }
+}
+
+/// Each named test (an `async fn(Kind)`) on SQLite and on PostgreSQL.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Kind::Sqlite).await;
+            })*
+        }
+        mod on_postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Kind::Postgres).await;
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    devices_events_and_telemetry_round_trip,
+    rollouts_commands_and_audit_are_kept,
+    the_latest_report_is_the_last_received_whatever_number_the_device_gave_it,
+    a_change_and_its_audit_record_are_stored_together_or_not_at_all,
+);
+
 fn dev(id: &str) -> DeviceId {
     DeviceId::new(id).expect("device id")
 }
@@ -63,10 +176,9 @@ async fn migrations_apply_once_and_the_file_reopens() {
     assert_eq!(db.token_count().await.expect("count"), 1);
 }
 
-#[tokio::test]
-async fn devices_events_and_telemetry_round_trip() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = Db::open(&dir.path().join("c.db")).await.expect("open");
+async fn devices_events_and_telemetry_round_trip(kind: Kind) {
+    let store = fresh(kind).await;
+    let db = &store.db;
     let tags = BTreeMap::from([("site".to_string(), "north".to_string())]);
     let audit = Audit {
         actor: "admin".into(),
@@ -166,10 +278,9 @@ async fn devices_events_and_telemetry_round_trip() {
     assert_eq!(db.latest_telemetry(0).await.expect("after prune").len(), 1);
 }
 
-#[tokio::test]
-async fn rollouts_commands_and_audit_are_kept() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = Db::open(&dir.path().join("c.db")).await.expect("open");
+async fn rollouts_commands_and_audit_are_kept(kind: Kind) {
+    let store = fresh(kind).await;
+    let db = &store.db;
     let bundle = BundleRow {
         digest: Digest::of(b"aa"),
         channel: "iris".into(),
@@ -322,10 +433,9 @@ async fn a_database_of_schema_1_is_migrated_without_losing_telemetry() {
     );
 }
 
-#[tokio::test]
-async fn the_latest_report_is_the_last_received_whatever_number_the_device_gave_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = Db::open(&dir.path().join("c.db")).await.expect("open");
+async fn the_latest_report_is_the_last_received_whatever_number_the_device_gave_it(kind: Kind) {
+    let store = fresh(kind).await;
+    let db = &store.db;
     let d = Digest::of(b"bundle");
     let sample = |epoch: u64, seq: u64, inferences: u64| {
         let mut t = telemetry("pi-01", seq, d, inferences);
@@ -386,11 +496,9 @@ async fn the_latest_report_is_the_last_received_whatever_number_the_device_gave_
     assert_eq!(commands, vec![Some(2), Some(1)]);
 }
 
-#[tokio::test]
-async fn a_change_and_its_audit_record_are_stored_together_or_not_at_all() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("c.db");
-    let db = Db::open(&path).await.expect("open");
+async fn a_change_and_its_audit_record_are_stored_together_or_not_at_all(kind: Kind) {
+    let store = fresh(kind).await;
+    let db = &store.db;
     let audit = |action: &str, target: &str| {
         Some(Audit {
             actor: "admin".into(),
@@ -424,11 +532,7 @@ async fn a_change_and_its_audit_record_are_stored_together_or_not_at_all() {
     assert_eq!(log[0].after, Some(serde_json::json!({"command": id})));
     // The audit insert fails (a trigger here; a full disk or a SIGKILL in a
     // real run): the change it records is not stored either.
-    let c = rusqlite::Connection::open(&path).expect("second connection");
-    c.execute_batch(
-        "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'no audit'); END;",
-    )
-    .expect("trigger");
+    store.refuse_audit().await;
     assert!(
         db.insert_token("bb", "ci", "viewer", 2, audit("token.create", "ci"))
             .await
@@ -475,4 +579,89 @@ async fn a_change_and_its_audit_record_are_stored_together_or_not_at_all() {
         "a command without its audit record"
     );
     assert_eq!(db.audit_log(10).await.expect("log").len(), 2);
+}
+
+#[tokio::test]
+async fn postgres_migrates_once_even_when_replicas_start_together() {
+    let url = postgres_database().await;
+    let at = StoreLocation::Postgres {
+        url: url.clone(),
+        readers: 1,
+    };
+    // Two controllers starting at the same instant: the advisory lock lets
+    // one migrate, the other then finds the schema in place.
+    let (a, b) = tokio::join!(Db::open_at(&at), Db::open_at(&at));
+    let (a, b) = (a.expect("first"), b.expect("second"));
+    assert_eq!(
+        a.schema_version().await.expect("v"),
+        MIGRATIONS.len() as i64
+    );
+    assert_eq!(
+        b.schema_version().await.expect("v"),
+        MIGRATIONS.len() as i64
+    );
+    a.insert_token("ab", "admin", "admin", 1, None)
+        .await
+        .expect("token");
+    drop((a, b));
+    let again = Db::open_at(&at).await.expect("reopen");
+    assert_eq!(
+        again.token("ab").await.expect("token"),
+        Some(("admin".into(), "admin".into()))
+    );
+    // A bad URL is refused with PostgreSQL's reason, not a hang or a panic.
+    let bad = StoreLocation::Postgres {
+        url: url.replace("/t", "/no_such_database_t"),
+        readers: 1,
+    };
+    let e = Db::open_at(&bad)
+        .await
+        .expect_err("missing database")
+        .to_string();
+    assert!(e.contains("does not exist"), "{e}");
+}
+
+#[tokio::test]
+async fn both_backends_have_the_same_tables_and_columns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.db");
+    Db::open(&path).await.expect("sqlite");
+    let c = rusqlite::Connection::open(&path).expect("open");
+    let mut sqlite = std::collections::BTreeSet::new();
+    let mut st = c
+        .prepare(
+            "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p
+             WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%'",
+        )
+        .expect("prepare");
+    for row in st
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .expect("query")
+    {
+        sqlite.insert(row.expect("row"));
+    }
+    let url = postgres_database().await;
+    Db::open_at(&StoreLocation::Postgres {
+        url: url.clone(),
+        readers: 1,
+    })
+    .await
+    .expect("postgres");
+    let postgres: std::collections::BTreeSet<(String, String)> =
+        tokio::task::spawn_blocking(move || {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+            c.query(
+                "SELECT table_name::text, column_name::text FROM information_schema.columns
+                 WHERE table_schema = 'public' AND table_name <> 'edgefleet_schema'",
+                &[],
+            )
+            .expect("columns")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+        })
+        .await
+        .expect("join");
+    assert!(sqlite.len() > 50, "{sqlite:?}");
+    assert_eq!(sqlite, postgres);
 }
