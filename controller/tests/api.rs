@@ -11,7 +11,7 @@ use axum::http::{Request, StatusCode};
 use edgefleet::server::api::{self, AppState};
 use edgefleet::server::ca::Ca;
 use edgefleet::server::db::Db;
-use edgefleet::server::fleet::{BrokerLink, Fleet};
+use edgefleet::server::fleet::{BrokerLink, Fleet, FleetOptions, Replica};
 use edgefleet_shared::protocol::Topics;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -46,10 +46,13 @@ async fn api() -> Api {
             tls: None,
             command_key: ca.command_key().expect("command key"),
         },
-        dir.path().join("bundles"),
-        Duration::from_secs(1),
-        Duration::from_millis(10),
-        (100, Duration::from_millis(50)),
+        FleetOptions {
+            bundles_dir: dir.path().join("bundles"),
+            tick: Duration::from_secs(1),
+            coalesce: Duration::from_millis(10),
+            telemetry: (100, Duration::from_millis(50)),
+            replica: Replica::default(),
+        },
     )
     .await
     .expect("fleet");

@@ -428,6 +428,12 @@ impl LoadDevice {
     }
 
     fn on_connect(&mut self, client: &AsyncClient) {
+        // Subscribed before saying it is online, as the agent does: the
+        // broker handles a client's packets in order, so a command sent
+        // once the controller sees the device online reaches it (in the
+        // other order, one sent at once was lost and resent a minute later).
+        let commands = Out::Subscribe(self.topic(DeviceTopic::Commands), QoS::AtLeastOnce);
+        self.out(client, commands);
         let state = Out::Publish(
             self.topic(DeviceTopic::State),
             QoS::AtLeastOnce,
@@ -435,8 +441,6 @@ impl LoadDevice {
             self.state(true),
         );
         self.out(client, state);
-        let commands = Out::Subscribe(self.topic(DeviceTopic::Commands), QoS::AtLeastOnce);
-        self.out(client, commands);
         if let Some(d) = &self.download {
             let chunks = Out::Subscribe(self.topics.bundle_chunks(&d.digest), QoS::AtMostOnce);
             self.out(client, chunks);

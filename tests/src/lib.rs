@@ -62,13 +62,13 @@ pub enum TestBroker {
 /// A Mosquitto process on a configuration written by `edgefleet broker
 /// mosquitto` (killed on drop).
 #[derive(Debug)]
-struct Mosquitto(std::process::Child);
+pub struct Mosquitto(std::process::Child);
 
 impl Mosquitto {
     /// Writes Mosquitto's files for the controller whose data directory is
     /// `data` into `dir`, starts it on a free loopback port, and points
     /// `config` at it as its external broker.
-    fn start(dir: &Path, data: &Path, config: &mut ControllerConfig) -> Mosquitto {
+    pub fn start(dir: &Path, data: &Path, config: &mut ControllerConfig) -> Mosquitto {
         use edgefleet::ops::remote::{BrokerCommand, broker};
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -168,6 +168,38 @@ pub fn payload_size(file: &Path) -> u64 {
         .expect("manifest")
         .payload
         .size
+}
+
+/// Enrolls `ids` through `api` (`POST /api/v1/enrollments`, 500 a call) and
+/// writes each device's files into `dir/<id>`; returns them in order.
+pub fn enroll_many(api: &Client, ids: &[String], dir: &Path) -> Vec<TlsFiles> {
+    let mut out = Vec::with_capacity(ids.len());
+    for batch in ids.chunks(500) {
+        let body: Vec<Value> = batch
+            .iter()
+            .map(|id| serde_json::json!({"id": id}))
+            .collect();
+        let v = api
+            .post("/api/v1/enrollments", &serde_json::json!({"devices": body}))
+            .expect("batch enrollment");
+        let answers = v["devices"].as_array().expect("devices");
+        assert_eq!(answers.len(), batch.len(), "one answer per device");
+        for (id, d) in batch.iter().zip(answers) {
+            assert_eq!(d["device"].as_str(), Some(id.as_str()));
+            let mut one = v.clone();
+            for k in ["device", "cert_pem", "key_pem"] {
+                one[k] = d[k].clone();
+            }
+            let files = dir.join(id);
+            write_enrollment(&one, &files).expect("enrollment files");
+            out.push(TlsFiles {
+                ca: files.join("ca.pem"),
+                cert: files.join("device.pem"),
+                key: files.join("device.key"),
+            });
+        }
+    }
+    out
 }
 
 /// The `edgefleet` binary of this build's profile (target/debug or
@@ -373,34 +405,7 @@ impl Harness {
     /// Enrolls `ids` through the batch API (`POST /api/v1/enrollments`, 500
     /// a call) into `<dir>/<id>/`, as `edgefleet devices enroll --count` does.
     pub fn enroll_many(&self, ids: &[String], dir: &Path) -> Vec<TlsFiles> {
-        let mut out = Vec::with_capacity(ids.len());
-        for batch in ids.chunks(500) {
-            let body: Vec<Value> = batch
-                .iter()
-                .map(|id| serde_json::json!({"id": id}))
-                .collect();
-            let v = self
-                .api
-                .post("/api/v1/enrollments", &serde_json::json!({"devices": body}))
-                .expect("batch enrollment");
-            let answers = v["devices"].as_array().expect("devices");
-            assert_eq!(answers.len(), batch.len(), "one answer per device");
-            for (id, d) in batch.iter().zip(answers) {
-                assert_eq!(d["device"].as_str(), Some(id.as_str()));
-                let mut one = v.clone();
-                for k in ["device", "cert_pem", "key_pem"] {
-                    one[k] = d[k].clone();
-                }
-                let files = dir.join(id);
-                write_enrollment(&one, &files).expect("enrollment files");
-                out.push(TlsFiles {
-                    ca: files.join("ca.pem"),
-                    cert: files.join("device.pem"),
-                    key: files.join("device.key"),
-                });
-            }
-        }
-        out
+        enroll_many(&self.api, ids, dir)
     }
 
     /// The ids of `n` load devices: `load-00000`...

@@ -69,6 +69,9 @@ pub struct ServeArgs {
     /// Overrides `database`: a SQLite file or `postgres://user@host:port/db`.
     #[arg(long)]
     pub database: Option<String>,
+    /// Overrides `cluster.replica`: this controller's name among replicas.
+    #[arg(long)]
+    pub replica: Option<String>,
     /// Log JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -351,6 +354,9 @@ pub fn serve(args: ServeArgs) -> Result<i32, CommandError> {
     }
     if let Some(d) = args.database {
         config.database = Some(crate::server::config::DatabaseSetting::Location(d));
+    }
+    if let Some(r) = args.replica {
+        config.cluster.replica = r;
     }
     config.validate(Path::new("flags"))?;
     // rumqttd logs an ERROR for every abrupt client disconnect: off by default.

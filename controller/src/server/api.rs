@@ -246,6 +246,11 @@ impl From<FleetError> for ApiError {
             | FleetError::NotNow(_) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
+            FleetError::OtherReplica { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "other_replica",
+                e.to_string(),
+            ),
         }
     }
 }

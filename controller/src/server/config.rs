@@ -187,6 +187,36 @@ fn is_postgres_url(s: &str) -> bool {
     s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
 
+/// `[cluster]`: this controller as one of several replicas sharing one store
+/// (docs/scale.md, "Replicas"). A lone controller needs none of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This replica's name; each replica of a fleet needs its own.
+    pub replica: String,
+    /// How long the rollout lease lasts unless renewed (ms): the longest a
+    /// dead replica's rollouts wait for another to take them over.
+    pub lease_ms: u64,
+    /// The API URL shown to operators who ask another replica for a rollout
+    /// operation (default `http://<http.listen>` as bound).
+    pub address: Option<String>,
+    /// Telemetry, states and samples through the broker's shared
+    /// subscriptions (`$share/edgefleet/...`), each message to one replica;
+    /// an external broker that has them (Mosquitto 2, EMQX, VerneMQ, HiveMQ).
+    pub shared_subscriptions: bool,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            replica: "controller".into(),
+            lease_ms: 5_000,
+            address: None,
+            shared_subscriptions: false,
+        }
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -208,6 +238,8 @@ pub struct ControllerConfig {
     pub rollouts: RolloutConfig,
     /// Fleet-level drift alerts.
     pub drift: DriftAlertConfig,
+    /// Replicas.
+    pub cluster: ClusterConfig,
 }
 
 impl Default for ControllerConfig {
@@ -221,6 +253,7 @@ impl Default for ControllerConfig {
             telemetry: TelemetryStoreConfig::default(),
             drift: DriftAlertConfig::default(),
             rollouts: RolloutConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -301,6 +334,30 @@ impl ControllerConfig {
         }
         if !(10..=60_000).contains(&self.rollouts.tick_ms) {
             return Err(invalid("rollouts.tick_ms", "must be 10 to 60000"));
+        }
+        let name = &self.cluster.replica;
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(invalid(
+                "cluster.replica",
+                "must be 1 to 64 letters, digits, '.', '_' or '-'",
+            ));
+        }
+        if self.cluster.lease_ms < 3 * self.rollouts.tick_ms || self.cluster.lease_ms > 600_000 {
+            return Err(invalid(
+                "cluster.lease_ms",
+                "must be at least 3 rollouts.tick_ms (it is renewed every tick) and at most 600000",
+            ));
+        }
+        if self.cluster.shared_subscriptions && self.mqtt.mode == BrokerMode::Embedded {
+            return Err(invalid(
+                "cluster.shared_subscriptions",
+                "needs an external broker (mqtt.mode = \"external\"): replicas share one broker",
+            ));
         }
         if self.rollouts.chunk_coalesce_ms > 5_000 {
             return Err(invalid(
@@ -400,7 +457,11 @@ impl ControllerConfig {
              #   requests for the same chunk from several devices.\n\
              # [drift] alert_percent, alert_min_devices: a model version alerts (audit\n\
              #   drift.alert, metric edgefleet_drift_alerts_total) when that share of the\n\
-             #   devices reporting drift for it are drifted.\n\n{body}"
+             #   devices reporting drift for it are drifted.\n\
+             # [cluster] replica: this controller's name among replicas sharing one\n\
+             #   PostgreSQL store (each needs its own); lease_ms: how long the rollout\n\
+             #   lease lasts unless renewed; address: its API URL shown by the others;\n\
+             #   shared_subscriptions: telemetry to one replica each (external broker).\n\n{body}"
         )
     }
 }
@@ -480,6 +541,8 @@ mod tests {
             ("[http]\nmax_connections = 0", "http.max_connections"),
             ("[http]\nheader_timeout_ms = 5", "http.header_timeout_ms"),
             ("database = \"\"", "database"),
+            ("[cluster]\nreplica = \"a b\"", "cluster.replica"),
+            ("[cluster]\nlease_ms = 1000", "cluster.lease_ms"),
             ("[database]\nreaders = 2", "database.url"),
             ("[database]\nurl = \"mysql://x\"", "database.url"),
             (

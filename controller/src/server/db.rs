@@ -35,6 +35,10 @@ pub enum DbError {
     /// Stored data did not decode (written by another version?).
     #[error("database holds data this version cannot read: {0}")]
     Corrupt(String),
+    /// A step of the lease's holder came after the lease passed to another
+    /// replica: nothing of it was stored.
+    #[error("lease {0} is no longer held by this replica")]
+    LeaseLost(&'static str),
 }
 
 type Result<T> = std::result::Result<T, DbError>;
@@ -276,6 +280,18 @@ const MIGRATIONS: &[&str] = &[
     // as it counts them; a gap in `seq` with this count unchanged is a loss
     // the device does not know of.
     "ALTER TABLE telemetry ADD COLUMN spool_dropped INTEGER;",
+    // 9: leases (the replica that runs the rollouts, docs/scale.md "Replicas"):
+    // who holds each, where its API answers, until when (ms).
+    "CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        address TEXT,
+        expires_at INTEGER NOT NULL
+    );",
+    // 10: whether the rollout lease's holder has applied an event to its
+    // rollouts: every replica stores the events it hears, and the holder
+    // applies each once even when another replica stored it first.
+    "ALTER TABLE events ADD COLUMN applied INTEGER NOT NULL DEFAULT 1;",
 ];
 
 /// The store.
@@ -521,6 +537,35 @@ pub struct Audit {
     pub after: Option<serde_json::Value>,
     /// When, ms since the epoch.
     pub at: u64,
+}
+
+/// A lease as it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The replica holding it.
+    pub holder: String,
+    /// Where that replica's API answers, if it said.
+    pub address: Option<String>,
+    /// Until when (ms since the epoch), unless renewed.
+    pub expires_at: u64,
+}
+
+/// A rollout step to store in one transaction: its commands, and its new
+/// state with the step's notes and audit record when the state changed.
+#[derive(Debug, Clone)]
+pub struct RolloutStep {
+    /// Rollout id.
+    pub rollout: String,
+    /// The new phase and state (JSON), if they are to be stored.
+    pub state: Option<(&'static str, String)>,
+    /// Notes for the rollout's log.
+    pub notes: Vec<String>,
+    /// The step's audit record.
+    pub audit: Option<Audit>,
+    /// Commands: (device, action name, bundle).
+    pub commands: Vec<(DeviceId, &'static str, Option<Digest>)>,
+    /// Stored only while this replica holds this lease: (lease, holder).
+    pub fence: Option<(&'static str, String)>,
 }
 
 fn write_audit(t: &mut dyn Tx, a: &Audit) -> Result<()> {
@@ -788,11 +833,15 @@ impl Db {
 
     // ----- events and telemetry ------------------------------------------
 
-    /// Stores an event; false if it was already stored (a redelivery).
+    /// Stores an event. Without `apply`: true if it was new (false for a
+    /// redelivery). With `apply` (the rollout lease's holder): true if it is
+    /// to be applied now: new, or stored by another replica and not yet
+    /// applied; each event is claimed once.
     pub async fn insert_event(
         &self,
         e: &edgefleet_shared::protocol::Event,
         now: u64,
+        apply: bool,
     ) -> Result<bool> {
         let body = serde_json::to_value(e).unwrap_or_default();
         let kind = body
@@ -816,11 +865,21 @@ impl Db {
             bits(e.epoch).into(),
         ];
         self.write(move |t| {
-            Ok(t.execute(
-                "INSERT INTO events (device, seq, at, received_at, command, kind, digest, body, epoch)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING",
-                &row,
-            )? == 1)
+            let changed = if apply {
+                t.execute(
+                    "INSERT INTO events (device, seq, at, received_at, command, kind, digest, body, epoch, applied)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1)
+                     ON CONFLICT (device, epoch, seq) DO UPDATE SET applied = 1 WHERE events.applied = 0",
+                    &row,
+                )?
+            } else {
+                t.execute(
+                    "INSERT INTO events (device, seq, at, received_at, command, kind, digest, body, epoch, applied)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0) ON CONFLICT DO NOTHING",
+                    &row,
+                )?
+            };
+            Ok(changed == 1)
         })
         .await
     }
@@ -1299,37 +1358,6 @@ impl Db {
         .await
     }
 
-    /// Stores commands of one rollout step in one transaction (no audit: the
-    /// engine's own step is audited with the rollout's state); returns their
-    /// ids in order. `cmds` holds (device, action name, bundle).
-    pub async fn new_commands(
-        &self,
-        rollout: Option<&str>,
-        cmds: Vec<(DeviceId, &'static str, Option<Digest>)>,
-        now: u64,
-    ) -> Result<Vec<u64>> {
-        let r = rollout.map(str::to_owned);
-        self.write(move |t| {
-            let mut ids = Vec::with_capacity(cmds.len());
-            for (d, a, b) in &cmds {
-                let row = t.query_one(
-                    "INSERT INTO commands (device, rollout, action, issued_at, bundle)
-                     VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
-                    vals![
-                        d.as_str(),
-                        r.as_deref(),
-                        *a,
-                        i(now),
-                        b.as_ref().map(Digest::to_hex)
-                    ],
-                )?;
-                ids.push(row.get(0)?);
-            }
-            Ok(ids)
-        })
-        .await
-    }
-
     /// Allocates a command id (ids are never reused, across restarts).
     pub async fn new_command(
         &self,
@@ -1421,6 +1449,129 @@ impl Db {
             .iter()
             .map(|r| Ok((r.get(0)?, r.get(1)?)))
             .collect()
+        })
+        .await
+    }
+
+    /// Stores a rollout step (commands, state, notes, audit) in one
+    /// transaction, only while `fence`'s lease is held; returns the commands'
+    /// ids in order.
+    pub async fn step_rollout(&self, step: RolloutStep, now: u64) -> Result<Vec<u64>> {
+        self.write(move |t| {
+            if let Some((lease, holder)) = &step.fence {
+                // A no-op update of our own live lease: it fails if the lease
+                // passed to another replica, and on PostgreSQL it locks the
+                // row, so a takeover waits for this step's commit.
+                let held = t.execute(
+                    "UPDATE leases SET expires_at = expires_at
+                     WHERE name = ?1 AND holder = ?2 AND expires_at >= ?3",
+                    vals![*lease, holder.as_str(), i(now)],
+                )?;
+                if held != 1 {
+                    return Err(DbError::LeaseLost(lease));
+                }
+            }
+            let mut ids = Vec::with_capacity(step.commands.len());
+            for (d, a, b) in &step.commands {
+                let row = t.query_one(
+                    "INSERT INTO commands (device, rollout, action, issued_at, bundle)
+                     VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
+                    vals![
+                        d.as_str(),
+                        step.rollout.as_str(),
+                        *a,
+                        i(now),
+                        b.as_ref().map(Digest::to_hex)
+                    ],
+                )?;
+                ids.push(row.get(0)?);
+            }
+            if let Some((phase, state)) = step.state {
+                t.execute(
+                    "UPDATE rollouts SET phase = ?2, state = ?3, updated_at = ?4 WHERE id = ?1",
+                    vals![step.rollout.as_str(), phase, state, i(now)],
+                )?;
+            }
+            for n in step.notes {
+                t.execute(
+                    "INSERT INTO rollout_log (rollout, at, note) VALUES (?1, ?2, ?3)",
+                    vals![step.rollout.as_str(), i(now), n],
+                )?;
+            }
+            write_audit_opt(t, step.audit.as_ref())?;
+            Ok(ids)
+        })
+        .await
+    }
+
+    // ----- leases ------------------------------------------------------------
+
+    /// Takes or renews lease `name` for `holder` until `now + ttl_ms`: granted
+    /// when it is free, expired, or already `holder`'s. Returns the lease as
+    /// it stands afterwards (another replica's, when it was not granted).
+    pub async fn take_lease(
+        &self,
+        name: &'static str,
+        holder: &str,
+        address: Option<String>,
+        now: u64,
+        ttl_ms: u64,
+    ) -> Result<Lease> {
+        let holder = holder.to_owned();
+        self.write(move |t| {
+            t.execute(
+                "INSERT INTO leases (name, holder, address, expires_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (name) DO UPDATE SET holder = ?2, address = ?3, expires_at = ?4
+                 WHERE leases.holder = ?2 OR leases.expires_at < ?5",
+                vals![
+                    name,
+                    holder.as_str(),
+                    address,
+                    i(now.saturating_add(ttl_ms)),
+                    i(now)
+                ],
+            )?;
+            let r = t.query_one(
+                "SELECT holder, address, expires_at FROM leases WHERE name = ?1",
+                vals![name],
+            )?;
+            Ok(Lease {
+                holder: r.get(0)?,
+                address: r.get(1)?,
+                expires_at: r.get(2)?,
+            })
+        })
+        .await
+    }
+
+    /// Gives lease `name` up if `holder` holds it (a replica shutting down):
+    /// another takes it at its next try instead of after the expiry.
+    pub async fn release_lease(&self, name: &'static str, holder: &str) -> Result<bool> {
+        let holder = holder.to_owned();
+        self.write(move |t| {
+            Ok(t.execute(
+                "UPDATE leases SET expires_at = 0 WHERE name = ?1 AND holder = ?2",
+                vals![name, holder],
+            )? == 1)
+        })
+        .await
+    }
+
+    /// Lease `name` as it stands, if anyone ever took it.
+    pub async fn lease(&self, name: &'static str) -> Result<Option<Lease>> {
+        self.read(move |t| {
+            t.query_opt(
+                "SELECT holder, address, expires_at FROM leases WHERE name = ?1",
+                vals![name],
+            )?
+            .map(|r| {
+                Ok(Lease {
+                    holder: r.get(0)?,
+                    address: r.get(1)?,
+                    expires_at: r.get(2)?,
+                })
+            })
+            .transpose()
         })
         .await
     }

@@ -17,7 +17,7 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use edgefleet_shared::manifest::Manifest;
@@ -31,7 +31,7 @@ use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, Transpo
 use serde::Serialize;
 use tokio::sync::{Mutex, mpsc};
 
-use crate::server::db::{Db, DbError, TelemetryRow};
+use crate::server::db::{Db, DbError, Lease, RolloutStep, TelemetryRow};
 use crate::server::engine::{Effect, Input, NotNow, Phase, Plan, PlanError, Rollout, WaveHealth};
 mod ingest;
 pub use ingest::IngestError;
@@ -179,6 +179,73 @@ pub enum FleetError {
     /// The system gave no randomness for a rollout id (the server's fault).
     #[error("no randomness for a rollout id: {0}")]
     Random(getrandom::Error),
+    /// Rollouts run on another replica (it holds the rollout lease).
+    #[error("rollouts run on replica {holder}{}; send this request there", .address.as_deref().map(|a| format!(" ({a})")).unwrap_or_default())]
+    OtherReplica {
+        /// The replica holding the lease ("nobody yet" before any took it).
+        holder: String,
+        /// Where its API answers, if it said.
+        address: Option<String>,
+    },
+}
+
+/// The lease whose holder runs every rollout's engine and serves chunks.
+pub const ROLLOUT_LEASE: &str = "rollouts";
+
+/// This controller as one of the replicas sharing a store (docs/scale.md,
+/// "Replicas"). A lone controller is a replica too: its lease is renewed on
+/// every tick and taken back at once after a restart (same name).
+#[derive(Debug, Clone)]
+pub struct Replica {
+    /// Its name; replicas of one fleet each need their own.
+    pub name: String,
+    /// Where its API answers (shown to operators who ask another replica).
+    pub address: Option<String>,
+    /// How long the rollout lease lasts unless renewed, ms.
+    pub lease_ms: u64,
+    /// Telemetry, states and samples through the broker's shared
+    /// subscriptions (`$share/edgefleet/...`): each message to one replica.
+    pub shared_ingest: bool,
+}
+
+impl Default for Replica {
+    fn default() -> Self {
+        Replica {
+            name: "controller".into(),
+            address: None,
+            lease_ms: 5_000,
+            shared_ingest: false,
+        }
+    }
+}
+
+impl Replica {
+    /// Its MQTT client id: the controller's identity, with the replica's
+    /// name after it unless it is the default (two clients with one id
+    /// would take the connection from each other).
+    pub fn client_id(&self) -> String {
+        let id = crate::server::ca::CONTROLLER_IDENTITY;
+        if self.name == Replica::default().name {
+            id.to_owned()
+        } else {
+            format!("{id}.{}", self.name)
+        }
+    }
+}
+
+/// How the fleet's tasks run.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// Where bundle files are kept.
+    pub bundles_dir: PathBuf,
+    /// Rollout engine period.
+    pub tick: Duration,
+    /// Wait that merges requests for the same chunk.
+    pub coalesce: Duration,
+    /// Telemetry batches: at most this many samples, or this long.
+    pub telemetry: (usize, Duration),
+    /// This replica.
+    pub replica: Replica,
 }
 
 /// The shared fleet handle.
@@ -203,6 +270,12 @@ pub struct Fleet {
     pub stats: FleetStats,
     /// Fleet-level drift alert: settings and the bundles alerting now.
     drift_alert: std::sync::Mutex<DriftAlertState>,
+    /// This replica.
+    replica: Replica,
+    /// Whether this replica holds the rollout lease (runs the engines).
+    holding: AtomicBool,
+    /// The rollout lease as last seen.
+    lease: std::sync::Mutex<Option<Lease>>,
 }
 
 /// The fleet-level drift alert's settings and state.
@@ -295,26 +368,26 @@ impl Fleet {
         db: Db,
         topics: Topics,
         link: BrokerLink,
-        bundles_dir: PathBuf,
-        tick: Duration,
-        coalesce: Duration,
-        telemetry: (usize, Duration),
+        options: FleetOptions,
     ) -> Result<Arc<Fleet>, FleetError> {
-        let mut options = MqttOptions::new(
-            crate::server::ca::CONTROLLER_IDENTITY,
-            link.host.clone(),
-            link.port,
-        );
-        options.set_max_packet_size(
+        let FleetOptions {
+            bundles_dir,
+            tick,
+            coalesce,
+            telemetry,
+            replica,
+        } = options;
+        let mut mqtt = MqttOptions::new(replica.client_id(), link.host.clone(), link.port);
+        mqtt.set_max_packet_size(
             crate::server::broker::MAX_PAYLOAD,
             crate::server::broker::MAX_PAYLOAD,
         );
-        options.set_keep_alive(Duration::from_secs(30));
-        options.set_clean_session(true);
+        mqtt.set_keep_alive(Duration::from_secs(30));
+        mqtt.set_clean_session(true);
         if let Some(tls) = link.tls {
-            options.set_transport(Transport::tls_with_config(tls.into()));
+            mqtt.set_transport(Transport::tls_with_config(tls.into()));
         }
-        let (client, eventloop) = AsyncClient::new(options, 1024);
+        let (client, eventloop) = AsyncClient::new(mqtt, 1024);
         remove_upload_leftovers(&bundles_dir);
         let (outbox, mut outbox_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
         let fleet = Arc::new(Fleet {
@@ -335,8 +408,13 @@ impl Fleet {
                 config: crate::server::config::DriftAlertConfig::default(),
                 alerting: BTreeSet::new(),
             }),
+            replica,
+            holding: AtomicBool::new(false),
+            lease: std::sync::Mutex::new(None),
         });
-        fleet.load_rollouts().await?;
+        // Take the rollout lease (and with it the unfinished rollouts) now
+        // if it is free or ours; otherwise the ticker keeps trying.
+        fleet.hold_lease(now_ms()).await?;
 
         let (in_tx, mut in_rx) = mpsc::channel::<(String, Vec<u8>)>(4096);
         let (tel_tx, tel_rx) = mpsc::channel::<(Telemetry, u64)>(65_536);
@@ -391,16 +469,23 @@ impl Fleet {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(200);
                     tracing::info!("connected to the broker");
-                    for kind in [
-                        DeviceTopic::State,
-                        DeviceTopic::Events,
-                        DeviceTopic::Telemetry,
-                        DeviceTopic::Fetch,
-                        DeviceTopic::Samples,
+                    // Events and chunk requests reach every replica (the
+                    // rollout lease's holder acts on them); the rest, with
+                    // shared ingest, one replica each.
+                    for (kind, shared) in [
+                        (DeviceTopic::State, true),
+                        (DeviceTopic::Events, false),
+                        (DeviceTopic::Telemetry, true),
+                        (DeviceTopic::Fetch, false),
+                        (DeviceTopic::Samples, true),
                     ] {
-                        let _ = self
-                            .client
-                            .try_subscribe(self.topics.all_devices_filter(kind), QoS::AtLeastOnce);
+                        let filter = self.topics.all_devices_filter(kind);
+                        let filter = if shared && self.replica.shared_ingest {
+                            format!("$share/edgefleet/{filter}")
+                        } else {
+                            filter
+                        };
+                        let _ = self.client.try_subscribe(filter, QoS::AtLeastOnce);
                     }
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
@@ -419,14 +504,89 @@ impl Fleet {
         }
     }
 
-    /// Steps every running rollout each `tick`.
+    /// Each `tick`: renews (or tries to take) the rollout lease, and while
+    /// this replica holds it, steps every running rollout.
     async fn rollout_ticker(self: Arc<Fleet>, tick: Duration) {
         let mut t = tokio::time::interval(tick);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             t.tick().await;
-            if let Err(e) = self.tick_rollouts(now_ms()).await {
+            let now = now_ms();
+            match self.hold_lease(now).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "rollout lease not renewed");
+                    continue;
+                }
+            }
+            if let Err(e) = self.tick_rollouts(now).await {
                 tracing::error!(error = %e, "rollout tick failed");
+            }
+        }
+    }
+
+    /// Takes or renews the rollout lease; returns whether this replica holds
+    /// it. On taking it, the unfinished rollouts are loaded from the store (as
+    /// their last holder left them); on losing it, dropped from memory.
+    async fn hold_lease(&self, now: u64) -> Result<bool, FleetError> {
+        let r = &self.replica;
+        let lease = self
+            .db
+            .take_lease(ROLLOUT_LEASE, &r.name, r.address.clone(), now, r.lease_ms)
+            .await?;
+        let mine = lease.holder == r.name;
+        if let Ok(mut last) = self.lease.lock() {
+            *last = Some(lease.clone());
+        }
+        let mut map = self.rollouts.lock().await;
+        let was = self.holding.swap(mine, Ordering::SeqCst);
+        if mine && !was {
+            map.clear();
+            Self::load_rollouts(&self.db, &mut map).await?;
+            tracing::info!(replica = %r.name, rollouts = map.len(), "this replica runs the rollouts");
+        } else if !mine && was {
+            map.clear();
+            tracing::warn!(replica = %r.name, holder = %lease.holder, "the rollout lease passed to another replica");
+        }
+        Ok(mine)
+    }
+
+    /// Refuses a rollout operation unless this replica runs the rollouts.
+    fn must_hold_lease(&self) -> Result<(), FleetError> {
+        if self.holding.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let lease = self.lease.lock().ok().and_then(|l| l.clone());
+        Err(FleetError::OtherReplica {
+            holder: lease
+                .as_ref()
+                .map_or_else(|| "nobody yet".to_owned(), |l| l.holder.clone()),
+            address: lease.and_then(|l| l.address),
+        })
+    }
+
+    /// The fence of this replica's rollout steps.
+    fn fence(&self) -> Option<(&'static str, String)> {
+        Some((ROLLOUT_LEASE, self.replica.name.clone()))
+    }
+
+    /// Whether this replica runs the rollouts (holds the lease).
+    pub fn runs_rollouts(&self) -> bool {
+        self.holding.load(Ordering::SeqCst)
+    }
+
+    /// Gives the rollout lease up (shutting down), so another replica takes
+    /// it at its next tick instead of after the expiry.
+    pub async fn release_lease(&self) {
+        if self.holding.swap(false, Ordering::SeqCst) {
+            self.rollouts.lock().await.clear();
+            if let Err(e) = self
+                .db
+                .release_lease(ROLLOUT_LEASE, &self.replica.name)
+                .await
+            {
+                tracing::warn!(error = %e, "rollout lease not released");
             }
         }
     }
@@ -451,9 +611,8 @@ impl Fleet {
         Some(b)
     }
 
-    async fn load_rollouts(&self) -> Result<(), FleetError> {
-        let rows = self.db.rollouts(true).await?;
-        let mut map = self.rollouts.lock().await;
+    async fn load_rollouts(db: &Db, map: &mut BTreeMap<String, Active>) -> Result<(), FleetError> {
+        let rows = db.rollouts(true).await?;
         for row in rows {
             let engine: Rollout = serde_json::from_str(&row.state)
                 .map_err(|e| DbError::Corrupt(format!("rollout {}: {e}", row.id)))?;
@@ -668,6 +827,11 @@ impl Fleet {
     /// [`crate::server::fetch_limits`]: only a bundle it was told to install, at most
     /// [`MAX_CHUNKS_PER_REQUEST`] chunks, within its byte budget.
     async fn enqueue_chunks(&self, device: &DeviceId, r: &FetchRequest) -> Result<(), IngestError> {
+        if !self.runs_rollouts() {
+            // The lease's holder serves chunks: every replica hears the
+            // request, one answers it.
+            return Ok(());
+        }
         let Some(bundle) = self.bundle(&r.bundle).await else {
             return Err(IngestError::UnknownBundle(r.bundle));
         };
@@ -813,29 +977,6 @@ impl Fleet {
         Ok(id)
     }
 
-    /// Stores a rollout step's commands in one transaction, then signs and
-    /// publishes each: a wave of thousands of devices is told within a second
-    /// instead of one writer transaction per device (issue 23).
-    async fn send_all(
-        &self,
-        rollout: &str,
-        commands: Vec<(DeviceId, Action)>,
-    ) -> Result<(), FleetError> {
-        if commands.is_empty() {
-            return Ok(());
-        }
-        let now = now_ms();
-        let rows = commands
-            .iter()
-            .map(|(d, a)| (d.clone(), action_name(a), action_bundle(a)))
-            .collect();
-        let ids = self.db.new_commands(Some(rollout), rows, now).await?;
-        for (id, (device, action)) in ids.into_iter().zip(commands) {
-            self.publish_command(id, now, device, action);
-        }
-        Ok(())
-    }
-
     /// Signs a command and queues it for the broker client. Never waits for
     /// the broker: callers hold the rollouts' lock, and the MQTT event loop may
     /// itself be waiting for ingest, which may be waiting for that lock (a
@@ -913,7 +1054,6 @@ impl Fleet {
             }
         }
         let commanded = !commands.is_empty();
-        self.send_all(id, commands).await?;
         let moved = (a.engine.phase.name(), a.engine.wave) != a.audited;
         if progress_only && !commanded && !moved && notes.is_empty() {
             // A member's progress and nothing else: stored at the next tick,
@@ -922,12 +1062,35 @@ impl Fleet {
             return Ok(());
         }
         let state = serde_json::to_string(&a.engine).unwrap_or_default();
-        if state != a.saved || !notes.is_empty() {
-            let now_at = (a.engine.phase.name(), a.engine.wave);
-            let audit = step_audit(id, a.audited, now_at, notes.last().cloned(), by, now);
-            self.db
-                .save_rollout(id, a.engine.phase.name(), state.clone(), notes, now, audit)
-                .await?;
+        let changed = state != a.saved || !notes.is_empty();
+        if !commanded && !changed {
+            return Ok(());
+        }
+        // The commands and the state that says who was told, in one
+        // transaction, fenced by the lease: a replica taking over finds
+        // either both or neither, so no device is told twice for a wave.
+        // Published only once stored.
+        let now_at = (a.engine.phase.name(), a.engine.wave);
+        let step = RolloutStep {
+            rollout: id.to_owned(),
+            state: changed.then(|| (a.engine.phase.name(), state.clone())),
+            audit: if changed {
+                step_audit(id, a.audited, now_at, notes.last().cloned(), by, now)
+            } else {
+                None
+            },
+            notes,
+            commands: commands
+                .iter()
+                .map(|(d, act)| (d.clone(), action_name(act), action_bundle(act)))
+                .collect(),
+            fence: self.fence(),
+        };
+        let ids = self.db.step_rollout(step, now).await?;
+        for (cid, (device, action)) in ids.into_iter().zip(commands) {
+            self.publish_command(cid, now, device, action);
+        }
+        if changed {
             a.saved = state;
             a.audited = now_at;
         }
@@ -992,6 +1155,7 @@ impl Fleet {
         }
         let now = now_ms();
         let mut map = self.rollouts.lock().await;
+        self.must_hold_lease()?;
         for (other, a) in map.iter() {
             if !a.engine.phase.finished()
                 && let Some(d) = devices.iter().find(|d| a.engine.members.contains_key(*d))
@@ -1066,6 +1230,7 @@ impl Fleet {
     ) -> Result<(Rollout, Rollout), FleetError> {
         let now = now_ms();
         let mut map = self.rollouts.lock().await;
+        self.must_hold_lease()?;
         let Some(a) = map.get_mut(id) else {
             let exists = self.db.rollouts(false).await?.iter().any(|r| r.id == id);
             return Err(if exists {

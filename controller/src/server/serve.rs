@@ -12,7 +12,7 @@ use crate::server::api::{self, AppState};
 use crate::server::ca::Ca;
 use crate::server::config::{BrokerMode, ControllerConfig};
 use crate::server::db::Db;
-use crate::server::fleet::{BrokerLink, Fleet, RETENTION_MS, now_ms};
+use crate::server::fleet::{BrokerLink, Fleet, FleetOptions, RETENTION_MS, Replica, now_ms};
 
 /// What a started controller tells its caller (printed by the CLI; used by tests).
 #[derive(Debug, Clone)]
@@ -97,22 +97,49 @@ pub async fn start(
     if let Some(ids) = &gate {
         admit_enrolled(&db, ids).await?;
     }
-    let fleet = Fleet::start(
-        db,
-        topics,
-        link,
-        data.join("bundles"),
-        Duration::from_millis(config.rollouts.tick_ms),
-        Duration::from_millis(config.rollouts.chunk_coalesce_ms),
-        (
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|e| err("http.listen")(format!("{}: {e}", config.http.listen)))?;
+    let http = listener.local_addr().map_err(err("http.listen"))?;
+    let options = FleetOptions {
+        bundles_dir: data.join("bundles"),
+        tick: Duration::from_millis(config.rollouts.tick_ms),
+        coalesce: Duration::from_millis(config.rollouts.chunk_coalesce_ms),
+        telemetry: (
             config.telemetry.batch_max as usize,
             Duration::from_millis(config.telemetry.batch_ms),
         ),
-    )
-    .await
-    .map_err(err("fleet"))?;
+        replica: Replica {
+            name: config.cluster.replica.clone(),
+            address: Some(
+                config
+                    .cluster
+                    .address
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{http}")),
+            ),
+            lease_ms: config.cluster.lease_ms,
+            shared_ingest: config.cluster.shared_subscriptions,
+        },
+    };
+    let fleet = Fleet::start(db, topics, link, options)
+        .await
+        .map_err(err("fleet"))?;
     fleet.set_drift_alert(config.drift.clone());
+    if !fleet.runs_rollouts() {
+        tracing::info!(
+            replica = %config.cluster.replica,
+            "another replica holds the rollout lease; this one takes it if that one stops"
+        );
+    }
 
+    // On shutdown, the rollout lease is given up for another replica to take
+    // at once (not after its expiry).
+    let leaving = fleet.clone();
+    let shutdown = async move {
+        shutdown.await;
+        leaving.release_lease().await;
+    };
     let state = AppState {
         fleet,
         ca,
@@ -123,10 +150,6 @@ pub async fn start(
         gate,
         gate_stats,
     };
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
-        .map_err(|e| err("http.listen")(format!("{}: {e}", config.http.listen)))?;
-    let http = listener.local_addr().map_err(err("http.listen"))?;
     let app = api::router(state);
     let limits = config.http.connection_limits();
     let server = edgefleet_agent::http::serve(listener, app, limits, shutdown);

@@ -20,9 +20,10 @@ type Result<T> = std::result::Result<T, DbError>;
 /// store existed before them); every later migration is written for both
 /// backends, with the same number (a test checks that both end at the same
 /// version with the same columns).
-const PG_MIGRATIONS: &[(i64, &str)] = &[(
-    8,
-    r#"CREATE TABLE devices (
+const PG_MIGRATIONS: &[(i64, &str)] = &[
+    (
+        8,
+        r#"CREATE TABLE devices (
         id TEXT COLLATE "C" PRIMARY KEY,
         tags TEXT NOT NULL DEFAULT '{}',
         enrolled_at BIGINT,
@@ -150,7 +151,21 @@ const PG_MIGRATIONS: &[(i64, &str)] = &[(
     );
     CREATE INDEX samples_by_bundle ON samples(digest, device);
     CREATE INDEX samples_by_time ON samples(received_at);"#,
-)];
+    ),
+    (
+        9,
+        r#"CREATE TABLE leases (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        holder TEXT NOT NULL,
+        address TEXT,
+        expires_at BIGINT NOT NULL
+    );"#,
+    ),
+    (
+        10,
+        "ALTER TABLE events ADD COLUMN applied BIGINT NOT NULL DEFAULT 1;",
+    ),
+];
 
 /// The advisory lock key under which migrations run ("edgeflt" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0065_6467_6566_6c74;

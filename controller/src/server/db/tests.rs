@@ -243,10 +243,51 @@ async fn devices_events_and_telemetry_round_trip(kind: Kind) {
         command: Some(3),
         kind: EventKind::InstallStarted { digest: d },
     };
-    assert!(db.insert_event(&event, 30).await.expect("event"));
+    assert!(db.insert_event(&event, 30, true).await.expect("event"));
     assert!(
-        !db.insert_event(&event, 31).await.expect("again"),
+        !db.insert_event(&event, 31, true).await.expect("again"),
         "a redelivery"
+    );
+    // Replicas: one that does not run rollouts stores an event first; the
+    // lease's holder then claims it once, and nobody again.
+    let mut heard_by_both = event.clone();
+    heard_by_both.device = dev("pi-02");
+    assert!(
+        db.insert_event(&heard_by_both, 32, false)
+            .await
+            .expect("stored by the other replica")
+    );
+    assert!(
+        db.insert_event(&heard_by_both, 33, true)
+            .await
+            .expect("claimed by the holder")
+    );
+    assert!(
+        !db.insert_event(&heard_by_both, 34, true)
+            .await
+            .expect("once")
+    );
+    assert!(
+        !db.insert_event(&heard_by_both, 35, false)
+            .await
+            .expect("stored")
+    );
+    let mut heard_by_holder_first = event.clone();
+    heard_by_holder_first.device = dev("pi-03");
+    assert!(
+        db.insert_event(&heard_by_holder_first, 36, true)
+            .await
+            .expect("holder")
+    );
+    assert!(
+        !db.insert_event(&heard_by_holder_first, 37, false)
+            .await
+            .expect("other")
+    );
+    assert!(
+        !db.insert_event(&heard_by_holder_first, 38, true)
+            .await
+            .expect("again")
     );
     let events = db.events("pi-01", 10).await.expect("events");
     assert_eq!(events.len(), 1);
@@ -477,17 +518,17 @@ async fn the_latest_report_is_the_last_received_whatever_number_the_device_gave_
         kind: EventKind::InstallStarted { digest: d },
     };
     assert!(
-        db.insert_event(&event(old_epoch, 1_000_000_000, 1), 10)
+        db.insert_event(&event(old_epoch, 1_000_000_000, 1), 10, true)
             .await
             .expect("e")
     );
     assert!(
-        db.insert_event(&event(new_epoch, 1, 2), 20)
+        db.insert_event(&event(new_epoch, 1, 2), 20, true)
             .await
             .expect("e")
     );
     assert!(
-        !db.insert_event(&event(new_epoch, 1, 2), 30)
+        !db.insert_event(&event(new_epoch, 1, 2), 30, true)
             .await
             .expect("e")
     );

@@ -114,7 +114,10 @@ impl Fleet {
             DeviceTopic::Events => {
                 let e: Event = protocol::decode(payload)?;
                 same(&e.device)?;
-                if self.db.insert_event(&e, now).await? {
+                // Every replica stores the event; the rollout lease's holder
+                // applies it, once, whichever replica stored it first.
+                let holder = self.runs_rollouts();
+                if self.db.insert_event(&e, now, holder).await? && holder {
                     self.on_event(&e, now).await?;
                 }
             }

@@ -1,0 +1,312 @@
+//! Two controller replicas (`edgefleet serve` processes) on one PostgreSQL
+//! store and one Mosquitto broker, sharing a data directory (the CA, the
+//! command key, the bundles): one holds the rollout lease and runs the
+//! rollouts, the other answers the API and shares the telemetry (MQTT shared
+//! subscriptions). The holder is killed with SIGKILL mid-rollout: the other
+//! takes the lease over and finishes the rollout, and no device is sent the
+//! install twice.
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use edgefleet::ops::remote::{ApiArgs, Client};
+use edgefleet::server::config::{ControllerConfig, DatabaseSetting};
+use edgefleet_devices::load::{LoadFleet, LoadSettings, LoadSpec};
+use edgefleet_tests::{MODELS, Mosquitto, edgefleet_bin, enroll_many, wait_for};
+use serde_json::json;
+
+struct Replica {
+    child: Child,
+    api: Client,
+}
+
+impl Replica {
+    fn start(config: &Path, name: &str, data: &Path) -> Replica {
+        let mut child = Command::new(edgefleet_bin())
+            .args(["serve", "--config"])
+            .arg(config)
+            .args(["--replica", name])
+            // Warnings, or what the caller's EDGEFLEET_LOG asks for.
+            .env(
+                "EDGEFLEET_LOG",
+                std::env::var("EDGEFLEET_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("replica starts");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let url = loop {
+            let line = lines.next().expect("readiness line").expect("line");
+            if let Some(u) = line.strip_prefix("controller API listening on ") {
+                break u.to_owned();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        let token = std::fs::read_to_string(data.join("admin-token")).expect("token");
+        Replica {
+            child,
+            api: Client::new(&ApiArgs {
+                controller: url,
+                token: Some(token.trim().to_owned()),
+                json: false,
+            }),
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `sql` with one text parameter on the test database; rows of text
+/// and numbers as JSON.
+fn query(url: &str, sql: &'static str, param: &str) -> Vec<(String, i64)> {
+    let (url, param) = (url.to_owned(), param.to_owned());
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        c.query(sql, &[&param])
+            .expect("query")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    })
+    .join()
+    .expect("join")
+}
+
+#[test]
+fn a_rollout_survives_killing_the_replica_that_runs_it() {
+    const N: usize = 40;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _enter = runtime.enter();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("controller");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let (_, _, key) =
+        edgefleet::ops::operator::generate_key(&dir.path().join("keys"), "alice").expect("key");
+    let now = edgefleet_shared::UnixTime::now();
+    let root = edgefleet::ops::operator::new_trust_root(
+        &[edgefleet::ops::operator::KeyFile::Public(key.public())],
+        1,
+        1,
+        now.plus_days(30),
+        std::slice::from_ref(&key),
+    )
+    .expect("trust root");
+    edgefleet::ops::operator::save_trust_root(&data.join("trust-root.cbor"), &root).expect("save");
+
+    // One store, one broker, one configuration for both replicas.
+    let url = edgefleet::server::db::testing::shared()
+        .create_database()
+        .expect("test database");
+    let mut config = ControllerConfig {
+        data_dir: data.clone(),
+        database: Some(DatabaseSetting::Location(url.clone())),
+        ..ControllerConfig::default()
+    };
+    let _mosquitto = Mosquitto::start(&dir.path().join("broker"), &data, &mut config);
+    config.http.listen = ([127, 0, 0, 1], 0).into();
+    config.rollouts.tick_ms = 200;
+    config.cluster.lease_ms = 1_500;
+    config.cluster.shared_subscriptions = true;
+    let config_file = dir.path().join("controller.toml");
+    std::fs::write(
+        &config_file,
+        toml::to_string(&config).expect("config as TOML"),
+    )
+    .expect("config file");
+
+    let mut a = Replica::start(&config_file, "a", &data);
+    let b = Replica::start(&config_file, "b", &data);
+    // `a` started first and holds the lease: `b` answers reads and sends
+    // rollout operations to it, by name and address.
+    let refused = b
+        .api
+        .post("/api/v1/rollouts/ro-x/pause", &json!({}))
+        .expect_err("b does not run rollouts")
+        .to_string();
+    assert!(
+        refused.contains("replica a") && refused.contains("http://127.0.0.1:"),
+        "{refused}"
+    );
+
+    let ids: Vec<String> = (0..N).map(|i| format!("rep-{i:03}")).collect();
+    let files = enroll_many(&b.api, &ids, &dir.path().join("devices"));
+    let specs: Vec<LoadSpec> = ids
+        .iter()
+        .zip(files)
+        .map(|(id, tls)| LoadSpec {
+            id: id.clone(),
+            tls,
+        })
+        .collect();
+    let broker_port: u16 = config
+        .mqtt
+        .url
+        .as_deref()
+        .and_then(|u| u.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("broker port");
+    let settings = LoadSettings {
+        broker: ([127, 0, 0, 1], broker_port).into(),
+        topic_prefix: config.mqtt.topic_prefix.clone(),
+        controller_key: specs[0].tls.ca.with_file_name("controller.pub"),
+        telemetry_interval: Duration::from_millis(500),
+        requests_per_s: 5,
+    };
+    let fleet = runtime
+        .block_on(LoadFleet::start(&settings, specs))
+        .expect("load fleet");
+    let online = |api: &Client| {
+        api.get("/api/v1/devices?state=online&limit=1")
+            .ok()
+            .and_then(|v| v["total"].as_u64())
+            .unwrap_or(0)
+    };
+    wait_for("every device online, seen by b", || {
+        (online(&b.api) == N as u64).then_some(())
+    });
+
+    let bundle = dir.path().join("v1.efb");
+    let options = edgefleet::ops::operator::BuildOptions {
+        golden: Some(Path::new(MODELS).join("iris_golden.json")),
+        expires_in_days: 30,
+        ..edgefleet::ops::operator::BuildOptions::new(
+            Path::new(MODELS).join("iris_logreg.onnx"),
+            edgefleet_shared::ModelChannel::new("iris").expect("channel"),
+            semver::Version::new(1, 0, 0),
+            1,
+            now,
+        )
+    };
+    edgefleet::ops::operator::build_bundle(&options, &bundle).expect("build");
+    edgefleet::ops::operator::sign_bundle(&bundle, std::slice::from_ref(&key)).expect("sign");
+    let digest = b.api.upload("/api/v1/bundles", &bundle).expect("upload")["bundle"]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned();
+    let id = a
+        .api
+        .post(
+            "/api/v1/rollouts",
+            &json!({
+                "bundle": digest,
+                "selector": {"all": true},
+                "waves": ["1", "25%", "100%"],
+                "gates": {"soak_ms": 1500},
+            }),
+        )
+        .expect("rollout on the lease's holder")["rollout"]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let view =
+        |api: &Client| api.get(&format!("/api/v1/rollouts/{id}")).expect("view")["rollout"].clone();
+    // Kill the holder once the second wave is under way (seen through b,
+    // which reads the rollout from the store).
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while view(&b.api)["wave"].as_u64() < Some(2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no wave 2 in 90 s: {}\ndevices: {:?}\nlease: {:?}",
+            view(&b.api),
+            fleet.stats(),
+            query(
+                &url,
+                "SELECT holder, expires_at FROM leases WHERE name <> $1",
+                ""
+            )
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = view(&b.api);
+    assert_ne!(before["phase"], "completed", "killed too late: {before}");
+    // Shared subscriptions: each report reached one replica, not both.
+    let sent_so_far = fleet.stats().telemetry_sent.load(Ordering::Relaxed);
+    let heard =
+        metric(&a.api, "edgefleet_messages_total") + metric(&b.api, "edgefleet_messages_total");
+    assert!(
+        heard < sent_so_far * 3 / 2,
+        "the replicas heard {heard} messages for {sent_so_far} reports: telemetry not shared"
+    );
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+
+    let rejected = query(
+        &url,
+        "SELECT body, COUNT(*) FROM events WHERE kind <> $1 AND kind = 'command_rejected' GROUP BY body",
+        "",
+    );
+    assert!(rejected.is_empty(), "commands refused: {rejected:?}");
+    let done = wait_for("b to take over and complete the rollout", || {
+        let r = view(&b.api);
+        matches!(r["phase"].as_str(), Some("completed" | "halted")).then_some(r)
+    });
+    assert_eq!(done["phase"], "completed", "{done}");
+    for d in &ids {
+        assert_eq!(done["members"][d]["state"], "succeeded", "{d}: {done}");
+    }
+    let log = done["log"].to_string();
+    assert!(log.contains("rollout complete"), "{log}");
+    // b runs rollouts now: an operation on the finished rollout is answered
+    // by b itself (a conflict, not "another replica").
+    let e = b
+        .api
+        .post(&format!("/api/v1/rollouts/{id}/pause"), &json!({}))
+        .expect_err("finished")
+        .to_string();
+    assert!(e.contains("finished"), "{e}");
+
+    // Every device installed once, and was told once.
+    let digest: edgefleet_shared::Digest = digest.parse().expect("digest");
+    assert_eq!(fleet.serving().get(&digest), Some(&N));
+    let stats = fleet.stats();
+    assert_eq!(stats.installs.load(Ordering::Relaxed), N as u64);
+    assert_eq!(stats.chunks_rejected.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.commands_refused.load(Ordering::Relaxed), 0);
+    let told = query(
+        &url,
+        "SELECT device, COUNT(*) FROM commands WHERE rollout = $1 AND action = 'install'
+         GROUP BY device",
+        &id,
+    );
+    assert_eq!(told.len(), N, "{told:?}");
+    assert!(
+        told.iter().all(|(_, n)| *n == 1),
+        "a device told twice: {told:?}"
+    );
+    // Telemetry was stored once per report, whichever replica took it; what
+    // the killed replica had received but not yet stored is lost (reports are
+    // acknowledged to the broker on receipt: docs/scale.md, "Replicas").
+    let sent = stats.telemetry_sent.load(Ordering::Relaxed) as i64;
+    runtime.block_on(fleet.stop());
+    std::thread::sleep(Duration::from_secs(2)); // b's last batch
+    let stored = query(
+        &url,
+        "SELECT 'all', COUNT(*) FROM telemetry WHERE device <> $1",
+        "",
+    )[0]
+    .1;
+    println!("telemetry: {stored} stored of {sent} sent");
+    assert!(stored <= sent, "{stored} stored of {sent}: counted twice");
+    assert!(stored >= sent * 9 / 10, "{stored} stored of {sent}");
+}
+
+/// A counter from a replica's `/metrics`.
+fn metric(api: &Client, name: &str) -> u64 {
+    let text = api.get_text("/metrics").expect("metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
