@@ -387,9 +387,18 @@ pub fn router(state: AppState) -> axum::Router {
         )
         .route("/api/v1/bundles/{digest}", get(show_bundle))
         .route("/api/v1/bundles/{digest}/file", get(download_bundle))
-        .route("/api/v1/rollouts", get(list_rollouts).post(start_rollout))
+        .merge(
+            // Rollout operations are carried out by the replica that runs the
+            // rollouts: the others forward them (docs/scale.md, "Replicas").
+            axum::Router::new()
+                .route("/api/v1/rollouts", get(list_rollouts).post(start_rollout))
+                .route("/api/v1/rollouts/{id}/{action}", post(operate_rollout))
+                .route_layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    to_rollout_holder,
+                )),
+        )
         .route("/api/v1/rollouts/{id}", get(show_rollout))
-        .route("/api/v1/rollouts/{id}/{action}", post(operate_rollout))
         .route("/api/v1/telemetry/summary", get(telemetry_summary))
         .route("/api/v1/audit", get(audit_log))
         .route("/api/v1/tokens", post(create_token))
@@ -398,6 +407,92 @@ pub fn router(state: AppState) -> axum::Router {
         .layer(DefaultBodyLimit::max(256 * 1024))
         .layer(axum::middleware::map_response(uniform_errors))
         .with_state(state)
+}
+
+/// Marks a request forwarded by another replica (never forwarded again).
+pub const FORWARDED_BY: &str = "x-edgefleet-forwarded-by";
+
+/// Largest rollout request forwarded (the API's own body limit).
+const MAX_FORWARDED_BODY: usize = 256 * 1024;
+
+/// Sends a rollout operation (a POST) to the replica holding the rollout
+/// lease when it is not this one, with the caller's token, and relays the
+/// answer; the holder authenticates, authorises and audits it. Where the
+/// holder cannot be reached, the handler answers (503 `other_replica`, naming
+/// it).
+async fn to_rollout_holder(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let forwardable = req.method() == axum::http::Method::POST
+        && !req.headers().contains_key(FORWARDED_BY)
+        && !s.fleet.runs_rollouts();
+    let Some(address) = s
+        .fleet
+        .rollout_holder()
+        .and_then(|(_, a)| a)
+        .filter(|_| forwardable)
+    else {
+        return next.run(req).await;
+    };
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_FORWARDED_BODY).await else {
+        return ApiError::invalid(format!("request body over {MAX_FORWARDED_BODY} bytes"))
+            .into_response();
+    };
+    let url = format!(
+        "{}{}",
+        address.trim_end_matches('/'),
+        parts.uri.path_and_query().map_or("", |p| p.as_str())
+    );
+    let auth = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let me = s.fleet.replica_name().to_owned();
+    let body = bytes.clone();
+    let answer = tokio::task::spawn_blocking(move || -> Result<(u16, Vec<u8>), ureq::Error> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .build()
+            .into();
+        let mut r = agent
+            .post(&url)
+            .header(FORWARDED_BY, &me)
+            .header(header::CONTENT_TYPE.as_str(), "application/json");
+        if let Some(a) = auth {
+            r = r.header(header::AUTHORIZATION.as_str(), a);
+        }
+        let mut answer = r.send(&body[..])?;
+        let status = answer.status().as_u16();
+        let body = answer
+            .body_mut()
+            .with_config()
+            .limit(16 << 20)
+            .read_to_vec()?;
+        Ok((status, body))
+    })
+    .await;
+    match answer {
+        Ok(Ok((status, body))) => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(holder = %address, error = %e, "rollout operation not forwarded to the holder");
+            next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Err(_) => {
+            next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+    }
 }
 
 // ----- devices ------------------------------------------------------------

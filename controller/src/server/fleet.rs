@@ -576,6 +576,17 @@ impl Fleet {
         self.holding.load(Ordering::SeqCst)
     }
 
+    /// This replica's name.
+    pub fn replica_name(&self) -> &str {
+        &self.replica.name
+    }
+
+    /// The replica holding the rollout lease as last seen, and its API address.
+    pub fn rollout_holder(&self) -> Option<(String, Option<String>)> {
+        let lease = self.lease.lock().ok()?.clone()?;
+        Some((lease.holder, lease.address))
+    }
+
     /// Gives the rollout lease up (shutting down), so another replica takes
     /// it at its next tick instead of after the expiry.
     pub async fn release_lease(&self) {
