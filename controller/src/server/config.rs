@@ -335,30 +335,7 @@ impl ControllerConfig {
         if !(10..=60_000).contains(&self.rollouts.tick_ms) {
             return Err(invalid("rollouts.tick_ms", "must be 10 to 60000"));
         }
-        let name = &self.cluster.replica;
-        if name.is_empty()
-            || name.len() > 64
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        {
-            return Err(invalid(
-                "cluster.replica",
-                "must be 1 to 64 letters, digits, '.', '_' or '-'",
-            ));
-        }
-        if self.cluster.lease_ms < 3 * self.rollouts.tick_ms || self.cluster.lease_ms > 600_000 {
-            return Err(invalid(
-                "cluster.lease_ms",
-                "must be at least 3 rollouts.tick_ms (it is renewed every tick) and at most 600000",
-            ));
-        }
-        if self.cluster.shared_subscriptions && self.mqtt.mode == BrokerMode::Embedded {
-            return Err(invalid(
-                "cluster.shared_subscriptions",
-                "needs an external broker (mqtt.mode = \"external\"): replicas share one broker",
-            ));
-        }
+        self.validate_cluster(path)?;
         if self.rollouts.chunk_coalesce_ms > 5_000 {
             return Err(invalid(
                 "rollouts.chunk_coalesce_ms",
@@ -387,6 +364,39 @@ impl ControllerConfig {
                 (None, None) => sqlite(self.data_dir.join("controller.db")),
             },
         }
+    }
+
+    fn validate_cluster(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            reason: reason.to_owned(),
+        };
+        let name = &self.cluster.replica;
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(invalid(
+                "cluster.replica",
+                "must be 1 to 64 letters, digits, '.', '_' or '-'",
+            ));
+        }
+        if self.cluster.lease_ms < 3 * self.rollouts.tick_ms || self.cluster.lease_ms > 600_000 {
+            return Err(invalid(
+                "cluster.lease_ms",
+                "must be at least 3 rollouts.tick_ms (it is renewed every tick) and at most 600000",
+            ));
+        }
+        if self.cluster.shared_subscriptions && self.mqtt.mode == BrokerMode::Embedded {
+            return Err(invalid(
+                "cluster.shared_subscriptions",
+                "needs an external broker (mqtt.mode = \"external\"): replicas share one broker",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_database(&self, path: &Path) -> Result<(), ConfigError> {

@@ -361,6 +361,22 @@ pub struct BrokerLink {
     pub command_key: edgefleet_shared::SecretKey,
 }
 
+/// The controller's MQTT connection: its replica's client id, the protocol's
+/// packet limit, TLS when the link has it.
+fn mqtt_options(link: &BrokerLink, replica: &Replica) -> MqttOptions {
+    let mut mqtt = MqttOptions::new(replica.client_id(), link.host.clone(), link.port);
+    mqtt.set_max_packet_size(
+        crate::server::broker::MAX_PAYLOAD,
+        crate::server::broker::MAX_PAYLOAD,
+    );
+    mqtt.set_keep_alive(Duration::from_secs(30));
+    mqtt.set_clean_session(true);
+    if let Some(tls) = &link.tls {
+        mqtt.set_transport(Transport::tls_with_config(tls.clone().into()));
+    }
+    mqtt
+}
+
 impl Fleet {
     /// Connects to the broker and starts the fleet's tasks. Unfinished rollouts
     /// are loaded from the store and continue.
@@ -377,17 +393,7 @@ impl Fleet {
             telemetry,
             replica,
         } = options;
-        let mut mqtt = MqttOptions::new(replica.client_id(), link.host.clone(), link.port);
-        mqtt.set_max_packet_size(
-            crate::server::broker::MAX_PAYLOAD,
-            crate::server::broker::MAX_PAYLOAD,
-        );
-        mqtt.set_keep_alive(Duration::from_secs(30));
-        mqtt.set_clean_session(true);
-        if let Some(tls) = link.tls {
-            mqtt.set_transport(Transport::tls_with_config(tls.into()));
-        }
-        let (client, eventloop) = AsyncClient::new(mqtt, 1024);
+        let (client, eventloop) = AsyncClient::new(mqtt_options(&link, &replica), 1024);
         remove_upload_leftovers(&bundles_dir);
         let (outbox, mut outbox_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
         let fleet = Arc::new(Fleet {
@@ -1006,21 +1012,14 @@ impl Fleet {
         }
     }
 
-    /// Carries out an engine step's effects and stores the rollout's new state
-    /// with its notes and its audit record in one transaction: the operator's
-    /// action when `by` names one (actor, action), otherwise the engine's own
-    /// step (actor `controller`) when the phase or wave moved. With
-    /// `progress_only` (a device's event), a step that sent nothing, noted
-    /// nothing and moved neither phase nor wave is stored by the next tick.
-    async fn carry_out(
+    /// The commands and log notes of an engine step's effects on rollout
+    /// `id` of bundle `digest`.
+    async fn commands_and_notes(
         &self,
         id: &str,
-        a: &mut Active,
+        digest: Digest,
         fx: Vec<Effect>,
-        now: u64,
-        by: Option<(&str, &str)>,
-        progress_only: bool,
-    ) -> Result<(), FleetError> {
+    ) -> (Vec<(DeviceId, Action)>, Vec<String>) {
         let mut notes = Vec::new();
         let mut commands = Vec::new();
         for e in fx {
@@ -1032,16 +1031,16 @@ impl Fleet {
                     } else {
                         InstallMode::Activate
                     };
-                    let Some(bundle) = self.bundle(&a.digest).await else {
+                    let Some(bundle) = self.bundle(&digest).await else {
                         notes.push(format!(
                             "bundle {} is missing from the store",
-                            a.digest.short()
+                            digest.short()
                         ));
                         continue;
                     };
                     let action = Action::Install {
                         bundle: BundleOffer {
-                            digest: a.digest,
+                            digest,
                             header: bundle.header.clone(),
                         },
                         mode,
@@ -1064,6 +1063,25 @@ impl Fleet {
                 }
             }
         }
+        (commands, notes)
+    }
+
+    /// Carries out an engine step's effects and stores the rollout's new state
+    /// with its notes and its audit record in one transaction: the operator's
+    /// action when `by` names one (actor, action), otherwise the engine's own
+    /// step (actor `controller`) when the phase or wave moved. With
+    /// `progress_only` (a device's event), a step that sent nothing, noted
+    /// nothing and moved neither phase nor wave is stored by the next tick.
+    async fn carry_out(
+        &self,
+        id: &str,
+        a: &mut Active,
+        fx: Vec<Effect>,
+        now: u64,
+        by: Option<(&str, &str)>,
+        progress_only: bool,
+    ) -> Result<(), FleetError> {
+        let (commands, notes) = self.commands_and_notes(id, a.digest, fx).await;
         let commanded = !commands.is_empty();
         let moved = (a.engine.phase.name(), a.engine.wave) != a.audited;
         if progress_only && !commanded && !moved && notes.is_empty() {

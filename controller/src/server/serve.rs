@@ -88,11 +88,7 @@ pub async fn start(
         }
     };
 
-    let store = config.store_location();
-    let db = Db::open_at(&store)
-        .await
-        .map_err(|e| err("database")(format!("{store}: {e}")))?;
-    tracing::info!(backend = db.backend(), at = %store, "store opened");
+    let db = open_store(&config).await?;
     let new_admin_token = ensure_admin_token(&db, &data).await?;
     if let Some(ids) = &gate {
         admit_enrolled(&db, ids).await?;
@@ -101,28 +97,7 @@ pub async fn start(
         .await
         .map_err(|e| err("http.listen")(format!("{}: {e}", config.http.listen)))?;
     let http = listener.local_addr().map_err(err("http.listen"))?;
-    let options = FleetOptions {
-        bundles_dir: data.join("bundles"),
-        tick: Duration::from_millis(config.rollouts.tick_ms),
-        coalesce: Duration::from_millis(config.rollouts.chunk_coalesce_ms),
-        telemetry: (
-            config.telemetry.batch_max as usize,
-            Duration::from_millis(config.telemetry.batch_ms),
-        ),
-        replica: Replica {
-            name: config.cluster.replica.clone(),
-            address: Some(
-                config
-                    .cluster
-                    .address
-                    .clone()
-                    .unwrap_or_else(|| format!("http://{http}")),
-            ),
-            lease_ms: config.cluster.lease_ms,
-            shared_ingest: config.cluster.shared_subscriptions,
-        },
-    };
-    let fleet = Fleet::start(db, topics, link, options)
+    let fleet = Fleet::start(db, topics, link, fleet_options(&config, http))
         .await
         .map_err(err("fleet"))?;
     fleet.set_drift_alert(config.drift.clone());
@@ -133,13 +108,7 @@ pub async fn start(
         );
     }
 
-    // On shutdown, the rollout lease is given up for another replica to take
-    // at once (not after its expiry).
-    let leaving = fleet.clone();
-    let shutdown = async move {
-        shutdown.await;
-        leaving.release_lease().await;
-    };
+    let shutdown = releasing_the_lease(fleet.clone(), shutdown);
     let state = AppState {
         fleet,
         ca,
@@ -162,6 +131,49 @@ pub async fn start(
         },
         server,
     ))
+}
+
+/// `shutdown`, after which the rollout lease is given up for another replica
+/// to take at once (not after its expiry).
+async fn releasing_the_lease(fleet: Arc<Fleet>, shutdown: impl Future<Output = ()>) {
+    shutdown.await;
+    fleet.release_lease().await;
+}
+
+/// Opens the configured store (SQLite or PostgreSQL), migrating it.
+async fn open_store(config: &ControllerConfig) -> Result<Db, ServeError> {
+    let store = config.store_location();
+    let db = Db::open_at(&store)
+        .await
+        .map_err(|e| err("database")(format!("{store}: {e}")))?;
+    tracing::info!(backend = db.backend(), at = %store, "store opened");
+    Ok(db)
+}
+
+/// The fleet's settings from the configuration; `http` is the API's bound
+/// address (this replica's default address for the others).
+fn fleet_options(config: &ControllerConfig, http: SocketAddr) -> FleetOptions {
+    FleetOptions {
+        bundles_dir: config.data_dir.join("bundles"),
+        tick: Duration::from_millis(config.rollouts.tick_ms),
+        coalesce: Duration::from_millis(config.rollouts.chunk_coalesce_ms),
+        telemetry: (
+            config.telemetry.batch_max as usize,
+            Duration::from_millis(config.telemetry.batch_ms),
+        ),
+        replica: Replica {
+            name: config.cluster.replica.clone(),
+            address: Some(
+                config
+                    .cluster
+                    .address
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{http}")),
+            ),
+            lease_ms: config.cluster.lease_ms,
+            shared_ingest: config.cluster.shared_subscriptions,
+        },
+    }
 }
 
 /// The data directory, made if missing, readable by the controller's user only.
