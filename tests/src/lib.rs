@@ -202,6 +202,72 @@ pub fn enroll_many(api: &Client, ids: &[String], dir: &Path) -> Vec<TlsFiles> {
     out
 }
 
+/// Starts load devices `ids` (their enrollment files `files`, in order) in
+/// this process against the broker at `broker`, telemetry every
+/// `telemetry_interval`.
+pub async fn start_load_fleet(
+    broker: SocketAddr,
+    ids: &[String],
+    files: Vec<TlsFiles>,
+    telemetry_interval: Duration,
+) -> LoadFleet {
+    let specs: Vec<LoadSpec> = ids
+        .iter()
+        .zip(files)
+        .map(|(id, tls)| LoadSpec {
+            id: id.clone(),
+            tls,
+        })
+        .collect();
+    let settings = LoadSettings {
+        broker,
+        topic_prefix: ControllerConfig::default().mqtt.topic_prefix,
+        controller_key: specs
+            .first()
+            .map(|s| s.tls.ca.with_file_name("controller.pub"))
+            .unwrap_or_default(),
+        telemetry_interval,
+        requests_per_s: 5,
+    };
+    LoadFleet::start(&settings, specs)
+        .await
+        .expect("load fleet starts")
+}
+
+/// A signing key `alice` (in `dir/keys`) and a trust root of it alone
+/// (threshold 1, 30 days) saved at `trust_root`.
+pub fn alice_and_trust_root(dir: &Path, trust_root: &Path) -> SecretKey {
+    let (_, _, key) = operator::generate_key(&dir.join("keys"), "alice").expect("key");
+    let root = operator::new_trust_root(
+        &[KeyFile::Public(key.public())],
+        1,
+        1,
+        UnixTime::now().plus_days(30),
+        std::slice::from_ref(&key),
+    )
+    .expect("trust root");
+    operator::save_trust_root(trust_root, &root).expect("save");
+    key
+}
+
+/// The iris model as bundle 1.0.0 (release 1) with its golden cases, signed
+/// with `key`, at `out`.
+pub fn signed_iris_bundle(key: &SecretKey, out: &Path) {
+    let options = BuildOptions {
+        golden: Some(Path::new(MODELS).join("iris_golden.json")),
+        expires_in_days: 30,
+        ..BuildOptions::new(
+            Path::new(MODELS).join("iris_logreg.onnx"),
+            ModelChannel::new("iris").expect("channel"),
+            semver::Version::new(1, 0, 0),
+            1,
+            UnixTime::now(),
+        )
+    };
+    operator::build_bundle(&options, out).expect("build");
+    operator::sign_bundle(out, std::slice::from_ref(key)).expect("sign");
+}
+
 /// The `edgefleet` binary of this build's profile (target/debug or
 /// target/release, beside the test or bench executable), built when missing.
 pub fn edgefleet_bin() -> PathBuf {
@@ -419,28 +485,12 @@ impl Harness {
         let _enter = self.runtime.enter();
         let ids = Harness::load_ids(n);
         let files = self.enroll_many(&ids, &self.dir().join("load"));
-        let specs: Vec<LoadSpec> = ids
-            .iter()
-            .zip(files)
-            .map(|(id, tls)| LoadSpec {
-                id: id.clone(),
-                tls,
-            })
-            .collect();
-        let settings = LoadSettings {
-            broker: self.broker,
-            topic_prefix: ControllerConfig::default().mqtt.topic_prefix,
-            controller_key: specs
-                .first()
-                .map(|s| s.tls.ca.with_file_name("controller.pub"))
-                .unwrap_or_default(),
+        let fleet = self.runtime.block_on(start_load_fleet(
+            self.broker,
+            &ids,
+            files,
             telemetry_interval,
-            requests_per_s: 5,
-        };
-        let fleet = self
-            .runtime
-            .block_on(LoadFleet::start(&settings, specs))
-            .expect("load fleet starts");
+        ));
         (fleet, ids)
     }
 

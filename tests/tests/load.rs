@@ -157,23 +157,27 @@ fn load_devices_take_a_rollout_through_mosquitto() {
         h.broker_pid().is_some(),
         "Mosquitto runs in its own process"
     );
-    let (fleet, _ids) = h.load_fleet(N, Duration::from_secs(1));
-    wait_for("every load device online through Mosquitto", || {
-        (h.online() == N).then_some(())
+    rollout_to_every_load_device(&h, N, &["1", "100%"]);
+}
+
+/// Starts `n` load devices, waits until each is online and has reported
+/// twice, rolls the CNN out to all in `waves`, and checks each installed it
+/// once with nothing refused.
+fn rollout_to_every_load_device(h: &Harness, n: usize, waves: &[&str]) {
+    let (fleet, _ids) = h.load_fleet(n, Duration::from_secs(1));
+    wait_for("every load device online", || {
+        (h.online() == n).then_some(())
     });
     wait_for("two reports per device stored", || {
-        (h.metric("edgefleet_telemetry_stored_total") >= 2 * N as u64).then_some(())
+        (h.metric("edgefleet_telemetry_stored_total") >= 2 * n as u64).then_some(())
     });
     let digest: Digest = h
-        .roll_out_to_all(
-            &BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1),
-            &["1", "100%"],
-        )
+        .roll_out_to_all(&BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1), waves)
         .parse()
         .expect("digest");
-    assert_eq!(fleet.serving().get(&digest), Some(&N));
+    assert_eq!(fleet.serving().get(&digest), Some(&n));
     let stats = fleet.stats();
-    assert_eq!(stats.installs.load(Ordering::Relaxed), N as u64);
+    assert_eq!(stats.installs.load(Ordering::Relaxed), n as u64);
     assert_eq!(stats.chunks_rejected.load(Ordering::Relaxed), 0);
     assert_eq!(stats.commands_refused.load(Ordering::Relaxed), 0);
     h.runtime.block_on(fleet.stop());
@@ -188,21 +192,5 @@ fn load_devices_take_a_rollout_with_the_store_on_postgres() {
     let h = Harness::start(|c| {
         c.database = Some(edgefleet::server::config::DatabaseSetting::Location(url));
     });
-    let (fleet, _ids) = h.load_fleet(N, Duration::from_secs(1));
-    wait_for("every load device online", || {
-        (h.online() == N).then_some(())
-    });
-    wait_for("two reports per device stored", || {
-        (h.metric("edgefleet_telemetry_stored_total") >= 2 * N as u64).then_some(())
-    });
-    let digest: Digest = h
-        .roll_out_to_all(
-            &BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1),
-            &["1", "10%", "100%"],
-        )
-        .parse()
-        .expect("digest");
-    assert_eq!(fleet.serving().get(&digest), Some(&N));
-    assert_eq!(fleet.stats().installs.load(Ordering::Relaxed), N as u64);
-    h.runtime.block_on(fleet.stop());
+    rollout_to_every_load_device(&h, N, &["1", "10%", "100%"]);
 }

@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use edgefleet::ops::remote::{ApiArgs, Client};
 use edgefleet::server::config::{ControllerConfig, DatabaseSetting};
-use edgefleet_devices::load::{LoadFleet, LoadSettings, LoadSpec};
-use edgefleet_tests::{MODELS, Mosquitto, edgefleet_bin, enroll_many, wait_for};
+use edgefleet_tests::{Mosquitto, edgefleet_bin, enroll_many, wait_for};
 use serde_json::json;
 
 struct Replica {
@@ -93,18 +92,7 @@ fn a_rollout_survives_killing_the_replica_that_runs_it() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("controller");
     std::fs::create_dir_all(&data).expect("data dir");
-    let (_, _, key) =
-        edgefleet::ops::operator::generate_key(&dir.path().join("keys"), "alice").expect("key");
-    let now = edgefleet_shared::UnixTime::now();
-    let root = edgefleet::ops::operator::new_trust_root(
-        &[edgefleet::ops::operator::KeyFile::Public(key.public())],
-        1,
-        1,
-        now.plus_days(30),
-        std::slice::from_ref(&key),
-    )
-    .expect("trust root");
-    edgefleet::ops::operator::save_trust_root(&data.join("trust-root.cbor"), &root).expect("save");
+    let key = edgefleet_tests::alice_and_trust_root(dir.path(), &data.join("trust-root.cbor"));
 
     // One store, one broker, one configuration for both replicas.
     let url = edgefleet::server::db::testing::shared()
@@ -140,14 +128,6 @@ fn a_rollout_survives_killing_the_replica_that_runs_it() {
 
     let ids: Vec<String> = (0..N).map(|i| format!("rep-{i:03}")).collect();
     let files = enroll_many(&b.api, &ids, &dir.path().join("devices"));
-    let specs: Vec<LoadSpec> = ids
-        .iter()
-        .zip(files)
-        .map(|(id, tls)| LoadSpec {
-            id: id.clone(),
-            tls,
-        })
-        .collect();
     let broker_port: u16 = config
         .mqtt
         .url
@@ -155,16 +135,12 @@ fn a_rollout_survives_killing_the_replica_that_runs_it() {
         .and_then(|u| u.rsplit(':').next())
         .and_then(|p| p.parse().ok())
         .expect("broker port");
-    let settings = LoadSettings {
-        broker: ([127, 0, 0, 1], broker_port).into(),
-        topic_prefix: config.mqtt.topic_prefix.clone(),
-        controller_key: specs[0].tls.ca.with_file_name("controller.pub"),
-        telemetry_interval: Duration::from_millis(500),
-        requests_per_s: 5,
-    };
-    let fleet = runtime
-        .block_on(LoadFleet::start(&settings, specs))
-        .expect("load fleet");
+    let fleet = runtime.block_on(edgefleet_tests::start_load_fleet(
+        ([127, 0, 0, 1], broker_port).into(),
+        &ids,
+        files,
+        Duration::from_millis(500),
+    ));
     let online = |api: &Client| {
         api.get("/api/v1/devices?state=online&limit=1")
             .ok()
@@ -176,19 +152,7 @@ fn a_rollout_survives_killing_the_replica_that_runs_it() {
     });
 
     let bundle = dir.path().join("v1.efb");
-    let options = edgefleet::ops::operator::BuildOptions {
-        golden: Some(Path::new(MODELS).join("iris_golden.json")),
-        expires_in_days: 30,
-        ..edgefleet::ops::operator::BuildOptions::new(
-            Path::new(MODELS).join("iris_logreg.onnx"),
-            edgefleet_shared::ModelChannel::new("iris").expect("channel"),
-            semver::Version::new(1, 0, 0),
-            1,
-            now,
-        )
-    };
-    edgefleet::ops::operator::build_bundle(&options, &bundle).expect("build");
-    edgefleet::ops::operator::sign_bundle(&bundle, std::slice::from_ref(&key)).expect("sign");
+    edgefleet_tests::signed_iris_bundle(&key, &bundle);
     let digest = b.api.upload("/api/v1/bundles", &bundle).expect("upload")["bundle"]["digest"]
         .as_str()
         .expect("digest")

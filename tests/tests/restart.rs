@@ -12,7 +12,7 @@ use std::time::Duration;
 use edgefleet::ops::remote::{ApiArgs, Client, write_enrollment};
 use edgefleet_devices::Profile;
 use edgefleet_devices::sim::{DeviceSpec, FaultPlan, FleetSettings, SimFleet, TlsFiles};
-use edgefleet_tests::{MODELS, edgefleet_bin, wait_for};
+use edgefleet_tests::{edgefleet_bin, wait_for};
 use serde_json::{Value, json};
 
 struct Controller {
@@ -98,19 +98,8 @@ fn killed_mid_rollout(database: Option<&str>) {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("controller");
     std::fs::create_dir_all(&data).expect("data dir");
-    let (_, _, key) =
-        edgefleet::ops::operator::generate_key(&dir.path().join("keys"), "alice").expect("key");
-    let now = edgefleet_shared::UnixTime::now();
-    let root = edgefleet::ops::operator::new_trust_root(
-        &[edgefleet::ops::operator::KeyFile::Public(key.public())],
-        1,
-        1,
-        now.plus_days(30),
-        std::slice::from_ref(&key),
-    )
-    .expect("trust root");
     let trust_root = data.join("trust-root.cbor");
-    edgefleet::ops::operator::save_trust_root(&trust_root, &root).expect("save");
+    let key = edgefleet_tests::alice_and_trust_root(dir.path(), &trust_root);
 
     let mut controller = Controller::start(&data, "127.0.0.1:0", database);
     let port = controller.port;
@@ -167,19 +156,7 @@ fn killed_mid_rollout(database: Option<&str>) {
     online(&api);
 
     let bundle = dir.path().join("v1.efb");
-    let options = edgefleet::ops::operator::BuildOptions {
-        golden: Some(Path::new(MODELS).join("iris_golden.json")),
-        expires_in_days: 30,
-        ..edgefleet::ops::operator::BuildOptions::new(
-            Path::new(MODELS).join("iris_logreg.onnx"),
-            edgefleet_shared::ModelChannel::new("iris").expect("channel"),
-            semver::Version::new(1, 0, 0),
-            1,
-            now,
-        )
-    };
-    edgefleet::ops::operator::build_bundle(&options, &bundle).expect("build");
-    edgefleet::ops::operator::sign_bundle(&bundle, std::slice::from_ref(&key)).expect("sign");
+    edgefleet_tests::signed_iris_bundle(&key, &bundle);
     let digest = api.upload("/api/v1/bundles", &bundle).expect("upload")["bundle"]["digest"]
         .as_str()
         .expect("digest")
