@@ -268,6 +268,24 @@ pub fn signed_iris_bundle(key: &SecretKey, out: &Path) {
     operator::sign_bundle(out, std::slice::from_ref(key)).expect("sign");
 }
 
+/// Starts a rollout of `digest` to every device through `api` in `waves`,
+/// soaking each wave `soak_ms`; returns its id.
+pub fn start_rollout_to_all(api: &Client, digest: &str, waves: &[&str], soak_ms: u64) -> String {
+    api.post(
+        "/api/v1/rollouts",
+        &serde_json::json!({
+            "bundle": digest,
+            "selector": {"all": true},
+            "waves": waves,
+            "gates": {"soak_ms": soak_ms},
+        }),
+    )
+    .expect("rollout starts")["rollout"]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned()
+}
+
 /// The `edgefleet` binary of this build's profile (target/debug or
 /// target/release, beside the test or bench executable), built when missing.
 pub fn edgefleet_bin() -> PathBuf {

@@ -158,21 +158,7 @@ fn a_rollout_survives_killing_the_replica_that_runs_it() {
         .expect("digest")
         .to_owned();
     // Started through b, carried out by a.
-    let id = b
-        .api
-        .post(
-            "/api/v1/rollouts",
-            &json!({
-                "bundle": digest,
-                "selector": {"all": true},
-                "waves": ["1", "25%", "100%"],
-                "gates": {"soak_ms": 1500},
-            }),
-        )
-        .expect("rollout forwarded to the lease's holder")["rollout"]["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = edgefleet_tests::start_rollout_to_all(&b.api, &digest, &["1", "25%", "100%"], 1500);
     let view =
         |api: &Client| api.get(&format!("/api/v1/rollouts/{id}")).expect("view")["rollout"].clone();
     // Kill the holder once the second wave is under way (seen through b,

@@ -161,20 +161,7 @@ fn killed_mid_rollout(database: Option<&str>) {
         .as_str()
         .expect("digest")
         .to_owned();
-    let id = api
-        .post(
-            "/api/v1/rollouts",
-            &json!({
-                "bundle": digest,
-                "selector": {"all": true},
-                "waves": ["1", "50%", "100%"],
-                "gates": {"soak_ms": 3000},
-            }),
-        )
-        .expect("rollout")["rollout"]["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = edgefleet_tests::start_rollout_to_all(&api, &digest, &["1", "50%", "100%"], 3000);
     let view =
         |api: &Client| api.get(&format!("/api/v1/rollouts/{id}")).expect("view")["rollout"].clone();
     // Kill it once the second wave is under way.

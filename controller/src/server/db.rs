@@ -1288,27 +1288,21 @@ impl Db {
     pub async fn save_rollout(
         &self,
         id: &str,
-        phase: &str,
+        phase: &'static str,
         state: String,
         notes: Vec<String>,
         now: u64,
         audit: Option<Audit>,
     ) -> Result<()> {
-        let (id, phase) = (id.to_owned(), phase.to_owned());
-        self.write(move |t| {
-            t.execute(
-                "UPDATE rollouts SET phase = ?2, state = ?3, updated_at = ?4 WHERE id = ?1",
-                vals![id.as_str(), phase, state, i(now)],
-            )?;
-            for n in notes {
-                t.execute(
-                    "INSERT INTO rollout_log (rollout, at, note) VALUES (?1, ?2, ?3)",
-                    vals![id.as_str(), i(now), n],
-                )?;
-            }
-            write_audit_opt(t, audit.as_ref())
-        })
-        .await
+        let step = RolloutStep {
+            rollout: id.to_owned(),
+            state: Some((phase, state)),
+            notes,
+            audit,
+            commands: Vec::new(),
+            fence: None,
+        };
+        self.step_rollout(step, now).await.map(drop)
     }
 
     /// Every rollout (newest first), or only those not finished.
@@ -1531,15 +1525,10 @@ impl Db {
                     i(now)
                 ],
             )?;
-            let r = t.query_one(
+            lease_row(&t.query_one(
                 "SELECT holder, address, expires_at FROM leases WHERE name = ?1",
                 vals![name],
-            )?;
-            Ok(Lease {
-                holder: r.get(0)?,
-                address: r.get(1)?,
-                expires_at: r.get(2)?,
-            })
+            )?)
         })
         .await
     }
@@ -1564,13 +1553,8 @@ impl Db {
                 "SELECT holder, address, expires_at FROM leases WHERE name = ?1",
                 vals![name],
             )?
-            .map(|r| {
-                Ok(Lease {
-                    holder: r.get(0)?,
-                    address: r.get(1)?,
-                    expires_at: r.get(2)?,
-                })
-            })
+            .as_ref()
+            .map(lease_row)
             .transpose()
         })
         .await
@@ -1691,6 +1675,14 @@ fn telemetry_values(t: &edgefleet_shared::protocol::Telemetry, received: u64) ->
         bits(t.epoch).into(),
         i(t.agent.spool_dropped).into(),
     ]
+}
+
+fn lease_row(r: &Row) -> Result<Lease> {
+    Ok(Lease {
+        holder: r.get(0)?,
+        address: r.get(1)?,
+        expires_at: r.get(2)?,
+    })
 }
 
 fn bundle_row(r: &Row) -> Result<BundleRow> {
