@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
+mod dashboard;
 mod metrics;
 
 use crate::server::ca::Ca;
@@ -198,6 +199,15 @@ where
 /// Gives the responses the API does not write itself (axum's rejections of a
 /// path or query, 404 for an unknown route, 405) the API's error format.
 async fn uniform_errors(resp: Response) -> Response {
+    // The dashboard's pages say what went wrong in HTML.
+    let html = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html"));
+    if html {
+        return resp;
+    }
     let (status, message) = match edgefleet_agent::http::plain_error(resp).await {
         Ok(plain) => plain,
         Err(resp) => return resp,
@@ -404,6 +414,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/api/v1/tokens", post(create_token))
         .route("/metrics", get(metrics::metrics))
         .route("/api/v1/openapi.json", get(|| async { Json(openapi()) }))
+        .merge(dashboard::routes())
         .layer(DefaultBodyLimit::max(256 * 1024))
         .layer(axum::middleware::map_response(uniform_errors))
         .with_state(state)

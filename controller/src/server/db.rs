@@ -292,6 +292,15 @@ const MIGRATIONS: &[&str] = &[
     // rollouts: every replica stores the events it hears, and the holder
     // applies each once even when another replica stored it first.
     "ALTER TABLE events ADD COLUMN applied INTEGER NOT NULL DEFAULT 1;",
+    // 11: dashboard sessions (docs/dashboard.md): the SHA-256 of the cookie's
+    // random id, the token it was opened with (deleting the token ends it),
+    // the form token its actions must carry, and when it ends (ms).
+    "CREATE TABLE sessions (
+        sha256 TEXT PRIMARY KEY,
+        token TEXT NOT NULL,
+        csrf TEXT NOT NULL,
+        expires_at INTEGER NOT NULL
+    );",
 ];
 
 /// The store.
@@ -895,17 +904,39 @@ impl Db {
                 vals![device, limit],
             )?
             .iter()
-            .map(|r| {
-                Ok(EventRow {
-                    device: r.id(0)?,
-                    seq: u(r.get(1)?),
-                    at: u(r.get(2)?),
-                    command: r.get::<Option<i64>>(3)?.map(u),
-                    kind: r.get(4)?,
-                    digest: r.id_or_none(5)?,
-                    body: r.json(6)?.unwrap_or_default(),
-                })
-            })
+            .map(event_row)
+            .collect()
+        })
+        .await
+    }
+
+    /// The latest `limit` events of one kind (snake case) across the fleet,
+    /// newest first.
+    pub async fn events_of_kind(&self, kind: &str, limit: u32) -> Result<Vec<EventRow>> {
+        let kind = kind.to_owned();
+        self.read(move |t| {
+            t.query(
+                "SELECT device, seq, at, command, kind, digest, body FROM events
+                 WHERE kind = ?1 ORDER BY received_at DESC, seq DESC LIMIT ?2",
+                vals![kind, limit],
+            )?
+            .iter()
+            .map(event_row)
+            .collect()
+        })
+        .await
+    }
+
+    /// Devices enrolled here whose certificate was revoked, by id.
+    pub async fn revoked_devices(&self) -> Result<Vec<String>> {
+        self.read(|t| {
+            t.query(
+                "SELECT id FROM devices WHERE enrolled_at IS NOT NULL AND cert_sha256 IS NULL
+                 ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| r.get(0))
             .collect()
         })
         .await
@@ -1027,6 +1058,40 @@ impl Db {
                         .and_then(|mut b| b.get_mut("drift").map(serde_json::Value::take))
                         .unwrap_or(serde_json::Value::Null);
                     Ok((u(r.get(0)?), u(r.get(1)?), drift))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            out.reverse();
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The device metrics (CPU, memory, disk, temperature) of one device's
+    /// telemetry received in `[from, to]`, oldest first, at most `limit`:
+    /// (receive time, the report's `device_metrics` object).
+    pub async fn device_metrics(
+        &self,
+        device: &str,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, serde_json::Value)>> {
+        let device = device.to_owned();
+        self.read(move |t| {
+            let mut out = t
+                .query(
+                    "SELECT received_at, body FROM telemetry
+                     WHERE device = ?1 AND received_at BETWEEN ?2 AND ?3
+                     ORDER BY id DESC LIMIT ?4",
+                    vals![device, i(from), i(to), limit],
+                )?
+                .iter()
+                .map(|r| {
+                    let body: Option<serde_json::Value> = r.json(1)?;
+                    let metrics = body
+                        .and_then(|mut b| b.get_mut("device_metrics").map(serde_json::Value::take))
+                        .unwrap_or(serde_json::Value::Null);
+                    Ok((u(r.get(0)?), metrics))
                 })
                 .collect::<Result<Vec<_>>>()?;
             out.reverse();
@@ -1638,6 +1703,62 @@ impl Db {
         .await
     }
 
+    /// Opens a dashboard session: its id's SHA-256, the SHA-256 of the token
+    /// it acts as, its form token, until when (ms). Ended sessions go.
+    pub async fn open_session(
+        &self,
+        sha256: &str,
+        token: &str,
+        csrf: &str,
+        now: u64,
+        expires_at: u64,
+    ) -> Result<()> {
+        let row: Vec<Value> = vec![
+            sha256.into(),
+            token.into(),
+            csrf.into(),
+            i(expires_at).into(),
+        ];
+        self.write(move |t| {
+            t.execute("DELETE FROM sessions WHERE expires_at <= ?1", vals![i(now)])?;
+            t.execute(
+                "INSERT INTO sessions (sha256, token, csrf, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                &row,
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The (token name, role, form token) of a live session by its id's SHA-256.
+    pub async fn session(
+        &self,
+        sha256: &str,
+        now: u64,
+    ) -> Result<Option<(String, String, String)>> {
+        let args: Vec<Value> = vec![sha256.into(), i(now).into()];
+        self.read(move |t| {
+            t.query_opt(
+                "SELECT t.name, t.role, s.csrf FROM sessions s JOIN tokens t ON t.sha256 = s.token
+                 WHERE s.sha256 = ?1 AND s.expires_at > ?2",
+                &args,
+            )?
+            .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .transpose()
+        })
+        .await
+    }
+
+    /// Ends a session.
+    pub async fn close_session(&self, sha256: &str) -> Result<()> {
+        let h = sha256.to_owned();
+        self.write(move |t| {
+            t.execute("DELETE FROM sessions WHERE sha256 = ?1", vals![h])?;
+            Ok(())
+        })
+        .await
+    }
+
     /// How many tokens exist.
     pub async fn token_count(&self) -> Result<u64> {
         self.read(|t| t.query_one("SELECT COUNT(*) FROM tokens", &[])?.get(0))
@@ -1731,6 +1852,18 @@ fn telemetry_row(r: &Row) -> Result<TelemetryRow> {
         spool_dropped: r.get::<Option<i64>>(16)?.map(u),
     })
 }
+fn event_row(r: &Row) -> Result<EventRow> {
+    Ok(EventRow {
+        device: r.id(0)?,
+        seq: u(r.get(1)?),
+        at: u(r.get(2)?),
+        command: r.get::<Option<i64>>(3)?.map(u),
+        kind: r.get(4)?,
+        digest: r.id_or_none(5)?,
+        body: r.json(6)?.unwrap_or_default(),
+    })
+}
+
 /// The bundle an event is about.
 pub fn event_digest(
     kind: &edgefleet_shared::protocol::EventKind,

@@ -165,6 +165,15 @@ const PG_MIGRATIONS: &[(i64, &str)] = &[
         10,
         "ALTER TABLE events ADD COLUMN applied BIGINT NOT NULL DEFAULT 1;",
     ),
+    (
+        11,
+        r#"CREATE TABLE sessions (
+        sha256 TEXT COLLATE "C" PRIMARY KEY,
+        token TEXT NOT NULL,
+        csrf TEXT NOT NULL,
+        expires_at BIGINT NOT NULL
+    );"#,
+    ),
 ];
 
 /// The advisory lock key under which migrations run ("edgeflt" in ASCII).

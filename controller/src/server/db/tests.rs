@@ -118,7 +118,40 @@ on_both_backends!(
     rollouts_commands_and_audit_are_kept,
     the_latest_report_is_the_last_received_whatever_number_the_device_gave_it,
     a_change_and_its_audit_record_are_stored_together_or_not_at_all,
+    dashboard_sessions_last_until_they_end_or_are_closed,
 );
+
+async fn dashboard_sessions_last_until_they_end_or_are_closed(kind: Kind) {
+    let store = fresh(kind).await;
+    let db = &store.db;
+    db.insert_token("tok-hash", "olivia", "operator", 1, None)
+        .await
+        .expect("token");
+    db.open_session("s1", "tok-hash", "form-1", 100, 1_000)
+        .await
+        .expect("open");
+    db.open_session("s2", "unknown-token", "form-2", 100, 1_000)
+        .await
+        .expect("open");
+    let alive = db.session("s1", 999).await.expect("read");
+    assert_eq!(
+        alive,
+        Some(("olivia".into(), "operator".into(), "form-1".into()))
+    );
+    assert_eq!(db.session("s1", 1_000).await.expect("read"), None, "ended");
+    assert_eq!(
+        db.session("s2", 500).await.expect("read"),
+        None,
+        "no token, no session"
+    );
+    // Opening another session clears the ended ones.
+    db.open_session("s3", "tok-hash", "form-3", 2_000, 9_000)
+        .await
+        .expect("open");
+    assert_eq!(db.session("s1", 500).await.expect("read"), None, "pruned");
+    db.close_session("s3").await.expect("close");
+    assert_eq!(db.session("s3", 2_001).await.expect("read"), None, "closed");
+}
 
 fn dev(id: &str) -> DeviceId {
     DeviceId::new(id).expect("device id")
