@@ -15,7 +15,8 @@ Models:
 - iris_logreg_v2_broken.onnx: the same graph with the class weights rotated, so it
   answers wrongly: used to show a health check (golden cases) catching a bad model.
 - iris_zipmap.onnx: scikit-learn's default export shape (ONNX-ML Scaler and ZipMap),
-  which tract cannot run; `edgefleet bundle build` must refuse it by name.
+  which tract alone cannot run and the agent runs (trees/src/ml.rs). Real skl2onnx
+  exports, with onnxruntime's answers, are in models/sklearn/.
 - digits_cnn.onnx: a small image CNN (Conv 3x3 x16, Relu, MaxPool, Conv 3x3 x32, Relu,
   MaxPool, Gemm, Softmax, ArgMax) over `image` f32 [N, 1, 28, 28], outputs `label` i64
   [N] and `probabilities` f32 [N, 10]; fixed random weights (it is for the runtime's

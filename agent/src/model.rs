@@ -105,16 +105,10 @@ fn classify(e: &TractError) -> ModelError {
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect();
         let hint = match op.as_str() {
-            "ZipMap" => {
-                "; export the scikit-learn model with skl2onnx option {'zipmap': False} so probabilities come out as a tensor"
-            }
-            "Scaler" => {
-                "; export StandardScaler as plain Sub/Div, e.g. skl2onnx options {StandardScaler: {'div': 'div'}}"
-            }
             "LabelEncoder" => {
                 "; encode labels outside the model, or convert the model with hummingbird-ml (tree_trav) to standard operators"
             }
-            "SVMClassifier" | "SVMRegressor" | "Imputer" | "OneHotEncoder" => {
+            "SVMClassifier" | "SVMRegressor" | "OneHotEncoder" => {
                 "; do this step outside the model, or convert it to standard ONNX operators"
             }
             _ => "",
@@ -303,9 +297,11 @@ impl LoadedModel {
         let mut reader = bytes;
         let mut onnx = tract_onnx::onnx();
         crate::trees::regressor::register(&mut onnx.op_register);
+        crate::trees::ml::register(&mut onnx.op_register);
         let mut model = onnx.model_for_read(&mut reader).map_err(|e| classify(&e))?;
         name_free_dims(&mut model)?;
         let mut typed = model.into_typed().map_err(|e| classify(&e))?;
+        crate::trees::ml::i64_outputs(&mut typed).map_err(|e| classify(&e))?;
         // Tree ensembles run on our compact evaluator (agent/src/trees.rs).
         if compact_trees {
             crate::trees::accelerate(&mut typed).map_err(|e| classify(&e))?;

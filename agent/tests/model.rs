@@ -85,15 +85,21 @@ fn inputs_that_do_not_fit_the_schema_get_an_error_naming_the_input() {
 }
 
 #[test]
-fn a_scikit_learn_default_export_is_refused_naming_the_operator_and_the_fix() {
-    let err = LoadedModel::load(&read("iris_zipmap.onnx")).expect_err("tract lacks Scaler/ZipMap");
-    match &err {
-        ModelError::UnsupportedOperator { op, hint } => {
-            assert!(op == "Scaler" || op == "ZipMap", "{op}");
-            assert!(!hint.is_empty());
-        }
-        other => panic!("expected UnsupportedOperator, got {other}"),
-    }
+fn a_scikit_learn_default_export_with_scaler_and_zipmap_loads() {
+    // Scaler and ZipMap run as expansions (trees/src/ml.rs); the whole family
+    // is compared with onnxruntime in tests/sklearn.rs.
+    let model = LoadedModel::load(&read("iris_zipmap.onnx")).expect("loads");
+    let out = model
+        .run(&[Tensor {
+            name: "float_input".into(),
+            ..features(&[vec![5.1, 3.5, 1.4, 0.2]])
+        }])
+        .expect("runs");
+    let probs = out
+        .iter()
+        .find(|t| t.name == "output_probability")
+        .expect("probabilities");
+    assert_eq!(probs.shape, vec![1, 3]);
 }
 
 #[test]

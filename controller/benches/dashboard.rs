@@ -133,6 +133,41 @@ async fn fill(db: &Db, devices: usize) {
     }
 }
 
+/// What the pages' store calls take alone (median of 5).
+async fn breakdown(db: &Db) {
+    let now = edgefleet_shared::time::now_ms();
+    let mut times: Vec<(&str, Vec<f64>)> = Vec::new();
+    for _ in 0..5 {
+        let mut lap =
+            |name: &'static str, t: Instant| match times.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, v)) => v.push(t.elapsed().as_secs_f64() * 1000.0),
+                None => times.push((name, vec![t.elapsed().as_secs_f64() * 1000.0])),
+            };
+        let t = Instant::now();
+        db.devices().await.expect("devices");
+        lap("devices()", t);
+        let t = Instant::now();
+        db.latest_telemetry_between(now - 3_600_000, now)
+            .await
+            .expect("latest");
+        lap("latest_telemetry_between(1 h)", t);
+        let t = Instant::now();
+        db.events_of_kind("install_failed", 10)
+            .await
+            .expect("events");
+        lap("events_of_kind", t);
+        let t = Instant::now();
+        db.revoked_devices().await.expect("revoked");
+        lap("revoked_devices()", t);
+    }
+    for (name, mut v) in times {
+        println!(
+            "store call {name:<34} p50 {:>7.1} ms",
+            percentile(&mut v, 0.5)
+        );
+    }
+}
+
 fn fetch(agent: &ureq::Agent, url: &str, header: (&str, &str), times: usize) -> (f64, f64) {
     let mut ms = Vec::with_capacity(times);
     for _ in 0..times {
@@ -172,6 +207,7 @@ fn main() {
     rt.block_on(async {
         let db = Db::open(&data.join("controller.db")).await.expect("store");
         fill(&db, devices).await;
+        breakdown(&db).await;
     });
     println!(
         "store: {devices} devices, {} telemetry samples, filled in {:.1} s",

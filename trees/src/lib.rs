@@ -12,6 +12,7 @@
 //! tract cannot parse `TreeEnsembleRegressor` at all; [`regressor`] adds a parser
 //! that builds the same evaluator from the ONNX node's attributes.
 
+pub mod ml;
 pub mod regressor;
 
 use tract_onnx::prelude::*;

@@ -257,16 +257,28 @@ fn alerts(f: &FleetView) -> Markup {
     }
 }
 
-/// The reason of an `install_failed` event, as its code and detail.
-fn failure_text(body: &serde_json::Value) -> String {
-    let reason = &body["reason"];
-    let stage = reason["stage"].as_str().unwrap_or("failed");
-    let detail = reason["detail"]
-        .as_str()
-        .map(str::to_owned)
-        .or_else(|| reason.get("refusal").map(|r| r.to_string()))
-        .unwrap_or_default();
-    format!("{stage} {detail}").trim().to_owned()
+/// The reason of an `install_failed` event: the stage, and the refusal's
+/// stable code and message or the failure's detail.
+pub fn failure_text(body: &serde_json::Value) -> String {
+    use edgefleet_shared::protocol::FailureReason;
+    let reason = &body["kind"]["install_failed"]["reason"];
+    match serde_json::from_value::<FailureReason>(reason.clone()) {
+        Ok(FailureReason::Refused { refusal }) => {
+            let code = serde_json::to_value(&refusal)
+                .ok()
+                .and_then(|v| v["code"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            format!("refused ({code}): {refusal}")
+        }
+        Ok(
+            FailureReason::Preflight { detail }
+            | FailureReason::Download { detail }
+            | FailureReason::ModelLoad { detail }
+            | FailureReason::HealthCheck { detail }
+            | FailureReason::Internal { detail },
+        ) => format!("{}: {detail}", reason["stage"].as_str().unwrap_or("failed")),
+        Err(_) => "failed (no reason given)".into(),
+    }
 }
 
 fn versions(v: &BTreeMap<(String, String, Option<Digest>), usize>, total: usize) -> Markup {
@@ -1091,6 +1103,21 @@ mod tests {
         assert_eq!(plural(1, "device"), "1 device");
         assert_eq!(plural(0, "device"), "0 devices");
         assert_eq!(ago(1_000, 61_000), "1 min ago");
+    }
+
+    #[test]
+    fn install_failures_read_with_their_stage_and_refusal_code() {
+        let refused = serde_json::json!({"kind": {"install_failed": {"digest": "00",
+            "reason": {"stage": "refused", "refusal": {"code": "rollback", "channel": "iris", "release": 1, "installed": 2}}}}});
+        let text = failure_text(&refused);
+        assert!(text.starts_with("refused (rollback): "), "{text}");
+        let health = serde_json::json!({"kind": {"install_failed": {"digest": "00",
+            "reason": {"stage": "health_check", "detail": "golden case 1 differs"}}}});
+        assert_eq!(failure_text(&health), "health_check: golden case 1 differs");
+        assert_eq!(
+            failure_text(&serde_json::json!({})),
+            "failed (no reason given)"
+        );
     }
 
     #[test]

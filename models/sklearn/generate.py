@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""scikit-learn models exported with skl2onnx's defaults, as users' pipelines make
+them, and onnxruntime's answers for them: the agent must run each one as onnxruntime
+does (agent/tests/sklearn.rs). Run once after changing it; the outputs are committed,
+so a fresh clone (and CI) needs no Python for them:
+
+    python3 -m venv /tmp/genvenv
+    /tmp/genvenv/bin/pip install onnx==1.23.2 numpy==2.4.6 scikit-learn==1.9.1 \
+        skl2onnx==1.20.0 onnxruntime==1.32.0
+    /tmp/genvenv/bin/python models/sklearn/generate.py
+
+Each NAME.onnx comes with NAME.expected.json: the input rows, onnxruntime's outputs
+for them (ZipMap's list of {label: probability} maps written as the [N, classes]
+float matrix the agent serves, in the order of `labels`), and the class labels.
+Data: the iris, wine, breast cancer and diabetes sets that ship with scikit-learn.
+"""
+import json
+import os
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+from skl2onnx import to_onnx
+from sklearn.compose import ColumnTransformer
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris, load_wine
+from sklearn.decomposition import PCA
+from sklearn.ensemble import ExtraTreesClassifier, GradientBoostingClassifier, RandomForestClassifier
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import Binarizer, MinMaxScaler, Normalizer, StandardScaler
+from sklearn.svm import SVC
+
+warnings.filterwarnings("ignore")
+HERE = os.path.dirname(os.path.abspath(__file__))
+rng = np.random.default_rng(7)
+
+
+def data(name):
+    loader = {"iris": load_iris, "wine": load_wine, "cancer": load_breast_cancer, "diabetes": load_diabetes}[name]
+    X, y = loader(return_X_y=True)
+    return X.astype(np.float32), y
+
+
+def rows(X, n=16):
+    return X[rng.choice(len(X), n, replace=False)]
+
+
+def with_gaps(X):
+    X = X.copy()
+    X[rng.random(X.shape) < 0.15] = np.nan
+    return X
+
+
+MODELS = {
+    # name: (data set, pipeline, regression?, missing values?)
+    "logreg": ("iris", lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)), False, False),
+    "pca_logreg": ("wine", lambda: make_pipeline(StandardScaler(), PCA(4), LogisticRegression(max_iter=500)), False, False),
+    "imputer_binarizer_logreg": ("iris", lambda: make_pipeline(SimpleImputer(), Binarizer(threshold=2.0), LogisticRegression()), False, True),
+    "minmax_normalizer_logreg": ("wine", lambda: make_pipeline(MinMaxScaler(), Normalizer(), LogisticRegression(max_iter=500)), False, False),
+    "mlp": ("iris", lambda: make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(16,), max_iter=400, random_state=0)), False, False),
+    "knn": ("iris", lambda: KNeighborsClassifier(n_neighbors=5), False, False),
+    "random_forest": ("cancer", lambda: RandomForestClassifier(n_estimators=20, max_depth=6, random_state=0), False, False),
+    "extra_trees": ("wine", lambda: ExtraTreesClassifier(n_estimators=20, max_depth=6, random_state=0), False, False),
+    "gradient_boosting": ("iris", lambda: GradientBoostingClassifier(n_estimators=20, random_state=0), False, False),
+    "scaler_linreg": ("diabetes", lambda: make_pipeline(StandardScaler(), LinearRegression()), True, False),
+    # Not run by the agent yet: refused at build time naming the operator.
+    "svc": ("iris", lambda: make_pipeline(StandardScaler(), SVC(probability=True, random_state=0)), False, False),
+}
+
+
+def tensor(a):
+    a = np.asarray(a)
+    kind = {"f": "f32", "i": "i64", "b": "bool"}[a.dtype.kind]
+    data = [None if (kind == "f32" and np.isnan(v)) else v for v in a.reshape(-1).tolist()]
+    return {"shape": list(a.shape), "type": kind, "data": data}
+
+
+def export(name, dataset, make, regression, gaps):
+    X, y = data(dataset)
+    if regression:
+        y = y.astype(np.float32)
+    model = make().fit(X, y) if not gaps else make().fit(with_gaps(X), y)
+    onx = to_onnx(model, X[:1])
+    with open(os.path.join(HERE, f"{name}.onnx"), "wb") as f:
+        f.write(onx.SerializeToString())
+    x = rows(X)
+    if gaps:
+        x = with_gaps(x)
+    session = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    outputs = {}
+    labels = None
+    for meta, value in zip(session.get_outputs(), session.run(None, {input_name: x})):
+        if isinstance(value, list):  # ZipMap: a list of {label: probability}
+            labels = list(value[0].keys())
+            value = np.array([[row[k] for k in labels] for row in value], dtype=np.float32)
+        outputs[meta.name] = tensor(value)
+    ops = sorted({n.op_type for n in onx.graph.node})
+    doc = {
+        "model": f"{name}.onnx",
+        "pipeline": str(model).replace("\n", " "),
+        "operators": ops,
+        "inputs": {input_name: tensor(x)},
+        "outputs": outputs,
+        "labels": [str(l) for l in labels] if labels is not None else None,
+    }
+    with open(os.path.join(HERE, f"{name}.expected.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    print(name, ops)
+
+
+# ----- single operators: random attributes, onnxruntime's answers -----------------
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+C = 5
+
+
+def operator_model(name, nodes, inputs, outputs, inits=()):
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=list(inits))
+    model = helper.make_model(graph, opset_imports=OPSETS)
+    model.ir_version = 8
+    return model
+
+
+def save_operator_case(name, model, x):
+    with open(os.path.join(HERE, f"{name}.onnx"), "wb") as f:
+        f.write(model.SerializeToString())
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = session.run(None, {"X": x})
+    doc = {
+        "model": f"{name}.onnx",
+        "inputs": {"X": tensor(x)},
+        "outputs": {o.name: tensor(v) for o, v in zip(session.get_outputs(), outs)},
+        "labels": None,
+    }
+    with open(os.path.join(HERE, f"{name}.expected.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    print(name, len(outs), "variants")
+
+
+def random_input(rows=12, nan=False):
+    x = rng.normal(0, 3, (rows, C)).astype(np.float32)
+    if nan:
+        x[rng.random(x.shape) < 0.2] = np.nan
+    return x
+
+
+def operators():
+    X = helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, C])
+    out = lambda i: helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, None)
+    # Scaler: offset and scale of one value or one per feature.
+    nodes = []
+    for i in range(12):
+        n_off = n_sc = rng.choice([1, C])  # onnxruntime wants as many of each
+        nodes.append(helper.make_node("Scaler", ["X"], [f"Y{i}"], domain="ai.onnx.ml",
+                     offset=rng.normal(0, 2, n_off).tolist(), scale=rng.normal(0, 2, n_sc).tolist()))
+    save_operator_case("op_scaler", operator_model("op_scaler", nodes, [X], [out(i) for i in range(12)]), random_input())
+    # Binarizer: thresholds around the data (onnxruntime refuses NaN inputs).
+    nodes = [helper.make_node("Binarizer", ["X"], [f"Y{i}"], domain="ai.onnx.ml", threshold=float(rng.normal(0, 2)))
+             for i in range(12)]
+    save_operator_case("op_binarizer", operator_model("op_binarizer", nodes, [X], [out(i) for i in range(12)]), random_input())
+    # Imputer: NaN or a value replaced, one imputed value or one per feature.
+    nodes = []
+    x = random_input(nan=True)
+    x[0, :] = 1.5
+    for i in range(12):
+        replaced = float("nan") if i % 2 == 0 else 1.5
+        n_imp = rng.choice([1, C])
+        nodes.append(helper.make_node("Imputer", ["X"], [f"Y{i}"], domain="ai.onnx.ml",
+                     imputed_value_floats=rng.normal(0, 1, n_imp).tolist(), replaced_value_float=replaced))
+    save_operator_case("op_imputer", operator_model("op_imputer", nodes, [X], [out(i) for i in range(12)]), x)
+    # ArrayFeatureExtractor: index sets of several shapes (repeats allowed).
+    nodes, inits = [], []
+    for i, shape in enumerate([(1,), (3,), (2, 2), (5,), (1, 4), ()]):
+        idx = rng.integers(0, C, shape).astype(np.int64)
+        inits.append(numpy_helper.from_array(np.asarray(idx), f"I{i}"))
+        nodes.append(helper.make_node("ArrayFeatureExtractor", ["X", f"I{i}"], [f"Y{i}"], domain="ai.onnx.ml"))
+    save_operator_case("op_array_feature_extractor",
+                       operator_model("op_array_feature_extractor", nodes, [X], [out(i) for i in range(6)], inits), random_input())
+
+
+def invalid():
+    """Models whose attributes are wrong: refused at load naming them."""
+    X = helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, C])
+    Y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    bad = {
+        "bad_scaler_lengths": helper.make_node("Scaler", ["X"], ["Y"], domain="ai.onnx.ml", name="scale",
+                                               offset=[0.0] * 4, scale=[1.0] * 3),
+        "bad_scaler_width": helper.make_node("Scaler", ["X"], ["Y"], domain="ai.onnx.ml", name="scale",
+                                             offset=[0.0] * 3, scale=[1.0] * 3),
+        "bad_imputer_ints": helper.make_node("Imputer", ["X"], ["Y"], domain="ai.onnx.ml", name="impute",
+                                             imputed_value_int64s=[1, 2]),
+        "bad_zipmap_classes": helper.make_node("ZipMap", ["X"], ["Y"], domain="ai.onnx.ml", name="zip",
+                                               classlabels_int64s=[0, 1]),
+    }
+    for name, node in bad.items():
+        model = operator_model(name, [node], [X], [Y])
+        with open(os.path.join(HERE, f"{name}.onnx"), "wb") as f:
+            f.write(model.SerializeToString())
+        print(name)
+
+
+if __name__ == "__main__":
+    for name, spec in MODELS.items():
+        export(name, *spec)
+    operators()
+    invalid()

@@ -1,0 +1,494 @@
+//! ONNX-ML operators that scikit-learn exports (skl2onnx defaults) and tract
+//! 0.23.9 cannot parse, as expansions into tract's own operators so that the
+//! model then optimises and runs like any other. Semantics follow onnxruntime
+//! (checked against its outputs in `agent/tests/sklearn.rs`):
+//!
+//! - `Scaler`: `(x - offset) * scale`, per feature or one value for all (as many
+//!   offsets as scales, as onnxruntime requires); f32 out.
+//! - `ZipMap`: onnxruntime answers a list of {label: probability} maps; here the
+//!   probabilities stay the float tensor `[N, classes]` they were, and the class
+//!   labels are read by [`class_labels`] for the model's metadata.
+//! - `ArrayFeatureExtractor`: `x[..., indices]` with the indices flattened; a
+//!   1-D `x` is one row (`[1, k]` out), as onnxruntime does.
+//! - `Binarizer`: 1 where `x > threshold`, else 0, in `x`'s type.
+//! - `Imputer`: each feature's `replaced_value_float` (NaN: missing values) becomes
+//!   its `imputed_value_floats` (one value for all features, or one each).
+//!
+//! Every attribute is checked when the model loads; an error names the
+//! operator, the node and the attribute.
+
+use tract_onnx::model::{OnnxOpRegister, ParsingContext};
+use tract_onnx::pb::NodeProto;
+use tract_onnx::tract_core::ops::array::Gather;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::cast::cast;
+use tract_onnx::tract_core::ops::{logic, math};
+use tract_onnx::tract_hir::internal::*;
+use tract_onnx::tract_hir::ops::logic::wire_with_rank_broadcast;
+
+/// Most values one attribute list may hold (features or classes).
+const MAX_VALUES: usize = 1 << 20;
+
+/// Adds the operators of this module to an ONNX op register.
+pub fn register(register: &mut OnnxOpRegister) {
+    register.insert("Scaler", scaler);
+    register.insert("ZipMap", zip_map);
+    register.insert("ArrayFeatureExtractor", array_feature_extractor);
+    register.insert("Binarizer", binarizer);
+    register.insert("Imputer", imputer);
+}
+
+/// The node's name for error messages.
+fn at(node: &NodeProto) -> String {
+    format!("{} {:?}", node.op_type, node.name)
+}
+
+/// A float list attribute: present or empty, bounded, every value finite
+/// (`allow_nan`: NaN too, for a value that marks missing data).
+fn floats(node: &NodeProto, name: &str, allow_nan: bool) -> TractResult<Vec<f32>> {
+    let v = node.get_attr_opt_vec::<f32>(name)?.unwrap_or_default();
+    ensure!(
+        v.len() <= MAX_VALUES,
+        "{}: {name} has {} values, over {MAX_VALUES}",
+        at(node),
+        v.len()
+    );
+    if let Some(bad) = v
+        .iter()
+        .find(|x| x.is_infinite() || (x.is_nan() && !allow_nan))
+    {
+        bail!(
+            "{}: {name} holds {bad}, which is not a finite number",
+            at(node)
+        );
+    }
+    Ok(v)
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn unbits(v: &[u32]) -> Vec<f32> {
+    v.iter().map(|x| f32::from_bits(*x)).collect()
+}
+
+/// `x` as f32 (a cast when it is not).
+fn as_f32(model: &mut TypedModel, prefix: &str, x: OutletId) -> TractResult<OutletId> {
+    if model.outlet_fact(x)?.datum_type == f32::datum_type() {
+        return Ok(x);
+    }
+    Ok(model.wire_node(format!("{prefix}.to_f32"), cast(f32::datum_type()), &[x])?[0])
+}
+
+/// Checks that a per-feature list fits the input's last dimension (when known).
+fn check_width(model: &TypedModel, x: OutletId, what: &str, len: usize) -> TractResult<()> {
+    let fact = model.outlet_fact(x)?;
+    let width = fact.shape.last().and_then(|d| d.to_usize().ok());
+    if len > 1
+        && let Some(w) = width
+        && w != len
+    {
+        bail!("{what} has {len} values but the input has {w} features");
+    }
+    Ok(())
+}
+
+/// A per-feature constant: `[C]` (broadcast over the rows).
+fn feature_const(model: &mut TypedModel, name: String, v: &[f32]) -> TractResult<OutletId> {
+    model.add_const(name, tensor1(v).into_arc_tensor())
+}
+
+// ----- Scaler ---------------------------------------------------------------
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct Scaler {
+    offset: Vec<u32>,
+    scale: Vec<u32>,
+}
+
+fn scaler(
+    _ctx: &ParsingContext<'_>,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let mut offset = floats(node, "offset", false)?;
+    let mut scale = floats(node, "scale", false)?;
+    if offset.is_empty() {
+        offset = vec![0.0];
+    }
+    if scale.is_empty() {
+        scale = vec![1.0];
+    }
+    ensure!(
+        offset.len() == scale.len(),
+        "{}: offset has {} values and scale {}: both must have one value, or one per feature",
+        at(node),
+        offset.len(),
+        scale.len()
+    );
+    Ok((
+        expand(Scaler {
+            offset: bits(&offset),
+            scale: bits(&scale),
+        }),
+        vec![],
+    ))
+}
+
+impl Expansion for Scaler {
+    fn name(&self) -> StaticName {
+        "Scaler".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[0].shape, &outputs[0].shape)?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        check_width(
+            model,
+            inputs[0],
+            &format!("{prefix}: Scaler offset"),
+            self.offset.len(),
+        )?;
+        check_width(
+            model,
+            inputs[0],
+            &format!("{prefix}: Scaler scale"),
+            self.scale.len(),
+        )?;
+        let x = as_f32(model, prefix, inputs[0])?;
+        let offset = feature_const(model, format!("{prefix}.offset"), &unbits(&self.offset))?;
+        let scale = feature_const(model, format!("{prefix}.scale"), &unbits(&self.scale))?;
+        let centred =
+            wire_with_rank_broadcast(format!("{prefix}.sub"), model, math::sub(), &[x, offset])?;
+        wire_with_rank_broadcast(
+            format!("{prefix}.mul"),
+            model,
+            math::mul(),
+            &[centred[0], scale],
+        )
+    }
+}
+
+// ----- ZipMap -----------------------------------------------------------------
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct ZipMap {
+    classes: usize,
+}
+
+/// The class labels of a `ZipMap` node: integers or strings, as text.
+pub fn class_labels(node: &NodeProto) -> TractResult<Vec<String>> {
+    let ints = node.get_attr_opt_vec::<i64>("classlabels_int64s")?;
+    let strings = node.get_attr_opt_vec::<String>("classlabels_strings")?;
+    let labels: Vec<String> = match (ints, strings) {
+        (Some(i), None) if !i.is_empty() => i.iter().map(|v| v.to_string()).collect(),
+        (None, Some(s)) if !s.is_empty() => s,
+        _ => bail!(
+            "{}: exactly one of classlabels_int64s and classlabels_strings must list the classes",
+            at(node)
+        ),
+    };
+    ensure!(labels.len() <= MAX_VALUES, "{}: too many classes", at(node));
+    Ok(labels)
+}
+
+fn zip_map(
+    _ctx: &ParsingContext<'_>,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let classes = class_labels(node)?.len();
+    Ok((expand(ZipMap { classes }), vec![]))
+}
+
+impl Expansion for ZipMap {
+    fn name(&self) -> StaticName {
+        "ZipMap".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&inputs[0].datum_type, f32::datum_type())?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[0].rank, 2)?;
+        s.equals(&inputs[0].shape, &outputs[0].shape)?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let fact = model.outlet_fact(inputs[0])?;
+        if let Some(w) = fact.shape.last().and_then(|d| d.to_usize().ok()) {
+            ensure!(
+                w == self.classes,
+                "{prefix}: ZipMap names {} classes but its input has {w} columns",
+                self.classes
+            );
+        }
+        model.wire_node(
+            prefix,
+            tract_onnx::tract_core::ops::identity::Identity,
+            inputs,
+        )
+    }
+}
+
+// ----- ArrayFeatureExtractor -----------------------------------------------------
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct ArrayFeatureExtractor;
+
+fn array_feature_extractor(
+    _ctx: &ParsingContext<'_>,
+    _node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    Ok((expand(ArrayFeatureExtractor), vec![]))
+}
+
+impl Expansion for ArrayFeatureExtractor {
+    fn name(&self) -> StaticName {
+        "ArrayFeatureExtractor".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 2)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, &inputs[0].datum_type)?;
+        s.equals(&inputs[1].datum_type, i64::datum_type())?;
+        s.given(&inputs[0].rank, move |s, rank| {
+            s.equals(&outputs[0].rank, rank.max(2))
+        })?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let (mut x, mut indices) = (inputs[0], inputs[1]);
+        if model.outlet_fact(x)?.rank() == 1 {
+            x = model.wire_node(format!("{prefix}.as_row"), AxisOp::Add(0), &[x])?[0];
+        }
+        let ishape: TVec<TDim> = model.outlet_fact(indices)?.shape.to_tvec();
+        if ishape.len() != 1 {
+            let count: TDim = ishape.iter().product();
+            indices = model.wire_node(
+                format!("{prefix}.flat_indices"),
+                AxisOp::Reshape(0, ishape, tvec![count]),
+                &[indices],
+            )?[0];
+        }
+        let axis = model.outlet_fact(x)?.rank() - 1;
+        model.wire_node(prefix, Gather::new(axis), &[x, indices])
+    }
+}
+
+// ----- Binarizer ------------------------------------------------------------------
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct Binarizer {
+    threshold: u32,
+}
+
+fn binarizer(
+    _ctx: &ParsingContext<'_>,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let threshold: f32 = node.get_attr_opt("threshold")?.unwrap_or(0.0);
+    ensure!(
+        threshold.is_finite(),
+        "{}: threshold {threshold} is not a finite number",
+        at(node)
+    );
+    Ok((
+        expand(Binarizer {
+            threshold: threshold.to_bits(),
+        }),
+        vec![],
+    ))
+}
+
+impl Expansion for Binarizer {
+    fn name(&self) -> StaticName {
+        "Binarizer".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, &inputs[0].datum_type)?;
+        s.equals(&inputs[0].shape, &outputs[0].shape)?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let dt = model.outlet_fact(inputs[0])?.datum_type;
+        let x = as_f32(model, prefix, inputs[0])?;
+        let t = model.add_const(
+            format!("{prefix}.threshold"),
+            rctensor0(f32::from_bits(self.threshold)),
+        )?;
+        let above = wire_with_rank_broadcast(
+            format!("{prefix}.gt"),
+            model,
+            TypedBinOp(logic::comp_gt(), None),
+            &[x, t],
+        )?;
+        model.wire_node(format!("{prefix}.cast"), cast(dt), &above)
+    }
+}
+
+// ----- Imputer ----------------------------------------------------------------------
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct Imputer {
+    imputed: Vec<u32>,
+    replaced: u32,
+}
+
+fn imputer(
+    _ctx: &ParsingContext<'_>,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let imputed = floats(node, "imputed_value_floats", false)?;
+    ensure!(
+        !imputed.is_empty(),
+        "{}: imputed_value_floats is empty (integer imputers, imputed_value_int64s, are not supported)",
+        at(node)
+    );
+    let replaced: f32 = node.get_attr_opt("replaced_value_float")?.unwrap_or(0.0);
+    ensure!(
+        !replaced.is_infinite(),
+        "{}: replaced_value_float is infinite",
+        at(node)
+    );
+    Ok((
+        expand(Imputer {
+            imputed: bits(&imputed),
+            replaced: replaced.to_bits(),
+        }),
+        vec![],
+    ))
+}
+
+impl Expansion for Imputer {
+    fn name(&self) -> StaticName {
+        "Imputer".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[0].shape, &outputs[0].shape)?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        check_width(
+            model,
+            inputs[0],
+            &format!("{prefix}: Imputer imputed_value_floats"),
+            self.imputed.len(),
+        )?;
+        let x = as_f32(model, prefix, inputs[0])?;
+        let replaced = f32::from_bits(self.replaced);
+        let missing = if replaced.is_nan() {
+            model.wire_node(format!("{prefix}.is_nan"), math::is_nan(), &[x])?
+        } else {
+            let r = model.add_const(format!("{prefix}.replaced"), rctensor0(replaced))?;
+            wire_with_rank_broadcast(
+                format!("{prefix}.eq"),
+                model,
+                TypedBinOp(logic::comp_eq(), None),
+                &[x, r],
+            )?
+        };
+        let imputed = feature_const(model, format!("{prefix}.imputed"), &unbits(&self.imputed))?;
+        wire_with_rank_broadcast(
+            format!("{prefix}.select"),
+            model,
+            logic::Iff,
+            &[missing[0], imputed, x],
+        )
+    }
+}
+
+// ----- Cast to int64 ---------------------------------------------------------------
+
+/// tract types ONNX `Cast(to=INT64)` as its symbolic-dimension type (for shape
+/// arithmetic); skl2onnx ends every classifier's label output with one. Each
+/// model output of that type is cast back to i64 under its own name, so the
+/// label comes out as the int64 tensor the model declares.
+pub fn i64_outputs(model: &mut TypedModel) -> TractResult<()> {
+    let outputs = model.output_outlets()?.to_vec();
+    let mut fixed = Vec::with_capacity(outputs.len());
+    for o in outputs {
+        if model.outlet_fact(o)?.datum_type != TDim::datum_type() {
+            fixed.push(o);
+            continue;
+        }
+        let label = model
+            .outlet_label(o)
+            .map(str::to_owned)
+            .unwrap_or_else(|| model.node(o.node).name.clone());
+        let node_name = format!("{label}.as_i64");
+        let cast_out = model.wire_node(node_name, cast(i64::datum_type()), &[o])?[0];
+        model.set_outlet_label(o, format!("{label}.tdim"))?;
+        model.set_outlet_label(cast_out, label)?;
+        fixed.push(cast_out);
+    }
+    model.select_output_outlets(&fixed)
+}
