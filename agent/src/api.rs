@@ -389,7 +389,15 @@ async fn metadata(State(s): State<Shared>, Path(name): Path<String>) -> Response
         Ok(m) => m,
         Err(e) => return error(StatusCode::NOT_FOUND, e.to_string()),
     };
-    let spec = |t: &edgefleet_shared::manifest::TensorSpec| json!({ "name": t.name, "datatype": t.dtype.oip_name(), "shape": oip_shape(&t.shape) });
+    let spec = |t: &edgefleet_shared::manifest::TensorSpec| {
+        let mut v =
+            json!({ "name": t.name, "datatype": t.dtype.oip_name(), "shape": oip_shape(&t.shape) });
+        // A ZipMap's probabilities: which class each column is (docs/agent.md).
+        if let Some(labels) = model.class_labels().get(&t.name) {
+            v["parameters"] = json!({ "class_labels": labels });
+        }
+        v
+    };
     Json(json!({
         "name": bundle.channel,
         "versions": [bundle.version],

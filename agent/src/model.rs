@@ -71,9 +71,14 @@ pub enum InferenceError {
 pub struct LoadedModel {
     plan: Arc<TypedRunnableModel>,
     schema: ModelSchema,
+    /// Class labels by output name (a `ZipMap`'s classes, in column order).
+    labels: ClassLabels,
     /// The last successful run, shared by clones.
     last_run: Arc<LastRun>,
 }
+
+/// Class labels by output name.
+type ClassLabels = Arc<std::collections::BTreeMap<String, Vec<String>>>;
 
 /// How long the last successful run took (µs, 0: not run yet) and how many
 /// input elements it had.
@@ -260,27 +265,35 @@ impl LoadedModel {
         type Cache = std::sync::Mutex<
             std::collections::HashMap<
                 edgefleet_shared::Digest,
-                (Weak<TypedRunnableModel>, ModelSchema),
+                (Weak<TypedRunnableModel>, ModelSchema, ClassLabels),
             >,
         >;
         static SHARED: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
         let key = edgefleet_shared::Digest::of(bytes);
         let cache = SHARED.get_or_init(Cache::default);
         let lock = || cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((plan, schema)) = lock().get(&key)
+        if let Some((plan, schema, labels)) = lock().get(&key)
             && let Some(plan) = plan.upgrade()
         {
             return Ok(LoadedModel {
                 plan,
                 schema: schema.clone(),
+                labels: labels.clone(),
                 last_run: Arc::default(),
             });
         }
         // Loaded outside the lock: two threads may both load a new model once.
         let model = LoadedModel::load_with(bytes, true)?;
         let mut cache = lock();
-        cache.retain(|_, (plan, _)| plan.strong_count() > 0);
-        cache.insert(key, (Arc::downgrade(&model.plan), model.schema.clone()));
+        cache.retain(|_, (plan, _, _)| plan.strong_count() > 0);
+        cache.insert(
+            key,
+            (
+                Arc::downgrade(&model.plan),
+                model.schema.clone(),
+                model.labels.clone(),
+            ),
+        );
         Ok(model)
     }
 
@@ -298,7 +311,13 @@ impl LoadedModel {
         let mut onnx = tract_onnx::onnx();
         crate::trees::regressor::register(&mut onnx.op_register);
         crate::trees::ml::register(&mut onnx.op_register);
-        let mut model = onnx.model_for_read(&mut reader).map_err(|e| classify(&e))?;
+        let proto = onnx
+            .proto_model_for_read(&mut reader)
+            .map_err(|e| classify(&e))?;
+        let labels = crate::trees::ml::zipmap_labels(&proto).map_err(|e| classify(&e))?;
+        let mut model = onnx
+            .model_for_proto_model(&proto)
+            .map_err(|e| classify(&e))?;
         name_free_dims(&mut model)?;
         let mut typed = model.into_typed().map_err(|e| classify(&e))?;
         crate::trees::ml::i64_outputs(&mut typed).map_err(|e| classify(&e))?;
@@ -316,8 +335,15 @@ impl LoadedModel {
         Ok(LoadedModel {
             plan,
             schema,
+            labels: Arc::new(labels),
             last_run: Arc::default(),
         })
+    }
+
+    /// The class labels of outputs that have them, by output name: a
+    /// `ZipMap`'s classes, one per column of its probabilities.
+    pub fn class_labels(&self) -> &std::collections::BTreeMap<String, Vec<String>> {
+        &self.labels
     }
 
     /// How long this model's last successful [`LoadedModel::run`] took, if it

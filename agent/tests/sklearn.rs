@@ -141,6 +141,13 @@ fn zipmap_probabilities_are_served_as_a_float_matrix_with_one_column_per_class()
         edgefleet_shared::manifest::Dim::Fixed(3),
         "one column per iris class"
     );
+    assert_eq!(
+        m.class_labels().get("output_probability"),
+        Some(&vec!["0".to_owned(), "1".into(), "2".into()]),
+        "the columns' classes, as onnxruntime's maps key them"
+    );
+    let want = expected("logreg");
+    assert_eq!(want["labels"], serde_json::json!(["0", "1", "2"]));
 }
 
 #[test]

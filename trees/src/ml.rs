@@ -208,6 +208,20 @@ pub fn class_labels(node: &NodeProto) -> TractResult<Vec<String>> {
     Ok(labels)
 }
 
+/// The classes of every `ZipMap` in a model, by the name of its output.
+pub fn zipmap_labels(
+    proto: &tract_onnx::pb::ModelProto,
+) -> TractResult<std::collections::BTreeMap<String, Vec<String>>> {
+    let mut out = std::collections::BTreeMap::new();
+    let nodes = proto.graph.iter().flat_map(|g| g.node.iter());
+    for node in nodes.filter(|n| n.op_type == "ZipMap") {
+        if let Some(output) = node.output.first() {
+            out.insert(output.clone(), class_labels(node)?);
+        }
+    }
+    Ok(out)
+}
+
 fn zip_map(
     _ctx: &ParsingContext<'_>,
     node: &NodeProto,

@@ -301,6 +301,12 @@ const MIGRATIONS: &[&str] = &[
         csrf TEXT NOT NULL,
         expires_at INTEGER NOT NULL
     );",
+    // 12: each device's latest drift report (when received, drifted or not, the
+    // drifted features), kept with the device so that fleet views need not
+    // search the telemetry for it.
+    "ALTER TABLE devices ADD COLUMN drift_at INTEGER;
+    ALTER TABLE devices ADD COLUMN drifted INTEGER;
+    ALTER TABLE devices ADD COLUMN drift_features TEXT;",
 ];
 
 /// The store.
@@ -340,6 +346,19 @@ pub struct DeviceRow {
     pub active_channel: Option<String>,
     /// Version of the active bundle.
     pub active_version: Option<String>,
+    /// Its latest drift report, if it sent one.
+    pub drift: Option<LatestDrift>,
+}
+
+/// A device's latest drift report, as kept with the device.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct LatestDrift {
+    /// When it was received (ms since the epoch).
+    pub received_at: u64,
+    /// Whether that window drifted.
+    pub drifted: bool,
+    /// The drifted inputs and outputs.
+    pub features: Vec<String>,
 }
 
 /// A bundle as listed by the API.
@@ -790,7 +809,8 @@ impl Db {
         self.read(|t| {
             t.query(
                 "SELECT id, tags, enrolled_at, online, last_seen, agent_version, arch,
-                        active_digest, active_channel, active_version
+                        active_digest, active_channel, active_version,
+                        drift_at, drifted, drift_features
                  FROM devices ORDER BY id",
                 &[],
             )?
@@ -807,6 +827,14 @@ impl Db {
                     active_digest: r.id_or_none(7)?,
                     active_channel: r.get(8)?,
                     active_version: r.get(9)?,
+                    drift: match (r.get::<Option<i64>>(10)?, r.get::<Option<bool>>(11)?) {
+                        (Some(at), Some(drifted)) => Some(LatestDrift {
+                            received_at: u(at),
+                            drifted,
+                            features: r.json(12)?.unwrap_or_default(),
+                        }),
+                        _ => None,
+                    },
                 })
             })
             .collect()
@@ -951,7 +979,14 @@ impl Db {
         self.write(move |t| {
             let mut n = 0;
             let mut latest: BTreeMap<&str, u64> = BTreeMap::new();
+            let mut drift: BTreeMap<&str, (u64, &edgefleet_shared::protocol::DriftReport)> =
+                BTreeMap::new();
             for (s, received) in &batch {
+                if let Some(d) = &s.drift
+                    && drift.get(s.device.as_str()).is_none_or(|(at, _)| at <= received)
+                {
+                    drift.insert(s.device.as_str(), (*received, d));
+                }
                 n += t.execute(
                     "INSERT INTO telemetry (device, seq, at, received_at, digest, inferences, errors,
                         latency_counts, cpu_percent, mem_used, rss_bytes, body,
@@ -970,6 +1005,15 @@ impl Db {
                     "UPDATE devices SET last_seen = CASE WHEN COALESCE(last_seen, 0) > ?2
                         THEN last_seen ELSE ?2 END WHERE id = ?1",
                     vals![device, i(at)],
+                )?;
+            }
+            for (device, (at, report)) in drift {
+                let summary = DriftSummary::of(report);
+                let features = serde_json::to_string(&summary.features).unwrap_or_default();
+                t.execute(
+                    "UPDATE devices SET drift_at = ?2, drifted = ?3, drift_features = ?4
+                     WHERE id = ?1 AND COALESCE(drift_at, 0) <= ?2",
+                    vals![device, i(at), summary.drifted, features],
                 )?;
             }
             Ok(usize::try_from(n).unwrap_or(usize::MAX))

@@ -324,7 +324,10 @@ async fn fleet_view(s: &AppState, now: u64) -> Result<pages::FleetView, ApiError
         let agent = d.agent_version.clone().unwrap_or_else(|| "unknown".into());
         *f.agents.entry(agent).or_default() += 1;
     }
-    f.drifting = drifting(s, now).await?.into_iter().collect();
+    f.drifting = devices
+        .iter()
+        .filter_map(|d| drifting_now(d, now).map(|x| (d.id.to_string(), x.to_vec())))
+        .collect();
     let bundles = super::bundles_by_digest(s).await?;
     f.drift_alerts = s
         .fleet
@@ -349,18 +352,13 @@ async fn fleet_view(s: &AppState, now: u64) -> Result<pages::FleetView, ApiError
     Ok(f)
 }
 
-/// Devices whose latest drift window (in the last hour) drifted, with the
-/// drifted features.
-async fn drifting(s: &AppState, now: u64) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
-    Ok(s.db()
-        .latest_telemetry_between(now.saturating_sub(DRIFT_WINDOW_MS), now)
-        .await?
-        .into_iter()
-        .filter_map(|t| {
-            let d = t.drift.filter(|d| d.drifted)?;
-            Some((t.device.to_string(), d.features))
-        })
-        .collect())
+/// The drifted features of a device whose latest drift report, received in
+/// the last hour, drifted (kept with the device: no telemetry search).
+fn drifting_now(d: &crate::server::db::DeviceRow, now: u64) -> Option<&[String]> {
+    d.drift
+        .as_ref()
+        .filter(|x| x.drifted && now.saturating_sub(x.received_at) <= DRIFT_WINDOW_MS)
+        .map(|x| x.features.as_slice())
 }
 
 async fn devices_page(
@@ -380,7 +378,6 @@ async fn devices_view(
     now: u64,
 ) -> Result<pages::DevicesView, ApiError> {
     let tags = super::parse_tags(&q.tag)?;
-    let drifting = drifting(s, now).await?;
     let all = s.db().devices().await?;
     let channels: Vec<String> = all
         .iter()
@@ -401,7 +398,7 @@ async fn devices_view(
         .filter(|d| q.channel.is_empty() || d.active_channel.as_deref() == Some(&q.channel))
         .filter(|d| q.version.is_empty() || d.active_version.as_deref() == Some(&q.version))
         .map(|d| {
-            let drifted = drifting.contains_key(d.id.as_str());
+            let drifted = drifting_now(&d, now).is_some();
             (d, drifted)
         })
         .filter(|(_, drifted)| q.drifted != "yes" || *drifted)

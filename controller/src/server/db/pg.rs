@@ -174,6 +174,12 @@ const PG_MIGRATIONS: &[(i64, &str)] = &[
         expires_at BIGINT NOT NULL
     );"#,
     ),
+    (
+        12,
+        "ALTER TABLE devices ADD COLUMN drift_at BIGINT;
+    ALTER TABLE devices ADD COLUMN drifted BOOLEAN;
+    ALTER TABLE devices ADD COLUMN drift_features TEXT;",
+    ),
 ];
 
 /// The advisory lock key under which migrations run ("edgeflt" in ASCII).

@@ -119,7 +119,65 @@ on_both_backends!(
     the_latest_report_is_the_last_received_whatever_number_the_device_gave_it,
     a_change_and_its_audit_record_are_stored_together_or_not_at_all,
     dashboard_sessions_last_until_they_end_or_are_closed,
+    a_devices_latest_drift_report_is_kept_with_it,
 );
+
+async fn a_devices_latest_drift_report_is_kept_with_it(kind: Kind) {
+    let store = fresh(kind).await;
+    let db = &store.db;
+    let audit = Audit {
+        actor: "admin".into(),
+        action: "device.enroll".into(),
+        target: "cam-1".into(),
+        before: None,
+        after: None,
+        at: 1,
+    };
+    db.enroll(vec![(dev("cam-1"), BTreeMap::new(), "f1".into(), audit)], 1)
+        .await
+        .expect("enroll");
+    let digest = Digest::of(b"m");
+    let with_drift = |seq: u64, drifted: bool| {
+        let mut t = telemetry("cam-1", seq, digest, 10);
+        t.drift = Some(edgefleet_shared::protocol::DriftReport {
+            digest,
+            window: seq,
+            started: UnixTime(1),
+            rows: 100,
+            closed: true,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            drifted_share: if drifted { 0.5 } else { 0.0 },
+            drifted,
+        });
+        t
+    };
+    let drift_of = |rows: Vec<DeviceRow>| rows.into_iter().next().and_then(|d| d.drift);
+    assert_eq!(drift_of(db.devices().await.expect("devices")), None);
+    // In one batch, the later received wins; a report without drift changes nothing.
+    db.insert_telemetry(vec![
+        (with_drift(1, false), 100),
+        (with_drift(2, true), 200),
+    ])
+    .await
+    .expect("insert");
+    db.insert_telemetry(vec![(telemetry("cam-1", 3, digest, 20), 300)])
+        .await
+        .expect("insert");
+    let d = drift_of(db.devices().await.expect("devices")).expect("drift kept");
+    assert_eq!((d.received_at, d.drifted), (200, true));
+    // An older report arriving late does not replace a newer one.
+    db.insert_telemetry(vec![(with_drift(4, false), 150)])
+        .await
+        .expect("insert");
+    let d = drift_of(db.devices().await.expect("devices")).expect("drift kept");
+    assert_eq!((d.received_at, d.drifted), (200, true));
+    db.insert_telemetry(vec![(with_drift(5, false), 400)])
+        .await
+        .expect("insert");
+    let d = drift_of(db.devices().await.expect("devices")).expect("drift kept");
+    assert_eq!((d.received_at, d.drifted), (400, false));
+}
 
 async fn dashboard_sessions_last_until_they_end_or_are_closed(kind: Kind) {
     let store = fresh(kind).await;
