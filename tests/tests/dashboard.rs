@@ -105,13 +105,11 @@ async fn photograph(b: &Client, dir: &Path, name: &str) {
 async fn wait_text(b: &Client, text: &str) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let body = b
-            .find(Locator::Css("body"))
-            .await
-            .expect("body")
-            .text()
-            .await
-            .unwrap_or_default();
+        // Between a form's post and the page it leads to there is no body yet.
+        let body = match b.find(Locator::Css("body")).await {
+            Ok(e) => e.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
         if body.contains(text) {
             return body;
         }
@@ -121,6 +119,19 @@ async fn wait_text(b: &Client, text: &str) -> String {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Clicks the element: found again when a live page swapped it out meanwhile.
+async fn click(b: &Client, css: &str) {
+    for _ in 0..10 {
+        if let Ok(e) = b.find(Locator::Css(css)).await
+            && e.click().await.is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("could not click {css}");
 }
 
 async fn log_in(b: &Client, url: &str, token: &str) {
@@ -222,12 +233,7 @@ fn an_operator_watches_and_pauses_a_rollout_and_a_viewer_cannot_act() {
         wait_text(&b, "wave 2 of 3").await;
         wait_text(&b, "Decision log").await;
         photograph(&b, &dir, "rollout").await;
-        b.find(Locator::Css("form[action$='/pause'] button"))
-            .await
-            .expect("pause button")
-            .click()
-            .await
-            .expect("pause");
+        click(&b, "form[action$='/pause'] button").await;
         let paused = wait_text(&b, "pause done: now paused").await;
         assert!(paused.contains("Resume"), "{paused}");
         assert_eq!(h.rollout_view(&id)["phase"], "paused");

@@ -577,10 +577,13 @@ async fn rollout_view(s: &AppState, id: &str, now: u64) -> Result<pages::Rollout
         .into_iter()
         .find(|r| r.id == id)
         .ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))?;
-    let latest = s
-        .db()
-        .latest_telemetry_between(now.saturating_sub(600_000), now)
-        .await?;
+    use crate::server::engine::Phase;
+    let since = match &rollout.state.phase {
+        Phase::Installing { since } | Phase::Soaking { since, .. } => *since,
+        _ => now.saturating_sub(600_000),
+    };
+    let latest = s.db().latest_telemetry_between(since, now).await?;
+    let health = wave_health(&rollout, &latest);
     let waves = rollout
         .state
         .waves
@@ -593,9 +596,31 @@ async fn rollout_view(s: &AppState, id: &str, now: u64) -> Result<pages::Rollout
         log: s.db().rollout_log(id).await?,
         bundles: super::bundles_by_digest(s).await?,
         waves,
+        health,
         flash: None,
         rollout,
     })
+}
+
+/// The current wave's health, as the rollout engine measures it: the wave
+/// against the rollout's other devices.
+fn wave_health(
+    r: &crate::server::fleet::RolloutView,
+    latest: &[crate::server::db::TelemetryRow],
+) -> crate::server::engine::WaveHealth {
+    let e = &r.state;
+    let wave: std::collections::BTreeSet<&str> = e
+        .waves
+        .get(e.wave)
+        .map(|w| w.iter().map(|d| d.as_str()).collect())
+        .unwrap_or_default();
+    let others = e
+        .members
+        .keys()
+        .map(|d| d.as_str())
+        .filter(|d| !wave.contains(d))
+        .collect();
+    crate::server::fleet::wave_health(r.bundle, &wave, &others, latest)
 }
 
 /// `POST /rollouts/{id}/{pause|resume|promote|abort}`: the API's handler.

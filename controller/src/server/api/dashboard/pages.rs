@@ -10,7 +10,7 @@ use maud::{DOCTYPE, Markup, html};
 use super::chart::{self, Part};
 use crate::server::api::Role;
 use crate::server::db::{AuditRow, BundleRow, DeviceRow, EventRow, SampleRow, TelemetryRow};
-use crate::server::engine::{Counts, Phase};
+use crate::server::engine::{Counts, Phase, WaveHealth};
 use crate::server::fleet::{RolloutView, TelemetrySummary};
 
 /// Who is looking, and the form token their actions carry.
@@ -796,6 +796,8 @@ pub struct RolloutPage {
     pub bundles: BTreeMap<Digest, BundleRow>,
     /// Telemetry of each wave's devices now.
     pub waves: Vec<TelemetrySummary>,
+    /// The current wave's health as the engine measures it.
+    pub health: WaveHealth,
     /// The result of the action just taken.
     pub flash: Option<String>,
 }
@@ -820,7 +822,7 @@ pub fn rollout(v: &Viewer, p: &RolloutPage) -> Markup {
                 }
             }
         }
-        (gates(r, p.waves.get(e.wave)))
+        (gates(r, p.waves.get(e.wave), &p.health))
         section { h2 { "Decision log" }
             ol.log { @for (at, note) in &p.log { li { (when(*at, v.now)) " " (note) } } }
         }
@@ -864,45 +866,74 @@ fn rollout_actions(v: &Viewer, r: &RolloutView) -> Markup {
     }
 }
 
-fn gates(r: &RolloutView, wave: Option<&TelemetrySummary>) -> Markup {
+fn gates(r: &RolloutView, wave: Option<&TelemetrySummary>, health: &WaveHealth) -> Markup {
     let e = &r.state;
     let g = &e.plan.gates;
     let c = e.counts(Some(e.wave));
     let n = e.waves.get(e.wave).map_or(0, Vec::len);
-    let ratio = |x: usize| {
-        if n == 0 {
-            None
-        } else {
-            Some(x as f64 / n as f64)
-        }
-    };
-    let error_rate = wave.and_then(|w| w.error_rate);
-    let agreement = wave
-        .filter(|w| w.shadow_runs > 0)
-        .map(|w| w.shadow_agreed as f64 / w.shadow_runs as f64);
+    let ratio = |x: usize| (n > 0).then(|| x as f64 / n as f64);
     // Install ratios are final once nobody in the wave is left to answer.
     let settled = c.pending + c.in_progress == 0;
-    let rows: [(&str, Option<f64>, &str, f64); 5] = [
-        ("installed", ratio(c.succeeded), "≥", g.min_success_ratio),
-        ("failed", ratio(c.failed), "≤", g.max_failure_ratio),
-        ("error rate", error_rate, "≤", g.max_error_rate),
-        ("shadow agreement", agreement, "≥", g.min_shadow_agreement),
-        ("drift increase", None, "≤", g.max_drift_increase),
+    // (gate, measured, comparison, threshold, shown as a ratio "x" or a share "%")
+    let rows: [(&str, Option<f64>, &str, f64, bool); 6] = [
+        (
+            "installed",
+            ratio(c.succeeded),
+            "≥",
+            g.min_success_ratio,
+            false,
+        ),
+        ("failed", ratio(c.failed), "≤", g.max_failure_ratio, false),
+        (
+            "error rate",
+            health.error_rate,
+            "≤",
+            g.max_error_rate,
+            false,
+        ),
+        (
+            "p95 latency vs previous version",
+            health.p95_latency_ratio,
+            "≤",
+            g.max_p95_latency_ratio,
+            true,
+        ),
+        (
+            "drift increase",
+            health.drift_increase,
+            "≤",
+            g.max_drift_increase,
+            false,
+        ),
+        (
+            "shadow agreement",
+            health.shadow_agreement,
+            "≥",
+            g.min_shadow_agreement,
+            false,
+        ),
     ];
+    let show = |v: f64, times: bool| {
+        if times {
+            format!("{v:.2}x")
+        } else {
+            format!("{:.1}%", v * 100.0)
+        }
+    };
     html! {
         section { h2 { "Gates of wave " (e.wave + 1) }
             table.gates {
                 thead { tr { th { "gate" } th.num { "measured" } th.num { "threshold" } th { "" } } }
-                tbody { @for (name, measured, op, limit) in rows { tr {
+                tbody { @for (name, measured, op, limit, times) in rows { tr {
                     td { (name) }
-                    td.num { @if let Some(m) = measured { (format!("{:.1}%", m * 100.0)) } @else { span.muted { "–" } } }
-                    td.num { (op) " " (format!("{:.1}%", limit * 100.0)) }
+                    td.num { @if let Some(m) = measured { (show(m, times)) } @else { span.muted { "–" } } }
+                    td.num { (op) " " (show(limit, times)) }
                     td { @if let Some(m) = measured { (gate_verdict(m, op, limit, settled || name != "installed")) } }
                 } } }
-                tr { td { "p95 latency vs previous version" } td.num { span.muted { "see log" } }
-                     td.num { "≤ " (format!("{:.2}x", g.max_p95_latency_ratio)) } td {} }
                 tr { td { "soak" } td.num {} td.num { (g.soak_ms / 1000) " s" } td {} }
             }
+            p.muted { "Measured as the rollout engine does, from each device's latest telemetry since the phase began; "
+                "– is not known yet (fewer than " (crate::server::fleet::MIN_INFERENCES) " inferences, or no device left on the previous version) and passes." }
             @if let Some(w) = wave { p.muted { "Wave telemetry: " (w.devices) " devices reporting, "
                 (w.inferences) " inferences, p95 " (w.p95_us.map_or("–".into(), |u| format!("{:.1} ms", u as f64 / 1000.0))) } }
         }
@@ -1153,6 +1184,7 @@ mod tests {
             log: vec![(0, "wave 1 started".into())],
             bundles: [(bundle.digest, bundle)].into_iter().collect(),
             waves: Vec::new(),
+            health: WaveHealth::default(),
             flash: None,
         };
         let viewer = rollout(&v(Role::Viewer), &page).into_string();
