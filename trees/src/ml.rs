@@ -94,6 +94,24 @@ fn check_width(model: &TypedModel, x: OutletId, what: &str, len: usize) -> Tract
     Ok(())
 }
 
+/// The typing rules of a one-input, one-output operator whose output has its
+/// input's shape, and type `dt` (the input's type when `None`).
+fn unary_rules<'r, 'p: 'r>(
+    s: &mut Solver<'r>,
+    inputs: &'p [TensorProxy],
+    outputs: &'p [TensorProxy],
+    dt: Option<DatumType>,
+) -> InferenceResult {
+    check_input_arity(inputs, 1)?;
+    check_output_arity(outputs, 1)?;
+    match dt {
+        Some(dt) => s.equals(&outputs[0].datum_type, dt)?,
+        None => s.equals(&outputs[0].datum_type, &inputs[0].datum_type)?,
+    }
+    s.equals(&inputs[0].shape, &outputs[0].shape)?;
+    Ok(())
+}
+
 /// A per-feature constant: `[C]` (broadcast over the rows).
 fn feature_const(model: &mut TypedModel, name: String, v: &[f32]) -> TractResult<OutletId> {
     model.add_const(name, tensor1(v).into_arc_tensor())
@@ -146,11 +164,7 @@ impl Expansion for Scaler {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 1)?;
-        check_output_arity(outputs, 1)?;
-        s.equals(&outputs[0].datum_type, f32::datum_type())?;
-        s.equals(&inputs[0].shape, &outputs[0].shape)?;
-        Ok(())
+        unary_rules(s, inputs, outputs, Some(f32::datum_type()))
     }
 
     fn wire(
@@ -365,11 +379,7 @@ impl Expansion for Binarizer {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 1)?;
-        check_output_arity(outputs, 1)?;
-        s.equals(&outputs[0].datum_type, &inputs[0].datum_type)?;
-        s.equals(&inputs[0].shape, &outputs[0].shape)?;
-        Ok(())
+        unary_rules(s, inputs, outputs, None)
     }
 
     fn wire(
@@ -438,11 +448,7 @@ impl Expansion for Imputer {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 1)?;
-        check_output_arity(outputs, 1)?;
-        s.equals(&outputs[0].datum_type, f32::datum_type())?;
-        s.equals(&inputs[0].shape, &outputs[0].shape)?;
-        Ok(())
+        unary_rules(s, inputs, outputs, Some(f32::datum_type()))
     }
 
     fn wire(

@@ -734,7 +734,7 @@ fn finish(
         println!("{metrics}");
     }
     println!(
-        "  look next: docs/controller.md (API), docs/rollouts.md (gates), docs/agent.md (device)"
+        "  look next: docs/controller.md (API), docs/rollouts.md (gates), docs/agent.md (device), docs/dashboard.md (web pages; run with --keep-running to open them)"
     );
     if opts.keep_running {
         println!("\nkept running (Ctrl-C to stop):");
@@ -744,6 +744,7 @@ fn finish(
             data.join("admin-token").display()
         );
         println!("  edgefleet devices list; edgefleet rollout status");
+        println!("  dashboard: open {url}/ and log in with that token (docs/dashboard.md)");
         for d in fleet.devices().iter().take(3) {
             println!("  curl {}/v2/models/iris", d.api_url());
         }
