@@ -113,7 +113,7 @@ fn classify(e: &TractError) -> ModelError {
             "LabelEncoder" => {
                 "; encode labels outside the model, or convert the model with hummingbird-ml (tree_trav) to standard operators"
             }
-            "SVMClassifier" | "SVMRegressor" | "OneHotEncoder" => {
+            "SVMClassifier" | "SVMRegressor" => {
                 "; do this step outside the model, or convert it to standard ONNX operators"
             }
             _ => "",

@@ -208,3 +208,14 @@ fn wrong_attributes_are_refused_naming_the_operator_node_and_attribute() {
         }
     }
 }
+
+#[test]
+fn a_column_transformer_with_one_hot_encoding_matches_onnxruntime() {
+    // Row 0 has a category never seen in training: encoded as zeros.
+    matches_onnxruntime("columns_onehot_logreg");
+}
+
+#[test]
+fn one_hot_encoders_with_random_categories_match_onnxruntime() {
+    matches_onnxruntime("op_one_hot_encoder");
+}

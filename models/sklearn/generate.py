@@ -30,7 +30,7 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import Binarizer, MinMaxScaler, Normalizer, StandardScaler
+from sklearn.preprocessing import Binarizer, MinMaxScaler, Normalizer, OneHotEncoder, StandardScaler
 from sklearn.svm import SVC
 
 warnings.filterwarnings("ignore")
@@ -186,6 +186,51 @@ def operators():
                        operator_model("op_array_feature_extractor", nodes, [X], [out(i) for i in range(6)], inits), random_input())
 
 
+def column_transformer():
+    """StandardScaler on three columns and OneHotEncoder on a fourth (rounded petal
+    width), in a ColumnTransformer before LogisticRegression; the rows include a
+    category never seen in training (4), which handle_unknown="ignore" encodes as zeros."""
+    X, y = data("iris")
+    X = np.c_[X[:, :3], np.round(X[:, 3])].astype(np.float32)
+    ct = ColumnTransformer([("num", StandardScaler(), [0, 1, 2]),
+                            ("cat", OneHotEncoder(handle_unknown="ignore"), [3])])
+    model = make_pipeline(ct, LogisticRegression(max_iter=500)).fit(X, y)
+    onx = to_onnx(model, X[:1])
+    name = "columns_onehot_logreg"
+    with open(os.path.join(HERE, f"{name}.onnx"), "wb") as f:
+        f.write(onx.SerializeToString())
+    x = rows(X)
+    x[0, 3] = 4.0
+    session = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs, labels = {}, None
+    for meta, value in zip(session.get_outputs(), session.run(None, {session.get_inputs()[0].name: x})):
+        if isinstance(value, list):
+            labels = list(value[0].keys())
+            value = np.array([[row[k] for k in labels] for row in value], dtype=np.float32)
+        outputs[meta.name] = tensor(value)
+    doc = {"model": f"{name}.onnx", "pipeline": str(model).replace("\n", " "),
+           "operators": sorted({n.op_type for n in onx.graph.node}),
+           "inputs": {session.get_inputs()[0].name: tensor(x)}, "outputs": outputs,
+           "labels": [str(l) for l in labels]}
+    with open(os.path.join(HERE, f"{name}.expected.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    print(name, doc["operators"])
+
+
+def one_hot_cases():
+    """OneHotEncoders with random integer categories over float and int64 inputs."""
+    X = helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, C])
+    nodes = []
+    for i in range(8):
+        cats = sorted(set(rng.integers(-3, 4, rng.integers(1, 6)).tolist()))
+        nodes.append(helper.make_node("OneHotEncoder", ["X"], [f"Y{i}"], domain="ai.onnx.ml",
+                                      cats_int64s=cats, zeros=1))
+    outs = [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, None) for i in range(8)]
+    x = np.round(rng.normal(0, 2, (12, C))).astype(np.float32)
+    save_operator_case("op_one_hot_encoder", operator_model("op_one_hot_encoder", nodes, [X], outs), x)
+
+
 def invalid():
     """Models whose attributes are wrong: refused at load naming them."""
     X = helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, C])
@@ -211,4 +256,6 @@ if __name__ == "__main__":
     for name, spec in MODELS.items():
         export(name, *spec)
     operators()
+    column_transformer()
+    one_hot_cases()
     invalid()

@@ -14,6 +14,11 @@
 //! - `Imputer`: each feature's `replaced_value_float` (NaN: missing values) becomes
 //!   its `imputed_value_floats` (one value for all features, or one each).
 //!
+//! - `OneHotEncoder` (integer categories): `[..., k]` in, `[..., k, categories]`
+//!   floats out, 1 where the value is the category. A value of no category gives
+//!   zeros whatever `zeros` says (onnxruntime refuses the request when `zeros` is
+//!   0); string categories are refused by name.
+//!
 //! Every attribute is checked when the model loads; an error names the
 //! operator, the node and the attribute.
 
@@ -36,6 +41,7 @@ pub fn register(register: &mut OnnxOpRegister) {
     register.insert("ArrayFeatureExtractor", array_feature_extractor);
     register.insert("Binarizer", binarizer);
     register.insert("Imputer", imputer);
+    register.insert("OneHotEncoder", one_hot_encoder);
 }
 
 /// The node's name for error messages.
@@ -511,4 +517,84 @@ pub fn i64_outputs(model: &mut TypedModel) -> TractResult<()> {
         fixed.push(cast_out);
     }
     model.select_output_outlets(&fixed)
+}
+
+// ----- OneHotEncoder --------------------------------------------------------------
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct OneHotEncoder {
+    categories: Vec<i64>,
+}
+
+fn one_hot_encoder(
+    _ctx: &ParsingContext<'_>,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let strings = node.get_attr_opt_vec::<String>("cats_strings")?;
+    ensure!(
+        strings.is_none_or(|s| s.is_empty()),
+        "{}: cats_strings (string categories) are not supported yet; encode strings as integers",
+        at(node)
+    );
+    let categories = node
+        .get_attr_opt_vec::<i64>("cats_int64s")?
+        .unwrap_or_default();
+    ensure!(
+        !categories.is_empty() && categories.len() <= MAX_VALUES,
+        "{}: cats_int64s must list between 1 and {MAX_VALUES} categories",
+        at(node)
+    );
+    Ok((expand(OneHotEncoder { categories }), vec![]))
+}
+
+impl Expansion for OneHotEncoder {
+    fn name(&self) -> StaticName {
+        "OneHotEncoder".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&outputs[0].rank, inputs[0].rank.bex() + 1)?;
+        s.given(&inputs[0].rank, move |s, rank| {
+            for axis in 0..rank as usize {
+                s.equals(&outputs[0].shape[axis], &inputs[0].shape[axis])?;
+            }
+            s.equals(
+                &outputs[0].shape[rank as usize],
+                self.categories.len().to_dim(),
+            )
+        })
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let mut x = inputs[0];
+        if model.outlet_fact(x)?.datum_type != i64::datum_type() {
+            x = model.wire_node(format!("{prefix}.to_i64"), cast(i64::datum_type()), &[x])?[0];
+        }
+        let rank = model.outlet_fact(x)?.rank();
+        let x = model.wire_node(format!("{prefix}.last_axis"), AxisOp::Add(rank), &[x])?[0];
+        let cats = model.add_const(
+            format!("{prefix}.categories"),
+            tensor1(&self.categories).into_arc_tensor(),
+        )?;
+        let hot = wire_with_rank_broadcast(
+            format!("{prefix}.eq"),
+            model,
+            TypedBinOp(logic::comp_eq(), None),
+            &[x, cats],
+        )?;
+        model.wire_node(format!("{prefix}.to_f32"), cast(f32::datum_type()), &hot)
+    }
 }
