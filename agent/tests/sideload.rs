@@ -334,6 +334,45 @@ fn start_api(dev: &Device, extra: &[&str]) -> (std::process::Child, String) {
 }
 
 #[test]
+fn a_zipmap_models_metadata_names_the_class_of_each_probability_column() {
+    let dev = Device::new();
+    let b = bundle(
+        dev.path(),
+        "zipmap.efb",
+        "iris_zipmap.onnx",
+        "iris_zipmap.onnx",
+        1,
+        0,
+    );
+    dev.ok(&["install", s(&b)]);
+    let (mut child, addr) = start_api(&dev, &[]);
+    let (code, body) = http(&addr, "GET", "/v2/models/iris", "");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(code, 200, "{body}");
+    let meta: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let probs = meta["outputs"]
+        .as_array()
+        .expect("outputs")
+        .iter()
+        .find(|o| o["name"] == "output_probability")
+        .expect("the ZipMap output")
+        .clone();
+    assert_eq!(
+        probs,
+        serde_json::json!({"name": "output_probability", "datatype": "FP32", "shape": [-1, 3],
+            "parameters": {"class_labels": ["0", "1", "2"]}})
+    );
+    let label = meta["outputs"]
+        .as_array()
+        .expect("outputs")
+        .iter()
+        .find(|o| o["name"] == "output_label")
+        .expect("the label output");
+    assert!(label.get("parameters").is_none(), "{label}");
+}
+
+#[test]
 fn the_local_api_speaks_oip_v2_and_rejects_bad_inputs_with_400_naming_the_input() {
     let dev = Device::new();
     // No model yet: live but not ready.

@@ -67,10 +67,15 @@ pub fn bundle_padded(
     let reference =
         LoadedModel::load(&std::fs::read(format!("{MODELS}/{golden_from}")).expect("model"))
             .expect("loads");
-    let outputs = reference.run(&[features()]).expect("runs");
+    // The iris features under the model's own input name.
+    let input = Tensor {
+        name: reference.schema().inputs[0].name.clone(),
+        ..features()
+    };
+    let outputs = reference.run(std::slice::from_ref(&input)).expect("runs");
     let golden = GoldenSet {
         cases: vec![GoldenCase {
-            inputs: vec![features()],
+            inputs: vec![input],
             outputs,
         }],
     };
