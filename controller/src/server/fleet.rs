@@ -1154,20 +1154,7 @@ impl Fleet {
 
     async fn health_of(&self, a: &Active, since: u64) -> Result<WaveHealth, FleetError> {
         let latest = self.db.latest_telemetry(since).await?;
-        let wave: BTreeSet<&str> = a
-            .engine
-            .waves
-            .get(a.engine.wave)
-            .map(|w| w.iter().map(DeviceId::as_str).collect())
-            .unwrap_or_default();
-        let others: BTreeSet<&str> = a
-            .engine
-            .members
-            .keys()
-            .map(DeviceId::as_str)
-            .filter(|d| !wave.contains(d))
-            .collect();
-        Ok(wave_health(a.digest, &wave, &others, &latest))
+        Ok(current_wave_health(&a.engine, a.digest, &latest))
     }
 
     /// Starts a rollout of `bundle` to `devices` (already resolved by the API).
@@ -1342,7 +1329,8 @@ fn step_audit(
 /// How long telemetry is kept, ms (set from the configuration at start).
 pub static RETENTION_MS: AtomicU64 = AtomicU64::new(30 * 86_400_000);
 
-fn failure_text(r: &FailureReason) -> String {
+/// An install failure's stage and reason (a refusal with its stable code).
+pub fn failure_text(r: &FailureReason) -> String {
     match r {
         FailureReason::Refused { refusal } => format!("refused ({}): {refusal}", refusal.code()),
         FailureReason::Preflight { detail } => format!("preflight: {detail}"),
@@ -1414,6 +1402,23 @@ fn p95_ratio(a: &[u64], b: &[u64]) -> Option<f64> {
         (Some(a), Some(b)) if b > 0 => Some(a as f64 / b as f64),
         _ => None,
     }
+}
+
+/// [`wave_health`] of a rollout's current wave against its other devices:
+/// what the engine's gates judge (and the dashboard shows).
+pub fn current_wave_health(r: &Rollout, digest: Digest, latest: &[TelemetryRow]) -> WaveHealth {
+    let wave: BTreeSet<&str> = r
+        .waves
+        .get(r.wave)
+        .map(|w| w.iter().map(DeviceId::as_str).collect())
+        .unwrap_or_default();
+    let others: BTreeSet<&str> = r
+        .members
+        .keys()
+        .map(DeviceId::as_str)
+        .filter(|d| !wave.contains(d))
+        .collect();
+    wave_health(digest, &wave, &others, latest)
 }
 
 /// Fewest inferences (wave or baseline) before a rate or a latency counts.

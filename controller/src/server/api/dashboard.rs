@@ -88,10 +88,6 @@ fn html(status: StatusCode, page: Markup) -> Response {
         .into_response()
 }
 
-fn sha256_hex(text: &str) -> String {
-    hex::encode(Sha256::digest(text.as_bytes()))
-}
-
 fn random_hex() -> Result<String, ApiError> {
     let mut b = [0u8; 32];
     getrandom::fill(&mut b).map_err(|e| ApiError::internal("no randomness for a session", e))?;
@@ -133,7 +129,7 @@ impl FromRequestParts<AppState> for Session {
         let found = match session_cookie(&parts.headers) {
             Some(id) => s
                 .db()
-                .session(&sha256_hex(id), now)
+                .session(&token_hash(id), now)
                 .await
                 .map_err(|e| failure(None, ApiError::from(e)))?,
             None => None,
@@ -249,11 +245,11 @@ async fn login(State(s): State<AppState>, headers: HeaderMap, form: Form<LoginFo
     }
 }
 
-async fn open_session(s: &AppState, token_hash: &str) -> Result<HeaderValue, ApiError> {
+async fn open_session(s: &AppState, token: &str) -> Result<HeaderValue, ApiError> {
     let (id, csrf) = (random_hex()?, random_hex()?);
     let now = now_ms();
     s.db()
-        .open_session(&sha256_hex(&id), token_hash, &csrf, now, now + SESSION_MS)
+        .open_session(&token_hash(&id), token, &csrf, now, now + SESSION_MS)
         .await?;
     let cookie = format!(
         "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
@@ -281,7 +277,7 @@ async fn logout(
         return failure(Some(&session.0), e);
     }
     if let Some(id) = session_cookie(&headers)
-        && let Err(e) = s.db().close_session(&sha256_hex(id)).await
+        && let Err(e) = s.db().close_session(&token_hash(id)).await
     {
         return failure(Some(&session.0), e.into());
     }
@@ -583,7 +579,7 @@ async fn rollout_view(s: &AppState, id: &str, now: u64) -> Result<pages::Rollout
         _ => now.saturating_sub(600_000),
     };
     let latest = s.db().latest_telemetry_between(since, now).await?;
-    let health = wave_health(&rollout, &latest);
+    let health = crate::server::fleet::current_wave_health(&rollout.state, rollout.bundle, &latest);
     let waves = rollout
         .state
         .waves
@@ -600,27 +596,6 @@ async fn rollout_view(s: &AppState, id: &str, now: u64) -> Result<pages::Rollout
         flash: None,
         rollout,
     })
-}
-
-/// The current wave's health, as the rollout engine measures it: the wave
-/// against the rollout's other devices.
-fn wave_health(
-    r: &crate::server::fleet::RolloutView,
-    latest: &[crate::server::db::TelemetryRow],
-) -> crate::server::engine::WaveHealth {
-    let e = &r.state;
-    let wave: std::collections::BTreeSet<&str> = e
-        .waves
-        .get(e.wave)
-        .map(|w| w.iter().map(|d| d.as_str()).collect())
-        .unwrap_or_default();
-    let others = e
-        .members
-        .keys()
-        .map(|d| d.as_str())
-        .filter(|d| !wave.contains(d))
-        .collect();
-    crate::server::fleet::wave_health(r.bundle, &wave, &others, latest)
 }
 
 /// `POST /rollouts/{id}/{pause|resume|promote|abort}`: the API's handler.

@@ -257,26 +257,11 @@ fn alerts(f: &FleetView) -> Markup {
     }
 }
 
-/// The reason of an `install_failed` event: the stage, and the refusal's
-/// stable code and message or the failure's detail.
+/// The reason of an `install_failed` event, as the rollout log words it.
 pub fn failure_text(body: &serde_json::Value) -> String {
-    use edgefleet_shared::protocol::FailureReason;
-    let reason = &body["kind"]["install_failed"]["reason"];
-    match serde_json::from_value::<FailureReason>(reason.clone()) {
-        Ok(FailureReason::Refused { refusal }) => {
-            let code = serde_json::to_value(&refusal)
-                .ok()
-                .and_then(|v| v["code"].as_str().map(str::to_owned))
-                .unwrap_or_default();
-            format!("refused ({code}): {refusal}")
-        }
-        Ok(
-            FailureReason::Preflight { detail }
-            | FailureReason::Download { detail }
-            | FailureReason::ModelLoad { detail }
-            | FailureReason::HealthCheck { detail }
-            | FailureReason::Internal { detail },
-        ) => format!("{}: {detail}", reason["stage"].as_str().unwrap_or("failed")),
+    let reason = body["kind"]["install_failed"]["reason"].clone();
+    match serde_json::from_value(reason) {
+        Ok(r) => crate::server::fleet::failure_text(&r),
         Err(_) => "failed (no reason given)".into(),
     }
 }
