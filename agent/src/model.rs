@@ -135,6 +135,7 @@ fn element_type(role: &'static str, name: &str, dt: DatumType) -> Result<Element
         DatumType::I64 => ElementType::I64,
         DatumType::U8 => ElementType::U8,
         DatumType::Bool => ElementType::Bool,
+        DatumType::String => ElementType::String,
         other => {
             return Err(ModelError::UnsupportedType {
                 role,
@@ -311,9 +312,12 @@ impl LoadedModel {
         let mut onnx = tract_onnx::onnx();
         crate::trees::regressor::register(&mut onnx.op_register);
         crate::trees::ml::register(&mut onnx.op_register);
-        let proto = onnx
+        crate::trees::svm::register(&mut onnx.op_register);
+        crate::trees::encoder::register(&mut onnx.op_register);
+        let mut proto = onnx
             .proto_model_for_read(&mut reader)
             .map_err(|e| classify(&e))?;
+        crate::trees::encoder::index_string_labels(&mut proto).map_err(|e| classify(&e))?;
         let labels = crate::trees::ml::zipmap_labels(&proto).map_err(|e| classify(&e))?;
         let mut model = onnx
             .model_for_proto_model(&proto)
@@ -435,6 +439,7 @@ fn to_tract(t: &Tensor) -> TractResult<tract_onnx::prelude::Tensor> {
         TensorData::I64(v) => arr(&shape, v),
         TensorData::U8(v) => arr(&shape, v),
         TensorData::Bool(v) => arr(&shape, v),
+        TensorData::String(v) => arr(&shape, v),
     }
 }
 
@@ -457,6 +462,9 @@ fn from_tract(name: &str, v: &TValue) -> TractResult<Tensor> {
         DatumType::U8 => TensorData::U8(v.to_plain_array_view::<u8>()?.iter().cloned().collect()),
         DatumType::Bool => {
             TensorData::Bool(v.to_plain_array_view::<bool>()?.iter().cloned().collect())
+        }
+        DatumType::String => {
+            TensorData::String(v.to_plain_array_view::<String>()?.iter().cloned().collect())
         }
         other => {
             return Err(tract_onnx::prelude::TractError::msg(format!(
@@ -502,9 +510,9 @@ pub enum HealthFailure {
         /// Flat element index.
         index: usize,
         /// Value produced.
-        got: f64,
+        got: String,
         /// Value expected.
-        want: f64,
+        want: String,
     },
     /// A case ran over the latency budget.
     #[error("golden case {case} took {took_ms:.1} ms, over the budget of {budget_ms} ms")]

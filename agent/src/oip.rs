@@ -96,6 +96,9 @@ pub enum Scalar {
     Float(f64),
     /// `true` or `false`.
     Bool(bool),
+    /// A JSON string: its index in [`Elements::1`] (kept apart so a scalar stays
+    /// 16 bytes).
+    Text(u32),
     /// Anything else: what it is, for the error.
     Other(NotANumber),
 }
@@ -104,8 +107,6 @@ pub enum Scalar {
 /// a request's elements are held in this form while it is decoded).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotANumber {
-    /// A JSON string.
-    String,
     /// `null` (how JSON writers put NaN and infinities).
     Null,
     /// A JSON object.
@@ -119,7 +120,7 @@ impl std::fmt::Display for Scalar {
             Scalar::UInt(v) => write!(f, "{v}"),
             Scalar::Float(v) => write!(f, "{v}"),
             Scalar::Bool(v) => write!(f, "{v}"),
-            Scalar::Other(NotANumber::String) => f.write_str("a string"),
+            Scalar::Text(_) => f.write_str("a string"),
             Scalar::Other(NotANumber::Null) => f.write_str("null"),
             Scalar::Other(NotANumber::Object) => f.write_str("an object"),
         }
@@ -129,17 +130,18 @@ impl std::fmt::Display for Scalar {
 /// A tensor's `data` flattened in row-major order: nested arrays (`[[1, 2],
 /// [3, 4]]`) read as the flat `[1, 2, 3, 4]`. Decoded straight into scalars,
 /// without a JSON value per element.
+/// Strings (`BYTES` elements) are kept in the second vector, in order.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Elements(pub Vec<Scalar>);
+pub struct Elements(pub Vec<Scalar>, pub Vec<String>);
 
 impl<'de> Deserialize<'de> for Elements {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut out = Vec::new();
+        let mut out = Elements::default();
         d.deserialize_seq(Flatten {
             out: &mut out,
             depth: 0,
         })?;
-        Ok(Elements(out))
+        Ok(out)
     }
 }
 
@@ -147,7 +149,7 @@ impl<'de> Deserialize<'de> for Elements {
 const MAX_DATA_DEPTH: usize = 32;
 
 struct Flatten<'a> {
-    out: &'a mut Vec<Scalar>,
+    out: &'a mut Elements,
     depth: usize,
 }
 
@@ -177,7 +179,7 @@ impl<'de> Visitor<'de> for Flatten<'_> {
 
 /// One element of a `data` array: a scalar, or a nested array flattened in.
 struct Element<'a> {
-    out: &'a mut Vec<Scalar>,
+    out: &'a mut Elements,
     depth: usize,
 }
 
@@ -197,12 +199,12 @@ impl<'de> Visitor<'de> for Element<'_> {
     }
 
     fn visit_bool<E>(self, v: bool) -> Result<(), E> {
-        self.out.push(Scalar::Bool(v));
+        self.out.0.push(Scalar::Bool(v));
         Ok(())
     }
 
     fn visit_i64<E>(self, v: i64) -> Result<(), E> {
-        self.out.push(match u64::try_from(v) {
+        self.out.0.push(match u64::try_from(v) {
             Ok(u) => Scalar::UInt(u),
             Err(_) => Scalar::Int(v),
         });
@@ -210,22 +212,25 @@ impl<'de> Visitor<'de> for Element<'_> {
     }
 
     fn visit_u64<E>(self, v: u64) -> Result<(), E> {
-        self.out.push(Scalar::UInt(v));
+        self.out.0.push(Scalar::UInt(v));
         Ok(())
     }
 
     fn visit_f64<E>(self, v: f64) -> Result<(), E> {
-        self.out.push(Scalar::Float(v));
+        self.out.0.push(Scalar::Float(v));
         Ok(())
     }
 
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        self.out.push(Scalar::Other(NotANumber::String));
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        // Fewer elements than bytes in the body, so the index fits.
+        let index = u32::try_from(self.out.1.len()).unwrap_or(u32::MAX);
+        self.out.1.push(v.to_owned());
+        self.out.0.push(Scalar::Text(index));
         Ok(())
     }
 
     fn visit_unit<E>(self) -> Result<(), E> {
-        self.out.push(Scalar::Other(NotANumber::Null));
+        self.out.0.push(Scalar::Other(NotANumber::Null));
         Ok(())
     }
 
@@ -234,7 +239,7 @@ impl<'de> Visitor<'de> for Element<'_> {
             .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
             .is_some()
         {}
-        self.out.push(Scalar::Other(NotANumber::Object));
+        self.out.0.push(Scalar::Other(NotANumber::Object));
         Ok(())
     }
 
@@ -256,14 +261,15 @@ fn dtype_of(name: &str) -> Option<ElementType> {
         "INT64" => ElementType::I64,
         "UINT8" => ElementType::U8,
         "BOOL" => ElementType::Bool,
+        "BYTES" => ElementType::String,
         _ => return None,
     })
 }
 
-/// Bytes per element in the binary form.
+/// Bytes per element in the binary form (`BYTES`: a 4-byte length, then text).
 fn width(dtype: ElementType) -> usize {
     match dtype {
-        ElementType::F32 | ElementType::I32 => 4,
+        ElementType::F32 | ElementType::I32 | ElementType::String => 4,
         ElementType::F64 | ElementType::I64 => 8,
         ElementType::I8 | ElementType::U8 | ElementType::Bool => 1,
     }
@@ -327,7 +333,7 @@ pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<Decoded,
         let name = &input.name;
         let dtype = dtype_of(&input.datatype).ok_or_else(|| {
             invalid(format!(
-                "input `{name}`: datatype {:?} is not supported (FP32, FP64, INT8, INT32, INT64, UINT8, BOOL)",
+                "input `{name}`: datatype {:?} is not supported (FP32, FP64, INT8, INT32, INT64, UINT8, BOOL, BYTES)",
                 input.datatype
             ))
         })?;
@@ -343,7 +349,7 @@ pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<Decoded,
                     "input `{name}` has no `data` (nor a `binary_data_size` parameter)"
                 )));
             }
-            (Some(elements), None) => from_elements(name, &input.datatype, dtype, &elements.0)?,
+            (Some(elements), None) => from_elements(name, &input.datatype, dtype, elements)?,
             (None, Some(size)) => {
                 if header_len.is_none() {
                     return Err(invalid(format!(
@@ -384,8 +390,9 @@ fn from_elements(
     name: &str,
     datatype: &str,
     dtype: ElementType,
-    elements: &[Scalar],
+    Elements(elements, mut strings): Elements,
 ) -> Result<TensorData, RequestError> {
+    let elements = elements.as_slice();
     let bad = |i: usize, v: &Scalar| {
         RequestError::Invalid(format!(
             "input `{name}`: element {i} ({v}) is not a valid {datatype}"
@@ -393,7 +400,7 @@ fn from_elements(
     };
     fn all<T>(
         elements: &[Scalar],
-        convert: impl Fn(&Scalar) -> Option<T>,
+        mut convert: impl FnMut(&Scalar) -> Option<T>,
         bad: impl Fn(usize, &Scalar) -> RequestError,
     ) -> Result<Vec<T>, RequestError> {
         // Allocated once at its size (collecting Results would grow it by
@@ -409,14 +416,14 @@ fn from_elements(
             Scalar::Int(x) => Some(x as f64),
             Scalar::UInt(x) => Some(x as f64),
             Scalar::Float(x) => Some(x),
-            Scalar::Bool(_) | Scalar::Other(_) => None,
+            Scalar::Bool(_) | Scalar::Text(_) | Scalar::Other(_) => None,
         }
     }
     fn int<T: TryFrom<i64> + TryFrom<u64>>(v: &Scalar) -> Option<T> {
         match *v {
             Scalar::Int(x) => T::try_from(x).ok(),
             Scalar::UInt(x) => T::try_from(x).ok(),
-            Scalar::Float(_) | Scalar::Bool(_) | Scalar::Other(_) => None,
+            Scalar::Float(_) | Scalar::Bool(_) | Scalar::Text(_) | Scalar::Other(_) => None,
         }
     }
     Ok(match dtype {
@@ -440,6 +447,14 @@ fn from_elements(
             },
             bad,
         )?),
+        ElementType::String => TensorData::String(all(
+            elements,
+            |v| match *v {
+                Scalar::Text(i) => strings.get_mut(i as usize).map(std::mem::take),
+                _ => None,
+            },
+            bad,
+        )?),
     })
 }
 
@@ -451,7 +466,7 @@ fn from_bytes(
     bytes: &[u8],
 ) -> Result<TensorData, RequestError> {
     let w = width(dtype);
-    if !bytes.len().is_multiple_of(w) {
+    if dtype != ElementType::String && !bytes.len().is_multiple_of(w) {
         return Err(RequestError::Invalid(format!(
             "input `{name}`: binary_data_size {} is not a whole number of {datatype} elements ({w} bytes each)",
             bytes.len()
@@ -470,6 +485,7 @@ fn from_bytes(
         ElementType::I32 => TensorData::I32(le(bytes, i32::from_le_bytes)),
         ElementType::I64 => TensorData::I64(le(bytes, i64::from_le_bytes)),
         ElementType::U8 => TensorData::U8(bytes.to_vec()),
+        ElementType::String => TensorData::String(strings_from_bytes(name, bytes)?),
         ElementType::Bool => TensorData::Bool(
             bytes
                 .iter()
@@ -486,7 +502,37 @@ fn from_bytes(
     })
 }
 
-/// The little-endian bytes of `data` (booleans one byte each).
+/// `BYTES` in binary: each element a 4-byte little-endian length, then its bytes
+/// (which must be UTF-8 here: labels and categories are text).
+fn strings_from_bytes(name: &str, mut bytes: &[u8]) -> Result<Vec<String>, RequestError> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let bad = |what: String| {
+            RequestError::Invalid(format!(
+                "input `{name}`: BYTES element {}: {what}",
+                out.len()
+            ))
+        };
+        let (len, rest) = bytes
+            .split_first_chunk::<4>()
+            .ok_or_else(|| bad(format!("{} bytes left, not a 4-byte length", bytes.len())))?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > rest.len() {
+            return Err(bad(format!(
+                "length {len} goes past the end of its data ({} bytes left)",
+                rest.len()
+            )));
+        }
+        let (text, rest) = rest.split_at(len);
+        let text = std::str::from_utf8(text).map_err(|e| bad(format!("not UTF-8 ({e})")))?;
+        out.push(text.to_owned());
+        bytes = rest;
+    }
+    Ok(out)
+}
+
+/// The little-endian bytes of `data` (booleans one byte each; strings each
+/// after its 4-byte length).
 fn to_bytes(data: &TensorData, out: &mut Vec<u8>) {
     fn le<T: Copy, const N: usize>(v: &[T], f: fn(T) -> [u8; N], out: &mut Vec<u8>) {
         out.reserve(v.len() * N);
@@ -502,6 +548,13 @@ fn to_bytes(data: &TensorData, out: &mut Vec<u8>) {
         TensorData::I64(v) => le(v, i64::to_le_bytes, out),
         TensorData::U8(v) => out.extend_from_slice(v),
         TensorData::Bool(v) => out.extend(v.iter().map(|b| u8::from(*b))),
+        TensorData::String(v) => {
+            for s in v {
+                let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(s.as_bytes());
+            }
+        }
     }
 }
 
@@ -595,6 +648,7 @@ impl Serialize for Data<'_> {
             TensorData::I64(v) => v.serialize(s),
             TensorData::U8(v) => s.collect_seq(v),
             TensorData::Bool(v) => v.serialize(s),
+            TensorData::String(v) => v.serialize(s),
         }
     }
 }

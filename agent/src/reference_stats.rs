@@ -205,6 +205,9 @@ fn output_stats(
             match &out.data {
                 TensorData::I64(x) => v.ints.extend(x),
                 TensorData::I32(x) => v.ints.extend(x.iter().map(|x| i64::from(*x))),
+                // Text labels have no reference statistics (yet): the label's
+                // drift is watched through the probabilities beside it.
+                TensorData::String(_) => v.usable = false,
                 other => v.floats.extend(other.to_f64()),
             }
         }

@@ -32,6 +32,10 @@ fn data_bytes(tensors: &[Tensor]) -> usize {
                     TensorData::F32(_) | TensorData::I32(_) => 4,
                     TensorData::F64(_) | TensorData::I64(_) => 8,
                     TensorData::I8(_) | TensorData::U8(_) | TensorData::Bool(_) => 1,
+                    // Text and its length prefix, as the binary protocol carries it.
+                    TensorData::String(v) => {
+                        return v.iter().map(|s| s.len() + 4).sum::<usize>();
+                    }
                 }
         })
         .sum()

@@ -24,14 +24,14 @@ from skl2onnx import to_onnx
 from sklearn.compose import ColumnTransformer
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris, load_wine
 from sklearn.decomposition import PCA
-from sklearn.ensemble import ExtraTreesClassifier, GradientBoostingClassifier, RandomForestClassifier
+from sklearn.ensemble import ExtraTreesClassifier, GradientBoostingClassifier, IsolationForest, RandomForestClassifier
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Binarizer, MinMaxScaler, Normalizer, OneHotEncoder, StandardScaler
-from sklearn.svm import SVC
+from sklearn.svm import SVC, SVR, LinearSVC, LinearSVR, NuSVC, OneClassSVM
 
 warnings.filterwarnings("ignore")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,6 +39,10 @@ rng = np.random.default_rng(7)
 
 
 def data(name):
+    """A data set; `iris_names`: iris with the species' names as (string) labels."""
+    if name == "iris_names":
+        X, y = data("iris")
+        return X, np.array(["setosa", "versicolor", "virginica"])[y]
     loader = {"iris": load_iris, "wine": load_wine, "cancer": load_breast_cancer, "diabetes": load_diabetes}[name]
     X, y = loader(return_X_y=True)
     return X.astype(np.float32), y
@@ -66,15 +70,39 @@ MODELS = {
     "extra_trees": ("wine", lambda: ExtraTreesClassifier(n_estimators=20, max_depth=6, random_state=0), False, False),
     "gradient_boosting": ("iris", lambda: GradientBoostingClassifier(n_estimators=20, random_state=0), False, False),
     "scaler_linreg": ("diabetes", lambda: make_pipeline(StandardScaler(), LinearRegression()), True, False),
-    # Not run by the agent yet: refused at build time naming the operator.
     "svc": ("iris", lambda: make_pipeline(StandardScaler(), SVC(probability=True, random_state=0)), False, False),
+    # SVC's defaults: no probabilities, one-vs-rest decision values (skl2onnx turns
+    # the one-vs-one scores into them with standard operators).
+    "svc_default": ("wine", lambda: make_pipeline(StandardScaler(), SVC()), False, False),
+    "svc_binary": ("cancer", lambda: make_pipeline(StandardScaler(), SVC()), False, False),
+    "nusvc_poly": ("iris", lambda: make_pipeline(StandardScaler(), NuSVC(kernel="poly", probability=True, random_state=0)), False, False),
+    "svc_sigmoid": ("wine", lambda: make_pipeline(StandardScaler(), SVC(kernel="sigmoid", gamma=0.05)), False, False),
+    "svc_linear": ("cancer", lambda: make_pipeline(StandardScaler(), SVC(kernel="linear", probability=True, random_state=0)), False, False),
+    "svr": ("diabetes", lambda: make_pipeline(StandardScaler(), SVR(C=50.0)), True, False),
+    "one_class_svm": ("iris", lambda: make_pipeline(StandardScaler(), OneClassSVM(nu=0.1)), True, False),
+    # (skl2onnx 1.20 fails on LinearSVC inside a pipeline: "Option 'zipmap' not in ...".)
+    "linear_svc": ("iris", lambda: LinearSVC(), False, False),
+    "linear_svr": ("diabetes", lambda: make_pipeline(StandardScaler(), LinearSVR(C=10.0)), True, False),
+    # String class labels: the label output is text (BYTES), ZipMap's keys too.
+    "logreg_strings": ("iris_names", lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)), False, False),
+    "random_forest_strings": ("iris_names", lambda: RandomForestClassifier(n_estimators=10, max_depth=4, random_state=0), False, False),
+    "svc_strings": ("iris_names", lambda: make_pipeline(StandardScaler(), SVC(probability=True, random_state=0)), False, False),
 }
 
 
 def tensor(a):
     a = np.asarray(a)
-    kind = {"f": "f32", "i": "i64", "b": "bool"}[a.dtype.kind]
-    data = [None if (kind == "f32" and np.isnan(v)) else v for v in a.reshape(-1).tolist()]
+    kind = {"f": "f32", "i": "i64", "b": "bool", "U": "string", "O": "string"}[a.dtype.kind]
+    if kind == "f32" and a.dtype != np.float32:
+        a = a.astype(np.float32)
+    # JSON has no NaN or infinity: NaN is null, infinities the strings "inf" and "-inf".
+    def element(v):
+        if kind == "f32" and np.isnan(v):
+            return None
+        if kind == "f32" and np.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return v
+    data = [element(v) for v in a.reshape(-1).tolist()]
     return {"shape": list(a.shape), "type": kind, "data": data}
 
 
@@ -121,9 +149,9 @@ OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
 C = 5
 
 
-def operator_model(name, nodes, inputs, outputs, inits=()):
+def operator_model(name, nodes, inputs, outputs, inits=(), opsets=None):
     graph = helper.make_graph(nodes, name, inputs, outputs, initializer=list(inits))
-    model = helper.make_model(graph, opset_imports=OPSETS)
+    model = helper.make_model(graph, opset_imports=opsets or OPSETS)
     model.ir_version = 8
     return model
 
@@ -231,6 +259,118 @@ def one_hot_cases():
     save_operator_case("op_one_hot_encoder", operator_model("op_one_hot_encoder", nodes, [X], outs), x)
 
 
+def svm_classifier_node(i, kernel, classes, prob, post, linear=False):
+    labels = sorted(rng.choice(100, classes, replace=False).tolist())
+    attrs = dict(classlabels_ints=labels, post_transform=post)
+    pairs = classes * (classes - 1) // 2
+    if linear:
+        # (onnxruntime wants kernel_params even where no kernel is used.)
+        attrs.update(coefficients=rng.normal(0, 1, classes * C).tolist(), rho=[float(rng.normal())],
+                     kernel_params=[0.1, 0.0, 3.0])
+    else:
+        per_class = rng.integers(1, 5, classes).tolist()
+        v = sum(per_class)
+        attrs.update(kernel_type=kernel, vectors_per_class=per_class,
+                     kernel_params=[float(rng.uniform(0.05, 0.4)), float(rng.normal(0, 0.5)), float(rng.choice([2, 3]))],
+                     support_vectors=rng.normal(0, 1.5, v * C).tolist(),
+                     coefficients=rng.normal(0, 1, (classes - 1) * v).tolist(), rho=rng.normal(0, 0.5, pairs).tolist())
+    if prob:
+        n = classes if linear else pairs
+        attrs.update(prob_a=rng.uniform(-3, -0.5, n).tolist(), prob_b=rng.normal(0, 0.3, n).tolist())
+    return helper.make_node("SVMClassifier", ["X"], [f"Y{i}", f"Z{i}"], domain="ai.onnx.ml", **attrs)
+
+
+def svm_cases():
+    """SVMClassifiers of every kernel, with and without probabilities, two to four
+    classes, several post transforms, in support-vector and linear mode; and
+    SVMRegressors of every kernel, one-class or not, and linear."""
+    X = helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, C])
+    nodes, outs = [], []
+    for kernel in ["LINEAR", "POLY", "RBF", "SIGMOID"]:
+        for classes in [2, 3, 4]:
+            for prob in [False, True]:
+                posts = ["NONE", "LOGISTIC", "SOFTMAX", "SOFTMAX_ZERO"] + (["PROBIT"] if prob else [])
+                post = posts[len(nodes) % len(posts)]
+                nodes.append(svm_classifier_node(len(nodes), kernel, classes, prob, post))
+    for classes in [2, 3]:
+        for prob in [False, True]:
+            nodes.append(svm_classifier_node(len(nodes), "LINEAR", classes, prob, "NONE", linear=True))
+    for i in range(len(nodes)):
+        outs += [helper.make_tensor_value_info(f"Y{i}", TensorProto.INT64, None),
+                 helper.make_tensor_value_info(f"Z{i}", TensorProto.FLOAT, None)]
+    x = random_input(rows=16)
+    save_operator_case("op_svm_classifier", operator_model("op_svm_classifier", nodes, [X], outs), x)
+    nodes = []
+    for kernel in ["LINEAR", "POLY", "RBF", "SIGMOID"]:
+        for one_class in [0, 1]:
+            v = int(rng.integers(1, 8))
+            nodes.append(helper.make_node(
+                "SVMRegressor", ["X"], [f"Y{len(nodes)}"], domain="ai.onnx.ml", kernel_type=kernel, n_supports=v,
+                one_class=one_class, support_vectors=rng.normal(0, 1.5, v * C).tolist(),
+                kernel_params=[float(rng.uniform(0.05, 0.4)), float(rng.normal(0, 0.5)), float(rng.choice([2, 3]))],
+                coefficients=rng.normal(0, 1, v).tolist(), rho=[float(rng.normal())]))
+    nodes.append(helper.make_node("SVMRegressor", ["X"], [f"Y{len(nodes)}"], domain="ai.onnx.ml",
+                                  coefficients=rng.normal(0, 1, C).tolist(), rho=[0.5], kernel_params=[0.1, 0.0, 3.0]))
+    outs = [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, None) for i in range(len(nodes))]
+    save_operator_case("op_svm_regressor", operator_model("op_svm_regressor", nodes, [X], outs), x)
+
+
+def label_encoder_cases():
+    """LabelEncoders from integer, float and string keys to each kind of value,
+    with and without a default; inputs include keys missing from the map, NaN,
+    -0.0 for a 0.0 key, and a duplicate key (the first wins)."""
+    values = {"int64s": lambda n: rng.integers(-50, 50, n).tolist(),
+              "floats": lambda n: rng.normal(0, 5, n).astype(np.float32).tolist(),
+              "strings": lambda n: [f"v{k}" for k in rng.integers(0, 99, n)]}
+    defaults = {"int64s": dict(default_int64=-7), "floats": dict(default_float=0.25),
+                "strings": dict(default_string="none")}
+    out_types = {"int64s": TensorProto.INT64, "floats": TensorProto.FLOAT, "strings": TensorProto.STRING}
+    cases = {
+        "ints": (TensorProto.INT64, [3, 1, 4, 1, 5, 9, 2, 6], np.array([[3, 1, 4], [8, 9, -2]], dtype=np.int64)),
+        "floats": (TensorProto.FLOAT, [0.0, 1.5, -2.25, 7.0, 1.5], np.array([[-0.0, 1.5, np.nan], [7.0, 3.0, -2.25]], dtype=np.float32)),
+        "strings": (TensorProto.STRING, ["a", "bb", "c", "a", "dd"], np.array([["a", "c", "zz"], ["dd", "", "bb"]], dtype=object)),
+    }
+    for case, (in_type, keys, x) in cases.items():
+        X = helper.make_tensor_value_info("X", in_type, [None, 3])
+        nodes, outs = [], []
+        for kind in ["int64s", "floats", "strings"]:
+            for with_default in [False, True]:
+                i = len(nodes)
+                attrs = {f"keys_{case if case != 'ints' else 'int64s'}": keys, f"values_{kind}": values[kind](len(keys))}
+                if with_default:
+                    attrs.update(defaults[kind])
+                nodes.append(helper.make_node("LabelEncoder", ["X"], [f"Y{i}"], domain="ai.onnx.ml", **attrs))
+                outs.append(helper.make_tensor_value_info(f"Y{i}", out_types[kind], None))
+        opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 2)]
+        name = f"op_label_encoder_{case}"
+        save_operator_case(name, operator_model(name, nodes, [X], outs, opsets=opsets), x)
+
+
+def isolation_forest():
+    """IsolationForest: skl2onnx 1.20 cannot export it with its default opsets
+    ("version 4 of domain 'ai.onnx.ml' not supported yet"), so this is the export
+    its error message asks for: target_opset={"": 17, "ai.onnx.ml": 3}. It uses
+    TreeEnsembleRegressor (leaf ids), LabelEncoder (leaf id to path length) and
+    standard operators."""
+    X, _ = data("wine")
+    model = make_pipeline(StandardScaler(), IsolationForest(n_estimators=25, random_state=0)).fit(X)
+    onx = to_onnx(model, X[:1], target_opset={"": 17, "ai.onnx.ml": 3})
+    name = "isolation_forest"
+    with open(os.path.join(HERE, f"{name}.onnx"), "wb") as f:
+        f.write(onx.SerializeToString())
+    x = rows(X)
+    x[0] = x[0] * 6.0  # far outside the data: an anomaly
+    session = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = {m.name: tensor(v) for m, v in zip(session.get_outputs(), session.run(None, {session.get_inputs()[0].name: x}))}
+    doc = {"model": f"{name}.onnx", "pipeline": str(model).replace("\n", " "),
+           "operators": sorted({n.op_type for n in onx.graph.node}),
+           "inputs": {session.get_inputs()[0].name: tensor(x)}, "outputs": outputs, "labels": None}
+    with open(os.path.join(HERE, f"{name}.expected.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    print(name, doc["operators"])
+
+
 def invalid():
     """Models whose attributes are wrong: refused at load naming them."""
     X = helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, C])
@@ -244,6 +384,17 @@ def invalid():
                                              imputed_value_int64s=[1, 2]),
         "bad_zipmap_classes": helper.make_node("ZipMap", ["X"], ["Y"], domain="ai.onnx.ml", name="zip",
                                                classlabels_int64s=[0, 1]),
+        "bad_svm_kernel": helper.make_node("SVMClassifier", ["X"], ["Y", "Z"], domain="ai.onnx.ml", name="svm",
+                                           classlabels_ints=[0, 1], vectors_per_class=[1, 1], kernel_type="CUBIC",
+                                           support_vectors=[0.0] * (2 * C), coefficients=[1.0, -1.0], rho=[0.0]),
+        "bad_svm_rho": helper.make_node("SVMClassifier", ["X"], ["Y", "Z"], domain="ai.onnx.ml", name="svm",
+                                        classlabels_ints=[0, 1, 2], vectors_per_class=[1, 1, 1], kernel_type="RBF",
+                                        support_vectors=[0.0] * (3 * C), coefficients=[1.0] * 6, rho=[0.0]),
+        "bad_svm_vectors": helper.make_node("SVMRegressor", ["X"], ["Y"], domain="ai.onnx.ml", name="svr",
+                                            n_supports=3, support_vectors=[0.0] * 7, coefficients=[1.0] * 3, rho=[0.0]),
+        # An ONNX-ML operator the agent does not run: refused naming it.
+        "unsupported_operator": helper.make_node("DictVectorizer", ["X"], ["Y"], domain="ai.onnx.ml", name="dv",
+                                                 int64_vocabulary=[1, 2, 3]),
     }
     for name, node in bad.items():
         model = operator_model(name, [node], [X], [Y])
@@ -258,4 +409,7 @@ if __name__ == "__main__":
     operators()
     column_transformer()
     one_hot_cases()
+    svm_cases()
+    label_encoder_cases()
+    isolation_forest()
     invalid()

@@ -30,6 +30,8 @@ pub enum TensorData {
     U8(Vec<u8>),
     /// Booleans.
     Bool(Vec<bool>),
+    /// UTF-8 strings (class labels, categories).
+    String(Vec<String>),
 }
 
 impl TensorData {
@@ -43,6 +45,7 @@ impl TensorData {
             TensorData::I64(_) => ElementType::I64,
             TensorData::U8(_) => ElementType::U8,
             TensorData::Bool(_) => ElementType::Bool,
+            TensorData::String(_) => ElementType::String,
         }
     }
 
@@ -56,6 +59,7 @@ impl TensorData {
             TensorData::I64(v) => v.len(),
             TensorData::U8(v) => v.len(),
             TensorData::Bool(v) => v.len(),
+            TensorData::String(v) => v.len(),
         }
     }
 
@@ -64,7 +68,8 @@ impl TensorData {
         self.len() == 0
     }
 
-    /// Elements as f64, for comparisons within tolerance.
+    /// Elements as f64, for comparisons within tolerance (strings: NaN; they are
+    /// compared as text by [`within_tolerance`]).
     pub fn to_f64(&self) -> Vec<f64> {
         match self {
             TensorData::F32(v) => v.iter().map(|x| f64::from(*x)).collect(),
@@ -74,6 +79,7 @@ impl TensorData {
             TensorData::I64(v) => v.iter().map(|x| *x as f64).collect(),
             TensorData::U8(v) => v.iter().map(|x| f64::from(*x)).collect(),
             TensorData::Bool(v) => v.iter().map(|x| f64::from(u8::from(*x))).collect(),
+            TensorData::String(v) => vec![f64::NAN; v.len()],
         }
     }
 }
@@ -214,25 +220,37 @@ impl GoldenSet {
 pub struct OutOfTolerance {
     /// Flat element index.
     pub index: usize,
-    /// Value produced.
-    pub got: f64,
-    /// Value expected.
-    pub want: f64,
+    /// Value produced, as text.
+    pub got: String,
+    /// Value expected, as text.
+    pub want: String,
 }
 
 /// Compares two tensors elementwise: `|got - want| <= abs + rel * |want|`.
-/// NaN matches only NaN. Shapes must be equal (checked by the caller).
+/// NaN matches only NaN; strings must be equal (and only strings match strings).
+/// Shapes must be equal (checked by the caller).
 pub fn within_tolerance(
     got: &TensorData,
     want: &TensorData,
     policy: &HealthPolicy,
 ) -> Result<(), OutOfTolerance> {
+    match (got, want) {
+        (TensorData::String(g), TensorData::String(w)) => return same_strings(g, w),
+        (TensorData::String(_), _) | (_, TensorData::String(_)) => {
+            return Err(OutOfTolerance {
+                index: 0,
+                got: got.dtype().to_string(),
+                want: want.dtype().to_string(),
+            });
+        }
+        _ => {}
+    }
     let (g, w) = (got.to_f64(), want.to_f64());
     if g.len() != w.len() {
         return Err(OutOfTolerance {
             index: g.len().min(w.len()),
-            got: f64::NAN,
-            want: f64::NAN,
+            got: format!("{} elements", g.len()),
+            want: format!("{} elements", w.len()),
         });
     }
     for (index, (g, w)) in g.iter().zip(&w).enumerate() {
@@ -244,12 +262,30 @@ pub fn within_tolerance(
         if !ok {
             return Err(OutOfTolerance {
                 index,
-                got: *g,
-                want: *w,
+                got: g.to_string(),
+                want: w.to_string(),
             });
         }
     }
     Ok(())
+}
+
+fn same_strings(got: &[String], want: &[String]) -> Result<(), OutOfTolerance> {
+    if got.len() != want.len() {
+        return Err(OutOfTolerance {
+            index: got.len().min(want.len()),
+            got: format!("{} elements", got.len()),
+            want: format!("{} elements", want.len()),
+        });
+    }
+    match got.iter().zip(want).position(|(g, w)| g != w) {
+        Some(index) => Err(OutOfTolerance {
+            index,
+            got: format!("{:?}", got[index]),
+            want: format!("{:?}", want[index]),
+        }),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

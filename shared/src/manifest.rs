@@ -72,6 +72,8 @@ pub enum ElementType {
     U8,
     /// Boolean.
     Bool,
+    /// UTF-8 text (class labels, categories); `BYTES` in the Open Inference Protocol.
+    String,
 }
 
 impl ElementType {
@@ -85,6 +87,7 @@ impl ElementType {
             ElementType::I64 => "INT64",
             ElementType::U8 => "UINT8",
             ElementType::Bool => "BOOL",
+            ElementType::String => "BYTES",
         }
     }
 }
@@ -99,6 +102,7 @@ impl fmt::Display for ElementType {
             ElementType::I64 => "i64",
             ElementType::U8 => "u8",
             ElementType::Bool => "bool",
+            ElementType::String => "string",
         })
     }
 }

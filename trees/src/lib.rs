@@ -12,8 +12,10 @@
 //! tract cannot parse `TreeEnsembleRegressor` at all; [`regressor`] adds a parser
 //! that builds the same evaluator from the ONNX node's attributes.
 
+pub mod encoder;
 pub mod ml;
 pub mod regressor;
+pub mod svm;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;

@@ -32,7 +32,7 @@ use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::ops::logic::wire_with_rank_broadcast;
 
 /// Most values one attribute list may hold (features or classes).
-const MAX_VALUES: usize = 1 << 20;
+pub(crate) const MAX_VALUES: usize = 1 << 20;
 
 /// Adds the operators of this module to an ONNX op register.
 pub fn register(register: &mut OnnxOpRegister) {
@@ -45,13 +45,13 @@ pub fn register(register: &mut OnnxOpRegister) {
 }
 
 /// The node's name for error messages.
-fn at(node: &NodeProto) -> String {
+pub(crate) fn at(node: &NodeProto) -> String {
     format!("{} {:?}", node.op_type, node.name)
 }
 
 /// A float list attribute: present or empty, bounded, every value finite
 /// (`allow_nan`: NaN too, for a value that marks missing data).
-fn floats(node: &NodeProto, name: &str, allow_nan: bool) -> TractResult<Vec<f32>> {
+pub(crate) fn floats(node: &NodeProto, name: &str, allow_nan: bool) -> TractResult<Vec<f32>> {
     let v = node.get_attr_opt_vec::<f32>(name)?.unwrap_or_default();
     ensure!(
         v.len() <= MAX_VALUES,

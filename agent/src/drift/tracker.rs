@@ -142,7 +142,7 @@ struct Closed {
     outputs: Counts,
 }
 
-/// Reads element `i` as a number (booleans as 0/1).
+/// Reads element `i` as a number (booleans as 0/1; text has no value).
 fn value_at(data: &TensorData, i: usize) -> Option<f64> {
     Some(match data {
         TensorData::F32(v) => f64::from(*v.get(i)?),
@@ -152,6 +152,7 @@ fn value_at(data: &TensorData, i: usize) -> Option<f64> {
         TensorData::I64(v) => *v.get(i)? as f64,
         TensorData::U8(v) => f64::from(*v.get(i)?),
         TensorData::Bool(v) => f64::from(u8::from(*v.get(i)?)),
+        TensorData::String(_) => return None,
     })
 }
 

@@ -63,6 +63,11 @@ fn every_datatype_reads_from_json() {
         ),
         ("UINT8", "[0,255]", TensorData::U8(vec![0, 255])),
         ("BOOL", "[true,false]", TensorData::Bool(vec![true, false])),
+        (
+            "BYTES",
+            r#"["setosa","vir\u00e9\"ginica"]"#,
+            TensorData::String(vec!["setosa".into(), "vir\u{e9}\"ginica".into()]),
+        ),
     ];
     for (dtype, data, want) in cases {
         let got = decode_json(&format!(
@@ -100,10 +105,12 @@ fn json_elements_of_the_wrong_kind_are_named_by_input_and_position() {
         .expect_err(data);
         assert_eq!(err, format!("input `feat`: {want}"), "{data}");
     }
-    let err =
-        decode_json(r#"{"inputs":[{"name":"s","shape":[1],"datatype":"BYTES","data":["a"]}]}"#)
-            .expect_err("bytes");
-    assert!(err.contains("input `s`") && err.contains("BYTES"), "{err}");
+    let err = decode_json(r#"{"inputs":[{"name":"s","shape":[1],"datatype":"FP16","data":[1]}]}"#)
+        .expect_err("fp16");
+    assert!(
+        err.contains("input `s`") && err.contains("FP16") && err.contains("BYTES)"),
+        "{err}"
+    );
     let err = decode_json(r#"{"inputs":[{"name":"s","shape":[1],"datatype":"FP32","data":7}]}"#)
         .expect_err("not an array");
     assert!(err.contains("not an OIP v2 inference request"), "{err}");
@@ -139,6 +146,59 @@ fn binary_inputs_follow_the_json_header_in_order() {
             tensor("mask", &[3], TensorData::Bool(vec![true, false, true])),
         ]
     );
+}
+
+#[test]
+fn bytes_elements_are_text_in_json_and_length_prefixed_in_binary() {
+    // JSON: a number where text is expected is named.
+    let err = decode_json(
+        r#"{"inputs":[{"name":"label","shape":[2],"datatype":"BYTES","data":["a",3]}]}"#,
+    )
+    .expect_err("number refused");
+    assert!(
+        err.contains("input `label`: element 1 (3) is not a valid BYTES"),
+        "{err}"
+    );
+    // Text where a number is expected.
+    let err =
+        decode_json(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":["1"]}]}"#)
+            .expect_err("text refused");
+    assert!(
+        err.contains("element 0 (a string) is not a valid FP32"),
+        "{err}"
+    );
+    // Binary: 4-byte little-endian length, then the bytes.
+    let mut bin = Vec::new();
+    for s in ["ab", "", "\u{e9}t\u{e9}"] {
+        bin.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        bin.extend_from_slice(s.as_bytes());
+    }
+    let head = |size: usize| {
+        serde_json::json!({"inputs": [{"name": "s", "shape": [3], "datatype": "BYTES",
+            "parameters": {"binary_data_size": size}}]})
+    };
+    let (body, n) = with_binary(&head(bin.len()), &bin);
+    let got = decode_request(&body, Some(n)).expect("binary BYTES").inputs;
+    assert_eq!(
+        got[0].data,
+        TensorData::String(vec!["ab".into(), String::new(), "\u{e9}t\u{e9}".into()])
+    );
+    // A length past the end, a cut length, and bytes that are not UTF-8.
+    for (bytes, words) in [
+        (
+            &[9u8, 0, 0, 0, b'a'][..],
+            "length 9 goes past the end of its data (1 bytes left)",
+        ),
+        (&[1u8, 0][..], "2 bytes left, not a 4-byte length"),
+        (&[2u8, 0, 0, 0, 0xff, 0xfe][..], "not UTF-8"),
+    ] {
+        let (body, n) = with_binary(&head(bytes.len()), bytes);
+        let err = decode_err(&body, Some(n));
+        assert!(
+            err.contains("input `s`: BYTES element 0") && err.contains(words),
+            "{err}"
+        );
+    }
 }
 
 #[test]
@@ -324,6 +384,7 @@ fn any_tensor() -> impl Strategy<Value = TensorData> {
         prop::collection::vec(any::<i64>(), 0..40).prop_map(TensorData::I64),
         prop::collection::vec(any::<u8>(), 0..40).prop_map(TensorData::U8),
         prop::collection::vec(any::<bool>(), 0..40).prop_map(TensorData::Bool),
+        prop::collection::vec(".{0,12}", 0..40).prop_map(TensorData::String),
     ]
 }
 

@@ -135,6 +135,16 @@ fn json_tensor(
                 })
                 .collect::<Result<_, _>>()?,
         ),
+        ElementType::String => TensorData::String(
+            leaves
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| input_err(what, format!("holds {v}, which is not a string")))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
     };
     let t = Tensor {
         name: spec.name.clone(),
@@ -299,6 +309,7 @@ fn generated_input(spec: &TensorSpec, first_row: Option<&[f64]>) -> Tensor {
         ElementType::I8 => TensorData::I8(values.iter().map(|v| *v as i8).collect()),
         ElementType::U8 => TensorData::U8(values.iter().map(|v| *v as u8).collect()),
         ElementType::Bool => TensorData::Bool(values.iter().map(|v| *v > 0.5).collect()),
+        ElementType::String => TensorData::String(values.iter().map(|v| v.to_string()).collect()),
     };
     Tensor {
         name: spec.name.clone(),
