@@ -110,11 +110,8 @@ fn classify(e: &TractError) -> ModelError {
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect();
         let hint = match op.as_str() {
-            "LabelEncoder" => {
-                "; encode labels outside the model, or convert the model with hummingbird-ml (tree_trav) to standard operators"
-            }
-            "SVMClassifier" | "SVMRegressor" => {
-                "; do this step outside the model, or convert it to standard ONNX operators"
+            "DictVectorizer" | "CastMap" => {
+                "; feed the model a tensor: vectorize dictionaries outside it"
             }
             _ => "",
         };

@@ -393,3 +393,82 @@ pub fn index_string_labels(proto: &mut tract_onnx::pb::ModelProto) -> TractResul
     graph.node = nodes;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::pb::AttributeProto;
+    use tract_onnx::pb::attribute_proto::AttributeType;
+
+    fn node(attribute: Vec<AttributeProto>) -> NodeProto {
+        NodeProto {
+            name: "enc".into(),
+            op_type: "LabelEncoder".into(),
+            attribute,
+            ..Default::default()
+        }
+    }
+
+    fn ints(name: &str, v: Vec<i64>) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::Ints as i32,
+            ints: v,
+            ..Default::default()
+        }
+    }
+
+    fn strings(name: &str, v: &[&str]) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::Strings as i32,
+            strings: v.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn integers_map_to_strings_with_the_first_duplicate_and_the_default() {
+        let enc = LabelEncoder::parse(&node(vec![
+            ints("keys_int64s", vec![1, 2, 1]),
+            strings("values_strings", &["one", "two", "uno"]),
+        ]))
+        .expect("parses");
+        let out = enc.eval(&tensor1(&[1i64, 2, 7])).expect("runs");
+        let out = out.try_as_plain_ram().expect("tensor");
+        assert_eq!(
+            out.as_slice::<String>().expect("tensor"),
+            &["one", "two", "_Unused"]
+        );
+        let err = enc.eval(&tensor1(&[1.0f32])).expect_err("wrong key type");
+        assert!(err.to_string().contains("the keys are I64"), "{err}");
+    }
+
+    #[test]
+    fn bad_attributes_are_refused_by_name() {
+        for (attrs, words) in [
+            (
+                vec![
+                    ints("keys_int64s", vec![1, 2]),
+                    strings("values_strings", &["a"]),
+                ],
+                "keys has 2 values and values 1",
+            ),
+            (
+                vec![strings("values_strings", &["a"])],
+                "exactly one of keys_int64s",
+            ),
+            (
+                vec![strings("classes_strings", &["a"])],
+                "attribute classes_strings (LabelEncoder opset 1 or 4) is not supported",
+            ),
+        ] {
+            let err = LabelEncoder::parse(&node(attrs)).expect_err(words);
+            let err = err.to_string();
+            assert!(
+                err.contains("LabelEncoder \"enc\"") && err.contains(words),
+                "{err}"
+            );
+        }
+    }
+}

@@ -871,3 +871,228 @@ impl Expansion for SvmRegressorNode {
         model.wire_node(prefix, SvmRegressorOp(self.0.clone()), inputs)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tract_onnx::pb::AttributeProto;
+    use tract_onnx::pb::attribute_proto::AttributeType;
+
+    fn floats_attr(name: &str, v: Vec<f32>) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::Floats as i32,
+            floats: v,
+            ..Default::default()
+        }
+    }
+
+    fn ints_attr(name: &str, v: Vec<i64>) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::Ints as i32,
+            ints: v,
+            ..Default::default()
+        }
+    }
+
+    fn string_attr(name: &str, v: &str) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::String as i32,
+            s: v.as_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn node(op: &str, attribute: Vec<AttributeProto>) -> NodeProto {
+        NodeProto {
+            name: "n".into(),
+            op_type: op.into(),
+            attribute,
+            ..Default::default()
+        }
+    }
+
+    fn run(op: &dyn EvalOp, rows: usize, width: usize, x: &[f32]) -> TractResult<TVec<TValue>> {
+        let input = Tensor::from_shape(&[rows, width], x)?;
+        op.eval(&EvalContext::out_of_plan(), tvec!(input.into_tvalue()))
+    }
+
+    #[test]
+    fn two_classes_couple_to_the_pairwise_probability() {
+        let mut p = [0.0; 2];
+        couple(2, &[0.0, 0.8, 0.2, 0.0], &mut p);
+        assert!(
+            (p[0] - 0.8).abs() < 1e-3 && (p[1] - 0.2).abs() < 1e-3,
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn coupled_probabilities_sum_to_one_and_follow_the_pairs() {
+        // Class 0 beats 1 and 2 clearly; 1 and 2 are even.
+        let r = [0.0, 0.9, 0.9, 0.1, 0.0, 0.5, 0.1, 0.5, 0.0];
+        let mut p = [0.0; 3];
+        couple(3, &r, &mut p);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-3, "{p:?}");
+        assert!(p[0] > 0.7 && (p[1] - p[2]).abs() < 1e-3, "{p:?}");
+    }
+
+    #[test]
+    fn transforms_are_onnxruntimes() {
+        assert_eq!(probit(0.5), 0.0);
+        assert!((probit(0.975) - 1.96).abs() < 0.01, "{}", probit(0.975));
+        assert!((logistic(-2.0) + logistic(2.0) - 1.0).abs() < 1e-6);
+        let mut s = [1.0, 0.0, 2.0];
+        softmax(&mut s, true);
+        assert_eq!(s[1], 0.0, "a zero stays zero under SOFTMAX_ZERO");
+        assert!((s[0] + s[2] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_label_is_the_class_with_most_votes_and_the_first_on_a_tie() {
+        // Three classes, one support vector each at the origin, linear kernel:
+        // every kernel value is x·0 = 0, so each pair's score is its rho.
+        let svm = |rho: Vec<f32>| {
+            SvmClassifier::parse(&node(
+                "SVMClassifier",
+                vec![
+                    ints_attr("classlabels_ints", vec![10, 20, 30]),
+                    ints_attr("vectors_per_class", vec![1, 1, 1]),
+                    floats_attr("support_vectors", vec![0.0; 6]),
+                    floats_attr("coefficients", vec![1.0; 6]),
+                    floats_attr("rho", rho),
+                ],
+            ))
+            .expect("parses")
+        };
+        let op = SvmClassifierOp(Arc::new(svm(vec![-1.0, -1.0, 1.0])));
+        // (0,1) -> 1, (0,2) -> 2, (1,2) -> 1: class 1 wins with two votes.
+        let out = run(&op, 1, 2, &[3.0, 4.0]).expect("runs");
+        assert_eq!(
+            out[0]
+                .try_as_plain_ram()
+                .expect("tensor")
+                .as_slice::<i64>()
+                .expect("tensor"),
+            &[20]
+        );
+        // One vote each: the first class.
+        let op = SvmClassifierOp(Arc::new(svm(vec![1.0, -1.0, 1.0])));
+        let out = run(&op, 1, 2, &[3.0, 4.0]).expect("runs");
+        assert_eq!(
+            out[0]
+                .try_as_plain_ram()
+                .expect("tensor")
+                .as_slice::<i64>()
+                .expect("tensor"),
+            &[10]
+        );
+        assert_eq!(out[1].shape(), &[1, 3], "one score per pair");
+    }
+
+    #[test]
+    fn a_row_of_the_wrong_width_is_an_error_not_a_panic() {
+        let svm = SvmRegressor::parse(&node(
+            "SVMRegressor",
+            vec![
+                floats_attr("coefficients", vec![1.0, 2.0]),
+                floats_attr("rho", vec![0.5]),
+            ],
+        ))
+        .expect("linear regressor");
+        let op = SvmRegressorOp(Arc::new(svm));
+        let out = run(&op, 1, 2, &[1.0, 1.0]).expect("runs");
+        assert_eq!(
+            out[0]
+                .try_as_plain_ram()
+                .expect("tensor")
+                .as_slice::<f32>()
+                .expect("tensor"),
+            &[3.5]
+        );
+        let err = run(&op, 1, 3, &[1.0, 1.0, 1.0]).expect_err("3 features");
+        assert!(
+            err.to_string().contains("3 features, the model has 2"),
+            "{err}"
+        );
+    }
+
+    fn values(max: usize) -> impl Strategy<Value = Vec<f32>> {
+        proptest::collection::vec(-2.0f32..2.0, 0..max)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        /// Attributes of any sizes are refused or run, never a panic; what runs
+        /// answers one label and `width()` scores per row.
+        #[test]
+        fn arbitrary_classifier_attributes_never_panic(
+            classes in 1usize..5,
+            per_class in proptest::collection::vec(0i64..4, 0..5),
+            vectors in values(30),
+            coefficients in values(30),
+            rho in values(8),
+            prob in values(8),
+            kernel in prop::sample::select(vec!["LINEAR", "POLY", "RBF", "SIGMOID", "CUBIC"]),
+            post in prop::sample::select(vec!["NONE", "LOGISTIC", "SOFTMAX", "SOFTMAX_ZERO", "PROBIT"]),
+            width in 1usize..5,
+            x in proptest::collection::vec(-3.0f32..3.0, 12),
+        ) {
+            let mut attrs = vec![
+                ints_attr("classlabels_ints", (0..classes as i64).collect()),
+                floats_attr("support_vectors", vectors),
+                floats_attr("coefficients", coefficients),
+                floats_attr("rho", rho),
+                floats_attr("prob_a", prob.clone()),
+                floats_attr("prob_b", prob),
+                string_attr("kernel_type", kernel),
+                string_attr("post_transform", post),
+                floats_attr("kernel_params", vec![0.3, 0.1, 2.0]),
+            ];
+            if !per_class.is_empty() {
+                attrs.push(ints_attr("vectors_per_class", per_class));
+            }
+            if let Ok(svm) = SvmClassifier::parse(&node("SVMClassifier", attrs)) {
+                let scores = svm.width();
+                let op = SvmClassifierOp(Arc::new(svm));
+                let rows = x.len() / width;
+                if let Ok(out) = run(&op, rows, width, &x[..rows * width]) {
+                    prop_assert_eq!(out[0].shape(), &[rows]);
+                    prop_assert_eq!(out[1].shape(), &[rows, scores]);
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_regressor_attributes_never_panic(
+            n_supports in -1i64..5,
+            vectors in values(20),
+            coefficients in values(8),
+            rho in values(3),
+            one_class in 0i64..3,
+            width in 1usize..5,
+            x in proptest::collection::vec(-3.0f32..3.0, 12),
+        ) {
+            let attrs = vec![
+                AttributeProto { name: "n_supports".into(), r#type: AttributeType::Int as i32, i: n_supports, ..Default::default() },
+                AttributeProto { name: "one_class".into(), r#type: AttributeType::Int as i32, i: one_class, ..Default::default() },
+                floats_attr("support_vectors", vectors),
+                floats_attr("coefficients", coefficients),
+                floats_attr("rho", rho),
+                string_attr("kernel_type", "RBF"),
+                floats_attr("kernel_params", vec![0.3, 0.0, 3.0]),
+            ];
+            if let Ok(svm) = SvmRegressor::parse(&node("SVMRegressor", attrs)) {
+                let op = SvmRegressorOp(Arc::new(svm));
+                let rows = x.len() / width;
+                if let Ok(out) = run(&op, rows, width, &x[..rows * width]) {
+                    prop_assert_eq!(out[0].shape(), &[rows, 1]);
+                }
+            }
+        }
+    }
+}
