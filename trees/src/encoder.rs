@@ -224,15 +224,7 @@ impl LabelEncoder {
 #[derive(Debug, Clone)]
 struct LabelEncoderOp(Arc<LabelEncoder>);
 
-impl PartialEq for LabelEncoderOp {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
-    }
-}
-
-/// By value; an encoder holding a NaN value is unequal to a copy of itself,
-/// which costs at most a missed merge of identical nodes.
-impl Eq for LabelEncoderOp {}
+eq_by_shared_attributes!(LabelEncoderOp);
 
 impl Op for LabelEncoderOp {
     fn name(&self) -> StaticName {
@@ -397,42 +389,18 @@ pub fn index_string_labels(proto: &mut tract_onnx::pb::ModelProto) -> TractResul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_onnx::pb::AttributeProto;
-    use tract_onnx::pb::attribute_proto::AttributeType;
-
-    fn node(attribute: Vec<AttributeProto>) -> NodeProto {
-        NodeProto {
-            name: "enc".into(),
-            op_type: "LabelEncoder".into(),
-            attribute,
-            ..Default::default()
-        }
-    }
-
-    fn ints(name: &str, v: Vec<i64>) -> AttributeProto {
-        AttributeProto {
-            name: name.into(),
-            r#type: AttributeType::Ints as i32,
-            ints: v,
-            ..Default::default()
-        }
-    }
-
-    fn strings(name: &str, v: &[&str]) -> AttributeProto {
-        AttributeProto {
-            name: name.into(),
-            r#type: AttributeType::Strings as i32,
-            strings: v.iter().map(|s| s.as_bytes().to_vec()).collect(),
-            ..Default::default()
-        }
-    }
+    use crate::testing::{ints, node, strings};
 
     #[test]
     fn integers_map_to_strings_with_the_first_duplicate_and_the_default() {
-        let enc = LabelEncoder::parse(&node(vec![
-            ints("keys_int64s", vec![1, 2, 1]),
-            strings("values_strings", &["one", "two", "uno"]),
-        ]))
+        let enc = LabelEncoder::parse(&node(
+            "LabelEncoder",
+            "enc",
+            vec![
+                ints("keys_int64s", vec![1, 2, 1]),
+                strings("values_strings", &["one", "two", "uno"]),
+            ],
+        ))
         .expect("parses");
         let out = enc.eval(&tensor1(&[1i64, 2, 7])).expect("runs");
         let out = out.try_as_plain_ram().expect("tensor");
@@ -463,7 +431,7 @@ mod tests {
                 "attribute classes_strings (LabelEncoder opset 1 or 4) is not supported",
             ),
         ] {
-            let err = LabelEncoder::parse(&node(attrs)).expect_err(words);
+            let err = LabelEncoder::parse(&node("LabelEncoder", "enc", attrs)).expect_err(words);
             let err = err.to_string();
             assert!(
                 err.contains("LabelEncoder \"enc\"") && err.contains(words),

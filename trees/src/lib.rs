@@ -12,10 +12,28 @@
 //! tract cannot parse `TreeEnsembleRegressor` at all; [`regressor`] adds a parser
 //! that builds the same evaluator from the ONNX node's attributes.
 
+/// Equality for an operator that holds its parsed attributes in an `Arc`: the
+/// same allocation, or equal attributes. Attributes hold no NaN where they are
+/// compared as numbers (refused when parsed), so this is reflexive in practice;
+/// where one could (a `LabelEncoder` value), a copy compares unequal, which
+/// costs at most a missed merge of identical nodes.
+macro_rules! eq_by_shared_attributes {
+    ($($op:ty),+) => {$(
+        impl PartialEq for $op {
+            fn eq(&self, other: &Self) -> bool {
+                std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+            }
+        }
+        impl Eq for $op {}
+    )+};
+}
+
 pub mod encoder;
 pub mod ml;
 pub mod regressor;
 pub mod svm;
+#[cfg(test)]
+mod testing;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;

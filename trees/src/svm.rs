@@ -579,14 +579,7 @@ fn rows_dim(fact: &TypedFact) -> TDim {
 #[derive(Debug, Clone)]
 struct SvmClassifierOp(Arc<SvmClassifier>);
 
-impl PartialEq for SvmClassifierOp {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
-    }
-}
-
-/// Attributes hold no NaN (refused when parsed), so equality is reflexive.
-impl Eq for SvmClassifierOp {}
+eq_by_shared_attributes!(SvmClassifierOp);
 
 impl Op for SvmClassifierOp {
     fn name(&self) -> StaticName {
@@ -787,14 +780,7 @@ impl SvmRegressor {
 #[derive(Debug, Clone)]
 struct SvmRegressorOp(Arc<SvmRegressor>);
 
-impl PartialEq for SvmRegressorOp {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
-    }
-}
-
-/// Attributes hold no NaN (refused when parsed), so equality is reflexive.
-impl Eq for SvmRegressorOp {}
+eq_by_shared_attributes!(SvmRegressorOp);
 
 impl Op for SvmRegressorOp {
     fn name(&self) -> StaticName {
@@ -875,45 +861,8 @@ impl Expansion for SvmRegressorNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{floats, int, ints, node, string};
     use proptest::prelude::*;
-    use tract_onnx::pb::AttributeProto;
-    use tract_onnx::pb::attribute_proto::AttributeType;
-
-    fn floats_attr(name: &str, v: Vec<f32>) -> AttributeProto {
-        AttributeProto {
-            name: name.into(),
-            r#type: AttributeType::Floats as i32,
-            floats: v,
-            ..Default::default()
-        }
-    }
-
-    fn ints_attr(name: &str, v: Vec<i64>) -> AttributeProto {
-        AttributeProto {
-            name: name.into(),
-            r#type: AttributeType::Ints as i32,
-            ints: v,
-            ..Default::default()
-        }
-    }
-
-    fn string_attr(name: &str, v: &str) -> AttributeProto {
-        AttributeProto {
-            name: name.into(),
-            r#type: AttributeType::String as i32,
-            s: v.as_bytes().to_vec(),
-            ..Default::default()
-        }
-    }
-
-    fn node(op: &str, attribute: Vec<AttributeProto>) -> NodeProto {
-        NodeProto {
-            name: "n".into(),
-            op_type: op.into(),
-            attribute,
-            ..Default::default()
-        }
-    }
 
     fn run(op: &dyn EvalOp, rows: usize, width: usize, x: &[f32]) -> TractResult<TVec<TValue>> {
         let input = Tensor::from_shape(&[rows, width], x)?;
@@ -958,12 +907,13 @@ mod tests {
         let svm = |rho: Vec<f32>| {
             SvmClassifier::parse(&node(
                 "SVMClassifier",
+                "n",
                 vec![
-                    ints_attr("classlabels_ints", vec![10, 20, 30]),
-                    ints_attr("vectors_per_class", vec![1, 1, 1]),
-                    floats_attr("support_vectors", vec![0.0; 6]),
-                    floats_attr("coefficients", vec![1.0; 6]),
-                    floats_attr("rho", rho),
+                    ints("classlabels_ints", vec![10, 20, 30]),
+                    ints("vectors_per_class", vec![1, 1, 1]),
+                    floats("support_vectors", vec![0.0; 6]),
+                    floats("coefficients", vec![1.0; 6]),
+                    floats("rho", rho),
                 ],
             ))
             .expect("parses")
@@ -997,9 +947,10 @@ mod tests {
     fn a_row_of_the_wrong_width_is_an_error_not_a_panic() {
         let svm = SvmRegressor::parse(&node(
             "SVMRegressor",
+            "n",
             vec![
-                floats_attr("coefficients", vec![1.0, 2.0]),
-                floats_attr("rho", vec![0.5]),
+                floats("coefficients", vec![1.0, 2.0]),
+                floats("rho", vec![0.5]),
             ],
         ))
         .expect("linear regressor");
@@ -1043,20 +994,20 @@ mod tests {
             x in proptest::collection::vec(-3.0f32..3.0, 12),
         ) {
             let mut attrs = vec![
-                ints_attr("classlabels_ints", (0..classes as i64).collect()),
-                floats_attr("support_vectors", vectors),
-                floats_attr("coefficients", coefficients),
-                floats_attr("rho", rho),
-                floats_attr("prob_a", prob.clone()),
-                floats_attr("prob_b", prob),
-                string_attr("kernel_type", kernel),
-                string_attr("post_transform", post),
-                floats_attr("kernel_params", vec![0.3, 0.1, 2.0]),
+                ints("classlabels_ints", (0..classes as i64).collect()),
+                floats("support_vectors", vectors),
+                floats("coefficients", coefficients),
+                floats("rho", rho),
+                floats("prob_a", prob.clone()),
+                floats("prob_b", prob),
+                string("kernel_type", kernel),
+                string("post_transform", post),
+                floats("kernel_params", vec![0.3, 0.1, 2.0]),
             ];
             if !per_class.is_empty() {
-                attrs.push(ints_attr("vectors_per_class", per_class));
+                attrs.push(ints("vectors_per_class", per_class));
             }
-            if let Ok(svm) = SvmClassifier::parse(&node("SVMClassifier", attrs)) {
+            if let Ok(svm) = SvmClassifier::parse(&node("SVMClassifier", "n", attrs)) {
                 let scores = svm.width();
                 let op = SvmClassifierOp(Arc::new(svm));
                 let rows = x.len() / width;
@@ -1078,15 +1029,15 @@ mod tests {
             x in proptest::collection::vec(-3.0f32..3.0, 12),
         ) {
             let attrs = vec![
-                AttributeProto { name: "n_supports".into(), r#type: AttributeType::Int as i32, i: n_supports, ..Default::default() },
-                AttributeProto { name: "one_class".into(), r#type: AttributeType::Int as i32, i: one_class, ..Default::default() },
-                floats_attr("support_vectors", vectors),
-                floats_attr("coefficients", coefficients),
-                floats_attr("rho", rho),
-                string_attr("kernel_type", "RBF"),
-                floats_attr("kernel_params", vec![0.3, 0.0, 3.0]),
+                int("n_supports", n_supports),
+                int("one_class", one_class),
+                floats("support_vectors", vectors),
+                floats("coefficients", coefficients),
+                floats("rho", rho),
+                string("kernel_type", "RBF"),
+                floats("kernel_params", vec![0.3, 0.0, 3.0]),
             ];
-            if let Ok(svm) = SvmRegressor::parse(&node("SVMRegressor", attrs)) {
+            if let Ok(svm) = SvmRegressor::parse(&node("SVMRegressor", "n", attrs)) {
                 let op = SvmRegressorOp(Arc::new(svm));
                 let rows = x.len() / width;
                 if let Ok(out) = run(&op, rows, width, &x[..rows * width]) {
