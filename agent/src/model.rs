@@ -403,6 +403,9 @@ impl LoadedModel {
             .plan
             .run(values)
             .map_err(|e| InferenceError::Runtime(error_text(&e)))?;
+        // What follows (decoding, JSON) is SSE code: not slowed by tract's
+        // dirty AVX state (trees::clear_upper_simd_state).
+        crate::trees::clear_upper_simd_state();
         let outputs = outputs
             .iter()
             .zip(&self.schema.outputs)

@@ -238,6 +238,7 @@ impl EvalOp for LabelEncoderOp {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext<'_>, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        crate::clear_upper_simd_state();
         let input = args_1!(inputs);
         Ok(tvec!(self.0.eval(&input)?.into_tvalue()))
     }

@@ -81,28 +81,34 @@ impl Kernel {
         })
     }
 
-    /// The kernel between one row and one support vector (f32 sums, as onnxruntime).
+    /// The kernel between one row and one vector (f32 sums in feature order, as
+    /// onnxruntime).
     fn eval(&self, x: &[f32], v: &[f32]) -> f32 {
-        let dot = || x.iter().zip(v).map(|(a, b)| a * b).sum::<f32>();
+        if let Kernel::Rbf { gamma } = *self {
+            let d2: f32 = x.iter().zip(v).map(|(a, b)| (a - b) * (a - b)).sum();
+            return (-gamma * d2).exp();
+        }
+        self.of_dot(x.iter().zip(v).map(|(a, b)| a * b).sum::<f32>())
+    }
+
+    /// The kernel from the dot product of its two vectors. RBF's comes from their
+    /// distance instead (`eval`, `Support::kernels`), never through here.
+    fn of_dot(&self, dot: f32) -> f32 {
         match *self {
-            Kernel::Linear => dot(),
+            Kernel::Linear | Kernel::Rbf { .. } => dot,
             Kernel::Poly {
                 gamma,
                 coef0,
                 degree,
             } => {
-                let base = gamma * dot() + coef0;
+                let base = gamma * dot + coef0;
                 match degree {
                     2.0 => base * base,
                     3.0 => base * base * base,
                     d => base.powf(d),
                 }
             }
-            Kernel::Rbf { gamma } => {
-                let d2: f32 = x.iter().zip(v).map(|(a, b)| (a - b) * (a - b)).sum();
-                (-gamma * d2).exp()
-            }
-            Kernel::Sigmoid { gamma, coef0 } => (gamma * dot() + coef0).tanh(),
+            Kernel::Sigmoid { gamma, coef0 } => (gamma * dot + coef0).tanh(),
         }
     }
 }
@@ -230,8 +236,10 @@ impl Labels {
 /// Support vectors, grouped by class for the classifier.
 #[derive(Debug, Clone, PartialEq)]
 struct Support {
-    /// `[count, features]`, row-major.
-    vectors: Vec<f32>,
+    /// Feature-major, `[features, count]`: the kernel loop runs across the
+    /// vectors (vectorised), summing each vector's terms in feature order as
+    /// onnxruntime does.
+    by_feature: Vec<f32>,
     count: usize,
     /// Classifier: the first vector and the number of vectors of each class.
     per_class: Vec<(usize, usize)>,
@@ -241,8 +249,28 @@ impl Support {
     /// The kernel between `x` and every support vector, into `out`.
     fn kernels(&self, kernel: &Kernel, x: &[f32], out: &mut Vec<f32>) {
         out.clear();
-        let width = x.len();
-        out.extend(self.vectors.chunks_exact(width).map(|v| kernel.eval(x, v)));
+        out.resize(self.count, 0.0);
+        let columns = x.iter().zip(self.by_feature.chunks_exact(self.count));
+        if let Kernel::Rbf { gamma } = *kernel {
+            for (xf, column) in columns {
+                for (o, v) in out.iter_mut().zip(column) {
+                    let d = xf - v;
+                    *o += d * d;
+                }
+            }
+            for o in out.iter_mut() {
+                *o = (-gamma * *o).exp();
+            }
+            return;
+        }
+        for (xf, column) in columns {
+            for (o, v) in out.iter_mut().zip(column) {
+                *o += xf * v;
+            }
+        }
+        for o in out.iter_mut() {
+            *o = kernel.of_dot(*o);
+        }
     }
 }
 
@@ -266,9 +294,12 @@ fn support_vectors(
         vectors.len()
     );
     let features = vectors.len() / count;
+    let by_feature = (0..features)
+        .flat_map(|f| vectors.iter().skip(f).step_by(features).copied())
+        .collect();
     Ok((
         Support {
-            vectors,
+            by_feature,
             count,
             per_class,
         },
@@ -593,6 +624,7 @@ impl EvalOp for SvmClassifierOp {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext<'_>, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        crate::clear_upper_simd_state();
         let input = args_1!(inputs);
         let input = input.cast_to::<f32>()?;
         let svm = &self.0;
@@ -794,6 +826,7 @@ impl EvalOp for SvmRegressorOp {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext<'_>, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        crate::clear_upper_simd_state();
         let input = args_1!(inputs);
         let input = input.cast_to::<f32>()?;
         let svm = &self.0;
