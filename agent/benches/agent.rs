@@ -54,29 +54,11 @@ use edgefleet_shared::{
 
 #[path = "../tests/common/pki.rs"]
 mod pki;
+mod timing;
 use pki::Pki;
+use timing::{median, time_us};
 
 const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn time_us(runs: usize, mut f: impl FnMut()) -> f64 {
-    for _ in 0..runs.div_ceil(10) {
-        f();
-    }
-    median(
-        (0..runs)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64() * 1e6
-            })
-            .collect(),
-    )
-}
 
 struct Case {
     file: &'static str,

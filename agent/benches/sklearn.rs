@@ -11,33 +11,15 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 use edgefleet_agent::model::LoadedModel;
 use edgefleet_shared::golden::{Tensor, TensorData};
 
+mod timing;
+use timing::time_us;
+
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/sklearn");
 const RUNS: usize = 400;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn time_us(mut f: impl FnMut()) -> f64 {
-    for _ in 0..RUNS / 10 {
-        f();
-    }
-    median(
-        (0..RUNS)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64() * 1e6
-            })
-            .collect(),
-    )
-}
 
 /// The single f32 input of a case, if that is what it has.
 fn f32_input(doc: &serde_json::Value) -> Option<Tensor> {
@@ -137,7 +119,7 @@ fn main() {
         let one = first_row(&rows);
         let mut line = format!("  {name:<28}");
         for input in [&rows, &one] {
-            let tract = time_us(|| {
+            let tract = time_us(RUNS, || {
                 model.run(std::slice::from_ref(input)).expect("runs");
             });
             match onnxruntime(&path, input) {

@@ -951,28 +951,22 @@ mod tests {
             ))
             .expect("parses")
         };
+        let labels = |out: &TVec<TValue>| -> Vec<i64> {
+            out[0]
+                .try_as_plain_ram()
+                .expect("tensor")
+                .as_slice::<i64>()
+                .expect("tensor")
+                .to_vec()
+        };
         let op = SvmClassifierOp(Arc::new(svm(vec![-1.0, -1.0, 1.0])));
         // (0,1) -> 1, (0,2) -> 2, (1,2) -> 1: class 1 wins with two votes.
         let out = run(&op, 1, 2, &[3.0, 4.0]).expect("runs");
-        assert_eq!(
-            out[0]
-                .try_as_plain_ram()
-                .expect("tensor")
-                .as_slice::<i64>()
-                .expect("tensor"),
-            &[20]
-        );
+        assert_eq!(labels(&out), [20]);
         // One vote each: the first class.
         let op = SvmClassifierOp(Arc::new(svm(vec![1.0, -1.0, 1.0])));
         let out = run(&op, 1, 2, &[3.0, 4.0]).expect("runs");
-        assert_eq!(
-            out[0]
-                .try_as_plain_ram()
-                .expect("tensor")
-                .as_slice::<i64>()
-                .expect("tensor"),
-            &[10]
-        );
+        assert_eq!(labels(&out), [10]);
         assert_eq!(out[1].shape(), &[1, 3], "one score per pair");
     }
 
