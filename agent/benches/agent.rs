@@ -867,37 +867,8 @@ fn post_download_check(dir: &Path, case: &Case, model: &LoadedModel) {
 }
 
 fn onnxruntime(case: &Case, tract_us: f64) {
-    let Some(python) = std::env::var_os("EDGEFLEET_ORT_PYTHON") else {
-        println!(
-            "  {:<18} onnxruntime: not run (set EDGEFLEET_ORT_PYTHON to a python with onnxruntime; see docs/benchmarks.md)",
-            case.file
-        );
-        return;
-    };
-    let TensorData::F32(data) = &case.input.data else {
-        unreachable!()
-    };
-    let shape: Vec<String> = case.input.shape.iter().map(u64::to_string).collect();
-    let out = Command::new(python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/ort_time.py"))
-        .arg(format!("{MODELS}/{}", case.file))
-        .arg(&case.input.name)
-        .arg(shape.join(","))
-        .arg(case.runs.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            let text: Vec<String> = data.iter().map(f32::to_string).collect();
-            c.stdin
-                .take()
-                .expect("stdin")
-                .write_all(text.join(" ").as_bytes())?;
-            c.wait_with_output()
-        })
-        .expect("python runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    match text.trim().parse::<f64>() {
+    let model = format!("{MODELS}/{}", case.file);
+    match timing::onnxruntime_us(&model, &case.input, case.runs) {
         Ok(ort_us) => println!(
             "  {:<18} tract {:>9.1} µs   onnxruntime (1 thread) {:>9.1} µs   tract/ORT {:.2}x",
             case.file,
@@ -905,12 +876,7 @@ fn onnxruntime(case: &Case, tract_us: f64) {
             ort_us,
             tract_us / ort_us
         ),
-        Err(_) => println!(
-            "  {:<18} onnxruntime failed: {} {}",
-            case.file,
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        ),
+        Err(why) => println!("  {:<18} onnxruntime: {why}", case.file),
     }
 }
 

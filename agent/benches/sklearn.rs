@@ -9,14 +9,11 @@
 //! `cargo bench -p edgefleet-agent --bench sklearn` (`EDGEFLEET_BENCH_ONLY=svm`
 //! keeps the models whose name contains `svm`/`svc`/`svr`... : any substring).
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use edgefleet_agent::model::LoadedModel;
 use edgefleet_shared::golden::{Tensor, TensorData};
 
 mod timing;
-use timing::time_us;
+use timing::{onnxruntime_us, time_us};
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/sklearn");
 const RUNS: usize = 400;
@@ -56,38 +53,6 @@ fn first_row(t: &Tensor) -> Tensor {
     }
 }
 
-/// onnxruntime's median for `input`, or why there is none.
-fn onnxruntime(model: &str, input: &Tensor) -> Result<f64, String> {
-    let python = std::env::var_os("EDGEFLEET_ORT_PYTHON").ok_or("not run")?;
-    let TensorData::F32(data) = &input.data else {
-        unreachable!("f32 inputs only")
-    };
-    let shape: Vec<String> = input.shape.iter().map(u64::to_string).collect();
-    let mut child = Command::new(python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/ort_time.py"))
-        .arg(model)
-        .arg(&input.name)
-        .arg(shape.join(","))
-        .arg(RUNS.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let text: Vec<String> = data.iter().map(f32::to_string).collect();
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.join(" ").as_bytes())
-        .map_err(|e| e.to_string())?;
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .map_err(|_| String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
 fn main() {
     let only = std::env::var("EDGEFLEET_BENCH_ONLY").unwrap_or_default();
     let mut names: Vec<String> = std::fs::read_dir(DIR)
@@ -122,7 +87,7 @@ fn main() {
             let tract = time_us(RUNS, || {
                 model.run(std::slice::from_ref(input)).expect("runs");
             });
-            match onnxruntime(&path, input) {
+            match onnxruntime_us(&path, input, RUNS) {
                 Ok(ort) => {
                     let ratio = tract / ort;
                     line += &format!(" {tract:>8.1}µs {ort:>8.1}µs {ratio:>6.2}x  ");
@@ -130,7 +95,7 @@ fn main() {
                         worst = Some((ratio, format!("{name} ({} rows)", input.shape[0])));
                     }
                 }
-                Err(why) => line += &format!(" {tract:>8.1}µs  ORT {why}  "),
+                Err(why) => line += &format!(" {tract:>8.1}µs  onnxruntime {why}  "),
             }
         }
         println!("{line}");

@@ -7,6 +7,8 @@
 //! gets a symbol before typing; tract's ONNX-ML support is partial, so an
 //! unsupported operator is reported by name with the usual fix.
 
+pub mod external_data;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -120,6 +122,13 @@ fn classify(e: &TractError) -> ModelError {
             hint: hint.into(),
         };
     }
+    if text.contains("external data was detected") {
+        return ModelError::Invalid(
+            "the model keeps its weights in separate external data files (PyTorch's default export); \
+             `edgefleet bundle build` copies them in when they sit beside the model"
+                .into(),
+        );
+    }
     ModelError::Invalid(error_text(e))
 }
 
@@ -174,7 +183,9 @@ fn sanitize_symbol(s: &str) -> String {
 /// the dimensions a model leaves unnamed (skl2onnx's batch) as symbols: the
 /// first input's first is `N`, the others `d<input>_<axis>`.
 fn name_free_dims(model: &mut InferenceModel) -> Result<(), ModelError> {
-    // Unnamed dimensions (skl2onnx's batch) become symbols: the first is `N`.
+    // Unnamed dimensions become symbols. An unnamed first dimension is the batch,
+    // `N`, shared by every input: a model exported from a DataFrame (skl2onnx)
+    // has one input per column and joins them row by row.
     let inputs = model.input_outlets().map_err(|e| classify(&e))?.len();
     for ix in 0..inputs {
         let fact: InferenceFact = model.input_fact(ix).map_err(|e| classify(&e))?.clone();
@@ -200,7 +211,7 @@ fn name_free_dims(model: &mut InferenceModel) -> Result<(), ModelError> {
             .map(|(j, d)| match d {
                 GenericFactoid::Only(d) => GenericFactoid::Only(d.clone()),
                 GenericFactoid::Any => {
-                    let name = if ix == 0 && j == 0 {
+                    let name = if j == 0 {
                         "N".to_string()
                     } else {
                         format!("d{ix}_{j}")

@@ -292,6 +292,42 @@ fn array_feature_extractors_with_indices_of_any_shape_match_onnxruntime() {
 }
 
 #[test]
+fn one_hot_encoders_of_string_categories_match_onnxruntime() {
+    // Random categories (repeats: only the last one's column is hot), an
+    // empty string, non-ASCII text, and values of no category.
+    matches_onnxruntime("op_one_hot_encoder_strings");
+}
+
+#[test]
+fn category_mappers_both_ways_with_defaults_match_onnxruntime() {
+    matches_onnxruntime("op_category_mapper");
+}
+
+#[test]
+fn feature_vectorizers_that_truncate_pad_and_cast_match_onnxruntime() {
+    matches_onnxruntime("op_feature_vectorizer");
+}
+
+#[test]
+fn pipelines_exported_from_a_pandas_dataframe_match_onnxruntime() {
+    // One input per column: a ColumnTransformer with string one-hot encoding
+    // (rows with an unseen port and class), and a scaler over several numeric
+    // columns joined by a FeatureVectorizer, float column first and int64 first.
+    for name in [
+        "dataframe_columns_logreg",
+        "dataframe_scaler_logreg",
+        "dataframe_int_first_logreg",
+    ] {
+        let want = expected(name);
+        assert!(
+            want["inputs"].as_object().is_some_and(|i| i.len() >= 3),
+            "{name}: one input per column"
+        );
+        matches_onnxruntime(name);
+    }
+}
+
+#[test]
 fn wrong_attributes_are_refused_naming_the_operator_node_and_attribute() {
     for (name, words) in [
         (
@@ -320,6 +356,22 @@ fn wrong_attributes_are_refused_naming_the_operator_node_and_attribute() {
                 "SVMClassifier",
                 "\"svm\"",
                 "rho has 1 values, at least 3 expected",
+            ][..],
+        ),
+        (
+            "bad_feature_vectorizer_dims",
+            &[
+                "FeatureVectorizer",
+                "\"fv\"",
+                "inputdimensions has 2 values for 1 inputs",
+            ][..],
+        ),
+        (
+            "bad_one_hot_both",
+            &[
+                "OneHotEncoder",
+                "\"hot\"",
+                "exactly one of cats_int64s and cats_strings",
             ][..],
         ),
         (

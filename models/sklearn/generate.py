@@ -6,7 +6,7 @@ so a fresh clone (and CI) needs no Python for them:
 
     python3 -m venv /tmp/genvenv
     /tmp/genvenv/bin/pip install onnx==1.23.2 numpy==2.4.6 scikit-learn==1.9.1 \
-        skl2onnx==1.20.0 onnxruntime==1.32.0
+        skl2onnx==1.20.0 onnxruntime==1.32.0 pandas==3.1.1
     /tmp/genvenv/bin/python models/sklearn/generate.py
 
 Each NAME.onnx comes with NAME.expected.json: the input rows, onnxruntime's outputs
@@ -246,6 +246,155 @@ def column_transformer():
     print(name, doc["operators"])
 
 
+def passengers(n=300):
+    """A passenger-like DataFrame (no download): an int64 class, string sex and
+    port, float age (with gaps) and fare, and a label that depends on them."""
+    import pandas as pd
+
+    g = np.random.default_rng(11)
+    df = pd.DataFrame({
+        "pclass": g.integers(1, 4, n).astype(np.int64),
+        "sex": g.choice(["female", "male"], n),
+        "age": g.normal(30, 12, n).astype(np.float32),
+        "fare": g.gamma(2, 15, n).astype(np.float32),
+        "embarked": g.choice(["C", "Q", "S"], n),
+    })
+    y = ((df.sex == "female") ^ (df.pclass == 3) ^ (g.random(n) < 0.2)).astype(np.int64)
+    return df, y.values
+
+
+def save_dataframe_case(name, model, df, x):
+    """`to_onnx(model, df)`: one input per column, each [N, 1]."""
+    onx = to_onnx(model, df[:1])
+    with open(os.path.join(HERE, f"{name}.onnx"), "wb") as f:
+        f.write(onx.SerializeToString())
+    feed = {c: (x[c].to_numpy() if x[c].dtype.kind in "fi" else x[c].to_numpy(dtype=object)).reshape(-1, 1)
+            for c in x.columns}
+    session = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs, labels = {}, None
+    for meta, value in zip(session.get_outputs(), session.run(None, feed)):
+        if isinstance(value, list):
+            labels = list(value[0].keys())
+            value = np.array([[row[k] for k in labels] for row in value], dtype=np.float32)
+        outputs[meta.name] = tensor(value)
+    doc = {"model": f"{name}.onnx", "pipeline": str(model).replace("\n", " "),
+           "operators": sorted({n.op_type for n in onx.graph.node}),
+           "inputs": {c: tensor(v) for c, v in feed.items()}, "outputs": outputs,
+           "labels": [str(l) for l in labels]}
+    with open(os.path.join(HERE, f"{name}.expected.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    print(name, doc["operators"])
+
+
+def dataframes():
+    """Pipelines fitted on a pandas DataFrame and exported from it, as tutorials do
+    (`to_onnx(model, df[:1])`): one input per column. A ColumnTransformer with
+    string one-hot encoding (an unseen port and class in the rows); a plain scaler
+    over several numeric columns, which skl2onnx joins with a FeatureVectorizer
+    (after casting every column to the first one's type: float first, and int64
+    first, where the floats are truncated to integers as onnxruntime does)."""
+    df, y = passengers()
+    df.loc[np.random.default_rng(12).random(len(df)) < 0.1, "age"] = np.nan
+    ct = ColumnTransformer([
+        ("num", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), ["age", "fare"]),
+        ("cat", OneHotEncoder(handle_unknown="ignore"), ["sex", "embarked", "pclass"]),
+    ])
+    model = make_pipeline(ct, LogisticRegression(max_iter=500)).fit(df, y)
+    x = df.sample(16, random_state=1).reset_index(drop=True)
+    x.loc[0, "embarked"] = "X"
+    x.loc[1, "pclass"] = 7
+    save_dataframe_case("dataframe_columns_logreg", model, df, x)
+    df, y = passengers()
+    for name, columns in [("dataframe_scaler_logreg", ["age", "fare", "pclass"]),
+                          ("dataframe_int_first_logreg", ["pclass", "age", "fare"])]:
+        num = df[columns]
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(num, y)
+        save_dataframe_case(name, model, num, num.sample(16, random_state=2).reset_index(drop=True))
+
+
+def feature_vectorizer_cases():
+    """FeatureVectorizers over float or int64 inputs (what skl2onnx gives it), with input dimensions
+    equal to, below (truncated) and above (zero-padded) each input's width."""
+    kinds = [("A", TensorProto.FLOAT, np.float32, 3), ("B", TensorProto.INT64, np.int64, 2),
+             ("C", TensorProto.FLOAT, np.float32, 4), ("D", TensorProto.INT64, np.int64, 1),
+             ("E", TensorProto.INT64, np.int64, 3)]
+    inputs = [helper.make_tensor_value_info(n, t, [None, w]) for n, t, _, w in kinds]
+    nodes, outs = [], []
+    for i in range(8):
+        # One element type per node (onnxruntime's type constraint).
+        of_type = [k for k in kinds if k[1] == (TensorProto.FLOAT if i % 2 else TensorProto.INT64)]
+        picked = [k for k in of_type if rng.random() < 0.7] or of_type[:1]
+        dims = [int(max(1, w + rng.integers(-1, 3))) for _, _, _, w in picked]
+        nodes.append(helper.make_node("FeatureVectorizer", [n for n, _, _, _ in picked], [f"Y{i}"],
+                                      domain="ai.onnx.ml", inputdimensions=dims))
+        outs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, None))
+    model = operator_model("op_feature_vectorizer", nodes, inputs, outs)
+    name = "op_feature_vectorizer"
+    with open(os.path.join(HERE, f"{name}.onnx"), "wb") as f:
+        f.write(model.SerializeToString())
+    feed = {n: (rng.normal(0, 5, (6, w))).astype(dt) for n, _, dt, w in kinds}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = session.run(None, feed)
+    doc = {"model": f"{name}.onnx",
+           "inputs": {n: tensor(v) for n, v in feed.items()},
+           "outputs": {o.name: tensor(v) for o, v in zip(session.get_outputs(), outs)},
+           "labels": None}
+    with open(os.path.join(HERE, f"{name}.expected.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    print(name, len(outs), "variants")
+
+
+def string_one_hot_cases():
+    """OneHotEncoders with random string categories (repeats included: onnxruntime
+    makes the last one's column hot) over a string input."""
+    X = helper.make_tensor_value_info("X", TensorProto.STRING, [None, C])
+    words = ["a", "b", "c", "d", "é", "", "long word", "B"]
+    nodes = []
+    for i in range(8):
+        cats = [str(w) for w in rng.choice(words, rng.integers(1, 6))]
+        nodes.append(helper.make_node("OneHotEncoder", ["X"], [f"Y{i}"], domain="ai.onnx.ml",
+                                      cats_strings=cats, zeros=1))
+    outs = [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, None) for i in range(8)]
+    x = rng.choice(words + ["zzz"], (12, C)).astype(object)
+    save_operator_case("op_one_hot_encoder_strings",
+                       operator_model("op_one_hot_encoder_strings", nodes, [X], outs), x)
+
+
+def category_mapper_cases():
+    """CategoryMapper (tract's own operator) both ways: strings to integers over a
+    string input, integers to strings over an int64 input, unknown values to the
+    defaults."""
+    cats_s = ["red", "green", "blue", "é"]
+    cats_i = [3, -1, 7, 0]
+    S = helper.make_tensor_value_info("S", TensorProto.STRING, [None, 3])
+    I = helper.make_tensor_value_info("I", TensorProto.INT64, [None, 3])
+    nodes = [
+        helper.make_node("CategoryMapper", ["S"], ["to_int"], domain="ai.onnx.ml",
+                         cats_strings=cats_s, cats_int64s=cats_i, default_int64=-9),
+        helper.make_node("CategoryMapper", ["I"], ["to_string"], domain="ai.onnx.ml",
+                         cats_strings=cats_s, cats_int64s=cats_i, default_string="?"),
+    ]
+    outs = [helper.make_tensor_value_info("to_int", TensorProto.INT64, None),
+            helper.make_tensor_value_info("to_string", TensorProto.STRING, None)]
+    model = operator_model("op_category_mapper", nodes, [S, I], outs)
+    name = "op_category_mapper"
+    with open(os.path.join(HERE, f"{name}.onnx"), "wb") as f:
+        f.write(model.SerializeToString())
+    feed = {"S": rng.choice(cats_s + ["pink", ""], (6, 3)).astype(object),
+            "I": rng.choice(cats_i + [5, 100], (6, 3)).astype(np.int64)}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = session.run(None, feed)
+    doc = {"model": f"{name}.onnx", "inputs": {n: tensor(v) for n, v in feed.items()},
+           "outputs": {o.name: tensor(v) for o, v in zip(session.get_outputs(), outs)},
+           "labels": None}
+    with open(os.path.join(HERE, f"{name}.expected.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    print(name)
+
+
 def one_hot_cases():
     """OneHotEncoders with random integer categories over float and int64 inputs."""
     X = helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, C])
@@ -392,6 +541,10 @@ def invalid():
                                         support_vectors=[0.0] * (3 * C), coefficients=[1.0] * 6, rho=[0.0]),
         "bad_svm_vectors": helper.make_node("SVMRegressor", ["X"], ["Y"], domain="ai.onnx.ml", name="svr",
                                             n_supports=3, support_vectors=[0.0] * 7, coefficients=[1.0] * 3, rho=[0.0]),
+        "bad_feature_vectorizer_dims": helper.make_node("FeatureVectorizer", ["X"], ["Y"], domain="ai.onnx.ml",
+                                                        name="fv", inputdimensions=[3, 2]),
+        "bad_one_hot_both": helper.make_node("OneHotEncoder", ["X"], ["Y"], domain="ai.onnx.ml", name="hot",
+                                             cats_int64s=[1, 2], cats_strings=["a"]),
         # An ONNX-ML operator the agent does not run: refused naming it.
         "unsupported_operator": helper.make_node("DictVectorizer", ["X"], ["Y"], domain="ai.onnx.ml", name="dv",
                                                  int64_vocabulary=[1, 2, 3]),
@@ -413,3 +566,8 @@ if __name__ == "__main__":
     label_encoder_cases()
     isolation_forest()
     invalid()
+    # Added later: last, so that the cases above keep their random draws.
+    string_one_hot_cases()
+    feature_vectorizer_cases()
+    dataframes()
+    category_mapper_cases()

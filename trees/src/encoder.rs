@@ -22,14 +22,14 @@ pub fn register(register: &mut OnnxOpRegister) {
 
 /// Values of one of the three element kinds.
 #[derive(Debug, Clone, PartialEq)]
-enum Column {
+pub(crate) enum Column {
     Ints(Vec<i64>),
     Floats(Vec<f32>),
     Strings(Vec<String>),
 }
 
 impl Column {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Column::Ints(v) => v.len(),
             Column::Floats(v) => v.len(),
@@ -131,20 +131,30 @@ fn float_key(x: f32) -> Option<u32> {
 }
 
 impl Keys {
-    fn index(column: &Column) -> Keys {
-        fn first<K: std::hash::Hash + Eq>(it: impl Iterator<Item = K>) -> HashMap<K, usize> {
+    /// The keys' positions, the first of repeated keys winning (`LabelEncoder`)
+    /// or the last (`OneHotEncoder`), as onnxruntime has them.
+    fn index(column: &Column, last_wins: bool) -> Keys {
+        fn positions<K: std::hash::Hash + Eq>(
+            it: impl Iterator<Item = K>,
+            last_wins: bool,
+        ) -> HashMap<K, usize> {
             let mut map = HashMap::new();
             for (i, k) in it.enumerate() {
-                map.entry(k).or_insert(i);
+                if last_wins {
+                    map.insert(k, i);
+                } else {
+                    map.entry(k).or_insert(i);
+                }
             }
             map
         }
         match column {
-            Column::Ints(v) => Keys::Ints(first(v.iter().copied())),
-            Column::Floats(v) => {
-                Keys::Floats(first(v.iter().map(|x| float_key(*x).unwrap_or(u32::MAX))))
-            }
-            Column::Strings(v) => Keys::Strings(first(v.iter().cloned())),
+            Column::Ints(v) => Keys::Ints(positions(v.iter().copied(), last_wins)),
+            Column::Floats(v) => Keys::Floats(positions(
+                v.iter().map(|x| float_key(*x).unwrap_or(u32::MAX)),
+                last_wins,
+            )),
+            Column::Strings(v) => Keys::Strings(positions(v.iter().cloned(), last_wins)),
         }
     }
 }
@@ -183,7 +193,7 @@ impl LabelEncoder {
         );
         Ok(LabelEncoder {
             key_type: keys.datum_type(),
-            keys: Keys::index(&keys),
+            keys: Keys::index(&keys, false),
             default: values.default_of(node)?,
             values,
         })
@@ -219,6 +229,31 @@ impl LabelEncoder {
             }
         }
     }
+}
+
+/// Wires each element of `input` to its position among `keys` (the last of
+/// repeated keys, as onnxruntime's `OneHotEncoder`), or -1 when it is none of
+/// them: a `LabelEncoder` from the keys to 0..n. `input` must have the keys'
+/// element type.
+pub(crate) fn wire_positions(
+    model: &mut TypedModel,
+    name: String,
+    input: OutletId,
+    keys: &Column,
+) -> TractResult<OutletId> {
+    let dt = model.outlet_fact(input)?.datum_type;
+    ensure!(
+        dt == keys.datum_type(),
+        "{name}: the input is {dt:?}, the categories are {:?}",
+        keys.datum_type()
+    );
+    let encoder = LabelEncoder {
+        key_type: keys.datum_type(),
+        keys: Keys::index(keys, true),
+        values: Column::Ints((0..keys.len() as i64).collect()),
+        default: Column::Ints(vec![-1]),
+    };
+    Ok(model.wire_node(name, LabelEncoderOp(Arc::new(encoder)), &[input])?[0])
 }
 
 #[derive(Debug, Clone)]

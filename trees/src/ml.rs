@@ -14,10 +14,13 @@
 //! - `Imputer`: each feature's `replaced_value_float` (NaN: missing values) becomes
 //!   its `imputed_value_floats` (one value for all features, or one each).
 //!
-//! - `OneHotEncoder` (integer categories): `[..., k]` in, `[..., k, categories]`
-//!   floats out, 1 where the value is the category. A value of no category gives
-//!   zeros whatever `zeros` says (onnxruntime refuses the request when `zeros` is
-//!   0); string categories are refused by name.
+//! - `OneHotEncoder` (integer or string categories): `[..., k]` in,
+//!   `[..., k, categories]` floats out, 1 where the value is the category (the
+//!   last of repeated categories, as onnxruntime). A value of no category gives zeros whatever
+//!   `zeros` says (onnxruntime refuses the request when `zeros` is 0).
+//! - `FeatureVectorizer`: its inputs (all of one numeric type) side by side as
+//!   f32 `[N, Σ inputdimensions]`, each input's row (`[N, ...]` flattened; a 1-D
+//!   input is one row) cut or zero-padded to its `inputdimensions` width.
 //!
 //! Every attribute is checked when the model loads; an error names the
 //! operator, the node and the attribute.
@@ -31,6 +34,8 @@ use tract_onnx::tract_core::ops::{logic, math};
 use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::ops::logic::wire_with_rank_broadcast;
 
+use crate::encoder::{Column, wire_positions};
+
 /// Most values one attribute list may hold (features or classes).
 pub(crate) const MAX_VALUES: usize = 1 << 20;
 
@@ -42,6 +47,7 @@ pub fn register(register: &mut OnnxOpRegister) {
     register.insert("Binarizer", binarizer);
     register.insert("Imputer", imputer);
     register.insert("OneHotEncoder", one_hot_encoder);
+    register.insert("FeatureVectorizer", feature_vectorizer);
 }
 
 /// The node's name for error messages.
@@ -517,30 +523,39 @@ pub fn i64_outputs(model: &mut TypedModel) -> TractResult<()> {
 
 // ----- OneHotEncoder --------------------------------------------------------------
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 struct OneHotEncoder {
-    categories: Vec<i64>,
+    /// `cats_int64s` or `cats_strings`.
+    categories: Column,
 }
 
 fn one_hot_encoder(
     _ctx: &ParsingContext<'_>,
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let strings = node.get_attr_opt_vec::<String>("cats_strings")?;
-    ensure!(
-        strings.is_none_or(|s| s.is_empty()),
-        "{}: cats_strings (string categories) are not supported yet; encode strings as integers",
-        at(node)
-    );
-    let categories = node
-        .get_attr_opt_vec::<i64>("cats_int64s")?
-        .unwrap_or_default();
-    ensure!(
-        !categories.is_empty() && categories.len() <= MAX_VALUES,
-        "{}: cats_int64s must list between 1 and {MAX_VALUES} categories",
-        at(node)
-    );
-    Ok((expand(OneHotEncoder { categories }), vec![]))
+    Ok((expand(OneHotEncoder::parse(node)?), vec![]))
+}
+
+impl OneHotEncoder {
+    fn parse(node: &NodeProto) -> TractResult<OneHotEncoder> {
+        let ints = node.get_attr_opt_vec::<i64>("cats_int64s")?;
+        let strings = node.get_attr_opt_vec::<String>("cats_strings")?;
+        let categories = match (ints, strings) {
+            (Some(v), None) if !v.is_empty() => Column::Ints(v),
+            (None, Some(v)) if !v.is_empty() => Column::Strings(v),
+            _ => bail!(
+                "{}: exactly one of cats_int64s and cats_strings must list the categories",
+                at(node)
+            ),
+        };
+        ensure!(
+            categories.len() <= MAX_VALUES,
+            "{}: {} categories, over {MAX_VALUES}",
+            at(node),
+            categories.len()
+        );
+        Ok(OneHotEncoder { categories })
+    }
 }
 
 impl Expansion for OneHotEncoder {
@@ -576,21 +591,338 @@ impl Expansion for OneHotEncoder {
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
         let mut x = inputs[0];
-        if model.outlet_fact(x)?.datum_type != i64::datum_type() {
+        let dt = model.outlet_fact(x)?.datum_type;
+        if let Column::Ints(_) = self.categories
+            && dt != i64::datum_type()
+        {
+            // tract computes some integer tensors (shapes, indices) as TDim.
+            ensure!(
+                dt.is_number() || dt == TDim::datum_type(),
+                "{prefix}: OneHotEncoder has integer categories but its input is {dt:?}"
+            );
             x = model.wire_node(format!("{prefix}.to_i64"), cast(i64::datum_type()), &[x])?[0];
         }
-        let rank = model.outlet_fact(x)?.rank();
-        let x = model.wire_node(format!("{prefix}.last_axis"), AxisOp::Add(rank), &[x])?[0];
-        let cats = model.add_const(
+        // Each value's category number (-1: none), compared with 0..n.
+        let position = wire_positions(model, format!("{prefix}.position"), x, &self.categories)?;
+        let rank = model.outlet_fact(position)?.rank();
+        let position = model.wire_node(
+            format!("{prefix}.last_axis"),
+            AxisOp::Add(rank),
+            &[position],
+        )?[0];
+        let numbers: Vec<i64> = (0..self.categories.len() as i64).collect();
+        let numbers = model.add_const(
             format!("{prefix}.categories"),
-            tensor1(&self.categories).into_arc_tensor(),
+            tensor1(&numbers).into_arc_tensor(),
         )?;
         let hot = wire_with_rank_broadcast(
             format!("{prefix}.eq"),
             model,
             TypedBinOp(logic::comp_eq(), None),
-            &[x, cats],
+            &[position, numbers],
         )?;
         model.wire_node(format!("{prefix}.to_f32"), cast(f32::datum_type()), &hot)
+    }
+}
+
+// ----- FeatureVectorizer ------------------------------------------------------------
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct FeatureVectorizer {
+    /// Each input's width in the output.
+    widths: Vec<usize>,
+}
+
+fn feature_vectorizer(
+    _ctx: &ParsingContext<'_>,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    Ok((expand(FeatureVectorizer::parse(node)?), vec![]))
+}
+
+impl FeatureVectorizer {
+    fn parse(node: &NodeProto) -> TractResult<FeatureVectorizer> {
+        let dims = node
+            .get_attr_opt_vec::<i64>("inputdimensions")?
+            .unwrap_or_default();
+        ensure!(
+            dims.len() == node.input.len(),
+            "{}: inputdimensions has {} values for {} inputs",
+            at(node),
+            dims.len(),
+            node.input.len()
+        );
+        let widths = dims
+            .iter()
+            .map(|d| {
+                usize::try_from(*d)
+                    .ok()
+                    .filter(|w| (1..=MAX_VALUES).contains(w))
+            })
+            .collect::<Option<Vec<usize>>>()
+            .ok_or_else(|| {
+                format_err!(
+                    "{}: inputdimensions {dims:?} must each be between 1 and {MAX_VALUES}",
+                    at(node)
+                )
+            })?;
+        ensure!(
+            widths.iter().sum::<usize>() <= MAX_VALUES,
+            "{}: inputdimensions add up to over {MAX_VALUES}",
+            at(node)
+        );
+        Ok(FeatureVectorizer { widths })
+    }
+}
+
+impl Expansion for FeatureVectorizer {
+    fn name(&self) -> StaticName {
+        "FeatureVectorizer".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, self.widths.len())?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&outputs[0].rank, 2)?;
+        s.equals(
+            &outputs[0].shape[1],
+            self.widths.iter().sum::<usize>().to_dim(),
+        )?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        // tract types an integer `Cast` as TDim (a shape value): int64 here.
+        let type_of = |model: &TypedModel, x: OutletId| -> TractResult<DatumType> {
+            let dt = model.outlet_fact(x)?.datum_type;
+            Ok(if dt == TDim::datum_type() {
+                i64::datum_type()
+            } else {
+                dt
+            })
+        };
+        let dt = type_of(model, inputs[0])?;
+        let mut parts = tvec![];
+        for (i, (&input, &width)) in inputs.iter().zip(&self.widths).enumerate() {
+            let name = format!("{prefix}.{i}");
+            let fact = model.outlet_fact(input)?.clone();
+            let this = type_of(model, input)?;
+            ensure!(
+                this == dt && dt.is_number(),
+                "{prefix}: FeatureVectorizer's inputs must share one numeric type: input 0 is {dt:?}, input {i} is {this:?}"
+            );
+            let x = as_f32(model, &name, input)?;
+            let x = rows(model, &name, x, &fact.shape)?;
+            parts.push(fit_width(model, &name, x, width)?);
+        }
+        if parts.len() == 1 {
+            return Ok(parts);
+        }
+        model.wire_node(
+            prefix,
+            tract_onnx::tract_core::ops::array::TypedConcat::new(1),
+            &parts,
+        )
+    }
+}
+
+/// `x` (of `shape`) as a matrix with one row per batch element: a 1-D input is
+/// one row, more dimensions are flattened after the first.
+fn rows(
+    model: &mut TypedModel,
+    name: &str,
+    x: OutletId,
+    shape: &ShapeFact,
+) -> TractResult<OutletId> {
+    match shape.rank() {
+        0 => bail!("{name}: FeatureVectorizer's input is a scalar"),
+        1 => Ok(model.wire_node(format!("{name}.row"), AxisOp::Add(0), &[x])?[0]),
+        2 => Ok(x),
+        _ => {
+            let from: TVec<TDim> = shape.iter().skip(1).cloned().collect();
+            let to = tvec![from.iter().product::<TDim>()];
+            Ok(model.wire_node(
+                format!("{name}.flatten"),
+                AxisOp::Reshape(1, from, to),
+                &[x],
+            )?[0])
+        }
+    }
+}
+
+/// The matrix `x` cut or zero-padded on the right to `width` columns.
+fn fit_width(
+    model: &mut TypedModel,
+    name: &str,
+    x: OutletId,
+    width: usize,
+) -> TractResult<OutletId> {
+    let have = model.outlet_fact(x)?.shape[1].to_usize().map_err(|_| {
+        format_err!("{name}: FeatureVectorizer needs each input's width to be known")
+    })?;
+    use tract_onnx::tract_core::ops::array::{Pad, PadMode, Slice};
+    Ok(match have.cmp(&width) {
+        std::cmp::Ordering::Equal => x,
+        std::cmp::Ordering::Greater => {
+            model.wire_node(format!("{name}.cut"), Slice::new(1, 0, width), &[x])?[0]
+        }
+        std::cmp::Ordering::Less => {
+            let pad = Pad {
+                pads: vec![(0, 0), (0, width - have)],
+                mode: PadMode::Constant(Arc::new(0f32.into())),
+            };
+            model.wire_node(format!("{name}.pad"), pad, &[x])?[0]
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{ints, node, strings};
+    use proptest::prelude::*;
+
+    /// Wires `expansion` over sources of `facts`, optimises and runs it on `inputs`.
+    fn run_expansion(
+        expansion: &dyn Expansion,
+        facts: Vec<TypedFact>,
+        inputs: TVec<TValue>,
+    ) -> TractResult<Tensor> {
+        let mut model = TypedModel::default();
+        let sources = facts
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| model.add_source(format!("x{i}"), f))
+            .collect::<TractResult<TVec<_>>>()?;
+        let out = expansion.wire("op", &mut model, &sources)?;
+        model.select_output_outlets(&out)?;
+        let plan = model.into_optimized()?.into_runnable()?;
+        Ok(plan.run(inputs)?.remove(0).into_tensor())
+    }
+
+    /// onnxruntime's FeatureVectorizer (feature_vectorizer.cc), written out:
+    /// each input's row cut to, or zero-padded up to, its width.
+    fn reference_vectorize(
+        widths: &[usize],
+        inputs: &[(usize, Vec<f32>)],
+        rows: usize,
+    ) -> Vec<f32> {
+        let total: usize = widths.iter().sum();
+        let mut out = vec![0.0; rows * total];
+        let mut offset = 0;
+        for (&width, (cols, data)) in widths.iter().zip(inputs) {
+            for r in 0..rows {
+                for c in 0..width.min(*cols) {
+                    out[r * total + offset + c] = data[r * cols + c];
+                }
+            }
+            offset += width;
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Any input widths and `inputdimensions`: what onnxruntime computes.
+        #[test]
+        fn feature_vectorizer_cuts_and_pads_as_onnxruntime(
+            shapes in proptest::collection::vec((1usize..5, 1usize..6), 1..4),
+            rows in 1usize..4,
+            seed in any::<u32>(),
+        ) {
+            let widths: Vec<usize> = shapes.iter().map(|(_, w)| *w).collect();
+            let inputs: Vec<(usize, Vec<f32>)> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, (cols, _))| {
+                    let data = (0..rows * cols)
+                        .map(|j| ((seed as usize + 7 * i + j) % 23) as f32 - 11.0)
+                        .collect();
+                    (*cols, data)
+                })
+                .collect();
+            let facts = inputs.iter().map(|(cols, _)| f32::fact([rows, *cols])).collect();
+            let values = inputs
+                .iter()
+                .map(|(cols, data)| Tensor::from_shape(&[rows, *cols], data).map(|t| t.into_tvalue()))
+                .collect::<TractResult<TVec<_>>>()
+                .expect("tensors");
+            let got = run_expansion(&FeatureVectorizer { widths: widths.clone() }, facts, values)
+                .expect("runs");
+            prop_assert_eq!(got.shape(), &[rows, widths.iter().sum::<usize>()]);
+            prop_assert_eq!(
+                got.try_as_plain_ram().expect("plain").as_slice::<f32>().expect("f32"),
+                &reference_vectorize(&widths, &inputs, rows)[..]
+            );
+        }
+
+        /// Any string categories (repeats included) and values: the column of
+        /// the value's last matching category is 1, every other 0.
+        #[test]
+        fn string_one_hot_marks_the_last_matching_category(
+            categories in proptest::collection::vec("[ab]{0,2}", 1..6),
+            values in proptest::collection::vec("[abc]{0,2}", 1..8),
+        ) {
+            let cats: Vec<&str> = categories.iter().map(String::as_str).collect();
+            let encoder =
+                OneHotEncoder::parse(&node("OneHotEncoder", "n", vec![strings("cats_strings", &cats)]))
+                    .expect("parses");
+            let input = tensor1(&values);
+            let got = run_expansion(
+                &encoder,
+                vec![String::fact([values.len()])],
+                tvec![input.into_tvalue()],
+            )
+            .expect("runs");
+            let k = categories.len();
+            prop_assert_eq!(got.shape(), &[values.len(), k]);
+            let got = got.try_as_plain_ram().expect("plain");
+            let got = got.as_slice::<f32>().expect("f32");
+            for (i, v) in values.iter().enumerate() {
+                let hot = categories.iter().rposition(|c| c == v);
+                for j in 0..k {
+                    prop_assert_eq!(got[i * k + j], if hot == Some(j) { 1.0 } else { 0.0 });
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn inputdimensions_must_fit_the_inputs() {
+        let with = |dims: Vec<i64>, inputs: usize| {
+            let mut n = node(
+                "FeatureVectorizer",
+                "fv",
+                vec![ints("inputdimensions", dims)],
+            );
+            n.input = (0..inputs).map(|i| format!("x{i}")).collect();
+            FeatureVectorizer::parse(&n).map(|f| f.widths)
+        };
+        assert_eq!(with(vec![3, 1], 2).expect("fits"), vec![3, 1]);
+        for (dims, inputs, says) in [
+            (vec![3], 2, "inputdimensions has 1 values for 2 inputs"),
+            (vec![0, 2], 2, "must each be between 1 and"),
+            (vec![-4], 1, "must each be between 1 and"),
+            (vec![1 << 20, 1], 2, "add up to over"),
+        ] {
+            let err = with(dims, inputs).expect_err(says);
+            assert!(err.to_string().contains(says), "{err}");
+            assert!(
+                err.to_string().contains("FeatureVectorizer \"fv\""),
+                "{err}"
+            );
+        }
     }
 }

@@ -1,6 +1,11 @@
-//! Timing shared by the agent's benches: medians of many runs after a warm-up.
+//! Timing shared by the agent's benches: medians of many runs after a warm-up,
+//! and onnxruntime's median for the same model and input, from Python.
 
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::Instant;
+
+use edgefleet_shared::golden::{Tensor, TensorData};
 
 /// The median of `v` (the upper one for an even count).
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -22,4 +27,40 @@ pub fn time_us(runs: usize, mut f: impl FnMut()) -> f64 {
             })
             .collect(),
     )
+}
+
+/// onnxruntime's median time in µs for one f32 `input` to `model` over `runs`
+/// runs, one thread (`bench/ort_time.py` under `EDGEFLEET_ORT_PYTHON`, which adds
+/// its few µs of per-call overhead to onnxruntime's side), or why there is none.
+pub fn onnxruntime_us(model: &str, input: &Tensor, runs: usize) -> Result<f64, String> {
+    let python = std::env::var_os("EDGEFLEET_ORT_PYTHON").ok_or(
+        "not run (set EDGEFLEET_ORT_PYTHON to a python with onnxruntime; see docs/benchmarks.md)",
+    )?;
+    let TensorData::F32(data) = &input.data else {
+        return Err("not run (the input is not f32)".into());
+    };
+    let shape: Vec<String> = input.shape.iter().map(u64::to_string).collect();
+    let mut child = Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/ort_time.py"))
+        .arg(model)
+        .arg(&input.name)
+        .arg(shape.join(","))
+        .arg(runs.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let text: Vec<String> = data.iter().map(f32::to_string).collect();
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.join(" ").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| format!("failed: {}", String::from_utf8_lossy(&out.stderr)))
 }

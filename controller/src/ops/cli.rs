@@ -629,6 +629,9 @@ fn bundle_build(args: BuildArgs, now: UnixTime) -> Result<i32, CliError> {
             "generated input, outputs recorded from the model"
         }
     );
+    if report.inlined_external_data {
+        println!("  weights      copied in from the model's external data file(s)");
+    }
     match report.reference_rows {
         Some(rows) => println!("  reference    {rows} rows summarised"),
         None => {

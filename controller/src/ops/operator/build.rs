@@ -2,6 +2,7 @@
 //! golden cases, its reference statistics, in one signed bundle file.
 
 use super::*;
+use edgefleet_agent::model::external_data;
 
 /// What `edgefleet bundle build` needs.
 #[derive(Debug)]
@@ -98,6 +99,9 @@ pub struct BuildReport {
     pub reference_rows: Option<u64>,
     /// Signatures on the written bundle.
     pub signatures: usize,
+    /// Whether the model's weights came from external data files (PyTorch's
+    /// default export) and were copied into the bundled model.
+    pub inlined_external_data: bool,
 }
 
 /// Converts a nested JSON array into a flat tensor for `spec`.
@@ -425,10 +429,17 @@ fn artifact(name: &str, kind: ArtifactKind, source: ArtifactSource) -> ArtifactI
 /// Builds a bundle: proves the model loads and runs with tract, records golden
 /// outputs, summarises reference data, writes the bundle atomically to `out`.
 pub fn build_bundle(opts: &BuildOptions, out: &Path) -> Result<BuildReport, OperatorError> {
-    let model_size = fs::metadata(&opts.model)
-        .map_err(io_err(&opts.model))?
-        .len();
-    let model = load_model(&opts.model)?;
+    let (model_bytes, inlined) = model_file(&opts.model)?;
+    let model_size = model_bytes.len() as u64;
+    let model = load_model_bytes(&opts.model, &model_bytes)?;
+    // The bundle carries the file itself, or its bytes with the weights inlined.
+    let model_source = match inlined {
+        true => ArtifactSource::Bytes(model_bytes),
+        false => {
+            drop(model_bytes);
+            ArtifactSource::File(opts.model.clone())
+        }
+    };
     let (reference, first_row) = match &opts.reference {
         Some(path) => {
             opts.drift_thresholds.validate().map_err(|e| {
@@ -442,7 +453,7 @@ pub fn build_bundle(opts: &BuildOptions, out: &Path) -> Result<BuildReport, Oper
     };
     let (golden, from_file) = golden_set(opts, &model, first_row.as_deref())?;
     let golden_cases = golden.cases.len();
-    let inputs = artifacts(opts, &golden, reference.as_ref())?;
+    let inputs = artifacts(opts, model_source, &golden, reference.as_ref())?;
     let draft = ManifestDraft {
         channel: opts.channel.clone(),
         version: opts.version.clone(),
@@ -481,16 +492,48 @@ pub fn build_bundle(opts: &BuildOptions, out: &Path) -> Result<BuildReport, Oper
         golden_from_file: from_file,
         reference_rows: reference.map(|r| r.rows),
         signatures: header.signatures.len(),
+        inlined_external_data: inlined,
+    })
+}
+
+/// A model file's bytes as devices will receive them: with the weights of
+/// PyTorch's external data files (beside the model) copied in; true when it had
+/// some.
+fn model_file(path: &Path) -> Result<(Vec<u8>, bool), OperatorError> {
+    let limit = edgefleet_agent::model::MAX_MODEL_LEN;
+    let bytes = read_capped(path, limit as u64)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let inlined = external_data::inline_external_data(&bytes, limit, |at, cap| {
+        external_data::read_from_model_dir(dir, at, cap)
+    })
+    // Not ONNX at all: tract's own message says so more usefully.
+    .or_else(|e| match e {
+        external_data::ExternalDataError::NotOnnx(_) => Ok(None),
+        other => Err(other),
+    })
+    .map_err(|e| input_err(path.display().to_string(), e.to_string()))?;
+    Ok(match inlined {
+        Some(bytes) => (bytes, true),
+        None => (bytes, false),
+    })
+}
+
+/// A model loaded with tract, as devices will load it.
+fn load_model_bytes(path: &Path, bytes: &[u8]) -> Result<LoadedModel, OperatorError> {
+    LoadedModel::load(bytes).map_err(|source| OperatorError::Model {
+        path: path.to_owned(),
+        source,
     })
 }
 
 /// A model file loaded with tract, as devices will load it.
 fn load_model(path: &Path) -> Result<LoadedModel, OperatorError> {
-    let bytes = read_capped(path, edgefleet_agent::model::MAX_MODEL_LEN as u64)?;
-    LoadedModel::load(&bytes).map_err(|source| OperatorError::Model {
-        path: path.to_owned(),
-        source,
-    })
+    load_model_bytes(path, &model_file(path)?.0)
 }
 
 /// The golden cases: the operator's (`--golden`, checked against the model),
@@ -568,19 +611,16 @@ fn golden_failure(failure: HealthFailure, health: &HealthPolicy) -> OperatorErro
     }
 }
 
-/// The bundle's artifacts: the model, the golden cases, the reference
+/// The bundle's artifacts: the model (`model`), the golden cases, the reference
 /// statistics, and each `--metadata` file under its own (lower-case) name.
 fn artifacts(
     opts: &BuildOptions,
+    model: ArtifactSource,
     golden: &GoldenSet,
     reference: Option<&ReferenceStats>,
 ) -> Result<Vec<ArtifactInput>, OperatorError> {
     let mut inputs = vec![
-        artifact(
-            "model.onnx",
-            ArtifactKind::Model,
-            ArtifactSource::File(opts.model.clone()),
-        ),
+        artifact("model.onnx", ArtifactKind::Model, model),
         artifact(
             "golden.cbor",
             ArtifactKind::Golden,
