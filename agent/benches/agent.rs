@@ -868,7 +868,7 @@ fn post_download_check(dir: &Path, case: &Case, model: &LoadedModel) {
 
 fn onnxruntime(case: &Case, tract_us: f64) {
     let model = format!("{MODELS}/{}", case.file);
-    match timing::onnxruntime_us(&model, &case.input, case.runs) {
+    match timing::onnxruntime_us(&model, std::slice::from_ref(&case.input), case.runs) {
         Ok(ort_us) => println!(
             "  {:<18} tract {:>9.1} µs   onnxruntime (1 thread) {:>9.1} µs   tract/ORT {:.2}x",
             case.file,

@@ -93,7 +93,7 @@ fn main() {
             "  {name:<20} {:>9} {load_ms:>5.0}ms {tract:>9.1}µs",
             bytes.len()
         );
-        match onnxruntime_us(&path, &input, runs) {
+        match onnxruntime_us(&path, std::slice::from_ref(&input), runs) {
             Ok(ort) => {
                 let ratio = tract / ort;
                 line += &format!(" {ort:>9.1}µs {ratio:>6.2}x");

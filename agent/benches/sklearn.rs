@@ -18,38 +18,54 @@ use timing::{onnxruntime_us, time_us};
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/sklearn");
 const RUNS: usize = 400;
 
-/// The single f32 input of a case, if that is what it has.
-fn f32_input(doc: &serde_json::Value) -> Option<Tensor> {
-    let inputs = doc["inputs"].as_object()?;
-    let (name, v) = inputs.iter().next().filter(|_| inputs.len() == 1)?;
-    if v["type"] != "f32" {
-        return None;
-    }
-    let shape: Vec<u64> = serde_json::from_value(v["shape"].clone()).ok()?;
-    let data = v["data"]
-        .as_array()?
+/// A case's inputs: f32, i64 or string tensors (NaN written as null).
+fn inputs(doc: &serde_json::Value) -> Vec<Tensor> {
+    let inputs = doc["inputs"].as_object().expect("inputs");
+    inputs
         .iter()
-        .map(|x| x.as_f64().map_or(f32::NAN, |f| f as f32))
-        .collect();
-    Some(Tensor {
-        name: name.clone(),
-        shape,
-        data: TensorData::F32(data),
-    })
+        .map(|(name, v)| {
+            let shape: Vec<u64> = serde_json::from_value(v["shape"].clone()).expect("shape");
+            let data = v["data"].as_array().expect("data");
+            let data = match v["type"].as_str() {
+                Some("f32") => TensorData::F32(
+                    data.iter()
+                        .map(|x| x.as_f64().map_or(f32::NAN, |f| f as f32))
+                        .collect(),
+                ),
+                Some("i64") => {
+                    TensorData::I64(data.iter().map(|x| x.as_i64().expect("i64")).collect())
+                }
+                Some("string") => TensorData::String(
+                    data.iter()
+                        .map(|x| x.as_str().expect("string").to_owned())
+                        .collect(),
+                ),
+                other => panic!("{name}: type {other:?}"),
+            };
+            Tensor {
+                name: name.clone(),
+                shape,
+                data,
+            }
+        })
+        .collect()
 }
 
-/// The first row alone.
+/// The first row of each input alone.
 fn first_row(t: &Tensor) -> Tensor {
-    let TensorData::F32(v) = &t.data else {
-        unreachable!("f32 inputs only")
-    };
     let width = t.shape[1..].iter().product::<u64>() as usize;
     let mut shape = t.shape.clone();
     shape[0] = 1;
+    let data = match &t.data {
+        TensorData::F32(v) => TensorData::F32(v[..width].to_vec()),
+        TensorData::I64(v) => TensorData::I64(v[..width].to_vec()),
+        TensorData::String(v) => TensorData::String(v[..width].to_vec()),
+        _ => unreachable!("f32, i64 and string inputs only"),
+    };
     Tensor {
         name: t.name.clone(),
         shape,
-        data: TensorData::F32(v[..width].to_vec()),
+        data,
     }
 }
 
@@ -75,24 +91,27 @@ fn main() {
             &std::fs::read(format!("{DIR}/{name}.expected.json")).expect("json"),
         )
         .expect("json");
-        let Some(rows) = f32_input(&doc) else {
-            println!("  {name:<28} (input is not one f32 tensor: skipped)");
-            continue;
-        };
+        let rows = inputs(&doc);
         let path = format!("{DIR}/{name}.onnx");
-        let model = LoadedModel::load(&std::fs::read(&path).expect("model")).expect("loads");
-        let one = first_row(&rows);
+        let model = match LoadedModel::load(&std::fs::read(&path).expect("model")) {
+            Ok(m) => m,
+            Err(e) => {
+                println!("  {name:<28} does not load: {e}");
+                continue;
+            }
+        };
+        let one: Vec<Tensor> = rows.iter().map(first_row).collect();
         let mut line = format!("  {name:<28}");
         for input in [&rows, &one] {
             let tract = time_us(RUNS, || {
-                model.run(std::slice::from_ref(input)).expect("runs");
+                model.run(input).expect("runs");
             });
             match onnxruntime_us(&path, input, RUNS) {
                 Ok(ort) => {
                     let ratio = tract / ort;
                     line += &format!(" {tract:>8.1}µs {ort:>8.1}µs {ratio:>6.2}x  ");
                     if worst.as_ref().is_none_or(|(w, _)| ratio > *w) {
-                        worst = Some((ratio, format!("{name} ({} rows)", input.shape[0])));
+                        worst = Some((ratio, format!("{name} ({} rows)", input[0].shape[0])));
                     }
                 }
                 Err(why) => line += &format!(" {tract:>8.1}µs  onnxruntime {why}  "),

@@ -326,6 +326,7 @@ impl LoadedModel {
             .proto_model_for_read(&mut reader)
             .map_err(|e| classify(&e))?;
         crate::trees::encoder::index_string_labels(&mut proto).map_err(|e| classify(&e))?;
+        crate::trees::logsumexp::stabilise(&mut proto).map_err(|e| classify(&e))?;
         let labels = crate::trees::ml::zipmap_labels(&proto).map_err(|e| classify(&e))?;
         let mut model = onnx
             .model_for_proto_model(&proto)

@@ -328,6 +328,46 @@ fn pipelines_exported_from_a_pandas_dataframe_match_onnxruntime() {
 }
 
 #[test]
+fn every_exported_model_in_the_directory_matches_onnxruntime() {
+    // The whole family: whatever models/sklearn/generate.py wrote, including
+    // the `family_*` estimators no other test names (naive Bayes, k-means,
+    // Gaussian mixtures, AdaBoost, bagging, calibrated and SGD classifiers,
+    // polynomial features, binning, ...).
+    let mut names: Vec<String> = std::fs::read_dir(DIR)
+        .expect("models/sklearn")
+        .filter_map(|e| {
+            let name = e.expect("entry").file_name().into_string().ok()?;
+            name.strip_suffix(".expected.json").map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    assert!(names.len() >= 60, "{} models", names.len());
+    assert!(names.iter().filter(|n| n.starts_with("family_")).count() >= 20);
+    for name in &names {
+        if let Some((_, why)) = KNOWN_FAILURES.iter().find(|(n, _)| n == name) {
+            // Still failing, and for the known reason: when tract fixes it, this
+            // says so and the model joins the others.
+            match model(name) {
+                Err(e) => assert!(e.to_string().contains(why), "{name}: {e}"),
+                Ok(_) => panic!("{name} loads now: remove it from KNOWN_FAILURES"),
+            }
+            continue;
+        }
+        matches_onnxruntime(name);
+    }
+}
+
+/// Exports that do not load yet, with the words of the error. Each is tract's to
+/// fix and reported in docs/agent.md.
+const KNOWN_FAILURES: [(&str, &str); 1] = [(
+    // PolynomialFeatures: a Concat of 66 one-column products before
+    // LinearRegressor; tract's declutter pass splits the MatMul over the Concat
+    // and builds an EinSum whose input ranks do not match.
+    "family_polynomial_ridge",
+    "concat-einsum-k",
+)];
+
+#[test]
 fn wrong_attributes_are_refused_naming_the_operator_node_and_attribute() {
     for (name, words) in [
         (

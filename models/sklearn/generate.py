@@ -395,6 +395,61 @@ def category_mapper_cases():
     print(name)
 
 
+def family():
+    """More of the estimators and transformers users export with skl2onnx's
+    defaults, each as `to_onnx(model, X[:1])`: `family_*` models. The test reads
+    every NAME.expected.json in this directory, so a model added here is checked
+    without naming it anywhere else."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.ensemble import (AdaBoostClassifier, BaggingClassifier, HistGradientBoostingClassifier,
+                                  HistGradientBoostingRegressor, RandomForestRegressor, VotingClassifier)
+    from sklearn.linear_model import ElasticNet, Lasso, Perceptron, Ridge, RidgeClassifier, SGDClassifier
+    from sklearn.mixture import GaussianMixture
+    from sklearn.naive_bayes import BernoulliNB, GaussianNB, MultinomialNB
+    from sklearn.neighbors import KNeighborsRegressor
+    from sklearn.neural_network import MLPRegressor
+    from sklearn.preprocessing import KBinsDiscretizer, MaxAbsScaler, PolynomialFeatures, RobustScaler
+    from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
+
+    cases = {
+        "decision_tree": ("wine", lambda: DecisionTreeClassifier(max_depth=5, random_state=0), False),
+        "decision_tree_regressor": ("diabetes", lambda: DecisionTreeRegressor(max_depth=5, random_state=0), True),
+        "random_forest_regressor": ("diabetes", lambda: RandomForestRegressor(n_estimators=10, max_depth=5, random_state=0), True),
+        "hist_gradient_boosting": ("iris", lambda: HistGradientBoostingClassifier(max_iter=20, random_state=0), False),
+        "hist_gradient_boosting_regressor": ("diabetes", lambda: HistGradientBoostingRegressor(max_iter=20, random_state=0), True),
+        "adaboost": ("iris", lambda: AdaBoostClassifier(n_estimators=10, random_state=0), False),
+        "bagging": ("iris", lambda: BaggingClassifier(n_estimators=5, random_state=0), False),
+        "voting": ("iris", lambda: VotingClassifier([("lr", LogisticRegression(max_iter=500)),
+                                                     ("dt", DecisionTreeClassifier(max_depth=3, random_state=0))],
+                                                    voting="soft"), False),
+        "calibrated_svc": ("iris", lambda: make_pipeline(StandardScaler(), CalibratedClassifierCV(LinearSVC())), False),
+        "sgd": ("iris", lambda: make_pipeline(StandardScaler(), SGDClassifier(random_state=0)), False),
+        "ridge_classifier": ("wine", lambda: make_pipeline(StandardScaler(), RidgeClassifier()), False),
+        "perceptron": ("iris", lambda: make_pipeline(StandardScaler(), Perceptron(random_state=0)), False),
+        "ridge": ("diabetes", lambda: Ridge(), True),
+        "lasso": ("diabetes", lambda: Lasso(alpha=0.1), True),
+        "elastic_net": ("diabetes", lambda: ElasticNet(alpha=0.01), True),
+        "gaussian_nb": ("iris", lambda: GaussianNB(), False),
+        "bernoulli_nb": ("iris", lambda: make_pipeline(StandardScaler(), BernoulliNB()), False),
+        "multinomial_nb": ("wine", lambda: MultinomialNB(), False),
+        "knn_regressor": ("diabetes", lambda: KNeighborsRegressor(), True),
+        "mlp_regressor": ("diabetes", lambda: make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(16,), max_iter=300, random_state=0)), True),
+        "robust_maxabs_logreg": ("wine", lambda: make_pipeline(RobustScaler(), MaxAbsScaler(), LogisticRegression(max_iter=500)), False),
+        "polynomial_ridge": ("diabetes", lambda: make_pipeline(PolynomialFeatures(2), Ridge()), True),
+        "kbins_logreg": ("iris", lambda: make_pipeline(KBinsDiscretizer(n_bins=4, encode="onehot-dense"), LogisticRegression(max_iter=500)), False),
+        "truncated_svd_logreg": ("wine", lambda: make_pipeline(StandardScaler(), TruncatedSVD(3, random_state=0), LogisticRegression(max_iter=500)), False),
+        "kmeans": ("iris", lambda: KMeans(3, n_init=3, random_state=0), None),
+        "gaussian_mixture": ("iris", lambda: GaussianMixture(3, random_state=0), None),
+    }
+    for name, (dataset, make, regression) in cases.items():
+        try:
+            export(f"family_{name}", dataset, make, bool(regression), False)
+        except Exception as e:  # an exporter limitation, not ours: say so, keep going
+            print(f"family_{name}: skl2onnx cannot export it: {str(e).splitlines()[0][:200]}")
+
+
 def one_hot_cases():
     """OneHotEncoders with random integer categories over float and int64 inputs."""
     X = helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, C])
@@ -571,3 +626,4 @@ if __name__ == "__main__":
     feature_vectorizer_cases()
     dataframes()
     category_mapper_cases()
+    family()

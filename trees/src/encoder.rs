@@ -131,6 +131,29 @@ fn float_key(x: f32) -> Option<u32> {
 }
 
 impl Keys {
+    /// Each element's position among the keys, if it is one (the input has
+    /// the keys' element type).
+    fn positions(&self, input: &Tensor) -> TractResult<Vec<Option<usize>>> {
+        let data = input.try_as_plain_ram()?;
+        Ok(match self {
+            Keys::Ints(map) => data
+                .as_slice::<i64>()?
+                .iter()
+                .map(|k| map.get(k).copied())
+                .collect(),
+            Keys::Floats(map) => data
+                .as_slice::<f32>()?
+                .iter()
+                .map(|k| float_key(*k).and_then(|k| map.get(&k).copied()))
+                .collect(),
+            Keys::Strings(map) => data
+                .as_slice::<String>()?
+                .iter()
+                .map(|k| map.get(k).copied())
+                .collect(),
+        })
+    }
+
     /// The keys' positions, the first of repeated keys winning (`LabelEncoder`)
     /// or the last (`OneHotEncoder`), as onnxruntime has them.
     fn index(column: &Column, last_wins: bool) -> Keys {
@@ -206,36 +229,17 @@ impl LabelEncoder {
             input.datum_type(),
             self.key_type
         );
-        let shape = input.shape();
-        let data = input.try_as_plain_ram()?;
-        match &self.keys {
-            Keys::Ints(map) => {
-                let it = data.as_slice::<i64>()?.iter().map(|k| map.get(k).copied());
-                self.values.gather(shape, it, &self.default)
-            }
-            Keys::Floats(map) => {
-                let it = data
-                    .as_slice::<f32>()?
-                    .iter()
-                    .map(|k| float_key(*k).and_then(|k| map.get(&k).copied()));
-                self.values.gather(shape, it, &self.default)
-            }
-            Keys::Strings(map) => {
-                let it = data
-                    .as_slice::<String>()?
-                    .iter()
-                    .map(|k| map.get(k).copied());
-                self.values.gather(shape, it, &self.default)
-            }
-        }
+        let positions = self.keys.positions(input)?;
+        self.values
+            .gather(input.shape(), positions.into_iter(), &self.default)
     }
 }
 
-/// Wires each element of `input` to its position among `keys` (the last of
-/// repeated keys, as onnxruntime's `OneHotEncoder`), or -1 when it is none of
-/// them: a `LabelEncoder` from the keys to 0..n. `input` must have the keys'
-/// element type.
-pub(crate) fn wire_positions(
+/// Wires the one-hot encoding of `input` over `keys`: `[..., k]` in,
+/// `[..., k, keys]` f32 out, 1 in the column of the element's key (the last of
+/// repeated keys, as onnxruntime's `OneHotEncoder`), zeros for an element of no
+/// key. `input` must have the keys' element type.
+pub(crate) fn wire_one_hot(
     model: &mut TypedModel,
     name: String,
     input: OutletId,
@@ -247,13 +251,64 @@ pub(crate) fn wire_positions(
         "{name}: the input is {dt:?}, the categories are {:?}",
         keys.datum_type()
     );
-    let encoder = LabelEncoder {
-        key_type: keys.datum_type(),
+    let op = OneHotOp(Arc::new(OneHot {
         keys: Keys::index(keys, true),
-        values: Column::Ints((0..keys.len() as i64).collect()),
-        default: Column::Ints(vec![-1]),
-    };
-    Ok(model.wire_node(name, LabelEncoderOp(Arc::new(encoder)), &[input])?[0])
+        width: keys.len(),
+    }));
+    Ok(model.wire_node(name, op, &[input])?[0])
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct OneHot {
+    keys: Keys,
+    width: usize,
+}
+
+#[derive(Debug, Clone)]
+struct OneHotOp(Arc<OneHot>);
+
+eq_by_shared_attributes!(OneHotOp);
+
+impl Op for OneHotOp {
+    fn name(&self) -> StaticName {
+        "EdgefleetOneHot".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for OneHotOp {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext<'_>, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        crate::clear_upper_simd_state();
+        let input = args_1!(inputs);
+        let width = self.0.width;
+        let positions = self.0.keys.positions(&input)?;
+        let mut out = vec![0f32; positions.len() * width];
+        for (i, p) in positions.into_iter().enumerate() {
+            if let Some(j) = p {
+                out[i * width + j] = 1.0;
+            }
+        }
+        let mut shape: TVec<usize> = input.shape().into();
+        shape.push(width);
+        Ok(tvec!(
+            tract_ndarray::ArrayD::from_shape_vec(&*shape, out)?
+                .into_tensor()
+                .into_tvalue()
+        ))
+    }
+}
+
+impl TypedOp for OneHotOp {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape: TVec<TDim> = inputs[0].shape.iter().cloned().collect();
+        shape.push(self.0.width.to_dim());
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    as_op!();
 }
 
 #[derive(Debug, Clone)]

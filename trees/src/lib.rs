@@ -47,6 +47,7 @@ pub fn clear_upper_simd_state() {
 }
 
 pub mod encoder;
+pub mod logsumexp;
 pub mod ml;
 pub mod regressor;
 pub mod svm;

@@ -34,7 +34,7 @@ use tract_onnx::tract_core::ops::{logic, math};
 use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::ops::logic::wire_with_rank_broadcast;
 
-use crate::encoder::{Column, wire_positions};
+use crate::encoder::{Column, wire_one_hot};
 
 /// Most values one attribute list may hold (features or classes).
 pub(crate) const MAX_VALUES: usize = 1 << 20;
@@ -602,26 +602,8 @@ impl Expansion for OneHotEncoder {
             );
             x = model.wire_node(format!("{prefix}.to_i64"), cast(i64::datum_type()), &[x])?[0];
         }
-        // Each value's category number (-1: none), compared with 0..n.
-        let position = wire_positions(model, format!("{prefix}.position"), x, &self.categories)?;
-        let rank = model.outlet_fact(position)?.rank();
-        let position = model.wire_node(
-            format!("{prefix}.last_axis"),
-            AxisOp::Add(rank),
-            &[position],
-        )?[0];
-        let numbers: Vec<i64> = (0..self.categories.len() as i64).collect();
-        let numbers = model.add_const(
-            format!("{prefix}.categories"),
-            tensor1(&numbers).into_arc_tensor(),
-        )?;
-        let hot = wire_with_rank_broadcast(
-            format!("{prefix}.eq"),
-            model,
-            TypedBinOp(logic::comp_eq(), None),
-            &[position, numbers],
-        )?;
-        model.wire_node(format!("{prefix}.to_f32"), cast(f32::datum_type()), &hot)
+        let hot = wire_one_hot(model, format!("{prefix}.one_hot"), x, &self.categories)?;
+        Ok(tvec!(hot))
     }
 }
 

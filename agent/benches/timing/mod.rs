@@ -29,34 +29,47 @@ pub fn time_us(runs: usize, mut f: impl FnMut()) -> f64 {
     )
 }
 
-/// onnxruntime's median time in µs for one f32 `input` to `model` over `runs`
-/// runs, one thread (`bench/ort_time.py` under `EDGEFLEET_ORT_PYTHON`, which adds
-/// its few µs of per-call overhead to onnxruntime's side), or why there is none.
-pub fn onnxruntime_us(model: &str, input: &Tensor, runs: usize) -> Result<f64, String> {
+/// onnxruntime's median time in µs for `inputs` (f32, i64 and string tensors)
+/// to `model` over `runs` runs, one thread (`bench/ort_time.py` under
+/// `EDGEFLEET_ORT_PYTHON`, which adds its few µs of per-call overhead to
+/// onnxruntime's side), or why there is none.
+pub fn onnxruntime_us(model: &str, inputs: &[Tensor], runs: usize) -> Result<f64, String> {
     let python = std::env::var_os("EDGEFLEET_ORT_PYTHON").ok_or(
         "not run (set EDGEFLEET_ORT_PYTHON to a python with onnxruntime; see docs/benchmarks.md)",
     )?;
-    let TensorData::F32(data) = &input.data else {
-        return Err("not run (the input is not f32)".into());
-    };
-    let shape: Vec<String> = input.shape.iter().map(u64::to_string).collect();
+    let mut feed = serde_json::Map::new();
+    for t in inputs {
+        let (kind, data) = match &t.data {
+            TensorData::F32(v) => ("f32", serde_json::json!(v)),
+            TensorData::I64(v) => ("i64", serde_json::json!(v)),
+            TensorData::String(v) => ("string", serde_json::json!(v)),
+            _ => {
+                return Err(format!(
+                    "not run (input {} is not f32, i64 or string)",
+                    t.name
+                ));
+            }
+        };
+        feed.insert(
+            t.name.clone(),
+            serde_json::json!({"shape": t.shape, "type": kind, "data": data}),
+        );
+    }
     let mut child = Command::new(python)
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/ort_time.py"))
         .arg(model)
-        .arg(&input.name)
-        .arg(shape.join(","))
+        .arg("--json")
         .arg(runs.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
-    let text: Vec<String> = data.iter().map(f32::to_string).collect();
     child
         .stdin
         .take()
         .expect("stdin")
-        .write_all(text.join(" ").as_bytes())
+        .write_all(serde_json::Value::Object(feed).to_string().as_bytes())
         .map_err(|e| e.to_string())?;
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     String::from_utf8_lossy(&out.stdout)
