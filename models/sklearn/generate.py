@@ -106,39 +106,47 @@ def tensor(a):
     return {"shape": list(a.shape), "type": kind, "data": data}
 
 
+def write_expected(name, doc):
+    with open(os.path.join(HERE, f"{name}.expected.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+
+
+def save_pipeline_case(name, model, onx, feed):
+    """Writes NAME.onnx and NAME.expected.json: `feed`, onnxruntime's outputs for it
+    (ZipMap's list of {label: probability} maps as the [N, classes] float matrix the
+    agent serves, in the order of `labels`) and the class labels."""
+    with open(os.path.join(HERE, f"{name}.onnx"), "wb") as f:
+        f.write(onx.SerializeToString())
+    session = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs, labels = {}, None
+    for meta, value in zip(session.get_outputs(), session.run(None, feed)):
+        if isinstance(value, list):  # ZipMap: a list of {label: probability}
+            labels = list(value[0].keys())
+            value = np.array([[row[k] for k in labels] for row in value], dtype=np.float32)
+        outputs[meta.name] = tensor(value)
+    doc = {
+        "model": f"{name}.onnx",
+        "pipeline": str(model).replace("\n", " "),
+        "operators": sorted({n.op_type for n in onx.graph.node}),
+        "inputs": {k: tensor(v) for k, v in feed.items()},
+        "outputs": outputs,
+        "labels": [str(l) for l in labels] if labels is not None else None,
+    }
+    write_expected(name, doc)
+    print(name, doc["operators"])
+
+
 def export(name, dataset, make, regression, gaps):
     X, y = data(dataset)
     if regression:
         y = y.astype(np.float32)
     model = make().fit(X, y) if not gaps else make().fit(with_gaps(X), y)
     onx = to_onnx(model, X[:1])
-    with open(os.path.join(HERE, f"{name}.onnx"), "wb") as f:
-        f.write(onx.SerializeToString())
     x = rows(X)
     if gaps:
         x = with_gaps(x)
-    session = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    outputs = {}
-    labels = None
-    for meta, value in zip(session.get_outputs(), session.run(None, {input_name: x})):
-        if isinstance(value, list):  # ZipMap: a list of {label: probability}
-            labels = list(value[0].keys())
-            value = np.array([[row[k] for k in labels] for row in value], dtype=np.float32)
-        outputs[meta.name] = tensor(value)
-    ops = sorted({n.op_type for n in onx.graph.node})
-    doc = {
-        "model": f"{name}.onnx",
-        "pipeline": str(model).replace("\n", " "),
-        "operators": ops,
-        "inputs": {input_name: tensor(x)},
-        "outputs": outputs,
-        "labels": [str(l) for l in labels] if labels is not None else None,
-    }
-    with open(os.path.join(HERE, f"{name}.expected.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    print(name, ops)
+    save_pipeline_case(name, model, onx, {onx.graph.input[0].name: x})
 
 
 # ----- single operators: random attributes, onnxruntime's answers -----------------
@@ -167,9 +175,7 @@ def save_operator_case(name, model, x):
         "outputs": {o.name: tensor(v) for o, v in zip(session.get_outputs(), outs)},
         "labels": None,
     }
-    with open(os.path.join(HERE, f"{name}.expected.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+    write_expected(name, doc)
     print(name, len(outs), "variants")
 
 
@@ -224,26 +230,9 @@ def column_transformer():
                             ("cat", OneHotEncoder(handle_unknown="ignore"), [3])])
     model = make_pipeline(ct, LogisticRegression(max_iter=500)).fit(X, y)
     onx = to_onnx(model, X[:1])
-    name = "columns_onehot_logreg"
-    with open(os.path.join(HERE, f"{name}.onnx"), "wb") as f:
-        f.write(onx.SerializeToString())
     x = rows(X)
     x[0, 3] = 4.0
-    session = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"])
-    outputs, labels = {}, None
-    for meta, value in zip(session.get_outputs(), session.run(None, {session.get_inputs()[0].name: x})):
-        if isinstance(value, list):
-            labels = list(value[0].keys())
-            value = np.array([[row[k] for k in labels] for row in value], dtype=np.float32)
-        outputs[meta.name] = tensor(value)
-    doc = {"model": f"{name}.onnx", "pipeline": str(model).replace("\n", " "),
-           "operators": sorted({n.op_type for n in onx.graph.node}),
-           "inputs": {session.get_inputs()[0].name: tensor(x)}, "outputs": outputs,
-           "labels": [str(l) for l in labels]}
-    with open(os.path.join(HERE, f"{name}.expected.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    print(name, doc["operators"])
+    save_pipeline_case("columns_onehot_logreg", model, onx, {onx.graph.input[0].name: x})
 
 
 def passengers(n=300):
@@ -266,25 +255,9 @@ def passengers(n=300):
 def save_dataframe_case(name, model, df, x):
     """`to_onnx(model, df)`: one input per column, each [N, 1]."""
     onx = to_onnx(model, df[:1])
-    with open(os.path.join(HERE, f"{name}.onnx"), "wb") as f:
-        f.write(onx.SerializeToString())
     feed = {c: (x[c].to_numpy() if x[c].dtype.kind in "fi" else x[c].to_numpy(dtype=object)).reshape(-1, 1)
             for c in x.columns}
-    session = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"])
-    outputs, labels = {}, None
-    for meta, value in zip(session.get_outputs(), session.run(None, feed)):
-        if isinstance(value, list):
-            labels = list(value[0].keys())
-            value = np.array([[row[k] for k in labels] for row in value], dtype=np.float32)
-        outputs[meta.name] = tensor(value)
-    doc = {"model": f"{name}.onnx", "pipeline": str(model).replace("\n", " "),
-           "operators": sorted({n.op_type for n in onx.graph.node}),
-           "inputs": {c: tensor(v) for c, v in feed.items()}, "outputs": outputs,
-           "labels": [str(l) for l in labels]}
-    with open(os.path.join(HERE, f"{name}.expected.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    print(name, doc["operators"])
+    save_pipeline_case(name, model, onx, feed)
 
 
 def dataframes():
@@ -340,9 +313,7 @@ def feature_vectorizer_cases():
            "inputs": {n: tensor(v) for n, v in feed.items()},
            "outputs": {o.name: tensor(v) for o, v in zip(session.get_outputs(), outs)},
            "labels": None}
-    with open(os.path.join(HERE, f"{name}.expected.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+    write_expected(name, doc)
     print(name, len(outs), "variants")
 
 
@@ -389,9 +360,7 @@ def category_mapper_cases():
     doc = {"model": f"{name}.onnx", "inputs": {n: tensor(v) for n, v in feed.items()},
            "outputs": {o.name: tensor(v) for o, v in zip(session.get_outputs(), outs)},
            "labels": None}
-    with open(os.path.join(HERE, f"{name}.expected.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+    write_expected(name, doc)
     print(name)
 
 
@@ -569,9 +538,7 @@ def isolation_forest():
     doc = {"model": f"{name}.onnx", "pipeline": str(model).replace("\n", " "),
            "operators": sorted({n.op_type for n in onx.graph.node}),
            "inputs": {session.get_inputs()[0].name: tensor(x)}, "outputs": outputs, "labels": None}
-    with open(os.path.join(HERE, f"{name}.expected.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+    write_expected(name, doc)
     print(name, doc["operators"])
 
 
