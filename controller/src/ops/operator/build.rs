@@ -502,12 +502,11 @@ pub fn build_bundle(opts: &BuildOptions, out: &Path) -> Result<BuildReport, Oper
 fn model_file(path: &Path) -> Result<(Vec<u8>, bool), OperatorError> {
     let limit = edgefleet_agent::model::MAX_MODEL_LEN;
     let bytes = read_capped(path, limit as u64)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
+    // A bare file name's parent is "": the current directory.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let inlined = external_data::inline_external_data(&bytes, limit, |at, cap| {
         external_data::read_from_model_dir(dir, at, cap)
     })
@@ -518,7 +517,7 @@ fn model_file(path: &Path) -> Result<(Vec<u8>, bool), OperatorError> {
     })
     .map_err(|e| input_err(path.display().to_string(), e.to_string()))?;
     Ok(match inlined {
-        Some(bytes) => (bytes, true),
+        Some(inlined) => (inlined, true),
         None => (bytes, false),
     })
 }
