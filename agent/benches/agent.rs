@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edgefleet_agent::api::{Served, bind_unix, serve, serve_unix};
+use edgefleet_agent::api::{ModelServed, Served, bind_unix, serve, serve_unix};
 use edgefleet_agent::model::LoadedModel;
 use edgefleet_agent::oip::{InferRequest, decode_request, encode_response};
 use edgefleet_agent::store::ActiveModel;
@@ -608,7 +608,10 @@ fn drift_overhead(case: &Case, model: &LoadedModel) {
         model: model.clone(),
         reference,
     };
-    let tracked = Served::new(Some(active(Some(reference.clone()))));
+    let served = Served::new(Some(active(Some(reference.clone()))));
+    let tracked = served
+        .channel(bundle_ref(case).channel.as_str())
+        .expect("the channel is served");
     let digest = bundle_ref(case).digest;
     let input = std::slice::from_ref(&case.input);
     // Whole batches timed with one clock pair each (a clock read on this VM costs
@@ -654,7 +657,7 @@ fn drift_overhead(case: &Case, model: &LoadedModel) {
         alone / plain * 100.0
     );
     let dirs = [tempfile::tempdir(), tempfile::tempdir()].map(|d| d.expect("tempdir"));
-    let (mut on, _) = start_api(tracked, dirs[0].path());
+    let (mut on, _) = start_api(served, dirs[0].path());
     let (mut off, _) = start_api(Served::new(Some(active(None))), dirs[1].path());
     let body = oip_body(&case.input);
     let path = format!("/v2/models/{}/infer", case.channel);
@@ -1417,7 +1420,7 @@ fn drift_count(spec: &str) {
         edgefleet_agent::reference_stats::summarise(&model, &headers, &rows, &[])
             .expect("reference"),
     );
-    let tracked = Served::new(Some(ActiveModel {
+    let tracked = ModelServed::new(Some(ActiveModel {
         bundle: bundle_ref(case),
         model: model.clone(),
         reference: Some(reference),

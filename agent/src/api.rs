@@ -8,6 +8,7 @@
 //! a model's inference. Anything slower (and the first request after a model
 //! swap) runs on the blocking pool, so a slow model never stalls the runtime.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -21,7 +22,7 @@ use axum::{Json, Router};
 use edgefleet_shared::golden::Tensor;
 use edgefleet_shared::manifest::Dim;
 use edgefleet_shared::protocol::BundleRef;
-use edgefleet_shared::{Digest, UnixTime};
+use edgefleet_shared::{Digest, ModelChannel, UnixTime};
 use serde_json::json;
 
 use crate::drift::tracker::{DriftStatus, Tracker, WindowSettings};
@@ -34,10 +35,11 @@ use crate::samples::{Capture, Reservoir};
 use crate::shadow::Shadow;
 use crate::store::ActiveModel;
 
-/// The model being served, if any, swappable while the server runs (after an
-/// install, activate or revert), with its counters and its drift tracker.
+/// One channel's model, if any, swappable while the server runs (after an
+/// install, activate or revert), with its counters, drift tracker, shadow and
+/// sample capture.
 #[derive(Debug, Clone, Default)]
-pub struct Served {
+pub struct ModelServed {
     active: Arc<RwLock<Option<(BundleRef, LoadedModel)>>>,
     stats: Arc<ModelStats>,
     drift: Arc<Mutex<Option<Tracker>>>,
@@ -80,26 +82,40 @@ impl Default for CaptureState {
     }
 }
 
+/// The capture mode when the controller turns capture `on` or off, the config
+/// file having asked for `configured`: on is the config's mode, or `drift`
+/// when the config says off.
+fn capture_for(on: bool, configured: Capture) -> Capture {
+    match (on, configured) {
+        (false, _) => Capture::Off,
+        (true, Capture::Off) => Capture::Drift,
+        (true, configured) => configured,
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Served {
+impl ModelServed {
     /// Serving `active` (or nothing), with drift tracking at the default
     /// window sizes.
-    pub fn new(active: Option<ActiveModel>) -> Served {
-        Served::with_drift(
+    pub fn new(active: Option<ActiveModel>) -> ModelServed {
+        ModelServed::with_drift(
             active,
             Some(WindowSettings::from(&crate::config::DriftConfig::default())),
         )
     }
 
     /// Serving `active`, tracking drift with `settings` (`None`: off).
-    pub fn with_drift(active: Option<ActiveModel>, settings: Option<WindowSettings>) -> Served {
-        let served = Served {
+    pub fn with_drift(
+        active: Option<ActiveModel>,
+        settings: Option<WindowSettings>,
+    ) -> ModelServed {
+        let served = ModelServed {
             drift_settings: settings,
             shadow_permille: Arc::new(AtomicU16::new(crate::shadow::DEFAULT_PERMILLE)),
-            ..Served::default()
+            ..ModelServed::default()
         };
         served.replace(active);
         served
@@ -155,11 +171,7 @@ impl Served {
     /// says off.
     pub fn set_capture(&self, on: bool) {
         let mut c = lock(&self.capture);
-        let capture = match (on, c.configured) {
-            (false, _) => Capture::Off,
-            (true, Capture::Off) => Capture::Drift,
-            (true, configured) => configured,
-        };
+        let capture = capture_for(on, c.configured);
         c.settings.capture = capture;
         self.capturing
             .store(capture != Capture::Off, Ordering::Relaxed);
@@ -296,7 +308,148 @@ impl Served {
     }
 }
 
-/// What [`Served::drift_checkpoint`] returns.
+/// Every channel's [`ModelServed`], by channel name: what the local API serves.
+/// Channels come and go with [`Served::replace_all`]; the settings (drift
+/// windows, sample capture, shadow share) apply to every channel, also to one
+/// added later.
+#[derive(Debug, Clone, Default)]
+pub struct Served {
+    channels: Arc<RwLock<BTreeMap<ModelChannel, ModelServed>>>,
+    settings: Arc<Mutex<ServeSettings>>,
+}
+
+/// What [`Served`] applies to each channel.
+#[derive(Debug, Clone, Default)]
+struct ServeSettings {
+    drift: Option<WindowSettings>,
+    samples: Option<crate::config::SamplesConfig>,
+    capture_on: Option<bool>,
+}
+
+impl Served {
+    /// Serving `active` (or nothing) on its channel, with drift tracking at the
+    /// default window sizes.
+    pub fn new(active: Option<ActiveModel>) -> Served {
+        Served::with_drift(
+            active,
+            Some(WindowSettings::from(&crate::config::DriftConfig::default())),
+        )
+    }
+
+    /// Serving `active` (or nothing) on its channel, tracking drift with
+    /// `settings` (`None`: off).
+    pub fn with_drift(active: Option<ActiveModel>, settings: Option<WindowSettings>) -> Served {
+        let served = Served::with_settings(settings);
+        if let Some(a) = active {
+            served.replace_all(BTreeMap::from([(
+                a.bundle.channel.clone(),
+                (Some(a), None),
+            )]));
+        }
+        served
+    }
+
+    /// Serving nothing yet, tracking drift with `settings` (`None`: off).
+    pub fn with_settings(drift: Option<WindowSettings>) -> Served {
+        Served {
+            channels: Arc::default(),
+            settings: Arc::new(Mutex::new(ServeSettings {
+                drift,
+                ..ServeSettings::default()
+            })),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<ModelChannel, ModelServed>> {
+        self.channels.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One channel's model.
+    pub fn channel(&self, channel: &str) -> Option<ModelServed> {
+        self.read()
+            .iter()
+            .find(|(c, _)| c.as_str() == channel)
+            .map(|(_, m)| m.clone())
+    }
+
+    /// Every channel, in name order.
+    pub fn channels(&self) -> Vec<(ModelChannel, ModelServed)> {
+        self.read()
+            .iter()
+            .map(|(c, m)| (c.clone(), m.clone()))
+            .collect()
+    }
+
+    /// The active bundle of every channel that serves one, in name order.
+    pub fn bundles(&self) -> Vec<BundleRef> {
+        self.read()
+            .values()
+            .filter_map(ModelServed::bundle)
+            .collect()
+    }
+
+    /// Serves what the slots hold now, channel by channel: a channel that kept
+    /// its bundle keeps its counters and drift window; a channel no longer
+    /// installed stops being served.
+    pub fn replace_all(&self, loaded: crate::store::LoadedChannels) {
+        let settings = lock(&self.settings).clone();
+        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        channels.retain(|c, _| loaded.contains_key(c));
+        for (channel, slots) in loaded {
+            let m = channels.entry(channel).or_insert_with(|| {
+                let m = ModelServed::with_drift(None, settings.drift);
+                if let Some(s) = &settings.samples {
+                    m.set_samples_config(s.clone());
+                }
+                if let Some(on) = settings.capture_on {
+                    m.set_capture(on);
+                }
+                m
+            });
+            m.replace_all(slots);
+        }
+    }
+
+    /// Sets the sample capture settings (from the agent config) of every channel.
+    pub fn set_samples_config(&self, samples: crate::config::SamplesConfig) {
+        lock(&self.settings).samples = Some(samples.clone());
+        for m in self.read().values() {
+            m.set_samples_config(samples.clone());
+        }
+    }
+
+    /// Turns capture on or off at run time on every channel (see
+    /// [`ModelServed::set_capture`]).
+    pub fn set_capture(&self, on: bool) {
+        lock(&self.settings).capture_on = Some(on);
+        for m in self.read().values() {
+            m.set_capture(on);
+        }
+    }
+
+    /// The capture mode now (the same on every channel).
+    pub fn capture_mode(&self) -> Capture {
+        let settings = lock(&self.settings);
+        let configured = settings
+            .samples
+            .as_ref()
+            .map_or(Capture::Off, |s| s.capture);
+        match settings.capture_on {
+            Some(on) => capture_for(on, configured),
+            None => configured,
+        }
+    }
+
+    /// Sets the share of requests every channel's shadow runs on now (per
+    /// mille, capped at 1000); a shadow installed later starts at the default.
+    pub fn set_shadow_permille(&self, permille: u16) {
+        for m in self.read().values() {
+            m.set_shadow_permille(permille);
+        }
+    }
+}
+
+/// What [`ModelServed::drift_checkpoint`] returns.
 #[derive(Debug, Clone)]
 pub struct DriftCheckpoint {
     /// For `drift.json` (see `status --json`).
@@ -307,9 +460,13 @@ pub struct DriftCheckpoint {
     pub alert: Option<edgefleet_shared::protocol::EventKind>,
 }
 
-/// Writes the drift status to `drift.json` in `dir` (temp file, fsync, rename).
-pub fn save_drift_status(dir: &std::path::Path, status: &DriftStatus) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
+/// Writes every channel's drift status to `drift.json` in `dir`, an object
+/// keyed by channel (temp file, fsync, rename).
+pub fn save_drift_status(
+    dir: &std::path::Path,
+    statuses: &BTreeMap<ModelChannel, DriftStatus>,
+) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(statuses).map_err(std::io::Error::other)?;
     crate::store::write_atomic(&dir.join(crate::drift::tracker::STATUS_FILE), &bytes)
 }
 
@@ -323,15 +480,69 @@ async fn live() -> Json<serde_json::Value> {
     Json(json!({ "live": true }))
 }
 
+/// Ready when at least one channel is installed and every installed channel
+/// serves a model.
 async fn ready(State(s): State<Shared>) -> Response {
-    match s.current() {
-        Some(_) => Json(json!({ "ready": true })).into_response(),
-        None => (
+    let channels = s.channels();
+    let ready = !channels.is_empty() && channels.iter().all(|(_, m)| m.bundle().is_some());
+    if ready {
+        Json(json!({ "ready": true })).into_response()
+    } else {
+        (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "ready": false })),
         )
-            .into_response(),
+            .into_response()
     }
+}
+
+/// Largest body of a repository index request (`{"ready": true}` and spaces).
+const MAX_INDEX_REQUEST_LEN: usize = 4096;
+
+/// The model repository index (`POST /v2/repository/index`, Triton's model
+/// repository extension, which tritonclient's `get_model_repository_index()`
+/// calls): one entry per installed channel, `READY` when it serves a model.
+/// The body may be empty or `{"ready": true}` (only the ready ones).
+async fn repository_index(State(s): State<Shared>, body: axum::body::Bytes) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct IndexRequest {
+        #[serde(default)]
+        ready: bool,
+    }
+    if body.len() > MAX_INDEX_REQUEST_LEN {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a repository index request is at most {MAX_INDEX_REQUEST_LEN} bytes"),
+        );
+    }
+    let only_ready = if body.iter().all(u8::is_ascii_whitespace) {
+        false
+    } else {
+        match serde_json::from_slice::<IndexRequest>(&body) {
+            Ok(r) => r.ready,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("repository index request: {e}"),
+                );
+            }
+        }
+    };
+    let entries: Vec<serde_json::Value> = s
+        .channels()
+        .into_iter()
+        .filter_map(|(channel, m)| match m.bundle() {
+            Some(b) => Some(json!({ "name": channel, "version": b.version, "state": "READY" })),
+            None if only_ready => None,
+            None => Some(json!({
+                "name": channel,
+                "state": "UNAVAILABLE",
+                "reason": "no active bundle on this channel (a staged or shadow bundle waits for activate)",
+            })),
+        })
+        .collect();
+    Json(entries).into_response()
 }
 
 /// Server metadata (OIP `GET /v2`): name, version and the protocol extensions
@@ -356,21 +567,29 @@ async fn model_ready(State(s): State<Shared>, Path(name): Path<String>) -> Respo
 /// Why a model name has no model (a 404).
 #[derive(Debug, thiserror::Error)]
 enum NoModel {
-    #[error("no model `{asked}`; this device serves `{serving}`")]
+    #[error("no model `{asked}`; this device serves {serving}")]
     Other { asked: String, serving: String },
     #[error("no model `{0}`: no model is installed")]
     NoneInstalled(String),
+    #[error("no model `{0}`: the channel has no active bundle (a staged one waits for activate)")]
+    NotActive(String),
 }
 
-/// The served model called `name`.
-fn find(s: &Served, name: &str) -> Result<(BundleRef, LoadedModel), NoModel> {
-    match s.current() {
-        Some(m) if m.0.channel.as_str() == name => Ok(m),
-        Some(m) => Err(NoModel::Other {
+/// The channel called `name` and its model.
+fn find(s: &Served, name: &str) -> Result<(ModelServed, BundleRef, LoadedModel), NoModel> {
+    let Some(m) = s.channel(name) else {
+        let names: Vec<String> = s.channels().iter().map(|(c, _)| format!("`{c}`")).collect();
+        if names.is_empty() {
+            return Err(NoModel::NoneInstalled(name.to_owned()));
+        }
+        return Err(NoModel::Other {
             asked: name.to_owned(),
-            serving: m.0.channel.to_string(),
-        }),
-        None => Err(NoModel::NoneInstalled(name.to_owned())),
+            serving: names.join(", "),
+        });
+    };
+    match m.current() {
+        Some((bundle, model)) => Ok((m, bundle, model)),
+        None => Err(NoModel::NotActive(name.to_owned())),
     }
 }
 
@@ -385,7 +604,7 @@ fn oip_shape(shape: &[Dim]) -> Vec<i64> {
 }
 
 async fn metadata(State(s): State<Shared>, Path(name): Path<String>) -> Response {
-    let (bundle, model) = match find(&s, &name) {
+    let (_, bundle, model) = match find(&s, &name) {
         Ok(m) => m,
         Err(e) => return error(StatusCode::NOT_FOUND, e.to_string()),
     };
@@ -429,7 +648,7 @@ fn binary_header_len(headers: &axum::http::HeaderMap) -> Result<Option<usize>, B
 /// The response to a request the model answered: JSON, or the binary
 /// extension's header and tensors when the request asked for binary outputs.
 fn respond(
-    s: &Served,
+    s: &ModelServed,
     bundle: &BundleRef,
     request: &crate::oip::InferRequest,
     outputs: &[edgefleet_shared::golden::Tensor],
@@ -469,16 +688,16 @@ async fn infer(
     admitted: Admitted,
     body: axum::body::Body,
 ) -> Response {
+    let (s, bundle, model) = match find(&s, &name) {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::NOT_FOUND, e.to_string()),
+    };
     let body = match admitted.read(body).await {
         Ok(body) => body,
         Err(resp) => {
             s.stats().record_error();
             return resp;
         }
-    };
-    let (bundle, model) = match find(&s, &name) {
-        Ok(m) => m,
-        Err(e) => return error(StatusCode::NOT_FOUND, e.to_string()),
     };
     let header_len = match binary_header_len(&headers) {
         Ok(n) => n,
@@ -528,7 +747,7 @@ async fn infer(
 /// Runs one request on `model` and feeds its answer to the drift window, the
 /// sample reservoir and (sampled) the shadow.
 fn answer(
-    tracked: &Served,
+    tracked: &ModelServed,
     shadow: Option<Shadow>,
     bundle: BundleRef,
     model: &LoadedModel,
@@ -736,6 +955,7 @@ pub fn router_within(served: Served, limits: &crate::config::LimitsConfig) -> Ro
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
+        .route("/v2/repository/index", post(repository_index))
         .route("/v2/models/{name}", get(metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
         .route("/v2/models/{name}/infer", post(infer))

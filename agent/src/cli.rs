@@ -3,16 +3,17 @@
 //! `run` checks its arguments, binds the listeners and calls
 //! [`crate::service::run`].
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use edgefleet_shared::bundle::DeviceFacts;
-use edgefleet_shared::protocol::InstallMode;
-use edgefleet_shared::{Arch, Digest, SignedTrustRoot, UnixTime};
+use edgefleet_shared::protocol::{InstallMode, Slot};
+use edgefleet_shared::{Arch, Digest, ModelChannel, SignedTrustRoot, UnixTime};
 
 use crate::drift::tracker::DriftStatus;
 use crate::oip::{Decoded, MAX_REQUEST_LEN, decode_request, encode_response};
-use crate::slots::SlotEvent;
+use crate::slots::{SlotError, SlotEvent};
 use crate::store::{self, Store};
 
 /// edgefleet-agent: installs signed model bundles and serves them on this device.
@@ -39,7 +40,9 @@ pub struct Cli {
 /// Local commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Verify, health-check and activate a bundle file (sideloading, no network).
+    /// Verify, health-check and activate a bundle file (sideloading, no
+    /// network). It adds the bundle's channel, or replaces the model on it;
+    /// other channels are untouched.
     Install {
         /// The bundle file.
         file: PathBuf,
@@ -50,18 +53,31 @@ pub enum Command {
     /// Check or print the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Show the slots, the active bundle and the last install result.
+    /// Show every channel's slots and active bundle, and the last install result.
     Status {
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Switch back to the previous bundle instantly.
-    Revert,
+    /// Switch a channel back to its previous bundle instantly.
+    Revert {
+        /// The channel (may be left out when one is installed).
+        #[arg(long)]
+        channel: Option<ModelChannel>,
+    },
     /// Activate the staged bundle with this digest.
     Activate {
         /// Bundle digest (64 hex digits).
         digest: Digest,
+        /// The channel, checked against the bundle's (may be left out).
+        #[arg(long)]
+        channel: Option<ModelChannel>,
+    },
+    /// Uninstall a channel: its model stops being served and its bundles are
+    /// deleted. Its release floor is kept (an older release stays refused).
+    Remove {
+        /// The channel.
+        channel: ModelChannel,
     },
     /// Run the agent until stopped (SIGINT/SIGTERM): serve the active model on the
     /// local OIP v2 API, and follow the controller over MQTT (broker.url) when the
@@ -76,8 +92,12 @@ pub enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
-    /// Run the active model once on an OIP v2 JSON request file ("-" for stdin).
+    /// Run a channel's active model once on an OIP v2 JSON request file ("-"
+    /// for stdin).
     Infer {
+        /// The channel (may be left out when one is installed).
+        #[arg(long)]
+        channel: Option<ModelChannel>,
         /// Request file: {"inputs": [{"name", "shape", "datatype", "data"}]}.
         #[arg(long)]
         input: PathBuf,
@@ -145,22 +165,29 @@ pub fn device_facts() -> DeviceFacts {
 }
 
 fn print_state(state: &crate::slots::SlotsState) {
-    match state.active_entry() {
-        Some(e) => println!(
-            "active    {} {} (release {}) in slot {:?}, digest {}",
-            e.bundle.channel,
-            e.bundle.version,
-            e.bundle.release,
-            state.active.unwrap_or(edgefleet_shared::protocol::Slot::A),
-            e.bundle.digest.short()
-        ),
-        None => println!("active    none (no model installed)"),
+    if state.channels.is_empty() {
+        println!("active    none (no model installed)");
     }
-    for s in state.slot_states() {
-        println!(
-            "slot {:?}    {} {} (release {}), {:?}",
-            s.slot, s.bundle.channel, s.bundle.version, s.bundle.release, s.role
-        );
+    for (channel, pair) in &state.channels {
+        match (pair.active_entry(), pair.active) {
+            (Some(e), Some(slot)) => println!(
+                "active    {} {} (release {}) in slot {:?}, digest {}",
+                channel,
+                e.bundle.version,
+                e.bundle.release,
+                slot,
+                e.bundle.digest.short()
+            ),
+            _ => println!("active    {channel}: none (staged only)"),
+        }
+        for slot in [Slot::A, Slot::B] {
+            if let Some(e) = pair.get(slot) {
+                println!(
+                    "slot {:?}    {} {} (release {}), {:?}",
+                    slot, e.bundle.channel, e.bundle.version, e.bundle.release, e.role
+                );
+            }
+        }
     }
     if let Some(r) = &state.last_install {
         match &r.failure {
@@ -179,28 +206,42 @@ fn print_state(state: &crate::slots::SlotsState) {
     }
 }
 
-/// The drift status the running agent last wrote, when it is about the active
-/// bundle (a stale file from a previous bundle is not shown).
-fn drift_status(store: &Store, state: &crate::slots::SlotsState) -> Option<DriftStatus> {
+/// The drift status of each channel the running agent last wrote, where it is
+/// about the channel's active bundle (a stale one of a previous bundle is not
+/// shown).
+fn drift_status(
+    store: &Store,
+    state: &crate::slots::SlotsState,
+) -> BTreeMap<ModelChannel, DriftStatus> {
     let path = store.dir().join(crate::drift::tracker::STATUS_FILE);
-    let meta = std::fs::metadata(&path).ok()?;
-    if meta.len() > 4 << 20 {
-        return None;
-    }
-    let status: DriftStatus = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
-    (Some(status.digest) == state.active_entry().map(|e| e.bundle.digest)).then_some(status)
+    let read = || -> Option<BTreeMap<ModelChannel, DriftStatus>> {
+        if std::fs::metadata(&path).ok()?.len() > 4 << 20 {
+            return None;
+        }
+        serde_json::from_slice(&std::fs::read(&path).ok()?).ok()
+    };
+    let mut statuses = read().unwrap_or_default();
+    statuses.retain(|channel, status| {
+        state.active_entry(channel).map(|e| e.bundle.digest) == Some(status.digest)
+    });
+    statuses
 }
 
-fn print_drift(status: &Option<DriftStatus>) {
-    let Some(s) = status else {
-        println!(
-            "drift     not tracked (no reference statistics in the bundle, or the agent has not run yet)"
-        );
-        return;
-    };
+fn print_drift(state: &crate::slots::SlotsState, statuses: &BTreeMap<ModelChannel, DriftStatus>) {
+    for channel in state.channels.keys() {
+        match statuses.get(channel) {
+            Some(s) => print_channel_drift(channel, s),
+            None => println!(
+                "drift     {channel}: not tracked (no reference statistics in the bundle, or the agent has not run yet)"
+            ),
+        }
+    }
+}
+
+fn print_channel_drift(channel: &ModelChannel, s: &DriftStatus) {
     let show = |label: &str, r: &edgefleet_shared::protocol::DriftReport| {
         println!(
-            "drift     {label} window {}: {} rows, {:.0}% of inputs drifted{}",
+            "drift     {channel} {label} window {}: {} rows, {:.0}% of inputs drifted{}",
             r.window,
             r.rows,
             r.drifted_share * 100.0,
@@ -259,13 +300,36 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
     match cli.command {
         Command::Install { file, stage } => install(&store, &trust, &file, stage, now),
         Command::Status { json } => status(&store, json),
-        Command::Revert => {
-            let state = store::change_slots(&store, SlotEvent::Revert)?;
+        Command::Revert { channel } => {
+            let channel = store
+                .load()?
+                .resolve_channel(channel.as_ref())
+                .map_err(store::InstallError::Slot)?;
+            let state = store::change_slots(&store, SlotEvent::Revert { channel })?;
             print_state(&state);
             Ok(0)
         }
-        Command::Activate { digest } => {
+        Command::Activate { digest, channel } => {
+            let state = store.load()?;
+            if let Some(c) = &channel {
+                state
+                    .resolve_channel(Some(c))
+                    .map_err(store::InstallError::Slot)?;
+                let staged = state
+                    .channel(c)
+                    .and_then(|p| p.target_entry())
+                    .is_some_and(|e| e.bundle.digest == digest);
+                if !staged {
+                    return Err(store::InstallError::Slot(SlotError::NotStaged(digest)).into());
+                }
+            }
             let state = store::change_slots(&store, SlotEvent::Activate { digest })?;
+            print_state(&state);
+            Ok(0)
+        }
+        Command::Remove { channel } => {
+            let state = store::change_slots(&store, SlotEvent::Remove { channel })?;
+            store.gc(&state)?;
             print_state(&state);
             Ok(0)
         }
@@ -276,7 +340,11 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             serve(&store, &config, &trust, http, socket)
         }
         Command::Config(_) => Ok(0),
-        Command::Infer { input, time } => infer(&store, &input, time),
+        Command::Infer {
+            input,
+            time,
+            channel,
+        } => infer(&store, channel.as_ref(), &input, time),
     }
 }
 
@@ -321,6 +389,11 @@ fn install(
 /// `status`: the slots, the releases, the last install and drift.
 fn status(store: &Store, json: bool) -> Result<i32, CliError> {
     let state = store.load()?;
+    let drift = drift_status(store, &state);
+    let only = match state.channels.len() {
+        1 => state.channels.keys().next(),
+        _ => None,
+    };
     if json {
         println!(
             "{}",
@@ -328,23 +401,60 @@ fn status(store: &Store, json: bool) -> Result<i32, CliError> {
                 "agent_version": env!("CARGO_PKG_VERSION"),
                 "arch": std::env::consts::ARCH,
                 "data_dir": store.dir(),
-                "active": state.active_entry().map(|e| &e.bundle),
+                // The only channel's, as before channels; null with several.
+                "active": only.and_then(|c| state.active_entry(c)).map(|e| &e.bundle),
+                "drift": only.and_then(|c| drift.get(c)),
+                "channels": channels_json(&state, &drift),
                 "slots": state.slot_states(),
                 "releases": state.releases,
                 "last_install": state.last_install,
-                "drift": drift_status(store, &state),
             }))
             .unwrap_or_default()
         );
     } else {
         print_state(&state);
-        print_drift(&drift_status(store, &state));
+        print_drift(&state, &drift);
     }
     Ok(0)
 }
 
+/// Every channel for `status --json`: its active bundle, slots and drift.
+fn channels_json(
+    state: &crate::slots::SlotsState,
+    drift: &BTreeMap<ModelChannel, DriftStatus>,
+) -> serde_json::Value {
+    let channels: serde_json::Map<String, serde_json::Value> = state
+        .channels
+        .iter()
+        .map(|(channel, pair)| {
+            let slots: Vec<_> = [Slot::A, Slot::B]
+                .into_iter()
+                .filter_map(|slot| {
+                    pair.get(slot).map(
+                        |e| serde_json::json!({"slot": slot, "bundle": e.bundle, "role": e.role}),
+                    )
+                })
+                .collect();
+            let value = serde_json::json!({
+                "active": pair.active_entry().map(|e| &e.bundle),
+                "active_slot": pair.active,
+                "slots": slots,
+                "release_floor": state.installed_release(channel).map(|r| r.release),
+                "drift": drift.get(channel),
+            });
+            (channel.to_string(), value)
+        })
+        .collect();
+    serde_json::Value::Object(channels)
+}
+
 /// `infer`: one request (a file, or `-` for stdin) run on the active model.
-fn infer(store: &Store, input: &Path, time: Option<u32>) -> Result<i32, CliError> {
+fn infer(
+    store: &Store,
+    channel: Option<&ModelChannel>,
+    input: &Path,
+    time: Option<u32>,
+) -> Result<i32, CliError> {
     let body = if input.as_os_str() == "-" {
         let mut v = Vec::new();
         std::io::Read::read_to_end(
@@ -369,10 +479,21 @@ fn infer(store: &Store, input: &Path, time: Option<u32>) -> Result<i32, CliError
         ));
     }
     let loading = std::time::Instant::now();
-    let Some(store::ActiveModel { bundle, model, .. }) = store::load_active(store)? else {
-        return Err(CliError::Request(
-            "no model is installed; run `edgefleet-agent install BUNDLE` first".into(),
-        ));
+    let state = store.load()?;
+    let channel = match state.resolve_channel(channel) {
+        Ok(c) => c,
+        Err(SlotError::NothingInstalled) => {
+            return Err(CliError::Request(
+                "no model is installed; run `edgefleet-agent install BUNDLE` first".into(),
+            ));
+        }
+        Err(e) => return Err(CliError::Request(format!("--channel: {e}"))),
+    };
+    let Some(store::ActiveModel { bundle, model, .. }) = store::load_active(store, &channel)?
+    else {
+        return Err(CliError::Request(format!(
+            "channel `{channel}` has no active model (a staged bundle waits for `activate`)"
+        )));
     };
     let loaded = loading.elapsed();
     let outputs = model
@@ -624,21 +745,24 @@ fn serve(
     {
         tracing::warn!("cannot remove leftovers in {}: {e}", store.dir().display());
     }
-    let (active, shadow) = store::load_served(store)?;
+    let loaded = store::load_served(store)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| CliError::Request(format!("cannot start the async runtime: {e}")))?;
     runtime.block_on(async move {
         let (addr, listeners) = bind(http, socket.as_deref()).await?;
-        match &active {
-            Some(a) => println!(
+        let active: Vec<_> = loaded.values().filter_map(|(a, _)| a.as_ref()).collect();
+        if active.is_empty() {
+            println!("no model installed: /v2/health/ready answers 503 until one is");
+        }
+        for a in active {
+            println!(
                 "serving {} {} (release {})",
                 a.bundle.channel, a.bundle.version, a.bundle.release
-            ),
-            None => println!("no model installed: /v2/health/ready answers 503 until one is"),
+            );
         }
-        let served = crate::service::served(active, shadow, config);
+        let served = crate::service::served(loaded, config);
         let link = link_or_why(config, trust)
             .map(|(options, settings)| crate::service::Link::new(options, settings));
         if let Some(path) = &socket {

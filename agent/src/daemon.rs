@@ -12,7 +12,7 @@
 //! <data>/spool/events/, spool/telemetry/ see [`crate::spool`]
 //! ```
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -170,6 +170,15 @@ pub fn preflight(
     }
 }
 
+/// The slot where `digest` is active, in whichever channel.
+fn active_slot_of(state: &crate::slots::SlotsState, digest: Digest) -> Option<protocol::Slot> {
+    state.channels.values().find_map(|p| {
+        p.active_entry()
+            .filter(|e| e.bundle.digest == digest)
+            .and(p.active)
+    })
+}
+
 /// What an install command comes to before any download, from the slots and
 /// the download in progress (its command and bundle). Pure: the daemon
 /// carries it out.
@@ -198,14 +207,21 @@ pub enum InstallStep {
     },
 }
 
-/// Decides what installing `digest` in `mode` takes; see [`InstallStep`].
+/// Decides what installing `digest` in `mode` takes, from the slots of its
+/// channel (`None`: not known, the header does not decode; its download will
+/// refuse it); see [`InstallStep`].
 pub fn install_step(
     state: &crate::slots::SlotsState,
+    channel: Option<&ModelChannel>,
     downloading: Option<(u64, Digest)>,
     digest: Digest,
     mode: InstallMode,
 ) -> InstallStep {
     use protocol::SlotRole;
+    let state = channel
+        .and_then(|c| state.channel(c))
+        .cloned()
+        .unwrap_or_default();
     let target = state.target_slot();
     let in_target = state.get(target).filter(|e| e.bundle.digest == digest);
     match (mode, in_target.map(|e| e.role)) {
@@ -539,7 +555,12 @@ impl Daemon {
                 self.slot_change(command.id, SlotEvent::Activate { digest })
                     .await;
             }
-            Action::Revert => self.slot_change(command.id, SlotEvent::Revert).await,
+            Action::Revert => self.revert(command.id, None).await,
+            Action::RevertChannel { channel } => self.revert(command.id, Some(channel)).await,
+            Action::Remove { channel } => {
+                self.slot_change(command.id, SlotEvent::Remove { channel })
+                    .await;
+            }
             Action::Configure(protocol::Settings {
                 telemetry_interval_s,
                 shadow_sample_permille,
@@ -569,24 +590,27 @@ impl Daemon {
     /// in parts of at most [`SAMPLE_PART_LEN`] bytes (docs/protocol.md, "Samples").
     fn upload_samples(&mut self, command: u64, channel: &ModelChannel, max: u32) {
         let reject = |detail: String| EventKind::CommandRejected { detail };
-        match self.served.bundle() {
-            Some(b) if b.channel == *channel => {}
-            Some(b) => {
-                return self.emit(
-                    Some(command),
-                    reject(format!(
-                        "no samples of `{channel}`: this device serves `{}`",
-                        b.channel
-                    )),
-                );
-            }
-            None => return self.emit(Some(command), reject("no model is served".into())),
-        }
+        let Some(served) = self.served.channel(channel.as_str()) else {
+            let serving: Vec<String> = self
+                .served
+                .channels()
+                .iter()
+                .map(|(c, _)| format!("`{c}`"))
+                .collect();
+            let detail = match serving.is_empty() {
+                true => "no model is served".to_owned(),
+                false => format!(
+                    "no samples of `{channel}`: this device serves {}",
+                    serving.join(", ")
+                ),
+            };
+            return self.emit(Some(command), reject(detail));
+        };
         if !self.link.is_connected() {
             return self.emit(Some(command), reject("not connected".into()));
         }
-        let Some((digest, samples)) = self.served.take_samples(max as usize) else {
-            let detail = if self.served.capture_mode() == crate::samples::Capture::Off {
+        let Some((digest, samples)) = served.take_samples(max as usize) else {
+            let detail = if served.capture_mode() == crate::samples::Capture::Off {
                 "sample capture is off on this device (agent config [samples] capture, or configure sample_capture)"
             } else {
                 "no sample captured yet"
@@ -633,7 +657,7 @@ impl Daemon {
                     Some(command),
                     EventKind::InstallSucceeded {
                         digest,
-                        slot: state.active.unwrap_or(protocol::Slot::A),
+                        slot: active_slot_of(&state, digest).unwrap_or(protocol::Slot::A),
                         activated: true,
                     },
                 );
@@ -656,26 +680,44 @@ impl Daemon {
         }
     }
 
+    /// `revert` of `channel`, or of the only channel when the command names none.
+    async fn revert(&mut self, command: u64, channel: Option<ModelChannel>) {
+        let resolved = self.store.load().map_err(|e| e.to_string()).and_then(|s| {
+            s.resolve_channel(channel.as_ref())
+                .map_err(|e| e.to_string())
+        });
+        match resolved {
+            Ok(channel) => {
+                self.slot_change(command, SlotEvent::Revert { channel })
+                    .await;
+            }
+            Err(detail) => self.emit(Some(command), EventKind::CommandRejected { detail }),
+        }
+    }
+
     async fn slot_change(&mut self, command: u64, event: SlotEvent) {
-        let is_revert = event == SlotEvent::Revert;
         let store = self.store.clone();
+        let change = event.clone();
         let result = tokio::task::spawn_blocking(move || -> Result<_, InstallError> {
-            let state = store::change_slots(&store, event)?;
+            let state = store::change_slots(&store, change)?;
             let model = store::load_served(&store)?;
             Ok((state, model))
         })
         .await;
         match result {
             Ok(Ok((state, model))) => {
-                let entry = state.active_entry().map(|e| e.bundle.digest);
-                let slot = state.active;
                 self.served.replace_all(model);
-                if let (Some(digest), Some(slot)) = (entry, slot) {
-                    let kind = if is_revert {
-                        EventKind::Reverted { digest, slot }
-                    } else {
-                        EventKind::Activated { digest, slot }
-                    };
+                let kind = match event {
+                    SlotEvent::Revert { channel } => state
+                        .channel(&channel)
+                        .and_then(|p| Some((p.active_entry()?.bundle.digest, p.active?)))
+                        .map(|(digest, slot)| EventKind::Reverted { digest, slot }),
+                    SlotEvent::Activate { digest } => active_slot_of(&state, digest)
+                        .map(|slot| EventKind::Activated { digest, slot }),
+                    SlotEvent::Remove { channel } => Some(EventKind::Removed { channel }),
+                    SlotEvent::Installed { .. } | SlotEvent::InstallFailed { .. } => None,
+                };
+                if let Some(kind) = kind {
                     self.emit(Some(command), kind);
                 }
                 self.publish_state();
@@ -733,7 +775,13 @@ impl Daemon {
             }
         };
         let downloading = self.download.as_ref().map(|d| (d.offer.command, d.digest));
-        match install_step(&state, downloading, digest, mode) {
+        // Read unverified, only to find the channel's slots; the download
+        // verifies these bytes before anything else.
+        let channel = RawHeader::parse(&header)
+            .ok()
+            .and_then(|h| h.decode_unverified().ok())
+            .map(|m| m.channel);
+        match install_step(&state, channel.as_ref(), downloading, digest, mode) {
             InstallStep::AlreadyThere { slot } => {
                 let activated = false;
                 let kind = EventKind::InstallSucceeded {
@@ -1138,13 +1186,14 @@ impl Daemon {
         digest: Digest,
         mode: InstallMode,
         done: store::Installed,
-        model: store::LoadedSlots,
+        model: store::LoadedChannels,
     ) {
         let activated = mode == InstallMode::Activate;
+        let pair = done.state.channel(&done.bundle.channel);
         let slot = if activated {
-            done.state.active
+            pair.and_then(|p| p.active)
         } else {
-            done.state.active.map(protocol::Slot::other)
+            pair.map(|p| p.target_slot())
         }
         .unwrap_or(protocol::Slot::A);
         self.served.replace_all(model);
@@ -1220,35 +1269,52 @@ impl Daemon {
     }
 
     fn report_telemetry(&mut self) {
-        let checkpoint = self.served.drift_checkpoint(self.now());
-        let drift = match checkpoint {
-            Some(c) => {
-                if let Some(alert) = c.alert {
-                    self.emit(None, alert);
-                }
-                let dir = self.store.dir().to_owned();
-                let status = c.status;
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = crate::api::save_drift_status(&dir, &status) {
-                        tracing::warn!("cannot write the drift status: {e}");
+        let now = self.now();
+        let mut statuses = BTreeMap::new();
+        let mut parts = Vec::new();
+        for (channel, served) in self.served.channels() {
+            let drift = match served.drift_checkpoint(now) {
+                Some(c) => {
+                    if let Some(alert) = c.alert {
+                        self.emit(None, alert);
                     }
-                });
-                c.report
-            }
-            None => None,
+                    statuses.insert(channel.clone(), c.status);
+                    c.report
+                }
+                None => None,
+            };
+            let snapshot = served.stats().snapshot();
+            let model = served.bundle().map(|b| ModelMetrics {
+                digest: b.digest,
+                inferences: snapshot.inferences,
+                errors: snapshot.errors,
+                latency_bounds_us: LATENCY_BOUNDS_US.to_vec(),
+                latency_counts: snapshot.latency_counts.clone(),
+            });
+            let shadow = served
+                .shadow()
+                .map(|sh| sh.stats.snapshot(sh.bundle.digest));
+            parts.push(protocol::ChannelTelemetry {
+                channel,
+                model,
+                drift,
+                shadow,
+            });
+        }
+        if !statuses.is_empty() {
+            let dir = self.store.dir().to_owned();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = crate::api::save_drift_status(&dir, &statuses) {
+                    tracing::warn!("cannot write the drift status: {e}");
+                }
+            });
+        }
+        // One channel: the fields protocol 1 has; several: one part each.
+        let (model, drift, shadow, channels) = match <[_; 1]>::try_from(parts) {
+            Ok([one]) => (one.model, one.drift, one.shadow, Vec::new()),
+            Err(parts) if parts.is_empty() => (None, None, None, Vec::new()),
+            Err(parts) => (None, None, None, parts),
         };
-        let snapshot = self.served.stats().snapshot();
-        let model = self.served.bundle().map(|b| ModelMetrics {
-            digest: b.digest,
-            inferences: snapshot.inferences,
-            errors: snapshot.errors,
-            latency_bounds_us: LATENCY_BOUNDS_US.to_vec(),
-            latency_counts: snapshot.latency_counts.clone(),
-        });
-        let shadow = self
-            .served
-            .shadow()
-            .map(|sh| sh.stats.snapshot(sh.bundle.digest));
         let device_metrics = self.probe.device_metrics(self.store.dir());
         let agent = AgentMetrics {
             rss_bytes: self.probe.own_rss(),
@@ -1270,6 +1336,7 @@ impl Daemon {
                 model,
                 drift,
                 shadow,
+                channels,
             })
         });
         match pushed {
@@ -1386,7 +1453,7 @@ mod tests {
 
     #[test]
     fn an_install_is_decided_from_the_slots_and_the_download_in_progress() {
-        use crate::slots::{SlotEntry, SlotsState};
+        use crate::slots::{ChannelSlots, SlotEntry, SlotsState};
         use protocol::{BundleRef, Slot, SlotRole};
         let bundle = |n: u8| BundleRef {
             digest: Digest([n; 32]),
@@ -1396,7 +1463,7 @@ mod tests {
         };
         let (one, two, three) = (Digest([1; 32]), Digest([2; 32]), Digest([3; 32]));
         // Slot A active with bundle 1; slot B (the target) holds bundle 2 staged.
-        let mut state = SlotsState {
+        let pair = ChannelSlots {
             active: Some(Slot::A),
             a: Some(SlotEntry {
                 bundle: bundle(1),
@@ -1406,11 +1473,16 @@ mod tests {
                 bundle: bundle(2),
                 role: SlotRole::Staged,
             }),
+        };
+        let m = bundle(1).channel;
+        let mut state = SlotsState {
+            channels: BTreeMap::from([(m.clone(), pair)]),
             ..SlotsState::default()
         };
-        assert_eq!(state.target_slot(), Slot::B);
-        let step =
-            |s: &SlotsState, downloading, digest, mode| install_step(s, downloading, digest, mode);
+        assert_eq!(state.channel(&m).map(|p| p.target_slot()), Some(Slot::B));
+        let step = |s: &SlotsState, downloading, digest, mode| {
+            install_step(s, Some(&m), downloading, digest, mode)
+        };
         assert_eq!(
             step(&state, None, two, InstallMode::Stage),
             InstallStep::AlreadyThere { slot: Slot::B }
@@ -1450,8 +1522,16 @@ mod tests {
                 supersedes: Some((7, three))
             }
         );
+        // Another channel's slots say nothing about this one: a download.
+        let other = ModelChannel::new("other").expect("channel");
+        assert_eq!(
+            install_step(&state, Some(&other), None, one, InstallMode::Activate),
+            InstallStep::Download { supersedes: None }
+        );
         // Run in shadow: activating it is only the switch.
-        state.b.as_mut().expect("b").role = SlotRole::Shadow;
+        if let Some(p) = state.channels.get_mut(&m) {
+            p.b.as_mut().expect("b").role = SlotRole::Shadow;
+        }
         assert_eq!(
             step(&state, None, two, InstallMode::Activate),
             InstallStep::SwitchOnly

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use crate::api::Served;
 use crate::config::AgentConfig;
 use crate::daemon::{Daemon, SPOOL_RETRY, Spools, now_ms};
-use crate::store::{ActiveModel, Store};
+use crate::store::{LoadedChannels, Store};
 
 /// Where the local API listens: a loopback TCP listener, and a Unix socket
 /// when the config or the command line asks for one.
@@ -28,22 +28,17 @@ pub struct Listeners {
     pub unix: Option<tokio::net::UnixListener>,
 }
 
-/// The served model of a device: `active` and its `shadow`, with the drift
-/// windows and sample capture of `config`.
-pub fn served(
-    active: Option<ActiveModel>,
-    shadow: Option<crate::shadow::Shadow>,
-    config: &AgentConfig,
-) -> Served {
-    let served = Served::with_drift(
-        active,
+/// The served models of a device: each channel's active model and shadow,
+/// with the drift windows and sample capture of `config`.
+pub fn served(loaded: LoadedChannels, config: &AgentConfig) -> Served {
+    let served = Served::with_settings(
         config
             .drift
             .enabled
             .then(|| crate::drift::tracker::WindowSettings::from(&config.drift)),
     );
-    served.set_shadow(shadow);
     served.set_samples_config(config.samples.clone());
+    served.replace_all(loaded);
     served
 }
 
@@ -277,10 +272,16 @@ fn offline_drift(served: &Served, store: &Store, interval_s: u32, stop: &watch::
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            if let Some(c) = served.drift_checkpoint(UnixTime::now()) {
+            let now = UnixTime::now();
+            let statuses: std::collections::BTreeMap<_, _> = served
+                .channels()
+                .into_iter()
+                .filter_map(|(channel, m)| Some((channel, m.drift_checkpoint(now)?.status)))
+                .collect();
+            if !statuses.is_empty() {
                 let dir = dir.clone();
                 let _ = tokio::task::spawn_blocking(move || {
-                    crate::api::save_drift_status(&dir, &c.status)
+                    crate::api::save_drift_status(&dir, &statuses)
                 })
                 .await;
             }

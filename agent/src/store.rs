@@ -180,17 +180,24 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(SlotsState::default()),
             Err(e) => return Err(StoreError::Io { path, source: e }),
         };
-        let state: SlotsState =
-            serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-                path: path.clone(),
-                detail: e.to_string(),
-            })?;
-        if state.format != crate::slots::STATE_FORMAT {
-            return Err(StoreError::Corrupt {
-                path,
-                detail: format!("format {} is not supported", state.format),
-            });
+        let corrupt = |detail: String| StoreError::Corrupt {
+            path: path.clone(),
+            detail,
+        };
+        #[derive(serde::Deserialize)]
+        struct Format {
+            format: u32,
         }
+        let format: Format = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let state = match format.format {
+            1 => serde_json::from_slice::<crate::slots::SlotsStateV1>(&bytes)
+                .map_err(|e| corrupt(e.to_string()))?
+                .upgrade(),
+            crate::slots::STATE_FORMAT => {
+                serde_json::from_slice::<SlotsState>(&bytes).map_err(|e| corrupt(e.to_string()))?
+            }
+            other => return Err(corrupt(format!("format {other} is not supported"))),
+        };
         Ok(state)
     }
 
@@ -474,7 +481,7 @@ fn install(
     let result = (|| {
         let verified = header.verify(&policy).map_err(InstallError::Refused)?;
         if state
-            .active_entry()
+            .active_entry(&verified.manifest.channel)
             .is_some_and(|e| e.bundle.digest == digest)
         {
             return Err(InstallError::Slot(SlotError::AlreadyActive(digest)));
@@ -562,42 +569,49 @@ pub struct ActiveModel {
     pub reference: Option<std::sync::Arc<edgefleet_shared::reference::ReferenceStats>>,
 }
 
-/// Loads the active model, if any, with its reference statistics. A reference
-/// that does not decode (it was verified at install, so this means a damaged
-/// disk) is logged and drift is off for the bundle; the model still serves.
-pub fn load_active(store: &Store) -> Result<Option<ActiveModel>, InstallError> {
-    let state = store.load()?;
-    let Some(entry) = state.active_entry() else {
-        return Ok(None);
-    };
-    Ok(Some(load_bundle(store, &entry.bundle)?.0))
-}
-
-/// The active model and the shadow model, as the local API serves them.
+/// One channel's active model and shadow model, as the local API serves them.
 pub type LoadedSlots = (Option<ActiveModel>, Option<crate::shadow::Shadow>);
 
-/// Loads the active model and the shadow model (see [`load_active`] and
-/// [`load_shadow`]).
-pub fn load_served(store: &Store) -> Result<LoadedSlots, InstallError> {
-    let active = load_active(store)?;
-    let shadow = load_shadow(store)?
-        .map(|(m, policy)| crate::shadow::Shadow::new(m.bundle, m.model, policy));
-    Ok((active, shadow))
+/// Loads one channel's active model, if it has one (see [`load_served`]).
+pub fn load_active(
+    store: &Store,
+    channel: &edgefleet_shared::ModelChannel,
+) -> Result<Option<ActiveModel>, InstallError> {
+    match store.load()?.active_entry(channel) {
+        Some(entry) => Ok(Some(load_bundle(store, &entry.bundle)?.0)),
+        None => Ok(None),
+    }
 }
 
-/// Loads the shadow model (the inactive slot's bundle installed in shadow mode),
-/// if any, with the health policy its answers are compared under.
-pub fn load_shadow(
-    store: &Store,
-) -> Result<Option<(ActiveModel, edgefleet_shared::manifest::HealthPolicy)>, InstallError> {
+/// What every channel serves.
+pub type LoadedChannels = std::collections::BTreeMap<edgefleet_shared::ModelChannel, LoadedSlots>;
+
+/// Loads every channel's active model (with its reference statistics) and
+/// shadow model (the inactive slot's bundle installed in shadow mode, with the
+/// health policy its answers are compared under). A reference that does not
+/// decode (it was verified at install, so this means a damaged disk) is logged
+/// and drift is off for the bundle; the model still serves.
+pub fn load_served(store: &Store) -> Result<LoadedChannels, InstallError> {
     let state = store.load()?;
-    let Some(entry) = state
-        .get(state.target_slot())
-        .filter(|e| e.role == edgefleet_shared::protocol::SlotRole::Shadow)
-    else {
-        return Ok(None);
-    };
-    load_bundle(store, &entry.bundle).map(Some)
+    let mut out = LoadedChannels::new();
+    for (channel, pair) in &state.channels {
+        let active = match pair.active_entry() {
+            Some(entry) => Some(load_bundle(store, &entry.bundle)?.0),
+            None => None,
+        };
+        let shadow = match pair
+            .target_entry()
+            .filter(|e| e.role == edgefleet_shared::protocol::SlotRole::Shadow)
+        {
+            Some(entry) => {
+                let (m, policy) = load_bundle(store, &entry.bundle)?;
+                Some(crate::shadow::Shadow::new(m.bundle, m.model, policy))
+            }
+            None => None,
+        };
+        out.insert(channel.clone(), (active, shadow));
+    }
+    Ok(out)
 }
 
 fn load_bundle(

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use edgefleet_shared::protocol::{
     self, Action, BundleOffer, Chunk, Command as Cmd, DeviceState, Event, EventKind, FailureReason,
-    FetchRequest, InstallMode, Telemetry,
+    FetchRequest, InstallMode, Slot, SlotRole, Telemetry,
 };
-use edgefleet_shared::{Digest, RawHeader, UnixTime};
+use edgefleet_shared::{Digest, ModelChannel, RawHeader, UnixTime};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, Transport};
 use tokio::sync::mpsc;
 
@@ -1512,4 +1512,136 @@ async fn the_embedded_broker_with_mutual_tls_carries_an_install() {
         !connects_without_a_certificate(port, &ca).await,
         "rumqttd let a client without a certificate connect"
     );
+}
+
+/// Serves one `flowers` request (the ZipMap model's input name) on the API.
+fn flowers_answer(api: &str) -> u16 {
+    let body = r#"{"inputs":[{"name":"float_input","shape":[1,4],"datatype":"FP32","data":[5.0,3.4,1.5,0.2]}]}"#;
+    http(api, "POST", "/v2/models/flowers/infer", body).0
+}
+
+/// The digest in `state`'s active slot of `channel`.
+fn active_digest(state: &DeviceState, channel: &str) -> Option<Digest> {
+    state
+        .slots
+        .iter()
+        .find(|s| s.bundle.channel.as_str() == channel && s.role == SlotRole::Active)
+        .map(|s| s.bundle.digest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mqtt_each_channel_installs_reverts_reports_and_is_removed_on_its_own() {
+    let dev = Device::new();
+    let broker = Broker::start(dev.path(), "allow_anonymous true");
+    let mut peer = Peer::connect(broker.port, None);
+    let iris1 = bundle(
+        dev.path(),
+        "iris1.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        1,
+        0,
+    );
+    let flowers1 = common::bundle_on(dev.path(), "flowers1.efb", "flowers", "iris_zipmap.onnx", 1);
+    let iris2 = peer.offer(&bundle(
+        dev.path(),
+        "iris2.efb",
+        "iris_logreg.onnx",
+        "iris_logreg.onnx",
+        2,
+        10,
+    ));
+    let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
+    sideload(&config, &iris1);
+    sideload(&config, &flowers1);
+    let agent = Agent::start(dev.path(), &config);
+    let online = peer.state(|s| s.online && s.slots.len() == 2).await;
+    let flowers = active_digest(&online, "flowers").expect("flowers active");
+
+    // An install of iris goes to iris's own second slot; flowers is untouched.
+    let mut events = Vec::new();
+    peer.install(&iris2, InstallMode::Activate).await;
+    let done = peer.install_outcome(&mut events).await;
+    assert!(
+        matches!(
+            done.kind,
+            EventKind::InstallSucceeded {
+                slot: Slot::B,
+                activated: true,
+                ..
+            }
+        ),
+        "{done:?}\n{}",
+        agent.log()
+    );
+    let state = peer.state(|s| s.slots.len() == 3).await;
+    assert_eq!(active_digest(&state, "iris"), Some(iris2.digest));
+    assert_eq!(active_digest(&state, "flowers"), Some(flowers));
+    assert_eq!(infer_version(&agent.api), (200, "1.2.0".to_string()));
+    assert_eq!(flowers_answer(&agent.api), 200);
+
+    // Telemetry reports each channel on its own, with its own counters.
+    let telemetry = peer
+        .wait_for("telemetry with both channels' requests", |topic, p| {
+            topic
+                .ends_with("/telemetry")
+                .then(|| protocol::decode::<Telemetry>(p).expect("telemetry"))
+                .filter(|t| {
+                    t.channels.len() == 2
+                        && t.channels
+                            .iter()
+                            .all(|c| c.model.as_ref().is_some_and(|m| m.inferences >= 1))
+                })
+        })
+        .await;
+    assert!(telemetry.model.is_none(), "{telemetry:?}");
+    let channels: Vec<&str> = telemetry
+        .channels
+        .iter()
+        .map(|c| c.channel.as_str())
+        .collect();
+    assert_eq!(channels, ["flowers", "iris"]);
+    assert_eq!(
+        telemetry.channels[1].model.as_ref().map(|m| m.digest),
+        Some(iris2.digest)
+    );
+
+    // A revert that names no channel is refused (two are installed); one that
+    // names iris goes back on iris only.
+    let cmd = peer.command(Action::Revert).await;
+    let rejected = peer
+        .event(&mut events, |k| {
+            matches!(k, EventKind::CommandRejected { .. })
+        })
+        .await;
+    assert_eq!(rejected.command, Some(cmd));
+    assert!(
+        matches!(&rejected.kind, EventKind::CommandRejected { detail } if detail.contains("flowers, iris")),
+        "{rejected:?}"
+    );
+    let iris = ModelChannel::new("iris").expect("channel");
+    let cmd = peer.command(Action::RevertChannel { channel: iris }).await;
+    let reverted = peer
+        .event(&mut events, |k| matches!(k, EventKind::Reverted { .. }))
+        .await;
+    assert_eq!(reverted.command, Some(cmd));
+    assert_eq!(infer_version(&agent.api), (200, "1.1.0".to_string()));
+    let state = peer
+        .state(|s| active_digest(s, "iris") != Some(iris2.digest))
+        .await;
+    assert_eq!(active_digest(&state, "flowers"), Some(flowers));
+
+    // Removing flowers: iris keeps serving; flowers is gone from the API and
+    // the state.
+    let channel = ModelChannel::new("flowers").expect("channel");
+    let cmd = peer.command(Action::Remove { channel }).await;
+    let removed = peer
+        .event(&mut events, |k| matches!(k, EventKind::Removed { .. }))
+        .await;
+    assert_eq!(removed.command, Some(cmd));
+    let state = peer.state(|s| active_digest(s, "flowers").is_none()).await;
+    assert_eq!(state.slots.len(), 2, "{state:?}");
+    assert_eq!(flowers_answer(&agent.api), 404);
+    assert_eq!(infer_version(&agent.api), (200, "1.1.0".to_string()));
+    drop(broker);
 }

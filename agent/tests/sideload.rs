@@ -1042,3 +1042,245 @@ fn the_state_file_is_renamed_into_place_and_its_directory_synced() {
         "the directory is fsynced after the rename:\n{calls}"
     );
 }
+
+/// A second channel beside `iris`: the ZipMap export of the iris classifier,
+/// published as `flowers`.
+fn flowers(dev: &Device, name: &str, release: u64) -> std::path::PathBuf {
+    common::bundle_on(dev.path(), name, "flowers", "iris_zipmap.onnx", release)
+}
+
+/// A channel's active bundle in `status --json`.
+fn channel_active(status: &serde_json::Value, channel: &str) -> serde_json::Value {
+    status["channels"][channel]["active"].clone()
+}
+
+const ONE_ROW: &str =
+    r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[5.0,3.4,1.5,0.2]}]}"#;
+
+/// The same row for the `flowers` model (skl2onnx's input name).
+const FLOWERS_ROW: &str = r#"{"inputs":[{"name":"float_input","shape":[1,4],"datatype":"FP32","data":[5.0,3.4,1.5,0.2]}]}"#;
+
+/// A request file for `channel`'s model.
+fn request_for(dev: &Device, channel: &str) -> std::path::PathBuf {
+    let path = dev.path().join(format!("{channel}.json"));
+    let body = if channel == "flowers" {
+        FLOWERS_ROW
+    } else {
+        ONE_ROW
+    };
+    std::fs::write(&path, body).expect("request");
+    path
+}
+
+#[test]
+fn two_channels_install_serve_revert_and_remove_without_touching_each_other() {
+    let dev = Device::new();
+    let (iris1, iris2) = (dev.iris("iris1.efb", 1), dev.iris("iris2.efb", 2));
+    let flowers1 = flowers(&dev, "flowers1.efb", 1);
+    dev.ok(&["install", s(&iris1)]);
+    dev.ok(&["install", s(&flowers1)]);
+    dev.ok(&["install", s(&iris2)]);
+    let st = dev.status();
+    assert_eq!(channel_active(&st, "iris")["release"], 2, "{st}");
+    assert_eq!(channel_active(&st, "flowers")["release"], 1, "{st}");
+    assert_eq!(
+        st["channels"]["iris"]["slots"].as_array().map(Vec::len),
+        Some(2)
+    );
+    // With several channels the one-model field is empty: read `channels`.
+    assert!(st["active"].is_null(), "{st}");
+    let flowers_digest = channel_active(&st, "flowers")["digest"].clone();
+    let text = dev.ok(&["status"]);
+    assert!(
+        text.contains("active    iris 1.2.0") && text.contains("active    flowers 1.1.0"),
+        "{text}"
+    );
+
+    // `infer` needs the channel once there are two, and names them.
+    let req = dev.path().join("req.json");
+    std::fs::write(&req, ONE_ROW).expect("request");
+    let out = dev.agent(&["infer", "--input", s(&req)]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("flowers, iris"),
+        "{said}"
+    );
+    let flowers_req = request_for(&dev, "flowers");
+    let resp: serde_json::Value = serde_json::from_str(&dev.ok(&[
+        "infer",
+        "--channel",
+        "flowers",
+        "--input",
+        s(&flowers_req),
+    ]))
+    .expect("json");
+    assert_eq!(resp["model_name"], "flowers", "{resp}");
+
+    // The local API serves both, lists both in the repository index, and names
+    // the channels for an unknown one.
+    let (mut child, addr) = start_api(&dev, &[]);
+    let answers: Vec<(u16, String)> = vec![
+        http(&addr, "GET", "/v2/health/ready", ""),
+        http(&addr, "POST", "/v2/models/iris/infer", ONE_ROW),
+        http(&addr, "POST", "/v2/models/flowers/infer", FLOWERS_ROW),
+        http(&addr, "GET", "/v2/models/flowers", ""),
+        http(&addr, "GET", "/v2/models/audio/ready", ""),
+        http(&addr, "POST", "/v2/repository/index", ""),
+        http(&addr, "POST", "/v2/repository/index", r#"{"ready": true}"#),
+        http(&addr, "POST", "/v2/repository/index", r#"{"ready": "yes"}"#),
+    ];
+    let _ = child.kill();
+    let _ = child.wait();
+    let [ready, iris, flowers, meta, unknown, index, index_ready, bad] =
+        <[(u16, String); 8]>::try_from(answers).expect("eight answers");
+    assert_eq!(ready.0, 200, "{ready:?}");
+    assert_eq!(iris.0, 200, "{iris:?}");
+    assert!(iris.1.contains(r#""model_name":"iris""#), "{iris:?}");
+    assert!(iris.1.contains(r#""model_version":"1.2.0""#), "{iris:?}");
+    assert_eq!(flowers.0, 200, "{flowers:?}");
+    assert!(
+        flowers.1.contains(r#""model_name":"flowers""#),
+        "{flowers:?}"
+    );
+    assert_eq!(meta.0, 200, "{meta:?}");
+    assert_eq!(unknown.0, 404, "{unknown:?}");
+    assert!(unknown.1.contains("`flowers`, `iris`"), "{unknown:?}");
+    assert_eq!(index.0, 200, "{index:?}");
+    let listed: serde_json::Value = serde_json::from_str(&index.1).expect("json");
+    assert_eq!(
+        listed,
+        serde_json::json!([
+            {"name": "flowers", "version": "1.1.0", "state": "READY"},
+            {"name": "iris", "version": "1.2.0", "state": "READY"},
+        ])
+    );
+    assert_eq!(index_ready.1, index.1);
+    assert_eq!(bad.0, 400, "{bad:?}");
+
+    // Reverting iris leaves flowers as it was.
+    let out = dev.agent(&["revert"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("name one"),
+        "{out:?}"
+    );
+    dev.ok(&["revert", "--channel", "iris"]);
+    let st = dev.status();
+    assert_eq!(channel_active(&st, "iris")["release"], 1, "{st}");
+    assert_eq!(
+        channel_active(&st, "flowers")["digest"],
+        flowers_digest,
+        "{st}"
+    );
+    let out = dev.agent(&["revert", "--channel", "flowers"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no previous bundle"),
+        "{out:?}"
+    );
+
+    // Removing flowers: iris still serves, the flowers bundle is gone, and its
+    // release floor stays.
+    dev.ok(&["remove", "flowers"]);
+    let st = dev.status();
+    assert!(st["channels"]["flowers"].is_null(), "{st}");
+    assert_eq!(channel_active(&st, "iris")["release"], 1, "{st}");
+    assert_eq!(st["active"]["release"], 1, "one channel again: {st}");
+    assert_eq!(st["releases"]["flowers"]["release"], 1, "{st}");
+    assert_eq!(dev.bundle_dirs(), 2, "iris's two bundles only");
+    let resp = dev.ok(&["infer", "--input", s(&req)]);
+    assert!(resp.contains(r#""model_name":"iris""#), "{resp}");
+    let out = dev.agent(&["remove", "flowers"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no channel `flowers` is installed"),
+        "{out:?}"
+    );
+    // And it can come back.
+    dev.ok(&["install", s(&flowers1)]);
+    assert_eq!(channel_active(&dev.status(), "flowers")["release"], 1);
+}
+
+#[test]
+fn a_crash_at_any_point_of_one_channels_install_leaves_both_channels_whole() {
+    for point in [
+        "after-unpack",
+        "after-health-check",
+        "before-state-rename",
+        "after-state-save",
+    ] {
+        let dev = Device::new();
+        let (iris1, iris2) = (dev.iris("iris1.efb", 1), dev.iris("iris2.efb", 2));
+        dev.ok(&["install", s(&iris1)]);
+        dev.ok(&["install", s(&flowers(&dev, "flowers1.efb", 1))]);
+        let before = channel_active(&dev.status(), "flowers");
+        let crashed = dev.agent_env(&["install", s(&iris2)], Some(point));
+        assert!(
+            !crashed.status.success(),
+            "{point}: the crash hook did not fire"
+        );
+        let st = dev.status();
+        let expected = if point == "after-state-save" { 2 } else { 1 };
+        assert_eq!(
+            channel_active(&st, "iris")["release"],
+            expected,
+            "{point}: {st}"
+        );
+        assert_eq!(channel_active(&st, "flowers"), before, "{point}: {st}");
+        for channel in ["iris", "flowers"] {
+            let req = request_for(&dev, channel);
+            let resp = dev.ok(&["infer", "--channel", channel, "--input", s(&req)]);
+            assert!(
+                resp.contains(&format!(r#""model_name":"{channel}""#)),
+                "{point}: {resp}"
+            );
+        }
+        // Bundles: iris 1 (+2 when it landed) and flowers 1; the next start
+        // collects a leftover of the interrupted one.
+        let (mut child, _) = start_api(&dev, &[]);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(
+            dev.bundle_dirs(),
+            expected as usize + 1,
+            "{point}: leftovers in bundles/"
+        );
+    }
+}
+
+#[test]
+fn a_state_file_of_format_1_is_read_as_one_channel_and_written_back_as_format_2() {
+    let dev = Device::new();
+    dev.ok(&["install", s(&dev.iris("iris1.efb", 1))]);
+    dev.ok(&["install", s(&dev.iris("iris2.efb", 2))]);
+    // The state as an agent before channels wrote it.
+    let path = dev.path().join("data/state.json");
+    let v2: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("state")).expect("json");
+    let pair = &v2["channels"]["iris"];
+    let v1 = serde_json::json!({
+        "format": 1,
+        "active": pair["active"],
+        "a": pair["a"],
+        "b": pair["b"],
+        "releases": v2["releases"],
+        "last_install": v2["last_install"],
+    });
+    std::fs::write(&path, serde_json::to_vec(&v1).expect("json")).expect("write");
+    assert_eq!(dev.active_release(), Some(2));
+    dev.ok(&["revert"]);
+    assert_eq!(dev.active_release(), Some(1));
+    let now: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("state")).expect("json");
+    assert_eq!(now["format"], 2, "{now}");
+    assert_eq!(
+        now["channels"]["iris"]["a"]["bundle"], pair["a"]["bundle"],
+        "{now}"
+    );
+    assert_eq!(now["channels"]["iris"]["active"], "A", "{now}");
+    // A format this agent does not know is refused by name, not reset.
+    std::fs::write(&path, br#"{"format": 7}"#).expect("write");
+    let out = dev.agent(&["status"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("format 7 is not supported"),
+        "{said}"
+    );
+}

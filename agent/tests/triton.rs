@@ -52,10 +52,14 @@ fn tritons_python_client_reads_health_metadata_and_answers_in_json_and_binary() 
         1,
         0,
     );
-    let out = agent(&["install", v1.to_str().expect("utf-8")])
-        .output()
-        .expect("install runs");
-    assert!(out.status.success(), "{out:?}");
+    // A second channel: the client lists both in the repository index.
+    let flowers = common::bundle_on(dir.path(), "flowers.efb", "flowers", "iris_zipmap.onnx", 1);
+    for file in [&v1, &flowers] {
+        let out = agent(&["install", file.to_str().expect("utf-8")])
+            .output()
+            .expect("install runs");
+        assert!(out.status.success(), "{out:?}");
+    }
     let mut child = agent(&["run", "--http", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -67,7 +71,7 @@ fn tritons_python_client_reads_health_metadata_and_answers_in_json_and_binary() 
             env!("CARGO_MANIFEST_DIR"),
             "/tests/triton_client.py"
         ))
-        .args([&addr, "iris"])
+        .args([&addr, "iris", "flowers"])
         .output()
         .expect("python runs");
     let _ = child.kill();
@@ -82,6 +86,14 @@ fn tritons_python_client_reads_health_metadata_and_answers_in_json_and_binary() 
     assert_eq!(seen["live"], true);
     assert_eq!(seen["ready"], true);
     assert_eq!(seen["model_ready"], true);
+    assert_eq!(seen["second_ready"], true);
+    assert_eq!(
+        seen["index"],
+        serde_json::json!([
+            {"name": "flowers", "version": "1.1.0", "state": "READY"},
+            {"name": "iris", "version": "1.1.0", "state": "READY"},
+        ])
+    );
     assert_eq!(seen["other_model_ready"], false);
     assert_eq!(
         seen["server"]["extensions"],

@@ -1,7 +1,7 @@
 """Talks to the agent's local API with Triton's own Python client (tritonclient.http),
 as a user's application would; prints what it saw as one JSON object.
 
-Usage: python triton_client.py HOST:PORT MODEL
+Usage: python triton_client.py HOST:PORT MODEL [SECOND_MODEL]
 Run by agent/tests/triton.rs; needs `pip install "tritonclient[http]" numpy`.
 """
 import json
@@ -12,8 +12,11 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 url, model = sys.argv[1], sys.argv[2]
+second = sys.argv[3] if len(sys.argv) > 3 else None
 client = httpclient.InferenceServerClient(url=url)
 seen = {
+    "index": client.get_model_repository_index(),
+    "second_ready": second is not None and client.is_model_ready(second),
     "live": client.is_server_live(),
     "ready": client.is_server_ready(),
     "model_ready": client.is_model_ready(model),

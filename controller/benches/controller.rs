@@ -57,6 +57,7 @@ fn sample_of(device: &str, seq: u64) -> Telemetry {
         }),
         drift: None,
         shadow: None,
+        channels: Vec::new(),
     }
 }
 

@@ -90,6 +90,7 @@ fn telemetry(n: usize, seq: u64, digest: Digest) -> Telemetry {
             drifted: true,
         }),
         shadow: None,
+        channels: Vec::new(),
     }
 }
 

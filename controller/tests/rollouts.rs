@@ -759,6 +759,7 @@ async fn publish_telemetry(client: &rumqttc::AsyncClient, device: &str, epoch: u
         model: None,
         drift: None,
         shadow: None,
+        channels: Vec::new(),
     };
     let topic = edgefleet_shared::protocol::Topics::default().device(
         &t.device,

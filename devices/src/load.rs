@@ -488,7 +488,8 @@ impl LoadDevice {
                     self.emit(client, Some(command), EventKind::CommandRejected { detail });
                 }
             },
-            Action::Revert => match self.slots.other.take() {
+            // A load device serves one channel: reverting it by name is the same.
+            Action::Revert | Action::RevertChannel { .. } => match self.slots.other.take() {
                 Some((slot, bundle, SlotRole::Previous)) => {
                     let digest = bundle.digest;
                     self.switch_to(slot, bundle);
@@ -505,6 +506,11 @@ impl LoadDevice {
                 if let Some(s) = settings.telemetry_interval_s {
                     self.interval = Duration::from_secs(u64::from(s.max(1)));
                 }
+            }
+            Action::Remove { .. } => {
+                let detail =
+                    "a load device keeps its one channel (remove is not simulated)".to_owned();
+                self.emit(client, Some(command), EventKind::CommandRejected { detail });
             }
             Action::RequestSamples { .. } => {
                 let detail = "a load device captures no samples".to_owned();
@@ -816,6 +822,7 @@ impl LoadDevice {
             model,
             drift: None,
             shadow: None,
+            channels: Vec::new(),
         };
         self.stats.telemetry_sent.fetch_add(1, Ordering::Relaxed);
         let t = Out::Publish(

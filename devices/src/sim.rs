@@ -166,9 +166,14 @@ impl SimDevice {
         format!("http://{}", self.api)
     }
 
-    /// The bundle it serves now.
+    /// The bundle it serves now (the first channel's, in name order).
     pub fn serving(&self) -> Option<BundleRef> {
-        self.served.bundle()
+        self.served.bundles().into_iter().next()
+    }
+
+    /// The bundle of every channel it serves now, in channel order.
+    pub fn serving_all(&self) -> Vec<BundleRef> {
+        self.served.bundles()
     }
 
     /// Its slots as stored on its disk.
@@ -413,8 +418,7 @@ async fn start_device(settings: &FleetSettings, spec: DeviceSpec) -> Result<SimD
             .map_err(|e| fail(e.to_string()))?
             .map_err(|e| fail(e.to_string()))?
     };
-    let (active, shadow) = active;
-    let served = edgefleet_agent::service::served(active, shadow, &config);
+    let served = edgefleet_agent::service::served(active, &config);
     let api = TcpListener::bind(("127.0.0.1", 0))
         .await
         .map_err(|e| fail(format!("local API: {e}")))?;

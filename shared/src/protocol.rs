@@ -14,6 +14,8 @@ use crate::time::UnixTime;
 
 /// Protocol version carried in every envelope.
 pub const PROTOCOL_VERSION: u16 = 1;
+/// Most model channels one device serves (each with its own A/B slots).
+pub const MAX_DEVICE_CHANNELS: usize = 16;
 /// Default topic prefix.
 pub const DEFAULT_PREFIX: &str = "edgefleet/v1";
 
@@ -287,8 +289,19 @@ pub enum Action {
         /// Manifest digest of the staged bundle.
         digest: Digest,
     },
-    /// Switch back to the previous slot.
+    /// Switch back to the previous slot of the device's only channel (as
+    /// protocol 1 had it; refused by a device serving several channels).
     Revert,
+    /// Switch one channel back to its previous slot.
+    RevertChannel {
+        /// The channel.
+        channel: ModelChannel,
+    },
+    /// Uninstall one channel (its bundles are removed; its release floor stays).
+    Remove {
+        /// The channel.
+        channel: ModelChannel,
+    },
     /// Change settings at run time.
     Configure(Settings),
     /// Upload captured input samples for a channel.
@@ -491,7 +504,7 @@ pub struct DeviceState {
     pub agent_version: String,
     /// CPU architecture.
     pub arch: Arch,
-    /// Slots in use.
+    /// Slots in use, of every channel (each names its bundle's channel).
     pub slots: Vec<SlotState>,
     /// The last install attempt.
     pub last_install: Option<InstallResult>,
@@ -501,8 +514,12 @@ impl Message for DeviceState {
     const NAME: &'static str = "device state";
     const MAX_LEN: usize = 64 * 1024;
     fn validate(&self) -> Result<(), DecodeError> {
-        if self.slots.len() > 2 {
-            return Err(invalid(Self::NAME, "slots", "a device has two slots"));
+        if self.slots.len() > 2 * MAX_DEVICE_CHANNELS {
+            return Err(invalid(
+                Self::NAME,
+                "slots",
+                format!("two slots per channel, at most {MAX_DEVICE_CHANNELS} channels"),
+            ));
         }
         Ok(())
     }
@@ -559,6 +576,11 @@ pub enum EventKind {
         digest: Digest,
         /// Its slot.
         slot: Slot,
+    },
+    /// A channel was uninstalled.
+    Removed {
+        /// The channel.
+        channel: ModelChannel,
     },
     /// A command could not be carried out.
     CommandRejected {
@@ -827,35 +849,122 @@ pub struct Telemetry {
     /// The shadow model, when one runs beside the active one.
     #[serde(default)]
     pub shadow: Option<ShadowMetrics>,
+    /// Every channel's model, drift and shadow, when the device serves more
+    /// than one channel; `model`, `drift` and `shadow` above are then empty.
+    /// A device with one channel leaves this empty and fills those (as
+    /// protocol 1 had it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<ChannelTelemetry>,
+}
+
+/// One channel's part of [`Telemetry`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelTelemetry {
+    /// The channel.
+    pub channel: ModelChannel,
+    /// Its active model's counters.
+    pub model: Option<ModelMetrics>,
+    /// Drift of its active bundle's latest judged window.
+    pub drift: Option<DriftReport>,
+    /// Its shadow model.
+    pub shadow: Option<ShadowMetrics>,
+}
+
+impl ChannelParts<'_> {
+    fn validate(&self) -> Result<(), DecodeError> {
+        const NAME: &str = Telemetry::NAME;
+        if let Some(m) = self.model
+            && (m.latency_bounds_us.len() > 64
+                || m.latency_counts.len() != m.latency_bounds_us.len() + 1)
+        {
+            return Err(invalid(
+                NAME,
+                "model.latency_counts",
+                "needs one count per bound plus one, at most 64 bounds",
+            ));
+        }
+        if let Some(d) = self.drift {
+            d.validate(NAME)?;
+        }
+        if let Some(sh) = self.shadow
+            && (sh.latency_counts.len() > 65
+                || sh.active_latency_counts.len() > 65
+                || sh.agreed > sh.runs)
+        {
+            return Err(invalid(
+                NAME,
+                "shadow",
+                "at most 65 latency buckets, agreed at most runs",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Telemetry {
+    /// Every channel's part: `channels`, or the one-channel fields as one
+    /// part (channel unknown: `None`) when `channels` is empty.
+    pub fn channel_parts(&self) -> Vec<(Option<&ModelChannel>, ChannelParts<'_>)> {
+        if self.channels.is_empty() {
+            return vec![(
+                None,
+                ChannelParts {
+                    model: self.model.as_ref(),
+                    drift: self.drift.as_ref(),
+                    shadow: self.shadow.as_ref(),
+                },
+            )];
+        }
+        self.channels
+            .iter()
+            .map(|c| {
+                (
+                    Some(&c.channel),
+                    ChannelParts {
+                        model: c.model.as_ref(),
+                        drift: c.drift.as_ref(),
+                        shadow: c.shadow.as_ref(),
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+/// One channel's figures in a [`Telemetry`], borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelParts<'a> {
+    /// The active model's counters.
+    pub model: Option<&'a ModelMetrics>,
+    /// Drift.
+    pub drift: Option<&'a DriftReport>,
+    /// The shadow model.
+    pub shadow: Option<&'a ShadowMetrics>,
 }
 
 impl Message for Telemetry {
     const NAME: &'static str = "telemetry";
     const MAX_LEN: usize = 256 * 1024;
     fn validate(&self) -> Result<(), DecodeError> {
-        if let Some(m) = &self.model
-            && (m.latency_bounds_us.len() > 64
-                || m.latency_counts.len() != m.latency_bounds_us.len() + 1)
+        if self.channels.len() > MAX_DEVICE_CHANNELS {
+            return Err(invalid(
+                Self::NAME,
+                "channels",
+                format!("at most {MAX_DEVICE_CHANNELS}"),
+            ));
+        }
+        if !self.channels.is_empty()
+            && (self.model.is_some() || self.drift.is_some() || self.shadow.is_some())
         {
             return Err(invalid(
                 Self::NAME,
-                "model.latency_counts",
-                "needs one count per bound plus one, at most 64 bounds",
+                "channels",
+                "with channels, model, drift and shadow must be empty",
             ));
         }
-        if let Some(d) = &self.drift {
-            d.validate(Self::NAME)?;
-        }
-        if let Some(sh) = &self.shadow
-            && (sh.latency_counts.len() > 65
-                || sh.active_latency_counts.len() > 65
-                || sh.agreed > sh.runs)
-        {
-            return Err(invalid(
-                Self::NAME,
-                "shadow",
-                "at most 65 latency buckets, agreed at most runs",
-            ));
+        for (_, parts) in self.channel_parts() {
+            parts.validate()?;
         }
         Ok(())
     }

@@ -266,6 +266,7 @@ fn telemetry() -> impl Strategy<Value = Telemetry> {
                         latency_counts: vec![0; 17],
                         active_latency_counts: vec![0; 17],
                     }),
+                    channels: Vec::new(),
                 }
             },
         )

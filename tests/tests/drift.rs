@@ -173,13 +173,14 @@ fn devices_fed_shifted_inputs_and_only_those_are_reported_drifted() {
         metrics.contains("edgefleet_drift_drifted_devices{channel=\"model\",version=\"1.0.0\"} 2"),
         "{metrics}"
     );
-    // On the device itself, with no controller: the status file `status --json` reads.
+    // On the device itself, with no controller: the status file `status --json`
+    // reads, one entry per channel.
     let status: Value = serde_json::from_slice(
         &std::fs::read(fleet.device("d1").expect("d1").dir().join("drift.json"))
             .expect("drift.json"),
     )
     .expect("json");
-    assert_eq!(status["current"]["drifted"], true, "{status}");
+    assert_eq!(status["model"]["current"]["drifted"], true, "{status}");
     drop(fleet);
 }
 

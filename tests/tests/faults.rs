@@ -105,8 +105,12 @@ fn disconnects_crashes_slow_links_and_failing_health_checks_each_end_as_they_mus
     assert_eq!(crash.stats().crashes.load(Ordering::Relaxed), 1);
     assert_eq!(member(&r, "crash")["state"], "succeeded", "{r}");
     assert_eq!(
-        crash.state().active_entry().map(|e| e.bundle.release),
-        Some(1)
+        crash
+            .state()
+            .active_bundles()
+            .map(|b| b.release)
+            .collect::<Vec<_>>(),
+        vec![1]
     );
 
     // A slow link only takes longer.
@@ -117,7 +121,7 @@ fn disconnects_crashes_slow_links_and_failing_health_checks_each_end_as_they_mus
     assert!(reason.contains("health_check"), "{reason}");
     let sick = fleet.device("sick").expect("sick");
     assert!(sick.serving().is_none());
-    assert!(sick.state().active.is_none());
+    assert_eq!(sick.state().active_bundles().count(), 0);
     let detail = h.api.get("/api/v1/devices/sick").expect("device");
     assert!(
         detail["state"]["last_install"]

@@ -52,12 +52,44 @@ pub fn iris(dir: &Path, name: &str, release: u64) -> PathBuf {
     )
 }
 
+/// A signed bundle of `model_file` (a model of the iris features, with its own
+/// golden outputs) on `channel`.
+pub fn bundle_on(dir: &Path, name: &str, channel: &str, model_file: &str, release: u64) -> PathBuf {
+    make_bundle(dir, name, channel, model_file, model_file, release, 0, 0)
+}
+
 /// The same with a metadata artifact of `padding` bytes, for bundles of many chunks.
 /// A `name` containing `with-reference` also carries reference statistics of
 /// `models/iris_reference.csv` (drift).
 pub fn bundle_padded(
     dir: &Path,
     name: &str,
+    model_file: &str,
+    golden_from: &str,
+    release: u64,
+    created: i64,
+    padding: usize,
+) -> PathBuf {
+    make_bundle(
+        dir,
+        name,
+        "iris",
+        model_file,
+        golden_from,
+        release,
+        created,
+        padding,
+    )
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "a test helper behind two short ones"
+)]
+fn make_bundle(
+    dir: &Path,
+    name: &str,
+    channel: &str,
     model_file: &str,
     golden_from: &str,
     release: u64,
@@ -122,7 +154,7 @@ pub fn bundle_padded(
     }
     let now = UnixTime::now();
     let draft = ManifestDraft {
-        channel: ModelChannel::new("iris").expect("c"),
+        channel: ModelChannel::new(channel).expect("c"),
         version: semver::Version::new(1, release, 0),
         release,
         created_at: UnixTime(now.0 - 1000 + created),

@@ -1921,7 +1921,7 @@ pub fn event_digest(
         | K::Activated { digest, .. }
         | K::Reverted { digest, .. }
         | K::DriftAlert { digest, .. } => Some(*digest),
-        K::CommandRejected { .. } => None,
+        K::CommandRejected { .. } | K::Removed { .. } => None,
     }
 }
 

@@ -1609,6 +1609,8 @@ fn action_name(action: &Action) -> &'static str {
         Action::Install { .. } => "install",
         Action::Activate { .. } => "activate",
         Action::Revert => "revert",
+        Action::RevertChannel { .. } => "revert_channel",
+        Action::Remove { .. } => "remove",
         Action::Configure(_) => "configure",
         Action::RequestSamples { .. } => "request_samples",
     }

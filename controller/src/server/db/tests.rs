@@ -232,6 +232,7 @@ fn telemetry(device: &str, seq: u64, digest: Digest, inferences: u64) -> Telemet
         }),
         drift: None,
         shadow: None,
+        channels: Vec::new(),
     }
 }
 
