@@ -129,6 +129,8 @@ impl Drop for Mosquitto {
 pub struct BundleSpec {
     /// A model file in `models/`.
     pub model: &'static str,
+    /// The channel (model name on devices); `model` unless set.
+    pub channel: &'static str,
     /// Version.
     pub version: semver::Version,
     /// Release number.
@@ -149,6 +151,7 @@ impl BundleSpec {
     pub fn new(model: &'static str, version: (u64, u64, u64), release: u64) -> BundleSpec {
         BundleSpec {
             model,
+            channel: "model",
             version: semver::Version::new(version.0, version.1, version.2),
             release,
             chunk_size: 4096,
@@ -468,14 +471,16 @@ impl Harness {
 
     /// Builds and signs a bundle of a model in `models/`; returns its file.
     pub fn build(&self, b: &BundleSpec) -> PathBuf {
-        let out = self.dir().join(format!("{}-{}.efb", b.model, b.version));
+        let out = self
+            .dir()
+            .join(format!("{}-{}-{}.efb", b.channel, b.model, b.version));
         let options = BuildOptions {
             chunk_size: b.chunk_size,
             golden_outputs_from: b.golden_outputs_from.map(|m| Path::new(MODELS).join(m)),
             reference: b.reference.clone(),
             ..BuildOptions::new(
                 Path::new(MODELS).join(b.model),
-                ModelChannel::new("model").expect("channel"),
+                ModelChannel::new(b.channel).expect("channel"),
                 b.version.clone(),
                 b.release,
                 UnixTime::now(),

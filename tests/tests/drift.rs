@@ -328,3 +328,128 @@ fn samples_captured_while_drifting_are_uploaded_on_request_and_exported() {
         .expect_err("xml");
     assert!(err.to_string().contains("format"), "{err}");
 }
+
+/// The digest each device serves on `channel`.
+fn serving_on(
+    fleet: &edgefleet_devices::sim::SimFleet,
+    ids: &[String],
+    channel: &str,
+) -> Vec<String> {
+    ids.iter()
+        .map(|d| {
+            fleet
+                .device(d)
+                .expect("device")
+                .serving_all()
+                .into_iter()
+                .find(|b| b.channel.as_str() == channel)
+                .map(|b| format!("{} {}", b.version, b.digest.to_hex()))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[test]
+fn a_drifting_rollout_on_one_channel_reverts_that_channel_only_and_the_other_keeps_serving() {
+    let h = Harness::start(|_| {});
+    let ids: Vec<String> = (0..3).map(|i| format!("m{i}")).collect();
+    let mut fleet = h.fleet(
+        ids.iter()
+            .map(|id| h.device(id, FaultPlan::default()))
+            .collect(),
+    );
+    // Two models on every device: iris on `model`, a forest on `tabular`.
+    h.roll_out_everywhere(&iris_with_reference(), &ids);
+    let tabular = BundleSpec {
+        channel: "tabular",
+        ..BundleSpec::new("forest_cancer.onnx", (1, 0, 0), 1)
+    };
+    h.roll_out_everywhere(&tabular, &ids);
+    let listed = wait_for("both channels listed for every device", || {
+        let v = h.api.get("/api/v1/devices").ok()?;
+        let devices = v["devices"].as_array()?.clone();
+        devices
+            .iter()
+            .all(|d| d["channels"].as_array().is_some_and(|c| c.len() == 2))
+            .then_some(devices)
+    });
+    assert_eq!(listed[0]["channels"][1]["channel"], "tabular", "{listed:?}");
+    let forest_before = serving_on(&fleet, &ids, "tabular");
+    assert!(
+        forest_before.iter().all(|s| s.starts_with("1.0.0 ")),
+        "{forest_before:?}"
+    );
+    // `?model=tabular` finds the devices serving it, whatever their first channel.
+    let v = h.api.get("/api/v1/devices?model=tabular").expect("devices");
+    assert_eq!(v["total"], 3, "{v}");
+
+    // As in the one-model test: field traffic like v1's reference, v2
+    // summarised on shifted data, so the canary's drift gate trips.
+    let _enter = h.runtime.enter();
+    fleet.set_traffic(Some(Traffic {
+        model: "model".into(),
+        bodies: vec![body(&reference_rows(0.0))],
+        every: Duration::from_millis(500),
+    }));
+    let v2 = h.upload(&h.build(&BundleSpec {
+        reference: Some(shifted_csv(h.dir(), 2.0)),
+        ..BundleSpec::new("iris_logreg.onnx", (2, 0, 0), 2)
+    }));
+    let second = h.rollout(&json!({
+        "bundle": v2,
+        "selector": {"devices": ids},
+        "waves": ["1", "100%"],
+        "gates": {"soak_ms": 8000, "max_error_rate": 1.0, "max_p95_latency_ratio": 100.0},
+    }));
+    let r = h.wait_phase(&second, &["halted", "completed"]);
+    assert_eq!(r["phase"], "halted", "{r}");
+    wait_for("the canary back on iris 1.0.0", || {
+        serving_on(&fleet, &ids, "model")
+            .iter()
+            .all(|s| s.starts_with("1.0.0 "))
+            .then_some(())
+    });
+    fleet.set_traffic(None);
+    // The canary was told to revert its `model` channel by name, and its
+    // forest never changed, nor anyone else's.
+    let canary = r["members"]
+        .as_object()
+        .expect("members")
+        .iter()
+        .find(|(_, m)| m["state"] == "reverted")
+        .map(|(d, _)| d.clone())
+        .expect("a reverted canary");
+    assert_eq!(serving_on(&fleet, &ids, "tabular"), forest_before);
+    let device = h
+        .api
+        .get(&format!("/api/v1/devices/{canary}"))
+        .expect("device");
+    let events = device["events"].to_string();
+    assert!(events.contains("reverted"), "{events}");
+    // Its telemetry is stored per channel: rows of both models.
+    let digests: std::collections::BTreeSet<String> = device["telemetry"]
+        .as_array()
+        .expect("telemetry")
+        .iter()
+        .filter_map(|t| t["digest"].as_str().map(str::to_owned))
+        .collect();
+    assert!(digests.len() >= 2, "{digests:?}");
+
+    // A revert that names no channel is refused for a device serving two;
+    // removing one channel leaves the other serving.
+    let refused = h
+        .api
+        .post(&format!("/api/v1/devices/{canary}/revert"), &json!({}));
+    let said = format!("{refused:?}");
+    assert!(said.contains("name one"), "{said}");
+    h.api
+        .post(
+            &format!("/api/v1/devices/{canary}/remove"),
+            &json!({"channel": "tabular"}),
+        )
+        .expect("remove");
+    wait_for("the forest removed from the canary", || {
+        let all = fleet.device(&canary)?.serving_all();
+        (all.len() == 1 && all[0].channel.as_str() == "model").then_some(())
+    });
+}

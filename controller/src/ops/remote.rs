@@ -215,6 +215,26 @@ pub enum DevicesCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Switch a device back to its previous bundle (of one channel).
+    Revert {
+        /// Device id.
+        id: String,
+        /// The channel; needed when the device serves several.
+        #[arg(long)]
+        channel: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Uninstall one channel (model) from a device; its other channels keep
+    /// serving.
+    Remove {
+        /// Device id.
+        id: String,
+        /// The channel.
+        channel: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// List devices.
     List {
         /// Only devices with these tags, `k=v,...`.
@@ -471,6 +491,16 @@ pub fn devices(cmd: DevicesCommand) -> Result<i32, CommandError> {
                         d["active_version"].as_str().unwrap_or("-"),
                         d["tags"]
                     );
+                    // Its other channels, one line each.
+                    for c in d["channels"].as_array().into_iter().flatten().skip(1) {
+                        println!(
+                            "{:<20} {:<8} {:<16} {:<10}",
+                            "",
+                            "",
+                            c["channel"].as_str().unwrap_or("-"),
+                            c["version"].as_str().unwrap_or("-")
+                        );
+                    }
                 }
             }
             Ok(0)
@@ -481,6 +511,26 @@ pub fn devices(cmd: DevicesCommand) -> Result<i32, CommandError> {
                 print_json(&v);
             } else {
                 println!("revoked the certificate of {id}");
+            }
+            Ok(0)
+        }
+        DevicesCommand::Revert { id, channel, api } => {
+            let body = json!({ "channel": channel });
+            let v = Client::new(&api).post(&format!("/api/v1/devices/{id}/revert"), &body)?;
+            if api.json {
+                print_json(&v);
+            } else {
+                println!("told {id} to revert (command {})", v["command"]);
+            }
+            Ok(0)
+        }
+        DevicesCommand::Remove { id, channel, api } => {
+            let body = json!({ "channel": channel });
+            let v = Client::new(&api).post(&format!("/api/v1/devices/{id}/remove"), &body)?;
+            if api.json {
+                print_json(&v);
+            } else {
+                println!("told {id} to remove `{channel}` (command {})", v["command"]);
             }
             Ok(0)
         }

@@ -383,6 +383,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/api/v1/devices/{id}/enroll", post(enroll))
         .route("/api/v1/enrollments", post(enroll_batch))
         .route("/api/v1/devices/{id}/revert", post(revert_device))
+        .route("/api/v1/devices/{id}/remove", post(remove_channel))
         .route("/api/v1/devices/{id}/revoke", post(revoke_device))
         .route("/api/v1/devices/{id}/drift", get(device_drift))
         .route("/api/v1/devices/{id}/configure", post(configure_device))
@@ -563,7 +564,7 @@ async fn list_devices(
         .filter(|d| {
             f.model
                 .as_ref()
-                .is_none_or(|m| d.active_channel.as_ref() == Some(m))
+                .is_none_or(|m| d.channels.iter().any(|c| c.channel == *m))
         })
         .filter(|d| {
             f.seen_within_s.is_none_or(|w| {
@@ -956,20 +957,128 @@ async fn revoke_device(
     Ok(Json(json!({"device": id, "revoked": true})))
 }
 
+/// Body of `POST /api/v1/devices/{id}/revert` and `/remove`: the channel.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, default)]
+struct ChannelBody {
+    /// The channel (model name); may be left out of a revert when the device
+    /// serves one.
+    channel: Option<String>,
+}
+
+impl ChannelBody {
+    /// The channel, checked as a name.
+    fn channel(&self) -> ApiResult<Option<edgefleet_shared::ModelChannel>> {
+        self.channel
+            .as_deref()
+            .map(|c| {
+                edgefleet_shared::ModelChannel::new(c)
+                    .map_err(|e| ApiError::invalid(format!("channel: {e}")))
+            })
+            .transpose()
+    }
+}
+
+/// The channels `id` serves, or 409 when it serves none.
+async fn served_channels(s: &AppState, id: &DeviceId) -> ApiResult<Vec<String>> {
+    let channels: Vec<String> = s
+        .db()
+        .device_channels(id.as_str())
+        .await?
+        .into_iter()
+        .map(|c| c.channel)
+        .collect();
+    if channels.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("{id} serves no model"),
+        ));
+    }
+    Ok(channels)
+}
+
 #[utoipa::path(post, path = "/api/v1/devices/{id}/revert", tag = "devices", params(("id" = String, Path, description = "device id")),
-    responses((status = 200, description = "the command id", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody)),
+    request_body(content = ChannelBody, content_type = "application/json", description = "optional: the channel, needed when the device serves several"),
+    responses((status = 200, description = "the command id", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn revert_device(
     State(s): State<AppState>,
     caller: Caller,
     DevicePath(id): DevicePath,
+    body: JsonBody<ChannelBody>,
+) -> ApiResult<Json<Value>> {
+    use edgefleet_shared::protocol::Action;
+    caller.require(Role::Operator)?;
+    let channel = body.optional()?.unwrap_or_default().channel()?;
+    let action = match channel {
+        // Named: checked against what the device serves; `revert` when it is
+        // the only one (every agent reads that).
+        Some(channel) => {
+            let served = served_channels(&s, &id).await?;
+            if !served.iter().any(|c| c == channel.as_str()) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    format!(
+                        "{id} does not serve `{channel}` (it serves {})",
+                        served.join(", ")
+                    ),
+                ));
+            }
+            if served.len() == 1 {
+                Action::Revert
+            } else {
+                Action::RevertChannel { channel }
+            }
+        }
+        None => {
+            let served = s.db().device_channels(id.as_str()).await?;
+            if served.len() > 1 {
+                let names: Vec<&str> = served.iter().map(|c| c.channel.as_str()).collect();
+                return Err(ApiError::invalid(format!(
+                    "channel: {id} serves several ({}): name one",
+                    names.join(", ")
+                )));
+            }
+            Action::Revert
+        }
+    };
+    let audit = caller.audit("device.revert", &id, None);
+    let command = s.fleet.command(&id, action, Some(audit)).await?;
+    Ok(Json(json!({"command": command})))
+}
+
+#[utoipa::path(post, path = "/api/v1/devices/{id}/remove", tag = "devices", params(("id" = String, Path, description = "device id")),
+    request_body(content = ChannelBody, content_type = "application/json", description = "the channel to uninstall"),
+    responses((status = 200, description = "the command id", body = Object), (status = 401, description = "no or unknown token", body = ErrorBody), (status = 403, description = "role too low", body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn remove_channel(
+    State(s): State<AppState>,
+    caller: Caller,
+    DevicePath(id): DevicePath,
+    body: JsonBody<ChannelBody>,
 ) -> ApiResult<Json<Value>> {
     caller.require(Role::Operator)?;
-    let audit = caller.audit("device.revert", &id, None);
-    let command = s
-        .fleet
-        .command(&id, edgefleet_shared::protocol::Action::Revert, Some(audit))
-        .await?;
+    let Some(channel) = body.optional()?.unwrap_or_default().channel()? else {
+        return Err(ApiError::invalid(
+            "channel: required (the channel to uninstall)",
+        ));
+    };
+    let served = served_channels(&s, &id).await?;
+    if !served.iter().any(|c| c == channel.as_str()) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "{id} does not serve `{channel}` (it serves {})",
+                served.join(", ")
+            ),
+        ));
+    }
+    let audit = caller.audit("device.remove", &id, Some(json!({"channel": channel})));
+    let action = edgefleet_shared::protocol::Action::Remove { channel };
+    let command = s.fleet.command(&id, action, Some(audit)).await?;
     Ok(Json(json!({"command": command})))
 }
 
@@ -1037,6 +1146,9 @@ async fn configure_device(
 struct SamplesBody {
     /// Most samples to upload (default 1000, at most 100000).
     max_samples: Option<u32>,
+    /// The channel whose samples to upload; may be left out when the device
+    /// serves one.
+    channel: Option<String>,
 }
 
 #[utoipa::path(post, path = "/api/v1/devices/{id}/samples", tag = "samples", params(("id" = String, Path, description = "device id")),
@@ -1064,17 +1176,39 @@ async fn request_samples(
         .into_iter()
         .find(|d| d.id == id)
         .ok_or_else(|| ApiError::not_found(format!("no device {id}")))?;
-    let channel = device
-        .active_channel
-        .as_deref()
-        .and_then(|c| edgefleet_shared::ModelChannel::new(c).ok())
-        .ok_or_else(|| {
-            ApiError::new(
+    let served: Vec<String> = device.channels.iter().map(|c| c.channel.clone()).collect();
+    let named = ChannelBody {
+        channel: body.channel.clone(),
+    }
+    .channel()?;
+    let channel = match (named, served.as_slice()) {
+        (_, []) => {
+            return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "conflict",
                 format!("{id} serves no model: no samples to ask for"),
-            )
-        })?;
+            ));
+        }
+        (Some(c), served) if served.iter().any(|s| s == c.as_str()) => c,
+        (Some(c), served) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "{id} does not serve `{c}` (it serves {})",
+                    served.join(", ")
+                ),
+            ));
+        }
+        (None, [one]) => edgefleet_shared::ModelChannel::new(one)
+            .map_err(|e| ApiError::invalid(format!("channel {one:?}: {e}")))?,
+        (None, several) => {
+            return Err(ApiError::invalid(format!(
+                "channel: {id} serves several ({}): name one",
+                several.join(", ")
+            )));
+        }
+    };
     let audit = caller.audit(
         "device.request_samples",
         &id,
@@ -1892,7 +2026,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "edgefleet controller API", description = "Devices, bundles, staged rollouts, telemetry, audit. See docs/controller.md."),
     paths(
-        list_devices, device_detail, enroll, enroll_batch, revert_device, revoke_device, device_drift, fleet_drift,
+        list_devices, device_detail, enroll, enroll_batch, revert_device, remove_channel, revoke_device, device_drift, fleet_drift,
         configure_device, request_samples, export_samples,
         list_bundles, upload_bundle, show_bundle, download_bundle,
         list_rollouts, start_rollout, show_rollout, operate_rollout,

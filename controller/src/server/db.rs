@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use edgefleet_shared::protocol::DriftReport;
 use edgefleet_shared::{DeviceId, Digest};
 use serde::Serialize;
 use tokio_rusqlite::rusqlite;
@@ -307,6 +308,46 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE devices ADD COLUMN drift_at INTEGER;
     ALTER TABLE devices ADD COLUMN drifted INTEGER;
     ALTER TABLE devices ADD COLUMN drift_features TEXT;",
+    // 13: several models per device (docs/channels.md). A report of a device
+    // serving several channels is stored as one row per channel, each with
+    // that channel's figures and body (as a one-channel device would send
+    // it); a one-channel report keeps one row with channel ''. Each device
+    // lists its channels' active bundles (JSON) beside the first one's columns.
+    "CREATE TABLE telemetry_new (
+        id INTEGER PRIMARY KEY,
+        device TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        channel TEXT NOT NULL DEFAULT '',
+        at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        digest TEXT,
+        inferences INTEGER,
+        errors INTEGER,
+        latency_counts TEXT,
+        cpu_percent REAL,
+        mem_used INTEGER,
+        rss_bytes INTEGER,
+        body TEXT NOT NULL,
+        drift_rows INTEGER,
+        drift_share REAL,
+        drifted INTEGER,
+        drift_features TEXT,
+        shadow TEXT,
+        spool_dropped INTEGER,
+        UNIQUE (device, epoch, seq, channel)
+    );
+    INSERT INTO telemetry_new (id, device, epoch, seq, at, received_at, digest, inferences,
+        errors, latency_counts, cpu_percent, mem_used, rss_bytes, body, drift_rows,
+        drift_share, drifted, drift_features, shadow, spool_dropped)
+    SELECT id, device, epoch, seq, at, received_at, digest, inferences, errors, latency_counts,
+        cpu_percent, mem_used, rss_bytes, body, drift_rows, drift_share, drifted,
+        drift_features, shadow, spool_dropped FROM telemetry;
+    DROP TABLE telemetry;
+    ALTER TABLE telemetry_new RENAME TO telemetry;
+    CREATE INDEX telemetry_by_time ON telemetry(received_at);
+    CREATE INDEX telemetry_by_device ON telemetry(device, id);
+    ALTER TABLE devices ADD COLUMN channels TEXT NOT NULL DEFAULT '[]';",
 ];
 
 /// The store.
@@ -348,6 +389,22 @@ pub struct DeviceRow {
     pub active_version: Option<String>,
     /// Its latest drift report, if it sent one.
     pub drift: Option<LatestDrift>,
+    /// Every channel it serves, by name (the first is also in `active_*`).
+    pub channels: Vec<ChannelRow>,
+}
+
+/// One channel a device serves: its active bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ChannelRow {
+    /// The channel (model name).
+    pub channel: String,
+    /// Digest of its active bundle.
+    #[schema(value_type = String)]
+    pub digest: Digest,
+    /// Its version.
+    pub version: String,
+    /// Its release.
+    pub release: u64,
 }
 
 /// A device's latest drift report, as kept with the device.
@@ -775,6 +832,15 @@ impl Db {
         now: u64,
     ) -> Result<()> {
         use edgefleet_shared::protocol::SlotRole;
+        let actives = s.slots.iter().filter(|x| x.role == SlotRole::Active);
+        let channels: Vec<ChannelRow> = actives
+            .map(|a| ChannelRow {
+                channel: a.bundle.channel.to_string(),
+                digest: a.bundle.digest,
+                version: a.bundle.version.clone(),
+                release: a.bundle.release,
+            })
+            .collect();
         let active = s.slots.iter().find(|x| x.role == SlotRole::Active);
         let row: Vec<Value> = vec![
             s.device.to_string().into(),
@@ -790,13 +856,14 @@ impl Db {
             active.map(|a| a.bundle.channel.to_string()).into(),
             active.map(|a| a.bundle.version.clone()).into(),
             serde_json::to_string(s).unwrap_or_default().into(),
+            serde_json::to_string(&channels).unwrap_or_default().into(),
         ];
         self.write(move |t| {
             t.execute(
-                "INSERT INTO devices (id, online, last_seen, agent_version, arch, active_digest, active_channel, active_version, state)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                "INSERT INTO devices (id, online, last_seen, agent_version, arch, active_digest, active_channel, active_version, state, channels)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                  ON CONFLICT(id) DO UPDATE SET online = ?2, last_seen = ?3, agent_version = ?4, arch = ?5,
-                    active_digest = ?6, active_channel = ?7, active_version = ?8, state = ?9",
+                    active_digest = ?6, active_channel = ?7, active_version = ?8, state = ?9, channels = ?10",
                 &row,
             )?;
             Ok(())
@@ -810,7 +877,7 @@ impl Db {
             t.query(
                 "SELECT id, tags, enrolled_at, online, last_seen, agent_version, arch,
                         active_digest, active_channel, active_version,
-                        drift_at, drifted, drift_features
+                        drift_at, drifted, drift_features, channels
                  FROM devices ORDER BY id",
                 &[],
             )?
@@ -835,9 +902,23 @@ impl Db {
                         }),
                         _ => None,
                     },
+                    channels: r.json(13)?.unwrap_or_default(),
                 })
             })
             .collect()
+        })
+        .await
+    }
+
+    /// The channels a device serves (from its last retained state); none for
+    /// an unknown device.
+    pub async fn device_channels(&self, id: &str) -> Result<Vec<ChannelRow>> {
+        let id = id.to_owned();
+        self.read(move |t| {
+            match t.query_opt("SELECT channels FROM devices WHERE id = ?1", vals![id])? {
+                Some(r) => Ok(r.json(0)?.unwrap_or_default()),
+                None => Ok(Vec::new()),
+            }
         })
         .await
     }
@@ -979,23 +1060,34 @@ impl Db {
         self.write(move |t| {
             let mut n = 0;
             let mut latest: BTreeMap<&str, u64> = BTreeMap::new();
-            let mut drift: BTreeMap<&str, (u64, &edgefleet_shared::protocol::DriftReport)> =
-                BTreeMap::new();
+            let mut drift: BTreeMap<&str, (u64, &DriftReport)> = BTreeMap::new();
             for (s, received) in &batch {
-                if let Some(d) = &s.drift
+                // The device's drift: a drifted channel's report first.
+                let reports = s.channel_parts().into_iter().filter_map(|(_, p)| p.drift);
+                let report = reports.fold(None, |best: Option<&DriftReport>, d| match best {
+                    Some(b) if b.drifted || !d.drifted => Some(b),
+                    _ => Some(d),
+                });
+                if let Some(d) = report
                     && drift.get(s.device.as_str()).is_none_or(|(at, _)| at <= received)
                 {
                     drift.insert(s.device.as_str(), (*received, d));
                 }
-                n += t.execute(
-                    "INSERT INTO telemetry (device, seq, at, received_at, digest, inferences, errors,
-                        latency_counts, cpu_percent, mem_used, rss_bytes, body,
-                        drift_rows, drift_share, drifted, drift_features, shadow, epoch,
-                        spool_dropped)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
-                     ON CONFLICT DO NOTHING",
-                    &telemetry_values(s, *received),
-                )?;
+                // A report counts once, however many channel rows it makes.
+                for (part, row) in telemetry_rows(s, *received).iter().enumerate() {
+                    let inserted = t.execute(
+                        "INSERT INTO telemetry (device, seq, at, received_at, digest, inferences, errors,
+                            latency_counts, cpu_percent, mem_used, rss_bytes, body,
+                            drift_rows, drift_share, drifted, drift_features, shadow, epoch,
+                            spool_dropped, channel)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)
+                         ON CONFLICT DO NOTHING",
+                        row,
+                    )?;
+                    if part == 0 {
+                        n += inserted;
+                    }
+                }
                 let last = latest.entry(s.device.as_str()).or_insert(0);
                 *last = (*last).max(*received);
             }
@@ -1027,7 +1119,8 @@ impl Db {
     }
 
     /// The latest telemetry sample of every device received in `[from, to]`: the
-    /// last one received, whatever number the device gave it.
+    /// last one received, whatever number the device gave it; one per channel
+    /// for a device serving several.
     pub async fn latest_telemetry_between(&self, from: u64, to: u64) -> Result<Vec<TelemetryRow>> {
         self.read(move |t| {
             t.query(
@@ -1037,7 +1130,7 @@ impl Db {
                         t.spool_dropped
                  FROM telemetry t
                  JOIN (SELECT MAX(id) AS id FROM telemetry
-                       WHERE received_at BETWEEN ?1 AND ?2 GROUP BY device) l
+                       WHERE received_at BETWEEN ?1 AND ?2 GROUP BY device, channel) l
                    ON l.id = t.id",
                 vals![i(from), i(to)],
             )?
@@ -1810,7 +1903,33 @@ impl Db {
     }
 }
 
-fn telemetry_values(t: &edgefleet_shared::protocol::Telemetry, received: u64) -> Vec<Value> {
+/// The rows of one report: one per channel (see migration 13), each with
+/// that channel's figures and the report as a one-channel device would have
+/// sent it as its body.
+fn telemetry_rows(t: &edgefleet_shared::protocol::Telemetry, received: u64) -> Vec<Vec<Value>> {
+    if t.channels.is_empty() {
+        return vec![telemetry_values(t, "", received)];
+    }
+    t.channels
+        .iter()
+        .map(|c| {
+            let one = edgefleet_shared::protocol::Telemetry {
+                model: c.model.clone(),
+                drift: c.drift.clone(),
+                shadow: c.shadow.clone(),
+                channels: Vec::new(),
+                ..t.clone()
+            };
+            telemetry_values(&one, c.channel.as_str(), received)
+        })
+        .collect()
+}
+
+fn telemetry_values(
+    t: &edgefleet_shared::protocol::Telemetry,
+    channel: &str,
+    received: u64,
+) -> Vec<Value> {
     let m = t.model.as_ref();
     let d = t.drift.as_ref().map(DriftSummary::of);
     vec![
@@ -1839,6 +1958,7 @@ fn telemetry_values(t: &edgefleet_shared::protocol::Telemetry, received: u64) ->
             .into(),
         bits(t.epoch).into(),
         i(t.agent.spool_dropped).into(),
+        channel.into(),
     ]
 }
 

@@ -1012,6 +1012,25 @@ impl Fleet {
         }
     }
 
+    /// The command that reverts `device` on the channel of bundle `digest`:
+    /// `revert` for a device serving one channel (what every agent reads),
+    /// `revert_channel` for one serving several (docs/channels.md).
+    async fn revert_action(&self, device: &DeviceId, digest: &Digest) -> Action {
+        let several = match self.db.device_channels(device.as_str()).await {
+            Ok(channels) => channels.len() > 1,
+            Err(e) => {
+                tracing::warn!(%device, "reading its channels: {e}");
+                false
+            }
+        };
+        match self.bundle(digest).await {
+            Some(b) if several => Action::RevertChannel {
+                channel: b.manifest.channel.clone(),
+            },
+            _ => Action::Revert,
+        }
+    }
+
     /// The commands and log notes of an engine step's effects on rollout
     /// `id` of bundle `digest`.
     async fn commands_and_notes(
@@ -1056,7 +1075,10 @@ impl Fleet {
                     });
                     commands.push((device, action));
                 }
-                Effect::Revert(device) => commands.push((device, Action::Revert)),
+                Effect::Revert(device) => {
+                    let action = self.revert_action(&device, &digest).await;
+                    commands.push((device, action));
+                }
                 Effect::Note(n) => {
                     tracing::info!(rollout = id, "{n}");
                     notes.push(n);

@@ -19,8 +19,8 @@ mod chart;
 mod pages;
 
 use super::{
-    AbortBody, ApiError, AppState, Caller, ConfigureBody, DevicePath, JsonBody, Role, SamplesBody,
-    token_hash,
+    AbortBody, ApiError, AppState, Caller, ChannelBody, ConfigureBody, DevicePath, JsonBody, Role,
+    SamplesBody, token_hash,
 };
 use crate::server::fleet::now_ms;
 use pages::{DeviceQuery, Viewer};
@@ -263,6 +263,7 @@ async fn open_session(s: &AppState, token: &str) -> Result<HeaderValue, ApiError
 struct ActionForm {
     csrf: String,
     revert: Option<String>,
+    channel: Option<String>,
     max_samples: Option<String>,
     telemetry_interval_s: Option<String>,
 }
@@ -492,15 +493,21 @@ async fn device_action(
             .map_err(|e| ApiError::invalid(format!("device id: {e}")))?;
         let (st, caller, path) = (State(s.clone()), session.caller(), DevicePath(id.clone()));
         let done = match action.as_str() {
-            "revert" => super::revert_device(st, caller, path)
-                .await
-                .map(|_| "revert sent")?,
+            "revert" => {
+                let body = ChannelBody {
+                    channel: form.channel.clone().filter(|c| !c.is_empty()),
+                };
+                super::revert_device(st, caller, path, JsonBody(Ok(Some(body))))
+                    .await
+                    .map(|_| "revert sent")?
+            }
             "revoke" => super::revoke_device(st, caller, path)
                 .await
                 .map(|_| "certificate revoked")?,
             "samples" => {
                 let body = SamplesBody {
                     max_samples: Some(number(form.max_samples.as_deref(), "max_samples")?),
+                    channel: form.channel.clone().filter(|c| !c.is_empty()),
                 };
                 super::request_samples(st, caller, path, JsonBody(Ok(Some(body))))
                     .await

@@ -180,6 +180,13 @@ const PG_MIGRATIONS: &[(i64, &str)] = &[
     ALTER TABLE devices ADD COLUMN drifted BOOLEAN;
     ALTER TABLE devices ADD COLUMN drift_features TEXT;",
     ),
+    (
+        13,
+        "ALTER TABLE telemetry ADD COLUMN channel TEXT NOT NULL DEFAULT '';
+    ALTER TABLE telemetry DROP CONSTRAINT telemetry_device_epoch_seq_key;
+    ALTER TABLE telemetry ADD CONSTRAINT telemetry_part UNIQUE (device, epoch, seq, channel);
+    ALTER TABLE devices ADD COLUMN channels TEXT NOT NULL DEFAULT '[]';",
+    ),
 ];
 
 /// The advisory lock key under which migrations run ("edgeflt" in ASCII).

@@ -449,8 +449,8 @@ fn device_row(v: &Viewer, d: &DeviceRow, drifting: bool) -> Markup {
         tr {
             td { a href=(format!("/devices/{}", d.id)) { (d.id) } }
             td { (online_badge(d.online)) @if drifting { " " span.badge.warn { "drift" } } }
-            td { @if let (Some(c), Some(ver)) = (&d.active_channel, &d.active_version) { (c) " " (ver) }
-                 @else { span.muted { "none" } } }
+            td { @if d.channels.is_empty() { span.muted { "none" } }
+                 @for (i, c) in d.channels.iter().enumerate() { @if i > 0 { ", " } (c.channel) " " (c.version) } }
             td { (d.agent_version.as_deref().unwrap_or("–")) }
             td { (tags_text(&d.tags)) }
             td { @if let Some(l) = d.last_seen { (when(l, v.now)) } @else { span.muted { "never" } } }
@@ -527,12 +527,20 @@ pub fn device(v: &Viewer, d: &DeviceView) -> Markup {
 
 fn device_actions(v: &Viewer, d: &DeviceView) -> Markup {
     let base = format!("/devices/{}", d.device.id);
+    // A device serving several channels: its actions name one.
+    let channel = html! {
+        @if d.device.channels.len() > 1 {
+            select name="channel" aria-label="channel" {
+                @for c in &d.device.channels { option value=(c.channel) { (c.channel) } }
+            }
+        }
+    };
     html! {
         @if v.can(Role::Operator) {
             div.actions {
-                (action(v, &format!("{base}/revert"), "Revert", Some("Revert this device to its previous bundle?"), html! {}))
+                (action(v, &format!("{base}/revert"), "Revert", Some("Revert this channel to its previous bundle?"), channel.clone()))
                 (action(v, &format!("{base}/samples"), "Request samples", None,
-                    html! { input type="number" name="max_samples" value="1000" min="1" max="100000" aria-label="samples"; }))
+                    html! { (channel) input type="number" name="max_samples" value="1000" min="1" max="100000" aria-label="samples"; }))
                 (action(v, &format!("{base}/configure"), "Set telemetry period", None,
                     html! { input type="number" name="telemetry_interval_s" value="10" min="1" max="86400" aria-label="seconds"; }))
                 @if v.can(Role::Admin) && !d.revoked {
