@@ -295,7 +295,8 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
     };
     let data_dir = cli.data_dir.clone().unwrap_or(config.data_dir.clone());
     let trust = cli.trust.clone().unwrap_or(config.trust_root.clone());
-    let store = Store::open(&data_dir)?;
+    let budget = config.limits.models_memory_bytes;
+    let store = Store::open(&data_dir)?.with_models_budget((budget > 0).then_some(budget));
     let now = UnixTime::now();
     match cli.command {
         Command::Install { file, stage } => install(&store, &trust, &file, stage, now),

@@ -76,6 +76,11 @@ pub struct LimitsConfig {
     pub max_bundle_bytes: u64,
     /// Free disk that an install must leave, bytes.
     pub disk_reserve_bytes: u64,
+    /// Memory every channel's loaded models may declare together
+    /// (`constraints.memory_bytes` of each active and shadow bundle), bytes; a
+    /// bundle that would pass it is refused before download. 0: no budget but
+    /// the memory available (each bundle must fit MemAvailable, as always).
+    pub models_memory_bytes: u64,
     /// Local API: memory its requests in flight may hold, bytes. A request is
     /// charged its body's size times what decoding, running and answering it
     /// take (`api::JSON_COST`, `api::BINARY_COST`); one that would pass the
@@ -108,6 +113,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_bundle_bytes: 2 << 30,
             disk_reserve_bytes: 256 << 20,
+            models_memory_bytes: 0,
             api_memory_bytes: 64 << 20,
             api_requests_in_flight: 16,
             api_connections: 128,
@@ -474,6 +480,8 @@ impl AgentConfig {
              #   command key from enrollment: only commands it signed are carried out, if\n\
              #   issued less than broker.command_max_age_s ago. telemetry.interval_s: 1..86400.\n\
              # limits: largest bundle accepted, free disk an install must leave (bytes);\n\
+             #   models_memory_bytes: what every channel's models may declare together\n\
+             #   (0: no budget beyond the memory available);\n\
              #   the memory the local API's requests may hold at once (bytes; each is\n\
              #   charged a multiple of its body) and requests at once (past either a\n\
              #   request waits up to 1 s, then gets 503), connections\n\

@@ -847,6 +847,14 @@ impl Daemon {
                 return self.fail_install(command, digest, FailureReason::Refused { refusal });
             }
         };
+        // Memory beside the other channels' models, before any chunk.
+        if let Err(e) = self.store.check_memory(state, &verified.manifest, mode) {
+            let detail = match e {
+                InstallError::OverBudget(over) => over.to_string(),
+                other => other.to_string(),
+            };
+            return self.fail_install(command, digest, FailureReason::Preflight { detail });
+        }
         let total = header.len() as u64 + verified.manifest.payload.size;
         if let Err(refusal) = self.preflight(total) {
             let detail = refusal.to_string();

@@ -120,6 +120,50 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 pub struct Store {
     dir: PathBuf,
     faults: Arc<Faults>,
+    /// `limits.models_memory_bytes`: what every channel's loaded models may
+    /// declare together (None: no budget beyond MemAvailable).
+    models_budget: Option<u64>,
+}
+
+/// A model that would take the channels' models past the memory budget.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the model needs {needed} bytes (constraints.memory_bytes); channels {held_by} hold {held} bytes; together over the budget of {budget} bytes (limits.models_memory_bytes)"
+)]
+pub struct OverBudget {
+    /// The new model's declared memory.
+    pub needed: u64,
+    /// What the other loaded models declare.
+    pub held: u64,
+    /// Which channels hold it, with their figures.
+    pub held_by: String,
+    /// The budget.
+    pub budget: u64,
+}
+
+/// Whether a model declaring `needed` bytes fits `budget` beside `held` (each
+/// other loaded model's declared bytes, by channel). Pure.
+pub fn memory_fits(
+    needed: u64,
+    held: &[(edgefleet_shared::ModelChannel, u64)],
+    budget: u64,
+) -> Result<(), OverBudget> {
+    let total: u64 = held.iter().map(|(_, b)| *b).fold(0, u64::saturating_add);
+    // A sum past u64::MAX fits no budget.
+    if needed.checked_add(total).is_some_and(|t| t <= budget) {
+        return Ok(());
+    }
+    let held_by: Vec<String> = held.iter().map(|(c, b)| format!("{c} ({b})")).collect();
+    Err(OverBudget {
+        needed,
+        held: total,
+        held_by: if held_by.is_empty() {
+            "none".into()
+        } else {
+            held_by.join(", ")
+        },
+        budget,
+    })
 }
 
 impl Store {
@@ -131,7 +175,56 @@ impl Store {
         Ok(Store {
             dir,
             faults: Arc::default(),
+            models_budget: None,
         })
+    }
+
+    /// This store with a memory budget for every channel's models together
+    /// (`limits.models_memory_bytes`).
+    pub fn with_models_budget(mut self, budget: Option<u64>) -> Store {
+        self.models_budget = budget;
+        self
+    }
+
+    /// Checks a bundle's model against the memory budget, beside the models
+    /// that stay loaded once it is installed in `mode`: every other channel's
+    /// active and shadow models, and with `shadow` its own channel's active
+    /// one (it keeps serving). Their declared memory is read from their
+    /// manifests.
+    pub fn check_memory(
+        &self,
+        state: &SlotsState,
+        manifest: &edgefleet_shared::manifest::Manifest,
+        mode: InstallMode,
+    ) -> Result<(), InstallError> {
+        let Some(budget) = self.models_budget else {
+            return Ok(());
+        };
+        let mut held = Vec::new();
+        for (channel, pair) in &state.channels {
+            let mut entries: Vec<&crate::slots::SlotEntry> = Vec::new();
+            if *channel != manifest.channel || mode == InstallMode::Shadow {
+                entries.extend(pair.active_entry());
+            }
+            if *channel != manifest.channel {
+                entries.extend(
+                    pair.target_entry()
+                        .filter(|e| e.role == edgefleet_shared::protocol::SlotRole::Shadow),
+                );
+            }
+            let mut bytes = 0u64;
+            for e in entries {
+                let dir = self.bundle_dir(&e.bundle.digest);
+                let m = edgefleet_shared::unpack::read_manifest(&dir)
+                    .map_err(|source| InstallError::Store(StoreError::Io { path: dir, source }))?;
+                bytes = bytes.saturating_add(m.constraints.memory_bytes);
+            }
+            if bytes > 0 {
+                held.push((channel.clone(), bytes));
+            }
+        }
+        memory_fits(manifest.constraints.memory_bytes, &held, budget)
+            .map_err(InstallError::OverBudget)
     }
 
     /// This store with simulated faults (the fleet simulator's devices).
@@ -251,6 +344,9 @@ pub enum InstallError {
     /// The data directory failed.
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// The model does not fit the memory budget beside the other channels'.
+    #[error("refused before install: {0}")]
+    OverBudget(OverBudget),
 }
 
 impl InstallError {
@@ -270,6 +366,9 @@ impl InstallError {
                 detail: e.to_string(),
             },
             InstallError::Store(e) => FailureReason::Internal {
+                detail: e.to_string(),
+            },
+            InstallError::OverBudget(e) => FailureReason::Preflight {
                 detail: e.to_string(),
             },
         }
@@ -480,6 +579,7 @@ fn install(
     let policy = device_policy(trust, device, installed.as_ref(), now);
     let result = (|| {
         let verified = header.verify(&policy).map_err(InstallError::Refused)?;
+        store.check_memory(&state, &verified.manifest, mode)?;
         if state
             .active_entry(&verified.manifest.channel)
             .is_some_and(|e| e.bundle.digest == digest)
@@ -657,4 +757,30 @@ fn load_bundle(
         },
         manifest.health.clone(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgefleet_shared::ModelChannel;
+
+    #[test]
+    fn a_model_fits_the_budget_beside_the_others_or_is_refused_with_every_figure() {
+        let c = |n: &str| ModelChannel::new(n).expect("channel");
+        assert_eq!(memory_fits(10, &[], 10), Ok(()));
+        let held = [(c("a"), 30), (c("b"), 50)];
+        assert_eq!(memory_fits(20, &held, 100), Ok(()));
+        let over = memory_fits(21, &held, 100).expect_err("over");
+        assert_eq!((over.needed, over.held, over.budget), (21, 80, 100));
+        assert_eq!(
+            over.to_string(),
+            "the model needs 21 bytes (constraints.memory_bytes); channels a (30), b (50) hold 80 bytes; together over the budget of 100 bytes (limits.models_memory_bytes)"
+        );
+        // Sums past u64::MAX fit no budget.
+        assert!(memory_fits(u64::MAX, &held, u64::MAX).is_err());
+        assert_eq!(
+            memory_fits(11, &[], 10).map_err(|e| e.held_by),
+            Err("none".to_owned())
+        );
+    }
 }

@@ -1284,3 +1284,54 @@ fn a_state_file_of_format_1_is_read_as_one_channel_and_written_back_as_format_2(
         "{said}"
     );
 }
+
+#[test]
+fn a_model_past_the_channels_memory_budget_is_refused_with_the_figures_and_nothing_changes() {
+    let dev = Device::new();
+    // Every test bundle declares 1 MiB; the budget holds one and a half.
+    let config = dev.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\ntrust_root = \"{}\"\n[limits]\nmodels_memory_bytes = {}\n",
+            s(&dev.path().join("data")),
+            s(&dev.path().join("root.cbor")),
+            3 << 19
+        ),
+    )
+    .expect("config");
+    let agent = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .expect("agent runs")
+    };
+    let (iris1, iris2) = (dev.iris("iris1.efb", 1), dev.iris("iris2.efb", 2));
+    assert!(agent(&["install", s(&iris1)]).status.success());
+    let refused = agent(&["install", s(&flowers(&dev, "flowers1.efb", 1))]);
+    let said = String::from_utf8_lossy(&refused.stdout);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("needs 1048576 bytes")
+            && said.contains("channels iris (1048576)")
+            && said.contains("budget of 1572864 bytes (limits.models_memory_bytes)"),
+        "{said}"
+    );
+    let st = dev.status();
+    assert!(st["channels"]["flowers"].is_null(), "{st}");
+    assert_eq!(
+        dev.bundle_dirs(),
+        1,
+        "nothing unpacked for the refused bundle"
+    );
+    // Replacing the model on its own channel fits: the old one is let go.
+    let out = agent(&["install", s(&iris2)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(dev.active_release(), Some(2));
+}

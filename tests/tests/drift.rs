@@ -412,13 +412,13 @@ fn a_drifting_rollout_on_one_channel_reverts_that_channel_only_and_the_other_kee
     fleet.set_traffic(None);
     // The canary was told to revert its `model` channel by name, and its
     // forest never changed, nor anyone else's.
-    let canary = r["members"]
-        .as_object()
-        .expect("members")
-        .iter()
-        .find(|(_, m)| m["state"] == "reverted")
-        .map(|(d, _)| d.clone())
-        .expect("a reverted canary");
+    let canary = wait_for("the canary counted as reverted", || {
+        h.rollout_view(&second)["members"]
+            .as_object()?
+            .iter()
+            .find(|(_, m)| m["state"] == "reverted")
+            .map(|(d, _)| d.clone())
+    });
     assert_eq!(serving_on(&fleet, &ids, "tabular"), forest_before);
     let device = h
         .api
