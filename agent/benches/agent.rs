@@ -29,6 +29,8 @@
 //! `EDGEFLEET_BENCH_ONLY=builds` only the builds side by side (issue 25): the
 //! release build, the static musl device build (when `cross/build.sh` made it)
 //! and the Python + onnxruntime server, same models and requests;
+//! `EDGEFLEET_BENCH_ONLY=channels` (not part of the full run) the agent's RSS
+//! serving 1, 2 and 5 small models on their own channels (issue 20);
 //! `EDGEFLEET_BENCH_STATIC_BASELINE=PATH` also measures another static agent binary.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -1078,6 +1080,98 @@ fn agent_rss_with(
     (rss, serving)
 }
 
+/// `EDGEFLEET_BENCH_ONLY=channels`: the RSS of `agent run` serving 0, 1, 2 and
+/// 5 small models (one channel each, the first `n` cases), loaded and after one
+/// request to each, for this build and, when it exists, the static device
+/// build; against the target of the models' sum + 10 MB.
+fn channels_rss(dir: &Path, cases: &[Case]) {
+    let models: Vec<LoadedModel> = cases
+        .iter()
+        .map(|c| {
+            LoadedModel::load(&std::fs::read(format!("{MODELS}/{}", c.file)).expect("model"))
+                .expect("loads")
+        })
+        .collect();
+    let mut builds = vec![(
+        "this build (glibc, dynamic)",
+        PathBuf::from(env!("CARGO_BIN_EXE_edgefleet-agent")),
+    )];
+    if Path::new(STATIC_X86_64).is_file() {
+        builds.push(("the static musl device build", PathBuf::from(STATIC_X86_64)));
+    }
+    for (what, agent) in builds {
+        println!("  {what}:");
+        let base = dir.join(what.split_whitespace().nth(1).unwrap_or("build"));
+        std::fs::create_dir_all(&base).expect("dir");
+        let trust = base.join("root.cbor");
+        write_root(&trust);
+        let bundles: Vec<PathBuf> = cases
+            .iter()
+            .zip(&models)
+            .map(|(c, m)| make_bundle(&base, c, m, 0))
+            .collect();
+        let mut empty = 0;
+        for n in [0usize, 1, 2, 5] {
+            let data = base.join(format!("data-{n}"));
+            for b in &bundles[..n] {
+                install_bundle(&agent, &data, &trust, b);
+            }
+            let bodies: Vec<String> = cases[..n].iter().map(|c| oip_body(&c.input)).collect();
+            let mut loaded = Vec::new();
+            let mut served = Vec::new();
+            for _ in 0..3 {
+                let (mut child, api) = spawn_agent(&agent, None, &data, &trust);
+                std::thread::sleep(Duration::from_millis(1500));
+                loaded.push(rss_kib(child.id()));
+                let stream = TcpStream::connect(&api).expect("connect to the agent");
+                let mut client = Client {
+                    stream: BufReader::new(stream),
+                    server_schedstat: String::new(),
+                };
+                for (c, body) in cases[..n].iter().zip(&bodies) {
+                    let status = client.post(&format!("/v2/models/{}/infer", c.channel), body);
+                    assert_eq!(status, 200, "{} answers", c.channel);
+                }
+                served.push(rss_kib(child.id()));
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let (loaded, served) = (median_u64(loaded), median_u64(served));
+            let models_kib: u64 = cases[..n]
+                .iter()
+                .map(|c| {
+                    std::fs::metadata(format!("{MODELS}/{}", c.file))
+                        .expect("model")
+                        .len()
+                })
+                .sum::<u64>()
+                / 1024;
+            if n == 0 {
+                empty = loaded;
+                println!("    no model: {loaded} KiB");
+                continue;
+            }
+            let names: Vec<&str> = cases[..n].iter().map(|c| c.channel).collect();
+            println!(
+                "    {n} model(s) ({}; files {models_kib} KiB): loaded {loaded} KiB, after one request each {served} KiB; {:+} KiB over no model; target models + 10 MB = {} KiB: {}",
+                names.join(", "),
+                served as i64 - empty as i64,
+                models_kib + 10 * 1024,
+                if served <= models_kib + 10 * 1024 {
+                    "met"
+                } else {
+                    "NOT met"
+                }
+            );
+        }
+    }
+}
+
+fn median_u64(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
 /// The static x86-64 device build, where `cross/build.sh` puts it.
 const STATIC_X86_64: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -1468,6 +1562,11 @@ fn main() {
             .collect();
         println!("the agent's builds side by side (issue 25), medians:");
         builds(dir.path(), &cases, &models);
+        return;
+    }
+    if only == "channels" {
+        println!("agent RSS serving several models, one per channel (issue 20), median of 3:");
+        channels_rss(dir.path(), &cases);
         return;
     }
     if only == "rss" || only == "download" {

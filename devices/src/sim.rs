@@ -264,6 +264,20 @@ impl SimFleet {
         out
     }
 
+    /// How many devices serve each version on `channel` (`none`: not that channel).
+    pub fn versions_on(&self, channel: &str) -> HashMap<String, usize> {
+        let mut out = HashMap::new();
+        for d in &self.devices {
+            let v = d
+                .serving_all()
+                .into_iter()
+                .find(|b| b.channel.as_str() == channel)
+                .map_or_else(|| "none".to_owned(), |b| b.version.to_string());
+            *out.entry(v).or_insert(0) += 1;
+        }
+        out
+    }
+
     /// Starts (or replaces) inference traffic to every device that serves a
     /// model; requests run on the blocking pool through real HTTP.
     pub fn set_traffic(&mut self, traffic: Option<Traffic>) {

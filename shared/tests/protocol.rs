@@ -71,6 +71,8 @@ fn action() -> impl Strategy<Value = Action> {
             }),
         digest().prop_map(|digest| Action::Activate { digest }),
         Just(Action::Revert),
+        channel().prop_map(|channel| Action::RevertChannel { channel }),
+        channel().prop_map(|channel| Action::Remove { channel }),
         (
             proptest::option::of(1u32..=86_400),
             proptest::option::of(0u16..=1000),
@@ -104,7 +106,7 @@ fn state() -> impl Strategy<Value = DeviceState> {
         device(),
         time(),
         any::<bool>(),
-        proptest::collection::vec((bundle_ref(), any::<bool>()), 0..=2),
+        proptest::collection::vec((bundle_ref(), any::<bool>()), 0..=32),
         proptest::option::of((digest(), time(), proptest::option::of(failure()))),
     )
         .prop_map(|(device, at, online, slots, last)| DeviceState {
@@ -117,7 +119,7 @@ fn state() -> impl Strategy<Value = DeviceState> {
                 .into_iter()
                 .enumerate()
                 .map(|(i, (bundle, active))| SlotState {
-                    slot: if i == 0 { Slot::A } else { Slot::B },
+                    slot: if i % 2 == 0 { Slot::A } else { Slot::B },
                     bundle,
                     role: if active {
                         SlotRole::Active
@@ -137,6 +139,7 @@ fn state() -> impl Strategy<Value = DeviceState> {
 fn event() -> impl Strategy<Value = Event> {
     let kind = prop_oneof![
         digest().prop_map(|digest| EventKind::InstallStarted { digest }),
+        channel().prop_map(|channel| EventKind::Removed { channel }),
         (digest(), any::<u32>(), any::<u32>()).prop_map(|(digest, chunks_done, chunks_total)| {
             EventKind::InstallProgress {
                 digest,
@@ -337,6 +340,40 @@ proptest! {
     }
 
     #[test]
+    fn telemetry_of_several_channels_round_trips_and_mixing_both_forms_is_refused(
+        t in telemetry(),
+        names in proptest::collection::btree_set(channel(), 1..=16),
+    ) {
+        let parts: Vec<ChannelTelemetry> = names
+            .into_iter()
+            .map(|channel| ChannelTelemetry {
+                channel,
+                model: t.model.clone(),
+                drift: t.drift.clone(),
+                shadow: t.shadow.clone(),
+            })
+            .collect();
+        let several = Telemetry {
+            model: None,
+            drift: None,
+            shadow: None,
+            channels: parts.clone(),
+            ..t.clone()
+        };
+        let bytes = encode(&several);
+        if bytes.len() <= Telemetry::MAX_LEN {
+            round_trips(&several)?;
+            let back: Telemetry = decode(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(back.channel_parts().len(), parts.len());
+        }
+        if t.model.is_some() || t.drift.is_some() || t.shadow.is_some() {
+            let mixed = Telemetry { channels: parts, ..t };
+            let refused = decode::<Telemetry>(&encode(&mixed)).expect_err("both forms");
+            prop_assert!(refused.to_string().contains("channels"), "{}", refused);
+        }
+    }
+
+    #[test]
     fn chunks_and_fetch_requests_round_trip(
         bundle in digest(),
         index in any::<u32>(),
@@ -436,4 +473,50 @@ fn a_huge_declared_length_does_not_allocate_or_panic() {
     let mut bytes = vec![0xa2, 0x61, b'v', 0x01, 0x61, b'm', 0x9b];
     bytes.extend_from_slice(&(1u64 << 32).to_be_bytes());
     never_panics_on(&bytes);
+}
+
+#[test]
+fn more_channels_than_a_device_serves_are_refused_naming_the_limit() {
+    let channel = |i: usize| ModelChannel::new(&format!("c{i}")).expect("channel");
+    let part = |i: usize| ChannelTelemetry {
+        channel: channel(i),
+        model: None,
+        drift: None,
+        shadow: None,
+    };
+    let t = Telemetry {
+        device: DeviceId::new("d").expect("id"),
+        epoch: 0,
+        seq: 1,
+        at: UnixTime(0),
+        device_metrics: DeviceMetrics::default(),
+        agent: AgentMetrics::default(),
+        model: None,
+        drift: None,
+        shadow: None,
+        channels: (0..=MAX_DEVICE_CHANNELS).map(part).collect(),
+    };
+    let e = decode::<Telemetry>(&encode(&t)).expect_err("17 channels");
+    assert!(e.to_string().contains("at most 16"), "{e}");
+    let slot = |i: usize| SlotState {
+        slot: Slot::A,
+        bundle: BundleRef {
+            digest: Digest::of(&i.to_be_bytes()),
+            channel: channel(i),
+            version: "1.0.0".into(),
+            release: 1,
+        },
+        role: SlotRole::Active,
+    };
+    let s = DeviceState {
+        device: DeviceId::new("d").expect("id"),
+        at: UnixTime(0),
+        online: true,
+        agent_version: "0.1.0".into(),
+        arch: Arch::current(),
+        slots: (0..=2 * MAX_DEVICE_CHANNELS).map(slot).collect(),
+        last_install: None,
+    };
+    let e = decode::<DeviceState>(&encode(&s)).expect_err("33 slots");
+    assert!(e.to_string().contains("at most 16 channels"), "{e}");
 }

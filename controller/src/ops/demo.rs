@@ -4,9 +4,10 @@
 //! go through the controller's HTTP API as `edgefleet` CLI calls would.
 //!
 //! 1. keys and a 2-of-3 trust root; 2. a good and a bad bundle of the iris model
-//!    shipped in `models/`; 3. the controller; 4. enrolled devices; 5. a staged
-//!    rollout of the good bundle; 6. the bad one, caught at the canary; 7. local
-//!    inference with the network cut; 8. telemetry per version.
+//!    and one of a digits CNN, shipped in `models/`; 3. the controller; 4.
+//!    enrolled devices; 5. a staged rollout of the good bundle, and of the CNN on
+//!    a second channel; 6. the bad one, caught at the canary, the CNN untouched;
+//!    7. local inference with the network cut; 8. telemetry per version.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,8 @@ const IRIS_MODEL: &[u8] = include_bytes!("../../../models/iris_logreg.onnx");
 const IRIS_BROKEN: &[u8] = include_bytes!("../../../models/iris_logreg_v2_broken.onnx");
 const IRIS_REFERENCE: &str = include_str!("../../../models/iris_reference.csv");
 const IRIS_GOLDEN: &[u8] = include_bytes!("../../../models/iris_golden.json");
+/// The second model every device serves, on its own channel: the digits CNN.
+const VISION_MODEL: &[u8] = include_bytes!("../../../models/digits_cnn.onnx");
 
 /// How long any one wait of the demo may take before it gives up.
 const WAIT: Duration = Duration::from_secs(120);
@@ -154,10 +157,19 @@ struct Story {
 /// A bundle built for the demo.
 struct Built {
     path: PathBuf,
+    channel: &'static str,
     version: String,
 }
 
-fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Built, Built), DemoError> {
+/// The demo's signed bundles: iris 1.0.0, iris 2.0.0 (regressed) and the
+/// vision model, a second channel.
+struct Bundles {
+    good: Built,
+    bad: Built,
+    vision: Built,
+}
+
+fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Bundles), DemoError> {
     step(
         1,
         "operator: three signing keys, and a trust root that needs any 2 of them",
@@ -187,7 +199,7 @@ fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Built, Built)
 
     step(
         2,
-        "build and sign two bundles of the iris classifier (models/, no download)",
+        "build and sign two bundles of the iris classifier and one of a digits CNN (models/, no download)",
     );
     let write = |name: &str, bytes: &[u8]| -> Result<PathBuf, OperatorError> {
         let p = dir.join(name);
@@ -207,6 +219,7 @@ fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Built, Built)
     };
     let good = Built {
         path: dir.join("iris-1.0.0.efb"),
+        channel: "iris",
         version: "1.0.0".into(),
     };
     let report = operator::build_bundle(
@@ -224,6 +237,7 @@ fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Built, Built)
     // regression that slipped past the build looks like. Devices catch it.
     let bad = Built {
         path: dir.join("iris-2.0.0.efb"),
+        channel: "iris",
         version: "2.0.0".into(),
     };
     let mut bad_options = options(&bad_model, semver::Version::new(2, 0, 0), 2);
@@ -233,7 +247,31 @@ fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Built, Built)
     println!(
         "  iris 2.0.0  release 2  a regressed model: its answers differ from its golden cases"
     );
-    Ok((root_path, good, bad))
+    // A second model for the same devices, on its own channel.
+    let vision_model = write("digits_cnn.onnx", VISION_MODEL)?;
+    let vision = Built {
+        path: dir.join("vision-1.0.0.efb"),
+        channel: "vision",
+        version: "1.0.0".into(),
+    };
+    let vision_channel =
+        ModelChannel::new("vision").unwrap_or_else(|e| unreachable!("a fixed channel name: {e}"));
+    let report = operator::build_bundle(
+        &BuildOptions::new(
+            vision_model,
+            vision_channel,
+            semver::Version::new(1, 0, 0),
+            1,
+            now,
+        ),
+        &vision.path,
+    )?;
+    operator::sign_bundle(&vision.path, &secrets[..2])?;
+    println!(
+        "  vision 1.0.0  release 1  a digits CNN, {} bytes: a second model for the same devices",
+        report.manifest.payload.size
+    );
+    Ok((root_path, Bundles { good, bad, vision }))
 }
 
 /// Polls `check` until it returns Some, or fails after [`WAIT`].
@@ -271,14 +309,14 @@ fn story(
         opts.devices
     );
     println!("working in {}", dir.display());
-    let (root_path, good, bad) = keys_and_bundles(dir, now)?;
+    let (root_path, bundles) = keys_and_bundles(dir, now)?;
     let controller = start_controller(runtime, dir, &root_path)?;
     let mut fleet = start_fleet(runtime, dir, opts, &controller, &root_path)?;
     let api = &controller.api;
-    let (rolled_out, good_digest, bad_digest) = rollouts(api, &fleet, opts, &good, &bad)?;
+    let (rolled_out, digests) = rollouts(api, &fleet, opts, &bundles)?;
     let offline_ok = offline(api, &fleet)?;
-    let drift_ok = drift(api, &fleet, opts, &good_digest)?;
-    versions_summary(api, &good_digest, &bad_digest)?;
+    let drift_ok = drift(api, &fleet, opts, &digests.good)?;
+    versions_summary(api, &digests)?;
     finish(runtime, &controller, &mut fleet, opts);
     Ok(Story {
         ok: rolled_out && offline_ok && drift_ok,
@@ -447,9 +485,9 @@ fn rollouts(
     api: &Client,
     fleet: &SimFleet,
     opts: &DemoOptions,
-    good: &Built,
-    bad: &Built,
-) -> Result<(bool, String, String), DemoError> {
+    bundles: &Bundles,
+) -> Result<(bool, Digests), DemoError> {
+    let Bundles { good, bad, vision } = bundles;
     step(
         5,
         "upload iris 1.0.0 and roll it out in waves: 1 device, 10%, 50%, 100%",
@@ -458,11 +496,28 @@ fn rollouts(
     let good_digest = upload(api, good)?;
     let rollout = start_rollout(api, &good_digest)?;
     let phase = watch(api, fleet, &rollout)?;
-    let versions = fleet.versions();
+    let versions = fleet.versions_on("iris");
     println!("  fleet now: {}", versions_text(&versions));
     if phase != "completed" || versions.get("1.0.0") != Some(&opts.devices) {
         println!("  UNEXPECTED: the good rollout did not complete on every device");
         ok = false;
+    }
+    // A second model beside it: its own channel, slots and route.
+    let vision_digest = upload(api, vision)?;
+    let phase = roll_out_quietly(api, &vision_digest)?;
+    let on_vision = fleet.versions_on("vision");
+    println!(
+        "  a second model, vision 1.0.0, rolled out in 2 waves (1 device, then the rest): every device now serves two (iris: {}; vision: {})",
+        versions_text(&fleet.versions_on("iris")),
+        versions_text(&on_vision)
+    );
+    if phase != "completed" || on_vision.get("1.0.0") != Some(&opts.devices) {
+        println!("  UNEXPECTED: the vision rollout did not complete on every device");
+        ok = false;
+    }
+    if let Some(d) = fleet.devices().first() {
+        let index = repository_index(&d.api_url()).unwrap_or_else(|e| format!("({e})"));
+        println!("  POST {}/v2/repository/index -> {index}", d.api_url());
     }
 
     step(
@@ -472,7 +527,7 @@ fn rollouts(
     let bad_digest = upload(api, bad)?;
     let rollout = start_rollout(api, &bad_digest)?;
     let phase = watch(api, fleet, &rollout)?;
-    let versions = fleet.versions();
+    let versions = fleet.versions_on("iris");
     println!("  fleet now: {}", versions_text(&versions));
     if phase != "halted" || versions.get("1.0.0") != Some(&opts.devices) {
         println!("  UNEXPECTED: the bad bundle was not stopped at the canary");
@@ -480,8 +535,86 @@ fn rollouts(
     } else {
         println!("  the canary refused to switch; no other device was asked; nobody runs 2.0.0");
     }
+    let on_vision = fleet.versions_on("vision");
+    if on_vision.get("1.0.0") == Some(&opts.devices) {
+        println!(
+            "  vision untouched by the iris rollout: {}",
+            versions_text(&on_vision)
+        );
+    } else {
+        println!(
+            "  UNEXPECTED: the iris rollout changed the vision channel: {}",
+            versions_text(&on_vision)
+        );
+        ok = false;
+    }
 
-    Ok((ok, good_digest, bad_digest))
+    let digests = Digests {
+        good: good_digest,
+        bad: bad_digest,
+        vision: vision_digest,
+    };
+    Ok((ok, digests))
+}
+
+/// The digests of the demo's uploaded bundles.
+struct Digests {
+    good: String,
+    bad: String,
+    vision: String,
+}
+
+/// Rolls `digest` out to every device in two waves (a canary, then the rest)
+/// and waits for the end; returns the final phase.
+fn roll_out_quietly(api: &Client, digest: &str) -> Result<String, DemoError> {
+    let v = api.post(
+        "/api/v1/rollouts",
+        &json!({
+            "bundle": digest,
+            "selector": {"all": true},
+            "waves": ["1", "100%"],
+            "gates": {"soak_ms": 3000, "install_timeout_ms": 60000},
+            "policy": "halt_and_revert",
+        }),
+    )?;
+    let id = v["rollout"]["id"]
+        .as_str()
+        .ok_or(DemoError::Answer("the rollout answer has no id"))?
+        .to_owned();
+    wait_for("the rollout to finish", || {
+        let v = api.get(&format!("/api/v1/rollouts/{id}")).ok()?;
+        let phase = v["rollout"]["phase"].as_str()?.to_owned();
+        matches!(phase.as_str(), "completed" | "halted" | "aborted").then_some(phase)
+    })
+}
+
+/// A device's model repository index, as `name version, ...`.
+fn repository_index(base: &str) -> Result<String, DemoError> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let v: Value = agent
+        .post(format!("{base}/v2/repository/index"))
+        .send_empty()
+        .map_err(|e| DemoError::LocalApi(e.to_string()))?
+        .body_mut()
+        .read_json()
+        .map_err(|e| DemoError::LocalApi(e.to_string()))?;
+    let entries: Vec<String> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            format!(
+                "{} {} {}",
+                m["name"].as_str().unwrap_or("?"),
+                m["version"].as_str().unwrap_or("?"),
+                m["state"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    Ok(entries.join(", "))
 }
 
 /// Step 7: one device offline keeps serving, and its spooled reports arrive
@@ -677,27 +810,31 @@ fn print_device_drift(api: &Client, first: &str) {
 }
 
 /// Step 9: telemetry per model version.
-fn versions_summary(api: &Client, good_digest: &str, bad_digest: &str) -> Result<(), DemoError> {
+fn versions_summary(api: &Client, digests: &Digests) -> Result<(), DemoError> {
     step(9, "telemetry per model version, as the soak gates read it");
     let summary = api.get("/api/v1/telemetry/summary?group=version")?;
     for g in summary["groups"].as_array().into_iter().flatten() {
         let digest = g["bundle"].as_str().unwrap_or("");
-        let version = if digest == good_digest {
-            "1.0.0"
-        } else if digest == bad_digest {
-            "2.0.0"
+        let model = if digest == digests.good {
+            "iris 1.0.0"
+        } else if digest == digests.bad {
+            "iris 2.0.0"
+        } else if digest == digests.vision {
+            "vision 1.0.0"
         } else {
             "none"
         };
         let s = &g["summary"];
         println!(
-            "  iris {version:<6} {:>3} devices  {:>6} inferences  error rate {}  p95 {} us  drifted {}/{}",
+            "  {model:<12} {:>3} devices  {:>6} inferences  error rate {}  p95 {}  drifted {}/{}",
             s["devices"],
             s["inferences"],
             s["error_rate"]
                 .as_f64()
                 .map_or("-".into(), |r| format!("{r:.3}")),
-            s["p95_us"],
+            s["p95_us"]
+                .as_u64()
+                .map_or("-".into(), |p| format!("{p} us")),
             s["drifted_devices"],
             s["drift_devices"]
         );
@@ -716,7 +853,7 @@ fn finish(
     let (api, url, data) = (&controller.api, &controller.url, &controller.data);
     println!("\nsummary");
     println!(
-        "  1.0.0 rolled out to {} devices in 4 waves; 2.0.0 stopped at its canary; local inference kept working offline; shifted inputs flagged as drift on exactly the devices that got them",
+        "  iris 1.0.0 rolled out to {} devices in 4 waves, vision 1.0.0 beside it on every device; iris 2.0.0 stopped at its canary with vision untouched; local inference kept working offline; shifted inputs flagged as drift on exactly the devices that got them",
         opts.devices
     );
     let metrics = api
@@ -746,7 +883,10 @@ fn finish(
         println!("  edgefleet devices list; edgefleet rollout status");
         println!("  dashboard: open {url}/ and log in with that token (docs/dashboard.md)");
         for d in fleet.devices().iter().take(3) {
-            println!("  curl {}/v2/models/iris", d.api_url());
+            println!(
+                "  curl {0}/v2/models/iris; curl {0}/v2/models/vision",
+                d.api_url()
+            );
         }
         runtime.block_on(async {
             let _ = tokio::signal::ctrl_c().await;
@@ -770,7 +910,8 @@ fn upload(api: &Client, b: &Built) -> Result<String, DemoError> {
         .ok_or(DemoError::Answer("the upload answer has no digest"))?
         .to_owned();
     println!(
-        "  uploaded iris {}: verified against the trust root, digest {}",
+        "  uploaded {} {}: verified against the trust root, digest {}",
+        b.channel,
         b.version,
         &digest[..12]
     );

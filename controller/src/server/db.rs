@@ -1119,8 +1119,8 @@ impl Db {
     }
 
     /// The latest telemetry sample of every device received in `[from, to]`: the
-    /// last one received, whatever number the device gave it; one per channel
-    /// for a device serving several.
+    /// last one received, whatever number the device gave it; for a device
+    /// serving several channels, that report's row of each channel.
     pub async fn latest_telemetry_between(&self, from: u64, to: u64) -> Result<Vec<TelemetryRow>> {
         self.read(move |t| {
             t.query(
@@ -1129,9 +1129,10 @@ impl Db {
                         t.drift_rows, t.drift_share, t.drifted, t.drift_features, t.shadow,
                         t.spool_dropped
                  FROM telemetry t
+                 JOIN telemetry l ON l.device = t.device AND l.epoch = t.epoch AND l.seq = t.seq
                  JOIN (SELECT MAX(id) AS id FROM telemetry
-                       WHERE received_at BETWEEN ?1 AND ?2 GROUP BY device, channel) l
-                   ON l.id = t.id",
+                       WHERE received_at BETWEEN ?1 AND ?2 GROUP BY device) m
+                   ON m.id = l.id",
                 vals![i(from), i(to)],
             )?
             .iter()

@@ -120,7 +120,58 @@ on_both_backends!(
     a_change_and_its_audit_record_are_stored_together_or_not_at_all,
     dashboard_sessions_last_until_they_end_or_are_closed,
     a_devices_latest_drift_report_is_kept_with_it,
+    a_report_of_several_channels_is_a_row_per_channel_and_counts_once,
 );
+
+async fn a_report_of_several_channels_is_a_row_per_channel_and_counts_once(kind: Kind) {
+    let store = fresh(kind).await;
+    let db = &store.db;
+    let (iris, vision) = (Digest::of(b"iris"), Digest::of(b"vision"));
+    let two = |seq: u64| {
+        let one = telemetry("cam-1", seq, iris, 10 * seq);
+        let part = |name: &str, digest: Digest| edgefleet_shared::protocol::ChannelTelemetry {
+            channel: ModelChannel::new(name).expect("channel"),
+            model: telemetry("cam-1", seq, digest, seq).model,
+            drift: None,
+            shadow: None,
+        };
+        Telemetry {
+            model: None,
+            channels: vec![part("iris", iris), part("vision", vision)],
+            ..one
+        }
+    };
+    // One channel first, then two: the latest report is the one with two.
+    let batch = vec![
+        (telemetry("cam-1", 1, iris, 10), 100),
+        (two(2), 200),
+        (two(2), 201),
+    ];
+    assert_eq!(
+        db.insert_telemetry(batch).await.expect("batch"),
+        2,
+        "a report counts once"
+    );
+    let latest = db.latest_telemetry(0).await.expect("latest");
+    let mut got: Vec<(u64, Option<Digest>)> = latest.iter().map(|t| (t.seq, t.digest)).collect();
+    got.sort_by_key(|(_, d)| d.map(|d| d.to_hex()));
+    let mut want = vec![(2, Some(iris)), (2, Some(vision))];
+    want.sort_by_key(|(_, d)| d.map(|d| d.to_hex()));
+    assert_eq!(
+        got, want,
+        "that report's row of each channel, not the older one"
+    );
+    // Each row's body reads as a one-channel report of its channel.
+    let rows = db.telemetry("cam-1", 0, 300, 10).await.expect("rows");
+    assert_eq!(rows.len(), 3);
+    // A device back to one channel: only its newest report counts.
+    db.insert_telemetry(vec![(telemetry("cam-1", 3, iris, 30), 300)])
+        .await
+        .expect("one");
+    let latest = db.latest_telemetry(0).await.expect("latest");
+    assert_eq!(latest.len(), 1);
+    assert_eq!((latest[0].seq, latest[0].digest), (3, Some(iris)));
+}
 
 async fn a_devices_latest_drift_report_is_kept_with_it(kind: Kind) {
     let store = fresh(kind).await;
