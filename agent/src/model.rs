@@ -334,6 +334,7 @@ impl LoadedModel {
         name_free_dims(&mut model)?;
         let mut typed = model.into_typed().map_err(|e| classify(&e))?;
         crate::trees::ml::i64_outputs(&mut typed).map_err(|e| classify(&e))?;
+        crate::trees::barrier::shield_concat_einsum(&mut typed).map_err(|e| classify(&e))?;
         // Tree ensembles run on our compact evaluator (agent/src/trees.rs).
         if compact_trees {
             crate::trees::accelerate(&mut typed).map_err(|e| classify(&e))?;

@@ -358,14 +358,10 @@ fn every_exported_model_in_the_directory_matches_onnxruntime() {
 }
 
 /// Exports that do not load yet, with the words of the error. Each is tract's to
-/// fix and reported in docs/agent.md.
-const KNOWN_FAILURES: [(&str, &str); 1] = [(
-    // PolynomialFeatures: a Concat of 66 one-column products before
-    // LinearRegressor; tract's declutter pass splits the MatMul over the Concat
-    // and builds an EinSum whose input ranks do not match.
-    "family_polynomial_ridge",
-    "concat-einsum-k",
-)];
+/// fix and reported in docs/agent.md. (PolynomialFeatures + a linear model was
+/// here until `trees/src/barrier.rs` kept tract's concat-einsum rule away from
+/// it.)
+const KNOWN_FAILURES: [(&str, &str); 0] = [];
 
 #[test]
 fn wrong_attributes_are_refused_naming_the_operator_node_and_attribute() {

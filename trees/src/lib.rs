@@ -46,6 +46,7 @@ pub fn clear_upper_simd_state() {
     }
 }
 
+pub mod barrier;
 pub mod encoder;
 pub mod logsumexp;
 pub mod ml;
