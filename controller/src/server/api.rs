@@ -979,23 +979,48 @@ impl ChannelBody {
     }
 }
 
-/// The channels `id` serves, or 409 when it serves none.
+/// The channel a device action means: the one `named` (which `id` must serve),
+/// or the only one it serves; None when it serves none that the controller
+/// knows of and none is named.
+fn pick_channel(
+    id: &DeviceId,
+    served: &[String],
+    named: Option<edgefleet_shared::ModelChannel>,
+) -> ApiResult<Option<edgefleet_shared::ModelChannel>> {
+    match (named, served) {
+        (Some(c), served) if served.iter().any(|s| s == c.as_str()) => Ok(Some(c)),
+        (Some(c), []) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("{id} serves no model, so not `{c}`"),
+        )),
+        (Some(c), served) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "{id} does not serve `{c}` (it serves {})",
+                served.join(", ")
+            ),
+        )),
+        (None, []) => Ok(None),
+        (None, [one]) => edgefleet_shared::ModelChannel::new(one)
+            .map(Some)
+            .map_err(|e| ApiError::invalid(format!("channel {one:?}: {e}"))),
+        (None, several) => Err(ApiError::invalid(format!(
+            "channel: {id} serves several ({}): name one",
+            several.join(", ")
+        ))),
+    }
+}
+
+/// The channels `id` serves, by name.
 async fn served_channels(s: &AppState, id: &DeviceId) -> ApiResult<Vec<String>> {
-    let channels: Vec<String> = s
-        .db()
+    Ok(s.db()
         .device_channels(id.as_str())
         .await?
         .into_iter()
         .map(|c| c.channel)
-        .collect();
-    if channels.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!("{id} serves no model"),
-        ));
-    }
-    Ok(channels)
+        .collect())
 }
 
 #[utoipa::path(post, path = "/api/v1/devices/{id}/revert", tag = "devices", params(("id" = String, Path, description = "device id")),
@@ -1010,39 +1035,13 @@ async fn revert_device(
 ) -> ApiResult<Json<Value>> {
     use edgefleet_shared::protocol::Action;
     caller.require(Role::Operator)?;
-    let channel = body.optional()?.unwrap_or_default().channel()?;
-    let action = match channel {
-        // Named: checked against what the device serves; `revert` when it is
-        // the only one (every agent reads that).
-        Some(channel) => {
-            let served = served_channels(&s, &id).await?;
-            if !served.iter().any(|c| c == channel.as_str()) {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "conflict",
-                    format!(
-                        "{id} does not serve `{channel}` (it serves {})",
-                        served.join(", ")
-                    ),
-                ));
-            }
-            if served.len() == 1 {
-                Action::Revert
-            } else {
-                Action::RevertChannel { channel }
-            }
-        }
-        None => {
-            let served = s.db().device_channels(id.as_str()).await?;
-            if served.len() > 1 {
-                let names: Vec<&str> = served.iter().map(|c| c.channel.as_str()).collect();
-                return Err(ApiError::invalid(format!(
-                    "channel: {id} serves several ({}): name one",
-                    names.join(", ")
-                )));
-            }
-            Action::Revert
-        }
+    let named = body.optional()?.unwrap_or_default().channel()?;
+    let served = served_channels(&s, &id).await?;
+    // `revert` to a device serving one channel (every agent reads it), or whose
+    // channels the controller does not know yet.
+    let action = match pick_channel(&id, &served, named)? {
+        Some(channel) if served.len() > 1 => Action::RevertChannel { channel },
+        _ => Action::Revert,
     };
     let audit = caller.audit("device.revert", &id, None);
     let command = s.fleet.command(&id, action, Some(audit)).await?;
@@ -1066,16 +1065,7 @@ async fn remove_channel(
         ));
     };
     let served = served_channels(&s, &id).await?;
-    if !served.iter().any(|c| c == channel.as_str()) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!(
-                "{id} does not serve `{channel}` (it serves {})",
-                served.join(", ")
-            ),
-        ));
-    }
+    pick_channel(&id, &served, Some(channel.clone()))?;
     let audit = caller.audit("device.remove", &id, Some(json!({"channel": channel})));
     let action = edgefleet_shared::protocol::Action::Remove { channel };
     let command = s.fleet.command(&id, action, Some(audit)).await?;
@@ -1181,33 +1171,12 @@ async fn request_samples(
         channel: body.channel.clone(),
     }
     .channel()?;
-    let channel = match (named, served.as_slice()) {
-        (_, []) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!("{id} serves no model: no samples to ask for"),
-            ));
-        }
-        (Some(c), served) if served.iter().any(|s| s == c.as_str()) => c,
-        (Some(c), served) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!(
-                    "{id} does not serve `{c}` (it serves {})",
-                    served.join(", ")
-                ),
-            ));
-        }
-        (None, [one]) => edgefleet_shared::ModelChannel::new(one)
-            .map_err(|e| ApiError::invalid(format!("channel {one:?}: {e}")))?,
-        (None, several) => {
-            return Err(ApiError::invalid(format!(
-                "channel: {id} serves several ({}): name one",
-                several.join(", ")
-            )));
-        }
+    let Some(channel) = pick_channel(&id, &served, named)? else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("{id} serves no model: no samples to ask for"),
+        ));
     };
     let audit = caller.audit(
         "device.request_samples",
@@ -2049,4 +2018,39 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = <ApiDoc as utoipa::OpenApi>::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").into();
     doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_action_means_the_named_channel_or_the_only_one() {
+        let id = DeviceId::new("cam-1").expect("id");
+        let c = |n: &str| edgefleet_shared::ModelChannel::new(n).expect("channel");
+        let two = ["iris".to_owned(), "vision".to_owned()];
+        let one = ["iris".to_owned()];
+        assert_eq!(
+            pick_channel(&id, &two, Some(c("vision"))).ok(),
+            Some(Some(c("vision")))
+        );
+        assert_eq!(pick_channel(&id, &one, None).ok(), Some(Some(c("iris"))));
+        assert_eq!(pick_channel(&id, &[], None).ok(), Some(None));
+        let said = |r: ApiResult<Option<edgefleet_shared::ModelChannel>>| match r {
+            Err(e) => format!("{} {}", e.status.as_u16(), e.message),
+            Ok(c) => format!("{c:?}"),
+        };
+        assert_eq!(
+            said(pick_channel(&id, &two, None)),
+            "422 channel: cam-1 serves several (iris, vision): name one"
+        );
+        assert_eq!(
+            said(pick_channel(&id, &one, Some(c("audio")))),
+            "409 cam-1 does not serve `audio` (it serves iris)"
+        );
+        assert_eq!(
+            said(pick_channel(&id, &[], Some(c("audio")))),
+            "409 cam-1 serves no model, so not `audio`"
+        );
+    }
 }
