@@ -1119,6 +1119,7 @@ fn channels_rss(dir: &Path, cases: &[Case]) {
             let bodies: Vec<String> = cases[..n].iter().map(|c| oip_body(&c.input)).collect();
             let mut loaded = Vec::new();
             let mut served = Vec::new();
+            let mut split = Vec::new();
             for _ in 0..3 {
                 let (mut child, api) = spawn_agent(&agent, None, &data, &trust);
                 std::thread::sleep(Duration::from_millis(1500));
@@ -1133,10 +1134,13 @@ fn channels_rss(dir: &Path, cases: &[Case]) {
                     assert_eq!(status, 200, "{} answers", c.channel);
                 }
                 served.push(rss_kib(child.id()));
+                split.push(rss_split_kib(child.id()));
                 let _ = child.kill();
                 let _ = child.wait();
             }
             let (loaded, served) = (median_u64(loaded), median_u64(served));
+            let anon = median_u64(split.iter().map(|(a, _)| *a).collect());
+            let file = median_u64(split.iter().map(|(_, f)| *f).collect());
             let models_kib: u64 = cases[..n]
                 .iter()
                 .map(|c| {
@@ -1148,12 +1152,14 @@ fn channels_rss(dir: &Path, cases: &[Case]) {
                 / 1024;
             if n == 0 {
                 empty = loaded;
-                println!("    no model: {loaded} KiB");
+                println!(
+                    "    no model: {loaded} KiB (anonymous {anon} KiB, the binary's pages {file} KiB)"
+                );
                 continue;
             }
             let names: Vec<&str> = cases[..n].iter().map(|c| c.channel).collect();
             println!(
-                "    {n} model(s) ({}; files {models_kib} KiB): loaded {loaded} KiB, after one request each {served} KiB; {:+} KiB over no model; target models + 10 MB = {} KiB: {}",
+                "    {n} model(s) ({}; files {models_kib} KiB): loaded {loaded} KiB, after one request each {served} KiB (anonymous {anon} KiB, the binary's pages {file} KiB); {:+} KiB over no model; target models + 10 MB = {} KiB: {}",
                 names.join(", "),
                 served as i64 - empty as i64,
                 models_kib + 10 * 1024,
@@ -1165,6 +1171,19 @@ fn channels_rss(dir: &Path, cases: &[Case]) {
             );
         }
     }
+}
+
+/// RssAnon and RssFile (the binary's and libraries' pages) of a process, KiB.
+fn rss_split_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("RssAnon:"), field("RssFile:"))
 }
 
 fn median_u64(mut v: Vec<u64>) -> u64 {

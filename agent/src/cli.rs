@@ -702,6 +702,7 @@ pub fn link_setup(
         fetch_listen: std::time::Duration::from_secs(2),
         facts: device_facts(),
         clock_skew_s: 0,
+        trim_memory: true,
     };
     Ok((options(device.as_str(), &endpoint, tls), settings))
 }
@@ -764,6 +765,8 @@ fn serve(
             );
         }
         let served = crate::service::served(loaded, config);
+        // The models are loaded: what loading them took goes back (memory.rs).
+        crate::memory::trim_after_load();
         let link = link_or_why(config, trust)
             .map(|(options, settings)| crate::service::Link::new(options, settings));
         if let Some(path) = &socket {

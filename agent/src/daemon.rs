@@ -78,6 +78,10 @@ pub struct DaemonSettings {
     /// Seconds added to the system clock: 0 on a real device; the fleet
     /// simulator sets it to play a device whose clock is wrong.
     pub clock_skew_s: i64,
+    /// After an install, give back what loading the model took
+    /// ([`crate::memory::trim_after_load`]): a real agent process; not the
+    /// fleet simulator, whose devices share one process.
+    pub trim_memory: bool,
 }
 
 /// A listening download asks for chunks only once no chunk came for this long.
@@ -1205,6 +1209,9 @@ impl Daemon {
         }
         .unwrap_or(protocol::Slot::A);
         self.served.replace_all(model);
+        if self.settings.trim_memory {
+            tokio::task::spawn_blocking(crate::memory::trim_after_load);
+        }
         tracing::info!(
             digest = %digest.short(),
             version = %done.bundle.version,

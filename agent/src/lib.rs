@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod drift;
 pub mod http;
 pub mod link;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod notify;

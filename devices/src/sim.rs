@@ -487,6 +487,8 @@ fn device_link(
     link_settings.facts = spec.profile.facts();
     link_settings.stall_timeout = Duration::from_secs(2);
     link_settings.clock_skew_s = spec.faults.clock_skew_s;
+    // Its devices share this process: no madvise of the process's code per install.
+    link_settings.trim_memory = false;
     let tap = Tap {
         device: spec.id.clone(),
         topics: Topics::new(&settings.topic_prefix).map_err(|e| fail(e.reason.to_string()))?,
