@@ -310,24 +310,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             print_state(&state);
             Ok(0)
         }
-        Command::Activate { digest, channel } => {
-            let state = store.load()?;
-            if let Some(c) = &channel {
-                state
-                    .resolve_channel(Some(c))
-                    .map_err(store::InstallError::Slot)?;
-                let staged = state
-                    .channel(c)
-                    .and_then(|p| p.target_entry())
-                    .is_some_and(|e| e.bundle.digest == digest);
-                if !staged {
-                    return Err(store::InstallError::Slot(SlotError::NotStaged(digest)).into());
-                }
-            }
-            let state = store::change_slots(&store, SlotEvent::Activate { digest })?;
-            print_state(&state);
-            Ok(0)
-        }
+        Command::Activate { digest, channel } => activate(&store, digest, channel.as_ref()),
         Command::Remove { channel } => {
             let state = store::change_slots(&store, SlotEvent::Remove { channel })?;
             store.gc(&state)?;
@@ -347,6 +330,31 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             channel,
         } => infer(&store, channel.as_ref(), &input, time),
     }
+}
+
+/// `activate DIGEST [--channel C]`: the staged bundle becomes active; a named
+/// channel must hold it.
+fn activate(
+    store: &Store,
+    digest: Digest,
+    channel: Option<&ModelChannel>,
+) -> Result<i32, CliError> {
+    if let Some(c) = channel {
+        let state = store.load()?;
+        state
+            .resolve_channel(Some(c))
+            .map_err(store::InstallError::Slot)?;
+        let staged = state
+            .channel(c)
+            .and_then(|p| p.target_entry())
+            .is_some_and(|e| e.bundle.digest == digest);
+        if !staged {
+            return Err(store::InstallError::Slot(SlotError::NotStaged(digest)).into());
+        }
+    }
+    let state = store::change_slots(store, SlotEvent::Activate { digest })?;
+    print_state(&state);
+    Ok(0)
 }
 
 /// `install`: 0 when the bundle is installed, 1 when it is refused.

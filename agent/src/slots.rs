@@ -318,47 +318,55 @@ impl SlotsState {
         }
     }
 
+    /// `Installed`: the bundle goes to the inactive slot of its channel (added
+    /// when new), activated with `Activate`.
+    fn installed(
+        self,
+        bundle: BundleRef,
+        mode: InstallMode,
+        at: UnixTime,
+    ) -> Result<SlotsState, SlotError> {
+        let mut next = self;
+        let channel = bundle.channel.clone();
+        if next.active_entry(&channel).map(|e| e.bundle.digest) == Some(bundle.digest) {
+            return Err(SlotError::AlreadyActive(bundle.digest));
+        }
+        if !next.channels.contains_key(&channel) && next.channels.len() >= MAX_DEVICE_CHANNELS {
+            return Err(SlotError::TooManyChannels);
+        }
+        let highest = next.releases.get(&channel).map_or(0, |r| r.release);
+        if bundle.release >= highest {
+            next.releases.insert(
+                channel.clone(),
+                InstalledRelease {
+                    release: bundle.release,
+                    manifest_digest: bundle.digest,
+                },
+            );
+        }
+        next.last_install = Some(InstallResult {
+            digest: bundle.digest,
+            at,
+            failure: None,
+        });
+        let role = match mode {
+            InstallMode::Activate | InstallMode::Stage => SlotRole::Staged,
+            InstallMode::Shadow => SlotRole::Shadow,
+        };
+        let mut pair = next.channels.remove(&channel).unwrap_or_default();
+        pair.set(pair.target_slot(), Some(SlotEntry { bundle, role }));
+        if mode == InstallMode::Activate {
+            pair = pair.swap();
+        }
+        next.channels.insert(channel, pair);
+        Ok(next)
+    }
+
     /// The transition table.
     pub fn apply(self, event: SlotEvent) -> Result<SlotsState, SlotError> {
         let mut next = self;
         match event {
-            SlotEvent::Installed { bundle, mode, at } => {
-                let channel = bundle.channel.clone();
-                if next.active_entry(&channel).map(|e| e.bundle.digest) == Some(bundle.digest) {
-                    return Err(SlotError::AlreadyActive(bundle.digest));
-                }
-                if !next.channels.contains_key(&channel)
-                    && next.channels.len() >= MAX_DEVICE_CHANNELS
-                {
-                    return Err(SlotError::TooManyChannels);
-                }
-                let highest = next.releases.get(&channel).map_or(0, |r| r.release);
-                if bundle.release >= highest {
-                    next.releases.insert(
-                        channel.clone(),
-                        InstalledRelease {
-                            release: bundle.release,
-                            manifest_digest: bundle.digest,
-                        },
-                    );
-                }
-                next.last_install = Some(InstallResult {
-                    digest: bundle.digest,
-                    at,
-                    failure: None,
-                });
-                let role = match mode {
-                    InstallMode::Activate | InstallMode::Stage => SlotRole::Staged,
-                    InstallMode::Shadow => SlotRole::Shadow,
-                };
-                let mut pair = next.channels.remove(&channel).unwrap_or_default();
-                pair.set(pair.target_slot(), Some(SlotEntry { bundle, role }));
-                if mode == InstallMode::Activate {
-                    pair = pair.swap();
-                }
-                next.channels.insert(channel, pair);
-                Ok(next)
-            }
+            SlotEvent::Installed { bundle, mode, at } => next.installed(bundle, mode, at),
             SlotEvent::InstallFailed { digest, reason, at } => {
                 next.last_install = Some(InstallResult {
                     digest,

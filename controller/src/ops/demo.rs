@@ -247,31 +247,33 @@ fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Bundles), Dem
     println!(
         "  iris 2.0.0  release 2  a regressed model: its answers differ from its golden cases"
     );
-    // A second model for the same devices, on its own channel.
-    let vision_model = write("digits_cnn.onnx", VISION_MODEL)?;
+    let vision = vision_bundle(dir, now, &secrets[..2])?;
+    Ok((root_path, Bundles { good, bad, vision }))
+}
+
+/// The second model for the same devices, on its own channel: the digits CNN.
+fn vision_bundle(
+    dir: &Path,
+    now: UnixTime,
+    signers: &[edgefleet_shared::SecretKey],
+) -> Result<Built, DemoError> {
+    let model = dir.join("digits_cnn.onnx");
+    operator::write_atomic(&model, 0o644, |w| w.write_all(VISION_MODEL))?;
     let vision = Built {
         path: dir.join("vision-1.0.0.efb"),
         channel: "vision",
         version: "1.0.0".into(),
     };
-    let vision_channel =
+    let channel =
         ModelChannel::new("vision").unwrap_or_else(|e| unreachable!("a fixed channel name: {e}"));
-    let report = operator::build_bundle(
-        &BuildOptions::new(
-            vision_model,
-            vision_channel,
-            semver::Version::new(1, 0, 0),
-            1,
-            now,
-        ),
-        &vision.path,
-    )?;
-    operator::sign_bundle(&vision.path, &secrets[..2])?;
+    let options = BuildOptions::new(model, channel, semver::Version::new(1, 0, 0), 1, now);
+    let report = operator::build_bundle(&options, &vision.path)?;
+    operator::sign_bundle(&vision.path, signers)?;
     println!(
         "  vision 1.0.0  release 1  a digits CNN, {} bytes: a second model for the same devices",
         report.manifest.payload.size
     );
-    Ok((root_path, Bundles { good, bad, vision }))
+    Ok(vision)
 }
 
 /// Polls `check` until it returns Some, or fails after [`WAIT`].

@@ -515,24 +515,10 @@ pub fn devices(cmd: DevicesCommand) -> Result<i32, CommandError> {
             Ok(0)
         }
         DevicesCommand::Revert { id, channel, api } => {
-            let body = json!({ "channel": channel });
-            let v = Client::new(&api).post(&format!("/api/v1/devices/{id}/revert"), &body)?;
-            if api.json {
-                print_json(&v);
-            } else {
-                println!("told {id} to revert (command {})", v["command"]);
-            }
-            Ok(0)
+            device_command(&api, &id, "revert", channel.as_deref())
         }
         DevicesCommand::Remove { id, channel, api } => {
-            let body = json!({ "channel": channel });
-            let v = Client::new(&api).post(&format!("/api/v1/devices/{id}/remove"), &body)?;
-            if api.json {
-                print_json(&v);
-            } else {
-                println!("told {id} to remove `{channel}` (command {})", v["command"]);
-            }
-            Ok(0)
+            device_command(&api, &id, "remove", Some(&channel))
         }
         DevicesCommand::Show { id, api } => {
             let v = Client::new(&api).get(&format!("/api/v1/devices/{id}"))?;
@@ -540,6 +526,24 @@ pub fn devices(cmd: DevicesCommand) -> Result<i32, CommandError> {
             Ok(0)
         }
     }
+}
+
+/// `devices revert|remove`: `POST /api/v1/devices/{id}/{action}` with the channel.
+fn device_command(
+    api: &ApiArgs,
+    id: &str,
+    action: &str,
+    channel: Option<&str>,
+) -> Result<i32, CommandError> {
+    let body = json!({ "channel": channel });
+    let v = Client::new(api).post(&format!("/api/v1/devices/{id}/{action}"), &body)?;
+    if api.json {
+        print_json(&v);
+    } else {
+        let what = channel.map_or(String::new(), |c| format!(" `{c}`"));
+        println!("told {id} to {action}{what} (command {})", v["command"]);
+    }
+    Ok(0)
 }
 
 /// `devices enroll --count N | --csv FILE`: 500 devices per
