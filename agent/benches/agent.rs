@@ -770,6 +770,7 @@ fn post_download_check(dir: &Path, case: &Case, model: &LoadedModel) {
     let header = RawHeader::read_from(&mut bytes.as_slice()).expect("header");
     let policy = || Policy {
         trust: &trust,
+        role: edgefleet_shared::trust::Role::Models,
         now: UnixTime::now(),
         limits: Limits::default(),
         installed: None,

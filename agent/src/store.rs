@@ -405,6 +405,7 @@ pub fn device_policy<'a>(
 ) -> Policy<'a> {
     Policy {
         trust,
+        role: edgefleet_shared::trust::Role::Models,
         now,
         limits: Limits::default(),
         installed,

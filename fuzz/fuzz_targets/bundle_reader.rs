@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let root = TrustRoot::new(1, UnixTime(i64::MAX), 1, vec![SecretKey::from_seed([1; 32]).public()]);
-    let policy = Policy { trust: &root, now: UnixTime(0), limits: Limits::default(), installed: None, device: None };
+    let policy = Policy { trust: &root, role: edgefleet_shared::trust::Role::Models, now: UnixTime(0), limits: Limits::default(), installed: None, device: None };
     let _ = verify_stream(data, &policy, &mut DiscardSink);
     let _ = RawHeader::parse(data);
 });

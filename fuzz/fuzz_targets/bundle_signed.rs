@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let key = SecretKey::from_seed([1; 32]);
     let root = TrustRoot::new(1, UnixTime(i64::MAX), 1, vec![key.public()]);
-    let policy = Policy { trust: &root, now: UnixTime(0), limits: Limits::default(), installed: None, device: None };
+    let policy = Policy { trust: &root, role: edgefleet_shared::trust::Role::Models, now: UnixTime(0), limits: Limits::default(), installed: None, device: None };
     let mut header = RawHeader { manifest_bytes: manifest.to_vec(), signatures: vec![] };
     header.sign(&key);
     let bundle = [header.to_bytes(), payload.to_vec()].concat();

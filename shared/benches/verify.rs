@@ -34,6 +34,7 @@ fn verify_file(path: &Path) -> f64 {
     let (_, root) = trust();
     let policy = Policy {
         trust: &root,
+        role: edgefleet_shared::trust::Role::Models,
         now: UnixTime(1_800_000_000),
         limits: Limits::default(),
         installed: None,

@@ -22,11 +22,11 @@ use crate::cbor::{self, DecodeError};
 use crate::ids::{Arch, ArtifactName, Digest, KeyId, ModelChannel};
 use crate::keys::{SecretKey, SignatureEntry, ThresholdFailure};
 use crate::manifest::{
-    ArtifactEntry, ArtifactKind, Constraints, HealthPolicy, MANIFEST_TYPE, Manifest, ModelSchema,
-    PayloadTable,
+    AGENT_CHANNEL, AGENT_RELEASE_TYPE, ArtifactEntry, ArtifactKind, Constraints, HealthPolicy,
+    MANIFEST_TYPE, Manifest, ModelSchema, PayloadTable,
 };
 use crate::time::UnixTime;
-use crate::trust::{MAX_SIGNATURES, TrustRoot};
+use crate::trust::{MAX_SIGNATURES, Role, TrustRoot};
 
 /// First eight bytes of every bundle. Like PNG's, it catches text-mode mangling.
 pub const MAGIC: [u8; 8] = *b"\x89EFB\r\n\x1a\n";
@@ -228,6 +228,25 @@ pub enum Refusal {
         /// Memory the device offers.
         available: u64,
     },
+    /// The trust root names no keys that may sign this kind of bundle: a root made
+    /// before agent releases has no agent-release role.
+    #[error(
+        "trust root version {version} has no keys that may sign {role}: rotate to a root with an agent-release role (docs/bundle.md)"
+    )]
+    NoSigningRole {
+        /// The root's version.
+        version: u32,
+        /// The role it lacks.
+        role: Role,
+    },
+    /// An agent release where a model bundle was expected, or the reverse.
+    #[error("bundle is {found}, expected {expected}")]
+    WrongKind {
+        /// What the receiver expected.
+        expected: Role,
+        /// What the manifest says it is.
+        found: Role,
+    },
 }
 
 impl Refusal {
@@ -298,6 +317,9 @@ pub struct DeviceFacts {
 pub struct Policy<'a> {
     /// The trust root to verify signatures against.
     pub trust: &'a TrustRoot,
+    /// What the bundle must be (a model bundle or an agent release): decides which
+    /// of the root's keys count.
+    pub role: Role,
     /// The current time.
     pub now: UnixTime,
     /// Global caps.
@@ -472,6 +494,14 @@ impl RawHeader {
         cbor::from_slice("manifest", &self.manifest_bytes, MAX_MANIFEST_LEN as usize)
     }
 
+    /// When the signatures do not verify for `expected`: is this the other kind
+    /// of bundle? Only then is the unverified manifest read, to say so rather
+    /// than name a key; the bundle is refused either way.
+    fn wrong_kind(&self, expected: Role) -> Option<Refusal> {
+        let found = self.decode_unverified().ok()?.role()?;
+        (found != expected).then_some(Refusal::WrongKind { expected, found })
+    }
+
     /// Steps 4-10: checks the header against `policy`. Pure: no I/O, no clock.
     pub fn verify(&self, policy: &Policy<'_>) -> Result<VerifiedHeader, Refusal> {
         // Step 4: the trust root must be current.
@@ -481,14 +511,18 @@ impl RawHeader {
                 expired_at: policy.trust.expires_at,
             });
         }
-        // Step 5: a threshold of trusted keys signed the exact manifest bytes.
-        let check = crate::keys::check_signatures(
-            &self.manifest_bytes,
-            &self.signatures,
-            &policy.trust.keys,
-        );
+        // Step 5: a threshold of the role's keys signed the exact manifest bytes.
+        let Some((keys, threshold)) = policy.trust.role(policy.role) else {
+            return Err(self
+                .wrong_kind(policy.role)
+                .unwrap_or(Refusal::NoSigningRole {
+                    version: policy.trust.version,
+                    role: policy.role,
+                }));
+        };
+        let check = crate::keys::check_signatures(&self.manifest_bytes, &self.signatures, keys);
         check
-            .require(usize::from(policy.trust.threshold))
+            .require(usize::from(threshold))
             .map_err(|f| match f {
                 ThresholdFailure::InvalidSignature(key) => Refusal::InvalidSignature { key },
                 ThresholdFailure::UnknownKey(key) => Refusal::UnknownKey { key },
@@ -496,13 +530,21 @@ impl RawHeader {
                     valid: u32::try_from(valid).unwrap_or(u32::MAX),
                     threshold: u32::try_from(threshold).unwrap_or(u32::MAX),
                 },
-            })?;
-        // Step 6: decode the verified bytes; structural rules.
+            })
+            .map_err(|refusal| self.wrong_kind(policy.role).unwrap_or(refusal))?;
+        // Step 6: decode the verified bytes; structural rules; the kind the
+        // receiver expects.
         let manifest = self
             .decode_unverified()
             .map_err(|e| Refusal::InvalidManifest {
                 detail: e.to_string(),
             })?;
+        if let Some(found) = manifest.role().filter(|r| *r != policy.role) {
+            return Err(Refusal::WrongKind {
+                expected: policy.role,
+                found,
+            });
+        }
         // Step 7: global caps, before anything is downloaded or read.
         for a in &manifest.artifacts {
             if a.size > policy.limits.max_artifact_size {
@@ -1017,7 +1059,7 @@ fn for_each_payload_piece(
 }
 
 /// Computes the manifest for `inputs` in one streaming pass (sizes, SHA-256 per
-/// artifact, chunk table). Memory stays at one buffer whatever the sizes.
+/// artifact, chunk table). A draft on the agent's channel makes an agent release. Memory stays at one buffer whatever the sizes.
 pub fn prepare_manifest(draft: &ManifestDraft, inputs: &[ArtifactInput]) -> io::Result<Manifest> {
     let mut hashers: Vec<Sha256> = inputs.iter().map(|_| Sha256::new()).collect();
     let chunk_size = u64::from(draft.chunk_size.max(1));
@@ -1057,8 +1099,14 @@ pub fn prepare_manifest(draft: &ManifestDraft, inputs: &[ArtifactInput]) -> io::
             })
         })
         .collect::<io::Result<Vec<_>>>()?;
+    // The agent's channel is reserved for agent releases (Manifest::validate).
+    let kind = if draft.channel.as_str() == AGENT_CHANNEL {
+        AGENT_RELEASE_TYPE
+    } else {
+        MANIFEST_TYPE
+    };
     Ok(Manifest {
-        kind: MANIFEST_TYPE.into(),
+        kind: kind.into(),
         channel: draft.channel.clone(),
         version: draft.version.to_string(),
         release: draft.release,

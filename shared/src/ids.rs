@@ -187,6 +187,13 @@ string_id!(
     Arch, "architecture", 32, upper = false, extra = &[]
 );
 
+impl ModelChannel {
+    /// The channel of agent releases (`edgefleet-agent`, reserved: docs/agent-update.md).
+    pub fn agent() -> ModelChannel {
+        ModelChannel(crate::manifest::AGENT_CHANNEL.to_owned())
+    }
+}
+
 impl Arch {
     /// The architecture this process was compiled for.
     pub fn current() -> Arch {
@@ -287,6 +294,14 @@ mod tests {
         assert!(ArtifactName::new(".hidden").is_err());
         assert!(ModelChannel::new("Iris").is_err());
         assert!(DeviceId::new(&"a".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn the_agent_channel_is_a_valid_channel() {
+        assert_eq!(
+            ModelChannel::new(crate::manifest::AGENT_CHANNEL).ok(),
+            Some(ModelChannel::agent())
+        );
     }
 
     #[test]

@@ -8,9 +8,18 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::cbor::DecodeError;
 use crate::ids::{Arch, ArtifactName, Digest, ModelChannel};
 use crate::time::UnixTime;
+use crate::trust::Role;
 
-/// The value of the `type` field of a manifest.
+/// The value of the `type` field of a model bundle's manifest.
 pub const MANIFEST_TYPE: &str = "edgefleet/manifest";
+/// The value of the `type` field of an agent release's manifest (docs/agent-update.md).
+pub const AGENT_RELEASE_TYPE: &str = "edgefleet/agent-release";
+/// The channel of every agent release: a device counts the releases of its agent
+/// binary here, as it counts a model's per channel. Reserved: no model uses it.
+pub const AGENT_CHANNEL: &str = "edgefleet-agent";
+/// An agent binary's artifact is named `edgefleet-agent.<arch>` (`x86_64`,
+/// `aarch64`, `arm`: Rust's names, as in `constraints.architectures`).
+pub const AGENT_ARTIFACT_PREFIX: &str = "edgefleet-agent.";
 /// Most artifacts a bundle may hold.
 pub const MAX_ARTIFACTS: usize = 16;
 /// Most inputs or outputs a model schema may list.
@@ -38,6 +47,9 @@ pub enum ArtifactKind {
     Golden,
     /// Optional pre/post-processing metadata (opaque to the contract).
     Metadata,
+    /// A static agent binary, for the architecture its name ends with (agent
+    /// releases only).
+    Agent,
 }
 
 /// One artifact as declared in the manifest.
@@ -189,6 +201,13 @@ pub struct ModelSchema {
     pub outputs: Vec<TensorSpec>,
 }
 
+impl ModelSchema {
+    /// No inputs and no outputs: the schema of an agent release.
+    pub fn is_empty(&self) -> bool {
+        self.inputs.is_empty() && self.outputs.is_empty()
+    }
+}
+
 /// What a device must offer to install the bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -253,6 +272,17 @@ impl PayloadTable {
     }
 }
 
+/// The architecture an agent binary's artifact name says (`edgefleet-agent.<arch>`).
+pub fn agent_binary_arch(entry: &ArtifactEntry) -> Option<Arch> {
+    let arch = entry.name.as_str().strip_prefix(AGENT_ARTIFACT_PREFIX)?;
+    Arch::new(arch).ok()
+}
+
+/// The artifact name of the agent binary for `arch`.
+pub fn agent_binary_name(arch: &Arch) -> Option<ArtifactName> {
+    ArtifactName::new(&format!("{AGENT_ARTIFACT_PREFIX}{arch}")).ok()
+}
+
 /// The signed description of a bundle.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -273,7 +303,8 @@ pub struct Manifest {
     pub expires_at: UnixTime,
     /// Artifacts in payload order.
     pub artifacts: Vec<ArtifactEntry>,
-    /// The model's inputs and outputs.
+    /// The model's inputs and outputs (absent from agent releases).
+    #[serde(default, skip_serializing_if = "ModelSchema::is_empty")]
     pub schema: ModelSchema,
     /// What a device must offer.
     pub constraints: Constraints,
@@ -349,6 +380,23 @@ impl Manifest {
         })
     }
 
+    /// Which signing role must sign this manifest, from its `type` (None for an
+    /// unknown type, which [`Manifest::validate`] refuses).
+    pub fn role(&self) -> Option<Role> {
+        match self.kind.as_str() {
+            MANIFEST_TYPE => Some(Role::Models),
+            AGENT_RELEASE_TYPE => Some(Role::AgentReleases),
+            _ => None,
+        }
+    }
+
+    /// An agent release's binary for `arch`.
+    pub fn agent_binary(&self, arch: &Arch) -> Option<&ArtifactEntry> {
+        self.artifacts
+            .iter()
+            .find(|a| a.kind == ArtifactKind::Agent && agent_binary_arch(a).as_ref() == Some(arch))
+    }
+
     /// The model artifact.
     pub fn model(&self) -> Option<&ArtifactEntry> {
         self.artifacts
@@ -364,12 +412,15 @@ impl Manifest {
     /// Structural rules that do not depend on the device or the time. Each error
     /// names the field. `max_artifact_size` is the global per-artifact cap.
     pub fn validate(&self, max_artifact_size: u64) -> Result<(), DecodeError> {
-        if self.kind != MANIFEST_TYPE {
+        let Some(role) = self.role() else {
             return Err(invalid(
                 "type",
-                format!("is {:?}, expected {MANIFEST_TYPE:?}", self.kind),
+                format!(
+                    "is {:?}, expected {MANIFEST_TYPE:?} or {AGENT_RELEASE_TYPE:?}",
+                    self.kind
+                ),
             ));
-        }
+        };
         self.semver()?;
         semver::Version::parse(&self.constraints.min_agent_version).map_err(|e| {
             invalid(
@@ -410,26 +461,10 @@ impl Manifest {
                 .checked_add(ARTIFACT_PREFIX_LEN + a.size)
                 .ok_or_else(|| invalid("artifacts", "sizes overflow"))?;
         }
-        for kind in [
-            ArtifactKind::Model,
-            ArtifactKind::Golden,
-            ArtifactKind::Reference,
-        ] {
-            let n = self.artifacts.iter().filter(|a| a.kind == kind).count();
-            let allowed = if kind == ArtifactKind::Model {
-                1..=1
-            } else {
-                0..=1
-            };
-            if !allowed.contains(&n) {
-                return Err(invalid(
-                    "artifacts",
-                    format!("holds {n} artifacts of kind {kind:?}; allowed: {allowed:?}"),
-                ));
-            }
+        match role {
+            Role::Models => self.validate_model_rules()?,
+            Role::AgentReleases => self.validate_agent_release_rules()?,
         }
-        check_tensor_specs("schema.inputs", &self.schema.inputs)?;
-        check_tensor_specs("schema.outputs", &self.schema.outputs)?;
         let h = &self.health;
         let tol_ok = |t: f64| t.is_finite() && t >= 0.0;
         if !tol_ok(h.abs_tolerance) || !tol_ok(h.rel_tolerance) {
@@ -463,6 +498,102 @@ impl Manifest {
                     p.chunks.len()
                 ),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl Manifest {
+    /// A model bundle: exactly one model, at most one golden and one reference
+    /// artifact, no agent binary, a schema, and not the agent's channel.
+    fn validate_model_rules(&self) -> Result<(), DecodeError> {
+        if self.channel.as_str() == AGENT_CHANNEL {
+            return Err(invalid(
+                "channel",
+                format!("{AGENT_CHANNEL:?} is reserved for agent releases"),
+            ));
+        }
+        for kind in [
+            ArtifactKind::Model,
+            ArtifactKind::Golden,
+            ArtifactKind::Reference,
+            ArtifactKind::Agent,
+        ] {
+            let n = self.artifacts.iter().filter(|a| a.kind == kind).count();
+            let allowed = match kind {
+                ArtifactKind::Model => 1..=1,
+                ArtifactKind::Agent => 0..=0,
+                _ => 0..=1,
+            };
+            if !allowed.contains(&n) {
+                return Err(invalid(
+                    "artifacts",
+                    format!("holds {n} artifacts of kind {kind:?}; allowed: {allowed:?}"),
+                ));
+            }
+        }
+        check_tensor_specs("schema.inputs", &self.schema.inputs)?;
+        check_tensor_specs("schema.outputs", &self.schema.outputs)?;
+        Ok(())
+    }
+
+    /// An agent release: the agent's channel, one binary per architecture named
+    /// `edgefleet-agent.<arch>` (metadata beside them allowed), the architectures
+    /// listed in `constraints.architectures` in the same order, and no schema.
+    fn validate_agent_release_rules(&self) -> Result<(), DecodeError> {
+        if self.channel.as_str() != AGENT_CHANNEL {
+            return Err(invalid(
+                "channel",
+                format!(
+                    "is {:?}; an agent release's channel is {AGENT_CHANNEL:?}",
+                    self.channel.as_str()
+                ),
+            ));
+        }
+        let mut arches = Vec::new();
+        for a in &self.artifacts {
+            match a.kind {
+                ArtifactKind::Agent => match agent_binary_arch(a) {
+                    Some(arch) => arches.push(arch),
+                    None => {
+                        return Err(invalid(
+                            "artifacts",
+                            format!(
+                                "agent binary {} is not named {AGENT_ARTIFACT_PREFIX}<architecture>",
+                                a.name
+                            ),
+                        ));
+                    }
+                },
+                ArtifactKind::Metadata => {}
+                other => {
+                    return Err(invalid(
+                        "artifacts",
+                        format!(
+                            "an agent release holds no artifact of kind {other:?} ({})",
+                            a.name
+                        ),
+                    ));
+                }
+            }
+        }
+        if arches.is_empty() {
+            return Err(invalid(
+                "artifacts",
+                "an agent release holds no agent binary",
+            ));
+        }
+        if self.constraints.architectures != arches {
+            return Err(invalid(
+                "constraints.architectures",
+                format!(
+                    "is {:?}, but the release's binaries are for {arches:?}",
+                    self.constraints.architectures
+                ),
+            ));
+        }
+        if !self.schema.is_empty() {
+            return Err(invalid("schema", "an agent release has no model schema"));
         }
         Ok(())
     }

@@ -34,8 +34,42 @@ pub struct TrustRoot {
     pub expires_at: UnixTime,
     /// How many distinct keys must sign (k of n).
     pub threshold: u16,
-    /// The trusted keys (n).
+    /// The trusted keys (n). They sign model bundles and the next root.
     pub keys: Vec<PublicKey>,
+    /// The keys that sign agent releases (the agent's own binary), with their own
+    /// threshold: a model signer cannot push code to the fleet. Absent from roots
+    /// made before agent releases existed; such a root refuses every agent release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_releases: Option<RoleKeys>,
+}
+
+/// Keys and threshold of one signing role beside the root's own keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleKeys {
+    /// How many distinct keys of the role must sign (k of n).
+    pub threshold: u16,
+    /// The role's keys (n).
+    pub keys: Vec<PublicKey>,
+}
+
+/// What a signature is trusted for: which keys of a root verify a bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Model bundles: the root's own keys.
+    Models,
+    /// Agent releases: the root's `agent_releases` keys.
+    AgentReleases,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Models => "a model bundle",
+            Role::AgentReleases => "an agent release",
+        })
+    }
 }
 
 /// A trust root file: exact signed bytes plus signatures.
@@ -106,6 +140,32 @@ impl std::fmt::Display for ThresholdDisplay {
     }
 }
 
+/// The rules for one set of keys: 1 to [`MAX_KEYS`] distinct keys and a
+/// threshold in 1..=n. `what` prefixes the error (empty for the root's own keys).
+fn check_key_set(what: &str, keys: &[PublicKey], threshold: u16) -> Result<(), TrustError> {
+    if keys.is_empty() || keys.len() > MAX_KEYS {
+        return Err(TrustError::Invalid(format!(
+            "{what}it lists {} keys; 1 to {MAX_KEYS} are allowed",
+            keys.len()
+        )));
+    }
+    for (i, k) in keys.iter().enumerate() {
+        if keys[..i].contains(k) {
+            return Err(TrustError::Invalid(format!(
+                "{what}key {} is listed twice",
+                k.id().short()
+            )));
+        }
+    }
+    if threshold == 0 || usize::from(threshold) > keys.len() {
+        return Err(TrustError::Invalid(format!(
+            "{what}threshold {threshold} is outside 1..={}",
+            keys.len()
+        )));
+    }
+    Ok(())
+}
+
 impl TrustRoot {
     /// A new root document (not yet signed).
     pub fn new(version: u32, expires_at: UnixTime, threshold: u16, keys: Vec<PublicKey>) -> Self {
@@ -115,6 +175,25 @@ impl TrustRoot {
             expires_at,
             threshold,
             keys,
+            agent_releases: None,
+        }
+    }
+
+    /// The same root with `role` as its agent-release signers.
+    pub fn with_agent_releases(mut self, role: RoleKeys) -> Self {
+        self.agent_releases = Some(role);
+        self
+    }
+
+    /// The keys and threshold that sign content of `role`; None when the root has
+    /// no such role.
+    pub fn role(&self, role: Role) -> Option<(&[PublicKey], u16)> {
+        match role {
+            Role::Models => Some((&self.keys, self.threshold)),
+            Role::AgentReleases => self
+                .agent_releases
+                .as_ref()
+                .map(|r| (r.keys.as_slice(), r.threshold)),
         }
     }
 
@@ -126,26 +205,9 @@ impl TrustRoot {
                 self.kind
             )));
         }
-        if self.keys.is_empty() || self.keys.len() > MAX_KEYS {
-            return Err(TrustError::Invalid(format!(
-                "it lists {} keys; 1 to {MAX_KEYS} are allowed",
-                self.keys.len()
-            )));
-        }
-        for (i, k) in self.keys.iter().enumerate() {
-            if self.keys[..i].contains(k) {
-                return Err(TrustError::Invalid(format!(
-                    "key {} is listed twice",
-                    k.id().short()
-                )));
-            }
-        }
-        if self.threshold == 0 || usize::from(self.threshold) > self.keys.len() {
-            return Err(TrustError::Invalid(format!(
-                "threshold {} is outside 1..={}",
-                self.threshold,
-                self.keys.len()
-            )));
+        check_key_set("", &self.keys, self.threshold)?;
+        if let Some(role) = &self.agent_releases {
+            check_key_set("agent_releases: ", &role.keys, role.threshold)?;
         }
         Ok(())
     }
@@ -378,5 +440,89 @@ mod tests {
             current.accept_rotation(&next, UnixTime(2000)),
             Err(TrustError::Expired { .. })
         ));
+    }
+
+    fn role(k: u16, keys: &[&SecretKey]) -> RoleKeys {
+        RoleKeys {
+            threshold: k,
+            keys: keys.iter().map(|k| k.public()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_root_without_the_agent_release_role_keeps_its_bytes_and_has_no_such_role() {
+        let a = key(1);
+        let doc = TrustRoot::new(1, UnixTime(1000), 1, vec![a.public()]);
+        let bytes = cbor::to_vec(&doc);
+        // The encoding has exactly the five fields roots had before roles.
+        let value: ciborium::Value =
+            ciborium::from_reader(bytes.as_slice()).unwrap_or(ciborium::Value::Null);
+        assert_eq!(value.as_map().map(Vec::len), Some(5));
+        let again: Result<TrustRoot, _> = cbor::from_slice("t", &bytes, MAX_TRUST_ROOT_LEN);
+        assert_eq!(again.as_ref().ok(), Some(&doc));
+        assert!(doc.role(Role::AgentReleases).is_none());
+        assert_eq!(
+            doc.role(Role::Models).map(|(k, t)| (k.len(), t)),
+            Some((1, 1))
+        );
+    }
+
+    #[test]
+    fn the_agent_release_role_round_trips_and_is_validated() {
+        let (a, r1, r2) = (key(1), key(7), key(8));
+        let doc = TrustRoot::new(1, UnixTime(1000), 1, vec![a.public()])
+            .with_agent_releases(role(2, &[&r1, &r2]));
+        let mut signed = doc.to_unsigned();
+        signed.sign(&a);
+        let back = signed.verify_self(UnixTime(0));
+        assert_eq!(back.as_ref().ok(), Some(&doc));
+        let (keys, k) = doc.role(Role::AgentReleases).unwrap_or((&[], 0));
+        assert_eq!((keys.len(), k), (2, 2));
+        for (bad, why) in [
+            (
+                role(0, &[&r1]),
+                "agent_releases: threshold 0 is outside 1..=1",
+            ),
+            (
+                role(3, &[&r1, &r2]),
+                "agent_releases: threshold 3 is outside 1..=2",
+            ),
+            (role(1, &[&r1, &r1]), "is listed twice"),
+            (role(1, &[]), "agent_releases: it lists 0 keys"),
+        ] {
+            let doc =
+                TrustRoot::new(1, UnixTime(1000), 1, vec![a.public()]).with_agent_releases(bad);
+            let err = doc
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(why), "{err:?} should say {why:?}");
+        }
+    }
+
+    #[test]
+    fn rotation_carries_the_role_and_is_signed_by_the_root_keys() {
+        let (a, r1, r2) = (key(1), key(7), key(8));
+        let Ok(current) = root(1, 1, &[&a], &[&a]).verify_self(UnixTime(0)) else {
+            panic!("current root must verify")
+        };
+        let next = TrustRoot::new(2, UnixTime(1000), 1, vec![a.public()])
+            .with_agent_releases(role(1, &[&r2]));
+        // Signed by the role's keys only: not a rotation.
+        let mut by_role = next.to_unsigned();
+        by_role.sign(&r1);
+        by_role.sign(&r2);
+        assert!(matches!(
+            current.accept_rotation(&by_role, UnixTime(0)),
+            Err(TrustError::Signatures { .. })
+        ));
+        let mut by_root = next.to_unsigned();
+        by_root.sign(&a);
+        let accepted = current.accept_rotation(&by_root, UnixTime(0));
+        assert_eq!(
+            accepted.ok().and_then(|r| r.agent_releases).map(|r| r.keys),
+            Some(vec![r2.public()])
+        );
     }
 }

@@ -110,6 +110,7 @@ fn trust(threshold: u16) -> TrustRoot {
 fn plain_policy(trust: &TrustRoot) -> Policy<'_> {
     Policy {
         trust,
+        role: edgefleet_shared::trust::Role::Models,
         now: NOW,
         limits: Limits::default(),
         installed: None,
@@ -151,6 +152,7 @@ impl Case {
     fn run(&self) -> Result<edgefleet_shared::VerifiedHeader, Refusal> {
         let policy = Policy {
             trust: &self.trust,
+            role: edgefleet_shared::trust::Role::Models,
             now: self.now,
             limits: self.limits,
             installed: self.installed.as_ref(),

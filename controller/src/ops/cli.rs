@@ -33,6 +33,10 @@ pub enum Command {
     /// Model bundles: build, sign, verify, inspect.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Agent releases: the agent's own binaries, signed by the trust root's
+    /// agent-release role (sign and verify them with `edgefleet bundle`).
+    #[command(subcommand)]
+    AgentRelease(AgentReleaseCommand),
     /// Run the controller: HTTP API, embedded MQTT broker, SQLite store, rollouts.
     Serve(crate::ops::remote::ServeArgs),
     /// The controller's configuration file.
@@ -98,6 +102,13 @@ pub enum TrustCommand {
         /// Days until the root expires.
         #[arg(long, default_value_t = 365)]
         expires_in_days: u32,
+        /// Keys that sign agent releases (.pub or .key files; repeat for k of n).
+        /// They have their own threshold and cannot sign models or the root.
+        #[arg(long = "agent-release-key")]
+        agent_release_keys: Vec<PathBuf>,
+        /// How many distinct agent-release keys must sign an agent release.
+        #[arg(long, default_value_t = 1, requires = "agent_release_keys")]
+        agent_release_threshold: u16,
         /// Where to write the root.
         #[arg(long)]
         out: PathBuf,
@@ -120,6 +131,13 @@ pub enum TrustCommand {
         /// Days until the new root expires.
         #[arg(long, default_value_t = 365)]
         expires_in_days: u32,
+        /// Agent-release keys of the new root (default: the current root's, kept).
+        /// They have their own threshold and cannot sign models or the root.
+        #[arg(long = "agent-release-key")]
+        agent_release_keys: Vec<PathBuf>,
+        /// How many distinct agent-release keys must sign an agent release.
+        #[arg(long, default_value_t = 1, requires = "agent_release_keys")]
+        agent_release_threshold: u16,
         /// Where to write the new root.
         #[arg(long)]
         out: PathBuf,
@@ -175,6 +193,54 @@ pub enum BundleCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `edgefleet agent-release ...`.
+#[derive(Debug, Subcommand)]
+pub enum AgentReleaseCommand {
+    /// Build one release file from the static agent binaries of each target
+    /// (`cross/build.sh`), their architectures checked from their ELF headers.
+    Build(Box<AgentReleaseArgs>),
+}
+
+/// `edgefleet agent-release build` arguments.
+#[derive(Debug, Args)]
+pub struct AgentReleaseArgs {
+    /// An agent binary, e.g. cross/out/aarch64-unknown-linux-musl/edgefleet-agent
+    /// (repeat, one per target, each followed by its --target).
+    #[arg(long = "binary", required = true)]
+    pub binaries: Vec<PathBuf>,
+    /// The target triple of the --binary at the same position.
+    #[arg(long = "target", required = true)]
+    pub targets: Vec<String>,
+    /// The agent's version (the binary's `--version` must say it).
+    #[arg(long)]
+    pub version: semver::Version,
+    /// Release number: must grow with every agent release (devices refuse a
+    /// downgrade).
+    #[arg(long)]
+    pub release: u64,
+    /// Where to write the release, e.g. agent-1.3.0.efb.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Sign right away with these secret keys (the agent-release role's).
+    #[arg(long = "key")]
+    pub keys: Vec<PathBuf>,
+    /// Days until the release expires.
+    #[arg(long, default_value_t = 90)]
+    pub expires_in_days: u32,
+    /// Lowest running agent version that may install it.
+    #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+    pub min_agent_version: semver::Version,
+    /// Memory a device needs free for the new agent during the hand-over, in MiB.
+    #[arg(long, default_value_t = operator::agent_release::AGENT_RELEASE_MEMORY >> 20)]
+    pub memory_mib: u64,
+    /// Transfer chunk size in KiB (4 to 4096).
+    #[arg(long, default_value_t = operator::agent_release::AGENT_RELEASE_CHUNK / 1024)]
+    pub chunk_kib: u32,
+    /// Accept binaries that need a dynamic loader (devices must have it).
+    #[arg(long)]
+    pub allow_dynamic: bool,
 }
 
 /// `edgefleet bundle build` arguments.
@@ -274,6 +340,18 @@ fn load_keys(paths: &[PathBuf]) -> Result<Vec<KeyFile>, OperatorError> {
     paths.iter().map(|p| operator::load_key(p)).collect()
 }
 
+/// The agent-release role from `--agent-release-key` files (None without any).
+fn agent_release_role(
+    paths: &[PathBuf],
+    threshold: u16,
+) -> Result<Option<edgefleet_shared::trust::RoleKeys>, OperatorError> {
+    if paths.is_empty() {
+        return Ok(None);
+    }
+    let keys = operator::distinct_publics(&load_keys(paths)?);
+    Ok(Some(edgefleet_shared::trust::RoleKeys { threshold, keys }))
+}
+
 fn load_secrets(paths: &[PathBuf]) -> Result<Vec<edgefleet_shared::SecretKey>, OperatorError> {
     paths.iter().map(|p| operator::load_secret_key(p)).collect()
 }
@@ -290,10 +368,14 @@ fn bytes_text(n: u64) -> String {
 pub fn describe_manifest(m: &Manifest, digest: &edgefleet_shared::Digest) -> String {
     let mut s = String::new();
     let line = |s: &mut String, k: &str, v: String| s.push_str(&format!("  {k:<12} {v}\n"));
+    let what = match m.role() {
+        Some(edgefleet_shared::trust::Role::AgentReleases) => "agent release".to_string(),
+        _ => m.channel.to_string(),
+    };
     line(
         &mut s,
         "bundle",
-        format!("{} {} (release {})", m.channel, m.version, m.release),
+        format!("{what} {} (release {})", m.version, m.release),
     );
     line(&mut s, "digest", digest.to_hex());
     line(&mut s, "created", m.created_at.to_string());
@@ -394,7 +476,60 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         }
         Command::Trust(cmd) => trust(cmd, now),
         Command::Bundle(cmd) => bundle(cmd, now),
+        Command::AgentRelease(AgentReleaseCommand::Build(args)) => agent_release_build(*args, now),
     }
+}
+
+/// `agent-release build`.
+fn agent_release_build(args: AgentReleaseArgs, now: UnixTime) -> Result<i32, CliError> {
+    if args.binaries.len() != args.targets.len() {
+        return Err(OperatorError::Input {
+            what: "--binary/--target".into(),
+            detail: format!(
+                "{} binaries and {} targets: give each --binary its --target",
+                args.binaries.len(),
+                args.targets.len()
+            ),
+        }
+        .into());
+    }
+    let opts = operator::AgentReleaseOptions {
+        binaries: args.binaries.into_iter().zip(args.targets).collect(),
+        version: args.version,
+        release: args.release,
+        min_agent_version: args.min_agent_version,
+        memory_bytes: args.memory_mib.saturating_mul(1 << 20),
+        chunk_size: args.chunk_kib.saturating_mul(1024),
+        now,
+        expires_in_days: args.expires_in_days,
+        allow_dynamic: args.allow_dynamic,
+        signers: load_secrets(&args.keys)?,
+    };
+    let report = operator::build_agent_release(&opts, &args.out)?;
+    println!("built {}", args.out.display());
+    print!("{}", describe_manifest(&report.manifest, &report.digest));
+    for b in &report.binaries {
+        println!(
+            "  binary       {} for {} ({}, {})",
+            b.path.display(),
+            b.target,
+            bytes_text(b.size),
+            if b.dynamic {
+                "needs a dynamic loader"
+            } else {
+                "static"
+            }
+        );
+    }
+    if report.signatures == 0 {
+        println!(
+            "  unsigned: sign it with `edgefleet bundle sign {} --key KEY` (an agent-release key)",
+            args.out.display()
+        );
+    } else {
+        println!("  signatures   {}", report.signatures);
+    }
+    Ok(0)
 }
 
 fn trust(cmd: TrustCommand, now: UnixTime) -> Result<i32, CliError> {
@@ -403,11 +538,15 @@ fn trust(cmd: TrustCommand, now: UnixTime) -> Result<i32, CliError> {
             keys,
             threshold,
             expires_in_days,
+            agent_release_keys,
+            agent_release_threshold,
             out,
         } => {
             let keys = load_keys(&keys)?;
             let expires = now.plus_days(i64::from(expires_in_days));
-            let root = operator::new_trust_root(&keys, threshold, 1, expires, &[])?;
+            let role = agent_release_role(&agent_release_keys, agent_release_threshold)?;
+            let root =
+                operator::new_trust_root_with_roles(&keys, threshold, 1, expires, role, &[])?;
             operator::save_trust_root(&out, &root)?;
             report_root(&out, &root, now);
             Ok(0)
@@ -418,6 +557,8 @@ fn trust(cmd: TrustCommand, now: UnixTime) -> Result<i32, CliError> {
             threshold,
             sign_with,
             expires_in_days,
+            agent_release_keys,
+            agent_release_threshold,
             out,
         } => {
             let current_file = operator::load_trust_file(&current)?;
@@ -430,11 +571,14 @@ fn trust(cmd: TrustCommand, now: UnixTime) -> Result<i32, CliError> {
             let keys = load_keys(&keys)?;
             let old_signers = load_secrets(&sign_with)?;
             let expires = now.plus_days(i64::from(expires_in_days));
-            let next = operator::new_trust_root(
+            let role = agent_release_role(&agent_release_keys, agent_release_threshold)?
+                .or(current_root.agent_releases.clone());
+            let next = operator::new_trust_root_with_roles(
                 &keys,
                 threshold,
                 current_root.version + 1,
                 expires,
+                role,
                 &old_signers,
             )?;
             operator::save_trust_root(&out, &next)?;
@@ -443,6 +587,7 @@ fn trust(cmd: TrustCommand, now: UnixTime) -> Result<i32, CliError> {
                 current_root.version + 1,
                 out.display()
             );
+            println!("  {}", agent_release_role_text(next.decode().ok().as_ref()));
             match current_root.accept_rotation(&next, now) {
                 Ok(_) => println!(
                     "  devices on version {} will accept it",
@@ -509,6 +654,18 @@ fn trust_verify(file: &Path, current: Option<&Path>, now: UnixTime) -> Result<i3
     }
 }
 
+/// One line on a root's agent-release role.
+fn agent_release_role_text(root: Option<&edgefleet_shared::TrustRoot>) -> String {
+    match root.and_then(|r| r.agent_releases.as_ref()) {
+        Some(role) => format!(
+            "agent releases: {} key(s), threshold {}",
+            role.keys.len(),
+            role.threshold
+        ),
+        None => "agent releases: no role (devices refuse every agent release)".into(),
+    }
+}
+
 fn report_root(path: &Path, root: &edgefleet_shared::SignedTrustRoot, now: UnixTime) {
     match root.decode() {
         Ok(doc) => {
@@ -527,6 +684,10 @@ fn report_root(path: &Path, root: &edgefleet_shared::SignedTrustRoot, now: UnixT
                     k.id(),
                     if signed { "signed" } else { "not signed yet" }
                 );
+            }
+            println!("  {}", agent_release_role_text(Some(&doc)));
+            for k in doc.agent_releases.iter().flat_map(|r| &r.keys) {
+                println!("  agent-release key {}", k.id());
             }
             match root.verify_self(now) {
                 Ok(_) => println!("  complete: devices can pin it"),
@@ -652,7 +813,7 @@ fn bundle_build(args: BuildArgs, now: UnixTime) -> Result<i32, CliError> {
 /// `bundle verify`: 0 when the bundle verifies, 1 when it is refused.
 fn bundle_verify(file: &Path, trust: &Path, json: bool, now: UnixTime) -> Result<i32, CliError> {
     let root = operator::load_trust_root(trust, now)?;
-    match operator::verify_bundle(file, &root, now) {
+    match operator::verify_bundle(file, &root, now, None) {
         Ok(v) => {
             if json {
                 let out = serde_json::json!({

@@ -21,7 +21,7 @@ use edgefleet_shared::manifest::{
     ArtifactKind, Constraints, Dim, ElementType, HealthPolicy, Manifest, TensorSpec,
 };
 use edgefleet_shared::reference::ReferenceStats;
-use edgefleet_shared::trust::TrustError;
+use edgefleet_shared::trust::{Role, RoleKeys, TrustError};
 use edgefleet_shared::{
     Arch, ArtifactName, Limits, ModelChannel, Policy, PublicKey, RawHeader, SecretKey,
     SignedTrustRoot, TrustRoot, UnixTime, VerifiedHeader,
@@ -148,13 +148,15 @@ pub fn write_atomic(
     edgefleet_shared::durable::write_with(path, mode, write).map_err(io_err(path))
 }
 
+pub mod agent_release;
 pub mod build;
 pub mod keys;
 pub mod signing;
 
+pub use agent_release::{AgentReleaseOptions, AgentReleaseReport, build_agent_release};
 pub use build::{BuildOptions, BuildReport, build_bundle};
 pub use keys::{
-    KeyFile, generate_key, load_key, load_secret_key, load_trust_file, load_trust_root,
-    new_trust_root, save_trust_root,
+    KeyFile, distinct_publics, generate_key, load_key, load_secret_key, load_trust_file,
+    load_trust_root, new_trust_root, new_trust_root_with_roles, save_trust_root,
 };
 pub use signing::{read_header, sign_bundle, verify_bundle};

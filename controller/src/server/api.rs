@@ -1366,7 +1366,16 @@ async fn upload_bundle(
     let (tmp, total) = receive_upload(body, dir, s.max_bundle_bytes).await?;
     let path = tmp.path().to_owned();
     let verified =
-        blocking(move || crate::ops::operator::verify_bundle(&path, &trust, UnixTime::now()))
+        // Model bundles only: agent releases are not rolled out by the
+        // controller yet (docs/agent-update.md).
+        blocking(move || {
+            crate::ops::operator::verify_bundle(
+                &path,
+                &trust,
+                UnixTime::now(),
+                Some(edgefleet_shared::trust::Role::Models),
+            )
+        })
             .await?
             .map_err(upload_refused)?;
     let row = bundle_row(&verified, total, &caller.name);

@@ -118,13 +118,32 @@ pub fn new_trust_root(
     expires_at: UnixTime,
     extra_signers: &[SecretKey],
 ) -> Result<SignedTrustRoot, OperatorError> {
+    new_trust_root_with_roles(keys, threshold, version, expires_at, None, extra_signers)
+}
+
+/// The public keys of `keys`, each once, in order.
+pub fn distinct_publics(keys: &[KeyFile]) -> Vec<PublicKey> {
     let mut publics: Vec<PublicKey> = Vec::new();
     for k in keys {
         if !publics.contains(&k.public()) {
             publics.push(k.public());
         }
     }
-    let doc = TrustRoot::new(version, expires_at, threshold, publics);
+    publics
+}
+
+/// [`new_trust_root`] with the keys that sign agent releases (their own role and
+/// threshold; they do not sign the root).
+pub fn new_trust_root_with_roles(
+    keys: &[KeyFile],
+    threshold: u16,
+    version: u32,
+    expires_at: UnixTime,
+    agent_releases: Option<RoleKeys>,
+    extra_signers: &[SecretKey],
+) -> Result<SignedTrustRoot, OperatorError> {
+    let mut doc = TrustRoot::new(version, expires_at, threshold, distinct_publics(keys));
+    doc.agent_releases = agent_releases;
     doc.validate()
         .map_err(|e| input_err("trust root", e.to_string()))?;
     let mut signed = doc.to_unsigned();

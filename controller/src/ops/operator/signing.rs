@@ -38,15 +38,27 @@ pub fn sign_bundle(path: &Path, keys: &[SecretKey]) -> Result<RawHeader, Operato
 }
 
 /// Verifies a bundle file completely (signatures, rules, every chunk and
-/// artifact) against `trust` at `now`, in bounded memory.
+/// artifact) against `trust` at `now`, in bounded memory. `expected` is the kind
+/// the caller accepts; None takes the kind the manifest says (model bundle or
+/// agent release) and checks it against that role's keys.
 pub fn verify_bundle(
     path: &Path,
     trust: &TrustRoot,
     now: UnixTime,
+    expected: Option<Role>,
 ) -> Result<VerifiedHeader, OperatorError> {
+    let role = match expected {
+        Some(role) => role,
+        None => read_header(path)?
+            .decode_unverified()
+            .ok()
+            .and_then(|m| m.role())
+            .unwrap_or(Role::Models),
+    };
     let file = fs::File::open(path).map_err(io_err(path))?;
     let policy = Policy {
         trust,
+        role,
         now,
         limits: Limits::default(),
         installed: None,
