@@ -550,7 +550,7 @@ async fn repository_index(State(s): State<Shared>, body: axum::body::Bytes) -> R
 async fn server_metadata() -> Json<serde_json::Value> {
     Json(json!({
         "name": "edgefleet-agent",
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": crate::version::version(),
         "extensions": ["binary_tensor_data"],
     }))
 }

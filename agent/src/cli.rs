@@ -18,7 +18,7 @@ use crate::store::{self, Store};
 
 /// edgefleet-agent: installs signed model bundles and serves them on this device.
 #[derive(Debug, Parser)]
-#[command(name = "edgefleet-agent", version, about)]
+#[command(name = "edgefleet-agent", version = crate::version::version(), about)]
 pub struct Cli {
     /// Config file (default /etc/edgefleet/agent.toml when it exists).
     #[arg(long, global = true)]
@@ -158,7 +158,7 @@ fn memory_available() -> u64 {
 pub fn device_facts() -> DeviceFacts {
     DeviceFacts {
         arch: Arch::current(),
-        agent_version: semver::Version::parse(env!("CARGO_PKG_VERSION"))
+        agent_version: semver::Version::parse(crate::version::version())
             .unwrap_or(semver::Version::new(0, 0, 0)),
         memory_available: memory_available(),
     }
@@ -407,7 +407,7 @@ fn status(store: &Store, json: bool) -> Result<i32, CliError> {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "agent_version": env!("CARGO_PKG_VERSION"),
+                "agent_version": crate::version::version(),
                 "arch": std::env::consts::ARCH,
                 "data_dir": store.dir(),
                 // The only channel's, as before channels; null with several.

@@ -1238,7 +1238,7 @@ impl Daemon {
             device: self.settings.device.clone(),
             at: self.now(),
             online,
-            agent_version: env!("CARGO_PKG_VERSION").into(),
+            agent_version: crate::version::version().into(),
             arch: edgefleet_shared::Arch::current(),
             slots: state.slot_states(),
             last_install: state.last_install.clone(),
@@ -1333,7 +1333,7 @@ impl Daemon {
         let device_metrics = self.probe.device_metrics(self.store.dir());
         let agent = AgentMetrics {
             rss_bytes: self.probe.own_rss(),
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: crate::version::version().into(),
             // Both spools: an event lost to a full disk is a gap too.
             spool_dropped: self.telemetry.index().dropped() + self.events.index().dropped(),
         };

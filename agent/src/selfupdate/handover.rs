@@ -1,0 +1,223 @@
+//! The file-system and process steps of an agent update (docs/agent-update.md):
+//! the two binary slots and the link the supervisor starts, writing a new binary
+//! into a slot, and probing it before anything depends on it. Each step is
+//! durable on its own (temporary file, fsync, rename, fsync of the directory),
+//! so a power cut leaves either the old or the new file, never a mix.
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::BinarySlot;
+
+/// Where the agent's binaries live on the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// The directory of `agent.a` and `agent.b`.
+    pub binary_dir: PathBuf,
+    /// The path the supervisor starts (the unit's ExecStart): a symbolic link to
+    /// one slot, or, on a device flashed before agent releases, the binary itself.
+    pub link: PathBuf,
+}
+
+impl Layout {
+    /// The file of `slot`.
+    pub fn slot_path(&self, slot: BinarySlot) -> PathBuf {
+        self.binary_dir.join(slot.file_name())
+    }
+
+    /// The slot the binary at `exe` (this process's `/proc/self/exe`) is, if it
+    /// is one of this layout's slots.
+    pub fn slot_of(&self, exe: &Path) -> Option<BinarySlot> {
+        let dir = std::fs::canonicalize(&self.binary_dir).ok()?;
+        let exe = std::fs::canonicalize(exe).ok()?;
+        if exe.parent()? != dir {
+            return None;
+        }
+        BinarySlot::from_file_name(exe.file_name()?.to_str()?)
+    }
+
+    /// The slot the link names now (None: not a link into the binary directory).
+    pub fn link_target(&self) -> Option<BinarySlot> {
+        let target = std::fs::read_link(&self.link).ok()?;
+        let target = if target.is_relative() {
+            self.link.parent()?.join(target)
+        } else {
+            target
+        };
+        self.slot_of(&target)
+    }
+
+    /// Writes `slot` from `binary` (at most `max_len` bytes), executable, durably;
+    /// what the slot held before is replaced only once the new file is whole.
+    pub fn write_slot(
+        &self,
+        slot: BinarySlot,
+        binary: &mut dyn Read,
+        max_len: u64,
+    ) -> io::Result<PathBuf> {
+        std::fs::create_dir_all(&self.binary_dir)?;
+        let path = self.slot_path(slot);
+        edgefleet_shared::durable::write_with(&path, 0o755, |w| {
+            let copied = io::copy(&mut binary.take(max_len + 1), w)?;
+            if copied > max_len {
+                return Err(io::Error::other(format!(
+                    "the binary is over {max_len} bytes"
+                )));
+            }
+            w.flush()
+        })?;
+        Ok(path)
+    }
+
+    /// Points the link at `slot` in one step: a new link beside it, renamed over
+    /// it, then the directory synced. Whatever starts the link afterwards starts
+    /// that slot; before the rename, the old target.
+    pub fn switch_link(&self, slot: BinarySlot) -> io::Result<()> {
+        let dir = self
+            .link
+            .parent()
+            .ok_or_else(|| io::Error::other("the link has no directory"))?;
+        let name = self
+            .link
+            .file_name()
+            .ok_or_else(|| io::Error::other("the link has no file name"))?;
+        let tmp = dir.join(format!(".{}.next", name.to_string_lossy()));
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::os::unix::fs::symlink(self.slot_path(slot), &tmp)?;
+        std::fs::rename(&tmp, &self.link)?;
+        edgefleet_shared::durable::sync_dir(dir)
+    }
+
+    /// A device flashed before agent releases runs a plain file at the link's
+    /// path. Copies `exe` (the running binary) into slot A and points the link
+    /// at it, so that the old binary has a slot to come back to. Returns A.
+    pub fn adopt(&self, exe: &Path) -> io::Result<BinarySlot> {
+        let mut file = std::fs::File::open(exe)?;
+        let len = file.metadata()?.len();
+        self.write_slot(BinarySlot::A, &mut file, len)?;
+        self.switch_link(BinarySlot::A)?;
+        Ok(BinarySlot::A)
+    }
+}
+
+/// Why a new binary failed its probe. Nothing depends on it yet when this is
+/// returned: the running agent goes on as before.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// It could not be started at all (wrong architecture, not executable).
+    #[error("the new binary does not start: {0}")]
+    Start(io::Error),
+    /// It did not answer within the time allowed.
+    #[error("the new binary did not answer `{step}` within {seconds} s")]
+    Timeout {
+        /// The probe step.
+        step: &'static str,
+        /// The time allowed.
+        seconds: u64,
+    },
+    /// `--version` answered something else than the release's version.
+    #[error("the new binary says it is {got:?}, the release says {expected}")]
+    Version {
+        /// The release's version.
+        expected: String,
+        /// What the binary printed.
+        got: String,
+    },
+    /// `config check` refused the running configuration.
+    #[error("the new binary refuses the current configuration: {0}")]
+    Config(String),
+}
+
+/// Runs the new binary twice before it is trusted: `--version` must print
+/// `edgefleet-agent <expected>` and `--config <config> config check` must accept
+/// the configuration the agent runs with; each within `timeout`.
+pub fn probe(
+    binary: &Path,
+    expected: &str,
+    config: &Path,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    let out = run_bounded(Command::new(binary).arg("--version"), "--version", timeout)?;
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if said.strip_prefix("edgefleet-agent ") != Some(expected) {
+        return Err(ProbeError::Version {
+            expected: expected.to_owned(),
+            got: said,
+        });
+    }
+    let mut check = Command::new(binary);
+    check.arg("--config").arg(config).args(["config", "check"]);
+    let out = run_bounded(&mut check, "config check", timeout)?;
+    if !out.status.success() {
+        let text = String::from_utf8_lossy(&out.stderr);
+        let text = if text.trim().is_empty() {
+            String::from_utf8_lossy(&out.stdout)
+        } else {
+            text
+        };
+        return Err(ProbeError::Config(text.trim().chars().take(500).collect()));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` with its output captured (at most 64 KiB kept); kills it after
+/// `timeout`.
+fn run_bounded(
+    cmd: &mut Command,
+    step: &'static str,
+    timeout: Duration,
+) -> Result<std::process::Output, ProbeError> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("RUST_LIB_BACKTRACE", "0")
+        .spawn()
+        .map_err(ProbeError::Start)?;
+    let readers = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .map(|pipe| {
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            if let Some(pipe) = pipe {
+                let _ = pipe.take(64 * 1024).read_to_end(&mut kept);
+            }
+            kept
+        })
+    });
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait().map_err(ProbeError::Start)? {
+            Some(status) => break status,
+            None if started.elapsed() >= timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ProbeError::Timeout {
+                    step,
+                    seconds: timeout.as_secs(),
+                });
+            }
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let [stdout, stderr] = readers.map(|r| r.join().unwrap_or_default());
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
