@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
+
+use crate::selfupdate::start::Started;
 use edgefleet_shared::bundle::DeviceFacts;
 use edgefleet_shared::protocol::{InstallMode, Slot};
 use edgefleet_shared::{Arch, Digest, ModelChannel, SignedTrustRoot, UnixTime};
@@ -731,6 +733,47 @@ async fn terminated() {
     }
 }
 
+/// What this start does about the agent's own update (docs/agent-update.md).
+/// Never stops the agent: a record it cannot act on is logged and left. A new
+/// binary whose trial was lost gives the device back to the old one here.
+fn update_at_start(data_dir: &Path, config: &crate::config::AgentConfig) -> Started {
+    let layout = config.self_update.layout();
+    let exe = std::env::current_exe().unwrap_or_default();
+    match crate::selfupdate::start::at_start(data_dir, &layout, &exe, UnixTime::now()) {
+        Ok(Started::Reverted {
+            failure,
+            hand_back: true,
+        }) => {
+            use std::os::unix::process::CommandExt as _;
+            tracing::error!(
+                "agent update lost its trial ({failure}); handing back to {}",
+                layout.link.display()
+            );
+            let err = std::process::Command::new(&layout.link)
+                .args(std::env::args_os().skip(1))
+                .exec();
+            tracing::error!("cannot hand back to {}: {err}", layout.link.display());
+            Started::Normal
+        }
+        Ok(Started::Reverted { failure, .. }) => {
+            println!("agent update reverted: {failure}");
+            Started::Normal
+        }
+        Ok(Started::Committed(r)) => {
+            println!(
+                "agent update to {} (release {}) committed",
+                r.version, r.release
+            );
+            Started::Normal
+        }
+        Ok(started) => started,
+        Err(e) => {
+            tracing::error!("agent update record: {e}");
+            Started::Normal
+        }
+    }
+}
+
 fn serve(
     store: &Store,
     config: &crate::config::AgentConfig,
@@ -755,6 +798,7 @@ fn serve(
     {
         tracing::warn!("cannot remove leftovers in {}: {e}", store.dir().display());
     }
+    let update = update_at_start(store.dir(), config);
     let loaded = store::load_served(store)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -779,6 +823,20 @@ fn serve(
             .map(|(options, settings)| crate::service::Link::new(options, settings));
         if let Some(path) = &socket {
             println!("local API listening on unix:{}", path.display());
+        }
+        if let Started::Trial(record) = &update {
+            // Config read, state loaded, every model served: this agent keeps
+            // the device (docs/agent-update.md).
+            match crate::selfupdate::start::confirm(store.dir(), &config.self_update.layout()) {
+                Ok(r) => println!(
+                    "agent update to {} (release {}) confirmed",
+                    r.version, r.release
+                ),
+                Err(e) => tracing::error!(
+                    "agent update to {} not confirmed: {e}; the next start decides",
+                    record.version
+                ),
+            }
         }
         // Readiness line (the last): scripts and tests wait for it.
         println!("local API listening on http://{addr}");

@@ -177,6 +177,39 @@ impl Default for SamplesConfig {
     }
 }
 
+/// The agent's own binary and its updates (docs/agent-update.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SelfUpdateConfig {
+    /// The directory of the two binary slots, `agent.a` and `agent.b`.
+    pub binary_dir: PathBuf,
+    /// The path the supervisor starts (a link to one slot once the agent has
+    /// updated itself once).
+    pub link: PathBuf,
+    /// Seconds a new agent has to confirm (10..=600) before the old one comes back.
+    pub confirm_within_s: u32,
+}
+
+impl Default for SelfUpdateConfig {
+    fn default() -> Self {
+        SelfUpdateConfig {
+            binary_dir: "/usr/lib/edgefleet".into(),
+            link: "/usr/local/bin/edgefleet-agent".into(),
+            confirm_within_s: 60,
+        }
+    }
+}
+
+impl SelfUpdateConfig {
+    /// The slots and the link.
+    pub fn layout(&self) -> crate::selfupdate::handover::Layout {
+        crate::selfupdate::handover::Layout {
+            binary_dir: self.binary_dir.clone(),
+            link: self.link.clone(),
+        }
+    }
+}
+
 /// The whole agent configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -201,6 +234,8 @@ pub struct AgentConfig {
     pub drift: DriftConfig,
     /// Sample capture.
     pub samples: SamplesConfig,
+    /// The agent's own binary and its updates.
+    pub self_update: SelfUpdateConfig,
 }
 
 impl Default for AgentConfig {
@@ -216,6 +251,7 @@ impl Default for AgentConfig {
             limits: LimitsConfig::default(),
             drift: DriftConfig::default(),
             samples: SamplesConfig::default(),
+            self_update: SelfUpdateConfig::default(),
         }
     }
 }
@@ -408,6 +444,20 @@ impl AgentConfig {
                 "must be at least 1 and at most drift.window_rows".into(),
             ));
         }
+        if !(10..=600).contains(&self.self_update.confirm_within_s) {
+            return Err(invalid(
+                "self_update.confirm_within_s",
+                "must be between 10 and 600".into(),
+            ));
+        }
+        for (field, p) in [
+            ("self_update.binary_dir", &self.self_update.binary_dir),
+            ("self_update.link", &self.self_update.link),
+        ] {
+            if !p.is_absolute() {
+                return Err(invalid(field, "must be an absolute path".into()));
+            }
+        }
         if !(1..=10_000).contains(&self.samples.capacity) {
             return Err(invalid(
                 "samples.capacity",
@@ -490,7 +540,10 @@ impl AgentConfig {
              #   closes at window_rows rows, or after window_max_s with at least min_rows.\n\
              # samples: capture = off | drift | low_confidence | always (off by default:\n\
              #   requests are user data); a uniform sample of `capacity` requests is kept\n\
-             #   in memory and uploaded when the controller asks.\n\n{body}"
+             #   in memory and uploaded when the controller asks.\n\
+             # self_update: the agent's binary slots (binary_dir/agent.a, agent.b), the link\n\
+             #   the supervisor starts (the unit's ExecStart), and the seconds a new agent\n\
+             #   has to confirm before the previous one comes back (docs/agent-update.md).\n\n{body}"
         )
     }
 }

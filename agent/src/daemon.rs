@@ -587,6 +587,15 @@ impl Daemon {
                 channel,
                 max_samples,
             } => self.upload_samples(command.id, &channel, max_samples),
+            Action::UpdateAgent { release } => {
+                // The device side of agent releases is not built yet
+                // (docs/agent-update.md): say so rather than ignore it.
+                let detail = format!(
+                    "agent release {}: this agent does not update itself yet",
+                    release.digest.short()
+                );
+                self.emit(Some(command.id), EventKind::CommandRejected { detail });
+            }
         }
     }
 

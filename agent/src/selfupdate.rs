@@ -11,8 +11,10 @@
 //! any point between them is decided by [`AgentUpdateState::on_start`].
 
 pub mod handover;
+pub mod start;
 
 use edgefleet_shared::bundle::InstalledRelease;
+pub use edgefleet_shared::protocol::TrialFailure;
 use edgefleet_shared::{Digest, Refusal, UnixTime};
 use serde::{Deserialize, Serialize};
 
@@ -60,24 +62,6 @@ impl BinarySlot {
     }
 }
 
-/// Why an agent update did not take, as the device reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[serde(tag = "reason", rename_all = "snake_case")]
-pub enum UpdateFailure {
-    /// The new agent had not confirmed by its deadline (the alarm ended it, or it
-    /// was still loading): it hung or was too slow.
-    #[error("the new agent did not confirm within its deadline")]
-    NoConfirmation,
-    /// The new agent ended before its deadline without confirming: it crashed
-    /// or exited.
-    #[error("the new agent ended before confirming (it crashed or exited)")]
-    Crashed,
-    /// The device restarted after the new agent confirmed and before the switch
-    /// was committed; the old agent started again.
-    #[error("the device restarted during the hand-over, before the switch was committed")]
-    Interrupted,
-}
-
 /// Where an update stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -113,7 +97,7 @@ pub struct UpdateRecord {
     /// The new agent must confirm before this instant.
     pub deadline: UnixTime,
     /// Why it failed (phase `failed`).
-    pub failure: Option<UpdateFailure>,
+    pub failure: Option<TrialFailure>,
 }
 
 /// Everything the device keeps about its own binary: one file, written whole.
@@ -144,7 +128,7 @@ pub enum Start {
     FinishCommit,
     /// The trial was lost and this is the old agent: record the failure and
     /// report it, then run as usual.
-    Revert(UpdateFailure),
+    Revert(TrialFailure),
 }
 
 /// Why an update cannot start.
@@ -192,13 +176,13 @@ impl AgentUpdateState {
             },
             // The new binary started again after its deadline (by hand, or a
             // supervisor that starts the slot directly): the trial is lost.
-            (Phase::Trial, true) => Start::Revert(UpdateFailure::NoConfirmation),
+            (Phase::Trial, true) => Start::Revert(TrialFailure::NoConfirmation),
             (Phase::Trial, false) if now >= r.deadline => {
-                Start::Revert(UpdateFailure::NoConfirmation)
+                Start::Revert(TrialFailure::NoConfirmation)
             }
-            (Phase::Trial, false) => Start::Revert(UpdateFailure::Crashed),
+            (Phase::Trial, false) => Start::Revert(TrialFailure::Crashed),
             (Phase::Confirmed, true) => Start::FinishCommit,
-            (Phase::Confirmed, false) => Start::Revert(UpdateFailure::Interrupted),
+            (Phase::Confirmed, false) => Start::Revert(TrialFailure::Interrupted),
             (Phase::Committed | Phase::Failed, _) => Start::Normal,
         }
     }
@@ -276,7 +260,7 @@ impl AgentUpdateState {
     }
 
     /// The trial was lost: remember why, and never try this release again.
-    pub fn fail(&self, why: UpdateFailure) -> AgentUpdateState {
+    pub fn fail(&self, why: TrialFailure) -> AgentUpdateState {
         let mut next = self.clone();
         if let Some(r) = next
             .current

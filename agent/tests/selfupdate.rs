@@ -1,14 +1,22 @@
 //! The file and process steps of an agent update with the real agent binary
 //! (docs/agent-update.md): the version slot, writing a slot, switching the link,
-//! adopting a device flashed before agent releases, and the probe of a new binary.
+//! adopting a device flashed before agent releases, the probe of a new binary,
+//! and what a starting agent does with a pending update: confirm and commit as
+//! the new binary, record the lost trial as the old one, give the device back.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use edgefleet_agent::selfupdate::BinarySlot;
-use edgefleet_agent::selfupdate::handover::{Layout, ProbeError, probe};
+use edgefleet_agent::selfupdate::handover::{Layout, ProbeError, probe, spawn_when_not_busy};
+use edgefleet_agent::selfupdate::{
+    AgentUpdateState, BinarySlot, Phase, Release, TrialFailure, start,
+};
 use edgefleet_agent::version::rewrite_version;
+use edgefleet_shared::{Digest, UnixTime};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_edgefleet-agent");
 
@@ -20,10 +28,9 @@ fn layout(dir: &Path) -> Layout {
 }
 
 fn version_of(binary: &Path) -> String {
-    let out = Command::new(binary)
-        .arg("--version")
-        .output()
+    let child = spawn_when_not_busy(Command::new(binary).arg("--version").stdout(Stdio::piped()))
         .expect("the binary runs");
+    let out = child.wait_with_output().expect("it ends");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -154,4 +161,183 @@ fn the_probe_checks_the_version_and_the_configuration_and_names_the_failure() {
         })
     ));
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// A device laid out as after the old agent handed over: `agent.a` the current
+/// build, `agent.b` the same build as version 9.6.0, the link on `agent.a`, a
+/// config naming them, and the update record the old agent wrote.
+struct Device {
+    dir: tempfile::TempDir,
+    layout: Layout,
+    config: PathBuf,
+}
+
+impl Device {
+    fn new() -> Device {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = layout(dir.path());
+        std::fs::create_dir_all(dir.path().join("bin")).expect("mkdir");
+        std::fs::create_dir_all(&layout.binary_dir).expect("mkdir");
+        // Slot A is the build itself (a link to the file when it can be).
+        let a = layout.slot_path(BinarySlot::A);
+        if std::fs::hard_link(AGENT, &a).is_err() {
+            std::fs::copy(AGENT, &a).expect("copy the agent");
+        }
+        let own = std::fs::read(AGENT).expect("read the agent");
+        let next = rewrite_version(&own, "9.6.0").expect("one version slot");
+        layout
+            .write_slot(BinarySlot::B, &mut next.as_slice(), next.len() as u64)
+            .expect("slot b");
+        layout.switch_link(BinarySlot::A).expect("link");
+        common::write_root(&dir.path().join("root.cbor"));
+        let config = config(dir.path());
+        let text = std::fs::read_to_string(&config)
+            .expect("read config")
+            .replace(
+                "/usr/local/bin/edgefleet-agent",
+                &layout.link.to_string_lossy(),
+            )
+            .replace("/usr/lib/edgefleet", &layout.binary_dir.to_string_lossy())
+            .replace(
+                "/etc/edgefleet/trust-root.cbor",
+                &dir.path().join("root.cbor").to_string_lossy(),
+            );
+        std::fs::write(&config, text).expect("write config");
+        Device {
+            dir,
+            layout,
+            config,
+        }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The record of a hand-over from A to B that started `ago_s` seconds ago.
+    fn hand_over(&self, ago_s: i64) {
+        let release = Release {
+            digest: Digest::of(b"agent 9.6.0"),
+            release: 2,
+            version: "9.6.0".into(),
+        };
+        let now = UnixTime(UnixTime::now().0 - ago_s);
+        let state = AgentUpdateState::default()
+            .begin_trial(BinarySlot::A, &release, now, 60)
+            .expect("begin");
+        start::save(&self.data(), &state).expect("save record");
+    }
+
+    fn state(&self) -> AgentUpdateState {
+        start::load(&self.data()).expect("record")
+    }
+
+    /// Starts `binary` as the supervisor (or the exec) would; returns it with
+    /// the lines it printed up to its readiness line.
+    fn run(&self, binary: &Path) -> (Child, Vec<String>) {
+        let mut child = spawn_when_not_busy(
+            Command::new(binary)
+                .args(["--config"])
+                .arg(&self.config)
+                .args(["run", "--http", "127.0.0.1:0"])
+                .env("RUST_LIB_BACKTRACE", "0")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        )
+        .expect("the agent starts");
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let mut seen = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.expect("line");
+            let ready = line.starts_with("local API listening on http://");
+            seen.push(line);
+            if ready {
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        (child, seen)
+    }
+}
+
+fn stop(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn running_binary(child: &Child) -> PathBuf {
+    std::fs::read_link(format!("/proc/{}/exe", child.id())).expect("exe of the child")
+}
+
+#[test]
+fn the_new_agent_confirms_once_it_serves_and_the_switch_is_committed() {
+    let dev = Device::new();
+    dev.hand_over(0);
+    // The exec keeps the process on the new slot's binary.
+    let (child, lines) = dev.run(&dev.layout.slot_path(BinarySlot::B));
+    let text = lines.join("\n");
+    assert!(
+        text.contains("agent update to 9.6.0 (release 2) confirmed"),
+        "{text}"
+    );
+    let state = dev.state();
+    let record = state.current.clone().expect("record");
+    assert_eq!(record.phase, Phase::Committed);
+    assert_eq!(state.floor.map(|f| f.release), Some(2));
+    assert_eq!(dev.layout.link_target(), Some(BinarySlot::B));
+    assert_eq!(version_of(&dev.layout.link), "edgefleet-agent 9.6.0");
+    stop(child);
+    // Started again by the supervisor (from the link): nothing more to do.
+    let (child, lines) = dev.run(&dev.layout.link);
+    assert!(!lines.join("\n").contains("agent update"), "{lines:?}");
+    assert_eq!(
+        running_binary(&child),
+        dev.layout
+            .slot_path(BinarySlot::B)
+            .canonicalize()
+            .expect("path")
+    );
+    stop(child);
+}
+
+#[test]
+fn the_old_agent_started_again_records_the_lost_trial_and_keeps_the_device() {
+    let dev = Device::new();
+    dev.hand_over(0);
+    // The new agent died before confirming: the supervisor starts the link.
+    let (child, lines) = dev.run(&dev.layout.link);
+    let text = lines.join("\n");
+    assert!(
+        text.contains("agent update reverted: the new agent ended before confirming"),
+        "{text}"
+    );
+    let state = dev.state();
+    let record = state.current.clone().expect("record");
+    assert_eq!(record.phase, Phase::Failed);
+    assert_eq!(record.failure, Some(TrialFailure::Crashed));
+    assert_eq!(state.failed, vec![record.digest]);
+    assert_eq!(state.floor, None);
+    assert_eq!(dev.layout.link_target(), Some(BinarySlot::A));
+    stop(child);
+}
+
+#[test]
+fn a_new_agent_started_after_its_deadline_gives_the_device_back_to_the_old_one() {
+    let dev = Device::new();
+    dev.hand_over(120);
+    let (child, lines) = dev.run(&dev.layout.slot_path(BinarySlot::B));
+    // The process that answers is the old binary, exec'd from the link.
+    assert_eq!(
+        running_binary(&child),
+        dev.layout
+            .slot_path(BinarySlot::A)
+            .canonicalize()
+            .expect("path")
+    );
+    assert!(!lines.join("\n").contains("confirmed"), "{lines:?}");
+    let record = dev.state().current.expect("record");
+    assert_eq!(record.failure, Some(TrialFailure::NoConfirmation));
+    assert_eq!(dev.layout.link_target(), Some(BinarySlot::A));
+    stop(child);
 }

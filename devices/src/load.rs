@@ -516,6 +516,10 @@ impl LoadDevice {
                 let detail = "a load device captures no samples".to_owned();
                 self.emit(client, Some(command), EventKind::CommandRejected { detail });
             }
+            Action::UpdateAgent { .. } => {
+                let detail = "a load device has no agent binary to update".to_owned();
+                self.emit(client, Some(command), EventKind::CommandRejected { detail });
+            }
         }
     }
 

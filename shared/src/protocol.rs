@@ -311,6 +311,13 @@ pub enum Action {
         /// At most this many samples.
         max_samples: u32,
     },
+    /// Replace the agent's own binary with an agent release (docs/agent-update.md):
+    /// verify the header with the trust root's agent-release role, fetch the
+    /// chunks of this device's architecture, probe, hand over, confirm.
+    UpdateAgent {
+        /// The agent release.
+        release: BundleOffer,
+    },
 }
 
 /// Settings a controller may change; absent fields are left as they are.
@@ -478,6 +485,59 @@ pub enum FailureReason {
     },
 }
 
+/// How the trial of a new agent binary was lost (docs/agent-update.md); the old
+/// agent runs again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum TrialFailure {
+    /// The new agent had not confirmed by its deadline: it hung or was too slow
+    /// (the alarm armed before the hand-over ended it).
+    #[error("the new agent did not confirm within its deadline")]
+    NoConfirmation,
+    /// The new agent ended before its deadline without confirming.
+    #[error("the new agent ended before confirming (it crashed or exited)")]
+    Crashed,
+    /// The device restarted after the new agent confirmed and before the switch
+    /// was committed.
+    #[error("the device restarted during the hand-over, before the switch was committed")]
+    Interrupted,
+}
+
+/// Why an agent update did not take. The agent that was running before the
+/// update is the one running after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "stage", rename_all = "snake_case")]
+pub enum AgentUpdateFailure {
+    /// The release was refused by the contract's rules (signatures of the
+    /// agent-release role, floor, architecture, expiry).
+    Refused {
+        /// The refusal.
+        refusal: Refusal,
+    },
+    /// The download could not complete.
+    Download {
+        /// What went wrong.
+        detail: String,
+    },
+    /// The new binary failed its probe (`--version`, `config check`).
+    Probe {
+        /// What it answered.
+        detail: String,
+    },
+    /// The new agent started and lost its trial.
+    Trial {
+        /// How.
+        failure: TrialFailure,
+    },
+    /// No supervisor would bring the old agent back if the new one failed.
+    Unsupervised,
+    /// A local error (disk, permissions).
+    Internal {
+        /// What went wrong.
+        detail: String,
+    },
+}
+
 /// Result of the last install attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -581,6 +641,23 @@ pub enum EventKind {
     Removed {
         /// The channel.
         channel: ModelChannel,
+    },
+    /// The new agent confirmed and the switch is committed: sent by the new
+    /// agent, the only moment a device counts as updated.
+    AgentUpdated {
+        /// The agent release.
+        digest: Digest,
+        /// The version now running.
+        version: String,
+        /// Its release number.
+        release: u64,
+    },
+    /// An agent update did not take; the previous agent runs.
+    AgentUpdateFailed {
+        /// The agent release.
+        digest: Digest,
+        /// Why.
+        reason: AgentUpdateFailure,
     },
     /// A command could not be carried out.
     CommandRejected {

@@ -87,6 +87,26 @@ fn action() -> impl Strategy<Value = Action> {
             channel,
             max_samples
         }),
+        (digest(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(digest, header)| {
+            Action::UpdateAgent {
+                release: BundleOffer { digest, header },
+            }
+        }),
+    ]
+}
+
+fn agent_update_failure() -> impl Strategy<Value = AgentUpdateFailure> {
+    prop_oneof![
+        refusal().prop_map(|refusal| AgentUpdateFailure::Refused { refusal }),
+        ".{0,60}".prop_map(|detail| AgentUpdateFailure::Probe { detail }),
+        ".{0,60}".prop_map(|detail| AgentUpdateFailure::Download { detail }),
+        prop_oneof![
+            Just(TrialFailure::NoConfirmation),
+            Just(TrialFailure::Crashed),
+            Just(TrialFailure::Interrupted)
+        ]
+        .prop_map(|failure| AgentUpdateFailure::Trial { failure }),
+        Just(AgentUpdateFailure::Unsupervised),
     ]
 }
 
@@ -140,6 +160,15 @@ fn event() -> impl Strategy<Value = Event> {
     let kind = prop_oneof![
         digest().prop_map(|digest| EventKind::InstallStarted { digest }),
         channel().prop_map(|channel| EventKind::Removed { channel }),
+        (digest(), "[0-9]\\.[0-9]\\.[0-9]", any::<u64>()).prop_map(|(digest, version, release)| {
+            EventKind::AgentUpdated {
+                digest,
+                version,
+                release,
+            }
+        }),
+        (digest(), agent_update_failure())
+            .prop_map(|(digest, reason)| EventKind::AgentUpdateFailed { digest, reason }),
         (digest(), any::<u32>(), any::<u32>()).prop_map(|(digest, chunks_done, chunks_total)| {
             EventKind::InstallProgress {
                 digest,

@@ -166,6 +166,24 @@ pub fn probe(
     Ok(())
 }
 
+/// Spawns `cmd`, trying again for up to 2 s while the kernel says the file is
+/// busy: a file just written may still be open for writing in a child that
+/// another thread forked meanwhile (until that child's exec closes it).
+pub fn spawn_when_not_busy(cmd: &mut Command) -> io::Result<std::process::Child> {
+    let started = Instant::now();
+    loop {
+        match cmd.spawn() {
+            Err(e)
+                if e.kind() == io::ErrorKind::ExecutableFileBusy
+                    && started.elapsed() < Duration::from_secs(2) =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Runs `cmd` with its output captured (at most 64 KiB kept); kills it after
 /// `timeout`.
 fn run_bounded(
@@ -173,13 +191,11 @@ fn run_bounded(
     step: &'static str,
     timeout: Duration,
 ) -> Result<std::process::Output, ProbeError> {
-    let mut child = cmd
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .env("RUST_LIB_BACKTRACE", "0")
-        .spawn()
-        .map_err(ProbeError::Start)?;
+        .env("RUST_LIB_BACKTRACE", "0");
+    let mut child = spawn_when_not_busy(cmd).map_err(ProbeError::Start)?;
     let readers = [
         child
             .stdout

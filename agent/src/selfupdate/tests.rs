@@ -29,7 +29,7 @@ fn every_start_is_decided_by_the_phase_the_slot_and_the_deadline() {
     let base = trial(A, 2);
     let confirmed = base.confirm();
     let committed = confirmed.commit();
-    let failed = base.fail(UpdateFailure::Crashed);
+    let failed = base.fail(TrialFailure::Crashed);
     let deadline = UnixTime(T0.0 + i64::from(WITHIN));
     let cases: Vec<(&AgentUpdateState, Option<BinarySlot>, UnixTime, Start)> = vec![
         (&base, Some(B), before, Start::Trial { deadline }),
@@ -37,26 +37,21 @@ fn every_start_is_decided_by_the_phase_the_slot_and_the_deadline() {
             &base,
             Some(B),
             after,
-            Start::Revert(UpdateFailure::NoConfirmation),
+            Start::Revert(TrialFailure::NoConfirmation),
         ),
-        (
-            &base,
-            Some(A),
-            before,
-            Start::Revert(UpdateFailure::Crashed),
-        ),
+        (&base, Some(A), before, Start::Revert(TrialFailure::Crashed)),
         (
             &base,
             Some(A),
             after,
-            Start::Revert(UpdateFailure::NoConfirmation),
+            Start::Revert(TrialFailure::NoConfirmation),
         ),
-        (&base, None, before, Start::Revert(UpdateFailure::Crashed)),
+        (&base, None, before, Start::Revert(TrialFailure::Crashed)),
         (
             &base,
             None,
             after,
-            Start::Revert(UpdateFailure::NoConfirmation),
+            Start::Revert(TrialFailure::NoConfirmation),
         ),
         (&confirmed, Some(B), before, Start::FinishCommit),
         (&confirmed, Some(B), after, Start::FinishCommit),
@@ -64,13 +59,13 @@ fn every_start_is_decided_by_the_phase_the_slot_and_the_deadline() {
             &confirmed,
             Some(A),
             before,
-            Start::Revert(UpdateFailure::Interrupted),
+            Start::Revert(TrialFailure::Interrupted),
         ),
         (
             &confirmed,
             None,
             after,
-            Start::Revert(UpdateFailure::Interrupted),
+            Start::Revert(TrialFailure::Interrupted),
         ),
     ];
     for (state, running, now, want) in cases {
@@ -197,7 +192,7 @@ fn a_lower_or_reused_release_a_failed_one_and_a_second_trial_are_refused() {
     ));
     let failed = committed
         .begin_trial(BinarySlot::B, &release(6), T0, WITHIN)
-        .map(|s| s.fail(UpdateFailure::NoConfirmation));
+        .map(|s| s.fail(TrialFailure::NoConfirmation));
     let Ok(failed) = failed else {
         panic!("release 6 begins")
     };
@@ -218,12 +213,12 @@ fn steps_out_of_order_change_nothing_and_the_failed_list_is_bounded() {
     let idle = AgentUpdateState::default();
     assert_eq!(idle.confirm(), idle);
     assert_eq!(idle.commit(), idle);
-    assert_eq!(idle.fail(UpdateFailure::Crashed), idle);
+    assert_eq!(idle.fail(TrialFailure::Crashed), idle);
     let t = trial(BinarySlot::B, 3);
     // Commit without confirmation, or fail after the commit: no change.
     assert_eq!(t.commit(), t);
     let done = t.confirm().commit();
-    assert_eq!(done.fail(UpdateFailure::Crashed), done);
+    assert_eq!(done.fail(TrialFailure::Crashed), done);
     assert_eq!(
         done.current.as_ref().map(|r| (r.from, r.to)),
         Some((BinarySlot::B, BinarySlot::A))
@@ -233,7 +228,7 @@ fn steps_out_of_order_change_nothing_and_the_failed_list_is_bounded() {
     for n in 0..(MAX_FAILED as u64 + 5) {
         s = s
             .begin_trial(BinarySlot::A, &release(100 + n), T0, WITHIN)
-            .map(|s| s.fail(UpdateFailure::Crashed))
+            .map(|s| s.fail(TrialFailure::Crashed))
             .unwrap_or_else(|e| panic!("release {n}: {e}"));
     }
     assert_eq!(s.failed.len(), MAX_FAILED);

@@ -2041,7 +2041,9 @@ pub fn event_digest(
         | K::InstallFailed { digest, .. }
         | K::Activated { digest, .. }
         | K::Reverted { digest, .. }
-        | K::DriftAlert { digest, .. } => Some(*digest),
+        | K::DriftAlert { digest, .. }
+        | K::AgentUpdated { digest, .. }
+        | K::AgentUpdateFailed { digest, .. } => Some(*digest),
         K::CommandRejected { .. } | K::Removed { .. } => None,
     }
 }

@@ -1635,6 +1635,7 @@ fn action_name(action: &Action) -> &'static str {
         Action::Remove { .. } => "remove",
         Action::Configure(_) => "configure",
         Action::RequestSamples { .. } => "request_samples",
+        Action::UpdateAgent { .. } => "update_agent",
     }
 }
 
@@ -1642,6 +1643,7 @@ fn action_name(action: &Action) -> &'static str {
 fn action_bundle(action: &Action) -> Option<Digest> {
     match action {
         Action::Install { bundle, .. } => Some(bundle.digest),
+        Action::UpdateAgent { release } => Some(release.digest),
         _ => None,
     }
 }
