@@ -444,6 +444,7 @@ impl Daemon {
                         .subscribe(&self.settings.topics.bundle_chunks(&d.digest));
                     self.request_chunks(true);
                 }
+                self.report_agent_update();
                 self.flush_spools();
             }
             LinkEvent::Disconnected(detail) => {
@@ -1272,6 +1273,24 @@ impl Daemon {
     }
 
     /// Spools an event and sends it if connected. Events are never dropped.
+    /// Spools how the agent's own latest update ended, once (docs/agent-update.md),
+    /// then marks the record: the new agent sends `agent_updated`, the old one
+    /// `agent_update_failed`.
+    fn report_agent_update(&mut self) {
+        let dir = self.store.dir().to_owned();
+        let state = match crate::selfupdate::start::load(&dir) {
+            Ok(s) => s,
+            Err(e) => return tracing::error!("agent update record: {e}"),
+        };
+        let Some(kind) = state.unreported_event() else {
+            return;
+        };
+        self.emit(None, kind);
+        if let Err(e) = crate::selfupdate::start::save(&dir, &state.mark_reported()) {
+            tracing::error!("agent update record: {e}");
+        }
+    }
+
     fn emit(&mut self, command: Option<u64>, kind: EventKind) {
         let device = self.settings.device.clone();
         let at = self.now();

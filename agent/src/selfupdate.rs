@@ -15,6 +15,7 @@ pub mod start;
 
 use edgefleet_shared::bundle::InstalledRelease;
 pub use edgefleet_shared::protocol::TrialFailure;
+use edgefleet_shared::protocol::{AgentUpdateFailure, EventKind};
 use edgefleet_shared::{Digest, Refusal, UnixTime};
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +99,9 @@ pub struct UpdateRecord {
     pub deadline: UnixTime,
     /// Why it failed (phase `failed`).
     pub failure: Option<TrialFailure>,
+    /// Its outcome (committed or failed) was spooled to the controller.
+    #[serde(default)]
+    pub reported: bool,
 }
 
 /// Everything the device keeps about its own binary: one file, written whole.
@@ -233,6 +237,7 @@ impl AgentUpdateState {
             started_at: now,
             deadline: UnixTime(now.0.saturating_add(i64::from(confirm_within_s))),
             failure: None,
+            reported: false,
         });
         Ok(next)
     }
@@ -285,6 +290,38 @@ impl AgentUpdateState {
             Phase::Committed => r.to,
             Phase::Trial | Phase::Confirmed | Phase::Failed => r.from,
         })
+    }
+
+    /// The event that tells the controller how the latest update ended, until
+    /// it was sent: `agent_updated` once committed (the only moment a device
+    /// counts as updated), `agent_update_failed` once the trial was lost.
+    pub fn unreported_event(&self) -> Option<EventKind> {
+        let r = self.current.as_ref().filter(|r| !r.reported)?;
+        match (r.phase, r.failure) {
+            (Phase::Committed, _) => Some(EventKind::AgentUpdated {
+                digest: r.digest,
+                version: r.version.clone(),
+                release: r.release,
+            }),
+            (Phase::Failed, Some(failure)) => Some(EventKind::AgentUpdateFailed {
+                digest: r.digest,
+                reason: AgentUpdateFailure::Trial { failure },
+            }),
+            _ => None,
+        }
+    }
+
+    /// The same state with the latest update's outcome marked as sent.
+    pub fn mark_reported(&self) -> AgentUpdateState {
+        let mut next = self.clone();
+        if let Some(r) = next
+            .current
+            .as_mut()
+            .filter(|r| matches!(r.phase, Phase::Committed | Phase::Failed))
+        {
+            r.reported = true;
+        }
+        next
     }
 
     fn with_phase(&self, from: Phase, to: Phase) -> AgentUpdateState {

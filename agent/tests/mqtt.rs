@@ -1645,3 +1645,81 @@ async fn over_mqtt_each_channel_installs_reverts_reports_and_is_removed_on_its_o
     assert_eq!(infer_version(&agent.api), (200, "1.1.0".to_string()));
     drop(broker);
 }
+
+/// How the agent's own last update ended reaches the controller once, over the
+/// event spool, after the agent connects; an `update_agent` command is answered
+/// (this agent does not carry it out yet: docs/agent-update.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outcome_of_an_agent_update_is_reported_once() {
+    use edgefleet_agent::selfupdate::{AgentUpdateState, BinarySlot, Phase, Release, start};
+    let dev = Device::new();
+    let broker = Broker::start(dev.path(), "allow_anonymous true");
+    let mut peer = Peer::connect(broker.port, None);
+    let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
+    let release = Release {
+        digest: Digest::of(b"agent 9.7.0"),
+        release: 3,
+        version: "9.7.0".into(),
+    };
+    let done = AgentUpdateState::default()
+        .begin_trial(BinarySlot::A, &release, UnixTime::now(), 60)
+        .expect("begin")
+        .confirm()
+        .commit();
+    let data = dev.path().join("data");
+    start::save(&data, &done).expect("record");
+
+    let mut agent = Agent::start(dev.path(), &config);
+    let mut seen = Vec::new();
+    let e = peer
+        .event(&mut seen, |k| matches!(k, EventKind::AgentUpdated { .. }))
+        .await;
+    assert_eq!(
+        e.kind,
+        EventKind::AgentUpdated {
+            digest: release.digest,
+            version: "9.7.0".into(),
+            release: 3
+        }
+    );
+    let record = start::load(&data)
+        .expect("record")
+        .current
+        .expect("current");
+    assert!(
+        record.reported && record.phase == Phase::Committed,
+        "{record:?}"
+    );
+
+    let id = peer
+        .command(Action::UpdateAgent {
+            release: BundleOffer {
+                digest: release.digest,
+                header: vec![],
+            },
+        })
+        .await;
+    let rejected = peer
+        .event(&mut seen, |k| {
+            matches!(k, EventKind::CommandRejected { .. })
+        })
+        .await;
+    assert_eq!(rejected.command, Some(id));
+    let EventKind::CommandRejected { detail } = rejected.kind else {
+        unreachable!("picked by kind")
+    };
+    assert!(detail.contains("does not update itself yet"), "{detail}");
+
+    // Started again: the outcome is not sent a second time.
+    agent.kill();
+    peer.drain();
+    seen.clear();
+    let _agent = Agent::start(dev.path(), &config);
+    let _ = peer.state(|s| s.online).await;
+    let again = peer
+        .try_event(&mut seen, Duration::from_secs(3), |k| {
+            matches!(k, EventKind::AgentUpdated { .. })
+        })
+        .await;
+    assert!(again.is_none(), "sent twice: {seen:?}");
+}

@@ -252,3 +252,34 @@ fn the_record_round_trips_as_json_and_slot_names_are_fixed() {
     }
     assert_eq!(BinarySlot::from_file_name("edgefleet-agent"), None);
 }
+
+#[test]
+fn the_outcome_is_reported_once_and_only_when_the_update_ended() {
+    let t = trial(BinarySlot::A, 2);
+    assert_eq!(t.unreported_event(), None);
+    assert_eq!(t.confirm().unreported_event(), None);
+    let done = t.confirm().commit();
+    let digest = release(2).digest;
+    assert_eq!(
+        done.unreported_event(),
+        Some(EventKind::AgentUpdated {
+            digest,
+            version: "1.2.0".into(),
+            release: 2
+        })
+    );
+    assert_eq!(done.mark_reported().unreported_event(), None);
+    let lost = t.fail(TrialFailure::NoConfirmation);
+    assert_eq!(
+        lost.unreported_event(),
+        Some(EventKind::AgentUpdateFailed {
+            digest,
+            reason: AgentUpdateFailure::Trial {
+                failure: TrialFailure::NoConfirmation
+            }
+        })
+    );
+    assert_eq!(lost.mark_reported().unreported_event(), None);
+    // A trial is never marked: its outcome is still to come.
+    assert_eq!(t.mark_reported(), t);
+}
