@@ -610,9 +610,18 @@ async fn bind(
     http: std::net::SocketAddr,
     socket: Option<&Path>,
 ) -> Result<(std::net::SocketAddr, crate::service::Listeners), CliError> {
-    let tcp = tokio::net::TcpListener::bind(http)
-        .await
-        .map_err(|e| CliError::Request(format!("cannot listen on {http}: {e}")))?;
+    use crate::selfupdate::handover::{LISTEN_FD_ENV, inherited_listener};
+    let passed = std::env::var(LISTEN_FD_ENV).ok();
+    let tcp = match inherited_listener(passed.as_deref()) {
+        // The agent before this one (an exec of the hand-over) kept the socket.
+        Some(listener) => listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(listener))
+            .map_err(|e| CliError::Request(format!("the passed listening socket: {e}")))?,
+        None => tokio::net::TcpListener::bind(http)
+            .await
+            .map_err(|e| CliError::Request(format!("cannot listen on {http}: {e}")))?,
+    };
     let addr = tcp
         .local_addr()
         .map_err(|e| CliError::Request(e.to_string()))?;

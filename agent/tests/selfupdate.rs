@@ -341,3 +341,48 @@ fn a_new_agent_started_after_its_deadline_gives_the_device_back_to_the_old_one()
     assert_eq!(dev.layout.link_target(), Some(BinarySlot::A));
     stop(child);
 }
+
+/// The hand-over keeps the local API's socket: an agent started with the
+/// descriptor in EDGEFLEET_LISTEN_FD serves on it, and a request sent before
+/// the agent started waits in the backlog and is answered.
+#[test]
+fn an_agent_serves_on_the_listening_socket_it_was_passed() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config(dir.path());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let fd = listener.as_raw_fd();
+    // SAFETY: clears close-on-exec on a descriptor this test owns.
+    #[allow(unsafe_code)]
+    let cleared = unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+    assert_eq!(cleared, 0);
+    // Sent while nobody serves: the kernel queues it.
+    let mut early = std::net::TcpStream::connect(addr).expect("connect");
+    early
+        .write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut child = spawn_when_not_busy(
+        Command::new(AGENT)
+            .arg("--config")
+            .arg(&config)
+            .args(["run", "--http", "127.0.0.1:0"])
+            .env("EDGEFLEET_LISTEN_FD", fd.to_string())
+            .env("RUST_LIB_BACKTRACE", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    )
+    .expect("the agent starts");
+    drop(listener);
+    let api = common::wait_for_api(&mut child);
+    assert_eq!(api, addr.to_string(), "the agent bound another socket");
+    early
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut answer = String::new();
+    early.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -237,3 +237,74 @@ fn run_bounded(
         stderr,
     })
 }
+
+/// The environment variable that passes the local API's listening socket to
+/// the agent an exec starts (docs/agent-update.md: the hand-over keeps the
+/// socket, so requests wait in its backlog instead of being refused).
+pub const LISTEN_FD_ENV: &str = "EDGEFLEET_LISTEN_FD";
+
+/// The listening TCP socket an earlier agent passed in [`LISTEN_FD_ENV`], when
+/// it is one: a descriptor of this process that is a listening stream socket on
+/// a loopback address. Anything else is left alone (None), and the agent binds
+/// as usual.
+pub fn inherited_listener(value: Option<&str>) -> Option<std::net::TcpListener> {
+    use std::os::fd::FromRawFd;
+    let fd: libc::c_int = value?.trim().parse().ok().filter(|fd| *fd > 2)?;
+    let mut listening: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `listening`; on a
+    // descriptor that is not a socket it fails and nothing is used.
+    #[allow(unsafe_code)]
+    let ok = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut listening).cast(),
+            &raw mut len,
+        )
+    } == 0;
+    if !ok || listening == 0 {
+        return None;
+    }
+    // SAFETY: the descriptor is open (getsockopt succeeded) and is a listening
+    // socket nothing else in this process owns: it came through the exec.
+    #[allow(unsafe_code)]
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    match listener.local_addr() {
+        Ok(addr) if addr.ip().is_loopback() => Some(listener),
+        _ => {
+            // Not ours to close: give the descriptor back untouched.
+            std::mem::forget(listener);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_listening_loopback_socket_is_taken_over() {
+        use std::os::fd::AsRawFd;
+        assert!(inherited_listener(None).is_none());
+        assert!(inherited_listener(Some("not a number")).is_none());
+        assert!(
+            inherited_listener(Some("1")).is_none(),
+            "stdout is never taken"
+        );
+        let file = tempfile::tempfile().expect("file");
+        assert!(inherited_listener(Some(&file.as_raw_fd().to_string())).is_none());
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        assert!(inherited_listener(Some(&a.as_raw_fd().to_string())).is_none());
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = tcp.local_addr().expect("addr");
+        let fd = tcp.as_raw_fd();
+        // The taken listener owns the descriptor from here: the original must
+        // not close it too.
+        std::mem::forget(tcp);
+        let taken = inherited_listener(Some(&fd.to_string()));
+        assert_eq!(taken.and_then(|l| l.local_addr().ok()), Some(addr));
+    }
+}
