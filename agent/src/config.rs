@@ -201,6 +201,22 @@ impl Default for SelfUpdateConfig {
 }
 
 impl SelfUpdateConfig {
+    /// Its rules: the field at fault and the rule it breaks.
+    fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        if !(10..=600).contains(&self.confirm_within_s) {
+            return Err(("self_update.confirm_within_s", "must be between 10 and 600"));
+        }
+        for (field, p) in [
+            ("self_update.binary_dir", &self.binary_dir),
+            ("self_update.link", &self.link),
+        ] {
+            if !p.is_absolute() {
+                return Err((field, "must be an absolute path"));
+            }
+        }
+        Ok(())
+    }
+
     /// The slots and the link.
     pub fn layout(&self) -> crate::selfupdate::handover::Layout {
         crate::selfupdate::handover::Layout {
@@ -444,19 +460,8 @@ impl AgentConfig {
                 "must be at least 1 and at most drift.window_rows".into(),
             ));
         }
-        if !(10..=600).contains(&self.self_update.confirm_within_s) {
-            return Err(invalid(
-                "self_update.confirm_within_s",
-                "must be between 10 and 600".into(),
-            ));
-        }
-        for (field, p) in [
-            ("self_update.binary_dir", &self.self_update.binary_dir),
-            ("self_update.link", &self.self_update.link),
-        ] {
-            if !p.is_absolute() {
-                return Err(invalid(field, "must be an absolute path".into()));
-            }
+        if let Err((field, reason)) = self.self_update.check() {
+            return Err(invalid(field, reason.into()));
         }
         if !(1..=10_000).contains(&self.samples.capacity) {
             return Err(invalid(
@@ -613,6 +618,15 @@ mod tests {
             ("[drift]\nmin_rows = 5000", "drift.min_rows"),
             ("[samples]\ncapacity = 0", "samples.capacity"),
             ("[samples]\nmin_confidence = 2.0", "samples.min_confidence"),
+            (
+                "[self_update]\nconfirm_within_s = 5",
+                "self_update.confirm_within_s",
+            ),
+            ("[self_update]\nlink = \"agent\"", "self_update.link"),
+            (
+                "[self_update]\nbinary_dir = \"lib\"",
+                "self_update.binary_dir",
+            ),
         ] {
             let err = check(text).expect_err(text).to_string();
             assert!(err.contains(&format!("`{field}`")), "{text}: {err}");

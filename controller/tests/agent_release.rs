@@ -119,6 +119,22 @@ fn setup(d: &Path) {
     assert!(out.contains("agent releases: no role"), "{out}");
 }
 
+/// `agent-release build` of `binaries` (file, target) as 1.3.0 release 2 into
+/// agent.efb, then `extra`.
+fn build_args(binaries: &[(&str, &str)], extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec!["agent-release".into(), "build".into()];
+    for (binary, target) in binaries {
+        args.extend(["--binary", binary, "--target", target].map(String::from));
+    }
+    let rest = ["--version", "1.3.0", "--release", "2", "--out", "agent.efb"];
+    args.extend(rest.iter().chain(extra).map(|a| a.to_string()));
+    args
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 #[test]
 fn a_release_is_built_from_each_targets_binary_and_signed_by_the_release_role_only() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -128,122 +144,35 @@ fn a_release_is_built_from_each_targets_binary_and_signed_by_the_release_role_on
     // is over the 256 MiB cap of an agent binary).
     let agent = "/usr/bin/true";
     std::fs::write(d.join("agent-aarch64"), fake_static_elf(183)).expect("write");
-    let host = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
-
-    // The host build needs glibc's loader: refused unless the operator says so.
-    let out = fails(
-        d,
-        1,
-        &[
-            "agent-release",
-            "build",
-            "--binary",
-            agent,
-            "--target",
-            &host,
-            "--version",
-            "1.3.0",
-            "--release",
-            "2",
-            "--out",
-            "agent.efb",
-        ],
-    );
-    assert!(
-        out.contains("is not static: it needs a dynamic loader"),
-        "{out}"
-    );
-    assert!(!d.join("agent.efb").exists());
-    // A binary given for another architecture's target.
-    let out = fails(
-        d,
-        1,
-        &[
-            "agent-release",
-            "build",
-            "--binary",
-            "agent-aarch64",
-            "--target",
-            "armv7-unknown-linux-musleabihf",
-            "--version",
-            "1.3.0",
-            "--release",
-            "2",
-            "--out",
-            "agent.efb",
-        ],
-    );
-    assert!(
-        out.contains("is an aarch64 binary, but --target armv7-unknown-linux-musleabihf is arm"),
-        "{out}"
-    );
-    // Two binaries for one architecture, and a script.
-    let out = fails(
-        d,
-        1,
-        &[
-            "agent-release",
-            "build",
-            "--binary",
-            "agent-aarch64",
-            "--target",
-            "aarch64-unknown-linux-musl",
-            "--binary",
-            "agent-aarch64",
-            "--target",
-            "aarch64-unknown-linux-musl",
-            "--version",
-            "1.3.0",
-            "--release",
-            "2",
-            "--out",
-            "agent.efb",
-        ],
-    );
-    assert!(out.contains("is a second aarch64 binary"), "{out}");
     std::fs::write(d.join("script"), "#!/bin/sh\necho hi\n").expect("write");
-    let out = fails(
-        d,
-        1,
-        &[
-            "agent-release",
-            "build",
-            "--binary",
-            "script",
-            "--target",
-            "aarch64-unknown-linux-musl",
-            "--version",
-            "1.3.0",
-            "--release",
-            "2",
-            "--out",
-            "agent.efb",
-        ],
-    );
-    assert!(out.contains("script: not an ELF executable"), "{out}");
+    let host = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
+    let aarch64 = ("agent-aarch64", "aarch64-unknown-linux-musl");
 
-    let out = ok(
-        d,
-        &[
-            "agent-release",
-            "build",
-            "--binary",
-            agent,
-            "--target",
-            &host,
-            "--binary",
-            "agent-aarch64",
-            "--target",
-            "aarch64-unknown-linux-musl",
-            "--version",
-            "1.3.0",
-            "--release",
-            "2",
-            "--allow-dynamic",
-            "--out",
-            "agent.efb",
-        ],
-    );
+    for (binaries, why) in [
+        // The host build needs glibc's loader: refused unless the operator says so.
+        (
+            vec![(agent, host.as_str())],
+            "is not static: it needs a dynamic loader".to_string(),
+        ),
+        // A binary given for another architecture's target.
+        (
+            vec![("agent-aarch64", "armv7-unknown-linux-musleabihf")],
+            "is an aarch64 binary, but --target armv7-unknown-linux-musleabihf is arm".into(),
+        ),
+        // Two binaries for one architecture, and a script.
+        (vec![aarch64, aarch64], "is a second aarch64 binary".into()),
+        (
+            vec![("script", "aarch64-unknown-linux-musl")],
+            "script: not an ELF executable".into(),
+        ),
+    ] {
+        let out = fails(d, 1, &strs(&build_args(&binaries, &[])));
+        assert!(out.contains(&why), "{why}: {out}");
+        assert!(!d.join("agent.efb").exists());
+    }
+
+    let both = [(agent, host.as_str()), aarch64];
+    let out = ok(d, &strs(&build_args(&both, &["--allow-dynamic"])));
     assert!(out.contains("agent release 1.3.0 (release 2)"), "{out}");
     let own = format!("edgefleet-agent.{} (agent", std::env::consts::ARCH);
     assert!(out.contains(&own), "{out}");

@@ -365,18 +365,19 @@ fn bytes_text(n: u64) -> String {
 }
 
 /// Human description of a manifest (shared by `inspect`, `verify` and the demo).
-pub fn describe_manifest(m: &Manifest, digest: &edgefleet_shared::Digest) -> String {
-    let mut s = String::new();
-    let line = |s: &mut String, k: &str, v: String| s.push_str(&format!("  {k:<12} {v}\n"));
+/// "iris 1.2.0 (release 3)", or "agent release 1.3.0 (release 2)".
+fn bundle_title(m: &Manifest) -> String {
     let what = match m.role() {
         Some(edgefleet_shared::trust::Role::AgentReleases) => "agent release".to_string(),
         _ => m.channel.to_string(),
     };
-    line(
-        &mut s,
-        "bundle",
-        format!("{what} {} (release {})", m.version, m.release),
-    );
+    format!("{what} {} (release {})", m.version, m.release)
+}
+
+pub fn describe_manifest(m: &Manifest, digest: &edgefleet_shared::Digest) -> String {
+    let mut s = String::new();
+    let line = |s: &mut String, k: &str, v: String| s.push_str(&format!("  {k:<12} {v}\n"));
+    line(&mut s, "bundle", bundle_title(m));
     line(&mut s, "digest", digest.to_hex());
     line(&mut s, "created", m.created_at.to_string());
     line(&mut s, "expires", m.expires_at.to_string());
@@ -480,6 +481,19 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
     }
 }
 
+/// The last line of a build: its signatures, or how to add them (`whose`: what
+/// key to use, after "KEY").
+fn print_signatures(out: &Path, signatures: usize, whose: &str) {
+    if signatures == 0 {
+        println!(
+            "  unsigned: sign it with `edgefleet bundle sign {} --key KEY`{whose}",
+            out.display()
+        );
+    } else {
+        println!("  signatures   {signatures}");
+    }
+}
+
 /// `agent-release build`.
 fn agent_release_build(args: AgentReleaseArgs, now: UnixTime) -> Result<i32, CliError> {
     if args.binaries.len() != args.targets.len() {
@@ -521,14 +535,7 @@ fn agent_release_build(args: AgentReleaseArgs, now: UnixTime) -> Result<i32, Cli
             }
         );
     }
-    if report.signatures == 0 {
-        println!(
-            "  unsigned: sign it with `edgefleet bundle sign {} --key KEY` (an agent-release key)",
-            args.out.display()
-        );
-    } else {
-        println!("  signatures   {}", report.signatures);
-    }
+    print_signatures(&args.out, report.signatures, " (an agent-release key)");
     Ok(0)
 }
 
@@ -799,14 +806,7 @@ fn bundle_build(args: BuildArgs, now: UnixTime) -> Result<i32, CliError> {
             println!("  reference    none (no drift statistics; pass --reference data.csv)")
         }
     }
-    if report.signatures == 0 {
-        println!(
-            "  unsigned: sign it with `edgefleet bundle sign {} --key KEY`",
-            args.out.display()
-        );
-    } else {
-        println!("  signatures   {}", report.signatures);
-    }
+    print_signatures(&args.out, report.signatures, "");
     Ok(0)
 }
 

@@ -138,6 +138,29 @@ pub fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, OperatorError> {
     Ok(out)
 }
 
+/// Checks `manifest`'s rules (errors name `what`), signs it with `signers` and
+/// writes the bundle file `out` with `inputs` as its payload, atomically.
+pub fn write_signed(
+    out: &Path,
+    what: &str,
+    manifest: &Manifest,
+    inputs: &[ArtifactInput],
+    signers: &[SecretKey],
+) -> Result<RawHeader, OperatorError> {
+    manifest
+        .validate(Limits::default().max_artifact_size)
+        .map_err(|e| input_err(what, e.to_string()))?;
+    let mut header = RawHeader {
+        manifest_bytes: manifest_bytes(manifest),
+        signatures: vec![],
+    };
+    for key in signers {
+        header.sign(key);
+    }
+    write_atomic(out, 0o644, |w| write_bundle(w, &header, inputs))?;
+    Ok(header)
+}
+
 /// Writes `path` durably with permissions `mode` (`edgefleet_shared::durable`:
 /// temporary file in the same directory, fsync, rename, fsync of the directory).
 pub fn write_atomic(

@@ -184,17 +184,7 @@ pub fn build_agent_release(
         chunk_size: opts.chunk_size,
     };
     let manifest = prepare_manifest(&draft, &inputs).map_err(io_err(out))?;
-    manifest
-        .validate(Limits::default().max_artifact_size)
-        .map_err(|e| input_err("agent release", e.to_string()))?;
-    let mut header = RawHeader {
-        manifest_bytes: manifest_bytes(&manifest),
-        signatures: vec![],
-    };
-    for key in &opts.signers {
-        header.sign(key);
-    }
-    write_atomic(out, 0o644, |w| write_bundle(w, &header, &inputs))?;
+    let header = write_signed(out, "agent release", &manifest, &inputs, &opts.signers)?;
     Ok(AgentReleaseReport {
         digest: header.digest(),
         manifest,

@@ -474,17 +474,7 @@ pub fn build_bundle(opts: &BuildOptions, out: &Path) -> Result<BuildReport, Oper
         chunk_size: opts.chunk_size,
     };
     let manifest = prepare_manifest(&draft, &inputs).map_err(io_err(&opts.model))?;
-    manifest
-        .validate(Limits::default().max_artifact_size)
-        .map_err(|e| input_err("bundle", e.to_string()))?;
-    let mut header = RawHeader {
-        manifest_bytes: manifest_bytes(&manifest),
-        signatures: vec![],
-    };
-    for key in &opts.signers {
-        header.sign(key);
-    }
-    write_atomic(out, 0o644, |w| write_bundle(w, &header, &inputs))?;
+    let header = write_signed(out, "bundle", &manifest, &inputs, &opts.signers)?;
     Ok(BuildReport {
         digest: header.digest(),
         manifest,
