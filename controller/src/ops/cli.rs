@@ -427,14 +427,17 @@ pub fn describe_manifest(m: &Manifest, digest: &edgefleet_shared::Digest) -> Str
             bytes_text(m.constraints.memory_bytes)
         ),
     );
-    line(
-        &mut s,
-        "health",
-        format!(
-            "outputs within abs {} + rel {}; {} ms per case",
-            m.health.abs_tolerance, m.health.rel_tolerance, m.health.latency_budget_ms
-        ),
-    );
+    // An agent release has no model to check (its health field is unused).
+    if m.role() != Some(edgefleet_shared::trust::Role::AgentReleases) {
+        line(
+            &mut s,
+            "health",
+            format!(
+                "outputs within abs {} + rel {}; {} ms per case",
+                m.health.abs_tolerance, m.health.rel_tolerance, m.health.latency_budget_ms
+            ),
+        );
+    }
     line(
         &mut s,
         "payload",

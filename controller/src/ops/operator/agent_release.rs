@@ -86,6 +86,14 @@ pub fn triple_arch(triple: &str) -> Option<&'static str> {
     })
 }
 
+/// The static (musl) target `cross/build.sh` builds for a Rust architecture.
+fn musl_target(arch: &str) -> String {
+    match arch {
+        "arm" => "armv7-unknown-linux-musleabihf".into(),
+        other => format!("{other}-unknown-linux-musl"),
+    }
+}
+
 /// Checks one `--binary`/`--target` pair: an ELF executable of the target's
 /// architecture, static unless `allow_dynamic`.
 fn check_binary(
@@ -115,7 +123,8 @@ fn check_binary(
         return Err(input_err(
             what(),
             format!(
-                "is not static: it needs a dynamic loader, which a device may not have; build it with `cross/build.sh {target}`, or pass --allow-dynamic"
+                "is not static: it needs a dynamic loader, which a device may not have; build a static one with `cross/build.sh {}`, or pass --allow-dynamic",
+                musl_target(expected)
             ),
         ));
     }
