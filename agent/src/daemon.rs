@@ -588,15 +588,7 @@ impl Daemon {
                 channel,
                 max_samples,
             } => self.upload_samples(command.id, &channel, max_samples),
-            Action::UpdateAgent { release } => {
-                // The device side of agent releases is not built yet
-                // (docs/agent-update.md): say so rather than ignore it.
-                let detail = format!(
-                    "agent release {}: this agent does not update itself yet",
-                    release.digest.short()
-                );
-                self.emit(Some(command.id), EventKind::CommandRejected { detail });
-            }
+            Action::UpdateAgent { release } => self.update_agent(command.id, release),
         }
     }
 
@@ -1273,6 +1265,60 @@ impl Daemon {
     }
 
     /// Spools an event and sends it if connected. Events are never dropped.
+    /// `update_agent`: the offer is checked as the device would install it and
+    /// refused with the reason (`agent_update_failed`). The download and the
+    /// hand-over are not built yet (docs/agent-update.md): a release that passes
+    /// is answered `command_rejected`, saying so.
+    fn update_agent(&mut self, command: u64, offer: protocol::BundleOffer) {
+        use crate::selfupdate::{BinarySlot, Release, check_offer, start};
+        let digest = offer.digest;
+        let state = match start::load(self.store.dir()) {
+            Ok(s) => s,
+            Err(e) => {
+                let detail = format!("agent update record: {e}");
+                let reason = protocol::AgentUpdateFailure::Internal { detail };
+                return self.emit(
+                    Some(command),
+                    EventKind::AgentUpdateFailed { digest, reason },
+                );
+            }
+        };
+        let checked = check_offer(
+            &state,
+            &self.settings.trust,
+            &self.settings.facts,
+            digest,
+            &offer.header,
+            self.now(),
+        );
+        let verified = match checked {
+            Ok(v) => v,
+            Err(reason) => {
+                tracing::warn!(digest = %digest.short(), "agent release refused: {reason:?}");
+                return self.emit(
+                    Some(command),
+                    EventKind::AgentUpdateFailed { digest, reason },
+                );
+            }
+        };
+        let release = Release {
+            digest,
+            release: verified.manifest.release,
+            version: verified.manifest.version.clone(),
+        };
+        // The checks of a hand-over that do not depend on the slots: a trial
+        // under way, a release that already failed here.
+        let detail = match state.begin_trial(BinarySlot::A, &release, self.now(), 60) {
+            Err(e) => e.to_string(),
+            Ok(_) => format!(
+                "agent release {} {} verified; this agent does not download agent releases yet",
+                release.version,
+                digest.short()
+            ),
+        };
+        self.emit(Some(command), EventKind::CommandRejected { detail });
+    }
+
     /// Spools how the agent's own latest update ended, once (docs/agent-update.md),
     /// then marks the record: the new agent sends `agent_updated`, the old one
     /// `agent_update_failed`.

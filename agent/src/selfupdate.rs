@@ -13,10 +13,13 @@
 pub mod handover;
 pub mod start;
 
-use edgefleet_shared::bundle::InstalledRelease;
+use edgefleet_shared::bundle::{DeviceFacts, InstalledRelease};
 pub use edgefleet_shared::protocol::TrialFailure;
 use edgefleet_shared::protocol::{AgentUpdateFailure, EventKind};
-use edgefleet_shared::{Digest, Refusal, UnixTime};
+use edgefleet_shared::trust::Role;
+use edgefleet_shared::{
+    Digest, Limits, Policy, RawHeader, Refusal, TrustRoot, UnixTime, VerifiedHeader,
+};
 use serde::{Deserialize, Serialize};
 
 /// File name of the record in the agent's data directory.
@@ -151,6 +154,48 @@ pub enum BeginError {
         /// The pending update's release.
         release: u64,
     },
+}
+
+/// Checks an offered agent release before anything is fetched, as this device
+/// would install it: the header is the one the command names, it verifies with
+/// the trust root's agent-release role (docs/bundle.md steps 1-10), its release
+/// is not below this device's agent floor, and it holds a binary for this
+/// device's architecture.
+pub fn check_offer(
+    state: &AgentUpdateState,
+    trust: &TrustRoot,
+    device: &DeviceFacts,
+    digest: Digest,
+    header: &[u8],
+    now: UnixTime,
+) -> Result<VerifiedHeader, AgentUpdateFailure> {
+    let refused = |refusal| AgentUpdateFailure::Refused { refusal };
+    let raw = RawHeader::parse(header).map_err(refused)?;
+    if raw.digest() != digest {
+        return Err(refused(Refusal::InvalidManifest {
+            detail: format!(
+                "the command names agent release {} but its header is {}",
+                digest.short(),
+                raw.digest().short()
+            ),
+        }));
+    }
+    let policy = Policy {
+        trust,
+        role: Role::AgentReleases,
+        now,
+        limits: Limits::default(),
+        installed: state.floor.as_ref(),
+        device: Some(device),
+    };
+    let verified = raw.verify(&policy).map_err(refused)?;
+    if verified.manifest.agent_binary(&device.arch).is_none() {
+        return Err(refused(Refusal::ArchitectureNotSupported {
+            device: device.arch.clone(),
+            supported: verified.manifest.constraints.architectures.clone(),
+        }));
+    }
+    Ok(verified)
 }
 
 /// The release an update installs.
