@@ -7,14 +7,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
-
-use crate::selfupdate::start::Started;
 use edgefleet_shared::bundle::DeviceFacts;
 use edgefleet_shared::protocol::{InstallMode, Slot};
 use edgefleet_shared::{Arch, Digest, ModelChannel, SignedTrustRoot, UnixTime};
 
 use crate::drift::tracker::DriftStatus;
 use crate::oip::{Decoded, MAX_REQUEST_LEN, decode_request, encode_response};
+use crate::selfupdate::start::Started;
 use crate::slots::{SlotError, SlotEvent};
 use crate::store::{self, Store};
 

@@ -834,19 +834,8 @@ impl Daemon {
         mode: InstallMode,
         state: &crate::slots::SlotsState,
     ) {
-        let verified = (|| {
-            let raw = RawHeader::parse(&header)?;
-            if raw.digest() != digest {
-                return Err(Refusal::InvalidManifest {
-                    detail: format!(
-                        "the command names bundle {} but its header is bundle {}",
-                        digest.short(),
-                        raw.digest().short()
-                    ),
-                });
-            }
-            self.verify_header(state, &raw)
-        })();
+        let verified =
+            RawHeader::parse_offer(&header, digest).and_then(|raw| self.verify_header(state, &raw));
         let verified = match verified {
             Ok(v) => v,
             Err(refusal) => {
@@ -1264,13 +1253,12 @@ impl Daemon {
         self.update_will();
     }
 
-    /// Spools an event and sends it if connected. Events are never dropped.
     /// `update_agent`: the offer is checked as the device would install it and
     /// refused with the reason (`agent_update_failed`). The download and the
     /// hand-over are not built yet (docs/agent-update.md): a release that passes
     /// is answered `command_rejected`, saying so.
     fn update_agent(&mut self, command: u64, offer: protocol::BundleOffer) {
-        use crate::selfupdate::{BinarySlot, Release, check_offer, start};
+        use crate::selfupdate::{Release, check_offer, start};
         let digest = offer.digest;
         let state = match start::load(self.store.dir()) {
             Ok(s) => s,
@@ -1306,9 +1294,7 @@ impl Daemon {
             release: verified.manifest.release,
             version: verified.manifest.version.clone(),
         };
-        // The checks of a hand-over that do not depend on the slots: a trial
-        // under way, a release that already failed here.
-        let detail = match state.begin_trial(BinarySlot::A, &release, self.now(), 60) {
+        let detail = match state.check_release(&release) {
             Err(e) => e.to_string(),
             Ok(_) => format!(
                 "agent release {} {} verified; this agent does not download agent releases yet",
@@ -1337,6 +1323,7 @@ impl Daemon {
         }
     }
 
+    /// Spools an event and sends it if connected. Events are never dropped.
     fn emit(&mut self, command: Option<u64>, kind: EventKind) {
         let device = self.settings.device.clone();
         let at = self.now();

@@ -170,16 +170,7 @@ pub fn check_offer(
     now: UnixTime,
 ) -> Result<VerifiedHeader, AgentUpdateFailure> {
     let refused = |refusal| AgentUpdateFailure::Refused { refusal };
-    let raw = RawHeader::parse(header).map_err(refused)?;
-    if raw.digest() != digest {
-        return Err(refused(Refusal::InvalidManifest {
-            detail: format!(
-                "the command names agent release {} but its header is {}",
-                digest.short(),
-                raw.digest().short()
-            ),
-        }));
-    }
+    let raw = RawHeader::parse_offer(header, digest).map_err(refused)?;
     let policy = Policy {
         trust,
         role: Role::AgentReleases,
@@ -247,30 +238,7 @@ impl AgentUpdateState {
         now: UnixTime,
         confirm_within_s: u32,
     ) -> Result<AgentUpdateState, BeginError> {
-        if let Some(r) = self.current.as_ref().filter(|r| r.phase == Phase::Trial) {
-            return Err(BeginError::Busy { release: r.release });
-        }
-        if let Some(floor) = &self.floor {
-            let channel = edgefleet_shared::ModelChannel::agent;
-            if release.release < floor.release {
-                return Err(Refusal::Rollback {
-                    channel: channel(),
-                    release: release.release,
-                    installed: floor.release,
-                }
-                .into());
-            }
-            if release.release == floor.release && release.digest != floor.manifest_digest {
-                return Err(Refusal::ReleaseReused {
-                    channel: channel(),
-                    release: release.release,
-                }
-                .into());
-            }
-        }
-        if self.failed.contains(&release.digest) {
-            return Err(BeginError::AlreadyFailed(release.digest));
-        }
+        self.check_release(release)?;
         let mut next = self.clone();
         next.current = Some(UpdateRecord {
             phase: Phase::Trial,
@@ -285,6 +253,28 @@ impl AgentUpdateState {
             reported: false,
         });
         Ok(next)
+    }
+
+    /// Whether `release` may be tried on this device now: no trial under way,
+    /// not below the floor (nor the floor's number with other content), not a
+    /// release that already failed here.
+    pub fn check_release(&self, release: &Release) -> Result<(), BeginError> {
+        if let Some(r) = self.current.as_ref().filter(|r| r.phase == Phase::Trial) {
+            return Err(BeginError::Busy { release: r.release });
+        }
+        if let Some(floor) = &self.floor {
+            let channel = edgefleet_shared::ModelChannel::agent();
+            edgefleet_shared::bundle::check_floor(
+                &channel,
+                release.release,
+                release.digest,
+                floor,
+            )?;
+        }
+        if self.failed.contains(&release.digest) {
+            return Err(BeginError::AlreadyFailed(release.digest));
+        }
+        Ok(())
     }
 
     /// The new agent confirmed (before its deadline: the caller's alarm).

@@ -460,6 +460,22 @@ impl RawHeader {
         Ok(header)
     }
 
+    /// Parses the header a command carries for bundle `digest`: [`RawHeader::parse`],
+    /// and the header must be that bundle's.
+    pub fn parse_offer(bytes: &[u8], digest: Digest) -> Result<RawHeader, Refusal> {
+        let raw = RawHeader::parse(bytes)?;
+        if raw.digest() != digest {
+            return Err(Refusal::InvalidManifest {
+                detail: format!(
+                    "the command names bundle {} but its header is bundle {}",
+                    digest.short(),
+                    raw.digest().short()
+                ),
+            });
+        }
+        Ok(raw)
+    }
+
     /// The header's bytes as they appear in a bundle file.
     pub fn to_bytes(&self) -> Vec<u8> {
         let sigs = cbor::to_vec(&self.signatures);
@@ -502,6 +518,30 @@ impl RawHeader {
         (found != expected).then_some(Refusal::WrongKind { expected, found })
     }
 
+    /// Step 5 without the kind: the signatures of the keys of `policy.role`.
+    fn check_role_signatures(
+        &self,
+        policy: &Policy<'_>,
+    ) -> Result<crate::keys::SignatureCheck, Refusal> {
+        let (keys, threshold) = policy
+            .trust
+            .role(policy.role)
+            .ok_or(Refusal::NoSigningRole {
+                version: policy.trust.version,
+                role: policy.role,
+            })?;
+        let check = crate::keys::check_signatures(&self.manifest_bytes, &self.signatures, keys);
+        check.require(usize::from(threshold)).map_err(|f| match f {
+            ThresholdFailure::InvalidSignature(key) => Refusal::InvalidSignature { key },
+            ThresholdFailure::UnknownKey(key) => Refusal::UnknownKey { key },
+            ThresholdFailure::TooFew { valid, threshold } => Refusal::TooFewSignatures {
+                valid: u32::try_from(valid).unwrap_or(u32::MAX),
+                threshold: u32::try_from(threshold).unwrap_or(u32::MAX),
+            },
+        })?;
+        Ok(check)
+    }
+
     /// Steps 4-10: checks the header against `policy`. Pure: no I/O, no clock.
     pub fn verify(&self, policy: &Policy<'_>) -> Result<VerifiedHeader, Refusal> {
         // Step 4: the trust root must be current.
@@ -512,25 +552,8 @@ impl RawHeader {
             });
         }
         // Step 5: a threshold of the role's keys signed the exact manifest bytes.
-        let Some((keys, threshold)) = policy.trust.role(policy.role) else {
-            return Err(self
-                .wrong_kind(policy.role)
-                .unwrap_or(Refusal::NoSigningRole {
-                    version: policy.trust.version,
-                    role: policy.role,
-                }));
-        };
-        let check = crate::keys::check_signatures(&self.manifest_bytes, &self.signatures, keys);
-        check
-            .require(usize::from(threshold))
-            .map_err(|f| match f {
-                ThresholdFailure::InvalidSignature(key) => Refusal::InvalidSignature { key },
-                ThresholdFailure::UnknownKey(key) => Refusal::UnknownKey { key },
-                ThresholdFailure::TooFew { valid, threshold } => Refusal::TooFewSignatures {
-                    valid: u32::try_from(valid).unwrap_or(u32::MAX),
-                    threshold: u32::try_from(threshold).unwrap_or(u32::MAX),
-                },
-            })
+        let check = self
+            .check_role_signatures(policy)
             .map_err(|refusal| self.wrong_kind(policy.role).unwrap_or(refusal))?;
         // Step 6: decode the verified bytes; structural rules; the kind the
         // receiver expects.
@@ -575,19 +598,7 @@ impl RawHeader {
         // Step 9: rollback protection for the channel.
         let digest = self.digest();
         if let Some(installed) = policy.installed {
-            if manifest.release < installed.release {
-                return Err(Refusal::Rollback {
-                    channel: manifest.channel.clone(),
-                    release: manifest.release,
-                    installed: installed.release,
-                });
-            }
-            if manifest.release == installed.release && digest != installed.manifest_digest {
-                return Err(Refusal::ReleaseReused {
-                    channel: manifest.channel.clone(),
-                    release: manifest.release,
-                });
-            }
+            check_floor(&manifest.channel, manifest.release, digest, installed)?;
         }
         // Step 10: device constraints.
         if let Some(device) = policy.device {
@@ -599,6 +610,31 @@ impl RawHeader {
             signed_by: check.valid.into_iter().collect(),
         })
     }
+}
+
+/// Step 9 on its own: may release `release` (bundle `digest`) of `channel` go
+/// where `installed` is the highest release so far? Not a lower one, and the
+/// same number only with the same content.
+pub fn check_floor(
+    channel: &ModelChannel,
+    release: u64,
+    digest: Digest,
+    installed: &InstalledRelease,
+) -> Result<(), Refusal> {
+    if release < installed.release {
+        return Err(Refusal::Rollback {
+            channel: channel.clone(),
+            release,
+            installed: installed.release,
+        });
+    }
+    if release == installed.release && digest != installed.manifest_digest {
+        return Err(Refusal::ReleaseReused {
+            channel: channel.clone(),
+            release,
+        });
+    }
+    Ok(())
 }
 
 /// Step 10 on its own: does `device` meet `constraints`?

@@ -440,27 +440,7 @@ impl Manifest {
                 format!("must list 1 to {MAX_ARTIFACTS} artifacts"),
             ));
         }
-        let mut payload_size: u64 = 0;
-        for (i, a) in self.artifacts.iter().enumerate() {
-            if self.artifacts[..i].iter().any(|o| o.name == a.name) {
-                return Err(invalid(
-                    "artifacts",
-                    format!("artifact name {} is repeated", a.name),
-                ));
-            }
-            if a.size > max_artifact_size {
-                return Err(invalid(
-                    "artifacts",
-                    format!(
-                        "artifact {} declares {} bytes, over the limit of {max_artifact_size}",
-                        a.name, a.size
-                    ),
-                ));
-            }
-            payload_size = payload_size
-                .checked_add(ARTIFACT_PREFIX_LEN + a.size)
-                .ok_or_else(|| invalid("artifacts", "sizes overflow"))?;
-        }
+        let payload_size = self.artifacts_payload_size(max_artifact_size)?;
         match role {
             Role::Models => self.validate_model_rules()?,
             Role::AgentReleases => self.validate_agent_release_rules()?,
@@ -504,6 +484,33 @@ impl Manifest {
 }
 
 impl Manifest {
+    /// The payload size the artifacts add up to; each name once, each size
+    /// within `max_artifact_size`.
+    fn artifacts_payload_size(&self, max_artifact_size: u64) -> Result<u64, DecodeError> {
+        let mut payload_size: u64 = 0;
+        for (i, a) in self.artifacts.iter().enumerate() {
+            if self.artifacts[..i].iter().any(|o| o.name == a.name) {
+                return Err(invalid(
+                    "artifacts",
+                    format!("artifact name {} is repeated", a.name),
+                ));
+            }
+            if a.size > max_artifact_size {
+                return Err(invalid(
+                    "artifacts",
+                    format!(
+                        "artifact {} declares {} bytes, over the limit of {max_artifact_size}",
+                        a.name, a.size
+                    ),
+                ));
+            }
+            payload_size = payload_size
+                .checked_add(ARTIFACT_PREFIX_LEN + a.size)
+                .ok_or_else(|| invalid("artifacts", "sizes overflow"))?;
+        }
+        Ok(payload_size)
+    }
+
     /// A model bundle: exactly one model, at most one golden and one reference
     /// artifact, no agent binary, a schema, and not the agent's channel.
     fn validate_model_rules(&self) -> Result<(), DecodeError> {

@@ -102,13 +102,9 @@ pub enum TrustCommand {
         /// Days until the root expires.
         #[arg(long, default_value_t = 365)]
         expires_in_days: u32,
-        /// Keys that sign agent releases (.pub or .key files; repeat for k of n).
-        /// They have their own threshold and cannot sign models or the root.
-        #[arg(long = "agent-release-key")]
-        agent_release_keys: Vec<PathBuf>,
-        /// How many distinct agent-release keys must sign an agent release.
-        #[arg(long, default_value_t = 1, requires = "agent_release_keys")]
-        agent_release_threshold: u16,
+        /// The keys that sign agent releases.
+        #[command(flatten)]
+        agent_releases: AgentReleaseRoleArgs,
         /// Where to write the root.
         #[arg(long)]
         out: PathBuf,
@@ -131,13 +127,10 @@ pub enum TrustCommand {
         /// Days until the new root expires.
         #[arg(long, default_value_t = 365)]
         expires_in_days: u32,
-        /// Agent-release keys of the new root (default: the current root's, kept).
-        /// They have their own threshold and cannot sign models or the root.
-        #[arg(long = "agent-release-key")]
-        agent_release_keys: Vec<PathBuf>,
-        /// How many distinct agent-release keys must sign an agent release.
-        #[arg(long, default_value_t = 1, requires = "agent_release_keys")]
-        agent_release_threshold: u16,
+        /// The new root's keys that sign agent releases (default: the current
+        /// root's, kept).
+        #[command(flatten)]
+        agent_releases: AgentReleaseRoleArgs,
         /// Where to write the new root.
         #[arg(long)]
         out: PathBuf,
@@ -158,6 +151,32 @@ pub enum TrustCommand {
         #[arg(long)]
         current: Option<PathBuf>,
     },
+}
+
+/// `--agent-release-key`/`--agent-release-threshold` of `trust init` and `rotate`.
+#[derive(Debug, Args)]
+pub struct AgentReleaseRoleArgs {
+    /// Keys that sign agent releases (.pub or .key files; repeat for k of n).
+    /// They have their own threshold and cannot sign models or the root.
+    #[arg(long = "agent-release-key")]
+    agent_release_keys: Vec<PathBuf>,
+    /// How many distinct agent-release keys must sign an agent release.
+    #[arg(long, default_value_t = 1, requires = "agent_release_keys")]
+    agent_release_threshold: u16,
+}
+
+impl AgentReleaseRoleArgs {
+    /// The role the flags give (None without any key).
+    fn role(&self) -> Result<Option<edgefleet_shared::trust::RoleKeys>, OperatorError> {
+        if self.agent_release_keys.is_empty() {
+            return Ok(None);
+        }
+        let keys = operator::distinct_publics(&load_keys(&self.agent_release_keys)?);
+        Ok(Some(edgefleet_shared::trust::RoleKeys {
+            threshold: self.agent_release_threshold,
+            keys,
+        }))
+    }
 }
 
 /// `edgefleet bundle ...`.
@@ -338,18 +357,6 @@ pub enum CliError {
 
 fn load_keys(paths: &[PathBuf]) -> Result<Vec<KeyFile>, OperatorError> {
     paths.iter().map(|p| operator::load_key(p)).collect()
-}
-
-/// The agent-release role from `--agent-release-key` files (None without any).
-fn agent_release_role(
-    paths: &[PathBuf],
-    threshold: u16,
-) -> Result<Option<edgefleet_shared::trust::RoleKeys>, OperatorError> {
-    if paths.is_empty() {
-        return Ok(None);
-    }
-    let keys = operator::distinct_publics(&load_keys(paths)?);
-    Ok(Some(edgefleet_shared::trust::RoleKeys { threshold, keys }))
 }
 
 fn load_secrets(paths: &[PathBuf]) -> Result<Vec<edgefleet_shared::SecretKey>, OperatorError> {
@@ -548,13 +555,12 @@ fn trust(cmd: TrustCommand, now: UnixTime) -> Result<i32, CliError> {
             keys,
             threshold,
             expires_in_days,
-            agent_release_keys,
-            agent_release_threshold,
+            agent_releases,
             out,
         } => {
             let keys = load_keys(&keys)?;
             let expires = now.plus_days(i64::from(expires_in_days));
-            let role = agent_release_role(&agent_release_keys, agent_release_threshold)?;
+            let role = agent_releases.role()?;
             let root =
                 operator::new_trust_root_with_roles(&keys, threshold, 1, expires, role, &[])?;
             operator::save_trust_root(&out, &root)?;
@@ -567,8 +573,7 @@ fn trust(cmd: TrustCommand, now: UnixTime) -> Result<i32, CliError> {
             threshold,
             sign_with,
             expires_in_days,
-            agent_release_keys,
-            agent_release_threshold,
+            agent_releases,
             out,
         } => {
             let current_file = operator::load_trust_file(&current)?;
@@ -581,7 +586,8 @@ fn trust(cmd: TrustCommand, now: UnixTime) -> Result<i32, CliError> {
             let keys = load_keys(&keys)?;
             let old_signers = load_secrets(&sign_with)?;
             let expires = now.plus_days(i64::from(expires_in_days));
-            let role = agent_release_role(&agent_release_keys, agent_release_threshold)?
+            let role = agent_releases
+                .role()?
                 .or(current_root.agent_releases.clone());
             let next = operator::new_trust_root_with_roles(
                 &keys,
