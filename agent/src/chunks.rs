@@ -6,12 +6,16 @@ use edgefleet_shared::protocol::ChunkRange;
 /// Largest number of chunks a bundle can have (2 GiB at the smallest chunk size).
 pub const MAX_CHUNKS: u32 = 1 << 20;
 
-/// A bitmap of received chunks.
+/// A bitmap of received chunks, and the chunks wanted: all of them, or, for a
+/// device that needs one artifact of the bundle, the run that holds it
+/// ([`ChunkTracker::only`]). Counts, completion and requests are of the
+/// wanted chunks; other chunks are never recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkTracker {
     total: u32,
     done: u32,
     bits: Vec<u8>,
+    wanted: std::ops::Range<u32>,
 }
 
 /// A persisted bitmap that does not fit the bundle.
@@ -27,7 +31,27 @@ impl ChunkTracker {
             total,
             done: 0,
             bits: vec![0; total.div_ceil(8) as usize],
+            wanted: 0..total,
         }
+    }
+
+    /// The same tracker wanting only the chunks of `wanted` (clipped to the
+    /// bundle); chunks recorded outside it are forgotten.
+    pub fn only(mut self, wanted: std::ops::Range<u32>) -> ChunkTracker {
+        let end = wanted.end.min(self.total);
+        self.wanted = wanted.start.min(end)..end;
+        for index in 0..self.total {
+            if !self.wanted.contains(&index) {
+                self.bits[(index / 8) as usize] &= !(1 << (index % 8));
+            }
+        }
+        self.done = self.bits.iter().map(|b| b.count_ones()).sum();
+        self
+    }
+
+    /// The chunks wanted.
+    pub fn wanted(&self) -> std::ops::Range<u32> {
+        self.wanted.clone()
     }
 
     /// Restores a tracker from [`ChunkTracker::to_bytes`]; refuses a record of
@@ -50,19 +74,19 @@ impl ChunkTracker {
         &self.bits
     }
 
-    /// Number of chunks in the bundle.
+    /// Number of chunks wanted (all of the bundle's, unless [`ChunkTracker::only`]).
     pub fn total(&self) -> u32 {
-        self.total
+        self.wanted.len() as u32
     }
 
-    /// Number of chunks received.
+    /// Number of wanted chunks received.
     pub fn done(&self) -> u32 {
         self.done
     }
 
-    /// Whether every chunk is here.
+    /// Whether every wanted chunk is here.
     pub fn complete(&self) -> bool {
-        self.done == self.total
+        self.done == self.total()
     }
 
     /// Whether chunk `index` is here.
@@ -70,9 +94,9 @@ impl ChunkTracker {
         index < self.total && self.bits[(index / 8) as usize] & (1 << (index % 8)) != 0
     }
 
-    /// Records chunk `index`; returns false if it was already here or out of range.
+    /// Records chunk `index`; returns false if it was already here or is not wanted.
     pub fn mark(&mut self, index: u32) -> bool {
-        if index >= self.total || self.has(index) {
+        if !self.wanted.contains(&index) || self.has(index) {
             return false;
         }
         self.bits[(index / 8) as usize] |= 1 << (index % 8);
@@ -80,11 +104,25 @@ impl ChunkTracker {
         true
     }
 
-    /// The first chunk not received, if any.
+    /// The first wanted chunk not received, if any.
     pub fn first_missing(&self) -> Option<u32> {
-        let byte = self.bits.iter().position(|b| *b != 0xff)?;
-        let index = byte as u32 * 8 + self.bits[byte].trailing_ones();
-        (index < self.total).then_some(index)
+        let from = (self.wanted.start / 8) as usize;
+        let mut index = self.wanted.start;
+        for (i, b) in self.bits.iter().enumerate().skip(from) {
+            if *b == 0xff {
+                continue;
+            }
+            // The first zero bit of this byte at or after `index`.
+            let base = i as u32 * 8;
+            let skip = index.saturating_sub(base);
+            let rest = (*b >> skip) | !(0xffu8 >> skip);
+            let found = base + skip + rest.trailing_ones();
+            if found < base + 8 {
+                index = found;
+                return (index < self.wanted.end).then_some(index);
+            }
+        }
+        None
     }
 
     /// The next missing chunks to ask for, in order from the first missing one:
@@ -106,7 +144,7 @@ impl ChunkTracker {
             return out;
         };
         let mut index = first.max(from);
-        while index < self.total && budget > 0 {
+        while index < self.wanted.end && budget > 0 {
             if self.has(index) {
                 index += 1;
                 continue;
@@ -203,6 +241,39 @@ mod tests {
             prop_assert_eq!(&asked, &missing);
             prop_assert_eq!(t.done() as usize, (0..total).filter(|i| t.has(*i)).count());
             prop_assert!(ranges.iter().all(|r| r.count >= 1));
+        }
+
+        #[test]
+        fn a_tracker_limited_to_a_run_asks_for_and_counts_only_that_run(
+            total in 0u32..200,
+            start in 0u32..220,
+            len in 0u32..220,
+            before in proptest::collection::vec(0u32..220, 0..100),
+            after in proptest::collection::vec(0u32..220, 0..100),
+        ) {
+            // Marks from before the limit (a record read back) and after it.
+            let mut t = ChunkTracker::new(total);
+            for m in &before {
+                t.mark(*m);
+            }
+            let mut t = t.only(start..start.saturating_add(len));
+            let wanted = t.wanted();
+            for m in &after {
+                prop_assert_eq!(t.mark(*m), wanted.contains(m) && !t.has(*m));
+            }
+            let marked: Vec<u32> = (0..total).filter(|i| t.has(*i)).collect();
+            prop_assert!(marked.iter().all(|i| wanted.contains(i)), "nothing outside the run is kept");
+            prop_assert_eq!(t.done() as usize, marked.len());
+            prop_assert_eq!(t.total(), wanted.len() as u32);
+            let missing: Vec<u32> = wanted.clone().filter(|i| !t.has(*i)).collect();
+            prop_assert_eq!(t.first_missing(), missing.first().copied());
+            let asked: Vec<u32> = t
+                .missing_ranges(u32::MAX, usize::MAX)
+                .iter()
+                .flat_map(|r| r.start..r.start + r.count)
+                .collect();
+            prop_assert_eq!(&asked, &missing);
+            prop_assert_eq!(t.complete(), missing.is_empty());
         }
     }
 }

@@ -270,6 +270,19 @@ impl PayloadTable {
         let end = (start + u64::from(self.chunk_size)).min(self.size);
         Some((start, end))
     }
+
+    /// The chunks holding payload bytes `[start, end)`, clipped to the table
+    /// (empty when the range is).
+    pub fn chunks_covering(&self, start: u64, end: u64) -> std::ops::Range<u32> {
+        let size = u64::from(self.chunk_size.max(1));
+        let total = self.chunks.len() as u64;
+        if start >= end {
+            return 0..0;
+        }
+        let first = (start / size).min(total);
+        let last = end.div_ceil(size).min(total);
+        first as u32..last as u32
+    }
 }
 
 /// The architecture an agent binary's artifact name says (`edgefleet-agent.<arch>`).
@@ -407,6 +420,23 @@ impl Manifest {
     /// The first artifact of `kind`.
     pub fn artifact(&self, kind: ArtifactKind) -> Option<&ArtifactEntry> {
         self.artifacts.iter().find(|a| a.kind == kind)
+    }
+
+    /// Where the bytes of the artifact `name` lie in the payload, `[start,
+    /// end)`: each artifact is its 8-byte length, then its bytes, in manifest
+    /// order. A device that needs one artifact fetches only the chunks that
+    /// cover this range ([`PayloadTable::chunks_covering`]).
+    pub fn artifact_range(&self, name: &ArtifactName) -> Option<(u64, u64)> {
+        let mut offset = 0u64;
+        for a in &self.artifacts {
+            let start = offset.checked_add(8)?;
+            let end = start.checked_add(a.size)?;
+            if &a.name == name {
+                return Some((start, end));
+            }
+            offset = end;
+        }
+        None
     }
 
     /// Structural rules that do not depend on the device or the time. Each error

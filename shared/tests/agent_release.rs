@@ -185,6 +185,44 @@ fn a_release_signed_by_the_agent_release_role_verifies_and_finds_each_binary() {
 }
 
 #[test]
+fn a_device_fetches_only_the_chunks_that_hold_its_binary() {
+    // 9,000-byte binaries in 4,096-byte chunks: each binary spans chunk
+    // boundaries, and the second one starts inside a chunk of the first.
+    let (manifest, bundle) = release(4, &["x86_64", "aarch64"], &[7, 8]);
+    let payload = &bundle[bundle.len() - manifest.payload.size as usize..];
+    let mut covered = Vec::new();
+    for a in ["x86_64", "aarch64"] {
+        let entry = manifest.agent_binary(&arch(a)).expect("listed");
+        let (start, end) = manifest
+            .artifact_range(&entry.name)
+            .expect("in the payload");
+        assert_eq!(end - start, entry.size);
+        let bytes = &payload[start as usize..end as usize];
+        assert_eq!(edgefleet_shared::Digest::of(bytes), entry.sha256, "{a}");
+        let chunks = manifest.payload.chunks_covering(start, end);
+        let (first, _) = manifest.payload.chunk_range(chunks.start).expect("a chunk");
+        let (_, last) = manifest
+            .payload
+            .chunk_range(chunks.end - 1)
+            .expect("a chunk");
+        assert!(
+            first <= start && end <= last,
+            "{a}: {chunks:?} cover the binary"
+        );
+        assert!(
+            start - first < 4096 && last - end < 4096,
+            "{a}: no chunk too many"
+        );
+        covered.push(chunks);
+    }
+    assert_eq!(covered, vec![0..3, 2..5]);
+    let unknown = ArtifactName::new("edgefleet-agent.riscv64").expect("valid name");
+    assert_eq!(manifest.artifact_range(&unknown), None);
+    assert_eq!(manifest.payload.chunks_covering(10, 10), 0..0);
+    assert_eq!(manifest.payload.chunks_covering(0, u64::MAX), 0..5);
+}
+
+#[test]
 fn model_signers_cannot_sign_an_agent_release() {
     let root = root_with_role();
     // Both model keys, one release key: below the role's threshold of 2.
