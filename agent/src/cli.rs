@@ -322,7 +322,8 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             init_logs(cli.log_json, "info");
             let http = http.unwrap_or(config.api_listen);
             let socket = socket.or_else(|| config.api_socket.clone());
-            serve(&store, &config, &trust, http, socket)
+            let config_file = (cli.config.is_some() || config_path.exists()).then_some(config_path);
+            serve(&store, &config, config_file, &trust, http, socket)
         }
         Command::Config(_) => Ok(0),
         Command::Infer {
@@ -721,6 +722,8 @@ pub fn link_setup(
         facts: device_facts(),
         clock_skew_s: 0,
         trim_memory: true,
+        self_update: None,
+        trial: None,
     };
     Ok((options(device.as_str(), &endpoint, tls), settings))
 }
@@ -785,6 +788,7 @@ fn update_at_start(data_dir: &Path, config: &crate::config::AgentConfig) -> Star
 fn serve(
     store: &Store,
     config: &crate::config::AgentConfig,
+    config_file: Option<PathBuf>,
     trust: &std::path::Path,
     http: std::net::SocketAddr,
     socket: Option<PathBuf>,
@@ -827,14 +831,33 @@ fn serve(
         let served = crate::service::served(loaded, config);
         // The models are loaded: what loading them took goes back (memory.rs).
         crate::memory::trim_after_load();
-        let link = link_or_why(config, trust)
-            .map(|(options, settings)| crate::service::Link::new(options, settings));
+        let link = link_or_why(config, trust).map(|(options, mut settings)| {
+            use std::os::fd::AsRawFd as _;
+            settings.self_update = Some(crate::selfupdate::handover::HandOver {
+                layout: config.self_update.layout(),
+                confirm_within_s: config.self_update.confirm_within_s,
+                config: config_file.clone(),
+                listen_fd: Some(listeners.tcp.as_raw_fd()),
+                supervised: config.self_update.unsupervised
+                    || crate::selfupdate::handover::supervised(|name| std::env::var_os(name)),
+                args: std::env::args_os().skip(1).collect(),
+            });
+            if let Started::Trial(record) = &update {
+                // Confirmed once connected to the broker (docs/agent-update.md).
+                settings.trial = Some(crate::selfupdate::start::PendingTrial::new(
+                    store.dir(),
+                    config.self_update.layout(),
+                    record.clone(),
+                ));
+            }
+            crate::service::Link::new(options, settings)
+        });
         if let Some(path) = &socket {
             println!("local API listening on unix:{}", path.display());
         }
-        if let Started::Trial(record) = &update {
-            // Config read, state loaded, every model served: this agent keeps
-            // the device (docs/agent-update.md).
+        if let (Started::Trial(record), None) = (&update, &link) {
+            // Config read, state loaded, every model served, and no broker
+            // to connect to: this agent keeps the device (docs/agent-update.md).
             match crate::selfupdate::start::confirm(store.dir(), &config.self_update.layout()) {
                 Ok(r) => println!(
                     "agent update to {} (release {}) confirmed",

@@ -188,6 +188,10 @@ pub struct SelfUpdateConfig {
     pub link: PathBuf,
     /// Seconds a new agent has to confirm (10..=600) before the old one comes back.
     pub confirm_within_s: u32,
+    /// Update even when nothing is known to restart the agent (not under
+    /// systemd, `EDGEFLEET_SUPERVISED` unset): a new binary that crashes then
+    /// leaves no agent running until someone starts one.
+    pub unsupervised: bool,
 }
 
 impl Default for SelfUpdateConfig {
@@ -196,6 +200,7 @@ impl Default for SelfUpdateConfig {
             binary_dir: "/usr/lib/edgefleet".into(),
             link: "/usr/local/bin/edgefleet-agent".into(),
             confirm_within_s: 60,
+            unsupervised: false,
         }
     }
 }
@@ -548,7 +553,9 @@ impl AgentConfig {
              #   in memory and uploaded when the controller asks.\n\
              # self_update: the agent's binary slots (binary_dir/agent.a, agent.b), the link\n\
              #   the supervisor starts (the unit's ExecStart), and the seconds a new agent\n\
-             #   has to confirm before the previous one comes back (docs/agent-update.md).\n\n{body}"
+             #   has to confirm before the previous one comes back; unsupervised = true\n\
+             #   updates even with nothing to restart a new agent that fails\n\
+             #   (docs/agent-update.md).\n\n{body}"
         )
     }
 }

@@ -35,6 +35,7 @@ use crate::link::{Link, LinkEvent, Tag};
 use crate::metrics::LATENCY_BOUNDS_US;
 use crate::slots::SlotEvent;
 
+mod agent_update;
 mod download;
 use crate::spool::Spool;
 use crate::store::{self, InstallError, Store, write_atomic};
@@ -82,6 +83,13 @@ pub struct DaemonSettings {
     /// ([`crate::memory::trim_after_load`]): a real agent process; not the
     /// fleet simulator, whose devices share one process.
     pub trim_memory: bool,
+    /// How this agent hands the device over to a new binary of itself; none in
+    /// the fleet simulator (its devices share one process): `update_agent` is
+    /// then refused.
+    pub self_update: Option<crate::selfupdate::handover::HandOver>,
+    /// This agent is a new binary on trial: it confirms once connected to the
+    /// broker (docs/agent-update.md).
+    pub trial: Option<crate::selfupdate::start::PendingTrial>,
 }
 
 /// A listening download asks for chunks only once no chunk came for this long.
@@ -435,6 +443,7 @@ impl Daemon {
         match event {
             LinkEvent::Connected => {
                 tracing::info!("connected to the broker");
+                self.confirm_trial();
                 self.in_flight.clear();
                 let _ = self.link.subscribe(&self.topic(DeviceTopic::Commands));
                 self.publish_state();
@@ -588,7 +597,7 @@ impl Daemon {
                 channel,
                 max_samples,
             } => self.upload_samples(command.id, &channel, max_samples),
-            Action::UpdateAgent { release } => self.update_agent(command.id, release),
+            Action::UpdateAgent { release } => self.update_agent(command.id, release).await,
         }
     }
 
@@ -780,6 +789,12 @@ impl Daemon {
                 );
             }
         };
+        if let Some(d) = self.download.as_ref().filter(|d| d.is_agent()) {
+            let (old_command, old) = (d.offer.command, d.digest);
+            self.cancel_download();
+            let detail = format!("superseded by command {command}");
+            self.fail_fetch(old_command, old, true, FailureReason::Download { detail });
+        }
         let downloading = self.download.as_ref().map(|d| (d.offer.command, d.digest));
         // Read unverified, only to find the channel's slots; the download
         // verifies these bytes before anything else.
@@ -859,6 +874,7 @@ impl Daemon {
             command,
             mode,
             header,
+            agent_binary: None,
         };
         match self.create_download(offer, verified) {
             Ok(d) => {
@@ -868,25 +884,47 @@ impl Daemon {
                     bytes = total,
                     "download started"
                 );
-                let listen = self
-                    .settings
-                    .fetch_listen
-                    .mul_f64(0.5 + (crate::link::random_u64() % 1000) as f64 / 2000.0);
-                self.download = Some(Download {
-                    listen_until: Some(Instant::now() + listen),
-                    ..d
-                });
                 self.emit(Some(command), EventKind::InstallStarted { digest });
-                let _ = self
-                    .link
-                    .subscribe(&self.settings.topics.bundle_chunks(&digest));
-                self.request_chunks(true);
+                self.start_fetching(d);
                 self.finish_if_complete().await;
             }
             Err(e) => {
                 let detail = e.to_string();
                 self.fail_install(command, digest, FailureReason::Internal { detail });
             }
+        }
+    }
+
+    /// Makes `d` the download in progress: it listens on the bundle's chunk
+    /// topic for a while (see [`DaemonSettings::fetch_listen`]), then asks.
+    fn start_fetching(&mut self, d: Download) {
+        let listen = self
+            .settings
+            .fetch_listen
+            .mul_f64(0.5 + (crate::link::random_u64() % 1000) as f64 / 2000.0);
+        let digest = d.digest;
+        self.download = Some(Download {
+            listen_until: Some(Instant::now() + listen),
+            ..d
+        });
+        let _ = self
+            .link
+            .subscribe(&self.settings.topics.bundle_chunks(&digest));
+        self.request_chunks(true);
+    }
+
+    /// A download that ends before its install: reported as its command's
+    /// failure (`install_failed`, or `agent_update_failed` for an agent release).
+    fn fail_fetch(&mut self, command: u64, digest: Digest, agent: bool, reason: FailureReason) {
+        if agent {
+            let reason = agent_update::failure_of(reason);
+            tracing::warn!(digest = %digest.short(), "agent update failed: {reason:?}");
+            self.emit(
+                Some(command),
+                EventKind::AgentUpdateFailed { digest, reason },
+            );
+        } else {
+            self.fail_install(command, digest, reason);
         }
     }
 
@@ -940,6 +978,9 @@ impl Daemon {
 
     fn load_download(&self, dir: &Path) -> Option<Download> {
         let offer = Offer::read(dir)?;
+        if offer.agent_binary.is_some() {
+            return self.load_agent_download(dir, offer);
+        }
         let raw = RawHeader::parse(&offer.header).ok()?;
         let state = self.store.load().ok()?;
         if state.referenced().contains(&raw.digest()) {
@@ -988,7 +1029,8 @@ impl Daemon {
             d.requested_until = 0;
             d.last_chunk = Instant::now();
         }
-        let in_flight = (0..d.requested_until.min(d.tracker.total()))
+        let wanted = d.tracker.wanted();
+        let in_flight = (wanted.start..d.requested_until.min(wanted.end))
             .filter(|i| !d.tracker.has(*i))
             .count() as u32;
         if in_flight > window / 2 {
@@ -1036,6 +1078,10 @@ impl Daemon {
         let Some(d) = self.download.as_mut() else {
             return;
         };
+        if !d.tracker.wanted().contains(&chunk.index) {
+            // Another device's part of an agent release.
+            return;
+        }
         d.last_chunk = Instant::now();
         if d.tracker.has(chunk.index) {
             d.duplicate_bytes += chunk.data.len() as u64;
@@ -1055,9 +1101,10 @@ impl Daemon {
                 d.failing = Some((chunk.index, times));
                 tracing::warn!("dropped chunk {} ({times} time(s)): {refusal}", chunk.index);
                 if times >= MAX_CHUNK_FAILURES {
-                    let (command, digest) = (d.offer.command, d.digest);
+                    let (command, digest, agent) = (d.offer.command, d.digest, d.is_agent());
                     self.cancel_download();
-                    return self.fail_install(command, digest, FailureReason::Refused { refusal });
+                    let reason = FailureReason::Refused { refusal };
+                    return self.fail_fetch(command, digest, agent, reason);
                 }
                 return;
             }
@@ -1066,15 +1113,10 @@ impl Daemon {
             return;
         };
         if let Err(e) = d.file.write_all_at(&chunk.data, d.header_len + start) {
-            let (command, digest) = (d.offer.command, d.digest);
+            let (command, digest, agent) = (d.offer.command, d.digest, d.is_agent());
             self.cancel_download();
-            return self.fail_install(
-                command,
-                digest,
-                FailureReason::Download {
-                    detail: format!("cannot write the download: {e}"),
-                },
-            );
+            let detail = format!("cannot write the download: {e}");
+            return self.fail_fetch(command, digest, agent, FailureReason::Download { detail });
         }
         d.tracker.mark(chunk.index);
         d.unsaved += 1;
@@ -1095,7 +1137,7 @@ impl Daemon {
             tracing::error!("cannot save download progress: {e}");
         }
         let tenth = d.tracker.done() * 10 / d.tracker.total().max(1);
-        if tenth > d.reported_tenth && !d.tracker.complete() {
+        if tenth > d.reported_tenth && !d.tracker.complete() && !d.is_agent() {
             d.reported_tenth = tenth;
             let kind = EventKind::InstallProgress {
                 digest: d.digest,
@@ -1121,11 +1163,14 @@ impl Daemon {
         let _ = self
             .link
             .unsubscribe(&self.settings.topics.bundle_chunks(&d.digest));
+        if d.is_agent() {
+            return self.finish_agent_update(d).await;
+        }
         tracing::info!(
             digest = %d.digest.short(),
             duplicate_bytes = d.duplicate_bytes,
             rejected_chunks = d.rejected,
-            unpacked_chunks = d.unpack.next_chunk(),
+            unpacked_chunks = d.unpack.as_ref().map_or(0, |u| u.next_chunk()),
             read_back_bytes = d.read_back_bytes,
             "download complete, installing"
         );
@@ -1148,7 +1193,9 @@ impl Daemon {
             let unpacked = move || {
                 d.unpack_more(None, u64::MAX)
                     .map_err(|e| store::bundle_error(&d.dir, e))?;
-                Ok(d.unpack)
+                let missing = || io::Error::other("a model download without its unpacking");
+                d.unpack
+                    .ok_or_else(|| store::bundle_error(&d.dir, bundle::BundleError::Io(missing())))
             };
             let done =
                 store::install_download(&store, &trust, &facts, &header, unpacked, mode, now)?;
@@ -1251,58 +1298,6 @@ impl Daemon {
             Tag::None,
         );
         self.update_will();
-    }
-
-    /// `update_agent`: the offer is checked as the device would install it and
-    /// refused with the reason (`agent_update_failed`). The download and the
-    /// hand-over are not built yet (docs/agent-update.md): a release that passes
-    /// is answered `command_rejected`, saying so.
-    fn update_agent(&mut self, command: u64, offer: protocol::BundleOffer) {
-        use crate::selfupdate::{Release, check_offer, start};
-        let digest = offer.digest;
-        let state = match start::load(self.store.dir()) {
-            Ok(s) => s,
-            Err(e) => {
-                let detail = format!("agent update record: {e}");
-                let reason = protocol::AgentUpdateFailure::Internal { detail };
-                return self.emit(
-                    Some(command),
-                    EventKind::AgentUpdateFailed { digest, reason },
-                );
-            }
-        };
-        let checked = check_offer(
-            &state,
-            &self.settings.trust,
-            &self.settings.facts,
-            digest,
-            &offer.header,
-            self.now(),
-        );
-        let verified = match checked {
-            Ok(v) => v,
-            Err(reason) => {
-                tracing::warn!(digest = %digest.short(), "agent release refused: {reason:?}");
-                return self.emit(
-                    Some(command),
-                    EventKind::AgentUpdateFailed { digest, reason },
-                );
-            }
-        };
-        let release = Release {
-            digest,
-            release: verified.manifest.release,
-            version: verified.manifest.version.clone(),
-        };
-        let detail = match state.check_release(&release) {
-            Err(e) => e.to_string(),
-            Ok(_) => format!(
-                "agent release {} {} verified; this agent does not download agent releases yet",
-                release.version,
-                digest.short()
-            ),
-        };
-        self.emit(Some(command), EventKind::CommandRejected { detail });
     }
 
     /// Spools how the agent's own latest update ended, once (docs/agent-update.md),

@@ -125,6 +125,9 @@ impl Agent {
             .arg(config)
             .args(["run", "--http", "127.0.0.1:0"])
             .env("EDGEFLEET_LOG", "debug")
+            // Not supervised, whatever runs the tests.
+            .env_remove("INVOCATION_ID")
+            .env_remove("EDGEFLEET_SUPERVISED")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log"))
             .spawn()
@@ -1869,13 +1872,551 @@ async fn agent_releases_are_checked_with_their_own_role_floor_and_architecture()
     cut.header.truncate(40);
     assert_eq!(refused_update(&mut peer, cut).await, "truncated");
 
+    // A good release, but nothing would restart this agent (started by the
+    // test, not under a supervisor) if the new binary failed.
     let good = agent_offer(6, &[other, here], &release_key());
+    let digest = good.digest;
     let answer = answer_to_update(&mut peer, good).await;
-    let EventKind::CommandRejected { detail } = answer.kind else {
-        panic!("a good release is not refused: {:?}", answer.kind)
-    };
-    assert!(
-        detail.contains("9.8.6") && detail.contains("does not download agent releases yet"),
-        "{detail}"
+    assert_eq!(
+        answer.kind.clone(),
+        EventKind::AgentUpdateFailed {
+            digest,
+            reason: edgefleet_shared::protocol::AgentUpdateFailure::Unsupervised
+        },
+        "{answer:?}"
     );
+}
+
+/// A supervisor that restarts like systemd's `Restart=always`, for the tests:
+/// starts `binary` again 200 ms after it exits, until dropped. Everything the
+/// agent prints on stdout is kept, across restarts and hand-overs (an exec
+/// keeps the process and its pipe).
+struct Supervisor {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    lines: Arc<Mutex<Vec<String>>>,
+    exits: Arc<Mutex<Vec<std::process::ExitStatus>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Supervisor {
+    fn start(binary: &Path, args: &[&str], log: &Path) -> Supervisor {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let exits = Arc::new(Mutex::new(Vec::new()));
+        let (binary, log) = (binary.to_owned(), log.to_owned());
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let thread = {
+            let (stop, lines, exits) = (stop.clone(), lines.clone(), exits.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let stderr = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&log)
+                        .expect("log");
+                    let mut child = Command::new(&binary)
+                        .args(&args)
+                        .env("EDGEFLEET_SUPERVISED", "1")
+                        .env("EDGEFLEET_LOG", "debug")
+                        .env_remove("INVOCATION_ID")
+                        .stdout(Stdio::piped())
+                        .stderr(stderr)
+                        .spawn()
+                        .expect("the supervised agent starts");
+                    let stdout = child.stdout.take().expect("piped");
+                    let kept = lines.clone();
+                    std::thread::spawn(move || {
+                        use std::io::BufRead;
+                        for line in std::io::BufReader::new(stdout).lines() {
+                            let Ok(line) = line else { break };
+                            kept.lock().expect("lock").push(line);
+                        }
+                    });
+                    loop {
+                        if stop.load(Ordering::SeqCst) {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            return;
+                        }
+                        if let Ok(Some(status)) = child.try_wait() {
+                            exits.lock().expect("lock").push(status);
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+        };
+        Supervisor {
+            stop,
+            lines,
+            exits,
+            thread: Some(thread),
+        }
+    }
+
+    /// The first line after the first `skip` lines that `pick` accepts.
+    fn line(&self, skip: usize, pick: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let found = self.lines.lock().expect("lock")[..]
+                .iter()
+                .skip(skip)
+                .find(|l| pick(l))
+                .cloned();
+            if let Some(line) = found {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no such line in {:?}",
+                self.lines.lock().expect("lock")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The local API's address from the readiness line.
+    fn api(&self) -> String {
+        let line = self.line(0, |l| l.starts_with("local API listening on http://"));
+        line.trim_start_matches("local API listening on http://")
+            .to_string()
+    }
+
+    fn exits(&self) -> Vec<std::process::ExitStatus> {
+        self.exits.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The host's agent, stripped (a debug build is hundreds of MB, most of it
+/// debug information).
+fn stripped_agent() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let agent = PathBuf::from(env!("CARGO_BIN_EXE_edgefleet-agent"));
+        let out = agent.with_file_name("edgefleet-agent.stripped");
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        if modified(&out) < modified(&agent) {
+            let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
+            let ok = Command::new("strip")
+                .arg("-o")
+                .arg(&tmp)
+                .arg(&agent)
+                .status()
+                .expect("strip (binutils) runs");
+            assert!(ok.success(), "strip failed");
+            std::fs::rename(&tmp, &out).expect("rename");
+        }
+        out
+    })
+    .clone()
+}
+
+/// An agent release file in `dir`: `binaries` (architecture, bytes) at
+/// `version`, release `release`, signed by [`release_key`], in 64 KiB chunks.
+fn agent_release_file(
+    dir: &Path,
+    binaries: &[(&str, Vec<u8>)],
+    version: &str,
+    release: u64,
+) -> PathBuf {
+    use edgefleet_shared::Arch;
+    use edgefleet_shared::bundle::{
+        ArtifactInput, ArtifactSource, ManifestDraft, manifest_bytes, prepare_manifest,
+        write_bundle,
+    };
+    use edgefleet_shared::manifest::{
+        AGENT_CHANNEL, ArtifactKind, Constraints, HealthPolicy, ModelSchema, agent_binary_name,
+    };
+    let inputs: Vec<ArtifactInput> = binaries
+        .iter()
+        .map(|(a, bytes)| ArtifactInput {
+            name: agent_binary_name(&Arch::new(a).expect("arch")).expect("name"),
+            kind: ArtifactKind::Agent,
+            source: ArtifactSource::Bytes(bytes.clone()),
+        })
+        .collect();
+    let now = UnixTime::now();
+    let draft = ManifestDraft {
+        channel: ModelChannel::new(AGENT_CHANNEL).expect("channel"),
+        version: semver::Version::parse(version).expect("version"),
+        release,
+        created_at: now.plus_days(-1),
+        expires_at: now.plus_days(30),
+        schema: ModelSchema::default(),
+        constraints: Constraints {
+            architectures: binaries
+                .iter()
+                .map(|(a, _)| Arch::new(a).expect("arch"))
+                .collect(),
+            min_agent_version: "0.1.0".into(),
+            memory_bytes: 1 << 20,
+        },
+        health: HealthPolicy::default(),
+        chunk_size: 64 * 1024,
+    };
+    let manifest = prepare_manifest(&draft, &inputs).expect("in memory");
+    let mut header = RawHeader {
+        manifest_bytes: manifest_bytes(&manifest),
+        signatures: vec![],
+    };
+    header.sign(&release_key());
+    let path = dir.join(format!("agent-{version}.efb"));
+    let mut file = std::fs::File::create(&path).expect("release file");
+    write_bundle(&mut file, &header, &inputs).expect("write release");
+    path
+}
+
+/// A flashed device: the agent as a plain file at the link's path (the
+/// supervisor's ExecStart), the slots' directory empty, and `[self_update]`
+/// in its config.
+fn flashed(dev: &Device, config: &Path) -> (PathBuf, PathBuf) {
+    let (bin, link) = (
+        dev.path().join("lib"),
+        dev.path().join("bin/edgefleet-agent"),
+    );
+    std::fs::create_dir_all(link.parent().expect("dir")).expect("bin dir");
+    std::fs::copy(stripped_agent(), &link).expect("flash the agent");
+    let mut text = std::fs::read_to_string(config).expect("config");
+    text.push_str(&format!(
+        "[self_update]\nbinary_dir = \"{}\"\nlink = \"{}\"\nconfirm_within_s = 30\n",
+        s(&bin),
+        s(&link)
+    ));
+    std::fs::write(config, text).expect("config");
+    (bin, link)
+}
+
+/// Whether the local API answers `/v2/health/ready` with 200 (no panic when
+/// it does not answer at all).
+fn ready(api: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(api).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).map_err(|e| format!("read: {e}"))?;
+    if out.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out).chars().take(80).collect())
+    }
+}
+
+/// v1 -> v2 over MQTT on a flashed device under a supervisor: the agent
+/// fetches only its own architecture's chunks, puts the binary in the other
+/// slot, probes it and execs it; the new agent serves on the same socket,
+/// confirms once connected, switches the link and reports `agent_updated`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flashed_agent_updates_itself_over_mqtt_and_keeps_serving() {
+    use edgefleet_agent::selfupdate::{BinarySlot, Phase, start};
+    use edgefleet_agent::version::rewrite_version;
+    let dev = Device::new();
+    write_root_with_release_role(&dev.path().join("root.cbor"));
+    let broker = Broker::start(dev.path(), "allow_anonymous true");
+    let mut peer = Peer::connect(broker.port, None);
+    let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
+    let (bin, link) = flashed(&dev, &config);
+    sideload(&config, &iris(dev.path(), "iris.efb", 1));
+
+    let log = dev.path().join("supervised.log");
+    let supervisor = Supervisor::start(
+        &link,
+        &["--config", s(&config), "run", "--http", "127.0.0.1:0"],
+        &log,
+    );
+    let api = supervisor.api();
+    let _ = peer.state(|s| s.online).await;
+    let (status, _) = infer_version(&api);
+    assert_eq!(status, 200);
+
+    // The next release: this build, saying 9.9.1; a decoy "aarch64" binary
+    // first in the payload, which this device must not fetch.
+    let own = std::fs::read(stripped_agent()).expect("read the agent");
+    let next = rewrite_version(&own, "9.9.1").expect("one version slot");
+    let decoy = vec![0u8; 300 * 1024];
+    let here = std::env::consts::ARCH;
+    let other = if here == "aarch64" {
+        "x86_64"
+    } else {
+        "aarch64"
+    };
+    let file = agent_release_file(dev.path(), &[(other, decoy), (here, next)], "9.9.1", 1);
+    let served = peer.offer(&file);
+
+    // The local API is asked all along: how long it does not answer.
+    let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let prober = {
+        let (api, probing) = (api.clone(), probing.clone());
+        std::thread::spawn(move || {
+            let (mut failures, mut longest, mut last_ok) =
+                (Vec::new(), Duration::ZERO, Instant::now());
+            while probing.load(std::sync::atomic::Ordering::SeqCst) {
+                match ready(&api) {
+                    Ok(()) => {
+                        longest = longest.max(last_ok.elapsed());
+                        last_ok = Instant::now();
+                    }
+                    Err(e) => failures.push(e),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (failures, longest)
+        })
+    };
+    peer.command(Action::UpdateAgent {
+        release: BundleOffer {
+            digest: served.digest,
+            header: served.header.clone(),
+        },
+    })
+    .await;
+    // The new agent's state (online, 9.9.1) comes first on its connection, then
+    // the outcome from its record.
+    let state = peer.state(|s| s.online && s.agent_version == "9.9.1").await;
+    assert_eq!(state.agent_version, "9.9.1");
+    let mut seen = Vec::new();
+    let done = peer
+        .event(&mut seen, |k| {
+            matches!(
+                k,
+                EventKind::AgentUpdated { .. } | EventKind::AgentUpdateFailed { .. }
+            )
+        })
+        .await;
+    assert_eq!(
+        done.kind,
+        EventKind::AgentUpdated {
+            digest: served.digest,
+            version: "9.9.1".into(),
+            release: 1
+        },
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(
+        done.command, None,
+        "reported by the new agent from its record"
+    );
+    probing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (failures, longest) = prober.join().expect("prober");
+    println!("local API: longest gap between answers {longest:?}, failed requests {failures:?}");
+    assert!(
+        failures.len() <= 1,
+        "at most the request the exec cut: {failures:?}"
+    );
+    assert_eq!(infer_version(&api).0, 200, "the model is still served");
+
+    // One process all along (exec), now the new binary in slot B, the link on it.
+    assert!(supervisor.exits().is_empty(), "{:?}", supervisor.exits());
+    let layout = edgefleet_agent::selfupdate::handover::Layout {
+        binary_dir: bin.clone(),
+        link: link.clone(),
+    };
+    assert_eq!(layout.link_target(), Some(BinarySlot::B));
+    let record = start::load(&dev.path().join("data"))
+        .expect("record")
+        .current
+        .expect("an update");
+    assert_eq!(
+        (record.phase, record.from, record.to),
+        (Phase::Committed, BinarySlot::A, BinarySlot::B)
+    );
+    assert!(record.reported);
+    let out = Command::new(&link)
+        .arg("--version")
+        .output()
+        .expect("version");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "edgefleet-agent 9.9.1"
+    );
+
+    // Only this device's binary was fetched, not the decoy before it.
+    let manifest = RawHeader::parse(&served.header)
+        .expect("header")
+        .decode_unverified()
+        .expect("manifest");
+    let own = manifest
+        .agent_binary(&edgefleet_shared::Arch::current())
+        .expect("this device's binary");
+    let (start_byte, end_byte) = manifest.artifact_range(&own.name).expect("range");
+    let wanted = manifest.payload.chunks_covering(start_byte, end_byte);
+    let sent = peer.policy.lock().expect("lock").sent.clone();
+    assert!(wanted.start > 0, "the decoy comes first: {wanted:?}");
+    assert!(
+        !sent.is_empty() && sent.iter().all(|c| wanted.contains(c)),
+        "asked for chunks outside {wanted:?}: {sent:?}"
+    );
+    drop(supervisor);
+    drop(broker);
+}
+
+/// A stand-in for a broken agent build: answers the probe (`--version` with
+/// `version`, `config check`) like a good one, then does `on_run` when started
+/// to serve.
+fn broken_agent(version: &str, on_run: &str) -> Vec<u8> {
+    format!(
+        "#!/bin/sh\ncase \"$*\" in\n  --version) echo \"edgefleet-agent {version}\" ;;\n  \
+         *'config check'*) echo OK ;;\n  *) {on_run} ;;\nesac\n"
+    )
+    .into_bytes()
+}
+
+/// Sends `update_agent` for the release in `file` and returns its outcome.
+async fn update_to(peer: &mut Peer, file: &Path, seen: &mut Vec<Event>) -> (Digest, Event) {
+    let served = peer.offer(file);
+    peer.command(Action::UpdateAgent {
+        release: BundleOffer {
+            digest: served.digest,
+            header: served.header.clone(),
+        },
+    })
+    .await;
+    let outcome = peer
+        .event(seen, |k| {
+            matches!(
+                k,
+                EventKind::AgentUpdated { .. } | EventKind::AgentUpdateFailed { .. }
+            )
+        })
+        .await;
+    (served.digest, outcome)
+}
+
+/// A new binary that exits at start, and one that starts but never confirms
+/// (it hangs): each time the old agent is running again within seconds, with
+/// its model, and reports the typed reason; a release that failed its trial
+/// is refused when offered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_new_agent_is_reverted_and_reported() {
+    use edgefleet_agent::selfupdate::BinarySlot;
+    use edgefleet_shared::protocol::{AgentUpdateFailure, TrialFailure};
+    let dev = Device::new();
+    write_root_with_release_role(&dev.path().join("root.cbor"));
+    let broker = Broker::start(dev.path(), "allow_anonymous true");
+    let mut peer = Peer::connect(broker.port, None);
+    let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
+    let (bin, link) = flashed(&dev, &config);
+    // The shortest deadline the config allows.
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("confirm_within_s = 30", "confirm_within_s = 10"),
+    )
+    .expect("config");
+    sideload(&config, &iris(dev.path(), "iris.efb", 1));
+    let log = dev.path().join("supervised.log");
+    // A fixed port, as on a device: the agent started again after a failed
+    // trial listens where the one before did.
+    let http = format!("127.0.0.1:{}", free_port());
+    let supervisor = Supervisor::start(
+        &link,
+        &["--config", s(&config), "run", "--http", &http],
+        &log,
+    );
+    let api = supervisor.api();
+    let _ = peer.state(|s| s.online).await;
+    let here = std::env::consts::ARCH;
+    let layout = edgefleet_agent::selfupdate::handover::Layout {
+        binary_dir: bin,
+        link: link.clone(),
+    };
+    let mut seen = Vec::new();
+
+    let exits = dev.path().join("exits.efb");
+    std::fs::rename(
+        agent_release_file(
+            dev.path(),
+            &[(here, broken_agent("9.9.2", "exit 3"))],
+            "9.9.2",
+            2,
+        ),
+        &exits,
+    )
+    .expect("rename");
+    let started = Instant::now();
+    let (digest, outcome) = update_to(&mut peer, &exits, &mut seen).await;
+    assert_eq!(
+        outcome.kind,
+        EventKind::AgentUpdateFailed {
+            digest,
+            reason: AgentUpdateFailure::Trial {
+                failure: TrialFailure::Crashed
+            }
+        },
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    println!(
+        "exits at start: reverted and reported in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(supervisor.exits().len(), 1, "the new binary exited once");
+    assert_eq!(infer_version(&api).0, 200, "the old agent serves the model");
+    assert_eq!(layout.link_target(), Some(BinarySlot::A));
+
+    let hangs = agent_release_file(
+        dev.path(),
+        &[(here, broken_agent("9.9.3", "exec sleep 600"))],
+        "9.9.3",
+        3,
+    );
+    let started = Instant::now();
+    let (digest, outcome) = update_to(&mut peer, &hangs, &mut seen).await;
+    assert_eq!(
+        outcome.kind,
+        EventKind::AgentUpdateFailed {
+            digest,
+            reason: AgentUpdateFailure::Trial {
+                failure: TrialFailure::NoConfirmation
+            }
+        }
+    );
+    let took = started.elapsed();
+    println!("never confirms: reverted and reported in {took:?}");
+    assert!(
+        took >= Duration::from_secs(9),
+        "the alarm ends it at its deadline: {took:?}"
+    );
+    assert_eq!(supervisor.exits().len(), 2, "ended by the alarm");
+    assert_eq!(infer_version(&api).0, 200, "the old agent serves the model");
+    assert_eq!(layout.link_target(), Some(BinarySlot::A));
+    let out = Command::new(&link)
+        .arg("--version")
+        .output()
+        .expect("version");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("edgefleet-agent {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    // Offered again, the release that crashed is refused before any chunk.
+    let before = peer.policy.lock().expect("lock").sent.len();
+    let (digest, outcome) = update_to(&mut peer, &exits, &mut seen).await;
+    let EventKind::AgentUpdateFailed {
+        digest: d,
+        reason: AgentUpdateFailure::Internal { detail },
+    } = &outcome.kind
+    else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(*d, digest);
+    assert!(detail.contains("already failed its trial"), "{detail}");
+    assert_eq!(peer.policy.lock().expect("lock").sent.len(), before);
+    drop(supervisor);
+    drop(broker);
 }

@@ -118,9 +118,9 @@ fn the_probe_checks_the_version_and_the_configuration_and_names_the_failure() {
         .expect("write slot");
     let good = config(dir.path());
     let t = Duration::from_secs(30);
-    probe(&path, "9.3.0", &good, t).expect("a good binary passes");
+    probe(&path, "9.3.0", Some(&good), t).expect("a good binary passes");
 
-    match probe(&path, "9.4.0", &good, t) {
+    match probe(&path, "9.4.0", Some(&good), t) {
         Err(ProbeError::Version { expected, got }) => {
             assert_eq!(
                 (expected.as_str(), got.as_str()),
@@ -131,7 +131,7 @@ fn the_probe_checks_the_version_and_the_configuration_and_names_the_failure() {
     }
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "device_id = \"pi 4\"\n").expect("write");
-    match probe(&path, "9.3.0", &bad, t) {
+    match probe(&path, "9.3.0", Some(&bad), t) {
         Err(ProbeError::Config(text)) => assert!(text.contains("device_id"), "{text}"),
         other => panic!("expected a refused config, got {other:?}"),
     }
@@ -144,7 +144,7 @@ fn the_probe_checks_the_version_and_the_configuration_and_names_the_failure() {
         .write_slot(BinarySlot::A, &mut foreign.as_slice(), foreign.len() as u64)
         .expect("write slot");
     assert!(matches!(
-        probe(&foreign_path, "9.3.0", &good, t),
+        probe(&foreign_path, "9.3.0", Some(&good), t),
         Err(ProbeError::Start(_))
     ));
     // A binary that never answers is killed at the timeout.
@@ -154,7 +154,7 @@ fn the_probe_checks_the_version_and_the_configuration_and_names_the_failure() {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let started = std::time::Instant::now();
     assert!(matches!(
-        probe(&script, "9.3.0", &good, Duration::from_millis(500)),
+        probe(&script, "9.3.0", Some(&good), Duration::from_millis(500)),
         Err(ProbeError::Timeout {
             step: "--version",
             ..

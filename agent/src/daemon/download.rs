@@ -15,7 +15,7 @@ use edgefleet_shared::cbor;
 use edgefleet_shared::manifest::Manifest;
 use edgefleet_shared::protocol::InstallMode;
 use edgefleet_shared::unpack::UnpackStream;
-use edgefleet_shared::{Digest, VerifiedHeader};
+use edgefleet_shared::{ArtifactName, Digest, VerifiedHeader};
 use serde::{Deserialize, Serialize};
 
 use crate::chunks::ChunkTracker;
@@ -32,6 +32,11 @@ pub(super) struct Offer {
     pub(super) mode: InstallMode,
     #[serde(with = "serde_bytes")]
     pub(super) header: Vec<u8>,
+    /// For an agent release (`update_agent`): the one binary this device
+    /// fetches. Only the chunks that hold it are asked for, and nothing is
+    /// unpacked: the binary is read out of `bundle.part` at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) agent_binary: Option<ArtifactName>,
 }
 
 impl Offer {
@@ -72,8 +77,9 @@ pub(super) struct Download {
     pub(super) dir: PathBuf,
     pub(super) file: fs::File,
     pub(super) tracker: ChunkTracker,
-    /// The payload unpacked so far (every chunk before its `next_chunk`).
-    pub(super) unpack: UnpackStream,
+    /// The payload unpacked so far (every chunk before its `next_chunk`); none
+    /// for an agent release.
+    pub(super) unpack: Option<UnpackStream>,
     pub(super) header_len: u64,
     /// Chunks below this index have been asked for.
     pub(super) requested_until: u32,
@@ -95,7 +101,8 @@ pub(super) struct Download {
 
 impl Download {
     /// A download with `tracker`'s chunks on disk and nothing asked for yet;
-    /// nothing unpacked yet either.
+    /// nothing unpacked yet either. For an agent release, the tracker wants
+    /// only the chunks of the offer's binary.
     pub(super) fn new(
         offer: Offer,
         verified: VerifiedHeader,
@@ -103,7 +110,19 @@ impl Download {
         file: fs::File,
         tracker: ChunkTracker,
     ) -> io::Result<Download> {
-        let unpack = UnpackStream::begin(&verified, dir.join("unpacking"))?;
+        let (tracker, unpack) = match &offer.agent_binary {
+            Some(name) => {
+                let (start, end) = verified.manifest.artifact_range(name).ok_or_else(|| {
+                    io::Error::other(format!("the release has no artifact {name}"))
+                })?;
+                let wanted = verified.manifest.payload.chunks_covering(start, end);
+                (tracker.only(wanted), None)
+            }
+            None => (
+                tracker,
+                Some(UnpackStream::begin(&verified, dir.join("unpacking"))?),
+            ),
+        };
         Ok(Download {
             header_len: offer.header.len() as u64,
             offer,
@@ -133,15 +152,18 @@ impl Download {
         arrived: Option<CheckedChunk<'_>>,
         budget: u64,
     ) -> Result<(), BundleError> {
+        let Some(unpack) = self.unpack.as_mut() else {
+            return Ok(());
+        };
         if let Some(chunk) = arrived
-            && chunk.index() == self.unpack.next_chunk()
+            && chunk.index() == unpack.next_chunk()
         {
-            self.unpack.feed(chunk)?;
+            unpack.feed(chunk)?;
         }
         let mut buf = Vec::new();
         let mut read = 0;
         while read < budget {
-            let index = self.unpack.next_chunk();
+            let index = unpack.next_chunk();
             let Some((start, end)) = self.manifest.payload.chunk_range(index) else {
                 break;
             };
@@ -157,11 +179,24 @@ impl Download {
                         self.dir.join("bundle.part").display()
                     ))
                 })?;
-            self.unpack.feed(checked)?;
+            unpack.feed(checked)?;
             read += end - start;
             self.read_back_bytes += end - start;
         }
         Ok(())
+    }
+
+    /// Whether this is the download of an agent release.
+    pub(super) fn is_agent(&self) -> bool {
+        self.offer.agent_binary.is_some()
+    }
+
+    /// The agent binary's bytes in `bundle.part`: `(offset, length)`.
+    pub(super) fn agent_binary_at(&self) -> Option<(u64, u64)> {
+        let (start, end) = self
+            .manifest
+            .artifact_range(self.offer.agent_binary.as_ref()?)?;
+        Some((self.header_len + start, end - start))
     }
 }
 

@@ -136,11 +136,12 @@ pub enum ProbeError {
 
 /// Runs the new binary twice before it is trusted: `--version` must print
 /// `edgefleet-agent <expected>` and `--config <config> config check` must accept
-/// the configuration the agent runs with; each within `timeout`.
+/// the configuration the agent runs with (an agent running on the defaults,
+/// with no file, has none to check); each within `timeout`.
 pub fn probe(
     binary: &Path,
     expected: &str,
-    config: &Path,
+    config: Option<&Path>,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
     let out = run_bounded(Command::new(binary).arg("--version"), "--version", timeout)?;
@@ -151,6 +152,9 @@ pub fn probe(
             got: said,
         });
     }
+    let Some(config) = config else {
+        return Ok(());
+    };
     let mut check = Command::new(binary);
     check.arg("--config").arg(config).args(["config", "check"]);
     let out = run_bounded(&mut check, "config check", timeout)?;
@@ -162,6 +166,180 @@ pub fn probe(
             text
         };
         return Err(ProbeError::Config(text.trim().chars().take(500).collect()));
+    }
+    Ok(())
+}
+
+/// What a running agent needs to hand the device over to a new binary of
+/// itself ([`crate::daemon::DaemonSettings::self_update`]).
+#[derive(Debug, Clone)]
+pub struct HandOver {
+    /// The slots and the link.
+    pub layout: Layout,
+    /// Seconds the new agent has to confirm.
+    pub confirm_within_s: u32,
+    /// The config file the agent runs with, for the probe's `config check`
+    /// (none: the agent runs on the defaults).
+    pub config: Option<PathBuf>,
+    /// The local API's listening socket, passed to the new agent.
+    pub listen_fd: Option<std::os::fd::RawFd>,
+    /// Something restarts the agent when it exits (systemd, or
+    /// `EDGEFLEET_SUPERVISED=1` from another supervisor), or the config says to
+    /// update without (`self_update.unsupervised`).
+    pub supervised: bool,
+    /// The agent's arguments, given again to the new binary.
+    pub args: Vec<std::ffi::OsString>,
+}
+
+/// Whether a supervisor restarts this process when it exits: systemd sets
+/// `INVOCATION_ID` for every service it starts; another supervisor says so with
+/// `EDGEFLEET_SUPERVISED=1` (docs/agent-update.md).
+pub fn supervised(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
+    env("INVOCATION_ID").is_some_and(|v| !v.is_empty())
+        || env(SUPERVISED_ENV).is_some_and(|v| v == "1")
+}
+
+/// The variable a supervisor other than systemd sets to say it restarts the agent.
+pub const SUPERVISED_ENV: &str = "EDGEFLEET_SUPERVISED";
+
+/// Why a new binary was not put in place.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// It failed its probe.
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
+    /// The bytes read back are not the release's binary.
+    #[error("the binary read back has SHA-256 {got}, the release says {expected}")]
+    Digest {
+        /// The release's.
+        expected: edgefleet_shared::Digest,
+        /// The bytes'.
+        got: edgefleet_shared::Digest,
+    },
+    /// A file operation failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// A binary to put in place: `len` bytes at `offset` of a downloaded file,
+/// whose SHA-256 must be `sha256`, reporting `version`.
+#[derive(Debug)]
+pub struct NewBinary<'a> {
+    /// The file that holds it.
+    pub source: &'a std::fs::File,
+    /// Where it starts.
+    pub offset: u64,
+    /// How long it is.
+    pub len: u64,
+    /// Its SHA-256, from the signed manifest.
+    pub sha256: edgefleet_shared::Digest,
+    /// The version it must report.
+    pub version: &'a str,
+}
+
+/// Puts `new` into the slot the running agent (`exe`) is not on, checks its
+/// bytes and probes it. A running binary outside the layout (a device flashed
+/// before agent releases) is adopted into slot A first. Returns the running
+/// slot and the path of the new binary; nothing depends on the new slot yet.
+pub fn stage(
+    layout: &Layout,
+    exe: &Path,
+    new: &NewBinary<'_>,
+    config: Option<&Path>,
+    timeout: Duration,
+) -> Result<(BinarySlot, PathBuf), StageError> {
+    use io::Seek as _;
+    use sha2::Digest as _;
+    let from = match layout.slot_of(exe) {
+        Some(slot) => slot,
+        None => layout.adopt(exe)?,
+    };
+    let mut file = new.source.try_clone()?;
+    file.seek(io::SeekFrom::Start(new.offset))?;
+    let mut reader = Hashing {
+        inner: file.take(new.len),
+        hasher: sha2::Sha256::new(),
+    };
+    let path = layout.write_slot(from.other(), &mut reader, new.len)?;
+    let got = edgefleet_shared::Digest(reader.hasher.finalize().into());
+    if got != new.sha256 {
+        return Err(StageError::Digest {
+            expected: new.sha256,
+            got,
+        });
+    }
+    probe(&path, new.version, config, timeout)?;
+    Ok((from, path))
+}
+
+/// A reader that hashes what it reads.
+struct Hashing<R> {
+    inner: R,
+    hasher: sha2::Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use sha2::Digest as _;
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Hands this process over to `binary` with the same arguments: the pending
+/// `alarm(2)` of `deadline_s` seconds ends the new agent if it has not
+/// confirmed by then, and the listening socket `listen_fd` stays open across
+/// the exec (its number in [`LISTEN_FD_ENV`]). Returns only if the exec failed.
+pub fn exec_new(
+    binary: &Path,
+    args: &[std::ffi::OsString],
+    listen_fd: Option<std::os::fd::RawFd>,
+    deadline_s: u32,
+) -> io::Error {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = Command::new(binary);
+    cmd.args(args);
+    match listen_fd {
+        Some(fd) => {
+            if let Err(e) = keep_open_across_exec(fd) {
+                return e;
+            }
+            cmd.env(LISTEN_FD_ENV, fd.to_string());
+        }
+        None => {
+            cmd.env_remove(LISTEN_FD_ENV);
+        }
+    }
+    // SAFETY: alarm only arms this process's SIGALRM timer, which an exec keeps.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::alarm(deadline_s);
+    }
+    let err = cmd.exec();
+    // Still this binary: the deadline is off.
+    // SAFETY: as above; alarm(0) cancels the timer.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::alarm(0);
+    }
+    err
+}
+
+/// Clears `FD_CLOEXEC` on `fd`.
+fn keep_open_across_exec(fd: std::os::fd::RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor number only reads and sets its flags; a
+    // closed one fails with EBADF.
+    #[allow(unsafe_code)]
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    let set = unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) };
+    if set < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -110,6 +110,34 @@ pub fn confirm(data_dir: &Path, layout: &Layout) -> io::Result<UpdateRecord> {
     Ok(committed.current.unwrap_or(record))
 }
 
+/// The trial of this new agent, confirmed once ([`confirm`]): when its daemon
+/// has connected to the broker, or at once when it has no broker link. Clones
+/// share it (the daemon is restarted after a crash with the same settings).
+#[derive(Debug, Clone)]
+pub struct PendingTrial {
+    data_dir: std::path::PathBuf,
+    layout: Layout,
+    pending: std::sync::Arc<std::sync::Mutex<Option<UpdateRecord>>>,
+}
+
+impl PendingTrial {
+    /// The trial `record` of the agent whose data is in `data_dir`.
+    pub fn new(data_dir: &Path, layout: Layout, record: UpdateRecord) -> PendingTrial {
+        PendingTrial {
+            data_dir: data_dir.to_owned(),
+            layout,
+            pending: std::sync::Arc::new(std::sync::Mutex::new(Some(record))),
+        }
+    }
+
+    /// Confirms and commits the trial the first time it is called; None after.
+    pub fn confirm_once(&self) -> Option<io::Result<UpdateRecord>> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.take()?;
+        Some(confirm(&self.data_dir, &self.layout))
+    }
+}
+
 /// Cancels a pending `alarm(2)` (the hand-over's deadline).
 fn cancel_alarm() {
     // SAFETY: alarm(0) only cancels this process's pending SIGALRM timer.
