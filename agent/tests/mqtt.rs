@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 
 mod common;
 use common::pki::Pki;
+use common::supervisor::{Supervisor, agent_release_file, broken_agent, stripped};
 use common::{bundle, bundle_padded, http, iris, wait_for_api, write_root};
 
 const DEVICE: &str = "dev-1";
@@ -1887,197 +1888,6 @@ async fn agent_releases_are_checked_with_their_own_role_floor_and_architecture()
     );
 }
 
-/// A supervisor that restarts like systemd's `Restart=always`, for the tests:
-/// starts `binary` again 200 ms after it exits, until dropped. Everything the
-/// agent prints on stdout is kept, across restarts and hand-overs (an exec
-/// keeps the process and its pipe).
-struct Supervisor {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    lines: Arc<Mutex<Vec<String>>>,
-    exits: Arc<Mutex<Vec<std::process::ExitStatus>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Supervisor {
-    fn start(binary: &Path, args: &[&str], log: &Path) -> Supervisor {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let stop = Arc::new(AtomicBool::new(false));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let exits = Arc::new(Mutex::new(Vec::new()));
-        let (binary, log) = (binary.to_owned(), log.to_owned());
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let thread = {
-            let (stop, lines, exits) = (stop.clone(), lines.clone(), exits.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    let stderr = std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&log)
-                        .expect("log");
-                    let mut child = Command::new(&binary)
-                        .args(&args)
-                        .env("EDGEFLEET_SUPERVISED", "1")
-                        .env("EDGEFLEET_LOG", "debug")
-                        .env_remove("INVOCATION_ID")
-                        .stdout(Stdio::piped())
-                        .stderr(stderr)
-                        .spawn()
-                        .expect("the supervised agent starts");
-                    let stdout = child.stdout.take().expect("piped");
-                    let kept = lines.clone();
-                    std::thread::spawn(move || {
-                        use std::io::BufRead;
-                        for line in std::io::BufReader::new(stdout).lines() {
-                            let Ok(line) = line else { break };
-                            kept.lock().expect("lock").push(line);
-                        }
-                    });
-                    loop {
-                        if stop.load(Ordering::SeqCst) {
-                            let _ = child.kill();
-                            let _ = child.wait();
-                            return;
-                        }
-                        if let Ok(Some(status)) = child.try_wait() {
-                            exits.lock().expect("lock").push(status);
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            })
-        };
-        Supervisor {
-            stop,
-            lines,
-            exits,
-            thread: Some(thread),
-        }
-    }
-
-    /// The first line after the first `skip` lines that `pick` accepts.
-    fn line(&self, skip: usize, pick: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let found = self.lines.lock().expect("lock")[..]
-                .iter()
-                .skip(skip)
-                .find(|l| pick(l))
-                .cloned();
-            if let Some(line) = found {
-                return line;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no such line in {:?}",
-                self.lines.lock().expect("lock")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The local API's address from the readiness line.
-    fn api(&self) -> String {
-        let line = self.line(0, |l| l.starts_with("local API listening on http://"));
-        line.trim_start_matches("local API listening on http://")
-            .to_string()
-    }
-
-    fn exits(&self) -> Vec<std::process::ExitStatus> {
-        self.exits.lock().expect("lock").clone()
-    }
-}
-
-impl Drop for Supervisor {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// The host's agent, stripped (a debug build is hundreds of MB, most of it
-/// debug information).
-fn stripped_agent() -> PathBuf {
-    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        let agent = PathBuf::from(env!("CARGO_BIN_EXE_edgefleet-agent"));
-        let out = agent.with_file_name("edgefleet-agent.stripped");
-        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        if modified(&out) < modified(&agent) {
-            let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
-            let ok = Command::new("strip")
-                .arg("-o")
-                .arg(&tmp)
-                .arg(&agent)
-                .status()
-                .expect("strip (binutils) runs");
-            assert!(ok.success(), "strip failed");
-            std::fs::rename(&tmp, &out).expect("rename");
-        }
-        out
-    })
-    .clone()
-}
-
-/// An agent release file in `dir`: `binaries` (architecture, bytes) at
-/// `version`, release `release`, signed by [`release_key`], in 64 KiB chunks.
-fn agent_release_file(
-    dir: &Path,
-    binaries: &[(&str, Vec<u8>)],
-    version: &str,
-    release: u64,
-) -> PathBuf {
-    use edgefleet_shared::Arch;
-    use edgefleet_shared::bundle::{
-        ArtifactInput, ArtifactSource, ManifestDraft, manifest_bytes, prepare_manifest,
-        write_bundle,
-    };
-    use edgefleet_shared::manifest::{
-        AGENT_CHANNEL, ArtifactKind, Constraints, HealthPolicy, ModelSchema, agent_binary_name,
-    };
-    let inputs: Vec<ArtifactInput> = binaries
-        .iter()
-        .map(|(a, bytes)| ArtifactInput {
-            name: agent_binary_name(&Arch::new(a).expect("arch")).expect("name"),
-            kind: ArtifactKind::Agent,
-            source: ArtifactSource::Bytes(bytes.clone()),
-        })
-        .collect();
-    let now = UnixTime::now();
-    let draft = ManifestDraft {
-        channel: ModelChannel::new(AGENT_CHANNEL).expect("channel"),
-        version: semver::Version::parse(version).expect("version"),
-        release,
-        created_at: now.plus_days(-1),
-        expires_at: now.plus_days(30),
-        schema: ModelSchema::default(),
-        constraints: Constraints {
-            architectures: binaries
-                .iter()
-                .map(|(a, _)| Arch::new(a).expect("arch"))
-                .collect(),
-            min_agent_version: "0.1.0".into(),
-            memory_bytes: 1 << 20,
-        },
-        health: HealthPolicy::default(),
-        chunk_size: 64 * 1024,
-    };
-    let manifest = prepare_manifest(&draft, &inputs).expect("in memory");
-    let mut header = RawHeader {
-        manifest_bytes: manifest_bytes(&manifest),
-        signatures: vec![],
-    };
-    header.sign(&release_key());
-    let path = dir.join(format!("agent-{version}.efb"));
-    let mut file = std::fs::File::create(&path).expect("release file");
-    write_bundle(&mut file, &header, &inputs).expect("write release");
-    path
-}
-
 /// A flashed device: the agent as a plain file at the link's path (the
 /// supervisor's ExecStart), the slots' directory empty, and `[self_update]`
 /// in its config.
@@ -2087,7 +1897,11 @@ fn flashed(dev: &Device, config: &Path) -> (PathBuf, PathBuf) {
         dev.path().join("bin/edgefleet-agent"),
     );
     std::fs::create_dir_all(link.parent().expect("dir")).expect("bin dir");
-    std::fs::copy(stripped_agent(), &link).expect("flash the agent");
+    std::fs::copy(
+        stripped(Path::new(env!("CARGO_BIN_EXE_edgefleet-agent"))),
+        &link,
+    )
+    .expect("flash the agent");
     let mut text = std::fs::read_to_string(config).expect("config");
     text.push_str(&format!(
         "[self_update]\nbinary_dir = \"{}\"\nlink = \"{}\"\nconfirm_within_s = 30\n",
@@ -2106,6 +1920,29 @@ fn ready(api: &str) -> Result<(), String> {
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     s.write_all(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).map_err(|e| format!("read: {e}"))?;
+    if out.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out).chars().take(80).collect())
+    }
+}
+
+/// Whether the local API answers an iris inference with 200 (no panic when it
+/// does not answer, or drops the connection).
+fn serves_iris(api: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let body = r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[5.0,3.4,1.5,0.2]}]}"#;
+    let mut s = std::net::TcpStream::connect(api).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let request = format!(
+        "POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes())
         .map_err(|e| format!("send: {e}"))?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).map_err(|e| format!("read: {e}"))?;
@@ -2145,7 +1982,8 @@ async fn a_flashed_agent_updates_itself_over_mqtt_and_keeps_serving() {
 
     // The next release: this build, saying 9.9.1; a decoy "aarch64" binary
     // first in the payload, which this device must not fetch.
-    let own = std::fs::read(stripped_agent()).expect("read the agent");
+    let own = std::fs::read(stripped(Path::new(env!("CARGO_BIN_EXE_edgefleet-agent"))))
+        .expect("read the agent");
     let next = rewrite_version(&own, "9.9.1").expect("one version slot");
     let decoy = vec![0u8; 300 * 1024];
     let here = std::env::consts::ARCH;
@@ -2154,7 +1992,13 @@ async fn a_flashed_agent_updates_itself_over_mqtt_and_keeps_serving() {
     } else {
         "aarch64"
     };
-    let file = agent_release_file(dev.path(), &[(other, decoy), (here, next)], "9.9.1", 1);
+    let file = agent_release_file(
+        dev.path(),
+        &[(other, decoy), (here, next)],
+        "9.9.1",
+        1,
+        &release_key(),
+    );
     let served = peer.offer(&file);
 
     // The local API is asked all along: how long it does not answer.
@@ -2265,17 +2109,6 @@ async fn a_flashed_agent_updates_itself_over_mqtt_and_keeps_serving() {
     drop(broker);
 }
 
-/// A stand-in for a broken agent build: answers the probe (`--version` with
-/// `version`, `config check`) like a good one, then does `on_run` when started
-/// to serve.
-fn broken_agent(version: &str, on_run: &str) -> Vec<u8> {
-    format!(
-        "#!/bin/sh\ncase \"$*\" in\n  --version) echo \"edgefleet-agent {version}\" ;;\n  \
-         *'config check'*) echo OK ;;\n  *) {on_run} ;;\nesac\n"
-    )
-    .into_bytes()
-}
-
 /// Sends `update_agent` for the release in `file` and returns its outcome.
 async fn update_to(peer: &mut Peer, file: &Path, seen: &mut Vec<Event>) -> (Digest, Event) {
     let served = peer.offer(file);
@@ -2337,17 +2170,13 @@ async fn a_broken_new_agent_is_reverted_and_reported() {
     };
     let mut seen = Vec::new();
 
-    let exits = dev.path().join("exits.efb");
-    std::fs::rename(
-        agent_release_file(
-            dev.path(),
-            &[(here, broken_agent("9.9.2", "exit 3"))],
-            "9.9.2",
-            2,
-        ),
-        &exits,
-    )
-    .expect("rename");
+    let exits = agent_release_file(
+        dev.path(),
+        &[(here, broken_agent("9.9.2", "exit 3"))],
+        "9.9.2",
+        2,
+        &release_key(),
+    );
     let started = Instant::now();
     let (digest, outcome) = update_to(&mut peer, &exits, &mut seen).await;
     assert_eq!(
@@ -2374,6 +2203,7 @@ async fn a_broken_new_agent_is_reverted_and_reported() {
         &[(here, broken_agent("9.9.3", "exec sleep 600"))],
         "9.9.3",
         3,
+        &release_key(),
     );
     let started = Instant::now();
     let (digest, outcome) = update_to(&mut peer, &hangs, &mut seen).await;
@@ -2417,6 +2247,262 @@ async fn a_broken_new_agent_is_reverted_and_reported() {
     assert_eq!(*d, digest);
     assert!(detail.contains("already failed its trial"), "{detail}");
     assert_eq!(peer.policy.lock().expect("lock").sent.len(), before);
+    drop(supervisor);
+    drop(broker);
+}
+
+/// Where in a hand-over the agent is killed.
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+    /// `ms` after its download directory appeared.
+    Downloading(u64),
+    /// `ms` after the other slot's file was written again (the binary being
+    /// copied in, checked and probed).
+    Staging(u64),
+    /// `ms` after the trial was recorded (the old agent about to exec, or the
+    /// new one loading and connecting).
+    Trial(u64),
+    /// As soon as the new agent's confirmation is seen (or its commit).
+    Confirmed,
+}
+
+/// Kills the supervised agent (SIGKILL) once `at` is reached in the update to
+/// `digest`, or once `done` (its outcome came first): what the record said at
+/// that moment, and when.
+fn kill_when(
+    at: KillAt,
+    pid: Arc<std::sync::atomic::AtomicU32>,
+    data: PathBuf,
+    other_slot: PathBuf,
+    digest: Digest,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(String, Instant)> {
+    use edgefleet_agent::selfupdate::{Phase, start};
+    use std::sync::atomic::Ordering;
+    let commanded = std::time::SystemTime::now();
+    std::thread::spawn(move || {
+        let phase = || {
+            start::load(&data)
+                .ok()
+                .and_then(|s| s.current)
+                .filter(|r| r.digest == digest)
+                .map(|r| r.phase)
+        };
+        let downloading = || data.join("downloads").join(digest.to_hex()).exists();
+        let staged = || {
+            std::fs::metadata(&other_slot)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= commanded)
+        };
+        let kill = |seen: String| {
+            let pid = pid.load(Ordering::SeqCst).to_string();
+            let killed = Command::new("kill").args(["-KILL", &pid]).status();
+            assert!(killed.is_ok_and(|s| s.success()), "kill -KILL {pid}");
+            (seen, Instant::now())
+        };
+        let mut reached: Option<Instant> = None;
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if done.load(Ordering::SeqCst) {
+                // The update was quicker: a kill after its outcome, still.
+                return kill("after the outcome".into());
+            }
+            let (hit, after) = match at {
+                KillAt::Downloading(ms) => (downloading(), ms),
+                KillAt::Staging(ms) => (staged(), ms),
+                KillAt::Trial(ms) => (phase().is_some(), ms),
+                KillAt::Confirmed => (
+                    matches!(phase(), Some(Phase::Confirmed | Phase::Committed)),
+                    0,
+                ),
+            };
+            if hit && reached.is_none() {
+                reached = Some(Instant::now());
+            }
+            if reached.is_some_and(|r| r.elapsed() >= Duration::from_millis(after)) {
+                return kill(match phase() {
+                    Some(p) => format!("{p:?}").to_lowercase(),
+                    None if staged() => "staging".into(),
+                    None if downloading() => "downloading".into(),
+                    None => "before".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("{at:?} not reached, no outcome either")
+    })
+}
+
+/// SIGKILL at 30 points of real hand-overs (downloading, staging and probing,
+/// the trial before and after the exec, the confirmation): each time the
+/// supervisor's restart leaves a working agent, old or new, serving its model,
+/// whose version is the one its link names and whose record is settled; the
+/// outcome is reported once. One device takes 30 releases in a row, so the
+/// slots alternate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_at_any_step_of_a_hand_over_comes_back_working() {
+    use edgefleet_agent::selfupdate::{BinarySlot, Phase, start};
+    use edgefleet_agent::version::rewrite_version;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dev = Device::new();
+    write_root_with_release_role(&dev.path().join("root.cbor"));
+    let broker = Broker::start(dev.path(), "allow_anonymous true");
+    let mut peer = Peer::connect(broker.port, None);
+    let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
+    let (bin, link) = flashed(&dev, &config);
+    sideload(&config, &iris(dev.path(), "iris.efb", 1));
+    let http = format!("127.0.0.1:{}", free_port());
+    let log = dev.path().join("supervised.log");
+    let supervisor = Supervisor::start(
+        &link,
+        &["--config", s(&config), "run", "--http", &http],
+        &log,
+    );
+    let api = supervisor.api();
+    let _ = peer.state(|s| s.online).await;
+    let layout = edgefleet_agent::selfupdate::handover::Layout {
+        binary_dir: bin,
+        link: link.clone(),
+    };
+    let data = dev.path().join("data");
+    let own = std::fs::read(stripped(Path::new(env!("CARGO_BIN_EXE_edgefleet-agent"))))
+        .expect("read the agent");
+    let here = std::env::consts::ARCH;
+    let mut running = env!("CARGO_PKG_VERSION").to_string();
+    let mut seen_at: BTreeMap<String, u32> = BTreeMap::new();
+    let (mut updated, mut reverted) = (0, 0);
+    let mut seen = Vec::new();
+    for run in 0..30u64 {
+        let at = match run % 5 {
+            0 => KillAt::Downloading(run * 37 % 900),
+            1 => KillAt::Staging(run * 7 % 30),
+            2 => KillAt::Trial(0),
+            3 => KillAt::Trial(run * 3 % 20),
+            _ => KillAt::Confirmed,
+        };
+        let version = format!("9.9.{}", run + 1);
+        let next = rewrite_version(&own, &version).expect("one version slot");
+        let file = agent_release_file(
+            dev.path(),
+            &[(here, next)],
+            &version,
+            run + 1,
+            &release_key(),
+        );
+        let served = peer.offer(&file);
+        let other = match layout.link_target() {
+            Some(BinarySlot::B) => BinarySlot::A,
+            _ => BinarySlot::B,
+        };
+        let done = Arc::new(AtomicBool::new(false));
+        let killer = kill_when(
+            at,
+            supervisor.pid(),
+            data.clone(),
+            layout.slot_path(other),
+            served.digest,
+            done.clone(),
+        );
+        peer.command(Action::UpdateAgent {
+            release: BundleOffer {
+                digest: served.digest,
+                header: served.header.clone(),
+            },
+        })
+        .await;
+        // The outcome, and the last time the agent said it was online.
+        let mut online: Option<(Instant, DeviceState)> = None;
+        let outcome = tokio::time::timeout(
+            WAIT / 2,
+            peer.wait_for("outcome", |topic, payload| {
+                if topic.ends_with("/state") {
+                    if let Ok(s) = protocol::decode::<DeviceState>(payload)
+                        && s.online
+                    {
+                        online = Some((Instant::now(), s));
+                    }
+                    return None;
+                }
+                let e = protocol::decode::<Event>(payload).ok()?;
+                seen.push(e.clone());
+                match &e.kind {
+                    EventKind::AgentUpdated { digest, .. }
+                    | EventKind::AgentUpdateFailed { digest, .. }
+                        if *digest == served.digest =>
+                    {
+                        Some(e)
+                    }
+                    _ => None,
+                }
+            }),
+        )
+        .await;
+        done.store(true, Ordering::SeqCst);
+        let Ok(outcome) = outcome else {
+            panic!(
+                "run {run} ({at:?}): no outcome; killed: {:?}; events {seen:?}; log:\n{}",
+                killer.join(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        let (killed, killed_at) = killer.join().expect("killer");
+        *seen_at.entry(killed.clone()).or_default() += 1;
+
+        // Serving again (the agent may still be starting after a late kill).
+        let deadline = Instant::now() + WAIT;
+        while serves_iris(&api).is_err() {
+            assert!(Instant::now() < deadline, "run {run}: no model served");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let record = start::load(&data)
+            .expect("record")
+            .current
+            .expect("an update");
+        assert_eq!(record.digest, served.digest, "run {run}");
+        match &outcome.kind {
+            EventKind::AgentUpdated { version: v, .. } => {
+                assert_eq!(*v, version, "run {run}");
+                assert_eq!(record.phase, Phase::Committed, "run {run}");
+                assert_eq!(layout.link_target(), Some(record.to), "run {run}");
+                running = version.clone();
+                updated += 1;
+            }
+            EventKind::AgentUpdateFailed { reason, .. } => {
+                assert_eq!(record.phase, Phase::Failed, "run {run}: {reason:?}");
+                assert_eq!(layout.link_target(), Some(record.from), "run {run}");
+                reverted += 1;
+            }
+            other => panic!("run {run}: {other:?}"),
+        }
+        let out = Command::new(&link)
+            .arg("--version")
+            .output()
+            .expect("version");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("edgefleet-agent {running}"),
+            "run {run}: the link names the agent the outcome says"
+        );
+        // The agent back on the broker is that one (after a kill that came
+        // after the outcome, once it has reconnected).
+        let state = match online {
+            Some((at, s)) if at > killed_at => s,
+            _ => peer.state(|s| s.online).await,
+        };
+        assert_eq!(state.agent_version, running, "run {run}");
+        println!("run {run}: killed at {killed} ({at:?}) -> {running}");
+    }
+    println!("kills by what the record said: {seen_at:?}; updated {updated}, reverted {reverted}");
+    for step in ["downloading", "staging", "trial"] {
+        assert!(
+            seen_at.get(step).is_some_and(|n| *n >= 3),
+            "at least 3 kills while {step}: {seen_at:?}"
+        );
+    }
+    assert!(
+        updated >= 5 && reverted >= 5,
+        "{updated} updated, {reverted} reverted"
+    );
     drop(supervisor);
     drop(broker);
 }

@@ -5,6 +5,8 @@
 //! archive and its `install.sh`; a real sshd on loopback; and the refusals.
 
 mod common;
+#[path = "../../agent/tests/common/supervisor.rs"]
+mod supervisor;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -17,25 +19,7 @@ use serde_json::{Value, json};
 /// The host's agent, stripped (a debug build is hundreds of MB, most of it
 /// debug information; flash refuses binaries over 128 MiB).
 fn flashable_agent() -> PathBuf {
-    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        let agent = agent_bin();
-        let out = agent.with_file_name("edgefleet-agent.stripped");
-        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        if modified(&out) < modified(&agent) {
-            let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
-            let ok = Command::new("strip")
-                .arg("-o")
-                .arg(&tmp)
-                .arg(&agent)
-                .status()
-                .expect("strip (binutils) runs");
-            assert!(ok.success(), "strip failed");
-            std::fs::rename(&tmp, &out).expect("rename");
-        }
-        out
-    })
-    .clone()
+    supervisor::stripped(&agent_bin())
 }
 
 /// Runs `edgefleet` in `cwd`; (success, stdout + stderr).

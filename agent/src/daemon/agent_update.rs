@@ -179,6 +179,12 @@ impl Daemon {
         offer: Offer,
     ) -> Option<Download> {
         let raw = RawHeader::parse(&offer.header).ok()?;
+        // Handed over already (the directory goes once the trial is recorded):
+        // the record, not the download, carries that release now.
+        let record = start::load(self.store.dir()).ok()?;
+        if record.current.is_some_and(|r| r.digest == raw.digest()) {
+            return None;
+        }
         let verified = self.check_agent_header(&raw).ok()?;
         Download::reopen(dir, offer, verified)
     }
@@ -190,12 +196,19 @@ impl Daemon {
         let (command, digest) = (d.offer.command, d.digest);
         let dir = d.dir.clone();
         let staged = self.stage_agent(d).await;
-        let _ = fs::remove_dir_all(&dir);
         let (hand_over, release, from, path) = match staged {
             Ok(staged) => staged,
-            Err(reason) => return self.agent_update_failed(command, digest, reason),
+            Err(reason) => {
+                let _ = fs::remove_dir_all(&dir);
+                return self.agent_update_failed(command, digest, reason);
+            }
         };
-        if let Err(reason) = self.record_trial(from, &release, hand_over.confirm_within_s) {
+        // The trial is recorded before the download goes: killed in between,
+        // the agent started again finds one or the other, never neither (and
+        // drops a download whose release the record already names).
+        let recorded = self.record_trial(from, &release, hand_over.confirm_within_s);
+        let _ = fs::remove_dir_all(&dir);
+        if let Err(reason) = recorded {
             return self.agent_update_failed(command, digest, reason);
         }
         tracing::info!(

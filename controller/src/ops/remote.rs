@@ -295,6 +295,10 @@ pub enum RolloutCommand {
         /// Every device.
         #[arg(long)]
         all: bool,
+        /// Only devices whose agent reported a version below this one (X.Y.Z),
+        /// e.g. for an agent release.
+        #[arg(long, value_name = "VERSION")]
+        agent_version_below: Option<String>,
         /// Cumulative waves, e.g. `1,10%,50%,100%`.
         #[arg(long, value_delimiter = ',')]
         waves: Vec<String>,
@@ -479,16 +483,17 @@ pub fn devices(cmd: DevicesCommand) -> Result<i32, CommandError> {
                 print_json(&v);
             } else {
                 println!(
-                    "{:<20} {:<8} {:<16} {:<10} tags",
-                    "device", "online", "model", "version"
+                    "{:<20} {:<8} {:<16} {:<10} {:<10} tags",
+                    "device", "online", "model", "version", "agent"
                 );
                 for d in v["devices"].as_array().into_iter().flatten() {
                     println!(
-                        "{:<20} {:<8} {:<16} {:<10} {}",
+                        "{:<20} {:<8} {:<16} {:<10} {:<10} {}",
                         d["id"].as_str().unwrap_or(""),
                         d["online"].as_bool().unwrap_or(false),
                         d["active_channel"].as_str().unwrap_or("-"),
                         d["active_version"].as_str().unwrap_or("-"),
+                        d["agent_version"].as_str().unwrap_or("-"),
                         d["tags"]
                     );
                     // Its other channels, one line each.
@@ -753,6 +758,7 @@ pub fn rollout(cmd: RolloutCommand) -> Result<i32, CommandError> {
             tags,
             devices,
             all,
+            agent_version_below,
             waves,
             soak_s,
             policy,
@@ -763,6 +769,9 @@ pub fn rollout(cmd: RolloutCommand) -> Result<i32, CommandError> {
                 "bundle": bundle,
                 "selector": {"tags": crate::server::tags::parse(tags.as_deref().unwrap_or(""))?, "devices": devices, "all": all},
             });
+            if let Some(v) = agent_version_below {
+                body["selector"]["agent_version_below"] = json!(v);
+            }
             if !waves.is_empty() {
                 body["waves"] = json!(waves);
             }

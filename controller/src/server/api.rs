@@ -22,7 +22,7 @@ mod dashboard;
 mod metrics;
 
 use crate::server::ca::Ca;
-use crate::server::db::{Audit, BundleRow, Db};
+use crate::server::db::{Audit, BundleRow, Db, DeviceRow};
 use crate::server::engine::{FailurePolicy, Gates, Input, Plan, WaveSize};
 use crate::server::fleet::{Fleet, FleetError, now_ms};
 use crate::server::tags::Tags;
@@ -1365,17 +1365,10 @@ async fn upload_bundle(
         .unwrap_or_default();
     let (tmp, total) = receive_upload(body, dir, s.max_bundle_bytes).await?;
     let path = tmp.path().to_owned();
+    // A model bundle or an agent release, each checked against the role its
+    // manifest's type needs (docs/agent-update.md).
     let verified =
-        // Model bundles only: agent releases are not rolled out by the
-        // controller yet (docs/agent-update.md).
-        blocking(move || {
-            crate::ops::operator::verify_bundle(
-                &path,
-                &trust,
-                UnixTime::now(),
-                Some(edgefleet_shared::trust::Role::Models),
-            )
-        })
+        blocking(move || crate::ops::operator::verify_bundle(&path, &trust, UnixTime::now(), None))
             .await?
             .map_err(upload_refused)?;
     let row = bundle_row(&verified, total, &caller.name);
@@ -1600,13 +1593,17 @@ struct RolloutBody {
 }
 
 /// Which devices a rollout targets: devices matching all `tags`, plus `devices`
-/// by id; `all: true` for the whole registry.
+/// by id; `all: true` for the whole registry. `agent_version_below` keeps
+/// only devices whose agent reported a version below it (a device that never
+/// reported one is left out).
 #[derive(Debug, Default, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 struct Selector {
     tags: Tags,
     devices: Vec<String>,
     all: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent_version_below: Option<String>,
 }
 
 #[utoipa::path(post, path = "/api/v1/rollouts", tag = "rollouts",
@@ -1662,15 +1659,29 @@ async fn start_rollout(
             )));
         }
     }
-    let targets: Vec<DeviceId> = registry
+    let below = match &sel.agent_version_below {
+        Some(v) => Some(semver::Version::parse(v).map_err(|e| {
+            ApiError::invalid(format!(
+                "selector.agent_version_below: {v:?} is not a version (X.Y.Z): {e}"
+            ))
+        })?),
+        None => None,
+    };
+    let selected: Vec<&DeviceRow> = registry
         .iter()
         .filter(|d| {
             sel.all
                 || sel.devices.iter().any(|id| id == d.id.as_str())
                 || (!sel.tags.is_empty() && sel.tags.iter().all(|(k, v)| d.tags.get(k) == Some(v)))
         })
-        .map(|d| d.id.clone())
+        .filter(|d| below.as_ref().is_none_or(|b| agent_below(d, b)))
         .collect();
+    if let Some(bundle) = s.db().bundle(&digest).await?
+        && bundle.channel == edgefleet_shared::manifest::AGENT_CHANNEL
+    {
+        check_agent_rollout(&bundle, &plan, &selected)?;
+    }
+    let targets: Vec<DeviceId> = selected.iter().map(|d| d.id.clone()).collect();
     let selector = serde_json::to_string(&body.selector).unwrap_or_default();
     let view = s
         .fleet
@@ -1680,6 +1691,48 @@ async fn start_rollout(
         StatusCode::CREATED,
         Json(json!({"rollout": rollout_json(&view)})),
     ))
+}
+
+/// Whether `d`'s agent reported a version below `below`.
+fn agent_below(d: &DeviceRow, below: &semver::Version) -> bool {
+    d.agent_version
+        .as_deref()
+        .and_then(|v| semver::Version::parse(v).ok())
+        .is_some_and(|v| v < *below)
+}
+
+/// What a rollout of an agent release must satisfy: no shadow stage (an agent
+/// has none), and a binary in the release for every target's architecture.
+fn check_agent_rollout(bundle: &BundleRow, plan: &Plan, targets: &[&DeviceRow]) -> ApiResult<()> {
+    if plan.shadow_waves > 0 {
+        return Err(ApiError::invalid(
+            "shadow_waves: an agent release has no shadow stage",
+        ));
+    }
+    let arches: Vec<&str> = bundle.summary["constraints"]["architectures"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let missing: Vec<String> = targets
+        .iter()
+        .filter(|d| d.arch.as_deref().is_none_or(|a| !arches.contains(&a)))
+        .take(5)
+        .map(|d| {
+            format!(
+                "{} ({})",
+                d.id,
+                d.arch.as_deref().unwrap_or("architecture unknown")
+            )
+        })
+        .collect();
+    if !missing.is_empty() {
+        return Err(ApiError::invalid(format!(
+            "selector: no binary in this release ({}) for {}; narrow the selector (tags, agent_version_below)",
+            arches.join(", "),
+            missing.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 fn rollout_json(v: &crate::server::fleet::RolloutView) -> Value {

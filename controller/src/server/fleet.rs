@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use edgefleet_shared::manifest::Manifest;
 use edgefleet_shared::protocol::{
-    self, Action, BundleOffer, Chunk, Command, DeviceTopic, Event, EventKind, FailureReason,
-    FetchRequest, InstallMode, Telemetry, Topics,
+    self, Action, AgentUpdateFailure, BundleOffer, Chunk, Command, DeviceTopic, Event, EventKind,
+    FailureReason, FetchRequest, InstallMode, Telemetry, Topics,
 };
 use edgefleet_shared::protocol::{LATENCY_BOUNDS_US, quantile_us};
 use edgefleet_shared::{DeviceId, Digest, RawHeader, UnixTime};
@@ -81,6 +81,11 @@ struct StoredBundle {
 }
 
 impl StoredBundle {
+    /// Whether this is an agent release (rolled out with `update_agent`).
+    fn is_agent_release(&self) -> bool {
+        self.manifest.kind == edgefleet_shared::manifest::AGENT_RELEASE_TYPE
+    }
+
     /// The stored file's header; None (logged) when it cannot be read, as for
     /// a bundle this controller does not hold.
     fn open(path: &Path) -> Option<StoredBundle> {
@@ -686,6 +691,20 @@ impl Fleet {
                 )
             }
             EventKind::Reverted { .. } => (None, Input::Reverted { device }),
+            // An agent release counts only once the new agent has confirmed on
+            // the device and reported from its record (never when the download
+            // finished): `agent_updated` is that report.
+            EventKind::AgentUpdated { digest, .. } => (Some(*digest), Input::Succeeded { device }),
+            EventKind::AgentUpdateFailed { digest, reason } => {
+                self.stats.install_failures.fetch_add(1, Ordering::Relaxed);
+                (
+                    Some(*digest),
+                    Input::Failed {
+                        device,
+                        reason: agent_failure_text(reason),
+                    },
+                )
+            }
             // A device that refused a rollout's install command (signed for it,
             // but stale by its clock, say) fails that rollout's member with the
             // reason, instead of leaving it to the install timeout.
@@ -697,7 +716,7 @@ impl Fleet {
                 else {
                     return Ok(());
                 };
-                if action != "install" {
+                if action != "install" && action != "update_agent" {
                     return Ok(());
                 }
                 let input = Input::Failed {
@@ -1057,12 +1076,18 @@ impl Fleet {
                         ));
                         continue;
                     };
-                    let action = Action::Install {
-                        bundle: BundleOffer {
-                            digest,
-                            header: bundle.header.clone(),
-                        },
-                        mode,
+                    let offer = BundleOffer {
+                        digest,
+                        header: bundle.header.clone(),
+                    };
+                    let action = if bundle.is_agent_release() {
+                        // Rollouts of agent releases have no shadow stage.
+                        Action::UpdateAgent { release: offer }
+                    } else {
+                        Action::Install {
+                            bundle: offer,
+                            mode,
+                        }
                     };
                     commands.push((device, action));
                 }
@@ -1076,6 +1101,18 @@ impl Fleet {
                     commands.push((device, action));
                 }
                 Effect::Revert(device) => {
+                    if self
+                        .bundle(&digest)
+                        .await
+                        .is_some_and(|b| b.is_agent_release())
+                    {
+                        // A device whose new agent confirmed keeps it: agents
+                        // never go below their release (docs/agent-update.md).
+                        notes.push(format!(
+                            "{device} keeps the new agent: an agent release is not reverted remotely; publish a newer release to replace it"
+                        ));
+                        continue;
+                    }
                     let action = self.revert_action(&device, &digest).await;
                     commands.push((device, action));
                 }
@@ -1176,7 +1213,16 @@ impl Fleet {
 
     async fn health_of(&self, a: &Active, since: u64) -> Result<WaveHealth, FleetError> {
         let latest = self.db.latest_telemetry(since).await?;
-        Ok(current_wave_health(&a.engine, a.digest, &latest))
+        let subject = if self
+            .bundle(&a.digest)
+            .await
+            .is_some_and(|b| b.is_agent_release())
+        {
+            Subject::Agent
+        } else {
+            Subject::Model(a.digest)
+        };
+        Ok(current_wave_health(&a.engine, subject, &latest))
     }
 
     /// Starts a rollout of `bundle` to `devices` (already resolved by the API).
@@ -1352,6 +1398,23 @@ fn step_audit(
 pub static RETENTION_MS: AtomicU64 = AtomicU64::new(30 * 86_400_000);
 
 /// An install failure's stage and reason (a refusal with its stable code).
+/// An agent update's failure as one line (stage, then what the device said).
+pub fn agent_failure_text(r: &AgentUpdateFailure) -> String {
+    match r {
+        AgentUpdateFailure::Refused { refusal } => {
+            format!("refused ({}): {refusal}", refusal.code())
+        }
+        AgentUpdateFailure::Download { detail } => format!("download: {detail}"),
+        AgentUpdateFailure::Probe { detail } => format!("probe: {detail}"),
+        AgentUpdateFailure::Trial { failure } => format!("trial: {failure}"),
+        AgentUpdateFailure::Unsupervised => {
+            "unsupervised: nothing restarts this agent if the new one fails (docs/agent-update.md)"
+                .into()
+        }
+        AgentUpdateFailure::Internal { detail } => format!("internal: {detail}"),
+    }
+}
+
 pub fn failure_text(r: &FailureReason) -> String {
     match r {
         FailureReason::Refused { refusal } => format!("refused ({}): {refusal}", refusal.code()),
@@ -1426,9 +1489,39 @@ fn p95_ratio(a: &[u64], b: &[u64]) -> Option<f64> {
     }
 }
 
+/// What a rollout installs, as its wave's health is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    /// A model bundle: the wave's devices serving it against the others
+    /// serving another bundle.
+    Model(Digest),
+    /// An agent release: the model serving of the wave's devices (on the new
+    /// agent once the wave installed; telemetry counters start again with
+    /// each agent process) against the others' (still on the old agent).
+    Agent,
+}
+
+impl Subject {
+    /// Whether a wave device's telemetry row reports on what was rolled out.
+    fn is_new(self, t: &TelemetryRow) -> bool {
+        match self {
+            Subject::Model(d) => t.digest == Some(d),
+            Subject::Agent => t.digest.is_some(),
+        }
+    }
+
+    /// Whether another device's row is a baseline to compare with.
+    fn is_baseline(self, t: &TelemetryRow) -> bool {
+        match self {
+            Subject::Model(d) => t.digest.is_some() && t.digest != Some(d),
+            Subject::Agent => t.digest.is_some(),
+        }
+    }
+}
+
 /// [`wave_health`] of a rollout's current wave against its other devices:
 /// what the engine's gates judge (and the dashboard shows).
-pub fn current_wave_health(r: &Rollout, digest: Digest, latest: &[TelemetryRow]) -> WaveHealth {
+pub fn current_wave_health(r: &Rollout, subject: Subject, latest: &[TelemetryRow]) -> WaveHealth {
     let wave: BTreeSet<&str> = r
         .waves
         .get(r.wave)
@@ -1440,19 +1533,19 @@ pub fn current_wave_health(r: &Rollout, digest: Digest, latest: &[TelemetryRow])
         .map(DeviceId::as_str)
         .filter(|d| !wave.contains(d))
         .collect();
-    wave_health(digest, &wave, &others, latest)
+    wave_health(subject, &wave, &others, latest)
 }
 
 /// Fewest inferences (wave or baseline) before a rate or a latency counts.
 pub const MIN_INFERENCES: u64 = 20;
 
 /// The health of a wave from the latest telemetry of each device (counters are
-/// cumulative since the device activated its bundle): the error rate of the
-/// wave's devices running `digest`, and their p95 latency over the p95 of
-/// `others` (rollout devices not in the wave) still running another bundle.
-/// Unknown (None) without `MIN_INFERENCES` on either side.
+/// cumulative since the device activated its bundle or its agent started): the
+/// error rate of the wave's devices on the new `subject`, and their p95
+/// latency over the p95 of `others` (rollout devices not in the wave) still on
+/// the old one. Unknown (None) without `MIN_INFERENCES` on either side.
 pub fn wave_health(
-    digest: Digest,
+    subject: Subject,
     wave: &BTreeSet<&str>,
     others: &BTreeSet<&str>,
     latest: &[TelemetryRow],
@@ -1471,10 +1564,10 @@ pub fn wave_health(
         }
         (inf, err, hist)
     };
-    let (inf, err, hist) = sum(&|t| wave.contains(t.device.as_str()) && t.digest == Some(digest));
-    let (b_inf, _, b_hist) = sum(&|t| {
-        others.contains(t.device.as_str()) && t.digest.is_some() && t.digest != Some(digest)
-    });
+    let in_wave = |t: &TelemetryRow| wave.contains(t.device.as_str()) && subject.is_new(t);
+    let baseline = |t: &TelemetryRow| others.contains(t.device.as_str()) && subject.is_baseline(t);
+    let (inf, err, hist) = sum(&in_wave);
+    let (b_inf, _, b_hist) = sum(&baseline);
     let error_rate = (inf + err >= MIN_INFERENCES).then(|| err as f64 / (inf + err) as f64);
     let p95_latency_ratio = (inf >= MIN_INFERENCES && b_inf >= MIN_INFERENCES)
         .then(|| p95_ratio(&hist, &b_hist))
@@ -1490,12 +1583,12 @@ pub fn wave_health(
         (!reports.is_empty())
             .then(|| reports.iter().filter(|d| **d).count() as f64 / reports.len() as f64)
     };
-    let wave_drift =
-        drifted_share(&|t| wave.contains(t.device.as_str()) && t.digest == Some(digest));
-    let base_drift = drifted_share(&|t| {
-        others.contains(t.device.as_str()) && t.digest.is_some() && t.digest != Some(digest)
-    });
-    let (shadow_agreement, shadow_p95_latency_ratio) = shadow_health(digest, wave, latest);
+    let wave_drift = drifted_share(&in_wave);
+    let base_drift = drifted_share(&baseline);
+    let (shadow_agreement, shadow_p95_latency_ratio) = match subject {
+        Subject::Model(digest) => shadow_health(digest, wave, latest),
+        Subject::Agent => (None, None),
+    };
     WaveHealth {
         error_rate,
         p95_latency_ratio,
@@ -1729,6 +1822,42 @@ mod tests {
     }
 
     #[test]
+    fn an_agent_wave_is_judged_on_its_model_serving_against_devices_on_the_old_agent() {
+        let wave = BTreeSet::from(["a", "b"]);
+        let others = BTreeSet::from(["c", "d"]);
+        // Every device serves the same model; the new agent's serving is slower
+        // and fails more often.
+        let rows = vec![
+            row("a", "m", 90, 10, 5),
+            row("b", "m", 100, 0, 5),
+            row("c", "m", 100, 0, 2),
+            row("d", "m", 100, 0, 2),
+        ];
+        let h = wave_health(Subject::Agent, &wave, &others, &rows);
+        assert_eq!(h.error_rate, Some(10.0 / 200.0));
+        let expect = p95_ratio(
+            rows[0].latency_counts.as_deref().expect("counts"),
+            rows[2].latency_counts.as_deref().expect("counts"),
+        );
+        assert!(expect.is_some_and(|r| r > 1.0));
+        assert_eq!(h.p95_latency_ratio, expect);
+        assert_eq!(
+            (h.shadow_agreement, h.shadow_p95_latency_ratio),
+            (None, None)
+        );
+        // The same rows judged as a model rollout of "m" have no baseline.
+        let as_model = wave_health(Subject::Model(dg("m")), &wave, &others, &rows);
+        assert_eq!(as_model.p95_latency_ratio, None);
+        // A device serving nothing is neither side.
+        let mut idle = rows.clone();
+        idle[1].digest = None;
+        assert_eq!(
+            wave_health(Subject::Agent, &wave, &others, &idle).error_rate,
+            Some(10.0 / 100.0)
+        );
+    }
+
+    #[test]
     fn drift_of_the_wave_is_measured_against_the_devices_still_on_the_old_bundle() {
         let wave = BTreeSet::from(["a", "b"]);
         let others = BTreeSet::from(["c", "d", "e", "f"]);
@@ -1740,12 +1869,12 @@ mod tests {
             drifting(row("e", "old", 100, 0, 3), false),
             drifting(row("f", "old", 100, 0, 3), false),
         ];
-        let h = wave_health(dg("new"), &wave, &others, &rows);
+        let h = wave_health(Subject::Model(dg("new")), &wave, &others, &rows);
         assert_eq!(h.drift_increase, Some(1.0 - 0.25));
         // The whole fleet sees the same shift: no increase, the new model is not to blame.
         let all: Vec<TelemetryRow> = rows.iter().map(|r| drifting(r.clone(), true)).collect();
         assert_eq!(
-            wave_health(dg("new"), &wave, &others, &all).drift_increase,
+            wave_health(Subject::Model(dg("new")), &wave, &others, &all).drift_increase,
             Some(0.0)
         );
         // No baseline reports (the old bundle had no reference): against zero.
@@ -1754,7 +1883,7 @@ mod tests {
             r.drift = None;
         }
         assert_eq!(
-            wave_health(dg("new"), &wave, &others, &alone).drift_increase,
+            wave_health(Subject::Model(dg("new")), &wave, &others, &alone).drift_increase,
             Some(1.0)
         );
         // No wave reports: unknown, passes.
@@ -1762,7 +1891,7 @@ mod tests {
         none[0].drift = None;
         none[1].drift = None;
         assert_eq!(
-            wave_health(dg("new"), &wave, &others, &none).drift_increase,
+            wave_health(Subject::Model(dg("new")), &wave, &others, &none).drift_increase,
             None
         );
     }
@@ -1805,7 +1934,7 @@ mod tests {
             row("d", "old", 50, 0, 2),
             row("x", "old", 10_000, 10_000, 15), // not in the rollout
         ];
-        let h = wave_health(dg("new"), &wave, &others, &rows);
+        let h = wave_health(Subject::Model(dg("new")), &wave, &others, &rows);
         assert_eq!(h.error_rate, Some(10.0 / 210.0));
         let expect = quantile_us(
             &LATENCY_BOUNDS_US,
@@ -1824,12 +1953,12 @@ mod tests {
         // A wave device still on the old bundle counts for neither side.
         let rows2 = vec![row("a", "old", 1000, 1000, 3), row("c", "old", 100, 0, 2)];
         assert_eq!(
-            wave_health(dg("new"), &wave, &others, &rows2),
+            wave_health(Subject::Model(dg("new")), &wave, &others, &rows2),
             WaveHealth::default()
         );
         // Too little traffic: unknown.
         let rows3 = vec![row("a", "new", 10, 9, 3), row("c", "old", 100, 0, 2)];
-        let h = wave_health(dg("new"), &wave, &others, &rows3);
+        let h = wave_health(Subject::Model(dg("new")), &wave, &others, &rows3);
         assert_eq!(h.p95_latency_ratio, None);
         assert_eq!(h.error_rate, Some(9.0 / 19.0).filter(|_| false));
     }

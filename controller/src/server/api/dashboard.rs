@@ -586,7 +586,12 @@ async fn rollout_view(s: &AppState, id: &str, now: u64) -> Result<pages::Rollout
         _ => now.saturating_sub(600_000),
     };
     let latest = s.db().latest_telemetry_between(since, now).await?;
-    let health = crate::server::fleet::current_wave_health(&rollout.state, rollout.bundle, &latest);
+    use crate::server::fleet::Subject;
+    let subject = match s.db().bundle(&rollout.bundle).await? {
+        Some(b) if b.channel == edgefleet_shared::manifest::AGENT_CHANNEL => Subject::Agent,
+        _ => Subject::Model(rollout.bundle),
+    };
+    let health = crate::server::fleet::current_wave_health(&rollout.state, subject, &latest);
     let waves = rollout
         .state
         .waves
