@@ -2370,7 +2370,7 @@ async fn an_agent_killed_at_any_step_of_a_hand_over_comes_back_working() {
     let here = std::env::consts::ARCH;
     let mut running = env!("CARGO_PKG_VERSION").to_string();
     let mut seen_at: BTreeMap<String, u32> = BTreeMap::new();
-    let (mut updated, mut reverted) = (0, 0);
+    let (mut updated, mut reverted, mut resent) = (0, 0, 0);
     let mut seen = Vec::new();
     for run in 0..30u64 {
         let at = match run % 5 {
@@ -2403,44 +2403,57 @@ async fn an_agent_killed_at_any_step_of_a_hand_over_comes_back_working() {
             served.digest,
             done.clone(),
         );
-        peer.command(Action::UpdateAgent {
+        let update = Action::UpdateAgent {
             release: BundleOffer {
                 digest: served.digest,
                 header: served.header.clone(),
             },
-        })
-        .await;
-        // The outcome, and the last time the agent said it was online.
+        };
+        // The outcome, and the last time the agent said it was online. A kill
+        // between the command's arrival and its download being written down
+        // loses the command: the controller sends it again when nothing comes
+        // of it (`resend_after_ms`), and so does this test, after 20 s.
         let mut online: Option<(Instant, DeviceState)> = None;
-        let outcome = tokio::time::timeout(
-            WAIT / 2,
-            peer.wait_for("outcome", |topic, payload| {
-                if topic.ends_with("/state") {
-                    if let Ok(s) = protocol::decode::<DeviceState>(payload)
-                        && s.online
-                    {
-                        online = Some((Instant::now(), s));
+        let mut outcome = None;
+        for attempt in 0..2 {
+            if attempt > 0 {
+                resent += 1;
+            }
+            peer.command(update.clone()).await;
+            let got = tokio::time::timeout(
+                WAIT / 3,
+                peer.wait_for("outcome", |topic, payload| {
+                    if topic.ends_with("/state") {
+                        if let Ok(s) = protocol::decode::<DeviceState>(payload)
+                            && s.online
+                        {
+                            online = Some((Instant::now(), s));
+                        }
+                        return None;
                     }
-                    return None;
-                }
-                let e = protocol::decode::<Event>(payload).ok()?;
-                seen.push(e.clone());
-                match &e.kind {
-                    EventKind::AgentUpdated { digest, .. }
-                    | EventKind::AgentUpdateFailed { digest, .. }
-                        if *digest == served.digest =>
-                    {
-                        Some(e)
+                    let e = protocol::decode::<Event>(payload).ok()?;
+                    seen.push(e.clone());
+                    match &e.kind {
+                        EventKind::AgentUpdated { digest, .. }
+                        | EventKind::AgentUpdateFailed { digest, .. }
+                            if *digest == served.digest =>
+                        {
+                            Some(e)
+                        }
+                        _ => None,
                     }
-                    _ => None,
-                }
-            }),
-        )
-        .await;
+                }),
+            )
+            .await;
+            if let Ok(e) = got {
+                outcome = Some(e);
+                break;
+            }
+        }
         done.store(true, Ordering::SeqCst);
-        let Ok(outcome) = outcome else {
+        let Some(outcome) = outcome else {
             panic!(
-                "run {run} ({at:?}): no outcome; killed: {:?}; events {seen:?}; log:\n{}",
+                "run {run} ({at:?}): no outcome, even sent again; killed: {:?}; events {seen:?}; log:\n{}",
                 killer.join(),
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
@@ -2492,7 +2505,9 @@ async fn an_agent_killed_at_any_step_of_a_hand_over_comes_back_working() {
         assert_eq!(state.agent_version, running, "run {run}");
         println!("run {run}: killed at {killed} ({at:?}) -> {running}");
     }
-    println!("kills by what the record said: {seen_at:?}; updated {updated}, reverted {reverted}");
+    println!(
+        "kills by what the record said: {seen_at:?}; updated {updated}, reverted {reverted}; commands sent again {resent}"
+    );
     for step in ["downloading", "staging", "trial"] {
         assert!(
             seen_at.get(step).is_some_and(|n| *n >= 3),

@@ -5,8 +5,6 @@
 //! archive and its `install.sh`; a real sshd on loopback; and the refusals.
 
 mod common;
-#[path = "../../agent/tests/common/supervisor.rs"]
-mod supervisor;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -19,7 +17,7 @@ use serde_json::{Value, json};
 /// The host's agent, stripped (a debug build is hundreds of MB, most of it
 /// debug information; flash refuses binaries over 128 MiB).
 fn flashable_agent() -> PathBuf {
-    supervisor::stripped(&agent_bin())
+    common::supervisor::stripped(&agent_bin())
 }
 
 /// Runs `edgefleet` in `cwd`; (success, stdout + stderr).

@@ -217,6 +217,10 @@ impl Profile {
         c.telemetry.interval_s = self.agent.telemetry_interval_s;
         c.limits.max_bundle_bytes = self.agent.max_bundle_mb << 20;
         c.limits.disk_reserve_bytes = self.resources.disk_reserve_mb << 20;
+        // Flashed into the slot layout (docs/agent-update.md): the binary in
+        // slot A of `binary_dir`, `current` naming it; the unit starts
+        // `install.binary`, a fixed link to `current`.
+        c.self_update.link = c.self_update.binary_dir.join("current");
         c
     }
 }

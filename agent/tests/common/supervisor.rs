@@ -146,7 +146,10 @@ pub fn stripped(agent: &Path) -> PathBuf {
     let out = agent.with_file_name("edgefleet-agent.stripped");
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     if modified(&out) < modified(agent) {
-        let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
+        // Tests of one process strip at the same time: each into its own file.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = out.with_extension(format!("tmp-{}-{n}", std::process::id()));
         let ok = Command::new("strip")
             .arg("-o")
             .arg(&tmp)

@@ -769,6 +769,11 @@ pub fn unit_for(profile: &Profile) -> Result<String, FlashError> {
             "the shipped unit has no ExecStart line to adapt".into(),
         ));
     }
+    let binaries = profile.agent_config("-").self_update.binary_dir;
+    unit = unit.replace(
+        "ReadWritePaths=-/usr/lib/edgefleet",
+        &format!("ReadWritePaths=-{}", utf8(&binaries)?),
+    );
     // StateDirectory= is relative to /var/lib; elsewhere the unit names the path.
     let data = &profile.install.data_dir;
     if let Ok(rel) = data.strip_prefix("/var/lib") {
@@ -813,10 +818,33 @@ pub fn device_files(
         contents,
         kind: FileKind::File,
     };
+    let link = |path: PathBuf, to: PathBuf| DeviceFile {
+        path,
+        mode: 0o777,
+        contents: to.to_string_lossy().as_bytes().to_vec(),
+        kind: FileKind::Link,
+    };
+    // The slot layout the agent updates itself in: slot A, `current` naming
+    // it, and the unit's ExecStart a fixed link to `current` (relative, so
+    // that it holds under `--root` too).
+    let slots = &config.self_update;
+    let slot_a = slots
+        .layout()
+        .slot_path(edgefleet_agent::selfupdate::BinarySlot::A);
+    let exec_dir = profile
+        .install
+        .binary
+        .parent()
+        .ok_or_else(|| unfit("install.binary has no directory"))?;
     let toml_text =
         toml::to_string_pretty(&config).map_err(|e| unfit(&format!("agent.toml: {e}")))?;
     let files = vec![
-        file(profile.install.binary.clone(), 0o755, binary.to_vec()),
+        file(slot_a, 0o755, binary.to_vec()),
+        link(slots.link.clone(), "agent.a".into()),
+        link(
+            profile.install.binary.clone(),
+            relative_path(exec_dir, &slots.link),
+        ),
         file(
             config
                 .broker
@@ -852,7 +880,7 @@ pub fn device_files(
         file(
             "/usr/lib/tmpfiles.d/edgefleet.conf".into(),
             0o644,
-            tmpfiles(&profile.install.data_dir, &key),
+            tmpfiles(&profile.install.data_dir, &key, &slots.binary_dir),
         ),
         file(
             profile.install.config.clone(),
@@ -937,15 +965,35 @@ fn sysusers(data: &Path) -> Vec<u8> {
 }
 
 /// tmpfiles.d: the agent's state and its key belong to its user.
-fn tmpfiles(data: &Path, key: &Path) -> Vec<u8> {
+fn tmpfiles(data: &Path, key: &Path, binaries: &Path) -> Vec<u8> {
     format!(
         "# The agent's state and its key belong to its user (edgefleet flash).\n\
          d {} 0700 edgefleet edgefleet -\n\
-         z {} 0600 edgefleet edgefleet -\n",
+         z {} 0600 edgefleet edgefleet -\n\
+         # Its binary slots: it writes a new release beside the running one and\n\
+         # switches `current` (docs/agent-update.md).\n\
+         d {} 0755 edgefleet edgefleet -\n",
         data.display(),
-        key.display()
+        key.display(),
+        binaries.display()
     )
     .into_bytes()
+}
+
+/// The path of `to` from the directory `from` (both absolute), for a relative
+/// symbolic link: `/usr/local/bin` to `/usr/lib/edgefleet/current` is
+/// `../../lib/edgefleet/current`.
+fn relative_path(from: &Path, to: &Path) -> PathBuf {
+    let (from, to): (Vec<_>, Vec<_>) = (from.components().collect(), to.components().collect());
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..from.len() {
+        out.push("..");
+    }
+    for c in &to[common..] {
+        out.push(c);
+    }
+    out
 }
 
 /// Writes `files` under `root`: each is staged beside its destination, then
@@ -1275,6 +1323,32 @@ mod tests {
             "ExecStart=/opt/edgefleet/bin/agent --config /opt/edgefleet/etc/agent.toml run"
         ));
         assert!(unit.contains("ReadWritePaths=/data/edgefleet"));
+        assert!(
+            unit.contains("ReadWritePaths=-/usr/lib/edgefleet\n"),
+            "the agent writes its own binary slots"
+        );
+    }
+
+    #[test]
+    fn relative_links_climb_to_the_common_directory() {
+        for (from, to, want) in [
+            (
+                "/usr/local/bin",
+                "/usr/lib/edgefleet/current",
+                "../../lib/edgefleet/current",
+            ),
+            (
+                "/usr/lib/edgefleet",
+                "/usr/lib/edgefleet/agent.a",
+                "agent.a",
+            ),
+            ("/opt/a", "/srv/b", "../../srv/b"),
+        ] {
+            assert_eq!(
+                relative_path(Path::new(from), Path::new(to)),
+                Path::new(want)
+            );
+        }
     }
 
     #[test]
@@ -1329,9 +1403,11 @@ mod tests {
                 }
                 FileKind::Link => {
                     assert_eq!(
-                        std::fs::read_link(&on).expect("link"),
-                        p.install.unit,
-                        "enabled for boot"
+                        std::fs::read_link(&on)
+                            .expect("link")
+                            .as_os_str()
+                            .as_encoded_bytes(),
+                        f.contents,
                     );
                 }
             }

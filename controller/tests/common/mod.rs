@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+pub mod flashed;
+#[path = "../../../agent/tests/common/supervisor.rs"]
+pub mod supervisor;
+
 pub const WAIT: Duration = Duration::from_secs(90);
 pub const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
 pub const EDGEFLEET: &str = env!("CARGO_BIN_EXE_edgefleet");
@@ -21,8 +25,15 @@ pub fn agent_bin() -> PathBuf {
     let path = Path::new(EDGEFLEET).with_file_name("edgefleet-agent");
     BUILT.call_once(|| {
         if !path.exists() {
+            // A benchmark's binaries are release builds: the agent beside them too.
+            let profile: &[&str] = if cfg!(debug_assertions) {
+                &[]
+            } else {
+                &["--release"]
+            };
             let ok = Command::new(env!("CARGO"))
                 .args(["build", "-p", "edgefleet-agent", "--bin", "edgefleet-agent"])
+                .args(profile)
                 .status()
                 .expect("cargo runs");
             assert!(ok.success(), "building edgefleet-agent failed");
