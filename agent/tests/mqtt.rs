@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 mod common;
 use common::pki::Pki;
-use common::supervisor::{Supervisor, agent_release_file, broken_agent, stripped};
+use common::supervisor::{Supervisor, agent_release_file, broken_agent, stripped, version_of};
 use common::{bundle, bundle_padded, http, iris, wait_for_api, write_root};
 
 const DEVICE: &str = "dev-1";
@@ -2080,14 +2080,7 @@ async fn a_flashed_agent_updates_itself_over_mqtt_and_keeps_serving() {
         (Phase::Committed, BinarySlot::A, BinarySlot::B)
     );
     assert!(record.reported);
-    let out = Command::new(&link)
-        .arg("--version")
-        .output()
-        .expect("version");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "edgefleet-agent 9.9.1"
-    );
+    assert_eq!(version_of(&link), "edgefleet-agent 9.9.1");
 
     // Only this device's binary was fetched, not the decoy before it.
     let manifest = RawHeader::parse(&served.header)
@@ -2225,12 +2218,8 @@ async fn a_broken_new_agent_is_reverted_and_reported() {
     assert_eq!(supervisor.exits().len(), 2, "ended by the alarm");
     assert_eq!(infer_version(&api).0, 200, "the old agent serves the model");
     assert_eq!(layout.link_target(), Some(BinarySlot::A));
-    let out = Command::new(&link)
-        .arg("--version")
-        .output()
-        .expect("version");
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        version_of(&link),
         format!("edgefleet-agent {}", env!("CARGO_PKG_VERSION"))
     );
 
@@ -2487,12 +2476,8 @@ async fn an_agent_killed_at_any_step_of_a_hand_over_comes_back_working() {
             }
             other => panic!("run {run}: {other:?}"),
         }
-        let out = Command::new(&link)
-            .arg("--version")
-            .output()
-            .expect("version");
         assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
+            version_of(&link),
             format!("edgefleet-agent {running}"),
             "run {run}: the link names the agent the outcome says"
         );

@@ -10,7 +10,7 @@ mod common;
 use std::time::Instant;
 
 use common::flashed::*;
-use common::supervisor::{agent_release_file, broken_agent, stripped};
+use common::supervisor::{agent_release_file, broken_agent, stripped, version_of};
 use common::*;
 use serde_json::Value;
 
@@ -80,14 +80,7 @@ fn an_agent_release_rolls_out_in_waves_and_a_broken_one_halts_at_the_canary() {
             d.id,
             d.supervisor.exits()
         );
-        let out = std::process::Command::new(&d.link)
-            .arg("--version")
-            .output()
-            .expect("version");
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            "edgefleet-agent 9.9.1"
-        );
+        assert_eq!(version_of(&d.link), "edgefleet-agent 9.9.1");
     }
     let listed = run_ok(&["devices", "list"], &c.env());
     assert!(

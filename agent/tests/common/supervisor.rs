@@ -140,6 +140,16 @@ impl Drop for Supervisor {
     }
 }
 
+/// What the agent binary at `path` says it is (`--version`), e.g.
+/// `edgefleet-agent 9.9.1`.
+pub fn version_of(path: &Path) -> String {
+    let out = Command::new(path)
+        .arg("--version")
+        .output()
+        .expect("the agent binary runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// `agent`, stripped, beside it (a debug build is hundreds of MB, most of it
 /// debug information); made again when the agent is newer.
 pub fn stripped(agent: &Path) -> PathBuf {
