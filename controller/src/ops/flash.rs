@@ -818,33 +818,13 @@ pub fn device_files(
         contents,
         kind: FileKind::File,
     };
-    let link = |path: PathBuf, to: PathBuf| DeviceFile {
-        path,
-        mode: 0o777,
-        contents: to.to_string_lossy().as_bytes().to_vec(),
-        kind: FileKind::Link,
-    };
-    // The slot layout the agent updates itself in: slot A, `current` naming
-    // it, and the unit's ExecStart a fixed link to `current` (relative, so
-    // that it holds under `--root` too).
-    let slots = &config.self_update;
-    let slot_a = slots
-        .layout()
-        .slot_path(edgefleet_agent::selfupdate::BinarySlot::A);
-    let exec_dir = profile
-        .install
-        .binary
-        .parent()
-        .ok_or_else(|| unfit("install.binary has no directory"))?;
+    let [slot_a, current, exec] = slot_layout(profile, &config.self_update, binary)?;
     let toml_text =
         toml::to_string_pretty(&config).map_err(|e| unfit(&format!("agent.toml: {e}")))?;
     let files = vec![
-        file(slot_a, 0o755, binary.to_vec()),
-        link(slots.link.clone(), "agent.a".into()),
-        link(
-            profile.install.binary.clone(),
-            relative_path(exec_dir, &slots.link),
-        ),
+        slot_a,
+        current,
+        exec,
         file(
             config
                 .broker
@@ -880,7 +860,11 @@ pub fn device_files(
         file(
             "/usr/lib/tmpfiles.d/edgefleet.conf".into(),
             0o644,
-            tmpfiles(&profile.install.data_dir, &key, &slots.binary_dir),
+            tmpfiles(
+                &profile.install.data_dir,
+                &key,
+                &config.self_update.binary_dir,
+            ),
         ),
         file(
             profile.install.config.clone(),
@@ -893,6 +877,43 @@ pub fn device_files(
         ),
     ];
     distinct_paths(files)
+}
+
+/// The slot layout the agent updates itself in (docs/agent-update.md): the
+/// binary in slot A, `current` naming it, and the unit's ExecStart
+/// (`install.binary`) a fixed link to `current`, relative so that it holds
+/// under `--root` too.
+fn slot_layout(
+    profile: &Profile,
+    slots: &edgefleet_agent::config::SelfUpdateConfig,
+    binary: &[u8],
+) -> Result<[DeviceFile; 3], FlashError> {
+    let link = |path: PathBuf, to: PathBuf| DeviceFile {
+        path,
+        mode: 0o777,
+        contents: to.to_string_lossy().as_bytes().to_vec(),
+        kind: FileKind::Link,
+    };
+    let exec_dir = profile
+        .install
+        .binary
+        .parent()
+        .ok_or_else(|| FlashError::DeviceFiles("install.binary has no directory".into()))?;
+    Ok([
+        DeviceFile {
+            path: slots
+                .layout()
+                .slot_path(edgefleet_agent::selfupdate::BinarySlot::A),
+            mode: 0o755,
+            contents: binary.to_vec(),
+            kind: FileKind::File,
+        },
+        link(slots.link.clone(), "agent.a".into()),
+        link(
+            profile.install.binary.clone(),
+            relative_path(exec_dir, &slots.link),
+        ),
+    ])
 }
 
 /// The device's agent config: the profile's, with the enrollment's broker.

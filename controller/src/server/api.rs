@@ -1623,59 +1623,9 @@ async fn start_rollout(
             body.bundle
         ))
     })?;
-    let mut plan = Plan::default();
-    if let Some(w) = &body.waves {
-        plan.waves = w
-            .iter()
-            .map(|x| WaveSize::parse(x))
-            .collect::<Result<_, _>>()
-            .map_err(|e| ApiError::invalid(format!("waves: {e}")))?;
-    }
-    if let Some(g) = body.gates {
-        plan.gates = g;
-    }
-    if let Some(p) = body.policy {
-        plan.policy = p;
-    }
-    if let Some(n) = body.shadow_waves {
-        plan.shadow_waves = n;
-    }
-    if let Some(r) = body.rate_per_minute {
-        plan.rate_per_minute = r;
-    }
-    plan.validate()
-        .map_err(|e| ApiError::invalid(e.to_string()))?;
-    let sel = &body.selector;
-    if !sel.all && sel.tags.is_empty() && sel.devices.is_empty() {
-        return Err(ApiError::invalid(
-            "selector: name tags, devices, or set all: true",
-        ));
-    }
+    let plan = rollout_plan(&body)?;
     let registry = s.db().devices().await?;
-    for d in &sel.devices {
-        if !registry.iter().any(|r| r.id.as_str() == d) {
-            return Err(ApiError::invalid(format!(
-                "selector.devices: no device {d}"
-            )));
-        }
-    }
-    let below = match &sel.agent_version_below {
-        Some(v) => Some(semver::Version::parse(v).map_err(|e| {
-            ApiError::invalid(format!(
-                "selector.agent_version_below: {v:?} is not a version (X.Y.Z): {e}"
-            ))
-        })?),
-        None => None,
-    };
-    let selected: Vec<&DeviceRow> = registry
-        .iter()
-        .filter(|d| {
-            sel.all
-                || sel.devices.iter().any(|id| id == d.id.as_str())
-                || (!sel.tags.is_empty() && sel.tags.iter().all(|(k, v)| d.tags.get(k) == Some(v)))
-        })
-        .filter(|d| below.as_ref().is_none_or(|b| agent_below(d, b)))
-        .collect();
+    let selected = select_devices(&body.selector, &registry)?;
     if let Some(bundle) = s.db().bundle(&digest).await?
         && bundle.channel == edgefleet_shared::manifest::AGENT_CHANNEL
     {
@@ -1691,6 +1641,66 @@ async fn start_rollout(
         StatusCode::CREATED,
         Json(json!({"rollout": rollout_json(&view)})),
     ))
+}
+
+/// The plan a rollout request asks for: the defaults with what it names.
+fn rollout_plan(body: &RolloutBody) -> ApiResult<Plan> {
+    let mut plan = Plan::default();
+    if let Some(w) = &body.waves {
+        plan.waves = w
+            .iter()
+            .map(|x| WaveSize::parse(x))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ApiError::invalid(format!("waves: {e}")))?;
+    }
+    if let Some(g) = body.gates.clone() {
+        plan.gates = g;
+    }
+    if let Some(p) = body.policy {
+        plan.policy = p;
+    }
+    if let Some(n) = body.shadow_waves {
+        plan.shadow_waves = n;
+    }
+    if let Some(r) = body.rate_per_minute {
+        plan.rate_per_minute = r;
+    }
+    plan.validate()
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    Ok(plan)
+}
+
+/// The devices of `registry` that `sel` names.
+fn select_devices<'r>(sel: &Selector, registry: &'r [DeviceRow]) -> ApiResult<Vec<&'r DeviceRow>> {
+    if !sel.all && sel.tags.is_empty() && sel.devices.is_empty() {
+        return Err(ApiError::invalid(
+            "selector: name tags, devices, or set all: true",
+        ));
+    }
+    for d in &sel.devices {
+        if !registry.iter().any(|r| r.id.as_str() == d) {
+            return Err(ApiError::invalid(format!(
+                "selector.devices: no device {d}"
+            )));
+        }
+    }
+    let below = match &sel.agent_version_below {
+        Some(v) => Some(semver::Version::parse(v).map_err(|e| {
+            ApiError::invalid(format!(
+                "selector.agent_version_below: {v:?} is not a version (X.Y.Z): {e}"
+            ))
+        })?),
+        None => None,
+    };
+    Ok(registry
+        .iter()
+        .filter(|d| {
+            sel.all
+                || sel.devices.iter().any(|id| id == d.id.as_str())
+                || (!sel.tags.is_empty() && sel.tags.iter().all(|(k, v)| d.tags.get(k) == Some(v)))
+        })
+        .filter(|d| below.as_ref().is_none_or(|b| agent_below(d, b)))
+        .collect())
 }
 
 /// Whether `d`'s agent reported a version below `below`.
