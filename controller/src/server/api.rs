@@ -1627,7 +1627,7 @@ async fn start_rollout(
     let registry = s.db().devices().await?;
     let selected = select_devices(&body.selector, &registry)?;
     if let Some(bundle) = s.db().bundle(&digest).await?
-        && bundle.channel == edgefleet_shared::manifest::AGENT_CHANNEL
+        && bundle.is_agent_release()
     {
         check_agent_rollout(&bundle, &plan, &selected)?;
     }

@@ -446,6 +446,13 @@ pub struct BundleRow {
     pub summary: serde_json::Value,
 }
 
+impl BundleRow {
+    /// Whether this is an agent release (on the reserved agent channel).
+    pub fn is_agent_release(&self) -> bool {
+        self.channel == edgefleet_shared::manifest::AGENT_CHANNEL
+    }
+}
+
 /// A stored rollout.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RolloutRow {

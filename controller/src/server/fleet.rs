@@ -633,6 +633,15 @@ impl Fleet {
         Some(b)
     }
 
+    /// What a rollout of `digest` installs: an agent release or a model
+    /// bundle (also when the file is gone: nothing is sent for it then).
+    async fn subject_of(&self, digest: Digest) -> Subject {
+        match self.bundle(&digest).await {
+            Some(b) if b.is_agent_release() => Subject::Agent,
+            _ => Subject::Model(digest),
+        }
+    }
+
     async fn load_rollouts(db: &Db, map: &mut BTreeMap<String, Active>) -> Result<(), FleetError> {
         let rows = db.rollouts(true).await?;
         for row in rows {
@@ -1101,11 +1110,7 @@ impl Fleet {
                     commands.push((device, action));
                 }
                 Effect::Revert(device) => {
-                    if self
-                        .bundle(&digest)
-                        .await
-                        .is_some_and(|b| b.is_agent_release())
-                    {
+                    if self.subject_of(digest).await == Subject::Agent {
                         // A device whose new agent confirmed keeps it: agents
                         // never go below their release (docs/agent-update.md).
                         notes.push(format!(
@@ -1213,15 +1218,7 @@ impl Fleet {
 
     async fn health_of(&self, a: &Active, since: u64) -> Result<WaveHealth, FleetError> {
         let latest = self.db.latest_telemetry(since).await?;
-        let subject = if self
-            .bundle(&a.digest)
-            .await
-            .is_some_and(|b| b.is_agent_release())
-        {
-            Subject::Agent
-        } else {
-            Subject::Model(a.digest)
-        };
+        let subject = self.subject_of(a.digest).await;
         Ok(current_wave_health(&a.engine, subject, &latest))
     }
 
@@ -1397,7 +1394,6 @@ fn step_audit(
 /// How long telemetry is kept, ms (set from the configuration at start).
 pub static RETENTION_MS: AtomicU64 = AtomicU64::new(30 * 86_400_000);
 
-/// An install failure's stage and reason (a refusal with its stable code).
 /// An agent update's failure as one line (stage, then what the device said).
 pub fn agent_failure_text(r: &AgentUpdateFailure) -> String {
     match r {
@@ -1415,6 +1411,7 @@ pub fn agent_failure_text(r: &AgentUpdateFailure) -> String {
     }
 }
 
+/// An install failure's stage and reason (a refusal with its stable code).
 pub fn failure_text(r: &FailureReason) -> String {
     match r {
         FailureReason::Refused { refusal } => format!("refused ({}): {refusal}", refusal.code()),

@@ -588,7 +588,7 @@ async fn rollout_view(s: &AppState, id: &str, now: u64) -> Result<pages::Rollout
     let latest = s.db().latest_telemetry_between(since, now).await?;
     use crate::server::fleet::Subject;
     let subject = match s.db().bundle(&rollout.bundle).await? {
-        Some(b) if b.channel == edgefleet_shared::manifest::AGENT_CHANNEL => Subject::Agent,
+        Some(b) if b.is_agent_release() => Subject::Agent,
         _ => Subject::Model(rollout.bundle),
     };
     let health = crate::server::fleet::current_wave_health(&rollout.state, subject, &latest);
