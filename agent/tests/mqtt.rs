@@ -1891,7 +1891,7 @@ async fn agent_releases_are_checked_with_their_own_role_floor_and_architecture()
 /// A flashed device: the agent as a plain file at the link's path (the
 /// supervisor's ExecStart), the slots' directory empty, and `[self_update]`
 /// in its config.
-fn flashed(dev: &Device, config: &Path) -> (PathBuf, PathBuf) {
+fn flashed(dev: &Device, config: &Path, confirm_within_s: u32) -> (PathBuf, PathBuf) {
     let (bin, link) = (
         dev.path().join("lib"),
         dev.path().join("bin/edgefleet-agent"),
@@ -1904,12 +1904,59 @@ fn flashed(dev: &Device, config: &Path) -> (PathBuf, PathBuf) {
     .expect("flash the agent");
     let mut text = std::fs::read_to_string(config).expect("config");
     text.push_str(&format!(
-        "[self_update]\nbinary_dir = \"{}\"\nlink = \"{}\"\nconfirm_within_s = 30\n",
+        "[self_update]\nbinary_dir = \"{}\"\nlink = \"{}\"\nconfirm_within_s = {confirm_within_s}\n",
         s(&bin),
         s(&link)
     ));
     std::fs::write(config, text).expect("config");
     (bin, link)
+}
+
+/// A device set up for its agent's own updates: a trust root with the
+/// agent-release role, Mosquitto and a test peer, the agent [`flashed`] with
+/// the iris model sideloaded, running under a [`Supervisor`] whose local API
+/// listens on a fixed port (an agent started again after a failed trial
+/// listens where the one before did), online.
+struct SelfUpdating {
+    // Dropped in this order: the agent, the peer, the broker, the directory.
+    supervisor: Supervisor,
+    peer: Peer,
+    broker: Broker,
+    api: String,
+    log: PathBuf,
+    layout: edgefleet_agent::selfupdate::handover::Layout,
+    dev: Device,
+}
+
+impl SelfUpdating {
+    /// `confirm_within_s`: a new binary's deadline to confirm.
+    async fn start(confirm_within_s: u32) -> SelfUpdating {
+        let dev = Device::new();
+        write_root_with_release_role(&dev.path().join("root.cbor"));
+        let broker = Broker::start(dev.path(), "allow_anonymous true");
+        let mut peer = Peer::connect(broker.port, None);
+        let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
+        let (binary_dir, link) = flashed(&dev, &config, confirm_within_s);
+        sideload(&config, &iris(dev.path(), "iris.efb", 1));
+        let log = dev.path().join("supervised.log");
+        let http = format!("127.0.0.1:{}", free_port());
+        let supervisor = Supervisor::start(
+            &link,
+            &["--config", s(&config), "run", "--http", &http],
+            &log,
+        );
+        let api = supervisor.api();
+        let _ = peer.state(|s| s.online).await;
+        SelfUpdating {
+            supervisor,
+            peer,
+            broker,
+            api,
+            log,
+            layout: edgefleet_agent::selfupdate::handover::Layout { binary_dir, link },
+            dev,
+        }
+    }
 }
 
 /// Whether the local API answers `/v2/health/ready` with 200 (no panic when
@@ -1961,22 +2008,16 @@ fn serves_iris(api: &str) -> Result<(), String> {
 async fn a_flashed_agent_updates_itself_over_mqtt_and_keeps_serving() {
     use edgefleet_agent::selfupdate::{BinarySlot, Phase, start};
     use edgefleet_agent::version::rewrite_version;
-    let dev = Device::new();
-    write_root_with_release_role(&dev.path().join("root.cbor"));
-    let broker = Broker::start(dev.path(), "allow_anonymous true");
-    let mut peer = Peer::connect(broker.port, None);
-    let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
-    let (bin, link) = flashed(&dev, &config);
-    sideload(&config, &iris(dev.path(), "iris.efb", 1));
-
-    let log = dev.path().join("supervised.log");
-    let supervisor = Supervisor::start(
-        &link,
-        &["--config", s(&config), "run", "--http", "127.0.0.1:0"],
-        &log,
-    );
-    let api = supervisor.api();
-    let _ = peer.state(|s| s.online).await;
+    let SelfUpdating {
+        supervisor,
+        mut peer,
+        broker,
+        api,
+        log,
+        layout,
+        dev,
+    } = SelfUpdating::start(30).await;
+    let link = layout.link.clone();
     let (status, _) = infer_version(&api);
     assert_eq!(status, 200);
 
@@ -2066,10 +2107,6 @@ async fn a_flashed_agent_updates_itself_over_mqtt_and_keeps_serving() {
 
     // One process all along (exec), now the new binary in slot B, the link on it.
     assert!(supervisor.exits().is_empty(), "{:?}", supervisor.exits());
-    let layout = edgefleet_agent::selfupdate::handover::Layout {
-        binary_dir: bin.clone(),
-        link: link.clone(),
-    };
     assert_eq!(layout.link_target(), Some(BinarySlot::B));
     let record = start::load(&dev.path().join("data"))
         .expect("record")
@@ -2131,36 +2168,18 @@ async fn update_to(peer: &mut Peer, file: &Path, seen: &mut Vec<Event>) -> (Dige
 async fn a_broken_new_agent_is_reverted_and_reported() {
     use edgefleet_agent::selfupdate::BinarySlot;
     use edgefleet_shared::protocol::{AgentUpdateFailure, TrialFailure};
-    let dev = Device::new();
-    write_root_with_release_role(&dev.path().join("root.cbor"));
-    let broker = Broker::start(dev.path(), "allow_anonymous true");
-    let mut peer = Peer::connect(broker.port, None);
-    let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
-    let (bin, link) = flashed(&dev, &config);
     // The shortest deadline the config allows.
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        text.replace("confirm_within_s = 30", "confirm_within_s = 10"),
-    )
-    .expect("config");
-    sideload(&config, &iris(dev.path(), "iris.efb", 1));
-    let log = dev.path().join("supervised.log");
-    // A fixed port, as on a device: the agent started again after a failed
-    // trial listens where the one before did.
-    let http = format!("127.0.0.1:{}", free_port());
-    let supervisor = Supervisor::start(
-        &link,
-        &["--config", s(&config), "run", "--http", &http],
-        &log,
-    );
-    let api = supervisor.api();
-    let _ = peer.state(|s| s.online).await;
+    let SelfUpdating {
+        supervisor,
+        mut peer,
+        broker,
+        api,
+        log,
+        layout,
+        dev,
+    } = SelfUpdating::start(10).await;
+    let link = layout.link.clone();
     let here = std::env::consts::ARCH;
-    let layout = edgefleet_agent::selfupdate::handover::Layout {
-        binary_dir: bin,
-        link: link.clone(),
-    };
     let mut seen = Vec::new();
 
     let exits = agent_release_file(
@@ -2333,26 +2352,16 @@ async fn an_agent_killed_at_any_step_of_a_hand_over_comes_back_working() {
     use edgefleet_agent::selfupdate::{BinarySlot, Phase, start};
     use edgefleet_agent::version::rewrite_version;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let dev = Device::new();
-    write_root_with_release_role(&dev.path().join("root.cbor"));
-    let broker = Broker::start(dev.path(), "allow_anonymous true");
-    let mut peer = Peer::connect(broker.port, None);
-    let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
-    let (bin, link) = flashed(&dev, &config);
-    sideload(&config, &iris(dev.path(), "iris.efb", 1));
-    let http = format!("127.0.0.1:{}", free_port());
-    let log = dev.path().join("supervised.log");
-    let supervisor = Supervisor::start(
-        &link,
-        &["--config", s(&config), "run", "--http", &http],
-        &log,
-    );
-    let api = supervisor.api();
-    let _ = peer.state(|s| s.online).await;
-    let layout = edgefleet_agent::selfupdate::handover::Layout {
-        binary_dir: bin,
-        link: link.clone(),
-    };
+    let SelfUpdating {
+        supervisor,
+        mut peer,
+        broker,
+        api,
+        log,
+        layout,
+        dev,
+    } = SelfUpdating::start(30).await;
+    let link = layout.link.clone();
     let data = dev.path().join("data");
     let own = std::fs::read(stripped(Path::new(env!("CARGO_BIN_EXE_edgefleet-agent"))))
         .expect("read the agent");

@@ -154,3 +154,76 @@ fn an_agent_release_rolls_out_in_waves_and_a_broken_one_halts_at_the_canary() {
         }
     }
 }
+
+/// A device that is off when its wave of an agent release starts takes the
+/// release once it is back: the controller sends the command again every
+/// `resend_after_ms` until `install_timeout_ms`, and the rollout waits for it.
+#[test]
+fn a_device_off_when_its_wave_starts_takes_the_agent_release_when_it_is_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("controller");
+    make_bundles(dir.path(), &data);
+    let rel_key = release_root(dir.path(), &data);
+    let c = Controller::start(&data, 0);
+    let mut devices: Vec<Flashed> = (1..=2)
+        .map(|i| Flashed::start(&c, dir.path(), &format!("off-{i:02}")))
+        .collect();
+    wait_online(&c, 2);
+    // Off: its agent killed, as by a power cut.
+    drop(devices.pop());
+    let deadline = Instant::now() + WAIT;
+    while c.get("/api/v1/devices?tag=site=lab&state=offline")["devices"]
+        .as_array()
+        .map_or(0, Vec::len)
+        != 1
+    {
+        assert!(Instant::now() < deadline, "off-02 never went offline");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    let own = std::fs::read(stripped(&agent_bin())).expect("agent");
+    let next = edgefleet_agent::version::rewrite_version(&own, "9.9.1").expect("version slot");
+    let here = std::env::consts::ARCH;
+    let release = agent_release_file(dir.path(), &[(here, next)], "9.9.1", 1, &rel_key);
+    let release = push(&c, &release);
+    let (status, body) = c.call(
+        "POST",
+        "/api/v1/rollouts",
+        Some(
+            serde_json::json!({"bundle": release, "selector": {"tags": {"site": "lab"}},
+            "waves": ["100%"], "gates": {"soak_ms": 1000}, "resend_after_ms": 2000}),
+        ),
+    );
+    assert_eq!(status, 201, "{body}");
+    let id = body["rollout"]["id"].as_str().expect("id").to_string();
+    // The device that is on takes it; the rollout waits for the other, whose
+    // command goes again every 2 s.
+    let deadline = Instant::now() + WAIT;
+    while agent_version(&c, "off-01") != "9.9.1" {
+        assert!(Instant::now() < deadline, "off-01 never updated");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert_eq!(c.rollout(&id)["phase"], "installing");
+    let sent_while_off = updates(&c, "off-02");
+    assert!(
+        sent_while_off >= 2,
+        "sent again while off: {sent_while_off}"
+    );
+
+    // Back on: it takes the release, and the rollout completes.
+    let back = Flashed::resume(dir.path(), "off-02");
+    let r = c.wait_rollout(&id, "agent rollout", |r| {
+        r["phase"]
+            .as_str()
+            .is_some_and(|p| p != "installing" && p != "soaking")
+    });
+    assert_eq!(r["phase"], "completed", "{r}");
+    assert_eq!(agent_version(&c, "off-02"), "9.9.1");
+    assert_eq!(version_of(&back.link), "edgefleet-agent 9.9.1");
+    assert!(
+        back.supervisor.exits().is_empty(),
+        "{:?}",
+        back.supervisor.exits()
+    );
+}

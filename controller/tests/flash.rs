@@ -49,6 +49,10 @@ fn rerooted_config(root: &Path, profile_data: &str) -> PathBuf {
             &format!("\"{}", s(&root.join("etc/edgefleet"))),
         )
         .replace(
+            "\"/usr/lib/edgefleet",
+            &format!("\"{}", s(&root.join("usr/lib/edgefleet"))),
+        )
+        .replace(
             &format!("\"{profile_data}"),
             &format!("\"{}", s(&root.join(profile_data.trim_start_matches('/')))),
         );
@@ -681,6 +685,173 @@ fn arm_agents_under_qemu_are_flashed_come_online_and_take_a_rollout() {
             );
         }
     }
+}
+
+/// An aarch64 agent release rolled out to the flashed qemu board: the cross
+/// build, saying 9.9.1, made into a release and signed with the operator's
+/// commands (`agent-release build`, `bundle verify`, `bundles push`, `rollout
+/// start --agent-version-below`). The board's agent runs under qemu-user from
+/// its flashed slot layout, under a supervisor that restarts like systemd; it
+/// fetches its binary, probes it (`--version`, `config check`), execs it
+/// (binfmt_misc runs the new aarch64 binary), the new agent confirms and
+/// switches `current`, and the model answers all along. Needs the aarch64
+/// cross build (about an hour on 2 cores, so not in CI) and binfmt_misc:
+///
+/// ```text
+/// cross/build.sh aarch64-unknown-linux-musl
+/// mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc   # where it is not mounted
+/// update-binfmts --enable qemu-aarch64
+/// cargo test -p edgefleet --test flash -- --ignored an_aarch64_agent_release
+/// ```
+#[test]
+#[ignore = "needs cross/build.sh aarch64 and binfmt_misc for qemu-aarch64: cargo test -p edgefleet --test flash -- --ignored an_aarch64_agent_release"]
+fn an_aarch64_agent_release_reaches_the_flashed_qemu_board_and_it_keeps_serving() {
+    use common::flashed::{agent_version, release_root, watch_inference};
+    use common::supervisor::{Supervisor, version_of};
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = "aarch64-unknown-linux-musl";
+    let binary = repo.join("cross/out").join(target).join("edgefleet-agent");
+    assert!(
+        binary.is_file(),
+        "{} is missing: run cross/build.sh {target}",
+        binary.display()
+    );
+    // The agent execs its new binary itself: the kernel must hand an aarch64
+    // executable to qemu (qemu-user alone runs only the first one).
+    let binfmt =
+        std::fs::read_to_string("/proc/sys/fs/binfmt_misc/qemu-aarch64").unwrap_or_default();
+    assert!(
+        binfmt.starts_with("enabled"),
+        "binfmt_misc does not run aarch64 binaries: update-binfmts --enable qemu-aarch64 \
+         (after mounting /proc/sys/fs/binfmt_misc)"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("controller");
+    let bundles = make_bundles(dir.path(), &data);
+    release_root(dir.path(), &data);
+    let c = Controller::start(&data, free_port());
+    let id = "pi4-qemu";
+    let root = dir.path().join(id);
+    std::fs::create_dir(&root).expect("root");
+    let (ok, text) = run(
+        &[
+            "flash",
+            "--profile",
+            "raspberry-pi-4",
+            "--device-id",
+            id,
+            "--tags",
+            "site=lab",
+            "--root",
+            s(&root),
+        ],
+        &c.env(),
+        &repo,
+    );
+    assert!(ok, "{text}");
+    let config = rerooted_config(&root, "/var/lib/edgefleet");
+    let link = root.join("usr/local/bin/edgefleet-agent");
+    let http = format!("127.0.0.1:{}", free_port());
+    let board = Supervisor::start(
+        &link,
+        &["--config", s(&config), "run", "--http", &http],
+        &root.with_extension("log"),
+    );
+    assert_eq!(board.api(), http);
+    let api = format!("http://{http}");
+    wait_online(&c, id);
+    assert_eq!(c.device(id)["device"]["arch"], "aarch64");
+    let v1 = push(&c, &bundles.v1);
+    let rollout = start_rollout(&c, &v1, &["--waves", "100%", "--soak-s", "1"]);
+    c.wait_rollout(&rollout, "model rollout", |r| r["phase"] == "completed");
+    assert!(!infer(&api)["outputs"].is_null());
+    let running = env!("CARGO_PKG_VERSION");
+    assert_eq!(agent_version(&c, id), running);
+
+    // The release, as an operator makes it.
+    let own = std::fs::read(&binary).expect("the cross build");
+    let next = dir.path().join("edgefleet-agent-9.9.1");
+    std::fs::write(
+        &next,
+        edgefleet_agent::version::rewrite_version(&own, "9.9.1").expect("version slot"),
+    )
+    .expect("next binary");
+    let release = dir.path().join("agent-9.9.1.efb");
+    let (ok, text) = run(
+        &[
+            "agent-release",
+            "build",
+            "--binary",
+            s(&next),
+            "--target",
+            target,
+            "--version",
+            "9.9.1",
+            "--release",
+            "1",
+            "--out",
+            s(&release),
+            "--key",
+            s(&dir.path().join("keys/rel.key")),
+        ],
+        &[],
+        dir.path(),
+    );
+    assert!(ok, "{text}");
+    let (ok, text) = run(
+        &[
+            "bundle",
+            "verify",
+            s(&release),
+            "--trust",
+            s(&data.join("trust-root.cbor")),
+        ],
+        &[],
+        dir.path(),
+    );
+    assert!(ok, "{text}");
+    let digest = push(&c, &release);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = watch_inference(vec![http.clone()], stop.clone());
+    let started = Instant::now();
+    let rollout = start_rollout(
+        &c,
+        &digest,
+        &[
+            "--waves",
+            "100%",
+            "--soak-s",
+            "1",
+            "--agent-version-below",
+            "9.9.1",
+        ],
+    );
+    c.wait_rollout(&rollout, "agent release", |r| r["phase"] == "completed");
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (failed, gap) = watcher.join().expect("watcher");
+
+    assert_eq!(agent_version(&c, id), "9.9.1");
+    assert_eq!(version_of(&link), "edgefleet-agent 9.9.1");
+    assert_eq!(
+        std::fs::read_link(root.join("usr/lib/edgefleet/current"))
+            .expect("current")
+            .file_name(),
+        Some(std::ffi::OsStr::new("agent.b"))
+    );
+    assert!(
+        board.exits().is_empty(),
+        "the agent exited: {:?}",
+        board.exits()
+    );
+    assert_eq!(failed, 0, "inference requests unanswered during the update");
+    assert!(!infer(&api)["outputs"].is_null());
+    eprintln!(
+        "aarch64 agent {running} -> 9.9.1 on the qemu board: {:.1} s, longest inference gap {} ms",
+        took.as_secs_f64(),
+        gap.as_millis()
+    );
 }
 
 /// Every number of every output, in order.

@@ -1590,6 +1590,11 @@ struct RolloutBody {
     /// model, gated on agreement) before activating it.
     #[serde(default)]
     shadow_waves: Option<u32>,
+    /// A command the device has not answered is sent again after this many ms
+    /// (default 60000, at least 1000): a device offline when asked gets it
+    /// once it is back, until `gates.install_timeout_ms`.
+    #[serde(default)]
+    resend_after_ms: Option<u64>,
 }
 
 /// Which devices a rollout targets: devices matching all `tags`, plus `devices`
@@ -1664,6 +1669,9 @@ fn rollout_plan(body: &RolloutBody) -> ApiResult<Plan> {
     }
     if let Some(r) = body.rate_per_minute {
         plan.rate_per_minute = r;
+    }
+    if let Some(ms) = body.resend_after_ms {
+        plan.resend_after_ms = ms;
     }
     plan.validate()
         .map_err(|e| ApiError::invalid(e.to_string()))?;

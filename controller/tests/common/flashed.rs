@@ -80,12 +80,25 @@ impl Flashed {
         update.insert("link".into(), s(&link).into());
         update.insert("confirm_within_s".into(), 30.into());
         let text = toml::to_string(&config).expect("config text");
-        let config = out.join("local.toml");
-        std::fs::write(&config, text).expect("config");
+        std::fs::write(out.join("local.toml"), text).expect("config");
+        Flashed::resume(dir, id)
+    }
+
+    /// The device [`Flashed::start`] made in `dir`, started again (after it
+    /// was dropped: its agent killed, as by a power cut).
+    pub fn resume(dir: &Path, id: &str) -> Flashed {
+        let out = dir.join(id);
+        let link = out.join("bin/edgefleet-agent");
         let http = format!("127.0.0.1:{}", free_port());
         let supervisor = Supervisor::start(
             &link,
-            &["--config", s(&config), "run", "--http", &http],
+            &[
+                "--config",
+                s(&out.join("local.toml")),
+                "run",
+                "--http",
+                &http,
+            ],
             &out.join("agent.log"),
         );
         let api = supervisor.api();
