@@ -785,6 +785,75 @@ fn update_at_start(data_dir: &Path, config: &crate::config::AgentConfig) -> Star
     }
 }
 
+/// The local API's addresses as `serve` takes them: TCP on loopback only (it
+/// has no authentication), the Unix socket at a path it can bind.
+fn check_listen(
+    http: std::net::SocketAddr,
+    socket: Option<&std::path::Path>,
+) -> Result<(), CliError> {
+    if !http.ip().is_loopback() {
+        return Err(CliError::Request(format!(
+            "--http {http}: the local API has no authentication and binds loopback only (127.0.0.1 or ::1)"
+        )));
+    }
+    if let Some(path) = socket {
+        crate::config::check_socket_path(path)
+            .map_err(|reason| CliError::Request(format!("--socket: {reason}")))?;
+    }
+    Ok(())
+}
+
+/// The controller link's settings with what the agent's own updates need: how
+/// to hand over to a new binary (the listening socket `listen_fd` passed on),
+/// and the trial to confirm once connected when this start is one.
+fn with_self_update(
+    mut settings: crate::daemon::DaemonSettings,
+    store: &Store,
+    config: &crate::config::AgentConfig,
+    config_file: Option<PathBuf>,
+    listen_fd: i32,
+    update: &Started,
+) -> crate::daemon::DaemonSettings {
+    settings.self_update = Some(crate::selfupdate::handover::HandOver {
+        layout: config.self_update.layout(),
+        confirm_within_s: config.self_update.confirm_within_s,
+        config: config_file,
+        listen_fd: Some(listen_fd),
+        supervised: config.self_update.unsupervised
+            || crate::selfupdate::handover::supervised(|name| std::env::var_os(name)),
+        args: std::env::args_os().skip(1).collect(),
+    });
+    if let Started::Trial(record) = update {
+        // Confirmed once connected to the broker (docs/agent-update.md).
+        settings.trial = Some(crate::selfupdate::start::PendingTrial::new(
+            store.dir(),
+            config.self_update.layout(),
+            record.clone(),
+        ));
+    }
+    settings
+}
+
+/// A trial start with no broker to connect to: config read, state loaded and
+/// every model served is all there is to confirm, so this agent keeps the
+/// device (docs/agent-update.md).
+fn confirm_without_broker(
+    store: &Store,
+    config: &crate::config::AgentConfig,
+    record: &crate::selfupdate::UpdateRecord,
+) {
+    match crate::selfupdate::start::confirm(store.dir(), &config.self_update.layout()) {
+        Ok(r) => println!(
+            "agent update to {} (release {}) confirmed",
+            r.version, r.release
+        ),
+        Err(e) => tracing::error!(
+            "agent update to {} not confirmed: {e}; the next start decides",
+            record.version
+        ),
+    }
+}
+
 fn serve(
     store: &Store,
     config: &crate::config::AgentConfig,
@@ -793,15 +862,7 @@ fn serve(
     http: std::net::SocketAddr,
     socket: Option<PathBuf>,
 ) -> Result<i32, CliError> {
-    if !http.ip().is_loopback() {
-        return Err(CliError::Request(format!(
-            "--http {http}: the local API has no authentication and binds loopback only (127.0.0.1 or ::1)"
-        )));
-    }
-    if let Some(path) = &socket {
-        crate::config::check_socket_path(path)
-            .map_err(|reason| CliError::Request(format!("--socket: {reason}")))?;
-    }
+    check_listen(http, socket.as_deref())?;
     // What a process killed mid-install left (staging directories, bundles the
     // state does not name) goes now, not at the next install. Only with a
     // readable state: without one, nothing is known to be garbage.
@@ -831,43 +892,23 @@ fn serve(
         let served = crate::service::served(loaded, config);
         // The models are loaded: what loading them took goes back (memory.rs).
         crate::memory::trim_after_load();
-        let link = link_or_why(config, trust).map(|(options, mut settings)| {
+        let link = link_or_why(config, trust).map(|(options, settings)| {
             use std::os::fd::AsRawFd as _;
-            settings.self_update = Some(crate::selfupdate::handover::HandOver {
-                layout: config.self_update.layout(),
-                confirm_within_s: config.self_update.confirm_within_s,
-                config: config_file.clone(),
-                listen_fd: Some(listeners.tcp.as_raw_fd()),
-                supervised: config.self_update.unsupervised
-                    || crate::selfupdate::handover::supervised(|name| std::env::var_os(name)),
-                args: std::env::args_os().skip(1).collect(),
-            });
-            if let Started::Trial(record) = &update {
-                // Confirmed once connected to the broker (docs/agent-update.md).
-                settings.trial = Some(crate::selfupdate::start::PendingTrial::new(
-                    store.dir(),
-                    config.self_update.layout(),
-                    record.clone(),
-                ));
-            }
+            let settings = with_self_update(
+                settings,
+                store,
+                config,
+                config_file.clone(),
+                listeners.tcp.as_raw_fd(),
+                &update,
+            );
             crate::service::Link::new(options, settings)
         });
         if let Some(path) = &socket {
             println!("local API listening on unix:{}", path.display());
         }
         if let (Started::Trial(record), None) = (&update, &link) {
-            // Config read, state loaded, every model served, and no broker
-            // to connect to: this agent keeps the device (docs/agent-update.md).
-            match crate::selfupdate::start::confirm(store.dir(), &config.self_update.layout()) {
-                Ok(r) => println!(
-                    "agent update to {} (release {}) confirmed",
-                    r.version, r.release
-                ),
-                Err(e) => tracing::error!(
-                    "agent update to {} not confirmed: {e}; the next start decides",
-                    record.version
-                ),
-            }
+            confirm_without_broker(store, config, record);
         }
         // Readiness line (the last): scripts and tests wait for it.
         println!("local API listening on http://{addr}");

@@ -663,8 +663,31 @@ impl Fleet {
     }
 
     async fn on_event(&self, e: &Event, now: u64) -> Result<(), FleetError> {
+        if let EventKind::CommandRejected { detail } = &e.kind {
+            return self.on_command_rejected(e, detail, now).await;
+        }
+        let Some((digest, input)) = self.engine_input(e) else {
+            return Ok(());
+        };
+        let mut map = self.rollouts.lock().await;
+        for (id, a) in map.iter_mut() {
+            if digest.is_some_and(|d| d != a.digest)
+                || !a.engine.members.contains_key(e.device.as_str())
+            {
+                continue;
+            }
+            let fx = a.engine.apply(now, input.clone()).unwrap_or_default();
+            self.carry_out(id, a, fx, now, None, true).await?;
+        }
+        Ok(())
+    }
+
+    /// What a device's event means to the rollouts it is in: the bundle it is
+    /// about (`None`: whichever) and the engine's input; `None` for events
+    /// rollouts do not take.
+    fn engine_input(&self, e: &Event) -> Option<(Option<Digest>, Input)> {
         let device = e.device.clone();
-        let (digest, input) = match &e.kind {
+        Some(match &e.kind {
             EventKind::InstallProgress {
                 digest,
                 chunks_done,
@@ -714,44 +737,39 @@ impl Fleet {
                     },
                 )
             }
-            // A device that refused a rollout's install command (signed for it,
-            // but stale by its clock, say) fails that rollout's member with the
-            // reason, instead of leaving it to the install timeout.
-            EventKind::CommandRejected { detail } => {
-                let Some(command) = e.command else {
-                    return Ok(());
-                };
-                let Some((action, Some(rollout))) = self.db.command_of(&device, command).await?
-                else {
-                    return Ok(());
-                };
-                if action != "install" && action != "update_agent" {
-                    return Ok(());
-                }
-                let input = Input::Failed {
-                    device,
-                    reason: format!("command_rejected: {detail}"),
-                };
-                let mut map = self.rollouts.lock().await;
-                if let Some(a) = map.get_mut(&rollout)
-                    && a.engine.members.contains_key(e.device.as_str())
-                {
-                    let fx = a.engine.apply(now, input).unwrap_or_default();
-                    self.carry_out(&rollout, a, fx, now, None, true).await?;
-                }
-                return Ok(());
-            }
-            _ => return Ok(()),
+            _ => return None,
+        })
+    }
+
+    /// A device that refused a rollout's install command (signed for it, but
+    /// stale by its clock, say) fails that rollout's member with the reason,
+    /// instead of leaving it to the install timeout.
+    async fn on_command_rejected(
+        &self,
+        e: &Event,
+        detail: &str,
+        now: u64,
+    ) -> Result<(), FleetError> {
+        let device = e.device.clone();
+        let Some(command) = e.command else {
+            return Ok(());
+        };
+        let Some((action, Some(rollout))) = self.db.command_of(&device, command).await? else {
+            return Ok(());
+        };
+        if action != "install" && action != "update_agent" {
+            return Ok(());
+        }
+        let input = Input::Failed {
+            device,
+            reason: format!("command_rejected: {detail}"),
         };
         let mut map = self.rollouts.lock().await;
-        for (id, a) in map.iter_mut() {
-            if digest.is_some_and(|d| d != a.digest)
-                || !a.engine.members.contains_key(e.device.as_str())
-            {
-                continue;
-            }
-            let fx = a.engine.apply(now, input.clone()).unwrap_or_default();
-            self.carry_out(id, a, fx, now, None, true).await?;
+        if let Some(a) = map.get_mut(&rollout)
+            && a.engine.members.contains_key(e.device.as_str())
+        {
+            let fx = a.engine.apply(now, input).unwrap_or_default();
+            self.carry_out(&rollout, a, fx, now, None, true).await?;
         }
         Ok(())
     }
