@@ -2001,8 +2001,9 @@ fn serves_iris(api: &str) -> Result<(), String> {
 }
 
 /// v1 -> v2 over MQTT on a flashed device under a supervisor: the agent
-/// fetches only its own architecture's chunks, puts the binary in the other
-/// slot, probes it and execs it; the new agent serves on the same socket,
+/// fetches only its own architecture's chunks (one corrupted on the wire is
+/// dropped and fetched again), puts the binary in the other slot, probes it
+/// and execs it; the new agent serves on the same socket,
 /// confirms once connected, switches the link and reports `agent_updated`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flashed_agent_updates_itself_over_mqtt_and_keeps_serving() {
@@ -2041,6 +2042,19 @@ async fn a_flashed_agent_updates_itself_over_mqtt_and_keeps_serving() {
         &release_key(),
     );
     let served = peer.offer(&file);
+    // This device's binary's chunks, the decoy's before them; one of its own
+    // is corrupted on the wire the first time it is sent.
+    let manifest = RawHeader::parse(&served.header)
+        .expect("header")
+        .decode_unverified()
+        .expect("manifest");
+    let own = manifest
+        .agent_binary(&edgefleet_shared::Arch::current())
+        .expect("this device's binary");
+    let (start_byte, end_byte) = manifest.artifact_range(&own.name).expect("range");
+    let wanted = manifest.payload.chunks_covering(start_byte, end_byte);
+    let tampered = wanted.start + 1;
+    peer.policy.lock().expect("lock").tamper = Some(tampered);
 
     // The local API is asked all along: how long it does not answer.
     let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -2119,17 +2133,14 @@ async fn a_flashed_agent_updates_itself_over_mqtt_and_keeps_serving() {
     assert!(record.reported);
     assert_eq!(version_of(&link), "edgefleet-agent 9.9.1");
 
-    // Only this device's binary was fetched, not the decoy before it.
-    let manifest = RawHeader::parse(&served.header)
-        .expect("header")
-        .decode_unverified()
-        .expect("manifest");
-    let own = manifest
-        .agent_binary(&edgefleet_shared::Arch::current())
-        .expect("this device's binary");
-    let (start_byte, end_byte) = manifest.artifact_range(&own.name).expect("range");
-    let wanted = manifest.payload.chunks_covering(start_byte, end_byte);
+    // Only this device's binary was fetched, not the decoy before it; the
+    // corrupted chunk failed its hash, was dropped and asked for again.
     let sent = peer.policy.lock().expect("lock").sent.clone();
+    assert_eq!(
+        sent.iter().filter(|&&c| c == tampered).count(),
+        2,
+        "the tampered chunk {tampered} asked again: {sent:?}"
+    );
     assert!(wanted.start > 0, "the decoy comes first: {wanted:?}");
     assert!(
         !sent.is_empty() && sent.iter().all(|c| wanted.contains(c)),
