@@ -10,7 +10,7 @@ mod common;
 use std::time::Instant;
 
 use common::flashed::*;
-use common::supervisor::{agent_release_file, broken_agent, stripped, version_of};
+use common::supervisor::{agent_release_file, broken_agent, version_of};
 use common::*;
 use serde_json::Value;
 
@@ -35,34 +35,14 @@ fn an_agent_release_rolls_out_in_waves_and_a_broken_one_halts_at_the_canary() {
     }
 
     // 1. A good release, 9.9.1 (this build, saying so), to devices below it.
-    let own = std::fs::read(stripped(&agent_bin())).expect("agent");
-    let next = edgefleet_agent::version::rewrite_version(&own, "9.9.1").expect("version slot");
-    let here = std::env::consts::ARCH;
-    let good = agent_release_file(dir.path(), &[(here, next)], "9.9.1", 1, &rel_key);
-    let good = push(&c, &good);
+    let good = push_own_release(&c, dir.path(), "9.9.1", 1, &rel_key);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = watch_inference(
         devices.iter().map(|d| d.api.clone()).collect(),
         stop.clone(),
     );
     let started = Instant::now();
-    let id = start_rollout(
-        &c,
-        &good,
-        &[
-            "--waves",
-            "1,100%",
-            "--soak-s",
-            "1",
-            "--agent-version-below",
-            "9.9.1",
-        ],
-    );
-    let r = c.wait_rollout(&id, "agent rollout", |r| {
-        r["phase"]
-            .as_str()
-            .is_some_and(|p| p != "installing" && p != "soaking")
-    });
+    let r = roll_out_agent(&c, &good, "9.9.1", "1,100%");
     assert_eq!(r["phase"], "completed", "{r}");
     println!("3 devices on the new agent in {:?}", started.elapsed());
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -102,7 +82,7 @@ fn an_agent_release_rolls_out_in_waves_and_a_broken_one_halts_at_the_canary() {
     // reports why; the rollout halts; nobody else is asked.
     let broken = agent_release_file(
         dir.path(),
-        &[(here, broken_agent("9.9.2", "exit 3"))],
+        &[(std::env::consts::ARCH, broken_agent("9.9.2", "exit 3"))],
         "9.9.2",
         2,
         &rel_key,
@@ -181,11 +161,7 @@ fn a_device_off_when_its_wave_starts_takes_the_agent_release_when_it_is_back() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 
-    let own = std::fs::read(stripped(&agent_bin())).expect("agent");
-    let next = edgefleet_agent::version::rewrite_version(&own, "9.9.1").expect("version slot");
-    let here = std::env::consts::ARCH;
-    let release = agent_release_file(dir.path(), &[(here, next)], "9.9.1", 1, &rel_key);
-    let release = push(&c, &release);
+    let release = push_own_release(&c, dir.path(), "9.9.1", 1, &rel_key);
     let (status, body) = c.call(
         "POST",
         "/api/v1/rollouts",

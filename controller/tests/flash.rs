@@ -706,7 +706,7 @@ fn arm_agents_under_qemu_are_flashed_come_online_and_take_a_rollout() {
 #[test]
 #[ignore = "needs cross/build.sh aarch64 and binfmt_misc for qemu-aarch64: cargo test -p edgefleet --test flash -- --ignored an_aarch64_agent_release"]
 fn an_aarch64_agent_release_reaches_the_flashed_qemu_board_and_it_keeps_serving() {
-    use common::flashed::{agent_version, release_root, watch_inference};
+    use common::flashed::{agent_version, release_root, roll_out_agent, watch_inference};
     use common::supervisor::{Supervisor, version_of};
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let target = "aarch64-unknown-linux-musl";
@@ -815,19 +815,8 @@ fn an_aarch64_agent_release_reaches_the_flashed_qemu_board_and_it_keeps_serving(
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = watch_inference(vec![http.clone()], stop.clone());
     let started = Instant::now();
-    let rollout = start_rollout(
-        &c,
-        &digest,
-        &[
-            "--waves",
-            "100%",
-            "--soak-s",
-            "1",
-            "--agent-version-below",
-            "9.9.1",
-        ],
-    );
-    c.wait_rollout(&rollout, "agent release", |r| r["phase"] == "completed");
+    let r = roll_out_agent(&c, &digest, "9.9.1", "100%");
+    assert_eq!(r["phase"], "completed", "{r}");
     let took = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (failed, gap) = watcher.join().expect("watcher");

@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::flashed::{agent_version, infer, release_root, updates, watch_inference};
+use common::flashed::{
+    agent_version, infer, push_own_release, release_root, roll_out_agent, updates, watch_inference,
+};
 use common::supervisor::{agent_release_file, broken_agent, stripped};
 use common::*;
 
@@ -299,31 +301,11 @@ fn under_systemd_the_flashed_agent_updates_itself_in_place_and_a_broken_release_
     assert_eq!(infer(&http), 200, "{}", device.console());
 
     // 1. A good release: this build, saying 9.9.1, handed over by exec.
-    let here = std::env::consts::ARCH;
-    let own = std::fs::read(&agent).expect("agent");
-    let next = edgefleet_agent::version::rewrite_version(&own, "9.9.1").expect("version slot");
-    let good = agent_release_file(dir.path(), &[(here, next)], "9.9.1", 1, &rel_key);
-    let good = push(&c, &good);
+    let good = push_own_release(&c, dir.path(), "9.9.1", 1, &rel_key);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = watch_inference(vec![http.clone()], stop.clone());
     let started = Instant::now();
-    let id = start_rollout(
-        &c,
-        &good,
-        &[
-            "--waves",
-            "100%",
-            "--soak-s",
-            "1",
-            "--agent-version-below",
-            "9.9.1",
-        ],
-    );
-    let r = c.wait_rollout(&id, "agent rollout", |r| {
-        r["phase"]
-            .as_str()
-            .is_some_and(|p| p != "installing" && p != "soaking")
-    });
+    let r = roll_out_agent(&c, &good, "9.9.1", "100%");
     let took = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (failed, gap) = watcher.join().expect("watcher");
@@ -353,7 +335,7 @@ fn under_systemd_the_flashed_agent_updates_itself_in_place_and_a_broken_release_
     // halts.
     let broken = agent_release_file(
         dir.path(),
-        &[(here, broken_agent("9.9.2", "exit 3"))],
+        &[(std::env::consts::ARCH, broken_agent("9.9.2", "exit 3"))],
         "9.9.2",
         2,
         &rel_key,

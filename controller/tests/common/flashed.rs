@@ -190,3 +190,43 @@ pub fn wait_online(c: &Controller, n: usize) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// This build's agent (stripped) saying `version`, as a release for this
+/// machine's architecture numbered `release`, signed with `key` and pushed
+/// to the controller: its digest.
+pub fn push_own_release(
+    c: &Controller,
+    dir: &Path,
+    version: &str,
+    release: u64,
+    key: &edgefleet_shared::SecretKey,
+) -> String {
+    let own = std::fs::read(stripped(&agent_bin())).expect("agent");
+    let next = edgefleet_agent::version::rewrite_version(&own, version).expect("version slot");
+    let here = std::env::consts::ARCH;
+    let file = super::supervisor::agent_release_file(dir, &[(here, next)], version, release, key);
+    push(c, &file)
+}
+
+/// Rolls the agent release `digest` out to the `site=lab` devices whose agent
+/// is below `version`, in `waves`, with a 1 s soak, and waits until the
+/// rollout has finished its waves (completed, halted or paused): the rollout.
+pub fn roll_out_agent(c: &Controller, digest: &str, version: &str, waves: &str) -> Value {
+    let id = start_rollout(
+        c,
+        digest,
+        &[
+            "--waves",
+            waves,
+            "--soak-s",
+            "1",
+            "--agent-version-below",
+            version,
+        ],
+    );
+    c.wait_rollout(&id, "agent rollout", |r| {
+        r["phase"]
+            .as_str()
+            .is_some_and(|p| p != "installing" && p != "soaking")
+    })
+}
