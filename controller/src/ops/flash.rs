@@ -1005,16 +1005,7 @@ fn tmpfiles(data: &Path, key: &Path, binaries: &Path) -> Vec<u8> {
 /// symbolic link: `/usr/local/bin` to `/usr/lib/edgefleet/current` is
 /// `../../lib/edgefleet/current`.
 fn relative_path(from: &Path, to: &Path) -> PathBuf {
-    let (from, to): (Vec<_>, Vec<_>) = (from.components().collect(), to.components().collect());
-    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
-    let mut out = PathBuf::new();
-    for _ in common..from.len() {
-        out.push("..");
-    }
-    for c in &to[common..] {
-        out.push(c);
-    }
-    out
+    pathdiff::diff_paths(to, from).unwrap_or_else(|| to.to_path_buf())
 }
 
 /// Writes `files` under `root`: each is staged beside its destination, then
