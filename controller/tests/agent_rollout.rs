@@ -10,7 +10,7 @@ mod common;
 use std::time::Instant;
 
 use common::flashed::*;
-use common::supervisor::{agent_release_file, broken_agent, version_of};
+use common::supervisor::{broken_agent, version_of};
 use common::*;
 use serde_json::Value;
 
@@ -80,14 +80,14 @@ fn an_agent_release_rolls_out_in_waves_and_a_broken_one_halts_at_the_canary() {
 
     // 2. A broken release: it exits at start. The canary reverts by itself and
     // reports why; the rollout halts; nobody else is asked.
-    let broken = agent_release_file(
+    let broken = push_release(
+        &c,
         dir.path(),
-        &[(std::env::consts::ARCH, broken_agent("9.9.2", "exit 3"))],
+        broken_agent("9.9.2", "exit 3"),
         "9.9.2",
         2,
         &rel_key,
     );
-    let broken = push(&c, &broken);
     let id = start_rollout(
         &c,
         &broken,

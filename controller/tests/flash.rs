@@ -640,23 +640,7 @@ fn arm_agents_under_qemu_are_flashed_come_online_and_take_a_rollout() {
         );
         let root = dir.path().join(id);
         std::fs::create_dir(&root).expect("root");
-        let (ok, text) = run(
-            &[
-                "flash",
-                "--profile",
-                profile,
-                "--device-id",
-                id,
-                "--tags",
-                "site=lab",
-                "--root",
-                s(&root),
-            ],
-            &c.env(),
-            &repo,
-        );
-        assert!(ok, "{text}");
-        let config = rerooted_config(&root, "/var/lib/edgefleet");
+        let config = flash_board(&c, profile, id, &root);
         let mut cmd = Command::new(qemu);
         cmd.arg(root.join("usr/local/bin/edgefleet-agent"));
         agents.push(Agent::spawn(cmd, &config, id, &root.with_extension("log")));
@@ -733,23 +717,7 @@ fn an_aarch64_agent_release_reaches_the_flashed_qemu_board_and_it_keeps_serving(
     let id = "pi4-qemu";
     let root = dir.path().join(id);
     std::fs::create_dir(&root).expect("root");
-    let (ok, text) = run(
-        &[
-            "flash",
-            "--profile",
-            "raspberry-pi-4",
-            "--device-id",
-            id,
-            "--tags",
-            "site=lab",
-            "--root",
-            s(&root),
-        ],
-        &c.env(),
-        &repo,
-    );
-    assert!(ok, "{text}");
-    let config = rerooted_config(&root, "/var/lib/edgefleet");
+    let config = flash_board(&c, "raspberry-pi-4", id, &root);
     let link = root.join("usr/local/bin/edgefleet-agent");
     let http = format!("127.0.0.1:{}", free_port());
     let board = Supervisor::start(
@@ -841,6 +809,30 @@ fn an_aarch64_agent_release_reaches_the_flashed_qemu_board_and_it_keeps_serving(
         took.as_secs_f64(),
         gap.as_millis()
     );
+}
+
+/// Flashes the ARM board `id` of `profile` (its cross build from
+/// `cross/out/`) into `root`, tagged `site=lab`: the config to start its agent
+/// with ([`rerooted_config`]).
+fn flash_board(c: &Controller, profile: &str, id: &str, root: &Path) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let (ok, text) = run(
+        &[
+            "flash",
+            "--profile",
+            profile,
+            "--device-id",
+            id,
+            "--tags",
+            "site=lab",
+            "--root",
+            s(root),
+        ],
+        &c.env(),
+        &repo,
+    );
+    assert!(ok, "{text}");
+    rerooted_config(root, "/var/lib/edgefleet")
 }
 
 /// Every number of every output, in order.

@@ -19,9 +19,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::flashed::{
-    agent_version, infer, push_own_release, release_root, roll_out_agent, updates, watch_inference,
+    agent_version, infer, push_own_release, push_release, release_root, roll_out_agent, updates,
+    watch_inference,
 };
-use common::supervisor::{agent_release_file, broken_agent, stripped};
+use common::supervisor::{broken_agent, stripped};
 use common::*;
 
 /// A Debian 12 root filesystem with systemd, made once with debootstrap and
@@ -333,14 +334,14 @@ fn under_systemd_the_flashed_agent_updates_itself_in_place_and_a_broken_release_
     // 2. A broken release (exits at start): systemd restarts the unit, whose
     // link still names 9.9.1; that agent reports the crash and the rollout
     // halts.
-    let broken = agent_release_file(
+    let broken = push_release(
+        &c,
         dir.path(),
-        &[(std::env::consts::ARCH, broken_agent("9.9.2", "exit 3"))],
+        broken_agent("9.9.2", "exit 3"),
         "9.9.2",
         2,
         &rel_key,
     );
-    let broken = push(&c, &broken);
     let id = start_rollout(
         &c,
         &broken,

@@ -203,8 +203,21 @@ pub fn push_own_release(
 ) -> String {
     let own = std::fs::read(stripped(&agent_bin())).expect("agent");
     let next = edgefleet_agent::version::rewrite_version(&own, version).expect("version slot");
+    push_release(c, dir, next, version, release, key)
+}
+
+/// `binary` as a release for this machine's architecture, `version` numbered
+/// `release`, signed with `key` and pushed to the controller: its digest.
+pub fn push_release(
+    c: &Controller,
+    dir: &Path,
+    binary: Vec<u8>,
+    version: &str,
+    release: u64,
+    key: &edgefleet_shared::SecretKey,
+) -> String {
     let here = std::env::consts::ARCH;
-    let file = super::supervisor::agent_release_file(dir, &[(here, next)], version, release, key);
+    let file = super::supervisor::agent_release_file(dir, &[(here, binary)], version, release, key);
     push(c, &file)
 }
 
