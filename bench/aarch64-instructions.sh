@@ -2,7 +2,8 @@
 # Issue 25, aarch64: the device build (profile `edge`) against the same code at
 # opt-level 3 everywhere (profile `edge-o3`), in guest instructions counted
 # under qemu-user (bench/qemu-insn/count.sh): time under emulation means
-# nothing, instruction counts do. Per model (iris: tabular; digits: the CNN):
+# nothing, instruction counts do. Per model (iris: tabular, tract; forest:
+# tabular, our tree evaluator; digits: the CNN):
 #   one inference = (count of `infer --time 110` - count of `infer --time 10`) / 100
 #   load + one inference + process start = count of `infer` (no --time)
 #
@@ -26,7 +27,7 @@ ef=$CARGO_TARGET_DIR/debug/edgefleet
   cd "$W"
   "$ef" keys generate --out keys --name bench >/dev/null
   "$ef" trust init --key keys/bench.key --threshold 1 --out root.cbor >/dev/null
-  for m in iris:iris_logreg digits:digits_cnn; do
+  for m in iris:iris_logreg forest:forest_cancer digits:digits_cnn; do
     "$ef" bundle build --model "$ROOT/models/${m#*:}.onnx" --channel "${m%%:*}" --version 1.0.0 \
       --release 1 --out "${m%%:*}.efb" >/dev/null
     "$ef" bundle sign "${m%%:*}.efb" --key keys/bench.key >/dev/null
@@ -45,6 +46,8 @@ walk(image)
 out = sys.argv[2]
 json.dump({"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": flat}]}, open(f"{out}/digits.json", "w"))
 json.dump({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.0, 3.4, 1.5, 0.2]}]}, open(f"{out}/iris.json", "w"))
+row = json.load(open(sys.argv[1].replace("digits_cnn", "forest_cancer")))["features"][1]
+json.dump({"inputs": [{"name": "features", "shape": [1, len(row)], "datatype": "FP32", "data": row}]}, open(f"{out}/forest.json", "w"))
 PY
 count() { # BINARY DATA MODEL [--time N]
   local bin=$1 data=$2 model=$3
@@ -53,7 +56,7 @@ count() { # BINARY DATA MODEL [--time N]
     --input "$W/$model.json" "$@" 2>&1 >/dev/null | sed -n 's/^guest instructions: //p'
 }
 printf '%-8s %-26s %18s %22s\n' model build "one inference" "load+1 inference+start"
-for model in iris digits; do
+for model in iris forest digits; do
   declare -A per=() whole=()
   for which in device o3; do
     bin=$DEVICE

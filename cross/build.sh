@@ -29,6 +29,8 @@ esac
 
 # shellcheck source=cross/env.sh
 . "$HERE/env.sh"
+# The comparison build keeps the standard library's fast algorithms too.
+[ "$PROFILE" = edge ] || BUILD_STD=(-Zbuild-std=std,panic_abort)
 
 cd "$ROOT"
 for T in "${TARGETS[@]}"; do
@@ -46,13 +48,13 @@ for T in "${TARGETS[@]}"; do
     export EDGEFLEET_ORDER="$W/order-$T.txt" EDGEFLEET_ORDER_REPORT="$W/order-$T.report"
     export EDGEFLEET_ZIG="$W/venv/bin/python-zig" EDGEFLEET_TARGET="$T"
     rm -f "$EDGEFLEET_ORDER_REPORT"
-    cargo-zigbuild rustc -Zbuild-std=std,panic_abort --profile "$PROFILE" --target "$T" \
+    cargo-zigbuild rustc "${BUILD_STD[@]}" --profile "$PROFILE" --target "$T" \
       -p edgefleet-agent --bin edgefleet-agent -- -C linker="$HERE/link-ordered.sh"
     if [ -f "$EDGEFLEET_ORDER_REPORT" ]; then
       echo "cross/build.sh: code layout: $(cat "$EDGEFLEET_ORDER_REPORT") (cross/order.sh $T renews the list)"
     fi
   else
-    cargo zigbuild -Zbuild-std=std,panic_abort --profile "$PROFILE" --target "$T" \
+    cargo zigbuild "${BUILD_STD[@]}" --profile "$PROFILE" --target "$T" \
       -p edgefleet-agent --bin edgefleet-agent
   fi
   OUT="$HERE/out/$T"

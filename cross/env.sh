@@ -7,6 +7,14 @@ export RUSTC=/usr/bin/rustc CARGO_HOME="$W/cargo-home" XDG_CACHE_HOME="$W/cache"
 export ZIG_GLOBAL_CACHE_DIR="$W/zig-cache" CARGO_TARGET_DIR="$W/target"
 export RUSTC_BOOTSTRAP=1 RUST_LIB_BACKTRACE=0
 
+# The standard library, built for the target with the agent. `optimize_for_size`
+# gives core and alloc their small algorithms: the sorts alone were 392 KB of the
+# x86-64 agent (105 stable-sort instantiations at 2-4 KB each); none is on the
+# inference path (docs/benchmarks.md, issue 25). Listing the features drops cargo's
+# defaults, `backtrace` (symbolizing a backtrace: 80 KB of gimli and addr2line, of no
+# use in a stripped binary) and `panic-unwind` (the profile aborts).
+BUILD_STD=(-Zbuild-std=std,panic_abort -Zbuild-std-features=optimize_for_size)
+
 # edge_target TARGET [PROFILE]: the target's compiler flags, and the agent binary forgotten so
 # the next build links it again (cargo does not notice a change of link flags, of the
 # ordering file or of stripping between cross/build.sh and cross/order.sh).
@@ -16,12 +24,18 @@ edge_target() {
   # The linker (zig) supplies crt1.o and libc.a; rustc must not add its own.
   # No unwind tables: with panic=abort nothing unwinds, and .eh_frame was 1.4-1.8 MB
   # of each binary (docs/benchmarks.md); a panic still prints its message.
-  export "CARGO_TARGET_${u}_RUSTFLAGS=-C link-self-contained=no -C force-unwind-tables=no"
+  # Panic locations keep their file but not line and column: the 7,370
+  # locations of the aarch64 agent were 177 KB of 24-byte records and 92 KB of
+  # file names; with `file` they merge to one per file (issue 25: the aarch64
+  # build was 8.12 MB, over its 8 MB target). A panic still says its message and
+  # the source file ("panicked at agent/src/api.rs:0:0: ...").
+  export "CARGO_TARGET_${u}_RUSTFLAGS=-C link-self-contained=no -C force-unwind-tables=no -Z location-detail=file"
   # mimalloc (the device build's allocator) commits its arenas lazily: with its
   # default (eager on Linux) the agent's idle RSS was 8.9 MB and 15.7 MB with the
   # CNN loaded, over the memory targets; lazily 5.4 and 9.7 MB, at the same speed
   # (docs/benchmarks.md, issue 25). cc reads CFLAGS_<target>.
-  export "CFLAGS_$(echo "$1" | tr '-' '_')=-DMI_DEFAULT_ARENA_EAGER_COMMIT=0"
+  # The C code (mimalloc, ring) without unwind tables either, as the Rust code.
+  export "CFLAGS_$(echo "$1" | tr '-' '_')=-DMI_DEFAULT_ARENA_EAGER_COMMIT=0 -fno-asynchronous-unwind-tables -fno-unwind-tables"
   local profile=${2:-edge}
   rm -f "$CARGO_TARGET_DIR/$1/$profile/edgefleet-agent"
   find "$CARGO_TARGET_DIR/$1/$profile/deps" -maxdepth 1 -name 'edgefleet_agent-*' ! -name '*.*' \

@@ -129,7 +129,7 @@ for T in "${TARGETS[@]}"; do
   else
     edge_target "$T"
     echo "cross/order.sh: building edgefleet-agent for $T with its symbols"
-    (cd "$ROOT" && cargo-zigbuild rustc -Zbuild-std=std,panic_abort --profile edge --target "$T" \
+    (cd "$ROOT" && cargo-zigbuild rustc "${BUILD_STD[@]}" --profile edge --target "$T" \
       -p edgefleet-agent --bin edgefleet-agent -- -C strip=none)
     cp "$CARGO_TARGET_DIR/$T/edge/edgefleet-agent" "agent-$T"
   fi

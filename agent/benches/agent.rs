@@ -1691,7 +1691,18 @@ fn spawn_agent(
     data: &Path,
     trust: &Path,
 ) -> (std::process::Child, String) {
-    let mut cmd = Command::new(agent);
+    spawn_agent_on(None, agent, config, data, trust)
+}
+
+/// [`spawn_agent`], on one CPU when `cpu` names it (`taskset`).
+fn spawn_agent_on(
+    cpu: Option<usize>,
+    agent: &Path,
+    config: Option<&Path>,
+    data: &Path,
+    trust: &Path,
+) -> (std::process::Child, String) {
+    let mut cmd = on_cpu(cpu, agent.as_os_str());
     if let Some(config) = config {
         cmd.arg("--config").arg(config);
     }
@@ -1739,6 +1750,49 @@ fn connect(addr: &str) -> Client {
         stream: BufReader::new(stream),
         server_schedstat: String::new(),
     }
+}
+
+/// `program` to run on CPU `cpu` when given (`taskset -c`), else as is.
+fn on_cpu(cpu: Option<usize>, program: &std::ffi::OsStr) -> Command {
+    match cpu {
+        Some(cpu) => {
+            let mut cmd = Command::new("taskset");
+            cmd.arg("-c").arg(cpu.to_string()).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
+/// This process's main thread (the benchmark's client) on the CPUs of
+/// `list` (`taskset -c` syntax); the list it had, when `taskset` did it.
+fn pin_self(list: &str) -> Option<String> {
+    let pid = std::process::id().to_string();
+    let had = Command::new("taskset")
+        .args(["-c", "-p", &pid])
+        .output()
+        .ok()?;
+    let had = String::from_utf8_lossy(&had.stdout)
+        .rsplit(": ")
+        .next()?
+        .trim()
+        .to_string();
+    let pinned = Command::new("taskset")
+        .args(["-c", "-p", list, &pid])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    pinned.then_some(had)
+}
+
+/// Nanoseconds all threads of process `pid` have run on a CPU (the sum of
+/// their `schedstat`s).
+fn process_cpu_ns(pid: u32) -> f64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the server's threads")
+        .filter_map(|t| t.ok())
+        .map(|t| cpu_ns(&t.path().join("schedstat").to_string_lossy()))
+        .sum()
 }
 
 /// The agent builds to compare: this (release, glibc) build, the static musl
@@ -1800,6 +1854,20 @@ fn infer_timed(agent: &Path, data: &Path, trust: &Path, request: &Path, runs: us
 /// Servers are timed in interleaved rounds; medians across rounds.
 fn builds(dir: &Path, cases: &[Case], models: &[LoadedModel]) {
     let builds = agent_builds();
+    // The client and every server on one CPU: on this 2-CPU VM a request's
+    // latency otherwise depends on whether the server's thread was placed on
+    // the client's CPU (a direct switch) or the other (a wake-up of an idle
+    // vCPU, 30-80 µs): the same binary measured 0.65-1.25x itself.
+    let unpinned = pin_self("0");
+    let cpu = unpinned.as_ref().map(|_| 0);
+    match cpu {
+        Some(_) => println!(
+            "  client and servers pinned to CPU 0 (taskset); server CPU per request from the servers' schedstat"
+        ),
+        None => println!(
+            "  not pinned (no taskset): latencies depend on thread placement; read the server CPU per request"
+        ),
+    }
     let trust = dir.join("builds-root.cbor");
     write_root(&trust);
     let python = std::env::var_os("EDGEFLEET_ORT_PYTHON");
@@ -1834,7 +1902,7 @@ fn builds(dir: &Path, cases: &[Case], models: &[LoadedModel]) {
                 "    {what}: in-process inference {inference:.1} µs, load {load:.2} ms (medians of 5 `infer --time {}`)",
                 case.runs / 5
             );
-            let (process, addr) = spawn_agent(agent, None, &data, &trust);
+            let (process, addr) = spawn_agent_on(cpu, agent, None, &data, &trust);
             servers.push(Server {
                 what: what.clone(),
                 process,
@@ -1842,7 +1910,7 @@ fn builds(dir: &Path, cases: &[Case], models: &[LoadedModel]) {
             });
         }
         if let Some(python) = &python {
-            let mut process = Command::new(python)
+            let mut process = on_cpu(cpu, python)
                 .arg(concat!(
                     env!("CARGO_MANIFEST_DIR"),
                     "/../bench/ort_server.py"
@@ -1869,25 +1937,42 @@ fn builds(dir: &Path, cases: &[Case], models: &[LoadedModel]) {
         let path = format!("/v2/models/{}/infer", case.channel);
         let per_round = (case.runs / ROUNDS).max(20);
         let mut rounds = vec![Vec::new(); servers.len()];
+        let mut cpu_rounds = vec![Vec::new(); servers.len()];
         for _ in 0..ROUNDS {
-            for (s, times) in servers.iter_mut().zip(&mut rounds) {
+            for ((s, times), cpus) in servers.iter_mut().zip(&mut rounds).zip(&mut cpu_rounds) {
+                let pid = s.process.id();
+                let mut calls = 0usize;
+                let before = process_cpu_ns(pid);
                 times.push(time_us(per_round, || {
+                    calls += 1;
                     assert_eq!(s.client.post(&path, &body), 200, "{} answered", s.what);
                 }));
+                cpus.push((process_cpu_ns(pid) - before) / 1e3 / calls as f64);
             }
         }
         let api: Vec<f64> = rounds.into_iter().map(median).collect();
-        let python_us = python.as_ref().map(|_| api[api.len() - 1]);
-        for (s, us) in servers.iter().zip(&api) {
+        let cpu_us: Vec<f64> = cpu_rounds.into_iter().map(median).collect();
+        let python_at = python.as_ref().map(|_| api.len() - 1);
+        for ((s, us), cpu) in servers.iter().zip(&api).zip(&cpu_us) {
             let mut line = format!(
                 "    through the local API, {}: {us:.1} µs = {:.2}x the release build",
                 s.what,
                 us / api[0]
             );
-            if let Some(p) = python_us {
-                line.push_str(&format!(", {:.2}x the Python server", us / p));
+            if let Some(p) = python_at {
+                line.push_str(&format!(", {:.2}x the Python server", us / api[p]));
+            }
+            line.push_str(&format!(
+                "; server CPU {cpu:.1} µs/request = {:.2}x the release build",
+                cpu / cpu_us[0]
+            ));
+            if let Some(p) = python_at {
+                line.push_str(&format!(", {:.2}x the Python server", cpu / cpu_us[p]));
             }
             println!("{line}");
         }
+    }
+    if let Some(list) = unpinned {
+        pin_self(&list);
     }
 }
