@@ -268,14 +268,20 @@ fn cpu_ns(schedstat: &str) -> f64 {
 
 /// Times `f` like [`time_us`] and also returns the CPU time per call of the
 /// thread whose `schedstat` is given.
-fn time_with_cpu_us(runs: usize, schedstat: &str, mut f: impl FnMut()) -> (f64, f64) {
+fn time_with_cpu_us(runs: usize, schedstat: &str, f: impl FnMut()) -> (f64, f64) {
+    time_with_cpu_of(runs, || cpu_ns(schedstat), f)
+}
+
+/// Times `f` like [`time_us`] and also returns the CPU time per call that
+/// `cpu_now` (nanoseconds run so far) counted.
+fn time_with_cpu_of(runs: usize, cpu_now: impl Fn() -> f64, mut f: impl FnMut()) -> (f64, f64) {
     let mut calls = 0usize;
-    let before = cpu_ns(schedstat);
+    let before = cpu_now();
     let wall = time_us(runs, || {
         calls += 1;
         f();
     });
-    (wall, (cpu_ns(schedstat) - before) / 1e3 / calls as f64)
+    (wall, (cpu_now() - before) / 1e3 / calls as f64)
 }
 
 /// Rounds of the interleaved figures (API, tract options): each round times
@@ -1941,13 +1947,15 @@ fn builds(dir: &Path, cases: &[Case], models: &[LoadedModel]) {
         for _ in 0..ROUNDS {
             for ((s, times), cpus) in servers.iter_mut().zip(&mut rounds).zip(&mut cpu_rounds) {
                 let pid = s.process.id();
-                let mut calls = 0usize;
-                let before = process_cpu_ns(pid);
-                times.push(time_us(per_round, || {
-                    calls += 1;
-                    assert_eq!(s.client.post(&path, &body), 200, "{} answered", s.what);
-                }));
-                cpus.push((process_cpu_ns(pid) - before) / 1e3 / calls as f64);
+                let (wall, cpu) = time_with_cpu_of(
+                    per_round,
+                    || process_cpu_ns(pid),
+                    || {
+                        assert_eq!(s.client.post(&path, &body), 200, "{} answered", s.what);
+                    },
+                );
+                times.push(wall);
+                cpus.push(cpu);
             }
         }
         let api: Vec<f64> = rounds.into_iter().map(median).collect();
