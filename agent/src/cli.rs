@@ -642,7 +642,7 @@ async fn bind(
 fn link_or_why(
     config: &crate::config::AgentConfig,
     trust: &Path,
-) -> Option<(rumqttc::MqttOptions, crate::daemon::DaemonSettings)> {
+) -> Option<(crate::link::Brokers, crate::daemon::DaemonSettings)> {
     match link_setup(config, trust) {
         Ok(link) => {
             println!(
@@ -667,15 +667,15 @@ fn link_or_why(
 pub fn link_setup(
     config: &crate::config::AgentConfig,
     trust: &std::path::Path,
-) -> Result<(rumqttc::MqttOptions, crate::daemon::DaemonSettings), SetupError> {
-    use crate::link::{Endpoint, options, tls_config};
+) -> Result<(crate::link::Brokers, crate::daemon::DaemonSettings), SetupError> {
+    use crate::link::{Brokers, Endpoint, options, tls_config};
     let device = edgefleet_shared::DeviceId::new(&config.device_id)
         .map_err(|e| SetupError::new("device_id", e.reason))?;
     let topics = edgefleet_shared::protocol::Topics::new(&config.broker.topic_prefix)
         .map_err(|e| SetupError::new("broker.topic_prefix", e.reason))?;
-    let endpoint =
-        Endpoint::parse(&config.broker.url).map_err(|e| SetupError::new("broker.url", e))?;
-    let tls = if endpoint.tls {
+    let endpoints =
+        Endpoint::parse_list(&config.broker.url).map_err(|e| SetupError::new("broker.url", e))?;
+    let tls = if endpoints[0].tls {
         let (Some(ca), Some(cert), Some(key)) =
             (&config.broker.ca, &config.broker.cert, &config.broker.key)
         else {
@@ -725,7 +725,8 @@ pub fn link_setup(
         self_update: None,
         trial: None,
     };
-    Ok((options(device.as_str(), &endpoint, tls), settings))
+    let brokers = Brokers::new(&endpoints, |e| options(device.as_str(), e, tls.clone()));
+    Ok((brokers, settings))
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -17,7 +17,8 @@ const MAX_CONFIG_LEN: u64 = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// `mqtts://host:port` (mutual TLS) or `mqtt://host:port` (development only).
+    /// `mqtts://host:port` (mutual TLS) or `mqtt://host:port` (development only);
+    /// several separated by commas are the nodes of a broker cluster, tried in turn.
     pub url: String,
     /// CA certificate that signed the broker's certificate (PEM).
     pub ca: Option<PathBuf>,
@@ -391,30 +392,13 @@ impl AgentConfig {
         if let Some(socket) = &self.api_socket {
             check_socket_path(socket).map_err(|e| invalid("api_socket", e.to_string()))?;
         }
-        let (scheme, rest) = self
-            .broker
-            .url
-            .split_once("://")
-            .ok_or_else(|| invalid("broker.url", "must look like mqtts://host:port".into()))?;
-        let tls = match scheme {
-            "mqtts" => true,
-            "mqtt" => false,
-            other => {
-                return Err(invalid(
-                    "broker.url",
-                    format!("scheme {other:?} is not mqtt or mqtts"),
-                ));
-            }
-        };
-        let port_ok = rest.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-        });
-        if !port_ok {
-            return Err(invalid(
+        let tls = crate::link::Endpoint::parse_list(&self.broker.url).map_err(|e| {
+            invalid(
                 "broker.url",
-                "needs a host and a port, e.g. mqtts://controller.local:8883".into(),
-            ));
-        }
+                format!("{e} (mqtts://host:port, or several separated by commas)"),
+            )
+        })?[0]
+            .tls;
         if tls {
             for (field, value) in [
                 ("broker.ca", &self.broker.ca),
@@ -536,7 +520,8 @@ impl AgentConfig {
              # api_socket = \"/run/edgefleet/api.sock\": the same API also on a Unix socket\n\
              #   (mode 0660: its owner and group may call the model); none by default.\n\
              # broker.url: mqtts://host:port with broker.ca/cert/key (mutual TLS), or\n\
-             #   mqtt://host:port for development. broker.controller_key: the controller's\n\
+             #   mqtt://host:port for development; several URLs separated by commas are\n\
+             #   the nodes of a broker cluster, tried in turn. broker.controller_key: the controller's\n\
              #   command key from enrollment: only commands it signed are carried out, if\n\
              #   issued less than broker.command_max_age_s ago. telemetry.interval_s: 1..86400.\n\
              # limits: largest bundle accepted, free disk an install must leave (bytes);\n\

@@ -49,6 +49,9 @@ pub enum UrlError {
     /// An empty host.
     #[error("{0:?} has no host")]
     NoHost(String),
+    /// A list mixing `mqtts://` and `mqtt://`.
+    #[error("{0:?}: every broker of a list must use the same scheme")]
+    MixedSchemes(String),
 }
 
 impl Endpoint {
@@ -79,6 +82,58 @@ impl Endpoint {
             port,
             tls,
         })
+    }
+
+    /// Parses one URL or several separated by commas (the nodes of a broker
+    /// cluster, tried in turn), all with the same scheme.
+    pub fn parse_list(urls: &str) -> Result<Vec<Endpoint>, UrlError> {
+        let list = urls
+            .split(',')
+            .map(|u| Endpoint::parse(u.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if list.iter().any(|e| e.tls != list[0].tls) {
+            return Err(UrlError::MixedSchemes(urls.to_owned()));
+        }
+        Ok(list)
+    }
+}
+
+/// The MQTT options for each broker a client may use, in the order it tries
+/// them: one broker, or the nodes of a broker cluster. After a failed or lost
+/// connection the link dials the next one (docs/scale.md, "A clustered broker").
+#[derive(Debug, Clone)]
+pub struct Brokers(Vec<MqttOptions>);
+
+impl Brokers {
+    /// Options for each endpoint, made by `options` (at least one endpoint).
+    pub fn new(endpoints: &[Endpoint], options: impl Fn(&Endpoint) -> MqttOptions) -> Brokers {
+        Brokers(endpoints.iter().map(options).collect())
+    }
+
+    /// The options of the broker dialled first.
+    pub fn first(&self) -> &MqttOptions {
+        &self.0[0]
+    }
+
+    /// Changes every broker's options.
+    pub fn for_each(&mut self, f: impl Fn(&mut MqttOptions)) {
+        self.0.iter_mut().for_each(f);
+    }
+
+    /// The options of the broker after number `i` (round the list).
+    pub fn after(&self, i: usize) -> (usize, &MqttOptions) {
+        let next = (i + 1) % self.0.len();
+        (next, &self.0[next])
+    }
+
+    /// How many brokers.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never true ([`Brokers::new`] needs an endpoint); for clippy.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -366,15 +421,18 @@ fn forget_connection(eventloop: &mut rumqttc::EventLoop, tracking: &Mutex<Tracki
 /// reconnects with backoff for ever, and sends what happens to `events`; it ends
 /// when `events` is closed.
 pub fn start(
-    mut options: MqttOptions,
+    mut brokers: Brokers,
     events: mpsc::Sender<LinkEvent>,
 ) -> (Link, tokio::task::JoinHandle<()>) {
     let tracking = Arc::new(Mutex::new(Tracking {
-        will: options.last_will(),
+        will: brokers.first().last_will(),
         ..Tracking::default()
     }));
-    options.set_request_channel_capacity(256);
-    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    brokers.for_each(|o| {
+        o.set_request_channel_capacity(256);
+    });
+    let (client, mut eventloop) = AsyncClient::new(brokers.first().clone(), 256);
+    let mut dialled = 0;
     let go = Arc::new(tokio::sync::Notify::new());
     let link = Link {
         client,
@@ -413,6 +471,23 @@ pub fn start(
                         _ => Ok(()),
                     }
                 }
+                // Refused for now (a NATS cluster electing a JetStream
+                // leader after a node died): the daemon subscribes and
+                // announces again in a second, as after a connect.
+                Ok(Event::Incoming(Packet::SubAck(ack)))
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+                {
+                    tracing::warn!("the broker refused a subscription; asking again in 1 s");
+                    let events = events.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        let _ = events.send(LinkEvent::Connected).await;
+                    });
+                    Ok(())
+                }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     let mut t = lock(&tracking);
                     if let Some(tag) = t.untagged.pop_front()
@@ -424,6 +499,11 @@ pub fn start(
                 }
                 Ok(_) => Ok(()),
                 Err(e) => {
+                    if brokers.len() > 1 {
+                        let (next, options) = brokers.after(dialled);
+                        dialled = next;
+                        eventloop.mqtt_options = options.clone();
+                    }
                     let was_connected = forget_connection(&mut eventloop, &tracking);
                     let delay = backoff.next_delay(random_u64());
                     let detail = format!("{e}; retrying in {:.1} s", delay.as_secs_f64());
@@ -448,6 +528,28 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_of_urls_is_a_broker_cluster_with_one_scheme() {
+        let list = Endpoint::parse_list("mqtts://n1:8883, mqtts://n2:8884").expect("two");
+        assert_eq!(
+            list.iter()
+                .map(|e| (e.host.as_str(), e.port))
+                .collect::<Vec<_>>(),
+            [("n1", 8883), ("n2", 8884)]
+        );
+        assert_eq!(
+            Endpoint::parse_list("mqtts://n1:8883,mqtt://n2:1883"),
+            Err(UrlError::MixedSchemes(
+                "mqtts://n1:8883,mqtt://n2:1883".into()
+            ))
+        );
+        assert!(Endpoint::parse_list("mqtts://n1:8883,").is_err());
+        let brokers = Brokers::new(&list, |e| options("d1", e, None));
+        assert_eq!(brokers.first().broker_address(), ("n1".into(), 8883));
+        assert_eq!(brokers.after(0).1.broker_address(), ("n2".into(), 8884));
+        assert_eq!(brokers.after(1).0, 0, "round the list");
+    }
 
     #[test]
     fn urls_parse_with_scheme_host_and_port() {

@@ -50,8 +50,8 @@ pub fn served(loaded: LoadedChannels, config: &AgentConfig) -> Served {
 /// without its link. (The device build aborts on a panic instead, and its
 /// service manager restarts the process.)
 pub struct Link {
-    /// The MQTT options (broker, identity, TLS).
-    pub options: rumqttc::MqttOptions,
+    /// The MQTT options (brokers, identity, TLS).
+    pub options: crate::link::Brokers,
     /// The daemon's settings.
     pub settings: crate::daemon::DaemonSettings,
     /// Made at each start and put between the link and the daemon (the fleet
@@ -63,7 +63,7 @@ pub struct Link {
 
 impl Link {
     /// The link of a real device: no tap, crashes only logged.
-    pub fn new(options: rumqttc::MqttOptions, settings: crate::daemon::DaemonSettings) -> Link {
+    pub fn new(options: crate::link::Brokers, settings: crate::daemon::DaemonSettings) -> Link {
         Link {
             options,
             settings,
@@ -202,7 +202,7 @@ pub type LinkTap = Box<dyn FnMut(&crate::link::LinkEvent) -> Option<Duration> + 
 /// true (the daemon finishes its step) or the daemon ends; it panics when the
 /// daemon does.
 pub fn start_link(
-    options: rumqttc::MqttOptions,
+    options: crate::link::Brokers,
     settings: crate::daemon::DaemonSettings,
     store: &Store,
     served: &Served,

@@ -41,8 +41,11 @@ async fn api() -> Api {
         db.clone(),
         Topics::default(),
         BrokerLink {
-            host: "127.0.0.1".into(),
-            port,
+            endpoints: vec![edgefleet_agent::link::Endpoint {
+                host: "127.0.0.1".into(),
+                port,
+                tls: false,
+            }],
             tls: None,
             command_key: ca.command_key().expect("command key"),
         },

@@ -56,8 +56,10 @@ const PUMP: Duration = Duration::from_millis(100);
 /// What every load device of a fleet shares.
 #[derive(Debug, Clone)]
 pub struct LoadSettings {
-    /// The broker (the controller's gate, or an external broker).
-    pub broker: SocketAddr,
+    /// The broker (the controller's gate, or an external broker), or the nodes
+    /// of a broker cluster: device number `i` dials `brokers[i % n]` first and
+    /// the next node after a failed or lost connection.
+    pub brokers: Vec<SocketAddr>,
     /// Topic prefix.
     pub topic_prefix: String,
     /// The controller's command key (`controller.pub` of an enrollment).
@@ -134,7 +136,10 @@ impl LoadFleet {
         let serving = Arc::new(Mutex::new(HashMap::new()));
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::with_capacity(specs.len());
-        for spec in specs {
+        if settings.brokers.is_empty() {
+            return Err(LoadError::Files("no broker to dial".into()));
+        }
+        for (i, spec) in specs.into_iter().enumerate() {
             let id = DeviceId::new(&spec.id)?;
             let tls =
                 edgefleet_agent::link::tls_config(&spec.tls.ca, &spec.tls.cert, &spec.tls.key)
@@ -161,11 +166,9 @@ impl LoadFleet {
                 serving: serving.clone(),
                 outbox: VecDeque::new(),
             };
-            tasks.push(tokio::spawn(device.run(
-                settings.broker,
-                tls,
-                stop_rx.clone(),
-            )));
+            let n = settings.brokers.len();
+            let brokers: Vec<SocketAddr> = (0..n).map(|k| settings.brokers[(i + k) % n]).collect();
+            tasks.push(tokio::spawn(device.run(brokers, tls, stop_rx.clone())));
         }
         Ok(LoadFleet {
             stats,
@@ -195,17 +198,20 @@ impl LoadFleet {
     }
 
     /// Disconnects every device (each sends DISCONNECT: no will) and waits up
-    /// to 5 s for them.
-    pub async fn stop(self) {
+    /// to 5 s for them. Returns their final counters.
+    pub async fn stop(self) -> Arc<LoadStats> {
         let _ = self.stop.send(true);
         let all = futures_join(self.tasks);
         let _ = tokio::time::timeout(Duration::from_secs(5), all).await;
+        self.stats
     }
 }
 
 /// What a load device's event loop hands it.
 #[derive(Debug)]
 enum Incoming {
+    /// A subscription was refused: subscribe and announce again.
+    Resubscribe,
     /// The broker accepted the connection.
     Connected,
     /// A message on a subscribed topic.
@@ -219,9 +225,11 @@ enum Incoming {
 /// the device stops listening (or sends DISCONNECT).
 async fn drive(
     mut eventloop: rumqttc::EventLoop,
+    brokers: Vec<MqttOptions>,
     tx: tokio::sync::mpsc::Sender<Incoming>,
     device: DeviceId,
 ) {
+    let mut dialled = 0;
     // The agent's reconnect backoff (doubling, jittered in its upper half), to 10 s.
     let mut backoff =
         edgefleet_agent::link::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
@@ -230,6 +238,22 @@ async fn drive(
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 backoff.reset();
                 tx.send(Incoming::Connected).await
+            }
+            // Refused for now (a NATS cluster electing a JetStream leader):
+            // subscribe and announce again, as after a connect, in a second.
+            Ok(MqttEvent::Incoming(Packet::SubAck(ack)))
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+            {
+                tracing::debug!(%device, "subscription refused; again in 1 s");
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let _ = tx.send(Incoming::Resubscribe).await;
+                });
+                Ok(())
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                 tx.send(Incoming::Message {
@@ -242,6 +266,9 @@ async fn drive(
             Ok(_) => Ok(()),
             Err(e) => {
                 tracing::debug!(%device, "load device link: {e}");
+                // The next node of a cluster (the will goes with the options).
+                dialled = (dialled + 1) % brokers.len();
+                eventloop.mqtt_options = brokers[dialled].clone();
                 let delay = backoff.next_delay(edgefleet_agent::link::random_u64());
                 tokio::time::sleep(delay).await;
                 Ok(())
@@ -366,26 +393,32 @@ impl LoadDevice {
         })
     }
 
-    async fn run(
-        mut self,
-        broker: SocketAddr,
-        tls: rustls::ClientConfig,
-        mut stop: watch::Receiver<bool>,
-    ) {
+    fn options(&self, broker: SocketAddr, tls: &rustls::ClientConfig) -> MqttOptions {
         let mut options =
             MqttOptions::new(self.id.as_str(), broker.ip().to_string(), broker.port());
         options.set_keep_alive(Duration::from_secs(60));
         options.set_clean_session(true);
         options.set_max_packet_size(8 << 20, 64 << 10);
         options.set_request_channel_capacity(64);
-        options.set_transport(Transport::tls_with_config(tls.into()));
+        options.set_transport(Transport::tls_with_config(tls.clone().into()));
         options.set_last_will(LastWill::new(
             self.topic(DeviceTopic::State),
             self.state(false),
             QoS::AtLeastOnce,
             true,
         ));
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        options
+    }
+
+    /// Runs the device on `brokers` (dialled in turn) until `stop`.
+    async fn run(
+        mut self,
+        brokers: Vec<SocketAddr>,
+        tls: rustls::ClientConfig,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let brokers: Vec<MqttOptions> = brokers.iter().map(|b| self.options(*b, &tls)).collect();
+        let (client, mut eventloop) = AsyncClient::new(brokers[0].clone(), 64);
         // rumqttc gives up on a connection after 5 s; in a storm of thousands
         // the gate's TLS handshakes queue longer than that, and every device
         // that gave up came back to the end of the queue (7,764 connections
@@ -394,7 +427,7 @@ impl LoadDevice {
         // The event loop in its own task: `poll` is not cancel-safe while it
         // connects, so it must not race the timers below in a `select!`.
         let (tx, mut incoming) = tokio::sync::mpsc::channel(64);
-        let mut link = tokio::spawn(drive(eventloop, tx, self.id.clone()));
+        let mut link = tokio::spawn(drive(eventloop, brokers, tx, self.id.clone()));
         let mut telemetry = tokio::time::interval(self.interval);
         telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pump = tokio::time::interval(PUMP);
@@ -405,6 +438,7 @@ impl LoadDevice {
                         self.stats.connects.fetch_add(1, Ordering::Relaxed);
                         self.on_connect(&client);
                     }
+                    Some(Incoming::Resubscribe) => self.on_connect(&client),
                     Some(Incoming::Message { topic, payload }) => {
                         self.on_message(&client, &topic, &payload);
                     }

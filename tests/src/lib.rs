@@ -7,6 +7,9 @@
 //! Every wait polls against a deadline; nothing sleeps a fixed time to let
 //! things happen.
 
+pub mod nats;
+pub mod replica;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -209,7 +212,7 @@ pub fn enroll_many(api: &Client, ids: &[String], dir: &Path) -> Vec<TlsFiles> {
 /// this process against the broker at `broker`, telemetry every
 /// `telemetry_interval`.
 pub async fn start_load_fleet(
-    broker: SocketAddr,
+    brokers: &[SocketAddr],
     ids: &[String],
     files: Vec<TlsFiles>,
     telemetry_interval: Duration,
@@ -223,7 +226,7 @@ pub async fn start_load_fleet(
         })
         .collect();
     let settings = LoadSettings {
-        broker,
+        brokers: brokers.to_vec(),
         topic_prefix: ControllerConfig::default().mqtt.topic_prefix,
         controller_key: specs
             .first()
@@ -509,7 +512,7 @@ impl Harness {
         let ids = Harness::load_ids(n);
         let files = self.enroll_many(&ids, &self.dir().join("load"));
         let fleet = self.runtime.block_on(start_load_fleet(
-            self.broker,
+            &[self.broker],
             &ids,
             files,
             telemetry_interval,

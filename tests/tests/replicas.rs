@@ -6,79 +6,14 @@
 //! takes the lease over and finishes the rollout, and no device is sent the
 //! install twice.
 
-use std::io::BufRead;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use edgefleet::ops::remote::{ApiArgs, Client};
+use edgefleet::ops::remote::Client;
 use edgefleet::server::config::{ControllerConfig, DatabaseSetting};
-use edgefleet_tests::{Mosquitto, edgefleet_bin, enroll_many, wait_for};
+use edgefleet_tests::replica::{Replica, metric, query};
+use edgefleet_tests::{Mosquitto, enroll_many, wait_for};
 use serde_json::json;
-
-struct Replica {
-    child: Child,
-    api: Client,
-}
-
-impl Replica {
-    fn start(config: &Path, name: &str, data: &Path) -> Replica {
-        let mut child = Command::new(edgefleet_bin())
-            .args(["serve", "--config"])
-            .arg(config)
-            .args(["--replica", name])
-            // Warnings, or what the caller's EDGEFLEET_LOG asks for.
-            .env(
-                "EDGEFLEET_LOG",
-                std::env::var("EDGEFLEET_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("replica starts");
-        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let url = loop {
-            let line = lines.next().expect("readiness line").expect("line");
-            if let Some(u) = line.strip_prefix("controller API listening on ") {
-                break u.to_owned();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        let token = std::fs::read_to_string(data.join("admin-token")).expect("token");
-        Replica {
-            child,
-            api: Client::new(&ApiArgs {
-                controller: url,
-                token: Some(token.trim().to_owned()),
-                json: false,
-            }),
-        }
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs `sql` with one text parameter on the test database; rows of text
-/// and numbers as JSON.
-fn query(url: &str, sql: &'static str, param: &str) -> Vec<(String, i64)> {
-    let (url, param) = (url.to_owned(), param.to_owned());
-    std::thread::spawn(move || {
-        let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
-        c.query(sql, &[&param])
-            .expect("query")
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect()
-    })
-    .join()
-    .expect("join")
-}
 
 #[test]
 fn a_rollout_survives_killing_the_replica_that_runs_it() {
@@ -136,7 +71,7 @@ fn a_rollout_survives_killing_the_replica_that_runs_it() {
         .and_then(|p| p.parse().ok())
         .expect("broker port");
     let fleet = runtime.block_on(edgefleet_tests::start_load_fleet(
-        ([127, 0, 0, 1], broker_port).into(),
+        &[([127, 0, 0, 1], broker_port).into()],
         &ids,
         files,
         Duration::from_millis(500),
@@ -251,8 +186,10 @@ fn a_rollout_survives_killing_the_replica_that_runs_it() {
     // Telemetry was stored once per report, whichever replica took it; what
     // the killed replica had received but not yet stored is lost (reports are
     // acknowledged to the broker on receipt: docs/scale.md, "Replicas").
+    // Counted once the devices stopped (read before, the reports sent in
+    // between were stored but not counted).
+    let stats = runtime.block_on(fleet.stop());
     let sent = stats.telemetry_sent.load(Ordering::Relaxed) as i64;
-    runtime.block_on(fleet.stop());
     std::thread::sleep(Duration::from_secs(2)); // b's last batch
     let stored = query(
         &url,
@@ -263,12 +200,4 @@ fn a_rollout_survives_killing_the_replica_that_runs_it() {
     println!("telemetry: {stored} stored of {sent} sent");
     assert!(stored <= sent, "{stored} stored of {sent}: counted twice");
     assert!(stored >= sent * 9 / 10, "{stored} stored of {sent}");
-}
-
-/// A counter from a replica's `/metrics`.
-fn metric(api: &Client, name: &str) -> u64 {
-    let text = api.get_text("/metrics").expect("metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0)
 }

@@ -106,12 +106,19 @@ fn read_enrollments(dir: &Path) -> Result<(Vec<LoadSpec>, String, String), Comma
 }
 
 /// `host:port` of an `mqtts://host:port` URL (or of a bare `host:port`).
-fn broker_addr(url: &str) -> Result<SocketAddr, CommandError> {
-    let rest = url.strip_prefix("mqtts://").unwrap_or(url);
-    rest.to_socket_addrs()
-        .map_err(|e| bad("broker", format!("{url}: {e}")))?
-        .next()
-        .ok_or_else(|| bad("broker", format!("{url}: no address")))
+/// The address of each broker in `urls` (one, or a cluster's nodes separated
+/// by commas).
+fn broker_addrs(urls: &str) -> Result<Vec<SocketAddr>, CommandError> {
+    urls.split(',')
+        .map(|url| {
+            let url = url.trim();
+            let rest = url.strip_prefix("mqtts://").unwrap_or(url);
+            rest.to_socket_addrs()
+                .map_err(|e| bad("broker", format!("{url}: {e}")))?
+                .next()
+                .ok_or_else(|| bad("broker", format!("{url}: no address")))
+        })
+        .collect()
 }
 
 fn counters(s: &LoadStats) -> String {
@@ -135,10 +142,10 @@ pub fn run(args: LoadArgs) -> Result<i32, CommandError> {
     // a device's link dropped) as for `serve`.
     edgefleet_agent::cli::init_logs(false, "warn");
     let (specs, url, topic_prefix) = read_enrollments(&args.dir)?;
-    let broker = broker_addr(args.broker.as_deref().unwrap_or(&url))?;
+    let brokers = broker_addrs(args.broker.as_deref().unwrap_or(&url))?;
     let n = specs.len();
     let settings = LoadSettings {
-        broker,
+        brokers,
         topic_prefix,
         controller_key: args.dir.join(&specs[0].id).join("controller.pub"),
         telemetry_interval: Duration::from_secs(args.telemetry_s.max(1)),
@@ -149,6 +156,12 @@ pub fn run(args: LoadArgs) -> Result<i32, CommandError> {
         let fleet = LoadFleet::start(&settings, specs)
             .await
             .map_err(|e| bad("--dir", e.to_string()))?;
+        let broker = settings
+            .brokers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         println!(
             "{n} load devices connecting to {broker} (protocol level: MQTT with mutual TLS and the real messages; no model, no disk: not real agents, see docs/scale.md)"
         );

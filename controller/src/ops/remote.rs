@@ -114,17 +114,82 @@ pub enum BrokerCommand {
         #[arg(long, default_value = edgefleet_shared::protocol::DEFAULT_PREFIX)]
         topic_prefix: String,
     },
+    /// Prepare a NATS cluster (nats-server 2.9 or later, MQTT through
+    /// JetStream) for the fleet: certificates from the controller's CA, one
+    /// configuration per node (routes between them, MQTT with mutual TLS), the
+    /// users file that confines each enrolled device to its own topics, and
+    /// the controller's `[mqtt]` section naming every node.
+    Nats {
+        /// The controller's data directory (its CA signs the certificates).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Where to write the files.
+        #[arg(long)]
+        out: PathBuf,
+        /// Nodes (3 or more: JetStream needs a majority to go on when one stops).
+        #[arg(long, default_value_t = 3)]
+        nodes: u16,
+        /// Node 1's MQTT address; node i listens on the port i-1 above it.
+        #[arg(long, default_value = "127.0.0.1:8883")]
+        listen: SocketAddr,
+        /// Node 1's cluster (route) port; node i uses the port i-1 above it.
+        #[arg(long, default_value_t = 6222)]
+        cluster_port: u16,
+        /// Host names and addresses devices dial (in the server certificate); the
+        /// first is used in the URLs.
+        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+        hosts: Vec<String>,
+        /// Topic prefix.
+        #[arg(long, default_value = edgefleet_shared::protocol::DEFAULT_PREFIX)]
+        topic_prefix: String,
+        /// The controller's store, to list the enrolled devices (default: the
+        /// SQLite file in --data-dir; a postgres:// URL for replicas).
+        #[arg(long)]
+        database: Option<String>,
+        /// Only rewrite devices.conf (after enrolling or revoking devices);
+        /// then `nats-server --signal reload` on every node.
+        #[arg(long)]
+        users_only: bool,
+    },
 }
 
-/// `broker mosquitto`.
+/// `broker mosquitto` or `broker nats`.
 pub fn broker(cmd: BrokerCommand) -> Result<i32, CommandError> {
-    let BrokerCommand::Mosquitto {
-        data_dir,
-        out,
-        listen,
-        hosts,
-        topic_prefix,
-    } = cmd;
+    let (data_dir, out, listen, hosts, topic_prefix) = match cmd {
+        BrokerCommand::Mosquitto {
+            data_dir,
+            out,
+            listen,
+            hosts,
+            topic_prefix,
+        } => (data_dir, out, listen, hosts, topic_prefix),
+        BrokerCommand::Nats {
+            data_dir,
+            out,
+            nodes,
+            listen,
+            cluster_port,
+            hosts,
+            topic_prefix,
+            database,
+            users_only,
+        } => {
+            let nodes = NatsLayout {
+                nodes,
+                listen,
+                cluster_port,
+            };
+            return broker_nats(
+                &data_dir,
+                &out,
+                &nodes,
+                &hosts,
+                &topic_prefix,
+                database,
+                users_only,
+            );
+        }
+    };
     edgefleet_shared::protocol::Topics::new(&topic_prefix).map_err(|e| CommandError::Argument {
         what: "--topic-prefix",
         reason: e.to_string(),
@@ -166,6 +231,158 @@ pub fn broker(cmd: BrokerCommand) -> Result<i32, CommandError> {
     println!("  acl             each device may publish only on its own topics");
     println!("  controller-mqtt.toml  the [mqtt] section for the controller's config");
     println!("run: mosquitto -c {}/mosquitto.conf", abs.display());
+    Ok(0)
+}
+
+/// Where the nodes of a NATS cluster listen (`broker nats`).
+struct NatsLayout {
+    nodes: u16,
+    listen: SocketAddr,
+    cluster_port: u16,
+}
+
+impl NatsLayout {
+    fn nodes(&self) -> Result<Vec<crate::server::broker::NatsNode>, CommandError> {
+        if self.nodes < 3 {
+            return Err(CommandError::Argument {
+                what: "--nodes",
+                reason: "a NATS cluster needs 3 or more nodes (JetStream goes on with a majority)"
+                    .into(),
+            });
+        }
+        (0..self.nodes)
+            .map(|i| {
+                let port = |base: u16, what| {
+                    base.checked_add(i).ok_or(CommandError::Argument {
+                        what,
+                        reason: "the ports of the last nodes pass 65535".into(),
+                    })
+                };
+                Ok(crate::server::broker::NatsNode {
+                    name: format!("n{}", i + 1),
+                    mqtt: SocketAddr::new(self.listen.ip(), port(self.listen.port(), "--listen")?),
+                    cluster: SocketAddr::new(
+                        self.listen.ip(),
+                        port(self.cluster_port, "--cluster-port")?,
+                    ),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The ids of the enrolled, unrevoked devices in the store at `database`
+/// (default: the SQLite file in `data_dir`).
+fn enrolled_devices(
+    data_dir: &Path,
+    database: Option<String>,
+) -> Result<Vec<String>, CommandError> {
+    let config = ControllerConfig {
+        data_dir: data_dir.to_path_buf(),
+        database: database.map(crate::server::config::DatabaseSetting::Location),
+        ..ControllerConfig::default()
+    };
+    let location = config.store_location();
+    let store_err = |e: crate::server::db::DbError| CommandError::Argument {
+        what: "--database",
+        reason: format!("{location}: {e}"),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CommandError::Runtime)?;
+    runtime.block_on(async {
+        let db = crate::server::db::Db::open_at(&location)
+            .await
+            .map_err(store_err)?;
+        let revoked = db.revoked_devices().await.map_err(store_err)?;
+        Ok(db
+            .devices()
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .filter(|d| d.enrolled && !revoked.iter().any(|r| r == d.id.as_str()))
+            .map(|d| d.id.as_str().to_owned())
+            .collect())
+    })
+}
+
+/// `broker nats`: certificates, one configuration per node, devices.conf, and
+/// the controller's `[mqtt]` section (or devices.conf alone).
+fn broker_nats(
+    data_dir: &Path,
+    out: &Path,
+    layout: &NatsLayout,
+    hosts: &[String],
+    topic_prefix: &str,
+    database: Option<String>,
+    users_only: bool,
+) -> Result<i32, CommandError> {
+    edgefleet_shared::protocol::Topics::new(topic_prefix).map_err(|e| CommandError::Argument {
+        what: "--topic-prefix",
+        reason: e.to_string(),
+    })?;
+    let nodes = layout.nodes()?;
+    let devices = enrolled_devices(data_dir, database)?;
+    let put = |name: &str, text: &str| {
+        crate::ops::operator::write_atomic(&out.join(name), 0o644, |w| w.write_all(text.as_bytes()))
+    };
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    put(
+        "devices.conf",
+        &crate::server::broker::nats_users(topic_prefix, devices.iter().map(String::as_str)),
+    )?;
+    println!(
+        "devices.conf: the controller and {} enrolled devices",
+        devices.len()
+    );
+    if users_only {
+        println!("apply it: nats-server --signal reload on every node");
+        return Ok(0);
+    }
+    let host = hosts.first().cloned().ok_or(CommandError::Argument {
+        what: "--hosts",
+        reason: "name at least one host".into(),
+    })?;
+    let ca = crate::server::ca::Ca::open_or_create(&data_dir.join("ca"))?;
+    put("ca.pem", ca.cert_pem())?;
+    ca.issue("edgefleet broker", Some(hosts), out, "server")?;
+    ca.issue(
+        crate::server::ca::CONTROLLER_IDENTITY,
+        None,
+        out,
+        "controller",
+    )?;
+    let abs = std::fs::canonicalize(out).map_err(io_err(out))?;
+    for node in &nodes {
+        put(
+            &format!("{}.conf", node.name),
+            &crate::server::broker::nats_conf(node, &nodes, &abs),
+        )?;
+    }
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("mqtts://{host}:{}", n.mqtt.port()))
+        .collect();
+    let snippet = format!(
+        "# edgefleet serve --config: use the NATS cluster prepared in {dir}\n\
+         # (NATS has no MQTT shared subscriptions: keep [cluster] shared_subscriptions off)\n\
+         [mqtt]\nmode = \"external\"\nurl = \"{urls}\"\n\
+         ca = \"{dir}/ca.pem\"\ncert = \"{dir}/controller.pem\"\nkey = \"{dir}/controller.key\"\n\
+         topic_prefix = \"{topic_prefix}\"\n",
+        dir = abs.display(),
+        urls = urls.join(","),
+    );
+    put("controller-mqtt.toml", &snippet)?;
+    println!("NATS files in {}:", out.display());
+    for n in &nodes {
+        println!("  {}.conf  MQTT {}, cluster {}", n.name, n.mqtt, n.cluster);
+    }
+    println!("  controller-mqtt.toml  the [mqtt] section for the controller's config");
+    println!(
+        "run each node: nats-server -c {}/<node>.conf",
+        abs.display()
+    );
     Ok(0)
 }
 

@@ -172,6 +172,113 @@ pub fn mosquitto_conf(listen: SocketAddr, dir: &Path) -> String {
     )
 }
 
+/// One node of a NATS cluster (nats-server 2.9 or later: MQTT 3.1.1 through
+/// JetStream) as `edgefleet broker nats` prepares it.
+#[derive(Debug, Clone)]
+pub struct NatsNode {
+    /// Its server name (`n1`, `n2`, ...).
+    pub name: String,
+    /// Where devices and the controller reach it over MQTT with mutual TLS.
+    pub mqtt: SocketAddr,
+    /// Its cluster (route) address.
+    pub cluster: SocketAddr,
+}
+
+/// The configuration of one NATS node: MQTT with mutual TLS from the
+/// controller's CA, each certificate mapped to the user of its subject
+/// (`verify_and_map`: the users and their permissions are in `devices.conf`,
+/// see [`nats_users`]), JetStream (MQTT keeps its sessions, retained
+/// states and unacknowledged QoS 1 messages there) in `dir/<name>-js`, and
+/// routes to every node of `cluster`.
+pub fn nats_conf(node: &NatsNode, cluster: &[NatsNode], dir: &Path) -> String {
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let routes: Vec<String> = cluster
+        .iter()
+        .map(|n| format!("\"nats-route://{}\"", n.cluster))
+        .collect();
+    format!(
+        "# edgefleet: written by `edgefleet broker nats` (node {name} of {count}).\n\
+         server_name: \"{name}\"\n\
+         # NATS clients are not used: a random loopback port.\n\
+         host: 127.0.0.1\nport: -1\n\
+         # A bundle chunk (up to 4 MiB) in its envelope.\n\
+         max_payload: {MAX_PAYLOAD}\n\
+         jetstream {{ store_dir: \"{store}\" }}\n\
+         cluster {{\n  name: \"edgefleet\"\n  listen: \"{route}\"\n  routes: [{routes}]\n}}\n\
+         mqtt {{\n  listen: \"{mqtt}\"\n\
+         \x20 # Mutual TLS; the certificate's subject (CN=<device id>) is the user.\n\
+         \x20 tls {{ cert_file: \"{cert}\", key_file: \"{key}\", ca_file: \"{ca}\", verify_and_map: true, timeout: 5 }}\n\
+         }}\n\
+         # One user per enrolled device, and the controller: `edgefleet broker nats\n\
+         # --users-only` rewrites it, `nats-server --signal reload` applies it.\n\
+         include \"devices.conf\"\n",
+        name = node.name,
+        count = cluster.len(),
+        store = p(&format!("{}-js", node.name)),
+        route = node.cluster,
+        routes = routes.join(", "),
+        mqtt = node.mqtt,
+        cert = p("server.pem"),
+        key = p("server.key"),
+        ca = p("ca.pem"),
+    )
+}
+
+/// NATS's users for a fleet under `prefix`: the controller may use every
+/// subject under the prefix; each device (its certificate's subject
+/// `CN=<id>`) may publish only on its own state, events, telemetry, fetch
+/// and samples topics and read only its own commands and the shared bundle
+/// chunks, as with Mosquitto ([`mosquitto_acl`]). NATS names an MQTT topic by
+/// its subject (`/` becomes `.`); QoS 1 subscriptions are delivered on
+/// `$MQTT.sub.*`, which every MQTT client must be allowed to read. All are
+/// MQTT-only users. A device not listed (not enrolled, or revoked) cannot
+/// connect.
+pub fn nats_users<'a>(prefix: &str, devices: impl IntoIterator<Item = &'a str>) -> String {
+    use edgefleet_shared::protocol::DeviceTopic;
+    let subject = prefix.replace('/', ".");
+    let quoted = |list: &[String]| {
+        list.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let user = |name: &str, publish: &[String], subscribe: &[String]| {
+        format!(
+            "    {{ user: \"CN={name}\", allowed_connection_types: [\"MQTT\"], permissions: {{ publish: [{}], subscribe: [{}] }} }}\n",
+            quoted(publish),
+            quoted(subscribe),
+        )
+    };
+    let mut s = String::from(
+        "# edgefleet: written by `edgefleet broker nats` from the controller's store.\n\
+         authorization {\n  users = [\n",
+    );
+    let all = vec![format!("{subject}.>")];
+    s.push_str(&user(
+        crate::server::ca::CONTROLLER_IDENTITY,
+        &all,
+        &[all[0].clone(), "$MQTT.sub.>".into()],
+    ));
+    for id in devices {
+        let own = |kind: DeviceTopic| format!("{subject}.devices.{id}.{}", kind.segment());
+        let publish: Vec<String> = DeviceTopic::ALL
+            .into_iter()
+            .filter(|k| k.device_publishes())
+            .map(own)
+            .collect();
+        let mut subscribe: Vec<String> = DeviceTopic::ALL
+            .into_iter()
+            .filter(|k| !k.device_publishes())
+            .map(own)
+            .collect();
+        subscribe.push(format!("{subject}.bundles.*.chunks"));
+        subscribe.push("$MQTT.sub.>".into());
+        s.push_str(&user(id, &publish, &subscribe));
+    }
+    s.push_str("  ]\n}\n");
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +307,55 @@ mod tests {
         assert!(conf.contains("acl_file /etc/mq/acl\n"));
         // Mosquitto's default cap of 1,000 dropped the controller's messages at scale.
         assert!(conf.contains("max_queued_messages 100000\nmax_queued_bytes 16777216\n"));
+    }
+
+    #[test]
+    fn nats_users_confine_devices_to_their_own_subjects() {
+        let users = nats_users("edgefleet/v1", ["pi-1", "pi-2"]);
+        let line = |id: &str| {
+            users
+                .lines()
+                .find(|l| l.contains(&format!("user: \"CN={id}\"")))
+                .unwrap_or_else(|| panic!("{id} missing:\n{users}"))
+                .to_owned()
+        };
+        let pi1 = line("pi-1");
+        for own in ["state", "events", "telemetry", "fetch", "samples"] {
+            assert!(
+                pi1.contains(&format!("\"edgefleet.v1.devices.pi-1.{own}\"")),
+                "{pi1}"
+            );
+        }
+        assert!(pi1.contains("subscribe: [\"edgefleet.v1.devices.pi-1.cmd\", \"edgefleet.v1.bundles.*.chunks\", \"$MQTT.sub.>\"]"), "{pi1}");
+        assert!(!pi1.contains("pi-2"), "{pi1}");
+        assert!(
+            !pi1.contains("devices.pi-1.cmd\", \"edgefleet.v1.devices"),
+            "no publish on cmd: {pi1}"
+        );
+        assert!(pi1.contains("allowed_connection_types: [\"MQTT\"]"));
+        let controller = line("edgefleet-controller");
+        assert!(
+            controller.contains("publish: [\"edgefleet.v1.>\"]"),
+            "{controller}"
+        );
+
+        let node = |i: u16| NatsNode {
+            name: format!("n{i}"),
+            mqtt: ([127, 0, 0, 1], 8882 + i).into(),
+            cluster: ([127, 0, 0, 1], 6221 + i).into(),
+        };
+        let cluster = [node(1), node(2), node(3)];
+        let conf = nats_conf(&cluster[1], &cluster, Path::new("/etc/nats"));
+        for part in [
+            "server_name: \"n2\"\n",
+            "listen: \"127.0.0.1:8884\"",
+            "listen: \"127.0.0.1:6223\"",
+            "routes: [\"nats-route://127.0.0.1:6222\", \"nats-route://127.0.0.1:6223\", \"nats-route://127.0.0.1:6224\"]",
+            "verify_and_map: true",
+            "store_dir: \"/etc/nats/n2-js\"",
+            "include \"devices.conf\"\n",
+        ] {
+            assert!(conf.contains(part), "{part} missing:\n{conf}");
+        }
     }
 }

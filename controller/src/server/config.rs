@@ -29,7 +29,9 @@ pub struct MqttConfig {
     pub listen: SocketAddr,
     /// Embedded: names and addresses in the broker's server certificate.
     pub hosts: Vec<String>,
-    /// External: `mqtts://host:port` (or `mqtt://` for development).
+    /// External: `mqtts://host:port` (or `mqtt://` for development); several
+    /// separated by commas are the nodes of a broker cluster, dialled in turn
+    /// (the controller and its devices alike).
     pub url: Option<String>,
     /// External: CA, client certificate and key of the controller.
     pub ca: Option<PathBuf>,

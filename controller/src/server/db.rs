@@ -1059,11 +1059,18 @@ impl Db {
     }
 
     /// Stores a batch of telemetry in one transaction; redeliveries are ignored.
-    /// Returns how many were new.
+    /// Returns how many were new. The rows are written in key order (device,
+    /// epoch, sequence number): replicas that each received the same reports
+    /// (no shared subscriptions) then lock them in the same order, where
+    /// arrival order made PostgreSQL abort one batch as a deadlock (seen with
+    /// two replicas on NATS).
     pub async fn insert_telemetry(
         &self,
-        batch: Vec<(edgefleet_shared::protocol::Telemetry, u64)>,
+        mut batch: Vec<(edgefleet_shared::protocol::Telemetry, u64)>,
     ) -> Result<usize> {
+        batch.sort_by(|(a, _), (b, _)| {
+            (a.device.as_str(), a.epoch, a.seq).cmp(&(b.device.as_str(), b.epoch, b.seq))
+        });
         self.write(move |t| {
             let mut n = 0;
             let mut latest: BTreeMap<&str, u64> = BTreeMap::new();

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use edgefleet_agent::link::Brokers;
 use edgefleet_shared::manifest::Manifest;
 use edgefleet_shared::protocol::{
     self, Action, AgentUpdateFailure, BundleOffer, Chunk, Command, DeviceTopic, Event, EventKind,
@@ -356,20 +357,26 @@ fn remove_upload_leftovers(bundles_dir: &std::path::Path) {
 /// How the controller connects to the broker, and the key its commands carry.
 #[derive(Debug)]
 pub struct BrokerLink {
-    /// Host to dial.
-    pub host: String,
-    /// Port.
-    pub port: u16,
+    /// The broker, or the nodes of a broker cluster (dialled in turn).
+    pub endpoints: Vec<edgefleet_agent::link::Endpoint>,
     /// TLS settings, if any.
     pub tls: Option<rustls::ClientConfig>,
     /// Signs every command sent over the link (docs/protocol.md 4a).
     pub command_key: edgefleet_shared::SecretKey,
 }
 
-/// The controller's MQTT connection: its replica's client id, the protocol's
-/// packet limit, TLS when the link has it.
-fn mqtt_options(link: &BrokerLink, replica: &Replica) -> MqttOptions {
-    let mut mqtt = MqttOptions::new(replica.client_id(), link.host.clone(), link.port);
+/// The controller's MQTT connection to each broker of the link: its replica's
+/// client id, the protocol's packet limit, TLS when the link has it.
+fn mqtt_options(link: &BrokerLink, replica: &Replica) -> Brokers {
+    Brokers::new(&link.endpoints, |e| endpoint_options(e, link, replica))
+}
+
+fn endpoint_options(
+    endpoint: &edgefleet_agent::link::Endpoint,
+    link: &BrokerLink,
+    replica: &Replica,
+) -> MqttOptions {
+    let mut mqtt = MqttOptions::new(replica.client_id(), endpoint.host.clone(), endpoint.port);
     mqtt.set_max_packet_size(
         crate::server::broker::MAX_PAYLOAD,
         crate::server::broker::MAX_PAYLOAD,
@@ -398,7 +405,8 @@ impl Fleet {
             telemetry,
             replica,
         } = options;
-        let (client, eventloop) = AsyncClient::new(mqtt_options(&link, &replica), 1024);
+        let brokers = mqtt_options(&link, &replica);
+        let (client, eventloop) = AsyncClient::new(brokers.first().clone(), 1024);
         remove_upload_leftovers(&bundles_dir);
         let (outbox, mut outbox_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
         let fleet = Arc::new(Fleet {
@@ -430,7 +438,7 @@ impl Fleet {
         let (in_tx, mut in_rx) = mpsc::channel::<(String, Vec<u8>)>(4096);
         let (tel_tx, tel_rx) = mpsc::channel::<(Telemetry, u64)>(65_536);
         // The MQTT event loop: only moves messages to the ingest task.
-        tokio::spawn(fleet.clone().broker_loop(eventloop, in_tx));
+        tokio::spawn(fleet.clone().broker_loop(eventloop, brokers, in_tx));
         // Ingest.
         let f = fleet.clone();
         tokio::spawn(async move {
@@ -468,36 +476,38 @@ impl Fleet {
 
     /// The controller's MQTT event loop: subscribes to every device topic on
     /// each connect and hands each message to the ingest task; reconnects
-    /// with a backoff up to 10 s.
+    /// with a backoff up to 10 s, to the next broker of a cluster.
     async fn broker_loop(
         self: Arc<Fleet>,
         mut eventloop: rumqttc::EventLoop,
+        brokers: Brokers,
         in_tx: mpsc::Sender<(String, Vec<u8>)>,
     ) {
         let mut backoff = Duration::from_millis(200);
+        let mut dialled = 0;
         loop {
             match eventloop.poll().await {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(200);
                     tracing::info!("connected to the broker");
-                    // Events and chunk requests reach every replica (the
-                    // rollout lease's holder acts on them); the rest, with
-                    // shared ingest, one replica each.
-                    for (kind, shared) in [
-                        (DeviceTopic::State, true),
-                        (DeviceTopic::Events, false),
-                        (DeviceTopic::Telemetry, true),
-                        (DeviceTopic::Fetch, false),
-                        (DeviceTopic::Samples, true),
-                    ] {
-                        let filter = self.topics.all_devices_filter(kind);
-                        let filter = if shared && self.replica.shared_ingest {
-                            format!("$share/edgefleet/{filter}")
-                        } else {
-                            filter
-                        };
-                        let _ = self.client.try_subscribe(filter, QoS::AtLeastOnce);
-                    }
+                    self.subscribe_all();
+                }
+                // A broker may refuse a subscription for a while (a NATS
+                // cluster whose JetStream is electing a leader after a node
+                // died): without it this replica would be deaf to those
+                // topics until the next connect. Asked again in a second.
+                Ok(MqttEvent::Incoming(Packet::SubAck(ack)))
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+                {
+                    tracing::warn!("the broker refused a subscription; asking again in 1 s");
+                    let fleet = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        fleet.subscribe_all();
+                    });
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     let topic = p.topic.clone();
@@ -507,11 +517,37 @@ impl Fleet {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "broker connection lost; retrying");
+                    let (next, options) = brokers.after(dialled);
+                    dialled = next;
+                    let (host, port) = options.broker_address();
+                    tracing::warn!(error = %e, "broker connection lost; dialling {host}:{port}");
+                    eventloop.mqtt_options = options.clone();
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
+        }
+    }
+
+    /// Subscribes to every device topic (again: subscribing twice to a filter
+    /// is harmless). Events and chunk requests reach every replica (the
+    /// rollout lease's holder acts on them); the rest, with shared ingest,
+    /// one replica each.
+    fn subscribe_all(&self) {
+        for (kind, shared) in [
+            (DeviceTopic::State, true),
+            (DeviceTopic::Events, false),
+            (DeviceTopic::Telemetry, true),
+            (DeviceTopic::Fetch, false),
+            (DeviceTopic::Samples, true),
+        ] {
+            let filter = self.topics.all_devices_filter(kind);
+            let filter = if shared && self.replica.shared_ingest {
+                format!("$share/edgefleet/{filter}")
+            } else {
+                filter
+            };
+            let _ = self.client.try_subscribe(filter, QoS::AtLeastOnce);
         }
     }
 

@@ -243,8 +243,11 @@ async fn embedded_broker(
     let host = config.mqtt.hosts[0].clone();
     Ok((
         BrokerLink {
-            host: "127.0.0.1".into(),
-            port: internal.port(),
+            endpoints: vec![edgefleet_agent::link::Endpoint {
+                host: "127.0.0.1".into(),
+                port: internal.port(),
+                tls: false,
+            }],
             tls: None,
             command_key,
         },
@@ -259,8 +262,8 @@ fn external_broker(
     command_key: edgefleet_shared::SecretKey,
 ) -> Result<(BrokerLink, String), ServeError> {
     let url = config.mqtt.url.clone().unwrap_or_default();
-    let ep = edgefleet_agent::link::Endpoint::parse(&url).map_err(err("mqtt.url"))?;
-    let tls = if ep.tls {
+    let endpoints = edgefleet_agent::link::Endpoint::parse_list(&url).map_err(err("mqtt.url"))?;
+    let tls = if endpoints[0].tls {
         let (Some(ca_path), Some(cert), Some(key)) =
             (&config.mqtt.ca, &config.mqtt.cert, &config.mqtt.key)
         else {
@@ -273,8 +276,7 @@ fn external_broker(
     };
     Ok((
         BrokerLink {
-            host: ep.host,
-            port: ep.port,
+            endpoints,
             tls,
             command_key,
         },

@@ -1,0 +1,204 @@
+//! The whole fleet beyond one machine's single points, with real processes:
+//! two controller replicas (`edgefleet serve`) on one PostgreSQL store, a
+//! three-node NATS cluster (MQTT with mutual TLS and per-device users,
+//! prepared by `edgefleet broker nats`), and load devices spread over the
+//! nodes. Mid-rollout the replica running it and the broker node both
+//! replicas and a third of the devices are connected to are killed with
+//! SIGKILL: the devices and the other replica move to the remaining nodes,
+//! the other replica takes the rollout over and completes it, and no device
+//! is told to install twice.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use edgefleet::server::config::{ControllerConfig, DatabaseSetting};
+use edgefleet_tests::nats::NatsCluster;
+use edgefleet_tests::replica::{Replica, query};
+use edgefleet_tests::{enroll_many, wait_for};
+
+#[test]
+fn a_rollout_survives_killing_a_replica_and_a_broker_node() {
+    const N: usize = 30;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _enter = runtime.enter();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("controller");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let key = edgefleet_tests::alice_and_trust_root(dir.path(), &data.join("trust-root.cbor"));
+
+    let url = edgefleet::server::db::testing::shared()
+        .create_database()
+        .expect("test database");
+    let mut config = ControllerConfig {
+        data_dir: data.clone(),
+        database: Some(DatabaseSetting::Location(url.clone())),
+        ..ControllerConfig::default()
+    };
+    let broker_dir = dir.path().join("nats");
+    let mut nats = NatsCluster::start(&broker_dir, &data, &url, 3, &mut config);
+    config.http.listen = ([127, 0, 0, 1], 0).into();
+    config.rollouts.tick_ms = 200;
+    config.cluster.lease_ms = 1_500;
+    let config_file = dir.path().join("controller.toml");
+    std::fs::write(
+        &config_file,
+        toml::to_string(&config).expect("config as TOML"),
+    )
+    .expect("config file");
+
+    // Both replicas dial node 1 first (the first URL).
+    let mut a = Replica::start(&config_file, "a", &data);
+    let b = Replica::start(&config_file, "b", &data);
+
+    let ids: Vec<String> = (0..N).map(|i| format!("nats-{i:03}")).collect();
+    let files = enroll_many(&b.api, &ids, &dir.path().join("devices"));
+    // The new devices become NATS users.
+    nats.reload_users();
+    let users = std::fs::read_to_string(broker_dir.join("devices.conf")).expect("devices.conf");
+    assert!(users.contains("user: \"CN=nats-029\""), "{users}");
+    // Device i starts on node i % 3.
+    let fleet = runtime.block_on(edgefleet_tests::start_load_fleet(
+        &nats.addrs(),
+        &ids,
+        files,
+        Duration::from_millis(1000),
+    ));
+    let online = |api: &edgefleet::ops::remote::Client| {
+        api.get("/api/v1/devices?state=online&limit=1")
+            .ok()
+            .and_then(|v| v["total"].as_u64())
+            .unwrap_or(0)
+    };
+    let seen = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("every device online through the NATS cluster", || {
+            (online(&b.api) == N as u64).then_some(())
+        })
+    }));
+    assert!(
+        seen.is_ok(),
+        "online: {}; devices: {:?}\nnode 1 log:\n{}",
+        online(&b.api),
+        fleet.stats(),
+        nats.log(0)
+    );
+    let connects_before = fleet.stats().connects.load(Ordering::Relaxed);
+
+    let bundle = dir.path().join("v1.efb");
+    edgefleet_tests::signed_iris_bundle(&key, &bundle);
+    let digest = b.api.upload("/api/v1/bundles", &bundle).expect("upload")["bundle"]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned();
+    // A device whose command the cluster lost while a node's JetStream
+    // streams moved (NATS drops a QoS 1 publish it cannot store) is told
+    // again after 5 s without news, not the default minute.
+    const RESEND_MS: i64 = 5_000;
+    let id = b
+        .api
+        .post(
+            "/api/v1/rollouts",
+            &serde_json::json!({
+                "bundle": digest,
+                "selector": {"all": true},
+                "waves": ["1", "25%", "100%"],
+                "gates": {"soak_ms": 1500},
+                "resend_after_ms": RESEND_MS,
+            }),
+        )
+        .expect("rollout starts")["rollout"]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let view = |api: &edgefleet::ops::remote::Client| {
+        api.get(&format!("/api/v1/rollouts/{id}")).expect("view")["rollout"].clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while view(&b.api)["wave"].as_u64() < Some(2) {
+        assert!(
+            Instant::now() < deadline,
+            "no wave 2 in 90 s: {}\ndevices: {:?}",
+            view(&b.api),
+            fleet.stats()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = view(&b.api);
+    assert_ne!(before["phase"], "completed", "killed too late: {before}");
+    // The replica running the rollout, and the node both replicas and a
+    // third of the devices are on.
+    a.kill();
+    nats.kill(0);
+    let killed = Instant::now();
+
+    let done = wait_for("b to take over and complete the rollout", || {
+        let r = view(&b.api);
+        matches!(r["phase"].as_str(), Some("completed" | "halted")).then_some(r)
+    });
+    println!(
+        "rollout completed {} ms after killing replica a and node n1",
+        killed.elapsed().as_millis()
+    );
+    assert_eq!(done["phase"], "completed", "{done}");
+    for d in &ids {
+        assert_eq!(done["members"][d]["state"], "succeeded", "{d}: {done}");
+    }
+    let holder = query(
+        &url,
+        "SELECT holder, 0::bigint FROM leases WHERE name = $1",
+        "rollouts",
+    );
+    assert_eq!(
+        holder.first().map(|h| h.0.as_str()),
+        Some("b"),
+        "{holder:?}"
+    );
+
+    // The devices of node 1 came back on the others; every device installed
+    // once and was told once.
+    let stats = fleet.stats();
+    let reconnects = stats.connects.load(Ordering::Relaxed) - connects_before;
+    assert!(
+        reconnects >= (N / 3) as u64,
+        "{reconnects} reconnections after node 1 died; {N} devices on 3 nodes: {stats:?}"
+    );
+    println!("{reconnects} device reconnections after node 1 died");
+    let digest: edgefleet_shared::Digest = digest.parse().expect("digest");
+    assert_eq!(fleet.serving().get(&digest), Some(&N));
+    assert_eq!(stats.installs.load(Ordering::Relaxed), N as u64);
+    assert_eq!(stats.chunks_rejected.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.commands_refused.load(Ordering::Relaxed), 0);
+    // Told once per wave: a device's install commands are the first and
+    // the resends, each at least RESEND_MS after the one before (two
+    // replicas commanding the same wave would be a pair far closer).
+    let told = query(
+        &url,
+        "SELECT device, issued_at FROM commands WHERE rollout = $1 AND action = 'install'
+         ORDER BY device, issued_at",
+        &id,
+    );
+    let mut devices: Vec<&str> = told.iter().map(|(d, _)| d.as_str()).collect();
+    devices.dedup();
+    assert_eq!(devices.len(), N, "{told:?}");
+    let resent = told.len() - N;
+    for pair in told.windows(2).filter(|p| p[0].0 == p[1].0) {
+        assert!(
+            pair[1].1 - pair[0].1 >= RESEND_MS - 500,
+            "{} told twice within {} ms: {told:?}",
+            pair[0].0,
+            pair[1].1 - pair[0].1
+        );
+    }
+    println!(
+        "install commands: {} ({resent} resent after {RESEND_MS} ms without news)",
+        told.len()
+    );
+    // After the rollout: every device online again, seen by b.
+    wait_for("every device online on the two nodes left", || {
+        (online(&b.api) == N as u64).then_some(())
+    });
+    runtime.block_on(fleet.stop());
+}
