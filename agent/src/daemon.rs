@@ -12,7 +12,7 @@
 //! <data>/spool/events/, spool/telemetry/ see [`crate::spool`]
 //! ```
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -119,6 +119,15 @@ pub struct Daemon {
     probe: Probe,
     /// Spooled records handed to the link and not yet acknowledged.
     in_flight: HashSet<Tag>,
+    /// Telemetry the broker took and the controller has not yet said it
+    /// stored, with when the broker took it (see [`Daemon::on_telemetry_ack`]).
+    unstored: HashMap<u64, Instant>,
+    /// Whether the controller acknowledges stored telemetry (it has done so
+    /// once); until then a report is forgotten when the broker takes it.
+    controller_acks: bool,
+    /// When the state was last handed to the link, while the broker has not
+    /// acknowledged it.
+    state_sent: std::sync::Mutex<Option<Instant>>,
     pending_interval: Option<Duration>,
     heartbeat: Arc<AtomicU64>,
     /// Ids of the commands carried out lately (`<data>/commands.json`).
@@ -356,6 +365,9 @@ impl Daemon {
             download: None,
             probe: Probe::new(),
             in_flight: HashSet::new(),
+            unstored: HashMap::new(),
+            controller_acks: false,
+            state_sent: std::sync::Mutex::new(None),
             pending_interval: None,
             heartbeat,
             replay: ReplayWindow::default(),
@@ -399,6 +411,7 @@ impl Daemon {
                 _ = stall_tick.tick() => {
                     self.check_stall();
                     self.flush_spools();
+                    self.republish_unacknowledged_state();
                 }
                 () = sleep_until(self.download.as_ref().and_then(|d| d.listen_until)) => {
                     self.request_chunks(true);
@@ -446,6 +459,7 @@ impl Daemon {
                 self.confirm_trial();
                 self.in_flight.clear();
                 let _ = self.link.subscribe(&self.topic(DeviceTopic::Commands));
+                let _ = self.link.subscribe(&self.topic(DeviceTopic::Acks));
                 self.publish_state();
                 if let Some(d) = &self.download {
                     let _ = self
@@ -467,10 +481,13 @@ impl Daemon {
             }
             LinkEvent::Delivered(Tag::Telemetry(seq)) => {
                 self.in_flight.remove(&Tag::Telemetry(seq));
-                if let Err(e) = self.telemetry.ack(seq) {
+                if self.controller_acks {
+                    self.unstored.insert(seq, Instant::now());
+                } else if let Err(e) = self.telemetry.ack(seq) {
                     tracing::error!("telemetry spool: {e}");
                 }
             }
+            LinkEvent::Delivered(Tag::State) => *lock_state(&self.state_sent) = None,
             LinkEvent::Delivered(Tag::None) => {}
             LinkEvent::Message { topic, payload } => match self.settings.topics.parse(&topic) {
                 Some(Topic::Device { device, kind })
@@ -495,6 +512,14 @@ impl Daemon {
                                 },
                             );
                         }
+                    }
+                }
+                Some(Topic::Device { device, kind })
+                    if kind == DeviceTopic::Acks && device == self.settings.device =>
+                {
+                    match protocol::decode::<protocol::TelemetryAck>(&payload) {
+                        Ok(ack) => self.on_telemetry_ack(&ack),
+                        Err(e) => tracing::warn!("ignored a telemetry acknowledgement: {e}"),
                     }
                 }
                 Some(Topic::BundleChunks { bundle }) => {
@@ -1291,13 +1316,26 @@ impl Daemon {
 
     fn publish_state(&self) {
         let state = self.device_state(true);
-        let _ = self.link.publish(
+        let handed = self.link.publish(
             &self.topic(DeviceTopic::State),
             protocol::encode(&state),
             true,
-            Tag::None,
+            Tag::State,
         );
+        *lock_state(&self.state_sent) = handed.is_ok().then(Instant::now);
         self.update_will();
+    }
+
+    /// Publishes the state again when the broker has not acknowledged it
+    /// within [`STATE_ACK_WAIT`]: a NATS cluster drops a QoS 1 publish it
+    /// cannot store in JetStream (while a node's streams move), and the
+    /// controller would show the device offline until its state changed.
+    fn republish_unacknowledged_state(&self) {
+        let overdue = lock_state(&self.state_sent).is_some_and(|at| at.elapsed() >= STATE_ACK_WAIT);
+        if overdue && self.link.is_connected() {
+            tracing::info!("the broker did not acknowledge the device state: publishing it again");
+            self.publish_state();
+        }
     }
 
     /// Spools how the agent's own latest update ended, once (docs/agent-update.md),
@@ -1423,7 +1461,7 @@ impl Daemon {
         let (spool, kind) = match tag {
             Tag::Event(seq) => ((&self.events, seq), DeviceTopic::Events),
             Tag::Telemetry(seq) => ((&self.telemetry, seq), DeviceTopic::Telemetry),
-            Tag::None => return,
+            Tag::None | Tag::State => return,
         };
         let (spool, seq) = spool;
         match spool.read(seq) {
@@ -1440,12 +1478,54 @@ impl Daemon {
         }
     }
 
+    /// The controller stored these reports: they leave the spool. From the
+    /// first acknowledgement on, a report the broker took stays spooled until
+    /// the controller acknowledges it, and is sent again when no
+    /// acknowledgement came within [`Daemon::ack_timeout`] (a controller
+    /// replica killed before storing it: docs/protocol.md).
+    fn on_telemetry_ack(&mut self, ack: &protocol::TelemetryAck) {
+        self.controller_acks = true;
+        if ack.epoch != self.telemetry.epoch() {
+            return;
+        }
+        for seq in &ack.seqs {
+            self.unstored.remove(seq);
+            if let Err(e) = self.telemetry.ack(*seq) {
+                tracing::error!("telemetry spool: {e}");
+            }
+        }
+    }
+
+    /// How long a report the broker took waits for the controller's
+    /// acknowledgement before it is sent again: three telemetry periods, at
+    /// least 5 s.
+    fn ack_timeout(&self) -> Duration {
+        (self.settings.telemetry_interval * 3).max(Duration::from_secs(5))
+    }
+
+    /// Reports whose acknowledgement is overdue are sent again by the next
+    /// flush.
+    fn expire_unstored(&mut self, now: Instant) {
+        let timeout = self.ack_timeout();
+        let before = self.unstored.len();
+        self.unstored
+            .retain(|_, taken| now.saturating_duration_since(*taken) < timeout);
+        let overdue = before - self.unstored.len();
+        if overdue > 0 {
+            tracing::info!(
+                overdue,
+                "telemetry not acknowledged by the controller: sending it again"
+            );
+        }
+    }
+
     /// Sends what waits and is not in flight, oldest first, events before
     /// telemetry, at most 128 records per call (the rest on the next tick).
     fn flush_spools(&mut self) {
         if !self.link.is_connected() {
             return;
         }
+        self.expire_unstored(Instant::now());
         let events: Vec<u64> = self
             .events
             .index()
@@ -1457,7 +1537,9 @@ impl Daemon {
             .telemetry
             .index()
             .waiting()
-            .filter(|s| !self.in_flight.contains(&Tag::Telemetry(*s)))
+            .filter(|s| {
+                !self.in_flight.contains(&Tag::Telemetry(*s)) && !self.unstored.contains_key(s)
+            })
             .take(128 - events.len())
             .collect();
         if events.len() + telemetry.len() > 1 {
@@ -1474,6 +1556,14 @@ impl Daemon {
             self.send_record(Tag::Telemetry(seq));
         }
     }
+}
+
+/// How long the broker may take to acknowledge the device state before it
+/// is published again.
+const STATE_ACK_WAIT: Duration = Duration::from_secs(10);
+
+fn lock_state(m: &std::sync::Mutex<Option<Instant>>) -> std::sync::MutexGuard<'_, Option<Instant>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Sleeps until `at`, or for ever without it.

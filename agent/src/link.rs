@@ -265,6 +265,8 @@ pub enum Tag {
     Event(u64),
     /// A telemetry record with this sequence number.
     Telemetry(u64),
+    /// The device's state (published again when the broker does not take it).
+    State,
 }
 
 /// What the link tells the agent.

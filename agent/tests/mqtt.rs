@@ -959,6 +959,74 @@ async fn telemetry_is_spooled_while_the_broker_is_down_and_delivered_without_a_g
     );
 }
 
+async fn next_report(peer: &mut Peer) -> Telemetry {
+    peer.wait_for("telemetry", |topic, p| {
+        topic
+            .ends_with("/telemetry")
+            .then(|| protocol::decode::<Telemetry>(p).expect("telemetry"))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_the_controller_did_not_acknowledge_is_sent_again() {
+    let dev = Device::new();
+    let broker = Broker::start(dev.path(), "allow_anonymous true");
+    let mut peer = Peer::connect(broker.port, None);
+    let config = dev.config(&format!("mqtt://127.0.0.1:{}", broker.port), None);
+    let agent = Agent::start(dev.path(), &config);
+    let ack = |peer: &Peer, t: &Telemetry| {
+        let payload = protocol::encode(&protocol::TelemetryAck {
+            epoch: t.epoch,
+            seqs: vec![t.seq],
+        });
+        let topic = format!("{PREFIX}/devices/{DEVICE}/ack");
+        peer.client
+            .try_publish(topic, QoS::AtMostOnce, false, payload)
+            .expect("ack sent");
+    };
+    // The first acknowledgement tells the agent that this controller sends
+    // them; from then on a report stays spooled until acknowledged.
+    let first = next_report(&mut peer).await;
+    ack(&peer, &first);
+    let second = next_report(&mut peer).await;
+    ack(&peer, &second);
+    // Nothing else acknowledged: with a report every second, an unacknowledged
+    // one is sent again after 5 s (three periods, at least 5 s).
+    let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && seen.values().all(|n| *n < 2) {
+        let t = next_report(&mut peer).await;
+        *seen.entry(t.seq).or_default() += 1;
+    }
+    let again: Vec<u64> = seen
+        .iter()
+        .filter(|(_, n)| **n >= 2)
+        .map(|(s, _)| *s)
+        .collect();
+    assert!(
+        !again.is_empty(),
+        "no unacknowledged report sent again in 20 s: {seen:?}\n{}",
+        agent.log()
+    );
+    assert!(
+        again.iter().all(|s| *s > second.seq),
+        "an acknowledged report was sent again: {again:?} (acknowledged up to {})",
+        second.seq
+    );
+    assert!(
+        !seen.contains_key(&second.seq) && !seen.contains_key(&first.seq),
+        "an acknowledged report was sent again: {seen:?}"
+    );
+    assert!(
+        agent
+            .log()
+            .contains("telemetry not acknowledged by the controller"),
+        "{}",
+        agent.log()
+    );
+}
+
 /// A tmpfs of `size` mounted at `at` for the test's life (the tests run as
 /// root; .ci/run does): a disk that can really be full.
 struct Tmpfs {

@@ -13,12 +13,12 @@
 //! root (the command itself is signed by the controller); it runs no golden
 //! cases; its telemetry's inference counts are made up, at `requests_per_s`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgefleet_agent::chunks::ChunkTracker;
 use edgefleet_shared::bundle::verify_chunk;
@@ -27,7 +27,8 @@ use edgefleet_shared::manifest::Manifest;
 use edgefleet_shared::protocol::{
     self, Action, AgentMetrics, BundleOffer, BundleRef, Chunk, DeviceMetrics, DeviceState,
     DeviceTopic, Event, EventKind, FailureReason, FetchRequest, InstallMode, InstallResult,
-    LATENCY_BOUNDS_US, ModelMetrics, Slot, SlotRole, SlotState, Telemetry, Topic, Topics,
+    LATENCY_BOUNDS_US, ModelMetrics, Slot, SlotRole, SlotState, Telemetry, TelemetryAck, Topic,
+    Topics,
 };
 use edgefleet_shared::{Arch, DeviceId, Digest, PublicKey, RawHeader, UnixTime};
 use rumqttc::{AsyncClient, Event as MqttEvent, LastWill, MqttOptions, Packet, QoS, Transport};
@@ -96,8 +97,12 @@ pub struct LoadStats {
     pub commands_refused: AtomicU64,
     /// Installs completed.
     pub installs: AtomicU64,
-    /// Messages dropped because a device's outbox was full.
+    /// Messages dropped because a device's outbox was full (or, for
+    /// telemetry, because more than [`UNSTORED`] reports waited for the
+    /// controller's acknowledgement).
     pub dropped: AtomicU64,
+    /// Reports sent again: no acknowledgement from the controller in time.
+    pub telemetry_resent: AtomicU64,
 }
 
 /// Why a load fleet did not start.
@@ -165,6 +170,7 @@ impl LoadFleet {
                 stats: stats.clone(),
                 serving: serving.clone(),
                 outbox: VecDeque::new(),
+                unstored: BTreeMap::new(),
             };
             let n = settings.brokers.len();
             let brokers: Vec<SocketAddr> = (0..n).map(|k| settings.brokers[(i + k) % n]).collect();
@@ -197,12 +203,13 @@ impl LoadFleet {
         out
     }
 
-    /// Disconnects every device (each sends DISCONNECT: no will) and waits up
-    /// to 5 s for them. Returns their final counters.
+    /// Stops every device: each waits up to 12 s for the controller to
+    /// acknowledge its reports, then disconnects (DISCONNECT: no will). Waits
+    /// up to 15 s for them. Returns their final counters.
     pub async fn stop(self) -> Arc<LoadStats> {
         let _ = self.stop.send(true);
         let all = futures_join(self.tasks);
-        let _ = tokio::time::timeout(Duration::from_secs(5), all).await;
+        let _ = tokio::time::timeout(DRAIN + Duration::from_secs(3), all).await;
         self.stats
     }
 }
@@ -210,7 +217,8 @@ impl LoadFleet {
 /// What a load device's event loop hands it.
 #[derive(Debug)]
 enum Incoming {
-    /// A subscription was refused: subscribe and announce again.
+    /// A subscription was refused, or a publish not acknowledged: subscribe
+    /// and announce again.
     Resubscribe,
     /// The broker accepted the connection.
     Connected,
@@ -233,11 +241,38 @@ async fn drive(
     // The agent's reconnect backoff (doubling, jittered in its upper half), to 10 s.
     let mut backoff =
         edgefleet_agent::link::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    // QoS 1 publishes the broker has not acknowledged yet, by packet id. One
+    // left unacknowledged for 10 s (a NATS cluster drops a publish it cannot
+    // store while a node's streams move) makes the device announce itself
+    // again: its state would otherwise stay unseen.
+    let mut unacked: HashMap<u16, Instant> = HashMap::new();
     loop {
-        let sent = match eventloop.poll().await {
+        let polled = eventloop.poll().await;
+        if unacked
+            .values()
+            .any(|at| at.elapsed() >= Duration::from_secs(10))
+        {
+            unacked.clear();
+            tracing::debug!(%device, "a publish not acknowledged in 10 s; announcing again");
+            if tx.send(Incoming::Resubscribe).await.is_err() {
+                return;
+            }
+        }
+        let sent = match polled {
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 backoff.reset();
+                unacked.clear();
                 tx.send(Incoming::Connected).await
+            }
+            Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                if pkid != 0 {
+                    unacked.insert(pkid, Instant::now());
+                }
+                Ok(())
+            }
+            Ok(MqttEvent::Incoming(Packet::PubAck(ack))) => {
+                unacked.remove(&ack.pkid);
+                Ok(())
             }
             // Refused for now (a NATS cluster electing a JetStream leader):
             // subscribe and announce again, as after a connect, in a second.
@@ -364,6 +399,9 @@ struct LoadDevice {
     serving: Arc<Mutex<HashMap<String, Digest>>>,
     /// What the MQTT client's queue could not take yet.
     outbox: VecDeque<Out>,
+    /// Reports sent and not yet acknowledged by the controller, with when
+    /// they were last sent: sent again when overdue, as the agent does.
+    unstored: BTreeMap<u64, (Vec<u8>, Instant)>,
 }
 
 /// A message or subscription waiting for the MQTT client.
@@ -375,6 +413,12 @@ enum Out {
 
 /// Most messages a load device keeps waiting for its MQTT client.
 const OUTBOX: usize = 256;
+
+/// Most reports a load device keeps for the controller's acknowledgement.
+const UNSTORED: usize = 64;
+
+/// Longest a stopping load device waits for its reports' acknowledgements.
+const DRAIN: Duration = Duration::from_secs(12);
 
 impl LoadDevice {
     fn topic(&self, kind: DeviceTopic) -> String {
@@ -448,8 +492,10 @@ impl LoadDevice {
                 _ = pump.tick() => {
                     self.flush(&client);
                     self.pump(&client);
+                    self.resend_unstored(&client);
                 }
                 () = stopped(&mut stop) => {
+                    self.drain(&client, &mut incoming, &mut pump).await;
                     let _ = client.try_disconnect();
                     // Lets the event loop send the DISCONNECT.
                     if tokio::time::timeout(Duration::from_millis(500), &mut link).await.is_err() {
@@ -468,6 +514,8 @@ impl LoadDevice {
         // other order, one sent at once was lost and resent a minute later).
         let commands = Out::Subscribe(self.topic(DeviceTopic::Commands), QoS::AtLeastOnce);
         self.out(client, commands);
+        let acks = Out::Subscribe(self.topic(DeviceTopic::Acks), QoS::AtMostOnce);
+        self.out(client, acks);
         let state = Out::Publish(
             self.topic(DeviceTopic::State),
             QoS::AtLeastOnce,
@@ -485,6 +533,18 @@ impl LoadDevice {
     fn on_message(&mut self, client: &AsyncClient, topic: &str, payload: &[u8]) {
         match self.topics.parse(topic) {
             Some(Topic::BundleChunks { .. }) => self.on_chunk(client, payload),
+            Some(Topic::Device {
+                kind: DeviceTopic::Acks,
+                ..
+            }) => {
+                if let Ok(ack) = protocol::decode::<TelemetryAck>(payload)
+                    && ack.epoch == self.epoch
+                {
+                    for seq in ack.seqs {
+                        self.unstored.remove(&seq);
+                    }
+                }
+            }
             Some(Topic::Device {
                 kind: DeviceTopic::Commands,
                 ..
@@ -863,12 +923,72 @@ impl LoadDevice {
             channels: Vec::new(),
         };
         self.stats.telemetry_sent.fetch_add(1, Ordering::Relaxed);
+        let payload = protocol::encode(&t);
+        if self.unstored.len() >= UNSTORED
+            && let Some((oldest, _)) = self.unstored.pop_first()
+        {
+            tracing::debug!(device = %self.id, oldest, "too many unacknowledged reports");
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.unstored
+            .insert(self.telemetry_seq, (payload.clone(), Instant::now()));
         let t = Out::Publish(
             self.topic(DeviceTopic::Telemetry),
             QoS::AtMostOnce,
             false,
-            protocol::encode(&t),
+            payload,
         );
         self.out(client, t);
+    }
+
+    /// On stop: no more reports, but up to [`DRAIN`] for the controller to
+    /// acknowledge those it has not (sending overdue ones again), so that a
+    /// test can count what was stored against what was sent.
+    async fn drain(
+        &mut self,
+        client: &AsyncClient,
+        incoming: &mut tokio::sync::mpsc::Receiver<Incoming>,
+        pump: &mut tokio::time::Interval,
+    ) {
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        while !self.unstored.is_empty() {
+            tokio::select! {
+                got = incoming.recv() => match got {
+                    Some(Incoming::Message { topic, payload }) => {
+                        self.on_message(client, &topic, &payload);
+                    }
+                    Some(Incoming::Connected | Incoming::Resubscribe) => self.on_connect(client),
+                    None => return,
+                },
+                _ = pump.tick() => {
+                    self.flush(client);
+                    self.resend_unstored(client);
+                }
+                () = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    }
+
+    /// Sends again the reports the controller has not acknowledged within
+    /// three telemetry periods (at least 5 s).
+    fn resend_unstored(&mut self, client: &AsyncClient) {
+        let timeout = (self.interval * 3).max(Duration::from_secs(5));
+        let now = Instant::now();
+        let overdue: Vec<u64> = self
+            .unstored
+            .iter()
+            .filter(|(_, (_, sent))| now.saturating_duration_since(*sent) >= timeout)
+            .map(|(seq, _)| *seq)
+            .collect();
+        let topic = self.topic(DeviceTopic::Telemetry);
+        for seq in overdue {
+            let Some((payload, sent)) = self.unstored.get_mut(&seq) else {
+                continue;
+            };
+            *sent = now;
+            let t = Out::Publish(topic.clone(), QoS::AtMostOnce, false, payload.clone());
+            self.stats.telemetry_resent.fetch_add(1, Ordering::Relaxed);
+            self.out(client, t);
+        }
     }
 }

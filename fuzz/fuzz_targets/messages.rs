@@ -35,4 +35,5 @@ fuzz_target!(|data: &[u8]| {
     check::<Chunk>(data);
     check::<FetchRequest>(data);
     check::<SampleUpload>(data);
+    check::<TelemetryAck>(data);
 });

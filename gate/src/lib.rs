@@ -264,12 +264,15 @@ impl DeviceSession {
         Ok(())
     }
 
-    /// The device's command topic, bundle chunk topics, or all chunk topics
-    /// (chunks are public to enrolled devices: a bundle is signed, not secret).
+    /// The device's command and telemetry-acknowledgement topics, bundle
+    /// chunk topics, or all chunk topics (chunks are public to enrolled
+    /// devices: a bundle is signed, not secret).
     fn may_subscribe(&self, filter: &str) -> Result<(), Refusal> {
         let own = self.topics.device(&self.device, DeviceTopic::Commands);
+        let acks = self.topics.device(&self.device, DeviceTopic::Acks);
         let all_chunks = format!("{}/bundles/+/chunks", self.topics.prefix());
         let ok = filter == own
+            || filter == acks
             || filter == all_chunks
             || matches!(self.topics.parse(filter), Some(Topic::BundleChunks { .. }));
         if ok {

@@ -112,17 +112,20 @@ pub enum DeviceTopic {
     Fetch,
     /// Device → controller: [`SampleUpload`]s.
     Samples,
+    /// Controller → device: [`TelemetryAck`]s, the reports it has stored.
+    Acks,
 }
 
 impl DeviceTopic {
     /// All device topics.
-    pub const ALL: [DeviceTopic; 6] = [
+    pub const ALL: [DeviceTopic; 7] = [
         DeviceTopic::Commands,
         DeviceTopic::State,
         DeviceTopic::Events,
         DeviceTopic::Telemetry,
         DeviceTopic::Fetch,
         DeviceTopic::Samples,
+        DeviceTopic::Acks,
     ];
 
     /// The last topic segment.
@@ -134,12 +137,13 @@ impl DeviceTopic {
             DeviceTopic::Telemetry => "telemetry",
             DeviceTopic::Fetch => "fetch",
             DeviceTopic::Samples => "samples",
+            DeviceTopic::Acks => "ack",
         }
     }
 
     /// True when the device publishes on it (the others it only subscribes to).
     pub fn device_publishes(self) -> bool {
-        !matches!(self, DeviceTopic::Commands)
+        !matches!(self, DeviceTopic::Commands | DeviceTopic::Acks)
     }
 }
 
@@ -1077,6 +1081,42 @@ pub struct ChunkRange {
     pub start: u32,
     /// Number of chunks (1..).
     pub count: u32,
+}
+
+/// The controller has stored these telemetry reports of a device (its
+/// `epoch` and their sequence numbers). A device that has seen one keeps each
+/// report until it is acknowledged this way, not only until the broker took
+/// it, and sends again what stays unacknowledged: a controller replica killed
+/// between receiving reports and storing them loses none (docs/protocol.md).
+/// Not signed: a forged acknowledgement can only make a device forget
+/// telemetry, and only the controller may publish on the topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryAck {
+    /// The reports' spool epoch ([`Telemetry::epoch`]).
+    pub epoch: u64,
+    /// Their sequence numbers, 1 to [`TelemetryAck::MAX_SEQS`].
+    pub seqs: Vec<u64>,
+}
+
+impl TelemetryAck {
+    /// Most sequence numbers in one acknowledgement.
+    pub const MAX_SEQS: usize = 1024;
+}
+
+impl Message for TelemetryAck {
+    const NAME: &'static str = "telemetry ack";
+    const MAX_LEN: usize = 16 * 1024;
+    fn validate(&self) -> Result<(), DecodeError> {
+        if self.seqs.is_empty() || self.seqs.len() > Self::MAX_SEQS {
+            return Err(invalid(
+                Self::NAME,
+                "seqs",
+                format!("must hold 1 to {} sequence numbers", Self::MAX_SEQS),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A device asks for chunks it does not have (first request, or resume).

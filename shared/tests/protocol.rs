@@ -321,6 +321,7 @@ fn never_panics_on(bytes: &[u8]) {
     let _ = decode::<Chunk>(bytes);
     let _ = decode::<FetchRequest>(bytes);
     let _ = decode::<SampleUpload>(bytes);
+    let _ = decode::<TelemetryAck>(bytes);
     let _ = SignedTrustRoot::from_bytes(bytes);
     let _ = edgefleet_shared::golden::GoldenSet::from_bytes(bytes);
     let _ = SampleBatch::from_bytes(bytes);
@@ -413,6 +414,20 @@ proptest! {
         let ranges = ranges.into_iter().map(|(start, count)| ChunkRange { start, count }).collect();
         round_trips(&FetchRequest { bundle, ranges })?;
         round_trips(&SampleUpload { command: 1, digest: bundle, part: 0, parts: 1, data })?;
+    }
+
+    #[test]
+    fn telemetry_acks_round_trip_and_hold_1_to_1024_numbers(
+        epoch in any::<u64>(),
+        seqs in proptest::collection::vec(any::<u64>(), 0..1100),
+    ) {
+        let ack = TelemetryAck { epoch, seqs: seqs.clone() };
+        if (1..=TelemetryAck::MAX_SEQS).contains(&seqs.len()) {
+            round_trips(&ack)?;
+        } else {
+            let e = decode::<TelemetryAck>(&encode(&ack)).expect_err("count out of range");
+            prop_assert!(e.to_string().contains("seqs"), "{}", e);
+        }
     }
 
     #[test]

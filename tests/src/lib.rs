@@ -292,6 +292,37 @@ pub fn start_rollout_to_all(api: &Client, digest: &str, waves: &[&str], soak_ms:
         .to_owned()
 }
 
+/// Every telemetry report the stopped load devices sent (each counted once,
+/// however often it was sent again) is in the store at `url` exactly once:
+/// polls for up to 10 s for the controller's last batch.
+pub fn assert_every_report_stored_once(url: &str, stats: &edgefleet_devices::load::LoadStats) {
+    use std::sync::atomic::Ordering;
+    let sent = i64::try_from(stats.telemetry_sent.load(Ordering::Relaxed)).expect("count");
+    let resent = stats.telemetry_resent.load(Ordering::Relaxed);
+    let stored = || {
+        replica::query(
+            url,
+            "SELECT 'all', COUNT(*) FROM telemetry WHERE device <> $1",
+            "",
+        )[0]
+        .1
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored() < sent && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let stored = stored();
+    println!(
+        "telemetry: {stored} stored of {sent} sent ({resent} sent again without an acknowledgement)"
+    );
+    assert_eq!(
+        stored,
+        sent,
+        "reports stored vs sent ({resent} sent again; {} dropped by devices)",
+        stats.dropped.load(Ordering::Relaxed)
+    );
+}
+
 /// The `edgefleet` binary of this build's profile (target/debug or
 /// target/release, beside the test or bench executable), built when missing.
 pub fn edgefleet_bin() -> PathBuf {

@@ -124,9 +124,10 @@ fn broker_addrs(urls: &str) -> Result<Vec<SocketAddr>, CommandError> {
 fn counters(s: &LoadStats) -> String {
     let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     format!(
-        "connects {}, telemetry sent {}, installs {}, chunks {} ({:.1} MB, {} rejected), commands refused {}, messages dropped {}",
+        "connects {}, telemetry sent {} ({} again: not acknowledged in time), installs {}, chunks {} ({:.1} MB, {} rejected), commands refused {}, messages dropped {}",
         get(&s.connects),
         get(&s.telemetry_sent),
+        get(&s.telemetry_resent),
         get(&s.installs),
         get(&s.chunks_received),
         get(&s.chunk_bytes) as f64 / 1e6,

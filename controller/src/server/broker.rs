@@ -291,6 +291,7 @@ mod tests {
             "pattern write edgefleet/v1/devices/%u/telemetry",
             "pattern write edgefleet/v1/devices/%u/fetch",
             "pattern read edgefleet/v1/devices/%u/cmd",
+            "pattern read edgefleet/v1/devices/%u/ack",
             "pattern read edgefleet/v1/bundles/+/chunks",
             "user edgefleet-controller\ntopic readwrite edgefleet/v1/#",
         ] {
@@ -326,7 +327,7 @@ mod tests {
                 "{pi1}"
             );
         }
-        assert!(pi1.contains("subscribe: [\"edgefleet.v1.devices.pi-1.cmd\", \"edgefleet.v1.bundles.*.chunks\", \"$MQTT.sub.>\"]"), "{pi1}");
+        assert!(pi1.contains("subscribe: [\"edgefleet.v1.devices.pi-1.cmd\", \"edgefleet.v1.devices.pi-1.ack\", \"edgefleet.v1.bundles.*.chunks\", \"$MQTT.sub.>\"]"), "{pi1}");
         assert!(!pi1.contains("pi-2"), "{pi1}");
         assert!(
             !pi1.contains("devices.pi-1.cmd\", \"edgefleet.v1.devices"),

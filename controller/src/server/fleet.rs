@@ -24,7 +24,7 @@ use edgefleet_agent::link::Brokers;
 use edgefleet_shared::manifest::Manifest;
 use edgefleet_shared::protocol::{
     self, Action, AgentUpdateFailure, BundleOffer, Chunk, Command, DeviceTopic, Event, EventKind,
-    FailureReason, FetchRequest, InstallMode, Telemetry, Topics,
+    FailureReason, FetchRequest, InstallMode, Telemetry, TelemetryAck, Topics,
 };
 use edgefleet_shared::protocol::{LATENCY_BOUNDS_US, quantile_us};
 use edgefleet_shared::{DeviceId, Digest, RawHeader, UnixTime};
@@ -352,6 +352,29 @@ fn remove_upload_leftovers(bundles_dir: &std::path::Path) {
     if removed > 0 {
         tracing::info!(removed, "removed unfinished uploads left by an earlier run");
     }
+}
+
+/// The acknowledgements of a batch of reports: one per device and epoch (more
+/// past [`TelemetryAck::MAX_SEQS`] reports).
+fn telemetry_acks(batch: &[(Telemetry, u64)]) -> Vec<(DeviceId, TelemetryAck)> {
+    let mut by_device: BTreeMap<(&DeviceId, u64), Vec<u64>> = BTreeMap::new();
+    for (t, _) in batch {
+        by_device
+            .entry((&t.device, t.epoch))
+            .or_default()
+            .push(t.seq);
+    }
+    let mut acks = Vec::with_capacity(by_device.len());
+    for ((device, epoch), seqs) in by_device {
+        for part in seqs.chunks(TelemetryAck::MAX_SEQS) {
+            let ack = TelemetryAck {
+                epoch,
+                seqs: part.to_vec(),
+            };
+            acks.push((device.clone(), ack));
+        }
+    }
+    acks
 }
 
 /// How the controller connects to the broker, and the key its commands carry.
@@ -827,12 +850,24 @@ impl Fleet {
                     _ => break,
                 }
             }
+            let acks = telemetry_acks(&batch);
             match self.db.insert_telemetry(batch).await {
                 Ok(n) => {
                     self.stats
                         .telemetry_stored
                         .fetch_add(n as u64, Ordering::Relaxed);
+                    // Stored (now, or before by another replica): the devices
+                    // may forget these reports. At most once: a lost
+                    // acknowledgement only makes a device send a report again.
+                    for (device, ack) in acks {
+                        let topic = self.topics.device(&device, DeviceTopic::Acks);
+                        let payload = protocol::encode(&ack);
+                        let _ = self
+                            .client
+                            .try_publish(topic, QoS::AtMostOnce, false, payload);
+                    }
                 }
+                // Not acknowledged: the devices send these reports again.
                 Err(e) => tracing::error!(error = %e, "telemetry batch not stored"),
             }
             let now = now_ms();

@@ -136,7 +136,9 @@ impl Fleet {
                 let u: SampleUpload = protocol::decode(payload)?;
                 self.ingest_samples(&device, u, now).await?;
             }
-            DeviceTopic::Commands => return Err(IngestError::NotRead(kind.segment())),
+            DeviceTopic::Commands | DeviceTopic::Acks => {
+                return Err(IngestError::NotRead(kind.segment()));
+            }
         }
         Ok(())
     }
