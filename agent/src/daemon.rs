@@ -479,14 +479,7 @@ impl Daemon {
                     tracing::error!("event spool: {e}");
                 }
             }
-            LinkEvent::Delivered(Tag::Telemetry(seq)) => {
-                self.in_flight.remove(&Tag::Telemetry(seq));
-                if self.controller_acks {
-                    self.unstored.insert(seq, Instant::now());
-                } else if let Err(e) = self.telemetry.ack(seq) {
-                    tracing::error!("telemetry spool: {e}");
-                }
-            }
+            LinkEvent::Delivered(Tag::Telemetry(seq)) => self.on_telemetry_delivered(seq),
             LinkEvent::Delivered(Tag::State) => *lock_state(&self.state_sent) = None,
             LinkEvent::Delivered(Tag::None) => {}
             LinkEvent::Message { topic, payload } => match self.settings.topics.parse(&topic) {
@@ -517,10 +510,7 @@ impl Daemon {
                 Some(Topic::Device { device, kind })
                     if kind == DeviceTopic::Acks && device == self.settings.device =>
                 {
-                    match protocol::decode::<protocol::TelemetryAck>(&payload) {
-                        Ok(ack) => self.on_telemetry_ack(&ack),
-                        Err(e) => tracing::warn!("ignored a telemetry acknowledgement: {e}"),
-                    }
+                    self.on_telemetry_ack(&payload);
                 }
                 Some(Topic::BundleChunks { bundle }) => {
                     if self.download.as_ref().is_some_and(|d| d.digest == bundle) {
@@ -1483,7 +1473,11 @@ impl Daemon {
     /// the controller acknowledges it, and is sent again when no
     /// acknowledgement came within [`Daemon::ack_timeout`] (a controller
     /// replica killed before storing it: docs/protocol.md).
-    fn on_telemetry_ack(&mut self, ack: &protocol::TelemetryAck) {
+    fn on_telemetry_ack(&mut self, payload: &[u8]) {
+        let ack = match protocol::decode::<protocol::TelemetryAck>(payload) {
+            Ok(ack) => ack,
+            Err(e) => return tracing::warn!("ignored a telemetry acknowledgement: {e}"),
+        };
         self.controller_acks = true;
         if ack.epoch != self.telemetry.epoch() {
             return;
@@ -1493,6 +1487,17 @@ impl Daemon {
             if let Err(e) = self.telemetry.ack(*seq) {
                 tracing::error!("telemetry spool: {e}");
             }
+        }
+    }
+
+    /// The broker took report `seq`: it leaves the spool now, or once the
+    /// controller says it stored it (when the controller acknowledges).
+    fn on_telemetry_delivered(&mut self, seq: u64) {
+        self.in_flight.remove(&Tag::Telemetry(seq));
+        if self.controller_acks {
+            self.unstored.insert(seq, Instant::now());
+        } else if let Err(e) = self.telemetry.ack(seq) {
+            tracing::error!("telemetry spool: {e}");
         }
     }
 

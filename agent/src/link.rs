@@ -102,38 +102,38 @@ impl Endpoint {
 /// them: one broker, or the nodes of a broker cluster. After a failed or lost
 /// connection the link dials the next one (docs/scale.md, "A clustered broker").
 #[derive(Debug, Clone)]
-pub struct Brokers(Vec<MqttOptions>);
+pub struct Brokers {
+    list: Vec<MqttOptions>,
+    dialled: usize,
+}
 
 impl Brokers {
     /// Options for each endpoint, made by `options` (at least one endpoint).
     pub fn new(endpoints: &[Endpoint], options: impl Fn(&Endpoint) -> MqttOptions) -> Brokers {
-        Brokers(endpoints.iter().map(options).collect())
+        Brokers {
+            list: endpoints.iter().map(options).collect(),
+            dialled: 0,
+        }
     }
 
     /// The options of the broker dialled first.
     pub fn first(&self) -> &MqttOptions {
-        &self.0[0]
+        &self.list[0]
     }
 
     /// Changes every broker's options.
     pub fn for_each(&mut self, f: impl Fn(&mut MqttOptions)) {
-        self.0.iter_mut().for_each(f);
+        self.list.iter_mut().for_each(f);
     }
 
-    /// The options of the broker after number `i` (round the list).
-    pub fn after(&self, i: usize) -> (usize, &MqttOptions) {
-        let next = (i + 1) % self.0.len();
-        (next, &self.0[next])
-    }
-
-    /// How many brokers.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Never true ([`Brokers::new`] needs an endpoint); for clippy.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    /// After a failed or lost connection: `eventloop` will dial the next
+    /// broker (the same one when there is one). Returns its address.
+    pub fn dial_next(&mut self, eventloop: &mut rumqttc::EventLoop) -> (String, u16) {
+        if self.list.len() > 1 {
+            self.dialled = (self.dialled + 1) % self.list.len();
+            eventloop.mqtt_options = self.list[self.dialled].clone();
+        }
+        eventloop.mqtt_options.broker_address()
     }
 }
 
@@ -296,6 +296,15 @@ struct Tracking {
 }
 
 impl Tracking {
+    /// The client sent the oldest untagged publish as packet `pkid`.
+    fn sent(&mut self, pkid: u16) {
+        if let Some(tag) = self.untagged.pop_front()
+            && pkid != 0
+        {
+            self.by_pkid.insert(pkid, tag);
+        }
+    }
+
     /// A new connection: no packet of the old one is tracked.
     fn connected_anew(&mut self) {
         self.connected = true;
@@ -392,6 +401,23 @@ impl Link {
     }
 }
 
+/// In a second, tells the daemon to subscribe and announce again, as after
+/// a connect.
+fn announce_later(events: &mpsc::Sender<LinkEvent>) {
+    let events = events.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = events.send(LinkEvent::Connected).await;
+    });
+}
+
+/// Whether the broker refused any subscription of this SUBACK.
+pub fn refused(ack: &rumqttc::SubAck) -> bool {
+    ack.return_codes
+        .iter()
+        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+}
+
 /// A random number (the OS generator; the clock if it fails).
 pub fn random_u64() -> u64 {
     getrandom::u64().unwrap_or_else(|_| {
@@ -419,6 +445,26 @@ fn forget_connection(eventloop: &mut rumqttc::EventLoop, tracking: &Mutex<Tracki
     was_connected
 }
 
+/// After a connection error: tells the daemon (unless it already knows the
+/// broker is unreachable) and waits the backoff's next delay.
+async fn wait_to_reconnect(
+    error: &rumqttc::ConnectionError,
+    was_connected: bool,
+    backoff: &mut Backoff,
+    events: &mpsc::Sender<LinkEvent>,
+) -> Result<(), mpsc::error::SendError<LinkEvent>> {
+    let delay = backoff.next_delay(random_u64());
+    let detail = format!("{error}; retrying in {:.1} s", delay.as_secs_f64());
+    let sent = if was_connected || backoff.attempt <= 1 {
+        events.send(LinkEvent::Disconnected(detail)).await
+    } else {
+        tracing::debug!("broker unreachable: {detail}");
+        Ok(())
+    };
+    tokio::time::sleep(delay).await;
+    sent
+}
+
 /// Starts the link task. Once [`Link::connect`] is called it connects,
 /// reconnects with backoff for ever, and sends what happens to `events`; it ends
 /// when `events` is closed.
@@ -434,7 +480,6 @@ pub fn start(
         o.set_request_channel_capacity(256);
     });
     let (client, mut eventloop) = AsyncClient::new(brokers.first().clone(), 256);
-    let mut dialled = 0;
     let go = Arc::new(tokio::sync::Notify::new());
     let link = Link {
         client,
@@ -476,47 +521,20 @@ pub fn start(
                 // Refused for now (a NATS cluster electing a JetStream
                 // leader after a node died): the daemon subscribes and
                 // announces again in a second, as after a connect.
-                Ok(Event::Incoming(Packet::SubAck(ack)))
-                    if ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
-                {
+                Ok(Event::Incoming(Packet::SubAck(ack))) if refused(&ack) => {
                     tracing::warn!("the broker refused a subscription; asking again in 1 s");
-                    let events = events.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        let _ = events.send(LinkEvent::Connected).await;
-                    });
+                    announce_later(&events);
                     Ok(())
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    let mut t = lock(&tracking);
-                    if let Some(tag) = t.untagged.pop_front()
-                        && pkid != 0
-                    {
-                        t.by_pkid.insert(pkid, tag);
-                    }
+                    lock(&tracking).sent(pkid);
                     Ok(())
                 }
                 Ok(_) => Ok(()),
                 Err(e) => {
-                    if brokers.len() > 1 {
-                        let (next, options) = brokers.after(dialled);
-                        dialled = next;
-                        eventloop.mqtt_options = options.clone();
-                    }
+                    brokers.dial_next(&mut eventloop);
                     let was_connected = forget_connection(&mut eventloop, &tracking);
-                    let delay = backoff.next_delay(random_u64());
-                    let detail = format!("{e}; retrying in {:.1} s", delay.as_secs_f64());
-                    let sent = if was_connected || backoff.attempt <= 1 {
-                        events.send(LinkEvent::Disconnected(detail)).await
-                    } else {
-                        tracing::debug!("broker unreachable: {detail}");
-                        Ok(())
-                    };
-                    tokio::time::sleep(delay).await;
-                    sent
+                    wait_to_reconnect(&e, was_connected, &mut backoff, &events).await
                 }
             };
             if sent.is_err() {
@@ -547,10 +565,15 @@ mod tests {
             ))
         );
         assert!(Endpoint::parse_list("mqtts://n1:8883,").is_err());
-        let brokers = Brokers::new(&list, |e| options("d1", e, None));
+        let mut brokers = Brokers::new(&list, |e| options("d1", e, None));
         assert_eq!(brokers.first().broker_address(), ("n1".into(), 8883));
-        assert_eq!(brokers.after(0).1.broker_address(), ("n2".into(), 8884));
-        assert_eq!(brokers.after(1).0, 0, "round the list");
+        let mut eventloop = rumqttc::EventLoop::new(brokers.first().clone(), 1);
+        assert_eq!(brokers.dial_next(&mut eventloop), ("n2".into(), 8884));
+        assert_eq!(
+            brokers.dial_next(&mut eventloop),
+            ("n1".into(), 8883),
+            "round the list"
+        );
     }
 
     #[test]

@@ -277,10 +277,7 @@ async fn drive(
             // Refused for now (a NATS cluster electing a JetStream leader):
             // subscribe and announce again, as after a connect, in a second.
             Ok(MqttEvent::Incoming(Packet::SubAck(ack)))
-                if ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+                if edgefleet_agent::link::refused(&ack) =>
             {
                 tracing::debug!(%device, "subscription refused; again in 1 s");
                 let tx = tx.clone();

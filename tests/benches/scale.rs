@@ -13,11 +13,14 @@
 //! controller published per wave against one copy of the bundle.
 //!
 //! Arguments: `--devices N[,N...]` (default 1000), `--ingest-s S` (default 30),
-//! `--broker embedded|mosquitto` (default embedded): with `mosquitto` the
+//! `--broker embedded|mosquitto|nats` (default embedded): with `mosquitto` the
 //! devices connect to Debian's Mosquitto in its own process (prepared by
 //! `edgefleet broker mosquitto`: mutual TLS, the per-device ACL) and the
 //! controller holds one connection to it; the broker's RSS and CPU are then
-//! reported on their own. `--store sqlite|postgres` (default sqlite): with
+//! reported on their own. `nats`: a cluster of three `nats-server` nodes
+//! (prepared by `edgefleet broker nats`: MQTT with mutual TLS, JetStream, a
+//! user per enrolled device), device i on node i % 3, each node's RSS and CPU
+//! reported. `--store sqlite|postgres` (default sqlite): with
 //! `postgres` the controller's store is a PostgreSQL server the bench starts
 //! (`edgefleet::server::db::testing`), reported on its own (its processes'
 //! private memory plus the shared buffers once; their CPU).
@@ -114,28 +117,32 @@ impl Side {
 /// of PostgreSQL's and of the devices' process.
 struct Usage {
     /// (label, what) of each side reported.
-    sides: Vec<(&'static str, Side)>,
+    sides: Vec<(String, Side)>,
     since: Instant,
     cpu: Vec<f64>,
 }
 
 impl Usage {
-    fn new(devices: u32, broker: Option<u32>, postgres: Option<u32>) -> Usage {
+    fn new(devices: u32, brokers: Vec<(String, u32)>, postgres: Option<u32>) -> Usage {
         let mut sides = vec![(
-            if broker.is_some() {
-                "controller"
-            } else {
+            if brokers.is_empty() {
                 "controller+broker"
-            },
+            } else {
+                "controller"
+            }
+            .to_owned(),
             Side::Process("self".to_owned()),
         )];
-        if let Some(pid) = broker {
-            sides.push(("Mosquitto", Side::Process(pid.to_string())));
+        for (name, pid) in brokers {
+            sides.push((name, Side::Process(pid.to_string())));
         }
         if let Some(pid) = postgres {
-            sides.push(("PostgreSQL", Side::Postgres(pid)));
+            sides.push(("PostgreSQL".to_owned(), Side::Postgres(pid)));
         }
-        sides.push(("devices' process", Side::Process(devices.to_string())));
+        sides.push((
+            "devices' process".to_owned(),
+            Side::Process(devices.to_string()),
+        ));
         let cpu = sides.iter().map(|(_, side)| side.usage().1).collect();
         Usage {
             sides,
@@ -185,6 +192,7 @@ fn run(n: usize, ingest_s: u64, broker: TestBroker, postgres: bool) {
         match broker {
             TestBroker::Embedded => "embedded (rumqttd behind the gate, in the controller)",
             TestBroker::Mosquitto => "Mosquitto (its own process, mutual TLS, the ACL)",
+            TestBroker::Nats => "NATS, three nodes (their own processes, mutual TLS, JetStream)",
         },
         if postgres {
             "PostgreSQL (its own processes, on this machine)"
@@ -196,11 +204,13 @@ fn run(n: usize, ingest_s: u64, broker: TestBroker, postgres: bool) {
     let ids = Harness::load_ids(n);
     h.enroll_many(&ids, &h.dir().join("load"));
     let enrolled = started.elapsed();
+    // NATS: the new devices become users of every node.
+    h.reload_broker_users();
     let storm = Instant::now();
     let (mut devices, _) = h.load_process_enrolled(&ids, 10);
     let mut use_ = Usage::new(
         devices.id(),
-        h.broker_pid(),
+        h.broker_pids(),
         postgres.then(|| edgefleet::server::db::testing::shared().server_pid()),
     );
     // Longer than the harness's usual wait: a storm of 10,000 TLS handshakes
@@ -337,7 +347,8 @@ fn main() {
     let broker = match arg("--broker").as_deref() {
         None | Some("embedded") => TestBroker::Embedded,
         Some("mosquitto") => TestBroker::Mosquitto,
-        Some(other) => panic!("--broker {other}: embedded or mosquitto"),
+        Some("nats") => TestBroker::Nats,
+        Some(other) => panic!("--broker {other}: embedded, mosquitto or nats"),
     };
     let postgres = match arg("--store").as_deref() {
         None | Some("sqlite") => false,

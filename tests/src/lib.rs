@@ -50,6 +50,8 @@ pub struct Harness {
     /// The external broker's process, when the controller uses Mosquitto
     /// (dropped after `runtime`: the controller stops first).
     mosquitto: Option<Mosquitto>,
+    /// The external broker's nodes, when the controller uses NATS.
+    nats: Option<nats::NatsCluster>,
 }
 
 /// Which broker a [`Harness`]'s controller uses.
@@ -60,6 +62,10 @@ pub enum TestBroker {
     /// Debian's Mosquitto in its own process, prepared by `edgefleet broker
     /// mosquitto` (mutual TLS with the controller's CA, the per-device ACL).
     Mosquitto,
+    /// A cluster of three `nats-server` nodes, prepared by `edgefleet broker
+    /// nats` (MQTT with mutual TLS, a user per enrolled device: call
+    /// [`Harness::reload_broker_users`] after enrolling).
+    Nats,
 }
 
 /// A Mosquitto process on a configuration written by `edgefleet broker
@@ -292,6 +298,15 @@ pub fn start_rollout_to_all(api: &Client, digest: &str, waves: &[&str], soak_ms:
         .to_owned()
 }
 
+/// The tests' tokio runtime: two worker threads, as the machine has two cores.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// Every telemetry report the stopped load devices sent (each counted once,
 /// however often it was sent again) is in the store at `url` exactly once:
 /// polls for up to 10 s for the controller's last batch.
@@ -367,11 +382,7 @@ impl Harness {
 
     /// [`Harness::start`] with the controller on `broker`.
     pub fn start_with(broker: TestBroker, tweak: impl FnOnce(&mut ControllerConfig)) -> Harness {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime = runtime();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut keys = Vec::new();
         for name in ["alice", "bob", "mallory"] {
@@ -403,6 +414,21 @@ impl Harness {
         tweak(&mut config);
         let mosquitto = (broker == TestBroker::Mosquitto)
             .then(|| Mosquitto::start(&dir.path().join("mosquitto"), &data, &mut config));
+        let nats = (broker == TestBroker::Nats).then(|| {
+            let database = match &config.database {
+                Some(edgefleet::server::config::DatabaseSetting::Location(url)) => {
+                    Some(url.clone())
+                }
+                _ => None,
+            };
+            nats::NatsCluster::start(
+                &dir.path().join("nats"),
+                &data,
+                database.as_deref(),
+                3,
+                &mut config,
+            )
+        });
         let (started, server) = runtime
             .block_on(edgefleet::server::serve::start(
                 config,
@@ -430,12 +456,31 @@ impl Harness {
             data,
             dir,
             mosquitto,
+            nats,
         }
     }
 
-    /// The external broker's process id, when there is one.
-    pub fn broker_pid(&self) -> Option<u32> {
-        self.mosquitto.as_ref().map(|m| m.0.id())
+    /// The external broker's processes, named, when there are any.
+    pub fn broker_pids(&self) -> Vec<(String, u32)> {
+        let mosquitto = self
+            .mosquitto
+            .iter()
+            .map(|m| ("Mosquitto".into(), m.0.id()));
+        let nats = self.nats.iter().flat_map(|c| {
+            c.pids()
+                .into_iter()
+                .enumerate()
+                .map(|(i, pid)| (format!("NATS n{}", i + 1), pid))
+        });
+        mosquitto.chain(nats).collect()
+    }
+
+    /// Makes the devices enrolled since the broker started its users (NATS;
+    /// Mosquitto and the embedded broker read the certificate's name).
+    pub fn reload_broker_users(&self) {
+        if let Some(c) = &self.nats {
+            c.reload_users();
+        }
     }
 
     /// The harness's temporary directory.
@@ -572,6 +617,11 @@ impl Harness {
             .args(["devices", "load", "--dir"])
             .arg(&dir)
             .args(["--telemetry-s", &telemetry_s.to_string()])
+            // A cluster's nodes: device i starts on node i % n.
+            .args(self.nats.iter().flat_map(|c| {
+                let nodes: Vec<String> = c.addrs().iter().map(ToString::to_string).collect();
+                ["--broker".to_owned(), nodes.join(",")]
+            }))
             // Warnings, or what the caller's EDGEFLEET_LOG asks for.
             .env(
                 "EDGEFLEET_LOG",

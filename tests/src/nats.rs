@@ -15,7 +15,7 @@ use crate::wait_for;
 pub struct NatsCluster {
     dir: PathBuf,
     data: PathBuf,
-    database: String,
+    database: Option<String>,
     nodes: Vec<(Option<Child>, SocketAddr)>,
 }
 
@@ -40,12 +40,13 @@ fn free_ports(count: u16) -> u16 {
 
 impl NatsCluster {
     /// Prepares a cluster of `count` nodes in `dir` for the controller whose
-    /// data directory is `data` and store is `database`, starts every node,
-    /// and points `config` at all of them as its external broker.
+    /// data directory is `data` and store is `database` (None: the data
+    /// directory's SQLite file), starts every node, and points `config` at all
+    /// of them as its external broker.
     pub fn start(
         dir: &Path,
         data: &Path,
-        database: &str,
+        database: Option<&str>,
         count: u16,
         config: &mut ControllerConfig,
     ) -> NatsCluster {
@@ -59,14 +60,14 @@ impl NatsCluster {
             cluster_port,
             hosts: vec!["127.0.0.1".into(), "localhost".into()],
             topic_prefix: config.mqtt.topic_prefix.clone(),
-            database: Some(database.to_owned()),
+            database: database.map(str::to_owned),
             users_only,
         };
         broker(command(false)).expect("edgefleet broker nats");
         let mut cluster = NatsCluster {
             dir: dir.to_path_buf(),
             data: data.to_path_buf(),
-            database: database.to_owned(),
+            database: database.map(str::to_owned),
             nodes: (0..count)
                 .map(|i| (None, SocketAddr::from(([127, 0, 0, 1], mqtt + i))))
                 .collect(),
@@ -109,6 +110,14 @@ impl NatsCluster {
         self.nodes[i].0 = Some(child);
     }
 
+    /// Each running node's process id.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|(c, _)| c.as_ref().map(Child::id))
+            .collect()
+    }
+
     /// Each node's MQTT address.
     pub fn addrs(&self) -> Vec<SocketAddr> {
         self.nodes.iter().map(|(_, a)| *a).collect()
@@ -130,7 +139,7 @@ impl NatsCluster {
             cluster_port: 1,
             hosts: vec!["127.0.0.1".into()],
             topic_prefix: ControllerConfig::default().mqtt.topic_prefix,
-            database: Some(self.database.clone()),
+            database: self.database.clone(),
             users_only: true,
         })
         .expect("edgefleet broker nats --users-only");

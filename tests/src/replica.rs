@@ -90,3 +90,96 @@ pub fn metric(api: &Client, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// What a replicas test starts from: a temporary directory with the
+/// controller's data directory and trust root (signed by `key`), a fresh
+/// PostgreSQL database, and a configuration on it for the caller to point at
+/// a broker before [`Setup::write_config`].
+#[derive(Debug)]
+pub struct Setup {
+    /// The temporary directory (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// The replicas' shared data directory.
+    pub data: std::path::PathBuf,
+    /// The bundle signing key of the trust root.
+    pub key: edgefleet_shared::SecretKey,
+    /// The database's URL.
+    pub url: String,
+    /// The replicas' configuration.
+    pub config: edgefleet::server::config::ControllerConfig,
+}
+
+impl Setup {
+    /// A new directory, trust root and database.
+    pub fn new() -> Setup {
+        use edgefleet::server::config::{ControllerConfig, DatabaseSetting};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("controller");
+        std::fs::create_dir_all(&data).expect("data dir");
+        let key = crate::alice_and_trust_root(dir.path(), &data.join("trust-root.cbor"));
+        let url = edgefleet::server::db::testing::shared()
+            .create_database()
+            .expect("test database");
+        let config = ControllerConfig {
+            data_dir: data.clone(),
+            database: Some(DatabaseSetting::Location(url.clone())),
+            ..ControllerConfig::default()
+        };
+        Setup {
+            dir,
+            data,
+            key,
+            url,
+            config,
+        }
+    }
+
+    /// Writes the configuration (API on a free port, a 200 ms rollout tick,
+    /// a 1.5 s lease) for `edgefleet serve --config`.
+    pub fn write_config(&mut self) -> std::path::PathBuf {
+        self.config.http.listen = ([127, 0, 0, 1], 0).into();
+        self.config.rollouts.tick_ms = 200;
+        self.config.cluster.lease_ms = 1_500;
+        let file = self.dir.path().join("controller.toml");
+        std::fs::write(
+            &file,
+            toml::to_string(&self.config).expect("config as TOML"),
+        )
+        .expect("config file");
+        file
+    }
+}
+
+impl Default for Setup {
+    fn default() -> Setup {
+        Setup::new()
+    }
+}
+
+/// How many devices the replica behind `api` sees online.
+pub fn online(api: &Client) -> u64 {
+    api.get("/api/v1/devices?state=online&limit=1")
+        .ok()
+        .and_then(|v| v["total"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Rollout `id` as the replica behind `api` has it stored.
+pub fn rollout(api: &Client, id: &str) -> serde_json::Value {
+    api.get(&format!("/api/v1/rollouts/{id}")).expect("view")["rollout"].clone()
+}
+
+/// Waits up to 90 s until rollout `id` is in `wave` or later; `context` is
+/// printed if it never is.
+pub fn wait_for_wave(api: &Client, id: &str, wave: u64, context: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while rollout(api, id)["wave"].as_u64() < Some(wave) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no wave {wave} in 90 s: {}\n{}",
+            rollout(api, id),
+            context()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

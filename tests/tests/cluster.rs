@@ -11,51 +11,31 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use edgefleet::server::config::{ControllerConfig, DatabaseSetting};
 use edgefleet_tests::nats::NatsCluster;
-use edgefleet_tests::replica::{Replica, query};
+use edgefleet_tests::replica::{Replica, Setup, online, query, rollout, wait_for_wave};
 use edgefleet_tests::{enroll_many, wait_for};
 
 #[test]
 fn a_rollout_survives_killing_a_replica_and_a_broker_node() {
     const N: usize = 30;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = edgefleet_tests::runtime();
     let _enter = runtime.enter();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data = dir.path().join("controller");
-    std::fs::create_dir_all(&data).expect("data dir");
-    let key = edgefleet_tests::alice_and_trust_root(dir.path(), &data.join("trust-root.cbor"));
-
-    let url = edgefleet::server::db::testing::shared()
-        .create_database()
-        .expect("test database");
-    let mut config = ControllerConfig {
-        data_dir: data.clone(),
-        database: Some(DatabaseSetting::Location(url.clone())),
-        ..ControllerConfig::default()
-    };
-    let broker_dir = dir.path().join("nats");
-    let mut nats = NatsCluster::start(&broker_dir, &data, &url, 3, &mut config);
-    config.http.listen = ([127, 0, 0, 1], 0).into();
-    config.rollouts.tick_ms = 200;
-    config.cluster.lease_ms = 1_500;
-    let config_file = dir.path().join("controller.toml");
-    std::fs::write(
-        &config_file,
-        toml::to_string(&config).expect("config as TOML"),
-    )
-    .expect("config file");
+    let mut setup = Setup::new();
+    let (dir, data, url) = (
+        setup.dir.path().to_owned(),
+        setup.data.clone(),
+        setup.url.clone(),
+    );
+    let broker_dir = dir.join("nats");
+    let mut nats = NatsCluster::start(&broker_dir, &data, Some(&url), 3, &mut setup.config);
+    let config_file = setup.write_config();
 
     // Both replicas dial node 1 first (the first URL).
     let mut a = Replica::start(&config_file, "a", &data);
     let b = Replica::start(&config_file, "b", &data);
 
     let ids: Vec<String> = (0..N).map(|i| format!("nats-{i:03}")).collect();
-    let files = enroll_many(&b.api, &ids, &dir.path().join("devices"));
+    let files = enroll_many(&b.api, &ids, &dir.join("devices"));
     // The new devices become NATS users.
     nats.reload_users();
     let users = std::fs::read_to_string(broker_dir.join("devices.conf")).expect("devices.conf");
@@ -67,12 +47,6 @@ fn a_rollout_survives_killing_a_replica_and_a_broker_node() {
         files,
         Duration::from_millis(1000),
     ));
-    let online = |api: &edgefleet::ops::remote::Client| {
-        api.get("/api/v1/devices?state=online&limit=1")
-            .ok()
-            .and_then(|v| v["total"].as_u64())
-            .unwrap_or(0)
-    };
     let seen = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         wait_for("every device online through the NATS cluster", || {
             (online(&b.api) == N as u64).then_some(())
@@ -87,8 +61,8 @@ fn a_rollout_survives_killing_a_replica_and_a_broker_node() {
     );
     let connects_before = fleet.stats().connects.load(Ordering::Relaxed);
 
-    let bundle = dir.path().join("v1.efb");
-    edgefleet_tests::signed_iris_bundle(&key, &bundle);
+    let bundle = dir.join("v1.efb");
+    edgefleet_tests::signed_iris_bundle(&setup.key, &bundle);
     let digest = b.api.upload("/api/v1/bundles", &bundle).expect("upload")["bundle"]["digest"]
         .as_str()
         .expect("digest")
@@ -113,19 +87,8 @@ fn a_rollout_survives_killing_a_replica_and_a_broker_node() {
         .as_str()
         .expect("id")
         .to_owned();
-    let view = |api: &edgefleet::ops::remote::Client| {
-        api.get(&format!("/api/v1/rollouts/{id}")).expect("view")["rollout"].clone()
-    };
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while view(&b.api)["wave"].as_u64() < Some(2) {
-        assert!(
-            Instant::now() < deadline,
-            "no wave 2 in 90 s: {}\ndevices: {:?}",
-            view(&b.api),
-            fleet.stats()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let view = |api: &edgefleet::ops::remote::Client| rollout(api, &id);
+    wait_for_wave(&b.api, &id, 2, || format!("devices: {:?}", fleet.stats()));
     let before = view(&b.api);
     assert_ne!(before["phase"], "completed", "killed too late: {before}");
     // The replica running the rollout, and the node both replicas and a

@@ -10,45 +10,26 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use edgefleet::ops::remote::Client;
-use edgefleet::server::config::{ControllerConfig, DatabaseSetting};
-use edgefleet_tests::replica::{Replica, metric, query};
+use edgefleet_tests::replica::{Replica, Setup, metric, online, query, rollout, wait_for_wave};
 use edgefleet_tests::{Mosquitto, enroll_many, wait_for};
 use serde_json::json;
 
 #[test]
 fn a_rollout_survives_killing_the_replica_that_runs_it() {
     const N: usize = 40;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = edgefleet_tests::runtime();
     let _enter = runtime.enter();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data = dir.path().join("controller");
-    std::fs::create_dir_all(&data).expect("data dir");
-    let key = edgefleet_tests::alice_and_trust_root(dir.path(), &data.join("trust-root.cbor"));
-
     // One store, one broker, one configuration for both replicas.
-    let url = edgefleet::server::db::testing::shared()
-        .create_database()
-        .expect("test database");
-    let mut config = ControllerConfig {
-        data_dir: data.clone(),
-        database: Some(DatabaseSetting::Location(url.clone())),
-        ..ControllerConfig::default()
-    };
-    let _mosquitto = Mosquitto::start(&dir.path().join("broker"), &data, &mut config);
-    config.http.listen = ([127, 0, 0, 1], 0).into();
-    config.rollouts.tick_ms = 200;
-    config.cluster.lease_ms = 1_500;
-    config.cluster.shared_subscriptions = true;
-    let config_file = dir.path().join("controller.toml");
-    std::fs::write(
-        &config_file,
-        toml::to_string(&config).expect("config as TOML"),
-    )
-    .expect("config file");
+    let mut setup = Setup::new();
+    let (dir, data, url) = (
+        setup.dir.path().to_owned(),
+        setup.data.clone(),
+        setup.url.clone(),
+    );
+    let _mosquitto = Mosquitto::start(&dir.join("broker"), &data, &mut setup.config);
+    setup.config.cluster.shared_subscriptions = true;
+    let config_file = setup.write_config();
+    let config = setup.config.clone();
 
     let mut a = Replica::start(&config_file, "a", &data);
     let b = Replica::start(&config_file, "b", &data);
@@ -62,7 +43,7 @@ fn a_rollout_survives_killing_the_replica_that_runs_it() {
     assert!(e.contains("no rollout ro-x"), "{e}");
 
     let ids: Vec<String> = (0..N).map(|i| format!("rep-{i:03}")).collect();
-    let files = enroll_many(&b.api, &ids, &dir.path().join("devices"));
+    let files = enroll_many(&b.api, &ids, &dir.join("devices"));
     let broker_port: u16 = config
         .mqtt
         .url
@@ -76,43 +57,29 @@ fn a_rollout_survives_killing_the_replica_that_runs_it() {
         files,
         Duration::from_millis(500),
     ));
-    let online = |api: &Client| {
-        api.get("/api/v1/devices?state=online&limit=1")
-            .ok()
-            .and_then(|v| v["total"].as_u64())
-            .unwrap_or(0)
-    };
     wait_for("every device online, seen by b", || {
         (online(&b.api) == N as u64).then_some(())
     });
 
-    let bundle = dir.path().join("v1.efb");
-    edgefleet_tests::signed_iris_bundle(&key, &bundle);
+    let bundle = dir.join("v1.efb");
+    edgefleet_tests::signed_iris_bundle(&setup.key, &bundle);
     let digest = b.api.upload("/api/v1/bundles", &bundle).expect("upload")["bundle"]["digest"]
         .as_str()
         .expect("digest")
         .to_owned();
     // Started through b, carried out by a.
     let id = edgefleet_tests::start_rollout_to_all(&b.api, &digest, &["1", "25%", "100%"], 1500);
-    let view =
-        |api: &Client| api.get(&format!("/api/v1/rollouts/{id}")).expect("view")["rollout"].clone();
+    let view = |api: &Client| rollout(api, &id);
     // Kill the holder once the second wave is under way (seen through b,
     // which reads the rollout from the store).
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while view(&b.api)["wave"].as_u64() < Some(2) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no wave 2 in 90 s: {}\ndevices: {:?}\nlease: {:?}",
-            view(&b.api),
-            fleet.stats(),
-            query(
-                &url,
-                "SELECT holder, expires_at FROM leases WHERE name <> $1",
-                ""
-            )
+    wait_for_wave(&b.api, &id, 2, || {
+        let lease = query(
+            &url,
+            "SELECT holder, expires_at FROM leases WHERE name <> $1",
+            "",
         );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        format!("devices: {:?}\nlease: {lease:?}", fleet.stats())
+    });
     let before = view(&b.api);
     assert_ne!(before["phase"], "completed", "killed too late: {before}");
     // Shared subscriptions: each report reached one replica, not both.

@@ -89,11 +89,7 @@ fn a_controller_on_postgres_killed_mid_rollout_carries_on_after_a_restart() {
 }
 
 fn killed_mid_rollout(database: Option<&str>) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = edgefleet_tests::runtime();
     let _enter = runtime.enter();
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("controller");

@@ -105,9 +105,8 @@ fn read_enrollments(dir: &Path) -> Result<(Vec<LoadSpec>, String, String), Comma
     Ok((specs, url, prefix))
 }
 
-/// `host:port` of an `mqtts://host:port` URL (or of a bare `host:port`).
-/// The address of each broker in `urls` (one, or a cluster's nodes separated
-/// by commas).
+/// The address of each broker in `urls`: one, or a cluster's nodes separated
+/// by commas, each `mqtts://host:port` or a bare `host:port`.
 fn broker_addrs(urls: &str) -> Result<Vec<SocketAddr>, CommandError> {
     urls.split(',')
         .map(|url| {

@@ -390,8 +390,14 @@ pub struct BrokerLink {
 
 /// The controller's MQTT connection to each broker of the link: its replica's
 /// client id, the protocol's packet limit, TLS when the link has it.
-fn mqtt_options(link: &BrokerLink, replica: &Replica) -> Brokers {
-    Brokers::new(&link.endpoints, |e| endpoint_options(e, link, replica))
+/// With the client on the first.
+fn mqtt_options(
+    link: &BrokerLink,
+    replica: &Replica,
+) -> (Brokers, (AsyncClient, rumqttc::EventLoop)) {
+    let brokers = Brokers::new(&link.endpoints, |e| endpoint_options(e, link, replica));
+    let client = AsyncClient::new(brokers.first().clone(), 1024);
+    (brokers, client)
 }
 
 fn endpoint_options(
@@ -428,8 +434,7 @@ impl Fleet {
             telemetry,
             replica,
         } = options;
-        let brokers = mqtt_options(&link, &replica);
-        let (client, eventloop) = AsyncClient::new(brokers.first().clone(), 1024);
+        let (brokers, (client, eventloop)) = mqtt_options(&link, &replica);
         remove_upload_leftovers(&bundles_dir);
         let (outbox, mut outbox_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
         let fleet = Arc::new(Fleet {
@@ -503,11 +508,10 @@ impl Fleet {
     async fn broker_loop(
         self: Arc<Fleet>,
         mut eventloop: rumqttc::EventLoop,
-        brokers: Brokers,
+        mut brokers: Brokers,
         in_tx: mpsc::Sender<(String, Vec<u8>)>,
     ) {
         let mut backoff = Duration::from_millis(200);
-        let mut dialled = 0;
         loop {
             match eventloop.poll().await {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
@@ -520,10 +524,7 @@ impl Fleet {
                 // died): without it this replica would be deaf to those
                 // topics until the next connect. Asked again in a second.
                 Ok(MqttEvent::Incoming(Packet::SubAck(ack)))
-                    if ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+                    if edgefleet_agent::link::refused(&ack) =>
                 {
                     tracing::warn!("the broker refused a subscription; asking again in 1 s");
                     let fleet = self.clone();
@@ -540,11 +541,8 @@ impl Fleet {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let (next, options) = brokers.after(dialled);
-                    dialled = next;
-                    let (host, port) = options.broker_address();
+                    let (host, port) = brokers.dial_next(&mut eventloop);
                     tracing::warn!(error = %e, "broker connection lost; dialling {host}:{port}");
-                    eventloop.mqtt_options = options.clone();
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
