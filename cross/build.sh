@@ -29,8 +29,14 @@ esac
 
 # shellcheck source=cross/env.sh
 . "$HERE/env.sh"
-# The comparison build keeps the standard library's fast algorithms too.
-[ "$PROFILE" = edge ] || BUILD_STD=(-Zbuild-std=std,panic_abort)
+# The comparison build keeps the standard library's fast algorithms, and rustfft
+# its SIMD kernels, too.
+EDGE_PATCH=()
+if [ "$PROFILE" = edge ]; then
+  edge_patch
+else
+  BUILD_STD=(-Zbuild-std=std,panic_abort)
+fi
 
 cd "$ROOT"
 for T in "${TARGETS[@]}"; do
@@ -48,13 +54,13 @@ for T in "${TARGETS[@]}"; do
     export EDGEFLEET_ORDER="$W/order-$T.txt" EDGEFLEET_ORDER_REPORT="$W/order-$T.report"
     export EDGEFLEET_ZIG="$W/venv/bin/python-zig" EDGEFLEET_TARGET="$T"
     rm -f "$EDGEFLEET_ORDER_REPORT"
-    cargo-zigbuild rustc "${BUILD_STD[@]}" --profile "$PROFILE" --target "$T" \
+    cargo-zigbuild rustc "${EDGE_PATCH[@]}" "${EDGE_TARGET_CONFIG[@]}" "${BUILD_STD[@]}" --profile "$PROFILE" --target "$T" \
       -p edgefleet-agent --bin edgefleet-agent -- -C linker="$HERE/link-ordered.sh"
     if [ -f "$EDGEFLEET_ORDER_REPORT" ]; then
       echo "cross/build.sh: code layout: $(cat "$EDGEFLEET_ORDER_REPORT") (cross/order.sh $T renews the list)"
     fi
   else
-    cargo zigbuild "${BUILD_STD[@]}" --profile "$PROFILE" --target "$T" \
+    cargo zigbuild "${EDGE_PATCH[@]}" "${EDGE_TARGET_CONFIG[@]}" "${BUILD_STD[@]}" --profile "$PROFILE" --target "$T" \
       -p edgefleet-agent --bin edgefleet-agent
   fi
   OUT="$HERE/out/$T"

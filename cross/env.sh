@@ -37,7 +37,51 @@ edge_target() {
   # The C code (mimalloc, ring) without unwind tables either, as the Rust code.
   export "CFLAGS_$(echo "$1" | tr '-' '_')=-DMI_DEFAULT_ARENA_EAGER_COMMIT=0 -fno-asynchronous-unwind-tables -fno-unwind-tables"
   local profile=${2:-edge}
+  # x86-64: tract-core at "s" instead of "z" (the CNN in-process 1.23x the release
+  # build's time at "z", 1.02-1.03x at "s"; 0.9 MB, paid for by rustfft without its
+  # x86 SIMD kernels, edge_patch). The ARM builds keep "z": aarch64 is 7.9 MB of
+  # its 8 MB, and rustfft's NEON kernels are asked for by tract itself.
+  EDGE_TARGET_CONFIG=()
+  if [ "$profile" = edge ] && [[ $1 == x86_64-* ]]; then
+    EDGE_TARGET_CONFIG=(--config 'profile.edge.package.tract-core.opt-level="s"')
+  fi
   rm -f "$CARGO_TARGET_DIR/$1/$profile/edgefleet-agent"
   find "$CARGO_TARGET_DIR/$1/$profile/deps" -maxdepth 1 -name 'edgefleet_agent-*' ! -name '*.*' \
     -delete 2>/dev/null || true
+}
+
+# rustfft without its x86 SIMD kernels, for the device build only: tract-core asks
+# for rustfft's default features (AVX and SSE butterflies, 0.82 MB of the x86-64
+# agent), used by tract's STFT/DFT operators and by none of the models we ship or
+# benchmark; the scalar FFT stays. The bytes pay for tract-core at a higher
+# opt-level (issue 25, docs/benchmarks.md). A copy of the registry's source with no
+# default features, given to cargo as a patch; the patched resolution goes to a
+# copy of Cargo.lock in the work directory (`-Zlockfile-path`), the repository's
+# stays as it is. Sets EDGE_PATCH to the arguments for cargo.
+edge_patch() {
+  local v src dst
+  v=$(awk '/^name = "rustfft"$/ {getline; gsub(/[^0-9.]/, ""); print}' "$ROOT/Cargo.lock")
+  dst="$W/patched/rustfft-$v"
+  # Made once per version (a new copy would rebuild tract on every build).
+  if [ ! -f "$dst/.edgefleet-patched" ]; then
+    (cd "$ROOT" && cargo fetch -q)
+    src=$(ls -d "$CARGO_HOME"/registry/src/*/"rustfft-$v" | head -n 1)
+    rm -rf "$dst"
+    mkdir -p "$W/patched"
+    cp -r "$src" "$dst"
+    # `default = [ "avx", "sse", "neon", ]` over several lines, to `default = []`.
+    python3 - "$dst/Cargo.toml" <<'PY'
+import re, sys
+p = sys.argv[1]
+s = open(p).read()
+s, n = re.subn(r"(?m)^default = \[[^\]]*\]", "default = []", s)
+assert n == 1, "rustfft's Cargo.toml has no default feature list"
+open(p, "w").write(s)
+PY
+    touch "$dst/.edgefleet-patched"
+  fi
+  mkdir -p "$W/patched/lock"
+  cp "$ROOT/Cargo.lock" "$W/patched/lock/Cargo.lock"
+  EDGE_PATCH=(-Zlockfile-path --config "resolver.lockfile-path=\"$W/patched/lock/Cargo.lock\""
+    --config "patch.crates-io.rustfft.path=\"$dst\"")
 }

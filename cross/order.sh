@@ -129,7 +129,8 @@ for T in "${TARGETS[@]}"; do
   else
     edge_target "$T"
     echo "cross/order.sh: building edgefleet-agent for $T with its symbols"
-    (cd "$ROOT" && cargo-zigbuild rustc "${BUILD_STD[@]}" --profile edge --target "$T" \
+    edge_patch
+    (cd "$ROOT" && cargo-zigbuild rustc "${EDGE_PATCH[@]}" "${EDGE_TARGET_CONFIG[@]}" "${BUILD_STD[@]}" --profile edge --target "$T" \
       -p edgefleet-agent --bin edgefleet-agent -- -C strip=none)
     cp "$CARGO_TARGET_DIR/$T/edge/edgefleet-agent" "agent-$T"
   fi
