@@ -785,3 +785,35 @@ fn telemetry_seqs(c: &Controller, device: &str) -> Vec<u64> {
         .filter_map(|t| t["seq"].as_u64())
         .collect()
 }
+
+/// A NATS cluster can be prepared before the controller's first start: no
+/// store yet means no device users yet, and the command makes no store.
+#[test]
+fn a_nats_cluster_is_prepared_before_the_controller_ever_ran() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("controller");
+    let out = dir.path().join("nats");
+    let said = run_ok(
+        &["broker", "nats", "--data-dir", s(&data), "--out", s(&out)],
+        &[],
+    );
+    assert!(
+        said.contains("the controller and 0 enrolled devices"),
+        "{said}"
+    );
+    let users = std::fs::read_to_string(out.join("devices.conf")).expect("devices.conf");
+    assert!(!users.contains("CN=dev"), "{users}");
+    for node in [
+        "n1.conf",
+        "n2.conf",
+        "n3.conf",
+        "controller-mqtt.toml",
+        "ca.pem",
+    ] {
+        assert!(out.join(node).is_file(), "{node} written");
+    }
+    assert!(
+        !data.join("controller.db").exists(),
+        "preparing the broker made no store"
+    );
+}
