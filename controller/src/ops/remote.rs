@@ -285,10 +285,10 @@ fn enrolled_devices(
     let location = config.store_location();
     // A broker prepared before the controller's first start: no store, no
     // devices yet (and no store made here as a side effect).
-    if let crate::server::db::StoreLocation::Sqlite(path) = &location {
-        if !path.exists() {
-            return Ok(Vec::new());
-        }
+    if let crate::server::db::StoreLocation::Sqlite(path) = &location
+        && !path.exists()
+    {
+        return Ok(Vec::new());
     }
     let store_err = |e: crate::server::db::DbError| CommandError::Argument {
         what: "--database",
