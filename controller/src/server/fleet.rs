@@ -26,7 +26,7 @@ use edgefleet_shared::protocol::{
     self, Action, AgentUpdateFailure, BundleOffer, Chunk, Command, DeviceTopic, Event, EventKind,
     FailureReason, FetchRequest, InstallMode, Telemetry, TelemetryAck, Topics,
 };
-use edgefleet_shared::protocol::{LATENCY_BOUNDS_US, quantile_us};
+use edgefleet_shared::protocol::{LATENCY_BOUNDS_US, quantile_interpolated_us, quantile_us};
 use edgefleet_shared::{DeviceId, Digest, RawHeader, UnixTime};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, Transport};
 use serde::Serialize;
@@ -1562,13 +1562,15 @@ pub fn drift_alerts(
     (next, changes)
 }
 
-/// p95 of histogram `a` over p95 of `b` (buckets of [`LATENCY_BOUNDS_US`]).
+/// p95 of histogram `a` over p95 of `b` (buckets of [`LATENCY_BOUNDS_US`]),
+/// each interpolated inside its bucket so that a small move across a bound is
+/// not judged a 2x step.
 fn p95_ratio(a: &[u64], b: &[u64]) -> Option<f64> {
     match (
-        quantile_us(&LATENCY_BOUNDS_US, a, 0.95),
-        quantile_us(&LATENCY_BOUNDS_US, b, 0.95),
+        quantile_interpolated_us(&LATENCY_BOUNDS_US, a, 0.95),
+        quantile_interpolated_us(&LATENCY_BOUNDS_US, b, 0.95),
     ) {
-        (Some(a), Some(b)) if b > 0 => Some(a as f64 / b as f64),
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
     }
 }
@@ -2020,20 +2022,10 @@ mod tests {
         ];
         let h = wave_health(Subject::Model(dg("new")), &wave, &others, &rows);
         assert_eq!(h.error_rate, Some(10.0 / 210.0));
-        let expect = quantile_us(
-            &LATENCY_BOUNDS_US,
-            &rows[0].latency_counts.clone().unwrap_or_default(),
-            0.95,
-        )
-        .unwrap_or(0) as f64
-            / quantile_us(
-                &LATENCY_BOUNDS_US,
-                &rows[2].latency_counts.clone().unwrap_or_default(),
-                0.95,
-            )
-            .unwrap_or(1) as f64;
-        assert_eq!(h.p95_latency_ratio, Some(expect));
-        assert!(expect > 1.0);
+        // p95 interpolated in each bucket: 200 + 300 * 0.95 over 100 + 100 * 0.95.
+        let expect = 485.0 / 195.0;
+        let got = h.p95_latency_ratio.unwrap_or(f64::NAN);
+        assert!((got - expect).abs() < 1e-9, "{got}");
         // A wave device still on the old bundle counts for neither side.
         let rows2 = vec![row("a", "old", 1000, 1000, 3), row("c", "old", 100, 0, 2)];
         assert_eq!(
