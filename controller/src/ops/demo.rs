@@ -170,32 +170,7 @@ struct Bundles {
 }
 
 fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Bundles), DemoError> {
-    step(
-        1,
-        "operator: three signing keys, and a trust root that needs any 2 of them",
-    );
-    let keys_dir = dir.join("keys");
-    let mut secrets = Vec::new();
-    for name in ["alice", "bob", "carol"] {
-        let (secret, _, key) = operator::generate_key(&keys_dir, name)?;
-        println!(
-            "  {name:<6} key {}  {}",
-            key.public().id().short(),
-            secret.display()
-        );
-        secrets.push(key);
-    }
-    let publics: Vec<KeyFile> = secrets
-        .iter()
-        .map(|k| KeyFile::Public(k.public()))
-        .collect();
-    let root = operator::new_trust_root(&publics, 2, 1, now.plus_days(365), &secrets[..2])?;
-    let root_path = dir.join("trust-root.cbor");
-    operator::save_trust_root(&root_path, &root)?;
-    println!(
-        "  {} (devices pin it; the controller checks uploads against it)",
-        root_path.display()
-    );
+    let (root_path, secrets) = keys_and_trust_root(dir, now)?;
 
     step(
         2,
@@ -249,6 +224,40 @@ fn keys_and_bundles(dir: &Path, now: UnixTime) -> Result<(PathBuf, Bundles), Dem
     );
     let vision = vision_bundle(dir, now, &secrets[..2])?;
     Ok((root_path, Bundles { good, bad, vision }))
+}
+
+/// Step 1: three operator keys and a trust root that needs any two of them.
+fn keys_and_trust_root(
+    dir: &Path,
+    now: UnixTime,
+) -> Result<(PathBuf, Vec<edgefleet_shared::SecretKey>), DemoError> {
+    step(
+        1,
+        "operator: three signing keys, and a trust root that needs any 2 of them",
+    );
+    let keys_dir = dir.join("keys");
+    let mut secrets = Vec::new();
+    for name in ["alice", "bob", "carol"] {
+        let (secret, _, key) = operator::generate_key(&keys_dir, name)?;
+        println!(
+            "  {name:<6} key {}  {}",
+            key.public().id().short(),
+            secret.display()
+        );
+        secrets.push(key);
+    }
+    let publics: Vec<KeyFile> = secrets
+        .iter()
+        .map(|k| KeyFile::Public(k.public()))
+        .collect();
+    let root = operator::new_trust_root(&publics, 2, 1, now.plus_days(365), &secrets[..2])?;
+    let root_path = dir.join("trust-root.cbor");
+    operator::save_trust_root(&root_path, &root)?;
+    println!(
+        "  {} (devices pin it; the controller checks uploads against it)",
+        root_path.display()
+    );
+    Ok((root_path, secrets))
 }
 
 /// The second model for the same devices, on its own channel: the digits CNN.
