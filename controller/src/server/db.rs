@@ -348,6 +348,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX telemetry_by_time ON telemetry(received_at);
     CREATE INDEX telemetry_by_device ON telemetry(device, id);
     ALTER TABLE devices ADD COLUMN channels TEXT NOT NULL DEFAULT '[]';",
+    // When the latest state (or will) was received: telemetry received after
+    // an offline state proves the device connected again (a stale will).
+    "ALTER TABLE devices ADD COLUMN state_at INTEGER;",
 ];
 
 /// The store.
@@ -867,10 +870,11 @@ impl Db {
         ];
         self.write(move |t| {
             t.execute(
-                "INSERT INTO devices (id, online, last_seen, agent_version, arch, active_digest, active_channel, active_version, state, channels)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                "INSERT INTO devices (id, online, last_seen, agent_version, arch, active_digest, active_channel, active_version, state, channels, state_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?3)
                  ON CONFLICT(id) DO UPDATE SET online = ?2, last_seen = ?3, agent_version = ?4, arch = ?5,
-                    active_digest = ?6, active_channel = ?7, active_version = ?8, state = ?9, channels = ?10",
+                    active_digest = ?6, active_channel = ?7, active_version = ?8, state = ?9, channels = ?10,
+                    state_at = ?3",
                 &row,
             )?;
             Ok(())
@@ -1105,12 +1109,21 @@ impl Db {
                 let last = latest.entry(s.device.as_str()).or_insert(0);
                 *last = (*last).max(*received);
             }
-            // One update per device and batch, not per sample.
+            // One update per device and batch, not per sample. A report
+            // received after the device's offline state (its will) means it
+            // connected again: the will was stale (a broker cluster can
+            // deliver the will of a connection attempt that failed after
+            // the device's next connection announced it online).
             for (device, at) in latest {
                 t.execute(
                     "UPDATE devices SET last_seen = CASE WHEN COALESCE(last_seen, 0) > ?2
                         THEN last_seen ELSE ?2 END WHERE id = ?1",
                     vals![device, i(at)],
+                )?;
+                t.execute(
+                    "UPDATE devices SET online = ?3
+                     WHERE id = ?1 AND online <> ?3 AND COALESCE(state_at, 0) < ?2",
+                    vals![device, i(at), true],
                 )?;
             }
             for (device, (at, report)) in drift {

@@ -187,6 +187,7 @@ const PG_MIGRATIONS: &[(i64, &str)] = &[
     ALTER TABLE telemetry ADD CONSTRAINT telemetry_part UNIQUE (device, epoch, seq, channel);
     ALTER TABLE devices ADD COLUMN channels TEXT NOT NULL DEFAULT '[]';",
     ),
+    (14, "ALTER TABLE devices ADD COLUMN state_at BIGINT;"),
 ];
 
 /// The advisory lock key under which migrations run ("edgeflt" in ASCII).

@@ -121,7 +121,43 @@ on_both_backends!(
     dashboard_sessions_last_until_they_end_or_are_closed,
     a_devices_latest_drift_report_is_kept_with_it,
     a_report_of_several_channels_is_a_row_per_channel_and_counts_once,
+    a_report_received_after_the_offline_state_shows_the_device_online_again,
 );
+
+/// A will can arrive after the device's next connection announced it online
+/// (a broker cluster publishing the will of a connection attempt that failed):
+/// a report received after the offline state proves the device is connected;
+/// one received before it (the device's last, stored late) does not.
+async fn a_report_received_after_the_offline_state_shows_the_device_online_again(kind: Kind) {
+    let store = fresh(kind).await;
+    let db = &store.db;
+    let d = Digest::of(b"bundle");
+    let state = |online| DeviceState {
+        device: dev("cam-1"),
+        at: UnixTime(10),
+        online,
+        agent_version: "0.1.0".into(),
+        arch: Arch::new("x86_64").expect("arch"),
+        slots: Vec::new(),
+        last_install: None,
+    };
+    let online = || async { db.devices().await.expect("devices")[0].online };
+    db.device_state(&state(true), 100).await.expect("online");
+    db.device_state(&state(false), 200).await.expect("will");
+    assert!(!online().await);
+    // Its last report, received before the will, stored after it.
+    db.insert_telemetry(vec![(telemetry("cam-1", 1, d, 5), 150)])
+        .await
+        .expect("report");
+    assert!(!online().await, "a report from before the will");
+    db.insert_telemetry(vec![(telemetry("cam-1", 2, d, 5), 250)])
+        .await
+        .expect("report");
+    assert!(online().await, "a report from after the will");
+    // And a real will after that holds.
+    db.device_state(&state(false), 300).await.expect("will");
+    assert!(!online().await);
+}
 
 async fn a_report_of_several_channels_is_a_row_per_channel_and_counts_once(kind: Kind) {
     let store = fresh(kind).await;
