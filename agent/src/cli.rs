@@ -725,7 +725,10 @@ pub fn link_setup(
         self_update: None,
         trial: None,
     };
-    let brokers = Brokers::new(&endpoints, |e| options(device.as_str(), e, tls.clone()));
+    let qos = crate::link::subscribe_qos(config.broker.subscribe_qos)
+        .map_err(|e| SetupError::new("broker.subscribe_qos", e))?;
+    let brokers =
+        Brokers::new(&endpoints, |e| options(device.as_str(), e, tls.clone())).subscribing_at(qos);
     Ok((brokers, settings))
 }
 

@@ -34,6 +34,17 @@ pub struct BrokerConfig {
     /// A command issued longer ago than this, by this device's clock, is
     /// refused as stale (60..=604800).
     pub command_max_age_s: u32,
+    /// QoS of the agent's subscriptions: 1, or 0 on a NATS cluster (which
+    /// makes every QoS 1 subscription a replicated JetStream consumer; the
+    /// protocol's own acknowledgements and resends carry delivery, see
+    /// docs/scale.md). Publishes are QoS 1 either way. Written out only when
+    /// 0, so that the files of other fleets still suit agents that predate it.
+    #[serde(skip_serializing_if = "is_qos_1")]
+    pub subscribe_qos: u8,
+}
+
+fn is_qos_1(level: &u8) -> bool {
+    *level == 1
 }
 
 impl Default for BrokerConfig {
@@ -46,7 +57,49 @@ impl Default for BrokerConfig {
             topic_prefix: edgefleet_shared::protocol::DEFAULT_PREFIX.into(),
             controller_key: "/etc/edgefleet/controller.pub".into(),
             command_max_age_s: 3600,
+            subscribe_qos: 1,
         }
+    }
+}
+
+impl BrokerConfig {
+    /// The field at fault and why, if any.
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        let tls = crate::link::Endpoint::parse_list(&self.url).map_err(|e| {
+            (
+                "broker.url",
+                format!("{e} (mqtts://host:port, or several separated by commas)"),
+            )
+        })?[0]
+            .tls;
+        if tls {
+            for (field, value) in [
+                ("broker.ca", &self.ca),
+                ("broker.cert", &self.cert),
+                ("broker.key", &self.key),
+            ] {
+                if value.is_none() {
+                    return Err((field, "is required with mqtts (mutual TLS)".into()));
+                }
+            }
+        }
+        Topics::new(&self.topic_prefix).map_err(|e| ("broker.topic_prefix", e.reason.into()))?;
+        if self.controller_key.as_os_str().is_empty() {
+            return Err((
+                "broker.controller_key",
+                "is required: commands are carried out only when the controller's key signed them"
+                    .into(),
+            ));
+        }
+        if !(60..=604_800).contains(&self.command_max_age_s) {
+            return Err((
+                "broker.command_max_age_s",
+                "must be between 60 and 604800".into(),
+            ));
+        }
+        crate::link::subscribe_qos(self.subscribe_qos)
+            .map_err(|reason| ("broker.subscribe_qos", reason.into()))?;
+        Ok(())
     }
 }
 
@@ -392,39 +445,9 @@ impl AgentConfig {
         if let Some(socket) = &self.api_socket {
             check_socket_path(socket).map_err(|e| invalid("api_socket", e.to_string()))?;
         }
-        let tls = crate::link::Endpoint::parse_list(&self.broker.url).map_err(|e| {
-            invalid(
-                "broker.url",
-                format!("{e} (mqtts://host:port, or several separated by commas)"),
-            )
-        })?[0]
-            .tls;
-        if tls {
-            for (field, value) in [
-                ("broker.ca", &self.broker.ca),
-                ("broker.cert", &self.broker.cert),
-                ("broker.key", &self.broker.key),
-            ] {
-                if value.is_none() {
-                    return Err(invalid(field, "is required with mqtts (mutual TLS)".into()));
-                }
-            }
-        }
-        Topics::new(&self.broker.topic_prefix)
-            .map_err(|e| invalid("broker.topic_prefix", e.reason.into()))?;
-        if self.broker.controller_key.as_os_str().is_empty() {
-            return Err(invalid(
-                "broker.controller_key",
-                "is required: commands are carried out only when the controller's key signed them"
-                    .into(),
-            ));
-        }
-        if !(60..=604_800).contains(&self.broker.command_max_age_s) {
-            return Err(invalid(
-                "broker.command_max_age_s",
-                "must be between 60 and 604800".into(),
-            ));
-        }
+        self.broker
+            .check()
+            .map_err(|(field, reason)| invalid(field, reason))?;
         if !(1..=86_400).contains(&self.telemetry.interval_s) {
             return Err(invalid(
                 "telemetry.interval_s",
@@ -523,7 +546,8 @@ impl AgentConfig {
              #   mqtt://host:port for development; several URLs separated by commas are\n\
              #   the nodes of a broker cluster, tried in turn. broker.controller_key: the controller's\n\
              #   command key from enrollment: only commands it signed are carried out, if\n\
-             #   issued less than broker.command_max_age_s ago. telemetry.interval_s: 1..86400.\n\
+             #   issued less than broker.command_max_age_s ago. broker.subscribe_qos: 1, or 0\n\
+             #   on a NATS cluster (docs/scale.md). telemetry.interval_s: 1..86400.\n\
              # limits: largest bundle accepted, free disk an install must leave (bytes);\n\
              #   models_memory_bytes: what every channel's models may declare together\n\
              #   (0: no budget beyond the memory available);\n\
@@ -606,6 +630,7 @@ mod tests {
                 "broker.command_max_age_s",
             ),
             ("[broker]\ntopic_prefix = \"a/#\"", "broker.topic_prefix"),
+            ("[broker]\nsubscribe_qos = 2", "broker.subscribe_qos"),
             ("[drift]\nwindow_rows = 5", "drift.window_rows"),
             ("[drift]\nmin_rows = 5000", "drift.min_rows"),
             ("[samples]\ncapacity = 0", "samples.capacity"),

@@ -105,6 +105,17 @@ impl Endpoint {
 pub struct Brokers {
     list: Vec<MqttOptions>,
     dialled: usize,
+    subscribe_qos: QoS,
+}
+
+/// The QoS of a link's subscriptions from its setting (`subscribe_qos`: 0 or
+/// 1), or why the setting is refused.
+pub fn subscribe_qos(level: u8) -> Result<QoS, &'static str> {
+    match level {
+        0 => Ok(QoS::AtMostOnce),
+        1 => Ok(QoS::AtLeastOnce),
+        _ => Err("must be 0 or 1 (0 on a NATS cluster, see docs/scale.md)"),
+    }
 }
 
 impl Brokers {
@@ -113,7 +124,21 @@ impl Brokers {
         Brokers {
             list: endpoints.iter().map(options).collect(),
             dialled: 0,
+            subscribe_qos: QoS::AtLeastOnce,
         }
+    }
+
+    /// Subscriptions at `qos` rather than QoS 1. QoS 0 is for a NATS cluster,
+    /// which makes every QoS 1 subscription a replicated JetStream consumer
+    /// (docs/scale.md, "NATS at scale"). Publishes stay at QoS 1.
+    pub fn subscribing_at(mut self, qos: QoS) -> Brokers {
+        self.subscribe_qos = qos;
+        self
+    }
+
+    /// The QoS of the subscriptions.
+    pub fn subscribe_qos(&self) -> QoS {
+        self.subscribe_qos
     }
 
     /// The options of the broker dialled first.
@@ -319,6 +344,7 @@ pub struct Link {
     client: AsyncClient,
     tracking: Arc<Mutex<Tracking>>,
     go: Arc<tokio::sync::Notify>,
+    subscribe_qos: QoS,
 }
 
 fn lock(m: &Mutex<Tracking>) -> MutexGuard<'_, Tracking> {
@@ -356,14 +382,15 @@ impl Link {
         Ok(())
     }
 
-    /// Subscribes at QoS 1 (if connected; subscriptions are renewed on connect).
+    /// Subscribes at the brokers' subscription QoS, 1 unless set (if
+    /// connected; subscriptions are renewed on connect).
     pub fn subscribe(&self, filter: &str) -> Result<(), NotSent> {
         let t = lock(&self.tracking);
         if !t.connected {
             return Err(NotSent::Offline);
         }
         self.client
-            .try_subscribe(filter, QoS::AtLeastOnce)
+            .try_subscribe(filter, self.subscribe_qos)
             .map_err(|_| NotSent::Busy)
     }
 
@@ -485,6 +512,7 @@ pub fn start(
         client,
         tracking: tracking.clone(),
         go: go.clone(),
+        subscribe_qos: brokers.subscribe_qos(),
     };
     let task = tokio::spawn(async move {
         go.notified().await;

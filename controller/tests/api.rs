@@ -48,6 +48,7 @@ async fn api() -> Api {
             }],
             tls: None,
             command_key: ca.command_key().expect("command key"),
+            subscribe_qos: rumqttc::QoS::AtLeastOnce,
         },
         FleetOptions {
             bundles_dir: dir.path().join("bundles"),
@@ -67,6 +68,7 @@ async fn api() -> Api {
         max_bundle_bytes: 1 << 20,
         broker_url: "mqtts://localhost:8883".into(),
         topic_prefix: "edgefleet/v1".into(),
+        subscribe_qos: 1,
         gate: Some(gate.clone()),
         gate_stats: Default::default(),
     });
@@ -679,6 +681,8 @@ async fn enrollment_admits_a_certificate_to_the_gate_and_revocation_removes_it()
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(admitted(&a), 1);
+    // QoS 1 subscriptions unless `[mqtt] subscribe_qos` says otherwise.
+    assert_eq!(first["subscribe_qos"], 1, "{first}");
     // Re-enrolling replaces the certificate: still one admitted, a different one.
     let (_, second) = a
         .json(

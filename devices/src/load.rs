@@ -69,6 +69,9 @@ pub struct LoadSettings {
     pub telemetry_interval: Duration,
     /// Inferences a device reports per second of its telemetry period.
     pub requests_per_s: u64,
+    /// QoS of the command subscription (the enrollment's `subscribe_qos`:
+    /// 1, or 0 on a NATS cluster). Acknowledgements and chunks are QoS 0.
+    pub subscribe_qos: QoS,
 }
 
 /// One load device: its id and its enrollment's certificate files.
@@ -164,6 +167,7 @@ impl LoadFleet {
                 telemetry_seq: 0,
                 interval: settings.telemetry_interval,
                 requests_per_s: settings.requests_per_s,
+                subscribe_qos: settings.subscribe_qos,
                 slots: Slots::default(),
                 last_install: None,
                 download: None,
@@ -389,6 +393,7 @@ struct LoadDevice {
     telemetry_seq: u64,
     interval: Duration,
     requests_per_s: u64,
+    subscribe_qos: QoS,
     slots: Slots,
     last_install: Option<InstallResult>,
     download: Option<Download>,
@@ -509,7 +514,7 @@ impl LoadDevice {
         // broker handles a client's packets in order, so a command sent
         // once the controller sees the device online reaches it (in the
         // other order, one sent at once was lost and resent a minute later).
-        let commands = Out::Subscribe(self.topic(DeviceTopic::Commands), QoS::AtLeastOnce);
+        let commands = Out::Subscribe(self.topic(DeviceTopic::Commands), self.subscribe_qos);
         self.out(client, commands);
         let acks = Out::Subscribe(self.topic(DeviceTopic::Acks), QoS::AtMostOnce);
         self.out(client, acks);

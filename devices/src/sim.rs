@@ -93,6 +93,9 @@ pub struct FleetSettings {
     pub dir: PathBuf,
     /// Time between telemetry reports.
     pub telemetry_interval: Duration,
+    /// The agents' `[broker] subscribe_qos`: 1, or 0 on a NATS cluster (from
+    /// the enrollment).
+    pub subscribe_qos: u8,
 }
 
 /// Counters of one device, for tests and benchmarks.
@@ -390,6 +393,7 @@ fn device_config(
     };
     config.broker.topic_prefix = settings.topic_prefix.clone();
     config.broker.controller_key = settings.controller_key.clone();
+    config.broker.subscribe_qos = settings.subscribe_qos;
     match (&spec.tls, settings.tls) {
         (Some(tls), true) => {
             config.broker.url = format!("mqtts://localhost:{relay_port}");

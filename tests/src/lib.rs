@@ -214,15 +214,32 @@ pub fn enroll_many(api: &Client, ids: &[String], dir: &Path) -> Vec<TlsFiles> {
     out
 }
 
+/// The `subscribe_qos` the controller handed a device at enrollment (its
+/// `agent.toml`, beside `files`).
+fn enrolled_level(files: &TlsFiles) -> u8 {
+    let path = files.ca.with_file_name("agent.toml");
+    let text = std::fs::read_to_string(&path).expect("the enrollment's agent.toml");
+    let config: edgefleet_agent::config::AgentConfig = toml::from_str(&text).expect("agent.toml");
+    config.broker.subscribe_qos
+}
+
+/// [`enrolled_level`] as a QoS.
+fn enrolled_qos(files: &TlsFiles) -> rumqttc::QoS {
+    edgefleet_agent::link::subscribe_qos(enrolled_level(files)).expect("subscribe_qos")
+}
+
 /// Starts load devices `ids` (their enrollment files `files`, in order) in
 /// this process against the broker at `broker`, telemetry every
-/// `telemetry_interval`.
+/// `telemetry_interval`, subscribing at the QoS of their enrollment.
 pub async fn start_load_fleet(
     brokers: &[SocketAddr],
     ids: &[String],
     files: Vec<TlsFiles>,
     telemetry_interval: Duration,
 ) -> LoadFleet {
+    let subscribe_qos = files
+        .first()
+        .map_or(rumqttc::QoS::AtLeastOnce, enrolled_qos);
     let specs: Vec<LoadSpec> = ids
         .iter()
         .zip(files)
@@ -240,6 +257,7 @@ pub async fn start_load_fleet(
             .unwrap_or_default(),
         telemetry_interval,
         requests_per_s: 5,
+        subscribe_qos,
     };
     LoadFleet::start(&settings, specs)
         .await
@@ -534,6 +552,10 @@ impl Harness {
                 .unwrap_or_default(),
             dir: self.dir().join("devices"),
             telemetry_interval: Duration::from_secs(1),
+            subscribe_qos: specs
+                .first()
+                .and_then(|s| s.tls.as_ref())
+                .map_or(1, enrolled_level),
         };
         let fleet = self
             .runtime

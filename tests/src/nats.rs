@@ -80,18 +80,14 @@ impl NatsCluster {
                 std::net::TcpStream::connect(addr).ok()
             });
         }
-        config.mqtt.mode = BrokerMode::External;
-        config.mqtt.url = Some(
-            cluster
-                .nodes
-                .iter()
-                .map(|(_, a)| format!("mqtts://127.0.0.1:{}", a.port()))
-                .collect::<Vec<_>>()
-                .join(","),
-        );
-        config.mqtt.ca = Some(dir.join("ca.pem"));
-        config.mqtt.cert = Some(dir.join("controller.pem"));
-        config.mqtt.key = Some(dir.join("controller.key"));
+        // The [mqtt] section `edgefleet broker nats` wrote for the controller.
+        let snippet = std::fs::read_to_string(dir.join("controller-mqtt.toml")).expect("snippet");
+        let mut table: toml::Table = toml::from_str(&snippet).expect("controller-mqtt.toml");
+        config.mqtt = table
+            .remove("mqtt")
+            .and_then(|m| m.try_into().ok())
+            .expect("controller-mqtt.toml holds an [mqtt] section");
+        assert_eq!(config.mqtt.mode, BrokerMode::External);
         // NATS has no MQTT shared subscriptions.
         config.cluster.shared_subscriptions = false;
         cluster

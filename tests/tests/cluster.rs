@@ -6,14 +6,16 @@
 //! replicas and a third of the devices are connected to are killed with
 //! SIGKILL: the devices and the other replica move to the remaining nodes,
 //! the other replica takes the rollout over and completes it, no device is
-//! told to install twice, and no telemetry report is lost.
+//! told to install twice, and no telemetry report is lost. And real agents
+//! on a NATS cluster, subscribing at the QoS 0 their enrollment names.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use edgefleet_devices::sim::FaultPlan;
 use edgefleet_tests::nats::NatsCluster;
 use edgefleet_tests::replica::{Replica, Setup, online, query, rollout, wait_for_wave};
-use edgefleet_tests::{enroll_many, wait_for};
+use edgefleet_tests::{BundleSpec, Harness, TestBroker, enroll_many, wait_for};
 
 #[test]
 fn a_rollout_survives_killing_a_replica_and_a_broker_node() {
@@ -160,10 +162,59 @@ fn a_rollout_survives_killing_a_replica_and_a_broker_node() {
         told.len()
     );
     // After the rollout: every device online again, seen by b.
-    wait_for("every device online on the two nodes left", || {
-        (online(&b.api) == N as u64).then_some(())
-    });
+    let back = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("every device online on the two nodes left", || {
+            (online(&b.api) == N as u64).then_some(())
+        })
+    }));
+    if back.is_err() {
+        let offline = b
+            .api
+            .get("/api/v1/devices?state=offline")
+            .map(|v| v["devices"].clone())
+            .unwrap_or_default();
+        panic!(
+            "{} of {N} online; offline: {offline}; devices: {:?}",
+            online(&b.api),
+            fleet.stats()
+        );
+    }
     // No report lost with the replica or the node, none stored twice.
     let stats = runtime.block_on(fleet.stop());
     edgefleet_tests::assert_every_report_stored_once(&url, &stats);
+}
+
+/// Real agents (the agent's own link and daemon, `devices/src/sim.rs`) on a
+/// NATS cluster: the controller's enrollment hands them `subscribe_qos = 0`
+/// (from the `[mqtt]` section `edgefleet broker nats` wrote), so no
+/// subscription of theirs or the controller's is a JetStream consumer, and
+/// a rollout reaches them through core NATS: commands, chunks, telemetry and
+/// its acknowledgements.
+#[test]
+fn real_agents_on_a_nats_cluster_subscribe_at_qos_0_and_take_a_rollout() {
+    let h = Harness::start_with(TestBroker::Nats, |_| {});
+    let specs: Vec<_> = ["nq-1", "nq-2", "nq-3"]
+        .iter()
+        .map(|id| h.device(id, FaultPlan::default()))
+        .collect();
+    let enrolled = std::fs::read_to_string(h.dir().join("identities/nq-1/agent.toml"))
+        .expect("the enrollment's agent.toml");
+    assert!(enrolled.contains("subscribe_qos = 0"), "{enrolled}");
+    h.reload_broker_users();
+    let fleet = h.fleet(specs);
+    let digest = h.roll_out_to_all(
+        &BundleSpec::new("iris_logreg.onnx", (1, 0, 0), 1),
+        &["1", "100%"],
+    );
+    for d in fleet.devices() {
+        assert_eq!(
+            d.serving().map(|b| b.digest.to_string()),
+            Some(digest.clone()),
+            "{}",
+            d.id()
+        );
+    }
+    wait_for("telemetry from every agent stored", || {
+        (h.metric("edgefleet_telemetry_stored_total") >= 3).then_some(())
+    });
 }

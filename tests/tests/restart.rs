@@ -134,6 +134,7 @@ fn killed_mid_rollout(database: Option<&str>) {
             .join("controller.pub"),
         dir: dir.path().join("devices"),
         telemetry_interval: Duration::from_secs(1),
+        subscribe_qos: 1,
     };
     let fleet = runtime
         .block_on(SimFleet::start(&settings, specs))

@@ -414,6 +414,7 @@ fn start_fleet(
             .join("controller.pub"),
         dir: dir.join("devices"),
         telemetry_interval: Duration::from_secs(1),
+        subscribe_qos: 1,
     };
     let mut fleet = runtime.block_on(SimFleet::start(&settings, specs))?;
     for (kind, n) in &kinds {

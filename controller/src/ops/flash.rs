@@ -233,6 +233,8 @@ pub struct Enrollment {
     pub broker_url: String,
     /// Topic prefix.
     pub topic_prefix: String,
+    /// QoS of the device's subscriptions (1, or 0 on a NATS cluster).
+    pub subscribe_qos: u8,
     /// CA certificate (PEM).
     pub ca_pem: String,
     /// The controller's command key, public half (PEM): the device carries out
@@ -707,6 +709,11 @@ pub fn enrollment_of(v: &Value) -> Result<Enrollment, FlashError> {
     Ok(Enrollment {
         broker_url: s("broker_url")?,
         topic_prefix: s("topic_prefix")?,
+        // Absent from controllers before 2026-12-07: QoS 1, as then.
+        subscribe_qos: v["subscribe_qos"]
+            .as_u64()
+            .map_or(Ok(1), u8::try_from)
+            .map_err(|_| FlashError::Enrollment("subscribe_qos is not 0 or 1"))?,
         ca_pem: s("ca_pem")?,
         controller_key_pem: s("controller_key_pem")?,
         cert_pem: s("cert_pem")?,
@@ -733,6 +740,7 @@ fn read_enrollment(dir: &Path, id: &str) -> Result<Enrollment, FlashError> {
     Ok(Enrollment {
         broker_url: config.broker.url,
         topic_prefix: config.broker.topic_prefix,
+        subscribe_qos: config.broker.subscribe_qos,
         ca_pem: text("ca.pem")?,
         controller_key_pem: text("controller.pub")?,
         cert_pem: text("device.pem")?,
@@ -925,6 +933,7 @@ fn agent_config(
     let mut config = profile.agent_config(id);
     config.broker.url = e.broker_url.clone();
     config.broker.topic_prefix = e.topic_prefix.clone();
+    config.broker.subscribe_qos = e.subscribe_qos;
     config
         .validate(&profile.install.config)
         .map_err(|e| FlashError::DeviceFiles(format!("the agent config for this device: {e}")))?;
@@ -1285,6 +1294,7 @@ mod tests {
         Enrollment {
             broker_url: "mqtts://fleet.example:8883".into(),
             topic_prefix: "edgefleet".into(),
+            subscribe_qos: 1,
             ca_pem: "CA".into(),
             controller_key_pem: "CONTROLLER KEY".into(),
             cert_pem: "CERT".into(),

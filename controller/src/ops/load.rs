@@ -44,9 +44,18 @@ fn bad(what: &'static str, reason: impl Into<String>) -> CommandError {
     }
 }
 
-/// The devices of `dir` (sorted by id) and what they share: broker URL and
-/// topic prefix from their `agent.toml`s, which must agree.
-fn read_enrollments(dir: &Path) -> Result<(Vec<LoadSpec>, String, String), CommandError> {
+/// What the enrolled devices of one controller share (their `agent.toml`s
+/// must agree on it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Shared {
+    url: String,
+    topic_prefix: String,
+    subscribe_qos: u8,
+}
+
+/// The devices of `dir` (sorted by id) and what they share: broker URL, topic
+/// prefix and subscription QoS from their `agent.toml`s, which must agree.
+fn read_enrollments(dir: &Path) -> Result<(Vec<LoadSpec>, Shared), CommandError> {
     let entries =
         std::fs::read_dir(dir).map_err(|e| bad("--dir", format!("{}: {e}", dir.display())))?;
     let mut paths: Vec<PathBuf> = entries
@@ -54,7 +63,7 @@ fn read_enrollments(dir: &Path) -> Result<(Vec<LoadSpec>, String, String), Comma
         .filter(|p| p.join("agent.toml").is_file())
         .collect();
     paths.sort();
-    let mut shared: Option<(String, String)> = None;
+    let mut shared: Option<Shared> = None;
     let mut specs = Vec::with_capacity(paths.len());
     for p in paths {
         let file = p.join("agent.toml");
@@ -62,22 +71,25 @@ fn read_enrollments(dir: &Path) -> Result<(Vec<LoadSpec>, String, String), Comma
             .map_err(|e| bad("--dir", format!("{}: {e}", file.display())))?;
         let config: edgefleet_agent::config::AgentConfig =
             toml::from_str(&text).map_err(|e| bad("--dir", format!("{}: {e}", file.display())))?;
-        let this = (
-            config.broker.url.clone(),
-            config.broker.topic_prefix.clone(),
-        );
+        let this = Shared {
+            url: config.broker.url.clone(),
+            topic_prefix: config.broker.topic_prefix.clone(),
+            subscribe_qos: config.broker.subscribe_qos,
+        };
         match &shared {
             None => shared = Some(this),
             Some(s) if *s != this => {
                 return Err(bad(
                     "--dir",
                     format!(
-                        "{} names broker {} (prefix {}), the others {} ({}): one controller's devices only",
+                        "{} names broker {} (prefix {}, subscribe_qos {}), the others {} ({}, {}): one controller's devices only",
                         file.display(),
-                        this.0,
-                        this.1,
-                        s.0,
-                        s.1
+                        this.url,
+                        this.topic_prefix,
+                        this.subscribe_qos,
+                        s.url,
+                        s.topic_prefix,
+                        s.subscribe_qos
                     ),
                 ));
             }
@@ -92,7 +104,7 @@ fn read_enrollments(dir: &Path) -> Result<(Vec<LoadSpec>, String, String), Comma
             },
         });
     }
-    let Some((url, prefix)) = shared else {
+    let Some(shared) = shared else {
         return Err(bad(
             "--dir",
             format!(
@@ -102,7 +114,7 @@ fn read_enrollments(dir: &Path) -> Result<(Vec<LoadSpec>, String, String), Comma
             ),
         ));
     };
-    Ok((specs, url, prefix))
+    Ok((specs, shared))
 }
 
 /// The address of each broker in `urls`: one, or a cluster's nodes separated
@@ -141,12 +153,15 @@ pub fn run(args: LoadArgs) -> Result<i32, CommandError> {
     // Warnings by default; EDGEFLEET_LOG (e.g. `edgefleet_devices=debug`: why
     // a device's link dropped) as for `serve`.
     edgefleet_agent::cli::init_logs(false, "warn");
-    let (specs, url, topic_prefix) = read_enrollments(&args.dir)?;
-    let brokers = broker_addrs(args.broker.as_deref().unwrap_or(&url))?;
+    let (specs, shared) = read_enrollments(&args.dir)?;
+    let brokers = broker_addrs(args.broker.as_deref().unwrap_or(&shared.url))?;
+    let subscribe_qos = edgefleet_agent::link::subscribe_qos(shared.subscribe_qos)
+        .map_err(|reason| bad("--dir", format!("subscribe_qos: {reason}")))?;
     let n = specs.len();
     let settings = LoadSettings {
         brokers,
-        topic_prefix,
+        topic_prefix: shared.topic_prefix,
+        subscribe_qos,
         controller_key: args.dir.join(&specs[0].id).join("controller.pub"),
         telemetry_interval: Duration::from_secs(args.telemetry_s.max(1)),
         requests_per_s: args.requests_per_s,

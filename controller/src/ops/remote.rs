@@ -376,7 +376,10 @@ fn broker_nats(
          # (NATS has no MQTT shared subscriptions: keep [cluster] shared_subscriptions off)\n\
          [mqtt]\nmode = \"external\"\nurl = \"{urls}\"\n\
          ca = \"{dir}/ca.pem\"\ncert = \"{dir}/controller.pem\"\nkey = \"{dir}/controller.key\"\n\
-         topic_prefix = \"{topic_prefix}\"\n",
+         topic_prefix = \"{topic_prefix}\"\n\
+         # QoS 0 subscriptions, for the controller and (through enrollment) its devices:\n\
+         # NATS makes each QoS 1 subscription a replicated JetStream consumer\n\
+         subscribe_qos = 0\n",
         dir = abs.display(),
         urls = urls.join(","),
     );
@@ -880,6 +883,11 @@ pub fn write_enrollment(v: &Value, out: &Path) -> Result<(), CommandError> {
     };
     agent.broker.url = s("broker_url");
     agent.broker.topic_prefix = s("topic_prefix");
+    // Absent from controllers before 2026-12-07: QoS 1, as then.
+    agent.broker.subscribe_qos = v["subscribe_qos"]
+        .as_u64()
+        .and_then(|q| u8::try_from(q).ok())
+        .unwrap_or(1);
     let text = toml::to_string_pretty(&agent)
         .map_err(|e| CommandError::Answer(format!("agent.toml: {e}")))?;
     Ok(put(

@@ -42,6 +42,8 @@ pub struct AppState {
     pub broker_url: String,
     /// Topic prefix.
     pub topic_prefix: String,
+    /// QoS of device subscriptions (`[mqtt] subscribe_qos`, for enrollment).
+    pub subscribe_qos: u8,
     /// The embedded broker's gate: enrolled certificates (None with an external broker).
     pub gate: Option<crate::server::gate::Identities>,
     /// The gate's counters.
@@ -859,6 +861,7 @@ fn enrollment_common(s: &AppState) -> Value {
         "controller_key_pem": s.ca.command_public_pem(),
         "broker_url": s.broker_url,
         "topic_prefix": s.topic_prefix,
+        "subscribe_qos": s.subscribe_qos,
         "trust_root_hex": trust,
     })
 }

@@ -41,6 +41,11 @@ pub struct MqttConfig {
     pub key: Option<PathBuf>,
     /// Topic prefix shared with the agents.
     pub topic_prefix: String,
+    /// QoS of the controller's subscriptions, handed to devices at enrollment
+    /// for theirs: 1, or 0 on a NATS cluster, which makes every QoS 1
+    /// subscription a replicated JetStream consumer (docs/scale.md, "NATS at
+    /// scale"). Publishes are QoS 1 either way.
+    pub subscribe_qos: u8,
 }
 
 impl Default for MqttConfig {
@@ -54,6 +59,7 @@ impl Default for MqttConfig {
             cert: None,
             key: None,
             topic_prefix: edgefleet_shared::protocol::DEFAULT_PREFIX.into(),
+            subscribe_qos: 1,
         }
     }
 }
@@ -284,6 +290,8 @@ impl ControllerConfig {
         }
         self.validate_database(path)?;
         Topics::new(&self.mqtt.topic_prefix).map_err(|e| invalid("mqtt.topic_prefix", e.reason))?;
+        edgefleet_agent::link::subscribe_qos(self.mqtt.subscribe_qos)
+            .map_err(|reason| invalid("mqtt.subscribe_qos", reason))?;
         match self.mqtt.mode {
             BrokerMode::Embedded => {
                 if self.mqtt.hosts.is_empty() {
@@ -536,6 +544,7 @@ mod tests {
         for (text, field) in [
             ("data_dir = \"\"", "data_dir"),
             ("[mqtt]\ntopic_prefix = \"a/+\"", "mqtt.topic_prefix"),
+            ("[mqtt]\nsubscribe_qos = 2", "mqtt.subscribe_qos"),
             ("[mqtt]\nhosts = []", "mqtt.hosts"),
             ("[mqtt]\nmode = \"external\"", "mqtt.url"),
             (

@@ -260,6 +260,8 @@ pub struct Fleet {
     db: Db,
     topics: Topics,
     client: AsyncClient,
+    /// QoS of the device-topic subscriptions.
+    subscribe_qos: QoS,
     /// Signed commands on their way to the broker client (see [`Fleet::publish_command`]).
     outbox: mpsc::UnboundedSender<(String, Vec<u8>)>,
     /// Signs every command (docs/protocol.md, "Commands are signed").
@@ -386,6 +388,8 @@ pub struct BrokerLink {
     pub tls: Option<rustls::ClientConfig>,
     /// Signs every command sent over the link (docs/protocol.md 4a).
     pub command_key: edgefleet_shared::SecretKey,
+    /// QoS of the controller's subscriptions (`[mqtt] subscribe_qos`).
+    pub subscribe_qos: QoS,
 }
 
 /// The controller's MQTT connection to each broker of the link: its replica's
@@ -395,7 +399,8 @@ fn mqtt_options(
     link: &BrokerLink,
     replica: &Replica,
 ) -> (Brokers, (AsyncClient, rumqttc::EventLoop)) {
-    let brokers = Brokers::new(&link.endpoints, |e| endpoint_options(e, link, replica));
+    let brokers = Brokers::new(&link.endpoints, |e| endpoint_options(e, link, replica))
+        .subscribing_at(link.subscribe_qos);
     let client = AsyncClient::new(brokers.first().clone(), 1024);
     (brokers, client)
 }
@@ -441,6 +446,7 @@ impl Fleet {
             db,
             topics,
             client,
+            subscribe_qos: brokers.subscribe_qos(),
             outbox,
             command_key: link.command_key,
             bundles_dir,
@@ -568,7 +574,7 @@ impl Fleet {
             } else {
                 filter
             };
-            let _ = self.client.try_subscribe(filter, QoS::AtLeastOnce);
+            let _ = self.client.try_subscribe(filter, self.subscribe_qos);
         }
     }
 

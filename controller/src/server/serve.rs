@@ -116,6 +116,7 @@ pub async fn start(
         max_bundle_bytes: config.http.max_bundle_bytes,
         broker_url: broker_url.clone(),
         topic_prefix: config.mqtt.topic_prefix.clone(),
+        subscribe_qos: config.mqtt.subscribe_qos,
         gate,
         gate_stats,
     };
@@ -250,6 +251,7 @@ async fn embedded_broker(
             }],
             tls: None,
             command_key,
+            subscribe_qos: link_qos(config)?,
         },
         format!("mqtts://{host}:{}", addr.port()),
         identities,
@@ -279,9 +281,16 @@ fn external_broker(
             endpoints,
             tls,
             command_key,
+            subscribe_qos: link_qos(config)?,
         },
         url,
     ))
+}
+
+/// `[mqtt] subscribe_qos` as a QoS.
+fn link_qos(config: &ControllerConfig) -> Result<rumqttc::QoS, ServeError> {
+    edgefleet_agent::link::subscribe_qos(config.mqtt.subscribe_qos)
+        .map_err(err("mqtt.subscribe_qos"))
 }
 
 /// Completes on SIGINT or SIGTERM.
