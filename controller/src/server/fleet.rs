@@ -441,7 +441,7 @@ impl Fleet {
         } = options;
         let (brokers, (client, eventloop)) = mqtt_options(&link, &replica);
         remove_upload_leftovers(&bundles_dir);
-        let (outbox, mut outbox_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
+        let (outbox, outbox_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
         let fleet = Arc::new(Fleet {
             db,
             topics,
@@ -484,20 +484,7 @@ impl Fleet {
                 }
             }
         });
-        // Commands, in the order they were signed.
-        let f = fleet.clone();
-        tokio::spawn(async move {
-            while let Some((topic, signed)) = outbox_rx.recv().await {
-                if let Err(e) = f
-                    .client
-                    .publish(topic, QoS::AtLeastOnce, false, signed)
-                    .await
-                {
-                    tracing::warn!(error = %e, "command not handed to the broker client");
-                }
-                f.stats.commands_sent.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+        tokio::spawn(fleet.clone().command_publisher(outbox_rx));
         // Telemetry batches.
         let f = fleet.clone();
         tokio::spawn(f.telemetry_writer(tel_rx, telemetry.0, telemetry.1));
@@ -506,6 +493,23 @@ impl Fleet {
         tokio::spawn(async move { f.chunk_sender().await });
         tokio::spawn(fleet.clone().rollout_ticker(tick));
         Ok(fleet)
+    }
+
+    /// Hands signed commands to the broker client, in the order they were signed.
+    async fn command_publisher(
+        self: Arc<Fleet>,
+        mut outbox: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    ) {
+        while let Some((topic, signed)) = outbox.recv().await {
+            let sent = self
+                .client
+                .publish(topic, QoS::AtLeastOnce, false, signed)
+                .await;
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, "command not handed to the broker client");
+            }
+            self.stats.commands_sent.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The controller's MQTT event loop: subscribes to every device topic on
