@@ -72,6 +72,9 @@ pub struct LoadSettings {
     /// QoS of the command subscription (the enrollment's `subscribe_qos`:
     /// 1, or 0 on a NATS cluster). Acknowledgements and chunks are QoS 0.
     pub subscribe_qos: QoS,
+    /// First connections per second: device `i` dials after `i / n` s (None:
+    /// all at once).
+    pub connect_per_s: Option<u32>,
 }
 
 /// One load device: its id and its enrollment's certificate files.
@@ -178,7 +181,15 @@ impl LoadFleet {
             };
             let n = settings.brokers.len();
             let brokers: Vec<SocketAddr> = (0..n).map(|k| settings.brokers[(i + k) % n]).collect();
-            tasks.push(tokio::spawn(device.run(brokers, tls, stop_rx.clone())));
+            let after = settings.connect_per_s.map_or(Duration::ZERO, |n| {
+                Duration::from_secs_f64(i as f64 / f64::from(n))
+            });
+            tasks.push(tokio::spawn(device.run(
+                brokers,
+                tls,
+                after,
+                stop_rx.clone(),
+            )));
         }
         Ok(LoadFleet {
             stats,
@@ -461,8 +472,13 @@ impl LoadDevice {
         mut self,
         brokers: Vec<SocketAddr>,
         tls: rustls::ClientConfig,
+        after: Duration,
         mut stop: watch::Receiver<bool>,
     ) {
+        tokio::select! {
+            () = tokio::time::sleep(after) => {}
+            _ = stop.changed() => return,
+        }
         let brokers: Vec<MqttOptions> = brokers.iter().map(|b| self.options(*b, &tls)).collect();
         let (client, mut eventloop) = AsyncClient::new(brokers[0].clone(), 64);
         // rumqttc gives up on a connection after 5 s; in a storm of thousands

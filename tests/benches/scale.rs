@@ -23,7 +23,9 @@
 //! reported. `--store sqlite|postgres` (default sqlite): with
 //! `postgres` the controller's store is a PostgreSQL server the bench starts
 //! (`edgefleet::server::db::testing`), reported on its own (its processes'
-//! private memory plus the shared buffers once; their CPU).
+//! private memory plus the shared buffers once; their CPU). `--connect-per-s N`
+//! paces the devices' first connections (`devices load --connect-per-s`);
+//! the connect storm's time then includes the pacing.
 
 use std::time::{Duration, Instant};
 
@@ -207,7 +209,8 @@ fn run(n: usize, ingest_s: u64, broker: TestBroker, postgres: bool) {
     // NATS: the new devices become users of every node.
     h.reload_broker_users();
     let storm = Instant::now();
-    let (mut devices, _) = h.load_process_enrolled(&ids, 10);
+    let connect_per_s = arg("--connect-per-s").and_then(|v| v.parse().ok());
+    let (mut devices, _) = h.load_process_enrolled(&ids, 10, connect_per_s);
     let mut use_ = Usage::new(
         devices.id(),
         h.broker_pids(),

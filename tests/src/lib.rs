@@ -258,6 +258,7 @@ pub async fn start_load_fleet(
         telemetry_interval,
         requests_per_s: 5,
         subscribe_qos,
+        connect_per_s: None,
     };
     LoadFleet::start(&settings, specs)
         .await
@@ -624,7 +625,7 @@ impl Harness {
     pub fn load_process(&self, n: usize, telemetry_s: u64) -> (std::process::Child, Vec<String>) {
         let ids = Harness::load_ids(n);
         self.enroll_many(&ids, &self.dir().join("load"));
-        self.load_process_enrolled(&ids, telemetry_s)
+        self.load_process_enrolled(&ids, telemetry_s, None)
     }
 
     /// [`Harness::load_process`] for devices already enrolled with
@@ -633,12 +634,18 @@ impl Harness {
         &self,
         ids: &[String],
         telemetry_s: u64,
+        connect_per_s: Option<u32>,
     ) -> (std::process::Child, Vec<String>) {
         let dir = self.dir().join("load");
         let mut child = std::process::Command::new(edgefleet_bin())
             .args(["devices", "load", "--dir"])
             .arg(&dir)
             .args(["--telemetry-s", &telemetry_s.to_string()])
+            .args(
+                connect_per_s
+                    .iter()
+                    .flat_map(|n| ["--connect-per-s".to_owned(), n.to_string()]),
+            )
             // A cluster's nodes: device i starts on node i % n.
             .args(self.nats.iter().flat_map(|c| {
                 let nodes: Vec<String> = c.addrs().iter().map(ToString::to_string).collect();

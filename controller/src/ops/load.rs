@@ -35,6 +35,10 @@ pub struct LoadArgs {
     /// Connect here instead of the enrollments' broker URL (`host:port`).
     #[arg(long)]
     pub broker: Option<String>,
+    /// First connections per second (device i waits i / N s before it
+    /// dials); default: all at once.
+    #[arg(long, value_name = "N")]
+    pub connect_per_s: Option<u32>,
 }
 
 fn bad(what: &'static str, reason: impl Into<String>) -> CommandError {
@@ -165,6 +169,7 @@ pub fn run(args: LoadArgs) -> Result<i32, CommandError> {
         controller_key: args.dir.join(&specs[0].id).join("controller.pub"),
         telemetry_interval: Duration::from_secs(args.telemetry_s.max(1)),
         requests_per_s: args.requests_per_s,
+        connect_per_s: args.connect_per_s.filter(|n| *n > 0),
     };
     let runtime = tokio::runtime::Runtime::new().map_err(CommandError::Runtime)?;
     runtime.block_on(async move {
