@@ -709,11 +709,8 @@ pub fn enrollment_of(v: &Value) -> Result<Enrollment, FlashError> {
     Ok(Enrollment {
         broker_url: s("broker_url")?,
         topic_prefix: s("topic_prefix")?,
-        // Absent from controllers before 2026-12-07: QoS 1, as then.
-        subscribe_qos: v["subscribe_qos"]
-            .as_u64()
-            .map_or(Ok(1), u8::try_from)
-            .map_err(|_| FlashError::Enrollment("subscribe_qos is not 0 or 1"))?,
+        subscribe_qos: crate::ops::remote::enrolled_subscribe_qos(v)
+            .ok_or(FlashError::Enrollment("subscribe_qos is not 0 or 1"))?,
         ca_pem: s("ca_pem")?,
         controller_key_pem: s("controller_key_pem")?,
         cert_pem: s("cert_pem")?,

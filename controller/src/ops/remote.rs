@@ -883,11 +883,7 @@ pub fn write_enrollment(v: &Value, out: &Path) -> Result<(), CommandError> {
     };
     agent.broker.url = s("broker_url");
     agent.broker.topic_prefix = s("topic_prefix");
-    // Absent from controllers before 2026-12-07: QoS 1, as then.
-    agent.broker.subscribe_qos = v["subscribe_qos"]
-        .as_u64()
-        .and_then(|q| u8::try_from(q).ok())
-        .unwrap_or(1);
+    agent.broker.subscribe_qos = enrolled_subscribe_qos(v).unwrap_or(1);
     let text = toml::to_string_pretty(&agent)
         .map_err(|e| CommandError::Answer(format!("agent.toml: {e}")))?;
     Ok(put(
@@ -895,6 +891,18 @@ pub fn write_enrollment(v: &Value, out: &Path) -> Result<(), CommandError> {
         format!("# written by `edgefleet devices enroll`; files go to /etc/edgefleet on the device\n{text}").as_bytes(),
         0o644,
     )?)
+}
+
+/// The `subscribe_qos` of an enrollment answer: 1 when absent (controllers
+/// before 2026-12-07 subscribed at QoS 1), None when it is not 0 or 1.
+pub fn enrolled_subscribe_qos(v: &Value) -> Option<u8> {
+    match v.get("subscribe_qos") {
+        None => Some(1),
+        Some(q) => q
+            .as_u64()
+            .filter(|q| *q <= 1)
+            .and_then(|q| u8::try_from(q).ok()),
+    }
 }
 
 /// `bundles ...`.
