@@ -68,6 +68,9 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.
   -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
 issue server 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth'
 issue order-dev 'extendedKeyUsage=clientAuth'
+# The controller's command key: an agent with a broker needs its public half.
+openssl genpkey -algorithm ed25519 -out command.key 2>/dev/null
+openssl pkey -in command.key -pubout -out controller.pub 2>/dev/null
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 cat >mosquitto.conf <<CONF
 listener $PORT 127.0.0.1
@@ -86,6 +89,7 @@ url = "mqtts://localhost:$PORT"
 ca = "$T_DIR/ca.pem"
 cert = "$T_DIR/order-dev.pem"
 key = "$T_DIR/order-dev.key"
+controller_key = "$T_DIR/controller.pub"
 [telemetry]
 interval_s = 1
 [limits]
