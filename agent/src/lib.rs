@@ -19,7 +19,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod notify;
-pub mod oip;
+pub use edgefleet_oip as oip;
 pub mod reference_stats;
 pub mod samples;
 pub mod selfupdate;
