@@ -26,6 +26,17 @@
 //! private memory plus the shared buffers once; their CPU). `--connect-per-s N`
 //! paces the devices' first connections (`devices load --connect-per-s`);
 //! the connect storm's time then includes the pacing.
+//!
+//! `--replicas R` (R >= 2) measures controller replicas instead: R `edgefleet
+//! serve --replica` processes on one PostgreSQL database and one Mosquitto
+//! (the setup docs/scale.md describes: shared subscriptions on, a 5 s lease),
+//! the devices enrolled and the API measured through a replica that does not
+//! hold the rollout lease, the rollout started there (forwarded to the
+//! holder). Each replica's RSS and CPU is reported, and the messages they
+//! heard per report sent. With `--kill-holder` the holder is killed with
+//! SIGKILL when the last wave starts: the bench prints when another replica
+//! took the lease over, and checks in the store that no device was told to
+//! install twice.
 
 use std::time::{Duration, Instant};
 
@@ -173,6 +184,23 @@ impl Usage {
     }
 }
 
+impl Usage {
+    /// Usage of the given sides (label, process id), and of PostgreSQL.
+    fn of(processes: Vec<(String, u32)>, postgres: u32) -> Usage {
+        let mut sides: Vec<(String, Side)> = processes
+            .into_iter()
+            .map(|(label, pid)| (label, Side::Process(pid.to_string())))
+            .collect();
+        sides.push(("PostgreSQL".to_owned(), Side::Postgres(postgres)));
+        let cpu = sides.iter().map(|(_, side)| side.usage().1).collect();
+        Usage {
+            sides,
+            since: Instant::now(),
+            cpu,
+        }
+    }
+}
+
 fn quantile_ms(mut v: Vec<Duration>, q: f64) -> f64 {
     v.sort();
     let i = ((v.len() as f64 - 1.0) * q).round() as usize;
@@ -237,38 +265,13 @@ fn run(n: usize, ingest_s: u64, broker: TestBroker, postgres: bool) {
     // Telemetry: every device reports each 10 s; API latency meanwhile.
     let before = h.metric("edgefleet_telemetry_stored_total");
     let t0 = Instant::now();
-    let (mut list, mut paged, mut page) = (Vec::new(), Vec::new(), Vec::new());
-    while t0.elapsed() < Duration::from_secs(ingest_s) {
-        let t = Instant::now();
-        h.api.get("/api/v1/devices").expect("device list");
-        list.push(t.elapsed());
-        let t = Instant::now();
-        h.api
-            .get(&format!(
-                "/api/v1/devices?limit=100&after={}",
-                ids[(list.len() * 97) % n]
-            ))
-            .expect("a page of the device list");
-        paged.push(t.elapsed());
-        let t = Instant::now();
-        h.api
-            .get(&format!("/api/v1/devices/{}", ids[list.len() % n]))
-            .expect("device page");
-        page.push(t.elapsed());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let times = ApiTimes::measure(&h.api, &ids, ingest_s);
     let stored = h.metric("edgefleet_telemetry_stored_total") - before;
     println!(
-        "  telemetry stored: {:.0}/s over {ingest_s} s (devices send {:.0}/s); API p50/p99: whole device list {:.1}/{:.1} ms, a page of 100 {:.1}/{:.1} ms, a device's page {:.1}/{:.1} ms ({} calls each)",
+        "  telemetry stored: {:.0}/s over {ingest_s} s (devices send {:.0}/s); {}",
         stored as f64 / t0.elapsed().as_secs_f64(),
         n as f64 / 10.0,
-        quantile_ms(list.clone(), 0.5),
-        quantile_ms(list.clone(), 0.99),
-        quantile_ms(paged.clone(), 0.5),
-        quantile_ms(paged.clone(), 0.99),
-        quantile_ms(page.clone(), 0.5),
-        quantile_ms(page.clone(), 0.99),
-        list.len()
+        times.line()
     );
     println!("  during ingest: {}", use_.line());
 
@@ -336,6 +339,256 @@ fn run(n: usize, ingest_s: u64, broker: TestBroker, postgres: bool) {
     let _ = devices.wait();
 }
 
+/// API latencies during ingest, through `api`: the whole device list, a page
+/// of 100, a device's page, every 200 ms for `seconds`.
+struct ApiTimes {
+    list: Vec<Duration>,
+    paged: Vec<Duration>,
+    page: Vec<Duration>,
+}
+
+impl ApiTimes {
+    fn measure(api: &edgefleet::ops::remote::Client, ids: &[String], seconds: u64) -> ApiTimes {
+        let n = ids.len();
+        let (mut list, mut paged, mut page) = (Vec::new(), Vec::new(), Vec::new());
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(seconds) {
+            let t = Instant::now();
+            api.get("/api/v1/devices").expect("device list");
+            list.push(t.elapsed());
+            let t = Instant::now();
+            api.get(&format!(
+                "/api/v1/devices?limit=100&after={}",
+                ids[(list.len() * 97) % n]
+            ))
+            .expect("a page of the device list");
+            paged.push(t.elapsed());
+            let t = Instant::now();
+            api.get(&format!("/api/v1/devices/{}", ids[list.len() % n]))
+                .expect("device page");
+            page.push(t.elapsed());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        ApiTimes { list, paged, page }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "API p50/p99: whole device list {:.1}/{:.1} ms, a page of 100 {:.1}/{:.1} ms, a device's page {:.1}/{:.1} ms ({} calls each)",
+            quantile_ms(self.list.clone(), 0.5),
+            quantile_ms(self.list.clone(), 0.99),
+            quantile_ms(self.paged.clone(), 0.5),
+            quantile_ms(self.paged.clone(), 0.99),
+            quantile_ms(self.page.clone(), 0.5),
+            quantile_ms(self.page.clone(), 0.99),
+            self.list.len()
+        )
+    }
+}
+
+/// `--replicas R`: R controller replicas on PostgreSQL and Mosquitto.
+fn run_replicas(n: usize, ingest_s: u64, replicas: usize, kill_holder: bool) {
+    use edgefleet_tests::replica::{Replica, Setup, metric, online, query, rollout};
+    let mut setup = Setup::new();
+    let (dir, data, url) = (
+        setup.dir.path().to_owned(),
+        setup.data.clone(),
+        setup.url.clone(),
+    );
+    let mosquitto =
+        edgefleet_tests::Mosquitto::start(&dir.join("broker"), &data, &mut setup.config);
+    setup.config.cluster.shared_subscriptions = true;
+    let config_file = setup.write_config_leased(5_000);
+    println!(
+        "\n{n} load devices (`edgefleet devices load`, a second process), {replicas} controller replicas (`edgefleet serve --replica`), Mosquitto (mutual TLS, the ACL), PostgreSQL, shared subscriptions, lease 5 s"
+    );
+    // The first replica started holds the lease; the last one is measured.
+    let mut all: Vec<Replica> = (0..replicas)
+        .map(|i| {
+            let r = Replica::start(&config_file, &format!("r{i}"), &data);
+            if i == 0 {
+                edgefleet_tests::wait_for("r0 to hold the rollout lease", || {
+                    let holder = query(
+                        &url,
+                        "SELECT holder, 0::bigint FROM leases WHERE name = $1",
+                        "rollouts",
+                    );
+                    (holder.first().map(|h| h.0.as_str()) == Some("r0")).then_some(())
+                });
+            }
+            r
+        })
+        .collect();
+    let mut holder = all.remove(0);
+    let others = all;
+    let api = &others.last().expect("a second replica").api;
+    let started = Instant::now();
+    let ids = Harness::load_ids(n);
+    let load = dir.join("load");
+    edgefleet_tests::enroll_many(api, &ids, &load);
+    let enrolled = started.elapsed();
+    let storm = Instant::now();
+    let connect_per_s = arg("--connect-per-s").and_then(|v| v.parse().ok());
+    let mut devices = edgefleet_tests::spawn_load_process(&load, 10, connect_per_s, None);
+    let mut processes: Vec<(String, u32)> = std::iter::once(&holder)
+        .chain(&others)
+        .enumerate()
+        .map(|(i, r)| (format!("replica r{i}"), r.child.id()))
+        .collect();
+    processes.push(("Mosquitto".to_owned(), mosquitto.pid()));
+    processes.push(("devices' process".to_owned(), devices.id()));
+    let mut use_ = Usage::of(
+        processes,
+        edgefleet::server::db::testing::shared().server_pid(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while online(api) < n as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} devices online after 600 s",
+            online(api)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    println!(
+        "  enroll {n} devices (batch API, through r{}): {:.1} s; connect storm until all online: {:.1} s",
+        replicas - 1,
+        enrolled.as_secs_f64(),
+        storm.elapsed().as_secs_f64()
+    );
+    println!("  {}", use_.line());
+
+    let all: Vec<&Replica> = std::iter::once(&holder).chain(&others).collect();
+    let sum = |name: &str| -> u64 { all.iter().map(|r| metric(&r.api, name)).sum() };
+    let (stored0, heard0) = (
+        sum("edgefleet_telemetry_stored_total"),
+        sum("edgefleet_messages_total"),
+    );
+    let t0 = Instant::now();
+    let times = ApiTimes::measure(api, &ids, ingest_s);
+    let secs = t0.elapsed().as_secs_f64();
+    let stored = sum("edgefleet_telemetry_stored_total") - stored0;
+    let heard = sum("edgefleet_messages_total") - heard0;
+    let per_replica: Vec<String> = all
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            format!(
+                "r{i} {}",
+                metric(&r.api, "edgefleet_telemetry_stored_total")
+            )
+        })
+        .collect();
+    println!(
+        "  telemetry stored: {:.0}/s over {ingest_s} s (devices send {:.0}/s; stored so far by replica: {}); messages the replicas heard: {:.2} per report stored",
+        stored as f64 / secs,
+        n as f64 / 10.0,
+        per_replica.join(", "),
+        heard as f64 / stored.max(1) as f64
+    );
+    println!("  through r{}: {}", replicas - 1, times.line());
+    println!("  during ingest: {}", use_.line());
+
+    // A rollout to every device, started through the measured replica.
+    let spec = BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1);
+    let file = edgefleet_tests::build_bundle(&dir, &spec, std::slice::from_ref(&setup.key));
+    let payload = edgefleet_tests::payload_size(&file);
+    let digest = api.upload("/api/v1/bundles", &file).expect("upload")["bundle"]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned();
+    let t = Instant::now();
+    let id = api
+        .post(
+            "/api/v1/rollouts",
+            &json!({
+                "bundle": digest,
+                "selector": {"all": true},
+                "waves": ["1", "1%", "10%", "100%"],
+                "gates": {"soak_ms": 0},
+                "rate_per_minute": 100_000,
+            }),
+        )
+        .expect("rollout (forwarded to the holder)")["rollout"]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let (mut notified, mut killed) = (None, None::<Instant>);
+    let mut taken_over = None;
+    loop {
+        let r = rollout(api, &id);
+        let wave = r["wave"].as_u64().unwrap_or(1);
+        let pending = r["members"].as_object().map_or(0, |m| {
+            m.values().filter(|v| v["state"] == "pending").count()
+        });
+        if notified.is_none() && wave == 4 && pending == 0 {
+            notified = Some(t.elapsed());
+        }
+        if kill_holder && killed.is_none() && wave == 4 {
+            holder.kill();
+            killed = Some(Instant::now());
+            println!(
+                "  r0 (the lease's holder) killed with SIGKILL as wave 4 started, {:.1} s into the rollout",
+                t.elapsed().as_secs_f64()
+            );
+        }
+        if let (Some(k), true) = (killed, taken_over.is_none()) {
+            let holder = query(
+                &url,
+                "SELECT holder, 0::bigint FROM leases WHERE name = $1",
+                "rollouts",
+            );
+            if holder.first().is_some_and(|h| h.0 != "r0") {
+                taken_over = Some((k.elapsed(), holder[0].0.clone()));
+            }
+        }
+        match r["phase"].as_str().unwrap_or("") {
+            "completed" => break,
+            "halted" | "paused" | "aborted" => panic!("rollout stopped: {}", r["phase"]),
+            _ => {}
+        }
+        assert!(t.elapsed() < Duration::from_secs(600), "rollout too slow");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let took = t.elapsed();
+    println!(
+        "  rollout of a {payload}-byte bundle to {n}, started through r{}: every device told to install after {:.1} s, completed in {:.1} s",
+        replicas - 1,
+        notified.unwrap_or(took).as_secs_f64(),
+        took.as_secs_f64(),
+    );
+    if let Some((after, holder)) = taken_over {
+        println!(
+            "  {holder} took the rollout lease {:.1} s after the kill",
+            after.as_secs_f64()
+        );
+    }
+    let told = query(
+        &url,
+        "SELECT device, COUNT(*) FROM commands WHERE rollout = $1 AND action = 'install' GROUP BY device",
+        &id,
+    );
+    let twice = told.iter().filter(|(_, c)| *c > 1).count();
+    println!(
+        "  install commands in the store: {} devices told, {twice} of them more than once",
+        told.len()
+    );
+    assert_eq!(told.len(), n, "every device told to install");
+    if twice > 0 {
+        // Known gap (docs/scale.md, "Replicas at scale"): the holder sends
+        // an install again when it has heard nothing from the device for
+        // `resend_after_ms` (60 s); at scale with replicas that happens.
+        println!(
+            "  NOT MET: {twice} devices were sent the install more than once (the holder's resend after 60 s without news of them)"
+        );
+    }
+    println!("  during the rollout: {}", use_.line());
+    let _ = std::process::Command::new("kill")
+        .arg(devices.id().to_string())
+        .status();
+    let _ = devices.wait();
+}
+
 fn main() {
     // The controller's warnings (the gate says why it closes a connection) on
     // stderr; EDGEFLEET_LOG sets the filter for both processes.
@@ -358,6 +611,18 @@ fn main() {
         Some("postgres") => true,
         Some(other) => panic!("--store {other}: sqlite or postgres"),
     };
+    let replicas: usize = arg("--replicas").and_then(|v| v.parse().ok()).unwrap_or(1);
+    if replicas > 1 {
+        assert!(
+            arg("--broker").is_none() && arg("--store").is_none(),
+            "--replicas runs on Mosquitto and PostgreSQL: leave --broker and --store out"
+        );
+        let kill = std::env::args().any(|a| a == "--kill-holder");
+        for n in sizes {
+            run_replicas(n, ingest_s, replicas, kill);
+        }
+        return;
+    }
     for n in sizes {
         run(n, ingest_s, broker, postgres);
     }

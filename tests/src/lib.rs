@@ -126,11 +126,38 @@ impl Mosquitto {
     }
 }
 
+impl Mosquitto {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Builds bundle `b` into `dir`, signed by `keys[b.signer]`; returns its file.
+pub fn build_bundle(dir: &Path, b: &BundleSpec, keys: &[SecretKey]) -> PathBuf {
+    let out = dir.join(format!("{}-{}-{}.efb", b.channel, b.model, b.version));
+    let options = BuildOptions {
+        chunk_size: b.chunk_size,
+        golden_outputs_from: b.golden_outputs_from.map(|m| Path::new(MODELS).join(m)),
+        reference: b.reference.clone(),
+        ..BuildOptions::new(
+            Path::new(MODELS).join(b.model),
+            ModelChannel::new(b.channel).expect("channel"),
+            b.version.clone(),
+            b.release,
+            UnixTime::now(),
+        )
+    };
+    operator::build_bundle(&options, &out).expect("bundle builds");
+    operator::sign_bundle(&out, std::slice::from_ref(&keys[b.signer])).expect("signs");
+    out
 }
 
 /// One bundle to build.
@@ -212,6 +239,50 @@ pub fn enroll_many(api: &Client, ids: &[String], dir: &Path) -> Vec<TlsFiles> {
         }
     }
     out
+}
+
+/// Runs the load devices enrolled into `dir` (by [`enroll_many`]) in their own
+/// process, as an operator would: `edgefleet devices load --dir ...`, with
+/// `--broker` naming a cluster's `nodes` if given. The child's stdout (its
+/// counters) is passed through with a `devices:` prefix.
+pub fn spawn_load_process(
+    dir: &Path,
+    telemetry_s: u64,
+    connect_per_s: Option<u32>,
+    nodes: Option<&[std::net::SocketAddr]>,
+) -> std::process::Child {
+    let mut child = std::process::Command::new(edgefleet_bin())
+        .args(["devices", "load", "--dir"])
+        .arg(dir)
+        .args(["--telemetry-s", &telemetry_s.to_string()])
+        .args(
+            connect_per_s
+                .iter()
+                .flat_map(|n| ["--connect-per-s".to_owned(), n.to_string()]),
+        )
+        .args(nodes.iter().flat_map(|nodes| {
+            let nodes: Vec<String> = nodes.iter().map(ToString::to_string).collect();
+            ["--broker".to_owned(), nodes.join(",")]
+        }))
+        // Warnings, or what the caller's EDGEFLEET_LOG asks for.
+        .env(
+            "EDGEFLEET_LOG",
+            std::env::var("EDGEFLEET_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("edgefleet devices load starts");
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            println!("    devices: {line}");
+        }
+    });
+    child
 }
 
 /// The `subscribe_qos` the controller handed a device at enrollment (its
@@ -573,24 +644,7 @@ impl Harness {
 
     /// Builds and signs a bundle of a model in `models/`; returns its file.
     pub fn build(&self, b: &BundleSpec) -> PathBuf {
-        let out = self
-            .dir()
-            .join(format!("{}-{}-{}.efb", b.channel, b.model, b.version));
-        let options = BuildOptions {
-            chunk_size: b.chunk_size,
-            golden_outputs_from: b.golden_outputs_from.map(|m| Path::new(MODELS).join(m)),
-            reference: b.reference.clone(),
-            ..BuildOptions::new(
-                Path::new(MODELS).join(b.model),
-                ModelChannel::new(b.channel).expect("channel"),
-                b.version.clone(),
-                b.release,
-                UnixTime::now(),
-            )
-        };
-        operator::build_bundle(&options, &out).expect("bundle builds");
-        operator::sign_bundle(&out, std::slice::from_ref(&self.keys[b.signer])).expect("signs");
-        out
+        build_bundle(self.dir(), b, &self.keys)
     }
 
     /// Enrolls `ids` through the batch API (`POST /api/v1/enrollments`, 500
@@ -636,39 +690,14 @@ impl Harness {
         telemetry_s: u64,
         connect_per_s: Option<u32>,
     ) -> (std::process::Child, Vec<String>) {
-        let dir = self.dir().join("load");
-        let mut child = std::process::Command::new(edgefleet_bin())
-            .args(["devices", "load", "--dir"])
-            .arg(&dir)
-            .args(["--telemetry-s", &telemetry_s.to_string()])
-            .args(
-                connect_per_s
-                    .iter()
-                    .flat_map(|n| ["--connect-per-s".to_owned(), n.to_string()]),
-            )
-            // A cluster's nodes: device i starts on node i % n.
-            .args(self.nats.iter().flat_map(|c| {
-                let nodes: Vec<String> = c.addrs().iter().map(ToString::to_string).collect();
-                ["--broker".to_owned(), nodes.join(",")]
-            }))
-            // Warnings, or what the caller's EDGEFLEET_LOG asks for.
-            .env(
-                "EDGEFLEET_LOG",
-                std::env::var("EDGEFLEET_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("edgefleet devices load starts");
-        let stdout = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                println!("    devices: {line}");
-            }
-        });
+        // A cluster's nodes: device i starts on node i % n.
+        let nodes = self.nats.as_ref().map(|c| c.addrs());
+        let child = spawn_load_process(
+            &self.dir().join("load"),
+            telemetry_s,
+            connect_per_s,
+            nodes.as_deref(),
+        );
         (child, ids.to_vec())
     }
 

@@ -137,9 +137,14 @@ impl Setup {
     /// Writes the configuration (API on a free port, a 200 ms rollout tick,
     /// a 1.5 s lease) for `edgefleet serve --config`.
     pub fn write_config(&mut self) -> std::path::PathBuf {
+        self.write_config_leased(1_500)
+    }
+
+    /// [`Setup::write_config`] with a lease of `lease_ms`.
+    pub fn write_config_leased(&mut self, lease_ms: u64) -> std::path::PathBuf {
         self.config.http.listen = ([127, 0, 0, 1], 0).into();
         self.config.rollouts.tick_ms = 200;
-        self.config.cluster.lease_ms = 1_500;
+        self.config.cluster.lease_ms = lease_ms;
         let file = self.dir.path().join("controller.toml");
         std::fs::write(
             &file,
