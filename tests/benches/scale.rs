@@ -169,6 +169,12 @@ impl Usage {
         let wall = self.since.elapsed().as_secs_f64();
         let mut parts = Vec::new();
         for ((label, side), last) in self.sides.iter().zip(self.cpu.iter_mut()) {
+            if let Side::Process(pid) = side
+                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                parts.push(format!("{label} gone"));
+                continue;
+            }
             let (rss, cpu) = side.usage();
             parts.push(format!(
                 "{label} RSS {rss:.0} MB, CPU {:.0}%",
@@ -279,7 +285,7 @@ fn run(n: usize, ingest_s: u64, broker: TestBroker, postgres: bool) {
     let file = h.build(&BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1));
     let payload = edgefleet_tests::payload_size(&file);
     let digest = h.upload(&file);
-    let t = Instant::now();
+    let mut progress = Progress::new();
     let id = h.rollout(&json!({
         "bundle": digest,
         "selector": {"all": true},
@@ -289,7 +295,6 @@ fn run(n: usize, ingest_s: u64, broker: TestBroker, postgres: bool) {
     }));
     let (mut bytes, mut sizes) = (vec![0u64; 4], vec![0u64; 4]);
     let mut last = h.metric("edgefleet_chunk_bytes_sent_total");
-    let mut notified = None;
     loop {
         let r = h.rollout_view(&id);
         let now = h.metric("edgefleet_chunk_bytes_sent_total");
@@ -299,26 +304,15 @@ fn run(n: usize, ingest_s: u64, broker: TestBroker, postgres: bool) {
         for (i, w) in r["waves"].as_array().into_iter().flatten().enumerate() {
             sizes[i] = w["devices"].as_u64().unwrap_or(0);
         }
-        let pending = r["members"].as_object().map_or(0, |m| {
-            m.values().filter(|v| v["state"] == "pending").count()
-        });
-        if notified.is_none() && wave == 3 && pending == 0 {
-            notified = Some(t.elapsed());
+        if progress.completed(&r, 4) {
+            break;
         }
-        match r["phase"].as_str().unwrap_or("") {
-            "completed" => break,
-            "halted" | "paused" | "aborted" => panic!("rollout stopped: {}", r["phase"]),
-            _ => {}
-        }
-        assert!(t.elapsed() < Duration::from_secs(600), "rollout too slow");
         // Each view is every member's state (0.5 MB at 5,000 devices).
         std::thread::sleep(Duration::from_millis(250));
     }
-    let took = t.elapsed();
     println!(
-        "  rollout of a {payload}-byte bundle to {n}: every device told to install after {:.1} s, completed in {:.1} s",
-        notified.unwrap_or(took).as_secs_f64(),
-        took.as_secs_f64(),
+        "  rollout of a {payload}-byte bundle to {n}: {}",
+        progress.line()
     );
     println!("  during the rollout: {}", use_.line());
     for w in 0..4 {
@@ -337,6 +331,53 @@ fn run(n: usize, ingest_s: u64, broker: TestBroker, postgres: bool) {
         .arg(devices.id().to_string())
         .status();
     let _ = devices.wait();
+}
+
+/// A rollout followed view by view: when every device of its last wave had
+/// been told to install, and when it completed.
+struct Progress {
+    started: Instant,
+    notified: Option<Duration>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            started: Instant::now(),
+            notified: None,
+        }
+    }
+
+    /// Takes the rollout's view `r` (waves numbered from 1, `last` the
+    /// last); true once it completed. Panics if it stopped or ran 600 s.
+    fn completed(&mut self, r: &serde_json::Value, last: u64) -> bool {
+        let pending = r["members"].as_object().map_or(0, |m| {
+            m.values().filter(|v| v["state"] == "pending").count()
+        });
+        if self.notified.is_none() && r["wave"].as_u64() == Some(last) && pending == 0 {
+            self.notified = Some(self.started.elapsed());
+        }
+        match r["phase"].as_str().unwrap_or("") {
+            "completed" => return true,
+            "halted" | "paused" | "aborted" => panic!("rollout stopped: {}", r["phase"]),
+            _ => {}
+        }
+        assert!(
+            self.started.elapsed() < Duration::from_secs(600),
+            "rollout too slow"
+        );
+        false
+    }
+
+    /// "every device told ... after T s, completed in T s".
+    fn line(&self) -> String {
+        let took = self.started.elapsed();
+        format!(
+            "every device told to install after {:.1} s, completed in {:.1} s",
+            self.notified.unwrap_or(took).as_secs_f64(),
+            took.as_secs_f64()
+        )
+    }
 }
 
 /// API latencies during ingest, through `api`: the whole device list, a page
@@ -497,7 +538,7 @@ fn run_replicas(n: usize, ingest_s: u64, replicas: usize, kill_holder: bool) {
         .as_str()
         .expect("digest")
         .to_owned();
-    let t = Instant::now();
+    let mut progress = Progress::new();
     let id = api
         .post(
             "/api/v1/rollouts",
@@ -513,23 +554,15 @@ fn run_replicas(n: usize, ingest_s: u64, replicas: usize, kill_holder: bool) {
         .as_str()
         .expect("id")
         .to_owned();
-    let (mut notified, mut killed) = (None, None::<Instant>);
-    let mut taken_over = None;
+    let (mut killed, mut taken_over) = (None::<Instant>, None);
     loop {
         let r = rollout(api, &id);
-        let wave = r["wave"].as_u64().unwrap_or(1);
-        let pending = r["members"].as_object().map_or(0, |m| {
-            m.values().filter(|v| v["state"] == "pending").count()
-        });
-        if notified.is_none() && wave == 4 && pending == 0 {
-            notified = Some(t.elapsed());
-        }
-        if kill_holder && killed.is_none() && wave == 4 {
+        if kill_holder && killed.is_none() && r["wave"].as_u64() == Some(4) {
             holder.kill();
             killed = Some(Instant::now());
             println!(
                 "  r0 (the lease's holder) killed with SIGKILL as wave 4 started, {:.1} s into the rollout",
-                t.elapsed().as_secs_f64()
+                progress.started.elapsed().as_secs_f64()
             );
         }
         if let (Some(k), true) = (killed, taken_over.is_none()) {
@@ -542,20 +575,15 @@ fn run_replicas(n: usize, ingest_s: u64, replicas: usize, kill_holder: bool) {
                 taken_over = Some((k.elapsed(), holder[0].0.clone()));
             }
         }
-        match r["phase"].as_str().unwrap_or("") {
-            "completed" => break,
-            "halted" | "paused" | "aborted" => panic!("rollout stopped: {}", r["phase"]),
-            _ => {}
+        if progress.completed(&r, 4) {
+            break;
         }
-        assert!(t.elapsed() < Duration::from_secs(600), "rollout too slow");
         std::thread::sleep(Duration::from_millis(250));
     }
-    let took = t.elapsed();
     println!(
-        "  rollout of a {payload}-byte bundle to {n}, started through r{}: every device told to install after {:.1} s, completed in {:.1} s",
+        "  rollout of a {payload}-byte bundle to {n}, started through r{}: {}",
         replicas - 1,
-        notified.unwrap_or(took).as_secs_f64(),
-        took.as_secs_f64(),
+        progress.line()
     );
     if let Some((after, holder)) = taken_over {
         println!(
