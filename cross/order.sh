@@ -138,28 +138,24 @@ for T in "${TARGETS[@]}"; do
       -p edgefleet-agent --bin edgefleet-agent -- -C strip=none)
     cp "$CARGO_TARGET_DIR/$T/edge/edgefleet-agent" "agent-$T"
   fi
-  trace() { # trace LOG ARGS...: runs the agent under qemu, logging each block of code
+  # trace LOG ARGS...: runs the agent under qemu, logging each block of code. It
+  # execs qemu, so call it in a subshell: run in the background, that subshell is
+  # then qemu itself, and killing $! stops the agent (a subshell around qemu
+  # died alone and left the agent running, writing its trace).
+  trace() {
     local log=$1
     shift
-    "$Q" -cpu max -d in_asm,nochain -D "$log" "./agent-$T" --data-dir "data-$T" --trust root.cbor "$@"
-  }
-  # The agent that runs in the background is qemu itself (not a subshell around
-  # it), so that killing $agent stops it: a subshell's death left qemu running,
-  # writing its trace, and the cleanup could not remove the directory.
-  trace_bg() { # trace_bg LOG OUT ARGS...
-    local log=$1 out=$2
-    shift 2
-    "$Q" -cpu max -d in_asm,nochain -D "$log" "./agent-$T" --data-dir "data-$T" --trust root.cbor "$@" >"$out" 2>&1 &
-    agent=$!
+    exec "$Q" -cpu max -d in_asm,nochain -D "$log" "./agent-$T" --data-dir "data-$T" --trust root.cbor "$@"
   }
   logs=()
   for b in iris forest digits; do
-    trace "install-$b.log" install "$b.efb" >/dev/null
+    (trace "install-$b.log" install "$b.efb") >/dev/null
     logs+=("install-$b.log")
   done
   mosquitto -c "$T_DIR/mosquitto.conf" >"mosquitto-$T.log" 2>&1 &
   broker=$!
-  trace_bg run.log "run-$T.out" --config agent.toml run --http 127.0.0.1:0
+  trace run.log --config agent.toml run --http 127.0.0.1:0 >"run-$T.out" 2>&1 &
+  agent=$!
   for _ in $(seq 1 120); do grep -q "local API listening" "run-$T.out" && break; sleep 1; done
   api=$(grep -o 'http://127.0.0.1:[0-9]*' "run-$T.out" | head -n 1)
   python3 requests.py "$api"

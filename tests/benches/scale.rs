@@ -156,6 +156,11 @@ impl Usage {
             "devices' process".to_owned(),
             Side::Process(devices.to_string()),
         ));
+        Usage::of(sides)
+    }
+
+    /// Usage of `sides` (label, what), from now on.
+    fn of(sides: Vec<(String, Side)>) -> Usage {
         let cpu = sides.iter().map(|(_, side)| side.usage().1).collect();
         Usage {
             sides,
@@ -187,23 +192,6 @@ impl Usage {
             "{} (100% = one core, over the last {wall:.0} s)",
             parts.join("; ")
         )
-    }
-}
-
-impl Usage {
-    /// Usage of the given sides (label, process id), and of PostgreSQL.
-    fn of(processes: Vec<(String, u32)>, postgres: u32) -> Usage {
-        let mut sides: Vec<(String, Side)> = processes
-            .into_iter()
-            .map(|(label, pid)| (label, Side::Process(pid.to_string())))
-            .collect();
-        sides.push(("PostgreSQL".to_owned(), Side::Postgres(postgres)));
-        let cpu = sides.iter().map(|(_, side)| side.usage().1).collect();
-        Usage {
-            sides,
-            since: Instant::now(),
-            cpu,
-        }
     }
 }
 
@@ -471,17 +459,19 @@ fn run_replicas(n: usize, ingest_s: u64, replicas: usize, kill_holder: bool) {
     let storm = Instant::now();
     let connect_per_s = arg("--connect-per-s").and_then(|v| v.parse().ok());
     let mut devices = edgefleet_tests::spawn_load_process(&load, 10, connect_per_s, None);
-    let mut processes: Vec<(String, u32)> = std::iter::once(&holder)
+    let process = |label: String, pid: u32| (label, Side::Process(pid.to_string()));
+    let mut sides: Vec<(String, Side)> = std::iter::once(&holder)
         .chain(&others)
         .enumerate()
-        .map(|(i, r)| (format!("replica r{i}"), r.child.id()))
+        .map(|(i, r)| process(format!("replica r{i}"), r.child.id()))
         .collect();
-    processes.push(("Mosquitto".to_owned(), mosquitto.pid()));
-    processes.push(("devices' process".to_owned(), devices.id()));
-    let mut use_ = Usage::of(
-        processes,
-        edgefleet::server::db::testing::shared().server_pid(),
-    );
+    sides.push(process("Mosquitto".to_owned(), mosquitto.pid()));
+    sides.push((
+        "PostgreSQL".to_owned(),
+        Side::Postgres(edgefleet::server::db::testing::shared().server_pid()),
+    ));
+    sides.push(process("devices' process".to_owned(), devices.id()));
+    let mut use_ = Usage::of(sides);
     let deadline = Instant::now() + Duration::from_secs(600);
     while online(api) < n as u64 {
         assert!(

@@ -124,9 +124,7 @@ impl Mosquitto {
         config.mqtt.key = Some(dir.join("controller.key"));
         mosquitto
     }
-}
 
-impl Mosquitto {
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.0.id()
