@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use edgefleet_agent::chunks::ChunkTracker;
 use edgefleet_shared::bundle::verify_chunk;
-use edgefleet_shared::commands::{self, CommandPolicy, ReplayWindow};
+use edgefleet_shared::commands::{self, CommandPolicy, CommandRefusal, ReplayWindow};
 use edgefleet_shared::manifest::Manifest;
 use edgefleet_shared::protocol::{
     self, Action, AgentMetrics, BundleOffer, BundleRef, Chunk, DeviceMetrics, DeviceState,
@@ -99,8 +99,11 @@ pub struct LoadStats {
     pub chunk_bytes: AtomicU64,
     /// Chunks that did not match the signed table (dropped).
     pub chunks_rejected: AtomicU64,
-    /// Commands refused (bad signature, stale, replayed, another device's).
+    /// Commands refused (bad signature, stale, another device's).
     pub commands_refused: AtomicU64,
+    /// Copies of a command already carried out, refused as replays: the
+    /// controller sends an unanswered command again as the same command.
+    pub commands_replayed: AtomicU64,
     /// Installs completed.
     pub installs: AtomicU64,
     /// Messages dropped because a device's outbox was full (or, for
@@ -573,8 +576,13 @@ impl LoadDevice {
                         self.on_command(client, command.id, command.action);
                     }
                     Err(refusal) => {
-                        self.stats.commands_refused.fetch_add(1, Ordering::Relaxed);
-                        let detail = refusal.to_string();
+                        let counter = match refusal {
+                            CommandRefusal::Replayed { .. } => &self.stats.commands_replayed,
+                            _ => &self.stats.commands_refused,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        // As the agent words it: the code first.
+                        let detail = format!("{}: {refusal}", refusal.code());
                         self.emit(client, None, EventKind::CommandRejected { detail });
                     }
                 }

@@ -592,13 +592,21 @@ fn run_replicas(n: usize, ingest_s: u64, replicas: usize, kill_holder: bool) {
         told.len()
     );
     assert_eq!(told.len(), n, "every device told to install");
+    // An unanswered install goes again as the same command (its id), so
+    // none is a second one; how many copies went is the replicas' count.
+    let alive: Vec<&Replica> = std::iter::once(&holder)
+        .filter(|_| !kill_holder)
+        .chain(&others)
+        .collect();
+    let resent: u64 = alive
+        .iter()
+        .map(|r| metric(&r.api, "edgefleet_commands_resent_total"))
+        .sum();
+    println!(
+        "  unanswered commands sent again as the same command: {resent} (by the replicas still running)"
+    );
     if twice > 0 {
-        // Known gap (docs/scale.md, "Replicas at scale"): the holder sends
-        // an install again when it has heard nothing from the device for
-        // `resend_after_ms` (60 s); at scale with replicas that happens.
-        println!(
-            "  NOT MET: {twice} devices were sent the install more than once (the holder's resend after 60 s without news of them)"
-        );
+        println!("  NOT MET: {twice} devices were sent a second install command");
     }
     println!("  during the rollout: {}", use_.line());
     let _ = std::process::Command::new("kill")

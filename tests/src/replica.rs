@@ -188,3 +188,57 @@ pub fn wait_for_wave(api: &Client, id: &str, wave: u64, context: impl Fn() -> St
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// A TCP relay to a broker whose link can be cut: once cut, every byte either
+/// way is read and dropped, the connections left open (a network that loses
+/// everything, as a replica behind a failed link sees it).
+#[derive(Debug)]
+pub struct Relay {
+    /// Where to connect instead of the broker.
+    pub addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    /// Relays connections on a new loopback port to `target`.
+    pub fn start(target: std::net::SocketAddr) -> Relay {
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("relay port");
+        let addr = listener.local_addr().expect("relay address");
+        let cut = std::sync::Arc::<std::sync::atomic::AtomicBool>::default();
+        let pump = |mut from: TcpStream, mut to: TcpStream, cut: std::sync::Arc<_>| {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 16 * 1024];
+                while let Ok(n @ 1..) = from.read(&mut buf) {
+                    let cut: &std::sync::atomic::AtomicBool = &cut;
+                    if !cut.load(std::sync::atomic::Ordering::SeqCst)
+                        && to.write_all(&buf[..n]).is_err()
+                    {
+                        break;
+                    }
+                }
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            });
+        };
+        let relay_cut = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let Ok(broker) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let (Ok(c2), Ok(b2)) = (client.try_clone(), broker.try_clone()) else {
+                    continue;
+                };
+                pump(client, broker, relay_cut.clone());
+                pump(b2, c2, relay_cut.clone());
+            }
+        });
+        Relay { addr, cut }
+    }
+
+    /// Cuts the link: nothing passes from now on.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}

@@ -139,7 +139,7 @@ fn broker_addrs(urls: &str) -> Result<Vec<SocketAddr>, CommandError> {
 fn counters(s: &LoadStats) -> String {
     let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     format!(
-        "connects {}, telemetry sent {} ({} again: not acknowledged in time), installs {}, chunks {} ({:.1} MB, {} rejected), commands refused {}, messages dropped {}",
+        "connects {}, telemetry sent {} ({} again: not acknowledged in time), installs {}, chunks {} ({:.1} MB, {} rejected), commands refused {} (and {} copies of one carried out), messages dropped {}",
         get(&s.connects),
         get(&s.telemetry_sent),
         get(&s.telemetry_resent),
@@ -148,6 +148,7 @@ fn counters(s: &LoadStats) -> String {
         get(&s.chunk_bytes) as f64 / 1e6,
         get(&s.chunks_rejected),
         get(&s.commands_refused),
+        get(&s.commands_replayed),
         get(&s.dropped)
     )
 }

@@ -657,10 +657,24 @@ pub struct RolloutStep {
     pub notes: Vec<String>,
     /// The step's audit record.
     pub audit: Option<Audit>,
-    /// Commands: (device, action name, bundle).
-    pub commands: Vec<(DeviceId, &'static str, Option<Digest>)>,
+    /// The commands it sends.
+    pub commands: Vec<StepCommand>,
     /// Stored only while this replica holds this lease: (lease, holder).
     pub fence: Option<(&'static str, String)>,
+}
+
+/// A command a rollout step sends.
+#[derive(Debug, Clone)]
+pub struct StepCommand {
+    /// To whom.
+    pub device: DeviceId,
+    /// The action's name.
+    pub action: &'static str,
+    /// The bundle it is about.
+    pub bundle: Option<Digest>,
+    /// Sent before and unanswered: the same command again (the newest stored
+    /// with this rollout, device and action keeps its id), not a new one.
+    pub again: bool,
 }
 
 fn write_audit(t: &mut dyn Tx, a: &Audit) -> Result<()> {
@@ -1679,7 +1693,7 @@ impl Db {
 
     /// Stores a rollout step (commands, state, notes, audit) in one
     /// transaction, only while `fence`'s lease is held; returns the commands'
-    /// ids in order.
+    /// ids in order (a command sent again keeps its id).
     pub async fn step_rollout(&self, step: RolloutStep, now: u64) -> Result<Vec<u64>> {
         self.write(move |t| {
             if let Some((lease, holder)) = &step.fence {
@@ -1696,18 +1710,30 @@ impl Db {
                 }
             }
             let mut ids = Vec::with_capacity(step.commands.len());
-            for (d, a, b) in &step.commands {
-                let row = t.query_one(
-                    "INSERT INTO commands (device, rollout, action, issued_at, bundle)
-                     VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
-                    vals![
-                        d.as_str(),
-                        step.rollout.as_str(),
-                        *a,
-                        i(now),
-                        b.as_ref().map(Digest::to_hex)
-                    ],
-                )?;
+            for c in &step.commands {
+                let sent = if c.again {
+                    t.query_opt(
+                        "SELECT id FROM commands WHERE rollout = ?1 AND device = ?2 AND action = ?3
+                         ORDER BY id DESC LIMIT 1",
+                        vals![step.rollout.as_str(), c.device.as_str(), c.action],
+                    )?
+                } else {
+                    None
+                };
+                let row = match sent {
+                    Some(row) => row,
+                    None => t.query_one(
+                        "INSERT INTO commands (device, rollout, action, issued_at, bundle)
+                         VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
+                        vals![
+                            c.device.as_str(),
+                            step.rollout.as_str(),
+                            c.action,
+                            i(now),
+                            c.bundle.as_ref().map(Digest::to_hex)
+                        ],
+                    )?,
+                };
                 ids.push(row.get(0)?);
             }
             if let Some((phase, state)) = step.state {

@@ -545,6 +545,12 @@ pub enum Effect {
     StopShadow(DeviceId),
     /// Send `revert` to this device.
     Revert(DeviceId),
+    /// `Install`, `InstallShadow` or `Revert` once more, as the same command
+    /// (the id it was first sent with): the controller does not know whether
+    /// it was ever published (`Rollout::take_over`). A device that had it
+    /// refuses the copy as a replay; one that never got it carries it out,
+    /// so no device is told twice.
+    Resend(Box<Effect>),
     /// Something worth telling the operator (also the audit of automatic steps).
     Note(String),
 }
@@ -935,12 +941,61 @@ impl Rollout {
                 },
             };
             self.set_member(id.clone(), commanded);
-            fx.push(if self.shadow_stage {
-                Effect::InstallShadow(id)
-            } else {
-                Effect::Install(id)
-            });
+            // Asked again after `resend_after_ms` without news: a new
+            // command, so that a device that lost the first (killed between
+            // receiving and acting on it: it had recorded the id) carries it
+            // out; an install of what it has or is fetching is a no-op there.
+            fx.push(self.install_effect(id));
         }
+    }
+
+    /// The install command of this stage for `id`.
+    fn install_effect(&self, id: DeviceId) -> Effect {
+        if self.shadow_stage {
+            Effect::InstallShadow(id)
+        } else {
+            Effect::Install(id)
+        }
+    }
+
+    /// What a replica taking the rollout over from a holder that died must
+    /// send: the commands its predecessor stored may not all have reached the
+    /// broker (they are stored first, then published), so every one not
+    /// answered since it was sent goes again at once, as the same command
+    /// (devices that had it refuse the copy as a replay), instead of after
+    /// `resend_after_ms`.
+    pub fn take_over(&mut self, now: u64) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        let wave = match self.phase {
+            Phase::Installing { .. } => self.waves.get(self.wave).cloned().unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        for id in wave {
+            if let Some(&Member::Commanded {
+                first_at,
+                sent_at,
+                heard_at,
+                progress,
+            }) = self.members.get(&id)
+                && heard_at <= sent_at
+            {
+                let again = Member::Commanded {
+                    first_at,
+                    sent_at: now,
+                    heard_at,
+                    progress,
+                };
+                self.set_member(id.clone(), again);
+                fx.push(Effect::Resend(Box::new(self.install_effect(id))));
+            }
+        }
+        for (id, m) in self.members.iter_mut() {
+            if let Member::Reverting { sent_at } = m {
+                *sent_at = now;
+                fx.push(Effect::Resend(Box::new(Effect::Revert(id.clone()))));
+            }
+        }
+        fx
     }
 
     /// Whether `device` runs the bundle in shadow only (its wave is in its

@@ -32,7 +32,7 @@ use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, Transpo
 use serde::Serialize;
 use tokio::sync::{Mutex, mpsc};
 
-use crate::server::db::{Db, DbError, Lease, RolloutStep, TelemetryRow};
+use crate::server::db::{Db, DbError, Lease, RolloutStep, StepCommand, TelemetryRow};
 use crate::server::engine::{Effect, Input, NotNow, Phase, Plan, PlanError, Rollout, WaveHealth};
 mod ingest;
 pub use ingest::IngestError;
@@ -66,10 +66,21 @@ pub struct FleetStats {
     pub fetch_refused_rate: AtomicU64,
     /// Commands published.
     pub commands_sent: AtomicU64,
+    /// Of those, unanswered commands published again (the same command, its
+    /// id unchanged).
+    pub commands_resent: AtomicU64,
     /// Install failures reported by devices.
     pub install_failures: AtomicU64,
     /// Fleet-level drift alerts raised.
     pub drift_alerts: AtomicU64,
+}
+
+/// A command an engine step sends.
+struct Outgoing {
+    device: DeviceId,
+    action: Action,
+    /// The same command again (`Effect::Resend`).
+    again: bool,
 }
 
 /// A stored bundle, as the chunk server reads it.
@@ -623,6 +634,14 @@ impl Fleet {
             map.clear();
             Self::load_rollouts(&self.db, &mut map).await?;
             tracing::info!(replica = %r.name, rollouts = map.len(), "this replica runs the rollouts");
+            // What the last holder stored it may not have published.
+            for (id, a) in map.iter_mut() {
+                let fx = a.engine.take_over(now);
+                if !fx.is_empty() {
+                    tracing::info!(rollout = %id, commands = fx.len(), "sending the unanswered commands again");
+                }
+                self.carry_out(id, a, fx, now, None, false).await?;
+            }
         } else if !mine && was {
             map.clear();
             tracing::warn!(replica = %r.name, holder = %lease.holder, "the rollout lease passed to another replica");
@@ -1163,10 +1182,21 @@ impl Fleet {
         id: &str,
         digest: Digest,
         fx: Vec<Effect>,
-    ) -> (Vec<(DeviceId, Action)>, Vec<String>) {
+    ) -> (Vec<Outgoing>, Vec<String>) {
         let mut notes = Vec::new();
         let mut commands = Vec::new();
         for e in fx {
+            let (e, again) = match e {
+                Effect::Resend(e) => (*e, true),
+                e => (e, false),
+            };
+            let mut send = |device, action| {
+                commands.push(Outgoing {
+                    device,
+                    action,
+                    again,
+                })
+            };
             let shadow = matches!(e, Effect::InstallShadow(_));
             match e {
                 Effect::Install(device) | Effect::InstallShadow(device) => {
@@ -1195,7 +1225,7 @@ impl Fleet {
                             mode,
                         }
                     };
-                    commands.push((device, action));
+                    send(device, action);
                 }
                 Effect::StopShadow(device) => {
                     // The shadow stops at once; the next shadow install samples
@@ -1204,7 +1234,7 @@ impl Fleet {
                         shadow_sample_permille: Some(0),
                         ..Default::default()
                     });
-                    commands.push((device, action));
+                    send(device, action);
                 }
                 Effect::Revert(device) => {
                     if self.subject_of(digest).await == Subject::Agent {
@@ -1216,12 +1246,14 @@ impl Fleet {
                         continue;
                     }
                     let action = self.revert_action(&device, &digest).await;
-                    commands.push((device, action));
+                    send(device, action);
                 }
                 Effect::Note(n) => {
                     tracing::info!(rollout = id, "{n}");
                     notes.push(n);
                 }
+                // Unwrapped above; a resend of a resend is the same resend.
+                Effect::Resend(_) => {}
             }
         }
         (commands, notes)
@@ -1272,13 +1304,21 @@ impl Fleet {
             notes,
             commands: commands
                 .iter()
-                .map(|(d, act)| (d.clone(), action_name(act), action_bundle(act)))
+                .map(|c| StepCommand {
+                    device: c.device.clone(),
+                    action: action_name(&c.action),
+                    bundle: action_bundle(&c.action),
+                    again: c.again,
+                })
                 .collect(),
             fence: self.fence(),
         };
         let ids = self.db.step_rollout(step, now).await?;
-        for (cid, (device, action)) in ids.into_iter().zip(commands) {
-            self.publish_command(cid, now, device, action);
+        for (cid, c) in ids.into_iter().zip(commands) {
+            if c.again {
+                self.stats.commands_resent.fetch_add(1, Ordering::Relaxed);
+            }
+            self.publish_command(cid, now, c.device, c.action);
         }
         if changed {
             a.saved = state;

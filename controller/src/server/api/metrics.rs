@@ -200,6 +200,11 @@ fn counter_families(out: &mut Exposition, s: &AppState) {
             &st.commands_sent,
         ),
         (
+            "edgefleet_commands_resent_total",
+            "Unanswered commands published again, as the same command (its id).",
+            &st.commands_resent,
+        ),
+        (
             "edgefleet_gate_connections_total",
             "Device connections relayed by the embedded broker's gate.",
             &s.gate_stats.connections,

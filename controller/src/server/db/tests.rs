@@ -116,6 +116,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     devices_events_and_telemetry_round_trip,
     rollouts_commands_and_audit_are_kept,
+    a_command_sent_again_keeps_its_id,
     the_latest_report_is_the_last_received_whatever_number_the_device_gave_it,
     a_change_and_its_audit_record_are_stored_together_or_not_at_all,
     dashboard_sessions_last_until_they_end_or_are_closed,
@@ -496,6 +497,112 @@ async fn devices_events_and_telemetry_round_trip(kind: Kind) {
     );
     assert_eq!(db.prune_telemetry(160).await.expect("prune"), 2);
     assert_eq!(db.latest_telemetry(0).await.expect("after prune").len(), 1);
+}
+
+/// A rollout step that sends a command again (unanswered, or left by a
+/// holder that died) stores no second command: it is the newest one of that
+/// rollout, device and action, with its id.
+async fn a_command_sent_again_keeps_its_id(kind: Kind) {
+    let store = fresh(kind).await;
+    let db = &store.db;
+    let digest = Digest::of(b"aa");
+    db.insert_bundle(
+        &BundleRow {
+            digest,
+            channel: "iris".into(),
+            version: "1.0.0".into(),
+            release: 1,
+            size: 10,
+            chunks: 1,
+            created_at: 1,
+            expires_at: 2,
+            uploaded_at: 3,
+            uploaded_by: "admin".into(),
+            summary: serde_json::json!({}),
+        },
+        None,
+    )
+    .await
+    .expect("bundle");
+    for id in ["r1", "r2"] {
+        let row = RolloutRow {
+            id: id.into(),
+            bundle: digest,
+            created_at: 5,
+            created_by: "admin".into(),
+            selector: "{}".into(),
+            state: "{}".into(),
+        };
+        db.insert_rollout(&row, "installing", None)
+            .await
+            .expect("rollout");
+    }
+    let command = |device: &str, action, again| StepCommand {
+        device: dev(device),
+        action,
+        bundle: Some(digest),
+        again,
+    };
+    let step = |rollout: &str, commands| RolloutStep {
+        rollout: rollout.into(),
+        state: None,
+        notes: Vec::new(),
+        audit: None,
+        commands,
+        fence: None,
+    };
+    let first = db
+        .step_rollout(
+            step(
+                "r1",
+                vec![
+                    command("pi-01", "install", false),
+                    command("pi-02", "install", false),
+                ],
+            ),
+            10,
+        )
+        .await
+        .expect("first");
+    // Again to pi-02; a first revert to pi-01; again for a command never
+    // stored (a new one then); the same device in another rollout.
+    let again = db
+        .step_rollout(
+            step(
+                "r1",
+                vec![
+                    command("pi-02", "install", true),
+                    command("pi-01", "revert", false),
+                    command("pi-03", "install", true),
+                ],
+            ),
+            20,
+        )
+        .await
+        .expect("again");
+    assert_eq!(again[0], first[1], "the same command");
+    assert!(again[1] > first[1] && again[2] > again[1], "{again:?}");
+    let other = db
+        .step_rollout(step("r2", vec![command("pi-02", "install", true)]), 30)
+        .await
+        .expect("other rollout");
+    assert!(other[0] > again[2], "a rollout's commands are its own");
+    // After two installs to one device (a shadow stage, then activation),
+    // the newest is the one sent again.
+    let second = db
+        .step_rollout(step("r1", vec![command("pi-01", "install", false)]), 40)
+        .await
+        .expect("second install");
+    let copy = db
+        .step_rollout(step("r1", vec![command("pi-01", "install", true)]), 50)
+        .await
+        .expect("copy");
+    assert_eq!(copy, second);
+    assert_eq!(
+        db.command_counts("pi-02").await.expect("counts"),
+        BTreeMap::from([("install".to_string(), 2)]),
+        "one in each rollout"
+    );
 }
 
 async fn rollouts_commands_and_audit_are_kept(kind: Kind) {

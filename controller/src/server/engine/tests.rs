@@ -36,6 +36,21 @@ fn installs(fx: &[Effect]) -> Vec<DeviceId> {
         .collect()
 }
 
+/// The devices whose command went again as the same command.
+fn resent(fx: &[Effect]) -> Vec<DeviceId> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Resend(again) => match again.as_ref() {
+                Effect::Install(d) | Effect::InstallShadow(d) | Effect::Revert(d) => {
+                    Some(d.clone())
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
 fn reverts(fx: &[Effect]) -> Vec<DeviceId> {
     fx.iter()
         .filter_map(|e| match e {
@@ -312,6 +327,52 @@ fn silent_devices_are_asked_again_then_time_out_as_failures() {
         "soaking",
         "1 of 2 meets min_success_ratio 0.5"
     );
+}
+
+#[test]
+fn a_replica_taking_over_sends_every_unanswered_command_again_at_once() {
+    let mut r = Rollout::new("takeover", &fleet(4), plan(&["4"]), 0).expect("r");
+    let wave = installs(&r.tick(0, None));
+    assert_eq!(wave.len(), 4);
+    // One progressed, one succeeded: only the two silent ones go again.
+    r.apply(
+        1_000,
+        Input::Progress {
+            device: wave[0].clone(),
+            done: 1,
+            total: 4,
+        },
+    )
+    .expect("news");
+    r.apply(
+        1_000,
+        Input::Succeeded {
+            device: wave[1].clone(),
+        },
+    )
+    .expect("news");
+    // The stored state, loaded by the new holder 2 s later.
+    let mut r: Rollout =
+        serde_json::from_str(&serde_json::to_string(&r).expect("save")).expect("load");
+    let fx = r.take_over(2_000);
+    assert_eq!(resent(&fx), vec![wave[2].clone(), wave[3].clone()]);
+    assert!(installs(&fx).is_empty(), "no new command");
+    // Their resend clock restarted (the one that progressed keeps its own):
+    // still silent after resend_after_ms, they are asked with a new command.
+    assert_eq!(
+        installs(&r.tick(2_000 + 29_999, None)),
+        vec![wave[0].clone()]
+    );
+    assert_eq!(
+        installs(&r.tick(2_000 + 30_000, None)),
+        vec![wave[2].clone(), wave[3].clone()]
+    );
+    // Outside a wave's installs there is nothing to send.
+    let mut done = Rollout::new("idle", &fleet(2), plan(&["2"]), 0).expect("r");
+    let all = installs(&done.tick(0, None));
+    succeed_all(&mut done, &all, 1);
+    assert_eq!(done.phase.name(), "soaking");
+    assert!(done.take_over(5).is_empty());
 }
 
 #[test]
@@ -719,6 +780,14 @@ proptest! {
                     Effect::StopShadow(d) => {
                         prop_assert!(before.shadow_stage && before.waves[before.wave].contains(d),
                             "stop-shadow to {} outside a shadow stage", d);
+                    }
+                    Effect::Resend(again) => {
+                        let (d, was_sent) = match again.as_ref() {
+                            Effect::Install(d) | Effect::InstallShadow(d) => (d, matches!(before.members[d], Member::Commanded { .. })),
+                            Effect::Revert(d) => (d, matches!(before.members[d], Member::Reverting { .. })),
+                            other => panic!("resend of {other:?}"),
+                        };
+                        prop_assert!(was_sent, "a resend to {} which was {:?}", d, before.members[d]);
                     }
                     Effect::Note(_) => {}
                 }
