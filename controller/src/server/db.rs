@@ -351,6 +351,9 @@ const MIGRATIONS: &[&str] = &[
     // When the latest state (or will) was received: telemetry received after
     // an offline state proves the device connected again (a stale will).
     "ALTER TABLE devices ADD COLUMN state_at INTEGER;",
+    // 15: the events another replica stored that the rollout lease's holder
+    // has not applied (it never heard them itself), found each tick.
+    "CREATE INDEX events_unapplied ON events(received_at) WHERE applied = 0;",
 ];
 
 /// The store.
@@ -1025,6 +1028,55 @@ impl Db {
             Ok(changed == 1)
         })
         .await
+    }
+
+    /// Whether some event received at or before `heard_by` is stored and not
+    /// applied (a read: the holder asks each tick, and mostly there is none).
+    pub async fn has_unapplied_events(&self, heard_by: u64) -> Result<bool> {
+        self.read(move |t| {
+            t.query_one(
+                "SELECT EXISTS (SELECT 1 FROM events WHERE applied = 0 AND received_at <= ?1)",
+                vals![i(heard_by)],
+            )?
+            .get(0)
+        })
+        .await
+    }
+
+    /// Claims for the rollout lease's holder up to `limit` events that other
+    /// replicas stored at or before `heard_by` and nobody applied (the holder
+    /// never heard them: its broker connection dropped, or they came before
+    /// it took the lease), in the order they were received. Each event is
+    /// claimed once: by this, or by the holder storing its own copy.
+    pub async fn claim_unapplied_events(
+        &self,
+        heard_by: u64,
+        limit: u32,
+    ) -> Result<Vec<edgefleet_shared::protocol::Event>> {
+        let rows = self
+            .write(move |t| {
+                t.query(
+                    "UPDATE events SET applied = 1
+                     WHERE applied = 0 AND (device, epoch, seq) IN (
+                         SELECT device, epoch, seq FROM events
+                         WHERE applied = 0 AND received_at <= ?1
+                         ORDER BY received_at LIMIT ?2)
+                     RETURNING received_at, seq, body",
+                    vals![i(heard_by), limit],
+                )?
+                .iter()
+                .map(|r| Ok((u(r.get(0)?), u(r.get(1)?), r.get::<String>(2)?)))
+                .collect::<Result<Vec<_>>>()
+            })
+            .await?;
+        let mut rows = rows;
+        rows.sort_by_key(|(received_at, seq, _)| (*received_at, *seq));
+        rows.into_iter()
+            .map(|(_, _, body)| {
+                serde_json::from_str(&body)
+                    .map_err(|e| DbError::Corrupt(format!("a stored event: {e}")))
+            })
+            .collect()
     }
 
     /// The latest `limit` events of a device, newest first (by receipt: a device

@@ -69,11 +69,19 @@ pub struct FleetStats {
     /// Of those, unanswered commands published again (the same command, its
     /// id unchanged).
     pub commands_resent: AtomicU64,
+    /// Events another replica stored that the rollout lease's holder applied
+    /// from the store (it had not heard them itself).
+    pub events_claimed: AtomicU64,
     /// Install failures reported by devices.
     pub install_failures: AtomicU64,
     /// Fleet-level drift alerts raised.
     pub drift_alerts: AtomicU64,
 }
+
+/// How long after another replica stored an event the holder applies it from
+/// the store, if its own copy has not come: its own copy normally comes within
+/// milliseconds of the other's.
+const EVENT_GRACE_MS: u64 = 2_000;
 
 /// A command an engine step sends.
 struct Outgoing {
@@ -634,7 +642,9 @@ impl Fleet {
             map.clear();
             Self::load_rollouts(&self.db, &mut map).await?;
             tracing::info!(replica = %r.name, rollouts = map.len(), "this replica runs the rollouts");
-            // What the last holder stored it may not have published.
+            // What the devices said meanwhile, heard by other replicas; then
+            // what the last holder stored it may not have published.
+            self.apply_events_heard_elsewhere(&mut map, now).await?;
             for (id, a) in map.iter_mut() {
                 let fx = a.engine.take_over(now);
                 if !fx.is_empty() {
@@ -749,13 +759,53 @@ impl Fleet {
     }
 
     async fn on_event(&self, e: &Event, now: u64) -> Result<(), FleetError> {
+        let mut map = self.rollouts.lock().await;
+        self.apply_event(&mut map, e, now).await
+    }
+
+    /// Applies the events other replicas stored at or before `heard_by` that
+    /// this holder never heard itself (its broker connection dropped, and
+    /// with a clean session what the broker held for it was lost; or they
+    /// came before it took the lease): otherwise their devices would wait for
+    /// `resend_after_ms` as if silent.
+    async fn apply_events_heard_elsewhere(
+        &self,
+        map: &mut BTreeMap<String, Active>,
+        heard_by: u64,
+    ) -> Result<(), FleetError> {
+        while self.db.has_unapplied_events(heard_by).await? {
+            let events = self.db.claim_unapplied_events(heard_by, 2_000).await?;
+            if events.is_empty() {
+                break;
+            }
+            self.stats
+                .events_claimed
+                .fetch_add(events.len() as u64, Ordering::Relaxed);
+            tracing::info!(
+                events = events.len(),
+                "applying events only another replica heard"
+            );
+            let now = now_ms();
+            for e in &events {
+                self.apply_event(map, e, now).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Feeds a device's event to the rollouts it is in (`map`, locked).
+    async fn apply_event(
+        &self,
+        map: &mut BTreeMap<String, Active>,
+        e: &Event,
+        now: u64,
+    ) -> Result<(), FleetError> {
         if let EventKind::CommandRejected { detail } = &e.kind {
-            return self.on_command_rejected(e, detail, now).await;
+            return self.on_command_rejected(map, e, detail, now).await;
         }
         let Some((digest, input)) = self.engine_input(e) else {
             return Ok(());
         };
-        let mut map = self.rollouts.lock().await;
         for (id, a) in map.iter_mut() {
             if digest.is_some_and(|d| d != a.digest)
                 || !a.engine.members.contains_key(e.device.as_str())
@@ -832,6 +882,7 @@ impl Fleet {
     /// instead of leaving it to the install timeout.
     async fn on_command_rejected(
         &self,
+        map: &mut BTreeMap<String, Active>,
         e: &Event,
         detail: &str,
         now: u64,
@@ -850,7 +901,6 @@ impl Fleet {
             device,
             reason: format!("command_rejected: {detail}"),
         };
-        let mut map = self.rollouts.lock().await;
         if let Some(a) = map.get_mut(&rollout)
             && a.engine.members.contains_key(e.device.as_str())
         {
@@ -1330,6 +1380,8 @@ impl Fleet {
     /// One engine step for every running rollout.
     pub async fn tick_rollouts(&self, now: u64) -> Result<(), FleetError> {
         let mut map = self.rollouts.lock().await;
+        self.apply_events_heard_elsewhere(&mut map, now.saturating_sub(EVENT_GRACE_MS))
+            .await?;
         let mut finished = Vec::new();
         for (id, a) in map.iter_mut() {
             let health = match a.engine.phase {

@@ -205,6 +205,11 @@ fn counter_families(out: &mut Exposition, s: &AppState) {
             &st.commands_resent,
         ),
         (
+            "edgefleet_events_claimed_total",
+            "Events another replica stored that this one applied from the store (it had not heard them).",
+            &st.events_claimed,
+        ),
+        (
             "edgefleet_gate_connections_total",
             "Device connections relayed by the embedded broker's gate.",
             &s.gate_stats.connections,

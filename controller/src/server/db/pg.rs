@@ -188,6 +188,10 @@ const PG_MIGRATIONS: &[(i64, &str)] = &[
     ALTER TABLE devices ADD COLUMN channels TEXT NOT NULL DEFAULT '[]';",
     ),
     (14, "ALTER TABLE devices ADD COLUMN state_at BIGINT;"),
+    (
+        15,
+        "CREATE INDEX events_unapplied ON events(received_at) WHERE applied = 0;",
+    ),
 ];
 
 /// The advisory lock key under which migrations run ("edgeflt" in ASCII).

@@ -469,6 +469,49 @@ async fn devices_events_and_telemetry_round_trip(kind: Kind) {
             .await
             .expect("again")
     );
+    // Events only another replica heard: the holder claims them from the
+    // store once they are old enough, in the order they came, and its own
+    // late copy is not applied again.
+    assert!(!db.has_unapplied_events(1_000).await.expect("none"));
+    let only_elsewhere: Vec<Event> = (0..3)
+        .map(|k| Event {
+            device: dev("pi-04"),
+            seq: 20 + k,
+            kind: EventKind::InstallProgress {
+                digest: d,
+                chunks_done: u32::try_from(k).expect("small"),
+                chunks_total: 3,
+            },
+            ..event.clone()
+        })
+        .collect();
+    for (k, e) in only_elsewhere.iter().enumerate() {
+        let at = 80 + 10 * k as u64;
+        assert!(db.insert_event(e, at, false).await.expect("elsewhere"));
+    }
+    assert!(!db.has_unapplied_events(79).await.expect("not yet"));
+    assert!(db.has_unapplied_events(80).await.expect("the oldest"));
+    let claimed = db.claim_unapplied_events(90, 10).await.expect("claim");
+    assert_eq!(
+        claimed,
+        only_elsewhere[..2].to_vec(),
+        "received by 90, in order"
+    );
+    let claimed = db.claim_unapplied_events(1_000, 1).await.expect("claim");
+    assert_eq!(claimed, only_elsewhere[2..].to_vec(), "the rest");
+    assert!(
+        db.claim_unapplied_events(1_000, 10)
+            .await
+            .expect("none")
+            .is_empty()
+    );
+    assert!(!db.has_unapplied_events(1_000).await.expect("none left"));
+    assert!(
+        !db.insert_event(&only_elsewhere[2], 200, true)
+            .await
+            .expect("the holder's own copy, late"),
+        "claimed once"
+    );
     let events = db.events("pi-01", 10).await.expect("events");
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].kind, "install_started");
