@@ -82,8 +82,9 @@ pub struct CommandPolicy {
 }
 
 /// Default [`CommandPolicy::max_age_s`]: one hour. The controller sends each
-/// command once, right when it decides; a rollout gives up on a device long
-/// before.
+/// command right when it decides (a copy, signed again, when a controller
+/// taking a rollout over cannot know it was published); a rollout gives up on
+/// a device long before.
 pub const DEFAULT_MAX_AGE_S: i64 = 3600;
 
 /// Default [`CommandPolicy::max_ahead_s`]: five minutes of clock difference.

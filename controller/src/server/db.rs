@@ -610,6 +610,31 @@ pub struct AuditRow {
     pub after: Option<serde_json::Value>,
 }
 
+/// An event's row in `events`, received at `now` (parameters 1-9).
+fn event_values(e: &edgefleet_shared::protocol::Event, now: u64) -> Vec<Value> {
+    let body = serde_json::to_value(e).unwrap_or_default();
+    let kind = body
+        .get("kind")
+        .and_then(|k| match k {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Object(o) => o.keys().next().cloned(),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let digest = event_digest(&e.kind).map(|d| d.to_hex());
+    vec![
+        e.device.to_string().into(),
+        i(e.seq).into(),
+        e.at.0.into(),
+        i(now).into(),
+        e.command.map(i).into(),
+        kind.into(),
+        digest.into(),
+        body.to_string().into(),
+        bits(e.epoch).into(),
+    ]
+}
+
 fn u(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
@@ -989,43 +1014,42 @@ impl Db {
         now: u64,
         apply: bool,
     ) -> Result<bool> {
-        let body = serde_json::to_value(e).unwrap_or_default();
-        let kind = body
-            .get("kind")
-            .and_then(|k| match k {
-                serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Object(o) => o.keys().next().cloned(),
-                _ => None,
-            })
-            .unwrap_or_default();
-        let digest = event_digest(&e.kind).map(|d| d.to_hex());
-        let row: Vec<Value> = vec![
-            e.device.to_string().into(),
-            i(e.seq).into(),
-            e.at.0.into(),
-            i(now).into(),
-            e.command.map(i).into(),
-            kind.into(),
-            digest.into(),
-            body.to_string().into(),
-            bits(e.epoch).into(),
-        ];
+        let fresh = self.insert_events(vec![(e.clone(), now)], apply).await?;
+        Ok(fresh.first().copied().unwrap_or(false))
+    }
+
+    /// [`Db::insert_event`] for a batch of events (each with when it was
+    /// received), in one transaction: one commit for many events when
+    /// devices talk at once. The answer for each, in order.
+    pub async fn insert_events(
+        &self,
+        events: Vec<(edgefleet_shared::protocol::Event, u64)>,
+        apply: bool,
+    ) -> Result<Vec<bool>> {
+        let rows: Vec<Vec<Value>> = events
+            .iter()
+            .map(|(e, now)| event_values(e, *now))
+            .collect();
         self.write(move |t| {
-            let changed = if apply {
-                t.execute(
-                    "INSERT INTO events (device, seq, at, received_at, command, kind, digest, body, epoch, applied)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1)
-                     ON CONFLICT (device, epoch, seq) DO UPDATE SET applied = 1 WHERE events.applied = 0",
-                    &row,
-                )?
-            } else {
-                t.execute(
-                    "INSERT INTO events (device, seq, at, received_at, command, kind, digest, body, epoch, applied)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0) ON CONFLICT DO NOTHING",
-                    &row,
-                )?
-            };
-            Ok(changed == 1)
+            rows.iter()
+                .map(|row| {
+                    let changed = if apply {
+                        t.execute(
+                            "INSERT INTO events (device, seq, at, received_at, command, kind, digest, body, epoch, applied)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1)
+                             ON CONFLICT (device, epoch, seq) DO UPDATE SET applied = 1 WHERE events.applied = 0",
+                            row,
+                        )?
+                    } else {
+                        t.execute(
+                            "INSERT INTO events (device, seq, at, received_at, command, kind, digest, body, epoch, applied)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0) ON CONFLICT DO NOTHING",
+                            row,
+                        )?
+                    };
+                    Ok(changed == 1)
+                })
+                .collect()
         })
         .await
     }

@@ -83,6 +83,12 @@ pub struct FleetStats {
 /// milliseconds of the other's.
 const EVENT_GRACE_MS: u64 = 2_000;
 
+/// Events waiting to be stored (the ingest task waits when it is full).
+const EVENT_QUEUE: usize = 65_536;
+
+/// Events stored in one transaction at most.
+const EVENT_BATCH: usize = 512;
+
 /// A command an engine step sends.
 struct Outgoing {
     device: DeviceId,
@@ -490,6 +496,11 @@ impl Fleet {
 
         let (in_tx, mut in_rx) = mpsc::channel::<(String, Vec<u8>)>(4096);
         let (tel_tx, tel_rx) = mpsc::channel::<(Telemetry, u64)>(65_536);
+        let (events_tx, events_rx) = mpsc::channel::<(Event, u64)>(EVENT_QUEUE);
+        let queues = ingest::Queues {
+            telemetry: tel_tx,
+            events: events_tx,
+        };
         // The MQTT event loop: only moves messages to the ingest task.
         tokio::spawn(fleet.clone().broker_loop(eventloop, brokers, in_tx));
         // Ingest.
@@ -497,7 +508,7 @@ impl Fleet {
         tokio::spawn(async move {
             while let Some((topic, payload)) = in_rx.recv().await {
                 f.stats.messages_in.fetch_add(1, Ordering::Relaxed);
-                if let Err(why) = f.ingest(&topic, &payload, &tel_tx).await {
+                if let Err(why) = f.ingest(&topic, &payload, &queues).await {
                     f.stats.messages_refused.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%topic, "refused a device message: {why}");
                 }
@@ -507,6 +518,7 @@ impl Fleet {
         // Telemetry batches.
         let f = fleet.clone();
         tokio::spawn(f.telemetry_writer(tel_rx, telemetry.0, telemetry.1));
+        tokio::spawn(fleet.clone().event_writer(events_rx));
         // Chunks.
         let f = fleet.clone();
         tokio::spawn(async move { f.chunk_sender().await });
@@ -758,11 +770,6 @@ impl Fleet {
         Ok(())
     }
 
-    async fn on_event(&self, e: &Event, now: u64) -> Result<(), FleetError> {
-        let mut map = self.rollouts.lock().await;
-        self.apply_event(&mut map, e, now).await
-    }
-
     /// Applies the events other replicas stored at or before `heard_by` that
     /// this holder never heard itself (its broker connection dropped, and
     /// with a clean session what the broker held for it was lost; or they
@@ -908,6 +915,42 @@ impl Fleet {
             self.carry_out(&rollout, a, fx, now, None, true).await?;
         }
         Ok(())
+    }
+
+    /// Stores devices' events in batches (what queued while the last batch
+    /// was written: one transaction for many when devices talk at once, a
+    /// batch of one when they do not) and, on the rollout lease's holder,
+    /// feeds those it is to apply to the rollouts, in the order they came.
+    async fn event_writer(self: Arc<Self>, mut rx: mpsc::Receiver<(Event, u64)>) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < EVENT_BATCH {
+                match rx.try_recv() {
+                    Ok(e) => batch.push(e),
+                    Err(_) => break,
+                }
+            }
+            let holder = self.runs_rollouts();
+            let fresh = match self.db.insert_events(batch.clone(), holder).await {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    self.stats
+                        .messages_refused
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    tracing::warn!(events = batch.len(), "events not stored: {e}");
+                    continue;
+                }
+            };
+            if !holder {
+                continue;
+            }
+            let mut map = self.rollouts.lock().await;
+            for ((e, now), _) in batch.iter().zip(fresh).filter(|(_, fresh)| *fresh) {
+                if let Err(why) = self.apply_event(&mut map, e, *now).await {
+                    tracing::warn!(device = %e.device, "event not applied: {why}");
+                }
+            }
+        }
     }
 
     async fn telemetry_writer(

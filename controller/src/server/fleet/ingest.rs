@@ -41,6 +41,9 @@ pub enum IngestError {
     /// The telemetry writer is behind.
     #[error("telemetry queue full; sample dropped")]
     TelemetryQueueFull,
+    /// The event writer stopped (the controller is shutting down).
+    #[error("the event writer stopped")]
+    Stopped,
     /// A topic devices do not publish on.
     #[error("{0} is not read by this controller")]
     NotRead(&'static str),
@@ -81,13 +84,23 @@ pub enum IngestError {
     },
 }
 
+/// Where the ingest task hands the messages that are stored in batches.
+pub(super) struct Queues {
+    /// To the telemetry writer (a full queue drops the report: the device
+    /// sends it again, unacknowledged).
+    pub telemetry: mpsc::Sender<(Telemetry, u64)>,
+    /// To the event writer (a full queue makes ingest wait: an event is
+    /// sent once).
+    pub events: mpsc::Sender<(Event, u64)>,
+}
+
 impl Fleet {
     /// Handles one message from a device topic.
     pub(super) async fn ingest(
         &self,
         topic: &str,
         payload: &[u8],
-        tel: &mpsc::Sender<(Telemetry, u64)>,
+        queues: &Queues,
     ) -> Result<(), IngestError> {
         let Some(Topic::Device { device, kind }) = self.topics.parse(topic) else {
             return Err(IngestError::NotDeviceTopic);
@@ -115,16 +128,16 @@ impl Fleet {
                 let e: Event = protocol::decode(payload)?;
                 same(&e.device)?;
                 // Every replica stores the event; the rollout lease's holder
-                // applies it, once, whichever replica stored it first.
-                let holder = self.runs_rollouts();
-                if self.db.insert_event(&e, now, holder).await? && holder {
-                    self.on_event(&e, now).await?;
+                // applies it, once, whichever replica stored it first
+                // (`Fleet::event_writer`).
+                if queues.events.send((e, now)).await.is_err() {
+                    return Err(IngestError::Stopped);
                 }
             }
             DeviceTopic::Telemetry => {
                 let t: Telemetry = protocol::decode(payload)?;
                 same(&t.device)?;
-                if tel.try_send((t, now)).is_err() {
+                if queues.telemetry.try_send((t, now)).is_err() {
                     return Err(IngestError::TelemetryQueueFull);
                 }
             }
