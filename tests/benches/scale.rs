@@ -417,7 +417,9 @@ impl ApiTimes {
 
 /// `--replicas R`: R controller replicas on PostgreSQL and Mosquitto.
 fn run_replicas(n: usize, ingest_s: u64, replicas: usize, kill_holder: bool) {
-    use edgefleet_tests::replica::{Replica, Setup, metric, online, query, rollout};
+    use edgefleet_tests::replica::{
+        Replica, Setup, metric, online, query, rollout, rollout_holder,
+    };
     let mut setup = Setup::new();
     let (dir, data, url) = (
         setup.dir.path().to_owned(),
@@ -437,12 +439,7 @@ fn run_replicas(n: usize, ingest_s: u64, replicas: usize, kill_holder: bool) {
             let r = Replica::start(&config_file, &format!("r{i}"), &data);
             if i == 0 {
                 edgefleet_tests::wait_for("r0 to hold the rollout lease", || {
-                    let holder = query(
-                        &url,
-                        "SELECT holder, 0::bigint FROM leases WHERE name = $1",
-                        "rollouts",
-                    );
-                    (holder.first().map(|h| h.0.as_str()) == Some("r0")).then_some(())
+                    (rollout_holder(&url).as_deref() == Some("r0")).then_some(())
                 });
             }
             r
@@ -555,15 +552,10 @@ fn run_replicas(n: usize, ingest_s: u64, replicas: usize, kill_holder: bool) {
                 progress.started.elapsed().as_secs_f64()
             );
         }
-        if let (Some(k), true) = (killed, taken_over.is_none()) {
-            let holder = query(
-                &url,
-                "SELECT holder, 0::bigint FROM leases WHERE name = $1",
-                "rollouts",
-            );
-            if holder.first().is_some_and(|h| h.0 != "r0") {
-                taken_over = Some((k.elapsed(), holder[0].0.clone()));
-            }
+        if let (Some(k), true) = (killed, taken_over.is_none())
+            && let Some(holder) = rollout_holder(&url).filter(|h| h != "r0")
+        {
+            taken_over = Some((k.elapsed(), holder));
         }
         if progress.completed(&r, 4) {
             break;

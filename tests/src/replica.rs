@@ -91,6 +91,29 @@ pub fn metric(api: &Client, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The replica holding the rollout lease, as the store at `url` says.
+pub fn rollout_holder(url: &str) -> Option<String> {
+    query(
+        url,
+        "SELECT holder, 0::bigint FROM leases WHERE name = $1",
+        "rollouts",
+    )
+    .into_iter()
+    .next()
+    .map(|(holder, _)| holder)
+}
+
+/// Signs an iris bundle with `key` into `dir` and uploads it through `api`;
+/// its digest.
+pub fn upload_iris(api: &Client, key: &edgefleet_shared::SecretKey, dir: &Path) -> String {
+    let bundle = dir.join("v1.efb");
+    crate::signed_iris_bundle(key, &bundle);
+    api.upload("/api/v1/bundles", &bundle).expect("upload")["bundle"]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned()
+}
+
 /// What a replicas test starts from: a temporary directory with the
 /// controller's data directory and trust root (signed by `key`), a fresh
 /// PostgreSQL database, and a configuration on it for the caller to point at

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use edgefleet_devices::sim::FaultPlan;
 use edgefleet_tests::nats::NatsCluster;
-use edgefleet_tests::replica::{Replica, Setup, online, query, rollout, wait_for_wave};
+use edgefleet_tests::replica::{
+    Replica, Setup, online, query, rollout, rollout_holder, upload_iris, wait_for_wave,
+};
 use edgefleet_tests::{BundleSpec, Harness, TestBroker, enroll_many, wait_for};
 
 #[test]
@@ -63,12 +65,7 @@ fn a_rollout_survives_killing_a_replica_and_a_broker_node() {
     );
     let connects_before = fleet.stats().connects.load(Ordering::Relaxed);
 
-    let bundle = dir.join("v1.efb");
-    edgefleet_tests::signed_iris_bundle(&setup.key, &bundle);
-    let digest = b.api.upload("/api/v1/bundles", &bundle).expect("upload")["bundle"]["digest"]
-        .as_str()
-        .expect("digest")
-        .to_owned();
+    let digest = upload_iris(&b.api, &setup.key, &dir);
     // A device whose command the cluster lost while a node's JetStream
     // streams moved (NATS drops a QoS 1 publish it cannot store) is told
     // again after 5 s without news, not the default minute.
@@ -111,16 +108,7 @@ fn a_rollout_survives_killing_a_replica_and_a_broker_node() {
     for d in &ids {
         assert_eq!(done["members"][d]["state"], "succeeded", "{d}: {done}");
     }
-    let holder = query(
-        &url,
-        "SELECT holder, 0::bigint FROM leases WHERE name = $1",
-        "rollouts",
-    );
-    assert_eq!(
-        holder.first().map(|h| h.0.as_str()),
-        Some("b"),
-        "{holder:?}"
-    );
+    assert_eq!(rollout_holder(&url).as_deref(), Some("b"));
 
     // The devices of node 1 came back on the others; every device installed
     // once and was told once.

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use edgefleet::ops::remote::Client;
 use edgefleet_tests::replica::{
-    Relay, Replica, Setup, metric, online, query, rollout, wait_for_wave,
+    Relay, Replica, Setup, metric, online, query, rollout, rollout_holder, upload_iris,
+    wait_for_wave,
 };
 use edgefleet_tests::{Mosquitto, enroll_many, wait_for};
 use serde_json::json;
@@ -63,12 +64,7 @@ fn a_rollout_survives_killing_the_replica_that_runs_it() {
         (online(&b.api) == N as u64).then_some(())
     });
 
-    let bundle = dir.join("v1.efb");
-    edgefleet_tests::signed_iris_bundle(&setup.key, &bundle);
-    let digest = b.api.upload("/api/v1/bundles", &bundle).expect("upload")["bundle"]["digest"]
-        .as_str()
-        .expect("digest")
-        .to_owned();
+    let digest = upload_iris(&b.api, &setup.key, &dir);
     // Started through b, carried out by a.
     let id = edgefleet_tests::start_rollout_to_all(&b.api, &digest, &["1", "25%", "100%"], 1500);
     let view = |api: &Client| rollout(api, &id);
@@ -96,12 +92,7 @@ fn a_rollout_survives_killing_the_replica_that_runs_it() {
     let _ = a.child.wait();
     let killed = std::time::Instant::now();
     wait_for("b to hold the rollout lease", || {
-        let holder = query(
-            &url,
-            "SELECT holder, 0::bigint FROM leases WHERE name = $1",
-            "rollouts",
-        );
-        (holder.first().map(|h| h.0.as_str()) == Some("b")).then_some(())
+        (rollout_holder(&url).as_deref() == Some("b")).then_some(())
     });
     println!(
         "rollout lease taken over {} ms after the kill (lease_ms {})",
@@ -197,15 +188,7 @@ fn commands_the_dead_holder_never_published_are_sent_again_by_the_next() {
     let a_file = dir.join("controller-a.toml");
     std::fs::write(&a_file, toml::to_string(&behind_relay).expect("TOML")).expect("config");
     let mut a = Replica::start(&a_file, "a", &data);
-    let holder = || {
-        query(
-            &url,
-            "SELECT holder, 0::bigint FROM leases WHERE name = $1",
-            "rollouts",
-        )
-        .first()
-        .map(|h| h.0.clone())
-    };
+    let holder = || rollout_holder(&url);
     wait_for("a to hold the rollout lease", || {
         (holder().as_deref() == Some("a")).then_some(())
     });
@@ -222,12 +205,7 @@ fn commands_the_dead_holder_never_published_are_sent_again_by_the_next() {
     wait_for("every device online, seen by b", || {
         (online(&b.api) == N as u64).then_some(())
     });
-    let bundle = dir.join("v1.efb");
-    edgefleet_tests::signed_iris_bundle(&setup.key, &bundle);
-    let digest = b.api.upload("/api/v1/bundles", &bundle).expect("upload")["bundle"]["digest"]
-        .as_str()
-        .expect("digest")
-        .to_owned();
+    let digest = upload_iris(&b.api, &setup.key, &dir);
 
     relay.cut();
     let id = a

@@ -307,6 +307,9 @@ pub struct Fleet {
     replica: Replica,
     /// Whether this replica holds the rollout lease (runs the engines).
     holding: AtomicBool,
+    /// Whether the store granted this replica the rollout lease at its last
+    /// renewal (`lease_keeper`); the ticker follows it into `holding`.
+    granted: AtomicBool,
     /// The rollout lease as last seen.
     lease: std::sync::Mutex<Option<Lease>>,
 }
@@ -488,6 +491,7 @@ impl Fleet {
             }),
             replica,
             holding: AtomicBool::new(false),
+            granted: AtomicBool::new(false),
             lease: std::sync::Mutex::new(None),
         });
         // Take the rollout lease (and with it the unfinished rollouts) now
@@ -522,6 +526,7 @@ impl Fleet {
         // Chunks.
         let f = fleet.clone();
         tokio::spawn(async move { f.chunk_sender().await });
+        tokio::spawn(fleet.clone().lease_keeper());
         tokio::spawn(fleet.clone().rollout_ticker(tick));
         Ok(fleet)
     }
@@ -613,21 +618,48 @@ impl Fleet {
         }
     }
 
-    /// Each `tick`: renews (or tries to take) the rollout lease, and while
-    /// this replica holds it, steps every running rollout.
+    /// Renews (or tries to take) the rollout lease five times per lease,
+    /// apart from the rollouts' work: a tick that took longer than the lease
+    /// (a 10,000-device wave) let it pass between live replicas.
+    async fn lease_keeper(self: Arc<Fleet>) {
+        let every = Duration::from_millis((self.replica.lease_ms / 5).clamp(50, 2_000));
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            t.tick().await;
+            let now = now_ms();
+            if let Err(e) = self.renew_lease(now).await {
+                tracing::error!(error = %e, "rollout lease not renewed");
+                // Held no longer than the store last said.
+                let expired = self
+                    .lease
+                    .lock()
+                    .ok()
+                    .and_then(|l| l.as_ref().map(|l| l.expires_at <= now))
+                    .unwrap_or(true);
+                if expired {
+                    self.granted.store(false, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    /// Each `tick`: follows the lease (loads the rollouts when it became this
+    /// replica's, drops them when it passed on), and while this replica holds
+    /// it, steps every running rollout.
     async fn rollout_ticker(self: Arc<Fleet>, tick: Duration) {
         let mut t = tokio::time::interval(tick);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             t.tick().await;
             let now = now_ms();
-            match self.hold_lease(now).await {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, "rollout lease not renewed");
-                    continue;
-                }
+            let mine = self.granted.load(Ordering::SeqCst);
+            if let Err(e) = self.follow_lease(mine, now).await {
+                tracing::error!(error = %e, "taking the rollouts over failed");
+                continue;
+            }
+            if !mine {
+                continue;
             }
             if let Err(e) = self.tick_rollouts(now).await {
                 tracing::error!(error = %e, "rollout tick failed");
@@ -635,10 +667,16 @@ impl Fleet {
         }
     }
 
-    /// Takes or renews the rollout lease; returns whether this replica holds
-    /// it. On taking it, the unfinished rollouts are loaded from the store (as
-    /// their last holder left them); on losing it, dropped from memory.
+    /// Takes or renews the rollout lease and follows it; returns whether this
+    /// replica holds it.
     async fn hold_lease(&self, now: u64) -> Result<bool, FleetError> {
+        let mine = self.renew_lease(now).await?;
+        self.follow_lease(mine, now).await?;
+        Ok(mine)
+    }
+
+    /// Takes or renews the rollout lease in the store; whether it is ours.
+    async fn renew_lease(&self, now: u64) -> Result<bool, FleetError> {
         let r = &self.replica;
         let lease = self
             .db
@@ -646,13 +684,26 @@ impl Fleet {
             .await?;
         let mine = lease.holder == r.name;
         if let Ok(mut last) = self.lease.lock() {
-            *last = Some(lease.clone());
+            *last = Some(lease);
         }
+        self.granted.store(mine, Ordering::SeqCst);
+        Ok(mine)
+    }
+
+    /// On the lease becoming this replica's, loads the unfinished rollouts
+    /// from the store (as their last holder left them); on losing it, drops
+    /// them from memory.
+    async fn follow_lease(&self, mine: bool, now: u64) -> Result<(), FleetError> {
+        let r = &self.replica;
         let mut map = self.rollouts.lock().await;
         let was = self.holding.swap(mine, Ordering::SeqCst);
         if mine && !was {
             map.clear();
-            Self::load_rollouts(&self.db, &mut map).await?;
+            if let Err(e) = Self::load_rollouts(&self.db, &mut map).await {
+                // Tried again at the next tick.
+                self.holding.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
             tracing::info!(replica = %r.name, rollouts = map.len(), "this replica runs the rollouts");
             // What the devices said meanwhile, heard by other replicas; then
             // what the last holder stored it may not have published.
@@ -666,9 +717,10 @@ impl Fleet {
             }
         } else if !mine && was {
             map.clear();
-            tracing::warn!(replica = %r.name, holder = %lease.holder, "the rollout lease passed to another replica");
+            let holder = self.rollout_holder().map(|(h, _)| h).unwrap_or_default();
+            tracing::warn!(replica = %r.name, %holder, "the rollout lease passed to another replica");
         }
-        Ok(mine)
+        Ok(())
     }
 
     /// Refuses a rollout operation unless this replica runs the rollouts.
@@ -780,7 +832,11 @@ impl Fleet {
         map: &mut BTreeMap<String, Active>,
         heard_by: u64,
     ) -> Result<(), FleetError> {
-        while self.db.has_unapplied_events(heard_by).await? {
+        // A few rounds per tick at most: the tick holds the rollouts.
+        for _ in 0..3 {
+            if !self.db.has_unapplied_events(heard_by).await? {
+                break;
+            }
             let events = self.db.claim_unapplied_events(heard_by, 2_000).await?;
             if events.is_empty() {
                 break;
@@ -1268,6 +1324,29 @@ impl Fleet {
         }
     }
 
+    /// The command that installs bundle `digest` (in shadow when `shadow`), or
+    /// `update_agent` for an agent release; `None` when the file is gone.
+    async fn install_action(&self, digest: Digest, shadow: bool) -> Option<Action> {
+        let bundle = self.bundle(&digest).await?;
+        let offer = BundleOffer {
+            digest,
+            header: bundle.header.clone(),
+        };
+        Some(if bundle.is_agent_release() {
+            // Rollouts of agent releases have no shadow stage.
+            Action::UpdateAgent { release: offer }
+        } else {
+            Action::Install {
+                bundle: offer,
+                mode: if shadow {
+                    InstallMode::Shadow
+                } else {
+                    InstallMode::Activate
+                },
+            }
+        })
+    }
+
     /// The commands and log notes of an engine step's effects on rollout
     /// `id` of bundle `digest`.
     async fn commands_and_notes(
@@ -1293,32 +1372,13 @@ impl Fleet {
             let shadow = matches!(e, Effect::InstallShadow(_));
             match e {
                 Effect::Install(device) | Effect::InstallShadow(device) => {
-                    let mode = if shadow {
-                        InstallMode::Shadow
-                    } else {
-                        InstallMode::Activate
-                    };
-                    let Some(bundle) = self.bundle(&digest).await else {
-                        notes.push(format!(
+                    match self.install_action(digest, shadow).await {
+                        Some(action) => send(device, action),
+                        None => notes.push(format!(
                             "bundle {} is missing from the store",
                             digest.short()
-                        ));
-                        continue;
-                    };
-                    let offer = BundleOffer {
-                        digest,
-                        header: bundle.header.clone(),
-                    };
-                    let action = if bundle.is_agent_release() {
-                        // Rollouts of agent releases have no shadow stage.
-                        Action::UpdateAgent { release: offer }
-                    } else {
-                        Action::Install {
-                            bundle: offer,
-                            mode,
-                        }
-                    };
-                    send(device, action);
+                        )),
+                    }
                 }
                 Effect::StopShadow(device) => {
                     // The shadow stops at once; the next shadow install samples

@@ -12,7 +12,8 @@ use edgefleet_shared::Digest;
 use super::{ApiResult, AppState, bundles_by_digest};
 use crate::server::db::{BundleRow, DeviceRow, TelemetryRow};
 use crate::server::fetch_limits::FetchRefusal;
-use crate::server::fleet::{RolloutView, now_ms};
+use crate::server::fleet::{FleetStats, RolloutView, now_ms};
+use crate::server::gate::GateStats;
 
 /// The exposition being written: one family at a time.
 #[derive(Debug, Default)]
@@ -168,7 +169,34 @@ fn rollout_families(out: &mut Exposition, rollouts: &[RolloutView]) {
 /// The service's counters: messages, commands, chunks, the gate.
 fn counter_families(out: &mut Exposition, s: &AppState) {
     let st = &s.fleet.stats;
-    for (name, help, v) in [
+    let counters = fleet_counters(st).into_iter();
+    for (name, help, v) in counters.chain(gate_counters(&s.gate_stats)) {
+        out.counter(name, help, v);
+    }
+    out.family(
+        "edgefleet_chunk_requests_refused_total",
+        "Device chunk fetch requests refused or cut short (docs/controller.md, \"Chunk requests\"): not_offered = a bundle the device was never told to install; too_many = over 64 chunks in one request; rate = over the device's byte budget.",
+        "counter",
+        FetchRefusal::ALL
+            .iter()
+            .map(|why| {
+                let n = match why {
+                    FetchRefusal::NotOffered => &st.fetch_refused_not_offered,
+                    FetchRefusal::TooMany => &st.fetch_refused_too_many,
+                    FetchRefusal::Rate => &st.fetch_refused_rate,
+                };
+                (
+                    format!("{{reason=\"{}\"}}", why.label()),
+                    n.load(Ordering::Relaxed) as f64,
+                )
+            })
+            .collect(),
+    );
+}
+
+/// The fleet's counters: name, help, value.
+fn fleet_counters(st: &FleetStats) -> [(&'static str, &'static str, &AtomicU64); 9] {
+    [
         (
             "edgefleet_install_failures_total",
             "Install failures reported by devices.",
@@ -210,45 +238,30 @@ fn counter_families(out: &mut Exposition, s: &AppState) {
             &st.events_claimed,
         ),
         (
-            "edgefleet_gate_connections_total",
-            "Device connections relayed by the embedded broker's gate.",
-            &s.gate_stats.connections,
-        ),
-        (
-            "edgefleet_gate_refused_total",
-            "Connections the gate closed (unknown certificate, or a topic outside the device's own).",
-            &s.gate_stats.refused,
-        ),
-        (
             "edgefleet_drift_alerts_total",
             "Fleet-level drift alerts raised (a model version with [drift] alert_percent of its devices drifted).",
             &st.drift_alerts,
         ),
+    ]
+}
+
+/// The embedded broker's gate's counters: name, help, value.
+fn gate_counters(g: &GateStats) -> [(&'static str, &'static str, &AtomicU64); 3] {
+    [
+        (
+            "edgefleet_gate_connections_total",
+            "Device connections relayed by the embedded broker's gate.",
+            &g.connections,
+        ),
+        (
+            "edgefleet_gate_refused_total",
+            "Connections the gate closed (unknown certificate, or a topic outside the device's own).",
+            &g.refused,
+        ),
         (
             "edgefleet_gate_revoked_total",
             "Open connections the gate closed because their certificate was revoked or replaced.",
-            &s.gate_stats.revoked,
+            &g.revoked,
         ),
-    ] {
-        out.counter(name, help, v);
-    }
-    out.family(
-        "edgefleet_chunk_requests_refused_total",
-        "Device chunk fetch requests refused or cut short (docs/controller.md, \"Chunk requests\"): not_offered = a bundle the device was never told to install; too_many = over 64 chunks in one request; rate = over the device's byte budget.",
-        "counter",
-        FetchRefusal::ALL
-            .iter()
-            .map(|why| {
-                let n = match why {
-                    FetchRefusal::NotOffered => &st.fetch_refused_not_offered,
-                    FetchRefusal::TooMany => &st.fetch_refused_too_many,
-                    FetchRefusal::Rate => &st.fetch_refused_rate,
-                };
-                (
-                    format!("{{reason=\"{}\"}}", why.label()),
-                    n.load(Ordering::Relaxed) as f64,
-                )
-            })
-            .collect(),
-    );
+    ]
 }

@@ -381,12 +381,13 @@ impl Pool {
     }
 }
 
-/// The PostgreSQL store: one writer (writes are serialised, as with SQLite)
-/// and `readers` connections for reads.
+/// The PostgreSQL store: one writer (writes are serialised, as with SQLite),
+/// `readers` connections for reads, and one connection for the leases.
 #[derive(Debug, Clone)]
 pub struct Postgres {
     writer: Pool,
     readers: Pool,
+    leases: Pool,
 }
 
 impl Postgres {
@@ -407,6 +408,7 @@ impl Postgres {
         Ok(Postgres {
             writer: Pool::start(&config, 1, "edgefleet-pg-write")?,
             readers: Pool::start(&config, readers.max(1), "edgefleet-pg-read")?,
+            leases: Pool::start(&config, 1, "edgefleet-pg-lease")?,
         })
     }
 
@@ -427,6 +429,15 @@ impl Postgres {
         F: FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
     {
         self.writer.run(f).await
+    }
+
+    /// Runs `f` in one transaction of the leases' connection.
+    pub async fn write_lease<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
+    {
+        self.leases.run(f).await
     }
 
     /// Runs `f` in a transaction of a reader.

@@ -542,6 +542,23 @@ async fn devices_events_and_telemetry_round_trip(kind: Kind) {
     assert_eq!(db.latest_telemetry(0).await.expect("after prune").len(), 1);
 }
 
+/// A stored bundle's row, for the iris channel.
+fn iris_bundle(digest: Digest) -> BundleRow {
+    BundleRow {
+        digest,
+        channel: "iris".into(),
+        version: "1.0.0".into(),
+        release: 1,
+        size: 10,
+        chunks: 1,
+        created_at: 1,
+        expires_at: 2,
+        uploaded_at: 3,
+        uploaded_by: "admin".into(),
+        summary: serde_json::json!({"k": 1}),
+    }
+}
+
 /// A rollout step that sends a command again (unanswered, or left by a
 /// holder that died) stores no second command: it is the newest one of that
 /// rollout, device and action, with its id.
@@ -549,24 +566,9 @@ async fn a_command_sent_again_keeps_its_id(kind: Kind) {
     let store = fresh(kind).await;
     let db = &store.db;
     let digest = Digest::of(b"aa");
-    db.insert_bundle(
-        &BundleRow {
-            digest,
-            channel: "iris".into(),
-            version: "1.0.0".into(),
-            release: 1,
-            size: 10,
-            chunks: 1,
-            created_at: 1,
-            expires_at: 2,
-            uploaded_at: 3,
-            uploaded_by: "admin".into(),
-            summary: serde_json::json!({}),
-        },
-        None,
-    )
-    .await
-    .expect("bundle");
+    db.insert_bundle(&iris_bundle(digest), None)
+        .await
+        .expect("bundle");
     for id in ["r1", "r2"] {
         let row = RolloutRow {
             id: id.into(),
@@ -651,19 +653,7 @@ async fn a_command_sent_again_keeps_its_id(kind: Kind) {
 async fn rollouts_commands_and_audit_are_kept(kind: Kind) {
     let store = fresh(kind).await;
     let db = &store.db;
-    let bundle = BundleRow {
-        digest: Digest::of(b"aa"),
-        channel: "iris".into(),
-        version: "1.0.0".into(),
-        release: 1,
-        size: 10,
-        chunks: 1,
-        created_at: 1,
-        expires_at: 2,
-        uploaded_at: 3,
-        uploaded_by: "admin".into(),
-        summary: serde_json::json!({"k": 1}),
-    };
+    let bundle = iris_bundle(Digest::of(b"aa"));
     assert!(db.insert_bundle(&bundle, None).await.expect("bundle"));
     assert!(!db.insert_bundle(&bundle, None).await.expect("again"));
     assert_eq!(
