@@ -78,9 +78,9 @@ pub struct FleetStats {
     pub drift_alerts: AtomicU64,
 }
 
-/// Without shared ingest (every replica hears every event), how long after
-/// another replica stored an event the holder applies it from the store if
-/// its own copy has not come: it normally comes within milliseconds.
+/// How long after another replica stored an event the holder applies it from
+/// the store, if its own copy has not come: its own copy normally comes within
+/// milliseconds of the other's.
 const EVENT_GRACE_MS: u64 = 2_000;
 
 /// Events waiting to be stored (the ingest task waits when it is full).
@@ -597,14 +597,13 @@ impl Fleet {
     }
 
     /// Subscribes to every device topic (again: subscribing twice to a filter
-    /// is harmless). Chunk requests reach every replica (the rollout lease's
-    /// holder serves them); the rest, with shared ingest, one replica each
-    /// (the holder applies the events others stored from the store, each
-    /// tick: every replica storing every event doubled the event writes).
+    /// is harmless). Events and chunk requests reach every replica (the
+    /// rollout lease's holder acts on them); the rest, with shared ingest,
+    /// one replica each.
     fn subscribe_all(&self) {
         for (kind, shared) in [
             (DeviceTopic::State, true),
-            (DeviceTopic::Events, true),
+            (DeviceTopic::Events, false),
             (DeviceTopic::Telemetry, true),
             (DeviceTopic::Fetch, false),
             (DeviceTopic::Samples, true),
@@ -1484,14 +1483,7 @@ impl Fleet {
     /// One engine step for every running rollout.
     pub async fn tick_rollouts(&self, now: u64) -> Result<(), FleetError> {
         let mut map = self.rollouts.lock().await;
-        // With shared ingest each event reaches one replica: no copy of the
-        // others' is coming, so they are applied at once.
-        let grace = if self.replica.shared_ingest {
-            0
-        } else {
-            EVENT_GRACE_MS
-        };
-        self.apply_events_heard_elsewhere(&mut map, now.saturating_sub(grace))
+        self.apply_events_heard_elsewhere(&mut map, now.saturating_sub(EVENT_GRACE_MS))
             .await?;
         let mut finished = Vec::new();
         for (id, a) in map.iter_mut() {
