@@ -421,11 +421,7 @@ fn run_replicas(n: usize, ingest_s: u64, replicas: usize, kill_holder: bool) {
         Replica, Setup, metric, online, query, rollout, rollout_holder,
     };
     let mut setup = Setup::new();
-    let (dir, data, url) = (
-        setup.dir.path().to_owned(),
-        setup.data.clone(),
-        setup.url.clone(),
-    );
+    let (dir, data, url) = setup.paths();
     let mosquitto =
         edgefleet_tests::Mosquitto::start(&dir.join("broker"), &data, &mut setup.config);
     setup.config.cluster.shared_subscriptions = true;

@@ -163,6 +163,15 @@ impl Setup {
         self.write_config_leased(1_500)
     }
 
+    /// Its directory, the controller's data directory and the database's URL.
+    pub fn paths(&self) -> (std::path::PathBuf, std::path::PathBuf, String) {
+        (
+            self.dir.path().to_owned(),
+            self.data.clone(),
+            self.url.clone(),
+        )
+    }
+
     /// [`Setup::write_config`] with a lease of `lease_ms`.
     pub fn write_config_leased(&mut self, lease_ms: u64) -> std::path::PathBuf {
         self.config.http.listen = ([127, 0, 0, 1], 0).into();

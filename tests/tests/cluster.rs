@@ -25,11 +25,7 @@ fn a_rollout_survives_killing_a_replica_and_a_broker_node() {
     let runtime = edgefleet_tests::runtime();
     let _enter = runtime.enter();
     let mut setup = Setup::new();
-    let (dir, data, url) = (
-        setup.dir.path().to_owned(),
-        setup.data.clone(),
-        setup.url.clone(),
-    );
+    let (dir, data, url) = setup.paths();
     let broker_dir = dir.join("nats");
     let mut nats = NatsCluster::start(&broker_dir, &data, Some(&url), 3, &mut setup.config);
     let config_file = setup.write_config();

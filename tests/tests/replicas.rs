@@ -24,11 +24,7 @@ fn a_rollout_survives_killing_the_replica_that_runs_it() {
     let _enter = runtime.enter();
     // One store, one broker, one configuration for both replicas.
     let mut setup = Setup::new();
-    let (dir, data, url) = (
-        setup.dir.path().to_owned(),
-        setup.data.clone(),
-        setup.url.clone(),
-    );
+    let (dir, data, url) = setup.paths();
     let _mosquitto = Mosquitto::start(&dir.join("broker"), &data, &mut setup.config);
     setup.config.cluster.shared_subscriptions = true;
     let config_file = setup.write_config();
@@ -166,11 +162,7 @@ fn commands_the_dead_holder_never_published_are_sent_again_by_the_next() {
     let runtime = edgefleet_tests::runtime();
     let _enter = runtime.enter();
     let mut setup = Setup::new();
-    let (dir, data, url) = (
-        setup.dir.path().to_owned(),
-        setup.data.clone(),
-        setup.url.clone(),
-    );
+    let (dir, data, url) = setup.paths();
     let _mosquitto = Mosquitto::start(&dir.join("broker"), &data, &mut setup.config);
     let config_file = setup.write_config();
     let config = setup.config.clone();
