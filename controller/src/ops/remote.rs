@@ -532,6 +532,10 @@ pub enum RolloutCommand {
         /// Soak per wave, seconds.
         #[arg(long)]
         soak_s: Option<u64>,
+        /// Soak gate: the wave's p95 latency over the previous version's at
+        /// most this (default 1.5).
+        #[arg(long, value_name = "RATIO")]
+        max_p95_latency_ratio: Option<f64>,
         /// `pause` or `halt_and_revert`.
         #[arg(long)]
         policy: Option<String>,
@@ -1001,6 +1005,7 @@ pub fn rollout(cmd: RolloutCommand) -> Result<i32, CommandError> {
             agent_version_below,
             waves,
             soak_s,
+            max_p95_latency_ratio,
             policy,
             rate_per_minute,
             api,
@@ -1016,7 +1021,10 @@ pub fn rollout(cmd: RolloutCommand) -> Result<i32, CommandError> {
                 body["waves"] = json!(waves);
             }
             if let Some(s) = soak_s {
-                body["gates"] = json!({"soak_ms": s * 1000});
+                body["gates"]["soak_ms"] = json!(s * 1000);
+            }
+            if let Some(r) = max_p95_latency_ratio {
+                body["gates"]["max_p95_latency_ratio"] = json!(r);
             }
             if let Some(p) = policy {
                 body["policy"] = json!(p);

@@ -233,6 +233,11 @@ pub fn roll_out_agent(c: &Controller, digest: &str, version: &str, waves: &str) 
             waves,
             "--soak-s",
             "1",
+            // The same binary under another version: what halts a release in
+            // these tests is a crash, not latency, and a 1 s soak's p95 while
+            // a watcher loads every device is noise (1.63x once in CI).
+            "--max-p95-latency-ratio",
+            "4",
             "--agent-version-below",
             version,
         ],
