@@ -1029,7 +1029,7 @@ impl Db {
         now: u64,
         apply: bool,
     ) -> Result<bool> {
-        let fresh = self.insert_events(vec![(e.clone(), now)], apply).await?;
+        let fresh = self.insert_events(&[(e.clone(), now)], apply).await?;
         Ok(fresh.first().copied().unwrap_or(false))
     }
 
@@ -1038,7 +1038,7 @@ impl Db {
     /// devices talk at once. The answer for each, in order.
     pub async fn insert_events(
         &self,
-        events: Vec<(edgefleet_shared::protocol::Event, u64)>,
+        events: &[(edgefleet_shared::protocol::Event, u64)],
         apply: bool,
     ) -> Result<Vec<bool>> {
         let rows: Vec<Vec<Value>> = events
@@ -1092,7 +1092,7 @@ impl Db {
         heard_by: u64,
         limit: u32,
     ) -> Result<Vec<edgefleet_shared::protocol::Event>> {
-        let rows = self
+        let mut rows = self
             .write(move |t| {
                 t.query(
                     "UPDATE events SET applied = 1
@@ -1108,7 +1108,6 @@ impl Db {
                 .collect::<Result<Vec<_>>>()
             })
             .await?;
-        let mut rows = rows;
         rows.sort_by_key(|(received_at, seq, _)| (*received_at, *seq));
         rows.into_iter()
             .map(|(_, _, body)| {

@@ -971,21 +971,13 @@ impl Rollout {
             _ => Vec::new(),
         };
         for id in wave {
-            if let Some(&Member::Commanded {
-                first_at,
-                sent_at,
-                heard_at,
-                progress,
-            }) = self.members.get(&id)
-                && heard_at <= sent_at
+            // Still commanded: its sent time moves, its state does not.
+            if let Some(Member::Commanded {
+                sent_at, heard_at, ..
+            }) = self.members.get_mut(&id)
+                && *heard_at <= *sent_at
             {
-                let again = Member::Commanded {
-                    first_at,
-                    sent_at: now,
-                    heard_at,
-                    progress,
-                };
-                self.set_member(id.clone(), again);
+                *sent_at = now;
                 fx.push(Effect::Resend(Box::new(self.install_effect(id))));
             }
         }

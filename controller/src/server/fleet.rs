@@ -987,7 +987,7 @@ impl Fleet {
                 }
             }
             let holder = self.runs_rollouts();
-            let fresh = match self.db.insert_events(batch.clone(), holder).await {
+            let fresh = match self.db.insert_events(&batch, holder).await {
                 Ok(fresh) => fresh,
                 Err(e) => {
                     self.stats
