@@ -415,6 +415,41 @@ impl ApiTimes {
     }
 }
 
+/// The statements the PostgreSQL server ran (`pg_stat_statements`, loaded
+/// by the test server), counted from [`Statements::reset`].
+struct Statements(String);
+
+impl Statements {
+    fn reset(url: &str) -> Statements {
+        let mut c = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+        c.batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()",
+        )
+        .expect("pg_stat_statements");
+        Statements(url.to_owned())
+    }
+
+    /// The `top` statements by total time: calls, time, rows, the text.
+    fn print(&self, top: i64) {
+        let mut c = postgres::Client::connect(&self.0, postgres::NoTls).expect("connect");
+        let rows = c
+            .query(
+                "SELECT calls, total_exec_time, rows, query FROM pg_stat_statements
+                 ORDER BY total_exec_time DESC LIMIT $1",
+                &[&top],
+            )
+            .expect("pg_stat_statements");
+        println!("  PostgreSQL's statements by time spent during the rollout:");
+        for r in rows {
+            let (calls, ms, rows, text): (i64, f64, i64, String) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            let text: String = text.chars().take(100).collect();
+            println!("    {ms:>9.0} ms {calls:>8} calls {rows:>8} rows  {text}");
+        }
+    }
+}
+
 /// `--replicas R`: R controller replicas on PostgreSQL and Mosquitto.
 fn run_replicas(n: usize, ingest_s: u64, replicas: usize, kill_holder: bool) {
     use edgefleet_tests::replica::{
@@ -513,7 +548,9 @@ fn run_replicas(n: usize, ingest_s: u64, replicas: usize, kill_holder: bool) {
     println!("  through r{}: {}", replicas - 1, times.line());
     println!("  during ingest: {}", use_.line());
 
-    // A rollout to every device, started through the measured replica.
+    // A rollout to every device, started through the measured replica;
+    // what the database spends its time on during it.
+    let statements = Statements::reset(&url);
     let spec = BundleSpec::new("digits_cnn.onnx", (1, 0, 0), 1);
     let file = edgefleet_tests::build_bundle(&dir, &spec, std::slice::from_ref(&setup.key));
     let payload = edgefleet_tests::payload_size(&file);
@@ -597,6 +634,7 @@ fn run_replicas(n: usize, ingest_s: u64, replicas: usize, kill_holder: bool) {
         println!("  NOT MET: {twice} devices were sent a second install command");
     }
     println!("  during the rollout: {}", use_.line());
+    statements.print(6);
     let _ = std::process::Command::new("kill")
         .arg(devices.id().to_string())
         .status();

@@ -610,6 +610,37 @@ pub struct AuditRow {
     pub after: Option<serde_json::Value>,
 }
 
+/// The `devices` row values of a retained state that came at `now`.
+fn state_values(s: &edgefleet_shared::protocol::DeviceState, now: u64) -> Vec<Value> {
+    use edgefleet_shared::protocol::SlotRole;
+    let actives = s.slots.iter().filter(|x| x.role == SlotRole::Active);
+    let channels: Vec<ChannelRow> = actives
+        .map(|a| ChannelRow {
+            channel: a.bundle.channel.to_string(),
+            digest: a.bundle.digest,
+            version: a.bundle.version.clone(),
+            release: a.bundle.release,
+        })
+        .collect();
+    let active = s.slots.iter().find(|x| x.role == SlotRole::Active);
+    vec![
+        s.device.to_string().into(),
+        s.online.into(),
+        i(now).into(),
+        s.agent_version.clone().into(),
+        serde_json::to_value(&s.arch)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+            .into(),
+        active.map(|a| a.bundle.digest.to_hex()).into(),
+        active.map(|a| a.bundle.channel.to_string()).into(),
+        active.map(|a| a.bundle.version.clone()).into(),
+        serde_json::to_string(s).unwrap_or_default().into(),
+        serde_json::to_string(&channels).unwrap_or_default().into(),
+    ]
+}
+
 /// An event's row in `events`, received at `now` (parameters 1-9).
 fn event_values(e: &edgefleet_shared::protocol::Event, now: u64) -> Vec<Value> {
     let body = serde_json::to_value(e).unwrap_or_default();
@@ -898,42 +929,30 @@ impl Db {
         s: &edgefleet_shared::protocol::DeviceState,
         now: u64,
     ) -> Result<()> {
-        use edgefleet_shared::protocol::SlotRole;
-        let actives = s.slots.iter().filter(|x| x.role == SlotRole::Active);
-        let channels: Vec<ChannelRow> = actives
-            .map(|a| ChannelRow {
-                channel: a.bundle.channel.to_string(),
-                digest: a.bundle.digest,
-                version: a.bundle.version.clone(),
-                release: a.bundle.release,
-            })
+        self.device_states(&[(s.clone(), now)]).await
+    }
+
+    /// Stores devices' retained states in one transaction, in order (a
+    /// device's later state wins): each with the time it came.
+    pub async fn device_states(
+        &self,
+        states: &[(edgefleet_shared::protocol::DeviceState, u64)],
+    ) -> Result<()> {
+        let rows: Vec<Vec<Value>> = states
+            .iter()
+            .map(|(s, now)| state_values(s, *now))
             .collect();
-        let active = s.slots.iter().find(|x| x.role == SlotRole::Active);
-        let row: Vec<Value> = vec![
-            s.device.to_string().into(),
-            s.online.into(),
-            i(now).into(),
-            s.agent_version.clone().into(),
-            serde_json::to_value(&s.arch)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default()
-                .into(),
-            active.map(|a| a.bundle.digest.to_hex()).into(),
-            active.map(|a| a.bundle.channel.to_string()).into(),
-            active.map(|a| a.bundle.version.clone()).into(),
-            serde_json::to_string(s).unwrap_or_default().into(),
-            serde_json::to_string(&channels).unwrap_or_default().into(),
-        ];
         self.write(move |t| {
-            t.execute(
-                "INSERT INTO devices (id, online, last_seen, agent_version, arch, active_digest, active_channel, active_version, state, channels, state_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?3)
-                 ON CONFLICT(id) DO UPDATE SET online = ?2, last_seen = ?3, agent_version = ?4, arch = ?5,
-                    active_digest = ?6, active_channel = ?7, active_version = ?8, state = ?9, channels = ?10,
-                    state_at = ?3",
-                &row,
-            )?;
+            for row in &rows {
+                t.execute(
+                    "INSERT INTO devices (id, online, last_seen, agent_version, arch, active_digest, active_channel, active_version, state, channels, state_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?3)
+                     ON CONFLICT(id) DO UPDATE SET online = ?2, last_seen = ?3, agent_version = ?4, arch = ?5,
+                        active_digest = ?6, active_channel = ?7, active_version = ?8, state = ?9, channels = ?10,
+                        state_at = ?3",
+                    row,
+                )?;
+            }
             Ok(())
         })
         .await

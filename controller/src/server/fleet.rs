@@ -23,8 +23,8 @@ use std::time::Duration;
 use edgefleet_agent::link::Brokers;
 use edgefleet_shared::manifest::Manifest;
 use edgefleet_shared::protocol::{
-    self, Action, AgentUpdateFailure, BundleOffer, Chunk, Command, DeviceTopic, Event, EventKind,
-    FailureReason, FetchRequest, InstallMode, Telemetry, TelemetryAck, Topics,
+    self, Action, AgentUpdateFailure, BundleOffer, Chunk, Command, DeviceState, DeviceTopic, Event,
+    EventKind, FailureReason, FetchRequest, InstallMode, Telemetry, TelemetryAck, Topics,
 };
 use edgefleet_shared::protocol::{LATENCY_BOUNDS_US, quantile_interpolated_us, quantile_us};
 use edgefleet_shared::{DeviceId, Digest, RawHeader, UnixTime};
@@ -88,6 +88,24 @@ const EVENT_QUEUE: usize = 65_536;
 
 /// Events stored in one transaction at most.
 const EVENT_BATCH: usize = 512;
+
+/// Retained states waiting to be stored (the ingest task waits when it is
+/// full), and how many are stored in one transaction at most.
+const STATE_QUEUE: usize = 65_536;
+const STATE_BATCH: usize = 512;
+
+/// `first` and what else is queued in `rx` right now, `max` at most: a batch
+/// of one when messages come one at a time, many when they come at once.
+fn take_batch<T>(first: T, rx: &mut mpsc::Receiver<T>, max: usize) -> Vec<T> {
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(x) => batch.push(x),
+            Err(_) => break,
+        }
+    }
+    batch
+}
 
 /// A command an engine step sends.
 struct Outgoing {
@@ -501,9 +519,11 @@ impl Fleet {
         let (in_tx, mut in_rx) = mpsc::channel::<(String, Vec<u8>)>(4096);
         let (tel_tx, tel_rx) = mpsc::channel::<(Telemetry, u64)>(65_536);
         let (events_tx, events_rx) = mpsc::channel::<(Event, u64)>(EVENT_QUEUE);
+        let (states_tx, states_rx) = mpsc::channel::<(DeviceState, u64)>(STATE_QUEUE);
         let queues = ingest::Queues {
             telemetry: tel_tx,
             events: events_tx,
+            states: states_tx,
         };
         // The MQTT event loop: only moves messages to the ingest task.
         tokio::spawn(fleet.clone().broker_loop(eventloop, brokers, in_tx));
@@ -523,6 +543,7 @@ impl Fleet {
         let f = fleet.clone();
         tokio::spawn(f.telemetry_writer(tel_rx, telemetry.0, telemetry.1));
         tokio::spawn(fleet.clone().event_writer(events_rx));
+        tokio::spawn(fleet.clone().state_writer(states_rx));
         // Chunks.
         let f = fleet.clone();
         tokio::spawn(async move { f.chunk_sender().await });
@@ -979,13 +1000,7 @@ impl Fleet {
     /// feeds those it is to apply to the rollouts, in the order they came.
     async fn event_writer(self: Arc<Self>, mut rx: mpsc::Receiver<(Event, u64)>) {
         while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < EVENT_BATCH {
-                match rx.try_recv() {
-                    Ok(e) => batch.push(e),
-                    Err(_) => break,
-                }
-            }
+            let batch = take_batch(first, &mut rx, EVENT_BATCH);
             let holder = self.runs_rollouts();
             let fresh = match self.db.insert_events(&batch, holder).await {
                 Ok(fresh) => fresh,
@@ -1005,6 +1020,21 @@ impl Fleet {
                 if let Err(why) = self.apply_event(&mut map, e, *now).await {
                     tracing::warn!(device = %e.device, "event not applied: {why}");
                 }
+            }
+        }
+    }
+
+    /// Stores devices' retained states in batches, as `event_writer` does
+    /// events: one transaction each held the ingest task, and with it the
+    /// broker connection, behind the database under a 10,000-device rollout.
+    async fn state_writer(self: Arc<Self>, mut rx: mpsc::Receiver<(DeviceState, u64)>) {
+        while let Some(first) = rx.recv().await {
+            let batch = take_batch(first, &mut rx, STATE_BATCH);
+            if let Err(e) = self.db.device_states(&batch).await {
+                self.stats
+                    .messages_refused
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                tracing::warn!(states = batch.len(), "device states not stored: {e}");
             }
         }
     }

@@ -120,7 +120,8 @@ impl TestPostgres {
         // stops it and removes its files: no server outlives its tests.
         let script = format!(
             "{} -D \"$1\" -p \"$2\" -k \"$1\" -c listen_addresses=127.0.0.1 -c fsync=off \
-             -c full_page_writes=off -c max_connections=200 >\"$1/server.log\" 2>&1 & \
+             -c full_page_writes=off -c max_connections=200 \
+             -c shared_preload_libraries=pg_stat_statements >\"$1/server.log\" 2>&1 & \
              pid=$!; cat >/dev/null; kill -INT $pid; wait $pid; rm -rf \"$3\"",
             bin.join("postgres").display()
         );

@@ -123,7 +123,45 @@ on_both_backends!(
     a_devices_latest_drift_report_is_kept_with_it,
     a_report_of_several_channels_is_a_row_per_channel_and_counts_once,
     a_report_received_after_the_offline_state_shows_the_device_online_again,
+    states_stored_in_one_batch_leave_each_devices_last,
 );
+
+/// The state writer stores what queued in one transaction, in the order it
+/// came: a device's later state in the batch is the one kept.
+async fn states_stored_in_one_batch_leave_each_devices_last(kind: Kind) {
+    let store = fresh(kind).await;
+    let db = &store.db;
+    let state = |id: &str, online| DeviceState {
+        device: dev(id),
+        at: UnixTime(10),
+        online,
+        agent_version: "0.1.0".into(),
+        arch: Arch::new("x86_64").expect("arch"),
+        slots: Vec::new(),
+        last_install: None,
+    };
+    db.device_states(&[
+        (state("cam-1", true), 100),
+        (state("cam-2", true), 110),
+        (state("cam-1", false), 120),
+    ])
+    .await
+    .expect("states");
+    let seen: Vec<_> = db
+        .devices()
+        .await
+        .expect("devices")
+        .into_iter()
+        .map(|d| (d.id.to_string(), d.online, d.last_seen))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("cam-1".to_owned(), false, Some(120)),
+            ("cam-2".to_owned(), true, Some(110))
+        ]
+    );
+}
 
 /// A will can arrive after the device's next connection announced it online
 /// (a broker cluster publishing the will of a connection attempt that failed):

@@ -92,6 +92,8 @@ pub(super) struct Queues {
     /// To the event writer (a full queue makes ingest wait: an event is
     /// sent once).
     pub events: mpsc::Sender<(Event, u64)>,
+    /// To the state writer (a full queue makes ingest wait).
+    pub states: mpsc::Sender<(DeviceState, u64)>,
 }
 
 impl Fleet {
@@ -122,7 +124,9 @@ impl Fleet {
             DeviceTopic::State => {
                 let s: DeviceState = protocol::decode(payload)?;
                 same(&s.device)?;
-                self.db.device_state(&s, now).await?;
+                if queues.states.send((s, now)).await.is_err() {
+                    return Err(IngestError::Stopped);
+                }
             }
             DeviceTopic::Events => {
                 let e: Event = protocol::decode(payload)?;
