@@ -35,14 +35,19 @@ pub enum BrokerError {
     /// It did not accept connections in time.
     #[error("the embedded broker did not listen on {0} within 10 s (port in use?)")]
     NotListening(SocketAddr),
+    /// The configuration built here has no server for in-process connections.
+    #[error("the embedded broker has no \"devices\" server to hand connections to (a bug)")]
+    NoStreamAcceptor,
 }
 
 /// Starts rumqttd on `listen` (port 0 picks a free port) and waits until it
-/// accepts connections. Returns the address it listens on.
+/// accepts connections. Returns the address it listens on, and the way to
+/// hand it connections in process (the gate's devices: no socket, so a device
+/// costs the controller one file descriptor, its own, instead of three).
 pub fn start_embedded(
     listen: SocketAddr,
     tls: Option<(&Path, &Identity)>,
-) -> Result<SocketAddr, BrokerError> {
+) -> Result<(SocketAddr, rumqttd::StreamAcceptor), BrokerError> {
     let bind = |source| BrokerError::Bind {
         addr: listen,
         source,
@@ -86,10 +91,13 @@ dynamic_filters = true
         )),
     );
     let config: rumqttd::Config = toml::from_str(&config)?;
+    let mut broker = rumqttd::Broker::new(config);
+    let acceptor = broker
+        .v4_stream_acceptor("devices")
+        .ok_or(BrokerError::NoStreamAcceptor)?;
     std::thread::Builder::new()
         .name("rumqttd".into())
         .spawn(move || {
-            let mut broker = rumqttd::Broker::new(config);
             if let Err(e) = broker.start() {
                 tracing::error!(error = %e, "embedded broker stopped");
             }
@@ -102,7 +110,7 @@ dynamic_filters = true
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(addr)
+    Ok((addr, acceptor))
 }
 
 /// Mosquitto's ACL for a fleet under `prefix`: each device (user name = the

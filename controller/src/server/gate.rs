@@ -3,7 +3,9 @@
 //!
 //! Devices connect to the gate with mutual TLS. The gate maps the client
 //! certificate to a device id (the SHA-256 fingerprints recorded at enrollment),
-//! then relays the MQTT 3.1.1 stream to rumqttd on a loopback listener, judging
+//! then relays the MQTT 3.1.1 stream to rumqttd in process (an in-memory
+//! stream handed to the broker: no socket, so a device costs the controller
+//! one file descriptor, its TLS connection), judging
 //! every field of every packet the client sends ([`DeviceSession`]): the first
 //! packet is one CONNECT with the device id as client id, no user name, and no
 //! will but the device's own offline state; PUBLISH names one of the device's own
@@ -14,16 +16,23 @@
 //! copied unread. The controller's own certificate passes unchecked.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 pub use edgefleet_gate::{DeviceSession, MAX_DEVICE_PACKET, Refusal, Verdict, fixed_header};
 use edgefleet_shared::DeviceId;
 use edgefleet_shared::protocol::Topics;
+use rumqttd::StreamAcceptor;
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// The in-memory stream between the gate and the broker buffers this much
+/// each way. Small on purpose: the stream keeps what its buffer grew to for
+/// the connection's life (at 10,000 devices, 8 KiB each way is 160 MB at
+/// most); a window of bundle chunks waits in rumqttd's write buffer, which
+/// gives its memory back after the batch.
+const LINK_BUFFER: usize = 8 * 1024;
 
 /// Who a certificate belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +76,7 @@ pub fn fingerprint(der: &[u8]) -> String {
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    upstream: SocketAddr,
+    broker: StreamAcceptor,
     identities: Identities,
     topics: Topics,
     stats: Arc<GateStats>,
@@ -78,14 +87,15 @@ pub async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, identities, topics, stats) = (
+        let (acceptor, broker, identities, topics, stats) = (
             acceptor.clone(),
+            broker.clone(),
             identities.clone(),
             topics.clone(),
             stats.clone(),
         );
         tokio::spawn(async move {
-            if let Err(why) = relay(acceptor, tcp, upstream, identities, topics, &stats).await {
+            if let Err(why) = relay(acceptor, tcp, &broker, identities, topics, &stats).await {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, "gate closed a connection: {why}");
             }
@@ -121,7 +131,7 @@ enum Closed {
 async fn relay(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
-    upstream: SocketAddr,
+    broker: &StreamAcceptor,
     identities: Identities,
     topics: Topics,
     stats: &GateStats,
@@ -148,11 +158,13 @@ async fn relay(
             .cloned()
     };
     let who = admitted(&identities).ok_or(Closed::NotEnrolled)?;
-    let broker = TcpStream::connect(upstream).await.map_err(Closed::Broker)?;
-    let _ = broker.set_nodelay(true);
+    let (ours, theirs) = tokio::io::duplex(LINK_BUFFER);
+    // The broker's side ends when the gate drops its end (the device gone:
+    // rumqttd sends its will) or on the broker's own close.
+    broker.accept(theirs);
     stats.connections.fetch_add(1, Ordering::Relaxed);
     let (mut client_r, mut client_w) = tokio::io::split(tls);
-    let (mut broker_r, mut broker_w) = broker.into_split();
+    let (mut broker_r, mut broker_w) = tokio::io::split(ours);
     let down = tokio::spawn(async move {
         let _ = tokio::io::copy(&mut broker_r, &mut client_w).await;
         let _ = client_w.shutdown().await;
@@ -201,9 +213,9 @@ async fn relay(
 const READ_SIZE: usize = 4096;
 
 /// Client to broker, one whole packet at a time, each judged first.
-async fn up<R: AsyncRead + Unpin>(
+async fn up<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     client: &mut R,
-    broker: &mut tokio::net::tcp::OwnedWriteHalf,
+    broker: &mut W,
     mut session: DeviceSession,
 ) -> Result<(), Closed> {
     // Read straight into the packet buffer: a device's packets are small, and

@@ -213,8 +213,9 @@ async fn embedded_broker(
         .server_identity(&config.mqtt.hosts)
         .map_err(err("broker certificate"))?;
     // rumqttd on loopback, devices through the gate.
-    let internal = crate::server::broker::start_embedded(([127, 0, 0, 1], 0).into(), None)
-        .map_err(err("embedded broker"))?;
+    let (internal, broker) =
+        crate::server::broker::start_embedded(([127, 0, 0, 1], 0).into(), None)
+            .map_err(err("embedded broker"))?;
     let me = ca
         .controller_identity()
         .map_err(err("controller certificate"))?;
@@ -236,7 +237,7 @@ async fn embedded_broker(
     tokio::spawn(crate::server::gate::serve(
         listener,
         tls,
-        internal,
+        broker,
         identities.clone(),
         topics.clone(),
         gate_stats.clone(),
