@@ -358,3 +358,61 @@ fn a_revoked_device_loses_its_open_connection_at_once_and_cannot_come_back() {
     assert_eq!(h.metric("edgefleet_gate_revoked_total"), 1);
     h.runtime.block_on(fleet.stop());
 }
+
+/// A device that hangs up while the broker is still answering its CONNECT (a
+/// device giving up in a connect storm) can connect again, and so can every
+/// other device. rumqttd 0.20 panicked on that device's next connection and
+/// then on every connection after it (vendor/rumqttd/EDGEFLEET.md, change 3).
+#[test]
+fn a_device_that_hangs_up_before_its_connack_can_connect_again() {
+    let h = Harness::start(|_| {});
+    let ids = ["hang-1".to_owned(), "hang-2".to_owned()];
+    let files = h.enroll_many(&ids, &h.dir().join("hang"));
+    for _ in 0..3 {
+        h.runtime
+            .block_on(raw_connect(&files[0], "hang-1", h.broker, false));
+    }
+    for (f, id) in files.iter().zip(&ids) {
+        let connack = h.runtime.block_on(raw_connect(f, id, h.broker, true));
+        assert_eq!(
+            connack,
+            Some([0x20, 0x02, 0x00, 0x00]),
+            "{id}: no CONNACK accepting the connection"
+        );
+    }
+}
+
+/// Connects as `id` with mutual TLS to the gate at `addr` and sends an MQTT
+/// 3.1.1 CONNECT (clean session, no will). With `wait`, returns the broker's
+/// first four bytes (a CONNACK); otherwise hangs up at once.
+async fn raw_connect(
+    files: &edgefleet_devices::sim::TlsFiles,
+    id: &str,
+    addr: std::net::SocketAddr,
+    wait: bool,
+) -> Option<[u8; 4]> {
+    use rumqttc::tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = edgefleet_agent::link::tls_config(&files.ca, &files.cert, &files.key).expect("tls");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("localhost").expect("name");
+    let mut s = TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .expect("TLS");
+    let mut connect = vec![0x10, (12 + id.len()) as u8, 0, 4];
+    connect.extend_from_slice(b"MQTT");
+    connect.extend_from_slice(&[4, 0x02, 0, 60, 0, id.len() as u8]);
+    connect.extend_from_slice(id.as_bytes());
+    s.write_all(&connect).await.expect("CONNECT");
+    if !wait {
+        let _ = s.shutdown().await;
+        return None;
+    }
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut connack))
+        .await
+        .ok()?
+        .ok()?;
+    Some(connack)
+}

@@ -380,10 +380,10 @@ fn gate_tls(
 }
 
 /// Says how many devices the embedded broker holds within `open_files`: each
-/// holds three descriptors here (its TLS connection at the gate, the gate's to
-/// the broker, and the broker's end of that one).
+/// holds one descriptor here, its TLS connection at the gate (the gate hands
+/// the connection to rumqttd in process).
 fn log_broker_capacity(open_files: u64) {
-    let devices = open_files.saturating_sub(200) / 3;
+    let devices = open_files.saturating_sub(200);
     tracing::info!(
         open_files,
         "the embedded broker can hold about {devices} devices within this process's open-files limit"
@@ -392,7 +392,7 @@ fn log_broker_capacity(open_files: u64) {
 
 /// Raises this process's soft limit on open files to its hard limit (as Go
 /// programs and many servers do: the shell's usual soft 1,024 holds only some
-/// 300 devices with the embedded broker); returns the limit now in force.
+/// 800 devices with the embedded broker); returns the limit now in force.
 #[allow(unsafe_code)]
 fn raise_open_files_limit() -> u64 {
     let mut limit = libc::rlimit {

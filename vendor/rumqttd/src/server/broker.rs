@@ -531,6 +531,15 @@ impl Callback for WSCallback {
     }
 }
 
+/// edgefleet: the will handlers, even after a panic elsewhere held their lock.
+fn handlers(
+    will_handlers: &Mutex<HashMap<String, Sender<AwaitingWill>>>,
+) -> std::sync::MutexGuard<'_, HashMap<String, Sender<AwaitingWill>>> {
+    will_handlers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A new network connection should wait for a mqtt connect packet. This should be handled
 /// asynchronously to avoid blocking other new connections while this connection is
 /// waiting for mqtt connect packet. Also this honours connection wait time as per config to prevent
@@ -582,20 +591,25 @@ async fn remote<P: Protocol>(
         client_id = format!("{tenant_id}.{client_id}");
     }
 
-    if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
+    // edgefleet: upstream unwrapped `try_send` here with the map locked. A
+    // connection that ended before its link started (its client gone during
+    // CONNACK: `RemoteLink::new` failed) left a handler whose receiver was
+    // dropped; the client's next connection then panicked, poisoning the map,
+    // and every connection after it panicked too (seen in a 10,000-device
+    // connect storm). The handler is now taken out before it is told, a
+    // dead one is ignored, and a failed start removes its own.
+    let previous = handlers(&will_handlers).remove(&client_id);
+    if let Some(sender) = previous {
         let awaiting_will = if clean_session {
             AwaitingWill::Fire
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        let _ = sender.try_send(awaiting_will);
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
-    will_handlers
-        .lock()
-        .unwrap()
-        .insert(client_id.clone(), will_tx);
+    handlers(&will_handlers).insert(client_id.clone(), will_tx.clone());
 
     // Start the link
     let mut link = match RemoteLink::new(
@@ -611,9 +625,17 @@ async fn remote<P: Protocol>(
         Ok(l) => l,
         Err(e) => {
             error!(error=?e, "Remote link error");
+            let mut handlers = handlers(&will_handlers);
+            if handlers
+                .get(&client_id)
+                .is_some_and(|h| h.same_channel(&will_tx))
+            {
+                handlers.remove(&client_id);
+            }
             return;
         }
     };
+    drop(will_tx);
 
     let connection_id = link.connection_id;
     let will_delay_interval = link.will_delay_interval;
@@ -658,7 +680,7 @@ async fn remote<P: Protocol>(
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
         Err(_) => {
             // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
+            handlers(&will_handlers).remove(&client_id);
             // as will delay interval has passed, publish the will message
             true
         }
