@@ -152,10 +152,27 @@ impl Broker {
     /// connection settings, no TLS, no tenant). `None` without that server.
     pub fn v4_stream_acceptor(&self, name: &str) -> Option<StreamAcceptor> {
         let (_, settings) = self.config.v4.as_ref()?.iter().find(|(_, s)| s.name == name)?;
+        // The links run on a thread of their own, as an accepting server's
+        // do, not on the runtime that hands them over.
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::Builder::new()
+            .name(format!("{name}-links"))
+            .spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                let _ = tx.send(runtime.handle().clone());
+                runtime.block_on(std::future::pending::<()>());
+            })
+            .ok()?;
         Some(StreamAcceptor {
             config: Arc::new(settings.connections.clone()),
             router_tx: self.router_tx.clone(),
             will_handlers: Arc::new(Mutex::new(HashMap::default())),
+            runtime: rx.recv().ok()?,
         })
     }
 
@@ -486,16 +503,17 @@ pub struct StreamAcceptor {
     config: Arc<ConnectionSettings>,
     router_tx: Sender<(ConnectionId, Event)>,
     will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl StreamAcceptor {
-    /// Serves `stream` as a client connection, on the caller's tokio
-    /// runtime, until either side closes it.
+    /// Serves `stream` as a client connection, on the links' own thread,
+    /// until either side closes it.
     pub fn accept<S>(&self, stream: S) -> task::JoinHandle<()>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
-        task::spawn(
+        self.runtime.spawn(
             remote(
                 self.config.clone(),
                 None,
