@@ -126,12 +126,9 @@ on_both_backends!(
     states_stored_in_one_batch_leave_each_devices_last,
 );
 
-/// The state writer stores what queued in one transaction, in the order it
-/// came: a device's later state in the batch is the one kept.
-async fn states_stored_in_one_batch_leave_each_devices_last(kind: Kind) {
-    let store = fresh(kind).await;
-    let db = &store.db;
-    let state = |id: &str, online| DeviceState {
+/// A device's state with no slots, at agent version 0.1.0.
+fn bare_state(id: &str, online: bool) -> DeviceState {
+    DeviceState {
         device: dev(id),
         at: UnixTime(10),
         online,
@@ -139,7 +136,15 @@ async fn states_stored_in_one_batch_leave_each_devices_last(kind: Kind) {
         arch: Arch::new("x86_64").expect("arch"),
         slots: Vec::new(),
         last_install: None,
-    };
+    }
+}
+
+/// The state writer stores what queued in one transaction, in the order it
+/// came: a device's later state in the batch is the one kept.
+async fn states_stored_in_one_batch_leave_each_devices_last(kind: Kind) {
+    let store = fresh(kind).await;
+    let db = &store.db;
+    let state = bare_state;
     db.device_states(&[
         (state("cam-1", true), 100),
         (state("cam-2", true), 110),
@@ -171,15 +176,7 @@ async fn a_report_received_after_the_offline_state_shows_the_device_online_again
     let store = fresh(kind).await;
     let db = &store.db;
     let d = Digest::of(b"bundle");
-    let state = |online| DeviceState {
-        device: dev("cam-1"),
-        at: UnixTime(10),
-        online,
-        agent_version: "0.1.0".into(),
-        arch: Arch::new("x86_64").expect("arch"),
-        slots: Vec::new(),
-        last_install: None,
-    };
+    let state = |online| bare_state("cam-1", online);
     let online = || async { db.devices().await.expect("devices")[0].online };
     db.device_state(&state(true), 100).await.expect("online");
     db.device_state(&state(false), 200).await.expect("will");
