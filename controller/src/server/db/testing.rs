@@ -83,8 +83,8 @@ impl TestPostgres {
     pub fn start() -> Result<TestPostgres, TestPostgresError> {
         let bin = server_binaries()?;
         let root = running_as_root();
-        let mut dir = tempfile::Builder::new();
-        let dir = dir.prefix("edgefleet-pg-").tempdir().map_err(fail)?;
+        let mut builder = tempfile::Builder::new();
+        let dir = builder.prefix("edgefleet-pg-").tempdir().map_err(fail)?;
         let data = dir.path().join("data");
         if root {
             let ids = |flag: &str| -> Result<u32, TestPostgresError> {

@@ -144,11 +144,10 @@ fn bare_state(id: &str, online: bool) -> DeviceState {
 async fn states_stored_in_one_batch_leave_each_devices_last(kind: Kind) {
     let store = fresh(kind).await;
     let db = &store.db;
-    let state = bare_state;
     db.device_states(&[
-        (state("cam-1", true), 100),
-        (state("cam-2", true), 110),
-        (state("cam-1", false), 120),
+        (bare_state("cam-1", true), 100),
+        (bare_state("cam-2", true), 110),
+        (bare_state("cam-1", false), 120),
     ])
     .await
     .expect("states");
