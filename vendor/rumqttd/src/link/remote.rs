@@ -120,7 +120,8 @@ impl<P: Protocol> RemoteLink<P> {
             network,
             link_tx,
             link_rx,
-            notifications: VecDeque::with_capacity(100),
+            // edgefleet: allocated as it fills (see `Outgoing::new`).
+            notifications: VecDeque::new(),
             will_delay_interval,
         })
     }
@@ -159,6 +160,9 @@ impl<P: Protocol> RemoteLink<P> {
                         }
 
                     }
+                    // edgefleet: exchanged with the router's buffer for this
+                    // connection; a burst's capacity is not kept.
+                    crate::router::give_back(&mut self.notifications);
                     self.network.writev(packets).await?;
                     if unscheduled {
                         self.link_rx.wake().await?;

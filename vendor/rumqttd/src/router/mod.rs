@@ -33,6 +33,19 @@ pub use waiters::Waiters;
 pub const MAX_SCHEDULE_ITERATIONS: usize = 100;
 pub const MAX_CHANNEL_CAPACITY: usize = 200;
 
+/// edgefleet: a drained queue that grew past this many entries in a burst
+/// (a window of bundle chunks, a storm of acks) is given back, so a
+/// connection does not keep its largest burst for good.
+const KEEP_CAPACITY: usize = 16;
+
+/// edgefleet: replaces an empty queue whose capacity grew past
+/// [`KEEP_CAPACITY`] by an unallocated one.
+pub(crate) fn give_back<T>(queue: &mut std::collections::VecDeque<T>) {
+    if queue.is_empty() && queue.capacity() > KEEP_CAPACITY {
+        *queue = std::collections::VecDeque::new();
+    }
+}
+
 pub(crate) type FilterIdx = usize;
 
 #[derive(Debug)]

@@ -880,6 +880,9 @@ impl Router {
             }
         }
 
+        // edgefleet: the cache circulates among connections (exchanged for
+        // each one's incoming buffer); one burst must not travel on with it.
+        super::give_back(&mut packets);
         self.cache = Some(packets);
 
         // Prepare AcksRequest in tracker if router is operating in a
@@ -1389,6 +1392,7 @@ fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
         count += 1;
     }
 
+    super::give_back(acks);
     debug!(acks_count = count, "Acks sent to device");
     outgoing.handle.try_send(()).ok();
     true

@@ -29,14 +29,18 @@ where
 {
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            // edgefleet: allocated as it fills; 1,024 entries up front
+            // were 237 KB for each filter, one per device.
+            data: Vec::new(),
             absolute_offset,
             total_size: 0,
         }
     }
     pub(crate) fn new() -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            // edgefleet: allocated as it fills; 1,024 entries up front
+            // were 237 KB for each filter, one per device.
+            data: Vec::new(),
             absolute_offset: 0,
             total_size: 0,
         }
