@@ -34,6 +34,11 @@ use tokio::net::{TcpListener, TcpStream};
 /// gives its memory back after the batch.
 const LINK_BUFFER: usize = 8 * 1024;
 
+/// Encrypted data a connection holds for a device that reads slower than the
+/// broker sends (rustls's default is 64 KiB: 640 MB for 10,000 devices in a
+/// rollout's last wave). Past it the broker's link waits, as for a full socket.
+const TLS_BUFFER: usize = 16 * 1024;
+
 /// Who a certificate belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
@@ -136,10 +141,11 @@ async fn relay(
     topics: Topics,
     stats: &GateStats,
 ) -> Result<(), Closed> {
-    let tls = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
+    let mut tls = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
         .await
         .map_err(|_| Closed::HandshakeTimeout)?
         .map_err(Closed::Tls)?;
+    tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
     let der = tls
         .get_ref()
         .1
