@@ -262,6 +262,7 @@ fn main() {
         ("/rollouts".to_owned(), true),
         ("/bundles".to_owned(), true),
         ("/audit".to_owned(), true),
+        ("/api/v1/devices".to_owned(), false),
         ("/api/v1/devices?limit=50".to_owned(), false),
         (format!("/api/v1/devices/{mid}"), false),
     ];

@@ -414,6 +414,28 @@ async fn bad_rollout_bodies_get_a_4xx_naming_the_field() {
         .await;
     assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"), "{v}");
     assert!(message(&v).contains("upload it first"), "{v}");
+    // Unknown devices, on each route that looks one up.
+    for (method, path, body) in [
+        ("GET", "/api/v1/devices/pi-99", None),
+        ("GET", "/api/v1/devices/pi-99/drift", None),
+        (
+            "POST",
+            "/api/v1/devices/pi-99/configure",
+            Some(json!({"telemetry_interval_s": 30})),
+        ),
+        ("POST", "/api/v1/devices/pi-99/samples", Some(json!({}))),
+    ] {
+        let (s, v) = match body {
+            Some(body) => a.json(method, path, Some(ADMIN), body).await,
+            None => a.call(method, path, Some(ADMIN), Body::empty()).await,
+        };
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::NOT_FOUND, "not_found"),
+            "{path}: {v}"
+        );
+        assert!(message(&v).contains("no device pi-99"), "{path}: {v}");
+    }
     // Unknown rollouts and actions.
     let (s, _) = a
         .call("GET", "/api/v1/rollouts/nope", Some(ADMIN), Body::empty())

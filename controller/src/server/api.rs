@@ -542,7 +542,7 @@ async fn list_devices(
     State(s): State<AppState>,
     caller: Caller,
     Query(f): Query<DeviceFilter>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeviceList>> {
     caller.require(Role::Viewer)?;
     let tags = parse_tags(f.tag.as_deref().unwrap_or(""))?;
     let online = match f.state.as_deref() {
@@ -577,9 +577,13 @@ async fn list_devices(
         .collect();
     let total = devices.len();
     let (page, next) = page_after(devices, f.after.as_deref(), f.limit, |d| d.id.as_str())?;
-    Ok(Json(
-        json!({ "devices": page, "total": total, "next": next }),
-    ))
+    // Written straight from the rows: through a `Value` tree, 10,000 devices
+    // were built twice.
+    Ok(Json(DeviceList {
+        devices: page,
+        total,
+        next,
+    }))
 }
 
 /// A page of `rows` (sorted by `key`): those after `after`, at most `limit`,
@@ -618,10 +622,8 @@ async fn device_detail(
     caller.require(Role::Viewer)?;
     let device = s
         .db()
-        .devices()
+        .device(id.as_str())
         .await?
-        .into_iter()
-        .find(|d| d.id == id)
         .ok_or_else(|| ApiError::not_found(format!("no device {id}")))?;
     let state = s.db().device_state_json(&id).await?;
     let events = s.db().events(&id, 50).await?;
@@ -689,7 +691,7 @@ async fn device_drift(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::invalid("limit: must be between 1 and 1000"));
     }
-    if !s.db().devices().await?.iter().any(|d| d.id == id) {
+    if s.db().device(id.as_str()).await?.is_none() {
         return Err(ApiError::not_found(format!("no device {id}")));
     }
     let reports: Vec<Value> = s
@@ -1112,7 +1114,7 @@ async fn configure_device(
             "shadow_sample_permille: must be between 0 and 1000",
         ));
     }
-    if !s.db().devices().await?.iter().any(|d| d.id == id) {
+    if s.db().device(id.as_str()).await?.is_none() {
         return Err(ApiError::not_found(format!("no device {id}")));
     }
     let settings = edgefleet_shared::protocol::Settings {
@@ -1164,10 +1166,8 @@ async fn request_samples(
     }
     let device = s
         .db()
-        .devices()
+        .device(id.as_str())
         .await?
-        .into_iter()
-        .find(|d| d.id == id)
         .ok_or_else(|| ApiError::not_found(format!("no device {id}")))?;
     let served: Vec<String> = device.channels.iter().map(|c| c.channel.clone()).collect();
     let named = ChannelBody {

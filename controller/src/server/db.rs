@@ -399,6 +399,40 @@ pub struct DeviceRow {
     pub channels: Vec<ChannelRow>,
 }
 
+/// The columns [`device_row`] reads, in its order (a macro, for `concat!`:
+/// the store takes statements as static text).
+macro_rules! device_columns {
+    () => {
+        "id, tags, enrolled_at, online, last_seen, agent_version, arch, active_digest,
+         active_channel, active_version, drift_at, drifted, drift_features, channels"
+    };
+}
+
+/// A device from a row of [`device_columns`].
+fn device_row(r: &Row) -> Result<DeviceRow> {
+    Ok(DeviceRow {
+        id: r.id(0)?,
+        tags: r.json(1)?.unwrap_or_default(),
+        enrolled: r.get::<Option<i64>>(2)?.is_some(),
+        online: r.get(3)?,
+        last_seen: r.get::<Option<i64>>(4)?.map(u),
+        agent_version: r.get(5)?,
+        arch: r.get(6)?,
+        active_digest: r.id_or_none(7)?,
+        active_channel: r.get(8)?,
+        active_version: r.get(9)?,
+        drift: match (r.get::<Option<i64>>(10)?, r.get::<Option<bool>>(11)?) {
+            (Some(at), Some(drifted)) => Some(LatestDrift {
+                received_at: u(at),
+                drifted,
+                features: r.json(12)?.unwrap_or_default(),
+            }),
+            _ => None,
+        },
+        channels: r.json(13)?.unwrap_or_default(),
+    })
+}
+
 /// One channel a device serves: its active bundle.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ChannelRow {
@@ -962,37 +996,28 @@ impl Db {
     pub async fn devices(&self) -> Result<Vec<DeviceRow>> {
         self.read(|t| {
             t.query(
-                "SELECT id, tags, enrolled_at, online, last_seen, agent_version, arch,
-                        active_digest, active_channel, active_version,
-                        drift_at, drifted, drift_features, channels
-                 FROM devices ORDER BY id",
+                concat!("SELECT ", device_columns!(), " FROM devices ORDER BY id"),
                 &[],
             )?
             .iter()
-            .map(|r| {
-                Ok(DeviceRow {
-                    id: r.id(0)?,
-                    tags: r.json(1)?.unwrap_or_default(),
-                    enrolled: r.get::<Option<i64>>(2)?.is_some(),
-                    online: r.get(3)?,
-                    last_seen: r.get::<Option<i64>>(4)?.map(u),
-                    agent_version: r.get(5)?,
-                    arch: r.get(6)?,
-                    active_digest: r.id_or_none(7)?,
-                    active_channel: r.get(8)?,
-                    active_version: r.get(9)?,
-                    drift: match (r.get::<Option<i64>>(10)?, r.get::<Option<bool>>(11)?) {
-                        (Some(at), Some(drifted)) => Some(LatestDrift {
-                            received_at: u(at),
-                            drifted,
-                            features: r.json(12)?.unwrap_or_default(),
-                        }),
-                        _ => None,
-                    },
-                    channels: r.json(13)?.unwrap_or_default(),
-                })
-            })
+            .map(device_row)
             .collect()
+        })
+        .await
+    }
+
+    /// One device, if known (its row alone, not the whole list: handlers
+    /// that named a device read every device to find it).
+    pub async fn device(&self, id: &str) -> Result<Option<DeviceRow>> {
+        let id = id.to_owned();
+        self.read(move |t| {
+            t.query_opt(
+                concat!("SELECT ", device_columns!(), " FROM devices WHERE id = ?1"),
+                vals![id],
+            )?
+            .as_ref()
+            .map(device_row)
+            .transpose()
         })
         .await
     }

@@ -448,10 +448,8 @@ async fn device_view(
 ) -> Result<pages::DeviceView, ApiError> {
     let device = s
         .db()
-        .devices()
+        .device(id.as_str())
         .await?
-        .into_iter()
-        .find(|d| &d.id == id)
         .ok_or_else(|| ApiError::not_found(format!("no device {id}")))?;
     let hour_ago = now.saturating_sub(3_600_000);
     let state = s

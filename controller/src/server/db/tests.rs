@@ -140,7 +140,8 @@ fn bare_state(id: &str, online: bool) -> DeviceState {
 }
 
 /// The state writer stores what queued in one transaction, in the order it
-/// came: a device's later state in the batch is the one kept.
+/// came: a device's later state in the batch is the one kept. A device read
+/// alone (`Db::device`) is its row of the list.
 async fn states_stored_in_one_batch_leave_each_devices_last(kind: Kind) {
     let store = fresh(kind).await;
     let db = &store.db;
@@ -165,6 +166,15 @@ async fn states_stored_in_one_batch_leave_each_devices_last(kind: Kind) {
             ("cam-2".to_owned(), true, Some(110))
         ]
     );
+    // One device alone is its row of the whole list; an unknown one is none.
+    let all = db.devices().await.expect("devices");
+    let one = db
+        .device("cam-2")
+        .await
+        .expect("device")
+        .expect("cam-2 known");
+    assert_eq!(one, all[1]);
+    assert!(db.device("cam-9").await.expect("device").is_none());
 }
 
 /// A will can arrive after the device's next connection announced it online
